@@ -1,0 +1,85 @@
+"""The distillation criterion: Σ weight·term over the recipe's losses, each term a registered loss applied to
+pairs of (student layer, teacher layer) outputs. Adapters live inside the terms, so they train with the student
+and are left out of the exported model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdctl.distill.losses import LOSSES
+from kdctl.distill.taps import head_outputs
+
+
+@dataclass
+class DistillContext:
+    """What some losses need beyond the maps: ground-truth boxes (xyxy, input pixels) per image and input size."""
+
+    imgsz: int
+    boxes: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "DistillContext":
+        img = batch["img"]
+        n, _, h, w = img.shape
+        boxes = []
+        bi, bb = batch.get("batch_idx"), batch.get("bboxes")
+        for i in range(n):
+            if bb is None or not len(bb):
+                boxes.append(torch.zeros(0, 4))
+                continue
+            b = bb[bi.view(-1) == i].float().cpu()
+            xyxy = torch.stack([(b[:, 0] - b[:, 2] / 2) * w, (b[:, 1] - b[:, 3] / 2) * h,
+                                (b[:, 0] + b[:, 2] / 2) * w, (b[:, 1] + b[:, 3] / 2) * h], 1)
+            boxes.append(xyxy)
+        return cls(imgsz=w, boxes=boxes)
+
+
+class DistillTerm(nn.Module):
+    """One recipe entry: a loss per layer pair, averaged over the pairs."""
+
+    def __init__(self, name: str, loss: str, s_layers: list[int], t_layers: list[int], weight: float,
+                 params: dict, s_channels: list[int], t_channels: list[int]):
+        super().__init__()
+        entry = LOSSES[loss]
+        self.name, self.loss_name, self.kind = name, loss, entry.kind
+        self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
+        if entry.kind == "head":
+            self.losses = nn.ModuleList([entry.cls(**params)])
+        else:
+            self.losses = nn.ModuleList(entry.cls(sc, tc, **params) for sc, tc in zip(s_channels, t_channels))
+
+    def forward(self, s_out: dict, t_out: dict, ctx: DistillContext) -> torch.Tensor:
+        if self.kind == "head":
+            return self.losses[0](head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]]), ctx)
+        vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
+        return torch.stack(vals).mean()
+
+
+class DistillationCriterion(nn.Module):
+    """Computes every term; ``balance`` (a fraction) rescales each weight on the first batch so that
+    ``weight·term == balance · weight_in_recipe · task_loss`` there, then keeps those scales fixed."""
+
+    def __init__(self, terms: list[DistillTerm], balance: float | None = None):
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+        self.balance = balance
+        self.scales: list[float] | None = None if balance else [1.0] * len(terms)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.terms]
+
+    def student_layers(self) -> list[int]:
+        return sorted({i for t in self.terms for i in t.s_layers})
+
+    def teacher_layers(self) -> list[int]:
+        return sorted({i for t in self.terms for i in t.t_layers})
+
+    def forward(self, s_out: dict, t_out: dict, ctx: DistillContext, task_loss: float) -> dict[str, torch.Tensor]:
+        raw = [term(s_out, t_out, ctx) for term in self.terms]
+        if self.scales is None:
+            self.scales = [self.balance * task_loss / max(float(r.detach()), 1e-12) for r in raw]
+        return {t.name: r * t.weight * s for t, r, s in zip(self.terms, raw, self.scales)}

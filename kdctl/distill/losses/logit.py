@@ -1,0 +1,76 @@
+"""Head-level losses on the dense outputs of YOLO-style heads.
+
+Inputs are the head's raw training outputs: ``scores`` (N, nc, A) class logits (sigmoid, one per class, as in
+YOLOv8/11) and ``boxes`` (N, 4·reg_max, A) box-side distribution logits (DFL). Teacher and student must share
+the anchor grid (same strides and input size) and the class list.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdctl.distill.losses.registry import register_loss
+
+
+def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: bool) -> torch.Tensor:
+    """Mean over (N, A), or weighted by the teacher's top class probability so confident regions dominate."""
+    if not conf_weight:
+        return per_anchor.mean()
+    w = t_scores.sigmoid().amax(1)
+    return (per_anchor * w).sum() / w.sum().clamp(min=1e-6)
+
+
+class HeadLoss(nn.Module):
+    def forward(self, s: dict, t: dict, ctx=None) -> torch.Tensor:
+        if s["scores"].shape != t["scores"].shape:
+            raise ValueError(f"head outputs differ: student scores {tuple(s['scores'].shape)} vs teacher "
+                             f"{tuple(t['scores'].shape)}; head-level KD needs the same classes and anchor grid")
+        with torch.autocast(device_type=s["scores"].device.type, enabled=False):
+            return self.compute({k: v.float() for k, v in s.items() if k in ("scores", "boxes")},
+                                {k: v.float() for k, v in t.items() if k in ("scores", "boxes")})
+
+
+@register_loss("kd_logit", levels=("head", "logit"), kind="head")
+class SigmoidLogitDistillation(HeadLoss):
+    """Distilling the Knowledge in a Neural Network (Hinton et al., 2015), for per-class sigmoid detection heads.
+
+    For every anchor and class, the binary KL between ``sigmoid(t/T)`` and ``sigmoid(s/T)``, times ``T²``, summed
+    over classes and averaged over anchors — or, with ``conf_weight``, averaged with the teacher's top class
+    probability as the weight (the teacher-confidence variant).
+    """
+
+    def __init__(self, temperature: float = 2.0, conf_weight: bool = False):
+        super().__init__()
+        self.temperature, self.conf_weight = temperature, conf_weight
+
+    def compute(self, s, t):
+        T = self.temperature
+        ps_log, ps_log_neg = F.logsigmoid(s["scores"] / T), F.logsigmoid(-s["scores"] / T)
+        pt_log, pt_log_neg = F.logsigmoid(t["scores"] / T), F.logsigmoid(-t["scores"] / T)
+        pt = pt_log.exp()
+        kl = pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)   # N, nc, A
+        return _anchor_mean(kl.sum(1), t["scores"], self.conf_weight) * T * T
+
+
+@register_loss("ld", levels=("head", "logit"), kind="head")
+class LocalizationDistillation(HeadLoss):
+    """Localization Distillation for Dense Object Detection (Zheng et al., CVPR 2022).
+
+    Each box side is a distribution over ``reg_max`` bins (DFL); the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))``
+    averaged over the four sides, then over anchors — weighted by teacher confidence when ``conf_weight`` is set,
+    which stands in for the paper's main distillation region.
+    """
+
+    def __init__(self, temperature: float = 10.0, conf_weight: bool = True):
+        super().__init__()
+        self.temperature, self.conf_weight = temperature, conf_weight
+
+    def compute(self, s, t):
+        n, c, a = s["boxes"].shape
+        T = self.temperature
+        ls = F.log_softmax(s["boxes"].view(n, 4, c // 4, a) / T, dim=2)
+        lt = F.log_softmax(t["boxes"].view(n, 4, c // 4, a) / T, dim=2)
+        kl = (lt.exp() * (lt - ls)).sum(2).mean(1)                           # N, A
+        return _anchor_mean(kl, t["scores"], self.conf_weight) * T * T

@@ -1,0 +1,41 @@
+"""The loss registry: strict names, filled by decorator, listable with ``kdctl list losses``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    name: str
+    cls: type
+    levels: tuple[str, ...]   # taxonomy levels the loss may be attached at; the first is its default
+    kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs
+    params: dict              # parameter name -> default, read from the constructor
+    paper: str
+
+    @property
+    def default_level(self) -> str:
+        return self.levels[0]
+
+
+LOSSES: dict[str, LossEntry] = {}
+
+
+def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
+    if kind not in ("feature", "head"):
+        raise ValueError(kind)
+
+    def deco(cls):
+        if name in LOSSES:
+            raise ValueError(f"loss '{name}' registered twice")
+        sig = inspect.signature(cls.__init__)
+        params = {k: p.default for k, p in sig.parameters.items()
+                  if k not in ("self", "s_channels", "t_channels") and p.default is not inspect.Parameter.empty}
+        doc = (cls.__doc__ or "").strip().splitlines()
+        LOSSES[name] = LossEntry(name, cls, levels, kind, params, doc[0] if doc else "")
+        cls.registry_name = name
+        return cls
+
+    return deco

@@ -1,0 +1,95 @@
+"""Where distillation reads a detector: layer indices or roles (backbone / neck / head), and forward hooks
+that capture those layers' outputs only while a ``FeatureTaps`` context is open (so EMA copies and pickled
+checkpoints never carry stale hooks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    layers = getattr(model, "model", None)
+    if layers is None or not len(layers):
+        raise ValueError(f"{type(model).__name__} is not an Ultralytics layer-sequence model")
+    head = layers[-1]
+    if not hasattr(head, "f") or not isinstance(head.f, (list, tuple)):
+        raise ValueError(f"last layer of {type(model).__name__} is {type(head).__name__}, not a detection head")
+    return head
+
+
+def backbone_layers(model: nn.Module, imgsz: int = 256) -> list[int]:
+    """The last backbone layer at each of the strides the head uses (P3/P4/P5 for YOLOv8: 4, 6, 9)."""
+    n_backbone = len(model.yaml.get("backbone", [])) if hasattr(model, "yaml") else 0
+    if not n_backbone:
+        raise ValueError("model has no backbone section to resolve the 'backbone' role")
+    idx = list(range(n_backbone))
+    p = next(model.parameters())
+    with FeatureTaps(model, idx) as taps, torch.no_grad():
+        was = model.training
+        model.eval()
+        model.predict(torch.zeros(1, model.yaml.get("channels", 3), imgsz, imgsz, device=p.device, dtype=p.dtype))
+        model.train(was)
+    last_at: dict[int, int] = {}
+    for i in idx:
+        out = taps.outputs.get(i)
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            last_at[imgsz // out.shape[-1]] = i
+    head_strides = [int(s) for s in getattr(detect_head(model), "stride", torch.tensor([8, 16, 32])).tolist()] or [8, 16, 32]
+    found = [last_at[s] for s in head_strides if s in last_at]
+    if not found:
+        raise ValueError("no backbone layer matches the head's strides")
+    return found
+
+
+def resolve_layers(model: nn.Module, layers, role_default: str, imgsz: int) -> list[int]:
+    """Turn a recipe's ``layers`` (indices, a role, or None) into layer indices of ``model``."""
+    n = len(model.model)
+    role = layers if isinstance(layers, str) else (role_default if layers is None else None)
+    if role == "neck":
+        return [int(i) % n for i in detect_head(model).f]
+    if role == "head":
+        return [n - 1]
+    if role == "backbone":
+        return backbone_layers(model, imgsz)
+    if role is not None:
+        raise ValueError(f"unknown role '{role}'; valid: backbone, neck, head")
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise IndexError(f"layer {bad[0]} is out of range: the model has {n} layers (0..{n - 1})")
+    return [i % n for i in layers]
+
+
+def head_outputs(out) -> dict:
+    """A detection head's raw dict (``boxes``, ``scores``) from its train-mode dict or eval-mode (y, dict) tuple."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        out = out[1]
+    if isinstance(out, dict) and "one2many" in out:
+        out = out["one2many"]
+    if not isinstance(out, dict) or "scores" not in out:
+        raise ValueError("layer output is not a detection head's raw predictions")
+    return out
+
+
+class FeatureTaps:
+    """``with FeatureTaps(model, [4, 6, 9]) as taps: model(x)`` then ``taps.outputs[4]`` etc."""
+
+    def __init__(self, model: nn.Module, layers):
+        self.model, self.layers = model, sorted(set(layers))
+        self.outputs: dict[int, object] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "FeatureTaps":
+        for i in self.layers:
+            self._handles.append(self.model.model[i].register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            self.outputs[i] = output
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

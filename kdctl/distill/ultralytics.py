@@ -1,0 +1,225 @@
+"""The only module that touches Ultralytics' trainer: public seams only (``DetectionTrainer.get_model``, the
+model's ``loss``/``init_criterion``, callbacks).
+
+``KDDetectionModel`` is a ``DetectionModel`` that also owns the distillation criterion (so adapters are trained,
+EMA-averaged and checkpointed with the student) and holds the frozen teacher by a reference that is neither
+deep-copied into the EMA nor pickled into checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdctl.ultralytics_env import prepare
+
+prepare()
+
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
+
+from kdctl.distill.criterion import DistillationCriterion, DistillContext, DistillTerm  # noqa: E402
+from kdctl.distill.losses import LOSSES  # noqa: E402
+from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa: E402
+from kdctl.errors import RecipeError  # noqa: E402
+
+BALANCE_FILE = "kd_balance.json"
+
+
+def kd_item(term: str) -> str:
+    """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
+    return term if term.startswith("kd_") else f"kd_{term}"
+
+
+class TeacherRef:
+    """Holds the frozen teacher beside the student without making it a submodule: EMA copies share it and
+    checkpoints drop it (the trainer rebuilds it from the recipe on resume)."""
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"model": None}
+
+
+class KDDetectionModel(DetectionModel):
+    """A student ``DetectionModel`` whose training loss adds ``Σ w·KD`` against a frozen teacher."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kd: DistillationCriterion | None = None  # a class attribute here would hide the registered submodule
+        self.teacher_ref = TeacherRef(None)
+
+    def attach(self, teacher: nn.Module, criterion: DistillationCriterion) -> None:
+        teacher.eval().requires_grad_(False)
+        self.teacher_ref = TeacherRef(teacher)
+        self.kd = criterion
+
+    def loss(self, batch, preds=None):
+        if getattr(self, "criterion", None) is None:
+            self.criterion = self.init_criterion()
+        if not self.training or self.kd is None:  # validation while training: task loss, KD items at zero
+            preds = self.forward(batch["img"]) if preds is None else preds
+            loss, items = self.criterion(preds, batch)
+            zero = torch.zeros((), device=batch["img"].device)
+            return loss, {**items, **{kd_item(n): zero for n in (self.kd.names if self.kd else [])}}
+        teacher = self.teacher_ref.model
+        if teacher is None:
+            raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
+        with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
+            teacher.predict(batch["img"])
+        with FeatureTaps(self, self.kd.student_layers()) as s_taps:
+            preds = self.predict(batch["img"])
+        task, items = self.criterion(preds, batch)
+        task_per_image = float(sum(float(v) for v in items.values()))
+        kd = self.kd(s_taps.outputs, t_taps.outputs, DistillContext.from_batch(batch), task_per_image)
+        kd_total = torch.stack(list(kd.values())).sum()
+        items = {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
+        return torch.cat([task, (kd_total * batch["img"].shape[0]).view(1)]), items
+
+
+@dataclass
+class DistillSetup:
+    """What the trainer needs to distill: the teacher module, the recipe's loss list, and where errors point."""
+
+    teacher: nn.Module
+    losses: list  # kdctl.recipe.schema.LossSpec
+    balance: float | None
+    source: str = "recipe"
+
+
+def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
+                    source: str = "recipe") -> DistillationCriterion:
+    """Resolve layers, size the adapters from a dummy forward pass, and check head compatibility."""
+    plans = []
+    for i, spec in enumerate(losses):
+        entry = LOSSES[spec.name]
+        level = spec.level or entry.default_level
+        role = {"backbone": "backbone", "neck": "neck", "feature": "neck", "head": "head", "logit": "head"}.get(level)
+        if role is None:
+            raise RecipeError(f"{source}: distill.losses[{i}].level: '{level}' does not apply to YOLO detectors")
+        try:
+            s_layers = resolve_layers(student, spec.student_layers, role, imgsz)
+        except (IndexError, ValueError) as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].student_layers: {e}") from None
+        try:
+            t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
+        except (IndexError, ValueError) as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+        if len(s_layers) != len(t_layers):
+            raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
+                              f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
+        plans.append((i, spec, entry, s_layers, t_layers))
+
+    s_all = sorted({j for p in plans for j in p[3]})
+    t_all = sorted({j for p in plans for j in p[4]})
+    dev = next(student.parameters()).device
+    x = torch.zeros(2, 3, imgsz, imgsz, device=dev)
+    was = student.training
+    student.eval()
+    with torch.no_grad(), FeatureTaps(student, s_all) as st, FeatureTaps(teacher, t_all) as tt:
+        student.predict(x)
+        teacher.predict(x.to(next(teacher.parameters()).device))
+    student.train(was)
+
+    terms, seen = [], {}
+    for i, spec, entry, s_layers, t_layers in plans:
+        s_ch, t_ch = [], []
+        if entry.kind == "head":
+            try:
+                sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
+            except ValueError as e:
+                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
+            if sh["scores"].shape != th["scores"].shape or sh["boxes"].shape != th["boxes"].shape:
+                raise RecipeError(
+                    f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
+                    f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher {tuple(th['scores'].shape[1:])}")
+        else:
+            for si, ti in zip(s_layers, t_layers):
+                so, to = st.outputs[si], tt.outputs[ti]
+                if not (isinstance(so, torch.Tensor) and so.ndim == 4 and isinstance(to, torch.Tensor) and to.ndim == 4):
+                    raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a feature loss, but layer pair "
+                                      f"(student {si}, teacher {ti}) does not output feature maps")
+                s_ch.append(so.shape[1])
+                t_ch.append(to.shape[1])
+        name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
+    return DistillationCriterion(terms, balance).to(dev)
+
+
+class KDTrainer(DetectionTrainer):
+    """Ultralytics' detection trainer with the student built as a :class:`KDDetectionModel`.
+
+    ``distill`` must be given explicitly (``None`` means plain training), so a trainer rebuilt without it cannot
+    silently train without KD.
+    """
+
+    _MISSING = object()
+
+    def __init__(self, overrides: dict, distill: DistillSetup | None = _MISSING, callbacks=None):
+        if distill is KDTrainer._MISSING:
+            raise TypeError("KDTrainer needs distill=DistillSetup(...) or distill=None for plain training")
+        self.distill = distill
+        super().__init__(overrides=overrides, _callbacks=callbacks)
+        if distill is not None and "," in str(self.args.device):
+            raise RecipeError(f"{distill.source}: train.device: multi-GPU distillation is not supported; "
+                              "use one device")
+
+    def get_model(self, cfg=None, weights=None, verbose=False):
+        if self.distill is None or not self.distill.losses:
+            return super().get_model(cfg, weights, verbose)
+        model = self.set_model_names_for_load(
+            KDDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False))
+        teacher = self.distill.teacher.to(self.device).float()
+        model.to(self.device)
+        model.args = self.args
+        model.attach(teacher, build_criterion(model, teacher, self.distill.losses, self.distill.balance,
+                                              int(self.args.imgsz), self.distill.source))
+        balance = Path(self.save_dir) / BALANCE_FILE
+        if self.distill.balance and balance.is_file():  # resume: reuse the scales of the first run
+            model.kd.scales = json.loads(balance.read_text())["scales"]
+        if weights:
+            model.load(weights)
+        return model
+
+
+def save_balance(trainer) -> None:
+    """Callback: persist the auto-balance scales once they are known (so --resume keeps them)."""
+    model = getattr(trainer.model, "module", trainer.model)
+    kd = getattr(model, "kd", None)
+    if kd is not None and kd.balance and kd.scales is not None:
+        path = Path(trainer.save_dir) / BALANCE_FILE
+        if not path.exists():
+            path.write_text(json.dumps({"names": kd.names, "scales": kd.scales}))
+
+
+def load_detector(path: str | Path) -> nn.Module:
+    """A trained Ultralytics detector from a ``.pt`` checkpoint, FP32, eval mode."""
+    model, _ = load_checkpoint(str(path))
+    return model.float().eval()
+
+
+def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
+    return DetectionModel(str(cfg) if isinstance(cfg, Path) else cfg, nc=nc, verbose=False)
+
+
+def plain_student(model: nn.Module) -> DetectionModel:
+    """The student alone: a ``DetectionModel`` with the same weights, without KD criterion and adapters."""
+    model = model.float()
+    student = DetectionModel(model.yaml, nc=model.nc, verbose=False)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("kd.")}
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"student weights do not fit its architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for attr in ("names", "stride", "args", "nc", "class_weights"):
+        if hasattr(model, attr):
+            setattr(student, attr, getattr(model, attr))
+    return student.eval()

@@ -1,0 +1,39 @@
+"""User-facing errors: each becomes one line on stderr and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+
+class KdctlError(Exception):
+    """An error caused by the user's input or environment (bad file, missing runtime, ...).
+
+    ``exit_code`` follows the CLI convention: 2 for usage/input errors, 1 for a failed check.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class RecipeError(KdctlError):
+    """A recipe or preset file that does not validate."""
+
+
+class BundleError(KdctlError):
+    """A bundle that is missing, of the wrong stage, or fails verification."""
+
+
+class DataError(KdctlError):
+    """A dataset that cannot be found or parsed."""
+
+
+class BackendUnavailable(KdctlError):
+    """An optional runtime (OpenVINO, TensorRT, CUDA) that is not installed or has no device."""
+
+
+class CheckFailed(KdctlError):
+    """A verification (parity, accuracy budget, gate) that ran and failed."""
+
+    exit_code = 1

@@ -1,0 +1,40 @@
+"""mAP evaluation with COCO conventions for any backend (see :mod:`kdctl.evaluate.predict`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdctl.evaluate.coco import Detections, GroundTruth, evaluate_map
+from kdctl.evaluate.predict import Backend, ground_truth, predict_images
+
+
+def torch_backend(model, device: str = "cpu", half: bool = False) -> Backend:
+    """Wrap an Ultralytics detector: returns the decoded head output (N, 4 + nc, A) as NumPy."""
+    import torch
+
+    model = model.to(device).eval()
+    model = model.half() if half else model.float()
+
+    @torch.no_grad()
+    def run(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).to(device)
+        y = model(t.half() if half else t)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        return y.float().cpu().numpy()
+
+    return run
+
+
+def evaluate_backend(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
+                     progress=None) -> dict:
+    dets = predict_images(backend, images, imgsz, batch=batch, progress=progress)
+    res = evaluate_map(dets, ground_truth(images), len(names))
+    res["per_class_ap50_95"] = {n: ap for n, ap in zip(names, res["per_class_ap50_95"])}
+    res["images"] = len(images)
+    res["imgsz"] = imgsz
+    return res
+
+
+__all__ = ["Detections", "GroundTruth", "evaluate_map", "evaluate_backend", "torch_backend"]

@@ -1,0 +1,73 @@
+"""Resolve a recipe's model spec (YAML name, .pt checkpoint, or bundle) into something trainable/loadable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdctl.errors import RecipeError
+
+ASSET_MODELS = Path(__file__).parent / "assets" / "models"
+
+
+@dataclass
+class ResolvedModel:
+    kind: str            # "yaml" | "checkpoint"
+    ref: str             # what Ultralytics is given: YAML path/name or .pt path
+    sha256: str | None   # of the checkpoint file, when there is one
+    bundle: object = None  # kdctl.bundle.Bundle when it came from one
+
+
+def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
+    from kdctl.bundle import load_bundle, sha256_file
+
+    p = Path(spec)
+    if p.is_dir():
+        from kdctl.errors import BundleError
+        try:
+            b = load_bundle(p, stages=("train", "distill"))
+        except BundleError as e:
+            raise RecipeError(f"{source}: {field}: {e}") from None
+        w = b.file("weights")
+        return ResolvedModel("checkpoint", str(w), b.manifest["files"][w.relative_to(b.path).as_posix()]["sha256"], b)
+    if p.suffix in (".pt", ".pth"):
+        if not p.is_file():
+            raise RecipeError(f"{source}: {field}: checkpoint '{spec}' not found")
+        return ResolvedModel("checkpoint", str(p.resolve()), sha256_file(p))
+    if p.suffix in (".yaml", ".yml"):
+        if p.is_file():
+            return ResolvedModel("yaml", str(p.resolve()), None)
+        if (ASSET_MODELS / p.name).is_file() and len(p.parts) == 1:
+            return ResolvedModel("yaml", str(ASSET_MODELS / p.name), None)
+        if len(p.parts) == 1:
+            _check_ultralytics_yaml(p.name, field, source)
+            return ResolvedModel("yaml", p.name, None)
+        raise RecipeError(f"{source}: {field}: model YAML '{spec}' not found")
+    raise RecipeError(f"{source}: {field}: '{spec}' is not a .yaml, a .pt or a bundle directory")
+
+
+def _check_ultralytics_yaml(name: str, field: str, source: str) -> None:
+    from kdctl.ultralytics_env import prepare
+
+    prepare()
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        yaml_model_load(name)
+    except (FileNotFoundError, OSError):
+        raise RecipeError(f"{source}: {field}: '{name}' is neither a file nor an Ultralytics model YAML "
+                          "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)") from None
+
+
+def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
+    """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
+    from kdctl.distill.ultralytics import build_detector, load_detector
+
+    if resolved.kind == "checkpoint":
+        try:
+            model = load_detector(resolved.ref)
+        except Exception as e:  # a corrupt or foreign .pt: say which file, not a traceback
+            raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        return model
+    return build_detector(resolved.ref, nc).eval()

@@ -1,0 +1,160 @@
+"""The recipe schema: the single source of fields, defaults, validation errors and the JSON Schema.
+
+A recipe is data, never code. Every stage copies the resolved recipe into its bundle.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LEVELS = ("backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit")
+# Roles a recipe may name instead of layer indices; resolved per model by kdctl.distill.taps.
+ROLES = ("backbone", "neck", "head")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Strict):
+    """A detector: an Ultralytics model YAML name (``yolov8n.yaml``), a ``.pt`` file, or a bundle directory."""
+
+    model: str = Field(description="Model YAML name/path, .pt checkpoint path, or a kdctl bundle directory")
+    nc: int | None = Field(None, ge=1, description="Override the class count (defaults to the dataset's)")
+
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        if v.endswith((".yaml", ".yml", ".pt", ".pth")) or "/" in v or "\\" in v or v in (".", ".."):
+            return v
+        raise ValueError(f"'{v}' is not a model YAML (.yaml), a checkpoint (.pt) or a bundle directory")
+
+
+class SyntheticData(Strict):
+    train: int = Field(400, ge=1, le=100_000, description="Training images")
+    val: int = Field(100, ge=1, le=100_000, description="Validation images")
+    seed: int = 0
+    imgsz: int = Field(320, ge=64, le=2048, description="Side of the generated square images")
+    classes: int = Field(6, ge=1, le=12)
+
+
+class CocoData(Strict):
+    train_images: str
+    train_annotations: str
+    val_images: str
+    val_annotations: str
+
+
+class DataSpec(Strict):
+    """Exactly one of: an Ultralytics dataset YAML, a COCO-JSON dataset, or the built-in generator."""
+
+    yolo: str | None = Field(None, description="Path to an Ultralytics dataset YAML (data.yaml)")
+    coco: CocoData | None = None
+    synthetic: SyntheticData | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("yolo", "coco", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of yolo, coco, synthetic (got {', '.join(given) or 'none'})")
+        return self
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(10, ge=1, le=10_000)
+    imgsz: int = Field(320, ge=32, le=4096)
+    batch: int = Field(16, ge=1, le=4096)
+    lr0: float = Field(0.01, gt=0, le=10)
+    optimizer: Literal["auto", "SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp"] = "auto"
+    seed: int = 0
+    device: str = Field("cpu", description="'cpu', a CUDA index like '0', or 'cuda'")
+    workers: int = Field(0, ge=0, le=64)
+    amp: bool = True
+    patience: int = Field(100, ge=0)
+    mosaic: float = Field(1.0, ge=0, le=1)
+    close_mosaic: int = Field(0, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32 (the detector's largest stride), got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = str(v).strip().lower()
+        if v in ("cpu", "cuda", "mps") or all(p.isdigit() for p in v.split(",") if p):
+            return v
+        raise ValueError(f"'{v}' is not a device; use 'cpu', 'cuda' or GPU indices like '0' or '0,1'")
+
+
+class LossSpec(Strict):
+    """One distillation term: a registered loss attached to layers of both models."""
+
+    name: str = Field(description="A registered loss name; `kdctl list losses` shows them")
+    level: Literal["backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit"] | None = Field(
+        None, description="Taxonomy level; defaults to the loss's own level")
+    student_layers: list[int] | Literal["backbone", "neck", "head"] | None = Field(
+        None, description="Layer indices of the student, or a role; defaults from the level")
+    teacher_layers: list[int] | Literal["backbone", "neck", "head"] | None = Field(
+        None, description="Layer indices of the teacher, or a role; defaults from the level")
+    weight: float = Field(1.0, ge=0, le=1e6)
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict,
+                                                       description="Loss-specific parameters (e.g. tau)")
+
+
+class DistillSpec(Strict):
+    losses: list[LossSpec] = Field(default_factory=list)
+    auto_balance: float | None = Field(
+        None, gt=0, le=100,
+        description="Scale each KD weight so its first-batch value is this fraction of the task loss")
+
+
+class ExportSpec(Strict):
+    target: str = Field("cpu", description="A preset in deploy/targets (cpu, intel, jetson, rpi)")
+    formats: list[Literal["onnx", "openvino", "tensorrt"]] | None = None
+    precision: list[Literal["fp32", "fp16", "int8"]] | None = None
+    imgsz: int | None = Field(None, ge=32, le=4096)
+    opset: int | None = Field(None, ge=11, le=23)
+    calibration_images: int = Field(64, ge=1, le=10_000)
+    max_map_drop: float | None = Field(None, ge=0, le=100, description="mAP50-95 points INT8 may lose")
+
+
+class ProfileSpec(Strict):
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(100, ge=1)
+    batch: int = Field(1, ge=1, le=256)
+    throughput_batch: int = Field(8, ge=1, le=256)
+    threads: int | None = Field(None, ge=1)
+
+
+class GateSpec(Strict):
+    min_map50_95: float | None = Field(None, ge=0, le=1)
+    max_p90_ms: float | None = Field(None, gt=0)
+    max_p99_ms: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+    max_memory_mb: float | None = Field(None, gt=0)
+    max_latency_regression: float | None = Field(None, ge=0, description="Fraction, e.g. 0.03 = 3 % slower")
+    max_map_regression: float | None = Field(None, ge=0, description="mAP50-95 points (0..1 scale)")
+
+
+class Recipe(Strict):
+    """A kdctl recipe: what to train or distill, on which data, and how to ship and judge it."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    teacher: ModelSpec | None = None
+    student: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
