@@ -214,7 +214,7 @@ def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
 def plain_student(model: nn.Module) -> DetectionModel:
     """The student alone: a ``DetectionModel`` with the same weights, without KD criterion and adapters."""
     model = model.float()
-    student = DetectionModel(model.yaml, nc=model.nc, verbose=False)
+    student = DetectionModel(model.yaml, nc=model.model[-1].nc, verbose=False)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("kd.")}
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if missing or unexpected:

@@ -104,7 +104,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def _check_losses(recipe: Recipe, source: str) -> None:
-    from kdctl.distill.losses import LOSSES  # registry import is light: no torch at module level
+    from kdctl.distill.losses import LOSSES
 
     for i, spec in enumerate(recipe.distill.losses):
         if spec.name not in LOSSES:
@@ -124,12 +124,15 @@ def _check_losses(recipe: Recipe, source: str) -> None:
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     def fix(p: str) -> str:
+        """Relative to the recipe's folder first, then the working directory; bare model names stay names."""
         q = Path(p).expanduser()
         if q.is_absolute():
             return str(q)
-        cand = (base / q)
-        # Model YAML names like 'yolov8n.yaml' are Ultralytics built-ins unless a file of that name sits here.
-        return str(cand.resolve()) if cand.exists() or "/" in p else p
+        for cand in (base / q, Path.cwd() / q):
+            if cand.exists():
+                return str(cand.resolve())
+        # Model YAML names like 'yolov8n.yaml' are Ultralytics/kdctl built-ins, not paths.
+        return str((base / q).resolve()) if len(q.parts) > 1 else p
 
     data = recipe.model_dump()
     for key in ("teacher", "student"):

@@ -1,0 +1,74 @@
+"""``kdctl bundle show|verify``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from kdctl.cli._common import BundleArg, JsonOpt, console, emit
+
+app = typer.Typer(no_args_is_help=True, help="Inspect and verify artifact bundles.")
+
+
+def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[prefix + k] = v
+        elif isinstance(v, dict) and len(v) <= 12:
+            out.update(_scalar_metrics(v, f"{prefix}{k}."))
+    return out
+
+
+@app.command("show")
+def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
+    """Show a bundle's lineage, files and metrics.
+
+    Example: [bold]kdctl bundle show runs/distill/quickstart[/bold]
+    """
+    from kdctl.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    m = b.manifest
+
+    def human():
+        tree = Tree(f"[bold]{b.path}[/bold]  stage=[cyan]{b.stage}[/cyan]  id={b.id[:12]}  created={m['created']}")
+        lin = tree.add("parents")
+        for p in m.get("parents", []):
+            lin.add(f"{p['stage']}  {p['path']}  id={p['id'][:12]}")
+        files = tree.add("files")
+        for name, info in m["files"].items():
+            files.add(f"{name}  {info['size']:,} B  sha256={info['sha256'][:12]}")
+        env = m.get("environment", {})
+        tree.add(f"environment  python {env.get('python')}  cpu {env.get('cpu')}  gpus {env.get('gpus') or 'none'}")
+        console.print(tree)
+        t = Table("metric", "value")
+        for k, v in _scalar_metrics(b.metrics).items():
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        console.print(t)
+
+    emit(m, as_json=json_, human=human)
+
+
+@app.command("verify")
+def verify(bundle: BundleArg, json_: JsonOpt = False) -> None:
+    """Re-hash every file; exit 1 naming each file that changed, went missing or was added.
+
+    Example: [bold]kdctl bundle verify runs/export/quickstart-cpu[/bold]
+    """
+    from kdctl.bundle import verify_bundle
+
+    res = verify_bundle(bundle)
+    result = {"bundle": str(bundle), "ok": res.ok, "files_checked": res.checked, "problems": res.problems}
+
+    def human():
+        if res.ok:
+            console.print(f"[green]OK[/green] {bundle}: {res.checked} files match the manifest")
+        else:
+            for p in res.problems:
+                console.print(f"[red]FAIL[/red] {bundle}/{p}")
+
+    emit(result, as_json=json_, human=human)
+    if not res.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,42 @@
+"""``kdctl eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, RunsOpt, console, emit, progress_bar
+
+
+def evaluate(
+    bundle: BundleArg,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Inference size (default: training size).")] = None,
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+) -> None:
+    """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model and write an eval bundle.
+
+    Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml[/bold]
+    """
+    from kdctl.evaluate.stage import evaluate_bundle
+
+    with progress_bar(not json_) as p:
+        b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite, progress=p)
+    m = b.metrics
+    result = {"bundle": str(b.path), "map50_95": m["map50_95"], "map50": m["map50"], "map75": m["map75"],
+              "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"]}
+
+    def human():
+        t = Table(title=f"eval: {b.path} ({m['images']} images)")
+        t.add_column("class")
+        t.add_column("AP50-95", justify="right")
+        for k, v in m["per_class_ap50_95"].items():
+            t.add_row(k, "no labels" if v is None else f"{v:.4f}")
+        t.add_row("[bold]mAP50-95[/bold]", f"[bold]{m['map50_95']:.4f}[/bold]")
+        t.add_row("mAP50", f"{m['map50']:.4f}")
+        console.print(t)
+
+    emit(result, as_json=json_, human=human)

@@ -1,0 +1,31 @@
+"""``kdctl list losses|targets``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import JsonOpt, console, emit
+
+app = typer.Typer(no_args_is_help=True, help="List registered losses and export targets.")
+
+
+@app.command("losses")
+def losses(json_: JsonOpt = False) -> None:
+    """Distillation losses a recipe can name, with their levels and parameters.
+
+    Example: [bold]kdctl list losses[/bold]
+    """
+    from kdctl.distill.losses import LOSSES
+
+    rows = [{"name": e.name, "levels": list(e.levels), "kind": e.kind, "params": e.params, "paper": e.paper}
+            for e in LOSSES.values()]
+
+    def human():
+        t = Table("name", "levels", "params", "paper")
+        for r in rows:
+            t.add_row(r["name"], ", ".join(r["levels"]), ", ".join(f"{k}={v}" for k, v in r["params"].items()),
+                      r["paper"])
+        console.print(t)
+
+    emit(rows, as_json=json_, human=human)

@@ -1,0 +1,69 @@
+"""The ``kdctl`` command: one Typer app, one file per command group, errors mapped to one line."""
+
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from kdctl.cli._common import err_console
+
+
+class KdctlGroup(TyperGroup):
+    """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
+
+    def invoke(self, ctx):
+        from kdctl.errors import KdctlError
+
+        try:
+            return super().invoke(ctx)
+        except KdctlError as e:
+            err_console.print(f"[red]Error:[/red] {e}", markup=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            err_console.print(f"[red]Error:[/red] {e.filename or ''}: {e.strerror or e}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]Interrupted[/red] (nothing half-written was published)")
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=KdctlGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="Distill a large detector into a small one, export it for an edge target, profile it there and gate "
+         "it in CI.\n\nExample: [bold]kdctl distill recipes/quickstart.yaml[/bold] then "
+         "[bold]kdctl export runs/distill/quickstart --target cpu[/bold]",
+)
+
+
+def _register() -> None:
+    from kdctl.cli import bundle, data, evaluate, listing, recipe, train
+
+    app.add_typer(recipe.app, name="recipe")
+    app.add_typer(data.app, name="data")
+    app.add_typer(bundle.app, name="bundle")
+    app.add_typer(listing.app, name="list")
+    app.command("train")(train.train)
+    app.command("distill")(train.distill)
+    app.command("eval")(evaluate.evaluate)
+
+
+_register()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the kdctl version and exit.",
+                                       is_eager=True)) -> None:
+    if version:
+        from kdctl import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""``kdctl train`` and ``kdctl distill``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, console, emit, progress_bar
+from pathlib import Path
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run at --out "
+                                         "(default runs/<stage>/<name>) from its last epoch checkpoint.")]
+
+
+def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool):
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    r = load_recipe(recipe)
+    with progress_bar(not (json_ or quiet)) as p:
+        b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
+                         overwrite=overwrite, progress=p)
+    m = b.metrics
+    result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
+              "params": m["params"], "train_seconds": m["train_seconds"]}
+    if "kd_terms" in m:
+        last = m["epochs"][-1] if m["epochs"] else {}
+        result["kd_terms"] = {t["name"]: last.get(f"train/{t['name'] if t['name'].startswith('kd_') else 'kd_' + t['name']}")
+                              for t in m["kd_terms"]}
+
+    def human():
+        t = Table(title=f"{stage}: {b.path}")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in result.items():
+            if k not in ("bundle", "stage", "kd_terms"):
+                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
+        for k, v in result.get("kd_terms", {}).items():
+            t.add_row(f"last-epoch kd/{k}", "n/a" if v is None else f"{v:.4f}")
+        console.print(t)
+
+    emit(result, as_json=json_, quiet=quiet, human=human)
+
+
+def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
+          overwrite: OverwriteOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Train the recipe's student without a teacher (teachers, and the baseline every distillation must beat).
+
+    Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]
+    """
+    _run("train", recipe, out, runs, resume, overwrite, json_, quiet)
+
+
+def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
+            overwrite: OverwriteOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Train the student with knowledge distillation from the recipe's teacher and write a bundle.
+
+    Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]
+    """
+    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet)

@@ -1,0 +1,32 @@
+"""``kdctl eval``: COCO mAP of a trained model on a dataset, written as an ``eval`` bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.progress import Step
+
+
+def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz: int | None = None,
+                    out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
+                    overwrite: bool = False, progress=None) -> Bundle:
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.distill.ultralytics import load_detector
+    from kdctl.evaluate import evaluate_backend, torch_backend
+
+    src = load_bundle(bundle, stages=("train", "distill"))
+    ds = load_yolo_yaml(data if data else src.file("data"))
+    size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
+    model = load_detector(src.file("weights"))
+    step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
+    metrics = evaluate_backend(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
+                               progress=step.advance)
+    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.name)
+    with BundleWriter(out, stage="eval", recipe=src.recipe, parents=[src], overwrite=overwrite,
+                      inputs={"data": ds.describe(), "model": str(src.file("weights"))}) as w:
+        w.metrics.update({"runtime": "pytorch", "precision": "fp32", **metrics})
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
+        w.add_output("metrics", "metrics.json")
+    return w.bundle

@@ -1,0 +1,57 @@
+"""Shared fixtures: everything runs on CPU with tiny data made here; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Synthetic data and COCO conversions go to a per-session cache, never the user's."""
+    cache = tmp_path_factory.mktemp("kdctl-cache")
+    old = os.environ.get("KDCTL_CACHE")
+    os.environ["KDCTL_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("KDCTL_CACHE", None)
+    else:
+        os.environ["KDCTL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 24/8-image synthetic YOLO dataset at 128 px; returns its data.yaml."""
+    from kdctl.data.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("tiny-data")
+    return write_dataset(out, train=24, val=8, seed=3, imgsz=128, classes=3)
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, tiny_data) -> Path:
+    """One epoch of the tiny student on tiny data: a real train bundle to export, evaluate and distill from."""
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    d = tmp_path_factory.mktemp("trained")
+    r = write_recipe(d / "r.yaml", f"""
+name: tiny
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0}}
+""")
+    return run_training(load_recipe(r), stage="train", source=str(r), runs_dir=d / "runs").path

@@ -1,0 +1,185 @@
+"""Distillation on real Ultralytics models built from YAML: taps, KD gradients, errors, end to end, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+from kdctl.distill.ultralytics import KDDetectionModel, build_criterion, build_detector, plain_student
+from kdctl.distill.taps import resolve_layers
+from kdctl.errors import RecipeError
+from kdctl.recipe.schema import LossSpec
+
+
+@pytest.fixture(scope="module")
+def v8n():
+    return build_detector("yolov8n.yaml", nc=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_detector(Path(__file__).resolve().parents[1] / "kdctl/assets/models/yolov8-tiny.yaml", nc=3)
+
+
+def test_roles_resolve_on_real_models(v8n):
+    assert resolve_layers(v8n, "neck", "neck", 128) == [15, 18, 21]
+    assert resolve_layers(v8n, None, "backbone", 128) == [4, 6, 9]
+    assert resolve_layers(v8n, "head", "neck", 128) == [22]
+    y11 = build_detector("yolo11n.yaml", nc=3)
+    assert resolve_layers(y11, "neck", "neck", 128) == [16, 19, 22]
+    assert resolve_layers(y11, "backbone", "neck", 128) == [4, 6, 10]
+    with pytest.raises(IndexError, match="out of range: the model has 23 layers"):
+        resolve_layers(v8n, [4, 99], "neck", 128)
+
+
+def test_bad_layer_index_is_a_recipe_error(v8n, tiny):
+    with pytest.raises(RecipeError, match=r"r.yaml: distill.losses\[0\].student_layers: layer 40 is out of range"):
+        build_criterion(tiny, v8n, [LossSpec(name="cwd", student_layers=[40], teacher_layers=[15])], None, 128, "r.yaml")
+    with pytest.raises(RecipeError, match=r"distill.losses\[0\]: 2 student layers .* but 1 teacher layers"):
+        build_criterion(tiny, v8n, [LossSpec(name="fitnet", student_layers=[4, 6], teacher_layers=[4])], None, 128)
+    with pytest.raises(RecipeError, match="does not output feature maps"):
+        build_criterion(tiny, v8n, [LossSpec(name="cwd", student_layers=[22], teacher_layers=[22])], None, 128)
+
+
+def test_head_loss_needs_matching_heads(tiny):
+    other = build_detector("yolov8n.yaml", nc=5)
+    with pytest.raises(RecipeError, match="needs matching heads"):
+        build_criterion(tiny, other, [LossSpec(name="kd_logit")], None, 128)
+
+
+def _batch(n=2, size=128):
+    torch.manual_seed(0)
+    return {"img": torch.rand(n, 3, size, size), "cls": torch.tensor([[0.0], [1.0], [2.0]]),
+            "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.5, 0.4, 0.4]]),
+            "batch_idx": torch.tensor([0.0, 0.0, 1.0])}
+
+
+def _kd_model(teacher, losses, balance=None):
+    from ultralytics.cfg import get_cfg
+
+    m = KDDetectionModel(str(Path(__file__).resolve().parents[1] / "kdctl/assets/models/yolov8-tiny.yaml"),
+                         nc=3, verbose=False)
+    m.args = get_cfg()
+    m.attach(teacher, build_criterion(m, teacher, losses, balance, 128))
+    return m.train()
+
+
+@pytest.mark.parametrize("losses", [[LossSpec(name="cwd")], [LossSpec(name="fgd")], [LossSpec(name="kd_logit")],
+                                    [LossSpec(name="ld")], [LossSpec(name="at", level="backbone")]],
+                         ids=["cwd", "fgd", "kd_logit", "ld", "at"])
+def test_kd_term_is_nonzero_and_changes_student_gradients(v8n, losses):
+    m = _kd_model(v8n, losses)
+    batch = _batch()
+    loss, items = m.loss(batch)
+    kd_keys = [k for k in items if k.startswith("kd_")]
+    assert kd_keys and all(items[k].item() > 0 for k in kd_keys)
+    loss.sum().backward()
+    g_kd = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and not n.startswith("kd.")}
+    m.zero_grad()
+    m.kd.scales = [0.0] * len(m.kd.terms)  # same forward, KD weighted to zero
+    loss0, _ = m.loss(batch)
+    loss0.sum().backward()
+    diff = sum((g_kd[n] - p.grad).abs().sum().item() for n, p in m.named_parameters() if n in g_kd)
+    assert diff > 0, "KD did not change the student's gradients"
+    assert all(p.grad is None for p in v8n.parameters()), "teacher must stay frozen"
+
+
+def test_auto_balance_sets_requested_fraction(v8n):
+    m = _kd_model(v8n, [LossSpec(name="cwd"), LossSpec(name="kd_logit", weight=2.0)], balance=0.25)
+    _, items = m.loss(_batch())
+    task = sum(items[k].item() for k in ("box_loss", "cls_loss", "dfl_loss"))
+    assert items["kd_cwd"].item() == pytest.approx(0.25 * task, rel=1e-4)
+    assert items["kd_logit"].item() == pytest.approx(2 * 0.25 * task, rel=1e-4)
+
+
+def test_eval_mode_loss_has_zero_kd_items_and_teacher_is_not_pickled(v8n, tmp_path):
+    import copy
+
+    m = _kd_model(v8n, [LossSpec(name="cwd")])
+    m.eval()
+    _, items = m.loss(_batch())
+    assert items["kd_cwd"].item() == 0
+    assert copy.deepcopy(m).teacher_ref is m.teacher_ref         # EMA copies share the teacher
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded.teacher_ref.model is None and loaded.kd is not None
+    plain = plain_student(m)
+    assert type(plain).__name__ == "DetectionModel"
+    assert not any(k.startswith("kd.") for k in plain.state_dict())
+
+
+def _recipe(tmp_path, tiny_data, teacher, epochs=1, losses="[{name: cwd}, {name: kd_logit}]"):
+    p = tmp_path / "distill.yaml"
+    p.write_text(f"""
+name: tinykd
+teacher: {{model: {teacher}}}
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: {epochs}, imgsz: 128, batch: 8}}
+distill: {{auto_balance: 0.5, losses: {losses}}}
+""")
+    return p
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_cli(tmp_path, tiny_data, trained_bundle):
+    r = _recipe(tmp_path, tiny_data, trained_bundle)
+    out = tmp_path / "kd"
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert set(data["kd_terms"]) == {"cwd", "kd_logit"} and all(v > 0 for v in data["kd_terms"].values())
+    assert CliRunner().invoke(app, ["bundle", "verify", str(out)]).exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parents"][0]["path"] == str(trained_bundle.resolve())
+    assert m["metrics"]["epochs"][0]["train/kd_cwd"] > 0 and "map50_95" in m["metrics"]
+    from ultralytics import YOLO
+
+    y = YOLO(str(out / "weights.pt"))                         # users can load the student with Ultralytics
+    assert not any(k.startswith("kd.") for k in y.model.state_dict())
+
+
+def test_distill_errors_cli(tmp_path, tiny_data, trained_bundle):
+    bad = _recipe(tmp_path, tiny_data, trained_bundle, losses="[{name: cwd, student_layers: [77]}]")
+    res = CliRunner().invoke(app, ["distill", str(bad), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "student_layers: layer 77 is out of range" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+    missing = _recipe(tmp_path, tiny_data, tmp_path / "nope.pt")
+    res = CliRunner().invoke(app, ["distill", str(missing), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "teacher.model: checkpoint" in res.output and "not found" in res.output
+
+
+@pytest.mark.slow
+def test_resume_after_kill(tmp_path, tiny_data, trained_bundle):
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=3)
+    out = tmp_path / "kd"
+    last = tmp_path / ".kd.work" / "train" / "weights" / "last.pt"
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "kdctl.cli.main", "distill", str(r), "--out", str(out), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no epoch checkpoint appeared"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave a bundle"
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out)])
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out), "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
+    assert not (tmp_path / ".kd.work").exists()
+    assert CliRunner().invoke(app, ["bundle", "verify", str(out)]).exit_code == 0

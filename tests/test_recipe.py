@@ -1,0 +1,124 @@
+"""Recipe validation: shipped recipes load; malformed ones fail with one line naming file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+from kdctl.errors import RecipeError
+from kdctl.recipe import load_recipe, recipe_json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+GOOD = """
+name: ok
+teacher: {model: yolov8s.yaml}
+student: {model: yolov8n.yaml}
+data: {synthetic: {train: 10, val: 5}}
+train: {epochs: 1, imgsz: 128}
+distill:
+  losses:
+    - {name: cwd, weight: 2.0, params: {tau: 2.0}}
+"""
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    r = load_recipe(path)
+    assert r.student.model
+
+
+def test_recipes_folder_is_not_empty():
+    names = {p.name for p in RECIPES}
+    assert "quickstart.yaml" in names and len(names) >= 5
+
+
+def test_good_recipe_defaults_filled(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    r = load_recipe(p)
+    assert r.train.batch == 16 and r.distill.losses[0].params == {"tau": 2.0}
+    assert r.export.target == "cpu" and r.gate.min_map50_95 is None
+
+
+# (yaml text, the field path expected in the message, a word from the reason)
+BAD = [
+    ("student: {model: yolov8n.yaml}\n", "data", "required field is missing"),
+    ("data: {synthetic: {}}\n", "student", "required field is missing"),
+    (GOOD.replace("imgsz: 128", "imgsz: 100"), "train.imgsz", "multiple of 32"),
+    (GOOD.replace("epochs: 1", "epochs: 0"), "train.epochs", "greater than or equal to 1"),
+    (GOOD.replace("epochs: 1", "epochs: ten"), "train.epochs", "valid integer"),
+    (GOOD.replace("train: {", "train: {lr: 0.1, "), "train.lr", "unknown field 'lr'; valid fields: epochs"),
+    (GOOD.replace("name: ok", "name: ok\ntypo_section: 1"), "typo_section", "unknown field"),
+    (GOOD.replace("name: cwd", "name: cwdd"), "distill.losses[0].name", "unknown loss 'cwdd'; valid:"),
+    (GOOD.replace("tau: 2.0", "tow: 2.0"), "distill.losses[0].params", "unknown parameter 'tow'"),
+    (GOOD.replace("weight: 2.0", "weight: -1"), "distill.losses[0].weight", "greater than or equal to 0"),
+    (GOOD.replace("{name: cwd,", "{name: cwd, level: query,"), "distill.losses[0].level", "applies at"),
+    (GOOD.replace("{name: cwd,", "{name: cwd, level: torso,"), "distill.losses[0].level", "'torso'"),
+    (GOOD.replace("data: {synthetic: {train: 10, val: 5}}", "data: {}"), "data", "exactly one of"),
+    (GOOD.replace("data: {synthetic: {train: 10, val: 5}}", "data: {yolo: a.yaml, synthetic: {}}"), "data",
+     "got yolo, synthetic"),
+    (GOOD.replace("model: yolov8s.yaml", "model: resnet50"), "teacher.model", "is not a model YAML"),
+    (GOOD.replace("{model: yolov8n.yaml}", "{model: ''}"), "student.model", "must not be empty"),
+    (GOOD.replace("teacher: {model: yolov8s.yaml}\n", ""), "teacher", "needs a teacher"),
+    (GOOD.replace("name: ok", "name: 'bad name!'"), "name", "should match pattern"),
+    (GOOD.replace("train: {", "train: {device: gpu9, "), "train.device", "is not a device"),
+    (GOOD + "export: {max_map_drop: -1}\n", "export.max_map_drop", "greater than or equal to 0"),
+    (GOOD + "gate: {min_map50_95: 5}\n", "gate.min_map50_95", "less than or equal to 1"),
+    (GOOD + "profile: {runs: 0}\n", "profile.runs", "greater than or equal to 1"),
+    (GOOD.replace("losses:", "losses: 3\n  x:"), "distill", ""),
+    ("- just\n- a list\n", "<root>", "expected a mapping"),
+    ("name: [unclosed\n", "line 1", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,field,reason", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_malformed_recipe_one_line_error(tmp_path, text, field, reason):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{p}: ") or msg.startswith(f"{p} ") or str(p) in msg
+    if field != "<root>" and field != "line 1":
+        assert f": {field}" in msg, msg
+    else:
+        assert field.split()[0] in msg or "mapping" in msg
+    assert reason in msg, msg
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_check_bad_recipe_exit_2_no_traceback(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD.replace("imgsz: 128", "imgsz: 100"))
+    res = CliRunner().invoke(app, ["recipe", "check", str(p)])
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "train.imgsz" in lines[0] and str(p) in lines[0]
+
+
+def test_cli_check_good_recipe_json(tmp_path):
+    import json
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["train"]["imgsz"] == 128
+
+
+def test_schema_is_json_schema():
+    import json
+
+    s = json.loads(recipe_json_schema())
+    assert s["type"] == "object" and "student" in s["required"] and "distill" in s["properties"]
