@@ -18,7 +18,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory to write "
                                                 "(default: runs/<stage>/<name>, numbered like Ultralytics runs).")]
-RunsOpt = Annotated[Path, typer.Option("--runs", help="Root for default output directories.")]
+RunsOpt = Annotated[Path, typer.Option("--project", help="Root for default output directories (as Ultralytics' project=).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")]
 BundleArg = Annotated[Path, typer.Argument(help="A bundle directory written by an earlier stage.",
                                            show_default=False)]

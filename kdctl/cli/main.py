@@ -37,7 +37,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kdctl.cli import bundle, data, evaluate, listing, recipe, train
+    from kdctl.cli import bundle, data, evaluate, export, listing, profile, recipe, train
 
     app.add_typer(recipe.app, name="recipe")
     app.add_typer(data.app, name="data")
@@ -46,6 +46,8 @@ def _register() -> None:
     app.command("train")(train.train)
     app.command("distill")(train.distill)
     app.command("eval")(evaluate.evaluate)
+    app.command("export")(export.export)
+    app.command("profile")(profile.profile)
 
 
 _register()

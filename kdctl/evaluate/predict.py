@@ -97,6 +97,10 @@ def read_labels(img_path: Path, shape: tuple[int, int]) -> GroundTruth:
 
 def predict_images(backend: Backend, images: list[Path], imgsz: int, batch: int = 1, progress=None,
                    conf: float = 0.001, iou: float = 0.7) -> list[Detections]:
+    """Detections per image. A backend with a ``fixed_batch`` attribute (static-shape export) gets exactly that
+    many images per call, the last call padded with blank canvases."""
+    fixed = getattr(backend, "fixed_batch", None)
+    batch = fixed or batch
     dets: list[Detections] = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
@@ -106,8 +110,10 @@ def predict_images(backend: Backend, images: list[Path], imgsz: int, batch: int 
             canvas, r, pad = letterbox(img, imgsz)
             canvases.append(canvas)
             metas.append((r, pad, img.shape[:2]))
-        raw = backend(to_input(canvases))
-        for d, (r, pad, shape) in zip(postprocess(np.asarray(raw), conf=conf, iou=iou), metas):
+        while fixed and len(canvases) < fixed:
+            canvases.append(np.full_like(canvases[0], 114))
+        raw = np.asarray(backend(to_input(canvases)))[:len(chunk)]
+        for d, (r, pad, shape) in zip(postprocess(raw, conf=conf, iou=iou), metas):
             dets.append(unletterbox(d, r, pad, shape))
         if progress:
             progress(len(chunk))

@@ -119,13 +119,14 @@ class DistillSpec(Strict):
 
 
 class ExportSpec(Strict):
-    target: str = Field("cpu", description="A preset in deploy/targets (cpu, intel, jetson, rpi)")
-    formats: list[Literal["onnx", "openvino", "tensorrt"]] | None = None
-    precision: list[Literal["fp32", "fp16", "int8"]] | None = None
+    target: str = Field("cpu", description="A preset in deploy/targets (cpu, intel, jetson, rpi, ...)")
+    artifacts: list[str] | None = Field(None, description="Override the preset's artifacts, e.g. [onnx-fp32, onnx-int8]")
     imgsz: int | None = Field(None, ge=32, le=4096)
     opset: int | None = Field(None, ge=11, le=23)
     calibration_images: int = Field(64, ge=1, le=10_000)
-    max_map_drop: float | None = Field(None, ge=0, le=100, description="mAP50-95 points INT8 may lose")
+    calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
+    max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16 export may lose "
+                                       "against PyTorch FP32, in mAP units (0.01 = 1 point)")
 
 
 class ProfileSpec(Strict):

@@ -1,0 +1,75 @@
+"""``kdctl export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, progress_bar
+
+
+def export(
+    bundle: BundleArg,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Target preset: cpu, intel, jetson, "
+                                                  "jetson-orin-nx, jetson-agx-orin, rpi, or a preset YAML path "
+                                                  "(default: the recipe's export.target).")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts, e.g. "
+                                                          "-a onnx-int8 -a openvino-int8 (overrides the preset).")] = None,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Export input size (default: training size).")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
+    calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,
+                                                              help="INT8 calibration images from the train split.")] = None,
+    calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
+                                                              help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
+    max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", min=0, max=1,
+                                                          help="Fail (write nothing) if an FP16/INT8 artifact loses "
+                                                               "more mAP50-95 than this vs PyTorch (0.01 = 1 point).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
+                                                 "(default: the bundle's).")] = None,
+    eval_images: Annotated[Optional[int], typer.Option("--eval-images", min=1,
+                                                       help="Validation images for mAP (default: all).")] = None,
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize and export a trained/distilled model for a target, verified against PyTorch, into a bundle.
+
+    Example: [bold]kdctl export runs/distill/quickstart --target cpu --max-map-drop 0.01[/bold]
+    """
+    from kdctl.bundle import load_bundle
+    from kdctl.export.stage import ExportOptions, export_bundle
+
+    if calibration_method and calibration_method not in ("minmax", "entropy", "percentile"):
+        from kdctl.errors import KdctlError
+
+        raise KdctlError(f"--calibration-method: '{calibration_method}' is not one of minmax, entropy, percentile")
+    src = load_bundle(bundle, stages=("train", "distill"))
+    opts = ExportOptions.from_recipe(src.recipe, target=target, artifacts=artifact, imgsz=imgsz, opset=opset,
+                                     calibration_images=calibration_images, calibration_method=calibration_method,
+                                     max_map_drop=max_map_drop, data=str(data) if data else None,
+                                     eval_images=eval_images)
+    with progress_bar(not (json_ or quiet)) as p:
+        b = export_bundle(bundle, opts, out=out, runs_dir=runs, overwrite=overwrite, progress=p)
+    m = b.metrics
+    rows = [{"artifact": a["name"], "files": a["files"], "precision_used": a["runtime"].get("inference_precision"),
+             "map50_95": (a["metrics"] or {}).get("map50_95"), "map_drop": (a["metrics"] or {}).get("map50_95_drop"),
+             "box_max_abs": (a["parity"] or {}).get("box_max_abs"), "size_mb": a["settings"].get("size_mb"),
+             "note": a["runtime"].get("reason")} for a in m["artifacts"]]
+    result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": m["pytorch_fp32"]["map50_95"],
+              "artifacts": rows}
+
+    def human():
+        t = Table(title=f"export → {m['target']}: {b.path}  (PyTorch FP32 mAP50-95 {m['pytorch_fp32']['map50_95']:.4f})")
+        for c in ("artifact", "runs as", "mAP50-95", "Δ vs PyTorch", "max |Δbox| px", "MB"):
+            t.add_column(c, justify="right" if c != "artifact" else "left")
+        for r in rows:
+            if r["map50_95"] is None:
+                t.add_row(r["artifact"], "on device", "—", "—", "—", "build_engine.sh")
+                continue
+            t.add_row(r["artifact"], str(r["precision_used"]), f"{r['map50_95']:.4f}", f"{-r['map_drop']:+.4f}",
+                      f"{r['box_max_abs']:.3g}", f"{r['size_mb']:.2f}")
+        console.print(t)
+
+    emit(result, as_json=json_, quiet=quiet, human=human)

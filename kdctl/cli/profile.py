@@ -1,0 +1,56 @@
+"""``kdctl profile``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, progress_bar
+
+
+def profile(
+    bundle: BundleArg,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (repeatable).")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Only artifacts of this runtime: onnxruntime, openvino, tensorrt.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed inferences first.")] = 10,
+    runs: Annotated[int, typer.Option("--runs", "-n", min=1, help="Timed batch-1 inferences (at least).")] = 100,
+    duration: Annotated[Optional[float], typer.Option("--duration", min=0, help="Also keep timing for this many seconds.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads (default: all cores available to this process).")] = None,
+    throughput_batch: Annotated[int, typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    out: OutOpt = None, runs_dir: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure latency percentiles, throughput, memory and size of an export bundle's models on this machine.
+
+    Example: [bold]kdctl profile runs/export/quickstart-cpu --runs 200 --json[/bold]
+    """
+    from kdctl.errors import KdctlError
+    from kdctl.profile.stage import profile_bundle
+
+    if device not in ("cpu", "cuda"):
+        raise KdctlError(f"--device: '{device}'; valid: cpu, cuda")
+    with progress_bar(not (json_ or quiet)) as p:
+        b = profile_bundle(bundle, artifacts=artifact, runtime=runtime, warmup=warmup, runs=runs, duration_s=duration,
+                           threads=threads, throughput_batch=throughput_batch, device=device, out=out,
+                           runs_dir=runs_dir, overwrite=overwrite, progress=p)
+    m = b.metrics
+
+    def human():
+        t = Table(title=f"profile: {b.path}  ({m['settings']['threads']} threads, {m['settings']['runs']} runs, "
+                        f"batch 1, {m['imgsz']} px)")
+        for c in ("artifact", "p50 ms", "p90", "p99", "e2e p50", "img/s", "MB", "mAP50-95"):
+            t.add_column(c, justify="left" if c == "artifact" else "right", no_wrap=True)
+        for r in m["results"]:
+            lat = r["latency_ms"]
+            t.add_row(r["artifact"], f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}",
+                      f"{r['end_to_end_ms']['total']['p50']:.2f}", f"{r['throughput']['images_per_s']:.0f}",
+                      f"{r['size_mb']:.2f}", "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}")
+        console.print(t)
+        for k, v in m["skipped"].items():
+            console.print(f"[yellow]skipped[/yellow] {k}: {v}")
+
+    emit({"bundle": str(b.path), **m}, as_json=json_, quiet=quiet, human=human)

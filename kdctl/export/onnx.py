@@ -1,0 +1,78 @@
+"""ONNX export of the plain student (FP32, FP16), simplified with onnxslim and checked with onnx.checker, and
+an ONNX Runtime backend to run it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+INPUT, OUTPUT = "images", "output0"
+
+
+def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 1, dynamic: bool = False,
+                half: bool = False) -> Path:
+    """Trace the fused detector (decoded output, NMS outside) to ONNX.
+
+    FP16 is traced from the half-precision model itself (not converted afterwards: graph converters mistype
+    ``Resize``) inside casts, so inputs and outputs stay FP32 for every runtime.
+    """
+    import onnx
+    import onnxslim
+    import torch
+
+    m = copy.deepcopy(model).float().eval()
+    m = m.fuse() if hasattr(m, "fuse") else m
+    head = m.model[-1]
+    head.export, head.format, head.dynamic = True, "onnx", dynamic
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.zeros(batch, 3, imgsz, imgsz)
+    with torch.no_grad():
+        m(x)  # builds anchors/strides for this input size
+    net = _HalfIO(m.half()) if half else m
+    axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic else None
+    torch.onnx.export(net, x, str(path), opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
+                      dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+    proto = onnxslim.slim(onnx.load(str(path)))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+class _HalfIO:
+    """FP32 in, FP16 inside, FP32 out."""
+
+    def __new__(cls, model):
+        import torch
+
+        class HalfIO(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m(x.half()).float()
+
+        return HalfIO(model)
+
+
+def onnxruntime_backend(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """A :data:`~kdctl.evaluate.predict.Backend` over an ONNX Runtime session (CPU unless told otherwise)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: x})[0]
+
+    run.session = sess
+    dim0 = sess.get_inputs()[0].shape[0]
+    run.fixed_batch = dim0 if isinstance(dim0, int) else None
+    return run

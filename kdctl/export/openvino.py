@@ -1,0 +1,102 @@
+"""OpenVINO IR export (FP32, FP16 weights, INT8 via NNCF) and an OpenVINO backend whose inference precision is
+set explicitly and read back: on CPUs with BF16 OpenVINO otherwise runs "FP32" models in bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# What kdctl asks the CPU plugin for, per artifact precision. INT8 keeps its non-quantized parts in f32.
+PRECISION_HINT = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
+
+
+def export_openvino(onnx_path: Path, out_dir: Path, precision: str) -> Path:
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    xml = out_dir / "model.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=(precision == "fp16"))
+    return xml
+
+
+def head_tail_ops(ov_model, head_index: int) -> list[str]:
+    """Friendly names of the head's decode tail (same rule as the ONNX Runtime path)."""
+    prefix = f"/model.{head_index}/"
+    names = []
+    for op in ov_model.get_ops():
+        n = op.get_friendly_name()
+        if n.startswith(prefix) and not any(k in n for k in ("/cv2.", "/cv3.")):
+            names.append(n)
+    return names
+
+
+def quantize_openvino_int8(onnx_path: Path, out_dir: Path, calibration: list[np.ndarray], head_index: int,
+                           *, validation: tuple[list, Callable[[object, list], float]] | None = None,
+                           max_drop: float | None = None) -> dict:
+    """NNCF post-training INT8 (mixed preset); with ``validation`` and ``max_drop``, NNCF's accuracy-control
+    mode reverts the most harmful layers to floating point until the metric drop is within budget."""
+    import nncf
+    import openvino as ov
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    ignored = nncf.IgnoredScope(names=head_tail_ops(model, head_index), validate=False)
+    calib = nncf.Dataset(calibration)
+    settings = {"tool": "nncf", "nncf_version": nncf.__version__, "preset": "mixed",
+                "calibration_images": int(sum(b.shape[0] for b in calibration)),
+                "ignored_ops": len(ignored.names), "accuracy_control": False}
+    if validation is not None and max_drop is not None:
+        items, validate_fn = validation
+        q = nncf.quantize_with_accuracy_control(
+            model, calibration_dataset=calib, validation_dataset=nncf.Dataset(items), validation_fn=validate_fn,
+            max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calibration), ignored_scope=ignored)
+        settings.update(accuracy_control=True, max_drop=max_drop)
+    else:
+        q = nncf.quantize(model, calib, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
+                          ignored_scope=ignored)
+    ov.save_model(q, str(out_dir / "model.xml"), compress_to_fp16=False)
+    return settings
+
+
+def precision_name(t) -> str:
+    """OpenVINO element type -> short name ('f32', 'bf16', 'f16')."""
+    s = str(t)
+    for long, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32")):
+        if long in s:
+            return short
+    return s
+
+
+def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = None, device: str = "CPU",
+                     hint: str | None = None):
+    """A backend over a compiled OpenVINO model; ``run.runtime`` reports the precision actually in use."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    core = ov.Core()
+    config = {hints.performance_mode: hints.PerformanceMode.LATENCY}
+    want = hint or PRECISION_HINT[precision]
+    if device == "CPU":
+        supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if want == "f16" and "FP16" not in supported:
+            want = "f32"  # recorded below: this CPU has no FP16 arithmetic, so the IR's FP16 weights run in f32
+        config[hints.inference_precision] = want
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core.compile_model(str(xml), device, config)
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[compiled.output(0)].copy()
+
+    run.compiled = compiled
+    dim0 = compiled.input(0).get_partial_shape()[0]
+    run.fixed_batch = dim0.get_length() if dim0.is_static else None
+    run.runtime = {"runtime": "openvino", "version": ov.__version__, "device": device,
+                   "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
+                   "requested_precision": PRECISION_HINT[precision] if not hint else hint}
+    return run

@@ -1,0 +1,270 @@
+"""``kdctl export``: turn a train/distill bundle into a verified export bundle for a target device.
+
+Every artifact is run in its own runtime on real validation images and compared with PyTorch (raw outputs for
+FP32/FP16) and scored with the same COCO evaluation as ``kdctl eval``; an export that fails either check, or
+loses more mAP than ``max_map_drop``, fails as a whole and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.errors import BackendUnavailable, CheckFailed, DataError
+from kdctl.export.base import Artifact, file_size_mb, validate_outputs
+from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target
+from kdctl.progress import Step
+
+MIN_CALIBRATION = 8  # fewer images than this give scales that swing with every image
+
+
+@dataclass
+class ExportOptions:
+    target: str = "cpu"
+    artifacts: list[str] | None = None
+    imgsz: int | None = None
+    opset: int | None = None
+    calibration_images: int = 64
+    calibration_method: str | None = None
+    max_map_drop: float | None = None
+    data: str | None = None
+    eval_images: int | None = None  # cap on validation images for mAP (None: all)
+    parity_images: int = 8
+
+    @classmethod
+    def from_recipe(cls, recipe: dict | None, **overrides) -> "ExportOptions":
+        base = dict((recipe or {}).get("export") or {})
+        opts = cls(**{k: v for k, v in base.items() if k in cls.__dataclass_fields__ and v is not None})
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        return opts
+
+
+def _need(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise BackendUnavailable(f"{what} needs the '{module}' package, which is not installed "
+                                 f"(pip install {module})")
+
+
+def _preprocess(paths: list[Path], imgsz: int) -> list[np.ndarray]:
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
+
+    return [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in paths]
+
+
+def _spread(items: list, n: int) -> list:
+    """``n`` items evenly spread over the list (deterministic, covers the whole set)."""
+    if n >= len(items):
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path | None = None,
+                  runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.distill.ultralytics import load_detector
+    from kdctl.evaluate import evaluate_backend, torch_backend
+
+    src = load_bundle(bundle, stages=("train", "distill"))
+    preset = load_target(options.target)
+    wanted = options.artifacts or preset.artifacts
+    bad = [a for a in wanted if a not in ARTIFACTS]
+    if bad:
+        raise DataError(f"--artifact: unknown artifact '{bad[0]}'; valid: {', '.join(ARTIFACTS)}")
+    if any(a.startswith("openvino") for a in wanted):
+        _need("openvino", "OpenVINO export")
+        _need("nncf", "OpenVINO INT8 export") if "openvino-int8" in wanted else None
+    _need("onnxruntime", "ONNX export checks")
+
+    ds = load_yolo_yaml(options.data or src.file("data"))
+    imgsz = options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640)
+    opset = options.opset or preset.opset
+    method = options.calibration_method or preset.calibration_method
+    needs_calib = any(a.endswith("int8") for a in wanted)
+    calib_pool = ds.train_images or ds.val_images
+    if needs_calib and (len(calib_pool) < max(MIN_CALIBRATION, 1) or len(calib_pool) < options.calibration_images):
+        raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
+                        f"requested (at least {MIN_CALIBRATION}), but the dataset's train split has "
+                        f"{len(calib_pool)}")
+    val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
+    model = load_detector(src.file("weights"))
+    head_index = len(model.model) - 1
+    reference = torch_backend(model)
+    parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
+
+    plan = Step(progress, f"export → {preset.name}", total=len(wanted) + 1)
+    ev_total = len(val_images) * (len(wanted) + 1)
+    ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
+    ref_metrics = evaluate_backend(reference, val_images, ds.names, imgsz, progress=ev.advance)
+    plan.advance()
+    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.name}-{preset.name}")
+    calibration = _preprocess(_spread(calib_pool, options.calibration_images), imgsz) if needs_calib else []
+
+    with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
+                      inputs={"target": preset.model_dump(), "weights": str(src.file("weights")),
+                              "data": ds.describe()}) as w:
+        arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, head_index, plan,
+                      options, val_images, ds.names, ref_metrics)
+        for a in arts:
+            if a.format == "tensorrt" and not a.files:
+                continue
+            backend = a.runtime.pop("_backend", None)
+            if backend is None:
+                continue
+            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, a.precision)
+            if a.parity.get("ok") is False:
+                raise CheckFailed(f"export {a.name}: outputs differ from PyTorch beyond tolerance "
+                                  f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
+            a.metrics = evaluate_backend(backend, val_images, ds.names, imgsz, progress=ev.advance)
+            drop = ref_metrics["map50_95"] - a.metrics["map50_95"]
+            a.metrics["map50_95_drop"] = drop
+            if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
+                raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {drop:.4f} below "
+                                  f"PyTorch FP32 ({ref_metrics['map50_95']:.4f}); export.max_map_drop is "
+                                  f"{options.max_map_drop}")
+            a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
+        device_files = []
+        if preset.runtime == "tensorrt":
+            from kdctl.export.tensorrt import write_device_package
+
+            onnx_files = {a.name: a.files[0] for a in arts if a.format == "onnx"}
+            device_files = write_device_package(w.path, onnx_files, preset, imgsz,
+                                                any(a.format == "tensorrt" and a.files for a in arts))
+        (w.path / "target.yaml").write_text(yaml.safe_dump(preset.model_dump(), sort_keys=False))
+        for a in arts:
+            for f in a.files:
+                w.add_output(a.name if len(a.files) == 1 else f"{a.name}:{Path(f).name}", f)
+        for f in device_files:
+            w.add_output(Path(f).stem.lower().replace("_", "-"), f)
+        w.metrics.update({
+            "target": preset.name, "imgsz": imgsz, "opset": opset, "pytorch_fp32": _short(ref_metrics),
+            "params": sum(p.numel() for p in model.parameters()), "gflops": _gflops(model, imgsz),
+            "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
+            "names": ds.names,
+        })
+        w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision}
+                                for a in arts}
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
+        w.add_output("metrics", "metrics.json")
+    return w.bundle
+
+
+def _gflops(model, imgsz: int) -> float | None:
+    """GFLOPs of one forward pass at ``imgsz`` (thop, as Ultralytics reports them)."""
+    try:
+        from ultralytics.utils.torch_utils import get_flops
+
+        return round(float(get_flops(model, imgsz)), 4)
+    except Exception:  # FLOPs are informative; a counting failure must not fail an export
+        return None
+
+
+def _short(m: dict) -> dict:
+    return {k: m[k] for k in ("map50_95", "map50", "map75")}
+
+
+def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
+           calibration: list[np.ndarray], head_index: int, plan: Step, options: ExportOptions,
+           val_images: list[Path], names: list[str], ref_metrics: dict) -> list[Artifact]:
+    """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it."""
+    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+
+    import onnxruntime as ort
+
+    arts: list[Artifact] = []
+    ort_rt = {"runtime": "onnxruntime", "version": ort.__version__, "provider": "CPUExecutionProvider"}
+    fp32 = root / "model-fp32.onnx"
+    export_onnx(model, fp32, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
+    settings = {"opset": opset, "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
+                "simplified": "onnxslim"}
+    if "onnx-fp32" in wanted or preset.runtime == "tensorrt":
+        arts.append(Artifact("onnx-fp32", "onnx", "fp32", [fp32.name],
+                             {**ort_rt, "inference_precision": "fp32", "_backend": onnxruntime_backend(fp32)},
+                             settings=dict(settings)))
+        plan.advance()
+    if "onnx-fp16" in wanted:
+        p = export_onnx(model, root / "model-fp16.onnx", imgsz, opset=opset, batch=preset.batch,
+                        dynamic=preset.dynamic, half=True)
+        arts.append(Artifact("onnx-fp16", "onnx", "fp16", [p.name],
+                             {**ort_rt, "inference_precision": "fp16", "_backend": onnxruntime_backend(p)},
+                             settings={**settings, "io": "fp32"}))
+        plan.advance()
+    if "onnx-int8" in wanted or "tensorrt-int8" in wanted:
+        from kdctl.export.quantize import quantize_onnx_int8
+
+        p = root / "model-int8.onnx"
+        q = quantize_onnx_int8(fp32, p, calibration, head_index, method=method, keep_head_fp=preset.keep_head_fp)
+        arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
+                             {**ort_rt, "inference_precision": "int8 (QDQ)", "_backend": onnxruntime_backend(p)},
+                             settings={**settings, **q}))
+        plan.advance()
+    for prec in ("fp32", "fp16", "int8"):
+        if f"openvino-{prec}" not in wanted:
+            continue
+        from kdctl.export.openvino import export_openvino, openvino_backend, quantize_openvino_int8
+
+        d = root / f"openvino-{prec}"
+        if prec == "int8":
+            validation = None
+            if options.max_map_drop is not None:
+                validation = (val_images, _map_validator(imgsz, names))
+            q = quantize_openvino_int8(fp32, d, calibration, head_index, validation=validation,
+                                       max_drop=options.max_map_drop)
+        else:
+            export_openvino(fp32, d, prec)
+            q = {"compress_to_fp16": prec == "fp16"}
+        backend = openvino_backend(d / "model.xml", prec, threads=preset.threads)
+        rt = dict(backend.runtime)
+        arts.append(Artifact(f"openvino-{prec}", "openvino", prec,
+                             [f"{d.name}/model.xml", f"{d.name}/model.bin"], {**rt, "_backend": backend},
+                             settings=q))
+        plan.advance()
+    for prec in ("fp16", "int8"):
+        if f"tensorrt-{prec}" not in wanted:
+            continue
+        from kdctl.export.tensorrt import build_engine, tensorrt_status
+
+        ok, why = tensorrt_status()
+        if not ok:
+            arts.append(Artifact(f"tensorrt-{prec}", "tensorrt", prec, [],
+                                 {"runtime": "tensorrt", "engine_built": False, "reason": why},
+                                 settings={"build_on_device": "build_engine.sh"}))
+        else:
+            src = fp32 if prec == "fp16" else root / "model-int8.onnx"
+            info = build_engine(src, root / f"model-{prec}.engine", prec, preset.tensorrt.workspace_mb,
+                                preset.tensorrt.dla_core)
+            from kdctl.profile.runners import tensorrt_backend
+
+            be = tensorrt_backend(root / f"model-{prec}.engine")
+            arts.append(Artifact(f"tensorrt-{prec}", "tensorrt", prec, [f"model-{prec}.engine"],
+                                 {"runtime": "tensorrt", "engine_built": True, "version": info["tensorrt_version"],
+                                  "inference_precision": prec, "_backend": be}, settings=info))
+        plan.advance()
+    if "onnx-fp32" not in wanted and preset.runtime != "tensorrt":
+        fp32.unlink()  # only the intermediate for OpenVINO; not part of this target's package
+    return arts
+
+
+def _map_validator(imgsz: int, names: list[str]):
+    """NNCF accuracy-control validation: COCO mAP50-95 of a compiled OpenVINO model on the given images."""
+    from kdctl.evaluate import evaluate_backend
+
+    def validate(compiled_model, items) -> float:
+        request = compiled_model.create_infer_request()
+        out = compiled_model.output(0)
+
+        def backend(x):
+            return request.infer({0: x})[out].copy()
+
+        return evaluate_backend(backend, list(items), names, imgsz)["map50_95"]
+
+    return validate

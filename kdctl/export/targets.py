@@ -1,0 +1,64 @@
+"""Target presets (``deploy/targets/*.yaml``): what to export for a device, validated like recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kdctl.errors import RecipeError
+from kdctl.recipe.loader import read_yaml, validate
+from kdctl.recipe.schema import Strict
+
+ARTIFACTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8",
+             "tensorrt-fp16", "tensorrt-int8")
+TARGETS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "targets"
+
+
+class TensorRTSettings(Strict):
+    workspace_mb: int = Field(1024, ge=64)
+    dla_core: int | None = Field(None, ge=0, le=1)
+
+
+class TargetPreset(Strict):
+    name: str
+    description: str = ""
+    runtime: Literal["onnxruntime", "openvino", "tensorrt"]
+    artifacts: list[str]
+    opset: int = Field(17, ge=11, le=23)
+    imgsz: int | None = Field(None, ge=32, le=4096)
+    batch: int = Field(1, ge=1, le=256)
+    dynamic: bool = False
+    nms: Literal["outside"] = Field("outside", description="NMS runs in kdctl's post-processing, outside the graph")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    keep_head_fp: bool = True
+    threads: int | None = Field(None, ge=1)
+    tensorrt: TensorRTSettings = Field(default_factory=TensorRTSettings)
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ARTIFACTS]
+        if bad:
+            raise ValueError(f"unknown artifact '{bad[0]}'; valid: {', '.join(ARTIFACTS)}")
+        if not v:
+            raise ValueError("list at least one artifact")
+        return v
+
+
+def available_targets() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.yaml"))
+
+
+def load_target(target: str) -> TargetPreset:
+    """A preset by name (``cpu``, ``intel``, ``jetson``...) or by path to a preset YAML."""
+    p = Path(target)
+    if p.suffix in (".yaml", ".yml"):
+        path = p
+    else:
+        path = TARGETS_DIR / f"{target}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"target '{target}' does not exist; valid: {', '.join(available_targets())} "
+                              "(or a path to a preset YAML)")
+    return validate(read_yaml(path, "target preset"), TargetPreset, str(path))

@@ -1,0 +1,202 @@
+"""``kdctl profile``: measure an export bundle's artifacts on this machine with the runtimes it has.
+
+Method as trtexec / benchmark_app: load, warm up, then a fixed count (or duration) of timed batch-1 inferences
+on a real preprocessed image; end-to-end time (decode + letterbox, model, NMS) is measured separately from
+model-only time; throughput at the largest batch the artifact accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.errors import BackendUnavailable, KdctlError
+from kdctl.profile.runners import runtime_available
+from kdctl.profile.stats import LatencyStats
+from kdctl.progress import Step
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _make_runner(root: Path, art: dict, threads: int | None, device: str):
+    from kdctl.profile import runners
+
+    fmt = art["format"]
+    if fmt == "onnx":
+        return runners.onnxruntime_runner(root / art["files"][0], threads, device)
+    if fmt == "openvino":
+        return runners.openvino_runner(root / art["files"][0], art["precision"], threads,
+                                       "GPU" if device == "cuda" else "CPU")
+    if fmt == "tensorrt":
+        return runners.tensorrt_backend(root / art["files"][0])
+    raise KdctlError(f"unknown artifact format '{fmt}'")
+
+
+def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> list[float]:
+    for _ in range(warmup):
+        fn(x)
+    samples = []
+    t_end = time.perf_counter() + duration_s if duration_s else None
+    while len(samples) < runs or (t_end is not None and time.perf_counter() < t_end):
+        t0 = time.perf_counter_ns()
+        fn(x)
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return samples
+
+
+def _inputs(src: Bundle, imgsz: int, n: int) -> tuple[list[Path], str]:
+    """Real validation images when the dataset is on this machine; else a synthetic frame (recorded)."""
+    try:
+        from kdctl.data.resolve import load_yolo_yaml
+
+        ds = load_yolo_yaml(src.manifest["inputs"]["data"]["yaml"])
+        return ds.val_images[:n], "validation images"
+    except Exception:
+        return [], "synthetic frame (dataset not on this machine)"
+
+
+def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, runtime: str | None = None,
+                   warmup: int = 10, runs: int = 100, duration_s: float | None = None, threads: int | None = None,
+                   throughput_batch: int = 8, device: str = "cpu", e2e_runs: int = 30,
+                   out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False,
+                   progress=None) -> Bundle:
+    from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
+
+    src = load_bundle(bundle, stages=("export",))
+    arts = [a for a in src.metrics.get("artifacts", []) if a["files"]]
+    if artifacts:
+        unknown = sorted(set(artifacts) - {a["name"] for a in arts})
+        if unknown:
+            raise KdctlError(f"--artifact: '{unknown[0]}' is not in {src.path}; it has: "
+                             f"{', '.join(a['name'] for a in arts)}")
+        arts = [a for a in arts if a["name"] in artifacts]
+    if runtime:
+        fmt = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}.get(runtime)
+        if fmt is None:
+            raise KdctlError(f"--runtime: '{runtime}'; valid: onnxruntime, openvino, tensorrt")
+        ok, why = runtime_available(runtime)
+        if not ok:
+            raise BackendUnavailable(f"--runtime {runtime}: {why}")
+        arts = [a for a in arts if a["format"] == fmt]
+    fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+    skipped = {}
+    usable = []
+    for a in arts:
+        ok, why = runtime_available(fmt_runtime[a["format"]])
+        (usable.append(a) if ok else skipped.__setitem__(a["name"], why))
+    if not usable:
+        raise BackendUnavailable(f"{src.path}: no artifact can run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none exported'})")
+
+    imgsz = int(src.metrics["imgsz"])
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    images, input_kind = _inputs(src, imgsz, e2e_runs)
+    if images:
+        x = to_input([letterbox(load_rgb(images[0]), imgsz)[0]])
+    else:
+        x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+
+    bar = Step(progress, "profile", total=len(usable))
+    results, raw = [], {}
+    from kdctl.profile.power import PowerSampler
+
+    for a in usable:
+        bar.describe(f"profile {a['name']}")
+        run = _make_runner(src.path, a, threads, device)
+        rss_loaded = _rss_mb()
+        with PowerSampler() as power:
+            t0 = time.perf_counter()
+            samples = _timed(run, x, warmup, runs, duration_s)
+            wall = time.perf_counter() - t0
+        stats = LatencyStats.from_ms(samples)
+        raw[a["name"]] = samples
+        # End to end on real images: decode + letterbox, model, NMS, each timed.
+        pre, model_ms, post = [], [], []
+        for i in range(e2e_runs):
+            t0 = time.perf_counter_ns()
+            if images:
+                img = load_rgb(images[i % len(images)])
+                xi = to_input([letterbox(img, imgsz)[0]])
+            else:
+                xi = x
+            t1 = time.perf_counter_ns()
+            y = run(xi)
+            t2 = time.perf_counter_ns()
+            postprocess(np.asarray(y)[:1])
+            t3 = time.perf_counter_ns()
+            pre.append((t1 - t0) / 1e6), model_ms.append((t2 - t1) / 1e6), post.append((t3 - t2) / 1e6)
+        e2e = {"preprocess": LatencyStats.from_ms(pre).to_dict(), "model": LatencyStats.from_ms(model_ms).to_dict(),
+               "postprocess_nms": LatencyStats.from_ms(post).to_dict(),
+               "total": LatencyStats.from_ms([p + m + q for p, m, q in zip(pre, model_ms, post)]).to_dict()}
+        tp = _throughput(run, x, throughput_batch, stats)
+        size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6
+        info = dict(getattr(run, "info", {}))
+        energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
+        results.append({
+            "artifact": a["name"], "format": a["format"], "precision": a["precision"], "runtime": info,
+            "latency_ms": stats.to_dict(), "end_to_end_ms": e2e, "throughput": tp,
+            "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
+                       "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(device)},
+            "size_mb": round(size_mb, 3), "map50_95": (a.get("metrics") or {}).get("map50_95"),
+            "map50": (a.get("metrics") or {}).get("map50"),
+            "power_mw": power.mean_mw, "energy_mj_per_image": energy,
+            "timed_runs": stats.n, "timed_wall_s": round(wall, 3),
+        })
+        del run
+        bar.advance()
+
+    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.name)
+    settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads, "batch": 1,
+                "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
+    with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,
+                      inputs={"export": str(src.path), "settings": settings}) as w:
+        w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
+                          "results": results, "skipped": skipped,
+                          "model": {k: src.metrics.get(k) for k in ("params", "gflops")},
+                          "pytorch_fp32_map50_95": src.metrics.get("pytorch_fp32", {}).get("map50_95")})
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
+        (w.path / "latencies.json").write_text(json.dumps(raw))
+        w.add_output("metrics", "metrics.json")
+        w.add_output("latencies", "latencies.json")
+    return w.bundle
+
+
+def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
+    fixed = getattr(run, "fixed_batch", None)
+    if fixed == 1 or batch <= 1:
+        return {"batch": 1, "images_per_s": 1000.0 / single.mean, "note": "static batch 1: 1 / mean latency"}
+    b = fixed or batch
+    xb = np.repeat(x, b, axis=0)
+    for _ in range(3):
+        run(xb)
+    n, t0 = 10, time.perf_counter()
+    for _ in range(n):
+        run(xb)
+    return {"batch": b, "images_per_s": n * b / (time.perf_counter() - t0)}
+
+
+def _gpu_mb(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    try:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    except Exception:
+        return None
