@@ -1,0 +1,58 @@
+"""``kdctl gate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit
+
+
+def gate(
+    bundle: BundleArg,
+    min_map: Annotated[Optional[float], typer.Option("--min-map", min=0, max=1, help="Minimum mAP50-95 (0..1).")] = None,
+    max_p90_ms: Annotated[Optional[float], typer.Option("--max-p90-ms", min=0, help="Maximum p90 latency.")] = None,
+    max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms", min=0, help="Maximum p99 latency.")] = None,
+    max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", min=0, help="Maximum model size.")] = None,
+    max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb", min=0, help="Maximum process RSS.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Profile bundle to compare with (e.g. main's).")] = None,
+    max_latency_regression: Annotated[Optional[float], typer.Option("--max-latency-regression", min=0,
+                                                                    help="Allowed p50 slow-down vs baseline, as a fraction (0.03 = 3 %).")] = None,
+    max_map_regression: Annotated[Optional[float], typer.Option("--max-map-regression", min=0, max=1,
+                                                                help="Allowed mAP50-95 loss vs baseline (0.005 = 0.5 point).")] = None,
+    artifact: Annotated[Optional[str], typer.Option("--artifact", "-a", help="Artifact to judge (default: the first INT8 one).")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here.")] = None,
+    summary: Annotated[Optional[Path], typer.Option("--summary", help="Also write the Markdown summary here.")] = None,
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pass/fail a profile bundle on accuracy, latency, size and memory budgets (recipe gate: section + flags).
+
+    Exit code 0 = pass, 1 = fail, 2 = usage error. A budget whose metric is missing fails.
+
+    Example: [bold]kdctl gate runs/profile/quickstart-cpu --min-map 0.05 --max-p90-ms 50 --baseline main-profile --max-latency-regression 0.03 --junit gate.xml[/bold]
+    """
+    from kdctl.gate.stage import run_gate
+
+    budgets = {"min_map50_95": min_map, "max_p90_ms": max_p90_ms, "max_p99_ms": max_p99_ms, "max_size_mb": max_size_mb,
+               "max_memory_mb": max_memory_mb, "max_latency_regression": max_latency_regression,
+               "max_map_regression": max_map_regression}
+    r = run_gate(bundle, budgets=budgets, baseline=baseline, artifact=artifact, junit=junit, summary=summary,
+                 out=out, runs_dir=runs, overwrite=overwrite)
+    result = {"passed": r.passed, "artifact": r.artifact, "bundle": str(r.bundle.path),
+              "checks": [c.to_dict() for c in r.checks]}
+
+    def human():
+        t = Table(title=f"gate: {r.artifact} → {'[green]PASS[/green]' if r.passed else '[red]FAIL[/red]'}")
+        for c in ("check", "result", "detail"):
+            t.add_column(c)
+        for c in r.checks:
+            t.add_row(c.name, "[green]pass[/green]" if c.passed else "[red]FAIL[/red]", c.message)
+        console.print(t)
+
+    emit(result, as_json=json_, quiet=quiet, human=human)
+    if not r.passed:
+        raise typer.Exit(1)

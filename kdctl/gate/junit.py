@@ -1,0 +1,35 @@
+"""JUnit XML (one test case per budget) and a Markdown summary for CI step summaries."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from kdctl.gate.rules import Check
+
+
+def junit_xml(checks: list[Check], suite: str = "kdctl.gate", classname: str = "gate") -> str:
+    failures = sum(not c.passed for c in checks)
+    root = ET.Element("testsuites", name="kdctl", tests=str(len(checks)), failures=str(failures), errors="0")
+    ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(failures), errors="0",
+                       skipped="0")
+    for c in checks:
+        tc = ET.SubElement(ts, "testcase", classname=classname, name=c.name, time="0")
+        if not c.passed:
+            f = ET.SubElement(tc, "failure", message=c.message, type="BudgetExceeded")
+            f.text = c.message
+        so = ET.SubElement(tc, "system-out")
+        so.text = c.message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def markdown_summary(checks: list[Check], title: str, context: dict) -> str:
+    ok = all(c.passed for c in checks)
+    lines = [f"## {'✅' if ok else '❌'} {title}: {'PASS' if ok else 'FAIL'}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
+    lines += ["| check | value | budget | result |", "|---|---:|---:|:---:|"]
+    for c in checks:
+        v = "missing" if c.value is None else f"{c.value:.4g}"
+        lines.append(f"| {c.name} | {v} | {c.budget:.4g} | {'pass' if c.passed else '**FAIL**'} |")
+    lines += ["", *[f"- {c.name}: {c.message}" for c in checks if not c.passed]]
+    return "\n".join(lines).rstrip() + "\n"

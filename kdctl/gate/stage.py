@@ -1,0 +1,83 @@
+"""``kdctl gate``: judge a profile bundle against budgets (and a baseline), write JUnit + Markdown + a bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.errors import KdctlError
+from kdctl.gate.junit import junit_xml, markdown_summary
+from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    artifact: str
+    checks: list[Check]
+    bundle: Bundle
+
+
+def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
+    names = [r["artifact"] for r in results]
+    if artifact:
+        if artifact not in names:
+            raise KdctlError(f"--artifact: '{artifact}' was not profiled in {where}; it has: {', '.join(names)}")
+        return results[names.index(artifact)]
+    int8 = [r for r in results if r["precision"] == "int8"]
+    return (int8 or results)[0]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
+             artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
+             out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
+    prof = load_bundle(profile, stages=("profile",))
+    merged = dict(((prof.recipe or {}).get("gate") or {}))
+    merged.update({k: v for k, v in (budgets or {}).items() if v is not None})
+    merged = {k: v for k, v in merged.items() if k in BUDGETS and v is not None}
+    if not merged:
+        raise KdctlError(f"{profile}: no budgets to check: set gate: in the recipe or pass --min-map, "
+                         "--max-p90-ms, ... (see kdctl gate --help)")
+    result = _pick(prof.metrics.get("results", []), artifact, prof.path)
+    base_bundle = load_bundle(baseline, stages=("profile",)) if baseline else None
+    base = None
+    if base_bundle is not None:
+        base = next((r for r in base_bundle.metrics.get("results", []) if r["artifact"] == result["artifact"]), None)
+    checks = evaluate_budgets(result, merged, base)
+    if base_bundle is not None and base is None:
+        for c in checks:
+            if c.name.endswith("regression"):
+                c.passed, c.message = False, (f"baseline {base_bundle.path} has no '{result['artifact']}' result: "
+                                              "failing closed")
+    passed = all(c.passed for c in checks)
+    context = {"profile": str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
+               "baseline": str(base_bundle.path) if base_bundle else "none",
+               "machine": prof.manifest.get("environment", {}).get("cpu")}
+    xml = junit_xml(checks)
+    md = markdown_summary(checks, "kdctl gate", context)
+    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.name)
+    parents = [prof] + ([base_bundle] if base_bundle else [])
+    with BundleWriter(out, stage="gate", recipe=prof.recipe, parents=parents, overwrite=overwrite,
+                      inputs={"profile": str(prof.path), "baseline": context["baseline"], "budgets": merged}) as w:
+        (w.path / "junit.xml").write_text(xml)
+        (w.path / "summary.md").write_text(md)
+        w.metrics.update({"passed": passed, "artifact": result["artifact"], "checks": [c.to_dict() for c in checks]})
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
+        for role, f in (("junit", "junit.xml"), ("summary", "summary.md"), ("metrics", "metrics.json")):
+            w.add_output(role, f)
+    if junit:
+        _write_text_atomic(Path(junit), xml)
+    if summary:
+        _write_text_atomic(Path(summary), md)
+    return GateResult(passed, result["artifact"], checks, w.bundle)
