@@ -22,7 +22,7 @@ from kdctl.errors import BundleError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-STAGES = ("data", "train", "distill", "eval", "export", "profile", "gate")
+STAGES = ("data", "train", "distill", "eval", "export", "profile", "gate", "report")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -37,7 +37,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kdctl.cli import bundle, data, evaluate, export, gate, listing, profile, recipe, train
+    from kdctl.cli import bundle, data, evaluate, export, gate, listing, profile, recipe, report, train
 
     app.add_typer(recipe.app, name="recipe")
     app.add_typer(data.app, name="data")
@@ -49,6 +49,7 @@ def _register() -> None:
     app.command("export")(export.export)
     app.command("profile")(profile.profile)
     app.command("gate")(gate.gate)
+    app.command("report")(report.report)
 
 
 _register()

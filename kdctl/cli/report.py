@@ -1,0 +1,27 @@
+"""``kdctl report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, RunsOpt, console, emit
+
+
+def report(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundles to report on; their ancestors are followed.",
+                                                  show_default=False)],
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+) -> None:
+    """Write an HTML and Markdown report (lineage, metrics, latency histograms, Pareto plot, KD losses).
+
+    Example: [bold]kdctl report runs/profile/quickstart-cpu runs/gate/quickstart-cpu[/bold]
+    """
+    from kdctl.report.stage import write_report
+
+    b = write_report(bundles, out=out, runs_dir=runs, overwrite=overwrite)
+    result = {"bundle": str(b.path), "html": str(b.path / "report.html"), "markdown": str(b.path / "report.md"),
+              "plots": b.metrics["plots"]}
+    emit(result, as_json=json_, human=lambda: console.print(f"[green]Wrote[/green] {b.path / 'report.html'}"))

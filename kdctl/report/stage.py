@@ -1,0 +1,122 @@
+"""``kdctl report``: an HTML and Markdown report of bundles and their lineage, teacher to device."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.errors import BundleError
+from kdctl.report import plots
+
+
+def lineage(bundles: list[Bundle]) -> list[Bundle]:
+    """The given bundles and every ancestor still on disk, oldest first, each once."""
+    seen: dict[str, Bundle] = {}
+
+    def visit(b: Bundle) -> None:
+        if b.id in seen:
+            return
+        for p in b.manifest.get("parents", []):
+            try:
+                visit(load_bundle(p["path"]))
+            except BundleError:
+                continue  # an ancestor made on another machine: recorded in the manifest, not on disk here
+        seen[b.id] = b
+
+    for b in bundles:
+        visit(b)
+    return list(seen.values())
+
+
+def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
+    stage_rows, perf_rows = [], []
+    for b in chain:
+        m = b.metrics
+        if b.stage in ("train", "distill", "eval"):
+            stage_rows.append([b.stage, b.path.name, f"{m.get('map50_95', float('nan')):.4f}",
+                               f"{m.get('map50', float('nan')):.4f}", f"{m.get('params', 0):,}" if m.get("params") else "—",
+                               f"{m.get('train_seconds', 0):.0f} s" if m.get("train_seconds") else "—"])
+        if b.stage == "export":
+            for a in m.get("artifacts", []):
+                if a.get("metrics"):
+                    perf_rows.append(["export", f"{b.path.name}/{a['name']}", f"{a['metrics']['map50_95']:.4f}",
+                                      f"{a['metrics'].get('map50_95_drop', 0):+.4f}", str(a["runtime"].get("inference_precision")),
+                                      f"{a['settings'].get('size_mb', 0):.2f} MB", "", ""])
+        if b.stage == "profile":
+            for r in m.get("results", []):
+                lat = r["latency_ms"]
+                perf_rows.append(["profile", f"{b.path.name}/{r['artifact']}",
+                                  "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}", "",
+                                  str(r["runtime"].get("inference_precision", r["runtime"].get("provider"))),
+                                  f"{r['size_mb']:.2f} MB", f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}",
+                                  f"{r['throughput']['images_per_s']:.0f}"])
+    return stage_rows, perf_rows
+
+
+STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
+PERF_HEAD = ["stage", "artifact", "mAP50-95", "Δ vs PyTorch", "runs as", "size", "p50 / p90 / p99 ms", "img/s"]
+
+
+def _md_table(head, rows):
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html_table(head, rows):
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(bundles: list[str | Path], *, out: str | Path | None = None, runs_dir: str | Path = "runs",
+                 overwrite: bool = False, title: str = "kdctl report") -> Bundle:
+    given = [load_bundle(b) for b in bundles]
+    chain = lineage(given)
+    out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.name)
+    with BundleWriter(out, stage="report", parents=given, overwrite=overwrite,
+                      inputs={"bundles": [str(b.path) for b in given]}) as w:
+        images: list[tuple[str, str]] = []
+        for b in chain:
+            if b.stage == "distill" and b.metrics.get("epochs"):
+                f = f"losses-{b.path.name}.png"
+                plots.losses(b.metrics["epochs"], w.path / f, f"{b.path.name}: task vs KD losses per epoch")
+                images.append((f, f"Losses per epoch ({b.path.name})"))
+        points = []
+        for b in chain:
+            if b.stage != "profile":
+                continue
+            lat = json.loads((b.path / "latencies.json").read_text()) if (b.path / "latencies.json").is_file() else {}
+            for r in b.metrics.get("results", []):
+                if r["artifact"] in lat:
+                    f = f"latency-{b.path.name}-{r['artifact']}.png"
+                    plots.latency_histogram(lat[r["artifact"]], r["latency_ms"], f"{b.path.name}: {r['artifact']}",
+                                            w.path / f)
+                    images.append((f, f"Latency histogram {r['artifact']} ({b.path.name})"))
+                if r.get("map50_95") is not None:
+                    points.append((r["artifact"], r["latency_ms"]["p50"], r["map50_95"]))
+        if points:
+            plots.pareto(points, w.path / "pareto.png")
+            images.insert(0, ("pareto.png", "mAP50-95 vs p50 latency"))
+        stage_rows, perf_rows = _rows(chain)
+        lineage_md = " → ".join(f"{b.stage}:{b.path.name}" for b in chain)
+        md = [f"# {title}", "", f"Lineage: {lineage_md}", "", "## Models", "", _md_table(STAGE_HEAD, stage_rows), "",
+              "## Exports and profiles", "", _md_table(PERF_HEAD, perf_rows), ""]
+        md += [f"![{alt}]({f})" for f, alt in images]
+        (w.path / "report.md").write_text("\n".join(md) + "\n")
+        imgs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(a)}"><figcaption>{html.escape(a)}'
+                       f"</figcaption></figure>" for f, a in images)
+        (w.path / "report.html").write_text(
+            "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+            "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
+            "th:first-child,td:nth-child(2){text-align:left}figure{display:inline-block;margin:8px}"
+            "img{max-width:520px}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>Lineage: {html.escape(lineage_md)}</p><h2>Models</h2>"
+            f"{_html_table(STAGE_HEAD, stage_rows)}<h2>Exports and profiles</h2>{_html_table(PERF_HEAD, perf_rows)}"
+            f"<h2>Plots</h2>{imgs}</body></html>\n")
+        w.add_output("html", "report.html")
+        w.add_output("markdown", "report.md")
+        w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]})
+    return w.bundle
