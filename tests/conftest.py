@@ -55,3 +55,19 @@ data: {{yolo: {tiny_data}}}
 train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0}}
 """)
     return run_training(load_recipe(r), stage="train", source=str(r), runs_dir=d / "runs").path
+
+
+@pytest.fixture(scope="session")
+def export_cpu(tmp_path_factory, trained_bundle) -> Path:
+    from kdctl.export.stage import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("exp") / "cpu"
+    return export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8), out=out).path
+
+
+@pytest.fixture(scope="session")
+def profile_cpu(tmp_path_factory, export_cpu) -> Path:
+    from kdctl.profile.stage import profile_bundle
+
+    out = tmp_path_factory.mktemp("prof") / "cpu"
+    return profile_bundle(export_cpu, warmup=2, runs=20, e2e_runs=4, out=out).path

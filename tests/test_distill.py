@@ -147,6 +147,8 @@ def test_distill_end_to_end_cli(tmp_path, tiny_data, trained_bundle):
 
     y = YOLO(str(out / "weights.pt"))                         # users can load the student with Ultralytics
     assert not any(k.startswith("kd.") for k in y.model.state_dict())
+    rep = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert rep.exit_code == 0 and (tmp_path / "rep" / "losses-kd.png").stat().st_size > 1000
 
 
 def test_distill_errors_cli(tmp_path, tiny_data, trained_bundle):

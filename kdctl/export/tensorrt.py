@@ -86,9 +86,9 @@ def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: i
         f"Input: `images`, float32, 1x3x{imgsz}x{imgsz}, RGB 0..1, letterboxed (grey 114). Output: `output0`, "
         f"(1, 4 + classes, anchors): cx, cy, w, h in input pixels, then class probabilities. NMS runs after "
         f"the model (kdctl's post-processing, IoU 0.7).\n\n"
-        "## Build the engines (on this device)\n\n```bash\n./build_engine.sh\n```\n\n"
-        "TensorRT engines are specific to the TensorRT version and GPU they are built with, so they are built "
-        "here, not shipped. `model-fp16.engine` comes from the FP32 ONNX with `--fp16`; `model-int8.engine` "
+        "## Build the engines on the device\n\n```bash\n./build_engine.sh\n```\n\n"
+        "Engines must be built on the device itself, with its own TensorRT version: an engine runs only on the "
+        "TensorRT version and GPU it was built with, so none is shipped. `model-fp16.engine` comes from the FP32 ONNX with `--fp16`; `model-int8.engine` "
         "from the QDQ ONNX, whose INT8 scales were calibrated by kdctl (the head's box decoding stays FP16).\n\n"
         + ("Engines were also built on the export machine and are included for reference only.\n\n" if engines_built
            else "")

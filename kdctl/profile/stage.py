@@ -80,7 +80,16 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
 
     src = load_bundle(bundle, stages=("export",))
-    arts = [a for a in src.metrics.get("artifacts", []) if a["files"]]
+    arts = []
+    for a in src.metrics.get("artifacts", []):
+        if not a["files"] and a["format"] == "tensorrt" and (src.path / f"model-{a['precision']}.engine").is_file():
+            # built on the device by build_engine.sh after export: profile it, recording its hash
+            from kdctl.bundle import sha256_file
+
+            engine = src.path / f"model-{a['precision']}.engine"
+            a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
+        if a["files"]:
+            arts.append(a)
     if artifacts:
         unknown = sorted(set(artifacts) - {a["name"] for a in arts})
         if unknown:

@@ -1,0 +1,44 @@
+# kdctl: `make demo` runs the whole chain on built-in synthetic data; `make test` runs the test suite.
+# Both create .venv and install kdctl (pinned torch/torchvision, see pyproject.toml) when needed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KDCTL  := $(VENV)/bin/kdctl
+STAMP  := $(VENV)/.kdctl-installed
+
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := False
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(KDCTL) train   recipes/quickstart-teacher.yaml --out runs/train/quickstart-teacher --overwrite
+	$(KDCTL) train   recipes/quickstart-student.yaml --out runs/train/quickstart-student --overwrite
+	$(KDCTL) distill recipes/quickstart.yaml         --out runs/distill/quickstart --overwrite
+	$(KDCTL) export  runs/distill/quickstart --target cpu --out runs/export/quickstart-cpu --overwrite
+	$(KDCTL) profile runs/export/quickstart-cpu --out runs/profile/quickstart-cpu --overwrite
+	$(KDCTL) gate    runs/profile/quickstart-cpu --out runs/gate/quickstart-cpu --overwrite \
+	                 --junit runs/gate/quickstart-cpu.junit.xml --summary runs/gate/quickstart-cpu.md
+	$(KDCTL) report  runs/train/quickstart-student runs/gate/quickstart-cpu --out runs/report/quickstart --overwrite
+	@for b in runs/train/quickstart-teacher runs/train/quickstart-student runs/distill/quickstart \
+	          runs/export/quickstart-cpu runs/profile/quickstart-cpu runs/gate/quickstart-cpu runs/report/quickstart; do \
+	    $(KDCTL) bundle verify $$b || exit 1; done
+	@echo "Report: runs/report/quickstart/report.html"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs

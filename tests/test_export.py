@@ -1,0 +1,141 @@
+"""Export paths on a tiny real model: outputs checked against PyTorch, mAP through the eval code, failures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.bundle import verify_bundle
+from kdctl.cli.main import app
+from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, RecipeError
+from kdctl.export.base import compare_outputs
+from kdctl.export.stage import ExportOptions, export_bundle
+from kdctl.export.targets import available_targets, load_target
+
+
+def arts(bundle):
+    return {a["name"]: a for a in json.loads((bundle / "manifest.json").read_text())["metrics"]["artifacts"]}
+
+
+def test_cpu_export_onnx_fp32_and_int8(export_cpu):
+    a = arts(export_cpu)
+    assert set(a) == {"onnx-fp32", "onnx-int8"}
+    assert a["onnx-fp32"]["parity"]["ok"] is True and a["onnx-fp32"]["parity"]["box_max_abs"] < 0.1
+    assert a["onnx-int8"]["settings"]["format"] == "QDQ" and a["onnx-int8"]["settings"]["per_channel"]
+    assert a["onnx-int8"]["settings"]["excluded_nodes"] > 0          # box decode tail kept in float
+    for x in a.values():
+        assert 0 <= x["metrics"]["map50_95"] <= 1 and x["metrics"]["images"] == 8
+    assert (export_cpu / "model-int8.onnx").stat().st_size < (export_cpu / "model-fp32.onnx").stat().st_size / 2
+    assert verify_bundle(export_cpu).ok
+    import onnx
+
+    onnx.checker.check_model(str(export_cpu / "model-fp32.onnx"))
+
+
+def test_intel_export_openvino_with_explicit_precision(tmp_path, trained_bundle):
+    b = export_bundle(trained_bundle, ExportOptions(target="intel", calibration_images=8), out=tmp_path / "ov").path
+    a = arts(b)
+    assert set(a) == {"openvino-fp32", "openvino-fp16", "openvino-int8"}
+    assert a["openvino-fp32"]["runtime"]["inference_precision"] == "f32"  # asked for, and read back
+    assert a["openvino-fp32"]["parity"]["ok"] and a["openvino-fp16"]["parity"]["ok"]
+    assert a["openvino-int8"]["settings"]["tool"] == "nncf"
+    assert (b / "openvino-int8" / "model.xml").is_file() and not (b / "model-fp32.onnx").exists()
+
+
+def test_jetson_device_package_without_tensorrt(tmp_path, trained_bundle):
+    from kdctl.export.tensorrt import tensorrt_status
+
+    b = export_bundle(trained_bundle, ExportOptions(target="jetson", calibration_images=8), out=tmp_path / "j").path
+    a = arts(b)
+    assert {"onnx-fp32", "onnx-fp16", "onnx-int8"} <= set(a)
+    assert a["onnx-fp16"]["parity"]["ok"]
+    script = (b / "build_engine.sh").read_text()
+    assert "--fp16" in script and "--int8" in script and "model-int8.onnx" in script
+    assert "on the device" in (b / "README-device.md").read_text().lower()
+    if not tensorrt_status()[0]:
+        assert a["tensorrt-fp16"]["files"] == [] and a["tensorrt-fp16"]["runtime"]["engine_built"] is False
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_builds_and_matches(tmp_path, trained_bundle):
+    from kdctl.export.tensorrt import tensorrt_status
+
+    ok, why = tensorrt_status()
+    if not ok:
+        pytest.skip(why)
+    b = export_bundle(trained_bundle, ExportOptions(target="jetson", calibration_images=8), out=tmp_path / "t").path
+    a = arts(b)
+    assert a["tensorrt-fp16"]["files"] and a["tensorrt-fp16"]["parity"]["ok"]
+
+
+def test_unknown_target_lists_valid():
+    with pytest.raises(RecipeError, match="target 'tpu' does not exist; valid: cpu, intel, jetson"):
+        load_target("tpu")
+    assert {"cpu", "intel", "jetson", "rpi"} <= set(available_targets())
+    for t in available_targets():
+        load_target(t)
+
+
+def test_not_a_model_bundle(export_cpu, tmp_path):
+    with pytest.raises(BundleError, match="is a 'export' bundle; expected one of: train, distill"):
+        export_bundle(export_cpu, ExportOptions(), out=tmp_path / "x")
+    res = CliRunner().invoke(app, ["export", str(export_cpu), "--target", "cpu", "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "expected one of: train, distill" in res.output and "Traceback" not in res.output
+
+
+def test_cli_unknown_target_exit_2(trained_bundle, tmp_path):
+    res = CliRunner().invoke(app, ["export", str(trained_bundle), "--target", "tpu", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "valid: cpu" in res.output and not (tmp_path / "x").exists()
+
+
+def test_calibration_too_small(trained_bundle, tmp_path):
+    with pytest.raises(DataError, match="export.calibration_images: 500 calibration images requested"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=500), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_runtime_not_installed(trained_bundle, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    with pytest.raises(BackendUnavailable, match="needs the 'openvino' package, which is not installed"):
+        export_bundle(trained_bundle, ExportOptions(target="intel"), out=tmp_path / "x")
+
+
+def test_map_drop_budget_fails_and_writes_nothing(trained_bundle, tmp_path, monkeypatch):
+    """The budget rule itself, with the metric fixed: PyTorch 0.50, FP32 ONNX 0.50, INT8 ONNX 0.30."""
+    import kdctl.evaluate as ev
+
+    scores = iter([0.50, 0.50, 0.30])
+
+    def fake(backend, images, names, imgsz, **kw):
+        return {"map50_95": next(scores), "map50": 0.0, "map75": 0.0, "per_class_ap50_95": {}, "images": len(images),
+                "imgsz": imgsz}
+
+    monkeypatch.setattr(ev, "evaluate_backend", fake)
+    with pytest.raises(CheckFailed, match=r"onnx-int8: mAP50-95 0.3000 is 0.2000 below PyTorch FP32 \(0.5000\)"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8, max_map_drop=0.01),
+                      out=tmp_path / "x")
+    assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_parity_failure_fails_the_export(trained_bundle, tmp_path, monkeypatch):
+    import kdctl.export.base as base
+
+    monkeypatch.setitem(base.TOLERANCE, "fp32", {"box_frac": 0.0, "score": 0.0})
+    with pytest.raises(CheckFailed, match="onnx-fp32: outputs differ from PyTorch beyond tolerance"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-fp32"]), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_compare_outputs_tolerances():
+    ref = np.zeros((1, 6, 10), np.float32)
+    ok = compare_outputs(ref, ref + 1e-5, 640, "fp32")
+    bad = compare_outputs(ref, ref + np.array([0, 0, 0, 0, 0.1, 0], np.float32)[None, :, None], 640, "fp32")
+    assert ok["ok"] and not bad["ok"] and bad["score_max_abs"] == pytest.approx(0.1)
+    assert compare_outputs(ref, ref, 640, "int8")["ok"] is None
+    assert compare_outputs(ref, ref[:, :5], 640, "fp32")["ok"] is False

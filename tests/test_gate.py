@@ -1,0 +1,74 @@
+"""Gate: pass, fail, fail-closed, baseline regression, exit codes, JUnit XML validity."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+from kdctl.gate.junit import junit_xml
+from kdctl.gate.rules import evaluate_budgets
+
+RESULT = {"artifact": "onnx-int8", "precision": "int8", "map50_95": 0.40, "size_mb": 3.0,
+          "latency_ms": {"p50": 10.0, "p90": 12.0, "p99": 15.0}, "memory": {"rss_mb": 200.0}}
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_pass_and_fail():
+    c = by_name(evaluate_budgets(RESULT, {"min_map50_95": 0.35, "max_p90_ms": 12.0, "max_p99_ms": 14.0,
+                                          "max_size_mb": 5, "max_memory_mb": 100}))
+    assert c["min_map50_95"].passed and c["max_p90_ms"].passed and c["max_size_mb"].passed
+    assert not c["max_p99_ms"].passed and "exceeds budget" in c["max_p99_ms"].message
+    assert not c["max_memory_mb"].passed
+
+
+def test_missing_metric_fails_closed():
+    partial = {k: v for k, v in RESULT.items() if k != "map50_95"}
+    c = by_name(evaluate_budgets(partial, {"min_map50_95": 0.1}))
+    assert not c["min_map50_95"].passed and "missing: failing closed" in c["min_map50_95"].message
+    c = by_name(evaluate_budgets(RESULT, {"max_latency_regression": 0.03}, baseline=None))
+    assert not c["max_latency_regression"].passed and "no baseline" in c["max_latency_regression"].message
+
+
+def test_regression_against_baseline():
+    base = {**RESULT, "latency_ms": {"p50": 9.8}, "map50_95": 0.402}
+    c = by_name(evaluate_budgets(RESULT, {"max_latency_regression": 0.03, "max_map_regression": 0.005}, base))
+    assert c["max_latency_regression"].passed and c["max_latency_regression"].value == 10.0 / 9.8 - 1
+    assert c["max_map_regression"].passed
+    slow = {**RESULT, "latency_ms": {"p50": 10.5}, "map50_95": 0.39}
+    c = by_name(evaluate_budgets(slow, {"max_latency_regression": 0.03, "max_map_regression": 0.005}, base))
+    assert not c["max_latency_regression"].passed and not c["max_map_regression"].passed
+
+
+def test_junit_is_valid_xml():
+    checks = evaluate_budgets(RESULT, {"min_map50_95": 0.5, "max_p90_ms": 20})
+    root = ET.fromstring(junit_xml(checks))
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = {tc.get("name"): tc for tc in suite.findall("testcase")}
+    assert cases["min_map50_95"].find("failure") is not None and cases["max_p90_ms"].find("failure") is None
+
+
+def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
+    junit, md = tmp_path / "g.xml", tmp_path / "g.md"
+    ok = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", "10000", "--max-size-mb", "100",
+                                  "--out", str(tmp_path / "g1"), "--junit", str(junit), "--summary", str(md), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["passed"] is True and json.loads(ok.stdout)["artifact"] == "onnx-int8"
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0" and "PASS" in md.read_text()
+    bad = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", "0.0001", "--out", str(tmp_path / "g2")])
+    assert bad.exit_code == 1 and "FAIL" in bad.output
+    assert (tmp_path / "g2" / "junit.xml").is_file()  # the gate bundle is written on failure too
+    reg = CliRunner().invoke(app, ["gate", str(profile_cpu), "--baseline", str(profile_cpu), "-a", "onnx-fp32",
+                                   "--max-latency-regression", "0.0", "--max-map-regression", "0",
+                                   "--out", str(tmp_path / "g3"), "--json"])
+    assert reg.exit_code == 0, reg.output  # against itself: no change
+    usage = CliRunner().invoke(app, ["gate", str(profile_cpu), "--out", str(tmp_path / "g4")])
+    assert usage.exit_code == 2 and "no budgets to check" in usage.output  # the recipe sets none
+    nob = CliRunner().invoke(app, ["gate", str(tmp_path / "missing"), "--min-map", "0.1"])
+    assert nob.exit_code == 2 and "bundle directory not found" in nob.output

@@ -1,0 +1,75 @@
+"""Profiler statistics against hand-computed values, and each CPU runner for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+from kdctl.profile.power import parse_tegrastats_power_mw
+from kdctl.profile.stats import LatencyStats
+
+
+def test_percentiles_hand_computed():
+    s = LatencyStats.from_ms([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    # linear interpolation between order statistics: rank = p/100 * (n - 1)
+    assert s.p50 == pytest.approx(5.5)
+    assert s.p90 == pytest.approx(9.1)
+    assert s.p95 == pytest.approx(9.55)
+    assert s.p99 == pytest.approx(9.91)
+    assert (s.min, s.max, s.mean, s.n) == (1, 10, 5.5, 10)
+    assert s.std == pytest.approx(3.0276503540974917)  # sample std (n - 1)
+    assert s.cv == pytest.approx(3.0276503540974917 / 5.5)
+    one = LatencyStats.from_ms([4.0])
+    assert one.p99 == 4.0 and one.std == 0.0
+    with pytest.raises(ValueError):
+        LatencyStats.from_ms([])
+
+
+def test_tegrastats_power_parsing():
+    jp6 = "11-25-2026 10:00:00 RAM 2811/7620MB CPU [3%@729] GR3D_FREQ 0% VDD_IN 4903mW/4903mW VDD_CPU_GPU_CV 480mW/480mW"
+    jp4 = "RAM 1700/3964MB CPU [5%@102] POM_5V_IN 3032/3032 POM_5V_GPU 40/40"
+    assert parse_tegrastats_power_mw(jp6) == 4903.0
+    assert parse_tegrastats_power_mw(jp4) == 3032.0
+    assert parse_tegrastats_power_mw("RAM 1/2MB") is None
+
+
+def test_profile_onnxruntime_cpu(profile_cpu):
+    m = json.loads((profile_cpu / "manifest.json").read_text())["metrics"]
+    names = {r["artifact"] for r in m["results"]}
+    assert names == {"onnx-fp32", "onnx-int8"}
+    for r in m["results"]:
+        lat = r["latency_ms"]
+        assert r["timed_runs"] >= 20 and 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert r["runtime"]["provider"] == "CPUExecutionProvider" and r["runtime"]["threads"] >= 1
+        e2e = r["end_to_end_ms"]
+        assert e2e["total"]["p50"] >= e2e["model"]["p50"] > 0 and e2e["postprocess_nms"]["p50"] > 0
+        assert r["throughput"]["images_per_s"] > 0 and r["memory"]["rss_mb"] > 0 and r["size_mb"] > 0
+    assert m["settings"]["input"] == "validation images"
+    raw = json.loads((profile_cpu / "latencies.json").read_text())
+    assert len(raw["onnx-fp32"]) >= 20
+
+
+def test_profile_openvino_and_cli_json(tmp_path, trained_bundle):
+    from kdctl.export.stage import ExportOptions, export_bundle
+
+    exp = export_bundle(trained_bundle, ExportOptions(target="intel", artifacts=["openvino-fp32"]),
+                        out=tmp_path / "ov").path
+    res = CliRunner().invoke(app, ["profile", str(exp), "--runs", "10", "--warmup", "2", "--threads", "1",
+                                   "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    r = data["results"][0]
+    assert r["artifact"] == "openvino-fp32" and r["runtime"]["inference_precision"] == "f32"
+    assert r["runtime"]["threads"] == 1 and data["settings"]["threads"] == 1
+
+
+def test_profile_errors(tmp_path, export_cpu, trained_bundle):
+    r = CliRunner().invoke(app, ["profile", str(trained_bundle), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "expected one of: export" in r.output
+    r = CliRunner().invoke(app, ["profile", str(export_cpu), "-a", "nope", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "'nope' is not in" in r.output and "onnx-int8" in r.output
+    r = CliRunner().invoke(app, ["profile", str(export_cpu), "--runtime", "tensorflow", "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "valid: onnxruntime, openvino, tensorrt" in r.output
