@@ -55,13 +55,16 @@ def _register() -> None:
 _register()
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the kdctl version and exit.",
-                                       is_eager=True)) -> None:
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", help="Print the kdctl version and exit.")) -> None:
     if version:
         from kdctl import __version__
 
         typer.echo(__version__)
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
         raise typer.Exit(0)
 
 

@@ -1,0 +1,43 @@
+"""Every command has --help with an example; errors are one line; --version works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+
+COMMANDS = [[], ["recipe"], ["recipe", "check"], ["recipe", "schema"], ["data"], ["data", "synth"], ["train"],
+            ["distill"], ["eval"], ["export"], ["profile"], ["gate"], ["report"], ["bundle"], ["bundle", "show"],
+            ["bundle", "verify"], ["list"], ["list", "losses"]]
+LEAVES = [c for c in COMMANDS if c and c not in (["recipe"], ["data"], ["bundle"], ["list"])]
+
+
+@pytest.mark.parametrize("cmd", LEAVES + [[]], ids=lambda c: " ".join(c) or "kdctl")
+def test_help_has_example(cmd):
+    res = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "Example:" in res.output and "kdctl" in res.output
+
+
+def test_version():
+    from kdctl import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == __version__
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from kdctl.cli.main import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_list_losses_json():
+    import json
+
+    res = CliRunner().invoke(app, ["list", "losses", "--json"])
+    names = {r["name"] for r in json.loads(res.stdout)}
+    assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld"} == names
