@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
-
 
 class Step:
-    """One bar: ``advance(n)`` and ``describe(text)``; a no-op when no Progress is given."""
+    """One bar: ``advance(n)``, ``describe(text)``, ``total(n)``; a no-op when no Progress is given."""
 
     def __init__(self, progress, description: str, total: float | None):
         self.progress = progress
@@ -23,19 +20,4 @@ class Step:
 
     def total(self, total: float) -> None:
         if self.task is not None:
-            self.progress.update(self.task, total=total)
-
-    def done(self) -> None:
-        if self.task is not None:
-            t = self.progress.tasks[self.task] if isinstance(self.progress.tasks, dict) else None
-            self.progress.update(self.task, completed=(t.total if t else None) or 1, total=(t.total if t else None) or 1)
-
-
-@contextmanager
-def step(progress, description: str, total: float | None = None) -> Iterator[Step]:
-    s = Step(progress, description, total)
-    yield s
-
-
-def advancer(s: Step) -> Callable[..., None]:
-    return lambda n=1: s.advance(n)
+            self.progress.reset(self.task, total=total)

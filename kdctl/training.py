@@ -31,8 +31,10 @@ def _read_results(csv_path: Path) -> list[dict]:
     if not csv_path.is_file():
         return []
     with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k.strip(): float(v) for k, v in r.items() if v not in (None, "")} for r in rows]
+        rows = [{k.strip(): float(v) for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(f)]
+    # A run killed after logging an epoch but before checkpointing it repeats that epoch on --resume: last wins.
+    by_epoch = {int(r.get("epoch", i + 1)): r for i, r in enumerate(rows)}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
@@ -45,8 +47,6 @@ def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
     def on_train_epoch_start(tr):
         t0["epoch"] = time.perf_counter()
         batches.total(len(tr.train_loader))
-        if batches.task is not None:
-            progress.reset(batches.task, total=len(tr.train_loader))
         bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}")
 
     def on_train_batch_end(tr):

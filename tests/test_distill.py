@@ -51,6 +51,17 @@ def test_bad_layer_index_is_a_recipe_error(v8n, tiny):
         build_criterion(tiny, v8n, [LossSpec(name="cwd", student_layers=[22], teacher_layers=[22])], None, 128)
 
 
+def test_cross_family_pair_yolo11_teacher(tiny):
+    """YOLO11n teacher -> tiny YOLOv8 student: neck and head losses pair level by level through adapters."""
+    y11 = build_detector("yolo11n.yaml", nc=3)
+    crit = build_criterion(tiny, y11, [LossSpec(name="cwd"), LossSpec(name="kd_logit"), LossSpec(name="fitnet",
+                                                                                                  level="backbone")],
+                           None, 128)
+    assert crit.terms[0].t_layers == [16, 19, 22] and crit.terms[0].s_layers == [15, 18, 21]
+    assert crit.terms[2].t_layers == [4, 6, 10]
+    assert any(not isinstance(loss.align.proj, torch.nn.Identity) for loss in crit.terms[0].losses)
+
+
 def test_head_loss_needs_matching_heads(tiny):
     other = build_detector("yolov8n.yaml", nc=5)
     with pytest.raises(RecipeError, match="needs matching heads"):

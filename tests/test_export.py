@@ -45,6 +45,13 @@ def test_intel_export_openvino_with_explicit_precision(tmp_path, trained_bundle)
     assert (b / "openvino-int8" / "model.xml").is_file() and not (b / "model-fp32.onnx").exists()
 
 
+def test_openvino_int8_accuracy_control_mode(tmp_path, trained_bundle):
+    b = export_bundle(trained_bundle, ExportOptions(target="intel", artifacts=["openvino-int8"], calibration_images=8,
+                                                    max_map_drop=1.0), out=tmp_path / "ac").path
+    s = arts(b)["openvino-int8"]["settings"]
+    assert s["accuracy_control"] is True and s["max_drop"] == 1.0
+
+
 def test_jetson_device_package_without_tensorrt(tmp_path, trained_bundle):
     from kdctl.export.tensorrt import tensorrt_status
 

@@ -73,3 +73,12 @@ def test_profile_errors(tmp_path, export_cpu, trained_bundle):
     assert r.exit_code == 2 and "'nope' is not in" in r.output and "onnx-int8" in r.output
     r = CliRunner().invoke(app, ["profile", str(export_cpu), "--runtime", "tensorflow", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "valid: onnxruntime, openvino, tensorrt" in r.output
+
+
+def test_profile_pytorch_reference(tmp_path, export_cpu):
+    res = CliRunner().invoke(app, ["profile", str(export_cpu), "--pytorch", "-a", "onnx-fp32", "--runs", "5",
+                                   "--warmup", "1", "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["artifact"]: r for r in json.loads(res.stdout)["results"]}
+    assert set(rows) == {"pytorch-fp32", "onnx-fp32"}
+    assert rows["pytorch-fp32"]["runtime"]["runtime"] == "pytorch" and rows["pytorch-fp32"]["latency_ms"]["p50"] > 0

@@ -21,6 +21,7 @@ def profile(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads (default: all cores available to this process).")] = None,
     throughput_batch: Annotated[int, typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it.")] = 8,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    pytorch: Annotated[bool, typer.Option("--pytorch", help="Also profile the FP32 PyTorch model the artifacts came from.")] = False,
     out: OutOpt = None, runs_dir: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -35,7 +36,7 @@ def profile(
         raise KdctlError(f"--device: '{device}'; valid: cpu, cuda")
     with progress_bar(not (json_ or quiet)) as p:
         b = profile_bundle(bundle, artifacts=artifact, runtime=runtime, warmup=warmup, runs=runs, duration_s=duration,
-                           threads=threads, throughput_batch=throughput_batch, device=device, out=out,
+                           threads=threads, throughput_batch=throughput_batch, device=device, pytorch=pytorch, out=out,
                            runs_dir=runs_dir, overwrite=overwrite, progress=p)
     m = b.metrics
 

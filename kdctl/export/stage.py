@@ -265,6 +265,8 @@ def _map_validator(imgsz: int, names: list[str]):
         def backend(x):
             return request.infer({0: x})[out].copy()
 
+        dim0 = compiled_model.input(0).get_partial_shape()[0]
+        backend.fixed_batch = dim0.get_length() if dim0.is_static else None
         return evaluate_backend(backend, list(items), names, imgsz)["map50_95"]
 
     return validate

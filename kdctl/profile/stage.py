@@ -46,6 +46,8 @@ def _make_runner(root: Path, art: dict, threads: int | None, device: str):
                                        "GPU" if device == "cuda" else "CPU")
     if fmt == "tensorrt":
         return runners.tensorrt_backend(root / art["files"][0])
+    if fmt == "pytorch":
+        return runners.pytorch_runner(Path(art["files"][0]), threads, device)
     raise KdctlError(f"unknown artifact format '{fmt}'")
 
 
@@ -74,7 +76,7 @@ def _inputs(src: Bundle, imgsz: int, n: int) -> tuple[list[Path], str]:
 
 def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, runtime: str | None = None,
                    warmup: int = 10, runs: int = 100, duration_s: float | None = None, threads: int | None = None,
-                   throughput_batch: int = 8, device: str = "cpu", e2e_runs: int = 30,
+                   throughput_batch: int = 8, device: str = "cpu", e2e_runs: int = 30, pytorch: bool = False,
                    out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False,
                    progress=None) -> Bundle:
     from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
@@ -104,7 +106,13 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
         if not ok:
             raise BackendUnavailable(f"--runtime {runtime}: {why}")
         arts = [a for a in arts if a["format"] == fmt]
-    fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+    if pytorch:  # the FP32 PyTorch model the artifacts were exported from, as a reference row
+        weights = Path(src.manifest.get("inputs", {}).get("weights", ""))
+        if not weights.is_file():
+            raise KdctlError(f"--pytorch: the source weights {weights} are not on this machine")
+        arts.insert(0, {"name": "pytorch-fp32", "format": "pytorch", "precision": "fp32", "files": [str(weights)],
+                        "metrics": src.metrics.get("pytorch_fp32")})
+    fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "pytorch": "pytorch"}
     skipped = {}
     usable = []
     for a in arts:
@@ -154,7 +162,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
                "postprocess_nms": LatencyStats.from_ms(post).to_dict(),
                "total": LatencyStats.from_ms([p + m + q for p, m, q in zip(pre, model_ms, post)]).to_dict()}
         tp = _throughput(run, x, throughput_batch, stats)
-        size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6
+        size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
         info = dict(getattr(run, "info", {}))
         energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
         results.append({

@@ -1,0 +1,152 @@
+"""Export benchmark: kdctl's exports vs Ultralytics' own exports of the same weights, measured in one run.
+
+For each model (the quickstart student at its training size, and a YOLOv8n-sized model at 640 px): latency
+(batch 1, all available cores, p50 over interleaved rounds) and mAP50-95 on the synthetic validation set through
+kdctl's evaluator, for PyTorch FP32, ONNX Runtime FP32/INT8, OpenVINO FP32/INT8, and Ultralytics' format=onnx,
+format=openvino and format=openvino int8=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from _common import ROOT, machine, median, table, write_section  # noqa: E402
+
+
+def ultralytics_exports(weights: Path, imgsz: int, data_yaml: Path, work: Path) -> dict[str, Path]:
+    import shutil
+
+    from ultralytics import YOLO
+
+    w = work / "ul.pt"
+    shutil.copy(weights, w)
+    out = {}
+    out["ultralytics onnx"] = Path(YOLO(str(w)).export(format="onnx", imgsz=imgsz, simplify=True))
+    out["ultralytics openvino"] = Path(YOLO(str(w)).export(format="openvino", imgsz=imgsz)) / "ul.xml"
+    out["ultralytics openvino int8"] = Path(YOLO(str(w)).export(format="openvino", imgsz=imgsz, int8=True,
+                                                                data=str(data_yaml))) / "ul.xml"
+    return out
+
+
+def ov_default(xml: Path, threads: int):
+    """OpenVINO as Ultralytics' AutoBackend runs it: latency hint, the plugin's default precision."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    req = compiled.create_infer_request()
+
+    def run(x):
+        return req.infer({0: x})[compiled.output(0)].copy()
+
+    run.fixed_batch = 1
+    run.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return run
+
+
+def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: int, calib: int, threads: int) -> str:
+    from kdctl.bundle import load_bundle
+    from kdctl.distill.ultralytics import load_detector
+    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
+    from kdctl.export.onnx import onnxruntime_backend
+    from kdctl.export.openvino import openvino_backend
+    from kdctl.export.stage import ExportOptions, export_bundle
+    from kdctl.data.resolve import load_yolo_yaml
+
+    src = load_bundle(bundle)
+    ds = load_yolo_yaml(src.file("data"))
+    work = Path(tempfile.mkdtemp(prefix="kdctl-bench-"))
+    ours = {}
+    for target, arts in (("cpu", ["onnx-fp32", "onnx-int8"]), ("intel", ["openvino-fp32", "openvino-int8"])):
+        b = export_bundle(bundle, ExportOptions(target=target, artifacts=arts, imgsz=imgsz, calibration_images=calib),
+                          out=work / target)
+        for a in b.metrics["artifacts"]:
+            ours[f"kdctl {a['name']}"] = (b.path / a["files"][0], a)
+    ul = ultralytics_exports(src.file("weights"), imgsz, src.file("data"), work)
+
+    model = load_detector(src.file("weights")).fuse()
+    import torch
+
+    torch.set_num_threads(threads)
+    runners = {"pytorch fp32": torch_backend(model)}
+    for name, (path, a) in ours.items():
+        runners[name] = (onnxruntime_backend(path, threads=threads) if a["format"] == "onnx"
+                         else openvino_backend(path, a["precision"], threads=threads))
+    precision = {n: a["runtime"].get("inference_precision") for n, (_, a) in ours.items()}
+    precision["pytorch fp32"] = "fp32"
+    for name, path in ul.items():
+        runners[name] = onnxruntime_backend(path, threads=threads) if path.suffix == ".onnx" else ov_default(path, threads)
+        precision[name] = getattr(runners[name], "precision", "fp32 (ORT)")
+
+    x = to_input([letterbox(load_rgb(ds.val_images[0]), imgsz)[0]])
+    samples = {n: [] for n in runners}
+    for n, r in runners.items():
+        for _ in range(10):
+            r(x)
+    for _ in range(rounds):  # interleaved, so drift hits every runner alike
+        for n, r in runners.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter_ns()
+                r(x)
+                samples[n].append((time.perf_counter_ns() - t0) / 1e6)
+    maps = {n: evaluate_backend(r, ds.val_images, ds.names, imgsz, batch=1)["map50_95"] for n, r in runners.items()}
+    p50 = {n: median(s) for n, s in samples.items()}
+    ref = maps["pytorch fp32"]
+    pairs = {"kdctl onnx-fp32": "ultralytics onnx", "kdctl openvino-fp32": "ultralytics openvino",
+             "kdctl openvino-int8": "ultralytics openvino int8", "kdctl onnx-int8": "ultralytics openvino int8"}
+    rows = []
+    for n in runners:
+        vs = pairs.get(n)
+        rows.append([n, precision[n], round(p50[n], 2), round(maps[n], 4), round(100 * (maps[n] - ref), 2),
+                     f"{p50[n] / p50[vs]:.2f} ({vs})" if vs else ""])
+    best_int8 = min((n for n in runners if n.startswith("kdctl") and "int8" in n), key=lambda n: p50[n])
+    summary = (f"Best kdctl INT8 ({best_int8}) / Ultralytics OpenVINO INT8 p50: "
+               f"**{p50[best_int8] / p50['ultralytics openvino int8']:.2f}**, mAP50-95 change vs PyTorch "
+               f"{100 * (maps[best_int8] - ref):+.2f} points; kdctl ONNX Runtime FP32 / Ultralytics ONNX p50: "
+               f"**{p50['kdctl onnx-fp32'] / p50['ultralytics onnx']:.2f}**.")
+    return (f"### {label}: {bundle.name} at {imgsz} px\n\n"
+            + table(["artifact", "runs as", "p50 ms", "mAP50-95", "Δ mAP pts vs PyTorch", "p50 ratio vs Ultralytics"], rows)
+            + f"\n\n{summary}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--student", default="runs/distill/quickstart")
+    ap.add_argument("--large", default="runs/train/quickstart-teacher", help="a YOLOv8n-sized bundle, run at 640 px")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-round", type=int, default=25)
+    ap.add_argument("--calibration", type=int, default=64)
+    a = ap.parse_args()
+    import os
+
+    threads = len(os.sched_getaffinity(0))
+    parts = [f"## Export: latency and accuracy vs Ultralytics' exports\n\n{machine()}. Batch 1, {threads} threads, "
+             f"p50 of {a.rounds}×{a.per_round} interleaved runs after 10 warm-up runs, one process. mAP50-95 on the "
+             "synthetic validation set (100 images) through kdctl's evaluator for every row, so rows compare. "
+             "'runs as' is the precision the runtime reported; Ultralytics' OpenVINO export runs with the plugin "
+             "default, which is bf16 on this CPU.\n"]
+    for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n-sized", a.large, 640)):
+        bundle = ROOT / b
+        if not (bundle / "manifest.json").is_file():
+            print(f"skip {b}: run `make demo` first")
+            continue
+        from kdctl.bundle import load_bundle
+
+        imgsz = size or int(load_bundle(bundle).metrics["imgsz"])
+        parts.append(bench_model(label, bundle, imgsz, a.rounds, a.per_round, a.calibration, threads))
+    body = "\n".join(parts)
+    write_section("export", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Run every benchmark in order (needs the quickstart bundles from `make demo`); results go to docs/benchmarks.md."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for script in ("step_time.py", "export_latency.py", "profiler_accuracy.py", "distill_families.py"):
+    print(f"== {script}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script)], check=True)
