@@ -123,10 +123,15 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     if resume:
         overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                      "workers": recipe.train.workers}
-    trainer = KDTrainer(overrides=overrides, distill=setup)
-    _callbacks(trainer, recipe.train.epochs, progress, stage)
     t_start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer = KDTrainer(overrides=overrides, distill=setup)
+        _callbacks(trainer, recipe.train.epochs, progress, stage)
+        trainer.train()
+    except BaseException:
+        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     train_s = time.perf_counter() - t_start
 
     best = work / "train" / "weights" / "best.pt"

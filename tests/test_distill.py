@@ -167,6 +167,7 @@ def test_distill_errors_cli(tmp_path, tiny_data, trained_bundle):
     res = CliRunner().invoke(app, ["distill", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "student_layers: layer 77 is out of range" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+    assert not (tmp_path / ".x.work").exists(), "a run that failed before its first epoch must leave nothing"
     missing = _recipe(tmp_path, tiny_data, tmp_path / "nope.pt")
     res = CliRunner().invoke(app, ["distill", str(missing), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "teacher.model: checkpoint" in res.output and "not found" in res.output
@@ -196,3 +197,11 @@ def test_resume_after_kill(tmp_path, tiny_data, trained_bundle):
     assert [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
     assert not (tmp_path / ".kd.work").exists()
     assert CliRunner().invoke(app, ["bundle", "verify", str(out)]).exit_code == 0
+
+
+def test_trainer_requires_explicit_distill_setup(tiny_data, tmp_path):
+    """A trainer rebuilt without its KD setup (the DDP failure mode) must refuse, not train without KD."""
+    from kdctl.distill.ultralytics import KDTrainer
+
+    with pytest.raises(TypeError, match="needs distill="):
+        KDTrainer(overrides={"model": "yolov8n.yaml", "data": str(tiny_data), "project": str(tmp_path)})

@@ -9,10 +9,7 @@ from pydantic import Field, field_validator
 
 from kdctl.errors import RecipeError
 from kdctl.recipe.loader import read_yaml, validate
-from kdctl.recipe.schema import Strict
-
-ARTIFACTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8",
-             "tensorrt-fp16", "tensorrt-int8")
+from kdctl.recipe.schema import ARTIFACTS, Strict
 TARGETS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "targets"
 
 

@@ -100,6 +100,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     recipe = validate(read_yaml(path, "recipe"), Recipe, str(path))
     _check_losses(recipe, str(path))
+    _check_target(recipe, path)
     return _resolve_paths(recipe, path.parent)
 
 
@@ -120,6 +121,17 @@ def _check_losses(recipe: Recipe, source: str) -> None:
                               f"{', '.join(entry.levels)}, not '{spec.level}'")
     if recipe.distill.losses and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.losses needs a teacher)")
+
+
+def _check_target(recipe: Recipe, path: Path) -> None:
+    from kdctl.export.targets import available_targets
+
+    t = recipe.export.target
+    if t.endswith((".yaml", ".yml")):
+        if not (path.parent / t).is_file() and not Path(t).is_file():
+            raise RecipeError(f"{path}: export.target: preset file '{t}' not found")
+    elif t not in available_targets():
+        raise RecipeError(f"{path}: export.target: '{t}' does not exist; valid: {', '.join(available_targets())}")
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LEVELS = ("backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit")
+ARTIFACTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8",
+             "tensorrt-fp16", "tensorrt-int8")
 # Roles a recipe may name instead of layer indices; resolved per model by kdctl.distill.taps.
 ROLES = ("backbone", "neck", "head")
 
@@ -127,6 +129,14 @@ class ExportSpec(Strict):
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
     max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16 export may lose "
                                        "against PyTorch FP32, in mAP units (0.01 = 1 point)")
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts(cls, v: list[str] | None) -> list[str] | None:
+        bad = [a for a in v or [] if a not in ARTIFACTS]
+        if bad:
+            raise ValueError(f"unknown artifact '{bad[0]}'; valid: {', '.join(ARTIFACTS)}")
+        return v
 
 
 class ProfileSpec(Strict):
