@@ -21,3 +21,7 @@ class Step:
     def total(self, total: float) -> None:
         if self.task is not None:
             self.progress.reset(self.task, total=total)
+
+    def completed(self, n: float) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=n)

@@ -62,8 +62,9 @@ def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
 
     def on_fit_epoch_end(tr):
         m = tr.metrics or {}
-        bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}  mAP50-95(val) {m.get('metrics/mAP50-95(B)', 0):.3f}")
-        bar.advance()
+        done = min(tr.epoch + 1, epochs)  # Ultralytics fires this once more for the final validation
+        bar.describe(f"{stage} epoch {done}/{epochs}  mAP50-95(val) {m.get('metrics/mAP50-95(B)', 0):.3f}")
+        bar.completed(done)
 
     trainer.add_callback("on_train_epoch_start", on_train_epoch_start)
     trainer.add_callback("on_train_batch_end", on_train_batch_end)
@@ -76,7 +77,7 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path) -> d
         "model": model_ref, "data": str(data_yaml), "epochs": t.epochs, "imgsz": t.imgsz, "batch": t.batch,
         "lr0": t.lr0, "optimizer": t.optimizer, "seed": t.seed, "device": t.device, "workers": t.workers,
         "amp": t.amp, "patience": t.patience, "mosaic": t.mosaic, "close_mosaic": t.close_mosaic,
-        "warmup_epochs": t.warmup_epochs, "project": str(work), "name": "train", "exist_ok": True,
+        "warmup_epochs": t.warmup_epochs, "project": str(work.resolve()), "name": "train", "exist_ok": True,
         "plots": False, "val": True, "deterministic": True, "verbose": False, "compile": False,
         "pretrained": False, "cache": False,
     }

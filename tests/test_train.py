@@ -40,3 +40,15 @@ def test_train_cli_bad_data(tmp_path):
                  "train: {epochs: 1, imgsz: 64}\n")
     res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "student.model: 'yolov9000.yaml' is neither a file nor an Ultralytics model" in res.output
+
+
+def test_train_with_relative_paths_keeps_everything_in_place(tmp_path, tiny_data, monkeypatch):
+    """Users run from their project folder with relative --out: the run must land there, nowhere else."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(f"name: rel\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                                     "train: {epochs: 1, imgsz: 64, batch: 8}\n")
+    res = CliRunner().invoke(app, ["train", "r.yaml", "--out", "runs/train/rel", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs" / "train" / "rel" / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["train"]      # no runs/detect/...
+    assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["rel"]     # work dir cleaned up
