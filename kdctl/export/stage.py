@@ -133,7 +133,7 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
                                   f"{options.max_map_drop}")
             a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
         device_files = []
-        if preset.runtime == "tensorrt":
+        if preset.runtime == "tensorrt" or any(a.startswith("tensorrt") for a in wanted):
             from kdctl.export.tensorrt import write_device_package
 
             onnx_files = {a.name: a.files[0] for a in arts if a.format == "onnx"}
@@ -186,7 +186,8 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
     export_onnx(model, fp32, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
     settings = {"opset": opset, "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
                 "simplified": "onnxslim"}
-    if "onnx-fp32" in wanted or preset.runtime == "tensorrt":
+    needs_onnx_fp32 = "onnx-fp32" in wanted or any(a.startswith("tensorrt") for a in wanted)
+    if needs_onnx_fp32:
         arts.append(Artifact("onnx-fp32", "onnx", "fp32", [fp32.name],
                              {**ort_rt, "inference_precision": "fp32", "_backend": onnxruntime_backend(fp32)},
                              settings=dict(settings)))
@@ -249,7 +250,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
                                  {"runtime": "tensorrt", "engine_built": True, "version": info["tensorrt_version"],
                                   "inference_precision": prec, "_backend": be}, settings=info))
         plan.advance()
-    if "onnx-fp32" not in wanted and preset.runtime != "tensorrt":
+    if not needs_onnx_fp32:
         fp32.unlink()  # only the intermediate for OpenVINO; not part of this target's package
     return arts
 

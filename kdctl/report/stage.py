@@ -42,7 +42,7 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
             for a in m.get("artifacts", []):
                 if a.get("metrics"):
                     perf_rows.append(["export", f"{b.path.name}/{a['name']}", f"{a['metrics']['map50_95']:.4f}",
-                                      f"{a['metrics'].get('map50_95_drop', 0):+.4f}", str(a["runtime"].get("inference_precision")),
+                                      f"{-a['metrics'].get('map50_95_drop', 0):+.4f}", str(a["runtime"].get("inference_precision")),
                                       f"{a['settings'].get('size_mb', 0):.2f} MB", "", ""])
         if b.stage == "profile":
             for r in m.get("results", []):
