@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +37,17 @@ def _read_results(csv_path: Path) -> list[dict]:
     # A run killed after logging an epoch but before checkpointing it repeats that epoch on --resume: last wins.
     by_epoch = {int(r.get("epoch", i + 1)): r for i, r in enumerate(rows)}
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _raised_by_ultralytics_data(e: BaseException) -> bool:
+    """True for the errors Ultralytics raises about datasets and settings (not for bugs elsewhere)."""
+    if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) or isinstance(e, KdctlError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).as_posix() if tb else ""
+    return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
@@ -127,9 +139,12 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
         trainer = KDTrainer(overrides=overrides, distill=setup)
         _callbacks(trainer, recipe.train.epochs, progress, stage)
         trainer.train()
-    except BaseException:
+    except BaseException as e:
         if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
             shutil.rmtree(work, ignore_errors=True)
+        if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
+            raise KdctlError(f"{source}: training failed: {msg}") from None
         raise
     train_s = time.perf_counter() - t_start
 

@@ -33,6 +33,13 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
         load_yolo_yaml(bad)
     with pytest.raises(DataError, match="dataset YAML not found"):
         load_yolo_yaml(tmp_path / "none.yaml")
+    import shutil
+
+    nolab = tmp_path / "nolab"
+    shutil.copytree(tiny_data.parent / "images", nolab / "images")
+    (nolab / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    with pytest.raises(DataError, match="train: none of its 24 images has a label file"):
+        load_yolo_yaml(nolab / "data.yaml")
 
 
 def make_coco(tmp_path: Path) -> dict:

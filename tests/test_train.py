@@ -52,3 +52,23 @@ def test_train_with_relative_paths_keeps_everything_in_place(tmp_path, tiny_data
     assert (tmp_path / "runs" / "train" / "rel" / "manifest.json").is_file()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["train"]      # no runs/detect/...
     assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["rel"]     # work dir cleaned up
+
+
+def test_training_data_rejected_by_ultralytics_is_one_line(tmp_path, tiny_data):
+    """Label files present but all malformed: Ultralytics refuses them; the user sees one line, exit 2."""
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(tiny_data.parent / "images", root / "images")
+    for split in ("train", "val"):
+        (root / "labels" / split).mkdir(parents=True)
+        for img in (root / "images" / split).glob("*.png"):
+            (root / "labels" / split / f"{img.stem}.txt").write_text("7 not numbers\n")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    r = tmp_path / "r.yaml"
+    r.write_text(f"student: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {root / 'data.yaml'}}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8}\n")
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert "training failed:" in res.output and "Traceback" not in res.output and "\x1b" not in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()

@@ -108,6 +108,10 @@ def load_yolo_yaml(path: str | Path) -> Dataset:
     root = root.resolve()
     train = _list_images(data["train"], root, str(path), "train")
     val = _list_images(data["val"], root, str(path), "val")
+    for split, images in (("train", train), ("val", val)):
+        if not any(label_path(p).is_file() for p in images):
+            raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
+                            f"{label_path(images[0])})")
     return Dataset(path, names, train, val)
 
 
