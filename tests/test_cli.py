@@ -12,7 +12,7 @@ from kdctl.cli.main import app
 
 COMMANDS = [[], ["recipe"], ["recipe", "check"], ["recipe", "schema"], ["data"], ["data", "synth"], ["train"],
             ["distill"], ["eval"], ["export"], ["profile"], ["gate"], ["report"], ["bundle"], ["bundle", "show"],
-            ["bundle", "verify"], ["list"], ["list", "losses"]]
+            ["bundle", "verify"], ["list"], ["list", "losses"], ["list", "targets"]]
 LEAVES = [c for c in COMMANDS if c and c not in (["recipe"], ["data"], ["bundle"], ["list"])]
 
 
@@ -41,3 +41,11 @@ def test_list_losses_json():
     res = CliRunner().invoke(app, ["list", "losses", "--json"])
     names = {r["name"] for r in json.loads(res.stdout)}
     assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld"} == names
+
+
+def test_list_targets_json():
+    import json
+
+    res = CliRunner().invoke(app, ["list", "targets", "--json"])
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert {"cpu", "intel", "jetson", "rpi"} <= set(rows) and rows["intel"]["runtime"] == "openvino"

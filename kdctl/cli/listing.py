@@ -29,3 +29,22 @@ def losses(json_: JsonOpt = False) -> None:
         console.print(t)
 
     emit(rows, as_json=json_, human=human)
+
+
+@app.command("targets")
+def targets(json_: JsonOpt = False) -> None:
+    """Export target presets (deploy/targets/*.yaml) with their runtime and artifacts.
+
+    Example: [bold]kdctl list targets[/bold]
+    """
+    from kdctl.export.targets import available_targets, load_target
+
+    rows = [load_target(t).model_dump() for t in available_targets()]
+
+    def human():
+        t = Table("name", "runtime", "artifacts", "description")
+        for r in rows:
+            t.add_row(r["name"], r["runtime"], ", ".join(r["artifacts"]), r["description"])
+        console.print(t)
+
+    emit(rows, as_json=json_, human=human)
