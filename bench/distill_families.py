@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, table, write_section  # noqa: E402
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
-            "distill-kd-logit", "distill-ld", "quickstart", "neck-head"]
+            "distill-kd-logit", "distill-ld", "quickstart", "neck-head", "backbone-head"]
 
 
 def _recipe(name: str, seed: int, teacher: Path | None):
