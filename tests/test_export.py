@@ -99,8 +99,11 @@ def test_cli_unknown_target_exit_2(trained_bundle, tmp_path):
 
 
 def test_calibration_too_small(trained_bundle, tmp_path):
-    with pytest.raises(DataError, match="export.calibration_images: 500 calibration images requested"):
+    with pytest.raises(DataError, match="export.calibration_images: 500 calibration images requested, but the "
+                                        "dataset's train split has only 24"):
         export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=500), out=tmp_path / "x")
+    with pytest.raises(DataError, match="export.calibration_images: 2 is too few"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=2), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

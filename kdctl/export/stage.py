@@ -82,7 +82,8 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
         raise DataError(f"--artifact: unknown artifact '{bad[0]}'; valid: {', '.join(ARTIFACTS)}")
     if any(a.startswith("openvino") for a in wanted):
         _need("openvino", "OpenVINO export")
-        _need("nncf", "OpenVINO INT8 export") if "openvino-int8" in wanted else None
+    if "openvino-int8" in wanted:
+        _need("nncf", "OpenVINO INT8 export")
     _need("onnxruntime", "ONNX export checks")
 
     ds = load_yolo_yaml(options.data or src.file("data"))
@@ -91,10 +92,12 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted)
     calib_pool = ds.train_images or ds.val_images
-    if needs_calib and (len(calib_pool) < max(MIN_CALIBRATION, 1) or len(calib_pool) < options.calibration_images):
+    if needs_calib and options.calibration_images < MIN_CALIBRATION:
+        raise DataError(f"export.calibration_images: {options.calibration_images} is too few for INT8 calibration "
+                        f"(at least {MIN_CALIBRATION})")
+    if needs_calib and len(calib_pool) < options.calibration_images:
         raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
-                        f"requested (at least {MIN_CALIBRATION}), but the dataset's train split has "
-                        f"{len(calib_pool)}")
+                        f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     model = load_detector(src.file("weights"))
     head_index = len(model.model) - 1
