@@ -82,3 +82,18 @@ def test_profile_pytorch_reference(tmp_path, export_cpu):
     rows = {r["artifact"]: r for r in json.loads(res.stdout)["results"]}
     assert set(rows) == {"pytorch-fp32", "onnx-fp32"}
     assert rows["pytorch-fp32"]["runtime"]["runtime"] == "pytorch" and rows["pytorch-fp32"]["latency_ms"]["p50"] > 0
+
+
+@pytest.mark.gpu
+def test_pytorch_cuda_runner_matches_cpu(trained_bundle):
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from kdctl.profile.runners import pytorch_runner
+
+    x = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
+    cpu = pytorch_runner(trained_bundle / "weights.pt", 1, "cpu")(x)
+    gpu = pytorch_runner(trained_bundle / "weights.pt", 1, "cuda")(x)
+    assert np.abs(cpu[:, 4:] - gpu[:, 4:]).max() < 1e-3 and np.abs(cpu[:, :4] - gpu[:, :4]).max() < 0.05
