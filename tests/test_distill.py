@@ -189,12 +189,14 @@ def test_resume_after_kill(tmp_path, tiny_data, trained_bundle):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed run must not leave a bundle"
+    scales = json.loads((tmp_path / ".kd.work" / "train" / "kd_balance.json").read_text())["scales"]
     res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out)])
     assert res.exit_code == 2 and "--resume" in res.output
     res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out), "--resume", "--json"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "manifest.json").read_text())
     assert [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
+    assert [t["scale"] for t in m["metrics"]["kd_terms"]] == scales  # auto-balance scales survive the kill
     assert not (tmp_path / ".kd.work").exists()
     assert CliRunner().invoke(app, ["bundle", "verify", str(out)]).exit_code == 0
 
