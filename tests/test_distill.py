@@ -151,6 +151,8 @@ def test_distill_end_to_end_cli(tmp_path, tiny_data, trained_bundle):
     data = json.loads(res.stdout)
     assert set(data["kd_terms"]) == {"cwd", "kd_logit"} and all(v > 0 for v in data["kd_terms"].values())
     assert CliRunner().invoke(app, ["bundle", "verify", str(out)]).exit_code == 0
+    shown = CliRunner().invoke(app, ["bundle", "show", str(out)], env={"COLUMNS": "160"})
+    assert shown.exit_code == 0 and "KD term" in shown.output and "kd_logit" in shown.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["parents"][0]["path"] == str(trained_bundle.resolve())
     assert m["metrics"]["epochs"][0]["train/kd_cwd"] > 0 and "map50_95" in m["metrics"]

@@ -47,6 +47,17 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
         for k, v in _scalar_metrics(b.metrics).items():
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         console.print(t)
+        if b.metrics.get("kd_terms"):
+            from kdctl.distill.losses.registry import kd_item
+
+            first, last = (b.metrics["epochs"][0], b.metrics["epochs"][-1]) if b.metrics.get("epochs") else ({}, {})
+            k = Table("KD term", "loss", "student → teacher layers", "scale", "epoch 1", "last epoch")
+            for term in b.metrics["kd_terms"]:
+                col = f"train/{kd_item(term['name'])}"
+                k.add_row(term["name"], term["loss"], f"{term['student_layers']} → {term['teacher_layers']}",
+                          f"{term['scale']:.4g}" if term.get("scale") is not None else "—",
+                          f"{first.get(col, float('nan')):.4f}", f"{last.get(col, float('nan')):.4f}")
+            console.print(k)
 
     emit(m, as_json=json_, human=human)
 

@@ -27,8 +27,9 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
               "params": m["params"], "train_seconds": m["train_seconds"]}
     if "kd_terms" in m:
         last = m["epochs"][-1] if m["epochs"] else {}
-        result["kd_terms"] = {t["name"]: last.get(f"train/{t['name'] if t['name'].startswith('kd_') else 'kd_' + t['name']}")
-                              for t in m["kd_terms"]}
+        from kdctl.distill.losses.registry import kd_item
+
+        result["kd_terms"] = {t["name"]: last.get(f"train/{kd_item(t['name'])}") for t in m["kd_terms"]}
 
     def human():
         t = Table(title=f"{stage}: {b.path}")

@@ -24,15 +24,12 @@ from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
 from kdctl.distill.criterion import DistillationCriterion, DistillContext, DistillTerm  # noqa: E402
 from kdctl.distill.losses import LOSSES  # noqa: E402
+from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa: E402
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
 
-
-def kd_item(term: str) -> str:
-    """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
-    return term if term.startswith("kd_") else f"kd_{term}"
 
 
 class TeacherRef:

@@ -10,7 +10,17 @@ from pydantic import Field, field_validator
 from kdctl.errors import RecipeError
 from kdctl.recipe.loader import read_yaml, validate
 from kdctl.recipe.schema import ARTIFACTS, Strict
-TARGETS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "targets"
+def _targets_dir() -> Path:
+    """The source tree's deploy/targets, else the copy a wheel install puts under <prefix>/share/kdctl."""
+    import sys
+
+    for d in (Path(__file__).resolve().parents[2] / "deploy" / "targets", Path(sys.prefix) / "share" / "kdctl" / "targets"):
+        if d.is_dir():
+            return d
+    return Path(__file__).resolve().parents[2] / "deploy" / "targets"
+
+
+TARGETS_DIR = _targets_dir()
 
 
 class TensorRTSettings(Strict):

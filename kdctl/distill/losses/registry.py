@@ -39,3 +39,8 @@ def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
         return cls
 
     return deco
+
+
+def kd_item(term: str) -> str:
+    """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
+    return term if term.startswith("kd_") else f"kd_{term}"

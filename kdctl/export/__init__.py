@@ -1,0 +1,1 @@
+"""kdctl.export"""
