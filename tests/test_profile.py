@@ -97,3 +97,15 @@ def test_pytorch_cuda_runner_matches_cpu(trained_bundle):
     cpu = pytorch_runner(trained_bundle / "weights.pt", 1, "cpu")(x)
     gpu = pytorch_runner(trained_bundle / "weights.pt", 1, "cuda")(x)
     assert np.abs(cpu[:, 4:] - gpu[:, 4:]).max() < 1e-3 and np.abs(cpu[:, :4] - gpu[:, :4]).max() < 0.05
+
+
+def test_profile_runs_without_torch_or_ultralytics(export_cpu, tmp_path):
+    """On the device only the runtime is needed: profiling must not import PyTorch or Ultralytics."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules['torch'] = None; sys.modules['ultralytics'] = None\n"
+            f"from kdctl.profile.stage import profile_bundle\n"
+            f"b = profile_bundle({str(export_cpu)!r}, warmup=1, runs=3, e2e_runs=1, out={str(tmp_path / 'p')!r})\n"
+            f"assert len(b.metrics['results']) == 2\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
