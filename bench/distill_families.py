@@ -19,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, machine, table, write_section  # noqa: E402
 
+# Settings tried before the shipped ones, kept in the table: label -> bundle prefix under --root.
+TRIED = {"distill-cwd at auto_balance 0.25 (tried)": "tried-cwd-b025",
+         "distill-mgd at auto_balance 0.25 (tried)": "tried-mgd-b025",
+         "neck-head with CWD at full weight (tried)": "tried-neck-head-w1"}
+
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
             "distill-kd-logit", "distill-ld", "quickstart", "neck-head", "backbone-head"]
 
@@ -94,6 +99,14 @@ def main() -> None:
         for fam in a.families:
             res.setdefault(fam, {})[seed] = run_kdctl(fam, "distill", seed, teacher, root / f"{fam}-s{seed}")
         (root / "results.json").write_text(json.dumps(res, indent=1))
+    from kdctl.bundle import load_bundle
+
+    for label, prefix in TRIED.items():
+        for seed in a.seeds:
+            d = root / f"{prefix}-s{seed}"
+            if (d / "manifest.json").is_file():
+                m = load_bundle(d).metrics
+                res.setdefault(label, {})[seed] = {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
     t_map = res["teacher"][0]["map50_95"]
     base = res["baseline student"]
