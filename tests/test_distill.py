@@ -209,3 +209,15 @@ def test_trainer_requires_explicit_distill_setup(tiny_data, tmp_path):
 
     with pytest.raises(TypeError, match="needs distill="):
         KDTrainer(overrides={"model": "yolov8n.yaml", "data": str(tiny_data), "project": str(tmp_path)})
+
+
+def test_kd_loss_under_autocast_keeps_fp32_losses(v8n):
+    """Under autocast (bf16 on CPU here, fp16 on GPU) features arrive in low precision; adapters and KD terms
+    run in FP32, so the step neither mixes dtypes nor loses the KD term."""
+    m = _kd_model(v8n, [LossSpec(name="cwd"), LossSpec(name="fitnet", level="backbone"), LossSpec(name="ld")])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, items = m.loss(_batch())
+    assert all(items[k].dtype == torch.float32 and items[k].item() > 0 for k in ("kd_cwd", "kd_fitnet", "kd_ld"))
+    loss.sum().backward()
+    adapter = m.kd.terms[0].losses[0].align.proj[0].weight
+    assert adapter.dtype == torch.float32 and adapter.grad is not None and adapter.grad.abs().sum() > 0
