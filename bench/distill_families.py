@@ -22,6 +22,7 @@ from _common import ROOT, machine, table, write_section  # noqa: E402
 # Settings tried before the shipped ones, kept in the table: label -> bundle prefix under --root.
 TRIED = {"distill-cwd at auto_balance 0.25 (tried)": "tried-cwd-b025",
          "distill-mgd at auto_balance 0.25 (tried)": "tried-mgd-b025",
+         "distill-fgd at auto_balance 0.25 (tried)": "tried-fgd-b025",
          "neck-head with CWD at full weight (tried)": "tried-neck-head-w1"}
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
