@@ -26,7 +26,7 @@ TRIED = {"distill-cwd at auto_balance 0.25 (tried)": "tried-cwd-b025",
          "neck-head with CWD at full weight (tried)": "tried-neck-head-w1"}
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
-            "distill-kd-logit", "distill-ld", "quickstart", "neck-head", "backbone-head"]
+            "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
 
 
 def _recipe(name: str, seed: int, teacher: Path | None):
