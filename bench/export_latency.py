@@ -47,7 +47,9 @@ def ov_default(xml: Path, threads: int):
         return req.infer({0: x})[compiled.output(0)].copy()
 
     run.fixed_batch = 1
-    run.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    from kdctl.export.openvino import precision_name
+
+    run.precision = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
     return run
 
 
@@ -79,7 +81,8 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     runners = {"pytorch fp32": torch_backend(model)}
     for name, (path, a) in ours.items():
         runners[name] = (onnxruntime_backend(path, threads=threads) if a["format"] == "onnx"
-                         else openvino_backend(path, a["precision"], threads=threads))
+                         else openvino_backend(path, a["precision"], threads=threads,
+                                               hint=a["runtime"].get("requested_precision")))
     precision = {n: a["runtime"].get("inference_precision") for n, (_, a) in ours.items()}
     precision["pytorch fp32"] = "fp32"
     for name, path in ul.items():

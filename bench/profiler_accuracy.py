@@ -18,7 +18,7 @@ from _common import ROOT, machine, table, write_section  # noqa: E402
 
 def benchmark_app_median(xml: Path, threads: int, niter: int) -> float:
     exe = Path(sys.executable).parent / "benchmark_app"
-    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "latency", "-api", "sync",
+    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "none", "-api", "sync",
                           "-niter", str(niter), "-nthreads", str(threads), "-infer_precision", "f32",
                           "-nstreams", "1"], capture_output=True, text=True, check=True).stdout
     m = re.search(r"Median:\s+([\d.]+) ms", out)
@@ -54,7 +54,7 @@ def main() -> None:
     rows = [[f"repeat {i + 1}", round(o, 3), round(t, 3), f"{o / t:.3f}"] for i, (o, t) in enumerate(zip(ours, theirs))]
     rows.append(["median", round(mo, 3), round(mt, 3), f"{mo / mt:.3f}"])
     body = (f"## Profiler vs benchmark_app\n\n{machine()}. OpenVINO FP32 IR of `{a.bundle}` at {a.imgsz} px, CPU, "
-            f"latency hint, sync API, 1 stream, {threads} threads, f32 inference precision, {a.runs} timed runs each; "
+            f"sync API, 1 stream (kdctl: latency hint; benchmark_app: -hint none -nstreams 1), {threads} threads, f32 inference precision, {a.runs} timed runs each; "
             f"kdctl profile and benchmark_app alternate, {a.repeats} repeats, one run.\n\n"
             + table(["", "kdctl p50 ms", "benchmark_app median ms", "ratio"], rows)
             + f"\n\nkdctl / benchmark_app p50: **{mo / mt:.3f}** (target within 10 %); repeat-to-repeat CV of kdctl's "

@@ -82,8 +82,8 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
     want = hint or PRECISION_HINT[precision]
     if device == "CPU":
         supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if want == "f16" and "FP16" not in supported:
-            want = "f32"  # recorded below: this CPU has no FP16 arithmetic, so the IR's FP16 weights run in f32
+        if (want == "f16" and "FP16" not in supported) or (want == "bf16" and "BF16" not in supported):
+            want = "f32"  # recorded below: this CPU lacks that arithmetic, so the model runs in f32
         config[hints.inference_precision] = want
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -98,5 +98,5 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
     run.fixed_batch = dim0.get_length() if dim0.is_static else None
     run.runtime = {"runtime": "openvino", "version": ov.__version__, "device": device,
                    "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
-                   "requested_precision": PRECISION_HINT[precision] if not hint else hint}
+                   "requested_precision": hint or PRECISION_HINT[precision]}
     return run

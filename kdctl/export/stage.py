@@ -226,7 +226,8 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         else:
             export_openvino(fp32, d, prec)
             q = {"compress_to_fp16": prec == "fp16"}
-        backend = openvino_backend(d / "model.xml", prec, threads=preset.threads)
+        hint = preset.openvino_int8_precision if prec == "int8" else None
+        backend = openvino_backend(d / "model.xml", prec, threads=preset.threads, hint=hint)
         rt = dict(backend.runtime)
         arts.append(Artifact(f"openvino-{prec}", "openvino", prec,
                              [f"{d.name}/model.xml", f"{d.name}/model.bin"], {**rt, "_backend": backend},

@@ -40,6 +40,9 @@ class TargetPreset(Strict):
     nms: Literal["outside"] = Field("outside", description="NMS runs in kdctl's post-processing, outside the graph")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     keep_head_fp: bool = True
+    openvino_int8_precision: Literal["f32", "bf16"] = Field(
+        "f32", description="Precision OpenVINO uses for the layers an INT8 model keeps in floating point; bf16 "
+                           "applies only where the CPU has BF16, and the precision actually used is recorded")
     threads: int | None = Field(None, ge=1)
     tensorrt: TensorRTSettings = Field(default_factory=TensorRTSettings)
 

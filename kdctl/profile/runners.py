@@ -43,10 +43,11 @@ def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
     return run
 
 
-def openvino_runner(xml: Path, precision: str, threads: int | None, device: str = "CPU"):
+def openvino_runner(xml: Path, precision: str, threads: int | None, device: str = "CPU", hint: str | None = None):
+    """``hint``: the inference precision the export chose and checked (recorded in its bundle)."""
     from kdctl.export.openvino import openvino_backend
 
-    run = openvino_backend(xml, precision, threads=threads, device=device)
+    run = openvino_backend(xml, precision, threads=threads, device=device, hint=hint)
     run.info = {**run.runtime, "threads": threads or int(run.compiled.get_property("INFERENCE_NUM_THREADS"))}
     return run
 

@@ -43,7 +43,8 @@ def _make_runner(root: Path, art: dict, threads: int | None, device: str):
         return runners.onnxruntime_runner(root / art["files"][0], threads, device)
     if fmt == "openvino":
         return runners.openvino_runner(root / art["files"][0], art["precision"], threads,
-                                       "GPU" if device == "cuda" else "CPU")
+                                       "GPU" if device == "cuda" else "CPU",
+                                       hint=art.get("runtime", {}).get("requested_precision"))
     if fmt == "tensorrt":
         return runners.tensorrt_backend(root / art["files"][0])
     if fmt == "pytorch":
