@@ -26,25 +26,17 @@ def synth(
 
     Example: [bold]kdctl data synth data/shapes --images 400 --seed 0[/bold]
     """
-    import os
-    import shutil
-    import uuid
-
+    from kdctl.data.resolve import atomic_build
     from kdctl.data.synth import write_dataset
     from kdctl.errors import DataError
 
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new directory")
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with progress_bar(not json_) as p:
-            task = p.add_task("generating", total=images + val) if p else None
-            write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz, classes=classes,
-                          progress=(lambda: p.advance(task)) if p else None)
-        yaml_path = tmp / "data.yaml"
-        yaml_path.write_text(yaml_path.read_text().replace(str(tmp.resolve()), str(out.resolve())))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bar(not json_) as p:
+        task = p.add_task("generating", total=images + val) if p else None
+        atomic_build(out, lambda tmp: write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz,
+                                                    classes=classes, root=out,
+                                                    progress=(lambda: p.advance(task)) if p else None))
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
     emit(result, as_json=json_, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))

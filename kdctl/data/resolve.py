@@ -128,7 +128,8 @@ def normalised_yaml(ds: Dataset, out: Path) -> Path:
     return out
 
 
-def _atomic_build(final: Path, build) -> Path:
+def atomic_build(final: Path, build) -> Path:
+    """Build a directory in a temporary sibling and rename it into place; an existing one is kept."""
     if final.exists():
         return final
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -153,12 +154,10 @@ def synthetic_dataset(train: int, val: int, seed: int, imgsz: int, classes: int,
     final.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path) -> None:
-        write_dataset(tmp, train=train, val=val, seed=seed, imgsz=imgsz, classes=classes, progress=progress)
+        write_dataset(tmp, train=train, val=val, seed=seed, imgsz=imgsz, classes=classes, progress=progress,
+                      root=final)
 
-    _atomic_build(final, build)
-    data = yaml.safe_load((final / "data.yaml").read_text())
-    data["path"] = str(final.resolve())  # the tmp name was written into it
-    (final / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_build(final, build)
     return load_yolo_yaml(final / "data.yaml")
 
 
@@ -233,7 +232,7 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
             "path": str(final.resolve()), "train": "images/train", "val": "images/val",
             "names": {i: c["name"] for i, c in enumerate(cats)}}, sort_keys=False))
 
-    _atomic_build(final, convert)
+    atomic_build(final, convert)
     return load_yolo_yaml(final / "data.yaml")
 
 

@@ -156,10 +156,12 @@ def render_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Imag
 
 
 def write_dataset(out: str | Path, *, train: int = 400, val: int = 100, seed: int = 0, imgsz: int = 320,
-                  classes: int = 6, progress=None) -> Path:
+                  classes: int = 6, progress=None, root: str | Path | None = None) -> Path:
     """Write ``images/{train,val}``, ``labels/{train,val}`` and ``data.yaml``; returns the data.yaml path.
 
-    Each split draws from its own seeded stream, so ``val`` does not change when ``train`` grows.
+    Each split draws from its own seeded stream, so ``val`` does not change when ``train`` grows. ``root`` is the
+    directory data.yaml names as ``path`` (default ``out``): where the set will live once a temporary ``out`` is
+    renamed into place.
     """
     import yaml
 
@@ -182,7 +184,7 @@ def write_dataset(out: str | Path, *, train: int = 400, val: int = 100, seed: in
                 progress()
     data_yaml = out / "data.yaml"
     data_yaml.write_text(yaml.safe_dump({
-        "path": str(out.resolve()), "train": "images/train", "val": "images/val",
+        "path": str(Path(root or out).resolve()), "train": "images/train", "val": "images/val",
         "names": {i: CLASS_NAMES[i] for i in range(classes)},
         "kdctl_synthetic": {"seed": seed, "train": train, "val": val, "imgsz": imgsz, "classes": classes},
     }, sort_keys=False))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, write_text_atomic
 from kdctl.errors import KdctlError
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
@@ -30,13 +28,6 @@ def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
         return results[names.index(artifact)]
     int8 = [r for r in results if r["precision"] == "int8"]
     return (int8 or results)[0]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
@@ -77,7 +68,7 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
         for role, f in (("junit", "junit.xml"), ("summary", "summary.md"), ("metrics", "metrics.json")):
             w.add_output(role, f)
     if junit:
-        _write_text_atomic(Path(junit), xml)
+        write_text_atomic(Path(junit), xml)
     if summary:
-        _write_text_atomic(Path(summary), md)
+        write_text_atomic(Path(summary), md)
     return GateResult(passed, result["artifact"], checks, w.bundle)
