@@ -31,7 +31,20 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     x = torch.zeros(batch, 3, imgsz, imgsz)
     with torch.no_grad():
         m(x)  # builds anchors/strides for this input size
-    net = _HalfIO(m.half()) if half else m
+    if half:
+        class HalfIO(torch.nn.Module):
+            """FP32 in, FP16 inside, FP32 out."""
+
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x.half()).float()
+
+        net = HalfIO(m.half())
+    else:
+        net = m
     axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic else None
     torch.onnx.export(net, x, str(path), opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
                       dynamic_axes=axes, do_constant_folding=True, dynamo=False)
@@ -39,23 +52,6 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
-
-
-class _HalfIO:
-    """FP32 in, FP16 inside, FP32 out."""
-
-    def __new__(cls, model):
-        import torch
-
-        class HalfIO(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x):
-                return self.m(x.half()).float()
-
-        return HalfIO(model)
 
 
 def onnxruntime_backend(path: Path, threads: int | None = None, providers: list[str] | None = None):

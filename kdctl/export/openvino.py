@@ -62,6 +62,20 @@ def quantize_openvino_int8(onnx_path: Path, out_dir: Path, calibration: list[np.
     return settings
 
 
+def compiled_backend(compiled):
+    """A backend over an already compiled model; ``fixed_batch`` is set when the input batch is static."""
+    request = compiled.create_infer_request()
+    out = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[out].copy()
+
+    run.compiled = compiled
+    dim0 = compiled.input(0).get_partial_shape()[0]
+    run.fixed_batch = dim0.get_length() if dim0.is_static else None
+    return run
+
+
 def precision_name(t) -> str:
     """OpenVINO element type -> short name ('f32', 'bf16', 'f16')."""
     s = str(t)
@@ -88,14 +102,7 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     compiled = core.compile_model(str(xml), device, config)
-    request = compiled.create_infer_request()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return request.infer({0: x})[compiled.output(0)].copy()
-
-    run.compiled = compiled
-    dim0 = compiled.input(0).get_partial_shape()[0]
-    run.fixed_batch = dim0.get_length() if dim0.is_static else None
+    run = compiled_backend(compiled)
     run.runtime = {"runtime": "openvino", "version": ov.__version__, "device": device,
                    "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
                    "requested_precision": hint or PRECISION_HINT[precision]}

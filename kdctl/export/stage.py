@@ -263,15 +263,9 @@ def _map_validator(imgsz: int, names: list[str]):
     """NNCF accuracy-control validation: COCO mAP50-95 of a compiled OpenVINO model on the given images."""
     from kdctl.evaluate import evaluate_backend
 
+    from kdctl.export.openvino import compiled_backend
+
     def validate(compiled_model, items) -> float:
-        request = compiled_model.create_infer_request()
-        out = compiled_model.output(0)
-
-        def backend(x):
-            return request.infer({0: x})[out].copy()
-
-        dim0 = compiled_model.input(0).get_partial_shape()[0]
-        backend.fixed_batch = dim0.get_length() if dim0.is_static else None
-        return evaluate_backend(backend, list(items), names, imgsz)["map50_95"]
+        return evaluate_backend(compiled_backend(compiled_model), list(items), names, imgsz)["map50_95"]
 
     return validate
