@@ -25,9 +25,9 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
     if p.is_dir():
         from kdctl.errors import BundleError
         try:
-            b = load_bundle(p, stages=("train", "distill"))
+            b = load_bundle(p, stages=("train", "distill"), verify=True)
         except BundleError as e:
-            raise RecipeError(f"{source}: {field}: {e}") from None
+            raise RecipeError(f"{source}: {field}: {e}", exit_code=e.exit_code) from None
         w = b.file("weights")
         return ResolvedModel("checkpoint", str(w), b.manifest["files"][w.relative_to(b.path).as_posix()]["sha256"], b)
     if p.suffix in (".pt", ".pth"):
@@ -36,6 +36,7 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
         return ResolvedModel("checkpoint", str(p.resolve()), sha256_file(p))
     if p.suffix in (".yaml", ".yml"):
         if p.is_file():
+            _check_model_yaml(p, field, source)
             return ResolvedModel("yaml", str(p.resolve()), None)
         if (ASSET_MODELS / p.name).is_file() and len(p.parts) == 1:
             return ResolvedModel("yaml", str(ASSET_MODELS / p.name), None)
@@ -44,6 +45,39 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
             return ResolvedModel("yaml", p.name, None)
         raise RecipeError(f"{source}: {field}: model YAML '{spec}' not found")
     raise RecipeError(f"{source}: {field}: '{spec}' is not a .yaml, a .pt or a bundle directory")
+
+
+def _check_model_yaml(path: Path, field: str, source: str) -> None:
+    """A model YAML names its layers in ``backbone`` and ``head`` lists (Ultralytics' format)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{source}: {field}: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("backbone", "head") if not isinstance((cfg or {}).get(k) if isinstance(cfg, dict) else None, list)]
+    if missing:
+        raise RecipeError(f"{source}: {field}: '{path}' is not a model YAML (no '{missing[0]}' layer list; "
+                          "a dataset YAML given as a model?)")
+
+
+def load_bundle_weights(bundle):
+    """The FP32 eval-mode detector of a train/distill bundle (already verified); a broken file is one line."""
+    from kdctl.distill.ultralytics import load_detector
+    from kdctl.errors import BundleError
+
+    path = bundle.file("weights")
+    try:
+        return load_detector(path)
+    except Exception as e:
+        raise BundleError(f"{path}: cannot load the model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def model_classes(model) -> int:
+    """How many classes a detector predicts."""
+    head = model.model[-1] if hasattr(model, "model") else None
+    return int(getattr(head, "nc", None) or len(getattr(model, "names", {}) or {}))
 
 
 def _check_ultralytics_yaml(name: str, field: str, source: str) -> None:
@@ -70,4 +104,8 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
             raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         return model
-    return build_detector(resolved.ref, nc).eval()
+    try:
+        return build_detector(resolved.ref, nc).eval()
+    except Exception as e:  # a YAML whose layers do not build: say which file
+        raise RecipeError(f"{source}: {field}: cannot build a model from '{resolved.ref}' "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

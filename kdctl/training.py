@@ -13,11 +13,13 @@ import math
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import yaml
 
-from kdctl.bundle import Bundle, BundleWriter, next_run_dir
+from kdctl import faults
+from kdctl.bundle import Bundle, BundleWriter, claim_output, next_run_dir, write_json_atomic
 from kdctl.data.resolve import normalised_yaml, resolve_data
 from kdctl.errors import CheckFailed, KdctlError, RecipeError
 from kdctl.models import load_model, resolve_model
@@ -50,7 +52,7 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
-def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
+def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
     from kdctl.distill.ultralytics import save_balance
 
     bar = Step(progress, f"{stage} epoch 1/{epochs}", total=epochs)
@@ -79,6 +81,18 @@ def _callbacks(trainer, epochs: int, progress, stage: str) -> None:
         bar.describe(f"{stage} epoch {done}/{epochs}  mAP50-95(val) {m.get('metrics/mAP50-95(B)', 0):.3f}")
         bar.completed(done)
 
+    def on_train_start(tr):
+        kd = getattr(getattr(tr.model, "module", tr.model), "kd", None)
+        if kd is not None:
+            write_json_atomic(work / KD_TERMS_FILE, [
+                {"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
+                 "weight": t.weight} for t in kd.terms])
+
+    def on_model_save(tr):
+        faults.point("train:epoch-saved")
+
+    trainer.add_callback("on_train_start", on_train_start)
+    trainer.add_callback("on_model_save", on_model_save)
     trainer.add_callback("on_train_epoch_start", on_train_epoch_start)
     trainer.add_callback("on_train_batch_end", on_train_batch_end)
     trainer.add_callback("on_fit_epoch_end", on_fit_epoch_end)
@@ -96,10 +110,41 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path) -> d
     }
 
 
+RUN_FILE = "run.json"     # in the work dir: the bundle id this run will publish and whether it may overwrite
+KD_TERMS_FILE = "kd_terms.json"
+
+
+def _run_info(work: Path) -> dict | None:
+    try:
+        info = json.loads((work / RUN_FILE).read_text())
+        return info if isinstance(info, dict) and isinstance(info.get("bundle_id"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _checkpoint_state(last: Path, epochs: int) -> str:
+    """``"none"``, ``"partial"`` (resume training) or ``"finished"`` (only publishing is left)."""
+    if not last.is_file():
+        return "none"
+    import torch
+
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        epoch = int(ckpt.get("epoch", -1))
+    except Exception as e:  # killed while Ultralytics rewrote it
+        raise KdctlError(f"{last}: the interrupted run's checkpoint is unreadable ({type(e).__name__}); "
+                         "pass --overwrite to start over") from None
+    return "finished" if epoch == -1 or epoch + 1 >= epochs else "partial"
+
+
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,
                  runs_dir: str | Path = "runs", resume: bool = False, overwrite: bool = False,
-                 progress=None) -> Bundle:
-    """Train (``stage='train'``) or distill (``stage='distill'``) ``recipe.student``; returns the new bundle."""
+                 skip_invalid: bool | None = None, progress=None) -> Bundle:
+    """Train (``stage='train'``) or distill (``stage='distill'``) ``recipe.student``; returns the new bundle.
+
+    ``resume=True`` continues a run killed at any point: before its first checkpoint (starts over), mid-run (from
+    the last epoch), after its last epoch or while publishing (publishes), after publishing (cleans up).
+    """
     if stage == "distill" and not recipe.distill.losses:
         raise RecipeError(f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`), "
                           "or use `kdctl train` for training without a teacher")
@@ -108,45 +153,89 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     out = Path(out) if out else (Path(runs_dir) / stage / recipe.name if resume else
                                  next_run_dir(runs_dir, stage, recipe.name))
     work = work_dir_for(out)
-    last = work / "train" / "weights" / "last.pt"
-    if resume and not last.is_file():
-        raise KdctlError(f"{out}: nothing to resume (no {last})")
-    if not resume and work.exists():
-        raise KdctlError(f"{work}: an interrupted run is there; pass --resume to continue it, or remove it")
-    if out.exists() and not overwrite:
-        raise KdctlError(f"{out}: already exists; choose another --out or pass --overwrite")
-
-    ds = resolve_data(recipe.data)
+    info = _run_info(work)
+    if resume:
+        done = _already_published(out, work, info, recipe, stage)
+        if done is not None:
+            return done
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
+    in_bundles = [r.bundle.path for r in (student_ref, teacher_ref) if r is not None and r.bundle is not None]
+    may_overwrite = overwrite or bool(resume and info and info.get("overwrite"))
+    with claim_output(out, overwrite=may_overwrite, inputs=in_bundles):
+        last = work / "train" / "weights" / "last.pt"
+        state = _checkpoint_state(last, recipe.train.epochs) if work.exists() else "none"
+        if work.exists() and not resume:
+            if state != "none" and not overwrite:
+                raise KdctlError(f"{work}: an interrupted run is there; pass --resume to continue it, or "
+                                 "--overwrite to discard it")
+            shutil.rmtree(work)  # stale (killed before its first checkpoint) or discarded by --overwrite
+        elif resume and state == "none":
+            shutil.rmtree(work, ignore_errors=True)  # killed before the first checkpoint: nothing to keep
+        if not (resume and info and state != "none"):
+            info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage}
+        return _train_and_publish(recipe, stage, source, out, work, state if resume else "none", info,
+                                  student_ref, teacher_ref, may_overwrite, skip_invalid, progress)
 
+
+def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:
+    """``--resume`` of a run whose bundle is already published: clean up its work dir and return the bundle."""
+    from kdctl.bundle import load_bundle
+    from kdctl.bundle.output import OutputLock, bundle_state
+
+    state, bid = bundle_state(out)
+    if state != "bundle":
+        return None
+    ours = info is not None and bid == info["bundle_id"]
+    if not ours:
+        if work.exists():
+            return None  # a newer interrupted run (e.g. with --overwrite) is there: resume it
+        b = load_bundle(out)
+        if b.stage != stage or b.recipe != recipe.model_dump(mode="json"):
+            return None  # someone else's result: claim_output refuses it with the usual message
+    lock = OutputLock(out.absolute())
+    lock.acquire()
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        lock.release()
+    return load_bundle(out, verify=True)
+
+
+def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
+                       student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
+    ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     from kdctl.distill.ultralytics import DistillSetup, KDTrainer, load_detector, plain_student
 
-    setup = None
-    if stage == "distill":
-        teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
-        # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
-        setup = DistillSetup(teacher, recipe.distill.losses, recipe.distill.auto_balance, source)
-
     work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work / RUN_FILE, info)
+    faults.point("train:started")
+    last = work / "train" / "weights" / "last.pt"
     data_yaml = normalised_yaml(ds, work / "data.yaml")
-    overrides = _overrides(recipe, data_yaml, student_ref.ref, work)
-    if resume:
-        overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
-                     "workers": recipe.train.workers}
     t_start = time.perf_counter()
-    try:
-        trainer = KDTrainer(overrides=overrides, distill=setup)
-        _callbacks(trainer, recipe.train.epochs, progress, stage)
-        trainer.train()
-    except BaseException as e:
-        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
-            shutil.rmtree(work, ignore_errors=True)
-        if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
-            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
-            raise KdctlError(f"{source}: training failed: {msg}") from None
-        raise
-    train_s = time.perf_counter() - t_start
+    if state != "finished":
+        setup = None
+        if stage == "distill":
+            teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+            # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
+            setup = DistillSetup(teacher, recipe.distill.losses, recipe.distill.auto_balance, source)
+        overrides = _overrides(recipe, data_yaml, student_ref.ref, work)
+        if state == "partial":
+            overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
+                         "workers": recipe.train.workers}
+        try:
+            trainer = KDTrainer(overrides=overrides, distill=setup)
+            _callbacks(trainer, recipe.train.epochs, progress, stage, work)
+            trainer.train()
+        except BaseException as e:
+            if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+                shutil.rmtree(work, ignore_errors=True)
+            if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
+                msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
+                raise KdctlError(f"{source}: training failed: {msg}") from None
+            raise
+        faults.point("train:finished")
+    train_s = time.perf_counter() - t_start  # this process's share when resumed
 
     best = work / "train" / "weights" / "best.pt"
     weights_src = best if best.is_file() else last
@@ -166,8 +255,8 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     epochs = _read_results(work / "train" / "results.csv")
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
-                      overwrite=overwrite) as w:
-        _save_student(student, w.path / "weights.pt", trainer)
+                      overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
+        _save_student(student, w.path / "weights.pt", _train_args(weights_src))
         w.add_output("weights", "weights.pt")
         shutil.copy(data_yaml, w.path / "data.yaml")
         w.add_output("data", "data.yaml")
@@ -177,16 +266,30 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
         (w.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         w.add_output("recipe", "recipe.yaml")
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
-        kd = getattr(trainer.model, "kd", None)
-        if kd is not None:
-            w.metrics["kd_terms"] = [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers,
-                                      "teacher_layers": t.t_layers, "weight": t.weight,
-                                      "scale": (kd.scales or [None] * len(kd.terms))[i]}
-                                     for i, t in enumerate(kd.terms)]
+        if stage == "distill":
+            w.metrics["kd_terms"] = _kd_terms(work)
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
+    faults.point("train:published")
     shutil.rmtree(work, ignore_errors=True)
     return w.bundle
+
+
+def _kd_terms(work: Path) -> list[dict]:
+    """The KD terms as built for this run, with the auto-balance scales it settled on."""
+    from kdctl.distill.ultralytics import BALANCE_FILE
+
+    terms = json.loads((work / KD_TERMS_FILE).read_text())
+    balance = work / "train" / BALANCE_FILE
+    scales = json.loads(balance.read_text())["scales"] if balance.is_file() else [None] * len(terms)
+    return [{**t, "scale": s} for t, s in zip(terms, scales)]
+
+
+def _train_args(ckpt_path: Path) -> dict:
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in (ckpt.get("train_args") or {}).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 def _summary(metrics: dict, epochs: list[dict], model, train_s: float, recipe: Recipe) -> dict:
@@ -204,7 +307,7 @@ def _summary(metrics: dict, epochs: list[dict], model, train_s: float, recipe: R
             "epochs": per_epoch}
 
 
-def _save_student(student, path: Path, trainer) -> None:
+def _save_student(student, path: Path, train_args: dict) -> None:
     """An Ultralytics-loadable checkpoint (``YOLO(path)`` works) holding only the plain student."""
     import copy
     import datetime as dt
@@ -213,6 +316,5 @@ def _save_student(student, path: Path, trainer) -> None:
 
     from ultralytics import __version__ as ul_version
 
-    torch.save({"model": copy.deepcopy(student).half(), "ema": None, "epoch": -1,
-                "train_args": {k: v for k, v in vars(trainer.args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+    torch.save({"model": copy.deepcopy(student).half(), "ema": None, "epoch": -1, "train_args": train_args,
                 "date": dt.datetime.now().isoformat(), "version": ul_version, "kdctl": True}, path)

@@ -85,10 +85,12 @@ def test_killed_process_leaves_no_complete_looking_bundle(tmp_path):
     """)
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     assert not (tmp_path / "b").exists()
-    leftovers = list(tmp_path.iterdir())
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".b.partial-")
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert len(leftovers) == 2 and leftovers[0] == ".b.lock" and leftovers[1].startswith(".b.partial-")
     with pytest.raises(BundleError, match="not a kdctl bundle"):
-        load_bundle(leftovers[0])
+        load_bundle(tmp_path / leftovers[1])
+    make(tmp_path)  # the next writer of the same --out takes the (released) lock and cleans the stale partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_overwrite_replaces_and_refuses_without_flag(tmp_path):

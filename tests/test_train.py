@@ -54,8 +54,8 @@ def test_train_with_relative_paths_keeps_everything_in_place(tmp_path, tiny_data
     assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["rel"]     # work dir cleaned up
 
 
-def test_training_data_rejected_by_ultralytics_is_one_line(tmp_path, tiny_data):
-    """Label files present but all malformed: Ultralytics refuses them; the user sees one line, exit 2."""
+def test_malformed_labels_are_one_line_naming_file_and_line(tmp_path, tiny_data):
+    """Label files present but all malformed: kdctl's validation names file:line before Ultralytics sees them."""
     import shutil
 
     root = tmp_path / "bad"
@@ -70,5 +70,6 @@ def test_training_data_rejected_by_ultralytics_is_one_line(tmp_path, tiny_data):
                  "train: {epochs: 1, imgsz: 64, batch: 8}\n")
     res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
-    assert "training failed:" in res.output and "Traceback" not in res.output and "\x1b" not in res.output
+    assert "train_000000.txt:1: has 3 columns" in res.output
+    assert "Traceback" not in res.output and "\x1b" not in res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()

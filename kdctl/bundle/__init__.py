@@ -1,5 +1,6 @@
-from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir, sha256_file, verify_bundle,
-                                write_json_atomic, write_text_atomic)
+from kdctl.bundle.output import check_output_file, claim_output
+from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir, require_verified, sha256_file,
+                                verify_bundle, write_json_atomic, write_text_atomic)
 
-__all__ = ["Bundle", "BundleWriter", "load_bundle", "next_run_dir", "sha256_file", "verify_bundle",
-           "write_json_atomic", "write_text_atomic"]
+__all__ = ["Bundle", "BundleWriter", "check_output_file", "claim_output", "load_bundle", "next_run_dir",
+           "require_verified", "sha256_file", "verify_bundle", "write_json_atomic", "write_text_atomic"]

@@ -1,7 +1,10 @@
 """Artifact bundles: a directory of files plus ``manifest.json`` (inputs, outputs, hashes, env, metrics).
 
 A bundle is built in a hidden temporary sibling directory and renamed into place only once its manifest is
-written, so an interrupted stage never leaves a directory that looks like a complete bundle.
+written, so an interrupted stage never leaves a directory that looks like a complete bundle. ``manifest.sha256``
+beside the manifest seals it (``sha256sum -c manifest.sha256`` checks it too; a detached signature of
+``manifest.json``, e.g. ``cosign sign-blob``, covers the whole bundle the same way). Publishing goes through
+:mod:`kdctl.bundle.output`, which never replaces anything kdctl did not write.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,8 @@ from kdctl.bundle.environment import environment
 from kdctl.errors import BundleError
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SEAL = "manifest.sha256"
+SCHEMA_VERSION = 2
 STAGES = ("data", "train", "distill", "eval", "export", "profile", "gate", "report")
 
 
@@ -45,8 +50,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -59,6 +71,7 @@ class Bundle:
 
     path: Path
     manifest: dict
+    verified: bool = False  # set by verify_bundle: every listed file was re-hashed and the seal matched
 
     @property
     def stage(self) -> str:
@@ -82,28 +95,40 @@ class Bundle:
         if rel is None:
             raise BundleError(f"{self.path}: bundle of stage '{self.stage}' has no output '{role}'; "
                               f"it has: {', '.join(self.manifest.get('outputs', {})) or 'none'}")
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"{self.path / MANIFEST}: outputs.{role}: '{rel}' is not a file of the bundle")
         return self.path / rel
 
     def ref(self) -> dict:
-        """How a child bundle records this one as its parent."""
+        """How a child bundle records this one as its parent: hashes that were re-checked, never copied."""
+        if not self.verified:
+            require_verified(self)
         return {"id": self.id, "stage": self.stage, "path": str(self.path.resolve()),
-                "content_sha256": self.manifest["content_sha256"]}
+                "content_sha256": self.manifest["content_sha256"], "verified": True}
 
 
-def load_bundle(path: str | Path, stages: Iterable[str] | None = None) -> Bundle:
+def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify: bool = False) -> Bundle:
+    """Read a bundle's manifest; with ``verify=True`` also re-hash it and refuse one that fails (exit 1).
+
+    Every stage reads its inputs with ``verify=True``: a result is never built on an edited or swapped file.
+    """
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: bundle directory not found")
-    if not mf.is_file():
+    if not mf.is_file() or mf.is_symlink():
         raise BundleError(f"{path}: not a kdctl bundle (no {MANIFEST})")
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mf}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mf}: manifest is not a JSON object")
     for key in ("schema_version", "stage", "id", "files", "content_sha256"):
         if key not in manifest:
             raise BundleError(f"{mf}: manifest field '{key}' is missing")
+    if not isinstance(manifest["schema_version"], int) or not isinstance(manifest["files"], dict):
+        raise BundleError(f"{mf}: manifest fields 'schema_version'/'files' have the wrong type")
     if manifest["schema_version"] > SCHEMA_VERSION:
         raise BundleError(f"{mf}: schema_version {manifest['schema_version']} is newer than this kdctl "
                           f"understands ({SCHEMA_VERSION}); upgrade kdctl")
@@ -112,6 +137,19 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None) -> Bundle
         stages = tuple(stages)
         if bundle.stage not in stages:
             raise BundleError(f"{path}: is a '{bundle.stage}' bundle; expected one of: {', '.join(stages)}")
+    if verify:
+        require_verified(bundle)
+    return bundle
+
+
+def require_verified(bundle: Bundle) -> Bundle:
+    """Verify ``bundle`` or raise a one-line :class:`BundleError` (exit 1) naming the first bad file."""
+    res = verify_bundle(bundle.path, _bundle=bundle)
+    if not res.ok:
+        more = f" (and {len(res.problems) - 1} more)" if len(res.problems) > 1 else ""
+        raise BundleError(f"{bundle.path / res.problems[0]}{more}; the bundle fails verification "
+                          f"(kdctl bundle verify {bundle.path}), refusing to use it", exit_code=1)
+    bundle.verified = True
     return bundle
 
 
@@ -120,26 +158,81 @@ class VerifyResult:
     ok: bool
     problems: list[str] = field(default_factory=list)
     checked: int = 0
+    device_built: list[str] = field(default_factory=list)  # declared files made on the device after export
 
 
-def verify_bundle(path: str | Path) -> VerifyResult:
-    """Re-hash every file the manifest lists; report changed, missing and unlisted files."""
-    bundle = load_bundle(path)
+def seal_text(manifest_bytes: bytes) -> str:
+    """``manifest.sha256`` in ``sha256sum`` format."""
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+
+
+def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
+    """Every entry under ``root`` (relative POSIX path, lstat), never following a symlink."""
+    import stat as _stat
+
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in sorted(it, key=lambda e: e.name):
+                st = e.stat(follow_symlinks=False)
+                rel = Path(e.path).relative_to(root).as_posix()
+                yield rel, st
+                if _stat.S_ISDIR(st.st_mode):
+                    stack.append(Path(e.path))
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def verify_bundle(path: str | Path, *, _bundle: Bundle | None = None) -> VerifyResult:
+    """Check the seal over the manifest, re-hash every file it lists, and report anything changed, missing,
+    unlisted, or not a regular file (a symlink, even to an identical copy, is a failure)."""
+    import stat as _stat
+
+    bundle = _bundle or load_bundle(path)
+    root = bundle.path
     problems: list[str] = []
     files = bundle.manifest["files"]
-    for name, info in sorted(files.items()):
-        p = bundle.path / name
-        if not p.is_file():
-            problems.append(f"{name}: missing")
-        elif p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
-            problems.append(f"{name}: changed (sha256 differs from manifest)")
-    for p in sorted(bundle.path.rglob("*")):
-        rel = p.relative_to(bundle.path).as_posix()
-        if p.is_file() and rel != MANIFEST and rel not in files:
+    seal = root / SEAL
+    if bundle.manifest["schema_version"] >= 2 or seal.exists() or seal.is_symlink():
+        if seal.is_symlink() or not seal.is_file():
+            problems.append(f"{SEAL}: missing (the manifest is not sealed)")
+        elif seal.read_text(encoding="utf-8", errors="replace") != seal_text((root / MANIFEST).read_bytes()):
+            problems.append(f"{MANIFEST}: changed (does not match {SEAL})")
+    else:
+        problems.append(f"{SEAL}: missing (bundle written by kdctl before 0.2; re-run the stage to seal it)")
+    device_allowed = set(bundle.manifest.get("device_built") or [])
+    seen_device = []
+    entries = dict(_walk(root))
+    for rel, st in entries.items():
+        if _stat.S_ISLNK(st.st_mode):
+            problems.append(f"{rel}: is a symlink (bundles hold regular files only)")
+        elif _stat.S_ISDIR(st.st_mode):
+            continue
+        elif not _stat.S_ISREG(st.st_mode):
+            problems.append(f"{rel}: is not a regular file")
+        elif rel in (MANIFEST, SEAL) or rel in files:
+            continue
+        elif rel in device_allowed:
+            seen_device.append(rel)
+        else:
             problems.append(f"{rel}: not listed in manifest")
-    if _content_hash(files) != bundle.manifest["content_sha256"]:
+    for name, info in sorted(files.items()):
+        st = entries.get(name)
+        if not _safe_name(name) or not isinstance(info, dict) or "sha256" not in info or "size" not in info:
+            problems.append(f"{MANIFEST}: files entry '{name}' is malformed")
+        elif st is None:
+            problems.append(f"{name}: missing")
+        elif not _stat.S_ISREG(st.st_mode):
+            continue  # reported above
+        elif st.st_size != info["size"] or sha256_file(root / name) != info["sha256"]:
+            problems.append(f"{name}: changed (sha256 differs from manifest)")
+    if not problems and _content_hash(files) != bundle.manifest["content_sha256"]:
         problems.append(f"{MANIFEST}: content_sha256 does not match the listed files")
-    return VerifyResult(not problems, problems, len(files))
+    return VerifyResult(not problems, problems, len(files), seen_device)
 
 
 class BundleWriter:
@@ -148,27 +241,40 @@ class BundleWriter:
     >>> with BundleWriter("runs/train/exp", stage="train", recipe=recipe) as w:
     ...     (w.path / "weights.pt").write_bytes(...)
     ...     w.add_output("weights", "weights.pt"); w.metrics["map50_95"] = 0.41
+
+    ``out`` is claimed through :func:`kdctl.bundle.output.claim_output` (re-entrant, so a stage that claimed it
+    before its work simply keeps the claim): parents and ``input_paths`` may not overlap it.
     """
 
     def __init__(self, out: str | Path, *, stage: str, recipe: dict | None = None,
-                 parents: Iterable[Bundle] = (), inputs: dict | None = None, overwrite: bool = False):
+                 parents: Iterable[Bundle] = (), inputs: dict | None = None, overwrite: bool = False,
+                 input_paths: Iterable[str | Path] = (), bundle_id: str | None = None):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         self.final = Path(out)
-        if self.final.exists() and not overwrite:
-            raise BundleError(f"{self.final}: already exists; choose another --out or pass --overwrite")
         self.stage, self.recipe, self.parents = stage, recipe, list(parents)
         self.inputs = dict(inputs or {})
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         self.overwrite = overwrite
+        self.input_paths = [p.path for p in self.parents] + [Path(p) for p in input_paths]
+        self.bundle_id = bundle_id or uuid.uuid4().hex
         self.path = self.final.parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:8]}"
         self.bundle: Bundle | None = None
+        self.claim = None
 
     def __enter__(self) -> "BundleWriter":
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path.mkdir()
+        from kdctl.bundle.output import claim_output
+
+        self.claim = claim_output(self.final, overwrite=self.overwrite, inputs=self.input_paths).__enter__()
+        try:
+            self.parent_refs = [p.ref() for p in self.parents]  # verified now, before anything is built on them
+            self.path = self.claim.temp_sibling("partial")
+            self.path.mkdir()
+        except BaseException:
+            self.claim.__exit__(None, None, None)
+            raise
         self.started = _dt.datetime.now(_dt.timezone.utc)
         return self
 
@@ -180,49 +286,52 @@ class BundleWriter:
         return self.path / rel
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return False
         try:
-            self._publish()
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise
-        return False
+            if exc_type is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                return False
+            try:
+                self._publish()
+            except BaseException:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
+            return False
+        finally:
+            self.claim.__exit__(None, None, None)
 
     def _publish(self) -> None:
+        from kdctl import faults
+
         files = {}
-        for p in sorted(self.path.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(self.path).as_posix()
-                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for rel, st in _walk(self.path):
+            if stat.S_ISREG(st.st_mode):
+                files[rel] = {"size": st.st_size, "sha256": sha256_file(self.path / rel)}
+            elif not stat.S_ISDIR(st.st_mode):
+                raise BundleError(f"{self.path / rel}: a bundle holds regular files only (not symlinks)")
         now = _dt.datetime.now(_dt.timezone.utc)
         manifest = {
             "schema_version": SCHEMA_VERSION,
-            "id": uuid.uuid4().hex,
+            "id": self.bundle_id,
             "stage": self.stage,
             "kdctl_version": __version__,
             "created": now.isoformat(timespec="seconds"),
             "duration_s": round((now - self.started).total_seconds(), 3),
-            "parents": [p.ref() for p in self.parents],
+            "parents": self.parent_refs,
             "inputs": self.inputs,
             "outputs": self.outputs,
             "recipe": self.recipe,
             "environment": environment(),
             "metrics": self.metrics,
             **self.extra,
-            "files": files,
+            "files": dict(sorted(files.items())),
             "content_sha256": _content_hash(files),
         }
-        write_json_atomic(self.path / MANIFEST, manifest)
-        if self.final.exists():  # overwrite: move the old one aside first so a crash keeps one of the two
-            old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.final, old)
-            os.replace(self.path, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.final)
-        self.bundle = Bundle(self.final, manifest)
+        text = json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
+        write_text_atomic(self.path / MANIFEST, text)
+        write_text_atomic(self.path / SEAL, seal_text(text.encode("utf-8")))
+        faults.point("publish:sealed")
+        self.claim.publish(self.path)
+        self.bundle = Bundle(self.final, json.loads(text), verified=True)
 
 
 def next_run_dir(root: str | Path, stage: str, name: str) -> Path:

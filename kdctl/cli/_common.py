@@ -19,7 +19,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory to write "
                                                 "(default: runs/<stage>/<name>, numbered like Ultralytics runs).")]
 RunsOpt = Annotated[Path, typer.Option("--project", help="Root for default output directories (as Ultralytics' project=).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing kdctl bundle at --out (never a "
+                                            "folder or file kdctl did not write, nor an input bundle).")]
+SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="Leave out images whose label or image file "
+                                              "is invalid (listed in the bundle) instead of stopping.")]
 BundleArg = Annotated[Path, typer.Argument(help="A bundle directory written by an earlier stage.",
                                            show_default=False)]
 RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).", show_default=False)]

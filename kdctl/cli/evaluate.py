@@ -8,14 +8,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, RunsOpt, console, emit, progress_bar
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, RunsOpt, SkipInvalidOpt, console, emit,
+                               progress_bar)
 
 
 def evaluate(
     bundle: BundleArg,
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Inference size (default: training size).")] = None,
-    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
+    skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
 ) -> None:
     """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model and write an eval bundle.
 
@@ -24,7 +26,8 @@ def evaluate(
     from kdctl.evaluate.stage import evaluate_bundle
 
     with progress_bar(not json_) as p:
-        b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite, progress=p)
+        b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite,
+                            skip_invalid=skip_invalid, progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "map50_95": m["map50_95"], "map50": m["map50"], "map75": m["map75"],
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"]}

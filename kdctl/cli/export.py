@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, progress_bar
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
+                               emit, progress_bar)
 
 
 def export(
@@ -31,8 +32,8 @@ def export(
                                                  "(default: the bundle's).")] = None,
     eval_images: Annotated[Optional[int], typer.Option("--eval-images", min=1,
                                                        help="Validation images for mAP (default: all).")] = None,
-    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
+    skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Quantize and export a trained/distilled model for a target, verified against PyTorch, into a bundle.
 
@@ -49,7 +50,7 @@ def export(
     opts = ExportOptions.from_recipe(src.recipe, target=target, artifacts=artifact, imgsz=imgsz, opset=opset,
                                      calibration_images=calibration_images, calibration_method=calibration_method,
                                      max_map_drop=max_map_drop, data=str(data) if data else None,
-                                     eval_images=eval_images)
+                                     eval_images=eval_images, skip_invalid=skip_invalid or None)
     with progress_bar(not (json_ or quiet)) as p:
         b = export_bundle(bundle, opts, out=out, runs_dir=runs, overwrite=overwrite, progress=p)
     m = b.metrics

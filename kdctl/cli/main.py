@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from typer.core import TyperGroup
 
@@ -22,9 +24,21 @@ class KdctlGroup(TyperGroup):
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             err_console.print(f"[red]Error:[/red] {e.filename or ''}: {e.strerror or e}", highlight=False)
             raise typer.Exit(2) from None
+        except FileExistsError as e:
+            err_console.print(f"[red]Error:[/red] {e.filename or ''}: exists and is in the way", highlight=False)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[red]Interrupted[/red] (nothing half-written was published)")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as e:  # a bug, not the user's input: one line, the traceback on request
+            if os.environ.get("KDCTL_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            err_console.print(f"[red]Error:[/red] internal error: {type(e).__name__}: {first} "
+                              "(set KDCTL_DEBUG=1 for the traceback)", highlight=False)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(

@@ -7,21 +7,24 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, console, emit, progress_bar
+from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, SkipInvalidOpt, console,
+                               emit, progress_bar)
 from pathlib import Path
 
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run at --out "
-                                         "(default runs/<stage>/<name>) from its last epoch checkpoint.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run at --out (default runs/<stage>/<name>) "
+                                         "that was interrupted at any point: from its last epoch checkpoint, or "
+                                         "just publish it if training had finished.")]
 
 
-def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool):
+def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
+         skip_invalid: bool):
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
     r = load_recipe(recipe)
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
-                         overwrite=overwrite, progress=p)
+                         overwrite=overwrite, skip_invalid=skip_invalid or None, progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
               "params": m["params"], "train_seconds": m["train_seconds"]}
@@ -46,18 +49,20 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
 
 
 def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
-          overwrite: OverwriteOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+          overwrite: OverwriteOpt = False, skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
+          quiet: QuietOpt = False) -> None:
     """Train the recipe's student without a teacher (teachers, and the baseline every distillation must beat).
 
     Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]
     """
-    _run("train", recipe, out, runs, resume, overwrite, json_, quiet)
+    _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid)
 
 
 def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
-            overwrite: OverwriteOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+            overwrite: OverwriteOpt = False, skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
+            quiet: QuietOpt = False) -> None:
     """Train the student with knowledge distillation from the recipe's teacher and write a bundle.
 
-    Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]
+    Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]  (after a kill: add [bold]--resume[/bold])
     """
-    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet)
+    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid)

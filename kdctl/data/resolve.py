@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -30,16 +30,26 @@ def cache_dir() -> Path:
 class Dataset:
     yaml: Path                 # an Ultralytics data YAML with an absolute path
     names: list[str]
-    train_images: list[Path]
+    train_images: list[Path]   # validated (see kdctl.data.validate); bad ones left out only with skip_invalid
     val_images: list[Path]
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "file[:line]: what"
 
     @property
     def nc(self) -> int:
         return len(self.names)
 
     def describe(self) -> dict:
-        return {"yaml": str(self.yaml), "nc": self.nc, "names": self.names,
-                "train_images": len(self.train_images), "val_images": len(self.val_images)}
+        d = {"yaml": str(self.yaml), "nc": self.nc, "names": self.names,
+             "train_images": len(self.train_images), "val_images": len(self.val_images)}
+        if any(self.skipped.values()):
+            d["skipped"] = {split: {"count": len(v), "items": v[:1000]} for split, v in self.skipped.items() if v}
+        return d
+
+    def check_model_classes(self, nc: int, what: str, flag: str = "--data") -> None:
+        """A model must predict exactly this dataset's classes to be scored on it."""
+        if nc != self.nc:
+            raise DataError(f"{self.yaml}: names: the dataset has {self.nc} classes but {what} predicts {nc}; "
+                            f"give a {flag} with the model's classes")
 
 
 def label_path(img: Path) -> Path:
@@ -71,7 +81,8 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
     return out
 
 
-def load_yolo_yaml(path: str | Path) -> Dataset:
+def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False) -> Dataset:
+    """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset YAML not found")
@@ -81,6 +92,9 @@ def load_yolo_yaml(path: str | Path) -> Dataset:
         raise DataError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
+    for key in ("train", "val", "path"):
+        if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
+            raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
     for key in ("train", "val", "names"):
         if key not in data or data[key] in (None, "", [], {}):
             raise DataError(f"{path}: field '{key}' is missing")
@@ -92,10 +106,12 @@ def load_yolo_yaml(path: str | Path) -> Dataset:
         names = [str(names[k]) for k in keys]
     elif isinstance(names, list):
         names = [str(n) for n in names]
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: field 'names': class names repeat")
     else:
         raise DataError(f"{path}: field 'names': expected a list or an id->name mapping")
-    if "nc" in data and int(data["nc"]) != len(names):
-        raise DataError(f"{path}: field 'nc': {data['nc']} does not match the {len(names)} names")
+    if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool) or data["nc"] != len(names)):
+        raise DataError(f"{path}: field 'nc': {data['nc']!r} does not match the {len(names)} names")
     root_field = data.get("path")
     if root_field:
         root = Path(root_field).expanduser()
@@ -106,13 +122,22 @@ def load_yolo_yaml(path: str | Path) -> Dataset:
     if not root.is_dir():
         raise DataError(f"{path}: field 'path': directory '{root}' not found")
     root = root.resolve()
-    train = _list_images(data["train"], root, str(path), "train")
-    val = _list_images(data["val"], root, str(path), "val")
-    for split, images in (("train", train), ("val", val)):
+    from kdctl.data.validate import check_split
+
+    splits, skipped = {}, {}
+    for split in ("train", "val"):
+        images = _list_images(data[split], root, str(path), split)
         if not any(label_path(p).is_file() for p in images):
             raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
                             f"{label_path(images[0])})")
-    return Dataset(path, names, train, val)
+        res = check_split(images, len(names), label_path, skip_invalid=skip_invalid)
+        if not res.images:
+            raise DataError(f"{path}: {split}: all {len(images)} images are invalid (first: {res.skipped[0]})")
+        if res.objects == 0:
+            raise DataError(f"{path}: {split}: no objects: every label file of its {len(res.images)} images is "
+                            "empty")
+        splits[split], skipped[split] = res.images, res.skipped
+    return Dataset(path, names, splits["train"], splits["val"], skipped)
 
 
 def normalised_yaml(ds: Dataset, out: Path) -> Path:
@@ -124,6 +149,11 @@ def normalised_yaml(ds: Dataset, out: Path) -> Path:
     data["path"] = str(root.resolve())
     data["names"] = {i: n for i, n in enumerate(ds.names)}
     data.pop("download", None)  # never let a trainer fetch a dataset
+    if any(ds.skipped.values()):  # train on the validated images only: lists of absolute paths
+        for split, images in (("train", ds.train_images), ("val", ds.val_images)):
+            lst = out.parent / f"{split}-images.txt"
+            lst.write_text("".join(f"{p.resolve()}\n" for p in images))
+            data[split] = str(lst.resolve())
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
@@ -171,29 +201,90 @@ def _read_coco(path: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{path}: field '{key}' is missing or not a list")
+    cat_ids = set()
+    for i, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or "name" not in c:
+            raise DataError(f"{path}: categories[{i}]: needs an integer 'id' and a 'name'")
+        if c["id"] in cat_ids:
+            raise DataError(f"{path}: categories[{i}].id: {c['id']} repeats")
+        cat_ids.add(c["id"])
+    if not cat_ids:
+        raise DataError(f"{path}: field 'categories' is empty")
+    sizes = {}
     for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict):
+            raise DataError(f"{path}: images[{i}]: expected an object")
         for key in ("id", "file_name", "width", "height"):
             if key not in im:
                 raise DataError(f"{path}: images[{i}].{key} is missing")
+        if not _is_int(im["id"]) or im["id"] in sizes:
+            raise DataError(f"{path}: images[{i}].id: {im['id']!r} is not a unique integer")
+        for key in ("width", "height"):
+            if not _is_number(im[key]) or im[key] <= 0:
+                raise DataError(f"{path}: images[{i}].{key}: {im[key]!r} is not a positive number")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DataError(f"{path}: images[{i}].file_name: {im['file_name']!r} is not a file name")
+        sizes[im["id"]] = (float(im["width"]), float(im["height"]))
+    bad: dict[int, str] = {}
     for i, a in enumerate(coco["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{path}: annotations[{i}]: expected an object")
         for key in ("image_id", "category_id", "bbox"):
             if key not in a:
                 raise DataError(f"{path}: annotations[{i}].{key} is missing")
-        if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4):
-            raise DataError(f"{path}: annotations[{i}].bbox must be [x, y, width, height]")
+        if a["image_id"] not in sizes:
+            raise DataError(f"{path}: annotations[{i}].image_id: {a['image_id']!r} is not in 'images'")
+        why = _bbox_problem(a, cat_ids, sizes[a["image_id"]])
+        if why and a["image_id"] not in bad:
+            bad[a["image_id"]] = f"{path}: annotations[{i}].{why}"
+    coco["_invalid_images"] = bad
     return coco
 
 
-def coco_dataset(train_images: str, train_annotations: str, val_images: str, val_annotations: str) -> Dataset:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bbox_problem(a: dict, cat_ids: set, size: tuple[float, float]) -> str | None:
+    if a["category_id"] not in cat_ids:
+        return f"category_id: {a['category_id']!r} is not one of the categories' ids"
+    b = a["bbox"]
+    if not (isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)):
+        return f"bbox: {b!r} is not [x, y, width, height] of 4 finite numbers"
+    x, y, w, h = b
+    if w <= 0 or h <= 0:
+        return f"bbox: width and height must be > 0 (got {w:g}, {h:g})"
+    if x >= size[0] or y >= size[1] or x + w <= 0 or y + h <= 0:
+        return f"bbox: {b} lies outside its {size[0]:g}x{size[1]:g} image"
+    return None
+
+
+def coco_dataset(train_images: str, train_annotations: str, val_images: str, val_annotations: str,
+                 skip_invalid: bool = False) -> Dataset:
     """Convert a COCO-JSON dataset into a cached YOLO layout (categories sorted by id become 0..nc-1)."""
     tr_json, va_json = Path(train_annotations), Path(val_annotations)
     tr, va = _read_coco(tr_json), _read_coco(va_json)
+    skipped = {}
+    for split, coco in (("train", tr), ("val", va)):
+        bad = coco.pop("_invalid_images")
+        if bad and not skip_invalid:
+            raise DataError(f"{next(iter(bad.values()))} (pass --skip-invalid or set data.skip_invalid to leave "
+                            "such images out)")
+        coco["images"] = [im for im in coco["images"] if im["id"] not in bad]
+        skipped[split] = list(bad.values())
     cats = sorted(tr["categories"], key=lambda c: c["id"])
     if [c["id"] for c in sorted(va["categories"], key=lambda c: c["id"])] != [c["id"] for c in cats]:
         raise DataError(f"{va_json}: field 'categories' differs from {tr_json}'s")
     key = hashlib.sha256("\0".join(
         [str(Path(p).resolve()) for p in (train_images, val_images)] +
-        [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (tr_json, va_json)]).encode()).hexdigest()[:16]
+        [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (tr_json, va_json)] +
+        [f"skip={skip_invalid}"]).encode()).hexdigest()[:16]
     final = cache_dir() / "coco" / key
     final.parent.mkdir(parents=True, exist_ok=True)
     index = {c["id"]: i for i, c in enumerate(cats)}
@@ -219,8 +310,6 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
                 for a in anns.get(im["id"], []):
                     if a.get("iscrowd", 0):
                         continue
-                    if a["category_id"] not in index:
-                        raise DataError(f"{src}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
                     x, y, bw, bh = (float(v) for v in a["bbox"])
                     x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
                     if x2 - x1 <= 0 or y2 - y1 <= 0:
@@ -233,17 +322,22 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
             "names": {i: c["name"] for i, c in enumerate(cats)}}, sort_keys=False))
 
     atomic_build(final, convert)
-    return load_yolo_yaml(final / "data.yaml")
+    ds = load_yolo_yaml(final / "data.yaml", skip_invalid=skip_invalid)
+    for split in ("train", "val"):
+        ds.skipped[split] = skipped[split] + ds.skipped.get(split, [])
+    return ds
 
 
-def resolve_data(spec, progress=None) -> Dataset:
-    """``spec`` is a recipe's :class:`~kdctl.recipe.schema.DataSpec` (or its dict)."""
+def resolve_data(spec, progress=None, skip_invalid: bool | None = None) -> Dataset:
+    """``spec`` is a recipe's :class:`~kdctl.recipe.schema.DataSpec` (or its dict); ``skip_invalid`` (the
+    ``--skip-invalid`` flag) overrides ``data.skip_invalid``."""
     d = spec if isinstance(spec, dict) else spec.model_dump()
+    skip = bool(d.get("skip_invalid")) if skip_invalid is None else skip_invalid
     if d.get("synthetic"):
         s = d["synthetic"]
         return synthetic_dataset(s["train"], s["val"], s["seed"], s["imgsz"], s["classes"], progress)
     if d.get("yolo"):
-        return load_yolo_yaml(d["yolo"])
+        return load_yolo_yaml(d["yolo"], skip_invalid=skip)
     if d.get("coco"):
-        return coco_dataset(**d["coco"])
+        return coco_dataset(**d["coco"], skip_invalid=skip)
     raise DataError("data: give one of yolo, coco, synthetic")

@@ -17,8 +17,15 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises many types for a broken file; each means "not an image"
+        from kdctl.errors import DataError
+
+        raise DataError(f"{path}: cannot be decoded as an image ({type(e).__name__})") from None
 
 
 def letterbox(img: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
@@ -85,11 +92,16 @@ def unletterbox(d: Detections, r: float, pad: tuple[float, float], shape: tuple[
 
 def read_labels(img_path: Path, shape: tuple[int, int]) -> GroundTruth:
     """YOLO label file (class cx cy w h, normalised) -> pixel xyxy ground truth."""
-    lp = label_path(img_path)
+    from kdctl.data.validate import LabelError, parse_labels
+    from kdctl.errors import DataError
+
     h, w = shape
-    if not lp.is_file() or not lp.read_text().strip():
+    try:
+        rows = parse_labels(label_path(img_path))
+    except LabelError as e:
+        raise DataError(str(e)) from None
+    if not len(rows):
         return GroundTruth(np.zeros((0, 4)), np.zeros(0, np.int64))
-    rows = np.array([[float(v) for v in line.split()[:5]] for line in lp.read_text().splitlines() if line.strip()])
     cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
     boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
     return GroundTruth(boxes, rows[:, 0].astype(np.int64))
@@ -123,7 +135,19 @@ def predict_images(backend: Backend, images: list[Path], imgsz: int, batch: int 
 def ground_truth(images: list[Path]) -> list[GroundTruth]:
     out = []
     for p in images:
-        with Image.open(p) as im:
-            w, h = im.size
+        h, w = _size(p)
         out.append(read_labels(p, (h, w)))
     return out
+
+
+def _size(p: Path) -> tuple[int, int]:
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        from kdctl.errors import DataError
+
+        raise DataError(f"{p}: cannot be decoded as an image ({type(e).__name__})") from None
+    return h, w

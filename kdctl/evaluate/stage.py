@@ -5,25 +5,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.progress import Step
 
 
 def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz: int | None = None,
                     out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
-                    overwrite: bool = False, progress=None) -> Bundle:
-    from kdctl.data.resolve import load_yolo_yaml
-    from kdctl.distill.ultralytics import load_detector
-    from kdctl.evaluate import evaluate_backend, torch_backend
+                    overwrite: bool = False, skip_invalid: bool = False, progress=None) -> Bundle:
+    src = load_bundle(bundle, stages=("train", "distill"), verify=True)
+    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.name)
+    with claim_output(out, overwrite=overwrite, inputs=[src.path]):
+        return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, progress)
 
-    src = load_bundle(bundle, stages=("train", "distill"))
-    ds = load_yolo_yaml(data if data else src.file("data"))
+
+def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, skip_invalid: bool,
+              progress) -> Bundle:
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.models import load_bundle_weights, model_classes
+
+    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid)
     size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
-    model = load_detector(src.file("weights"))
+    model = load_bundle_weights(src)
+    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics = evaluate_backend(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
                                progress=step.advance)
-    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.name)
     with BundleWriter(out, stage="eval", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"data": ds.describe(), "model": str(src.file("weights"))}) as w:
         w.metrics.update({"runtime": "pytorch", "precision": "fp32", **metrics})

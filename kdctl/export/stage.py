@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.errors import BackendUnavailable, CheckFailed, DataError
 from kdctl.export.base import Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target
@@ -35,6 +35,7 @@ class ExportOptions:
     data: str | None = None
     eval_images: int | None = None  # cap on validation images for mAP (None: all)
     parity_images: int = 8
+    skip_invalid: bool = False
 
     @classmethod
     def from_recipe(cls, recipe: dict | None, **overrides) -> "ExportOptions":
@@ -70,12 +71,19 @@ def _spread(items: list, n: int) -> list:
 
 def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path | None = None,
                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
-    from kdctl.data.resolve import load_yolo_yaml
-    from kdctl.distill.ultralytics import load_detector
-    from kdctl.evaluate import evaluate_backend, torch_backend
-
-    src = load_bundle(bundle, stages=("train", "distill"))
+    src = load_bundle(bundle, stages=("train", "distill"), verify=True)
     preset = load_target(options.target)
+    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.name}-{preset.name}")
+    with claim_output(out, overwrite=overwrite, inputs=[src.path]):
+        return _export(src, preset, options, out, overwrite, progress)
+
+
+def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
+            progress) -> Bundle:
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.models import load_bundle_weights, model_classes
+
     wanted = options.artifacts or preset.artifacts
     bad = [a for a in wanted if a not in ARTIFACTS]
     if bad:
@@ -86,7 +94,7 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
         _need("nncf", "OpenVINO INT8 export")
     _need("onnxruntime", "ONNX export checks")
 
-    ds = load_yolo_yaml(options.data or src.file("data"))
+    ds = load_yolo_yaml(options.data or src.file("data"), skip_invalid=options.skip_invalid)
     imgsz = options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640)
     opset = options.opset or preset.opset
     method = options.calibration_method or preset.calibration_method
@@ -99,7 +107,8 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
         raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
                         f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
-    model = load_detector(src.file("weights"))
+    model = load_bundle_weights(src)
+    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     head_index = len(model.model) - 1
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
@@ -109,7 +118,6 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
     ref_metrics = evaluate_backend(reference, val_images, ds.names, imgsz, progress=ev.advance)
     plan.advance()
-    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.name}-{preset.name}")
     calibration = _preprocess(_spread(calib_pool, options.calibration_images), imgsz) if needs_calib else []
 
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
@@ -156,6 +164,8 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
         })
         w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision}
                                 for a in arts}
+        # engines build_engine.sh makes on the device: allowed beside the bundle's files, hashed by profile
+        w.extra["device_built"] = [f"model-{a.precision}.engine" for a in arts if a.format == "tensorrt" and not a.files]
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
         w.add_output("metrics", "metrics.json")
     return w.bundle

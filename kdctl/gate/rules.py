@@ -31,7 +31,7 @@ def _get(d: dict | None, *path):
 
 
 def _rule(name: str, value, budget: float, ok: Callable[[float, float], bool], fmt: str, what: str) -> Check:
-    if value is None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return Check(name, budget, None, False, f"{what} is missing: failing closed")
     passed = bool(ok(float(value), budget))
     if name.startswith("max"):

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, write_text_atomic
+from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
+                          write_text_atomic)
 from kdctl.errors import KdctlError
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
@@ -26,25 +27,44 @@ def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
         if artifact not in names:
             raise KdctlError(f"--artifact: '{artifact}' was not profiled in {where}; it has: {', '.join(names)}")
         return results[names.index(artifact)]
-    int8 = [r for r in results if r["precision"] == "int8"]
+    int8 = [r for r in results if r.get("precision") == "int8"]
     return (int8 or results)[0]
 
 
 def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
              artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
-    prof = load_bundle(profile, stages=("profile",))
+    prof = load_bundle(profile, stages=("profile",), verify=True)
+    base_bundle = load_bundle(baseline, stages=("profile",), verify=True) if baseline else None
+    inputs = [prof.path] + ([base_bundle.path] if base_bundle else [])
+    junit = check_output_file(junit, flag="--junit", inputs=inputs) if junit else None
+    summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
+    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.name)
+    for flag, f in (("--junit", junit), ("--summary", summary)):
+        if f is not None and (f == out.absolute() or out.absolute() in f.parents):
+            raise KdctlError(f"{flag} {f}: is inside --out {out}; write it elsewhere (the bundle has its own copy)")
+    with claim_output(out, overwrite=overwrite, inputs=inputs):
+        return _gate(prof, base_bundle, budgets, artifact, junit, summary, out, overwrite)
+
+
+def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifact: str | None,
+          junit: Path | None, summary: Path | None, out: Path, overwrite: bool) -> GateResult:
+    profile = prof.path
     merged = dict(((prof.recipe or {}).get("gate") or {}))
     merged.update({k: v for k, v in (budgets or {}).items() if v is not None})
     merged = {k: v for k, v in merged.items() if k in BUDGETS and v is not None}
     if not merged:
         raise KdctlError(f"{profile}: no budgets to check: set gate: in the recipe or pass --min-map, "
                          "--max-p90-ms, ... (see kdctl gate --help)")
-    result = _pick(prof.metrics.get("results", []), artifact, prof.path)
-    base_bundle = load_bundle(baseline, stages=("profile",)) if baseline else None
+    results = prof.metrics.get("results")
+    if not isinstance(results, list) or not results or not all(isinstance(r, dict) and "artifact" in r
+                                                                for r in results):
+        raise KdctlError(f"{prof.path / 'manifest.json'}: metrics.results: no profiled artifact to judge")
+    result = _pick(results, artifact, prof.path)
     base = None
     if base_bundle is not None:
-        base = next((r for r in base_bundle.metrics.get("results", []) if r["artifact"] == result["artifact"]), None)
+        base = next((r for r in base_bundle.metrics.get("results") or [] if isinstance(r, dict)
+                     and r.get("artifact") == result["artifact"]), None)
     checks = evaluate_budgets(result, merged, base)
     if base_bundle is not None and base is None:
         for c in checks:
@@ -57,7 +77,6 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
                "machine": prof.manifest.get("environment", {}).get("cpu")}
     xml = junit_xml(checks)
     md = markdown_summary(checks, "kdctl gate", context)
-    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.name)
     parents = [prof] + ([base_bundle] if base_bundle else [])
     with BundleWriter(out, stage="gate", recipe=prof.recipe, parents=parents, overwrite=overwrite,
                       inputs={"profile": str(prof.path), "baseline": context["baseline"], "budgets": merged}) as w:

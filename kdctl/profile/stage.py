@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.errors import BackendUnavailable, KdctlError
 from kdctl.profile.runners import runtime_available
 from kdctl.profile.stats import LatencyStats
@@ -52,6 +52,18 @@ def _make_runner(root: Path, art: dict, threads: int | None, device: str):
     raise KdctlError(f"unknown artifact format '{fmt}'")
 
 
+def _open_runner(root: Path, art: dict, threads: int | None, device: str):
+    """:func:`_make_runner`, with a runtime's refusal to load a file turned into one line naming it."""
+    try:
+        return _make_runner(root, art, threads, device)
+    except KdctlError:
+        raise
+    except Exception as e:  # each runtime raises its own types for a file it cannot load
+        raise KdctlError(f"{root / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})",
+                         exit_code=1) from None
+
+
 def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> list[float]:
     for _ in range(warmup):
         fn(x)
@@ -80,9 +92,28 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
                    throughput_batch: int = 8, device: str = "cpu", e2e_runs: int = 30, pytorch: bool = False,
                    out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False,
                    progress=None) -> Bundle:
+    src = load_bundle(bundle, stages=("export",), verify=True)
+    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.name)
+    with claim_output(out, overwrite=overwrite, inputs=[src.path]):
+        return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
+                        e2e_runs, pytorch, out, overwrite, progress)
+
+
+def _source_weights(src: Bundle) -> Path:
+    """The train/distill bundle's weights the export came from, verified and matching the recorded lineage."""
+    parent = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
+    if parent is None or not Path(parent["path"]).is_dir():
+        raise KdctlError(f"--pytorch: the source bundle of {src.path} is not on this machine")
+    b = load_bundle(parent["path"], stages=("train", "distill"), verify=True)
+    if b.manifest["content_sha256"] != parent.get("content_sha256"):
+        raise KdctlError(f"--pytorch: {b.path} was replaced after {src.path} was exported from it", exit_code=1)
+    return b.file("weights")
+
+
+def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
+             e2e_runs, pytorch, out: Path, overwrite: bool, progress) -> Bundle:
     from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
 
-    src = load_bundle(bundle, stages=("export",))
     arts = []
     for a in src.metrics.get("artifacts", []):
         if not a["files"] and a["format"] == "tensorrt" and (src.path / f"model-{a['precision']}.engine").is_file():
@@ -108,9 +139,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
             raise BackendUnavailable(f"--runtime {runtime}: {why}")
         arts = [a for a in arts if a["format"] == fmt]
     if pytorch:  # the FP32 PyTorch model the artifacts were exported from, as a reference row
-        weights = Path(src.manifest.get("inputs", {}).get("weights", ""))
-        if not weights.is_file():
-            raise KdctlError(f"--pytorch: the source weights {weights} are not on this machine")
+        weights = _source_weights(src)
         arts.insert(0, {"name": "pytorch-fp32", "format": "pytorch", "precision": "fp32", "files": [str(weights)],
                         "metrics": src.metrics.get("pytorch_fp32")})
     fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "pytorch": "pytorch"}
@@ -136,7 +165,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
 
     for a in usable:
         bar.describe(f"profile {a['name']}")
-        run = _make_runner(src.path, a, threads, device)
+        run = _open_runner(src.path, a, threads, device)
         rss_loaded = _rss_mb()
         with PowerSampler() as power:
             t0 = time.perf_counter()
@@ -179,7 +208,6 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
         del run
         bar.advance()
 
-    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.name)
     settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads, "batch": 1,
                 "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
     with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,

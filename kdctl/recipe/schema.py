@@ -58,6 +58,8 @@ class DataSpec(Strict):
     yolo: str | None = Field(None, description="Path to an Ultralytics dataset YAML (data.yaml)")
     coco: CocoData | None = None
     synthetic: SyntheticData | None = None
+    skip_invalid: bool = Field(False, description="Leave out images whose label or image file is invalid "
+                               "(listed in the bundle) instead of stopping with an error")
 
     @model_validator(mode="after")
     def _exactly_one(self):

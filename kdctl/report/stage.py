@@ -6,28 +6,49 @@ import html
 import json
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, require_verified
 from kdctl.errors import BundleError
 from kdctl.report import plots
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
-    """The given bundles and every ancestor still on disk, oldest first, each once."""
+    """The given bundles and every ancestor still on disk, oldest first, each once.
+
+    An ancestor is followed only when it is the very bundle its child recorded (same id and content hash) and
+    it verifies; one made on another machine, or replaced since, is recorded in the manifest but not shown.
+    An ancestor that is there but fails verification stops the report: it would show forged numbers.
+    """
     seen: dict[str, Bundle] = {}
 
     def visit(b: Bundle) -> None:
         if b.id in seen:
             return
         for p in b.manifest.get("parents", []):
+            if not isinstance(p, dict) or not Path(str(p.get("path", ""))).is_dir():
+                continue
             try:
-                visit(load_bundle(p["path"]))
+                parent = load_bundle(p["path"])
             except BundleError:
-                continue  # an ancestor made on another machine: recorded in the manifest, not on disk here
+                continue
+            if parent.id != p.get("id") or parent.manifest["content_sha256"] != p.get("content_sha256"):
+                continue  # replaced since (e.g. re-run with --overwrite): not this lineage
+            visit(require_verified(parent))
         seen[b.id] = b
 
     for b in bundles:
         visit(b)
     return list(seen.values())
+
+
+def _latencies(b: Bundle) -> dict:
+    f = b.path / "latencies.json"
+    if "latencies.json" not in b.manifest["files"]:
+        return {}
+    try:
+        lat = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{f}: not valid JSON ({e})") from None
+    return lat if isinstance(lat, dict) else {}
 
 
 def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
@@ -46,7 +67,9 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                       f"{a['settings'].get('size_mb', 0):.2f} MB", "", ""])
         if b.stage == "profile":
             for r in m.get("results", []):
-                lat = r["latency_ms"]
+                lat = r.get("latency_ms")
+                if not isinstance(lat, dict) or not all(isinstance(lat.get(k), (int, float)) for k in ("p50", "p90", "p99")):
+                    continue  # not measured (a runtime that failed on this machine): nothing to tabulate
                 perf_rows.append(["profile", f"{b.path.name}/{r['artifact']}",
                                   "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}", "",
                                   str(r["runtime"].get("inference_precision", r["runtime"].get("provider"))),
@@ -72,10 +95,12 @@ def _html_table(head, rows):
 
 def write_report(bundles: list[str | Path], *, out: str | Path | None = None, runs_dir: str | Path = "runs",
                  overwrite: bool = False, title: str = "kdctl report") -> Bundle:
-    given = [load_bundle(b) for b in bundles]
+    if not bundles:
+        raise BundleError("report: give at least one bundle")
+    given = [load_bundle(b, verify=True) for b in bundles]
     chain = lineage(given)
     out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.name)
-    with BundleWriter(out, stage="report", parents=given, overwrite=overwrite,
+    with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
         images: list[tuple[str, str]] = []
         for b in chain:
@@ -87,8 +112,10 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         for b in chain:
             if b.stage != "profile":
                 continue
-            lat = json.loads((b.path / "latencies.json").read_text()) if (b.path / "latencies.json").is_file() else {}
+            lat = _latencies(b)
             for r in b.metrics.get("results", []):
+                if not isinstance(r.get("latency_ms"), dict) or "p50" not in r["latency_ms"]:
+                    continue
                 if r["artifact"] in lat:
                     f = f"latency-{b.path.name}-{r['artifact']}.png"
                     plots.latency_histogram(lat[r["artifact"]], r["latency_ms"], f"{b.path.name}: {r['artifact']}",

@@ -1,0 +1,242 @@
+"""Where a stage may write its bundle: one writer per ``--out``, nothing replaced that kdctl did not write.
+
+:func:`claim_output` is taken at the start of a stage, before any work, and held until the bundle is published:
+
+- ``--out`` must not be, contain, or sit inside an input bundle, and no folder above it may be a file;
+- an existing ``--out`` is replaced only with ``overwrite=True`` and only when it is a kdctl bundle holding
+  nothing but the files its manifest lists; a user's folder or file is refused and left untouched;
+- a lock file beside ``--out`` (``.NAME.lock``, ``flock``) makes a second writer fail at once;
+- temporary siblings a killed run left (``.NAME.partial-*``, ``.NAME.tmp-*``) are removed, and a bundle that an
+  interrupted ``--overwrite`` had moved aside (``.NAME.old-*``) is put back when nothing replaced it;
+- publishing re-checks ``--out`` and refuses if anything appeared or changed there while the stage ran.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import stat
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from kdctl import faults
+from kdctl.errors import BundleError
+
+_held: dict[Path, "OutputClaim"] = {}
+
+
+def _abs(p: str | Path) -> Path:
+    return Path(os.path.abspath(Path(p).expanduser()))
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def bundle_state(out: Path) -> tuple[str, str | None]:
+    """``("absent", None)``, ``("bundle", id)`` for a kdctl bundle holding only its listed files, or
+    ``("foreign", why)`` for anything else."""
+    from kdctl.bundle.store import MANIFEST, SEAL, _walk, load_bundle
+
+    if not os.path.lexists(out):
+        return "absent", None
+    if out.is_symlink():
+        return "foreign", "is a symlink"
+    if not out.is_dir():
+        return "foreign", "is a file, not a kdctl bundle"
+    try:
+        b = load_bundle(out)
+    except BundleError:
+        return "foreign", f"is a folder without a kdctl {MANIFEST}"
+    known = set(b.manifest["files"]) | {MANIFEST, SEAL} | set(b.manifest.get("device_built") or [])
+    for rel, st in _walk(out):
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if rel not in known:
+            return "foreign", f"holds '{rel}', which kdctl did not write"
+    return "bundle", b.id
+
+
+def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = (),
+                   flag: str = "--out") -> tuple[str, str | None]:
+    """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
+    out = _abs(out)
+    for anc in [out, *out.parents]:
+        if anc != out and os.path.lexists(anc) and not anc.is_dir():
+            raise BundleError(f"{flag} {out}: '{anc}' is a file, not a directory")
+    for inp in inputs:
+        inp = _abs(inp)
+        if _within(out, inp):
+            raise BundleError(f"{flag} {out}: is {'the' if out == inp else 'inside the'} input bundle {inp}; "
+                              "choose another --out")
+        if _within(inp, out):
+            raise BundleError(f"{flag} {out}: contains the input bundle {inp}; choose another --out")
+    state, detail = bundle_state(out)
+    if state == "foreign":
+        raise BundleError(f"{flag} {out}: {detail}; refusing to replace it (--overwrite replaces only kdctl "
+                          "bundles); choose another --out")
+    if state == "bundle" and not overwrite:
+        raise BundleError(f"{flag} {out}: already exists; choose another --out or pass --overwrite")
+    return state, detail
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside ``out``; the file is removed on release."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BundleError(f"{self.path.parent / self.path.name[1:-5]}: another kdctl process is writing "
+                                  f"there (lock {self.path.name}); wait for it or choose another --out") from None
+            try:  # the holder before us may have unlinked the file after we opened it: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename`` that fails instead of replacing ``dst`` (``renameat2(RENAME_NOREPLACE)`` on Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(src))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+class OutputClaim:
+    """The right to publish a bundle at ``out`` (see the module docstring). Re-entrant within a process."""
+
+    def __init__(self, out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()):
+        self.out = _abs(out)
+        self.overwrite = overwrite
+        self.inputs = [_abs(p) for p in inputs]
+        self.lock = OutputLock(self.out)
+        self.depth = 0
+        self.expected: str | None = None
+
+    def __enter__(self) -> "OutputClaim":
+        held = _held.get(self.out)
+        if held is not None:  # a stage claimed early; its writer claims again
+            check_out_path(held.out, overwrite=held.overwrite or self.overwrite, inputs=self.inputs)
+            held.depth += 1
+            return held
+        check_out_path(self.out, overwrite=self.overwrite, inputs=self.inputs)
+        self.lock.acquire()
+        try:
+            self._clean_stale()
+            state, detail = check_out_path(self.out, overwrite=self.overwrite, inputs=self.inputs)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.expected = detail if state == "bundle" else None
+        self.depth = 1
+        _held[self.out] = self
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.depth -= 1
+        if self.depth == 0:
+            _held.pop(self.out, None)
+            self.lock.release()
+        return False
+
+    def temp_sibling(self, kind: str) -> Path:
+        return self.out.parent / f".{self.out.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+    def _clean_stale(self) -> None:
+        pat = re.compile(rf"^\.{re.escape(self.out.name)}\.(partial|tmp|old)-[0-9a-f]{{8}}$")
+        if not self.out.parent.is_dir():
+            return
+        for p in sorted(self.out.parent.iterdir()):
+            m = pat.match(p.name)
+            if not m or p.is_symlink():
+                continue
+            if m.group(1) == "old" and not os.path.lexists(self.out) and bundle_state(p)[0] == "bundle":
+                os.rename(p, self.out)  # an interrupted --overwrite: the previous bundle comes back
+            elif p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def publish(self, tmp: Path) -> None:
+        """Rename the finished ``tmp`` directory to ``out``, replacing only the bundle seen at claim time."""
+        state, detail = bundle_state(self.out)
+        now = detail if state == "bundle" else (None if state == "absent" else f"foreign:{detail}")
+        if now != self.expected:
+            raise BundleError(f"--out {self.out}: changed while this run was going ({detail or 'removed'}); "
+                              "left it untouched and published nothing")
+        faults.point("publish:before-rename")
+        if self.expected is None:
+            try:
+                _rename_noreplace(tmp, self.out)
+            except FileExistsError:
+                raise BundleError(f"--out {self.out}: appeared while this run was going; left it untouched "
+                                  "and published nothing") from None
+            return
+        old = self.temp_sibling("old")
+        os.rename(self.out, old)  # a crash from here on keeps the old bundle (restored by the next run)
+        faults.point("publish:old-moved-aside")
+        _rename_noreplace(tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def claim_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> OutputClaim:
+    """``with claim_output(out, overwrite=..., inputs=[src.path]):`` around a stage's work."""
+    return OutputClaim(out, overwrite=overwrite, inputs=inputs)
+
+
+def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Path] = ()) -> Path:
+    """An extra output file (``--junit``, ``--summary``): its folder must be a folder, it must not be a folder
+    itself, nor lie inside an input bundle. Checked before any work, so a bad path fails before publishing."""
+    p = _abs(path)
+    if p.is_dir():
+        raise BundleError(f"{flag} {p}: is a directory; give a file path")
+    if p.is_symlink():
+        raise BundleError(f"{flag} {p}: is a symlink; give a regular file path")
+    for anc in p.parents:
+        if os.path.lexists(anc) and not anc.is_dir():
+            raise BundleError(f"{flag} {p}: '{anc}' is a file, not a directory")
+    for inp in inputs:
+        if _within(p, _abs(inp)):
+            raise BundleError(f"{flag} {p}: is inside the input bundle {_abs(inp)}; it would change that bundle")
+    return p

@@ -1,0 +1,127 @@
+"""Check a dataset before anything trains or scores on it: every label line and every image.
+
+A label line is ``class x_center y_center width height`` (normalised) or ``class x1 y1 x2 y2 ...`` (a polygon of
+at least three points, boxed as Ultralytics does). Numbers must be finite, the class an integer in ``[0, nc)``,
+and boxes inside the image up to :data:`TOLERANCE`. Images must decode. By default the first problem is a one-line
+error naming ``file:line``; with ``skip_invalid`` the bad images are left out and listed.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TOLERANCE = 0.01  # boxes may overhang the image by 1 % of its side (rounding in converters), no more
+MIN_SIDE = 10     # px; Ultralytics refuses smaller images too
+
+
+class LabelError(ValueError):
+    """One bad line: ``str()`` is ``file:line: what``."""
+
+    def __init__(self, file: Path, line: int | None, what: str):
+        self.file, self.line, self.what = file, line, what
+        super().__init__(f"{file}{f':{line}' if line else ''}: {what}")
+
+
+def _number(tok: str, path: Path, n: int, col: str) -> float:
+    try:
+        v = float(tok)
+    except ValueError:
+        raise LabelError(path, n, f"{col} '{tok}' is not a number") from None
+    if not math.isfinite(v):
+        raise LabelError(path, n, f"{col} is {tok} (not finite)")
+    return v
+
+
+def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[float]:
+    if len(parts) != 5 and (len(parts) < 7 or len(parts) % 2 == 0):
+        raise LabelError(path, n, f"has {len(parts)} columns; expected 5 (class x_center y_center width height) "
+                                  "or a polygon (class x1 y1 x2 y2 x3 y3 ...)")
+    cls = _number(parts[0], path, n, "class")
+    if not cls.is_integer() or cls < 0 or (nc is not None and cls >= nc):
+        rng = f"0..{nc - 1}" if nc is not None else "a non-negative integer"
+        raise LabelError(path, n, f"class id {parts[0]} is out of range (dataset has {nc} classes: {rng})")
+    vals = [_number(t, path, n, f"column {i + 2}") for i, t in enumerate(parts[1:])]
+    lo, hi = -TOLERANCE, 1 + TOLERANCE
+    if len(parts) == 5:
+        cx, cy, w, h = vals
+        if w <= 0 or h <= 0:
+            raise LabelError(path, n, f"box width/height must be > 0 (got {w:g}, {h:g})")
+        if not (lo <= cx - w / 2 and cx + w / 2 <= hi and lo <= cy - h / 2 and cy + h / 2 <= hi):
+            raise LabelError(path, n, f"box ({cx:g} {cy:g} {w:g} {h:g}) is outside the image: coordinates must "
+                                      "be normalised to [0, 1]")
+        return [cls, cx, cy, w, h]
+    xs, ys = vals[0::2], vals[1::2]
+    if not all(lo <= v <= hi for v in vals):
+        raise LabelError(path, n, "polygon point outside [0, 1]: coordinates must be normalised")
+    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
+    if x2 <= x1 or y2 <= y1:
+        raise LabelError(path, n, "polygon has no area")
+    return [cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+
+
+def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
+    """``(n, 5)`` rows ``class cx cy w h`` from a YOLO label file (none: no objects); raises :class:`LabelError`."""
+    if not path.exists():
+        return np.zeros((0, 5))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
+    rows = [_box_line(line.split(), path, i, nc) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def check_image(path: Path) -> str | None:
+    """``None`` if ``path`` decodes as an image of at least :data:`MIN_SIDE` px, else what is wrong."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() leaves the file unusable; decode (JPEG at 1/8 scale) to be sure
+            w, h = im.size
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except FileNotFoundError:
+        return "image not found"
+    except Exception as e:  # PIL raises many types for broken files; any of them means "not an image"
+        return f"cannot be decoded as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if w < MIN_SIDE or h < MIN_SIDE:
+        return f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} needed"
+    return None
+
+
+@dataclass
+class SplitCheck:
+    images: list[Path]          # the usable ones, in the given order
+    skipped: list[str]          # "file[:line]: what" for each image left out
+    objects: int
+
+
+def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, workers: int = 8) -> SplitCheck:
+    """Validate the labels and images of one split; raise the first problem unless ``skip_invalid``."""
+    from kdctl.errors import DataError
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        image_problems = list(pool.map(check_image, images))
+    kept, skipped, objects = [], [], 0
+    for img, why in zip(images, image_problems):
+        if why is None:
+            try:
+                objects += len(parse_labels(label_of(img), nc))
+            except LabelError as e:
+                why = str(e)
+        else:
+            why = f"{img}: {why}"
+        if why is None:
+            kept.append(img)
+        elif skip_invalid:
+            skipped.append(why)
+        else:
+            raise DataError(f"{why} (pass --skip-invalid or set data.skip_invalid to leave such images out)")
+    return SplitCheck(kept, skipped, objects)

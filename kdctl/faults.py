@@ -1,0 +1,21 @@
+"""Named fault points for the kill tests: with ``KDCTL_FAULT=NAME`` (or ``NAME@N`` for the N-th time it is
+reached) the process SIGKILLs itself there, exactly as a power cut or the OOM killer would stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_hits: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    want = os.environ.get("KDCTL_FAULT")
+    if not want:
+        return
+    target, _, nth = want.partition("@")
+    if target != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
