@@ -207,6 +207,11 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     from kdctl.distill.ultralytics import DistillSetup, KDTrainer, load_detector, plain_student
 
+    setup = None
+    if stage == "distill" and state != "finished":
+        teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+        # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
+        setup = DistillSetup(teacher, recipe.distill.losses, recipe.distill.auto_balance, source)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -214,11 +219,6 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     data_yaml = normalised_yaml(ds, work / "data.yaml")
     t_start = time.perf_counter()
     if state != "finished":
-        setup = None
-        if stage == "distill":
-            teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
-            # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
-            setup = DistillSetup(teacher, recipe.distill.losses, recipe.distill.auto_balance, source)
         overrides = _overrides(recipe, data_yaml, student_ref.ref, work)
         if state == "partial":
             overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,

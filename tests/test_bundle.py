@@ -115,3 +115,138 @@ def test_load_errors(tmp_path):
     b = make(tmp_path)
     with pytest.raises(BundleError, match="is a 'train' bundle; expected one of: export"):
         load_bundle(b.path, stages=("export",))
+
+
+def _edit(b, fn):
+    m = json.loads((b.path / "manifest.json").read_text())
+    fn(m)
+    (b.path / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+@pytest.mark.parametrize("edit", [lambda m: m["metrics"].update(map50_95=0.99), lambda m: m.update(stage="profile"),
+                                  lambda m: m["parents"].clear()])
+def test_verify_catches_an_edited_manifest(tmp_path, edit):
+    b = make(tmp_path)
+    _edit(b, edit)
+    res = verify_bundle(b.path)
+    assert not res.ok and res.problems == ["manifest.json: changed (does not match manifest.sha256)"]
+    with pytest.raises(BundleError, match="manifest.json: changed") as e:
+        load_bundle(b.path, verify=True)
+    assert e.value.exit_code == 1
+
+
+def test_seal_is_sha256sum_compatible(tmp_path):
+    b = make(tmp_path)
+    r = subprocess.run(["sha256sum", "-c", "manifest.sha256"], cwd=b.path, capture_output=True, text=True)
+    assert r.returncode == 0 and "manifest.json: OK" in r.stdout
+    (b.path / "manifest.sha256").unlink()
+    assert verify_bundle(b.path).problems == ["manifest.sha256: missing (the manifest is not sealed)"]
+
+
+def test_verify_refuses_symlinks_even_to_identical_copies(tmp_path):
+    import os
+    import shutil
+
+    b = make(tmp_path)
+    copy = tmp_path / "copy.pt"
+    shutil.copy(b.path / "weights.pt", copy)
+    (b.path / "weights.pt").unlink()
+    os.symlink(copy, b.path / "weights.pt")
+    assert "weights.pt: is a symlink (bundles hold regular files only)" in verify_bundle(b.path).problems
+    c = make(tmp_path, "c")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.txt").write_text("x")
+    os.symlink(tmp_path / "outside", c.path / "extra")
+    assert verify_bundle(c.path).problems == ["extra: is a symlink (bundles hold regular files only)"]
+
+
+def test_manifest_cannot_name_files_outside_the_bundle(tmp_path):
+    b = make(tmp_path)
+    (tmp_path / "secret").write_text("s")
+    m = json.loads((b.path / "manifest.json").read_text())
+    m["files"]["../secret"] = {"size": 1, "sha256": "0" * 64}
+    text = json.dumps(m)
+    (b.path / "manifest.json").write_text(text)
+    from kdctl.bundle.store import seal_text
+
+    (b.path / "manifest.sha256").write_text(seal_text(text.encode()))  # a forger who also re-seals
+    assert "manifest.json: files entry '../secret' is malformed" in verify_bundle(b.path).problems
+
+
+def test_device_built_engines_are_allowed_but_reported(tmp_path):
+    with BundleWriter(tmp_path / "e", stage="export") as w:
+        (w.path / "model.onnx").write_bytes(b"onnx")
+        w.extra["device_built"] = ["model-int8.engine"]
+    (tmp_path / "e" / "model-int8.engine").write_bytes(b"engine")
+    res = verify_bundle(tmp_path / "e")
+    assert res.ok and res.device_built == ["model-int8.engine"]
+    (tmp_path / "e" / "model-fp16.engine").write_bytes(b"engine")  # not declared
+    assert verify_bundle(tmp_path / "e").problems == ["model-fp16.engine: not listed in manifest"]
+
+
+def test_parent_ref_hashes_are_checked_not_copied(tmp_path):
+    a = make(tmp_path, "a")
+    a2 = load_bundle(a.path)
+    (a.path / "weights.pt").write_bytes(b"\x00weightz")
+    with pytest.raises(BundleError, match="weights.pt: changed"):
+        make(tmp_path, "b", parents=[a2])
+    assert not (tmp_path / "b").exists()
+
+
+def test_overwrite_only_replaces_kdctl_bundles(tmp_path):
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "ch1.tex").write_text("x")
+    with pytest.raises(BundleError, match="refusing to replace"):
+        with BundleWriter(user, stage="train", overwrite=True):
+            pass
+    assert (user / "ch1.tex").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["thesis"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="without a kdctl manifest.json"):
+        BundleWriter(tmp_path / "empty", stage="train", overwrite=True).__enter__()
+    b = make(tmp_path, "b")
+    (b.path / "logs" / "mine.txt").write_text("user's")
+    with pytest.raises(BundleError, match="holds 'logs/mine.txt', which kdctl did not write"):
+        make(tmp_path, "b")
+
+
+def test_something_appearing_at_out_during_the_run_is_kept(tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(BundleError, match="changed while this run was going"):
+        with BundleWriter(out, stage="train") as w:
+            (w.path / "m.txt").write_text("result")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    old = make(tmp_path, "c")
+    with pytest.raises(BundleError, match="changed while this run was going"):
+        with BundleWriter(tmp_path / "c", stage="eval", overwrite=True) as w:
+            (w.path / "m.txt").write_text("x")
+            make(tmp_path / "other", "c")  # another bundle replaced it meanwhile: not the one we may overwrite
+            import shutil
+
+            shutil.rmtree(old.path)
+            (tmp_path / "other" / "c").rename(old.path)
+    assert load_bundle(old.path).stage == "train"
+
+
+def test_second_writer_fails_at_once(tmp_path):
+    """Another process holds --out: the second writer stops at once with one line, and writes nothing."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from kdctl.bundle import claim_output
+        with claim_output({str(tmp_path / 'b')!r}, overwrite=False):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BundleError, match="another kdctl process is writing there"):
+            make(tmp_path)
+        assert not (tmp_path / "b").exists()
+    finally:
+        holder.communicate("\n", timeout=30)
+    make(tmp_path)  # released: the lock file is gone, and the next writer goes ahead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

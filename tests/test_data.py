@@ -95,3 +95,77 @@ def test_synth_cli(tmp_path):
     assert d["path"] == str(out.resolve()) and load_yolo_yaml(out / "data.yaml").nc == 6
     again = CliRunner().invoke(app, ["data", "synth", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def _broken_copy(tmp_path, tiny_data):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data.parent / "images", root / "images")
+    shutil.copytree(tiny_data.parent / "labels", root / "labels")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    tr = sorted((root / "labels" / "train").glob("*.txt"))
+    tr[0].write_text("17 0.5 0.5 0.2 0.2\n")                 # class out of range
+    tr[1].write_text("0 0.5 0.5 0.2\n")                      # 4 columns
+    (root / "images" / "train" / "fake.png").write_text("not an image")
+    va = sorted((root / "labels" / "val").glob("*.txt"))
+    va[0].write_text("0 0.5 0.5 0.2 nan\n")
+    return root / "data.yaml", tr
+
+
+def test_skip_invalid_leaves_bad_samples_out_and_lists_them(tmp_path, tiny_data):
+    from kdctl.data.resolve import load_yolo_yaml, normalised_yaml
+    from kdctl.errors import DataError
+
+    data, tr = _broken_copy(tmp_path, tiny_data)
+    with pytest.raises(DataError, match=r"fake.png: cannot be decoded as an image \(not a format Pillow reads\)"):
+        load_yolo_yaml(data)
+    ds = load_yolo_yaml(data, skip_invalid=True)
+    assert len(ds.train_images) == 24 - 2 and len(ds.val_images) == 8 - 1
+    skipped = ds.describe()["skipped"]
+    assert skipped["train"]["count"] == 3 and skipped["val"]["count"] == 1
+    assert any("fake.png: cannot be decoded" in s for s in skipped["train"]["items"])
+    assert any("train_000001.txt:1: has 4 columns" in s for s in skipped["train"]["items"])
+    y = yaml.safe_load(normalised_yaml(ds, tmp_path / "work.yaml").read_text())
+    listed = Path(y["train"]).read_text().split()
+    assert len(listed) == 22 and str((tmp_path / "d" / "images" / "train" / "train_000000.png").resolve()) not in listed
+
+
+@pytest.mark.slow
+def test_train_with_skip_invalid_records_the_skipped_and_true_counts(tmp_path, tiny_data):
+    from typer.testing import CliRunner
+
+    from kdctl.cli.main import app
+
+    data, _ = _broken_copy(tmp_path, tiny_data)
+    r = tmp_path / "r.yaml"
+    r.write_text(f"student: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {data}, skip_invalid: true}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8}\n")
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "o"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    d = m["inputs"]["data"]
+    assert d["train_images"] == 22 and d["val_images"] == 7 and d["skipped"]["train"]["count"] == 3
+    assert m["metrics"]["eval_images"] == 7
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "o"), "--data", str(data), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "val_000000.txt:1" in res.output and "not finite" in res.output
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "o"), "--data", str(data), "--skip-invalid",
+                                   "--out", str(tmp_path / "e"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["images"] == 7
+
+
+def test_polygon_labels_are_boxed_and_checked(tmp_path):
+    from kdctl.data.validate import LabelError, parse_labels
+
+    f = tmp_path / "a.txt"
+    f.write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n\n0 0.5 0.5 1.0 1.0\n")
+    rows = parse_labels(f, nc=3)
+    np.testing.assert_allclose(rows, [[2, 0.3, 0.4, 0.4, 0.4], [0, 0.5, 0.5, 1.0, 1.0]])
+    f.write_text("0 0.5 0.5 0.2 0.2\n0 0.1 0.2 0.5 0.2 0.3\n")
+    with pytest.raises(LabelError, match=r"a.txt:2: has 6 columns"):
+        parse_labels(f, nc=3)
+    f.write_text("0 0.995 0.5 0.02 0.2\n")  # overhangs by 0.5 %: within tolerance
+    assert len(parse_labels(f, nc=1)) == 1
+    f.write_text("0 0.98 0.5 0.1 0.2\n")    # overhangs by 3 %
+    with pytest.raises(LabelError, match="outside the image"):
+        parse_labels(f, nc=1)

@@ -81,8 +81,10 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
     return out
 
 
-def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False) -> Dataset:
-    """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image."""
+def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val")
+                   ) -> Dataset:
+    """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image of the
+    ``splits`` that will be used (the others are listed, not checked)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: dataset YAML not found")
@@ -124,9 +126,12 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False) -> Dataset:
     root = root.resolve()
     from kdctl.data.validate import check_split
 
-    splits, skipped = {}, {}
+    found, skipped = {}, {}
     for split in ("train", "val"):
         images = _list_images(data[split], root, str(path), split)
+        if split not in splits:
+            found[split], skipped[split] = images, []
+            continue
         if not any(label_path(p).is_file() for p in images):
             raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
                             f"{label_path(images[0])})")
@@ -136,8 +141,8 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False) -> Dataset:
         if res.objects == 0:
             raise DataError(f"{path}: {split}: no objects: every label file of its {len(res.images)} images is "
                             "empty")
-        splits[split], skipped[split] = res.images, res.skipped
-    return Dataset(path, names, splits["train"], splits["val"], skipped)
+        found[split], skipped[split] = res.images, res.skipped
+    return Dataset(path, names, found["train"], found["val"], skipped)
 
 
 def normalised_yaml(ds: Dataset, out: Path) -> Path:

@@ -76,21 +76,38 @@ def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
 
-def check_image(path: Path) -> str | None:
-    """``None`` if ``path`` decodes as an image of at least :data:`MIN_SIDE` px, else what is wrong."""
+def open_image(path: Path):
+    """PIL's own ``Image.open``: importing Ultralytics replaces it with one that, on any file Pillow cannot
+    identify, tries to install and load a HEIF plugin; a broken file must simply be reported."""
+    import sys
+
     from PIL import Image
 
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(path)
+
+
+def image_problem(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot be decoded as an image (not a format Pillow reads)"
+    return f"cannot be decoded as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})"
+
+
+def check_image(path: Path) -> str | None:
+    """``None`` if ``path`` decodes as an image of at least :data:`MIN_SIDE` px, else what is wrong."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()
-        with Image.open(path) as im:  # verify() leaves the file unusable; decode (JPEG at 1/8 scale) to be sure
+        with open_image(path) as im:  # verify() leaves the file unusable; decode (JPEG at 1/8 scale) to be sure
             w, h = im.size
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
     except FileNotFoundError:
         return "image not found"
     except Exception as e:  # PIL raises many types for broken files; any of them means "not an image"
-        return f"cannot be decoded as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return image_problem(e)
     if w < MIN_SIDE or h < MIN_SIDE:
         return f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} needed"
     return None

@@ -17,15 +17,17 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 
 def load_rgb(path: Path) -> np.ndarray:
+    from kdctl.data.validate import image_problem, open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise
     except Exception as e:  # PIL raises many types for a broken file; each means "not an image"
         from kdctl.errors import DataError
 
-        raise DataError(f"{path}: cannot be decoded as an image ({type(e).__name__})") from None
+        raise DataError(f"{path}: {image_problem(e)}") from None
 
 
 def letterbox(img: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
@@ -141,13 +143,15 @@ def ground_truth(images: list[Path]) -> list[GroundTruth]:
 
 
 def _size(p: Path) -> tuple[int, int]:
+    from kdctl.data.validate import image_problem, open_image
+
     try:
-        with Image.open(p) as im:
+        with open_image(p) as im:
             w, h = im.size
     except FileNotFoundError:
         raise
     except Exception as e:
         from kdctl.errors import DataError
 
-        raise DataError(f"{p}: cannot be decoded as an image ({type(e).__name__})") from None
+        raise DataError(f"{p}: {image_problem(e)}") from None
     return h, w

@@ -24,7 +24,7 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import load_bundle_weights, model_classes
 
-    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid)
+    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",))
     size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
     model = load_bundle_weights(src)
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")

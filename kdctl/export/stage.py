@@ -95,6 +95,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     _need("onnxruntime", "ONNX export checks")
 
     ds = load_yolo_yaml(options.data or src.file("data"), skip_invalid=options.skip_invalid)
+    model = load_bundle_weights(src)
+    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     imgsz = options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640)
     opset = options.opset or preset.opset
     method = options.calibration_method or preset.calibration_method
@@ -107,8 +109,6 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
                         f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
-    model = load_bundle_weights(src)
-    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     head_index = len(model.model) - 1
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)

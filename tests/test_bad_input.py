@@ -1,0 +1,674 @@
+"""Bad input over every command: one line naming the file and field, the right exit code, no traceback, nothing
+half-written, and every file the test planted (a user's folder, an input bundle) byte-identical afterwards.
+
+Each case builds its own inputs under ``tmp_path`` from the session's real bundles (copied, so tampering never
+touches them) and returns the command line, the expected exit code, the words the error must contain, and the
+paths that must be left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+
+
+def snapshot(path: Path) -> dict:
+    """Every entry under ``path`` (itself included): type, and sha256 of files and link targets."""
+    out = {}
+    if not os.path.lexists(path):
+        return {"": "absent"}
+    entries = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    for p in entries:
+        rel = p.relative_to(path).as_posix() if p != path else ""
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("link", os.readlink(p))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir",)
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[rel] = ("other", stat.S_IFMT(st.st_mode))
+    return out
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    data: Path          # tiny 3-class dataset YAML
+    train: Path         # session train bundle (never modified)
+    export: Path
+    profile: Path
+    planted: list[Path] = field(default_factory=list)
+
+    def copy(self, bundle: Path, name: str) -> Path:
+        dst = self.tmp / name
+        shutil.copytree(bundle, dst, symlinks=True)
+        return self.plant(dst)
+
+    def plant(self, p: Path) -> Path:
+        self.planted.append(p)
+        return p
+
+    def user_dir(self, name="thesis") -> Path:
+        d = self.tmp / name
+        (d / "chapter").mkdir(parents=True)
+        (d / "chapter" / "one.tex").write_text("\\section{Results}\n")
+        (d / "data.csv").write_bytes(b"a,b\n1,2\n")
+        return self.plant(d)
+
+    def user_file(self, name="notes.txt") -> Path:
+        f = self.tmp / name
+        f.write_text("my notes\n")
+        return self.plant(f)
+
+    def dataset(self, name: str, mutate: Callable[[Path], None], names="[a, b, c]") -> Path:
+        """A copy of the tiny dataset with ``mutate(root)`` applied; returns its data.yaml."""
+        root = self.tmp / name
+        shutil.copytree(self.data.parent / "images", root / "images")
+        shutil.copytree(self.data.parent / "labels", root / "labels")
+        (root / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\nnames: {names}\n")
+        mutate(root)
+        return self.plant(root) / "data.yaml"
+
+    def recipe(self, name: str, data: str, student="yolov8-tiny.yaml", teacher: str | None = None,
+               losses="[{name: at}]") -> Path:
+        r = self.tmp / f"{name}.yaml"
+        text = f"name: {name}\nstudent: {{model: {student}}}\ndata: {data}\ntrain: {{epochs: 1, imgsz: 64, batch: 4}}\n"
+        if teacher:
+            text += f"teacher: {{model: {teacher}}}\ndistill: {{losses: {losses}}}\n"
+        r.write_text(text)
+        return self.plant(r)
+
+    def yolo_recipe(self, name, data_yaml, **kw):
+        return self.recipe(name, f"{{yolo: {data_yaml}}}", **kw)
+
+    def edit_manifest(self, bundle: Path, fn: Callable[[dict], None]) -> None:
+        m = json.loads((bundle / "manifest.json").read_text())
+        fn(m)
+        (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
+
+    def coco(self, name: str, mutate: Callable[[dict], None]) -> Path:
+        """A COCO-JSON recipe over the tiny dataset's images, with ``mutate(val_json)`` applied."""
+        from PIL import Image
+
+        def as_coco(split):
+            imgs, anns = [], []
+            for i, p in enumerate(sorted((self.data.parent / "images" / split).glob("*.png"))):
+                with Image.open(p) as im:
+                    w, h = im.size
+                imgs.append({"id": i, "file_name": p.name, "width": w, "height": h})
+                anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0})
+            return {"images": imgs, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+        d = self.tmp / name
+        d.mkdir()
+        tr, va = as_coco("train"), as_coco("val")
+        mutate(va)
+        (d / "train.json").write_text(json.dumps(tr))
+        (d / "val.json").write_text(json.dumps(va))
+        self.plant(d)
+        return self.recipe(name, "{coco: {train_images: %s, train_annotations: %s, val_images: %s, "
+                                 "val_annotations: %s}}" % (self.data.parent / "images" / "train", d / "train.json",
+                                                            self.data.parent / "images" / "val", d / "val.json"))
+
+
+def _label(root: Path, split="train", line="0 0.5 0.5 0.2 0.2", index=0, append=False) -> Path:
+    f = sorted((root / "labels" / split).glob("*.txt"))[index]
+    f.write_text((f.read_text() if append else "") + line + "\n")
+    return f
+
+
+def _image(root: Path, data: bytes, split="train", index=0) -> None:
+    sorted((root / "images" / split).glob("*.png"))[index].write_bytes(data)
+
+
+def _profile_bundle(c: Ctx, name: str, results) -> Path:
+    """A real, sealed profile bundle whose results are ``results`` (what a profile on a bare machine gives)."""
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    with BundleWriter(c.tmp / name, stage="profile", parents=[load_bundle(c.export, verify=True)]) as w:
+        w.metrics["results"] = results
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics))
+        w.add_output("metrics", "metrics.json")
+    return c.plant(c.tmp / name)
+
+
+# Every case: ctx -> (argv, exit code, words the one-line error must contain)
+Case = Callable[[Ctx], tuple[list[str], int, list[str]]]
+CASES: dict[str, Case] = {}
+
+
+def case(name):
+    def deco(fn):
+        assert name not in CASES
+        CASES[name] = fn
+        return fn
+    return deco
+
+
+def _stage_argv(c: Ctx, cmd: str, out: Path) -> list[str]:
+    if cmd == "train":
+        return ["train", str(c.yolo_recipe("r", c.data)), "--out", str(out)]
+    if cmd == "distill":
+        return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(c.train))), "--out", str(out)]
+    if cmd == "eval":
+        return ["eval", str(c.train), "--out", str(out)]
+    if cmd == "export":
+        return ["export", str(c.train), "--target", "cpu", "--out", str(out)]
+    if cmd == "profile":
+        return ["profile", str(c.export), "--runs", "2", "--out", str(out)]
+    if cmd == "gate":
+        return ["gate", str(c.profile), "--min-map", "0", "--out", str(out)]
+    return ["report", str(c.profile), "--out", str(out)]
+
+
+STAGES = ("train", "distill", "eval", "export", "profile", "gate", "report")
+
+# --- 1. --overwrite never deletes what kdctl did not write ---------------------------------------------------
+for _cmd in STAGES:
+    case(f"{_cmd}-overwrite-user-folder")(
+        lambda c, cmd=_cmd: (_stage_argv(c, cmd, c.user_dir()) + ["--overwrite"], 2, ["thesis", "refusing to replace"]))
+    case(f"{_cmd}-overwrite-user-file")(
+        lambda c, cmd=_cmd: (_stage_argv(c, cmd, c.user_file()) + ["--overwrite"], 2, ["notes.txt", "is a file"]))
+    case(f"{_cmd}-out-under-a-file")(
+        lambda c, cmd=_cmd: (_stage_argv(c, cmd, c.user_file("f.txt") / "sub"), 2, ["f.txt", "not a directory"]))
+
+
+@case("overwrite-bundle-holding-user-file")
+def _(c):
+    b = c.copy(c.profile, "mine")
+    (b / "my-notes.md").write_text("keep me")
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(b), "--overwrite"], 2, ["my-notes.md", "did not write"]
+
+
+@case("overwrite-symlink-out")
+def _(c):
+    link = c.tmp / "link"
+    os.symlink(c.user_dir(), link)
+    c.plant(link)
+    return ["eval", str(c.train), "--out", str(link), "--overwrite"], 2, ["link", "symlink"]
+
+
+@case("gate-out-is-its-input")
+def _(c):
+    p = c.copy(c.profile, "p")
+    return ["gate", str(p), "--min-map", "0", "--out", str(p), "--overwrite"], 2, ["input bundle", "p"]
+
+
+@case("export-out-is-its-input")
+def _(c):
+    t = c.copy(c.train, "t")
+    return ["export", str(t), "--target", "cpu", "--out", str(t), "--overwrite"], 2, ["input bundle"]
+
+
+@case("eval-out-inside-input")
+def _(c):
+    t = c.copy(c.train, "t")
+    return ["eval", str(t), "--out", str(t / "eval")], 2, ["inside the input bundle"]
+
+
+@case("profile-out-inside-input")
+def _(c):
+    e = c.copy(c.export, "e")
+    return ["profile", str(e), "--out", str(e / "prof"), "--runs", "2"], 2, ["inside the input bundle"]
+
+
+@case("report-out-contains-input")
+def _(c):
+    root = c.tmp / "reports"
+    root.mkdir()
+    p = c.copy(c.profile, "reports/p")
+    return ["report", str(p), "--out", str(root)], 2, ["reports"]
+
+
+@case("report-out-is-an-ancestor")
+def _(c):
+    t = c.copy(c.train, "t")
+    return ["report", str(c.profile), "--out", str(c.train), "--overwrite"], 2, ["input bundle"]
+
+
+@case("distill-out-is-teacher")
+def _(c):
+    t = c.copy(c.train, "t")
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(t))), "--out", str(t), "--overwrite"], 2, \
+        ["input bundle"]
+
+
+@case("gate-junit-is-a-dir")
+def _(c):
+    d = c.user_dir("reports")
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", str(d)], 2, \
+        ["--junit", "is a directory"]
+
+
+@case("gate-junit-inside-input")
+def _(c):
+    p = c.copy(c.profile, "p")
+    return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", str(p / "j.xml")], 2, \
+        ["--junit", "inside the input bundle"]
+
+
+@case("gate-summary-under-a-file")
+def _(c):
+    f = c.user_file("f.txt")
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--summary", str(f / "s.md")], 2, \
+        ["--summary", "not a directory"]
+
+
+# --- 2. tampered bundles are refused (exit 1) -----------------------------------------------------------------
+@case("gate-edited-metrics")
+def _(c):
+    p = c.copy(c.profile, "p")
+
+    def forge(m):
+        for r in m["metrics"]["results"]:
+            r["latency_ms"]["p90"], r["map50_95"] = 0.01, 0.9
+    c.edit_manifest(p, forge)
+    return ["gate", str(p), "--min-map", "0.5", "--out", str(c.tmp / "g")], 1, ["manifest.json", "verification"]
+
+
+@case("gate-edited-stage")
+def _(c):
+    p = c.copy(c.export, "e")
+    c.edit_manifest(p, lambda m: m.update(stage="profile"))
+    return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g")], 1, ["manifest.json"]
+
+
+@case("gate-tampered-baseline")
+def _(c):
+    b = c.copy(c.profile, "base")
+    (b / "latencies.json").write_text("{}")
+    return ["gate", str(c.profile), "--min-map", "0", "--baseline", str(b), "--max-latency-regression", "0.1",
+            "--out", str(c.tmp / "g")], 1, ["latencies.json", "changed"]
+
+
+@case("gate-missing-seal")
+def _(c):
+    p = c.copy(c.profile, "p")
+    (p / "manifest.sha256").unlink()
+    return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g")], 1, ["manifest.sha256", "missing"]
+
+
+@case("export-altered-weights")
+def _(c):
+    t = c.copy(c.train, "t")
+    w = t / "weights.pt"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF
+    w.write_bytes(bytes(data))
+    return ["export", str(t), "--target", "cpu", "--out", str(c.tmp / "x")], 1, ["weights.pt", "changed"]
+
+
+@case("export-weights-swapped-for-symlink")
+def _(c):
+    t = c.copy(c.train, "t")
+    copy = c.tmp / "same-weights.pt"
+    shutil.copy(t / "weights.pt", copy)
+    c.plant(copy)
+    (t / "weights.pt").unlink()
+    os.symlink(copy, t / "weights.pt")
+    return ["export", str(t), "--target", "cpu", "--out", str(c.tmp / "x")], 1, ["weights.pt", "symlink"]
+
+
+@case("eval-altered-weights")
+def _(c):
+    t = c.copy(c.train, "t")
+    (t / "weights.pt").write_bytes(b"garbage")
+    return ["eval", str(t), "--out", str(c.tmp / "x")], 1, ["weights.pt", "changed"]
+
+
+@case("distill-tampered-teacher")
+def _(c):
+    t = c.copy(c.train, "teacher")
+    (t / "results.csv").write_text("epoch\n1\n")
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(t))), "--out", str(c.tmp / "x")], 1, \
+        ["teacher.model", "results.csv"]
+
+
+@case("profile-truncated-onnx")
+def _(c):
+    e = c.copy(c.export, "e")
+    f = e / "model-fp32.onnx"
+    f.write_bytes(f.read_bytes()[:1000])
+    return ["profile", str(e), "--out", str(c.tmp / "x"), "--runs", "2"], 1, ["model-fp32.onnx"]
+
+
+@case("profile-missing-onnx")
+def _(c):
+    e = c.copy(c.export, "e")
+    (e / "model-int8.onnx").unlink()
+    return ["profile", str(e), "--out", str(c.tmp / "x"), "--runs", "2"], 1, ["model-int8.onnx", "missing"]
+
+
+@case("profile-added-symlinked-folder")
+def _(c):
+    e = c.copy(c.export, "e")
+    os.symlink(c.user_dir("elsewhere"), e / "extra")
+    return ["profile", str(e), "--out", str(c.tmp / "x"), "--runs", "2"], 1, ["extra", "symlink"]
+
+
+@case("report-corrupt-latencies")
+def _(c):
+    p = c.copy(c.profile, "p")
+    (p / "latencies.json").write_text("{not json")
+    return ["report", str(p), "--out", str(c.tmp / "x")], 1, ["latencies.json"]
+
+
+@case("gate-fifo-in-bundle")
+def _(c):
+    p = c.copy(c.profile, "p")
+    os.mkfifo(p / "pipe")
+    return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g")], 1, ["pipe", "not a regular file"]
+
+
+# --- 3. bad data: one line naming file:line (exit 2) -----------------------------------------------------------
+@case("train-class-id-out-of-range")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, line="17 0.5 0.5 0.2 0.2"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, [".txt:1", "class id 17"]
+
+
+@case("eval-four-column-label")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, "val", line="0 0.5 0.5 0.2"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, [".txt:1", "4 columns"]
+
+
+@case("train-nan-in-label")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, line="1 nan 0.5 0.2 0.2", append=True))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, [".txt:", "not finite"]
+
+
+@case("train-label-not-a-number")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, line="0 0.5 abc 0.2 0.2"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, [".txt:1", "'abc' is not a number"]
+
+
+@case("train-fractional-class")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, line="1.5 0.5 0.5 0.2 0.2"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, [".txt:1", "class id 1.5"]
+
+
+@case("train-pixel-coordinates")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, line="0 64 64 20 20"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, [".txt:1", "outside the image"]
+
+
+@case("eval-negative-width")
+def _(c):
+    d = c.dataset("d", lambda r: _label(r, "val", line="0 0.5 0.5 -0.2 0.2"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, [".txt:1", "width/height"]
+
+
+@case("train-non-image-jpg")
+def _(c):
+    def mutate(r):
+        (r / "images" / "train" / "fake.jpg").write_text("this is not a JPEG")
+        (r / "labels" / "train" / "fake.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    d = c.dataset("d", mutate)
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, ["fake.jpg", "cannot be decoded"]
+
+
+@case("eval-empty-jpg")
+def _(c):
+    d = c.dataset("d", lambda r: (r / "images" / "val" / "empty.jpg").write_bytes(b""))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["empty.jpg", "cannot be decoded"]
+
+
+@case("eval-truncated-png")
+def _(c):
+    def mutate(r):
+        f = sorted((r / "images" / "val").glob("*.png"))[0]
+        f.write_bytes(f.read_bytes()[:200])
+    d = c.dataset("d", mutate)
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["val_", ".png", "image"]
+
+
+@case("train-all-labels-empty")
+def _(c):
+    def mutate(r):
+        for f in (r / "labels" / "train").glob("*.txt"):
+            f.write_text("")
+    d = c.dataset("d", mutate)
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, ["train", "no objects"]
+
+
+@case("train-no-label-files")
+def _(c):
+    d = c.dataset("d", lambda r: shutil.rmtree(r / "labels" / "val"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, ["val", "label file"]
+
+
+@case("eval-data-fewer-classes-than-model")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="[a, b]")
+    # the tiny labels use ids 0..2: a 2-class YAML is caught at the first id 2, else at the class count
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data", "class"]
+
+
+@case("eval-data-more-classes-than-model")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="[a, b, c, d, e, f]")
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["names", "6 classes", "predicts 3"]
+
+
+@case("export-data-more-classes-than-model")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="[a, b, c, d, e, f]")
+    return ["export", str(c.train), "--target", "cpu", "--data", str(d), "--out", str(c.tmp / "x")], 2, \
+        ["names", "predicts 3"]
+
+
+@case("eval-data-missing-names")
+def _(c):
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\n"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "'names'"]
+
+
+@case("eval-data-names-with-gap")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="{0: a, 2: c}")
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "without gaps"]
+
+
+@case("eval-data-nc-mismatch")
+def _(c):
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "nc: 5\n"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "'nc'"]
+
+
+@case("eval-data-split-missing")
+def _(c):
+    d = c.dataset("d", lambda r: shutil.rmtree(r / "images" / "val"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "val"]
+
+
+@case("eval-data-not-yaml")
+def _(c):
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_text("train: [unclosed\n"))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "invalid YAML"]
+
+
+@case("train-image-list-names-missing-file")
+def _(c):
+    def mutate(r):
+        (r / "train.txt").write_text("images/train/nope.png\n" + "".join(
+            f"{p.relative_to(r)}\n" for p in sorted((r / "images" / "train").glob("*.png"))))
+        (r / "data.yaml").write_text("path: .\ntrain: train.txt\nval: images/val\nnames: [a, b, c]\n")
+    d = c.dataset("d", mutate)
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, ["nope.png", "not found"]
+
+
+@case("train-coco-negative-bbox")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][0].update(bbox=[5, 5, -3, 10]))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "annotations[0].bbox", "> 0"]
+
+
+@case("train-coco-bbox-strings")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][1].update(bbox=["1", "2", "3", "4"]))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "annotations[1].bbox", "finite numbers"]
+
+
+@case("train-coco-unknown-category")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][0].update(category_id=9))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "category_id", "9"]
+
+
+@case("train-coco-unknown-image")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][0].update(image_id=999))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "image_id", "999"]
+
+
+@case("train-coco-bad-width")
+def _(c):
+    r = c.coco("coco", lambda v: v["images"][0].update(width="wide"))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "images[0].width"]
+
+
+@case("train-coco-duplicate-image-id")
+def _(c):
+    r = c.coco("coco", lambda v: v["images"][1].update(id=0))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "images[1].id"]
+
+
+@case("train-coco-bbox-outside-image")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][0].update(bbox=[5000, 5, 3, 10]))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "outside"]
+
+
+# --- 4. models and bundles of the wrong kind (exit 2) --------------------------------------------------------
+@case("train-student-yaml-is-a-dataset")
+def _(c):
+    return ["train", str(c.yolo_recipe("r", c.data, student=str(c.data))), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "not a model YAML"]
+
+
+@case("train-student-pt-corrupt")
+def _(c):
+    f = c.tmp / "broken.pt"
+    f.write_bytes(b"\x80\x02not a checkpoint")
+    c.plant(f)
+    r = c.yolo_recipe("r", c.data, teacher=str(f))
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, ["teacher.model", "broken.pt"]
+
+
+@case("distill-teacher-is-export-bundle")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(c.export))), "--out", str(c.tmp / "x")], 2, \
+        ["teacher.model", "'export' bundle"]
+
+
+@case("eval-not-a-bundle")
+def _(c):
+    return ["eval", str(c.user_dir()), "--out", str(c.tmp / "x")], 2, ["thesis", "not a kdctl bundle"]
+
+
+@case("eval-bundle-manifest-not-json")
+def _(c):
+    t = c.copy(c.train, "t")
+    (t / "manifest.json").write_text("{broken")
+    return ["eval", str(t), "--out", str(c.tmp / "x")], 2, ["manifest.json", "not valid JSON"]
+
+
+@case("profile-train-bundle")
+def _(c):
+    return ["profile", str(c.train), "--out", str(c.tmp / "x")], 2, ["'train' bundle", "export"]
+
+
+@case("gate-profile-without-results")
+def _(c):
+    p = _profile_bundle(c, "p", [])
+    return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g")], 2, ["results", "no profiled artifact"]
+
+
+@case("gate-unknown-artifact")
+def _(c):
+    return ["gate", str(c.profile), "--min-map", "0", "-a", "nope", "--out", str(c.tmp / "g")], 2, \
+        ["--artifact", "nope"]
+
+
+@case("gate-no-budgets")
+def _(c):
+    return ["gate", str(c.profile), "--out", str(c.tmp / "g")], 2, ["no budgets"]
+
+
+@case("export-unknown-artifact")
+def _(c):
+    return ["export", str(c.train), "-a", "onnx-int4", "--out", str(c.tmp / "x")], 2, ["--artifact", "onnx-int4"]
+
+
+@case("export-unknown-target")
+def _(c):
+    return ["export", str(c.train), "--target", "xbox", "--out", str(c.tmp / "x")], 2, ["xbox"]
+
+
+@case("profile-unknown-runtime")
+def _(c):
+    return ["profile", str(c.export), "--runtime", "tvm", "--out", str(c.tmp / "x")], 2, ["--runtime", "tvm"]
+
+
+@case("profile-unknown-artifact")
+def _(c):
+    return ["profile", str(c.export), "-a", "nope", "--out", str(c.tmp / "x")], 2, ["--artifact", "nope"]
+
+
+@case("report-missing-bundle")
+def _(c):
+    return ["report", str(c.tmp / "nowhere"), "--out", str(c.tmp / "x")], 2, ["nowhere", "not found"]
+
+
+@case("resume-nothing-there-refuses-foreign-out")
+def _(c):
+    return ["train", str(c.yolo_recipe("r", c.data)), "--out", str(c.user_dir()), "--resume"], 2, \
+        ["thesis", "refusing to replace"]
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu):
+    c = Ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu)
+    c.planted += [trained_bundle, export_cpu, profile_cpu]
+    return c
+
+
+def test_there_are_at_least_sixty_cases():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(name, ctx):
+    argv, code, words = CASES[name](ctx)
+    before = {p: snapshot(p) for p in ctx.planted}
+    siblings = {p.name for p in ctx.tmp.iterdir()}
+    res = CliRunner().invoke(app, argv)
+    out = res.output
+    assert res.exit_code == code, f"{argv}: exit {res.exit_code}, expected {code}\n{out}"
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, out
+    for w in words:
+        assert w in errors[0], f"{w!r} not in: {errors[0]}"
+    for p, snap in before.items():
+        assert snapshot(p) == snap, f"{p} changed"
+    new = {p.name for p in ctx.tmp.iterdir()} - siblings
+    assert not new, f"left behind: {new}"  # no bundle, no .partial/.work/.lock

@@ -1,0 +1,124 @@
+"""Killed runs: a SIGKILL at each phase of distill (and export mid-write), then ``--resume`` or a rerun, ends
+with a verified bundle and no temporary folder left behind.
+
+The kill is real (``kill -9`` of the process); ``KDCTL_FAULT`` only chooses the moment, so the phase is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdctl.bundle import load_bundle, verify_bundle
+from kdctl.cli.main import app
+
+
+def _recipe(tmp_path: Path, tiny_data: Path, teacher: Path, epochs: int = 2) -> Path:
+    r = tmp_path / "kd.yaml"
+    r.write_text(f"""
+name: kd
+teacher: {{model: {teacher}}}
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: {epochs}, imgsz: 64, batch: 8}}
+distill: {{auto_balance: 0.5, losses: [{{name: at}}]}}
+""")
+    return r
+
+
+def _killed(argv: list[str], fault: str) -> None:
+    env = {**os.environ, "KDCTL_FAULT": fault}
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == -signal.SIGKILL, f"not killed at {fault}: rc {p.returncode}\n{p.stderr[-2000:]}"
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def _finish(argv: list[str]) -> dict:
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+PHASES = [
+    ("train:started", "before the first checkpoint"),
+    ("train:epoch-saved@1", "mid-run, after epoch 1 of 2"),
+    ("train:finished", "after the last epoch, before publishing"),
+    ("publish:sealed", "while publishing: bundle sealed, not yet renamed"),
+    ("train:published", "after publishing, before cleaning the work folder"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,when", PHASES, ids=[p[0] for p in PHASES])
+def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault, when):
+    r = _recipe(tmp_path, tiny_data, trained_bundle)
+    out = tmp_path / "kd"
+    argv = ["distill", str(r), "--out", str(out)]
+    _killed(argv, fault)
+    if fault != "train:published":
+        assert not out.exists(), f"a run killed {when} must not leave a bundle"
+    _finish(argv + ["--resume", "--json"])
+    assert verify_bundle(out).ok
+    m = load_bundle(out).manifest
+    assert [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2]
+    assert m["metrics"]["kd_terms"][0]["name"] == "at" and m["metrics"]["kd_terms"][0]["scale"] > 0
+    assert _leftovers(tmp_path, "kd") == [], "no .work, .partial or .lock left"
+
+
+@pytest.mark.slow
+def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data, trained_bundle):
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1)
+    argv = ["distill", str(r), "--out", str(tmp_path / "kd")]
+    _killed(argv, "train:started")
+    assert _leftovers(tmp_path, "kd") == [".kd.lock", ".kd.work"]
+    _finish(argv)  # no --resume needed: there was nothing to keep
+    assert verify_bundle(tmp_path / "kd").ok and _leftovers(tmp_path, "kd") == []
+
+
+@pytest.mark.slow
+def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, export_cpu):
+    """Killed after moving the old bundle aside: the next run puts it back before doing anything else."""
+    out = tmp_path / "prof"
+    argv = ["profile", str(export_cpu), "--runs", "3", "--warmup", "1", "-a", "onnx-fp32", "--out", str(out)]
+    _finish(argv)
+    old_id = load_bundle(out).id
+    _killed(argv + ["--overwrite"], "publish:old-moved-aside")
+    assert not out.exists() and any(n.startswith(".prof.old-") for n in _leftovers(tmp_path, "prof"))
+    res = CliRunner().invoke(app, ["gate", str(export_cpu), "--min-map", "0", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2  # unrelated command: nothing touched
+    _finish(argv + ["--overwrite"])
+    b = load_bundle(out, verify=True)
+    assert b.id != old_id and _leftovers(tmp_path, "prof") == []
+
+
+@pytest.mark.slow
+def test_export_killed_mid_write_then_rerun(tmp_path, trained_bundle):
+    out = tmp_path / "exp"
+    argv = ["export", str(trained_bundle), "--target", "cpu", "-a", "onnx-fp32", "--out", str(out)]
+    _killed(argv, "publish:before-rename")
+    assert not out.exists() and any(n.startswith(".exp.partial-") for n in _leftovers(tmp_path, "exp"))
+    _finish(argv)
+    assert verify_bundle(out).ok and _leftovers(tmp_path, "exp") == []
+
+
+def test_partial_restore_needs_a_real_bundle(tmp_path):
+    """A stale ``.NAME.old-*`` that is not a kdctl bundle is removed, never renamed into place."""
+    from kdctl.bundle import BundleWriter
+
+    junk = tmp_path / ".b.old-0123abcd"
+    junk.mkdir()
+    (junk / "x").write_text("x")
+    with BundleWriter(tmp_path / "b", stage="train") as w:
+        (w.path / "m.json").write_text(json.dumps({}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and load_bundle(tmp_path / "b").stage == "train"
