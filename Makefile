@@ -15,7 +15,7 @@ export YOLO_AUTOINSTALL := False
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[train,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -66,6 +66,15 @@ def export_cpu(tmp_path_factory, trained_bundle) -> Path:
 
 
 @pytest.fixture(scope="session")
+def export_jetson(tmp_path_factory, trained_bundle) -> Path:
+    """The Jetson package (ONNX FP32/FP16, TensorRT-form Q/DQ INT8, build_engine.sh), without TensorRT here."""
+    from kdctl.export.stage import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("exp") / "jetson"
+    return export_bundle(trained_bundle, ExportOptions(target="jetson", calibration_images=8), out=out).path
+
+
+@pytest.fixture(scope="session")
 def profile_cpu(tmp_path_factory, export_cpu) -> Path:
     from kdctl.profile.stage import profile_bundle
 

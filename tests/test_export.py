@@ -55,10 +55,11 @@ def test_openvino_int8_accuracy_control_mode(tmp_path, trained_bundle):
     assert s["accuracy_control"] is True and s["max_drop"] == 1.0
 
 
-def test_jetson_device_package_without_tensorrt(tmp_path, trained_bundle):
+def test_jetson_device_package_without_tensorrt(export_jetson):
+    from kdctl.bundle import verify_bundle
     from kdctl.export.tensorrt import tensorrt_status
 
-    b = export_bundle(trained_bundle, ExportOptions(target="jetson", calibration_images=8), out=tmp_path / "j").path
+    b = export_jetson
     a = arts(b)
     assert {"onnx-fp32", "onnx-fp16", "onnx-int8"} <= set(a)
     assert a["onnx-fp16"]["parity"]["ok"]
@@ -67,6 +68,9 @@ def test_jetson_device_package_without_tensorrt(tmp_path, trained_bundle):
     assert "on the device" in (b / "README-device.md").read_text().lower()
     if not tensorrt_status()[0]:
         assert a["tensorrt-fp16"]["files"] == [] and a["tensorrt-fp16"]["runtime"]["engine_built"] is False
+        manifest = json.loads((b / "manifest.json").read_text())
+        assert manifest["device_built"] == ["model-fp16.engine", "model-int8.engine"]
+        assert verify_bundle(b).ok
 
 
 @pytest.mark.tensorrt

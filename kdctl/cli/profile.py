@@ -51,6 +51,11 @@ def profile(
                       f"{r['end_to_end_ms']['total']['p50']:.2f}", f"{r['throughput']['images_per_s']:.0f}",
                       f"{r['size_mb']:.2f}", "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}")
         console.print(t)
+        for r in m["results"]:
+            parts = r.get("latency_parts_ms") or {}
+            if parts:
+                console.print(f"{r['artifact']}: p50 above is GPU compute (CUDA events); "
+                              + ", ".join(f"{k} p50 {v['p50']:.3f} ms" for k, v in parts.items() if k != "compute"))
         for k, v in m["skipped"].items():
             console.print(f"[yellow]skipped[/yellow] {k}: {v}")
 

@@ -17,7 +17,7 @@ import yaml
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.errors import BackendUnavailable, CheckFailed, DataError
 from kdctl.export.base import Artifact, file_size_mb, validate_outputs
-from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target
+from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.progress import Step
 
 MIN_CALIBRATION = 8  # fewer images than this give scales that swing with every image
@@ -216,7 +216,14 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         from kdctl.export.quantize import quantize_onnx_int8
 
         p = root / "model-int8.onnx"
-        q = quantize_onnx_int8(fp32, p, calibration, head_index, method=method, keep_head_fp=preset.keep_head_fp)
+        q = quantize_onnx_int8(fp32, p, calibration, head_index, method=method, keep_head_fp=preset.keep_head_fp,
+                               scheme=onnx_int8_scheme(preset, wanted))
+        if q["scheme"] == "tensorrt":
+            from kdctl.export.quantize import tensorrt_qdq_problems
+
+            problems = tensorrt_qdq_problems(p)
+            if problems:
+                raise CheckFailed(f"export onnx-int8: the Q/DQ model breaks TensorRT's rules: {problems[0]}")
         arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
                              {**ort_rt, "inference_precision": "int8 (QDQ)", "_backend": onnxruntime_backend(p)},
                              settings={**settings, **q}))
@@ -254,7 +261,17 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
                                  {"runtime": "tensorrt", "engine_built": False, "reason": why},
                                  settings={"build_on_device": "build_engine.sh"}))
         else:
-            src = fp32 if prec == "fp16" else root / "model-int8.onnx"
+            import tensorrt as trt
+
+            from kdctl.export.tensorrt import strongly_typed, tensorrt_version
+
+            src = root / "model-int8.onnx"
+            if prec == "fp16" and strongly_typed(tensorrt_version(trt.__version__)):
+                src = root / "model-fp16.onnx"  # a typed network takes its precision from the ONNX
+                if not src.is_file():
+                    export_onnx(model, src, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic, half=True)
+            elif prec == "fp16":
+                src = fp32
             info = build_engine(src, root / f"model-{prec}.engine", prec, preset.tensorrt.workspace_mb,
                                 preset.tensorrt.dla_core)
             from kdctl.profile.runners import tensorrt_backend

@@ -40,6 +40,11 @@ class TargetPreset(Strict):
     nms: Literal["outside"] = Field("outside", description="NMS runs in kdctl's post-processing, outside the graph")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     keep_head_fp: bool = True
+    onnx_int8: Literal["auto", "tensorrt", "onnxruntime"] = Field(
+        "auto", description="Q/DQ form of onnx-int8: 'tensorrt' = symmetric int8 activations, zero points 0, float "
+                            "biases (TensorRT's explicit quantization; ONNX Runtime runs it too, slowly on CPU); "
+                            "'onnxruntime' = uint8 activations with zero points (ONNX Runtime's fast CPU kernels); "
+                            "'auto' = tensorrt for TensorRT targets, else onnxruntime")
     openvino_int8_precision: Literal["f32", "bf16"] = Field(
         "f32", description="Precision OpenVINO uses for the layers an INT8 model keeps in floating point; bf16 "
                            "applies only where the CPU has BF16, and the precision actually used is recorded")
@@ -72,3 +77,11 @@ def load_target(target: str) -> TargetPreset:
             raise RecipeError(f"target '{target}' does not exist; valid: {', '.join(available_targets())} "
                               "(or a path to a preset YAML)")
     return validate(read_yaml(path, "target preset"), TargetPreset, str(path))
+
+
+def onnx_int8_scheme(preset: TargetPreset, artifacts: list[str]) -> str:
+    """The Q/DQ form for ``onnx-int8``: TensorRT's whenever a TensorRT engine will be built from it."""
+    if preset.onnx_int8 != "auto":
+        return preset.onnx_int8
+    return "tensorrt" if preset.runtime == "tensorrt" or any(a.startswith("tensorrt") for a in artifacts) \
+        else "onnxruntime"

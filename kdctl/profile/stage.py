@@ -42,8 +42,7 @@ def _make_runner(root: Path, art: dict, threads: int | None, device: str):
     if fmt == "onnx":
         return runners.onnxruntime_runner(root / art["files"][0], threads, device)
     if fmt == "openvino":
-        return runners.openvino_runner(root / art["files"][0], art["precision"], threads,
-                                       "GPU" if device == "cuda" else "CPU",
+        return runners.openvino_runner(root / art["files"][0], art["precision"], threads, "CPU",
                                        hint=art.get("runtime", {}).get("requested_precision"))
     if fmt == "tensorrt":
         return runners.tensorrt_backend(root / art["files"][0])
@@ -64,16 +63,25 @@ def _open_runner(root: Path, art: dict, threads: int | None, device: str):
                          exit_code=1) from None
 
 
-def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> list[float]:
+def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> tuple[list[float], dict]:
+    """Latency samples in ms: host wall time per call, or, for a runner that times itself on the device with
+    CUDA events (``last_ms``), the GPU compute time, with H2D, D2H and host wall time kept beside it."""
     for _ in range(warmup):
         fn(x)
-    samples = []
+    samples, parts = [], {}
+    device_timed = hasattr(fn, "last_ms")
     t_end = time.perf_counter() + duration_s if duration_s else None
     while len(samples) < runs or (t_end is not None and time.perf_counter() < t_end):
         t0 = time.perf_counter_ns()
         fn(x)
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return samples
+        wall = (time.perf_counter_ns() - t0) / 1e6
+        if device_timed:
+            for k, v in {**fn.last_ms, "host_wall": wall}.items():
+                parts.setdefault(k, []).append(v)
+            samples.append(fn.last_ms["compute"])
+        else:
+            samples.append(wall)
+    return samples, parts
 
 
 def _inputs(src: Bundle, imgsz: int, n: int) -> tuple[list[Path], str]:
@@ -147,6 +155,8 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
     usable = []
     for a in arts:
         ok, why = runtime_available(fmt_runtime[a["format"]])
+        if ok and device == "cuda" and a["format"] == "openvino":
+            ok, why = False, "OpenVINO runs on Intel devices; --device cuda does not apply (profiled with --device cpu)"
         (usable.append(a) if ok else skipped.__setitem__(a["name"], why))
     if not usable:
         raise BackendUnavailable(f"{src.path}: no artifact can run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none exported'})")
@@ -169,7 +179,7 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         rss_loaded = _rss_mb()
         with PowerSampler() as power:
             t0 = time.perf_counter()
-            samples = _timed(run, x, warmup, runs, duration_s)
+            samples, parts = _timed(run, x, warmup, runs, duration_s)
             wall = time.perf_counter() - t0
         stats = LatencyStats.from_ms(samples)
         raw[a["name"]] = samples
@@ -197,12 +207,14 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
         results.append({
             "artifact": a["name"], "format": a["format"], "precision": a["precision"], "runtime": info,
-            "latency_ms": stats.to_dict(), "end_to_end_ms": e2e, "throughput": tp,
+            "latency_ms": stats.to_dict(), "latency_is": "gpu_compute" if parts else "host_wall",
+            "latency_parts_ms": {k: LatencyStats.from_ms(v).to_dict() for k, v in parts.items()},
+            "end_to_end_ms": e2e, "throughput": tp,
             "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
-                       "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(device)},
+                       "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(run, device)},
             "size_mb": round(size_mb, 3), "map50_95": (a.get("metrics") or {}).get("map50_95"),
             "map50": (a.get("metrics") or {}).get("map50"),
-            "power_mw": power.mean_mw, "energy_mj_per_image": energy,
+            "power_mw": power.mean_mw, "power_rail": power.rail, "energy_mj_per_image": energy,
             "timed_runs": stats.n, "timed_wall_s": round(wall, 3),
         })
         del run
@@ -237,12 +249,21 @@ def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
     return {"batch": b, "images_per_s": n * b / (time.perf_counter() - t0)}
 
 
-def _gpu_mb(device: str) -> float | None:
+def _gpu_mb(run, device: str) -> float | None:
+    """GPU memory the artifact holds: the runner's own ``cudaMemGetInfo`` delta (TensorRT), else NVML's view of
+    this process (any runtime), else unknown. Never PyTorch's allocator, which sees none of these."""
     if device != "cuda":
         return None
+    mb = getattr(run, "info", {}).get("gpu_memory_mb")
+    if mb is not None:
+        return mb
     try:
-        import torch
+        import pynvml
 
-        return torch.cuda.max_memory_allocated() / 2**20
-    except Exception:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = sum(p.usedGpuMemory or 0 for p in procs if p.pid == os.getpid())
+        return round(used / 2**20, 1) if used else None
+    except Exception:  # no NVML (e.g. Jetson): unknown rather than a wrong number
         return None

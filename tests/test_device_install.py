@@ -1,0 +1,58 @@
+"""The device package: ``pip install kdctl[onnxruntime]`` into a fresh venv without PyTorch, on more than one
+Python, then ``kdctl profile`` of a real export bundle. Needs PyPI (the registry is reachable here and in CI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(version: str) -> str | None:
+    exe = shutil.which(f"python{version}")
+    if exe is None:
+        return None
+    ok = subprocess.run([exe, "-c", "import venv, ensurepip"], capture_output=True).returncode == 0
+    return exe if ok else None
+
+
+@pytest.mark.slow
+@pytest.mark.device_install
+@pytest.mark.parametrize("version", ["3.10", "3.12"])
+def test_device_package_profiles_without_torch(tmp_path, export_cpu, version):
+    exe = _python(version)
+    if exe is None:
+        pytest.skip(f"no python{version} with venv on this machine")
+    venv = tmp_path / "venv"
+    subprocess.run([exe, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    src = tmp_path / "src"  # a clean copy: the checkout's .venv and build folders stay out of the wheel build
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache"))
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[onnxruntime]"], capture_output=True,
+                       text=True, timeout=900)
+    if r.returncode != 0 and ("Could not find a version" in r.stderr or "Failed to establish" in r.stderr):
+        pytest.skip(f"package registry unreachable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True).stdout
+    names = {p["name"].lower() for p in json.loads(listed)}
+    assert "onnxruntime" in names and not names & {"torch", "ultralytics", "torchvision", "openvino", "onnx"}
+    bundle = tmp_path / "bundle"
+    shutil.copytree(export_cpu, bundle)  # as copied onto a device: no training checkout around it
+    out = tmp_path / "prof"
+    r = subprocess.run([str(venv / "bin" / "kdctl"), "profile", str(bundle), "--runs", "5", "--warmup", "1",
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert {row["artifact"] for row in res["results"]} == {"onnx-fp32", "onnx-int8"}
+    r = subprocess.run([str(venv / "bin" / "kdctl"), "bundle", "verify", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([str(venv / "bin" / "kdctl"), "gate", str(out), "--min-map", "0", "--out", str(tmp_path / "g")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
