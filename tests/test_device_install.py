@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(version: str) -> str | None:
-    exe = shutil.which(f"python{version}")
-    if exe is None:
-        return None
-    ok = subprocess.run([exe, "-c", "import venv, ensurepip"], capture_output=True).returncode == 0
-    return exe if ok else None
+    """An interpreter of that version: on PATH, or installed by pyenv (whose shim refuses an inactive one)."""
+    import os
+
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [shutil.which(f"python{version}")] + sorted(str(p) for p in pyenv.glob(f"versions/{version}*/bin/python{version}"))
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "import venv, ensurepip"], capture_output=True).returncode == 0:
+            return exe
+    return None
 
 
 @pytest.mark.slow

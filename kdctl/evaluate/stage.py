@@ -13,7 +13,7 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
                     out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
                     overwrite: bool = False, skip_invalid: bool = False, progress=None) -> Bundle:
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
-    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.name)
+    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, progress)
 

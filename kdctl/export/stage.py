@@ -73,7 +73,7 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
     preset = load_target(options.target)
-    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.name}-{preset.name}")
+    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.resolve().name}-{preset.name}")
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _export(src, preset, options, out, overwrite, progress)
 
@@ -149,7 +149,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
 
             onnx_files = {a.name: a.files[0] for a in arts if a.format == "onnx"}
             device_files = write_device_package(w.path, onnx_files, preset, imgsz,
-                                                any(a.format == "tensorrt" and a.files for a in arts))
+                                                any(a.format == "tensorrt" and a.files for a in arts), out.name)
         (w.path / "target.yaml").write_text(yaml.safe_dump(preset.model_dump(), sort_keys=False))
         for a in arts:
             for f in a.files:

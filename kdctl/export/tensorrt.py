@@ -130,7 +130,8 @@ def trtexec_commands(artifacts: dict[str, str], workspace_mb: int, dla_core: int
     ]
 
 
-def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: int, engines_built: bool) -> list[str]:
+def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: int, engines_built: bool,
+                         bundle_name: str = "BUNDLE") -> list[str]:
     """``build_engine.sh`` and ``README-device.md``; returns the files written (relative to ``root``)."""
     cmds = trtexec_commands(artifacts, preset.tensorrt.workspace_mb, preset.tensorrt.dla_core)
     script = root / "build_engine.sh"
@@ -142,7 +143,7 @@ def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: i
                       'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"\n'
                       'if [ ! -x "$TRTEXEC" ]; then echo "build_engine.sh: trtexec not found; set TRTEXEC=/path/to/trtexec" >&2; exit 1; fi\n'
                       + "\n".join(cmds) + "\n"
-                      'echo "Engines built. Profile them with: kdctl profile . --runtime tensorrt"\n')
+                      'echo "Engines built. Profile them from the folder above: kdctl profile $(basename "$PWD") --runtime tensorrt --device cuda"\n')
     script.chmod(0o755)
     readme = root / "README-device.md"
     readme.write_text(
@@ -159,5 +160,6 @@ def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: i
         "float biases, scales calibrated by kdctl; the head's box decoding stays in float.\n\n"
         + ("Engines were also built on the export machine and are included for reference only.\n\n" if engines_built
            else "")
-        + "## Profile\n\n```bash\nkdctl profile . --json > profile.json\n```\n")
+        + "## Profile\n\nFrom the folder above this one (a profile bundle is never written inside its input):\n\n"
+        f"```bash\nkdctl profile {bundle_name} --runtime tensorrt --device cuda --json > profile.json\n```\n")
     return ["build_engine.sh", "README-device.md"]

@@ -39,7 +39,7 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
     inputs = [prof.path] + ([base_bundle.path] if base_bundle else [])
     junit = check_output_file(junit, flag="--junit", inputs=inputs) if junit else None
     summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
-    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.name)
+    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.resolve().name)
     for flag, f in (("--junit", junit), ("--summary", summary)):
         if f is not None and (f == out.absolute() or out.absolute() in f.parents):
             raise KdctlError(f"{flag} {f}: is inside --out {out}; write it elsewhere (the bundle has its own copy)")

@@ -101,7 +101,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
                    out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False,
                    progress=None) -> Bundle:
     src = load_bundle(bundle, stages=("export",), verify=True)
-    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.name)
+    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
                         e2e_runs, pytorch, out, overwrite, progress)

@@ -99,7 +99,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         raise BundleError("report: give at least one bundle")
     given = [load_bundle(b, verify=True) for b in bundles]
     chain = lineage(given)
-    out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.name)
+    out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
         images: list[tuple[str, str]] = []
