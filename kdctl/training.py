@@ -211,7 +211,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     if stage == "distill" and state != "finished":
         teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
         # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
-        setup = DistillSetup(teacher, recipe.distill.losses, recipe.distill.auto_balance, source)
+        d = recipe.distill
+        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -281,7 +282,8 @@ def _kd_terms(work: Path) -> list[dict]:
 
     terms = json.loads((work / KD_TERMS_FILE).read_text())
     balance = work / "train" / BALANCE_FILE
-    scales = json.loads(balance.read_text())["scales"] if balance.is_file() else [None] * len(terms)
+    state = json.loads(balance.read_text()) if balance.is_file() else {}
+    scales = state.get("scales") or state.get("current") or [None] * len(terms)
     return [{**t, "scale": s} for t, s in zip(terms, scales)]
 
 

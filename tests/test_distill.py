@@ -137,7 +137,7 @@ teacher: {{model: {teacher}}}
 student: {{model: yolov8-tiny.yaml}}
 data: {{yolo: {tiny_data}}}
 train: {{epochs: {epochs}, imgsz: 128, batch: 8}}
-distill: {{auto_balance: 0.5, losses: {losses}}}
+distill: {{auto_balance: 0.5, balance_batches: 2, losses: {losses}}}
 """)
     return p
 
@@ -221,3 +221,13 @@ def test_kd_loss_under_autocast_keeps_fp32_losses(v8n):
     loss.sum().backward()
     adapter = m.kd.terms[0].losses[0].align.proj[0].weight
     assert adapter.dtype == torch.float32 and adapter.grad is not None and adapter.grad.abs().sum() > 0
+
+
+def test_kd_part_of_the_loss_is_scaled_by_batch_size(v8n):
+    """Ultralytics multiplies its per-image task loss by the batch size; the KD part must be too, or KD's share
+    shrinks as the batch grows."""
+    m = _kd_model(v8n, [LossSpec(name="cwd", params={"tau": 2.0}), LossSpec(name="kd_logit")])
+    for n in (2, 4):
+        loss, items = m.loss(_batch(n=n))
+        kd = sum(v.item() for k, v in items.items() if k.startswith("kd_"))
+        assert loss[-1].item() == pytest.approx(kd * n, rel=1e-5)

@@ -45,7 +45,7 @@ def test_cwd_value():
 
 
 def test_mgd_value_with_identity_free_generator():
-    loss = MaskedGenerativeDistillation(2, 2, ratio=0.0)
+    loss = MaskedGenerativeDistillation(2, 2, ratio=0.0, normalize=False)
     for m in loss.generator:
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
@@ -62,16 +62,46 @@ def test_mgd_masks_the_requested_fraction():
 
 
 def test_fgd_parts():
-    s, t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
-    ctx = DistillContext(imgsz=2, boxes=[torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
-    fg_only = FocalGlobalDistillation(1, 1, alpha=1, beta=0, gamma=0, lam=0)
-    bg_only = FocalGlobalDistillation(1, 1, alpha=0, beta=1, gamma=0, lam=0)
-    glob = FocalGlobalDistillation(1, 1, alpha=0, beta=0, gamma=0, lam=1)
-    assert fg_only(s, t, ctx).item() == pytest.approx(1.0)    # 1 fg cell, weight 1/area = 1, error 1
-    assert bg_only(s, t, ctx).item() == pytest.approx(1.0)    # 3 bg cells sharing weight 1
-    assert glob(s, t, ctx).item() == pytest.approx(4.0)       # zero-initialised transforms: sum (s - t)^2
-    fg, bg = box_masks([torch.tensor([[0.0, 0.0, 2.0, 1.0]])], (1, 1, 2, 2), 1.0)
-    assert fg.tolist() == [[[0.5, 0.5], [0.0, 0.0]]] and bg.sum().item() == pytest.approx(1.0)
+    s, t = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    ctx = DistillContext(imgsz=4, boxes=[torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
+    raw = dict(normalize=False)
+    fg_only = FocalGlobalDistillation(1, 1, alpha=1, beta=0, gamma=0, lam=0, **raw)
+    bg_only = FocalGlobalDistillation(1, 1, alpha=0, beta=1, gamma=0, lam=0, **raw)
+    glob = FocalGlobalDistillation(1, 1, alpha=0, beta=0, gamma=0, lam=1, **raw)
+    assert fg_only(s, t, ctx).item() == pytest.approx(1.0)    # cells 0..1 x 0..1, each 1/4, error 1
+    assert bg_only(s, t, ctx).item() == pytest.approx(1.0)    # 12 bg cells sharing weight 1
+    assert glob(s, t, ctx).item() == pytest.approx(16.0)      # zero-initialised transforms: sum (s - t)^2
+    # the reference's extent: floor(x1/s)..ceil(x2/s) inclusive, 1/area of that (unclipped) extent
+    fg, bg = box_masks([torch.tensor([[0.0, 0.0, 2.0, 1.0]])], (1, 1, 3, 4), 1.0)
+    assert torch.allclose(fg[0, :2, :3], torch.full((2, 3), 1 / 6)) and fg.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(bg[0, 2], torch.full((4,), 1 / 6)) and bg.sum().item() == pytest.approx(1.0)
+    fg, _ = box_masks([torch.tensor([[3.5, 2.5, 9.0, 9.0]])], (1, 1, 3, 4), 1.0)  # clipped at the border
+    assert fg[0, 2, 3].item() == pytest.approx(1 / (8 * 7)) and fg[0, :2].sum() == 0
+
+
+def test_fgd_attention_temperature():
+    """Spatial attention is H·W·softmax(mean_c|F| / temp): at temp 0.5 a cell with mean |F| 1 against 0 gets
+    2·e²/(e²+1); a flipped temperature (× instead of /) gives 2·e^0.5/(e^0.5+1)."""
+    f = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]])
+    spatial, channel = FocalGlobalDistillation(2, 2, temp=0.5).attention(f)
+    e2 = math.exp(2.0)
+    assert spatial[0, 0, 0].item() == pytest.approx(2 * e2 / (e2 + 1), rel=1e-6)
+    assert channel[0].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_mgd_and_fgd_normalise_channels():
+    """With normalize (the default), scaling or shifting a teacher channel changes nothing."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    loud = t * torch.tensor([1.0, 50.0, 0.1]).view(1, 3, 1, 1) + 7.0
+    for loss in (MaskedGenerativeDistillation(3, 3, ratio=0.0), FocalGlobalDistillation(3, 3)):
+        torch.manual_seed(1)
+        a = loss(s, t, DistillContext(imgsz=4, boxes=[torch.zeros(0, 4)] * 2))
+        torch.manual_seed(1)
+        b = loss(s, loud, DistillContext(imgsz=4, boxes=[torch.zeros(0, 4)] * 2))
+        assert a.item() == pytest.approx(b.item(), rel=1e-4)
+    plain = MaskedGenerativeDistillation(3, 3, ratio=0.0, normalize=False)
+    assert plain(s, loud).item() > 10 * plain(s, t).item()
 
 
 def test_pkd_value():
@@ -103,7 +133,8 @@ def test_ld_value():
     side_t = torch.tensor([0.0, math.log(3.0)])
     t = head(torch.zeros(1, 1, 1), side_t.repeat(4).view(1, 8, 1))
     s = head(torch.zeros(1, 1, 1), torch.zeros(1, 8, 1))
-    assert LocalizationDistillation(temperature=1, conf_weight=False)(s, t).item() == pytest.approx(KL_QUARTER, abs=1e-6)
+    # mean over the 2 bins of the pointwise KL, as mmdet/PaddleDetection reduce it
+    assert LocalizationDistillation(temperature=1, conf_weight=False)(s, t).item() == pytest.approx(KL_QUARTER / 2, abs=1e-6)
 
 
 def test_head_loss_rejects_mismatched_heads():
@@ -125,3 +156,118 @@ def test_losses_run_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loss(torch.randn(1, 2, 4, 4).bfloat16(), torch.randn(1, 3, 4, 4).bfloat16())
     assert out.dtype == torch.float32
+
+
+# --- values at T != 1 on several channels, images and anchors, against loops written out by hand -------------------
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_cwd_at_temperature_two_by_hand():
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 3, 2, 3), torch.randn(2, 3, 2, 3)
+    tau, total = 2.0, 0.0
+    for n in range(2):
+        for c in range(3):
+            ps = _softmax([v / tau for v in s[n, c].flatten().tolist()])
+            pt = _softmax([v / tau for v in t[n, c].flatten().tolist()])
+            total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    expected = tau ** 2 * total / (2 * 3)
+    assert ChannelWiseDistillation(3, 3, tau=tau)(s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_logit_at_temperature_three_by_hand():
+    torch.manual_seed(4)
+    s, t = torch.randn(2, 2, 3) * 3, torch.randn(2, 2, 3) * 3
+    T, per_anchor = 3.0, []
+    for n in range(2):
+        for a in range(3):
+            kl = 0.0
+            for c in range(2):
+                p, q = 1 / (1 + math.exp(-t[n, c, a].item() / T)), 1 / (1 + math.exp(-s[n, c, a].item() / T))
+                kl += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            per_anchor.append(kl)
+    expected = T * T * sum(per_anchor) / len(per_anchor)
+    got = SigmoidLogitDistillation(temperature=T)(head(s), head(t)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_ld_at_temperature_five_by_hand():
+    torch.manual_seed(5)
+    n, bins, a = 2, 4, 3
+    sb, tb = torch.randn(n, 4 * bins, a) * 4, torch.randn(n, 4 * bins, a) * 4
+    T, per_anchor = 5.0, []
+    for i in range(n):
+        for k in range(a):
+            sides = []
+            for side in range(4):
+                ps = _softmax([sb[i, side * bins + j, k].item() / T for j in range(bins)])
+                pt = _softmax([tb[i, side * bins + j, k].item() / T for j in range(bins)])
+                sides.append(sum(q * math.log(q / p) for p, q in zip(ps, pt)) / bins)
+            per_anchor.append(sum(sides) / 4)
+    expected = T * T * sum(per_anchor) / len(per_anchor)
+    got = LocalizationDistillation(temperature=T, conf_weight=False)(head(torch.zeros(n, 1, a), sb),
+                                                                     head(torch.zeros(n, 1, a), tb)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_feature_losses_do_not_grow_with_batch_size():
+    """Doubling the batch with copies leaves every per-image-normalised loss unchanged."""
+    torch.manual_seed(6)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    ctx1 = DistillContext(imgsz=8, boxes=[torch.tensor([[0.0, 0.0, 4.0, 4.0]])] * 2)
+    ctx2 = DistillContext(imgsz=8, boxes=[torch.tensor([[0.0, 0.0, 4.0, 4.0]])] * 4)
+    for loss in (FitNet(3, 3), AttentionTransfer(3, 3), ChannelWiseDistillation(3, 3, tau=2.0),
+                 PearsonCorrelationDistillation(3, 3), FocalGlobalDistillation(3, 3)):
+        one = loss(s, t, ctx1).item()
+        two = loss(torch.cat([s, s]), torch.cat([t, t]), ctx2).item()
+        assert two == pytest.approx(one, rel=1e-4), type(loss).__name__
+
+
+def test_a_term_averages_its_layer_pairs():
+    from kdctl.distill.criterion import DistillTerm
+
+    torch.manual_seed(7)
+    term = DistillTerm("cwd", "cwd", [1, 2], [1, 2], 1.0, {"tau": 2.0}, [2, 2], [2, 2])
+    s = {1: torch.randn(2, 2, 3, 3), 2: torch.randn(2, 2, 2, 2)}
+    t = {1: torch.randn(2, 2, 3, 3), 2: torch.randn(2, 2, 2, 2)}
+    each = [ChannelWiseDistillation(2, 2, tau=2.0)(s[i], t[i]).item() for i in (1, 2)]
+    assert term(s, t, None).item() == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+class _Const(torch.nn.Module):
+    """A term whose raw value is whatever the test feeds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.name, self.loss_name, self.weight, self.s_layers, self.t_layers = "x", "x", 1.0, [0], [0]
+        self.value = torch.tensor(1.0)
+
+    def forward(self, s, t, ctx):
+        return self.value
+
+
+def test_auto_balance_uses_the_median_of_the_first_batches_and_caps_outliers():
+    from kdctl.distill.criterion import DistillationCriterion
+
+    term = _Const()
+    crit = DistillationCriterion([term], balance=0.5, balance_batches=3, cap=4.0)
+    for raw in (1.0, 100.0, 2.0):  # one heavy-tailed batch among three
+        term.value = torch.tensor(raw)
+        crit({}, {}, None, task_loss=2.0)
+    # median raw 2.0, median task 2.0: scale 0.5 * 2 / 2 = 0.5 (the first batch alone would say 1.0; the mean 0.03)
+    assert crit.scales == [pytest.approx(0.5)]
+    term.value = torch.tensor(2.0)
+    assert crit({}, {}, None, task_loss=2.0)["x"].item() == pytest.approx(1.0)   # = 0.5 x task
+    term.value = torch.tensor(1000.0, requires_grad=True)
+    out = crit({}, {}, None, task_loss=2.0)["x"]
+    assert out.item() == pytest.approx(4.0 * 0.5 * 2.0)  # capped at 4x its share of the task loss
+    out.backward()
+    assert term.value.grad.item() > 0                     # scaled down, not cut off
+    state = crit.balance_state()
+    fresh = DistillationCriterion([term], balance=0.5, balance_batches=3)
+    fresh.load_balance_state(state)
+    assert fresh.scales == crit.scales

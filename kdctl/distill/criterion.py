@@ -59,14 +59,23 @@ class DistillTerm(nn.Module):
 
 
 class DistillationCriterion(nn.Module):
-    """Computes every term; ``balance`` (a fraction) rescales each weight on the first batch so that
-    ``weight·term == balance · weight_in_recipe · task_loss`` there, then keeps those scales fixed."""
+    """Computes every term, each times its recipe weight and its auto-balance scale.
 
-    def __init__(self, terms: list[DistillTerm], balance: float | None = None):
+    ``balance`` (a fraction) sets each scale so that ``scale·term ≈ balance · task_loss`` over the first
+    ``balance_batches`` batches: the ratio of the *medians* over those batches, so one heavy-tailed batch (neck
+    features vary 15-35x between batches) cannot fix a weight 100x too large; until then the running medians are
+    used. The scales are then fixed, saved and reused on ``--resume``. Afterwards no term may exceed ``cap`` times
+    its share (``cap · balance · weight · task``) on any batch: a larger value is scaled down (its gradient keeps its
+    direction), so a rare outlier batch cannot blow up the student's gradients.
+    """
+
+    def __init__(self, terms: list[DistillTerm], balance: float | None = None, balance_batches: int = 8,
+                 cap: float = 4.0):
         super().__init__()
         self.terms = nn.ModuleList(terms)
-        self.balance = balance
+        self.balance, self.balance_batches, self.cap = balance, balance_batches, cap
         self.scales: list[float] | None = None if balance else [1.0] * len(terms)
+        self._seen: list[tuple[float, list[float]]] = []   # (task, raw terms) of the balance batches
 
     @property
     def names(self) -> list[str]:
@@ -78,8 +87,37 @@ class DistillationCriterion(nn.Module):
     def teacher_layers(self) -> list[int]:
         return sorted({i for t in self.terms for i in t.t_layers})
 
+    def _balance_scales(self, task_loss: float, raw: list[torch.Tensor]) -> list[float]:
+        import statistics
+
+        self._seen.append((task_loss, [max(float(r.detach()), 1e-12) for r in raw]))
+        task = statistics.median(t for t, _ in self._seen)
+        scales = [self.balance * task / statistics.median(v[i] for _, v in self._seen) for i in range(len(raw))]
+        self.current = scales
+        if len(self._seen) >= self.balance_batches:
+            self.scales, self._seen = scales, []
+        return scales
+
+    def balance_state(self) -> dict:
+        """What ``--resume`` needs to continue balancing exactly where the killed run was."""
+        return {"names": self.names, "scales": self.scales, "seen": self._seen,
+                "current": self.scales or getattr(self, "current", None), "batches": self.balance_batches}
+
+    def load_balance_state(self, state: dict) -> None:
+        self.scales = state.get("scales")
+        self._seen = [(float(t), [float(x) for x in v]) for t, v in state.get("seen") or []]
+        if state.get("current"):
+            self.current = state["current"]
+
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext, task_loss: float) -> dict[str, torch.Tensor]:
         raw = [term(s_out, t_out, ctx) for term in self.terms]
-        if self.scales is None:
-            self.scales = [self.balance * task_loss / max(float(r.detach()), 1e-12) for r in raw]
-        return {t.name: r * t.weight * s for t, r, s in zip(self.terms, raw, self.scales)}
+        scales = self.scales if self.scales is not None else self._balance_scales(task_loss, raw)
+        out = {}
+        for t, r, s in zip(self.terms, raw, scales):
+            v = r * t.weight * s
+            if self.balance and self.cap and task_loss > 0:
+                limit = self.cap * self.balance * t.weight * task_loss
+                if float(v.detach()) > limit:
+                    v = v * (limit / float(v.detach()))
+            out[t.name] = v
+        return out

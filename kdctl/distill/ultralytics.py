@@ -90,10 +90,13 @@ class DistillSetup:
     losses: list  # kdctl.recipe.schema.LossSpec
     balance: float | None
     source: str = "recipe"
+    balance_batches: int = 8
+    balance_cap: float | None = 4.0
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
-                    source: str = "recipe") -> DistillationCriterion:
+                    source: str = "recipe", balance_batches: int = 8,
+                    balance_cap: float | None = 4.0) -> DistillationCriterion:
     """Resolve layers, size the adapters from a dummy forward pass, and check head compatibility."""
     plans = []
     for i, spec in enumerate(losses):
@@ -149,7 +152,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
         seen[spec.name] = seen.get(spec.name, 0) + 1
         terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
-    return DistillationCriterion(terms, balance).to(dev)
+    return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 
 
 class KDTrainer(DetectionTrainer):
@@ -179,23 +182,28 @@ class KDTrainer(DetectionTrainer):
         model.to(self.device)
         model.args = self.args
         model.attach(teacher, build_criterion(model, teacher, self.distill.losses, self.distill.balance,
-                                              int(self.args.imgsz), self.distill.source))
+                                              int(self.args.imgsz), self.distill.source,
+                                              self.distill.balance_batches, self.distill.balance_cap))
         balance = Path(self.save_dir) / BALANCE_FILE
-        if self.distill.balance and balance.is_file():  # resume: reuse the scales of the first run
-            model.kd.scales = json.loads(balance.read_text())["scales"]
+        if self.distill.balance and balance.is_file():  # resume: the scales (or the balancing so far) of the run
+            model.kd.load_balance_state(json.loads(balance.read_text()))
         if weights:
             model.load(weights)
         return model
 
 
 def save_balance(trainer) -> None:
-    """Callback: persist the auto-balance scales once they are known (so --resume keeps them)."""
+    """Callback: persist the auto-balance state after each batch until the scales are fixed (for --resume)."""
+    from kdctl.bundle import write_json_atomic
+
     model = getattr(trainer.model, "module", trainer.model)
     kd = getattr(model, "kd", None)
-    if kd is not None and kd.balance and kd.scales is not None:
-        path = Path(trainer.save_dir) / BALANCE_FILE
-        if not path.exists():
-            path.write_text(json.dumps({"names": kd.names, "scales": kd.scales}))
+    if kd is None or not kd.balance:
+        return
+    path = Path(trainer.save_dir) / BALANCE_FILE
+    state = kd.balance_state()
+    if kd.scales is None or not path.exists() or json.loads(path.read_text()).get("scales") is None:
+        write_json_atomic(path, state)
 
 
 def load_detector(path: str | Path) -> nn.Module:

@@ -119,7 +119,12 @@ class DistillSpec(Strict):
     losses: list[LossSpec] = Field(default_factory=list)
     auto_balance: float | None = Field(
         None, gt=0, le=100,
-        description="Scale each KD weight so its first-batch value is this fraction of the task loss")
+        description="Scale each KD weight so its median over the first balance_batches batches is this fraction "
+                    "of the task loss's median; scales are then fixed (and reused on --resume)")
+    balance_batches: int = Field(8, ge=1, le=1000, description="Batches whose medians set the auto-balance scales")
+    balance_cap: float | None = Field(
+        4.0, gt=0, description="With auto_balance: no KD term may exceed this many times its share of the task "
+                               "loss on any batch (scaled down, gradient direction kept); null turns it off")
 
 
 class ExportSpec(Strict):

@@ -59,8 +59,9 @@ class LocalizationDistillation(HeadLoss):
     """Localization Distillation for Dense Object Detection (Zheng et al., CVPR 2022).
 
     Each box side is a distribution over ``reg_max`` bins (DFL); the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))``
-    averaged over the four sides, then over anchors — weighted by teacher confidence when ``conf_weight`` is set,
-    which stands in for the paper's main distillation region.
+    with the pointwise KL averaged over the bins (as mmdet's and PaddleDetection's ``KnowledgeDistillationKLDivLoss``
+    reduce it), then over the four sides, then over anchors — weighted by teacher confidence when ``conf_weight`` is
+    set, which stands in for the paper's main distillation region (positives plus its valuable localisation region).
     """
 
     def __init__(self, temperature: float = 10.0, conf_weight: bool = True):
@@ -72,5 +73,5 @@ class LocalizationDistillation(HeadLoss):
         T = self.temperature
         ls = F.log_softmax(s["boxes"].view(n, 4, c // 4, a) / T, dim=2)
         lt = F.log_softmax(t["boxes"].view(n, 4, c // 4, a) / T, dim=2)
-        kl = (lt.exp() * (lt - ls)).sum(2).mean(1)                           # N, A
+        kl = (lt.exp() * (lt - ls)).mean(2).mean(1)                          # N, A
         return _anchor_mean(kl, t["scores"], self.conf_weight) * T * T
