@@ -80,3 +80,29 @@ def profile_cpu(tmp_path_factory, export_cpu) -> Path:
 
     out = tmp_path_factory.mktemp("prof") / "cpu"
     return profile_bundle(export_cpu, warmup=2, runs=20, e2e_runs=4, out=out).path
+
+
+@pytest.fixture(scope="session")
+def kd_chain(tmp_path_factory, tiny_data, trained_bundle) -> dict:
+    """A baseline (student alone) and a distilled student from ``trained_bundle`` as the teacher: 1 epoch each."""
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    d = tmp_path_factory.mktemp("kdchain")
+    base = write_recipe(d / "base.yaml", f"""
+name: base
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
+""")
+    kd = write_recipe(d / "kd.yaml", f"""
+name: kd
+teacher: {{model: {trained_bundle}}}
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
+distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
+""")
+    return {"teacher": trained_bundle,
+            "baseline": run_training(load_recipe(base), stage="train", source=str(base), out=d / "base").path,
+            "distilled": run_training(load_recipe(kd), stage="distill", source=str(kd), out=d / "kd").path}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -13,7 +14,7 @@ def test_report_renders(profile_cpu, tmp_path):
     assert res.exit_code == 0, res.output
     r = tmp_path / "r"
     html = (r / "report.html").read_text()
-    assert "<table>" in html and "onnx-int8" in html and "Lineage: train:" in html
+    assert "<table>" in html and "onnx-int8" in html and "<h2>Lineage</h2><svg" in html
     md = (r / "report.md").read_text()
     assert "| profile |" in md and "![" in md
     pngs = sorted(r.glob("*.png"))
@@ -23,3 +24,69 @@ def test_report_renders(profile_cpu, tmp_path):
         with Image.open(p) as im:
             im.verify()
             assert im.format == "PNG"
+
+
+def test_report_answers_did_kd_help(kd_chain, tmp_path):
+    import json
+
+    res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(kd_chain["distilled"]),
+                                   "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())["metrics"]["kd"]
+    assert m["teacher"] == str(kd_chain["teacher"]) and m["baseline"] == str(kd_chain["baseline"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.index("## Did distillation help?") < md.index("## Lineage") < md.index("## Models")
+    assert ("**Yes: distillation raised" in md) or ("**No: the distilled student is" in md)
+    assert "```mermaid" in md and "-->" in md
+    assert (tmp_path / "r" / "predictions.png").stat().st_size > 5000
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<svg class=\"lineage\"" in html and html.count("<rect") == 3  # teacher, baseline, distilled
+
+
+def test_gap_closed_and_roles(tmp_path):
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.kd_summary import compare
+
+    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None):
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents, inputs=inputs or {},
+                          recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
+            (w.path / "weights.pt").write_bytes(name.encode())
+            w.add_output("weights", "weights.pt")
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10)
+        return load_bundle(tmp_path / name)
+
+    t = bundle("t", "train", 0.50, model="big.yaml")
+    b = bundle("b", "train", 0.30)
+    from kdctl.bundle import sha256_file
+
+    d = bundle("d", "distill", 0.40, parents=[t], inputs={"teacher": {"sha256": sha256_file(t.path / "weights.pt")}})
+    c = compare([b, t, d])
+    assert c.teacher.id == t.id and c.baseline.id == b.id and c.gap_closed == pytest.approx(0.5)
+    assert c.verdict().startswith("Yes: distillation raised mAP50-95 by +10.00 points") and "50%" in c.verdict()
+    worse = bundle("w", "distill", 0.25, parents=[t])
+    assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
+    assert compare([t, worse]).baseline is None
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_real_browser(kd_chain, profile_cpu, tmp_path):
+    """Headless Chromium opens the report and its first screen is not blank."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(kd_chain["distilled"]), str(profile_cpu),
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    shot = tmp_path / "shot.png"
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900",
+                    f"--screenshot={shot}", (tmp_path / "r" / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    with Image.open(shot) as im:
+        px = np.asarray(im.convert("L"), dtype=np.float32)
+    assert px.shape == (900, 1280)
+    assert (px < 200).mean() > 0.02 and px.std() > 20  # text, tables and the lineage graph, not a blank page

@@ -20,6 +20,8 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", "-s", help="Random seed (same seed, same bytes).")] = 0,
     imgsz: Annotated[int, typer.Option("--imgsz", min=64, max=2048, help="Image side in pixels.")] = 320,
     classes: Annotated[int, typer.Option("--classes", min=1, max=12, help="Number of shape classes.")] = 6,
+    scene: Annotated[str, typer.Option("--scene", help="cluttered (many small, occluded objects) or clear "
+                                       "(fewer, larger objects).")] = "cluttered",
     json_: JsonOpt = False,
 ) -> None:
     """Write a deterministic YOLO-format detection dataset with data.yaml.
@@ -32,11 +34,15 @@ def synth(
 
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new directory")
+    from kdctl.data.synth import SCENES
+
+    if scene not in SCENES:
+        raise DataError(f"--scene: '{scene}'; valid: {', '.join(SCENES)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with progress_bar(not json_) as p:
         task = p.add_task("generating", total=images + val) if p else None
         atomic_build(out, lambda tmp: write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz,
-                                                    classes=classes, root=out,
+                                                    classes=classes, root=out, scene=scene,
                                                     progress=(lambda: p.advance(task)) if p else None))
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
     emit(result, as_json=json_, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))

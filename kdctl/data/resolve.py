@@ -181,16 +181,17 @@ def atomic_build(final: Path, build) -> Path:
     return final
 
 
-def synthetic_dataset(train: int, val: int, seed: int, imgsz: int, classes: int, progress=None) -> Dataset:
+def synthetic_dataset(train: int, val: int, seed: int, imgsz: int, classes: int, progress=None,
+                      scene: str = "cluttered") -> Dataset:
     from kdctl.data.synth import write_dataset
 
-    key = f"synth-v1-{classes}c-{imgsz}px-{train}t-{val}v-s{seed}"
+    key = f"synth-v1-{'' if scene == 'cluttered' else scene + '-'}{classes}c-{imgsz}px-{train}t-{val}v-s{seed}"
     final = cache_dir() / "synthetic" / key
     final.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path) -> None:
         write_dataset(tmp, train=train, val=val, seed=seed, imgsz=imgsz, classes=classes, progress=progress,
-                      root=final)
+                      root=final, scene=scene)
 
     atomic_build(final, build)
     return load_yolo_yaml(final / "data.yaml")
@@ -340,7 +341,8 @@ def resolve_data(spec, progress=None, skip_invalid: bool | None = None) -> Datas
     skip = bool(d.get("skip_invalid")) if skip_invalid is None else skip_invalid
     if d.get("synthetic"):
         s = d["synthetic"]
-        return synthetic_dataset(s["train"], s["val"], s["seed"], s["imgsz"], s["classes"], progress)
+        return synthetic_dataset(s["train"], s["val"], s["seed"], s["imgsz"], s["classes"], progress,
+                                 s.get("scene", "cluttered"))
     if d.get("yolo"):
         return load_yolo_yaml(d["yolo"], skip_invalid=skip)
     if d.get("coco"):

@@ -43,6 +43,8 @@ class SyntheticData(Strict):
     seed: int = 0
     imgsz: int = Field(320, ge=64, le=2048, description="Side of the generated square images")
     classes: int = Field(6, ge=1, le=12)
+    scene: Literal["cluttered", "clear"] = Field(
+        "cluttered", description="cluttered: many small, occluded objects among clutter; clear: fewer, larger objects")
 
 
 class CocoData(Strict):

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, require_verified
-from kdctl.errors import BundleError
-from kdctl.report import plots
+from kdctl.errors import BundleError, KdctlError
+from kdctl.report import graph, plots
+from kdctl.report.kd_summary import HEAD as KD_HEAD
+from kdctl.report.kd_summary import compare
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
@@ -79,6 +81,7 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
 
 
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
+GATE_HEAD = ["check", "budget", "value", "result", "detail"]
 PERF_HEAD = ["stage", "artifact", "mAP50-95", "Δ vs PyTorch", "runs as", "size", "p50 / p90 / p99 ms", "img/s"]
 
 
@@ -93,6 +96,41 @@ def _html_table(head, rows):
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _gate_rows(chain: list[Bundle]) -> list[tuple[Bundle, list[list[str]]]]:
+    out = []
+    for b in chain:
+        if b.stage != "gate":
+            continue
+        rows = []
+        for c in b.metrics.get("checks", []):
+            v = c.get("value")
+            rows.append([c.get("name", ""), f"{c.get('budget')}", "—" if v is None else f"{v:.4g}",
+                         "pass" if c.get("passed") else "FAIL", c.get("message", "")])
+        out.append((b, rows))
+    return out
+
+
+def _predictions(cmp, root: Path) -> str | None:
+    """predictions.png beside the report, when the models and PyTorch are on this machine; else None."""
+    import importlib.util
+
+    if cmp is None or importlib.util.find_spec("torch") is None:
+        return None
+    models = [(label, b.file("weights")) for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline),
+                                                          ("distilled", cmp.distilled)) if b is not None]
+    try:
+        from kdctl.data.resolve import load_yolo_yaml
+        from kdctl.report.predictions import prediction_grid
+
+        ds = load_yolo_yaml(cmp.distilled.file("data"), splits=("val",))
+    except KdctlError:
+        return None  # the dataset is not on this machine
+    images = [ds.val_images[i] for i in sorted({0, len(ds.val_images) // 2, len(ds.val_images) - 1})]
+    imgsz = int(cmp.distilled.metrics.get("imgsz") or 640)
+    prediction_grid(models, images, ds.names, imgsz, root / "predictions.png")
+    return "predictions.png"
+
+
 def write_report(bundles: list[str | Path], *, out: str | Path | None = None, runs_dir: str | Path = "runs",
                  overwrite: bool = False, title: str = "kdctl report") -> Bundle:
     if not bundles:
@@ -102,48 +140,85 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
     out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
-        images: list[tuple[str, str]] = []
-        for b in chain:
-            if b.stage == "distill" and b.metrics.get("epochs"):
-                f = f"losses-{b.path.name}.png"
-                plots.losses(b.metrics["epochs"], w.path / f, f"{b.path.name}: task vs KD losses per epoch")
-                images.append((f, f"Losses per epoch ({b.path.name})"))
-        points = []
-        for b in chain:
-            if b.stage != "profile":
-                continue
-            lat = _latencies(b)
-            for r in b.metrics.get("results", []):
-                if not isinstance(r.get("latency_ms"), dict) or "p50" not in r["latency_ms"]:
-                    continue
-                if r["artifact"] in lat:
-                    f = f"latency-{b.path.name}-{r['artifact']}.png"
-                    plots.latency_histogram(lat[r["artifact"]], r["latency_ms"], f"{b.path.name}: {r['artifact']}",
-                                            w.path / f)
-                    images.append((f, f"Latency histogram {r['artifact']} ({b.path.name})"))
-                if r.get("map50_95") is not None:
-                    points.append((r["artifact"], r["latency_ms"]["p50"], r["map50_95"]))
-        if points:
-            plots.pareto(points, w.path / "pareto.png")
-            images.insert(0, ("pareto.png", "mAP50-95 vs p50 latency"))
+        cmp = compare(chain)
+        gates = _gate_rows(chain)
+        images = _plots(chain, w.path)
+        pred = _predictions(cmp, w.path)
         stage_rows, perf_rows = _rows(chain)
-        lineage_md = " → ".join(f"{b.stage}:{b.path.name}" for b in chain)
-        md = [f"# {title}", "", f"Lineage: {lineage_md}", "", "## Models", "", _md_table(STAGE_HEAD, stage_rows), "",
-              "## Exports and profiles", "", _md_table(PERF_HEAD, perf_rows), ""]
+        md, body = [f"# {title}", ""], [f"<h1>{html.escape(title)}</h1>"]
+        if cmp is not None:
+            gap = cmp.gap_closed
+            md += ["## Did distillation help?", "", f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, cmp.rows()), ""]
+            body += ["<h2>Did distillation help?</h2>", f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>",
+                     _html_table(KD_HEAD, cmp.rows())]
+            if gap is not None:
+                md += [f"Gap closed: {gap:.0%} of the teacher–baseline mAP50-95 gap.", ""]
+        for g, rows in gates:
+            verdict = "PASS" if g.metrics.get("passed") else "FAIL"
+            art = g.metrics.get("artifact", "")
+            md += [f"## Gate: {verdict} ({art}, {g.path.name})", "", _md_table(GATE_HEAD, rows), ""]
+            body += [f"<h2>Gate: <span class='{verdict.lower()}'>{verdict}</span> ({html.escape(art)}, "
+                     f"{html.escape(g.path.name)})</h2>", _html_table(GATE_HEAD, rows)]
+        md += ["## Lineage", "", graph.mermaid(chain), ""]
+        body += ["<h2>Lineage</h2>", graph.svg(chain)]
+        if cmp is not None and cmp.per_class_rows():
+            md += ["## Per-class AP50-95", "", _md_table(cmp.per_class_head(), cmp.per_class_rows()), ""]
+            body += ["<h2>Per-class AP50-95</h2>", _html_table(cmp.per_class_head(), cmp.per_class_rows())]
+        if pred:
+            md += ["## Predictions (teacher / baseline / distilled, score ≥ 0.25)", "", f"![predictions]({pred})", ""]
+            body += ["<h2>Predictions (teacher / baseline / distilled, score ≥ 0.25)</h2>",
+                     f"<img class='wide' src='{pred}' alt='predictions'>"]
+        md += ["## Models", "", _md_table(STAGE_HEAD, stage_rows), "", "## Exports and profiles", "",
+               _md_table(PERF_HEAD, perf_rows), ""]
         md += [f"![{alt}]({f})" for f, alt in images]
+        body += ["<h2>Models</h2>", _html_table(STAGE_HEAD, stage_rows), "<h2>Exports and profiles</h2>",
+                 _html_table(PERF_HEAD, perf_rows), "<h2>Plots</h2>"]
+        body += [f'<figure><img src="{html.escape(f)}" alt="{html.escape(a)}"><figcaption>{html.escape(a)}'
+                 f"</figcaption></figure>" for f, a in images]
         (w.path / "report.md").write_text("\n".join(md) + "\n")
-        imgs = "".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(a)}"><figcaption>{html.escape(a)}'
-                       f"</figcaption></figure>" for f, a in images)
         (w.path / "report.html").write_text(
             "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,"
             "th:first-child,td:nth-child(2){text-align:left}figure{display:inline-block;margin:8px}"
-            "img{max-width:520px}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>Lineage: {html.escape(lineage_md)}</p><h2>Models</h2>"
-            f"{_html_table(STAGE_HEAD, stage_rows)}<h2>Exports and profiles</h2>{_html_table(PERF_HEAD, perf_rows)}"
-            f"<h2>Plots</h2>{imgs}</body></html>\n")
+            "img{max-width:520px}img.wide{max-width:100%}.verdict{font-size:1.2em}.pass{color:#15803d}"
+            ".fail{color:#b91c1c}</style></head><body>" + "".join(body) + "</body></html>\n")
         w.add_output("html", "report.html")
         w.add_output("markdown", "report.md")
-        w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]})
+        w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]
+                          + ([pred] if pred else []),
+                          "kd": None if cmp is None else {
+                              "teacher": cmp.teacher and str(cmp.teacher.path),
+                              "baseline": cmp.baseline and str(cmp.baseline.path),
+                              "distilled": str(cmp.distilled.path), "gap_closed": cmp.gap_closed,
+                              "verdict": cmp.verdict()},
+                          "gates": [{"bundle": str(g.path), "passed": g.metrics.get("passed")} for g, _ in gates]})
     return w.bundle
+
+
+def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:
+    images: list[tuple[str, str]] = []
+    for b in chain:
+        if b.stage == "distill" and b.metrics.get("epochs"):
+            f = f"losses-{b.path.name}.png"
+            plots.losses(b.metrics["epochs"], root / f, f"{b.path.name}: task vs KD losses per epoch")
+            images.append((f, f"Losses per epoch ({b.path.name})"))
+    points = []
+    for b in chain:
+        if b.stage != "profile":
+            continue
+        lat = _latencies(b)
+        for r in b.metrics.get("results", []):
+            if not isinstance(r.get("latency_ms"), dict) or "p50" not in r["latency_ms"]:
+                continue
+            if r["artifact"] in lat:
+                f = f"latency-{b.path.name}-{r['artifact']}.png"
+                plots.latency_histogram(lat[r["artifact"]], r["latency_ms"], f"{b.path.name}: {r['artifact']}",
+                                        root / f)
+                images.append((f, f"Latency histogram {r['artifact']} ({b.path.name})"))
+            if r.get("map50_95") is not None:
+                points.append((r["artifact"], r["latency_ms"]["p50"], r["map50_95"]))
+    if points:
+        plots.pareto(points, root / "pareto.png")
+        images.insert(0, ("pareto.png", "mAP50-95 vs p50 latency"))
+    return images

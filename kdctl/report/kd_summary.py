@@ -1,0 +1,85 @@
+""""Did distillation help?": the teacher, the baseline student (trained alone) and the distilled student, side by
+side, and how much of the teacher-student gap distillation closed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdctl.bundle import Bundle
+
+
+@dataclass
+class KDComparison:
+    teacher: Bundle | None
+    baseline: Bundle | None
+    distilled: Bundle
+
+    @property
+    def gap_closed(self) -> float | None:
+        """(distilled − baseline) / (teacher − baseline) in mAP50-95; None without both references."""
+        if self.teacher is None or self.baseline is None:
+            return None
+        t, b, d = (x.metrics.get("map50_95") for x in (self.teacher, self.baseline, self.distilled))
+        if None in (t, b, d) or t <= b:
+            return None
+        return (d - b) / (t - b)
+
+    def verdict(self) -> str:
+        d = self.distilled.metrics.get("map50_95")
+        if self.baseline is None:
+            return "No baseline (the student trained alone) was given: pass its train bundle to compare."
+        b = self.baseline.metrics.get("map50_95")
+        change = d - b
+        if change > 0:
+            closed = self.gap_closed
+            tail = f", closing {closed:.0%} of the gap to the teacher" if closed is not None else ""
+            return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}."
+        return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline."
+
+    def rows(self) -> list[list[str]]:
+        out = []
+        for role, b in (("teacher", self.teacher), ("baseline (student alone)", self.baseline),
+                        ("distilled student", self.distilled)):
+            if b is None:
+                continue
+            m = b.metrics
+            out.append([role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
+                        f"{m['params']:,}" if m.get("params") else "—",
+                        f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—"])
+        return out
+
+    def per_class_rows(self) -> list[list[str]]:
+        refs = [b for b in (self.teacher, self.baseline, self.distilled) if b is not None]
+        names = list((self.distilled.metrics.get("per_class_ap50_95") or {}).keys())
+        rows = []
+        for n in names:
+            vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for b in refs]
+            rows.append([n] + ["—" if v is None else f"{v:.4f}" for v in vals])
+        return rows
+
+    def per_class_head(self) -> list[str]:
+        return ["class"] + [r for r, b in (("teacher", self.teacher), ("baseline", self.baseline),
+                                            ("distilled", self.distilled)) if b is not None]
+
+
+HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time"]
+
+
+def compare(chain: list[Bundle]) -> KDComparison | None:
+    """Find the distilled student, its teacher (its recorded parent) and a baseline: a train bundle of the same
+    student model and data that is not the teacher. None when the chain has no distill bundle."""
+    distilled = next((b for b in reversed(chain) if b.stage == "distill"), None)
+    if distilled is None:
+        return None
+    t_sha = ((distilled.manifest.get("inputs") or {}).get("teacher") or {}).get("sha256")
+    parents = {p.get("id") for p in distilled.manifest.get("parents", [])}
+    teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")
+                    and b.manifest["files"].get("weights.pt", {}).get("sha256") == t_sha), None)
+    if teacher is None:
+        teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
+    student = ((distilled.recipe or {}).get("student") or {}).get("model")
+    data = (distilled.recipe or {}).get("data")
+    baseline = next((b for b in chain if b.stage == "train" and b is not teacher
+                     and ((b.recipe or {}).get("student") or {}).get("model") == student
+                     and (b.recipe or {}).get("data") == data), None)
+    return KDComparison(teacher, baseline, distilled)
