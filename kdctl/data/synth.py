@@ -105,7 +105,7 @@ class SynthConfig:
 # the teacher-student gap that distillation closes is a real one).
 SCENES = {
     "cluttered": {},
-    "clear": {"min_objects": 1, "max_objects": 6, "distractors": (0, 3), "min_size": 20, "max_frac": 0.55,
+    "clear": {"min_objects": 1, "max_objects": 4, "distractors": (0, 2), "min_size": 24, "max_frac": 0.6,
               "blur_p": 0.1},
 }
 
