@@ -181,7 +181,7 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:
     """``--resume`` of a run whose bundle is already published: clean up its work dir and return the bundle."""
     from kdctl.bundle import load_bundle
-    from kdctl.bundle.output import OutputLock, bundle_state
+    from kdctl.bundle.output import OutputLock, absolute, bundle_state
 
     state, bid = bundle_state(out)
     if state != "bundle":
@@ -193,7 +193,7 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
         b = load_bundle(out)
         if b.stage != stage or b.recipe != recipe.model_dump(mode="json"):
             return None  # someone else's result: claim_output refuses it with the usual message
-    lock = OutputLock(out.absolute())
+    lock = OutputLock(absolute(out))
     lock.acquire()
     try:
         shutil.rmtree(work, ignore_errors=True)
@@ -259,7 +259,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
         _save_student(student, w.path / "weights.pt", _train_args(weights_src))
         w.add_output("weights", "weights.pt")
-        shutil.copy(data_yaml, w.path / "data.yaml")
+        normalised_yaml(ds, w.path / "data.yaml", image_lists=False)  # no paths into the work dir
         w.add_output("data", "data.yaml")
         if (work / "train" / "results.csv").is_file():
             shutil.copy(work / "train" / "results.csv", w.path / "results.csv")

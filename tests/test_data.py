@@ -147,6 +147,10 @@ def test_train_with_skip_invalid_records_the_skipped_and_true_counts(tmp_path, t
     d = m["inputs"]["data"]
     assert d["train_images"] == 22 and d["val_images"] == 7 and d["skipped"]["train"]["count"] == 3
     assert m["metrics"]["eval_images"] == 7
+    bundle_yaml = yaml.safe_load((tmp_path / "o" / "data.yaml").read_text())
+    assert bundle_yaml["kdctl_skip_invalid"] is True and bundle_yaml["train"] == "images/train"  # no work-dir paths
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "o"), "--out", str(tmp_path / "e0"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["images"] == 7  # the bundle's data skips them again
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "o"), "--data", str(data), "--out", str(tmp_path / "e")])
     assert res.exit_code == 2 and "val_000000.txt:1" in res.output and "not finite" in res.output
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "o"), "--data", str(data), "--skip-invalid",

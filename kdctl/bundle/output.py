@@ -29,7 +29,8 @@ from kdctl.errors import BundleError
 _held: dict[Path, "OutputClaim"] = {}
 
 
-def _abs(p: str | Path) -> Path:
+def absolute(p: str | Path) -> Path:
+    """The path kdctl locks and compares: absolute and normalised (``..`` folded), symlinks not resolved."""
     return Path(os.path.abspath(Path(p).expanduser()))
 
 
@@ -64,12 +65,12 @@ def bundle_state(out: Path) -> tuple[str, str | None]:
 def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = (),
                    flag: str = "--out") -> tuple[str, str | None]:
     """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
-    out = _abs(out)
+    out = absolute(out)
     for anc in [out, *out.parents]:
         if anc != out and os.path.lexists(anc) and not anc.is_dir():
             raise BundleError(f"{flag} {out}: '{anc}' is a file, not a directory")
     for inp in inputs:
-        inp = _abs(inp)
+        inp = absolute(inp)
         if _within(out, inp):
             raise BundleError(f"{flag} {out}: is {'the' if out == inp else 'inside the'} input bundle {inp}; "
                               "choose another --out")
@@ -147,9 +148,9 @@ class OutputClaim:
     """The right to publish a bundle at ``out`` (see the module docstring). Re-entrant within a process."""
 
     def __init__(self, out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()):
-        self.out = _abs(out)
+        self.out = absolute(out)
         self.overwrite = overwrite
-        self.inputs = [_abs(p) for p in inputs]
+        self.inputs = [absolute(p) for p in inputs]
         self.lock = OutputLock(self.out)
         self.depth = 0
         self.expected: str | None = None
@@ -216,7 +217,12 @@ class OutputClaim:
         old = self.temp_sibling("old")
         os.rename(self.out, old)  # a crash from here on keeps the old bundle (restored by the next run)
         faults.point("publish:old-moved-aside")
-        _rename_noreplace(tmp, self.out)
+        try:
+            _rename_noreplace(tmp, self.out)
+        except BaseException:
+            if not os.path.lexists(self.out):
+                os.rename(old, self.out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -228,7 +234,7 @@ def claim_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Pat
 def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Path] = ()) -> Path:
     """An extra output file (``--junit``, ``--summary``): its folder must be a folder, it must not be a folder
     itself, nor lie inside an input bundle. Checked before any work, so a bad path fails before publishing."""
-    p = _abs(path)
+    p = absolute(path)
     if p.is_dir():
         raise BundleError(f"{flag} {p}: is a directory; give a file path")
     if p.is_symlink():
@@ -237,6 +243,6 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         if os.path.lexists(anc) and not anc.is_dir():
             raise BundleError(f"{flag} {p}: '{anc}' is a file, not a directory")
     for inp in inputs:
-        if _within(p, _abs(inp)):
-            raise BundleError(f"{flag} {p}: is inside the input bundle {_abs(inp)}; it would change that bundle")
+        if _within(p, absolute(inp)):
+            raise BundleError(f"{flag} {p}: is inside the input bundle {absolute(inp)}; it would change that bundle")
     return p

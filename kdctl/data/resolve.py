@@ -94,6 +94,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
+    skip_invalid = skip_invalid or data.get("kdctl_skip_invalid") is True  # a bundle trained that way
     for key in ("train", "val", "path"):
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
             raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
@@ -145,8 +146,12 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     return Dataset(path, names, found["train"], found["val"], skipped)
 
 
-def normalised_yaml(ds: Dataset, out: Path) -> Path:
-    """Write a copy of the dataset YAML with an absolute root, so training never depends on the CWD."""
+def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
+    """Write a copy of the dataset YAML with an absolute root, so training never depends on the CWD.
+
+    When images were skipped as invalid, ``image_lists`` points the splits at lists of the kept images (beside
+    ``out``, for the trainer); otherwise the splits stay as they were and ``kdctl_skip_invalid: true`` tells the
+    next reader (``kdctl eval``/``export`` of the bundle) to leave the same images out again."""
     data = yaml.safe_load(ds.yaml.read_text(encoding="utf-8"))
     root = Path(data.get("path") or ds.yaml.parent)
     if not root.is_absolute():
@@ -154,7 +159,9 @@ def normalised_yaml(ds: Dataset, out: Path) -> Path:
     data["path"] = str(root.resolve())
     data["names"] = {i: n for i, n in enumerate(ds.names)}
     data.pop("download", None)  # never let a trainer fetch a dataset
-    if any(ds.skipped.values()):  # train on the validated images only: lists of absolute paths
+    if any(ds.skipped.values()) and not image_lists:
+        data["kdctl_skip_invalid"] = True
+    elif any(ds.skipped.values()):  # train on the validated images only: lists of absolute paths
         for split, images in (("train", ds.train_images), ("val", ds.val_images)):
             lst = out.parent / f"{split}-images.txt"
             lst.write_text("".join(f"{p.resolve()}\n" for p in images))
