@@ -109,3 +109,14 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     except Exception as e:  # a YAML whose layers do not build: say which file
         raise RecipeError(f"{source}: {field}: cannot build a model from '{resolved.ref}' "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_imgsz(imgsz: int, model, flag: str = "--imgsz") -> int:
+    """An input size the detector can take: a multiple of its largest stride."""
+    from kdctl.errors import KdctlError
+
+    s = getattr(model, "stride", None)
+    stride = int(s.max()) if s is not None and hasattr(s, "max") else 32
+    if imgsz % stride:
+        raise KdctlError(f"{flag}: {imgsz} is not a multiple of {stride} (the model's largest stride)")
+    return imgsz

@@ -207,6 +207,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     from kdctl.distill.ultralytics import DistillSetup, KDTrainer, load_detector, plain_student
 
+    if state == "none":  # a student YAML or checkpoint that does not build fails here, in one line
+        load_model(student_ref, ds.nc, "student.model", source)
     setup = None
     if stage == "distill" and state != "finished":
         teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)

@@ -644,6 +644,39 @@ def _(c):
         ["thesis", "refusing to replace"]
 
 
+@case("eval-imgsz-not-a-stride-multiple")
+def _(c):
+    return ["eval", str(c.train), "--imgsz", "100", "--out", str(c.tmp / "x")], 2, ["--imgsz", "100", "multiple of 32"]
+
+
+@case("export-imgsz-not-a-stride-multiple")
+def _(c):
+    return ["export", str(c.train), "--imgsz", "129", "--out", str(c.tmp / "x")], 2, ["--imgsz", "129"]
+
+
+@case("train-student-yaml-does-not-build")
+def _(c):
+    y = c.tmp / "broken-model.yaml"
+    y.write_text("nc: 3\nbackbone:\n  - [-1, 1, NoSuchModule, [16, 3, 2]]\nhead:\n  - [-1, 1, Detect, [nc]]\n")
+    c.plant(y)
+    return ["train", str(c.yolo_recipe("r", c.data, student=str(y))), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "broken-model.yaml"]
+
+
+@case("train-student-pt-not-a-checkpoint")
+def _(c):
+    f = c.tmp / "student.pt"
+    f.write_text("not a checkpoint")
+    c.plant(f)
+    return ["train", str(c.yolo_recipe("r", c.data, student=str(f))), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "student.pt"]
+
+
+@case("bundle-show-not-a-bundle")
+def _(c):
+    return ["bundle", "show", str(c.user_dir())], 2, ["thesis", "not a kdctl bundle"]
+
+
 @pytest.fixture
 def ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu):
     c = Ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu)

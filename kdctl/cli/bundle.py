@@ -33,10 +33,10 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
     m = b.manifest
 
     def human():
-        tree = Tree(f"[bold]{b.path}[/bold]  stage=[cyan]{b.stage}[/cyan]  id={b.id[:12]}  created={m['created']}")
+        tree = Tree(f"[bold]{b.path}[/bold]  stage=[cyan]{b.stage}[/cyan]  id={b.id[:12]}  created={m.get('created', '?')}")
         lin = tree.add("parents")
         for p in m.get("parents", []):
-            lin.add(f"{p['stage']}  {p['path']}  id={p['id'][:12]}")
+            lin.add(f"{p.get('stage')}  {p.get('path')}  id={str(p.get('id'))[:12]}")
         files = tree.add("files")
         for name, info in m["files"].items():
             files.add(f"{name}  {info['size']:,} B  sha256={info['sha256'][:12]}")

@@ -22,11 +22,12 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
               progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
-    from kdctl.models import load_bundle_weights, model_classes
+    from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
     ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",))
     size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
     model = load_bundle_weights(src)
+    check_imgsz(size, model)
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics = evaluate_backend(torch_backend(model), ds.val_images, ds.names, size, batch=batch,

@@ -82,7 +82,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
-    from kdctl.models import load_bundle_weights, model_classes
+    from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
     wanted = options.artifacts or preset.artifacts
     bad = [a for a in wanted if a not in ARTIFACTS]
@@ -97,7 +97,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ds = load_yolo_yaml(options.data or src.file("data"), skip_invalid=options.skip_invalid)
     model = load_bundle_weights(src)
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")
-    imgsz = options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640)
+    imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model)
     opset = options.opset or preset.opset
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted)
