@@ -104,7 +104,8 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path) -> d
         "model": model_ref, "data": str(data_yaml), "epochs": t.epochs, "imgsz": t.imgsz, "batch": t.batch,
         "lr0": t.lr0, "optimizer": t.optimizer, "seed": t.seed, "device": t.device, "workers": t.workers,
         "amp": t.amp, "patience": t.patience, "mosaic": t.mosaic, "close_mosaic": t.close_mosaic,
-        "warmup_epochs": t.warmup_epochs, "project": str(work.resolve()), "name": "train", "exist_ok": True,
+        "warmup_epochs": t.warmup_epochs, "warmup_bias_lr": _warmup_bias_lr(t),
+        "project": str(work.resolve()), "name": "train", "exist_ok": True,
         "plots": False, "val": True, "deterministic": True, "verbose": False, "compile": False,
         "pretrained": False, "cache": False,
     }
@@ -135,6 +136,14 @@ def _checkpoint_state(last: Path, epochs: int) -> str:
         raise KdctlError(f"{last}: the interrupted run's checkpoint is unreadable ({type(e).__name__}); "
                          "pass --overwrite to start over") from None
     return "finished" if epoch == -1 or epoch + 1 >= epochs else "partial"
+
+
+def _warmup_bias_lr(t) -> float:
+    """Ultralytics starts biases at lr 0.1 during warm-up (an SGD setting) unless it picks the optimizer itself;
+    with an explicit Adam-family optimizer that is ~30x its lr0 on the first steps, so kdctl starts them at 0."""
+    if t.warmup_bias_lr is not None:
+        return t.warmup_bias_lr
+    return 0.1 if t.optimizer in ("SGD", "RMSProp", "auto") else 0.0
 
 
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,

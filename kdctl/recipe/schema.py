@@ -85,6 +85,9 @@ class TrainSpec(Strict):
     mosaic: float = Field(1.0, ge=0, le=1)
     close_mosaic: int = Field(0, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
+    warmup_bias_lr: float | None = Field(
+        None, ge=0, le=1, description="Bias learning rate at the start of warm-up; default 0.1 for SGD (Ultralytics' "
+                                      "value) and 0 for the Adam family, for which 0.1 is a destructive step")
 
     @field_validator("imgsz")
     @classmethod
