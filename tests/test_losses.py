@@ -271,3 +271,13 @@ def test_auto_balance_uses_the_median_of_the_first_batches_and_caps_outliers():
     fresh = DistillationCriterion([term], balance=0.5, balance_batches=3)
     fresh.load_balance_state(state)
     assert fresh.scales == crit.scales
+
+
+def test_kd_logit_gradient_does_not_vanish_with_temperature():
+    """With T², the logit gradient tends to (s - t)/4 at high T; without it, it would fall as 1/T²."""
+    grads = []
+    for T in (4.0, 8.0, 16.0):
+        s = torch.tensor([[[1.0]]], requires_grad=True)
+        SigmoidLogitDistillation(temperature=T)(head(s), head(torch.tensor([[[-1.0]]]))).backward()
+        grads.append(s.grad.item())
+    assert grads == pytest.approx([0.5] * 3, rel=0.05)
