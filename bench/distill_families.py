@@ -57,7 +57,7 @@ def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path)
 def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     """Ultralytics' own KD (neck-level, score-weighted L2, dis=6.0), same settings, evaluated by kdctl."""
     from kdctl.data.resolve import resolve_data
-    from kdctl.distill.ultralytics import load_detector
+    from kdctl.detectors.yolo import load_detector
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import resolve_model
 

@@ -55,7 +55,7 @@ def ov_default(xml: Path, threads: int):
 
 def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: int, calib: int, threads: int) -> str:
     from kdctl.bundle import load_bundle
-    from kdctl.distill.ultralytics import load_detector
+    from kdctl.detectors.yolo import load_detector
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
     from kdctl.export.onnx import onnxruntime_backend

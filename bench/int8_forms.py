@@ -29,6 +29,7 @@ def main() -> int:
 
     from kdctl.bundle import load_bundle
     from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.detectors import yolo
     from kdctl.evaluate import evaluate_backend
     from kdctl.export.onnx import export_onnx, onnxruntime_backend
     from kdctl.export.quantize import quantize_onnx_int8, tensorrt_qdq_problems
@@ -45,7 +46,8 @@ def main() -> int:
     paths = {"fp32": fp32}
     for scheme in ("onnxruntime", "tensorrt"):
         paths[scheme] = work / f"{scheme}.onnx"
-        quantize_onnx_int8(fp32, paths[scheme], calib, len(model.model) - 1, method="minmax", scheme=scheme)
+        quantize_onnx_int8(fp32, paths[scheme], calib, lambda nodes: yolo.float_tail(nodes, model), method="minmax",
+                           scheme=scheme)
     x = _preprocess(ds.val_images[:1], imgsz)[0]
     sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     reps = {k: [] for k in paths}

@@ -21,7 +21,7 @@ def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/quickstart.yam
     from ultralytics.cfg import get_cfg
 
     from kdctl.data.resolve import resolve_data
-    from kdctl.distill.ultralytics import KDDetectionModel, build_criterion, build_detector
+    from kdctl.detectors.yolo import KDDetectionModel, build_criterion, build_detector
     from kdctl.evaluate.predict import letterbox, load_rgb, read_labels, to_input
     from kdctl.models import resolve_model
     from kdctl.recipe import load_recipe

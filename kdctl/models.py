@@ -41,7 +41,9 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
         if (ASSET_MODELS / p.name).is_file() and len(p.parts) == 1:
             return ResolvedModel("yaml", str(ASSET_MODELS / p.name), None)
         if len(p.parts) == 1:
-            _check_ultralytics_yaml(p.name, field, source)
+            from kdctl.detectors.yolo import check_model_name
+
+            check_model_name(p.name, field, source)
             return ResolvedModel("yaml", p.name, None)
         raise RecipeError(f"{source}: {field}: model YAML '{spec}' not found")
     raise RecipeError(f"{source}: {field}: '{spec}' is not a .yaml, a .pt or a bundle directory")
@@ -63,7 +65,7 @@ def _check_model_yaml(path: Path, field: str, source: str) -> None:
 
 def load_bundle_weights(bundle):
     """The FP32 eval-mode detector of a train/distill bundle (already verified); a broken file is one line."""
-    from kdctl.distill.ultralytics import load_detector
+    from kdctl.detectors.yolo import load_detector
     from kdctl.errors import BundleError
 
     path = bundle.file("weights")
@@ -76,26 +78,14 @@ def load_bundle_weights(bundle):
 
 def model_classes(model) -> int:
     """How many classes a detector predicts."""
-    head = model.model[-1] if hasattr(model, "model") else None
-    return int(getattr(head, "nc", None) or len(getattr(model, "names", {}) or {}))
+    from kdctl.detectors.yolo import num_classes
 
-
-def _check_ultralytics_yaml(name: str, field: str, source: str) -> None:
-    from kdctl.ultralytics_env import prepare
-
-    prepare()
-    from ultralytics.nn.tasks import yaml_model_load
-
-    try:
-        yaml_model_load(name)
-    except (FileNotFoundError, OSError):
-        raise RecipeError(f"{source}: {field}: '{name}' is neither a file nor an Ultralytics model YAML "
-                          "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)") from None
+    return num_classes(model)
 
 
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
-    from kdctl.distill.ultralytics import build_detector, load_detector
+    from kdctl.detectors.yolo import build_detector, load_detector
 
     if resolved.kind == "checkpoint":
         try:
@@ -113,10 +103,10 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
 
 def check_imgsz(imgsz: int, model, flag: str = "--imgsz") -> int:
     """An input size the detector can take: a multiple of its largest stride."""
+    from kdctl.detectors.yolo import max_stride
     from kdctl.errors import KdctlError
 
-    s = getattr(model, "stride", None)
-    stride = int(s.max()) if s is not None and hasattr(s, "max") else 32
+    stride = max_stride(model)
     if imgsz % stride:
         raise KdctlError(f"{flag}: {imgsz} is not a multiple of {stride} (the model's largest stride)")
     return imgsz

@@ -53,7 +53,7 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
-    from kdctl.distill.ultralytics import save_balance
+    from kdctl.detectors.yolo import save_balance
 
     bar = Step(progress, f"{stage} epoch 1/{epochs}", total=epochs)
     batches = Step(progress, "batches", total=None)
@@ -214,7 +214,7 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.distill.ultralytics import DistillSetup, KDTrainer, load_detector, plain_student
+    from kdctl.detectors.yolo import DistillSetup, KDTrainer, load_detector, plain_student, save_checkpoint
 
     if state == "none":  # a student YAML or checkpoint that does not build fails here, in one line
         load_model(student_ref, ds.nc, "student.model", source)
@@ -268,7 +268,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
-        _save_student(student, w.path / "weights.pt", _train_args(weights_src))
+        save_checkpoint(student, w.path / "weights.pt", _train_args(weights_src))
         w.add_output("weights", "weights.pt")
         normalised_yaml(ds, w.path / "data.yaml", image_lists=False)  # no paths into the work dir
         w.add_output("data", "data.yaml")
@@ -289,7 +289,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
 
 def _kd_terms(work: Path) -> list[dict]:
     """The KD terms as built for this run, with the auto-balance scales it settled on."""
-    from kdctl.distill.ultralytics import BALANCE_FILE
+    from kdctl.detectors.yolo import BALANCE_FILE
 
     terms = json.loads((work / KD_TERMS_FILE).read_text())
     balance = work / "train" / BALANCE_FILE
@@ -320,14 +320,3 @@ def _summary(metrics: dict, epochs: list[dict], model, train_s: float, recipe: R
             "epochs": per_epoch}
 
 
-def _save_student(student, path: Path, train_args: dict) -> None:
-    """An Ultralytics-loadable checkpoint (``YOLO(path)`` works) holding only the plain student."""
-    import copy
-    import datetime as dt
-
-    import torch
-
-    from ultralytics import __version__ as ul_version
-
-    torch.save({"model": copy.deepcopy(student).half(), "ema": None, "epoch": -1, "train_args": train_args,
-                "date": dt.datetime.now().isoformat(), "version": ul_version, "kdctl": True}, path)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdctl.cli.main import app
-from kdctl.distill.ultralytics import KDDetectionModel, build_criterion, build_detector, plain_student
+from kdctl.detectors.yolo import KDDetectionModel, build_criterion, build_detector, plain_student
 from kdctl.distill.taps import resolve_layers
 from kdctl.errors import RecipeError
 from kdctl.recipe.schema import LossSpec
@@ -205,7 +205,7 @@ def test_resume_after_kill(tmp_path, tiny_data, trained_bundle):
 
 def test_trainer_requires_explicit_distill_setup(tiny_data, tmp_path):
     """A trainer rebuilt without its KD setup (the DDP failure mode) must refuse, not train without KD."""
-    from kdctl.distill.ultralytics import KDTrainer
+    from kdctl.detectors.yolo import KDTrainer
 
     with pytest.raises(TypeError, match="needs distill="):
         KDTrainer(overrides={"model": "yolov8n.yaml", "data": str(tiny_data), "project": str(tmp_path)})

@@ -26,7 +26,7 @@ MUTANTS = {
                       "return _anchor_mean(kl, t[\"scores\"], self.conf_weight)"),
     "ld-sums-bins": ("kdctl/distill/losses/logit.py", "(lt.exp() * (lt - ls)).mean(2).mean(1)",
                      "(lt.exp() * (lt - ls)).sum(2).mean(1)"),
-    "kd-without-batch-scale": ("kdctl/distill/ultralytics.py", "(kd_total * batch[\"img\"].shape[0]).view(1)",
+    "kd-without-batch-scale": ("kdctl/detectors/yolo.py", "(kd_total * batch[\"img\"].shape[0]).view(1)",
                                "kd_total.view(1)"),
     "pairs-summed": ("kdctl/distill/criterion.py", "return torch.stack(vals).mean()", "return torch.stack(vals).sum()"),
     "fgd-temp-flipped": ("kdctl/distill/losses/feature.py", "(a.mean(1).flatten(1) / self.temp)",

@@ -22,18 +22,8 @@ def export_openvino(onnx_path: Path, out_dir: Path, precision: str) -> Path:
     return xml
 
 
-def head_tail_ops(ov_model, head_index: int) -> list[str]:
-    """Friendly names of the head's decode tail (same rule as the ONNX Runtime path)."""
-    prefix = f"/model.{head_index}/"
-    names = []
-    for op in ov_model.get_ops():
-        n = op.get_friendly_name()
-        if n.startswith(prefix) and not any(k in n for k in ("/cv2.", "/cv3.")):
-            names.append(n)
-    return names
-
-
-def quantize_openvino_int8(onnx_path: Path, out_dir: Path, calibration: list[np.ndarray], head_index: int,
+def quantize_openvino_int8(onnx_path: Path, out_dir: Path, calibration: list[np.ndarray],
+                           keep_float: Callable[[list[tuple[str, None]]], list[str]] | None = None,
                            *, validation: tuple[list, Callable[[object, list], float]] | None = None,
                            max_drop: float | None = None) -> dict:
     """NNCF post-training INT8 (mixed preset); with ``validation`` and ``max_drop``, NNCF's accuracy-control
@@ -43,7 +33,8 @@ def quantize_openvino_int8(onnx_path: Path, out_dir: Path, calibration: list[np.
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = ov.convert_model(str(onnx_path))
-    ignored = nncf.IgnoredScope(names=head_tail_ops(model, head_index), validate=False)
+    names = keep_float([(op.get_friendly_name(), None) for op in model.get_ops()]) if keep_float else []
+    ignored = nncf.IgnoredScope(names=names, validate=False)
     calib = nncf.Dataset(calibration)
     settings = {"tool": "nncf", "nncf_version": nncf.__version__, "preset": "mixed",
                 "calibration_images": int(sum(b.shape[0] for b in calibration)),

@@ -1,28 +1,15 @@
 """INT8 post-training quantization with calibration images: ONNX Runtime static QDQ (per-channel weights,
-symmetric, the form TensorRT's explicit quantization takes) and OpenVINO via NNCF. The box-decoding tail of the head (DFL softmax, anchor arithmetic) stays in floating point:
-quantizing it costs box accuracy and saves almost no time."""
+symmetric, the form TensorRT's explicit quantization takes) and OpenVINO via NNCF. Which nodes stay in floating
+point (the box-decoding tail of the head) is the detector family's call (``keep_float``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
-
-def head_tail_nodes(model_proto, head_index: int) -> list[str]:
-    """Nodes of the detection head after its convolutions: DFL, decode arithmetic, sigmoid, concat."""
-    prefix = f"/model.{head_index}/"
-    keep_int8 = ("/cv2.", "/cv3.")
-    names = []
-    for n in model_proto.graph.node:
-        if not n.name.startswith(prefix):
-            continue
-        in_branch = any(k in n.name for k in keep_int8)
-        if not in_branch or n.op_type not in ("Conv", "Relu", "Sigmoid", "Mul", "Add", "HardSwish"):
-            names.append(n.name)
-    return names
 
 
 class _Reader:
@@ -41,8 +28,9 @@ class _Reader:
         self.i = 0
 
 
-def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.ndarray], head_index: int,
-                       method: str = "minmax", keep_head_fp: bool = True, scheme: str = "onnxruntime") -> dict:
+def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.ndarray],
+                       keep_float: Callable[[list[tuple[str, str]]], list[str]] | None = None,
+                       method: str = "minmax", scheme: str = "onnxruntime") -> dict:
     """Static QDQ quantization with per-channel symmetric INT8 weights; returns the settings used.
 
     ``scheme="tensorrt"``: symmetric INT8 activations (every zero point 0) and float biases, the only form
@@ -62,7 +50,7 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.nda
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
     proto = onnx.load(str(pre))
-    exclude = head_tail_nodes(proto, head_index) if keep_head_fp else []
+    exclude = keep_float([(n.name, n.op_type) for n in proto.graph.node]) if keep_float else []
     settings = {"format": "QDQ", "scheme": scheme, "per_channel": True, "weights": "int8 symmetric",
                 "activations": "int8 symmetric" if trt else "uint8", "bias": "float" if trt else "int32",
                 "calibration_method": method,

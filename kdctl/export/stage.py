@@ -82,6 +82,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.detectors import yolo
     from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
     wanted = options.artifacts or preset.artifacts
@@ -109,7 +110,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
                         f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
-    head_index = len(model.model) - 1
+    keep_float = (lambda nodes: yolo.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
 
@@ -123,7 +124,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"target": preset.model_dump(), "weights": str(src.file("weights")),
                               "data": ds.describe()}) as w:
-        arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, head_index, plan,
+        arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan,
                       options, val_images, ds.names, ref_metrics)
         for a in arts:
             if a.format == "tensorrt" and not a.files:
@@ -158,7 +159,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             w.add_output(Path(f).stem.lower().replace("_", "-"), f)
         w.metrics.update({
             "target": preset.name, "imgsz": imgsz, "opset": opset, "pytorch_fp32": _short(ref_metrics),
-            "params": sum(p.numel() for p in model.parameters()), "gflops": _gflops(model, imgsz),
+            "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
             "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
             "names": ds.names,
         })
@@ -171,22 +172,12 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     return w.bundle
 
 
-def _gflops(model, imgsz: int) -> float | None:
-    """GFLOPs of one forward pass at ``imgsz`` (thop, as Ultralytics reports them)."""
-    try:
-        from ultralytics.utils.torch_utils import get_flops
-
-        return round(float(get_flops(model, imgsz)), 4)
-    except Exception:  # FLOPs are informative; a counting failure must not fail an export
-        return None
-
-
 def _short(m: dict) -> dict:
     return {k: m[k] for k in ("map50_95", "map50", "map75")}
 
 
 def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
-           calibration: list[np.ndarray], head_index: int, plan: Step, options: ExportOptions,
+           calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
            val_images: list[Path], names: list[str], ref_metrics: dict) -> list[Artifact]:
     """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it."""
     from kdctl.export.onnx import export_onnx, onnxruntime_backend
@@ -216,8 +207,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         from kdctl.export.quantize import quantize_onnx_int8
 
         p = root / "model-int8.onnx"
-        q = quantize_onnx_int8(fp32, p, calibration, head_index, method=method, keep_head_fp=preset.keep_head_fp,
-                               scheme=onnx_int8_scheme(preset, wanted))
+        q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method, scheme=onnx_int8_scheme(preset, wanted))
         if q["scheme"] == "tensorrt":
             from kdctl.export.quantize import tensorrt_qdq_problems
 
@@ -238,7 +228,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
             validation = None
             if options.max_map_drop is not None:
                 validation = (val_images, _map_validator(imgsz, names))
-            q = quantize_openvino_int8(fp32, d, calibration, head_index, validation=validation,
+            q = quantize_openvino_int8(fp32, d, calibration, keep_float, validation=validation,
                                        max_drop=options.max_map_drop)
         else:
             export_openvino(fp32, d, prec)

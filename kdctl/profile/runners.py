@@ -196,7 +196,7 @@ def tensorrt_backend(engine: Path, cuda_graph: bool = False) -> TensorRTRunner:
 def pytorch_runner(weights: Path, threads: int | None, device: str = "cpu"):
     import torch
 
-    from kdctl.distill.ultralytics import load_detector
+    from kdctl.detectors.yolo import load_detector
     from kdctl.evaluate import torch_backend
 
     if threads:

@@ -1,5 +1,5 @@
-"""The only module that touches Ultralytics' trainer: public seams only (``DetectionTrainer.get_model``, the
-model's ``loss``/``init_criterion``, callbacks).
+"""Ultralytics YOLO as a kdctl detector family; the only module that imports Ultralytics. Public seams only
+(``DetectionTrainer.get_model``, the model's ``loss``/``init_criterion``, callbacks, ``load_checkpoint``).
 
 ``KDDetectionModel`` is a ``DetectionModel`` that also owns the distillation criterion (so adapters are trained,
 EMA-averaged and checkpointed with the student) and holds the frozen teacher by a reference that is neither
@@ -228,3 +228,62 @@ def plain_student(model: nn.Module) -> DetectionModel:
         if hasattr(model, attr):
             setattr(student, attr, getattr(model, attr))
     return student.eval()
+
+
+def check_model_name(name: str, field: str, source: str) -> None:
+    """A bare model YAML name (``yolov8n.yaml``) must be one Ultralytics ships."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        yaml_model_load(name)
+    except (FileNotFoundError, OSError):
+        raise RecipeError(f"{source}: {field}: '{name}' is neither a file nor an Ultralytics model YAML "
+                          "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)") from None
+
+
+def num_classes(model: nn.Module) -> int:
+    head = model.model[-1] if hasattr(model, "model") else None
+    return int(getattr(head, "nc", None) or len(getattr(model, "names", {}) or {}))
+
+
+def max_stride(model: nn.Module) -> int:
+    s = getattr(model, "stride", None)
+    return int(s.max()) if s is not None and hasattr(s, "max") else 32
+
+
+def gflops(model: nn.Module, imgsz: int) -> float | None:
+    """GFLOPs of one forward pass at ``imgsz``, as Ultralytics reports them (None if counting fails)."""
+    try:
+        from ultralytics.utils.torch_utils import get_flops
+
+        return round(float(get_flops(model, imgsz)), 4)
+    except Exception:  # FLOPs are informative; a counting failure must not fail an export
+        return None
+
+
+def save_checkpoint(student: nn.Module, path: Path, train_args: dict) -> None:
+    """An Ultralytics-loadable checkpoint (``YOLO(path)`` works) holding only the plain student."""
+    import copy
+    import datetime as dt
+
+    from ultralytics import __version__ as ul_version
+
+    torch.save({"model": copy.deepcopy(student).half(), "ema": None, "epoch": -1, "train_args": train_args,
+                "date": dt.datetime.now().isoformat(), "version": ul_version, "kdctl": True}, path)
+
+
+def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[str]:
+    """Graph nodes INT8 quantization leaves in float: the detection head after its convolutions (DFL, decode
+    arithmetic, sigmoid, concat), where quantizing costs box accuracy and saves almost no time. ``nodes`` are
+    (name, op type) of an ONNX graph, or (OpenVINO friendly name, None); both names follow the traced module paths.
+    The head's conv branches (``cv2``: boxes, ``cv3``: classes) stay quantizable, except their non-conv ops when the
+    op type is known."""
+    prefix = f"/model.{len(model.model) - 1}/"
+    out = []
+    for name, op in nodes:
+        if not name.startswith(prefix):
+            continue
+        in_branch = any(k in name for k in ("/cv2.", "/cv3."))
+        if not in_branch or (op is not None and op not in ("Conv", "Relu", "Sigmoid", "Mul", "Add", "HardSwish")):
+            out.append(name)
+    return out
