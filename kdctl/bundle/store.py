@@ -115,7 +115,8 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
-        raise BundleError(f"{path}: bundle directory not found")
+        raise BundleError(f"{path}: " + ("is a file, not a bundle directory" if path.exists()
+                                          else "bundle directory not found"))
     if not mf.is_file() or mf.is_symlink():
         raise BundleError(f"{path}: not a kdctl bundle (no {MANIFEST})")
     try:

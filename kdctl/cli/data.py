@@ -34,6 +34,9 @@ def synth(
 
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new directory")
+    for anc in out.absolute().parents:
+        if anc.exists() and not anc.is_dir():
+            raise DataError(f"{out}: '{anc}' is a file, not a directory")
     from kdctl.data.synth import SCENES
 
     if scene not in SCENES:
