@@ -86,8 +86,9 @@ class TrainSpec(Strict):
     close_mosaic: int = Field(0, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     warmup_bias_lr: float | None = Field(
-        None, ge=0, le=1, description="Bias learning rate at the start of warm-up; default 0.1 for SGD (Ultralytics' "
-                                      "value) and 0 for the Adam family, for which 0.1 is a destructive step")
+        None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
+                                      "which trains better from scratch here than 0 even with AdamW; see "
+                                      "docs/benchmarks.md)")
 
     @field_validator("imgsz")
     @classmethod
