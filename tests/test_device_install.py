@@ -60,3 +60,21 @@ def test_device_package_profiles_without_torch(tmp_path, export_cpu, version):
     r = subprocess.run([str(venv / "bin" / "kdctl"), "gate", str(out), "--min-map", "0", "--out", str(tmp_path / "g")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.device_install
+def test_device_package_on_emulated_aarch64(tmp_path, export_cpu):
+    """Debian's arm64 Python under qemu-user, the aarch64 wheels a Pi or Jetson gets: profile, verify, gate, and the
+    ONNX outputs against x86's on the same image (deploy/emulate-aarch64.sh)."""
+    if shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None:
+        pytest.skip("qemu-user-static is not installed (.ci/run installs it)")
+    r = subprocess.run(["bash", str(ROOT / "deploy" / "emulate-aarch64.sh"), str(export_cpu), str(tmp_path / "a64")],
+                       capture_output=True, text=True, timeout=1500, env={**__import__("os").environ,
+                                                                          "HOST_PYTHON": sys.executable})
+    if r.returncode != 0 and ("Failed to fetch" in r.stderr or "Could not find a version" in r.stderr):
+        pytest.skip("package registries unreachable")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "python 3.11" in r.stdout and "aarch64" in r.stdout
+    assert "onnx-int8: aarch64 vs x86" in r.stdout and "DIFFERENT" not in r.stdout
+    assert "aarch64 (emulated): profile, verify, gate and outputs OK" in r.stdout
