@@ -70,10 +70,14 @@ def load_bundle_weights(bundle):
 
     path = bundle.file("weights")
     try:
-        return load_detector(path)
+        model = load_detector(path)
     except Exception as e:
         raise BundleError(f"{path}: cannot load the model ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    from kdctl.detectors.yolo import check_family
+
+    check_family(model, "weights", str(path))
+    return model
 
 
 def model_classes(model) -> int:
@@ -85,7 +89,7 @@ def model_classes(model) -> int:
 
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
-    from kdctl.detectors.yolo import build_detector, load_detector
+    from kdctl.detectors.yolo import build_detector, check_family, load_detector
 
     if resolved.kind == "checkpoint":
         try:
@@ -93,7 +97,14 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
         except Exception as e:  # a corrupt or foreign .pt: say which file, not a traceback
             raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        check_family(model, f"{field} ('{resolved.ref}')", source)
         return model
+    try:
+        check_family(resolved.ref, f"{field} ('{resolved.ref}')", source)
+    except RecipeError:
+        raise
+    except Exception:  # a YAML that does not even parse as a model: reported by the build below
+        pass
     try:
         return build_detector(resolved.ref, nc).eval()
     except Exception as e:  # a YAML whose layers do not build: say which file

@@ -672,6 +672,18 @@ def _(c):
         ["student.model", "student.pt"]
 
 
+@case("train-student-is-rtdetr")
+def _(c):
+    return ["train", str(c.yolo_recipe("r", c.data, student="rtdetr-l.yaml")), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "rtdetr-l.yaml", "RT-DETR"]
+
+
+@case("distill-teacher-is-segmentation-yaml")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher="yolov8n-seg.yaml")), "--out", str(c.tmp / "x")], 2, \
+        ["teacher.model", "segmentation model"]
+
+
 @case("bundle-show-not-a-bundle")
 def _(c):
     return ["bundle", "show", str(c.user_dir())], 2, ["thesis", "not a kdctl bundle"]

@@ -212,6 +212,29 @@ def load_detector(path: str | Path) -> nn.Module:
     return model.float().eval()
 
 
+DETECT_HEADS = ("Detect", "v10Detect")  # the heads of the YOLO detection family (boxes + classes, dense)
+
+
+def head_name(cfg_or_model) -> str:
+    """The last layer's module type, from a model YAML (path, name or dict) or a built model."""
+    if isinstance(cfg_or_model, nn.Module):
+        return type(cfg_or_model.model[-1]).__name__ if hasattr(cfg_or_model, "model") else type(cfg_or_model).__name__
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = cfg_or_model if isinstance(cfg_or_model, dict) else yaml_model_load(str(cfg_or_model))
+    return str(cfg["head"][-1][2])
+
+
+def check_family(cfg_or_model, field: str, source: str) -> None:
+    """Refuse a model of another task or family (segmentation, pose, OBB, classification, RT-DETR) in one line."""
+    head = head_name(cfg_or_model)
+    if head not in DETECT_HEADS:
+        kind = {"RTDETRDecoder": "an RT-DETR detector (not a YOLO one)", "Segment": "a segmentation model",
+                "Pose": "a pose model", "OBB": "an oriented-box model", "Classify": "a classifier"}.get(head, f"a '{head}' model")
+        raise RecipeError(f"{source}: {field}: is {kind}; kdctl distills and exports Ultralytics YOLO detection "
+                          f"models (head {' or '.join(DETECT_HEADS)})")
+
+
 def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
     return DetectionModel(str(cfg) if isinstance(cfg, Path) else cfg, nc=nc, verbose=False)
 
