@@ -22,6 +22,15 @@ def report(
     from kdctl.report.stage import write_report
 
     b = write_report(bundles, out=out, runs_dir=runs, overwrite=overwrite)
+    kd, gates = b.metrics.get("kd"), b.metrics.get("gates") or []
     result = {"bundle": str(b.path), "html": str(b.path / "report.html"), "markdown": str(b.path / "report.md"),
-              "plots": b.metrics["plots"]}
-    emit(result, as_json=json_, human=lambda: console.print(f"[green]Wrote[/green] {b.path / 'report.html'}"))
+              "plots": b.metrics["plots"], "kd": kd, "gates": gates}
+
+    def human():
+        if kd:
+            console.print(f"Did distillation help? {kd['verdict']}")
+        for g in gates:
+            console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
+        console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")
+
+    emit(result, as_json=json_, human=human)
