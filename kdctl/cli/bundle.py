@@ -64,18 +64,22 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
 
 @app.command("verify")
 def verify(bundle: BundleArg, json_: JsonOpt = False) -> None:
-    """Re-hash every file; exit 1 naming each file that changed, went missing or was added.
+    """Check the manifest's seal and re-hash every file; exit 1 naming each file that changed, went missing, was
+    added, or is a symlink.
 
     Example: [bold]kdctl bundle verify runs/export/quickstart-cpu[/bold]
     """
     from kdctl.bundle import verify_bundle
 
     res = verify_bundle(bundle)
-    result = {"bundle": str(bundle), "ok": res.ok, "files_checked": res.checked, "problems": res.problems}
+    result = {"bundle": str(bundle), "ok": res.ok, "files_checked": res.checked, "problems": res.problems,
+              "device_built": res.device_built}
 
     def human():
         if res.ok:
-            console.print(f"[green]OK[/green] {bundle}: {res.checked} files match the manifest")
+            console.print(f"[green]OK[/green] {bundle}: {res.checked} files match the sealed manifest")
+            for f in res.device_built:
+                console.print(f"  {f}: built on the device after export (declared; profile records its hash)")
         else:
             for p in res.problems:
                 console.print(f"[red]FAIL[/red] {bundle}/{p}")
