@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(KDCTL) train   recipes/quickstart-teacher.yaml --out runs/train/quickstart-teacher --overwrite
-	$(KDCTL) train   recipes/quickstart-student.yaml --out runs/train/quickstart-student --overwrite
+	$(KDCTL) train   recipes/quickstart-teacher.yaml --out runs/train/quickstart-teacher --overwrite --reuse
+	$(KDCTL) train   recipes/quickstart-student.yaml --out runs/train/quickstart-student --overwrite --reuse
 	$(KDCTL) distill recipes/quickstart.yaml         --out runs/distill/quickstart --overwrite
 	$(KDCTL) export  runs/distill/quickstart --target cpu --out runs/export/quickstart-cpu --overwrite
 	$(KDCTL) profile runs/export/quickstart-cpu --out runs/profile/quickstart-cpu --overwrite

@@ -146,13 +146,29 @@ def _warmup_bias_lr(t) -> float:
     return 0.1 if t.warmup_bias_lr is None else t.warmup_bias_lr
 
 
+def _reusable(out: Path, recipe: Recipe, stage: str) -> Bundle | None:
+    """The bundle at ``out`` if it verifies and was made by this stage from exactly this recipe."""
+    from kdctl.bundle import load_bundle
+    from kdctl.bundle.output import bundle_state
+    from kdctl.errors import BundleError
+
+    if bundle_state(out)[0] != "bundle":
+        return None
+    try:
+        b = load_bundle(out, stages=(stage,), verify=True)
+    except BundleError:
+        return None
+    return b if b.recipe == recipe.model_dump(mode="json") else None
+
+
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,
                  runs_dir: str | Path = "runs", resume: bool = False, overwrite: bool = False,
-                 skip_invalid: bool | None = None, progress=None) -> Bundle:
+                 skip_invalid: bool | None = None, reuse: bool = False, progress=None) -> Bundle:
     """Train (``stage='train'``) or distill (``stage='distill'``) ``recipe.student``; returns the new bundle.
 
     ``resume=True`` continues a run killed at any point: before its first checkpoint (starts over), mid-run (from
     the last epoch), after its last epoch or while publishing (publishes), after publishing (cleans up).
+    ``reuse=True`` returns the bundle already at ``out`` when it verifies and came from this very recipe.
     """
     if stage == "distill" and not recipe.distill.losses:
         raise RecipeError(f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`), "
@@ -162,6 +178,10 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     out = Path(out) if out else (Path(runs_dir) / stage / recipe.name if resume else
                                  next_run_dir(runs_dir, stage, recipe.name))
     work = work_dir_for(out)
+    if reuse and not work.exists():  # e.g. the demo's teacher: trained once, kept while its recipe is unchanged
+        same = _reusable(out, recipe, stage)
+        if same is not None:
+            return same
     info = _run_info(work)
     if resume:
         done = _already_published(out, work, info, recipe, stage)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from kdctl.bundle import verify_bundle
@@ -82,3 +84,20 @@ def test_bias_warmup_default_and_override():
 
     assert _warmup_bias_lr(TrainSpec(optimizer="AdamW", lr0=0.003)) == 0.1
     assert _warmup_bias_lr(TrainSpec(optimizer="AdamW", warmup_bias_lr=0.0)) == 0.0
+
+
+def test_reuse_keeps_a_bundle_made_from_the_same_recipe(tmp_path, trained_bundle):
+    import shutil
+
+    from kdctl.bundle import load_bundle
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    out = tmp_path / "t"
+    shutil.copytree(trained_bundle, out)
+    recipe = load_recipe(trained_bundle / "recipe.yaml")
+    b = run_training(recipe, stage="train", out=out, reuse=True)
+    assert b.id == load_bundle(trained_bundle).id            # nothing retrained
+    (out / "results.csv").write_text("tampered")            # a bundle that no longer verifies is not reused ...
+    with pytest.raises(Exception, match="already exists"):  # ... and without --overwrite nothing replaces it
+        run_training(recipe, stage="train", out=out, reuse=True)

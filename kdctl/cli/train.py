@@ -16,15 +16,19 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run at --o
                                          "just publish it if training had finished.")]
 
 
+ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Keep the bundle at --out if it verifies and was made from "
+                                        "this same recipe (nothing is retrained); otherwise train as usual.")]
+
+
 def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
-         skip_invalid: bool):
+         skip_invalid: bool, reuse: bool = False):
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
     r = load_recipe(recipe)
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
-                         overwrite=overwrite, skip_invalid=skip_invalid or None, progress=p)
+                         overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
               "params": m["params"], "train_seconds": m["train_seconds"]}
@@ -49,20 +53,20 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
 
 
 def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
-          overwrite: OverwriteOpt = False, skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
-          quiet: QuietOpt = False) -> None:
+          overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
+          json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Train the recipe's student without a teacher (teachers, and the baseline every distillation must beat).
 
     Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]
     """
-    _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid)
+    _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse)
 
 
 def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
-            overwrite: OverwriteOpt = False, skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
-            quiet: QuietOpt = False) -> None:
+            overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
+            json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Train the student with knowledge distillation from the recipe's teacher and write a bundle.
 
     Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]  (after a kill: add [bold]--resume[/bold])
     """
-    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid)
+    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse)
