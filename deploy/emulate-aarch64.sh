@@ -24,8 +24,10 @@ if [ ! -x "$WORK/root/usr/bin/python3.11" ]; then
      libtinfo6:arm64 libreadline8:arm64 libuuid1:arm64 libcrypt1:arm64 libgomp1:arm64 2>/dev/null)
   for d in "$WORK"/debs/*.deb; do dpkg -x "$d" "$WORK/root"; done
 fi
-rm -rf "$WORK/dist" "$WORK/site"
-"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
+rm -rf "$WORK/dist" "$WORK/site" "$WORK/src"
+mkdir -p "$WORK/src"  # build from a copy: the checkout gets no build/ or egg-info
+tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./build -cf - . | tar -C "$WORK/src" -xf -
+"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/kdctl-*.whl)"
 "$PY" -m pip install -q --target "$WORK/site" --python-version 3.11 --implementation cp --only-binary=:all: \
   --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \

@@ -3,6 +3,6 @@
 __version__ = "0.2.0"
 
 # Ultralytics reads these when first imported: keep it offline and quiet, and never let it pip-install at run time.
-from kdctl.ultralytics_env import prepare as _prepare_ultralytics  # noqa: E402
+from kdctl.detectors.ultralytics_env import prepare as _prepare_ultralytics  # noqa: E402
 
 _prepare_ultralytics()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdctl.ultralytics_env import prepare
+from kdctl.detectors.ultralytics_env import prepare
 
 prepare()
 
