@@ -216,12 +216,10 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
     if state != "bundle":
         return None
     ours = info is not None and bid == info["bundle_id"]
-    if not ours:
-        if work.exists():
-            return None  # a newer interrupted run (e.g. with --overwrite) is there: resume it
-        b = load_bundle(out)
-        if b.stage != stage or b.recipe != recipe.model_dump(mode="json"):
-            return None  # someone else's result: claim_output refuses it with the usual message
+    # not ours: a newer interrupted run is in the work dir (resume it), or the bundle is someone else's result
+    # (claim_output refuses it with the usual message) unless it is this very recipe's, finished earlier
+    if not ours and (work.exists() or _reusable(out, recipe, stage) is None):
+        return None
     lock = OutputLock(absolute(out))
     lock.acquire()
     try:
