@@ -225,6 +225,13 @@ def _(c):
     return ["profile", str(e), "--out", str(e / "prof"), "--runs", "2"], 2, ["inside the input bundle"]
 
 
+@case("gate-out-inside-another-bundle")
+def _(c):
+    other = c.copy(c.export, "other")  # not an input of this gate: still a bundle that must stay intact
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(other / "gate")], 2, \
+        ["inside the kdctl bundle", "other"]
+
+
 @case("report-out-contains-input")
 def _(c):
     root = c.tmp / "reports"
@@ -258,6 +265,13 @@ def _(c):
     p = c.copy(c.profile, "p")
     return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", str(p / "j.xml")], 2, \
         ["--junit", "inside the input bundle"]
+
+
+@case("gate-summary-inside-another-bundle")
+def _(c):
+    other = c.copy(c.export, "other")
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--summary",
+            str(other / "s.md")], 2, ["--summary", "inside the kdctl bundle"]
 
 
 @case("gate-summary-under-a-file")

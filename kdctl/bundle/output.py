@@ -65,9 +65,11 @@ def bundle_state(out: Path) -> tuple[str, str | None]:
 def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = (),
                    flag: str = "--out") -> tuple[str, str | None]:
     """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
+    from kdctl.bundle.store import MANIFEST
+
     out = absolute(out)
-    for anc in [out, *out.parents]:
-        if anc != out and os.path.lexists(anc) and not anc.is_dir():
+    for anc in out.parents:
+        if os.path.lexists(anc) and not anc.is_dir():
             raise BundleError(f"{flag} {out}: '{anc}' is a file, not a directory")
     for inp in inputs:
         inp = absolute(inp)
@@ -76,6 +78,9 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
                               "choose another --out")
         if _within(inp, out):
             raise BundleError(f"{flag} {out}: contains the input bundle {inp}; choose another --out")
+    for anc in out.parents:
+        if (anc / MANIFEST).is_file():  # writing there would add unlisted files to that bundle
+            raise BundleError(f"{flag} {out}: lies inside the kdctl bundle {anc}; choose another --out")
     state, detail = bundle_state(out)
     if state == "foreign":
         raise BundleError(f"{flag} {out}: {detail}; refusing to replace it (--overwrite replaces only kdctl "
@@ -245,4 +250,9 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
     for inp in inputs:
         if _within(p, absolute(inp)):
             raise BundleError(f"{flag} {p}: is inside the input bundle {absolute(inp)}; it would change that bundle")
+    from kdctl.bundle.store import MANIFEST
+
+    for anc in p.parents:
+        if (anc / MANIFEST).is_file():
+            raise BundleError(f"{flag} {p}: is inside the kdctl bundle {anc}; it would change that bundle")
     return p
