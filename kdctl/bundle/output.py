@@ -62,25 +62,31 @@ def bundle_state(out: Path) -> tuple[str, str | None]:
     return "bundle", b.id
 
 
+def _check_place(p: Path, flag: str, inputs: list[Path], tail: str) -> None:
+    """Where ``p`` may be written: no folder above it is a file, and it lies in no bundle, an input or another
+    (writing there would add files its manifest does not list)."""
+    from kdctl.bundle.store import MANIFEST
+
+    for anc in p.parents:
+        if os.path.lexists(anc) and not anc.is_dir():
+            raise BundleError(f"{flag} {p}: '{anc}' is a file, not a directory")
+    for inp in inputs:
+        if _within(p, inp):
+            raise BundleError(f"{flag} {p}: is {'the' if p == inp else 'inside the'} input bundle {inp}; {tail}")
+    for anc in p.parents:
+        if (anc / MANIFEST).is_file():
+            raise BundleError(f"{flag} {p}: lies inside the kdctl bundle {anc}; {tail}")
+
+
 def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = (),
                    flag: str = "--out") -> tuple[str, str | None]:
     """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
-    from kdctl.bundle.store import MANIFEST
-
     out = absolute(out)
-    for anc in out.parents:
-        if os.path.lexists(anc) and not anc.is_dir():
-            raise BundleError(f"{flag} {out}: '{anc}' is a file, not a directory")
+    inputs = [absolute(i) for i in inputs]
+    _check_place(out, flag, inputs, "choose another --out")
     for inp in inputs:
-        inp = absolute(inp)
-        if _within(out, inp):
-            raise BundleError(f"{flag} {out}: is {'the' if out == inp else 'inside the'} input bundle {inp}; "
-                              "choose another --out")
         if _within(inp, out):
             raise BundleError(f"{flag} {out}: contains the input bundle {inp}; choose another --out")
-    for anc in out.parents:
-        if (anc / MANIFEST).is_file():  # writing there would add unlisted files to that bundle
-            raise BundleError(f"{flag} {out}: lies inside the kdctl bundle {anc}; choose another --out")
     state, detail = bundle_state(out)
     if state == "foreign":
         raise BundleError(f"{flag} {out}: {detail}; refusing to replace it (--overwrite replaces only kdctl "
@@ -244,15 +250,5 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         raise BundleError(f"{flag} {p}: is a directory; give a file path")
     if p.is_symlink():
         raise BundleError(f"{flag} {p}: is a symlink; give a regular file path")
-    for anc in p.parents:
-        if os.path.lexists(anc) and not anc.is_dir():
-            raise BundleError(f"{flag} {p}: '{anc}' is a file, not a directory")
-    for inp in inputs:
-        if _within(p, absolute(inp)):
-            raise BundleError(f"{flag} {p}: is inside the input bundle {absolute(inp)}; it would change that bundle")
-    from kdctl.bundle.store import MANIFEST
-
-    for anc in p.parents:
-        if (anc / MANIFEST).is_file():
-            raise BundleError(f"{flag} {p}: is inside the kdctl bundle {anc}; it would change that bundle")
+    _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
     return p

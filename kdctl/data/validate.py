@@ -95,6 +95,19 @@ def image_problem(e: Exception) -> str:
     return f"cannot be decoded as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})"
 
 
+def read_image(path: Path, use):
+    """``use(image)`` on a file that must be an image; a broken one is a one-line :class:`DataError` naming it."""
+    try:
+        with open_image(path) as im:
+            return use(im)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises many types for a broken file; each means "not an image"
+        from kdctl.errors import DataError
+
+        raise DataError(f"{path}: {image_problem(e)}") from None
+
+
 def check_image(path: Path) -> str | None:
     """``None`` if ``path`` decodes as an image of at least :data:`MIN_SIDE` px, else what is wrong."""
     try:

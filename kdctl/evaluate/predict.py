@@ -17,17 +17,9 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    from kdctl.data.validate import image_problem, open_image
+    from kdctl.data.validate import read_image
 
-    try:
-        with open_image(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # PIL raises many types for a broken file; each means "not an image"
-        from kdctl.errors import DataError
-
-        raise DataError(f"{path}: {image_problem(e)}") from None
+    return read_image(path, lambda im: np.asarray(im.convert("RGB")))
 
 
 def letterbox(img: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
@@ -143,15 +135,7 @@ def ground_truth(images: list[Path]) -> list[GroundTruth]:
 
 
 def _size(p: Path) -> tuple[int, int]:
-    from kdctl.data.validate import image_problem, open_image
+    from kdctl.data.validate import read_image
 
-    try:
-        with open_image(p) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        from kdctl.errors import DataError
-
-        raise DataError(f"{p}: {image_problem(e)}") from None
+    w, h = read_image(p, lambda im: im.size)
     return h, w
