@@ -215,11 +215,10 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
     state, bid = bundle_state(out)
     if state != "bundle":
         return None
-    ours = info is not None and bid == info["bundle_id"]
-    # not ours: a newer interrupted run is in the work dir (resume it), or the bundle is someone else's result
-    # (claim_output refuses it with the usual message) unless it is this very recipe's, finished earlier
-    if not ours and (work.exists() or _reusable(out, recipe, stage) is None):
-        return None
+    if info is None or bid != info["bundle_id"]:
+        # not ours: a newer interrupted run is in the work dir (resume it), or the bundle is someone else's
+        # result (claim_output refuses it with the usual message) unless it is this very recipe's, finished earlier
+        return None if work.exists() else _reusable(out, recipe, stage)
     lock = OutputLock(absolute(out))
     lock.acquire()
     try:
