@@ -63,6 +63,7 @@ def main() -> int:
 
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend
+    from kdctl.export.base import reference_metrics
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.export.tensorrt import build_engine
     from kdctl.profile.runners import TensorRTRunner
@@ -73,7 +74,7 @@ def main() -> int:
                         out=work / "export")
     ds = load_yolo_yaml(exp.manifest["inputs"]["data"]["yaml"])
     imgsz = int(exp.metrics["imgsz"])
-    ref = exp.metrics["pytorch_fp32"]["map50_95"]
+    ref = reference_metrics(exp.metrics)["map50_95"]
     rows, ratios, device = [], [], ""
     import numpy as np
 

@@ -98,7 +98,9 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
     trainer.add_callback("on_fit_epoch_end", on_fit_epoch_end)
 
 
-def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path) -> dict:
+def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path, from_checkpoint: bool = False) -> dict:
+    """Ultralytics' trainer settings. ``pretrained`` is what makes it start from a checkpoint's weights (with
+    ``pretrained=False`` it builds the checkpoint's architecture and discards its weights); a YAML has none."""
     t = recipe.train
     return {
         "model": model_ref, "data": str(data_yaml), "epochs": t.epochs, "imgsz": t.imgsz, "batch": t.batch,
@@ -107,7 +109,7 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path) -> d
         "warmup_epochs": t.warmup_epochs, "warmup_bias_lr": _warmup_bias_lr(t),
         "project": str(work.resolve()), "name": "train", "exist_ok": True,
         "plots": False, "val": True, "deterministic": True, "verbose": False, "compile": False,
-        "pretrained": False, "cache": False,
+        "pretrained": from_checkpoint, "cache": False, "quantize": 8 if recipe.distill.quantize == "int8" else None,
     }
 
 
@@ -231,7 +233,8 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.detectors.yolo import DistillSetup, KDTrainer, load_detector, plain_student, save_checkpoint
+    from kdctl.detectors.yolo import (DistillSetup, KDTrainer, library_output_to_stderr, load_detector,
+                                      plain_student, save_checkpoint)
 
     if state == "none":  # a student YAML or checkpoint that does not build fails here, in one line
         load_model(student_ref, ds.nc, "student.model", source)
@@ -240,7 +243,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
         teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
         # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
         d = recipe.distill
-        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
+        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap, d.quantize)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -248,14 +251,15 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     data_yaml = normalised_yaml(ds, work / "data.yaml")
     t_start = time.perf_counter()
     if state != "finished":
-        overrides = _overrides(recipe, data_yaml, student_ref.ref, work)
+        overrides = _overrides(recipe, data_yaml, student_ref.ref, work, student_ref.kind == "checkpoint")
         if state == "partial":
             overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                          "workers": recipe.train.workers}
         try:
             trainer = KDTrainer(overrides=overrides, distill=setup)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work)
-            trainer.train()
+            with library_output_to_stderr():
+                trainer.train()
         except BaseException as e:
             if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
                 shutil.rmtree(work, ignore_errors=True)
@@ -297,6 +301,13 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work)
+        if recipe.distill.quantize:
+            from kdctl.detectors.yolo import is_qat, quantizer_summary
+
+            if not is_qat(student):
+                raise CheckFailed(f"{source}: distill.quantize: {recipe.distill.quantize} was set, but the trained "
+                                  "student carries no fake quantizers")
+            w.metrics["qat"] = {"quantize": recipe.distill.quantize, **quantizer_summary(student)}
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
     faults.point("train:published")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
+from kdctl.export.base import reference_metrics
 
 
 def export(
@@ -58,11 +59,13 @@ def export(
              "map50_95": (a["metrics"] or {}).get("map50_95"), "map_drop": (a["metrics"] or {}).get("map50_95_drop"),
              "box_max_abs": (a["parity"] or {}).get("box_max_abs"), "size_mb": a["settings"].get("size_mb"),
              "note": a["runtime"].get("reason")} for a in m["artifacts"]]
-    result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": m["pytorch_fp32"]["map50_95"],
-              "artifacts": rows}
+    result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": reference_metrics(m)["map50_95"],
+              "qat": "qat" in m, "artifacts": rows}
 
     def human():
-        t = Table(title=f"export → {m['target']}: {b.path}  (PyTorch FP32 mAP50-95 {m['pytorch_fp32']['map50_95']:.4f})")
+        ref = reference_metrics(m)
+        kind = "QAT, fake-quantized" if ref.get("model", "fp32") != "fp32" else "FP32"
+        t = Table(title=f"export → {m['target']}: {b.path}  (PyTorch {kind} mAP50-95 {ref['map50_95']:.4f})")
         for c in ("artifact", "runs as", "mAP50-95", "Δ vs PyTorch", "max |Δbox| px", "MB"):
             t.add_column(c, justify="right" if c != "artifact" else "left")
         for r in rows:
@@ -72,5 +75,8 @@ def export(
             t.add_row(r["artifact"], str(r["precision_used"]), f"{r['map50_95']:.4f}", f"{-r['map_drop']:+.4f}",
                       f"{r['box_max_abs']:.3g}", f"{r['size_mb']:.2f}")
         console.print(t)
+        if m.get("qat", {}).get("skipped_artifacts"):
+            console.print(f"QAT student: its INT8 graph is exported as trained; skipped float artifacts "
+                          f"{', '.join(m['qat']['skipped_artifacts'])}")
 
     emit(result, as_json=json_, quiet=quiet, human=human)

@@ -10,3 +10,9 @@ def prepare() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install at run time (e.g. onnxslim)
+    import warnings
+
+    # NVIDIA ModelOpt (quantization-aware training) on a CPU-only machine without transformers: harmless notices
+    for text in ("Could not identify the device for TensorQuantizer", "Cannot find transformers package",
+                 "No CUDA runtime is found"):
+        warnings.filterwarnings("ignore", message=f".*{text}.*")

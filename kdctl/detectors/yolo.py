@@ -92,6 +92,7 @@ class DistillSetup:
     source: str = "recipe"
     balance_batches: int = 8
     balance_cap: float | None = 4.0
+    quantize: str | None = None  # "int8": quantization-aware distillation (fake-quantized student)
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
@@ -169,6 +170,7 @@ class KDTrainer(DetectionTrainer):
             raise TypeError("KDTrainer needs distill=DistillSetup(...) or distill=None for plain training")
         self.distill = distill
         super().__init__(overrides=overrides, _callbacks=callbacks)
+        self.add_callback("on_pretrain_routine_end", keep_adapters_float)
         if distill is not None and "," in str(self.args.device):
             raise RecipeError(f"{distill.source}: train.device: multi-GPU distillation is not supported; "
                               "use one device")
@@ -206,9 +208,68 @@ def save_balance(trainer) -> None:
         write_json_atomic(path, state)
 
 
+# ---- quantization-aware training (NVIDIA ModelOpt through Ultralytics' ``quantize=8``) ------------------------------
+# Ultralytics' trainer inserts ModelOpt's INT8 fake quantizers into every Conv/Linear of the model it trains (ranges
+# calibrated on 8 training batches, then fixed), keeps the head's output convolutions and DFL in float, folds
+# BatchNorm into the quantized convs at export and carries the quantizer state beside pickled checkpoints. kdctl's
+# student additionally owns the KD adapters (``kd.*``): they are training-only and never exported, so their
+# quantizers are switched off before the first step, and the published student carries the quantizer state of its
+# own layers only.
+
+KD_PREFIX = "kd."
+
+
+def library_output_to_stderr():
+    """Redirect ``print`` output of the libraries called inside (ModelOpt, Ultralytics) to stderr, so stdout
+    carries only what kdctl prints (``--json`` stays parseable)."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def is_qat(model: nn.Module) -> bool:
+    """True for a model carrying ModelOpt fake quantizers (a quantization-aware trained student)."""
+    from ultralytics.utils.torch_utils import is_qat as _is_qat
+
+    return _is_qat(model)
+
+
+def keep_adapters_float(trainer) -> None:
+    """Callback (``on_pretrain_routine_end``): no fake quantization on the KD adapters of the trained model or EMA."""
+    for m in (getattr(trainer.model, "module", trainer.model), getattr(getattr(trainer, "ema", None), "ema", None)):
+        if m is not None and getattr(m, "kd", None) is not None and is_qat(m):
+            import modelopt.torch.quantization as mtq
+
+            mtq.disable_quantizer(m, lambda n: n.startswith(KD_PREFIX))
+
+
+def _student_qat_state(model: nn.Module) -> dict:
+    """``qat_state`` of a KD model without the adapters' quantizers, so it restores onto the plain student."""
+    import copy
+
+    from ultralytics.utils.torch_utils import qat_state
+
+    state = copy.deepcopy(qat_state(model))
+    for _mode, entry in state["modelopt"]["modelopt_state_dict"]:
+        qs = entry.get("metadata", {}).get("quantizer_state")
+        if isinstance(qs, dict):
+            for k in [k for k in qs if k.startswith(KD_PREFIX)]:
+                del qs[k]
+    state["ranges"] = {k: v for k, v in state["ranges"].items() if not k.startswith(KD_PREFIX)}
+    return state
+
+
+def quantizer_summary(model: nn.Module) -> dict:
+    """How many fake quantizers a QAT model has, and how many are on (for the bundle's metrics)."""
+    qs = [m for m in model.modules() if type(m).__name__ == "TensorQuantizer"]
+    return {"library": "nvidia-modelopt", "quantizers": len(qs), "enabled": sum(bool(q.is_enabled) for q in qs)}
+
+
 def load_detector(path: str | Path) -> nn.Module:
     """A trained Ultralytics detector from a ``.pt`` checkpoint, FP32, eval mode."""
-    model, _ = load_checkpoint(str(path))
+    with library_output_to_stderr():  # ModelOpt prints "Inserted N quantizers" when it restores a QAT model
+        model, _ = load_checkpoint(str(path))
     return model.float().eval()
 
 
@@ -240,13 +301,20 @@ def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
 
 
 def plain_student(model: nn.Module) -> DetectionModel:
-    """The student alone: a ``DetectionModel`` with the same weights, without KD criterion and adapters."""
+    """The student alone: a ``DetectionModel`` with the same weights, without KD criterion and adapters (and,
+    for a quantization-aware trained student, with the same fake quantizers and ranges)."""
     model = model.float()
     student = DetectionModel(model.yaml, nc=model.model[-1].nc, verbose=False)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("kd.")}
+    qat = is_qat(model)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(KD_PREFIX) and not (qat and "_quantizer" in k)}
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"student weights do not fit its architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if qat:
+        from ultralytics.utils.torch_utils import restore_qat
+
+        with library_output_to_stderr():
+            restore_qat(student, _student_qat_state(model))
     for attr in ("names", "stride", "args", "nc", "class_weights"):
         if hasattr(model, attr):
             setattr(student, attr, getattr(model, attr))
@@ -285,14 +353,38 @@ def gflops(model: nn.Module, imgsz: int) -> float | None:
 
 
 def save_checkpoint(student: nn.Module, path: Path, train_args: dict) -> None:
-    """An Ultralytics-loadable checkpoint (``YOLO(path)`` works) holding only the plain student."""
+    """An Ultralytics-loadable checkpoint (``YOLO(path)`` works) holding only the plain student; a QAT student's
+    quantizers travel beside the module as ModelOpt state (Ultralytics' own QAT checkpoint form)."""
     import copy
     import datetime as dt
 
     from ultralytics import __version__ as ul_version
+    from ultralytics.utils.torch_utils import qat_state, strip_qat
 
-    torch.save({"model": copy.deepcopy(student).half(), "ema": None, "epoch": -1, "train_args": train_args,
+    state = qat_state(student)
+    module = copy.deepcopy(student)
+    strip_qat(module)
+    torch.save({"model": module.half(), "ema": None, "epoch": -1, "train_args": train_args, "modelopt": state,
                 "date": dt.datetime.now().isoformat(), "version": ul_version, "kdctl": True}, path)
+
+
+def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool = False,
+                  fmt: str = "onnx") -> tuple[nn.Module, torch.Tensor]:
+    """A copy of the detector ready to trace, and an example input: BatchNorm folded (into the fake-quantized
+    convolutions too, for a QAT student), the head in export mode (decoded ``(N, 4+nc, A)`` output, NMS outside),
+    anchors built for ``imgsz``, no gradients."""
+    import copy
+
+    m = copy.deepcopy(model).float().eval()
+    m = m.fuse(verbose=False) if hasattr(m, "fuse") else m
+    head = m.model[-1]
+    head.export, head.format, head.dynamic = True, fmt, dynamic
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.zeros(batch, 3, imgsz, imgsz)
+    with torch.no_grad():
+        m(x)  # builds anchors/strides for this input size
+    return m, x
 
 
 def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[str]:
@@ -301,12 +393,30 @@ def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[st
     (name, op type) of an ONNX graph, or (OpenVINO friendly name, None); both names follow the traced module paths.
     The head's conv branches (``cv2``: boxes, ``cv3``: classes) stay quantizable, except their non-conv ops when the
     op type is known."""
-    prefix = f"/model.{len(model.model) - 1}/"
+    head = f"model.{len(model.model) - 1}"
     out = []
     for name, op in nodes:
-        if not name.startswith(prefix):
+        path = _module_path(name)
+        if path != head and not path.startswith(head + "."):
             continue
-        in_branch = any(k in name for k in ("/cv2.", "/cv3."))
+        in_branch = path.startswith((f"{head}.cv2.", f"{head}.cv3."))
         if not in_branch or (op is not None and op not in ("Conv", "Relu", "Sigmoid", "Mul", "Add", "HardSwish")):
             out.append(name)
     return out
+
+
+def _module_path(node_name: str) -> str:
+    """The module path a graph node was traced from, for ONNX names (``/model.22/cv2.0/cv2.0.0/conv/Conv``) and
+    OpenVINO names of a traced PyTorch model (``__module.model.22.cv2.0.0.conv/aten::_convolution/Convolution``,
+    ``self.model.22.cv2.0.0.conv.weight``)."""
+    if node_name.startswith("__module."):
+        return node_name[len("__module."):].split("/", 1)[0]
+    if node_name.startswith("self."):
+        return node_name[len("self."):].rsplit(".", 1)[0]
+    path: list[str] = []
+    for part in [p for p in node_name.split("/") if p][:-1]:  # the last part is the op's own name
+        if path and part.startswith(path[-1] + "."):  # ONNX repeats a container's name: cv2.0 / cv2.0.0
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)

@@ -3,7 +3,6 @@ an ONNX Runtime backend to run it."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,9 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     import onnxslim
     import torch
 
-    m = copy.deepcopy(model).float().eval()
-    m = m.fuse() if hasattr(m, "fuse") else m
-    head = m.model[-1]
-    head.export, head.format, head.dynamic = True, "onnx", dynamic
-    for p in m.parameters():
-        p.requires_grad_(False)
-    x = torch.zeros(batch, 3, imgsz, imgsz)
-    with torch.no_grad():
-        m(x)  # builds anchors/strides for this input size
+    from kdctl.detectors.yolo import export_module
+
+    m, x = export_module(model, imgsz, batch, dynamic=dynamic, fmt="onnx")
     if half:
         class HalfIO(torch.nn.Module):
             """FP32 in, FP16 inside, FP32 out."""

@@ -97,6 +97,7 @@ def tensorrt_qdq_problems(model_path: Path) -> list[str]:
             for a in n.attribute:
                 if a.name == "value":
                     consts[n.output[0]] = numpy_helper.to_array(a.t)
+    weight_q = {n.output[0] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in consts}
     problems = []
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
@@ -120,9 +121,92 @@ def tensorrt_qdq_problems(model_path: Path) -> list[str]:
             problems.append(f"{n.name}: zero point is {zp.dtype}, TensorRT takes int8 only")
         elif zp.any():
             problems.append(f"{n.name}: zero point is not 0 (TensorRT quantization is symmetric)")
-        is_weight = n.op_type == "DequantizeLinear" and n.input[0] in consts
+        is_weight = n.input[0] in consts or n.input[0] in weight_q  # DQ(int8 weight) or Q(float weight)
         if scale is not None and scale.size > 1 and not is_weight:
             problems.append(f"{n.name}: per-channel quantization of an activation")
-        if is_weight and consts[n.input[0]].dtype == np.int32:
+        if n.input[0] in consts and consts[n.input[0]].dtype == np.int32:
             problems.append(f"{n.name}: int32 DequantizeLinear (a quantized bias)")
     return problems
+
+
+# ---- a quantization-aware trained student's Q/DQ graph -------------------------------------------------------------
+
+def _initializers(proto) -> dict:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def fold_weight_quantizers(proto) -> int:
+    """Replace ``QuantizeLinear(float weight)`` by the int8 weight it computes (ONNX's round-half-to-even and
+    saturation), so each convolution reads ``DequantizeLinear(int8 initializer)``: the form ONNX Runtime fuses
+    into integer kernels and post-training quantizers write, a quarter of the size. Returns how many were folded."""
+    from onnx import numpy_helper
+
+    inits = _initializers(proto)
+    folded = 0
+    for n in list(proto.graph.node):
+        if n.op_type != "QuantizeLinear" or n.input[0] not in inits or n.input[1] not in inits:
+            continue
+        w, scale = inits[n.input[0]], inits[n.input[1]]
+        zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros((), np.uint8)
+        if zp is None or zp.dtype not in (np.int8, np.uint8):
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)
+        q = np.rint(w / scale.reshape(shape)) + zp.reshape(shape if zp.ndim else ()).astype(np.int32)
+        q = np.clip(q, info.min, info.max).astype(zp.dtype)
+        name = n.output[0]
+        proto.graph.node.remove(n)
+        proto.graph.initializer.append(numpy_helper.from_array(q, name))
+        folded += 1
+    used = {i for node in proto.graph.node for i in node.input}
+    keep = [i for i in proto.graph.initializer if i.name in used or i.name in {o.name for o in proto.graph.output}]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return folded
+
+
+U8_ZERO_POINT = "kdctl_activation_zero_point_u8"
+
+
+def to_uint8_activations(proto) -> int:
+    """Symmetric int8 activations (zero point 0) -> uint8 with zero point 128, the form ONNX Runtime's x86 kernels
+    run fastest (U8S8). Exact: ``clip(round(x/s), -128, 127) + 128 == clip(round(x/s) + 128, 0, 255)`` with the
+    same scale. Weights stay int8. Returns how many activation quantizers were changed."""
+    from onnx import numpy_helper
+
+    inits = _initializers(proto)
+    changed = set()
+    for n in proto.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits or len(n.input) < 3:
+            continue
+        zp = inits.get(n.input[2])
+        if zp is None or zp.dtype != np.int8 or zp.ndim or int(zp) != 0:
+            continue
+        n.input[2] = U8_ZERO_POINT
+        changed.add(n.output[0])
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in changed:
+            n.input[2] = U8_ZERO_POINT
+    if changed:
+        proto.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), U8_ZERO_POINT))
+        for vi in proto.graph.value_info:  # recorded element types of the changed tensors: now uint8
+            if vi.name in changed:
+                vi.type.tensor_type.elem_type = 2  # onnx.TensorProto.UINT8
+    return len(changed)
+
+
+def qdq_counts(proto) -> dict:
+    """Quantized convolutions and Q/DQ nodes of a Q/DQ graph (what the bundle records for a QAT export)."""
+    inits = _initializers(proto)
+    dq_out = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    return {"quantize_linear": sum(n.op_type == "QuantizeLinear" for n in proto.graph.node),
+            "dequantize_linear": len(dq_out),
+            "int8_convs": sum(n.input[0] in dq_out and n.input[1] in dq_out for n in convs),
+            "float_convs": sum(not (n.input[0] in dq_out and n.input[1] in dq_out) for n in convs),
+            "int8_weights": sum(v.dtype == np.int8 and v.ndim == 4 for v in inits.values())}

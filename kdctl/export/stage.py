@@ -97,11 +97,20 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
 
     ds = load_yolo_yaml(options.data or src.file("data"), skip_invalid=options.skip_invalid)
     model = load_bundle_weights(src)
+    qat = yolo.is_qat(model)
+    skipped = []
+    if qat:  # its INT8 graph is the trained model; float artifacts would be a different, never-trained model
+        skipped = [a for a in wanted if not a.endswith("int8")]
+        wanted = [a for a in wanted if a.endswith("int8")]
+        if not wanted:
+            raise DataError(f"{src.path}: a quantization-aware trained student exports INT8 only, and "
+                            f"{'--artifact' if options.artifacts else f'target {preset.name}'} lists no INT8 "
+                            f"artifact ({', '.join(skipped)}); add --artifact onnx-int8 or openvino-int8")
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model)
     opset = options.opset or preset.opset
     method = options.calibration_method or preset.calibration_method
-    needs_calib = any(a.endswith("int8") for a in wanted)
+    needs_calib = any(a.endswith("int8") for a in wanted) and not qat
     calib_pool = ds.train_images or ds.val_images
     if needs_calib and options.calibration_images < MIN_CALIBRATION:
         raise DataError(f"export.calibration_images: {options.calibration_images} is too few for INT8 calibration "
@@ -125,23 +134,26 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                       inputs={"target": preset.model_dump(), "weights": str(src.file("weights")),
                               "data": ds.describe()}) as w:
         arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan,
-                      options, val_images, ds.names, ref_metrics)
+                      options, val_images, ds.names, qat=qat)
         for a in arts:
             if a.format == "tensorrt" and not a.files:
                 continue
             backend = a.runtime.pop("_backend", None)
             if backend is None:
                 continue
-            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, a.precision)
+            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, "int8-qat" if qat else a.precision)
             if a.parity.get("ok") is False:
-                raise CheckFailed(f"export {a.name}: outputs differ from PyTorch beyond tolerance "
+                raise CheckFailed(f"export {a.name}: outputs differ from PyTorch{' (the fake-quantized student)' if qat else ''}"
+                                  " beyond tolerance "
                                   f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
             a.metrics = evaluate_backend(backend, val_images, ds.names, imgsz, progress=ev.advance)
             drop = ref_metrics["map50_95"] - a.metrics["map50_95"]
             a.metrics["map50_95_drop"] = drop
             if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
                 raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {drop:.4f} below "
-                                  f"PyTorch FP32 ({ref_metrics['map50_95']:.4f}); export.max_map_drop is "
+                                  f"{'the fake-quantized PyTorch student' if qat else 'PyTorch FP32'} "
+                                  f"({ref_metrics['map50_95']:.4f}); "
+                                  "export.max_map_drop is "
                                   f"{options.max_map_drop}")
             a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
         device_files = []
@@ -158,11 +170,18 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         for f in device_files:
             w.add_output(Path(f).stem.lower().replace("_", "-"), f)
         w.metrics.update({
-            "target": preset.name, "imgsz": imgsz, "opset": opset, "pytorch_fp32": _short(ref_metrics),
+            "target": preset.name, "imgsz": imgsz, "opset": opset,
+            "pytorch": {**_short(ref_metrics), "model": "fake-quantized (QAT)" if qat else "fp32"},
             "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
             "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
             "names": ds.names,
         })
+        if not qat:
+            w.metrics["pytorch_fp32"] = _short(ref_metrics)  # the key bundles of kdctl 0.2 carry
+        if qat:
+            w.metrics["qat"] = {**yolo.quantizer_summary(model), "skipped_artifacts": skipped,
+                                "reference": "the fake-quantized PyTorch student (parity and mAP drop are "
+                                             "measured against it)"}
         w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision}
                                 for a in arts}
         # engines build_engine.sh makes on the device: allowed beside the bundle's files, hashed by profile
@@ -178,20 +197,42 @@ def _short(m: dict) -> dict:
 
 def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
            calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
-           val_images: list[Path], names: list[str], ref_metrics: dict) -> list[Artifact]:
+           val_images: list[Path], names: list[str], qat: bool = False) -> list[Artifact]:
     """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it."""
-    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+    if qat:
+        arts = _build_qat(root, model, preset, wanted, imgsz, opset, plan)
+    else:
+        arts = _build_onnx(root, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan)
+        arts += _build_openvino(root, model, preset, wanted, imgsz, calibration, keep_float, plan, options,
+                                val_images, names)
+    arts += _build_tensorrt(root, model, preset, wanted, imgsz, opset, plan)
+    fp32 = root / "model-fp32.onnx"
+    if fp32.is_file() and not any(fp32.name in a.files for a in arts):
+        fp32.unlink()  # only the intermediate for INT8 calibration; not part of this target's package
+    int8 = root / "model-int8.onnx"
+    if int8.is_file() and not any(int8.name in a.files for a in arts) and preset.runtime != "tensorrt":
+        int8.unlink()  # a QAT student's Q/DQ graph, only the source of its OpenVINO IR here
+    return arts
 
+
+def _ort_runtime() -> dict:
     import onnxruntime as ort
 
+    return {"runtime": "onnxruntime", "version": ort.__version__, "provider": "CPUExecutionProvider"}
+
+
+def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
+                calibration: list[np.ndarray], keep_float, plan: Step) -> list[Artifact]:
+    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+
     arts: list[Artifact] = []
-    ort_rt = {"runtime": "onnxruntime", "version": ort.__version__, "provider": "CPUExecutionProvider"}
+    ort_rt = _ort_runtime()
     fp32 = root / "model-fp32.onnx"
-    export_onnx(model, fp32, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
     settings = {"opset": opset, "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
                 "simplified": "onnxslim"}
-    needs_onnx_fp32 = "onnx-fp32" in wanted or any(a.startswith("tensorrt") for a in wanted)
-    if needs_onnx_fp32:
+    if "onnx-fp32" in wanted or "onnx-int8" in wanted or any(a.startswith("tensorrt") for a in wanted):
+        export_onnx(model, fp32, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
+    if "onnx-fp32" in wanted or any(a.startswith("tensorrt") for a in wanted):
         arts.append(Artifact("onnx-fp32", "onnx", "fp32", [fp32.name],
                              {**ort_rt, "inference_precision": "fp32", "_backend": onnxruntime_backend(fp32)},
                              settings=dict(settings)))
@@ -209,37 +250,110 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         p = root / "model-int8.onnx"
         q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method, scheme=onnx_int8_scheme(preset, wanted))
         if q["scheme"] == "tensorrt":
-            from kdctl.export.quantize import tensorrt_qdq_problems
-
-            problems = tensorrt_qdq_problems(p)
-            if problems:
-                raise CheckFailed(f"export onnx-int8: the Q/DQ model breaks TensorRT's rules: {problems[0]}")
+            _check_tensorrt_form(p)
         arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
                              {**ort_rt, "inference_precision": "int8 (QDQ)", "_backend": onnxruntime_backend(p)},
                              settings={**settings, **q}))
         plan.advance()
+    return arts
+
+
+def _check_tensorrt_form(path: Path) -> None:
+    from kdctl.export.quantize import tensorrt_qdq_problems
+
+    problems = tensorrt_qdq_problems(path)
+    if problems:
+        raise CheckFailed(f"export onnx-int8: the Q/DQ model breaks TensorRT's rules: {problems[0]}")
+
+
+def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int,
+                    calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
+                    val_images: list[Path], names: list[str]) -> list[Artifact]:
+    """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``)."""
+    arts: list[Artifact] = []
     for prec in ("fp32", "fp16", "int8"):
         if f"openvino-{prec}" not in wanted:
             continue
-        from kdctl.export.openvino import export_openvino, openvino_backend, quantize_openvino_int8
+        from kdctl.detectors.yolo import export_module
+        from kdctl.export.openvino import export_openvino, quantize_openvino_int8, source_name
 
+        module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
+        source = (module, x, preset.dynamic)
         d = root / f"openvino-{prec}"
         if prec == "int8":
             validation = None
             if options.max_map_drop is not None:
                 validation = (val_images, _map_validator(imgsz, names))
-            q = quantize_openvino_int8(fp32, d, calibration, keep_float, validation=validation,
+            q = quantize_openvino_int8(source, d, calibration, keep_float, validation=validation,
                                        max_drop=options.max_map_drop)
         else:
-            export_openvino(fp32, d, prec)
-            q = {"compress_to_fp16": prec == "fp16"}
-        hint = preset.openvino_int8_precision if prec == "int8" else None
-        backend = openvino_backend(d / "model.xml", prec, threads=preset.threads, hint=hint)
-        rt = dict(backend.runtime)
-        arts.append(Artifact(f"openvino-{prec}", "openvino", prec,
-                             [f"{d.name}/model.xml", f"{d.name}/model.bin"], {**rt, "_backend": backend},
-                             settings=q))
+            export_openvino(source, d, prec)
+            q = {"compress_to_fp16": prec == "fp16", "converted_from": source_name(source)}
+        arts.append(_openvino_artifact(d, prec, preset, q))
         plan.advance()
+    return arts
+
+
+def _openvino_artifact(d: Path, prec: str, preset: TargetPreset, settings: dict) -> Artifact:
+    from kdctl.export.openvino import openvino_backend
+
+    hint = preset.openvino_int8_precision if prec == "int8" else None
+    backend = openvino_backend(d / "model.xml", prec, threads=preset.threads, hint=hint)
+    return Artifact(f"openvino-{prec}", "openvino", prec, [f"{d.name}/model.xml", f"{d.name}/model.bin"],
+                    {**backend.runtime, "_backend": backend}, settings=settings)
+
+
+def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
+               plan: Step) -> list[Artifact]:
+    """A quantization-aware trained student: its own Q/DQ graph (ranges learned in training, BatchNorm folded into
+    the quantized convolutions) is the INT8 model, written as is: no second calibration. Weight quantizers are
+    folded into int8 weights; for ONNX Runtime targets activations are re-expressed as uint8 (exact)."""
+    import onnx
+
+    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+    from kdctl.export.quantize import fold_weight_quantizers, qdq_counts, to_uint8_activations
+
+    arts: list[Artifact] = []
+    p = root / "model-int8.onnx"
+    export_onnx(model, p, imgsz, opset=max(opset, 13), batch=preset.batch, dynamic=preset.dynamic)
+    proto = onnx.load(str(p))
+    fold_weight_quantizers(proto)
+    counts = qdq_counts(proto)
+    if not counts["int8_convs"]:
+        raise CheckFailed(f"export: the quantization-aware trained student exported no quantized convolution "
+                          f"({counts})")
+    settings = {"opset": max(opset, 13), "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
+                "format": "QDQ", "source": "quantization-aware training", "calibration": "none (ranges learned "
+                "in training)", "weights": "int8 symmetric per-channel", **counts}
+    onnx.save(proto, str(p))
+    if "openvino-int8" in wanted:
+        from kdctl.export.openvino import export_openvino
+
+        export_openvino(p, root / "openvino-int8", "int8")  # from the symmetric Q/DQ graph
+        arts.append(_openvino_artifact(root / "openvino-int8", "int8", preset,
+                                       {**settings, "converted_from": "onnx (Q/DQ)", "tool": "openvino"}))
+        plan.advance()
+    scheme = onnx_int8_scheme(preset, wanted)
+    if scheme == "onnxruntime":
+        to_uint8_activations(proto)
+        onnx.save(proto, str(p))
+    onnx.checker.check_model(str(p))
+    if scheme == "tensorrt":
+        _check_tensorrt_form(p)
+    if "onnx-int8" in wanted or "tensorrt-int8" in wanted:
+        acts = "uint8 (zero point 128)" if scheme == "onnxruntime" else "int8 symmetric"
+        arts.insert(0, Artifact("onnx-int8", "onnx", "int8", [p.name],
+                                {**_ort_runtime(), "inference_precision": "int8 (QDQ)",
+                                 "_backend": onnxruntime_backend(p)},
+                                settings={**settings, "scheme": scheme, "activations": acts}))
+        plan.advance()
+    return arts
+
+
+def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
+                    plan: Step) -> list[Artifact]:
+    """TensorRT engines when TensorRT is here; otherwise a record that ``build_engine.sh`` builds them on the device."""
+    arts: list[Artifact] = []
     for prec in ("fp16", "int8"):
         if f"tensorrt-{prec}" not in wanted:
             continue
@@ -253,6 +367,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         else:
             import tensorrt as trt
 
+            from kdctl.export.onnx import export_onnx
             from kdctl.export.tensorrt import strongly_typed, tensorrt_version
 
             src = root / "model-int8.onnx"
@@ -261,7 +376,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
                 if not src.is_file():
                     export_onnx(model, src, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic, half=True)
             elif prec == "fp16":
-                src = fp32
+                src = root / "model-fp32.onnx"
             info = build_engine(src, root / f"model-{prec}.engine", prec, preset.tensorrt.workspace_mb,
                                 preset.tensorrt.dla_core)
             from kdctl.profile.runners import tensorrt_backend
@@ -271,8 +386,6 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
                                  {"runtime": "tensorrt", "engine_built": True, "version": info["tensorrt_version"],
                                   "inference_precision": prec, "_backend": be}, settings=info))
         plan.advance()
-    if not needs_onnx_fp32:
-        fp32.unlink()  # only the intermediate for OpenVINO; not part of this target's package
     return arts
 
 

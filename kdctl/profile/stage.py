@@ -17,6 +17,7 @@ import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.errors import BackendUnavailable, KdctlError
+from kdctl.export.base import reference_metrics
 from kdctl.profile.runners import runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
@@ -149,7 +150,7 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
     if pytorch:  # the FP32 PyTorch model the artifacts were exported from, as a reference row
         weights = _source_weights(src)
         arts.insert(0, {"name": "pytorch-fp32", "format": "pytorch", "precision": "fp32", "files": [str(weights)],
-                        "metrics": src.metrics.get("pytorch_fp32")})
+                        "metrics": reference_metrics(src.metrics)})
     fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "pytorch": "pytorch"}
     skipped = {}
     usable = []
@@ -227,7 +228,7 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
                           "results": results, "skipped": skipped,
                           "model": {k: src.metrics.get(k) for k in ("params", "gflops")},
-                          "pytorch_fp32_map50_95": src.metrics.get("pytorch_fp32", {}).get("map50_95")})
+                          "pytorch_fp32_map50_95": reference_metrics(src.metrics).get("map50_95")})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
         (w.path / "latencies.json").write_text(json.dumps(raw))
         w.add_output("metrics", "metrics.json")

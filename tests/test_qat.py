@@ -1,0 +1,284 @@
+"""Quantization-aware distillation (``distill.quantize: int8``) and the export of a QAT student's own Q/DQ graph.
+
+The graph rewrites are checked against hand-computed int8 values and by running both graphs in ONNX Runtime; the
+end-to-end test trains a tiny student with fake quantization and KD, exports it without calibration, and compares
+ONNX Runtime with the fake-quantized PyTorch model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from kdctl.cli.main import app
+
+pytest.importorskip("modelopt.torch.quantization")
+
+
+# ---- graph rewrites ------------------------------------------------------------------------------------------------
+
+W = np.array([[[[1.3]], [[-0.6]]], [[[0.125]], [[100.0]]]], np.float32)  # (out 2, in 2, 1, 1)
+W_SCALE = np.array([0.5, 0.25], np.float32)                               # per output channel
+# rint(w / scale), ties to even, saturated to int8: 1.3/.5=2.6->3, -.6/.5=-1.2->-1, .125/.25=.5->0, 400->127
+W_INT8 = np.array([3, -1, 0, 127], np.int8).reshape(2, 2, 1, 1)
+
+
+def _qdq_conv_model() -> onnx.ModelProto:
+    """x -> Q/DQ (scale 0.05, int8 zero point 0) -> Conv(DQ(Q(float W, per-channel))) -> y, as ModelOpt exports."""
+    inits = [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W_SCALE, "w_scale"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="xdq"),
+             helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="wq", axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wdq"], name="wdq", axis=0),
+             helper.make_node("Conv", ["xdq", "wdq"], ["y"], name="conv")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], inits,
+                          value_info=[helper.make_tensor_value_info("xq", TensorProto.INT8, [1, 2, 3, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_fold_weight_quantizers_matches_hand_computed_int8():
+    from kdctl.export.quantize import fold_weight_quantizers, qdq_counts, tensorrt_qdq_problems
+
+    m = _qdq_conv_model()
+    x = np.random.default_rng(0).uniform(-8, 8, (1, 2, 3, 3)).astype(np.float32)
+    before = _run(m, x)
+    assert fold_weight_quantizers(m) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert inits["wq"].dtype == np.int8 and np.array_equal(inits["wq"], W_INT8)
+    assert "w" not in inits  # the float weight is gone, not kept beside the int8 one
+    assert [n.op_type for n in m.graph.node].count("QuantizeLinear") == 1  # only the activation's
+    np.testing.assert_array_equal(_run(m, x), before)
+    assert qdq_counts(m)["int8_convs"] == 1 and qdq_counts(m)["float_convs"] == 0
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kdctl-fold-{os.getpid()}.onnx"
+    onnx.save(m, str(path))
+    try:
+        assert tensorrt_qdq_problems(path) == []
+    finally:
+        path.unlink()
+
+
+def test_uint8_activations_are_exact_and_only_touch_activations():
+    from kdctl.export.quantize import U8_ZERO_POINT, fold_weight_quantizers, to_uint8_activations
+
+    m = _qdq_conv_model()
+    fold_weight_quantizers(m)
+    # inputs on and beyond the int8 range (|x| / 0.05 > 127) and on rounding ties (0.025 = half a step)
+    x = np.array([-9.0, -6.4, -6.35, -0.025, 0.0, 0.025, 0.075, 6.35, 9.0] * 2, np.float32).reshape(1, 2, 3, 3)
+    before = _run(m, x)
+    assert to_uint8_activations(m) == 1
+    zp = {n.name: n.input[2] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert zp["xq"] == zp["xdq"] == U8_ZERO_POINT and zp["wdq"] == "w_zp"  # weights stay int8
+    u8 = next(i for i in m.graph.initializer if i.name == U8_ZERO_POINT)
+    assert numpy_helper.to_array(u8).dtype == np.uint8 and int(numpy_helper.to_array(u8)) == 128
+    np.testing.assert_array_equal(_run(m, x), before)
+
+
+def test_tensorrt_rules_accept_weight_quantizers_on_float_weights():
+    """ModelOpt writes Q(float weight) -> DQ; TensorRT folds that itself: per-channel there is not an activation."""
+    from kdctl.export.quantize import tensorrt_qdq_problems
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kdctl-qw-{os.getpid()}.onnx"
+    onnx.save(_qdq_conv_model(), str(path))
+    try:
+        assert tensorrt_qdq_problems(path) == []
+    finally:
+        path.unlink()
+
+
+# ---- the plain student of a QAT run ------------------------------------------------------------------------------
+
+def _quantized_kd_model():
+    import modelopt.torch.quantization as mtq
+
+    from kdctl.detectors.yolo import KDDetectionModel
+
+    from kdctl.models import ASSET_MODELS
+
+    m = KDDetectionModel(str(ASSET_MODELS / "yolov8-tiny.yaml"), nc=3, verbose=False)
+    m.kd = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1))  # stands in for a KD adapter
+    m.eval()
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m = mtq.quantize(m, mtq.INT8_DEFAULT_CFG, lambda mm: mm.predict(x))
+    return m, x
+
+
+def test_plain_student_keeps_quantizers_and_drops_adapters(tmp_path):
+    from kdctl.detectors.yolo import is_qat, load_detector, plain_student, save_checkpoint
+
+    m, x = _quantized_kd_model()
+    with torch.no_grad():
+        ref = m.predict(x)[0]
+    student = plain_student(m)
+    assert is_qat(student) and getattr(student, "kd", None) is None
+    assert not any(k.startswith("kd.") for k in student.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(student.predict(x)[0], ref)
+    save_checkpoint(student, tmp_path / "w.pt", {})
+    loaded = load_detector(tmp_path / "w.pt")
+    assert is_qat(loaded)
+    with torch.no_grad():  # weights are stored in half precision, as Ultralytics does
+        torch.testing.assert_close(loaded.predict(x)[0], ref, atol=0.5, rtol=0.02)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+def _qad_recipe(tmp_path: Path, tiny_data: Path, bundle: Path, epochs: int = 1) -> Path:
+    r = tmp_path / "qad.yaml"
+    r.write_text(f"""
+name: qad
+teacher: {{model: {bundle}}}
+student: {{model: {bundle}}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: {epochs}, imgsz: 128, batch: 8, lr0: 0.0003, optimizer: AdamW, warmup_epochs: 0}}
+distill:
+  quantize: int8
+  auto_balance: 0.25
+  losses: [{{name: kd_logit, level: head, params: {{temperature: 2.0}}}}]
+""")
+    return r
+
+
+@pytest.fixture(scope="module")
+def qad_bundle(tmp_path_factory, tiny_data, trained_bundle) -> Path:
+    d = tmp_path_factory.mktemp("qad")
+    res = CliRunner().invoke(app, ["distill", str(_qad_recipe(d, tiny_data, trained_bundle)), "--out",
+                                   str(d / "qad"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["bundle"]  # stdout is JSON only (ModelOpt's chatter goes to stderr)
+    return d / "qad"
+
+
+@pytest.mark.slow
+def test_qad_trains_a_fake_quantized_student_with_kd(qad_bundle):
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors.yolo import is_qat, load_detector
+
+    m = load_bundle(qad_bundle, verify=True).metrics
+    assert m["qat"]["quantize"] == "int8" and m["qat"]["enabled"] > 0
+    assert m["kd_terms"] and all(t["scale"] for t in m["kd_terms"])
+    assert any(v > 0 for k, v in m["epochs"][-1].items() if k.startswith("train/kd_"))
+    model = load_detector(qad_bundle / "weights.pt")
+    assert is_qat(model) and getattr(model, "kd", None) is None
+
+
+@pytest.mark.slow
+def test_qat_export_is_the_trained_qdq_graph(qad_bundle, tmp_path):
+    """ONNX Runtime on the exported INT8 graph matches the fake-quantized PyTorch student (cosine >= 0.99), nothing
+    is calibrated again, float artifacts are skipped, and the OpenVINO IR runs."""
+    from kdctl.bundle import load_bundle
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.detectors.yolo import load_detector
+    from kdctl.evaluate import torch_backend
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
+    from kdctl.export.base import cosine
+    from kdctl.export.onnx import onnxruntime_backend
+    from kdctl.export.openvino import openvino_backend
+
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--out", str(tmp_path / "cpu"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["qat"] is True
+    b = load_bundle(tmp_path / "cpu", verify=True)
+    assert [a["name"] for a in b.metrics["artifacts"]] == ["onnx-int8"]
+    assert b.metrics["qat"]["skipped_artifacts"] == ["onnx-fp32"]
+    art = b.metrics["artifacts"][0]
+    assert art["settings"]["calibration"].startswith("none") and art["parity"]["ok"] is True
+    assert art["settings"]["int8_convs"] > 0 and art["settings"]["activations"].startswith("uint8")
+    proto = onnx.load(str(b.path / "model-int8.onnx"))
+    int8_weights = [i for i in proto.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8_weights) == art["settings"]["int8_convs"]
+
+    ds = load_yolo_yaml(qad_bundle / "data.yaml")
+    xs = [to_input([letterbox(load_rgb(p), 128)[0]]) for p in ds.val_images[:4]]
+    ref = np.concatenate([torch_backend(load_detector(qad_bundle / "weights.pt"))(x) for x in xs])
+    ort_out = np.concatenate([onnxruntime_backend(b.path / "model-int8.onnx")(x) for x in xs])
+    assert cosine(ref, ort_out) >= 0.99
+
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "intel", "--out", str(tmp_path / "ov")])
+    assert res.exit_code == 0, res.output
+    ov = load_bundle(tmp_path / "ov", verify=True)
+    assert [a["name"] for a in ov.metrics["artifacts"]] == ["openvino-int8"]
+    out = openvino_backend(ov.path / "openvino-int8" / "model.xml", "int8")(xs[0])
+    assert out.shape == ref[:1].shape and cosine(ref[:1], out) >= 0.99
+    assert not (ov.path / "model-int8.onnx").exists()  # only the OpenVINO IR's source; not in an intel bundle
+
+
+@pytest.mark.slow
+def test_qat_export_with_only_float_artifacts_is_one_line(qad_bundle, tmp_path):
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--artifact", "onnx-fp32", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0
+    assert "exports INT8 only" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantize_field_is_validated(tmp_path, tiny_data):
+    r = tmp_path / "bad.yaml"
+    r.write_text(f"student: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\ndistill: {{quantize: int4}}\n")
+    res = CliRunner().invoke(app, ["recipe", "check", str(r)])
+    assert res.exit_code != 0 and "distill.quantize" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_training_from_a_checkpoint_starts_from_its_weights(tmp_path, tiny_data, trained_bundle):
+    """A student given as a bundle is fine-tuned, not re-initialised (Ultralytics drops a checkpoint's weights
+    unless ``pretrained`` is set). With a learning rate of 1e-9 the weights must come back unchanged."""
+    from kdctl.detectors.yolo import load_detector
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    r = tmp_path / "ft.yaml"
+    r.write_text(f"""
+name: ft
+student: {{model: {trained_bundle}}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, lr0: 1.0e-9, optimizer: AdamW, warmup_epochs: 0, warmup_bias_lr: 0.0}}
+""")
+    out = run_training(load_recipe(r), stage="train", source=str(r), out=tmp_path / "ft").path
+    before = load_detector(trained_bundle / "weights.pt").state_dict()
+    after = load_detector(out / "weights.pt").state_dict()
+    convs = [k for k in before if k.endswith("conv.weight")]
+    assert convs and all(torch.allclose(before[k], after[k], atol=1e-3) for k in convs)
+
+
+@pytest.mark.slow
+def test_qad_resume_after_kill(tmp_path, tiny_data, trained_bundle):
+    """SIGKILL after epoch 1 of 2, then --resume: the quantizers and their ranges come back from the checkpoint."""
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors.yolo import is_qat, load_detector
+
+    r = _qad_recipe(tmp_path, tiny_data, trained_bundle, epochs=2)
+    out = tmp_path / "qad"
+    argv = ["distill", str(r), "--out", str(out)]
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
+                       env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@1"}, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    res = CliRunner().invoke(app, [*argv, "--resume"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(out, verify=True)
+    assert len(b.metrics["epochs"]) == 2 and b.metrics["qat"]["enabled"] > 0
+    assert is_qat(load_detector(out / "weights.pt"))
+    assert not (tmp_path / ".qad.work").exists()
