@@ -1,6 +1,6 @@
 """Export benchmark: kdctl's exports vs Ultralytics' own exports of the same weights, measured in one run.
 
-For each model (the quickstart student at its training size, and a YOLOv8n-sized model at 640 px): latency
+For each model (the quickstart student at its training size, and YOLOv8n trained at 640 px): latency
 (batch 1, all available cores, p50 over interleaved rounds) and mAP50-95 on the synthetic validation set through
 kdctl's evaluator, for PyTorch FP32, ONNX Runtime FP32/INT8, OpenVINO FP32/INT8, and Ultralytics' format=onnx,
 format=openvino and format=openvino int8=True.
@@ -33,6 +33,39 @@ def ultralytics_exports(weights: Path, imgsz: int, data_yaml: Path, work: Path) 
     out["ultralytics openvino int8"] = Path(YOLO(str(w)).export(format="openvino", imgsz=imgsz, int8=True,
                                                                 data=str(data_yaml))) / "ul.xml"
     return out
+
+
+def qat_form_exports(model, imgsz: int, calibration: list, work: Path) -> dict[str, Path]:
+    """The graph a QAT student exports (ModelOpt Q/DQ on every conv input and weight, head outputs and DFL in
+    float), with ranges calibrated on the calibration images but not trained: its latency is the QAT artifact's,
+    its mAP is calibration-only."""
+    import copy
+
+    import numpy as np
+    import onnx
+    import torch
+    import modelopt.torch.quantization as mtq
+
+    from kdctl.detectors.yolo import library_output_to_stderr
+    from kdctl.export.onnx import export_onnx
+    from kdctl.export.openvino import export_openvino
+    from kdctl.export.quantize import fold_weight_quantizers, to_uint8_activations
+
+    q = copy.deepcopy(model).eval()
+    xs = torch.from_numpy(np.concatenate(calibration))
+    with torch.no_grad(), library_output_to_stderr():
+        q = mtq.quantize(q, mtq.INT8_DEFAULT_CFG, lambda m: [m.predict(xs[i:i + 8]) for i in range(0, len(xs), 8)])
+    head = f"model.{len(q.model) - 1}."
+    mtq.disable_quantizer(q, lambda n: n.startswith(head) and (".conv." not in n or ".dfl." in n))
+    sym = export_onnx(q, work / "qat-form.onnx", imgsz)
+    proto = onnx.load(str(sym))
+    fold_weight_quantizers(proto)
+    onnx.save(proto, str(sym))
+    export_openvino(sym, work / "qat-form-ov", "int8")
+    to_uint8_activations(proto)
+    onnx.save(proto, str(work / "qat-form-u8.onnx"))
+    return {"kdctl onnx-int8 (QAT form)": work / "qat-form-u8.onnx",
+            "kdctl openvino-int8 (QAT form)": work / "qat-form-ov" / "model.xml"}
 
 
 def ov_default(xml: Path, threads: int):
@@ -73,6 +106,8 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
         for a in b.metrics["artifacts"]:
             ours[f"kdctl {a['name']}"] = (b.path / a["files"][0], a)
     ul = ultralytics_exports(src.file("weights"), imgsz, src.file("data"), work)
+    calib_x = [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in ds.train_images[:calib]]
+    qat = qat_form_exports(load_detector(src.file("weights")), imgsz, calib_x, work)
 
     model = load_detector(src.file("weights")).fuse()
     import torch
@@ -85,6 +120,10 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
                                                hint=a["runtime"].get("requested_precision")))
     precision = {n: a["runtime"].get("inference_precision") for n, (_, a) in ours.items()}
     precision["pytorch fp32"] = "fp32"
+    for name, path in qat.items():
+        runners[name] = (onnxruntime_backend(path, threads=threads) if path.suffix == ".onnx"
+                         else openvino_backend(path, "int8", threads=threads, hint="bf16"))
+        precision[name] = "int8 (QDQ)" if path.suffix == ".onnx" else runners[name].runtime["inference_precision"]
     for name, path in ul.items():
         runners[name] = onnxruntime_backend(path, threads=threads) if path.suffix == ".onnx" else ov_default(path, threads)
         precision[name] = getattr(runners[name], "precision", "fp32 (ORT)")
@@ -104,13 +143,16 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     p50 = {n: median(s) for n, s in samples.items()}
     ref = maps["pytorch fp32"]
     pairs = {"kdctl onnx-fp32": "ultralytics onnx", "kdctl openvino-fp32": "ultralytics openvino",
-             "kdctl openvino-int8": "ultralytics openvino int8", "kdctl onnx-int8": "ultralytics openvino int8"}
+             "kdctl openvino-int8": "ultralytics openvino int8", "kdctl onnx-int8": "ultralytics openvino int8",
+             "kdctl onnx-int8 (QAT form)": "ultralytics openvino int8",
+             "kdctl openvino-int8 (QAT form)": "ultralytics openvino int8"}
     rows = []
     for n in runners:
         vs = pairs.get(n)
         rows.append([n, precision[n], round(p50[n], 2), round(maps[n], 4), round(100 * (maps[n] - ref), 2),
                      f"{p50[n] / p50[vs]:.2f} ({vs})" if vs else ""])
-    best_int8 = min((n for n in runners if n.startswith("kdctl") and "int8" in n), key=lambda n: p50[n])
+    best_int8 = min((n for n in runners if n.startswith("kdctl") and "int8" in n and "QAT" not in n),
+                    key=lambda n: p50[n])
     summary = (f"Best kdctl INT8 ({best_int8}) / Ultralytics OpenVINO INT8 p50: "
                f"**{p50[best_int8] / p50['ultralytics openvino int8']:.2f}**, mAP50-95 change vs PyTorch "
                f"{100 * (maps[best_int8] - ref):+.2f} points; kdctl ONNX Runtime FP32 / Ultralytics ONNX p50: "
@@ -120,10 +162,38 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
             + f"\n\n{summary}\n")
 
 
+LARGE_RECIPE = """
+name: teacher-640
+student: {model: runs/train/quickstart-teacher}
+data:
+  synthetic: {train: 240, val: 60, imgsz: 640, classes: 3, seed: 0, scene: clear}
+train: {epochs: 3, imgsz: 640, batch: 8, seed: 0, device: cpu, workers: 0, optimizer: AdamW, lr0: 0.001, mosaic: 0.0,
+        warmup_epochs: 0}
+"""
+
+
+def large_model(out: Path) -> None:
+    """YOLOv8n at 640 px: the quickstart teacher (trained at 128 px) fine-tuned 3 epochs on 640-px synthetic scenes,
+    so that mAP at 640 px means something (about 10 minutes on 2 cores)."""
+    import yaml
+
+    from kdctl.recipe.schema import Recipe
+    from kdctl.training import run_training
+
+    teacher = ROOT / "runs" / "train" / "quickstart-teacher"
+    if not (teacher / "manifest.json").is_file():
+        print(f"skip {out}: run `make demo` first (it needs {teacher})")
+        return
+    d = yaml.safe_load(LARGE_RECIPE)
+    d["student"]["model"] = str(teacher)
+    run_training(Recipe.model_validate(d), stage="train", source="bench", out=out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--student", default="runs/distill/quickstart")
-    ap.add_argument("--large", default="runs/train/quickstart-teacher", help="a YOLOv8n-sized bundle, run at 640 px")
+    ap.add_argument("--large", default="runs/bench/large640",
+                    help="a YOLOv8n bundle trained at 640 px (made from the quickstart teacher when missing)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=25)
     ap.add_argument("--calibration", type=int, default=64)
@@ -133,11 +203,16 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
     parts = [f"## Export: latency and accuracy vs Ultralytics' exports\n\n{machine()}. Batch 1, {threads} threads, "
              f"p50 of {a.rounds}×{a.per_round} interleaved runs after 10 warm-up runs, one process. mAP50-95 on the "
-             "synthetic validation set (100 images) through kdctl's evaluator for every row, so rows compare. "
+             "model's synthetic validation set (100 images at 128 px, 60 at 640 px) through kdctl's evaluator for "
+             "every row, so rows compare. "
              "'runs as' is the precision the runtime reported; Ultralytics' OpenVINO export runs with the plugin "
-             "default, which is bf16 on this CPU.\n"]
-    for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n-sized", a.large, 640)):
+             "default, which is bf16 on this CPU. kdctl's OpenVINO IRs are converted from the traced PyTorch model. "
+             "'QAT form' rows: the Q/DQ graph a quantization-aware trained student exports, with ranges calibrated "
+             "but not trained (its latency is the QAT artifact's; its mAP is calibration-only).\n"]
+    for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n at 640 px", a.large, 640)):
         bundle = ROOT / b
+        if size == 640 and not (bundle / "manifest.json").is_file():
+            large_model(bundle)
         if not (bundle / "manifest.json").is_file():
             print(f"skip {b}: run `make demo` first")
             continue

@@ -4,9 +4,11 @@ docs/benchmarks.md with the GPU's name and TensorRT version. Target: kdctl's com
 
     python bench/tensorrt_gpu.py [--bundle runs/train/quickstart-student] [--runs 500]
 
-Without a bundle it trains a small student on the built-in data first (a few epochs on the GPU). Needs the
-``tensorrt`` and ``cuda-python`` packages; trtexec is optional (its column is then empty). Exits 2 with one line
-when there is no GPU or no TensorRT, so it can be run blind on any machine.
+Without a bundle it trains a small student on the built-in data first (a few epochs on the GPU). It also
+fine-tunes that student for 2 epochs with quantization-aware training and builds an INT8 engine from its own Q/DQ
+graph (``--no-qat`` skips it). Needs the ``tensorrt`` and ``cuda-python`` packages; trtexec is optional (its
+column is then empty). Exits 2 with one line when there is no GPU or no TensorRT, so it can be run blind on any
+machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ def _student(work: Path) -> Path:
     return run_training(load_recipe(r), stage="train", out=work / "student").path
 
 
+def _qat_student(work: Path, src: Path) -> Path:
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    r = work / "qat.yaml"
+    r.write_text(f"name: trt-bench-qat\nstudent: {{model: {src}}}\n"
+                 f"data: {{yolo: {src / 'data.yaml'}}}\n"
+                 "train: {epochs: 2, imgsz: 320, batch: 32, device: '0', lr0: 0.0003, optimizer: AdamW, "
+                 "warmup_epochs: 0}\ndistill: {quantize: int8}\n")
+    return run_training(load_recipe(r), stage="train", out=work / "student-qat").path
+
+
 def _trtexec(engine: Path, runs: int, graph: bool) -> float | None:
     exe = shutil.which("trtexec") or ("/usr/src/tensorrt/bin/trtexec" if Path("/usr/src/tensorrt/bin/trtexec").exists()
                                       else None)
@@ -51,6 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, help="a train/distill bundle (default: train one here)")
     ap.add_argument("--runs", type=int, default=500)
+    ap.add_argument("--no-qat", action="store_true", help="skip the quantization-aware trained INT8 engine")
     args = ap.parse_args()
 
     from kdctl.export.tensorrt import tensorrt_status
@@ -79,10 +94,15 @@ def main() -> int:
     import numpy as np
 
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    for prec, onnx in (("fp16", "model-fp16.onnx"), ("int8", "model-int8.onnx")):
-        engine = work / f"model-{prec}.engine"
-        info = build_engine(exp.path / onnx if info_typed(trt) or prec == "int8" else exp.path / "model-fp32.onnx",
-                            engine, prec)
+    engines = [("fp16", exp.path / ("model-fp16.onnx" if info_typed(trt) else "model-fp32.onnx")),
+               ("int8", exp.path / "model-int8.onnx")]
+    if not args.no_qat:  # the same student after 2 epochs of quantization-aware training: its own Q/DQ graph
+        qat = export_bundle(_qat_student(work, src), ExportOptions(target="jetson", artifacts=["onnx-int8"]),
+                            out=work / "export-qat")
+        engines.append(("int8 (QAT)", qat.path / "model-int8.onnx"))
+    for prec, onnx in engines:
+        engine = work / f"model-{prec.split()[0]}{'-qat' if 'QAT' in prec else ''}.engine"
+        info = build_engine(onnx, engine, prec.split()[0])
         for graph in (False, True):
             run = TensorRTRunner(engine, cuda_graph=graph)
             device = run.info["device"]

@@ -89,7 +89,7 @@ def model_classes(model) -> int:
 
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
-    from kdctl.detectors.yolo import build_detector, check_family, load_detector
+    from kdctl.detectors.yolo import check_family, load_detector
 
     if resolved.kind == "checkpoint":
         try:
@@ -106,7 +106,9 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     except Exception:  # a YAML that does not even parse as a model: reported by the build below
         pass
     try:
-        return build_detector(resolved.ref, nc).eval()
+        from kdctl.detectors import family
+
+        return family(resolved.ref).build_detector(resolved.ref, nc).eval()
     except Exception as e:  # a YAML whose layers do not build: say which file
         raise RecipeError(f"{source}: {field}: cannot build a model from '{resolved.ref}' "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -177,6 +177,16 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
                           "or use `kdctl train` for training without a teacher")
     if stage == "distill" and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required for distillation")
+    if recipe.distill.quantize:
+        import importlib.util
+
+        from kdctl.errors import BackendUnavailable
+
+        missing = [m for m in ("modelopt", "huggingface_hub") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BackendUnavailable(f"{source}: distill.quantize: quantization-aware training needs the "
+                                     f"'{missing[0]}' package (pip install 'kdctl[train]', which brings "
+                                     "nvidia-modelopt and huggingface_hub)")
     out = Path(out) if out else (Path(runs_dir) / stage / recipe.name if resume else
                                  next_run_dir(runs_dir, stage, recipe.name))
     work = work_dir_for(out)
@@ -191,6 +201,12 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             return done
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
+    if stage == "distill":
+        from kdctl.detectors.yolo import check_distillable
+
+        for ref, field in ((student_ref, "student.model"), (teacher_ref, "teacher.model")):
+            if ref.kind == "yaml":
+                _check_yaml(lambda: check_distillable(ref.ref, f"{field} ('{ref.ref}')", source))
     in_bundles = [r.bundle.path for r in (student_ref, teacher_ref) if r is not None and r.bundle is not None]
     may_overwrite = overwrite or bool(resume and info and info.get("overwrite"))
     with claim_output(out, overwrite=may_overwrite, inputs=in_bundles):
@@ -207,6 +223,16 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage}
         return _train_and_publish(recipe, stage, source, out, work, state if resume else "none", info,
                                   student_ref, teacher_ref, may_overwrite, skip_invalid, progress)
+
+
+def _check_yaml(check) -> None:
+    """Run a family check on a model YAML; a YAML that does not parse is reported later, when it is built."""
+    try:
+        check()
+    except RecipeError:
+        raise
+    except Exception:
+        pass
 
 
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:
@@ -233,14 +259,18 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.detectors.yolo import (DistillSetup, KDTrainer, library_output_to_stderr, load_detector,
-                                      plain_student, save_checkpoint)
+    from kdctl.detectors import family
+    from kdctl.detectors.yolo import (DistillSetup, KDTrainer, check_distillable, library_output_to_stderr,
+                                      load_detector, save_checkpoint)
 
-    if state == "none":  # a student YAML or checkpoint that does not build fails here, in one line
-        load_model(student_ref, ds.nc, "student.model", source)
+    student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
+    if stage == "distill":
+        check_distillable(student0, f"student.model ('{student_ref.ref}')", source)
+    fam = family(student0)
     setup = None
     if stage == "distill" and state != "finished":
         teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+        check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
         # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
         d = recipe.distill
         setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap, d.quantize)
@@ -256,7 +286,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
             overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                          "workers": recipe.train.workers}
         try:
-            trainer = KDTrainer(overrides=overrides, distill=setup)
+            trainer = KDTrainer(overrides=overrides, distill=setup) if fam.__name__.endswith(".yolo") else \
+                fam.trainer(overrides)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work)
             with library_output_to_stderr():
                 trainer.train()
@@ -272,7 +303,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
 
     best = work / "train" / "weights" / "best.pt"
     weights_src = best if best.is_file() else last
-    student = plain_student(load_detector(weights_src))
+    student = fam.plain_student(load_detector(weights_src))
 
     inputs = {"data": ds.describe(), "student": {"model": recipe.student.model, "resolved": student_ref.ref,
                                                   "sha256": student_ref.sha256}}

@@ -686,10 +686,26 @@ def _(c):
         ["student.model", "student.pt"]
 
 
-@case("train-student-is-rtdetr")
+@case("distill-student-is-rtdetr")
 def _(c):
-    return ["train", str(c.yolo_recipe("r", c.data, student="rtdetr-l.yaml")), "--out", str(c.tmp / "x")], 2, \
-        ["student.model", "rtdetr-l.yaml", "RT-DETR"]
+    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-l.yaml", teacher="yolov8-tiny.yaml")), "--out",
+            str(c.tmp / "x")], 2, \
+        ["student.model", "RT-DETR", "distill"]
+
+
+@case("distill-teacher-is-rtdetr")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher="rtdetr-tiny.yaml")), "--out", str(c.tmp / "x")], 2, \
+        ["teacher.model", "RT-DETR"]
+
+
+@case("train-rtdetr-checkpoint-of-wrong-family-as-yaml")
+def _(c):
+    f = c.tmp / "rtdetr-like.yaml"
+    f.write_text("nc: 3\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\nhead:\n  - [[0], 1, RTDETRDecoder, [nc, 0]]\n")
+    c.plant(f)
+    return ["train", str(c.yolo_recipe("r", c.data, student=str(f))), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "rtdetr-like.yaml"]
 
 
 @case("distill-teacher-is-segmentation-yaml")

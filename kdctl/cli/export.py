@@ -75,6 +75,9 @@ def export(
             t.add_row(r["artifact"], str(r["precision_used"]), f"{r['map50_95']:.4f}", f"{-r['map_drop']:+.4f}",
                       f"{r['box_max_abs']:.3g}", f"{r['size_mb']:.2f}")
         console.print(t)
+        for a in m["artifacts"]:
+            if a["settings"].get("note"):
+                console.print(f"note ({a['name']}): {a['settings']['note']}")
         if m.get("qat", {}).get("skipped_artifacts"):
             console.print(f"QAT student: its INT8 graph is exported as trained; skipped float artifacts "
                           f"{', '.join(m['qat']['skipped_artifacts'])}")

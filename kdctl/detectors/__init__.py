@@ -10,6 +10,54 @@ other module does. A family module provides:
 - deployment: ``save_checkpoint`` (a checkpoint the library loads as its own), ``float_tail`` (graph nodes INT8
   quantization must leave in float: the box decoding).
 
-Today the family is Ultralytics YOLO (:mod:`kdctl.detectors.yolo`); RT-DETR and torchvision's two-stage detectors
-come in as modules of their own behind the same names.
+Families: Ultralytics YOLO (:mod:`kdctl.detectors.yolo`) and Ultralytics RT-DETR (:mod:`kdctl.detectors.rtdetr`:
+train, eval, export, profile; its KD levels come later); :func:`family` picks the module for a model or YAML.
+torchvision's two-stage detectors come in as a module of their own behind the same names.
 """
+
+from __future__ import annotations
+
+
+
+from types import ModuleType
+
+
+def family(model_or_cfg) -> ModuleType:
+    """The family module of a built model or of a model YAML (path, name or dict): :mod:`.rtdetr` for an
+    RT-DETR head, else :mod:`.yolo` (which refuses other tasks with one line in ``check_family``)."""
+    from kdctl.detectors import yolo
+
+    try:
+        head = yolo.head_name(model_or_cfg)
+    except Exception:  # a YAML that does not parse: the YOLO builder reports it in one line
+        return yolo
+    if head in ("RTDETRDecoder",):
+        from kdctl.detectors import rtdetr
+
+        return rtdetr
+    return yolo
+
+
+def dense_module(model):
+    """A module whose eval output is kdctl's dense layout ``(N, 4 + nc, A)`` (boxes in input pixels, class
+    probabilities), for the evaluator and parity checks."""
+    fam = family(model)
+    return fam.DenseOutput(model) if hasattr(fam, "DenseOutput") else model
+
+
+def export_module(model, imgsz: int, batch: int = 1, *, dynamic: bool = False, fmt: str = "onnx"):
+    return family(model).export_module(model, imgsz, batch, dynamic=dynamic, fmt=fmt)
+
+
+def float_tail(nodes, model) -> list[str]:
+    return family(model).float_tail(nodes, model)
+
+
+def min_opset(model) -> int:
+    return getattr(family(model), "MIN_OPSET", 11)
+
+
+def align_outputs(model):
+    """How to pair a runtime's outputs with PyTorch's before comparing them: ``None`` when every position means
+    the same thing (YOLO's anchors), else a function reordering the candidate's queries (DETR-family)."""
+    return getattr(family(model), "align_outputs", None)

@@ -287,13 +287,22 @@ def head_name(cfg_or_model) -> str:
 
 
 def check_family(cfg_or_model, field: str, source: str) -> None:
-    """Refuse a model of another task or family (segmentation, pose, OBB, classification, RT-DETR) in one line."""
+    """Refuse a model of another task (segmentation, pose, OBB, classification) in one line. Ultralytics YOLO and
+    RT-DETR detectors pass (the caller picks the family with :func:`kdctl.detectors.family`)."""
     head = head_name(cfg_or_model)
-    if head not in DETECT_HEADS:
-        kind = {"RTDETRDecoder": "an RT-DETR detector (not a YOLO one)", "Segment": "a segmentation model",
-                "Pose": "a pose model", "OBB": "an oriented-box model", "Classify": "a classifier"}.get(head, f"a '{head}' model")
-        raise RecipeError(f"{source}: {field}: is {kind}; kdctl distills and exports Ultralytics YOLO detection "
-                          f"models (head {' or '.join(DETECT_HEADS)})")
+    if head not in DETECT_HEADS and head != "RTDETRDecoder":
+        kind = {"Segment": "a segmentation model", "Pose": "a pose model", "OBB": "an oriented-box model",
+                "Classify": "a classifier"}.get(head, f"a '{head}' model")
+        raise RecipeError(f"{source}: {field}: is {kind}; kdctl trains and exports Ultralytics detection models "
+                          f"(YOLO heads {' or '.join(DETECT_HEADS)}, or RT-DETR)")
+
+
+def check_distillable(cfg_or_model, field: str, source: str) -> None:
+    """Distillation losses exist for YOLO detectors; refuse another family in one line that names the field."""
+    if head_name(cfg_or_model) == "RTDETRDecoder":
+        raise RecipeError(f"{source}: {field}: is an RT-DETR detector; kdctl trains, evaluates and exports RT-DETR "
+                          "(`kdctl train`), but its distillation losses (query-, feature- and logit-level KD) are "
+                          "not available yet: distill between YOLO detectors")
 
 
 def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:

@@ -11,10 +11,12 @@ from kdctl.evaluate.predict import Backend, ground_truth, predict_images
 
 
 def torch_backend(model, device: str = "cpu", half: bool = False) -> Backend:
-    """Wrap an Ultralytics detector: returns the decoded head output (N, 4 + nc, A) as NumPy."""
+    """Wrap a detector of any family: returns kdctl's dense output (N, 4 + nc, A) as NumPy."""
     import torch
 
-    model = model.to(device).eval()
+    from kdctl.detectors import dense_module
+
+    model = dense_module(model.to(device).eval()).eval()
     model = model.half() if half else model.float()
 
     @torch.no_grad()

@@ -68,11 +68,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def validate_outputs(reference: Backend, candidate: Backend, batches: list[np.ndarray], imgsz: int,
-                     precision: str) -> dict:
-    """Run both backends on the same real, preprocessed images and compare (worst case over images)."""
+                     precision: str, align=None) -> dict:
+    """Run both backends on the same real, preprocessed images and compare (worst case over images).
+    ``align(reference, candidate)`` pairs outputs first where positions are a set (DETR queries)."""
     ref = np.concatenate([reference(x) for x in batches])
     out = np.concatenate([np.asarray(candidate(x), dtype=np.float32) for x in batches])
-    res = compare_outputs(ref, out, imgsz, precision)
+    info = {}
+    if align is not None and ref.shape == out.shape:
+        ref, out, info = align(ref, out)
+    res = {**compare_outputs(ref, out, imgsz, precision), **info}
     res["images"] = int(ref.shape[0])
     return res
 

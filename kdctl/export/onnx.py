@@ -21,7 +21,7 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     import onnxslim
     import torch
 
-    from kdctl.detectors.yolo import export_module
+    from kdctl.detectors import export_module
 
     m, x = export_module(model, imgsz, batch, dynamic=dynamic, fmt="onnx")
     if half:

@@ -82,6 +82,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl import detectors
     from kdctl.detectors import yolo
     from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
@@ -108,7 +109,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                             f"artifact ({', '.join(skipped)}); add --artifact onnx-int8 or openvino-int8")
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model)
-    opset = options.opset or preset.opset
+    opset = max(options.opset or preset.opset, detectors.min_opset(model))
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted) and not qat
     calib_pool = ds.train_images or ds.val_images
@@ -119,7 +120,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
                         f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
-    keep_float = (lambda nodes: yolo.float_tail(nodes, model)) if preset.keep_head_fp else None
+    keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
 
@@ -141,7 +142,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             backend = a.runtime.pop("_backend", None)
             if backend is None:
                 continue
-            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, "int8-qat" if qat else a.precision)
+            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, "int8-qat" if qat else a.precision,
+                                        align=detectors.align_outputs(model))
             if a.parity.get("ok") is False:
                 raise CheckFailed(f"export {a.name}: outputs differ from PyTorch{' (the fake-quantized student)' if qat else ''}"
                                   " beyond tolerance "
@@ -274,7 +276,7 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
     for prec in ("fp32", "fp16", "int8"):
         if f"openvino-{prec}" not in wanted:
             continue
-        from kdctl.detectors.yolo import export_module
+        from kdctl.detectors import export_module
         from kdctl.export.openvino import export_openvino, quantize_openvino_int8, source_name
 
         module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
@@ -342,10 +344,16 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
         _check_tensorrt_form(p)
     if "onnx-int8" in wanted or "tensorrt-int8" in wanted:
         acts = "uint8 (zero point 128)" if scheme == "onnxruntime" else "int8 symmetric"
+        note = None if scheme == "tensorrt" else (
+            "ONNX Runtime's CPU kernels fuse a Q/DQ convolution into an integer one only when a quantizer follows "
+            "it; a QAT graph quantizes each convolution's input and keeps SiLU in float, so here it runs no faster than "
+            "FP32 (docs/benchmarks.md). For CPU speed export this student for the intel (OpenVINO) target, "
+            "or use post-training INT8")
         arts.insert(0, Artifact("onnx-int8", "onnx", "int8", [p.name],
                                 {**_ort_runtime(), "inference_precision": "int8 (QDQ)",
                                  "_backend": onnxruntime_backend(p)},
-                                settings={**settings, "scheme": scheme, "activations": acts}))
+                                settings={**settings, "scheme": scheme, "activations": acts,
+                                          **({"note": note} if note else {})}))
         plan.advance()
     return arts
 
