@@ -68,6 +68,25 @@ def qat_form_exports(model, imgsz: int, calibration: list, work: Path) -> dict[s
             "kdctl openvino-int8 (QAT form)": work / "qat-form-ov" / "model.xml"}
 
 
+def detr_dense(run, imgsz: int, nc: int):
+    """Ultralytics' RT-DETR export returns (N, k, 6): normalised cx, cy, w, h, score, class. kdctl's evaluator takes
+    (N, 4 + nc, k) in pixels; the conversion is outside the timed call's model but inside this wrapper (a few
+    microseconds of NumPy, timed along, as a user's post-processing would be)."""
+    import numpy as np
+
+    def dense(x):
+        y = np.asarray(run(x), dtype=np.float32)
+        out = np.zeros((y.shape[0], 4 + nc, y.shape[1]), np.float32)
+        out[:, :4] = (y[..., :4] * imgsz).transpose(0, 2, 1)
+        cls = y[..., 5].astype(int).clip(0, nc - 1)
+        for i in range(y.shape[0]):
+            out[i, 4 + cls[i], np.arange(y.shape[1])] = y[i, :, 4]
+        return out
+
+    dense.fixed_batch = getattr(run, "fixed_batch", None)
+    return dense
+
+
 def ov_default(xml: Path, threads: int):
     """OpenVINO as Ultralytics' AutoBackend runs it: latency hint, the plugin's default precision."""
     import openvino as ov
@@ -106,8 +125,11 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
         for a in b.metrics["artifacts"]:
             ours[f"kdctl {a['name']}"] = (b.path / a["files"][0], a)
     ul = ultralytics_exports(src.file("weights"), imgsz, src.file("data"), work)
+    from kdctl.detectors import family
+
+    detr = family(load_detector(src.file("weights"))).__name__.endswith("rtdetr")
     calib_x = [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in ds.train_images[:calib]]
-    qat = qat_form_exports(load_detector(src.file("weights")), imgsz, calib_x, work)
+    qat = {} if detr else qat_form_exports(load_detector(src.file("weights")), imgsz, calib_x, work)
 
     model = load_detector(src.file("weights")).fuse()
     import torch
@@ -127,6 +149,8 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     for name, path in ul.items():
         runners[name] = onnxruntime_backend(path, threads=threads) if path.suffix == ".onnx" else ov_default(path, threads)
         precision[name] = getattr(runners[name], "precision", "fp32 (ORT)")
+        if detr:
+            runners[name] = detr_dense(runners[name], imgsz, len(ds.names))
 
     x = to_input([letterbox(load_rgb(ds.val_images[0]), imgsz)[0]])
     samples = {n: [] for n in runners}
@@ -194,6 +218,8 @@ def main() -> None:
     ap.add_argument("--student", default="runs/distill/quickstart")
     ap.add_argument("--large", default="runs/bench/large640",
                     help="a YOLOv8n bundle trained at 640 px (made from the quickstart teacher when missing)")
+    ap.add_argument("--rtdetr", default="runs/train/rtdetr-student",
+                    help="an RT-DETR bundle (made with recipes/rtdetr-student.yaml when missing)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=25)
     ap.add_argument("--calibration", type=int, default=64)
@@ -209,10 +235,16 @@ def main() -> None:
              "default, which is bf16 on this CPU. kdctl's OpenVINO IRs are converted from the traced PyTorch model. "
              "'QAT form' rows: the Q/DQ graph a quantization-aware trained student exports, with ranges calibrated "
              "but not trained (its latency is the QAT artifact's; its mAP is calibration-only).\n"]
-    for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n at 640 px", a.large, 640)):
+    for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n at 640 px", a.large, 640),
+                           ("RT-DETR (kdctl's tiny)", a.rtdetr, None)):
         bundle = ROOT / b
         if size == 640 and not (bundle / "manifest.json").is_file():
             large_model(bundle)
+        if b == a.rtdetr and not (bundle / "manifest.json").is_file():
+            from kdctl.recipe import load_recipe
+            from kdctl.training import run_training
+
+            run_training(load_recipe(ROOT / "recipes" / "rtdetr-student.yaml"), stage="train", out=bundle)
         if not (bundle / "manifest.json").is_file():
             print(f"skip {b}: run `make demo` first")
             continue
