@@ -267,6 +267,10 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     if stage == "distill":
         check_distillable(student0, f"student.model ('{student_ref.ref}')", source)
     fam = family(student0)
+    if recipe.distill.quantize and not fam.__name__.endswith(".yolo"):
+        raise RecipeError(f"{source}: distill.quantize: quantization-aware training is available for YOLO students; "
+                          f"student.model ('{student_ref.ref}') is an RT-DETR detector (export it with "
+                          "post-training INT8 instead)")
     setup = None
     if stage == "distill" and state != "finished":
         teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)

@@ -693,6 +693,13 @@ def _(c):
         ["student.model", "RT-DETR", "distill"]
 
 
+@case("train-qat-rtdetr-student")
+def _(c):
+    r = c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml")
+    r.write_text(r.read_text() + "distill: {quantize: int8}\n")
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["distill.quantize", "RT-DETR"]
+
+
 @case("distill-teacher-is-rtdetr")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, teacher="rtdetr-tiny.yaml")), "--out", str(c.tmp / "x")], 2, \
