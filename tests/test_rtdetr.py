@@ -139,3 +139,27 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     res = run.invoke(app, ["gate", str(tmp_path / "prof"), "--min-map", "0.0", "--out", str(tmp_path / "gate")])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.slow
+def test_rtdetr_resume_after_kill(tmp_path, tiny_data):
+    """SIGKILL after epoch 1 of 2, then --resume: Ultralytics' RT-DETR trainer continues, the bundle verifies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kdctl.bundle import load_bundle
+
+    r = tmp_path / "rt.yaml"
+    r.write_text(f"name: rt\nstudent: {{model: rtdetr-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 2, imgsz: 64, batch: 8}\n")
+    argv = ["train", str(r), "--out", str(tmp_path / "rt")]
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
+                       env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@1"}, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    res = CliRunner().invoke(app, [*argv, "--resume"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "rt", verify=True)
+    assert [e["epoch"] for e in b.metrics["epochs"]] == [1, 2]
+    assert not (tmp_path / ".rt.work").exists()
