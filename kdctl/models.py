@@ -12,7 +12,7 @@ ASSET_MODELS = Path(__file__).parent / "assets" / "models"
 
 @dataclass
 class ResolvedModel:
-    kind: str            # "yaml" | "checkpoint"
+    kind: str            # "yaml" | "checkpoint" | "torchvision"
     ref: str             # what Ultralytics is given: YAML path/name or .pt path
     sha256: str | None   # of the checkpoint file, when there is one
     bundle: object = None  # kdctl.bundle.Bundle when it came from one
@@ -21,6 +21,11 @@ class ResolvedModel:
 def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
     from kdctl.bundle import load_bundle, sha256_file
 
+    if spec.startswith("torchvision:"):
+        from kdctl.detectors.torchvision import builder_name
+
+        builder_name(spec, field, source)
+        return ResolvedModel("torchvision", spec, None)
     p = Path(spec)
     if p.is_dir():
         from kdctl.errors import BundleError
@@ -65,7 +70,7 @@ def _check_model_yaml(path: Path, field: str, source: str) -> None:
 
 def load_bundle_weights(bundle):
     """The FP32 eval-mode detector of a train/distill bundle (already verified); a broken file is one line."""
-    from kdctl.detectors.yolo import load_detector
+    from kdctl.detectors import load_detector
     from kdctl.errors import BundleError
 
     path = bundle.file("weights")
@@ -74,10 +79,17 @@ def load_bundle_weights(bundle):
     except Exception as e:
         raise BundleError(f"{path}: cannot load the model ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    from kdctl.detectors.yolo import check_family
-
     check_family(model, "weights", str(path))
     return model
+
+
+def check_family(model_or_cfg, field: str, source: str) -> None:
+    """A detection model of a family kdctl has (one line naming the field otherwise)."""
+    from kdctl.detectors import family
+    from kdctl.detectors.yolo import check_family as check_ultralytics
+
+    if not family(model_or_cfg).__name__.endswith(".torchvision"):
+        check_ultralytics(model_or_cfg, field, source)
 
 
 def model_classes(model) -> int:
@@ -89,8 +101,12 @@ def model_classes(model) -> int:
 
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
-    from kdctl.detectors.yolo import check_family, load_detector
+    from kdctl.detectors import load_detector
 
+    if resolved.kind == "torchvision":
+        from kdctl.detectors.torchvision import build_detector
+
+        return build_detector(resolved.ref, nc)
     if resolved.kind == "checkpoint":
         try:
             model = load_detector(resolved.ref)

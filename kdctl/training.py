@@ -259,9 +259,8 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.detectors import family
-    from kdctl.detectors.yolo import (DistillSetup, KDTrainer, check_distillable, library_output_to_stderr,
-                                      load_detector, save_checkpoint)
+    from kdctl.detectors import family, load_detector, save_checkpoint
+    from kdctl.detectors.yolo import DistillSetup, KDTrainer, check_distillable, library_output_to_stderr
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     if stage == "distill":

@@ -700,6 +700,19 @@ def _(c):
     return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["distill.quantize", "RT-DETR"]
 
 
+@case("train-torchvision-builder-does-not-exist")
+def _(c):
+    return ["train", str(c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_resnet9000_fpn'")), "--out",
+            str(c.tmp / "x")], 2, ["student.model", "fasterrcnn_resnet9000_fpn", "valid:"]
+
+
+@case("distill-torchvision-student")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'",
+                                         teacher="yolov8-tiny.yaml")), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "torchvision detector", "distill"]
+
+
 @case("distill-teacher-is-rtdetr")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, teacher="rtdetr-tiny.yaml")), "--out", str(c.tmp / "x")], 2, \

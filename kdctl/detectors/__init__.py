@@ -27,6 +27,11 @@ def family(model_or_cfg) -> ModuleType:
     RT-DETR head, else :mod:`.yolo` (which refuses other tasks with one line in ``check_family``)."""
     from kdctl.detectors import yolo
 
+    if (isinstance(model_or_cfg, str) and model_or_cfg.startswith("torchvision:")) or \
+            type(model_or_cfg).__name__ == "TorchvisionDetector":
+        from kdctl.detectors import torchvision
+
+        return torchvision
     try:
         head = yolo.head_name(model_or_cfg)
     except Exception:  # a YAML that does not parse: the YOLO builder reports it in one line
@@ -61,3 +66,21 @@ def align_outputs(model):
     """How to pair a runtime's outputs with PyTorch's before comparing them: ``None`` when every position means
     the same thing (YOLO's anchors), else a function reordering the candidate's queries (DETR-family)."""
     return getattr(family(model), "align_outputs", None)
+
+
+def load_detector(path):
+    """A trained detector of any family from a ``.pt`` file, FP32, eval mode."""
+    import torch
+
+    from kdctl.detectors import torchvision, yolo
+
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    if torchvision.is_checkpoint(ckpt):
+        return torchvision.from_checkpoint(ckpt)
+    return yolo.load_detector(path)
+
+
+def save_checkpoint(model, path, train_args: dict) -> None:
+    from kdctl.detectors import yolo
+
+    getattr(family(model), "save_checkpoint", yolo.save_checkpoint)(model, path, train_args)

@@ -299,6 +299,10 @@ def check_family(cfg_or_model, field: str, source: str) -> None:
 
 def check_distillable(cfg_or_model, field: str, source: str) -> None:
     """Distillation losses exist for YOLO detectors; refuse another family in one line that names the field."""
+    if type(cfg_or_model).__name__ == "TorchvisionDetector":
+        raise RecipeError(f"{source}: {field}: is a torchvision detector; kdctl trains, evaluates and exports it "
+                          "(`kdctl train`), but its distillation losses (RPN- and RoI-level KD) are not available "
+                          "yet: distill between YOLO detectors")
     if head_name(cfg_or_model) == "RTDETRDecoder":
         raise RecipeError(f"{source}: {field}: is an RT-DETR detector; kdctl trains, evaluates and exports RT-DETR "
                           "(`kdctl train`), but its distillation losses (query-, feature- and logit-level KD) are "

@@ -276,13 +276,33 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
     for prec in ("fp32", "fp16", "int8"):
         if f"openvino-{prec}" not in wanted:
             continue
-        from kdctl.detectors import export_module
+        from kdctl.detectors import export_module, family
         from kdctl.export.openvino import export_openvino, quantize_openvino_int8, source_name
 
-        module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
-        source = (module, x, preset.dynamic)
+        if getattr(family(model), "OPENVINO_FROM_ONNX", False):
+            source = root / "model-fp32.onnx"
+            if not source.is_file():
+                from kdctl.export.onnx import export_onnx
+
+                export_onnx(model, source, imgsz, opset=max(preset.opset, detectors_min_opset(model)),
+                            batch=preset.batch, dynamic=preset.dynamic)
+        else:
+            module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
+            source = (module, x, preset.dynamic)
         d = root / f"openvino-{prec}"
-        if prec == "int8":
+        if prec == "int8" and getattr(family(model), "OPENVINO_FROM_ONNX", False):
+            # NNCF cannot build its graph through the If/Loop subgraphs of a two-stage detector's post-processing:
+            # quantize the ONNX graph (Q/DQ, the same calibration) and let OpenVINO run its FakeQuantize pairs
+            from kdctl.export.quantize import quantize_onnx_int8
+
+            qdq = root / "openvino-int8.qdq.onnx"
+            try:
+                q = quantize_onnx_int8(source, qdq, calibration, keep_float, scheme="onnxruntime")
+                export_openvino(qdq, d, "int8")
+            finally:
+                qdq.unlink(missing_ok=True)
+            q = {**q, "tool": "onnxruntime quantize_static (Q/DQ) -> openvino", "converted_from": "onnx (Q/DQ)"}
+        elif prec == "int8":
             validation = None
             if options.max_map_drop is not None:
                 validation = (val_images, _map_validator(imgsz, names))
@@ -294,6 +314,12 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
         arts.append(_openvino_artifact(d, prec, preset, q))
         plan.advance()
     return arts
+
+
+def detectors_min_opset(model) -> int:
+    from kdctl.detectors import min_opset
+
+    return min_opset(model)
 
 
 def _openvino_artifact(d: Path, prec: str, preset: TargetPreset, settings: dict) -> Artifact:

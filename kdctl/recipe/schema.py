@@ -21,9 +21,11 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    """A detector: an Ultralytics model YAML name (``yolov8n.yaml``), a ``.pt`` file, or a bundle directory."""
+    """A detector: an Ultralytics model YAML name (``yolov8n.yaml``), a ``.pt`` file, a bundle directory, or a
+    torchvision builder (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, built without weights)."""
 
-    model: str = Field(description="Model YAML name/path, .pt checkpoint path, or a kdctl bundle directory")
+    model: str = Field(description="Model YAML name/path, .pt checkpoint path, kdctl bundle directory, or "
+                                   "torchvision:<builder>")
     nc: int | None = Field(None, ge=1, description="Override the class count (defaults to the dataset's)")
 
     @field_validator("model")
@@ -34,7 +36,10 @@ class ModelSpec(Strict):
             raise ValueError("must not be empty")
         if v.endswith((".yaml", ".yml", ".pt", ".pth")) or "/" in v or "\\" in v or v in (".", ".."):
             return v
-        raise ValueError(f"'{v}' is not a model YAML (.yaml), a checkpoint (.pt) or a bundle directory")
+        if v.startswith("torchvision:"):
+            return v
+        raise ValueError(f"'{v}' is not a model YAML (.yaml), a checkpoint (.pt), a bundle directory or a "
+                         "torchvision builder (torchvision:fasterrcnn_mobilenet_v3_large_320_fpn)")
 
 
 class SyntheticData(Strict):

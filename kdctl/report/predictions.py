@@ -13,7 +13,7 @@ def prediction_grid(models: list[tuple[str, Path]], images: list[Path], names: l
     """One row per image, one column per model (``(label, weights.pt)``); detections above ``conf``."""
     from PIL import Image, ImageDraw
 
-    from kdctl.detectors.yolo import load_detector
+    from kdctl.detectors import load_detector
     from kdctl.evaluate import torch_backend
     from kdctl.evaluate.predict import load_rgb, predict_images
 

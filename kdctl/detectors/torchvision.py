@@ -1,0 +1,296 @@
+"""torchvision's two-stage detectors (Faster R-CNN) as a kdctl detector family: built with ``weights=None`` (nothing is
+downloaded), trained by kdctl's own loop in the style of torchvision's ``references/detection/engine.py``, evaluated,
+exported to ONNX (post-processing in the graph, fixed input size) and OpenVINO, profiled. Their RPN/RoI-level
+distillation comes later; ``distill`` refuses them in one line.
+
+A recipe names a builder as ``torchvision:<name>`` (e.g. ``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``).
+The model sees the same letterboxed ``imgsz`` canvases as every kdctl detector (its own resize is pinned to
+``imgsz``), and :class:`TorchvisionDetector` returns kdctl's dense layout in eval mode: ``(N, 4 + nc, K)`` with
+``cx, cy, w, h`` in input pixels and one score per class (the detection's class), K = 100 detections padded with
+zeros.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PREFIX = "torchvision:"
+BUILDERS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
+            "fasterrcnn_resnet50_fpn_v2")
+DETECTIONS = 100
+FAMILY = "torchvision"
+MIN_OPSET = 11
+OPENVINO_FROM_ONNX = True  # the traced PyTorch route does not carry the data-dependent post-processing
+
+
+def builder_name(ref: str, field: str = "model", source: str = "recipe") -> str:
+    from kdctl.errors import RecipeError
+
+    name = ref[len(PREFIX):] if ref.startswith(PREFIX) else ref
+    if name not in BUILDERS:
+        raise RecipeError(f"{source}: {field}: '{name}' is not a torchvision detector kdctl builds; valid: "
+                          f"{', '.join(PREFIX + b for b in BUILDERS)}")
+    return name
+
+
+class TorchvisionDetector(nn.Module):
+    """A torchvision detection model with what kdctl needs beside it (builder, classes, input size); in eval mode
+    ``forward`` returns the dense ``(N, 4 + nc, K)`` layout, in train mode torchvision's loss dict."""
+
+    def __init__(self, builder: str, nc: int, imgsz: int, names: dict | None = None):
+        super().__init__()
+        from torchvision.models import detection
+
+        self.builder, self.nc, self.imgsz = builder, nc, imgsz
+        self.names = names or {i: str(i) for i in range(nc)}
+        self.stride = torch.tensor([32.0])
+        self.net = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=nc + 1,
+                                               min_size=imgsz, max_size=imgsz, box_score_thresh=0.001,
+                                               box_detections_per_img=DETECTIONS)
+
+    def forward(self, x: torch.Tensor, targets: list[dict] | None = None):
+        if self.training:
+            return self.net(list(x.unbind(0)), targets)
+        return torch.stack([self._dense(o) for o in self.net(list(x.unbind(0)))])
+
+    def _dense(self, o: dict) -> torch.Tensor:
+        b, s = o["boxes"], o["scores"]
+        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+        scores = nn.functional.one_hot(o["labels"] - 1, self.nc).to(s.dtype) * s[:, None]
+        d = torch.cat([cxcywh, scores], 1)
+        return torch.cat([d, d.new_zeros(DETECTIONS, 4 + self.nc)], 0)[:DETECTIONS].T
+
+    def checkpoint(self, **extra) -> dict:
+        return {"kdctl_family": FAMILY, "builder": self.builder, "nc": self.nc, "imgsz": self.imgsz,
+                "names": self.names, "model_state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                **extra}
+
+
+def is_checkpoint(ckpt) -> bool:
+    return isinstance(ckpt, dict) and ckpt.get("kdctl_family") == FAMILY
+
+
+def from_checkpoint(ckpt: dict) -> TorchvisionDetector:
+    m = TorchvisionDetector(ckpt["builder"], int(ckpt["nc"]), int(ckpt["imgsz"]), ckpt.get("names"))
+    m.load_state_dict(ckpt["model_state"])
+    return m.float().eval()
+
+
+def build_detector(cfg: str, nc: int, imgsz: int = 320) -> TorchvisionDetector:
+    return TorchvisionDetector(builder_name(str(cfg)), nc, imgsz).eval()
+
+
+def plain_student(model: nn.Module) -> nn.Module:
+    return model.float().eval()
+
+
+def save_checkpoint(model: TorchvisionDetector, path: Path, train_args: dict) -> None:
+    torch.save(model.checkpoint(epoch=-1, train_args=train_args), path)
+
+
+def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool = False,
+                  fmt: str = "onnx") -> tuple[nn.Module, torch.Tensor]:
+    """A copy at this input size, eval mode, no gradients (post-processing stays in the graph; fixed size)."""
+    import copy
+
+    m = copy.deepcopy(model).float().eval()
+    m.imgsz = imgsz
+    m.net.transform.min_size, m.net.transform.max_size = (imgsz,), imgsz
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m, torch.zeros(batch, 3, imgsz, imgsz)
+
+
+def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[str]:
+    """INT8 quantizes the backbone (and FPN) convolutions only; the RPN, RoI heads and the post-processing (box
+    decoding, NMS, RoIAlign) stay in float."""
+    keep_quant = ("backbone",)
+    return [n for n, _ in nodes if not any(f"/{k}/" in n or f".{k}." in n for k in keep_quant)]
+
+
+def align_outputs(reference, candidate):
+    """Detections are a set (NMS order can change with float rounding): pair them as RT-DETR's queries are."""
+    from kdctl.detectors.rtdetr import align_outputs as detr_align
+
+    return detr_align(reference, candidate)
+
+
+# ---- training: kdctl's own loop, in the shape of torchvision's references/detection/engine.py ----------------------
+
+class _Images(torch.utils.data.Dataset):
+    """Letterboxed RGB canvases in 0..1 and their boxes (xyxy, canvas pixels) with labels 1..nc (0 = background)."""
+
+    def __init__(self, images: list[Path], imgsz: int, augment: bool):
+        self.images, self.imgsz, self.augment = images, imgsz, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from kdctl.evaluate.predict import letterbox, load_rgb, read_labels
+
+        img = load_rgb(self.images[i])
+        canvas, r, (left, top) = letterbox(img, self.imgsz)
+        gt = read_labels(self.images[i], img.shape[:2])
+        boxes = torch.as_tensor(gt.boxes, dtype=torch.float32).reshape(-1, 4) * r
+        boxes[:, [0, 2]] += left
+        boxes[:, [1, 3]] += top
+        x = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))).float() / 255.0
+        if self.augment and random.random() < 0.5:  # horizontal flip
+            x = x.flip(-1)
+            boxes[:, [0, 2]] = self.imgsz - boxes[:, [2, 0]]
+        keep = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
+        return x, {"boxes": boxes[keep], "labels": torch.as_tensor(gt.classes, dtype=torch.int64)[keep] + 1}
+
+
+def _collate(batch):
+    xs, ts = zip(*batch)
+    return torch.stack(xs), list(ts)
+
+
+class Trainer:
+    """Train a :class:`TorchvisionDetector`: SGD (momentum 0.9) or AdamW, linear warm-up, linear decay, gradient
+    clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set after each epoch, ``last.pt`` /
+    ``best.pt`` and ``results.csv`` in ``project/name`` (the files and callbacks kdctl's training stage reads from
+    Ultralytics' trainer), resume from ``last.pt``."""
+
+    EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_model_save", "on_fit_epoch_end")
+
+    def __init__(self, overrides: dict):
+        self.callbacks = {e: [] for e in self.EVENTS}
+        self.resume_from = overrides.get("resume")
+        ckpt = None
+        if self.resume_from:
+            ckpt = torch.load(self.resume_from, map_location="cpu", weights_only=False)
+            overrides = {**ckpt["train_args"], **{k: v for k, v in overrides.items() if k != "resume"}}
+        self.args = dict(overrides)
+        self.save_dir = Path(self.args["project"]) / self.args["name"]
+        self.epochs, self.imgsz = int(self.args["epochs"]), int(self.args["imgsz"])
+        self.device = torch.device("cuda" if str(self.args.get("device", "cpu")) not in ("cpu", "") and
+                                   torch.cuda.is_available() else "cpu")
+        from kdctl.data.resolve import load_yolo_yaml
+
+        self.data = load_yolo_yaml(self.args["data"], skip_invalid=True)
+        names = {i: n for i, n in enumerate(self.data.names)}
+        ref = str(self.args["model"])
+        if ref.startswith(PREFIX):
+            self.model = TorchvisionDetector(builder_name(ref), len(names), self.imgsz, names)
+        else:  # a kdctl torchvision checkpoint: fine-tune it
+            self.model = from_checkpoint(torch.load(ref, map_location="cpu", weights_only=False))
+            self.model.names = names
+        self.start_epoch, self.best, self.ckpt = 0, -1.0, ckpt
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model_state"])
+            self.start_epoch, self.best = int(ckpt["epoch"]) + 1, float(ckpt.get("best_fitness", -1))
+        self.model.to(self.device)
+        self.epoch, self.loss, self.loss_items, self.metrics, self.train_loader = 0, None, {}, {}, None
+
+    def add_callback(self, event: str, fn) -> None:
+        self.callbacks[event].append(fn)
+
+    def _run(self, event: str) -> None:
+        for fn in self.callbacks[event]:
+            fn(self)
+
+    def _optimizer(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = float(self.args.get("lr0", 0.01))
+        if str(self.args.get("optimizer", "auto")) in ("AdamW", "Adam"):
+            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+    def train(self) -> None:
+        seed = int(self.args.get("seed", 0))
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.train_loader = torch.utils.data.DataLoader(
+            _Images(self.data.train_images, self.imgsz, augment=True), batch_size=int(self.args.get("batch", 8)),
+            shuffle=True, collate_fn=_collate, num_workers=int(self.args.get("workers", 0)), generator=g)
+        opt = self._optimizer()
+        if self.ckpt is not None and self.ckpt.get("optimizer"):
+            opt.load_state_dict(self.ckpt["optimizer"])
+        warmup = max(1, round(float(self.args.get("warmup_epochs", 1.0)) * len(self.train_loader)))
+        total = self.epochs * len(self.train_loader)
+        lr0 = float(self.args.get("lr0", 0.01))
+        self.save_dir.joinpath("weights").mkdir(parents=True, exist_ok=True)
+        self._run("on_train_start")
+        for self.epoch in range(self.start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            self._run("on_train_epoch_start")
+            sums = self._train_one_epoch(opt, warmup, total, lr0)
+            self.metrics = self._validate()
+            fitness = self.metrics["metrics/mAP50-95(B)"]
+            self._log(sums, time.perf_counter() - t0)
+            self._save(opt, fitness)
+            self._run("on_fit_epoch_end")
+
+    def _train_one_epoch(self, opt, warmup: int, total: int, lr0: float) -> dict:
+        self.model.train()
+        sums: dict[str, float] = {}
+        for i, (x, targets) in enumerate(self.train_loader):
+            step = self.epoch * len(self.train_loader) + i
+            scale = min(1.0, (step + 1) / warmup) * max(0.01, 1 - step / total)
+            for group in opt.param_groups:
+                group["lr"] = lr0 * scale
+            x = x.to(self.device)
+            targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            losses = self.model(x, targets)
+            loss = sum(losses.values())
+            self.loss = loss.detach().view(1)
+            self.loss_items = {k: v.detach() for k, v in losses.items()}
+            if not math.isfinite(float(loss)):
+                self._run("on_train_batch_end")  # kdctl's callback stops the run with a one-line error
+                raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}")
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            opt.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            self._run("on_train_batch_end")
+        return {k: v / max(1, len(self.train_loader)) for k, v in sums.items()}
+
+    def _validate(self) -> dict:
+        from kdctl.evaluate import evaluate_backend, torch_backend
+
+        m = evaluate_backend(torch_backend(self.model, device=str(self.device)), self.data.val_images,
+                             self.data.names, self.imgsz)
+        return {"metrics/mAP50-95(B)": m["map50_95"], "metrics/mAP50(B)": m["map50"]}
+
+    def _log(self, sums: dict, seconds: float) -> None:
+        row = {"epoch": self.epoch + 1, "time": round(seconds, 3), **{f"train/{k}": round(v, 5) for k, v in sums.items()},
+               **{k: round(v, 5) for k, v in self.metrics.items()}}
+        path = self.save_dir / "results.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _save(self, opt, fitness: float) -> None:
+        args = {k: v for k, v in self.args.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        state = {"epoch": self.epoch, "best_fitness": max(self.best, fitness), "train_args": args,
+                 "optimizer": opt.state_dict()}
+        weights = self.save_dir / "weights"
+        tmp = weights / "last.pt.tmp"
+        torch.save(self.model.checkpoint(**state), tmp)
+        tmp.replace(weights / "last.pt")
+        if fitness >= self.best:
+            self.best = fitness
+            torch.save(self.model.checkpoint(**{**state, "optimizer": None}), weights / "best.pt.tmp")
+            (weights / "best.pt.tmp").replace(weights / "best.pt")
+        self._run("on_model_save")
+
+
+def trainer(overrides: dict, callbacks=None) -> Trainer:
+    return Trainer(overrides)
+
