@@ -51,6 +51,28 @@ def test_bad_layer_index_is_a_recipe_error(v8n, tiny):
         build_criterion(tiny, v8n, [LossSpec(name="cwd", student_layers=[22], teacher_layers=[22])], None, 128)
 
 
+def test_layers_by_module_path(v8n, tiny):
+    """Taps by module path reach inside a layer (the first bottleneck of C2f 6), mixed with indices; the KD term
+    sees exactly those modules' outputs; a path that is not there is one line naming the field."""
+    from kdctl.distill.criterion import DistillContext
+    from kdctl.distill.taps import FeatureTaps
+
+    spec = LossSpec(name="fitnet", student_layers=["model.6.m.0", 9], teacher_layers=["model.6.m.0", "model.9"])
+    crit = build_criterion(tiny, v8n, [spec], None, 128)
+    term = crit.terms[0]
+    assert term.s_layers == ["model.6.m.0", 9] and term.t_layers == ["model.6.m.0", "model.9"]
+    x = torch.rand(2, 3, 128, 128)
+    with FeatureTaps(tiny, crit.student_layers()) as st, FeatureTaps(v8n, crit.teacher_layers()) as tt:
+        tiny.predict(x)
+        v8n.predict(x)
+    assert st.outputs["model.6.m.0"].shape[-1] == 128 // 16 and tt.outputs["model.9"].shape[-1] == 128 // 32
+    kd = crit(st.outputs, tt.outputs, DistillContext(imgsz=128), 1.0)
+    assert float(kd["fitnet"]) > 0
+    with pytest.raises(RecipeError, match=r"distill.losses\[0\].teacher_layers: no module 'model.6.m.7'"):
+        build_criterion(tiny, v8n, [LossSpec(name="fitnet", student_layers=["model.6"], teacher_layers=["model.6.m.7"])],
+                        None, 128)
+
+
 def test_cross_family_pair_yolo11_teacher(tiny):
     """YOLO11n teacher -> tiny YOLOv8 student: neck and head losses pair level by level through adapters."""
     y11 = build_detector("yolo11n.yaml", nc=3)

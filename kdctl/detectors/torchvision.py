@@ -174,8 +174,17 @@ class Trainer:
         self.args = dict(overrides)
         self.save_dir = Path(self.args["project"]) / self.args["name"]
         self.epochs, self.imgsz = int(self.args["epochs"]), int(self.args["imgsz"])
-        self.device = torch.device("cuda" if str(self.args.get("device", "cpu")) not in ("cpu", "") and
-                                   torch.cuda.is_available() else "cpu")
+        device = str(self.args.get("device", "cpu"))
+        if device not in ("cpu", "") and not torch.cuda.is_available():
+            from kdctl.errors import KdctlError
+
+            raise KdctlError(f"train.device: '{device}' asks for a CUDA GPU, and none is available here; use 'cpu'")
+        if "," in device:
+            from kdctl.errors import KdctlError
+
+            raise KdctlError(f"train.device: '{device}': the torchvision family trains on one device")
+        self.device = torch.device("cpu" if device in ("cpu", "") else
+                                   f"cuda:{device}" if device.isdigit() else "cuda")
         from kdctl.data.resolve import load_yolo_yaml
 
         self.data = load_yolo_yaml(self.args["data"], skip_invalid=True)

@@ -119,8 +119,8 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
         plans.append((i, spec, entry, s_layers, t_layers))
 
-    s_all = sorted({j for p in plans for j in p[3]})
-    t_all = sorted({j for p in plans for j in p[4]})
+    s_all = sorted({j for p in plans for j in p[3]}, key=str)
+    t_all = sorted({j for p in plans for j in p[4]}, key=str)
     dev = next(student.parameters()).device
     x = torch.zeros(2, 3, imgsz, imgsz, device=dev)
     was = student.training

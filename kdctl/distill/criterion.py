@@ -82,10 +82,10 @@ class DistillationCriterion(nn.Module):
         return [t.name for t in self.terms]
 
     def student_layers(self) -> list[int]:
-        return sorted({i for t in self.terms for i in t.s_layers})
+        return sorted({i for t in self.terms for i in t.s_layers}, key=str)
 
     def teacher_layers(self) -> list[int]:
-        return sorted({i for t in self.terms for i in t.t_layers})
+        return sorted({i for t in self.terms for i in t.t_layers}, key=str)
 
     def _balance_scales(self, task_loss: float, raw: list[torch.Tensor]) -> list[float]:
         import statistics

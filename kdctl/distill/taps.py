@@ -43,7 +43,8 @@ def backbone_layers(model: nn.Module, imgsz: int = 256) -> list[int]:
 
 
 def resolve_layers(model: nn.Module, layers, role_default: str, imgsz: int) -> list[int]:
-    """Turn a recipe's ``layers`` (indices, a role, or None) into layer indices of ``model``."""
+    """Turn a recipe's ``layers`` (indices, module paths, a role, or None) into tap keys of ``model``: layer
+    indices, and module paths kept as given."""
     n = len(model.model)
     role = layers if isinstance(layers, str) else (role_default if layers is None else None)
     if role == "neck":
@@ -54,10 +55,25 @@ def resolve_layers(model: nn.Module, layers, role_default: str, imgsz: int) -> l
         return backbone_layers(model, imgsz)
     if role is not None:
         raise ValueError(f"unknown role '{role}'; valid: backbone, neck, head")
-    bad = [i for i in layers if not -n <= i < n]
-    if bad:
-        raise IndexError(f"layer {bad[0]} is out of range: the model has {n} layers (0..{n - 1})")
-    return [i % n for i in layers]
+    out = []
+    for i in layers:
+        if isinstance(i, str):  # a module path: any submodule, e.g. model.6.m.0 (a bottleneck inside a C2f)
+            try:
+                model.get_submodule(i)
+            except AttributeError:
+                raise ValueError(f"no module '{i}' in {type(model).__name__}; module paths look like model.4 or "
+                                 f"model.6.m.0 (layers model.0..model.{n - 1})") from None
+            out.append(i)
+        elif not -n <= i < n:
+            raise IndexError(f"layer {i} is out of range: the model has {n} layers (0..{n - 1})")
+        else:
+            out.append(i % n)
+    return out
+
+
+def tap_module(model: nn.Module, layer) -> nn.Module:
+    """The module a layer key names: an index into the layer list, or a module path."""
+    return model.get_submodule(layer) if isinstance(layer, str) else model.model[layer]
 
 
 def head_outputs(out) -> dict:
@@ -75,13 +91,13 @@ class FeatureTaps:
     """``with FeatureTaps(model, [4, 6, 9]) as taps: model(x)`` then ``taps.outputs[4]`` etc."""
 
     def __init__(self, model: nn.Module, layers):
-        self.model, self.layers = model, sorted(set(layers))
+        self.model, self.layers = model, sorted(set(layers), key=str)
         self.outputs: dict[int, object] = {}
         self._handles: list = []
 
     def __enter__(self) -> "FeatureTaps":
         for i in self.layers:
-            self._handles.append(self.model.model[i].register_forward_hook(self._hook(i)))
+            self._handles.append(tap_module(self.model, i).register_forward_hook(self._hook(i)))
         return self
 
     def _hook(self, i):

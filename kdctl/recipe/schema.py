@@ -117,13 +117,25 @@ class LossSpec(Strict):
     name: str = Field(description="A registered loss name; `kdctl list losses` shows them")
     level: Literal["backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit"] | None = Field(
         None, description="Taxonomy level; defaults to the loss's own level")
-    student_layers: list[int] | Literal["backbone", "neck", "head"] | None = Field(
-        None, description="Layer indices of the student, or a role; defaults from the level")
-    teacher_layers: list[int] | Literal["backbone", "neck", "head"] | None = Field(
-        None, description="Layer indices of the teacher, or a role; defaults from the level")
+    student_layers: list[int | str] | Literal["backbone", "neck", "head"] | None = Field(
+        None, description="Layers of the student: indices into the layer list (4), module paths (model.6.m.0), "
+                          "or a role; defaults from the level")
+    teacher_layers: list[int | str] | Literal["backbone", "neck", "head"] | None = Field(
+        None, description="Layers of the teacher: indices, module paths, or a role; defaults from the level")
     weight: float = Field(1.0, ge=0, le=1e6)
     params: dict[str, float | int | bool | str] = Field(default_factory=dict,
                                                        description="Loss-specific parameters (e.g. tau)")
+
+
+    @field_validator("student_layers", "teacher_layers")
+    @classmethod
+    def _paths(cls, v):
+        import re
+
+        for x in v if isinstance(v, list) else []:
+            if isinstance(x, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", x):
+                raise ValueError(f"'{x}' is neither a layer index nor a module path like model.6.m.0")
+        return v
 
 
 class DistillSpec(Strict):
