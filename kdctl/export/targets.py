@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kdctl.errors import RecipeError
-from kdctl.recipe.loader import read_yaml, validate
+from kdctl.recipe.validation import read_yaml, validate
 from kdctl.recipe.schema import ARTIFACTS, Strict
 def _targets_dir() -> Path:
     """The source tree's deploy/targets, else the copy a wheel install puts under <prefix>/share/kdctl."""

@@ -1,0 +1,95 @@
+"""Reading YAML and validating it against a pydantic model, every problem as one line naming the file and field.
+Shared by recipes (:mod:`kdctl.recipe.loader`) and target presets (:mod:`kdctl.export.targets`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kdctl.errors import RecipeError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("list[int]", "literal['backbone','neck','head']", "function-after[_exactly_one(), DataSpec]",
+                   "int", "str"):
+            continue  # union-branch tags pydantic adds; they are not fields the user wrote
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "<root>"
+
+
+def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The most useful error: unknown fields list the valid ones; union noise is collapsed."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p)))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(model, loc[:-1])
+        msg = f"unknown field '{loc[-1]}'" + (f"; valid fields: {', '.join(fields)}" if fields else "")
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "literal_error":
+        msg = f"got {err.get('input')!r}; {msg[0].lower()}{msg[1:]}"
+    return f"{_field_path(loc)}: {msg}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model reached by ``loc`` (list indices skipped)."""
+    current: Any = model
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or p not in fields:
+            return []
+        ann = fields[p].annotation
+        current = _model_in(ann)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        found = _model_in(a)
+        if found is not None:
+            return found
+    return None
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+
+
+def validate(data: Any, model: type[M], source: str) -> M:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_first_error(e, model)}") from None
