@@ -255,7 +255,7 @@ class Trainer:
             loss = sum(losses.values())
             self.loss = loss.detach().view(1)
             self.loss_items = {k: v.detach() for k, v in losses.items()}
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 self._run("on_train_batch_end")  # kdctl's callback stops the run with a one-line error
                 raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}")
             opt.zero_grad()

@@ -121,8 +121,45 @@ def _source_weights(src: Bundle) -> Path:
 
 def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
              e2e_runs, pytorch, out: Path, overwrite: bool, progress) -> Bundle:
-    from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
+    """Options were checked by the caller; here: which artifacts run here -> time each -> write the bundle."""
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
 
+    usable, skipped = _runnable(src, artifacts, runtime, pytorch, device)
+    imgsz = int(src.metrics["imgsz"])
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    images, input_kind = _inputs(src, imgsz, e2e_runs)
+    if images:
+        x = to_input([letterbox(load_rgb(images[0]), imgsz)[0]])
+    else:
+        x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+
+    bar = Step(progress, "profile", total=len(usable))
+    results, raw = [], {}
+    for a in usable:
+        bar.describe(f"profile {a['name']}")
+        result, raw[a["name"]] = _profile_one(src, a, x, images, imgsz, threads, device, warmup, runs, duration_s,
+                                              e2e_runs, throughput_batch)
+        results.append(result)
+        bar.advance()
+
+    settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads, "batch": 1,
+                "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
+    with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,
+                      inputs={"export": str(src.path), "settings": settings}) as w:
+        w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
+                          "results": results, "skipped": skipped,
+                          "model": {k: src.metrics.get(k) for k in ("params", "gflops")},
+                          "pytorch_fp32_map50_95": reference_metrics(src.metrics).get("map50_95")})
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
+        (w.path / "latencies.json").write_text(json.dumps(raw))
+        w.add_output("metrics", "metrics.json")
+        w.add_output("latencies", "latencies.json")
+    return w.bundle
+
+
+def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tuple[list[dict], dict]:
+    """The export's artifacts to profile (device-built engines included, filtered by ``--artifact``/``--runtime``,
+    the PyTorch reference first when asked) that can run here, and why the others cannot."""
     arts = []
     for a in src.metrics.get("artifacts", []):
         if not a["files"] and a["format"] == "tensorrt" and (src.path / f"model-{a['precision']}.engine").is_file():
@@ -161,79 +198,59 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         (usable.append(a) if ok else skipped.__setitem__(a["name"], why))
     if not usable:
         raise BackendUnavailable(f"{src.path}: no artifact can run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none exported'})")
+    return usable, skipped
 
-    imgsz = int(src.metrics["imgsz"])
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    images, input_kind = _inputs(src, imgsz, e2e_runs)
-    if images:
-        x = to_input([letterbox(load_rgb(images[0]), imgsz)[0]])
-    else:
-        x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
 
-    bar = Step(progress, "profile", total=len(usable))
-    results, raw = [], {}
+def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, threads: int, device: str,
+                 warmup: int, runs: int, duration_s, e2e_runs: int, throughput_batch: int) -> tuple[dict, list]:
+    """Latency (model only), end to end on real images, throughput, memory, size and power of one artifact."""
     from kdctl.profile.power import PowerSampler
 
-    for a in usable:
-        bar.describe(f"profile {a['name']}")
-        run = _open_runner(src.path, a, threads, device)
-        rss_loaded = _rss_mb()
-        with PowerSampler() as power:
-            t0 = time.perf_counter()
-            samples, parts = _timed(run, x, warmup, runs, duration_s)
-            wall = time.perf_counter() - t0
-        stats = LatencyStats.from_ms(samples)
-        raw[a["name"]] = samples
-        # End to end on real images: decode + letterbox, model, NMS, each timed.
-        pre, model_ms, post = [], [], []
-        for i in range(e2e_runs):
-            t0 = time.perf_counter_ns()
-            if images:
-                img = load_rgb(images[i % len(images)])
-                xi = to_input([letterbox(img, imgsz)[0]])
-            else:
-                xi = x
-            t1 = time.perf_counter_ns()
-            y = run(xi)
-            t2 = time.perf_counter_ns()
-            postprocess(np.asarray(y)[:1])
-            t3 = time.perf_counter_ns()
-            pre.append((t1 - t0) / 1e6), model_ms.append((t2 - t1) / 1e6), post.append((t3 - t2) / 1e6)
-        e2e = {"preprocess": LatencyStats.from_ms(pre).to_dict(), "model": LatencyStats.from_ms(model_ms).to_dict(),
-               "postprocess_nms": LatencyStats.from_ms(post).to_dict(),
-               "total": LatencyStats.from_ms([p + m + q for p, m, q in zip(pre, model_ms, post)]).to_dict()}
-        tp = _throughput(run, x, throughput_batch, stats)
-        size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
-        info = dict(getattr(run, "info", {}))
-        energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
-        results.append({
-            "artifact": a["name"], "format": a["format"], "precision": a["precision"], "runtime": info,
-            "latency_ms": stats.to_dict(), "latency_is": "gpu_compute" if parts else "host_wall",
-            "latency_parts_ms": {k: LatencyStats.from_ms(v).to_dict() for k, v in parts.items()},
-            "end_to_end_ms": e2e, "throughput": tp,
-            "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
-                       "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(run, device)},
-            "size_mb": round(size_mb, 3), "map50_95": (a.get("metrics") or {}).get("map50_95"),
-            "map50": (a.get("metrics") or {}).get("map50"),
-            "power_mw": power.mean_mw, "power_rail": power.rail, "energy_mj_per_image": energy,
-            "timed_runs": stats.n, "timed_wall_s": round(wall, 3),
-        })
-        del run
-        bar.advance()
+    run = _open_runner(src.path, a, threads, device)
+    rss_loaded = _rss_mb()
+    with PowerSampler() as power:
+        t0 = time.perf_counter()
+        samples, parts = _timed(run, x, warmup, runs, duration_s)
+        wall = time.perf_counter() - t0
+    stats = LatencyStats.from_ms(samples)
+    e2e = _end_to_end(run, x, images, imgsz, e2e_runs)
+    tp = _throughput(run, x, throughput_batch, stats)
+    size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
+    info = dict(getattr(run, "info", {}))
+    energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
+    result = {
+        "artifact": a["name"], "format": a["format"], "precision": a["precision"], "runtime": info,
+        "latency_ms": stats.to_dict(), "latency_is": "gpu_compute" if parts else "host_wall",
+        "latency_parts_ms": {k: LatencyStats.from_ms(v).to_dict() for k, v in parts.items()},
+        "end_to_end_ms": e2e, "throughput": tp,
+        "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
+                   "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(run, device)},
+        "size_mb": round(size_mb, 3), "map50_95": (a.get("metrics") or {}).get("map50_95"),
+        "map50": (a.get("metrics") or {}).get("map50"),
+        "power_mw": power.mean_mw, "power_rail": power.rail, "energy_mj_per_image": energy,
+        "timed_runs": stats.n, "timed_wall_s": round(wall, 3),
+    }
+    del run
+    return result, samples
 
-    settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads, "batch": 1,
-                "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
-    with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,
-                      inputs={"export": str(src.path), "settings": settings}) as w:
-        w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
-                          "results": results, "skipped": skipped,
-                          "model": {k: src.metrics.get(k) for k in ("params", "gflops")},
-                          "pytorch_fp32_map50_95": reference_metrics(src.metrics).get("map50_95")})
-        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
-        (w.path / "latencies.json").write_text(json.dumps(raw))
-        w.add_output("metrics", "metrics.json")
-        w.add_output("latencies", "latencies.json")
-    return w.bundle
+
+def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int) -> dict:
+    """Decode + letterbox, model, NMS on real images, each timed."""
+    from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
+
+    pre, model_ms, post = [], [], []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        xi = to_input([letterbox(load_rgb(images[i % len(images)]), imgsz)[0]]) if images else x
+        t1 = time.perf_counter_ns()
+        y = run(xi)
+        t2 = time.perf_counter_ns()
+        postprocess(np.asarray(y)[:1])
+        t3 = time.perf_counter_ns()
+        pre.append((t1 - t0) / 1e6), model_ms.append((t2 - t1) / 1e6), post.append((t3 - t2) / 1e6)
+    return {"preprocess": LatencyStats.from_ms(pre).to_dict(), "model": LatencyStats.from_ms(model_ms).to_dict(),
+            "postprocess_nms": LatencyStats.from_ms(post).to_dict(),
+            "total": LatencyStats.from_ms([p + m + q for p, m, q in zip(pre, model_ms, post)]).to_dict()}
 
 
 def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
