@@ -81,7 +81,7 @@ def main() -> int:
     from kdctl.export.base import reference_metrics
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.export.tensorrt import build_engine
-    from kdctl.profile.runners import TensorRTRunner
+    from kdctl.runtimes.tensorrt import TensorRTRunner
 
     work = Path(tempfile.mkdtemp(prefix="kdctl-trt-"))
     src = args.bundle or _student(work)

@@ -35,3 +35,15 @@ def test_the_check_sees_an_offender(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from ultralytics.nn.tasks import DetectionModel\n    import torchvision.models.detection\n")
     assert "ultralytics.nn.tasks" in _imports(f) and "torchvision.models.detection" in _imports(f)
+
+
+def test_export_and_profile_meet_only_in_the_runtimes_registry():
+    """kdctl export writes artifacts and kdctl profile times them; both open them through kdctl.runtimes, and neither
+    imports the other (a device installs the profiler without the exporter's dependencies)."""
+    offenders = []
+    for stage, other in (("export", "kdctl.profile"), ("profile", "kdctl.export"), ("runtimes", "kdctl.export"),
+                         ("runtimes", "kdctl.profile")):
+        for py in sorted((PKG / stage).rglob("*.py")):
+            offenders += [f"{py.relative_to(PKG.parent)}: {n}" for n in _imports(py)
+                          if n == other or n.startswith(other + ".")]
+    assert offenders == []

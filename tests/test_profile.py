@@ -91,7 +91,7 @@ def test_pytorch_cuda_runner_matches_cpu(trained_bundle):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from kdctl.profile.runners import pytorch_runner
+    from kdctl.runtimes.pytorch import pytorch_runner
 
     x = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
     cpu = pytorch_runner(trained_bundle / "weights.pt", 1, "cpu")(x)

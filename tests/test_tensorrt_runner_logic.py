@@ -127,9 +127,9 @@ def fake_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cuda", cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", bindings.runtime)
-    import kdctl.profile.runners as runners
+    import kdctl.runtimes.tensorrt as trt_runtime
 
-    monkeypatch.setattr(runners, "runtime_available", lambda name: (True, ""))
+    monkeypatch.setattr(trt_runtime, "tensorrt_status", lambda: (True, ""))
 
     def engine(name, *args):
         engines[name.encode()] = _Engine(*args)
@@ -142,7 +142,7 @@ def fake_tensorrt(monkeypatch, tmp_path):
 
 
 def test_static_engine_runs_checks_shapes_and_times_each_part(fake_tensorrt):
-    from kdctl.profile.runners import TensorRTRunner
+    from kdctl.runtimes.tensorrt import TensorRTRunner
 
     run = TensorRTRunner(fake_tensorrt("static", (1, 3, 4, 4), (1, 7, 2)))
     x = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
@@ -160,7 +160,7 @@ def test_static_engine_runs_checks_shapes_and_times_each_part(fake_tensorrt):
 
 
 def test_dynamic_batch_uses_the_profile(fake_tensorrt):
-    from kdctl.profile.runners import TensorRTRunner
+    from kdctl.runtimes.tensorrt import TensorRTRunner
 
     run = TensorRTRunner(fake_tensorrt("dyn", (-1, 3, 2, 2), (-1, 5, 1), ((1, 3, 2, 2), (1, 3, 2, 2), (4, 3, 2, 2))))
     assert run.dynamic and run.fixed_batch is None
@@ -173,7 +173,7 @@ def test_dynamic_batch_uses_the_profile(fake_tensorrt):
 
 def test_an_engine_from_another_tensorrt_is_one_line(fake_tensorrt, tmp_path):
     from kdctl.errors import CheckFailed
-    from kdctl.profile.runners import TensorRTRunner
+    from kdctl.runtimes.tensorrt import TensorRTRunner
 
     other = tmp_path / "other.engine"
     other.write_bytes(b"built elsewhere")

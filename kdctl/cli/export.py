@@ -11,6 +11,7 @@ from rich.table import Table
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
 from kdctl.export.base import reference_metrics
+from kdctl.runtimes import ARTIFACTS
 
 
 def export(
@@ -18,8 +19,8 @@ def export(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Target preset: cpu, intel, jetson, "
                                                   "jetson-orin-nx, jetson-agx-orin, rpi, or a preset YAML path "
                                                   "(default: the recipe's export.target).")] = None,
-    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts, e.g. "
-                                                          "-a onnx-int8 -a openvino-int8 (overrides the preset).")] = None,
+    artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (overrides "
+                                                          f"the preset; repeatable): {', '.join(ARTIFACTS)}.")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Export input size (default: training size).")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,

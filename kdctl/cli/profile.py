@@ -9,12 +9,13 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, progress_bar
+from kdctl.runtimes import DEVICE_RUNTIMES
 
 
 def profile(
     bundle: BundleArg,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (repeatable).")] = None,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Only artifacts of this runtime: onnxruntime, openvino, tensorrt.")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help=f"Only artifacts of this runtime: {', '.join(DEVICE_RUNTIMES)}.")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed inferences first.")] = 10,
     runs: Annotated[int, typer.Option("--runs", "-n", min=1, help="Timed batch-1 inferences (at least).")] = 100,
     duration: Annotated[Optional[float], typer.Option("--duration", min=0, help="Also keep timing for this many seconds.")] = None,

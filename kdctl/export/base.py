@@ -85,6 +85,4 @@ def file_size_mb(root: Path, files: list[str]) -> float:
     return sum((root / f).stat().st_size for f in files) / 1e6
 
 
-def reference_metrics(export_metrics: dict) -> dict:
-    """mAP of the PyTorch model an export bundle was checked against (FP32, or the fake-quantized QAT student)."""
-    return export_metrics.get("pytorch") or export_metrics.get("pytorch_fp32") or {}
+from kdctl.bundle import reference_metrics  # noqa: E402,F401  (where export bundles are read)

@@ -47,21 +47,4 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     return path
 
 
-def onnxruntime_backend(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """A :data:`~kdctl.evaluate.predict.Backend` over an ONNX Runtime session (CPU unless told otherwise)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
-
-    run.session = sess
-    dim0 = sess.get_inputs()[0].shape[0]
-    run.fixed_batch = dim0 if isinstance(dim0, int) else None
-    return run
+from kdctl.runtimes.onnxruntime import onnxruntime_backend  # noqa: E402,F401  (the artifact's runtime)

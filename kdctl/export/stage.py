@@ -413,7 +413,7 @@ def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], 
                 src = root / "model-fp32.onnx"
             info = build_engine(src, root / f"model-{prec}.engine", prec, preset.tensorrt.workspace_mb,
                                 preset.tensorrt.dla_core)
-            from kdctl.profile.runners import tensorrt_backend
+            from kdctl.runtimes.tensorrt import tensorrt_backend
 
             be = tensorrt_backend(root / f"model-{prec}.engine")
             arts.append(Artifact(f"tensorrt-{prec}", "tensorrt", prec, [f"model-{prec}.engine"],

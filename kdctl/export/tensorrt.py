@@ -5,40 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def cuda_runtime():
-    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6)."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            return None
-    return cudart
-
-
-def cuda_call(result, what: str):
-    """Unpack a cuda-python ``(error, value...)`` tuple; raise on any error."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA {what} failed: {err}")
-    return values[0] if len(values) == 1 else (tuple(values) if values else None)
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(available, why not): the ``tensorrt`` package, cuda-python and a visible CUDA device; no PyTorch."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, "the tensorrt Python package is not installed"
-    cudart = cuda_runtime()
-    if cudart is None:
-        return False, "cuda-python is not installed (pip install 'kdctl[tensorrt]')"
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        return False, "no CUDA GPU is visible"
-    return True, ""
+from kdctl.runtimes.tensorrt import cuda_call, cuda_runtime, tensorrt_status  # noqa: F401
 
 
 def tensorrt_version(version: str) -> tuple[int, int]:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
 from kdctl.errors import BackendUnavailable, KdctlError
-from kdctl.export.base import reference_metrics
-from kdctl.profile.runners import runtime_available
+from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
 
@@ -36,26 +35,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _make_runner(root: Path, art: dict, threads: int | None, device: str):
-    from kdctl.profile import runners
-
-    fmt = art["format"]
-    if fmt == "onnx":
-        return runners.onnxruntime_runner(root / art["files"][0], threads, device)
-    if fmt == "openvino":
-        return runners.openvino_runner(root / art["files"][0], art["precision"], threads, "CPU",
-                                       hint=art.get("runtime", {}).get("requested_precision"))
-    if fmt == "tensorrt":
-        return runners.tensorrt_backend(root / art["files"][0])
-    if fmt == "pytorch":
-        return runners.pytorch_runner(Path(art["files"][0]), threads, device)
-    raise KdctlError(f"unknown artifact format '{fmt}'")
-
-
 def _open_runner(root: Path, art: dict, threads: int | None, device: str):
-    """:func:`_make_runner`, with a runtime's refusal to load a file turned into one line naming it."""
+    """The artifact's runtime runner, with a runtime's refusal to load a file turned into one line naming it."""
+    from kdctl.runtimes import open_artifact
+
     try:
-        return _make_runner(root, art, threads, device)
+        return open_artifact(root, art, threads, device)
     except KdctlError:
         raise
     except Exception as e:  # each runtime raises its own types for a file it cannot load
@@ -177,9 +162,9 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
                              f"{', '.join(a['name'] for a in arts)}")
         arts = [a for a in arts if a["name"] in artifacts]
     if runtime:
-        fmt = {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}.get(runtime)
-        if fmt is None:
-            raise KdctlError(f"--runtime: '{runtime}'; valid: onnxruntime, openvino, tensorrt")
+        if runtime not in DEVICE_RUNTIMES:
+            raise KdctlError(f"--runtime: '{runtime}'; valid: {', '.join(DEVICE_RUNTIMES)}")
+        fmt = RUNTIMES[runtime].format
         ok, why = runtime_available(runtime)
         if not ok:
             raise BackendUnavailable(f"--runtime {runtime}: {why}")
@@ -188,11 +173,12 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
         weights = _source_weights(src)
         arts.insert(0, {"name": "pytorch-fp32", "format": "pytorch", "precision": "fp32", "files": [str(weights)],
                         "metrics": reference_metrics(src.metrics)})
-    fmt_runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "pytorch": "pytorch"}
+    from kdctl.runtimes import for_format
+
     skipped = {}
     usable = []
     for a in arts:
-        ok, why = runtime_available(fmt_runtime[a["format"]])
+        ok, why = runtime_available(for_format(a["format"]).name)
         if ok and device == "cuda" and a["format"] == "openvino":
             ok, why = False, "OpenVINO runs on Intel devices; --device cuda does not apply (profiled with --device cpu)"
         (usable.append(a) if ok else skipped.__setitem__(a["name"], why))

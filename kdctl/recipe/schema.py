@@ -9,9 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdctl.runtimes import ARTIFACTS  # names only: the registry imports no runtime
+
 LEVELS = ("backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit")
-ARTIFACTS = ("onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8",
-             "tensorrt-fp16", "tensorrt-int8")
 # Roles a recipe may name instead of layer indices; resolved per model by kdctl.distill.taps.
 ROLES = ("backbone", "neck", "head")
 

@@ -1,56 +1,50 @@
-"""One runner per runtime, each a :data:`~kdctl.evaluate.predict.Backend` with metadata; optional runtimes are
-imported only when asked for, and a missing one is a clear :class:`BackendUnavailable`."""
+"""TensorRT: run a serialized engine with cuda-python (no PyTorch on the device), timed with CUDA events."""
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from kdctl.errors import BackendUnavailable
 
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "pytorch")
+NAME, PACKAGE, FORMAT = "tensorrt", "tensorrt", "tensorrt"
 
 
-def runtime_available(name: str) -> tuple[bool, str]:
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt", "pytorch": "torch"}[name]
-    if importlib.util.find_spec(module) is None:
-        return False, f"the '{module}' package is not installed"
-    if name == "tensorrt":
-        from kdctl.export.tensorrt import tensorrt_status
+def cuda_runtime():
+    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            return None
+    return cudart
 
-        return tensorrt_status()
+
+def cuda_call(result, what: str):
+    """Unpack a cuda-python ``(error, value...)`` tuple; raise on any error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA {what} failed: {err}")
+    return values[0] if len(values) == 1 else (tuple(values) if values else None)
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(available, why not): the ``tensorrt`` package, cuda-python and a visible CUDA device; no PyTorch."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt Python package is not installed"
+    cudart = cuda_runtime()
+    if cudart is None:
+        return False, "cuda-python is not installed (pip install 'kdctl[tensorrt]')"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        return False, "no CUDA GPU is visible"
     return True, ""
-
-
-def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
-    import onnxruntime as ort
-
-    from kdctl.export.onnx import onnxruntime_backend
-
-    available = ort.get_available_providers()
-    if device == "cuda":
-        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
-        if not providers:
-            raise BackendUnavailable(f"ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(available)})")
-        providers.append("CPUExecutionProvider")
-    else:
-        providers = ["CPUExecutionProvider"]
-    run = onnxruntime_backend(path, threads=threads, providers=providers)
-    used = run.session.get_providers()[0]
-    run.info = {"runtime": "onnxruntime", "version": ort.__version__, "provider": used, "threads": threads}
-    return run
-
-
-def openvino_runner(xml: Path, precision: str, threads: int | None, device: str = "CPU", hint: str | None = None):
-    """``hint``: the inference precision the export chose and checked (recorded in its bundle)."""
-    from kdctl.export.openvino import openvino_backend
-
-    run = openvino_backend(xml, precision, threads=threads, device=device, hint=hint)
-    run.info = {**run.runtime, "threads": threads or int(run.compiled.get_property("INFERENCE_NUM_THREADS"))}
-    return run
 
 
 class TensorRTRunner:
@@ -63,13 +57,12 @@ class TensorRTRunner:
     """
 
     def __init__(self, engine: Path, cuda_graph: bool = False):
-        ok, why = runtime_available("tensorrt")
+        ok, why = tensorrt_status()
         if not ok:
             raise BackendUnavailable(f"TensorRT engine {engine.name}: {why}")
         import tensorrt as trt
 
         from kdctl.errors import CheckFailed
-        from kdctl.export.tensorrt import cuda_call, cuda_runtime
 
         self.trt, self.cudart, self.call = trt, cuda_runtime(), cuda_call
         free0, total = self.call(self.cudart.cudaMemGetInfo(), "cudaMemGetInfo")
@@ -191,19 +184,3 @@ class TensorRTRunner:
 
 def tensorrt_backend(engine: Path, cuda_graph: bool = False) -> TensorRTRunner:
     return TensorRTRunner(engine, cuda_graph=cuda_graph)
-
-
-def pytorch_runner(weights: Path, threads: int | None, device: str = "cpu"):
-    import torch
-
-    from kdctl.detectors import load_detector
-    from kdctl.evaluate import torch_backend
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_detector(weights)
-    model = model.fuse() if hasattr(model, "fuse") else model
-    run = torch_backend(model, device=device)
-    run.info = {"runtime": "pytorch", "version": torch.__version__, "device": device,
-                "threads": torch.get_num_threads()}
-    return run

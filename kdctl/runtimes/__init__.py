@@ -1,0 +1,72 @@
+"""Inference runtimes: one module per runtime (ONNX Runtime, OpenVINO, TensorRT, and PyTorch as a reference row),
+each opening an artifact for inference as a :data:`~kdctl.evaluate.predict.Backend` with metadata. ``kdctl export``
+(which writes artifacts and checks them in their runtime) and ``kdctl profile`` (which times them) both come here;
+neither imports the other. The registry holds names only, so importing it loads no runtime: a missing one is a
+clear :class:`~kdctl.errors.BackendUnavailable` when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str                      # what --runtime takes
+    package: str                   # the Python package it needs
+    format: str                    # the artifact format it runs (an export bundle's artifacts[].format)
+    artifacts: tuple[str, ...]     # the export artifacts it runs
+    module: str                    # kdctl.runtimes.<module>
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("onnxruntime", "onnxruntime", "onnx", ("onnx-fp32", "onnx-fp16", "onnx-int8"), "onnxruntime"),
+    Runtime("openvino", "openvino", "openvino", ("openvino-fp32", "openvino-fp16", "openvino-int8"), "openvino"),
+    Runtime("tensorrt", "tensorrt", "tensorrt", ("tensorrt-fp16", "tensorrt-int8"), "tensorrt"),
+    Runtime("pytorch", "torch", "pytorch", (), "pytorch"),
+)}
+ARTIFACTS: tuple[str, ...] = tuple(a for r in RUNTIMES.values() for a in r.artifacts)
+DEVICE_RUNTIMES: tuple[str, ...] = tuple(n for n, r in RUNTIMES.items() if r.artifacts)  # what --runtime offers
+
+
+def for_format(fmt: str) -> Runtime:
+    for r in RUNTIMES.values():
+        if r.format == fmt:
+            return r
+    raise KeyError(fmt)
+
+
+def available(name: str) -> tuple[bool, str]:
+    """(usable here, why not): the package is installed (and for TensorRT, cuda-python and a GPU are there)."""
+    rt = RUNTIMES[name]
+    if importlib.util.find_spec(rt.package) is None:
+        return False, f"the '{rt.package}' package is not installed"
+    if name == "tensorrt":
+        from kdctl.runtimes.tensorrt import tensorrt_status
+
+        return tensorrt_status()
+    return True, ""
+
+
+def open_artifact(root: Path, art: dict, threads: int | None, device: str):
+    """A runner for one artifact of an export bundle (``art`` as its metrics list it)."""
+    from kdctl.errors import KdctlError
+
+    try:
+        rt = for_format(art["format"])
+    except KeyError:
+        raise KdctlError(f"unknown artifact format '{art['format']}'") from None
+    mod = importlib.import_module(f"kdctl.runtimes.{rt.module}")
+    path = Path(art["files"][0])
+    path = path if path.is_absolute() else root / path
+    if rt.name == "onnxruntime":
+        return mod.onnxruntime_runner(path, threads, device)
+    if rt.name == "openvino":
+        return mod.openvino_runner(path, art["precision"], threads, "CPU",
+                                   hint=art.get("runtime", {}).get("requested_precision"))
+    if rt.name == "tensorrt":
+        return mod.tensorrt_backend(path)
+    return mod.pytorch_runner(path, threads, device)

@@ -1,0 +1,48 @@
+"""ONNX Runtime: open an ONNX artifact for inference (CPU, or CUDA/TensorRT execution providers when asked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kdctl.errors import BackendUnavailable
+
+NAME, PACKAGE, FORMAT = "onnxruntime", "onnxruntime", "onnx"
+
+
+def onnxruntime_backend(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """A :data:`~kdctl.evaluate.predict.Backend` over an ONNX Runtime session (CPU unless told otherwise)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: x})[0]
+
+    run.session = sess
+    dim0 = sess.get_inputs()[0].shape[0]
+    run.fixed_batch = dim0 if isinstance(dim0, int) else None
+    return run
+
+
+def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        if not providers:
+            raise BackendUnavailable(f"ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(available)})")
+        providers.append("CPUExecutionProvider")
+    else:
+        providers = ["CPUExecutionProvider"]
+    run = onnxruntime_backend(path, threads=threads, providers=providers)
+    used = run.session.get_providers()[0]
+    run.info = {"runtime": "onnxruntime", "version": ort.__version__, "provider": used, "threads": threads}
+    return run

@@ -1,0 +1,67 @@
+"""OpenVINO: open an IR for inference with its inference precision set explicitly and read back (on CPUs with BF16
+OpenVINO otherwise runs "FP32" models in bf16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+NAME, PACKAGE, FORMAT = "openvino", "openvino", "openvino"
+
+# What kdctl asks the CPU plugin for, per artifact precision. INT8 keeps its non-quantized parts in f32.
+PRECISION_HINT = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
+
+
+def compiled_backend(compiled):
+    """A backend over an already compiled model; ``fixed_batch`` is set when the input batch is static."""
+    request = compiled.create_infer_request()
+    out = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[out].copy()
+
+    run.compiled = compiled
+    dim0 = compiled.input(0).get_partial_shape()[0]
+    run.fixed_batch = dim0.get_length() if dim0.is_static else None
+    return run
+
+
+def precision_name(t) -> str:
+    """OpenVINO element type -> short name ('f32', 'bf16', 'f16')."""
+    s = str(t)
+    for long, short in (("bfloat16", "bf16"), ("float16", "f16"), ("float32", "f32")):
+        if long in s:
+            return short
+    return s
+
+
+def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = None, device: str = "CPU",
+                     hint: str | None = None):
+    """A backend over a compiled OpenVINO model; ``run.runtime`` reports the precision actually in use."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    core = ov.Core()
+    config = {hints.performance_mode: hints.PerformanceMode.LATENCY}
+    want = hint or PRECISION_HINT[precision]
+    if device == "CPU":
+        supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if (want == "f16" and "FP16" not in supported) or (want == "bf16" and "BF16" not in supported):
+            want = "f32"  # recorded below: this CPU lacks that arithmetic, so the model runs in f32
+        config[hints.inference_precision] = want
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core.compile_model(str(xml), device, config)
+    run = compiled_backend(compiled)
+    run.runtime = {"runtime": "openvino", "version": ov.__version__, "device": device,
+                   "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
+                   "requested_precision": hint or PRECISION_HINT[precision]}
+    return run
+
+
+def openvino_runner(xml: Path, precision: str, threads: int | None, device: str = "CPU", hint: str | None = None):
+    """``hint``: the inference precision the export chose and checked (recorded in its bundle)."""
+    run = openvino_backend(xml, precision, threads=threads, device=device, hint=hint)
+    run.info = {**run.runtime, "threads": threads or int(run.compiled.get_property("INFERENCE_NUM_THREADS"))}
+    return run
