@@ -134,6 +134,11 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True and ov["openvino-int8"]["metrics"] is not None
+    res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "jetson", "--calibration-images", "16", "--out",
+                           str(tmp_path / "jetson")])
+    assert res.exit_code == 0, res.output  # the TensorRT-form Q/DQ graph passes TensorRT's operator and Q/DQ rules
+    jet = load_bundle(tmp_path / "jetson", verify=True)
+    assert (jet.path / "build_engine.sh").is_file() and (jet.path / "model-int8.onnx").is_file()
     res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "5", "--warmup", "1", "--out",
                            str(tmp_path / "prof"), "--json"])
     assert res.exit_code == 0, res.output

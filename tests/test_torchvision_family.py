@@ -68,6 +68,12 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, tiny_data):
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True
     assert ov["openvino-int8"]["settings"]["converted_from"] == "onnx (Q/DQ)"
+    res = run.invoke(app, ["export", str(tmp_path / "fr"), "--target", "jetson", "--calibration-images", "16",
+                           "--out", str(tmp_path / "jetson")])
+    assert res.exit_code == 0, res.output
+    jet = load_bundle(tmp_path / "jetson", verify=True).metrics
+    assert jet["skipped_artifacts"] == {"onnx-fp16": "not available for this detector family"}
+    assert {a["name"] for a in jet["artifacts"]} >= {"onnx-fp32", "onnx-int8"}
     res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "3", "--warmup", "1", "--out",
                            str(tmp_path / "prof")])
     assert res.exit_code == 0, res.output

@@ -79,6 +79,8 @@ def export(
         for a in m["artifacts"]:
             if a["settings"].get("note"):
                 console.print(f"note ({a['name']}): {a['settings']['note']}")
+        for name, why in (m.get("skipped_artifacts") or {}).items():
+            console.print(f"skipped {name}: {why}")
         if m.get("qat", {}).get("skipped_artifacts"):
             console.print(f"QAT student: its INT8 graph is exported as trained; skipped float artifacts "
                           f"{', '.join(m['qat']['skipped_artifacts'])}")

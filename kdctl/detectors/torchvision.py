@@ -29,6 +29,9 @@ DETECTIONS = 100
 FAMILY = "torchvision"
 MIN_OPSET = 11
 OPENVINO_FROM_ONNX = True  # the traced PyTorch route does not carry the data-dependent post-processing
+# FP16 ONNX is traced from the half-precision model, and torchvision's detection ops (RoIAlign, NMS) have no
+# half-precision CPU kernels to trace through: TensorRT builds its FP16 engine from the FP32 ONNX instead
+UNSUPPORTED_ARTIFACTS = ("onnx-fp16",)
 
 
 def builder_name(ref: str, field: str = "model", source: str = "recipe") -> str:

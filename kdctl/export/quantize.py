@@ -78,6 +78,10 @@ TENSORRT_OPS = frozenset({
     "Mul", "Pad", "Pow", "QuantizeLinear", "Range", "ReduceMax", "ReduceMean", "Relu", "Reshape", "Resize",
     "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Transpose",
     "Unsqueeze", "Where",
+    # RT-DETR's decoder and a two-stage detector's post-processing: layers TensorRT gained in 8.6 (IGridSampleLayer,
+    # INormalizationLayer, INonZeroLayer, IOneHotLayer, the ROIAlign plugin) and long-standing ones
+    "And", "Floor", "GatherElements", "GridSample", "Greater", "GreaterOrEqual", "If", "LayerNormalization", "Less",
+    "Log", "NonZero", "Not", "OneHot", "ReduceProd", "ReduceSum", "RoiAlign", "ScatterElements", "Erf",
 })
 
 

@@ -107,6 +107,10 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             raise DataError(f"{src.path}: a quantization-aware trained student exports INT8 only, and "
                             f"{'--artifact' if options.artifacts else f'target {preset.name}'} lists no INT8 "
                             f"artifact ({', '.join(skipped)}); add --artifact onnx-int8 or openvino-int8")
+    unsupported = [a for a in wanted if a in getattr(detectors.family(model), "UNSUPPORTED_ARTIFACTS", ())]
+    if unsupported and options.artifacts:
+        raise DataError(f"--artifact: {unsupported[0]} is not available for {type(model).__name__} models")
+    wanted = [a for a in wanted if a not in unsupported]  # a preset's artifact the family cannot make: skipped
     ds.check_model_classes(model_classes(model), f"the model of {src.path}")
     imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
@@ -178,6 +182,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
             "names": ds.names,
         })
+        if unsupported:
+            w.metrics["skipped_artifacts"] = {a: "not available for this detector family" for a in unsupported}
         if not qat:
             w.metrics["pytorch_fp32"] = _short(ref_metrics)  # the key bundles of kdctl 0.2 carry
         if qat:
