@@ -156,3 +156,24 @@ def test_compare_outputs_tolerances():
     assert ok["ok"] and not bad["ok"] and bad["score_max_abs"] == pytest.approx(0.1)
     assert compare_outputs(ref, ref, 640, "int8")["ok"] is None
     assert compare_outputs(ref, ref[:, :5], 640, "fp32")["ok"] is False
+
+
+def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_path, monkeypatch):
+    """A runtime that fails on a real image (e.g. an empty-tensor reshape) fails the export in one line, exit 1."""
+    import kdctl.export.onnx as onnx_mod
+
+    real = onnx_mod.onnxruntime_backend
+
+    def broken(path, *a, **kw):
+        run = real(path, *a, **kw)
+
+        def fail(x):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape")
+
+        fail.session, fail.fixed_batch = run.session, run.fixed_batch
+        return fail
+
+    monkeypatch.setattr(onnx_mod, "onnxruntime_backend", broken)
+    with pytest.raises(CheckFailed, match="onnx-fp32: onnxruntime cannot run the exported model .*Reshape"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-fp32"]), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -32,6 +32,7 @@ OPENVINO_FROM_ONNX = True  # the traced PyTorch route does not carry the data-de
 # FP16 ONNX is traced from the half-precision model, and torchvision's detection ops (RoIAlign, NMS) have no
 # half-precision CPU kernels to trace through: TensorRT builds its FP16 engine from the FP32 ONNX instead
 UNSUPPORTED_ARTIFACTS = ("onnx-fp16",)
+TRACE_WITH_REAL_IMAGE = True
 
 
 def builder_name(ref: str, field: str = "model", source: str = "recipe") -> str:
@@ -109,7 +110,12 @@ def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool
     m.net.transform.min_size, m.net.transform.max_size = (imgsz,), imgsz
     for p in m.parameters():
         p.requires_grad_(False)
-    return m, torch.zeros(batch, 3, imgsz, imgsz)
+    # Traced on a real image when the export stage gives one (``example_input``): a blank canvas yields degenerate
+    # proposals, and the tracer bakes some of their counts into the graph
+    example = getattr(model, "example_input", None)
+    x = torch.from_numpy(example[:1]).repeat(batch, 1, 1, 1) if example is not None and example.shape[-1] == imgsz \
+        else torch.zeros(batch, 3, imgsz, imgsz)
+    return m, x
 
 
 def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[str]:

@@ -127,6 +127,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
+    if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
+        model.example_input = parity_batches[0]
 
     plan = Step(progress, f"export → {preset.name}", total=len(wanted) + 1)
     ev_total = len(val_images) * (len(wanted) + 1)
@@ -146,13 +148,23 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             backend = a.runtime.pop("_backend", None)
             if backend is None:
                 continue
-            a.parity = validate_outputs(reference, backend, parity_batches, imgsz, "int8-qat" if qat else a.precision,
-                                        align=detectors.align_outputs(model))
+            try:
+                a.parity = validate_outputs(reference, backend, parity_batches, imgsz,
+                                            "int8-qat" if qat else a.precision, align=detectors.align_outputs(model))
+            except Exception as e:  # the runtime refuses the exported graph on a real image
+                raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
+                                  f"model on the validation images ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
             if a.parity.get("ok") is False:
                 raise CheckFailed(f"export {a.name}: outputs differ from PyTorch{' (the fake-quantized student)' if qat else ''}"
                                   " beyond tolerance "
                                   f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
-            a.metrics = evaluate_backend(backend, val_images, ds.names, imgsz, progress=ev.advance)
+            try:
+                a.metrics = evaluate_backend(backend, val_images, ds.names, imgsz, progress=ev.advance)
+            except Exception as e:
+                raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
+                                  f"model on every validation image ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
             drop = ref_metrics["map50_95"] - a.metrics["map50_95"]
             a.metrics["map50_95_drop"] = drop
             if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
@@ -256,7 +268,12 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
         from kdctl.export.quantize import quantize_onnx_int8
 
         p = root / "model-int8.onnx"
-        q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method, scheme=onnx_int8_scheme(preset, wanted))
+        try:
+            q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method,
+                                   scheme=onnx_int8_scheme(preset, wanted))
+        except Exception as e:  # e.g. ONNX Runtime refusing the graph on a calibration image (its own Fail type)
+            raise CheckFailed(f"export onnx-int8: calibration failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
         if q["scheme"] == "tensorrt":
             _check_tensorrt_form(p)
         arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
