@@ -99,7 +99,7 @@ def ov_default(xml: Path, threads: int):
         return req.infer({0: x})[compiled.output(0)].copy()
 
     run.fixed_batch = 1
-    from kdctl.export.openvino import precision_name
+    from kdctl.runtimes.openvino import precision_name
 
     run.precision = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
     return run
@@ -110,8 +110,8 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     from kdctl.detectors.yolo import load_detector
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
-    from kdctl.export.onnx import onnxruntime_backend
-    from kdctl.export.openvino import openvino_backend
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
+    from kdctl.runtimes.openvino import openvino_backend
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.data.resolve import load_yolo_yaml
 

@@ -31,7 +31,8 @@ def main() -> int:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import yolo
     from kdctl.evaluate import evaluate_backend
-    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+    from kdctl.export.onnx import export_onnx
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
     from kdctl.export.quantize import quantize_onnx_int8, tensorrt_qdq_problems
     from kdctl.export.stage import _preprocess, _spread
     from kdctl.models import load_bundle_weights

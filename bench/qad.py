@@ -55,7 +55,7 @@ def _train(out: Path, stage: str, recipe) -> float:
 def _exports(bundle: Path, work: Path) -> dict:
     """mAP50-95 of the PyTorch model and of its INT8 ONNX Runtime and OpenVINO exports."""
     from kdctl.bundle import load_bundle
-    from kdctl.export.base import reference_metrics
+    from kdctl.bundle import reference_metrics
     from kdctl.export.stage import ExportOptions, export_bundle
 
     res = {}
@@ -73,7 +73,7 @@ def _exports(bundle: Path, work: Path) -> dict:
 def _ultralytics_qat(seed: int, float_student: Path, teacher: Path, out: Path) -> dict:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend
-    from kdctl.export.onnx import onnxruntime_backend
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
     result = out / "result.json"
     if result.is_file():

@@ -68,7 +68,7 @@ def main() -> int:
     ap.add_argument("--no-qat", action="store_true", help="skip the quantization-aware trained INT8 engine")
     args = ap.parse_args()
 
-    from kdctl.export.tensorrt import tensorrt_status
+    from kdctl.runtimes.tensorrt import tensorrt_status
 
     ok, why = tensorrt_status()
     if not ok:
@@ -78,7 +78,7 @@ def main() -> int:
 
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend
-    from kdctl.export.base import reference_metrics
+    from kdctl.bundle import reference_metrics
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.export.tensorrt import build_engine
     from kdctl.runtimes.tensorrt import TensorRTRunner

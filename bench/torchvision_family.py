@@ -68,8 +68,8 @@ def main() -> None:
     from kdctl.detectors import load_detector
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
-    from kdctl.export.onnx import onnxruntime_backend
-    from kdctl.export.openvino import openvino_backend
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
+    from kdctl.runtimes.openvino import openvino_backend
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training

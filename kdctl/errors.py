@@ -37,3 +37,10 @@ class CheckFailed(KdctlError):
     """A verification (parity, accuracy budget, gate) that ran and failed."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (cut to ``limit`` characters), for one-line errors about a library's
+    exception."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"

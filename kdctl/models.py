@@ -85,10 +85,10 @@ def load_bundle_weights(bundle):
 
 def check_family(model_or_cfg, field: str, source: str) -> None:
     """A detection model of a family kdctl has (one line naming the field otherwise)."""
-    from kdctl.detectors import family
+    from kdctl.detectors import family, torchvision
     from kdctl.detectors.yolo import check_family as check_ultralytics
 
-    if not family(model_or_cfg).__name__.endswith(".torchvision"):
+    if family(model_or_cfg) is not torchvision:
         check_ultralytics(model_or_cfg, field, source)
 
 

@@ -259,16 +259,16 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.detectors import family, load_detector, save_checkpoint
+    from kdctl.detectors import family, load_detector, save_checkpoint, yolo
     from kdctl.detectors.yolo import DistillSetup, KDTrainer, check_distillable, library_output_to_stderr
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     if stage == "distill":
         check_distillable(student0, f"student.model ('{student_ref.ref}')", source)
     fam = family(student0)
-    if recipe.distill.quantize and not fam.__name__.endswith(".yolo"):
+    if recipe.distill.quantize and fam is not yolo:
         raise RecipeError(f"{source}: distill.quantize: quantization-aware training is available for YOLO students; "
-                          f"student.model ('{student_ref.ref}') is an RT-DETR detector (export it with "
+                          f"student.model ('{student_ref.ref}') is a {fam.LABEL} detector (export it with "
                           "post-training INT8 instead)")
     setup = None
     if stage == "distill" and state != "finished":
@@ -276,7 +276,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
         check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
         # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
         d = recipe.distill
-        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap, d.quantize)
+        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -289,8 +289,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
             overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                          "workers": recipe.train.workers}
         try:
-            trainer = KDTrainer(overrides=overrides, distill=setup) if fam.__name__.endswith(".yolo") else \
-                fam.trainer(overrides)
+            trainer = KDTrainer(overrides=overrides, distill=setup) if fam is yolo else fam.trainer(overrides)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work)
             with library_output_to_stderr():
                 trainer.train()

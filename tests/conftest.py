@@ -36,6 +36,18 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_dataset(out, train=24, val=8, seed=3, imgsz=128, classes=3)
 
 
+def kill_at(argv: list[str], fault: str) -> None:
+    """Run ``kdctl ARGV`` in a subprocess that ``kdctl.faults`` SIGKILLs at the named point; assert it died there."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KDCTL_FAULT": fault}
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == -signal.SIGKILL, f"not killed at {fault}: rc {p.returncode}\n{p.stderr[-2000:]}"
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

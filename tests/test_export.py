@@ -57,7 +57,7 @@ def test_openvino_int8_accuracy_control_mode(tmp_path, trained_bundle):
 
 def test_jetson_device_package_without_tensorrt(export_jetson):
     from kdctl.bundle import verify_bundle
-    from kdctl.export.tensorrt import tensorrt_status
+    from kdctl.runtimes.tensorrt import tensorrt_status
 
     b = export_jetson
     a = arts(b)
@@ -75,7 +75,7 @@ def test_jetson_device_package_without_tensorrt(export_jetson):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_builds_and_matches(tmp_path, trained_bundle):
-    from kdctl.export.tensorrt import tensorrt_status
+    from kdctl.runtimes.tensorrt import tensorrt_status
 
     ok, why = tensorrt_status()
     if not ok:
@@ -160,7 +160,7 @@ def test_compare_outputs_tolerances():
 
 def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_path, monkeypatch):
     """A runtime that fails on a real image (e.g. an empty-tensor reshape) fails the export in one line, exit 1."""
-    import kdctl.export.onnx as onnx_mod
+    import kdctl.runtimes.onnxruntime as onnx_mod
 
     real = onnx_mod.onnxruntime_backend
 

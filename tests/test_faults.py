@@ -7,16 +7,13 @@ The kill is real (``kill -9`` of the process); ``KDCTL_FAULT`` only chooses the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from kdctl.bundle import load_bundle, verify_bundle
+from conftest import kill_at
 from kdctl.cli.main import app
 
 
@@ -31,13 +28,6 @@ train: {{epochs: {epochs}, imgsz: 64, batch: 8}}
 distill: {{auto_balance: 0.5, losses: [{{name: at}}]}}
 """)
     return r
-
-
-def _killed(argv: list[str], fault: str) -> None:
-    env = {**os.environ, "KDCTL_FAULT": fault}
-    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == -signal.SIGKILL, f"not killed at {fault}: rc {p.returncode}\n{p.stderr[-2000:]}"
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
@@ -65,7 +55,7 @@ def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault,
     r = _recipe(tmp_path, tiny_data, trained_bundle)
     out = tmp_path / "kd"
     argv = ["distill", str(r), "--out", str(out)]
-    _killed(argv, fault)
+    kill_at(argv, fault)
     if fault != "train:published":
         assert not out.exists(), f"a run killed {when} must not leave a bundle"
     _finish(argv + ["--resume", "--json"])
@@ -80,7 +70,7 @@ def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault,
 def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data, trained_bundle):
     r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1)
     argv = ["distill", str(r), "--out", str(tmp_path / "kd")]
-    _killed(argv, "train:started")
+    kill_at(argv, "train:started")
     assert _leftovers(tmp_path, "kd") == [".kd.lock", ".kd.work"]
     _finish(argv)  # no --resume needed: there was nothing to keep
     assert verify_bundle(tmp_path / "kd").ok and _leftovers(tmp_path, "kd") == []
@@ -93,7 +83,7 @@ def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, export_cpu):
     argv = ["profile", str(export_cpu), "--runs", "3", "--warmup", "1", "-a", "onnx-fp32", "--out", str(out)]
     _finish(argv)
     old_id = load_bundle(out).id
-    _killed(argv + ["--overwrite"], "publish:old-moved-aside")
+    kill_at(argv + ["--overwrite"], "publish:old-moved-aside")
     assert not out.exists() and any(n.startswith(".prof.old-") for n in _leftovers(tmp_path, "prof"))
     res = CliRunner().invoke(app, ["gate", str(export_cpu), "--min-map", "0", "--out", str(tmp_path / "g")])
     assert res.exit_code == 2  # unrelated command: nothing touched
@@ -106,7 +96,7 @@ def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, export_cpu):
 def test_export_killed_mid_write_then_rerun(tmp_path, trained_bundle):
     out = tmp_path / "exp"
     argv = ["export", str(trained_bundle), "--target", "cpu", "-a", "onnx-fp32", "--out", str(out)]
-    _killed(argv, "publish:before-rename")
+    kill_at(argv, "publish:before-rename")
     assert not out.exists() and any(n.startswith(".exp.partial-") for n in _leftovers(tmp_path, "exp"))
     _finish(argv)
     assert verify_bundle(out).ok and _leftovers(tmp_path, "exp") == []

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from conftest import kill_at
 from kdctl.cli.main import app
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -195,8 +193,8 @@ def test_qat_export_is_the_trained_qdq_graph(qad_bundle, tmp_path):
     from kdctl.evaluate import torch_backend
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
     from kdctl.export.base import cosine
-    from kdctl.export.onnx import onnxruntime_backend
-    from kdctl.export.openvino import openvino_backend
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
+    from kdctl.runtimes.openvino import openvino_backend
 
     res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--out", str(tmp_path / "cpu"),
                                    "--json"])
@@ -273,9 +271,7 @@ def test_qad_resume_after_kill(tmp_path, tiny_data, trained_bundle):
     r = _qad_recipe(tmp_path, tiny_data, trained_bundle, epochs=2)
     out = tmp_path / "qad"
     argv = ["distill", str(r), "--out", str(out)]
-    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
-                       env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@1"}, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    kill_at(argv, "train:epoch-saved@1")
     res = CliRunner().invoke(app, [*argv, "--resume"])
     assert res.exit_code == 0, res.output
     b = load_bundle(out, verify=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import kill_at
 from kdctl.cli.main import app
 from kdctl.models import ASSET_MODELS
 
@@ -50,7 +51,7 @@ def _queries(rng, n=40, nc=3, size=128.0):
 
 
 def test_align_outputs_pairs_a_permuted_set_exactly():
-    from kdctl.detectors.rtdetr import align_outputs
+    from kdctl.export.base import align_sets as align_outputs
 
     ref = _queries(np.random.default_rng(0))
     cand = ref[:, :, np.random.default_rng(1).permutation(ref.shape[2])]
@@ -61,7 +62,7 @@ def test_align_outputs_pairs_a_permuted_set_exactly():
 
 
 def test_align_outputs_tolerates_a_few_swapped_queries_but_not_many():
-    from kdctl.detectors.rtdetr import align_outputs
+    from kdctl.export.base import align_sets as align_outputs
 
     rng = np.random.default_rng(2)
     ref = _queries(rng)
@@ -149,20 +150,13 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
 @pytest.mark.slow
 def test_rtdetr_resume_after_kill(tmp_path, tiny_data):
     """SIGKILL after epoch 1 of 2, then --resume: Ultralytics' RT-DETR trainer continues, the bundle verifies."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     from kdctl.bundle import load_bundle
 
     r = tmp_path / "rt.yaml"
     r.write_text(f"name: rt\nstudent: {{model: rtdetr-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
                  "train: {epochs: 2, imgsz: 64, batch: 8}\n")
     argv = ["train", str(r), "--out", str(tmp_path / "rt")]
-    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
-                       env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@1"}, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    kill_at(argv, "train:epoch-saved@1")
     res = CliRunner().invoke(app, [*argv, "--resume"])
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "rt", verify=True)

@@ -111,7 +111,8 @@ def test_tegrastats_rail_per_board(line, mw, rail):
 @pytest.mark.tensorrt
 def test_tensorrt_runner_times_like_trtexec(tmp_path, export_jetson):
     """Real engine on a real GPU: checked shapes, separate H2D / compute / D2H, CUDA graphs, memory from CUDA."""
-    from kdctl.export.tensorrt import build_engine, tensorrt_status
+    from kdctl.export.tensorrt import build_engine
+    from kdctl.runtimes.tensorrt import tensorrt_status
     from kdctl.runtimes.tensorrt import TensorRTRunner
 
     ok, why = tensorrt_status()

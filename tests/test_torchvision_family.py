@@ -3,15 +3,11 @@ non-finite stop), the dense output, and the chain to ONNX / OpenVINO exports and
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import kill_at
 from kdctl.cli.main import app
 
 BUILDER = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -100,9 +96,7 @@ def test_resume_after_kill(tmp_path, tiny_data):
     from kdctl.bundle import load_bundle
 
     argv = ["train", str(_recipe(tmp_path, tiny_data, epochs=2)), "--out", str(tmp_path / "fr")]
-    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
-                       env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@1"}, timeout=600)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    kill_at(argv, "train:epoch-saved@1")
     res = CliRunner().invoke(app, [*argv, "--resume"])
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "fr", verify=True)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
-from kdctl.export.base import reference_metrics
+from kdctl.bundle import reference_metrics
 from kdctl.runtimes import ARTIFACTS
 
 

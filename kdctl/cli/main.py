@@ -8,6 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from kdctl.cli._common import err_console
+from kdctl.errors import first_line
 
 
 class KdctlGroup(TyperGroup):
@@ -35,8 +36,7 @@ class KdctlGroup(TyperGroup):
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             if os.environ.get("KDCTL_DEBUG"):
                 raise
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            err_console.print(f"[red]Error:[/red] internal error: {type(e).__name__}: {first} "
+            err_console.print(f"[red]Error:[/red] internal error: {first_line(e)} "
                               "(set KDCTL_DEBUG=1 for the traceback)", highlight=False)
             raise typer.Exit(1) from None
 

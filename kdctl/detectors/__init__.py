@@ -10,14 +10,12 @@ other module does. A family module provides:
 - deployment: ``save_checkpoint`` (a checkpoint the library loads as its own), ``float_tail`` (graph nodes INT8
   quantization must leave in float: the box decoding).
 
-Families: Ultralytics YOLO (:mod:`kdctl.detectors.yolo`) and Ultralytics RT-DETR (:mod:`kdctl.detectors.rtdetr`:
-train, eval, export, profile; its KD levels come later); :func:`family` picks the module for a model or YAML.
-torchvision's two-stage detectors come in as a module of their own behind the same names.
+Families: Ultralytics YOLO (:mod:`kdctl.detectors.yolo`), Ultralytics RT-DETR (:mod:`kdctl.detectors.rtdetr`) and
+torchvision's Faster R-CNN (:mod:`kdctl.detectors.torchvision`); the last two train, evaluate, export and profile,
+their KD levels come later. :func:`family` picks the module for a model, a model YAML or a ``torchvision:`` name.
 """
 
 from __future__ import annotations
-
-
 
 from types import ModuleType
 
@@ -50,6 +48,18 @@ def dense_module(model):
     return fam.DenseOutput(model) if hasattr(fam, "DenseOutput") else model
 
 
+def traceable_copy(model):
+    """A copy of a detector to trace for export: FP32, eval mode, BatchNorm folded where the family folds it (into
+    the fake-quantized convolutions too, for a QAT student), no gradients."""
+    import copy
+
+    m = copy.deepcopy(model).float().eval()
+    m = m.fuse(verbose=False) if hasattr(m, "fuse") else m
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
 def export_module(model, imgsz: int, batch: int = 1, *, dynamic: bool = False, fmt: str = "onnx"):
     return family(model).export_module(model, imgsz, batch, dynamic=dynamic, fmt=fmt)
 
@@ -62,10 +72,10 @@ def min_opset(model) -> int:
     return getattr(family(model), "MIN_OPSET", 11)
 
 
-def align_outputs(model):
-    """How to pair a runtime's outputs with PyTorch's before comparing them: ``None`` when every position means
-    the same thing (YOLO's anchors), else a function reordering the candidate's queries (DETR-family)."""
-    return getattr(family(model), "align_outputs", None)
+def set_output(model) -> bool:
+    """True when positions in the dense output are a set (DETR queries, two-stage detections), not fixed anchors:
+    parity checks then pair outputs before comparing them."""
+    return getattr(family(model), "SET_OUTPUT", False)
 
 
 def load_detector(path):
@@ -74,10 +84,16 @@ def load_detector(path):
 
     from kdctl.detectors import torchvision, yolo
 
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    if torchvision.is_checkpoint(ckpt):
-        return torchvision.from_checkpoint(ckpt)
-    return yolo.load_detector(path)
+    try:
+        return yolo.load_detector(path)
+    except Exception as first:  # not an Ultralytics checkpoint: a kdctl torchvision one, or a broken file
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception:
+            raise first from None
+        if torchvision.is_checkpoint(ckpt):
+            return torchvision.from_checkpoint(ckpt)
+        raise  # Ultralytics' own error for a file that is neither
 
 
 def save_checkpoint(model, path, train_args: dict) -> None:

@@ -27,12 +27,14 @@ BUILDERS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_la
             "fasterrcnn_resnet50_fpn_v2")
 DETECTIONS = 100
 FAMILY = "torchvision"
+LABEL = "torchvision"
 MIN_OPSET = 11
 OPENVINO_FROM_ONNX = True  # the traced PyTorch route does not carry the data-dependent post-processing
 # FP16 ONNX is traced from the half-precision model, and torchvision's detection ops (RoIAlign, NMS) have no
 # half-precision CPU kernels to trace through: TensorRT builds its FP16 engine from the FP32 ONNX instead
 UNSUPPORTED_ARTIFACTS = ("onnx-fp16",)
 TRACE_WITH_REAL_IMAGE = True
+SET_OUTPUT = True  # detections are a set (NMS order can change with float rounding): parity pairs them first
 
 
 def builder_name(ref: str, field: str = "model", source: str = "recipe") -> str:
@@ -103,13 +105,11 @@ def save_checkpoint(model: TorchvisionDetector, path: Path, train_args: dict) ->
 def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool = False,
                   fmt: str = "onnx") -> tuple[nn.Module, torch.Tensor]:
     """A copy at this input size, eval mode, no gradients (post-processing stays in the graph; fixed size)."""
-    import copy
+    from kdctl.detectors import traceable_copy
 
-    m = copy.deepcopy(model).float().eval()
+    m = traceable_copy(model)
     m.imgsz = imgsz
     m.net.transform.min_size, m.net.transform.max_size = (imgsz,), imgsz
-    for p in m.parameters():
-        p.requires_grad_(False)
     # Traced on a real image when the export stage gives one (``example_input``): a blank canvas yields degenerate
     # proposals, and the tracer bakes some of their counts into the graph
     example = getattr(model, "example_input", None)
@@ -123,13 +123,6 @@ def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[st
     decoding, NMS, RoIAlign) stay in float."""
     keep_quant = ("backbone",)
     return [n for n, _ in nodes if not any(f"/{k}/" in n or f".{k}." in n for k in keep_quant)]
-
-
-def align_outputs(reference, candidate):
-    """Detections are a set (NMS order can change with float rounding): pair them as RT-DETR's queries are."""
-    from kdctl.detectors.rtdetr import align_outputs as detr_align
-
-    return detr_align(reference, candidate)
 
 
 # ---- training: kdctl's own loop, in the shape of torchvision's references/detection/engine.py ----------------------

@@ -92,7 +92,6 @@ class DistillSetup:
     source: str = "recipe"
     balance_batches: int = 8
     balance_cap: float | None = 4.0
-    quantize: str | None = None  # "int8": quantization-aware distillation (fake-quantized student)
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
@@ -386,14 +385,11 @@ def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool
     """A copy of the detector ready to trace, and an example input: BatchNorm folded (into the fake-quantized
     convolutions too, for a QAT student), the head in export mode (decoded ``(N, 4+nc, A)`` output, NMS outside),
     anchors built for ``imgsz``, no gradients."""
-    import copy
+    from kdctl.detectors import traceable_copy
 
-    m = copy.deepcopy(model).float().eval()
-    m = m.fuse(verbose=False) if hasattr(m, "fuse") else m
+    m = traceable_copy(model)
     head = m.model[-1]
     head.export, head.format, head.dynamic = True, fmt, dynamic
-    for p in m.parameters():
-        p.requires_grad_(False)
     x = torch.zeros(batch, 3, imgsz, imgsz)
     with torch.no_grad():
         m(x)  # builds anchors/strides for this input size

@@ -1,11 +1,9 @@
-"""ONNX export of the plain student (FP32, FP16), simplified with onnxslim and checked with onnx.checker, and
-an ONNX Runtime backend to run it."""
+"""ONNX export of the plain student (FP32, FP16), simplified with onnxslim and checked with onnx.checker (the
+ONNX Runtime backend that runs it lives in :mod:`kdctl.runtimes.onnxruntime`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 INPUT, OUTPUT = "images", "output0"
 
@@ -46,5 +44,3 @@ def export_onnx(model, path: Path, imgsz: int, *, opset: int = 17, batch: int = 
     onnx.save(proto, str(path))
     return path
 
-
-from kdctl.runtimes.onnxruntime import onnxruntime_backend  # noqa: E402,F401  (the artifact's runtime)

@@ -1,5 +1,5 @@
-"""OpenVINO IR export (FP32, FP16 weights, INT8 via NNCF) and an OpenVINO backend whose inference precision is
-set explicitly and read back: on CPUs with BF16 OpenVINO otherwise runs "FP32" models in bf16."""
+"""OpenVINO IR export (FP32, FP16 weights, INT8 via NNCF); the backend that runs an IR, with its inference precision
+set explicitly and read back, lives in :mod:`kdctl.runtimes.openvino`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-from kdctl.runtimes.openvino import (PRECISION_HINT, compiled_backend, openvino_backend,  # noqa: F401
-                                     precision_name)
 
 
 def convert(source) -> object:

@@ -167,11 +167,16 @@ def fold_weight_quantizers(proto) -> int:
         proto.graph.node.remove(n)
         proto.graph.initializer.append(numpy_helper.from_array(q, name))
         folded += 1
-    used = {i for node in proto.graph.node for i in node.input}
-    keep = [i for i in proto.graph.initializer if i.name in used or i.name in {o.name for o in proto.graph.output}]
+    _drop_unused_initializers(proto)
+    return folded
+
+
+def _drop_unused_initializers(proto) -> None:
+    """Initializers no node reads any more (the float weights and zero points a rewrite replaced)."""
+    used = {i for node in proto.graph.node for i in node.input} | {o.name for o in proto.graph.output}
+    keep = [i for i in proto.graph.initializer if i.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
-    return folded
 
 
 U8_ZERO_POINT = "kdctl_activation_zero_point_u8"
@@ -181,7 +186,7 @@ def to_uint8_activations(proto) -> int:
     """Symmetric int8 activations (zero point 0) -> uint8 with zero point 128, the form ONNX Runtime's x86 kernels
     run fastest (U8S8). Exact: ``clip(round(x/s), -128, 127) + 128 == clip(round(x/s) + 128, 0, 255)`` with the
     same scale. Weights stay int8. Returns how many activation quantizers were changed."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     inits = _initializers(proto)
     changed = set()
@@ -200,7 +205,8 @@ def to_uint8_activations(proto) -> int:
         proto.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), U8_ZERO_POINT))
         for vi in proto.graph.value_info:  # recorded element types of the changed tensors: now uint8
             if vi.name in changed:
-                vi.type.tensor_type.elem_type = 2  # onnx.TensorProto.UINT8
+                vi.type.tensor_type.elem_type = TensorProto.UINT8
+        _drop_unused_initializers(proto)  # the int8 zero points nothing reads now
     return len(changed)
 
 

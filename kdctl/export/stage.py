@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
-from kdctl.errors import BackendUnavailable, CheckFailed, DataError
+from kdctl.errors import BackendUnavailable, CheckFailed, DataError, first_line
 from kdctl.export.base import Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.progress import Step
@@ -150,11 +150,10 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                 continue
             try:
                 a.parity = validate_outputs(reference, backend, parity_batches, imgsz,
-                                            "int8-qat" if qat else a.precision, align=detectors.align_outputs(model))
+                                            "int8-qat" if qat else a.precision, sets=detectors.set_output(model))
             except Exception as e:  # the runtime refuses the exported graph on a real image
                 raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
-                                  f"model on the validation images ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+                                  f"model on the validation images ({first_line(e)})") from None
             if a.parity.get("ok") is False:
                 raise CheckFailed(f"export {a.name}: outputs differ from PyTorch{' (the fake-quantized student)' if qat else ''}"
                                   " beyond tolerance "
@@ -163,8 +162,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                 a.metrics = evaluate_backend(backend, val_images, ds.names, imgsz, progress=ev.advance)
             except Exception as e:
                 raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
-                                  f"model on every validation image ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+                                  f"model on every validation image ({first_line(e)})") from None
             drop = ref_metrics["map50_95"] - a.metrics["map50_95"]
             a.metrics["map50_95_drop"] = drop
             if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
@@ -198,7 +196,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             w.metrics["skipped_artifacts"] = {a: "not available for this detector family" for a in unsupported}
         if not qat:
             w.metrics["pytorch_fp32"] = _short(ref_metrics)  # the key bundles of kdctl 0.2 carry
-        if qat:
+        else:
             w.metrics["qat"] = {**yolo.quantizer_summary(model), "skipped_artifacts": skipped,
                                 "reference": "the fake-quantized PyTorch student (parity and mAP drop are "
                                              "measured against it)"}
@@ -223,7 +221,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
         arts = _build_qat(root, model, preset, wanted, imgsz, opset, plan)
     else:
         arts = _build_onnx(root, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan)
-        arts += _build_openvino(root, model, preset, wanted, imgsz, calibration, keep_float, plan, options,
+        arts += _build_openvino(root, model, preset, wanted, imgsz, opset, calibration, keep_float, plan, options,
                                 val_images, names)
     arts += _build_tensorrt(root, model, preset, wanted, imgsz, opset, plan)
     fp32 = root / "model-fp32.onnx"
@@ -243,7 +241,8 @@ def _ort_runtime() -> dict:
 
 def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
                 calibration: list[np.ndarray], keep_float, plan: Step) -> list[Artifact]:
-    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+    from kdctl.export.onnx import export_onnx
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
     arts: list[Artifact] = []
     ort_rt = _ort_runtime()
@@ -272,8 +271,7 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
             q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method,
                                    scheme=onnx_int8_scheme(preset, wanted))
         except Exception as e:  # e.g. ONNX Runtime refusing the graph on a calibration image (its own Fail type)
-            raise CheckFailed(f"export onnx-int8: calibration failed ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+            raise CheckFailed(f"export onnx-int8: calibration failed ({first_line(e)})") from None
         if q["scheme"] == "tensorrt":
             _check_tensorrt_form(p)
         arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
@@ -291,29 +289,31 @@ def _check_tensorrt_form(path: Path) -> None:
         raise CheckFailed(f"export onnx-int8: the Q/DQ model breaks TensorRT's rules: {problems[0]}")
 
 
-def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int,
+def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
                     calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
                     val_images: list[Path], names: list[str]) -> list[Artifact]:
-    """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``)."""
+    """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``), or from the
+    ONNX graph for a family whose post-processing tracing cannot carry."""
+    precisions = [prec for prec in ("fp32", "fp16", "int8") if f"openvino-{prec}" in wanted]
+    if not precisions:
+        return []
+    from kdctl.detectors import export_module, family
+    from kdctl.export.openvino import export_openvino, quantize_openvino_int8, source_name
+
+    from_onnx = getattr(family(model), "OPENVINO_FROM_ONNX", False)
+    if from_onnx:
+        source = root / "model-fp32.onnx"
+        if not source.is_file():
+            from kdctl.export.onnx import export_onnx
+
+            export_onnx(model, source, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
+    else:
+        module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
+        source = (module, x, preset.dynamic)
     arts: list[Artifact] = []
-    for prec in ("fp32", "fp16", "int8"):
-        if f"openvino-{prec}" not in wanted:
-            continue
-        from kdctl.detectors import export_module, family
-        from kdctl.export.openvino import export_openvino, quantize_openvino_int8, source_name
-
-        if getattr(family(model), "OPENVINO_FROM_ONNX", False):
-            source = root / "model-fp32.onnx"
-            if not source.is_file():
-                from kdctl.export.onnx import export_onnx
-
-                export_onnx(model, source, imgsz, opset=max(preset.opset, detectors_min_opset(model)),
-                            batch=preset.batch, dynamic=preset.dynamic)
-        else:
-            module, x = export_module(model, imgsz, preset.batch, dynamic=preset.dynamic, fmt="openvino")
-            source = (module, x, preset.dynamic)
+    for prec in precisions:
         d = root / f"openvino-{prec}"
-        if prec == "int8" and getattr(family(model), "OPENVINO_FROM_ONNX", False):
+        if prec == "int8" and from_onnx:
             # NNCF cannot build its graph through the If/Loop subgraphs of a two-stage detector's post-processing:
             # quantize the ONNX graph (Q/DQ, the same calibration) and let OpenVINO run its FakeQuantize pairs
             from kdctl.export.quantize import quantize_onnx_int8
@@ -339,14 +339,8 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
     return arts
 
 
-def detectors_min_opset(model) -> int:
-    from kdctl.detectors import min_opset
-
-    return min_opset(model)
-
-
 def _openvino_artifact(d: Path, prec: str, preset: TargetPreset, settings: dict) -> Artifact:
-    from kdctl.export.openvino import openvino_backend
+    from kdctl.runtimes.openvino import openvino_backend
 
     hint = preset.openvino_int8_precision if prec == "int8" else None
     backend = openvino_backend(d / "model.xml", prec, threads=preset.threads, hint=hint)
@@ -361,19 +355,22 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
     folded into int8 weights; for ONNX Runtime targets activations are re-expressed as uint8 (exact)."""
     import onnx
 
-    from kdctl.export.onnx import export_onnx, onnxruntime_backend
+    from kdctl.export.onnx import export_onnx
+
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
     from kdctl.export.quantize import fold_weight_quantizers, qdq_counts, to_uint8_activations
 
     arts: list[Artifact] = []
     p = root / "model-int8.onnx"
-    export_onnx(model, p, imgsz, opset=max(opset, 13), batch=preset.batch, dynamic=preset.dynamic)
+    opset = max(opset, 13)  # per-channel Q/DQ
+    export_onnx(model, p, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
     proto = onnx.load(str(p))
     fold_weight_quantizers(proto)
     counts = qdq_counts(proto)
     if not counts["int8_convs"]:
         raise CheckFailed(f"export: the quantization-aware trained student exported no quantized convolution "
                           f"({counts})")
-    settings = {"opset": max(opset, 13), "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
+    settings = {"opset": opset, "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
                 "format": "QDQ", "source": "quantization-aware training", "calibration": "none (ranges learned "
                 "in training)", "weights": "int8 symmetric per-channel", **counts}
     onnx.save(proto, str(p))
@@ -414,7 +411,8 @@ def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], 
     for prec in ("fp16", "int8"):
         if f"tensorrt-{prec}" not in wanted:
             continue
-        from kdctl.export.tensorrt import build_engine, tensorrt_status
+        from kdctl.export.tensorrt import build_engine
+        from kdctl.runtimes.tensorrt import tensorrt_status
 
         ok, why = tensorrt_status()
         if not ok:
@@ -450,7 +448,7 @@ def _map_validator(imgsz: int, names: list[str]):
     """NNCF accuracy-control validation: COCO mAP50-95 of a compiled OpenVINO model on the given images."""
     from kdctl.evaluate import evaluate_backend
 
-    from kdctl.export.openvino import compiled_backend
+    from kdctl.runtimes.openvino import compiled_backend
 
     def validate(compiled_model, items) -> float:
         return evaluate_backend(compiled_backend(compiled_model), list(items), names, imgsz)["map50_95"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdctl.runtimes.tensorrt import cuda_call, cuda_runtime, tensorrt_status  # noqa: F401
-
 
 def tensorrt_version(version: str) -> tuple[int, int]:
     major, minor = (version.split(".") + ["0"])[:2]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, KdctlError
+from kdctl.errors import BackendUnavailable, KdctlError, first_line
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
@@ -45,8 +45,7 @@ def _open_runner(root: Path, art: dict, threads: int | None, device: str):
         raise
     except Exception as e:  # each runtime raises its own types for a file it cannot load
         raise KdctlError(f"{root / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})",
-                         exit_code=1) from None
+                         f"({first_line(e, 200)})", exit_code=1) from None
 
 
 def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> tuple[list[float], dict]:
