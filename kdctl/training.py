@@ -258,9 +258,27 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
+    """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    from kdctl.detectors import family, load_detector, save_checkpoint, yolo
-    from kdctl.detectors.yolo import DistillSetup, KDTrainer, check_distillable, library_output_to_stderr
+    fam, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(work / RUN_FILE, info)
+    faults.point("train:started")
+    data_yaml = normalised_yaml(ds, work / "data.yaml")
+    t_start = time.perf_counter()
+    if state != "finished":
+        _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+        faults.point("train:finished")
+    train_s = time.perf_counter() - t_start  # this process's share when resumed
+    return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, train_s, overwrite,
+                    progress)
+
+
+def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
+    """The student's family (its model built once, so a bad one is a one-line error before any work) and, for a
+    distillation still to run, the teacher with the KD set-up."""
+    from kdctl.detectors import family, yolo
+    from kdctl.detectors.yolo import DistillSetup, check_distillable
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     if stage == "distill":
@@ -270,40 +288,48 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
         raise RecipeError(f"{source}: distill.quantize: quantization-aware training is available for YOLO students; "
                           f"student.model ('{student_ref.ref}') is a {fam.LABEL} detector (export it with "
                           "post-training INT8 instead)")
-    setup = None
-    if stage == "distill" and state != "finished":
-        teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
-        check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
-        # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
-        d = recipe.distill
-        setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / RUN_FILE, info)
-    faults.point("train:started")
-    last = work / "train" / "weights" / "last.pt"
-    data_yaml = normalised_yaml(ds, work / "data.yaml")
-    t_start = time.perf_counter()
-    if state != "finished":
-        overrides = _overrides(recipe, data_yaml, student_ref.ref, work, student_ref.kind == "checkpoint")
-        if state == "partial":
-            overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
-                         "workers": recipe.train.workers}
-        try:
-            trainer = KDTrainer(overrides=overrides, distill=setup) if fam is yolo else fam.trainer(overrides)
-            _callbacks(trainer, recipe.train.epochs, progress, stage, work)
-            with library_output_to_stderr():
-                trainer.train()
-        except BaseException as e:
-            if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
-                shutil.rmtree(work, ignore_errors=True)
-            if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
-                msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
-                raise KdctlError(f"{source}: training failed: {msg}") from None
-            raise
-        faults.point("train:finished")
-    train_s = time.perf_counter() - t_start  # this process's share when resumed
+    if stage != "distill" or state == "finished":
+        return fam, None
+    teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+    check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
+    # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
+    d = recipe.distill
+    return fam, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
 
-    best = work / "train" / "weights" / "best.pt"
+
+def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
+         progress) -> None:
+    """Run the family's trainer in ``work/train`` (from the last epoch checkpoint when ``state == 'partial'``)."""
+    from kdctl.detectors import yolo
+    from kdctl.detectors.yolo import KDTrainer, library_output_to_stderr
+
+    last = work / "train" / "weights" / "last.pt"
+    overrides = _overrides(recipe, data_yaml, student_ref.ref, work, student_ref.kind == "checkpoint")
+    if state == "partial":
+        overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
+                     "workers": recipe.train.workers}
+    try:
+        trainer = KDTrainer(overrides=overrides, distill=setup) if fam is yolo else fam.trainer(overrides)
+        _callbacks(trainer, recipe.train.epochs, progress, stage, work)
+        with library_output_to_stderr():
+            trainer.train()
+    except BaseException as e:
+        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+            shutil.rmtree(work, ignore_errors=True)
+        if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
+            raise KdctlError(f"{source}: training failed: {msg}") from None
+        raise
+
+
+def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, info: dict, ds, fam, student_ref,
+             teacher_ref, train_s: float, overwrite: bool, progress) -> Bundle:
+    """Evaluate the best checkpoint and write the bundle (weights, data, results, recipe, metrics); the work dir
+    goes once the bundle is published."""
+    from kdctl.detectors import load_detector, save_checkpoint
+    from kdctl.evaluate import evaluate_backend, torch_backend
+
+    best, last = work / "train" / "weights" / "best.pt", work / "train" / "weights" / "last.pt"
     weights_src = best if best.is_file() else last
     student = fam.plain_student(load_detector(weights_src))
 
@@ -312,8 +338,6 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     parents = [b for b in (student_ref.bundle, teacher_ref.bundle if teacher_ref else None) if b is not None]
     if teacher_ref:
         inputs["teacher"] = {"model": recipe.teacher.model, "resolved": teacher_ref.ref, "sha256": teacher_ref.sha256}
-
-    from kdctl.evaluate import evaluate_backend, torch_backend
 
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics = evaluate_backend(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,

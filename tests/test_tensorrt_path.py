@@ -134,3 +134,22 @@ def test_tensorrt_runner_times_like_trtexec(tmp_path, export_jetson):
 
     with pytest.raises(CheckFailed, match="cannot load this engine"):
         TensorRTRunner(tmp_path / "bad.engine")
+
+
+def test_operator_check_looks_inside_if_branches(tmp_path):
+    """An operator TensorRT cannot import is found inside an ``If`` body too, not only at the top level."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    then = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="ok_relu")], "then", [],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Det", ["m"], ["y2"], name="bad_det")], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["out"], name="branch", then_branch=then, else_branch=other)],
+                          "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                helper.make_tensor_value_info("m", TensorProto.FLOAT, [2, 2])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert tensorrt_qdq_problems(path) == ["bad_det: operator Det is not imported by onnx-tensorrt"]

@@ -110,12 +110,50 @@ def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool
     m = traceable_copy(model)
     m.imgsz = imgsz
     m.net.transform.min_size, m.net.transform.max_size = (imgsz,), imgsz
+    for coder in (m.net.rpn.box_coder, m.net.roi_heads.box_coder):
+        coder.decode = _traceable_decode.__get__(coder)
     # Traced on a real image when the export stage gives one (``example_input``): a blank canvas yields degenerate
     # proposals, and the tracer bakes some of their counts into the graph
     example = getattr(model, "example_input", None)
     x = torch.from_numpy(example[:1]).repeat(batch, 1, 1, 1) if example is not None and example.shape[-1] == imgsz \
         else torch.zeros(batch, 3, imgsz, imgsz)
-    return m, x
+    return _ExportForm(m), x
+
+
+class _ExportForm(nn.Module):
+    """The detector as it is traced for export: torchvision's ``batched_nms`` replaced, while tracing, by the same
+    coordinate-offset NMS without its ``if boxes.numel() == 0`` guard. That guard is scripted into an ONNX ``If``,
+    and OpenVINO's CPU plugin (2026.4) returns wrong detections from it on the first run of some images (the
+    ONNX Runtime output of the same graph, and OpenVINO's second run, are right). Boxes are clipped to the
+    ``imgsz`` canvas before both NMS calls, so ``imgsz + 1`` separates the classes as torchvision's
+    ``max coordinate + 1`` does."""
+
+    def __init__(self, detector: TorchvisionDetector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import boxes as box_ops
+
+        original, offset = box_ops.batched_nms, float(self.detector.imgsz + 1)
+
+        def batched_nms(boxes, scores, idxs, iou_threshold):
+            return box_ops.nms(boxes + (idxs.to(boxes) * offset)[:, None], scores, iou_threshold)
+
+        box_ops.batched_nms = batched_nms
+        try:
+            return self.detector(x)
+        finally:
+            box_ops.batched_nms = original
+
+
+def _traceable_decode(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """``BoxCoder.decode`` without its ``if box_sum > 0`` branch, which tracing bakes in: its ``reshape(box_sum, -1)``
+    then fails in every runtime on an image with no region proposals (``(0, 16)`` cannot be reshaped to
+    ``(0, -1)``). ``rel_codes`` is already ``(sum of boxes, 4 * classes)`` wherever torchvision calls it, so the shapes
+    are taken from it instead of inferred."""
+    pred = self.decode_single(rel_codes, torch.cat(boxes, dim=0))
+    return pred.reshape(pred.shape[0], pred.shape[1] // 4, 4)
 
 
 def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[str]:

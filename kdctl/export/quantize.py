@@ -79,10 +79,20 @@ TENSORRT_OPS = frozenset({
     "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "TopK", "Transpose",
     "Unsqueeze", "Where",
     # RT-DETR's decoder and a two-stage detector's post-processing: layers TensorRT gained in 8.6 (IGridSampleLayer,
-    # INormalizationLayer, INonZeroLayer, IOneHotLayer, the ROIAlign plugin) and long-standing ones
+    # INormalizationLayer, INonZeroLayer, IOneHotLayer, INMSLayer, the ROIAlign plugin) and long-standing ones
     "And", "Floor", "GatherElements", "GridSample", "Greater", "GreaterOrEqual", "If", "LayerNormalization", "Less",
-    "Log", "NonZero", "Not", "OneHot", "ReduceProd", "ReduceSum", "RoiAlign", "ScatterElements", "Erf",
+    "Log", "NonMaxSuppression", "NonZero", "Not", "OneHot", "ReduceProd", "ReduceSum", "RoiAlign", "ScatterElements",
+    "Erf",
 })
+
+
+def _all_nodes(graph):
+    """Every node of a graph, those inside ``If``/``Loop``/``Scan`` bodies included."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_nodes(g)
 
 
 def tensorrt_qdq_problems(model_path: Path) -> list[str]:
@@ -106,11 +116,12 @@ def tensorrt_qdq_problems(model_path: Path) -> list[str]:
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < 13:
         problems.append(f"opset {opset}: TensorRT needs >= 13 for per-channel Q/DQ")
-    for n in m.graph.node:
+    for n in _all_nodes(m.graph):
         if n.domain not in ("", "ai.onnx"):
             problems.append(f"{n.name}: operator {n.domain}.{n.op_type} is not standard ONNX")
         elif n.op_type not in TENSORRT_OPS:
             problems.append(f"{n.name}: operator {n.op_type} is not imported by onnx-tensorrt")
+    for n in m.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         scale = consts.get(n.input[1])

@@ -293,7 +293,7 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
                     calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
                     val_images: list[Path], names: list[str]) -> list[Artifact]:
     """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``), or from the
-    ONNX graph for a family whose post-processing tracing cannot carry."""
+    ONNX graph for a family whose post-processing OpenVINO's PyTorch tracing cannot carry; INT8 by NNCF either way."""
     precisions = [prec for prec in ("fp32", "fp16", "int8") if f"openvino-{prec}" in wanted]
     if not precisions:
         return []
@@ -313,19 +313,7 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
     arts: list[Artifact] = []
     for prec in precisions:
         d = root / f"openvino-{prec}"
-        if prec == "int8" and from_onnx:
-            # NNCF cannot build its graph through the If/Loop subgraphs of a two-stage detector's post-processing:
-            # quantize the ONNX graph (Q/DQ, the same calibration) and let OpenVINO run its FakeQuantize pairs
-            from kdctl.export.quantize import quantize_onnx_int8
-
-            qdq = root / "openvino-int8.qdq.onnx"
-            try:
-                q = quantize_onnx_int8(source, qdq, calibration, keep_float, scheme="onnxruntime")
-                export_openvino(qdq, d, "int8")
-            finally:
-                qdq.unlink(missing_ok=True)
-            q = {**q, "tool": "onnxruntime quantize_static (Q/DQ) -> openvino", "converted_from": "onnx (Q/DQ)"}
-        elif prec == "int8":
+        if prec == "int8":
             validation = None
             if options.max_map_drop is not None:
                 validation = (val_images, _map_validator(imgsz, names))
