@@ -53,7 +53,7 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
-    from kdctl.detectors.yolo import save_balance
+    from kdctl.detectors.yolo import kd_criterion, save_balance
 
     bar = Step(progress, f"{stage} epoch 1/{epochs}", total=epochs)
     batches = Step(progress, "batches", total=None)
@@ -82,7 +82,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
         bar.completed(done)
 
     def on_train_start(tr):
-        kd = getattr(getattr(tr.model, "module", tr.model), "kd", None)
+        kd = kd_criterion(tr)
         if kd is not None:
             write_json_atomic(work / KD_TERMS_FILE, [
                 {"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
@@ -277,7 +277,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
     """The student's family (its model built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
-    from kdctl.detectors import family, yolo
+    from kdctl.detectors import family, torchvision, yolo
     from kdctl.detectors.yolo import DistillSetup, check_distillable
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
@@ -292,6 +292,10 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
         return fam, None
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
     check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
+    if (family(teacher) is torchvision) != (fam is torchvision):
+        raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
+                          f"{fam.LABEL} student: distillation between a two-stage and a one-stage detector is not "
+                          "available yet; pair torchvision with torchvision detectors, YOLO with YOLO")
     # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
     d = recipe.distill
     return fam, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
@@ -309,7 +313,8 @@ def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, s
         overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                      "workers": recipe.train.workers}
     try:
-        trainer = KDTrainer(overrides=overrides, distill=setup) if fam is yolo else fam.trainer(overrides)
+        trainer = (KDTrainer(overrides=overrides, distill=setup) if fam is yolo else
+                   fam.trainer(overrides, distill=setup) if setup is not None else fam.trainer(overrides))
         _callbacks(trainer, recipe.train.epochs, progress, stage, work)
         with library_output_to_stderr():
             trainer.train()

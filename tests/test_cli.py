@@ -39,8 +39,10 @@ def test_list_losses_json():
     import json
 
     res = CliRunner().invoke(app, ["list", "losses", "--json"])
-    names = {r["name"] for r in json.loads(res.stdout)}
-    assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld"} == names
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld", "rpn_kd", "roi_kd", "roi_crosskd",
+            "roi_mimic"} == set(rows)
+    assert "rpn" in json.dumps(rows["rpn_kd"]) and "roi" in json.dumps(rows["roi_mimic"])
 
 
 def test_list_targets_json():

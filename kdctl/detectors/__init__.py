@@ -11,8 +11,9 @@ other module does. A family module provides:
   quantization must leave in float: the box decoding).
 
 Families: Ultralytics YOLO (:mod:`kdctl.detectors.yolo`), Ultralytics RT-DETR (:mod:`kdctl.detectors.rtdetr`) and
-torchvision's Faster R-CNN (:mod:`kdctl.detectors.torchvision`); the last two train, evaluate, export and profile,
-their KD levels come later. :func:`family` picks the module for a model, a model YAML or a ``torchvision:`` name.
+torchvision's Faster R-CNN (:mod:`kdctl.detectors.torchvision`, its distillation in
+:mod:`kdctl.detectors.torchvision_kd`); RT-DETR trains, evaluates, exports and profiles, its KD levels come later.
+:func:`family` picks the module for a model, a model YAML or a ``torchvision:`` name.
 """
 
 from __future__ import annotations

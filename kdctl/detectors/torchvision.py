@@ -1,7 +1,7 @@
 """torchvision's two-stage detectors (Faster R-CNN) as a kdctl detector family: built with ``weights=None`` (nothing is
 downloaded), trained by kdctl's own loop in the style of torchvision's ``references/detection/engine.py``, evaluated,
-exported to ONNX (post-processing in the graph, fixed input size) and OpenVINO, profiled. Their RPN/RoI-level
-distillation comes later; ``distill`` refuses them in one line.
+exported to ONNX (post-processing in the graph, fixed input size) and OpenVINO, profiled, and distilled from a
+torchvision teacher at the backbone, neck, RPN and RoI levels (:mod:`kdctl.detectors.torchvision_kd`).
 
 A recipe names a builder as ``torchvision:<name>`` (e.g. ``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``).
 The model sees the same letterboxed ``imgsz`` canvases as every kdctl detector (its own resize is pinned to
@@ -204,7 +204,7 @@ class Trainer:
 
     EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_model_save", "on_fit_epoch_end")
 
-    def __init__(self, overrides: dict):
+    def __init__(self, overrides: dict, distill=None):
         self.callbacks = {e: [] for e in self.EVENTS}
         self.resume_from = overrides.get("resume")
         ckpt = None
@@ -241,6 +241,17 @@ class Trainer:
             self.start_epoch, self.best = int(ckpt["epoch"]) + 1, float(ckpt.get("best_fitness", -1))
         self.model.to(self.device)
         self.epoch, self.loss, self.loss_items, self.metrics, self.train_loader = 0, None, {}, {}, None
+        self.kd, self.distiller = None, None
+        if distill is not None:  # a DistillSetup: the frozen teacher and the recipe's losses
+            from kdctl.detectors.torchvision_kd import Distiller, build_criterion
+
+            teacher = distill.teacher.float().to(self.device)
+            self.kd = build_criterion(self.model, teacher, distill.losses, distill.balance, self.imgsz,
+                                      distill.source, distill.balance_batches, distill.balance_cap)
+            if ckpt is not None and ckpt.get("kd_state"):
+                self.kd.load_state_dict(ckpt["kd_state"]["weights"])
+                self.kd.load_balance_state(ckpt["kd_state"]["balance"])
+            self.distiller = Distiller(teacher, self.kd, self.imgsz)
 
     def add_callback(self, event: str, fn) -> None:
         self.callbacks[event].append(fn)
@@ -251,6 +262,7 @@ class Trainer:
 
     def _optimizer(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for p in self.kd.parameters() if p.requires_grad] if self.kd is not None else []
         lr = float(self.args.get("lr0", 0.01))
         if str(self.args.get("optimizer", "auto")) in ("AdamW", "Adam"):
             return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -291,7 +303,13 @@ class Trainer:
                 group["lr"] = lr0 * scale
             x = x.to(self.device)
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-            losses = self.model(x, targets)
+            if self.distiller is not None:
+                from kdctl.distill.losses.registry import kd_item
+
+                task, kd = self.distiller.step(self.model, x, targets)
+                losses = {**task, **{kd_item(n): v for n, v in kd.items()}}
+            else:
+                losses = self.model(x, targets)
             loss = sum(losses.values())
             self.loss = loss.detach().view(1)
             self.loss_items = {k: v.detach() for k, v in losses.items()}
@@ -300,10 +318,10 @@ class Trainer:
                 raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}")
             opt.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 10.0)
             opt.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             self._run("on_train_batch_end")
         return {k: v / max(1, len(self.train_loader)) for k, v in sums.items()}
 
@@ -329,17 +347,21 @@ class Trainer:
         args = {k: v for k, v in self.args.items() if isinstance(v, (int, float, str, bool, type(None)))}
         state = {"epoch": self.epoch, "best_fitness": max(self.best, fitness), "train_args": args,
                  "optimizer": opt.state_dict()}
+        if self.kd is not None:  # adapters and auto-balance, for --resume; never part of the published student
+            state["kd_state"] = {"weights": self.kd.state_dict(), "balance": self.kd.balance_state()}
         weights = self.save_dir / "weights"
         tmp = weights / "last.pt.tmp"
         torch.save(self.model.checkpoint(**state), tmp)
         tmp.replace(weights / "last.pt")
         if fitness >= self.best:
             self.best = fitness
-            torch.save(self.model.checkpoint(**{**state, "optimizer": None}), weights / "best.pt.tmp")
+            torch.save(self.model.checkpoint(**{**state, "optimizer": None, "kd_state": None}), weights / "best.pt.tmp")
             (weights / "best.pt.tmp").replace(weights / "best.pt")
         self._run("on_model_save")
 
 
-def trainer(overrides: dict, callbacks=None) -> Trainer:
-    return Trainer(overrides)
+def trainer(overrides: dict, callbacks=None, distill=None) -> Trainer:
+    """kdctl's training loop; with ``distill`` (a ``DistillSetup``) the student learns from the frozen teacher at the
+    recipe's levels as well (:mod:`kdctl.detectors.torchvision_kd`)."""
+    return Trainer(overrides, distill)
 

@@ -29,7 +29,7 @@ from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
-
+LABEL = "YOLO"
 
 
 class TeacherRef:
@@ -193,12 +193,17 @@ class KDTrainer(DetectionTrainer):
         return model
 
 
+def kd_criterion(trainer):
+    """The trainer's distillation criterion: on the student model (Ultralytics) or on the trainer (kdctl's loop)."""
+    kd = getattr(trainer, "kd", None)
+    return kd if kd is not None else getattr(getattr(trainer.model, "module", trainer.model), "kd", None)
+
+
 def save_balance(trainer) -> None:
     """Callback: persist the auto-balance state after each batch until the scales are fixed (for --resume)."""
     from kdctl.bundle import write_json_atomic
 
-    model = getattr(trainer.model, "module", trainer.model)
-    kd = getattr(model, "kd", None)
+    kd = kd_criterion(trainer)
     if kd is None or not kd.balance:
         return
     path = Path(trainer.save_dir) / BALANCE_FILE
@@ -297,11 +302,10 @@ def check_family(cfg_or_model, field: str, source: str) -> None:
 
 
 def check_distillable(cfg_or_model, field: str, source: str) -> None:
-    """Distillation losses exist for YOLO detectors; refuse another family in one line that names the field."""
+    """Distillation losses exist for YOLO and torchvision detectors; refuse another family in one line that names
+    the field."""
     if type(cfg_or_model).__name__ == "TorchvisionDetector":
-        raise RecipeError(f"{source}: {field}: is a torchvision detector; kdctl trains, evaluates and exports it "
-                          "(`kdctl train`), but its distillation losses (RPN- and RoI-level KD) are not available "
-                          "yet: distill between YOLO detectors")
+        return
     if head_name(cfg_or_model) == "RTDETRDecoder":
         raise RecipeError(f"{source}: {field}: is an RT-DETR detector; kdctl trains, evaluates and exports RT-DETR "
                           "(`kdctl train`), but its distillation losses (query-, feature- and logit-level KD) are "

@@ -46,14 +46,18 @@ class DistillTerm(nn.Module):
         entry = LOSSES[loss]
         self.name, self.loss_name, self.kind = name, loss, entry.kind
         self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
-        if entry.kind == "head":
-            self.losses = nn.ModuleList([entry.cls(**params)])
+        if entry.kind in ("head", "rpn", "roi"):
+            # one loss over the whole head; a RoI feature loss gets its adapter's channel counts
+            self.losses = nn.ModuleList([entry.cls(s_channels[0], t_channels[0], **params) if s_channels else
+                                         entry.cls(**params)])
         else:
             self.losses = nn.ModuleList(entry.cls(sc, tc, **params) for sc, tc in zip(s_channels, t_channels))
 
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext) -> torch.Tensor:
         if self.kind == "head":
             return self.losses[0](head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]]), ctx)
+        if self.kind in ("rpn", "roi"):
+            return self.losses[0](s_out[self.kind], t_out[self.kind], ctx)
         vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
         return torch.stack(vals).mean()
 

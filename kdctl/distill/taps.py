@@ -71,8 +71,18 @@ def resolve_layers(model: nn.Module, layers, role_default: str, imgsz: int) -> l
     return out
 
 
+def split_key(layer) -> tuple[object, str | None]:
+    """``'net.backbone[0]'`` -> (``'net.backbone'``, ``'0'``): a module whose output is a dict of maps (an FPN) and
+    the entry to read; any other key -> (key, None)."""
+    if isinstance(layer, str) and layer.endswith("]") and "[" in layer:
+        path, key = layer[:-1].split("[", 1)
+        return path, key
+    return layer, None
+
+
 def tap_module(model: nn.Module, layer) -> nn.Module:
-    """The module a layer key names: an index into the layer list, or a module path."""
+    """The module a layer key names: an index into the layer list, a module path, or ``path[key]``."""
+    layer, _ = split_key(layer)
     return model.get_submodule(layer) if isinstance(layer, str) else model.model[layer]
 
 
@@ -88,7 +98,8 @@ def head_outputs(out) -> dict:
 
 
 class FeatureTaps:
-    """``with FeatureTaps(model, [4, 6, 9]) as taps: model(x)`` then ``taps.outputs[4]`` etc."""
+    """``with FeatureTaps(model, [4, 6, 9]) as taps: model(x)`` then ``taps.outputs[4]`` etc.; a key
+    ``'net.backbone[0]'`` holds entry ``'0'`` of that module's dict output."""
 
     def __init__(self, model: nn.Module, layers):
         self.model, self.layers = model, sorted(set(layers), key=str)
@@ -101,8 +112,10 @@ class FeatureTaps:
         return self
 
     def _hook(self, i):
+        key = split_key(i)[1]
+
         def hook(module, inputs, output):
-            self.outputs[i] = output
+            self.outputs[i] = output if key is None else output[key]
         return hook
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,8 @@ class LossEntry:
     name: str
     cls: type
     levels: tuple[str, ...]   # taxonomy levels the loss may be attached at; the first is its default
-    kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs
+    kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs;
+                              # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals
     params: dict              # parameter name -> default, read from the constructor
     paper: str
 
@@ -24,7 +25,7 @@ LOSSES: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
-    if kind not in ("feature", "head"):
+    if kind not in ("feature", "head", "rpn", "roi"):
         raise ValueError(kind)
 
     def deco(cls):
