@@ -86,7 +86,7 @@ def main() -> None:
 
     base = res["baseline student"]
     base_maps = [base[s]["map50_95"] for s in sorted(base)]
-    base_mean, base_spread = sum(base_maps) / len(base_maps), (max(base_maps) - min(base_maps)) / 2
+    base_spread = (max(base_maps) - min(base_maps)) / 2
     base_epoch = statistics.median(base[s]["epoch_s"] for s in base)
     rows = [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]
             for t, (_, r) in teachers.items()]
@@ -99,7 +99,8 @@ def main() -> None:
             rows.append(row + ["", round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1), "1.00"])
             continue
         t_map = teachers[TEACHERS.get(name, "fasterrcnn-teacher")][1]["map50_95"]
-        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / (t_map - base[s]["map50_95"]) for s in per_seed]
+        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / max(t_map - base[s]["map50_95"], 1e-9)
+                for s in per_seed]  # a teacher below its baseline makes this meaningless: the table shows both
         above = all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
         rows.append(row + [f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})"
                            + ("" if above else ", not above baseline on every seed"),

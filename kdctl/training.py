@@ -201,12 +201,6 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             return done
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
-    if stage == "distill":
-        from kdctl.detectors.yolo import check_distillable
-
-        for ref, field in ((student_ref, "student.model"), (teacher_ref, "teacher.model")):
-            if ref.kind == "yaml":
-                _check_yaml(lambda: check_distillable(ref.ref, f"{field} ('{ref.ref}')", source))
     in_bundles = [r.bundle.path for r in (student_ref, teacher_ref) if r is not None and r.bundle is not None]
     may_overwrite = overwrite or bool(resume and info and info.get("overwrite"))
     with claim_output(out, overwrite=may_overwrite, inputs=in_bundles):
@@ -223,16 +217,6 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage}
         return _train_and_publish(recipe, stage, source, out, work, state if resume else "none", info,
                                   student_ref, teacher_ref, may_overwrite, skip_invalid, progress)
-
-
-def _check_yaml(check) -> None:
-    """Run a family check on a model YAML; a YAML that does not parse is reported later, when it is built."""
-    try:
-        check()
-    except RecipeError:
-        raise
-    except Exception:
-        pass
 
 
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:
@@ -278,11 +262,9 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     """The student's family (its model built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
     from kdctl.detectors import family, torchvision, yolo
-    from kdctl.detectors.yolo import DistillSetup, check_distillable
+    from kdctl.detectors.yolo import DistillSetup
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
-    if stage == "distill":
-        check_distillable(student0, f"student.model ('{student_ref.ref}')", source)
     fam = family(student0)
     if recipe.distill.quantize and fam is not yolo:
         raise RecipeError(f"{source}: distill.quantize: quantization-aware training is available for YOLO students; "
@@ -291,7 +273,6 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     if stage != "distill" or state == "finished":
         return fam, None
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
-    check_distillable(teacher, f"teacher.model ('{teacher_ref.ref}')", source)
     if (family(teacher) is torchvision) != (fam is torchvision):
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
                           f"{fam.LABEL} student: distillation between a two-stage and a one-stage detector is not "

@@ -686,11 +686,11 @@ def _(c):
         ["student.model", "student.pt"]
 
 
-@case("distill-student-is-rtdetr")
+@case("distill-rtdetr-student-with-a-yolo-head-loss")
 def _(c):
-    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-l.yaml", teacher="yolov8-tiny.yaml")), "--out",
-            str(c.tmp / "x")], 2, \
-        ["student.model", "RT-DETR", "distill"]
+    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",
+                                         losses="[{name: ld}]")), "--out", str(c.tmp / "x")], 2, \
+        ["distill.losses[0]", "'ld' is a dense-head loss"]
 
 
 @case("train-qat-rtdetr-student")
@@ -713,10 +713,17 @@ def _(c):
         ["teacher.model", "YOLO teacher", "torchvision student", "not available yet"]
 
 
-@case("distill-teacher-is-rtdetr")
+@case("distill-yolo-head-loss-from-rtdetr-teacher")
 def _(c):
-    return ["distill", str(c.yolo_recipe("r", c.data, teacher="rtdetr-tiny.yaml")), "--out", str(c.tmp / "x")], 2, \
-        ["teacher.model", "RT-DETR"]
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher="rtdetr-tiny.yaml", losses="[{name: kd_logit}]")),
+            "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "kd_logit", "dense-head loss", "detr_logit"]
+
+
+@case("distill-detr-logit-with-a-yolo-teacher")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",
+                                         losses="[{name: detr_logit}]")),
+            "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "detr_logit", "teacher is not an RT-DETR"]
 
 
 @case("train-rtdetr-checkpoint-of-wrong-family-as-yaml")

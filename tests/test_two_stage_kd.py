@@ -102,7 +102,7 @@ def test_two_stage_distill_resumes_after_a_kill(tmp_path, tiny_data, teacher_ckp
     ("[{name: pkd, student_layers: [net.nothing]}]", STUDENT, SAME_ANCHORS_TEACHER,
      "distill.losses[0].student_layers: no module 'net.nothing'"),
     ("[{name: cwd}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "teacher.model: a torchvision teacher"),
-    ("[{name: roi_kd}]", "yolov8-tiny.yaml", "yolov8-tiny.yaml", "distill.losses[0].level: 'roi' does not apply to YOLO detectors"),
+    ("[{name: roi_kd}]", "yolov8-tiny.yaml", "yolov8-tiny.yaml", "distill.losses[0]: 'roi_kd' reads the RoI head of two-stage (torchvision) detectors"),
 ])
 def test_two_stage_pairs_and_levels_refused_in_one_line(tmp_path, tiny_data, losses, student, teacher, message):
     r = _recipe(tmp_path, tiny_data, teacher, losses=losses, student=student)

@@ -5,14 +5,15 @@ other module does. A family module provides:
 
 - build / load: ``build_detector(cfg, nc)`` from a model YAML (nothing downloaded), ``load_detector(path)`` from a
   checkpoint, ``check_model_name(name, field, source)`` for a name the library resolves itself;
-- fit: the trainer (``KDTrainer``) with the KD criterion and the frozen teacher attached;
+- fit: the trainer (``KDTrainer``, ``KDRTDETRTrainer``, torchvision's ``Trainer``) with the KD criterion and the
+  frozen teacher attached;
 - facts about a model: ``num_classes``, ``max_stride``, ``gflops``; ``plain_student`` strips KD parts;
 - deployment: ``save_checkpoint`` (a checkpoint the library loads as its own), ``float_tail`` (graph nodes INT8
   quantization must leave in float: the box decoding).
 
 Families: Ultralytics YOLO (:mod:`kdctl.detectors.yolo`), Ultralytics RT-DETR (:mod:`kdctl.detectors.rtdetr`) and
 torchvision's Faster R-CNN (:mod:`kdctl.detectors.torchvision`, its distillation in
-:mod:`kdctl.detectors.torchvision_kd`); RT-DETR trains, evaluates, exports and profiles, its KD levels come later.
+:mod:`kdctl.detectors.torchvision_kd`); RT-DETR's KD model and trainer live in its module.
 :func:`family` picks the module for a model, a model YAML or a ``torchvision:`` name.
 """
 

@@ -1,5 +1,4 @@
-"""Ultralytics RT-DETR as a kdctl detector family (train, eval, export, profile; distillation levels come with the
-DETR-family KD losses).
+"""Ultralytics RT-DETR as a kdctl detector family (train, distill, eval, export, profile).
 
 RT-DETR shares Ultralytics' checkpoint format and model-YAML parsing with YOLO (:mod:`kdctl.detectors.yolo` loads
 and saves both); what differs lives here: the trainer (Ultralytics' ``RTDETRTrainer``: Hungarian matching,
@@ -24,6 +23,11 @@ prepare()
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
+from kdctl.detectors.yolo import KDTrainer, TeacherRef  # noqa: E402
+from kdctl.distill.criterion import DistillContext  # noqa: E402
+from kdctl.distill.losses.registry import kd_item  # noqa: E402
+from kdctl.distill.taps import FeatureTaps  # noqa: E402
+
 LABEL = "RT-DETR"
 MIN_OPSET = 16  # grid_sample in the deformable attention
 SET_OUTPUT = True  # queries are a set: parity pairs them first (kdctl.export.base.align_sets)
@@ -47,13 +51,73 @@ def build_detector(cfg, nc: int) -> nn.Module:
     return RTDETRDetectionModel(str(cfg), nc=nc, verbose=False)
 
 
-def trainer(overrides: dict, callbacks=None):
-    """Ultralytics' RT-DETR trainer (plain training: KD for DETR-family detectors is not there yet)."""
+class KDRTDETRModel(RTDETRDetectionModel):
+    """An RT-DETR student whose training loss adds ``Σ w·KD`` against a frozen teacher: feature terms through taps
+    (an RT-DETR or YOLO teacher), ``detr`` terms on the decoder's queries (an RT-DETR teacher: every student
+    decoder layer's predictions, denoising queries split off, against the teacher's final ones)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kd = None  # a class attribute here would hide the registered submodule
+        self.teacher_ref = TeacherRef(None)
+
+    def attach(self, teacher: nn.Module, criterion) -> None:
+        teacher.eval().requires_grad_(False)
+        self.teacher_ref = TeacherRef(teacher)
+        self.kd = criterion
+
+    def loss(self, batch, preds=None):
+        if not self.training or self.kd is None:  # validation while training: task loss, KD items at zero
+            loss, items = super().loss(batch, preds)
+            zero = torch.zeros((), device=batch["img"].device)
+            return loss, {**items, **{kd_item(n): zero for n in (self.kd.names if self.kd else [])}}
+        teacher = self.teacher_ref.model
+        if teacher is None:
+            raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
+        with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
+            t_raw = teacher.predict(batch["img"])
+        head = len(self.model) - 1
+        with FeatureTaps(self, [*self.kd.student_layers(), head]) as s_taps:
+            task, items = super().loss(batch)  # Ultralytics' own targets, denoising and matching
+        s_out, t_out = dict(s_taps.outputs), dict(t_taps.outputs)
+        if "detr" in self.kd.kinds():
+            boxes, logits, _, _, dn_meta = s_taps.outputs[head]
+            if dn_meta is not None:
+                boxes = boxes.split(dn_meta["dn_num_split"], dim=2)[1]
+                logits = logits.split(dn_meta["dn_num_split"], dim=2)[1]
+            s_out["query"] = {"boxes": boxes, "logits": logits}
+            t_out["query"] = {"boxes": t_raw[1][0][-1], "logits": t_raw[1][1][-1]}
+        kd = self.kd(s_out, t_out, DistillContext.from_batch(batch), float(task.detach()))
+        kd_total = torch.stack(list(kd.values())).sum()
+        return task + kd_total, {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
+
+
+class KDRTDETRTrainer(KDTrainer, RTDETRTrainer):
+    """Ultralytics' RT-DETR trainer (its dataset, validator, denoising) with the student built as a
+    :class:`KDRTDETRModel` and the frozen teacher attached, as :class:`~kdctl.detectors.yolo.KDTrainer` does for
+    YOLO."""
+
+    kd_model = KDRTDETRModel
+
+
+def trainer(overrides: dict, callbacks=None, distill=None):
+    """Ultralytics' RT-DETR trainer; with ``distill`` (a ``DistillSetup``) the student learns from the teacher too."""
+    if distill is not None:
+        return KDRTDETRTrainer(overrides=overrides, distill=distill, callbacks=callbacks)
     return RTDETRTrainer(overrides=overrides, _callbacks=callbacks)
 
 
 def plain_student(model: nn.Module) -> nn.Module:
-    return model.float().eval()
+    """The student alone: an ``RTDETRDetectionModel`` with the same weights, without KD criterion and adapters."""
+    model = model.float()
+    if not isinstance(model, KDRTDETRModel):
+        return model.eval()
+    student = RTDETRDetectionModel(model.yaml, nc=model.model[-1].nc, verbose=False)
+    student.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("kd.")})
+    for attr in ("names", "stride", "args", "nc"):
+        if hasattr(model, attr):
+            setattr(student, attr, getattr(model, attr))
+    return student.eval()
 
 
 def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool = False,

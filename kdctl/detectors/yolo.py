@@ -102,6 +102,13 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     for i, spec in enumerate(losses):
         entry = LOSSES[spec.name]
         level = spec.level or entry.default_level
+        if entry.kind == "detr":
+            _check_detr_pair(student, teacher, spec, i, source)
+            plans.append((i, spec, entry, ["query"], ["query"]))
+            continue
+        if entry.kind in ("rpn", "roi"):
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the {'RPN' if entry.kind == 'rpn' else 'RoI head'} "
+                              "of two-stage (torchvision) detectors; YOLO and RT-DETR have none")
         role = {"backbone": "backbone", "neck": "neck", "feature": "neck", "head": "head", "logit": "head"}.get(level)
         if role is None:
             raise RecipeError(f"{source}: distill.losses[{i}].level: '{level}' does not apply to YOLO detectors")
@@ -118,8 +125,8 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
         plans.append((i, spec, entry, s_layers, t_layers))
 
-    s_all = sorted({j for p in plans for j in p[3]}, key=str)
-    t_all = sorted({j for p in plans for j in p[4]}, key=str)
+    s_all = sorted({j for p in plans if p[2].kind != "detr" for j in p[3]}, key=str)
+    t_all = sorted({j for p in plans if p[2].kind != "detr" for j in p[4]}, key=str)
     dev = next(student.parameters()).device
     x = torch.zeros(2, 3, imgsz, imgsz, device=dev)
     was = student.training
@@ -132,7 +139,13 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     terms, seen = [], {}
     for i, spec, entry, s_layers, t_layers in plans:
         s_ch, t_ch = [], []
-        if entry.kind == "head":
+        if entry.kind == "detr":
+            pass
+        elif entry.kind == "head":
+            if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
+                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a dense-head loss for YOLO "
+                                  "detectors; RT-DETR distills its predictions with detr_logit (both models RT-DETR) "
+                                  "or its features (backbone, neck)")
             try:
                 sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
             except ValueError as e:
@@ -155,6 +168,20 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 
 
+def _check_detr_pair(student, teacher, spec, i: int, source: str) -> None:
+    for model, side in ((student, "student"), (teacher, "teacher")):
+        if head_name(model) != "RTDETRDecoder":
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' matches DETR decoder queries, but the "
+                              f"{side} is not an RT-DETR detector; distill a YOLO/RT-DETR pair at the backbone or "
+                              "neck level (pkd, cwd)")
+    if spec.student_layers is not None or spec.teacher_layers is not None:
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the decoder's predictions; drop "
+                          "student_layers/teacher_layers")
+    if student.model[-1].nc != teacher.model[-1].nc:
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the same classes, but the student "
+                          f"predicts {student.model[-1].nc} and the teacher {teacher.model[-1].nc}")
+
+
 class KDTrainer(DetectionTrainer):
     """Ultralytics' detection trainer with the student built as a :class:`KDDetectionModel`.
 
@@ -163,6 +190,7 @@ class KDTrainer(DetectionTrainer):
     """
 
     _MISSING = object()
+    kd_model = KDDetectionModel  # the student class with the KD loss (RT-DETR's trainer swaps in its own)
 
     def __init__(self, overrides: dict, distill: DistillSetup | None = _MISSING, callbacks=None):
         if distill is KDTrainer._MISSING:
@@ -178,7 +206,7 @@ class KDTrainer(DetectionTrainer):
         if self.distill is None or not self.distill.losses:
             return super().get_model(cfg, weights, verbose)
         model = self.set_model_names_for_load(
-            KDDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False))
+            self.kd_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False))
         teacher = self.distill.teacher.to(self.device).float()
         model.to(self.device)
         model.args = self.args
@@ -299,17 +327,6 @@ def check_family(cfg_or_model, field: str, source: str) -> None:
                 "Classify": "a classifier"}.get(head, f"a '{head}' model")
         raise RecipeError(f"{source}: {field}: is {kind}; kdctl trains and exports Ultralytics detection models "
                           f"(YOLO heads {' or '.join(DETECT_HEADS)}, or RT-DETR)")
-
-
-def check_distillable(cfg_or_model, field: str, source: str) -> None:
-    """Distillation losses exist for YOLO and torchvision detectors; refuse another family in one line that names
-    the field."""
-    if type(cfg_or_model).__name__ == "TorchvisionDetector":
-        return
-    if head_name(cfg_or_model) == "RTDETRDecoder":
-        raise RecipeError(f"{source}: {field}: is an RT-DETR detector; kdctl trains, evaluates and exports RT-DETR "
-                          "(`kdctl train`), but its distillation losses (query-, feature- and logit-level KD) are "
-                          "not available yet: distill between YOLO detectors")
 
 
 def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:

@@ -13,6 +13,11 @@ from kdctl.distill.losses import LOSSES
 from kdctl.distill.taps import head_outputs
 
 
+# terms that read a family's own outputs under these keys (``s_out["roi"]`` ...) rather than tapped modules
+PSEUDO_KINDS = ("rpn", "roi", "detr")
+PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query"}
+
+
 @dataclass
 class DistillContext:
     """What some losses need beyond the maps: ground-truth boxes (xyxy, input pixels) per image and input size."""
@@ -46,7 +51,7 @@ class DistillTerm(nn.Module):
         entry = LOSSES[loss]
         self.name, self.loss_name, self.kind = name, loss, entry.kind
         self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
-        if entry.kind in ("head", "rpn", "roi"):
+        if entry.kind in PSEUDO_KINDS or entry.kind == "head":
             # one loss over the whole head; a RoI feature loss gets its adapter's channel counts
             self.losses = nn.ModuleList([entry.cls(s_channels[0], t_channels[0], **params) if s_channels else
                                          entry.cls(**params)])
@@ -56,8 +61,8 @@ class DistillTerm(nn.Module):
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext) -> torch.Tensor:
         if self.kind == "head":
             return self.losses[0](head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]]), ctx)
-        if self.kind in ("rpn", "roi"):
-            return self.losses[0](s_out[self.kind], t_out[self.kind], ctx)
+        if self.kind in PSEUDO_KINDS:
+            return self.losses[0](s_out[PSEUDO_KEY[self.kind]], t_out[PSEUDO_KEY[self.kind]], ctx)
         vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
         return torch.stack(vals).mean()
 
@@ -86,10 +91,14 @@ class DistillationCriterion(nn.Module):
         return [t.name for t in self.terms]
 
     def student_layers(self) -> list[int]:
-        return sorted({i for t in self.terms for i in t.s_layers}, key=str)
+        """The student modules to tap (terms reading RPN/RoI/decoder outputs are fed by the family instead)."""
+        return sorted({i for t in self.terms if t.kind not in PSEUDO_KINDS for i in t.s_layers}, key=str)
 
     def teacher_layers(self) -> list[int]:
-        return sorted({i for t in self.terms for i in t.t_layers}, key=str)
+        return sorted({i for t in self.terms if t.kind not in PSEUDO_KINDS for i in t.t_layers}, key=str)
+
+    def kinds(self) -> set[str]:
+        return {t.kind for t in self.terms}
 
     def _balance_scales(self, task_loss: float, raw: list[torch.Tensor]) -> list[float]:
         import statistics

@@ -12,7 +12,8 @@ class LossEntry:
     cls: type
     levels: tuple[str, ...]   # taxonomy levels the loss may be attached at; the first is its default
     kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs;
-                              # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals
+                              # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals;
+                              # "detr": a DETR decoder's per-layer predictions (student) and final ones (teacher)
     params: dict              # parameter name -> default, read from the constructor
     paper: str
 
@@ -25,7 +26,7 @@ LOSSES: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
-    if kind not in ("feature", "head", "rpn", "roi"):
+    if kind not in ("feature", "head", "rpn", "roi", "detr"):
         raise ValueError(kind)
 
     def deco(cls):

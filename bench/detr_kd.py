@@ -1,0 +1,125 @@
+"""DETR-family distillation benchmark on the built-in data: the YOLOv8n-RT-DETR teacher, kdctl's tiny RT-DETR
+student (baseline) and the student distilled at each level (``recipes/rtdetr-distill-*.yaml``: logit, feature,
+combined), plus the cross-family pairs beside their same-family baselines (``rtdetr-to-yolo``: RT-DETR teacher →
+YOLO student vs the YOLO baseline; ``yolo-to-rtdetr``: the YOLOv8n quickstart teacher → RT-DETR student), over
+several seeds.
+
+Same data, epochs and training settings per student family (the recipes'); only train.seed changes. Reports COCO
+mAP50-95, each baseline's seed-to-seed spread, "gap closed" per seed against the row's teacher and its mean, train
+time and the step-time ratio (median epoch seconds vs the baseline's). Teachers are trained once and reused.
+
+    python bench/detr_kd.py --seeds 0 1 2
+    python bench/detr_kd.py --runs yolo-to-rtdetr --seeds 0 1 2     # one row (and what it needs)
+    python bench/detr_kd.py --smoke                                  # minutes: checks the script, writes no doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, machine, table, write_section  # noqa: E402
+
+# run -> (recipe, teacher recipe, baseline recipe)
+RUNS = {
+    "logit": ("rtdetr-distill-logit", "rtdetr-teacher", "rtdetr-student"),
+    "feature": ("rtdetr-distill-feature", "rtdetr-teacher", "rtdetr-student"),
+    "combined": ("rtdetr-distill-combined", "rtdetr-teacher", "rtdetr-student"),
+    "rtdetr-to-yolo": ("rtdetr-to-yolo", "rtdetr-teacher", "quickstart-student"),
+    "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
+}
+
+
+def _recipe(name: str, seed: int, teacher: Path | None, a):
+    from kdctl.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    d = r.model_dump()
+    d["train"]["seed"] = seed
+    d["train"]["device"] = a.device
+    if a.epochs:
+        d["train"]["epochs"] = a.epochs
+    if a.smoke:
+        d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
+        d["train"].update(imgsz=64, batch=4)
+    if teacher is not None and d.get("teacher"):
+        d["teacher"]["model"] = str(teacher)
+    return type(r).model_validate(d)
+
+
+def run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, a) -> dict:
+    from kdctl.bundle import load_bundle
+    from kdctl.training import run_training
+
+    if not (out / "manifest.json").is_file():
+        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+        run_training(_recipe(name, seed, teacher, a), stage=stage, source=name, out=out)
+    m = load_bundle(out).metrics
+    return {"map50_95": m["map50_95"], "train_s": m["train_seconds"],
+            "epoch_s": statistics.median(e["time_s"] for e in m["epochs"]) if m.get("epochs") else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of every run; default: the recipes'")
+    ap.add_argument("--smoke", action="store_true", help="tiny data and 1 epoch: checks the script, no doc written")
+    ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / "detr"))
+    a = ap.parse_args()
+    if a.smoke:
+        a.epochs, a.seeds = a.epochs or 1, a.seeds[:1]
+    root = Path(a.root) / ("smoke" if a.smoke else "full")
+    teachers = {t: (root / t, run(t, "train", 0, None, root / t, a)) for t in sorted({RUNS[r][1] for r in a.runs})}
+    res: dict[str, dict[int, dict]] = {}
+    for seed in a.seeds:
+        for base in sorted({RUNS[r][2] for r in a.runs}):
+            res.setdefault(base, {})[seed] = run(base, "train", seed, None, root / f"{base}-s{seed}", a)
+        for r in a.runs:
+            recipe, teacher, _ = RUNS[r]
+            res.setdefault(r, {})[seed] = run(recipe, "distill", seed, teachers[teacher][0], root / f"{r}-s{seed}", a)
+        (root / "results.json").write_text(json.dumps(res, indent=1))
+
+    rows = [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]
+            for t, (_, r) in teachers.items()]
+    spreads = {}
+    for name, per_seed in res.items():
+        maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
+        mean, half = sum(maps) / len(maps), (max(maps) - min(maps)) / 2
+        row = [name, "", " / ".join(f"{m:.4f}" for m in maps), round(mean, 4), round(half, 4) if len(maps) > 1 else ""]
+        train_s = round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1)
+        if name not in RUNS:  # a baseline
+            spreads[name] = half
+            rows.append(row[:1] + ["baseline"] + row[2:] + ["", train_s, "1.00"])
+            continue
+        _, teacher, base_name = RUNS[name]
+        base, t_map = res[base_name], teachers[teacher][1]["map50_95"]
+        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / max(t_map - base[s]["map50_95"], 1e-9)
+                for s in per_seed]  # a teacher below its baseline makes this meaningless: the table shows both
+        above = all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
+        ratio = statistics.median(per_seed[s]["epoch_s"] for s in per_seed) / statistics.median(
+            base[s]["epoch_s"] for s in base)
+        rows.append(row[:1] + [f"vs {base_name}, teacher {teacher}"] + row[2:] +
+                    [f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})"
+                     + ("" if above else ", not above baseline on every seed"), train_s, f"{ratio:.2f}"])
+    body = (f"## DETR-family distillation (RT-DETR) and RT-DETR ↔ YOLO\n\n{machine()}; device {a.device}. "
+            f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(a.runs)}`: the "
+            "recipes' data and settings (built-in clear scenes, 128 px); teachers trained once. Gap closed per seed "
+            "= (student_KD − baseline) / (teacher − baseline) against the row's teacher and baseline; baseline "
+            f"half-ranges over seeds: {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}.\n\n"
+            + table(["run", "role", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
+                     "train s", "epoch time / baseline"], rows) + "\n")
+    print(body)
+    if not a.smoke:
+        write_section("detr-kd", body)
+
+
+if __name__ == "__main__":
+    main()
