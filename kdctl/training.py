@@ -258,6 +258,25 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
                     progress)
 
 
+def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> list[dict]:
+    """``kdctl recipe check --models``: build the student and, for a recipe with distillation losses, the teacher
+    and the KD criterion exactly as ``distill`` would (layers resolved, adapters sized, pairs and levels checked),
+    without training or writing a bundle. Returns the resolved KD terms."""
+    from kdctl.detectors import build_criterion
+
+    ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
+    distill = bool(recipe.distill.losses) and recipe.teacher is not None
+    student_ref = resolve_model(recipe.student.model, "student.model", source)
+    teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if distill else None
+    _, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref, teacher_ref)
+    if setup is None:
+        return []
+    student = load_model(student_ref, ds.nc, "student.model", source)
+    kd = build_criterion(student, setup, recipe.train.imgsz)
+    return [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
+             "weight": t.weight} for t in kd.terms]
+
+
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
     """The student's family (its model built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""

@@ -129,3 +129,19 @@ def test_rtdetr_distill_resumes_after_a_kill(tmp_path, tiny_data):
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "kd", verify=True)
     assert [e["epoch"] for e in b.metrics["epochs"]] == [1, 2] and b.metrics["epochs"][1]["train/kd_detr_logit"] > 0
+
+
+def test_recipe_check_models_resolves_terms_and_refuses_a_bad_pair(tmp_path, tiny_data):
+    """``recipe check --models`` builds both models and the criterion as distill would, without training."""
+    import json
+
+    good = _recipe(tmp_path, tiny_data, "rtdetr-tiny.yaml", "rtdetr-tiny.yaml",
+                   "[{name: detr_logit}, {name: pkd, level: neck}]")
+    res = CliRunner().invoke(app, ["recipe", "check", str(good), "--models", "--json"])
+    assert res.exit_code == 0, res.output
+    terms = {t["name"]: t for t in json.loads(res.stdout)["kd_terms"]}
+    assert terms["detr_logit"]["student_layers"] == ["query"] and len(terms["pkd"]["teacher_layers"]) == 3
+    bad = _recipe(tmp_path, tiny_data, "yolov8-tiny.yaml", "rtdetr-tiny.yaml", "[{name: ld}]")
+    res = CliRunner().invoke(app, ["recipe", "check", str(bad), "--models"])
+    assert res.exit_code == 2 and "distill.losses[0]: 'ld' is a dense-head loss" in res.output, res.output
+    assert not list(tmp_path.glob("runs*")) and not (tmp_path / "kd").exists()  # nothing trained or written

@@ -11,10 +11,13 @@ app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their J
 
 
 @app.command("check")
-def check(recipe: RecipeArg, json_: JsonOpt = False) -> None:
+def check(recipe: RecipeArg, json_: JsonOpt = False,
+          models: bool = typer.Option(False, "--models", help="Also build the student, the teacher and the KD "
+                                      "criterion as distill would (data resolved, layers and loss/level/pair checked); "
+                                      "nothing is trained or written.")) -> None:
     """Validate a recipe and print it with every default filled in.
 
-    Example: [bold]kdctl recipe check recipes/quickstart.yaml[/bold]
+    Example: [bold]kdctl recipe check recipes/quickstart.yaml --models[/bold]
     """
     import yaml
 
@@ -22,9 +25,21 @@ def check(recipe: RecipeArg, json_: JsonOpt = False) -> None:
 
     r = load_recipe(recipe)
     data = r.model_dump(mode="json")
-    emit(data, as_json=json_, human=lambda: (
-        console.print(f"[green]OK[/green] {recipe}"),
-        console.print(Syntax(yaml.safe_dump(data, sort_keys=False), "yaml"))))
+    terms = None
+    if models:
+        from kdctl.training import check_models
+
+        terms = check_models(r, source=str(recipe))
+    out = data if terms is None else {**data, "kd_terms": terms}
+
+    def human():
+        console.print(f"[green]OK[/green] {recipe}")
+        console.print(Syntax(yaml.safe_dump(data, sort_keys=False), "yaml"))
+        for t in terms or []:
+            console.print(f"KD term [bold]{t['name']}[/bold]: student {t['student_layers']} ← teacher "
+                          f"{t['teacher_layers']}")
+
+    emit(out, as_json=json_, human=human)
 
 
 @app.command("schema")

@@ -43,6 +43,18 @@ def family(model_or_cfg) -> ModuleType:
     return yolo
 
 
+def build_criterion(student, setup, imgsz: int):
+    """The KD criterion of a ``DistillSetup`` for this student's family (layers resolved, adapters sized, every
+    loss's pair and level checked; a mismatch is a one-line ``RecipeError``)."""
+    fam = family(student)
+    if getattr(fam, "FAMILY", None) == "torchvision":
+        from kdctl.detectors.torchvision_kd import build_criterion as build
+    else:
+        from kdctl.detectors.yolo import build_criterion as build  # YOLO and RT-DETR share Ultralytics' layer list
+    return build(student, setup.teacher, setup.losses, setup.balance, imgsz, setup.source, setup.balance_batches,
+                 setup.balance_cap)
+
+
 def dense_module(model):
     """A module whose eval output is kdctl's dense layout ``(N, 4 + nc, A)`` (boxes in input pixels, class
     probabilities), for the evaluator and parity checks."""
