@@ -292,10 +292,10 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     if stage != "distill" or state == "finished":
         return fam, None
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
-    if (family(teacher) is torchvision) != (fam is torchvision):
+    if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
-                          f"{fam.LABEL} student: distillation between a two-stage and a one-stage detector is not "
-                          "available yet; pair torchvision with torchvision detectors, YOLO with YOLO")
+                          f"{fam.LABEL} student: a one-stage teacher for a two-stage student is not available yet; "
+                          "use a torchvision teacher (a two-stage teacher can teach a YOLO or RT-DETR student)")
     # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
     d = recipe.distill
     return fam, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)

@@ -101,7 +101,8 @@ def test_two_stage_distill_resumes_after_a_kill(tmp_path, tiny_data, teacher_ckp
     ("[{name: roi_kd, level: rpn}]", STUDENT, SAME_ANCHORS_TEACHER, "distill.losses[0].level: 'roi_kd' applies at roi, not 'rpn'"),
     ("[{name: pkd, student_layers: [net.nothing]}]", STUDENT, SAME_ANCHORS_TEACHER,
      "distill.losses[0].student_layers: no module 'net.nothing'"),
-    ("[{name: cwd}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "teacher.model: a torchvision teacher"),
+    ("[{name: cwd}]", STUDENT, "yolov8-tiny.yaml", "teacher.model: a YOLO teacher"),
+    ("[{name: kd_logit}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "'kd_logit' needs a YOLO teacher's dense head"),
     ("[{name: roi_kd}]", "yolov8-tiny.yaml", "yolov8-tiny.yaml", "distill.losses[0]: 'roi_kd' reads the RoI head of two-stage (torchvision) detectors"),
 ])
 def test_two_stage_pairs_and_levels_refused_in_one_line(tmp_path, tiny_data, losses, student, teacher, message):
@@ -111,3 +112,20 @@ def test_two_stage_pairs_and_levels_refused_in_one_line(tmp_path, tiny_data, los
     assert message in res.output and "Traceback" not in res.output, res.output
     assert str(r) in res.output
     assert not (tmp_path / "kd").exists()
+
+
+@pytest.mark.slow
+def test_faster_rcnn_teacher_teaches_a_yolo_student_at_matching_strides(tmp_path, tiny_data):
+    """Cross-family: the ResNet-50 FPN's P3-P5 maps pair with the YOLO neck's P3-P5 by stride (P2 has no partner);
+    the teacher runs only its transform and backbone + FPN."""
+    from kdctl.bundle import load_bundle
+
+    r = _recipe(tmp_path, tiny_data, "torchvision:fasterrcnn_resnet50_fpn", student="yolov8-tiny.yaml",
+                losses="[{name: pkd, level: neck}]")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd")])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "kd", verify=True)
+    term = b.metrics["kd_terms"][0]
+    assert term["student_layers"] == [15, 18, 21]
+    assert term["teacher_layers"] == ["net.backbone[1]", "net.backbone[2]", "net.backbone[3]"]
+    assert b.metrics["epochs"][0]["train/kd_pkd"] > 0

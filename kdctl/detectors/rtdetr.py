@@ -23,7 +23,7 @@ prepare()
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
-from kdctl.detectors.yolo import KDTrainer, TeacherRef  # noqa: E402
+from kdctl.detectors.yolo import KDTrainer, TeacherRef, teacher_forward  # noqa: E402
 from kdctl.distill.criterion import DistillContext  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps  # noqa: E402
@@ -75,7 +75,7 @@ class KDRTDETRModel(RTDETRDetectionModel):
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
         with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
-            t_raw = teacher.predict(batch["img"])
+            t_raw = teacher_forward(teacher, batch["img"])
         head = len(self.model) - 1
         with FeatureTaps(self, [*self.kd.student_layers(), head]) as s_taps:
             task, items = super().loss(batch)  # Ultralytics' own targets, denoising and matching

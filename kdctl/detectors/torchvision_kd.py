@@ -152,6 +152,45 @@ def _layers(student, teacher, spec, role: str, imgsz: int, where: str) -> tuple[
     return s_layers, t_layers
 
 
+def backbone_forward(model: nn.Module, x: torch.Tensor):
+    """The detector's transform and backbone + FPN on a batch of letterboxed canvases (0..1): what feature taps of
+    a two-stage teacher read when it teaches a one-stage student."""
+    images, _ = model.net.transform(list(x.unbind(0)))
+    return model.net.backbone(images.tensors)
+
+
+def stride_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, teacher_layers, role: str, imgsz: int,
+                 student_maps) -> tuple[list, list]:
+    """A one-stage student's tapped layers paired with a two-stage teacher's maps of the same size (stride): the
+    teacher's sites at ``role`` (or the module paths given), each student layer with the first unused teacher map of
+    its size; student layers without one are left out. ``student_maps(model, layers, imgsz)`` gives the student's
+    ``{layer: (C, H, W)}``. Raises ``ValueError`` (one line) when nothing pairs."""
+    teacher.net.transform.min_size, teacher.net.transform.max_size = (imgsz,), imgsz
+    if isinstance(teacher_layers, list):
+        _check_keys(teacher, teacher_layers, "teacher_layers")
+        t_sites = _shapes(teacher, teacher_layers, imgsz)
+    else:
+        t_role = teacher_layers if isinstance(teacher_layers, str) else role
+        if t_role not in ("backbone", "neck"):
+            raise ValueError(f"role '{t_role}' does not apply to a two-stage teacher; use backbone, neck or module "
+                             "paths like net.backbone[0]")
+        t_sites = tap_sites(teacher, t_role, imgsz)
+    s_sites = student_maps(student, s_layers, imgsz)
+    pairs_s, pairs_t = [], []
+    for sl in s_layers:
+        if s_sites.get(sl) is None:
+            continue
+        match = [tk for tk, v in t_sites.items() if v is not None and v[1:] == s_sites[sl][1:] and tk not in pairs_t]
+        if match:
+            pairs_s.append(sl)
+            pairs_t.append(match[0])
+    if not pairs_s:
+        raise ValueError(f"no teacher map has the size of a student layer {s_layers} at imgsz {imgsz} (teacher "
+                         f"maps {[(k, v[1:]) for k, v in t_sites.items() if v]}); give teacher_layers as module "
+                         "paths and student_layers to match")
+    return pairs_s, pairs_t
+
+
 def _rpn_outputs(model: nn.Module, imgsz: int) -> dict:
     p = next(model.parameters())
     with torch.no_grad():

@@ -71,7 +71,7 @@ class KDDetectionModel(DetectionModel):
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
         with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
-            teacher.predict(batch["img"])
+            teacher_forward(teacher, batch["img"])
         with FeatureTaps(self, self.kd.student_layers()) as s_taps:
             preds = self.predict(batch["img"])
         task, items = self.criterion(preds, batch)
@@ -116,10 +116,22 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             s_layers = resolve_layers(student, spec.student_layers, role, imgsz)
         except (IndexError, ValueError) as e:
             raise RecipeError(f"{source}: distill.losses[{i}].student_layers: {e}") from None
-        try:
-            t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
-        except (IndexError, ValueError) as e:
-            raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+        if _is_two_stage(teacher):
+            if entry.kind == "head":
+                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs a YOLO teacher's dense head; "
+                                  "a two-stage teacher distills a YOLO student at the backbone or neck level")
+            from kdctl.detectors.torchvision_kd import stride_pairs
+
+            try:
+                s_layers, t_layers = stride_pairs(student, s_layers, teacher, spec.teacher_layers, role, imgsz,
+                                                  _dummy_maps)
+            except ValueError as e:
+                raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+        else:
+            try:
+                t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
+            except (IndexError, ValueError) as e:
+                raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
         if len(s_layers) != len(t_layers):
             raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
@@ -133,7 +145,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     student.eval()
     with torch.no_grad(), FeatureTaps(student, s_all) as st, FeatureTaps(teacher, t_all) as tt:
         student.predict(x)
-        teacher.predict(x.to(next(teacher.parameters()).device))
+        teacher_forward(teacher, x.to(next(teacher.parameters()).device))
     student.train(was)
 
     terms, seen = [], {}
@@ -166,6 +178,32 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         seen[spec.name] = seen.get(spec.name, 0) + 1
         terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
+
+
+def _is_two_stage(model: nn.Module) -> bool:
+    return type(model).__name__ == "TorchvisionDetector"
+
+
+def teacher_forward(teacher: nn.Module, img: torch.Tensor):
+    """Run the teacher on a batch for its taps: Ultralytics models predict; a two-stage (torchvision) teacher runs
+    its transform and backbone + FPN only (what feature KD reads)."""
+    if _is_two_stage(teacher):
+        from kdctl.detectors.torchvision_kd import backbone_forward
+
+        return backbone_forward(teacher, img)
+    return teacher.predict(img)
+
+
+def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:
+    """``{layer: (C, H, W)}`` of a YOLO/RT-DETR model's tapped outputs on a blank batch."""
+    p = next(model.parameters())
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FeatureTaps(model, layers) as taps:
+        model.predict(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
+    model.train(was)
+    return {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim == 4 else None
+            for k, v in taps.outputs.items()}
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str) -> None:
