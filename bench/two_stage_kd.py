@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, machine, table, write_section  # noqa: E402
 
-LEVELS = ["rpn", "roi", "crosskd", "mimic", "combined"]
+LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
 
 

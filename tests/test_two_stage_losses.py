@@ -123,3 +123,37 @@ def test_roi_mimic_by_hand_and_its_adapter_trains():
     out = loss({"pooled": s["pooled"].requires_grad_()}, wide)
     out.backward()
     assert loss.align.proj[0].weight.grad is not None and s["pooled"].grad.abs().sum() > 0
+
+
+def test_fgfi_mask_and_value_by_hand():
+    """One 16x16 box on an 8x8 map at stride 8 (anchors 16 px, ratios 0.5/1/2): the mask is every cell with an anchor
+    whose IoU exceeds half the best anchor IoU, found here by looping over cells and anchors."""
+    from kdctl.distill.criterion import DistillContext
+    from kdctl.distill.losses.feature import FineGrainedFeatureImitation
+
+    box = [4.0, 6.0, 20.0, 22.0]
+    stride, scale, psi = 8.0, 2.0, 0.5
+
+    def iou(a, b):
+        iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    ious = {}
+    for y in range(8):
+        for x in range(8):
+            cx, cy = (x + 0.5) * stride, (y + 0.5) * stride
+            for r in (0.5, 1.0, 2.0):
+                w, h = scale * stride / math.sqrt(r), scale * stride * math.sqrt(r)
+                ious.setdefault((y, x), []).append(iou([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], box))
+    best = max(max(v) for v in ious.values())
+    cells = {k for k, v in ious.items() if max(v) > psi * best}
+    assert 1 < len(cells) < 16
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    ctx = DistillContext(imgsz=64, boxes=[torch.tensor([box]), torch.zeros(0, 4)])  # image 2: no boxes
+    total = sum((s[0, c, y, x] - t[0, c, y, x]).item() ** 2 for (y, x) in cells for c in range(3))
+    expected = total / (2 * len(cells))
+    assert FineGrainedFeatureImitation(3, 3, psi=psi, scale=scale)(s, t, ctx).item() == pytest.approx(expected, rel=1e-5)
+    empty = DistillContext(imgsz=64, boxes=[torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert FineGrainedFeatureImitation(3, 3)(s, t, empty).item() == 0.0

@@ -211,3 +211,55 @@ class PearsonCorrelationDistillation(FeatureLoss):
             return (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True, unbiased=False) + 1e-6)
 
         return F.mse_loss(standardise(s), standardise(t)) / 2
+
+
+def fgfi_mask(boxes: list[torch.Tensor], shape: tuple, stride: float, scales=(8.0,), ratios=(0.5, 1.0, 2.0),
+              psi: float = 0.5) -> torch.Tensor:
+    """Fine-grained imitation mask (Wang et al., CVPR 2019) ``(N, H, W)``: for each ground-truth box, the IoU of every
+    anchor at every location; locations with an anchor above ``psi`` × that box's best anchor IoU are 1 (union over
+    boxes). Anchors are centred on the cells, ``scale·stride`` wide at aspect ratios ``ratios`` (h/w)."""
+    n, _, h, w = shape
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) * stride, (torch.arange(w) + 0.5) * stride, indexing="ij")
+    sizes = []
+    for sc in scales:
+        for r in ratios:
+            side = sc * stride
+            sizes.append((side / r ** 0.5, side * r ** 0.5))                     # (width, height), area side²
+    wh = torch.tensor(sizes)                                                       # K, 2
+    cx, cy = xs.reshape(-1, 1), ys.reshape(-1, 1)                                  # HW, 1
+    anchors = torch.stack([cx - wh[:, 0] / 2, cy - wh[:, 1] / 2, cx + wh[:, 0] / 2, cy + wh[:, 1] / 2], -1)  # HW,K,4
+    mask = torch.zeros(n, h * w)
+    for i, b in enumerate(boxes):
+        for box in b.float().reshape(-1, 4):
+            lt = torch.max(anchors[..., :2], box[:2])
+            rb = torch.min(anchors[..., 2:], box[2:])
+            inter = (rb - lt).clamp(min=0).prod(-1)
+            union = (anchors[..., 2:] - anchors[..., :2]).prod(-1) + (box[2:] - box[:2]).clamp(min=0).prod() - inter
+            iou = inter / union.clamp(min=1e-9)                                    # HW, K
+            best = iou.max()
+            if best > 0:
+                mask[i] = torch.maximum(mask[i], (iou > psi * best).any(1).float())
+    return mask.view(n, h, w)
+
+
+@register_loss("fgfi", levels=("neck", "backbone"), kind="feature")
+class FineGrainedFeatureImitation(FeatureLoss):
+    """Distilling Object Detectors with Fine-grained Feature Imitation (Wang et al., CVPR 2019): the adapted student
+    map imitates the teacher's only near objects, ``L = 1/(2·N_p) Σ_(n,i,j) I_nij Σ_c (a(s)_ncij − t_ncij)²`` with the
+    imitation mask ``I`` from anchor IoUs with the ground-truth boxes (:func:`fgfi_mask`, ``psi`` = 0.5) and ``N_p``
+    its positive locations in the batch. The anchors are the Faster R-CNN FPN's per level by default (8× the map's
+    stride, ratios 0.5/1/2); ``scale`` sets another multiple. 0 on a batch without boxes."""
+
+    def __init__(self, s_channels: int, t_channels: int, psi: float = 0.5, scale: float = 8.0):
+        super().__init__(s_channels, t_channels)
+        self.psi, self.scale = psi, scale
+
+    def compute(self, s, t, ctx):
+        n = t.shape[0]
+        stride = ctx.imgsz / t.shape[-1] if ctx is not None else 1.0
+        boxes = ctx.boxes if ctx is not None else [torch.zeros(0, 4)] * n
+        mask = fgfi_mask(boxes, tuple(t.shape), stride, scales=(self.scale,), psi=self.psi).to(t.device)
+        positives = mask.sum()
+        if positives == 0:
+            return (s * 0).sum()
+        return ((s - t).pow(2).sum(1) * mask).sum() / (2 * positives)
