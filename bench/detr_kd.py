@@ -33,6 +33,7 @@ RUNS = {
     "combined": ("rtdetr-distill-combined", "rtdetr-teacher", "rtdetr-student"),
     "rtdetr-to-yolo": ("rtdetr-to-yolo", "rtdetr-teacher", "quickstart-student"),
     "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
+    "yolo-to-rtdetr-logit": ("yolo-to-rtdetr-logit", "quickstart-teacher", "rtdetr-student"),
 }
 
 

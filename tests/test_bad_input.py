@@ -719,11 +719,11 @@ def _(c):
             "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "kd_logit", "dense-head loss", "detr_logit"]
 
 
-@case("distill-detr-logit-with-a-yolo-teacher")
+@case("distill-detr-logit-for-a-yolo-student")
 def _(c):
-    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",
+    return ["distill", str(c.yolo_recipe("r", c.data, student="yolov8-tiny.yaml", teacher="rtdetr-tiny.yaml",
                                          losses="[{name: detr_logit}]")),
-            "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "detr_logit", "teacher is not an RT-DETR"]
+            "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "detr_logit", "student is not an RT-DETR"]
 
 
 @case("train-rtdetr-checkpoint-of-wrong-family-as-yaml")

@@ -145,3 +145,52 @@ def test_recipe_check_models_resolves_terms_and_refuses_a_bad_pair(tmp_path, tin
     res = CliRunner().invoke(app, ["recipe", "check", str(bad), "--models"])
     assert res.exit_code == 2 and "distill.losses[0]: 'ld' is a dense-head loss" in res.output, res.output
     assert not list(tmp_path.glob("runs*")) and not (tmp_path / "kd").exists()  # nothing trained or written
+
+
+def test_yolo_teacher_detections_become_queries():
+    """Teach-DETR's targets from a YOLO teacher: NMS keeps one of two overlapping boxes of a class, drops scores
+    under the floor, normalises boxes to the input, and turns class probabilities into logits; an end-to-end head's
+    (x1, y1, x2, y2, score, class) rows give one-hot-ish logits."""
+    from kdctl.detectors.rtdetr import TEACHER_MIN_SCORE, teacher_detections
+
+    nc = 2
+    y = torch.zeros(1, 4 + nc, 4)
+    y[0, :4] = torch.tensor([[32.0, 33.0, 96.0, 50.0], [32.0, 34.0, 90.0, 48.0], [16.0, 16.0, 64.0, 10.0],
+                             [16.0, 16.0, 64.0, 10.0]]).T  # cx, cy, w, h in pixels
+    y[0, 4:] = torch.tensor([[0.9, 0.1], [0.8, 0.05], [0.2, 0.6], [TEACHER_MIN_SCORE / 2, 0.0]]).T
+    out = teacher_detections(y, (128, 128), nc)
+    assert len(out["boxes"]) == 1 and out["boxes"][0].shape == (2, 4)  # box 1 suppressed by box 0, box 3 too weak
+    torch.testing.assert_close(out["boxes"][0][0], torch.tensor([32.0, 33.0, 96.0, 50.0]) / 128)
+    torch.testing.assert_close(out["logits"][0][0].sigmoid(), torch.tensor([0.9, 0.1]))
+    torch.testing.assert_close(out["boxes"][0][1], torch.tensor([16.0, 16.0, 64.0, 10.0]) / 128)
+    torch.testing.assert_close(out["logits"][0][1].sigmoid(), torch.tensor([0.2, 0.6]))
+    e2e = torch.tensor([[[10.0, 20.0, 50.0, 60.0, 0.7, 1.0], [0.0, 0.0, 1.0, 1.0, 0.001, 0.0]]])
+    out = teacher_detections(e2e, (100, 200), nc)
+    assert out["boxes"][0].shape == (1, 4)
+    torch.testing.assert_close(out["boxes"][0][0], torch.tensor([30.0 / 200, 40.0 / 100, 40.0 / 200, 40.0 / 100]))
+    torch.testing.assert_close(out["logits"][0][0].sigmoid(), torch.tensor([1e-4, 0.7]))
+
+
+def test_detr_logit_with_per_image_teacher_lists():
+    """A YOLO teacher's detections vary per image: a list per image, an image without any contributes 0."""
+    g = torch.Generator().manual_seed(2)
+    s = {"boxes": torch.rand(1, 2, 4, 4, generator=g) * 0.5 + 0.2, "logits": torch.randn(1, 2, 4, 3, generator=g)}
+    t = {"boxes": [s["boxes"][0, 0, :2].clone(), torch.zeros(0, 4)],
+         "logits": [s["logits"][0, 0, :2].clone(), torch.zeros(0, 3)]}
+    assert DETRLogitDistillation()(s, t).item() == pytest.approx(0.0, abs=1e-5)  # image 0 matches exactly
+    t["logits"][0] = t["logits"][0] + 1.0
+    one = DETRLogitDistillation()({"boxes": s["boxes"][:, :1], "logits": s["logits"][:, :1]},
+                                  {"boxes": t["boxes"][:1], "logits": t["logits"][:1]}).item()
+    assert one > 0 and DETRLogitDistillation()(s, t).item() == pytest.approx(one / 2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_yolo_teacher_to_rtdetr_student_logit_level(tmp_path, tiny_data, trained_bundle):
+    """Teach-DETR's setting end to end: an RT-DETR student matched to a trained YOLO teacher's detections."""
+    from kdctl.bundle import load_bundle
+
+    r = _recipe(tmp_path, tiny_data, "rtdetr-tiny.yaml", trained_bundle, "[{name: detr_logit}]")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd")])
+    assert res.exit_code == 0, res.output
+    epoch = load_bundle(tmp_path / "kd", verify=True).metrics["epochs"][0]
+    assert math.isfinite(epoch["train/kd_detr_logit"]) and epoch["train/kd_detr_logit"] >= 0

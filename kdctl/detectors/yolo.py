@@ -207,11 +207,14 @@ def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str) -> None:
-    for model, side in ((student, "student"), (teacher, "teacher")):
-        if head_name(model) != "RTDETRDecoder":
-            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' matches DETR decoder queries, but the "
-                              f"{side} is not an RT-DETR detector; distill a YOLO/RT-DETR pair at the backbone or "
-                              "neck level (pkd, cwd)")
+    """``detr_logit``: an RT-DETR student, and an RT-DETR teacher (its queries) or a YOLO teacher (its detections
+    after NMS, Teach-DETR's setting)."""
+    if head_name(student) != "RTDETRDecoder":
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' matches DETR decoder queries, but the "
+                          "student is not an RT-DETR detector; distill a YOLO student from an RT-DETR teacher at the "
+                          "backbone or neck level (pkd, cwd)")
+    if _is_two_stage(teacher) or head_name(teacher) not in (*DETECT_HEADS, "RTDETRDecoder"):
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs an RT-DETR or YOLO teacher")
     if spec.student_layers is not None or spec.teacher_layers is not None:
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the decoder's predictions; drop "
                           "student_layers/teacher_layers")

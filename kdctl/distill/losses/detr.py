@@ -1,7 +1,8 @@
 """Logit-level distillation for DETR-family detectors (Ultralytics RT-DETR).
 
 ``detr`` losses take the decoder's predictions: for the student every decoder layer's, ``{"boxes": (L, N, Q, 4),
-"logits": (L, N, Q, nc)}``, and for the teacher its final layer's, ``{"boxes": (N, Qt, 4), "logits": (N, Qt, nc)}``;
+"logits": (L, N, Q, nc)}``, and for the teacher its final layer's, ``{"boxes": (N, Qt, 4), "logits": (N, Qt, nc)}``
+(or per-image lists of ``(Qt_n, ...)``: a YOLO teacher's detections after NMS, Teach-DETR's setting);
 boxes are normalised ``cx, cy, w, h``, logits per class (sigmoid, as RT-DETR's varifocal head), denoising queries
 already split off (they are never matched).
 """
@@ -57,7 +58,9 @@ class DETRLogitDistillation(nn.Module):
     ``cls_weight·T²·mean_c KL + l1_weight·‖b_s − b_t‖₁ + giou_weight·(1 − GIoU)``, weighted by the teacher's top class
     probability (teacher queries on background count little), normalised by the weights' sum per layer and image,
     and averaged over layers and images. The teacher's intermediate layers are not used (Ultralytics' decoder
-    returns only its last layer in eval mode), so every student layer learns the teacher's final answer.
+    returns only its last layer in eval mode), so every student layer learns the teacher's final answer. With a
+    YOLO teacher the "queries" are its detections after NMS (Teach-DETR, Huang et al., ICCV 2023: the teacher's
+    boxes as extra Hungarian-matched targets, weighted by their scores).
     """
 
     def __init__(self, cls_weight: float = 1.0, l1_weight: float = 5.0, giou_weight: float = 2.0,
@@ -67,23 +70,28 @@ class DETRLogitDistillation(nn.Module):
         self.temperature = temperature
 
     def forward(self, s: dict, t: dict, ctx=None) -> torch.Tensor:
-        if s["logits"].shape[-1] != t["logits"].shape[-1]:
-            raise ValueError(f"student predicts {s['logits'].shape[-1]} classes, teacher {t['logits'].shape[-1]}; "
+        t_nc = t["logits"][0].shape[-1] if len(t["logits"]) else s["logits"].shape[-1]
+        if s["logits"].shape[-1] != t_nc:
+            raise ValueError(f"student predicts {s['logits'].shape[-1]} classes, teacher {t_nc}; "
                              "logit-level KD needs the same classes")
         with torch.autocast(device_type=s["logits"].device.type, enabled=False):
             sb, sl = s["boxes"].float(), s["logits"].float()
-            tb, tl = t["boxes"].float().detach(), t["logits"].float().detach()
+            # per image: a tensor (N, Qt, ...) or a list of (Qt_n, ...) when the teacher's query count varies
+            tb, tl = [b.float().detach() for b in t["boxes"]], [x.float().detach() for x in t["logits"]]
             T = self.temperature
             vals = []
             for layer in range(sb.shape[0]):
                 for n in range(sb.shape[1]):
+                    if not len(tb[n]):  # the teacher found nothing here: nothing to match
+                        vals.append(sl[layer, n].sum() * 0.0)
+                        continue
                     kl = _binary_kl(tl[n][None], sl[layer, n][:, None], T).mean(-1)     # Q, Qt
                     l1 = torch.cdist(sb[layer, n], tb[n], p=1)
                     giou = generalized_iou(_xyxy(sb[layer, n]), _xyxy(tb[n]))
                     cost = self.cls_weight * kl + self.l1_weight * l1 - self.giou_weight * giou
                     i, j = hungarian(cost)
                     i, j = torch.as_tensor(i, device=sb.device), torch.as_tensor(j, device=sb.device)
-                    w = tl[n, j].sigmoid().amax(-1)
+                    w = tl[n][j].sigmoid().amax(-1)
                     pair = (self.cls_weight * T * T * kl[i, j] + self.l1_weight * l1[i, j] +
                             self.giou_weight * (1 - giou[i, j]))
                     vals.append((w * pair).sum() / w.sum().clamp(min=1e-6))
