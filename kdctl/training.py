@@ -213,10 +213,37 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             shutil.rmtree(work)  # stale (killed before its first checkpoint) or discarded by --overwrite
         elif resume and state == "none":
             shutil.rmtree(work, ignore_errors=True)  # killed before the first checkpoint: nothing to keep
-        if not (resume and info and state != "none"):
-            info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage}
+        if resume and info and state != "none":
+            _check_same_recipe(info, recipe, source, work)
+        else:
+            info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage,
+                    "recipe": recipe.model_dump(mode="json")}
         return _train_and_publish(recipe, stage, source, out, work, state if resume else "none", info,
                                   student_ref, teacher_ref, may_overwrite, skip_invalid, progress)
+
+
+RESUME_MAY_CHANGE = ("train.device", "train.workers")  # a killed run may continue on another device
+
+
+def _first_difference(a, b, path: str = "") -> str | None:
+    """The dotted path of the first field where two recipe dumps differ (None: the same)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b or path in RESUME_MAY_CHANGE else path
+
+
+def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> None:
+    """``--resume`` continues the interrupted run's training: its checkpoint, KD adapters and balance belong to the
+    recipe it started from, so a changed recipe (other losses, epochs, data...) is refused in one line."""
+    before = info.get("recipe")
+    diff = _first_difference(before, recipe.model_dump(mode="json")) if isinstance(before, dict) else None
+    if diff:
+        raise RecipeError(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
+                          "with the recipe it started from, or pass --overwrite to start over")
 
 
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:

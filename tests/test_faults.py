@@ -77,6 +77,23 @@ def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data,
 
 
 @pytest.mark.slow
+def test_resume_with_a_changed_recipe_is_refused_and_the_run_kept(tmp_path, tiny_data, trained_bundle):
+    """The checkpoint, KD adapters and balance of a killed run belong to its recipe: resuming it with other losses
+    is one line naming the field (the run stays resumable); another device or worker count is fine."""
+    r = _recipe(tmp_path, tiny_data, trained_bundle)
+    argv = ["distill", str(r), "--out", str(tmp_path / "kd")]
+    kill_at(argv, "train:epoch-saved@1")
+    r.write_text(r.read_text().replace("[{name: at}]", "[{name: at}, {name: cwd}]"))
+    res = CliRunner().invoke(app, argv + ["--resume"])
+    assert res.exit_code == 2 and "distill.losses: differs from the recipe of the interrupted run" in res.output
+    assert "Traceback" not in res.output and (tmp_path / ".kd.work").is_dir()
+    r.write_text(r.read_text().replace("[{name: at}, {name: cwd}]", "[{name: at}]")
+                 .replace("batch: 8}", "batch: 8, workers: 1}"))
+    _finish(argv + ["--resume"])
+    assert verify_bundle(tmp_path / "kd").ok
+
+
+@pytest.mark.slow
 def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, export_cpu):
     """Killed after moving the old bundle aside: the next run puts it back before doing anything else."""
     out = tmp_path / "prof"
