@@ -283,13 +283,13 @@ class Trainer:
         lr0 = float(self.args.get("lr0", 0.01))
         self.save_dir.joinpath("weights").mkdir(parents=True, exist_ok=True)
         self._run("on_train_start")
+        t0 = time.perf_counter()
         for self.epoch in range(self.start_epoch, self.epochs):
-            t0 = time.perf_counter()
             self._run("on_train_epoch_start")
             sums = self._train_one_epoch(opt, warmup, total, lr0)
             self.metrics = self._validate()
             fitness = self.metrics["metrics/mAP50-95(B)"]
-            self._log(sums, time.perf_counter() - t0)
+            self._log(sums, time.perf_counter() - t0)  # seconds since this process started training, as Ultralytics
             self._save(opt, fitness)
             self._run("on_fit_epoch_end")
 
