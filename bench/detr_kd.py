@@ -28,6 +28,7 @@ from _common import ROOT, machine, table, write_section  # noqa: E402
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
+    "query": ("rtdetr-distill-query", "rtdetr-teacher", "rtdetr-student"),
     "logit": ("rtdetr-distill-logit", "rtdetr-teacher", "rtdetr-student"),
     "feature": ("rtdetr-distill-feature", "rtdetr-teacher", "rtdetr-student"),
     "combined": ("rtdetr-distill-combined", "rtdetr-teacher", "rtdetr-student"),

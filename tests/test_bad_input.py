@@ -719,6 +719,13 @@ def _(c):
             "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "kd_logit", "dense-head loss", "detr_logit"]
 
 
+@case("distill-detr-query-with-a-yolo-teacher")
+def _(c):
+    return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",
+                                         losses="[{name: detr_query}]")),
+            "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "detr_query", "needs an RT-DETR teacher"]
+
+
 @case("distill-detr-logit-for-a-yolo-student")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, student="yolov8-tiny.yaml", teacher="rtdetr-tiny.yaml",

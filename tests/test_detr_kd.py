@@ -194,3 +194,68 @@ def test_yolo_teacher_to_rtdetr_student_logit_level(tmp_path, tiny_data, trained
     assert res.exit_code == 0, res.output
     epoch = load_bundle(tmp_path / "kd", verify=True).metrics["epochs"][0]
     assert math.isfinite(epoch["train/kd_detr_logit"]) and epoch["train/kd_detr_logit"] >= 0
+
+
+def test_detr_query_loss_by_hand():
+    """KD-DETR: query k of every student layer against the teacher's answer to the same query, no matching."""
+    from kdctl.distill.losses.detr import DETRQueryDistillation
+
+    g = torch.Generator().manual_seed(21)
+    layers, n, k, nc, T = 2, 2, 3, 2, 2.0
+    s = {"boxes": torch.rand(layers, n, k, 4, generator=g) * 0.4 + 0.2,
+         "logits": torch.randn(layers, n, k, nc, generator=g) * 2}
+    t = {"boxes": torch.rand(n, k, 4, generator=g) * 0.4 + 0.2, "logits": torch.randn(n, k, nc, generator=g) * 2}
+    per = []
+    for lay in range(layers):
+        for img in range(n):
+            num = den = 0.0
+            for q in range(k):
+                sb, tb = s["boxes"][lay, img, q].tolist(), t["boxes"][img, q].tolist()
+                kl = sum(_kl(t["logits"][img, q, c].item(), s["logits"][lay, img, q, c].item(), T)
+                         for c in range(nc)) / nc
+                l1 = sum(abs(a - b) for a, b in zip(sb, tb))
+                w = max(1 / (1 + math.exp(-v)) for v in t["logits"][img, q].tolist())
+                num += w * (0.5 * T * T * kl + 3.0 * l1 + 1.5 * (1 - _giou(sb, tb)))
+                den += w
+            per.append(num / den)
+    got = DETRQueryDistillation(cls_weight=0.5, l1_weight=3.0, giou_weight=1.5, temperature=T)(s, t).item()
+    assert got == pytest.approx(sum(per) / len(per), rel=1e-5)
+
+
+def test_distillation_queries_decoded_by_both_models():
+    """The teacher's most confident boxes plus random ones; both decoders answer the same queries (an identical
+    teacher answers exactly as the student's last layer), and the student's answers carry gradients."""
+    import copy
+
+    from kdctl.detectors.rtdetr import decode_queries, distillation_boxes
+    from kdctl.models import load_model, resolve_model
+
+    t_boxes = torch.rand(2, 6, 4) * 0.5 + 0.2
+    t_logits = torch.full((2, 6, 3), -5.0)
+    t_logits[:, 4, 1], t_logits[:, 1, 0] = 3.0, 2.0  # queries 4 and 1 are the confident ones
+    boxes = distillation_boxes(t_boxes, t_logits, k=2, r=3)
+    assert boxes.shape == (2, 5, 4)
+    torch.testing.assert_close(boxes[:, :2], torch.stack([t_boxes[:, 4], t_boxes[:, 1]], 1))
+    assert (boxes[:, 2:, :2] >= 0.05).all() and (boxes[:, 2:, 2:] <= 0.5).all()
+
+    torch.manual_seed(0)
+    student = load_model(resolve_model("rtdetr-tiny.yaml", "student.model", "test"), 3, "student.model", "test")
+    teacher = copy.deepcopy(student).eval()
+    x = torch.rand(2, 3, 64, 64)
+    grab = {}
+    for name, m in (("s", student), ("t", teacher)):
+        h = m.model[-1].register_forward_pre_hook(lambda mod, args, name=name: grab.__setitem__(name, args[0]))
+        m.eval()
+        with torch.no_grad():
+            m.predict(x)
+        h.remove()
+    with torch.no_grad():
+        sb, sl = decode_queries(student.model[-1], grab["s"], boxes)
+        tb, tl = decode_queries(teacher.model[-1], grab["t"], boxes)
+    torch.testing.assert_close(sb[-1], tb[-1])
+    torch.testing.assert_close(sl[-1], tl[-1])
+    student.train()
+    sb, sl = decode_queries(student.model[-1], [f.detach() for f in grab["s"]], boxes)
+    assert sb.shape[0] == len(student.model[-1].decoder.layers) and sl.shape[1:] == (2, 5, 3)
+    sl.sum().backward()
+    assert student.model[-1].dec_score_head[-1].weight.grad.abs().sum() > 0

@@ -74,12 +74,23 @@ class KDRTDETRModel(RTDETRDetectionModel):
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
-        with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
+        kinds, inputs = self.kd.kinds(), {}
+        with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps, \
+                _HeadInputs(teacher, "detr_query" in kinds) as t_in:
             t_raw = teacher_forward(teacher, batch["img"])
         head = len(self.model) - 1
-        with FeatureTaps(self, [*self.kd.student_layers(), head]) as s_taps:
+        with FeatureTaps(self, [*self.kd.student_layers(), head]) as s_taps, \
+                _HeadInputs(self, "detr_query" in kinds) as s_in:
             task, items = super().loss(batch)  # Ultralytics' own targets, denoising and matching
         s_out, t_out = dict(s_taps.outputs), dict(t_taps.outputs)
+        if "detr_query" in kinds:
+            q = next(t.losses[0] for t in self.kd.terms if t.kind == "detr_query")
+            boxes = distillation_boxes(t_raw[1][0][-1], t_raw[1][1][-1], q.teacher_queries, q.random_queries)
+            sb, sl = decode_queries(self.model[-1], s_in.x, boxes)
+            with torch.no_grad():
+                tb, tl = decode_queries(teacher.model[-1], t_in.x, boxes)
+            s_out["distill_queries"] = {"boxes": sb, "logits": sl}
+            t_out["distill_queries"] = {"boxes": tb[-1], "logits": tl[-1]}
         if "detr" in self.kd.kinds():
             boxes, logits, _, _, dn_meta = s_taps.outputs[head]
             if dn_meta is not None:
@@ -92,6 +103,56 @@ class KDRTDETRModel(RTDETRDetectionModel):
         kd = self.kd(s_out, t_out, DistillContext.from_batch(batch), float(task.detach()))
         kd_total = torch.stack(list(kd.values())).sum()
         return task + kd_total, {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
+
+
+class _HeadInputs:
+    """While open (and ``on``), keeps the list of maps the RT-DETR head receives (``x``)."""
+
+    def __init__(self, model: nn.Module, on: bool):
+        self.head, self.on, self.x, self._h = model.model[-1], on, None, None
+
+    def __enter__(self) -> "_HeadInputs":
+        if self.on:
+            self._h = self.head.register_forward_pre_hook(lambda m, args: setattr(self, "x", args[0]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._h is not None:
+            self._h.remove()
+
+
+def distillation_boxes(t_boxes: torch.Tensor, t_logits: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """KD-DETR's distillation points as reference boxes ``(N, k + r, 4)`` (normalised ``cx, cy, w, h``): the
+    teacher's ``k`` most confident final boxes and ``r`` boxes drawn uniformly (centres in [0.05, 0.95], sides in
+    [0.05, 0.5]) — redrawn every step."""
+    n, q = t_boxes.shape[:2]
+    idx = t_logits.sigmoid().amax(-1).topk(min(k, q), dim=1).indices
+    top = t_boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+    rnd = torch.rand(n, r, 4, device=t_boxes.device)
+    rnd = torch.cat([rnd[..., :2] * 0.9 + 0.05, rnd[..., 2:] * 0.45 + 0.05], -1)
+    return torch.cat([top, rnd], 1).clamp(1e-4, 1 - 1e-4)
+
+
+def decode_queries(head: nn.Module, x: list[torch.Tensor], boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an RT-DETR head's decoder on given reference boxes (``(N, K, 4)``, normalised): each query's content is
+    the encoder feature at the anchor nearest its box (how RT-DETR forms its own queries; the learnt embeddings
+    where the model uses those). Returns ``(L, N, K, 4)`` boxes and ``(L, N, K, nc)`` logits (L = 1 in eval mode)."""
+    from ultralytics.nn.modules.utils import inverse_sigmoid
+
+    feats, shapes = head._get_encoder_input(x)
+    if head.dynamic or head.shapes != shapes:
+        head.anchors, head.valid_mask = head._generate_anchors(shapes, feats)
+        head.shapes = shapes
+    n, k = boxes.shape[:2]
+    if head.learnt_init_query:
+        content = head.tgt_embed.weight[:k].unsqueeze(0).repeat(n, 1, 1)
+    else:
+        features = head.enc_output(head.valid_mask * feats)                        # N, HW, hd
+        anchors = head.anchors.sigmoid()[0]                                         # HW, 4 (invalid: 1)
+        nearest = torch.cdist(boxes.reshape(-1, 4), anchors, p=1).argmin(-1).view(n, k)
+        content = features.gather(1, nearest[..., None].expand(-1, -1, features.shape[-1])).detach()
+    return head.decoder(content, inverse_sigmoid(boxes), feats, shapes, head.dec_bbox_head, head.dec_score_head,
+                        head.query_pos_head, attn_mask=None)
 
 
 TEACHER_DETECTIONS = 100   # a YOLO teacher's top detections per image that the student's queries are matched to

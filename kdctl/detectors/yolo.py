@@ -22,7 +22,8 @@ prepare()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
-from kdctl.distill.criterion import DistillationCriterion, DistillContext, DistillTerm  # noqa: E402
+from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCriterion, DistillContext,  # noqa: E402
+                                    DistillTerm)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa: E402
@@ -102,9 +103,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     for i, spec in enumerate(losses):
         entry = LOSSES[spec.name]
         level = spec.level or entry.default_level
-        if entry.kind == "detr":
-            _check_detr_pair(student, teacher, spec, i, source)
-            plans.append((i, spec, entry, ["query"], ["query"]))
+        if entry.kind in ("detr", "detr_query"):
+            _check_detr_pair(student, teacher, spec, i, source, need_detr_teacher=entry.kind == "detr_query")
+            key = PSEUDO_KEY[entry.kind]
+            plans.append((i, spec, entry, [key], [key]))
             continue
         if entry.kind in ("rpn", "roi"):
             raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the {'RPN' if entry.kind == 'rpn' else 'RoI head'} "
@@ -137,8 +139,8 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
         plans.append((i, spec, entry, s_layers, t_layers))
 
-    s_all = sorted({j for p in plans if p[2].kind != "detr" for j in p[3]}, key=str)
-    t_all = sorted({j for p in plans if p[2].kind != "detr" for j in p[4]}, key=str)
+    s_all = sorted({j for p in plans if p[2].kind not in PSEUDO_KINDS for j in p[3]}, key=str)
+    t_all = sorted({j for p in plans if p[2].kind not in PSEUDO_KINDS for j in p[4]}, key=str)
     dev = next(student.parameters()).device
     x = torch.zeros(2, 3, imgsz, imgsz, device=dev)
     was = student.training
@@ -151,7 +153,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     terms, seen = [], {}
     for i, spec, entry, s_layers, t_layers in plans:
         s_ch, t_ch = [], []
-        if entry.kind == "detr":
+        if entry.kind in PSEUDO_KINDS:
             pass
         elif entry.kind == "head":
             if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
@@ -206,15 +208,18 @@ def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:
             for k, v in taps.outputs.items()}
 
 
-def _check_detr_pair(student, teacher, spec, i: int, source: str) -> None:
+def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:
     """``detr_logit``: an RT-DETR student, and an RT-DETR teacher (its queries) or a YOLO teacher (its detections
-    after NMS, Teach-DETR's setting)."""
+    after NMS, Teach-DETR's setting); ``detr_query``: both RT-DETR (both decoders answer the same queries)."""
     if head_name(student) != "RTDETRDecoder":
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' matches DETR decoder queries, but the "
                           "student is not an RT-DETR detector; distill a YOLO student from an RT-DETR teacher at the "
                           "backbone or neck level (pkd, cwd)")
     if _is_two_stage(teacher) or head_name(teacher) not in (*DETECT_HEADS, "RTDETRDecoder"):
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs an RT-DETR or YOLO teacher")
+    if need_detr_teacher and head_name(teacher) != "RTDETRDecoder":
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' decodes the same queries in both models and "
+                          "needs an RT-DETR teacher; with a YOLO teacher use detr_logit (its detections as targets)")
     if spec.student_layers is not None or spec.teacher_layers is not None:
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the decoder's predictions; drop "
                           "student_layers/teacher_layers")

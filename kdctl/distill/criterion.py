@@ -14,8 +14,8 @@ from kdctl.distill.taps import head_outputs
 
 
 # terms that read a family's own outputs under these keys (``s_out["roi"]`` ...) rather than tapped modules
-PSEUDO_KINDS = ("rpn", "roi", "detr")
-PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query"}
+PSEUDO_KINDS = ("rpn", "roi", "detr", "detr_query")
+PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query", "detr_query": "distill_queries"}
 
 
 @dataclass

@@ -96,3 +96,47 @@ class DETRLogitDistillation(nn.Module):
                             self.giou_weight * (1 - giou[i, j]))
                     vals.append((w * pair).sum() / w.sum().clamp(min=1e-6))
             return torch.stack(vals).mean()
+
+
+def _giou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of corresponding cx, cy, w, h boxes (same shapes, ``(..., 4)``)."""
+    a, b = _xyxy(a), _xyxy(b)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    return inter / union.clamp(min=1e-9) - (hull - union) / hull.clamp(min=1e-9)
+
+
+@register_loss("detr_query", levels=("query",), kind="detr_query")
+class DETRQueryDistillation(nn.Module):
+    """Query-level DETR distillation, KD-DETR (Wang et al., "KD-DETR: Knowledge Distillation for Detection
+    Transformer with Consistent Distillation Points Sampling", CVPR 2024): one set of *distillation queries* is
+    decoded by both models — the teacher's ``teacher_queries`` most confident final boxes (specific sampling) plus
+    ``random_queries`` boxes drawn uniformly each step (general sampling) as reference boxes, each model taking its own
+    encoder feature at the nearest anchor as the content (RT-DETR's own query form) — so every query has a
+    teacher answer without any matching. Per student decoder layer and query:
+    ``cls_weight·T²·mean_c KL(σ(t/T) ‖ σ(s/T)) + l1_weight·‖b_s − b_t‖₁ + giou_weight·(1 − GIoU)``, weighted by the
+    teacher's top class probability and normalised by the weights' sum per layer and image (the paper's foreground
+    weighting), averaged over layers and images. The teacher's answer is its final decoder layer.
+    """
+
+    def __init__(self, teacher_queries: int = 30, random_queries: int = 20, cls_weight: float = 1.0,
+                 l1_weight: float = 5.0, giou_weight: float = 2.0, temperature: float = 1.0):
+        super().__init__()
+        self.teacher_queries, self.random_queries = int(teacher_queries), int(random_queries)
+        self.cls_weight, self.l1_weight, self.giou_weight = cls_weight, l1_weight, giou_weight
+        self.temperature = temperature
+
+    def forward(self, s: dict, t: dict, ctx=None) -> torch.Tensor:
+        with torch.autocast(device_type=s["logits"].device.type, enabled=False):
+            sb, sl = s["boxes"].float(), s["logits"].float()                   # L, N, K, 4 / nc
+            tb, tl = t["boxes"].float().detach(), t["logits"].float().detach()  # N, K, 4 / nc
+            T = self.temperature
+            kl = _binary_kl(tl[None], sl, T).mean(-1)                            # L, N, K
+            l1 = (sb - tb[None]).abs().sum(-1)
+            giou = _giou_pairs(sb, tb[None].expand_as(sb))
+            per = self.cls_weight * T * T * kl + self.l1_weight * l1 + self.giou_weight * (1 - giou)
+            w = tl.sigmoid().amax(-1)[None]                                      # 1, N, K
+            return ((per * w).sum(-1) / w.sum(-1).clamp(min=1e-6)).mean()

@@ -13,7 +13,8 @@ class LossEntry:
     levels: tuple[str, ...]   # taxonomy levels the loss may be attached at; the first is its default
     kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs;
                               # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals;
-                              # "detr": a DETR decoder's per-layer predictions (student) and final ones (teacher)
+                              # "detr": a DETR decoder's per-layer predictions (student) and final ones (teacher);
+                              # "detr_query": both decoders' answers to one shared set of distillation queries
     params: dict              # parameter name -> default, read from the constructor
     paper: str
 
@@ -26,7 +27,7 @@ LOSSES: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
-    if kind not in ("feature", "head", "rpn", "roi", "detr"):
+    if kind not in ("feature", "head", "rpn", "roi", "detr", "detr_query"):
         raise ValueError(kind)
 
     def deco(cls):
