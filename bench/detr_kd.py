@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, table, write_section  # noqa: E402
+from _common import ROOT, gap_closed_cell, machine, recipe_run, table, write_section  # noqa: E402
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -38,33 +37,8 @@ RUNS = {
 }
 
 
-def _recipe(name: str, seed: int, teacher: Path | None, a):
-    from kdctl.recipe import load_recipe
-
-    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-    d = r.model_dump()
-    d["train"]["seed"] = seed
-    d["train"]["device"] = a.device
-    if a.epochs:
-        d["train"]["epochs"] = a.epochs
-    if a.smoke:
-        d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
-        d["train"].update(imgsz=64, batch=4)
-    if teacher is not None and d.get("teacher"):
-        d["teacher"]["model"] = str(teacher)
-    return type(r).model_validate(d)
-
-
 def run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, a) -> dict:
-    from kdctl.bundle import load_bundle
-    from kdctl.training import run_training
-
-    if not (out / "manifest.json").is_file():
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(_recipe(name, seed, teacher, a), stage=stage, source=name, out=out)
-    m = load_bundle(out).metrics
-    return {"map50_95": m["map50_95"], "train_s": m["train_seconds"],
-            "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}
+    return recipe_run(name, stage, seed, teacher, out, device=a.device, epochs=a.epochs, smoke=a.smoke)
 
 
 def main() -> None:
@@ -103,14 +77,10 @@ def main() -> None:
             continue
         _, teacher, base_name = RUNS[name]
         base, t_map = res[base_name], teachers[teacher][1]["map50_95"]
-        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / max(t_map - base[s]["map50_95"], 1e-9)
-                for s in per_seed]  # a teacher below its baseline makes this meaningless: the table shows both
-        above = all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
         ratio = statistics.median(per_seed[s]["epoch_s"] for s in per_seed) / statistics.median(
             base[s]["epoch_s"] for s in base)
         rows.append(row[:1] + [f"vs {base_name}, teacher {teacher}"] + row[2:] +
-                    [f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})"
-                     + ("" if above else ", not above baseline on every seed"), train_s, f"{ratio:.2f}"])
+                    [gap_closed_cell(per_seed, base, t_map), train_s, f"{ratio:.2f}"])
     body = (f"## DETR-family distillation (RT-DETR) and RT-DETR ↔ YOLO\n\n{machine()}; device {a.device}. "
             f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(a.runs)}`: the "
             "recipes' data and settings (built-in clear scenes, 128 px); teachers trained once. Gap closed per seed "

@@ -17,47 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, table, write_section  # noqa: E402
+from _common import ROOT, gap_closed_cell, machine, recipe_run, table, write_section  # noqa: E402
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
 
 
-def _recipe(name: str, seed: int, teacher: Path | None, a):
-    from kdctl.recipe import load_recipe
-
-    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-    d = r.model_dump()
-    d["train"]["seed"] = seed
-    d["train"]["device"] = a.device
-    if a.epochs:
-        d["train"]["epochs"] = a.epochs * (2 if name.startswith("fasterrcnn-teacher") else 1)
-    if a.smoke:
-        d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
-        d["train"].update(imgsz=64, batch=4)
-    if teacher is not None and d.get("teacher"):
-        d["teacher"]["model"] = str(teacher)
-    return type(r).model_validate(d)
-
-
 def run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, a) -> dict:
-    from kdctl.bundle import load_bundle
-    from kdctl.training import run_training
-
-    if not (out / "manifest.json").is_file():
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(_recipe(name, seed, teacher, a), stage=stage, source=name, out=out)
-    m = load_bundle(out).metrics
-    # results.csv's time is cumulative (Ultralytics' and kdctl's loop alike): seconds per epoch from the total
-    return {"map50_95": m["map50_95"], "train_s": m["train_seconds"],
-            "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}
+    epochs = a.epochs * (2 if name.startswith("fasterrcnn-teacher") else 1) if a.epochs else None
+    return recipe_run(name, stage, seed, teacher, out, device=a.device, epochs=epochs, smoke=a.smoke)
 
 
 def main() -> None:
@@ -100,19 +74,17 @@ def main() -> None:
             rows.append(row + ["", round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1), "1.00"])
             continue
         t_map = teachers[TEACHERS.get(name, "fasterrcnn-teacher")][1]["map50_95"]
-        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / max(t_map - base[s]["map50_95"], 1e-9)
-                for s in per_seed]  # a teacher below its baseline makes this meaningless: the table shows both
-        above = all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
-        rows.append(row + [f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})"
-                           + ("" if above else ", not above baseline on every seed"),
+        rows.append(row + [gap_closed_cell(per_seed, base, t_map),
                            round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1),
                            f"{statistics.median(per_seed[s]['epoch_s'] for s in per_seed) / base_epoch:.2f}"])
-    r = _recipe("fasterrcnn-student", 0, None, a)
-    syn, t = r.data.synthetic, r.train
+    from kdctl.bundle import load_bundle
+
+    rec = load_bundle(root / f"base-s{a.seeds[0]}").recipe  # the baseline as it ran
+    syn, t = rec["data"]["synthetic"], rec["train"]
     body = (f"## Two-stage distillation (torchvision Faster R-CNN)\n\n{machine()}; device {a.device}. "
-            f"`python bench/two_stage_kd.py --seeds {' '.join(map(str, a.seeds))}`: synthetic data ({syn.train} "
-            f"train / {syn.val} val, {syn.imgsz} px, {syn.classes} classes, scene '{syn.scene}'); student "
-            f"MobileNetV3-Large 320 FPN {t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}; teachers "
+            f"`python bench/two_stage_kd.py --seeds {' '.join(map(str, a.seeds))}`: synthetic data ({syn['train']} "
+            f"train / {syn['val']} val, {syn['imgsz']} px, {syn['classes']} classes, scene '{syn['scene']}'); student "
+            f"MobileNetV3-Large 320 FPN {t['epochs']} epochs, batch {t['batch']}, {t['optimizer']} lr0 {t['lr0']}; teachers "
             "trained once (twice the epochs). Gap closed per seed against the row's teacher (RPN: the MobileNetV3 "
             f"FPN teacher; others: ResNet-50 FPN). Baseline half-range over seeds {base_spread:.4f}; step-time "
             "ratio = train seconds per epoch vs the baseline's (validation included).\n\n"
