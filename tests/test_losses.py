@@ -284,3 +284,14 @@ def test_kd_logit_gradient_does_not_vanish_with_temperature():
         SigmoidLogitDistillation(temperature=T)(head(s), head(torch.tensor([[[-1.0]]]))).backward()
         grads.append(s.grad.item())
     assert grads == pytest.approx([0.5] * 3, rel=0.05)
+
+
+@pytest.mark.parametrize("params,message", [({"temperature": 0}, "temperature: 0 must be a number above 0"),
+                                            ({"teacher_queries": -1}, "teacher_queries: -1 must be a whole number"),
+                                            ({"box_weight": -0.5}, "box_weight: -0.5 must be a number, 0 or more")])
+def test_loss_parameters_out_of_range_are_refused(params, message):
+    from kdctl.distill.criterion import check_params
+
+    with pytest.raises(ValueError, match=message):
+        check_params(params)
+    check_params({"conf_weight": True, "temperature": 2.0, "random_queries": 0})  # flags and sane values pass

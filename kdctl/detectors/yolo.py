@@ -178,7 +178,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 t_ch.append(to.shape[1])
         name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
         seen[spec.name] = seen.get(spec.name, 0) + 1
-        terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
+        try:
+            terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].params: {e}") from None
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 
 

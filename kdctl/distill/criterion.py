@@ -42,12 +42,28 @@ class DistillContext:
         return cls(imgsz=w, boxes=boxes)
 
 
+POSITIVE_PARAMS = ("temperature", "tau", "temp", "scale", "psi")  # 0 or below is never meaningful
+COUNT_PARAMS = ("teacher_queries", "random_queries")
+
+
+def check_params(params: dict) -> None:
+    """Raise ``ValueError`` (one line, naming the parameter) for a value no loss can use."""
+    for k, v in params.items():
+        if k in POSITIVE_PARAMS and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise ValueError(f"{k}: {v!r} must be a number above 0")
+        if k in COUNT_PARAMS and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{k}: {v!r} must be a whole number, 0 or more")
+        if k.endswith("_weight") and not isinstance(v, bool) and not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"{k}: {v!r} must be a number, 0 or more")
+
+
 class DistillTerm(nn.Module):
     """One recipe entry: a loss per layer pair, averaged over the pairs."""
 
     def __init__(self, name: str, loss: str, s_layers: list[int], t_layers: list[int], weight: float,
                  params: dict, s_channels: list[int], t_channels: list[int]):
         super().__init__()
+        check_params(params)
         entry = LOSSES[loss]
         self.name, self.loss_name, self.kind = name, loss, entry.kind
         self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
