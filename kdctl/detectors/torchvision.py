@@ -294,7 +294,12 @@ class Trainer:
             self._run("on_fit_epoch_end")
 
     def _train_one_epoch(self, opt, warmup: int, total: int, lr0: float) -> dict:
+        """One pass over the training images; mixed precision (autocast + gradient scaling, as torchvision's
+        references do with ``--amp``) on a CUDA device unless ``train.amp`` is off."""
         self.model.train()
+        amp = self.device.type == "cuda" and bool(self.args.get("amp", True))
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        params = [p for g in opt.param_groups for p in g["params"]]
         sums: dict[str, float] = {}
         for i, (x, targets) in enumerate(self.train_loader):
             step = self.epoch * len(self.train_loader) + i
@@ -303,13 +308,14 @@ class Trainer:
                 group["lr"] = lr0 * scale
             x = x.to(self.device)
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
-            if self.distiller is not None:
-                from kdctl.distill.losses.registry import kd_item
+            with torch.autocast(self.device.type, enabled=amp):
+                if self.distiller is not None:
+                    from kdctl.distill.losses.registry import kd_item
 
-                task, kd = self.distiller.step(self.model, x, targets)
-                losses = {**task, **{kd_item(n): v for n, v in kd.items()}}
-            else:
-                losses = self.model(x, targets)
+                    task, kd = self.distiller.step(self.model, x, targets)
+                    losses = {**task, **{kd_item(n): v for n, v in kd.items()}}
+                else:
+                    losses = self.model(x, targets)
             loss = sum(losses.values())
             self.loss = loss.detach().view(1)
             self.loss_items = {k: v.detach() for k, v in losses.items()}
@@ -317,9 +323,11 @@ class Trainer:
                 self._run("on_train_batch_end")  # kdctl's callback stops the run with a one-line error
                 raise FloatingPointError(f"loss is {float(loss)} at epoch {self.epoch + 1}")
             opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 10.0)
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, 10.0)
+            scaler.step(opt)
+            scaler.update()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             self._run("on_train_batch_end")
