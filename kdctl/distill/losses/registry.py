@@ -36,12 +36,20 @@ def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
         sig = inspect.signature(cls.__init__)
         params = {k: p.default for k, p in sig.parameters.items()
                   if k not in ("self", "s_channels", "t_channels") and p.default is not inspect.Parameter.empty}
-        doc = (cls.__doc__ or "").strip().splitlines()
-        LOSSES[name] = LossEntry(name, cls, levels, kind, params, doc[0] if doc else "")
+        LOSSES[name] = LossEntry(name, cls, levels, kind, params, _citation(cls.__doc__ or ""))
         cls.registry_name = name
         return cls
 
     return deco
+
+
+def _citation(doc: str) -> str:
+    """The docstring's first paragraph on one line, up to the end of its first parenthesis (the paper), else whole."""
+    import re
+
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.search(r"\)[.:,]?(\s|$)", first)
+    return first[:m.start() + 1] if m else first
 
 
 def kd_item(term: str) -> str:
