@@ -43,6 +43,10 @@ def test_list_losses_json():
     assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld", "rpn_kd", "roi_kd", "roi_crosskd",
             "roi_mimic", "detr_logit", "detr_query", "fgfi"} == set(rows)
     assert "rpn" in json.dumps(rows["rpn_kd"]) and "roi" in json.dumps(rows["roi_mimic"])
+    import re
+
+    for r in rows.values():  # every loss names its paper: a citation with a year, closed
+        assert re.search(r"(19|20)\d\d", r["paper"]) and r["paper"].endswith(")"), r
 
 
 def test_list_targets_json():
