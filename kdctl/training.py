@@ -288,7 +288,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
 def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> list[dict]:
     """``kdctl recipe check --models``: build the student and, for a recipe with distillation losses, the teacher
     and the KD criterion exactly as ``distill`` would (layers resolved, adapters sized, pairs and levels checked),
-    without training or writing a bundle. Returns the resolved KD terms."""
+    without training or writing a bundle (built-in synthetic data is generated, as distill would). Returns the
+    resolved KD terms."""
     from kdctl.detectors import build_criterion
 
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)

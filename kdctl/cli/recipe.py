@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their J
 def check(recipe: RecipeArg, json_: JsonOpt = False,
           models: bool = typer.Option(False, "--models", help="Also build the student, the teacher and the KD "
                                       "criterion as distill would (data resolved, layers and loss/level/pair checked); "
-                                      "nothing is trained or written.")) -> None:
+                                      "nothing is trained and no bundle written.")) -> None:
     """Validate a recipe and print it with every default filled in.
 
     Example: [bold]kdctl recipe check recipes/quickstart.yaml --models[/bold]
