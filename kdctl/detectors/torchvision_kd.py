@@ -73,7 +73,7 @@ def _pair_by_size(s_sites: dict, t_sites: dict) -> tuple[list, list]:
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int, source: str = "recipe",
                     balance_batches: int = 8, balance_cap: float | None = 4.0):
     """Resolve every recipe loss to its tap sites (or to the RPN/RoI outputs), size adapters, check pairs."""
-    from kdctl.distill.criterion import DistillationCriterion, DistillTerm
+    from kdctl.distill.criterion import DistillationCriterion, make_term
     from kdctl.distill.losses import LOSSES
     from kdctl.distill.losses.two_stage import check_rpn_layouts
 
@@ -118,12 +118,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                                       f"teacher {tk}) does not output feature maps")
                 s_ch.append(s_sh[sk][0])
                 t_ch.append(t_sh[tk][0])
-        name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
-        seen[spec.name] = seen.get(spec.name, 0) + 1
-        try:
-            terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"{source}: distill.losses[{i}].params: {e}") from None
+        terms.append(make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]"))
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(next(student.parameters()).device)
 
 

@@ -23,7 +23,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
 from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCriterion, DistillContext,  # noqa: E402
-                                    DistillTerm)
+                                    make_term)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa: E402
@@ -176,12 +176,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                                       f"(student {si}, teacher {ti}) does not output feature maps")
                 s_ch.append(so.shape[1])
                 t_ch.append(to.shape[1])
-        name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
-        seen[spec.name] = seen.get(spec.name, 0) + 1
-        try:
-            terms.append(DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_ch, t_ch))
-        except (ValueError, TypeError) as e:
-            raise RecipeError(f"{source}: distill.losses[{i}].params: {e}") from None
+        terms.append(make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]"))
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 
 

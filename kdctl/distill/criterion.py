@@ -83,6 +83,20 @@ class DistillTerm(nn.Module):
         return torch.stack(vals).mean()
 
 
+def make_term(spec, seen: dict, s_layers: list, t_layers: list, s_channels: list[int], t_channels: list[int],
+              where: str) -> DistillTerm:
+    """The term of one recipe loss (a second ``cwd`` is named ``cwd2``); a parameter out of range is a one-line
+    ``RecipeError`` at ``where.params``."""
+    from kdctl.errors import RecipeError
+
+    name = spec.name if spec.name not in seen else f"{spec.name}{seen[spec.name] + 1}"
+    seen[spec.name] = seen.get(spec.name, 0) + 1
+    try:
+        return DistillTerm(name, spec.name, s_layers, t_layers, spec.weight, dict(spec.params), s_channels, t_channels)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}.params: {e}") from None
+
+
 class DistillationCriterion(nn.Module):
     """Computes every term, each times its recipe weight and its auto-balance scale.
 
