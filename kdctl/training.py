@@ -271,7 +271,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
     """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    fam, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -296,17 +296,17 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     distill = bool(recipe.distill.losses) and recipe.teacher is not None
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if distill else None
-    _, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref, teacher_ref)
+    _, student, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref,
+                                teacher_ref)
     if setup is None:
         return []
-    student = load_model(student_ref, ds.nc, "student.model", source)
     kd = build_criterion(student, setup, recipe.train.imgsz)
     return [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
              "weight": t.weight} for t in kd.terms]
 
 
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
-    """The student's family (its model built once, so a bad one is a one-line error before any work) and, for a
+    """The student's family and model (built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
     from kdctl.detectors import family, torchvision, yolo
     from kdctl.detectors.yolo import DistillSetup
@@ -318,7 +318,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                           f"student.model ('{student_ref.ref}') is a {fam.LABEL} detector (export it with "
                           "post-training INT8 instead)")
     if stage != "distill" or state == "finished":
-        return fam, None
+        return fam, student0, None
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
     if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
@@ -326,14 +326,13 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                           "use a torchvision teacher (a two-stage teacher can teach a YOLO or RT-DETR student)")
     # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
     d = recipe.distill
-    return fam, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
+    return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
 
 
 def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
          progress) -> None:
     """Run the family's trainer in ``work/train`` (from the last epoch checkpoint when ``state == 'partial'``)."""
-    from kdctl.detectors import yolo
-    from kdctl.detectors.yolo import KDTrainer, library_output_to_stderr
+    from kdctl.detectors.yolo import library_output_to_stderr
 
     last = work / "train" / "weights" / "last.pt"
     overrides = _overrides(recipe, data_yaml, student_ref.ref, work, student_ref.kind == "checkpoint")
@@ -341,8 +340,7 @@ def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, s
         overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                      "workers": recipe.train.workers}
     try:
-        trainer = (KDTrainer(overrides=overrides, distill=setup) if fam is yolo else
-                   fam.trainer(overrides, distill=setup) if setup is not None else fam.trainer(overrides))
+        trainer = fam.trainer(overrides, distill=setup)
         _callbacks(trainer, recipe.train.epochs, progress, stage, work)
         with library_output_to_stderr():
             trainer.train()

@@ -46,8 +46,9 @@ def family(model_or_cfg) -> ModuleType:
 def build_criterion(student, setup, imgsz: int):
     """The KD criterion of a ``DistillSetup`` for this student's family (layers resolved, adapters sized, every
     loss's pair and level checked; a mismatch is a one-line ``RecipeError``)."""
-    fam = family(student)
-    if getattr(fam, "FAMILY", None) == "torchvision":
+    from kdctl.detectors import torchvision
+
+    if family(student) is torchvision:
         from kdctl.detectors.torchvision_kd import build_criterion as build
     else:
         from kdctl.detectors.yolo import build_criterion as build  # YOLO and RT-DETR share Ultralytics' layer list

@@ -23,7 +23,7 @@ prepare()
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
-from kdctl.detectors.yolo import KDTrainer, TeacherRef, teacher_forward  # noqa: E402
+from kdctl.detectors.yolo import KDTrainer, TeacherRef, head_name, teacher_forward  # noqa: E402
 from kdctl.distill.criterion import DistillContext  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps  # noqa: E402
@@ -74,7 +74,7 @@ class KDRTDETRModel(RTDETRDetectionModel):
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
-        kinds, inputs = self.kd.kinds(), {}
+        kinds = self.kd.kinds()
         with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps, \
                 _HeadInputs(teacher, "detr_query" in kinds) as t_in:
             t_raw = teacher_forward(teacher, batch["img"])
@@ -91,14 +91,14 @@ class KDRTDETRModel(RTDETRDetectionModel):
                 tb, tl = decode_queries(teacher.model[-1], t_in.x, boxes)
             s_out["distill_queries"] = {"boxes": sb, "logits": sl}
             t_out["distill_queries"] = {"boxes": tb[-1], "logits": tl[-1]}
-        if "detr" in self.kd.kinds():
+        if "detr" in kinds:
             boxes, logits, _, _, dn_meta = s_taps.outputs[head]
             if dn_meta is not None:
                 boxes = boxes.split(dn_meta["dn_num_split"], dim=2)[1]
                 logits = logits.split(dn_meta["dn_num_split"], dim=2)[1]
             s_out["query"] = {"boxes": boxes, "logits": logits}
             t_out["query"] = (teacher_detections(t_raw[0], batch["img"].shape[-2:], self.model[-1].nc)
-                              if type(teacher.model[-1]).__name__ != "RTDETRDecoder" else
+                              if head_name(teacher) != "RTDETRDecoder" else
                               {"boxes": t_raw[1][0][-1], "logits": t_raw[1][1][-1]})
         kd = self.kd(s_out, t_out, DistillContext.from_batch(batch), float(task.detach()))
         kd_total = torch.stack(list(kd.values())).sum()

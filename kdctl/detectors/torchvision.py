@@ -62,6 +62,11 @@ class TorchvisionDetector(nn.Module):
                                                min_size=imgsz, max_size=imgsz, box_score_thresh=0.001,
                                                box_detections_per_img=DETECTIONS)
 
+    def pin_input_size(self, imgsz: int) -> None:
+        """See every batch at ``imgsz`` (kdctl's letterboxed canvases): torchvision's own resize becomes a no-op."""
+        self.imgsz = imgsz
+        self.net.transform.min_size, self.net.transform.max_size = (imgsz,), imgsz
+
     def forward(self, x: torch.Tensor, targets: list[dict] | None = None):
         if self.training:
             return self.net(list(x.unbind(0)), targets)
@@ -108,8 +113,7 @@ def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool
     from kdctl.detectors import traceable_copy
 
     m = traceable_copy(model)
-    m.imgsz = imgsz
-    m.net.transform.min_size, m.net.transform.max_size = (imgsz,), imgsz
+    m.pin_input_size(imgsz)
     for coder in (m.net.rpn.box_coder, m.net.roi_heads.box_coder):
         coder.decode = _traceable_decode.__get__(coder)
     # Traced on a real image when the export stage gives one (``example_input``): a blank canvas yields degenerate

@@ -16,31 +16,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdctl.distill.taps import FeatureTaps, split_key
+from kdctl.distill.taps import FeatureTaps, map_shapes, split_key
 from kdctl.errors import RecipeError
 
 TWO_STAGE_LOSSES = "rpn_kd, roi_kd, roi_crosskd, roi_mimic"
-PSEUDO_LAYERS = ("rpn", "roi")  # the keys rpn/roi terms read; not module taps
+PSEUDO_LAYERS = ("rpn", "roi")  # the two-stage kinds of term: they read StudentCapture's outputs, not module taps
 
 
 def tap_sites(model: nn.Module, role: str, imgsz: int) -> dict[str, tuple[int, int, int]]:
     """``{tap key: (channels, H, W)}`` of the maps at a role (``backbone`` or ``neck``), from one forward pass."""
-    body = model.net.backbone.body
-    keys = [f"net.backbone.body[{k}]" for k in body.return_layers.values()] if role == "backbone" else None
+    if role == "backbone":
+        return _shapes(model, [f"net.backbone.body[{k}]" for k in model.net.backbone.body.return_layers.values()],
+                       imgsz)
     with torch.no_grad():
-        if keys is None:
-            p = next(model.parameters())
-            feats = model.net.backbone(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
-            return {f"net.backbone[{k}]": tuple(v.shape[1:]) for k, v in feats.items() if k != "pool"}
-        return _shapes(model, keys, imgsz)
+        feats = _blank_fpn(model, imgsz)
+    return {f"net.backbone[{k}]": tuple(v.shape[1:]) for k, v in feats.items() if k != "pool"}
+
+
+def _blank_fpn(model: nn.Module, imgsz: int) -> dict:
+    """The backbone + FPN maps of a blank ``imgsz`` canvas (for shapes and layouts)."""
+    p = next(model.parameters())
+    return model.net.backbone(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
 
 
 def _shapes(model: nn.Module, keys: list, imgsz: int) -> dict:
-    p = next(model.parameters())
-    with torch.no_grad(), FeatureTaps(model, keys) as taps:
-        model.net.backbone(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
-    return {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim == 4 else None
-            for k, v in taps.outputs.items()}
+    return map_shapes(model, keys, lambda: _blank_fpn(model, imgsz))
 
 
 def _check_keys(model: nn.Module, keys: list, field: str) -> None:
@@ -118,7 +118,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                                       f"teacher {tk}) does not output feature maps")
                 s_ch.append(s_sh[sk][0])
                 t_ch.append(t_sh[tk][0])
-        terms.append(make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]"))
+        terms.append(make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, where))
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(next(student.parameters()).device)
 
 
@@ -153,8 +153,13 @@ def _layers(student, teacher, spec, role: str, imgsz: int, where: str) -> tuple[
 def backbone_forward(model: nn.Module, x: torch.Tensor):
     """The detector's transform and backbone + FPN on a batch of letterboxed canvases (0..1): what feature taps of
     a two-stage teacher read when it teaches a one-stage student."""
+    return _transformed_fpn(model, x)[1]
+
+
+def _transformed_fpn(model: nn.Module, x: torch.Tensor):
+    """``(ImageList, FPN maps)``: the detector's own transform of the batch, then its backbone + FPN."""
     images, _ = model.net.transform(list(x.unbind(0)))
-    return model.net.backbone(images.tensors)
+    return images, model.net.backbone(images.tensors)
 
 
 def stride_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, teacher_layers, role: str, imgsz: int,
@@ -163,7 +168,7 @@ def stride_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, teacher
     teacher's sites at ``role`` (or the module paths given), each student layer with the first unused teacher map of
     its size; student layers without one are left out. ``student_maps(model, layers, imgsz)`` gives the student's
     ``{layer: (C, H, W)}``. Raises ``ValueError`` (one line) when nothing pairs."""
-    teacher.net.transform.min_size, teacher.net.transform.max_size = (imgsz,), imgsz
+    teacher.pin_input_size(imgsz)
     if isinstance(teacher_layers, list):
         _check_keys(teacher, teacher_layers, "teacher_layers")
         t_sites = _shapes(teacher, teacher_layers, imgsz)
@@ -190,10 +195,8 @@ def stride_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, teacher
 
 
 def _rpn_outputs(model: nn.Module, imgsz: int) -> dict:
-    p = next(model.parameters())
     with torch.no_grad():
-        feats = model.net.backbone(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
-        obj, deltas = model.net.rpn.head(list(feats.values()))
+        obj, deltas = model.net.rpn.head(list(_blank_fpn(model, imgsz).values()))
     return {"objectness": obj, "deltas": deltas}
 
 
@@ -242,8 +245,7 @@ def teacher_outputs(teacher: nn.Module, x: torch.Tensor, capture: StudentCapture
     the student's input size to the teacher's), for the levels ``capture`` recorded. Call under ``no_grad``; feature
     taps open on the teacher see its backbone and FPN run here."""
     net = teacher.net
-    images, _ = net.transform(list(x.unbind(0)))
-    feats = net.backbone(images.tensors)
+    images, feats = _transformed_fpn(teacher, x)
     out: dict = {}
     if "rpn" in capture.outputs:
         obj, deltas = net.rpn.head(list(feats.values()))
@@ -265,13 +267,11 @@ class Distiller:
 
     def __init__(self, teacher: nn.Module, criterion, imgsz: int):
         self.teacher = teacher.eval().requires_grad_(False)
-        # the teacher sees the batch at the student's input size, like the student's own transform
-        teacher.net.transform.min_size, teacher.net.transform.max_size = (imgsz,), imgsz
+        teacher.pin_input_size(imgsz)  # the teacher sees the batch at the student's input size
         self.kd, self.imgsz = criterion, imgsz
-        kinds = {t.kind for t in criterion.terms}
+        kinds = criterion.kinds()
         self.rpn, self.roi = "rpn" in kinds, "roi" in kinds
-        self.s_taps = [k for k in criterion.student_layers() if k not in PSEUDO_LAYERS]
-        self.t_taps = [k for k in criterion.teacher_layers() if k not in PSEUDO_LAYERS]
+        self.s_taps, self.t_taps = criterion.student_layers(), criterion.teacher_layers()  # module taps only
 
     def step(self, student: nn.Module, x: torch.Tensor, targets: list[dict]) -> tuple[dict, dict]:
         from kdctl.distill.criterion import DistillContext

@@ -26,7 +26,7 @@ from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCrite
                                     make_term)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
-from kdctl.distill.taps import FeatureTaps, head_outputs, resolve_layers  # noqa: E402
+from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, resolve_layers  # noqa: E402
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
@@ -181,7 +181,9 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
 
 
 def _is_two_stage(model: nn.Module) -> bool:
-    return type(model).__name__ == "TorchvisionDetector"
+    from kdctl.detectors import family, torchvision
+
+    return family(model) is torchvision
 
 
 def teacher_forward(teacher: nn.Module, img: torch.Tensor):
@@ -199,11 +201,10 @@ def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:
     p = next(model.parameters())
     was = model.training
     model.eval()
-    with torch.no_grad(), FeatureTaps(model, layers) as taps:
-        model.predict(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
+    shapes = map_shapes(model, layers, lambda: model.predict(torch.zeros(1, 3, imgsz, imgsz, device=p.device,
+                                                                          dtype=p.dtype)))
     model.train(was)
-    return {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim == 4 else None
-            for k, v in taps.outputs.items()}
+    return shapes
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:
@@ -263,6 +264,11 @@ class KDTrainer(DetectionTrainer):
         if weights:
             model.load(weights)
         return model
+
+
+def trainer(overrides: dict, callbacks=None, distill: DistillSetup | None = None) -> KDTrainer:
+    """Ultralytics' detection trainer as kdctl runs it (``distill=None``: plain training)."""
+    return KDTrainer(overrides=overrides, distill=distill, callbacks=callbacks)
 
 
 def kd_criterion(trainer):

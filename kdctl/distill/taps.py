@@ -97,6 +97,15 @@ def head_outputs(out) -> dict:
     return out
 
 
+def map_shapes(model: nn.Module, layers, forward) -> dict:
+    """``{layer: (C, H, W)}`` of the tapped outputs while ``forward()`` runs (no gradients); None for an output that is
+    not a feature map."""
+    with torch.no_grad(), FeatureTaps(model, layers) as taps:
+        forward()
+    return {k: tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.ndim == 4 else None
+            for k, v in taps.outputs.items()}
+
+
 class FeatureTaps:
     """``with FeatureTaps(model, [4, 6, 9]) as taps: model(x)`` then ``taps.outputs[4]`` etc.; a key
     ``'net.backbone[0]'`` holds entry ``'0'`` of that module's dict output."""
