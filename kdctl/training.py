@@ -54,6 +54,7 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
 
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
     from kdctl.detectors.yolo import kd_criterion, save_balance
+    from kdctl.distributed import rank
 
     bar = Step(progress, f"{stage} epoch 1/{epochs}", total=epochs)
     batches = Step(progress, "batches", total=None)
@@ -83,7 +84,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
 
     def on_train_start(tr):
         kd = kd_criterion(tr)
-        if kd is not None:
+        if kd is not None and rank() <= 0:  # under DDP rank 0 writes the run's files
             write_json_atomic(work / KD_TERMS_FILE, [
                 {"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
                  "weight": t.weight} for t in kd.terms])
@@ -165,8 +166,12 @@ def _reusable(out: Path, recipe: Recipe, stage: str) -> Bundle | None:
 
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,
                  runs_dir: str | Path = "runs", resume: bool = False, overwrite: bool = False,
-                 skip_invalid: bool | None = None, reuse: bool = False, progress=None) -> Bundle:
+                 skip_invalid: bool | None = None, reuse: bool = False, progress=None,
+                 launch=None) -> Bundle | None:
     """Train (``stage='train'``) or distill (``stage='distill'``) ``recipe.student``; returns the new bundle.
+
+    ``launch`` (a :class:`kdctl.distributed.Launch`) trains on torchrun ranks instead of in this process; on a node
+    other than node 0 this process only runs its ranks and returns None (node 0 publishes).
 
     ``resume=True`` continues a run killed at any point: before its first checkpoint (starts over), mid-run (from
     the last epoch), after its last epoch or while publishing (publishes), after publishing (cleans up).
@@ -201,6 +206,8 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             return done
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
+    if launch is not None and launch.node_rank > 0:
+        return _join(recipe, stage, source, work, launch, student_ref, teacher_ref, skip_invalid, progress)
     in_bundles = [r.bundle.path for r in (student_ref, teacher_ref) if r is not None and r.bundle is not None]
     may_overwrite = overwrite or bool(resume and info and info.get("overwrite"))
     with claim_output(out, overwrite=may_overwrite, inputs=in_bundles):
@@ -219,7 +226,7 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             info = {"bundle_id": uuid.uuid4().hex, "overwrite": overwrite, "stage": stage,
                     "recipe": recipe.model_dump(mode="json")}
         return _train_and_publish(recipe, stage, source, out, work, state if resume else "none", info,
-                                  student_ref, teacher_ref, may_overwrite, skip_invalid, progress)
+                                  student_ref, teacher_ref, may_overwrite, skip_invalid, progress, launch)
 
 
 RESUME_MAY_CHANGE = ("train.device", "train.workers")  # a killed run may continue on another device
@@ -268,7 +275,7 @@ def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe,
 
 
 def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, state: str, info: dict,
-                       student_ref, teacher_ref, overwrite: bool, skip_invalid, progress) -> Bundle:
+                       student_ref, teacher_ref, overwrite: bool, skip_invalid, progress, launch=None) -> Bundle:
     """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
@@ -278,11 +285,77 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     data_yaml = normalised_yaml(ds, work / "data.yaml")
     t_start = time.perf_counter()
     if state != "finished":
-        _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+        if launch is None:
+            _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+        else:
+            del setup  # every rank loads its own teacher from disk
+            _fit_distributed(recipe, stage, source, work, state, data_yaml, launch, progress)
         faults.point("train:finished")
     train_s = time.perf_counter() - t_start  # this process's share when resumed
     return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, train_s, overwrite,
                     progress)
+
+
+def _rank_spec(recipe: Recipe, stage: str, source: str, work: Path, state: str, data_yaml: Path, progress) -> dict:
+    """What a torchrun rank needs to rebuild this run's trainer (:func:`fit_rank`)."""
+    return {"recipe": recipe.model_dump(mode="json"), "stage": stage, "source": source, "work": str(work.resolve()),
+            "state": state, "data_yaml": str(data_yaml.resolve()), "progress": progress is not None}
+
+
+def _fit_distributed(recipe: Recipe, stage: str, source: str, work: Path, state: str, data_yaml: Path, launch,
+                     progress) -> None:
+    """Train on torchrun ranks (``kdctl.distributed``); this process waits and keeps no model in memory."""
+    from kdctl import distributed
+
+    last = work / "train" / "weights" / "last.pt"
+    (work / distributed.DDP_DIR / distributed.RANKS_FILE).unlink(missing_ok=True)
+    try:
+        distributed.run(launch, work, _rank_spec(recipe, stage, source, work, state, data_yaml, progress))
+    except BaseException:
+        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _join(recipe: Recipe, stage: str, source: str, work: Path, launch, student_ref, teacher_ref, skip_invalid,
+          progress) -> None:
+    """A node other than node 0 of a multi-node run: run this node's ranks; node 0 checkpoints and publishes. This
+    node's launch files live in ``.<name>.node<k>.work`` beside the run; with the run directory on a shared
+    filesystem, ``--resume`` on every node continues from node 0's checkpoint."""
+    from kdctl import distributed
+
+    ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
+    _models(recipe, stage, source, ds, "finished", student_ref, teacher_ref)  # a bad student: one line here too
+    node_dir = work.parent / f"{work.name.removesuffix('.work')}.node{launch.node_rank}.work"
+    node_dir.mkdir(parents=True, exist_ok=True)
+    data_yaml = normalised_yaml(ds, node_dir / "data.yaml")
+    state = _checkpoint_state(work / "train" / "weights" / "last.pt", recipe.train.epochs)
+    if state != "finished":
+        distributed.run(launch, node_dir, _rank_spec(recipe, stage, source, work, state, data_yaml, progress))
+    shutil.rmtree(node_dir, ignore_errors=True)
+    return None
+
+
+def fit_rank(spec: dict) -> None:
+    """One torchrun rank (``python -m kdctl.distributed worker``): the same trainer as a one-process run, rebuilt from
+    the recipe, teacher included; rank 0 shows the progress and writes checkpoints; every rank reports digests."""
+    from kdctl import distributed
+    from kdctl.cli._common import progress_bar
+    from kdctl.data.resolve import load_yolo_yaml
+
+    recipe = Recipe.model_validate(spec["recipe"])
+    stage, source, work, state = spec["stage"], spec["source"], Path(spec["work"]), spec["state"]
+    ds = load_yolo_yaml(spec["data_yaml"], skip_invalid=True)
+    student_ref = resolve_model(recipe.student.model, "student.model", source)
+    teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
+    import torch
+
+    torch.manual_seed(recipe.train.seed)  # a teacher built from a model YAML: the same weights on every rank
+    fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    reporter = distributed.RankReporter(work / distributed.DDP_DIR, setup.teacher if setup else None)
+    with progress_bar(bool(spec.get("progress")) and distributed.rank() == 0) as p:
+        _train(recipe, stage, source, work, state, fam, setup, student_ref, Path(spec["data_yaml"]), p,
+               reporter.attach)
 
 
 def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> list[dict]:
@@ -332,6 +405,22 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
          progress) -> None:
     """Run the family's trainer in ``work/train`` (from the last epoch checkpoint when ``state == 'partial'``)."""
+    from kdctl import distributed
+
+    last = work / "train" / "weights" / "last.pt"
+    (work / distributed.DDP_DIR / distributed.RANKS_FILE).unlink(missing_ok=True)  # a DDP run's, if resumed here
+    try:
+        _train(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+    except BaseException:
+        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref,
+           data_yaml: Path, progress, attach=None) -> None:
+    """Build the family's trainer (resuming ``work/train/weights/last.pt`` when ``state == 'partial'``) and train;
+    ``attach(trainer)`` adds more callbacks. Errors Ultralytics raises about the data become one line."""
     from kdctl.detectors.yolo import library_output_to_stderr
 
     last = work / "train" / "weights" / "last.pt"
@@ -342,11 +431,11 @@ def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, s
     try:
         trainer = fam.trainer(overrides, distill=setup)
         _callbacks(trainer, recipe.train.epochs, progress, stage, work)
+        if attach is not None:
+            attach(trainer)
         with library_output_to_stderr():
             trainer.train()
     except BaseException as e:
-        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
-            shutil.rmtree(work, ignore_errors=True)
         if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
             msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__
             raise KdctlError(f"{source}: training failed: {msg}") from None
@@ -389,6 +478,11 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work)
+        ranks = _ranks(work)
+        if ranks is not None:
+            from kdctl.distributed import check_ranks
+
+            w.metrics["distributed"] = check_ranks(ranks, len(ranks), stage)
         if recipe.distill.quantize:
             from kdctl.detectors.yolo import is_qat, quantizer_summary
 
@@ -401,6 +495,14 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     faults.point("train:published")
     shutil.rmtree(work, ignore_errors=True)
     return w.bundle
+
+
+def _ranks(work: Path) -> list[dict] | None:
+    """Every rank's end-of-training report when the last epochs ran on torchrun ranks (None: one process)."""
+    from kdctl.distributed import DDP_DIR, RANKS_FILE
+
+    path = work / DDP_DIR / RANKS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _kd_terms(work: Path) -> list[dict]:

@@ -10,6 +10,7 @@ from rich.table import Table
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
 from pathlib import Path
+from typing import Optional
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run at --out (default runs/<stage>/<name>) "
                                          "that was interrupted at any point: from its last epoch checkpoint, or "
@@ -20,18 +21,41 @@ ReuseOpt = Annotated[bool, typer.Option("--reuse", help="Keep the bundle at --ou
                                         "this same recipe (nothing is retrained); otherwise train as usual.")]
 
 
+NprocOpt = Annotated[Optional[int], typer.Option(
+    "--nproc-per-node", min=1, help="Train on this many torchrun (DDP) processes on this machine: one per GPU, or "
+    "CPU processes over gloo. Default: one per GPU listed in train.device ('0,1' -> 2), else 1. train.batch is the "
+    "global batch, split across all processes.")]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", min=1, help="Machines in a multi-node run; start the same "
+                                        "command on each, with its --node-rank and node 0's --rdzv-endpoint.")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="This machine's index in a multi-node run "
+                                          "(0 checkpoints and writes the bundle).")]
+RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of node 0, where the nodes of a "
+                                                "multi-node run meet (the same on every node).")]
+
+
 def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
-         skip_invalid: bool, reuse: bool = False):
+         skip_invalid: bool, reuse: bool = False, nproc: int | None = None, nnodes: int = 1, node_rank: int = 0,
+         rdzv: str | None = None):
+    from kdctl.distributed import plan
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
     r = load_recipe(recipe)
+    launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe))
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
-                         overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p)
+                         overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p,
+                         launch=launch)
+    if b is None:  # a node other than node 0 of a multi-node run
+        emit({"stage": stage, "node_rank": node_rank, "nnodes": nnodes, "bundle": None}, as_json=json_, quiet=quiet,
+             human=lambda: console.print(f"{stage}: node {node_rank} of {nnodes} finished its ranks; node 0 writes "
+                                         "the bundle"))
+        return
     m = b.metrics
     result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
               "params": m["params"], "train_seconds": m["train_seconds"]}
+    if "distributed" in m:
+        result["world_size"] = m["distributed"]["world_size"]
     if "kd_terms" in m:
         last = m["epochs"][-1] if m["epochs"] else {}
         from kdctl.distill.losses.registry import kd_item
@@ -54,19 +78,25 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
 
 def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
           overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
-          json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+          nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
+          rdzv_endpoint: RdzvOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Train the recipe's student without a teacher (teachers, and the baseline every distillation must beat).
 
-    Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]
+    Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]  (4 GPUs: [bold]--nproc-per-node 4[/bold])
     """
-    _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse)
+    _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse, nproc_per_node, nnodes,
+         node_rank, rdzv_endpoint)
 
 
 def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
             overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
-            json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+            nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
+            rdzv_endpoint: RdzvOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Train the student with knowledge distillation from the recipe's teacher and write a bundle.
 
-    Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]  (after a kill: add [bold]--resume[/bold])
+    Example: [bold]kdctl distill recipes/quickstart.yaml[/bold]  (after a kill: add [bold]--resume[/bold];
+    on 2 GPUs: [bold]--nproc-per-node 2[/bold] with train.device '0,1'; on 2 machines: add
+    [bold]--nnodes 2 --node-rank 0|1 --rdzv-endpoint node0:29500[/bold])
     """
-    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse)
+    _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse, nproc_per_node, nnodes,
+         node_rank, rdzv_endpoint)

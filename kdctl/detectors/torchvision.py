@@ -206,7 +206,8 @@ class Trainer:
     ``best.pt`` and ``results.csv`` in ``project/name`` (the files and callbacks kdctl's training stage reads from
     Ultralytics' trainer), resume from ``last.pt``."""
 
-    EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_model_save", "on_fit_epoch_end")
+    EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_train_epoch_end", "on_model_save",
+              "on_fit_epoch_end")
 
     def __init__(self, overrides: dict, distill=None):
         self.callbacks = {e: [] for e in self.EVENTS}
@@ -218,17 +219,26 @@ class Trainer:
         self.args = dict(overrides)
         self.save_dir = Path(self.args["project"]) / self.args["name"]
         self.epochs, self.imgsz = int(self.args["epochs"]), int(self.args["imgsz"])
+        from kdctl import distributed
+
         device = str(self.args.get("device", "cpu"))
         if device not in ("cpu", "") and not torch.cuda.is_available():
             from kdctl.errors import KdctlError
 
             raise KdctlError(f"train.device: '{device}' asks for a CUDA GPU, and none is available here; use 'cpu'")
-        if "," in device:
+        self.world = distributed.world_size() if distributed.under_torchrun() else 1
+        if self.world > 1:  # a torchrun rank: this rank's device, then join the job (gloo on CPU, NCCL on GPU)
+            self.device = distributed.rank_device(device)
+            distributed.init_process_group(self.device)
+        elif "," in device:
             from kdctl.errors import KdctlError
 
-            raise KdctlError(f"train.device: '{device}': the torchvision family trains on one device")
-        self.device = torch.device("cpu" if device in ("cpu", "") else
-                                   f"cuda:{device}" if device.isdigit() else "cuda")
+            raise KdctlError(f"train.device: '{device}': several GPUs train on torchrun ranks (kdctl distill/train "
+                             "launches them); this trainer runs in one process")
+        else:
+            self.device = torch.device("cpu" if device in ("cpu", "") else
+                                       f"cuda:{device}" if device.isdigit() else "cuda")
+        self.main = distributed.rank() <= 0  # validates, logs and checkpoints
         from kdctl.data.resolve import load_yolo_yaml
 
         self.data = load_yolo_yaml(self.args["data"], skip_invalid=True)
@@ -276,9 +286,21 @@ class Trainer:
         seed = int(self.args.get("seed", 0))
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
+        images = _Images(self.data.train_images, self.imgsz, augment=True)
+        batch = int(self.args.get("batch", 8))
+        sampler = None
+        if self.world > 1:  # train.batch is the global batch: each rank takes its share of every step
+            sampler = torch.utils.data.distributed.DistributedSampler(images, shuffle=True, seed=seed)
+            batch = max(1, batch // self.world)
+            random.seed(seed + 1 + distributed_rank())  # other flips on each rank, as other images
         self.train_loader = torch.utils.data.DataLoader(
-            _Images(self.data.train_images, self.imgsz, augment=True), batch_size=int(self.args.get("batch", 8)),
-            shuffle=True, collate_fn=_collate, num_workers=int(self.args.get("workers", 0)), generator=g)
+            images, batch_size=batch, shuffle=sampler is None, sampler=sampler, collate_fn=_collate,
+            num_workers=int(self.args.get("workers", 0)), generator=g)
+        self.step = _Step(self.model, self.kd, self.distiller)
+        if self.world > 1:  # DDP over the student and the KD adapters together; the teacher is not a submodule
+            self.step = nn.parallel.DistributedDataParallel(
+                self.step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         opt = self._optimizer()
         if self.ckpt is not None and self.ckpt.get("optimizer"):
             opt.load_state_dict(self.ckpt["optimizer"])
@@ -290,12 +312,18 @@ class Trainer:
         t0 = time.perf_counter()
         for self.epoch in range(self.start_epoch, self.epochs):
             self._run("on_train_epoch_start")
+            if sampler is not None:
+                sampler.set_epoch(self.epoch)
             sums = self._train_one_epoch(opt, warmup, total, lr0)
-            self.metrics = self._validate()
-            fitness = self.metrics["metrics/mAP50-95(B)"]
-            self._log(sums, time.perf_counter() - t0)  # seconds since this process started training, as Ultralytics
-            self._save(opt, fitness)
-            self._run("on_fit_epoch_end")
+            self._run("on_train_epoch_end")
+            if self.main:
+                self.metrics = self._validate()
+                fitness = self.metrics["metrics/mAP50-95(B)"]
+                self._log(sums, time.perf_counter() - t0)  # seconds since this process started, as Ultralytics
+                self._save(opt, fitness)
+                self._run("on_fit_epoch_end")
+            if self.world > 1:
+                torch.distributed.barrier()  # the others wait while rank 0 validates and checkpoints
 
     def _train_one_epoch(self, opt, warmup: int, total: int, lr0: float) -> dict:
         """One pass over the training images; mixed precision (autocast + gradient scaling, as torchvision's
@@ -313,13 +341,7 @@ class Trainer:
             x = x.to(self.device)
             targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
             with torch.autocast(self.device.type, enabled=amp):
-                if self.distiller is not None:
-                    from kdctl.distill.losses.registry import kd_item
-
-                    task, kd = self.distiller.step(self.model, x, targets)
-                    losses = {**task, **{kd_item(n): v for n, v in kd.items()}}
-                else:
-                    losses = self.model(x, targets)
+                losses = self.step(x, targets)
             loss = sum(losses.values())
             self.loss = loss.detach().view(1)
             self.loss_items = {k: v.detach() for k, v in losses.items()}
@@ -335,7 +357,13 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             self._run("on_train_batch_end")
-        return {k: v / max(1, len(self.train_loader)) for k, v in sums.items()}
+        means = {k: v / max(1, len(self.train_loader)) for k, v in sums.items()}
+        if self.world > 1:  # the epoch's means over every rank's batches (what results.csv reports)
+            keys = sorted(means)
+            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            means = dict(zip(keys, (t / self.world).tolist()))
+        return means
 
     def _validate(self) -> dict:
         from kdctl.evaluate import evaluate_backend, torch_backend
@@ -370,6 +398,32 @@ class Trainer:
             torch.save(self.model.checkpoint(**{**state, "optimizer": None, "kd_state": None}), weights / "best.pt.tmp")
             (weights / "best.pt.tmp").replace(weights / "best.pt")
         self._run("on_model_save")
+
+
+def distributed_rank() -> int:
+    from kdctl.distributed import rank
+
+    return max(rank(), 0)
+
+
+class _Step(nn.Module):
+    """One training forward: the student's task losses and, when distilling, the weighted KD terms, as one dict.
+    A module so that DDP can wrap the student and the KD adapters together (their gradients are averaged across
+    ranks in the same backward pass)."""
+
+    def __init__(self, model: nn.Module, kd: nn.Module | None, distiller):
+        super().__init__()
+        self.model, self.kd = model, kd
+        self._distiller = [distiller]  # not a submodule: it holds the frozen teacher
+
+    def forward(self, x: torch.Tensor, targets: list[dict]) -> dict:
+        distiller = self._distiller[0]
+        if distiller is None:
+            return self.model(x, targets)
+        from kdctl.distill.losses.registry import kd_item
+
+        task, kd = distiller.step(self.model, x, targets)
+        return {**task, **{kd_item(n): v for n, v in kd.items()}}
 
 
 def trainer(overrides: dict, callbacks=None, distill=None) -> Trainer:

@@ -8,7 +8,9 @@ deep-copied into the EMA nor pickled into checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,9 +245,47 @@ class KDTrainer(DetectionTrainer):
         self.distill = distill
         super().__init__(overrides=overrides, _callbacks=callbacks)
         self.add_callback("on_pretrain_routine_end", keep_adapters_float)
-        if distill is not None and "," in str(self.args.device):
-            raise RecipeError(f"{distill.source}: train.device: multi-GPU distillation is not supported; "
-                              "use one device")
+        from kdctl import distributed
+
+        if distributed.under_torchrun():
+            # a torchrun rank: Ultralytics skips its own launcher here (LOCAL_RANK is set), but sizes the job by the
+            # local device count (0 on the CPU, this node's GPUs only across nodes); the job's size is WORLD_SIZE
+            self.world_size, self.ddp = distributed.world_size(), False
+        elif "," in str(self.args.device):
+            raise RecipeError(f"{(distill.source if distill else 'recipe')}: train.device: '{self.args.device}': "
+                              "several GPUs train on torchrun ranks (kdctl distill/train launches them); this "
+                              "trainer runs in one process")
+
+    def _setup_ddp(self):
+        """Join the torchrun job: gloo on the CPU (Ultralytics has no CPU path), NCCL on this rank's GPU."""
+        from kdctl import distributed
+
+        self.device = distributed.rank_device(self.args.device)
+        distributed.init_process_group(self.device)
+        if self.device.type == "cuda":
+            from ultralytics.utils.torch_utils import get_torch_device_backend
+
+            self.accelerator = get_torch_device_backend(self.device)
+            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"  # as Ultralytics: collective timeouts raise
+
+    def _setup_train(self):
+        """Ultralytics' set-up; on CPU ranks its ``DistributedDataParallel(device_ids=[None])`` (meant for GPUs)
+        gets ``device_ids=None``, what torch requires for CPU modules."""
+        if self.world_size > 1 and self.device.type == "cpu":
+            with _cpu_ddp_wrap():
+                return super()._setup_train()
+        return super()._setup_train()
+
+    def final_eval(self):
+        """Ultralytics strips the checkpoints, then re-validates best.pt on a GPU it assumes every DDP rank has; on
+        CPU ranks only the stripping runs (kdctl evaluates best.pt itself when it publishes the bundle)."""
+        if not (self.world_size > 1 and self.device.type == "cpu"):
+            return super().final_eval()
+        best, self.best = self.best, self.best.with_name(".no-final-eval")
+        try:
+            return super().final_eval()
+        finally:
+            self.best = best
 
     def get_model(self, cfg=None, weights=None, verbose=False):
         if self.distill is None or not self.distill.losses:
@@ -266,6 +306,41 @@ class KDTrainer(DetectionTrainer):
         return model
 
 
+class _CpuDDPParallel:
+    """``nn.parallel`` as Ultralytics' trainer module sees it inside :func:`_cpu_ddp_wrap`."""
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.parallel, name)
+
+    @staticmethod
+    def DistributedDataParallel(module, device_ids=None, **kwargs):  # noqa: N802 (torch's name)
+        if device_ids is not None and all(d is None for d in device_ids):
+            device_ids = None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+class _CpuDDPNN:
+    parallel = _CpuDDPParallel()
+
+    def __getattr__(self, name):
+        return getattr(torch.nn, name)
+
+
+@contextlib.contextmanager
+def _cpu_ddp_wrap():
+    """Ultralytics wraps the model as ``nn.parallel.DistributedDataParallel(model, device_ids=[device.index])``
+    (pinned by tests/test_ddp.py); ``device.index`` is None on the CPU. Patches that one name in its trainer module,
+    for the duration of its set-up only."""
+    import ultralytics.engine.trainer as ut
+
+    before = ut.nn
+    ut.nn = _CpuDDPNN()
+    try:
+        yield
+    finally:
+        ut.nn = before
+
+
 def trainer(overrides: dict, callbacks=None, distill: DistillSetup | None = None) -> KDTrainer:
     """Ultralytics' detection trainer as kdctl runs it (``distill=None``: plain training)."""
     return KDTrainer(overrides=overrides, distill=distill, callbacks=callbacks)
@@ -281,8 +356,10 @@ def save_balance(trainer) -> None:
     """Callback: persist the auto-balance state after each batch until the scales are fixed (for --resume)."""
     from kdctl.bundle import write_json_atomic
 
+    from kdctl.distributed import rank
+
     kd = kd_criterion(trainer)
-    if kd is None or not kd.balance:
+    if kd is None or not kd.balance or rank() > 0:  # every rank holds the same state; rank 0 writes it
         return
     path = Path(trainer.save_dir) / BALANCE_FILE
     state = kd.balance_state()

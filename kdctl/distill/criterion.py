@@ -133,7 +133,10 @@ class DistillationCriterion(nn.Module):
     def _balance_scales(self, task_loss: float, raw: list[torch.Tensor]) -> list[float]:
         import statistics
 
-        self._seen.append((task_loss, [max(float(r.detach()), 1e-12) for r in raw]))
+        from kdctl.distributed import all_gather
+
+        # under DDP every rank adds every rank's batch, so all ranks settle on the same scales (one KD objective)
+        self._seen.extend(all_gather((task_loss, [max(float(r.detach()), 1e-12) for r in raw])))
         task = statistics.median(t for t, _ in self._seen)
         scales = [self.balance * task / statistics.median(v[i] for _, v in self._seen) for i in range(len(raw))]
         self.current = scales
