@@ -49,7 +49,7 @@ def _gpu_list(device: str) -> list[str]:
 
 
 def plan(device: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
-         rdzv_endpoint: str | None = None, source: str = "recipe") -> Launch | None:
+         rdzv_endpoint: str | None = None, source: str = "recipe", batch: int | None = None) -> Launch | None:
     """The launch for these options (``None``: one process, no torchrun). ``train.device: '0,1'`` alone means one
     process per listed GPU, as Ultralytics users expect; the options are checked here, in one line each."""
     gpus = _gpu_list(device)
@@ -73,6 +73,9 @@ def plan(device: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
             raise KdctlError(f"--rdzv-endpoint: '{rdzv_endpoint}' is not HOST:PORT")
     if nproc * nnodes == 1:
         return None
+    if batch is not None and batch < nproc * nnodes:
+        raise RecipeError(f"{source}: train.batch: {batch} is the global batch, split across {nproc * nnodes} "
+                          f"processes; give at least {nproc * nnodes}")
     return Launch(nproc, nnodes, node_rank, rdzv_endpoint)
 
 

@@ -41,7 +41,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
     from kdctl.training import run_training
 
     r = load_recipe(recipe)
-    launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe))
+    launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
                          overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p,
