@@ -284,6 +284,10 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     faults.point("train:started")
     data_yaml = normalised_yaml(ds, work / "data.yaml")
     t_start = time.perf_counter()
+    if setup is not None and setup.cache:  # built once here (resumed if a build was killed); ranks only read it
+        from kdctl.distill.cache import build
+
+        build(recipe, source, setup.teacher, data_yaml, ds.train_images, Path(setup.cache), progress=progress)
     if state != "finished":
         if launch is None:
             _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
@@ -399,7 +403,14 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                           "use a torchvision teacher (a two-stage teacher can teach a YOLO or RT-DETR student)")
     # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
     d = recipe.distill
-    return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap)
+    cache = None
+    if d.cache is not None:
+        from kdctl.distill.cache import cache_path, check_recipe
+
+        check_recipe(recipe, source, student0, teacher)
+        cache = str(cache_path(recipe))
+    return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
+                                       cache)
 
 
 def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
@@ -478,6 +489,14 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work)
+        if stage == "distill" and recipe.distill.cache is not None:
+            from kdctl.distill.cache import META, cache_path
+
+            meta_path = cache_path(recipe) / META
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            w.metrics["teacher_cache"] = {"path": str(cache_path(recipe)), **{k: meta.get(k) for k in (
+                "teacher_sha256", "data_sha256", "views_per_epoch", "epochs", "top_k", "k", "anchors",
+                "bytes_per_view", "build_seconds")}}
         ranks = _ranks(work)
         if ranks is not None:
             from kdctl.distributed import check_ranks

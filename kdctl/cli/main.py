@@ -51,12 +51,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kdctl.cli import bundle, data, evaluate, export, gate, listing, profile, recipe, report, train
+    from kdctl.cli import bundle, cache, data, evaluate, export, gate, listing, profile, recipe, report, train
 
     app.add_typer(recipe.app, name="recipe")
     app.add_typer(data.app, name="data")
     app.add_typer(bundle.app, name="bundle")
     app.add_typer(listing.app, name="list")
+    app.add_typer(cache.app, name="cache")
     app.command("train")(train.train)
     app.command("distill")(train.distill)
     app.command("eval")(evaluate.evaluate)

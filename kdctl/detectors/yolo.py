@@ -56,6 +56,7 @@ class KDDetectionModel(DetectionModel):
         super().__init__(*args, **kwargs)
         self.kd: DistillationCriterion | None = None  # a class attribute here would hide the registered submodule
         self.teacher_ref = TeacherRef(None)
+        self.cache_ref = TeacherRef(None)  # a kdctl.distill.cache.TeacherCache: head outputs replayed from disk
 
     def attach(self, teacher: nn.Module, criterion: DistillationCriterion) -> None:
         teacher.eval().requires_grad_(False)
@@ -73,16 +74,37 @@ class KDDetectionModel(DetectionModel):
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")
-        with torch.no_grad(), FeatureTaps(teacher, self.kd.teacher_layers()) as t_taps:
-            teacher_forward(teacher, batch["img"])
+        t_out = self._teacher_outputs(teacher, batch)
         with FeatureTaps(self, self.kd.student_layers()) as s_taps:
             preds = self.predict(batch["img"])
         task, items = self.criterion(preds, batch)
         task_per_image = float(sum(float(v) for v in items.values()))
-        kd = self.kd(s_taps.outputs, t_taps.outputs, DistillContext.from_batch(batch), task_per_image)
+        kd = self.kd(s_taps.outputs, t_out, DistillContext.from_batch(batch), task_per_image)
         kd_total = torch.stack(list(kd.values())).sum()
         items = {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
         return torch.cat([task, (kd_total * batch["img"].shape[0]).view(1)]), items
+
+
+    def _teacher_outputs(self, teacher: nn.Module, batch: dict) -> dict:
+        """The teacher's tapped outputs for this batch: head outputs from the teacher cache when there is one (the
+        teacher runs only for feature-level terms), else everything from one teacher forward pass."""
+        cache = self.cache_ref.model
+        layers = self.kd.teacher_layers()
+        if cache is None:
+            with torch.no_grad(), FeatureTaps(teacher, layers) as t_taps:
+                teacher_forward(teacher, batch["img"])
+            return t_taps.outputs
+        if "kd_view" not in batch:
+            raise RuntimeError("teacher cache attached, but the batch carries no view ids (not from ReplayViews)")
+        heads = self.kd.teacher_head_layers()
+        online = [i for i in layers if i not in heads]
+        out = {}
+        if online:  # feature-level terms: the teacher's inner maps are not cached
+            with torch.no_grad(), FeatureTaps(teacher, online) as t_taps:
+                teacher_forward(teacher, batch["img"])
+            out.update(t_taps.outputs)
+        dense = cache.teacher_head(batch["kd_view"], batch["kd_crc"], batch["img"].device)
+        return {**out, **{i: dense for i in heads}}
 
 
 @dataclass
@@ -95,6 +117,7 @@ class DistillSetup:
     source: str = "recipe"
     balance_batches: int = 8
     balance_cap: float | None = 4.0
+    cache: str | None = None  # a built teacher cache (kdctl.distill.cache) serving the head-level terms
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
@@ -245,6 +268,8 @@ class KDTrainer(DetectionTrainer):
         self.distill = distill
         super().__init__(overrides=overrides, _callbacks=callbacks)
         self.add_callback("on_pretrain_routine_end", keep_adapters_float)
+        if distill is not None and distill.cache:
+            self.add_callback("on_train_epoch_start", _replay_epoch)
         from kdctl import distributed
 
         if distributed.under_torchrun():
@@ -255,6 +280,25 @@ class KDTrainer(DetectionTrainer):
             raise RecipeError(f"{(distill.source if distill else 'recipe')}: train.device: '{self.args.device}': "
                               "several GPUs train on torchrun ranks (kdctl distill/train launches them); this "
                               "trainer runs in one process")
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        """Ultralytics' loaders, except training under a teacher cache: the deterministic views the cache was built
+        from (:class:`kdctl.distill.cache.ReplayViews`), handed out by epoch (this rank's share under DDP)."""
+        if mode != "train" or self.distill is None or not self.distill.cache:
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        from ultralytics.utils.torch_utils import torch_distributed_zero_first
+
+        from kdctl import distributed
+        from kdctl.distill.cache import EpochSampler, ReplayLoader, ReplayViews
+
+        with torch_distributed_zero_first(rank):
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+        views = ReplayViews(dataset, int(self.args.seed))
+        world = self.world_size if rank != -1 and self.world_size > 1 else 1
+        sampler = EpochSampler(len(views), int(self.args.seed), distributed.rank() if world > 1 else 0, world)
+        return ReplayLoader(views, batch_size=min(batch_size, len(views)), sampler=sampler,
+                            num_workers=self.args.workers, collate_fn=dataset.collate_fn,
+                            pin_memory=self.device.type == "cuda")
 
     def _setup_ddp(self):
         """Join the torchrun job: gloo on the CPU (Ultralytics has no CPU path), NCCL on this rank's GPU."""
@@ -298,12 +342,28 @@ class KDTrainer(DetectionTrainer):
         model.attach(teacher, build_criterion(model, teacher, self.distill.losses, self.distill.balance,
                                               int(self.args.imgsz), self.distill.source,
                                               self.distill.balance_batches, self.distill.balance_cap))
+        if self.distill.cache:
+            from kdctl.distill.cache import TeacherCache
+
+            cache = TeacherCache(Path(self.distill.cache))
+            heads = model.kd.teacher_head_layers()
+            if heads != [cache.meta["head_layer"]]:
+                raise RecipeError(f"{self.distill.source}: distill.cache: the cache holds the teacher's detection head "
+                                  f"(layer {cache.meta['head_layer']}); head-level terms read teacher layer(s) {heads}")
+            model.cache_ref = TeacherRef(cache)
         balance = Path(self.save_dir) / BALANCE_FILE
         if self.distill.balance and balance.is_file():  # resume: the scales (or the balancing so far) of the run
             model.kd.load_balance_state(json.loads(balance.read_text()))
         if weights:
             model.load(weights)
         return model
+
+
+def _replay_epoch(trainer) -> None:
+    """Callback: the replayed views of this epoch (also after --resume)."""
+    sampler = getattr(trainer.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(trainer.epoch)
 
 
 class _CpuDDPParallel:

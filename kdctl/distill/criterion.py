@@ -127,6 +127,10 @@ class DistillationCriterion(nn.Module):
     def teacher_layers(self) -> list[int]:
         return sorted({i for t in self.terms if t.kind not in PSEUDO_KINDS for i in t.t_layers}, key=str)
 
+    def teacher_head_layers(self) -> list:
+        """Teacher layers read by head-level terms (what a teacher cache can serve)."""
+        return sorted({t.t_layers[0] for t in self.terms if t.kind == "head"}, key=str)
+
     def kinds(self) -> set[str]:
         return {t.kind for t in self.terms}
 

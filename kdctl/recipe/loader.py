@@ -71,6 +71,10 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         data["data"]["yolo"] = fix(data["data"]["yolo"])
     if data["data"]["coco"]:
         data["data"]["coco"] = {k: fix(v) for k, v in data["data"]["coco"].items()}
+    cache = (data.get("distill") or {}).get("cache")
+    if cache and cache.get("path"):
+        q = Path(cache["path"]).expanduser()
+        cache["path"] = str(q if q.is_absolute() else (base / q).resolve())
     return Recipe.model_validate(data)
 
 

@@ -138,8 +138,22 @@ class LossSpec(Strict):
         return v
 
 
+class CacheSpec(Strict):
+    """``distill.cache``: replay the teacher's head outputs from disk instead of running the teacher each step."""
+
+    path: str | None = Field(None, description="Cache folder (default: $KDCTL_CACHE/teacher-outputs/<recipe name>, "
+                                               "~/.cache/kdctl without KDCTL_CACHE); built by `kdctl cache build` "
+                                               "or by distill when missing")
+    top_k: int = Field(256, ge=1, le=100_000, description="Anchors stored per view (the teacher's most confident); "
+                                                         "the other anchors get their mean class logit")
+
+
 class DistillSpec(Strict):
     losses: list[LossSpec] = Field(default_factory=list)
+    cache: CacheSpec | None = Field(
+        None, description="Teacher-output cache for head-level losses (kd_logit, ld): the teacher runs once per "
+                          "augmented view of the whole run (`kdctl cache build`), training replays exactly those "
+                          "views; feature-level losses still run the teacher online")
     auto_balance: float | None = Field(
         None, gt=0, le=100,
         description="Scale each KD weight so its median over the first balance_batches batches is this fraction "

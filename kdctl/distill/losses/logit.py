@@ -14,11 +14,18 @@ from torch import nn
 from kdctl.distill.losses.registry import register_loss
 
 
-def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: bool) -> torch.Tensor:
-    """Mean over (N, A), or weighted by the teacher's top class probability so confident regions dominate."""
+def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: bool,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (N, A), or weighted by the teacher's top class probability so confident regions dominate; ``mask``
+    (N, A) keeps only the anchors where the teacher's output is known (a teacher cache's stored anchors)."""
     if not conf_weight:
-        return per_anchor.mean()
+        if mask is None:
+            return per_anchor.mean()
+        m = mask.float()
+        return (per_anchor * m).sum() / m.sum().clamp(min=1)
     w = t_scores.sigmoid().amax(1)
+    if mask is not None:
+        w = w * mask.float()
     return (per_anchor * w).sum() / w.sum().clamp(min=1e-6)
 
 
@@ -28,8 +35,10 @@ class HeadLoss(nn.Module):
             raise ValueError(f"head outputs differ: student scores {tuple(s['scores'].shape)} vs teacher "
                              f"{tuple(t['scores'].shape)}; head-level KD needs the same classes and anchor grid")
         with torch.autocast(device_type=s["scores"].device.type, enabled=False):
-            return self.compute({k: v.float() for k, v in s.items() if k in ("scores", "boxes")},
-                                {k: v.float() for k, v in t.items() if k in ("scores", "boxes")})
+            tt = {k: v.float() for k, v in t.items() if k in ("scores", "boxes")}
+            if t.get("mask") is not None:  # from a teacher cache: where the teacher's boxes are known
+                tt["mask"] = t["mask"]
+            return self.compute({k: v.float() for k, v in s.items() if k in ("scores", "boxes")}, tt)
 
 
 @register_loss("kd_logit", levels=("head", "logit"), kind="head")
@@ -78,4 +87,4 @@ class LocalizationDistillation(HeadLoss):
         ls = F.log_softmax(s["boxes"].view(n, 4, c // 4, a) / T, dim=2)
         lt = F.log_softmax(t["boxes"].view(n, 4, c // 4, a) / T, dim=2)
         kl = (lt.exp() * (lt - ls)).mean(2).mean(1)                          # N, A
-        return _anchor_mean(kl, t["scores"], self.conf_weight) * T * T
+        return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask")) * T * T
