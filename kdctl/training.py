@@ -287,7 +287,12 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     if setup is not None and setup.cache:  # built once here (resumed if a build was killed); ranks only read it
         from kdctl.distill.cache import build
 
-        build(recipe, source, setup.teacher, data_yaml, ds.train_images, Path(setup.cache), progress=progress)
+        try:
+            build(recipe, source, setup.teacher, data_yaml, ds.train_images, Path(setup.cache), progress=progress)
+        except BaseException:
+            if state == "none":  # e.g. a stale cache: no training happened, leave no work dir
+                shutil.rmtree(work, ignore_errors=True)
+            raise
     if state != "finished":
         if launch is None:
             _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
