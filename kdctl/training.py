@@ -283,7 +283,6 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
     data_yaml = normalised_yaml(ds, work / "data.yaml")
-    t_start = time.perf_counter()
     if setup is not None and setup.cache:  # built once here (resumed if a build was killed); ranks only read it
         from kdctl.distill.cache import build
 
@@ -293,6 +292,7 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
             if state == "none":  # e.g. a stale cache: no training happened, leave no work dir
                 shutil.rmtree(work, ignore_errors=True)
             raise
+    t_start = time.perf_counter()  # training only (a cache build is timed in the cache's meta)
     if state != "finished":
         if launch is None:
             _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
