@@ -276,8 +276,9 @@ def run(launch: Launch, node_dir: Path, spec: dict) -> None:
     if rc != 0:
         errors = sorted(ddp.glob("error-rank*.txt"))
         if errors:
-            raise KdctlError(errors[0].read_text().strip().splitlines()[0] if errors[0].read_text().strip()
-                             else f"distributed training failed on {errors[0].stem}")
+            code, _, msg = errors[0].read_text().strip().partition(" ")
+            raise KdctlError(msg.splitlines()[0] if msg else f"distributed training failed on {errors[0].stem}",
+                             exit_code=int(code) if code.isdigit() else 1)
         raise KdctlError(f"distributed training failed (torchrun exit {rc}) before a rank reported an error; the "
                          "ranks' output is above; --resume continues from the last epoch checkpoint")
 
@@ -326,17 +327,21 @@ def _worker_main(path: str) -> int:
         from kdctl.training import fit_rank
 
         fit_rank(spec)
-    except KdctlError as e:
-        err.with_suffix(".txt").write_text(str(e) + "\n")
+    except KdctlError as e:  # "<exit code> <message>": the kdctl process exits as a one-process run would
+        err.with_suffix(".txt").write_text(f"{e.exit_code} {e}\n")
         return e.exit_code
-    except BaseException as e:
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        err.with_suffix(".txt").write_text(f"2 {e.filename or ''}: {e.strerror or e}\n")
+        return 2
+    except BaseException as e:  # a bug, not the user's input: one line, the traceback on request (as kdctl's CLI)
         import traceback
 
         from kdctl.errors import first_line
 
-        err.with_suffix(".log").write_text(traceback.format_exc())
-        err.with_suffix(".txt").write_text(f"distributed training failed on rank {rank()}: {first_line(e)} (traceback "
-                                           f"in {err.with_suffix('.log')})\n")
+        if os.environ.get("KDCTL_DEBUG"):
+            traceback.print_exc()
+        err.with_suffix(".txt").write_text(f"1 internal error on rank {rank()}: {first_line(e)} (set KDCTL_DEBUG=1 "
+                                           "for the traceback)\n")
         return 1
     return 0
 

@@ -334,10 +334,17 @@ def _join(recipe: Recipe, stage: str, source: str, work: Path, launch, student_r
     from kdctl import distributed
 
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    _models(recipe, stage, source, ds, "finished", student_ref, teacher_ref)  # a bad student: one line here too
+    cached = stage == "distill" and recipe.distill.cache is not None
+    # a bad student is one line here too; with a teacher cache, this node builds (or checks) its own copy
+    _, _, setup = _models(recipe, stage, source, ds, "none" if cached else "finished", student_ref, teacher_ref)
     node_dir = work.parent / f"{work.name.removesuffix('.work')}.node{launch.node_rank}.work"
     node_dir.mkdir(parents=True, exist_ok=True)
     data_yaml = normalised_yaml(ds, node_dir / "data.yaml")
+    if cached:
+        from kdctl.distill.cache import build
+
+        build(recipe, source, setup.teacher, data_yaml, ds.train_images, Path(setup.cache), progress=progress)
+        del setup
     state = _checkpoint_state(work / "train" / "weights" / "last.pt", recipe.train.epochs)
     if state != "finished":
         distributed.run(launch, node_dir, _rank_spec(recipe, stage, source, work, state, data_yaml, progress))

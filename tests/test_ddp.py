@@ -247,6 +247,8 @@ def test_ultralytics_ddp_behaviour_the_cpu_path_relies_on():
     setup = inspect.getsource(trainer.BaseTrainer._setup_train)
     assert "nn.parallel.DistributedDataParallel(" in setup and "device_ids=[self.device.index]" in setup
     assert "self.accelerator.set_device(index)" in inspect.getsource(trainer.BaseTrainer._setup_ddp)
+    assert 'bn = tuple(v for k, v in nn.__dict__.items() if "Norm" in k)' in inspect.getsource(
+        trainer.BaseTrainer.build_optimizer)  # called inside _setup_train, where kdctl swaps nn.parallel on CPU
     assert "self.validator(model=model)" in inspect.getsource(trainer.BaseTrainer.final_eval)
     assert "get_torch_device_backend(device_type).current_device()" in inspect.getsource(validator.BaseValidator.__call__)
 
@@ -264,6 +266,10 @@ def test_cpu_ddp_wrap_passes_no_device_ids(monkeypatch):
     with _cpu_ddp_wrap():
         ut.nn.parallel.DistributedDataParallel("model", device_ids=[None], find_unused_parameters=True)
         assert ut.nn.Module is torch.nn.Module
+        # Ultralytics' build_optimizer exempts the norm layers it finds in nn.__dict__ from weight decay: a proxy
+        # without torch.nn's namespace silently decayed BatchNorm weights under CPU DDP (and cost 4-6 mAP points)
+        norms = {k for k, v in ut.nn.__dict__.items() if "Norm" in k}
+        assert norms == {k for k in torch.nn.__dict__ if "Norm" in k} and "BatchNorm2d" in norms
     assert ut.nn is before and seen == {"device_ids": None, "find_unused_parameters": True}
 
 

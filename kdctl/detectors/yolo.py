@@ -379,22 +379,26 @@ class _CpuDDPParallel:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
 
 
-class _CpuDDPNN:
-    parallel = _CpuDDPParallel()
+def _cpu_ddp_nn():
+    """``torch.nn`` with only ``parallel`` swapped: a module whose namespace is torch.nn's (Ultralytics' optimizer
+    set-up finds the normalisation layers it exempts from weight decay in ``nn.__dict__``)."""
+    import types
 
-    def __getattr__(self, name):
-        return getattr(torch.nn, name)
+    m = types.ModuleType("torch.nn")
+    m.__dict__.update(torch.nn.__dict__)
+    m.parallel = _CpuDDPParallel()
+    return m
 
 
 @contextlib.contextmanager
 def _cpu_ddp_wrap():
     """Ultralytics wraps the model as ``nn.parallel.DistributedDataParallel(model, device_ids=[device.index])``
-    (pinned by tests/test_ddp.py); ``device.index`` is None on the CPU. Patches that one name in its trainer module,
-    for the duration of its set-up only."""
+    (pinned by tests/test_ddp.py); ``device.index`` is None on the CPU. Swaps that one name in its trainer module's
+    ``nn``, for the duration of its set-up only."""
     import ultralytics.engine.trainer as ut
 
     before = ut.nn
-    ut.nn = _CpuDDPNN()
+    ut.nn = _cpu_ddp_nn()
     try:
         yield
     finally:
