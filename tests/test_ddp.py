@@ -267,7 +267,7 @@ def test_cpu_ddp_wrap_passes_no_device_ids(monkeypatch):
         ut.nn.parallel.DistributedDataParallel("model", device_ids=[None], find_unused_parameters=True)
         assert ut.nn.Module is torch.nn.Module
         # Ultralytics' build_optimizer exempts the norm layers it finds in nn.__dict__ from weight decay: a proxy
-        # without torch.nn's namespace silently decayed BatchNorm weights under CPU DDP (and cost 4-6 mAP points)
+        # without torch.nn's namespace silently put BatchNorm weights in the decayed group under CPU DDP
         norms = {k for k, v in ut.nn.__dict__.items() if "Norm" in k}
         assert norms == {k for k in torch.nn.__dict__ if "Norm" in k} and "BatchNorm2d" in norms
     assert ut.nn is before and seen == {"device_ids": None, "find_unused_parameters": True}

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -197,6 +198,16 @@ def _difference(have: dict, want: dict) -> str | None:
     if have.get("top_k") != want["top_k"]:
         return f"built with top_k={have.get('top_k')}, the recipe has {want['top_k']}"
     return None
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shard(path: Path, epoch: int) -> Path:
@@ -392,7 +403,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
         if _shard(path, e).is_dir():
             bar.advance()
             continue
-        tmp = path / f".epoch-{e:04d}.tmp"
+        tmp = path / f".epoch-{e:04d}.{os.getpid()}.tmp"  # per process: two builds of one cache do not collide
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         arr = {"scores": np.lib.format.open_memmap(tmp / "scores.npy", "w+", np.float16, (n, k, nc)),
@@ -417,9 +428,17 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
         for a in arr.values():
             a.flush()
         del arr
-        tmp.replace(_shard(path, e))
+        try:
+            tmp.replace(_shard(path, e))
+        except OSError:  # another build of this cache finished the epoch first: same content, keep theirs
+            if not _shard(path, e).is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
         faults.point("cache:epoch-written")
         bar.advance()
+    for stale in path.glob(".epoch-*.tmp"):  # left by killed builds (not by one still running)
+        if not _alive(stale.name.split(".")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     size = sum(f.stat().st_size for f in path.glob("epoch-*/*.npy"))
     meta.update(complete=True, build_seconds=round(meta["build_seconds"] + time.perf_counter() - t0, 2),
                 bytes=size, bytes_per_view=round(size / max(1, n * epochs), 1))
