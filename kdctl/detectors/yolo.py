@@ -359,6 +359,28 @@ class KDTrainer(DetectionTrainer):
         return model
 
 
+def train_args(overrides: dict):
+    """Ultralytics' resolved training settings for these overrides (defaults filled in), as its trainer sees them."""
+    from ultralytics.cfg import get_cfg
+
+    return get_cfg(overrides=overrides)
+
+
+def train_dataset(args, data_yaml: Path, batch: int, stride: int):
+    """Ultralytics' augmenting training dataset for ``args`` (from :func:`train_args`), as its trainer builds it."""
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    return build_yolo_dataset(args, data["train"], batch, data, mode="train", rect=False, stride=stride)
+
+
+def library_version() -> str:
+    import ultralytics
+
+    return ultralytics.__version__
+
+
 def _replay_epoch(trainer) -> None:
     """Callback: the replayed views of this epoch (also after --resume)."""
     sampler = getattr(trainer.train_loader, "sampler", None)

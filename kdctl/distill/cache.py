@@ -175,11 +175,11 @@ def data_digest(images: list[Path]) -> str:
 
 
 def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int) -> dict:
-    import ultralytics
+    from kdctl.detectors.yolo import library_version
 
     augment = {k: getattr(args, k, None) for k in AUGMENT_KEYS}
     return {"version": CACHE_VERSION, "teacher_sha256": teacher_digest, "data_sha256": data_digest(images),
-            "images": len(images), "augment": augment, "ultralytics": ultralytics.__version__, "top_k": int(top_k)}
+            "images": len(images), "augment": augment, "ultralytics": library_version(), "top_k": int(top_k)}
 
 
 def _difference(have: dict, want: dict) -> str | None:
@@ -348,18 +348,15 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     """Run ``teacher`` over every view of the run ``recipe`` describes and store its head outputs at ``path``
     (resuming a killed build); returns the opened cache. ``overwrite`` replaces a stale kdctl cache (never a folder
     kdctl did not write)."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-
     from kdctl.bundle import write_json_atomic
+    from kdctl.detectors.yolo import train_args, train_dataset
     from kdctl.distributed import weights_digest
     from kdctl.progress import Step
     from kdctl.training import _overrides
 
     cfg = recipe.distill.cache
-    args = get_cfg(overrides={k: v for k, v in _overrides(recipe, data_yaml, "x.yaml", path).items()
-                              if k not in ("model", "project", "name", "exist_ok", "pretrained", "quantize")})
+    args = train_args({k: v for k, v in _overrides(recipe, data_yaml, "x.yaml", path).items()
+                       if k not in ("model", "project", "name", "exist_ok", "pretrained", "quantize")})
     teacher = teacher.float().eval()
     want = expected_meta(weights_digest(teacher), images, args, cfg.top_k)
     if overwrite and (path / META).is_file():
@@ -370,9 +367,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     path.mkdir(parents=True, exist_ok=True)
     have = json.loads((path / META).read_text()) if (path / META).is_file() else {}
 
-    data = check_det_dataset(str(data_yaml))
-    stride = max(int(teacher.stride.max()), 32)
-    base = build_yolo_dataset(args, data["train"], recipe.train.batch, data, mode="train", rect=False, stride=stride)
+    base = train_dataset(args, data_yaml, recipe.train.batch, max(int(teacher.stride.max()), 32))
     views = ReplayViews(base, recipe.train.seed)
     n, epochs = len(views), int(recipe.train.epochs)
     head = len(teacher.model) - 1
