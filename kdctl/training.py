@@ -364,9 +364,6 @@ def fit_rank(spec: dict) -> None:
     ds = load_yolo_yaml(spec["data_yaml"], skip_invalid=True)
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
-    import torch
-
-    torch.manual_seed(recipe.train.seed)  # a teacher built from a model YAML: the same weights on every rank
     fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
     reporter = distributed.RankReporter(work / distributed.DDP_DIR, setup.teacher if setup else None)
     with progress_bar(bool(spec.get("progress")) and distributed.rank() == 0) as p:
@@ -408,6 +405,11 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                           "post-training INT8 instead)")
     if stage != "distill" or state == "finished":
         return fam, student0, None
+    import torch
+
+    # a teacher built from a model YAML gets the same weights in every process (each DDP rank, a cache build and
+    # the distillation that replays it)
+    torch.manual_seed(recipe.train.seed)
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
     if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "

@@ -233,3 +233,14 @@ def test_ddp_ranks_replay_the_cache(tmp_path, tiny_data, trained_bundle):
     assert all(rk["loss_items"]["kd_logit"] > 0 and rk["loss_items"]["kd_ld"] > 0
                for rk in m["distributed"]["ranks"])
     assert len({rk["student_params_sha256"] for rk in m["distributed"]["ranks"]}) == 1
+
+
+def test_a_teacher_built_from_a_yaml_is_the_same_in_every_process(tmp_path, tiny_data):
+    """A YAML teacher (random weights) is seeded by train.seed, so `kdctl cache build` and a later `kdctl distill`
+    (or each DDP rank) see the same teacher and the cache is not stale."""
+    r = _recipe(tmp_path, tiny_data, "yolov8-tiny.yaml", epochs=1, losses="[{name: kd_logit}]")
+    run = [sys.executable, "-m", "kdctl.cli.main", "cache", "build", str(r), "--json"]
+    first = json.loads(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+    again = subprocess.run(run, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["teacher_sha256"] == first["teacher_sha256"]
