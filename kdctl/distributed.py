@@ -255,12 +255,13 @@ def run(launch: Launch, node_dir: Path, spec: dict) -> None:
     spec = {**spec, "node_dir": str(Path(node_dir).resolve())}
     ddp = node_dir / DDP_DIR
     ddp.mkdir(parents=True, exist_ok=True)
-    for f in ddp.glob("error-rank*.txt"):
+    for f in ddp.glob("error-rank*"):
         f.unlink()
     path = spec_path(node_dir, launch.node_rank)
     write_json_atomic(path, {**spec, "launch": asdict(launch)})
     env = dict(os.environ)
-    threads = max(1, (os.cpu_count() or 1) // launch.nproc_per_node)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // launch.nproc_per_node)  # the cores this process may use, not the host's
     env.setdefault("OMP_NUM_THREADS", str(threads))  # torchrun would force 1 (and warn)
     p = subprocess.Popen([sys.executable, "-m", "kdctl.distributed", "launch", str(path)], env=env,
                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
@@ -274,13 +275,32 @@ def run(launch: Launch, node_dir: Path, spec: dict) -> None:
             p.kill()
         raise
     if rc != 0:
-        errors = sorted(ddp.glob("error-rank*.txt"))
-        if errors:
-            code, _, msg = errors[0].read_text().strip().partition(" ")
-            raise KdctlError(msg.splitlines()[0] if msg else f"distributed training failed on {errors[0].stem}",
-                             exit_code=int(code) if code.isdigit() else 1)
-        raise KdctlError(f"distributed training failed (torchrun exit {rc}) before a rank reported an error; the "
-                         "ranks' output is above; --resume continues from the last epoch checkpoint")
+        raise _job_error(launch, ddp, rc)
+
+
+def _job_error(launch: Launch, ddp: Path, rc: int) -> KdctlError:
+    """One line for a failed job. A rank's own kdctl error (bad input, failed check) wins; else a rank of this node
+    that ended without reporting (killed, out of memory) is named, since the others' errors are then only their
+    lost connection to it; else the first internal error."""
+    reports = {}
+    for f in ddp.glob("error-rank*.json"):
+        try:
+            reports[int(f.stem.removeprefix("error-rank"))] = json.loads(f.read_text())
+        except (ValueError, OSError):
+            continue
+    for r in sorted(reports):
+        if reports[r].get("kind") == "kdctl":
+            return KdctlError(reports[r]["message"], exit_code=int(reports[r].get("exit_code", 2)))
+    mine = range(launch.node_rank * launch.nproc_per_node, (launch.node_rank + 1) * launch.nproc_per_node)
+    silent = [r for r in mine if r not in reports]
+    if silent:
+        return KdctlError(f"distributed training failed: rank {silent[0]} stopped without an error (killed, or out "
+                          "of memory) and the job ended; --resume continues from the last epoch checkpoint")
+    if reports:
+        first = reports[min(reports)]
+        return KdctlError(first["message"], exit_code=int(first.get("exit_code", 1)))
+    return KdctlError(f"distributed training failed (torchrun exit {rc}) before a rank reported an error; "
+                      "--resume continues from the last epoch checkpoint")
 
 
 def torchrun_args(launch: Launch, path: Path) -> list[str]:
@@ -322,27 +342,29 @@ def _worker_main(path: str) -> int:
 
     prepare()
     spec = json.loads(Path(path).read_text())
-    err = Path(spec["node_dir"]) / DDP_DIR / f"error-rank{max(rank(), 0)}"
+    err = Path(spec["node_dir"]) / DDP_DIR / f"error-rank{max(rank(), 0)}.json"
+
+    def report(kind: str, message: str, code: int) -> int:
+        err.write_text(json.dumps({"kind": kind, "message": message, "exit_code": code}))
+        return code
+
     try:
         from kdctl.training import fit_rank
 
         fit_rank(spec)
-    except KdctlError as e:  # "<exit code> <message>": the kdctl process exits as a one-process run would
-        err.with_suffix(".txt").write_text(f"{e.exit_code} {e}\n")
-        return e.exit_code
+    except KdctlError as e:  # the kdctl process exits with this line and code, as a one-process run would
+        return report("kdctl", str(e), e.exit_code)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        err.with_suffix(".txt").write_text(f"2 {e.filename or ''}: {e.strerror or e}\n")
-        return 2
-    except BaseException as e:  # a bug, not the user's input: one line, the traceback on request (as kdctl's CLI)
+        return report("kdctl", f"{e.filename or ''}: {e.strerror or e}", 2)
+    except BaseException as e:  # a bug, or a lost peer: one line, the traceback on request (as kdctl's CLI)
         import traceback
 
         from kdctl.errors import first_line
 
         if os.environ.get("KDCTL_DEBUG"):
             traceback.print_exc()
-        err.with_suffix(".txt").write_text(f"1 internal error on rank {rank()}: {first_line(e)} (set KDCTL_DEBUG=1 "
-                                           "for the traceback)\n")
-        return 1
+        return report("internal", f"internal error on rank {rank()}: {first_line(e)} (set KDCTL_DEBUG=1 for the "
+                      "traceback)", 1)
     return 0
 
 

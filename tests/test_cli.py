@@ -55,3 +55,16 @@ def test_list_targets_json():
     res = CliRunner().invoke(app, ["list", "targets", "--json"])
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert {"cpu", "intel", "jetson", "rpi"} <= set(rows) and rows["intel"]["runtime"] == "openvino"
+
+
+def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
+    """Errors are printed through Rich: a path or a library message with '[/...]' (gloo's '[.../pair.cc:561]') must
+    come out as text in one line, not crash the error handler with a markup error and a traceback."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "x[/y].yaml"
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "recipe", "check", str(bad)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"Error: {bad}: recipe not found"]

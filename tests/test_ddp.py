@@ -281,3 +281,26 @@ def test_two_nccl_ranks_distill_yolo(tmp_path, tiny_data, trained_bundle):
     p = _kdctl("distill", str(_recipe(tmp_path, tiny_data, trained_bundle, device="0,1")), "--out", str(out), "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_ranks_agree(_distributed(out), 2, ["cwd", "logit"])
+
+
+def test_which_rank_error_kdctl_reports(tmp_path):
+    """A rank's own kdctl error wins; else a rank that ended silently (killed) is named rather than the lost-peer
+    errors of the others; else the first internal error."""
+    from kdctl.distributed import Launch, _job_error
+
+    def write(r, kind, msg, code):
+        (tmp_path / f"error-rank{r}.json").write_text(json.dumps({"kind": kind, "message": msg, "exit_code": code}))
+
+    launch = Launch(2)
+    write(1, "internal", "internal error on rank 1: RuntimeError: Connection closed by peer [pair.cc:561]", 1)
+    e = _job_error(launch, tmp_path, 1)
+    assert "rank 0 stopped without an error" in str(e) and "--resume" in str(e) and e.exit_code == 2
+    write(0, "internal", "internal error on rank 0: ValueError: x", 1)
+    assert str(_job_error(launch, tmp_path, 1)).startswith("internal error on rank 0")
+    write(1, "kdctl", "r.yaml: distill.cache: stale", 2)
+    e = _job_error(launch, tmp_path, 1)
+    assert str(e) == "r.yaml: distill.cache: stale" and e.exit_code == 2
+    for f in tmp_path.iterdir():
+        f.unlink()
+    # no report at all: both ranks silent -> the first one is named
+    assert "rank 0 stopped" in str(_job_error(launch, tmp_path, 1))

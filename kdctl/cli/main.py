@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from kdctl.cli._common import err_console
@@ -20,13 +21,15 @@ class KdctlGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except KdctlError as e:
-            err_console.print(f"[red]Error:[/red] {e}", markup=True, highlight=False)
+            err_console.print(f"[red]Error:[/red] {escape(str(e))}", markup=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            err_console.print(f"[red]Error:[/red] {e.filename or ''}: {e.strerror or e}", highlight=False)
+            err_console.print(f"[red]Error:[/red] {escape(str(e.filename or ''))}: {escape(str(e.strerror or e))}",
+                              highlight=False)
             raise typer.Exit(2) from None
         except FileExistsError as e:
-            err_console.print(f"[red]Error:[/red] {e.filename or ''}: exists and is in the way", highlight=False)
+            err_console.print(f"[red]Error:[/red] {escape(str(e.filename or ''))}: exists and is in the way",
+                              highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[red]Interrupted[/red] (nothing half-written was published)")
@@ -36,7 +39,7 @@ class KdctlGroup(TyperGroup):
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             if os.environ.get("KDCTL_DEBUG"):
                 raise
-            err_console.print(f"[red]Error:[/red] internal error: {first_line(e)} "
+            err_console.print(f"[red]Error:[/red] internal error: {escape(first_line(e))} "
                               "(set KDCTL_DEBUG=1 for the traceback)", highlight=False)
             raise typer.Exit(1) from None
 
