@@ -693,11 +693,11 @@ def _(c):
         ["distill.losses[0]", "'ld' is a dense-head loss"]
 
 
-@case("train-qat-rtdetr-student")
+@case("train-qat-torchvision-student")
 def _(c):
-    r = c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml")
+    r = c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'")
     r.write_text(r.read_text() + "distill: {quantize: int8}\n")
-    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["distill.quantize", "RT-DETR"]
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["distill.quantize", "YOLO and RT-DETR students"]
 
 
 @case("train-torchvision-builder-does-not-exist")

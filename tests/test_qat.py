@@ -278,3 +278,43 @@ def test_qad_resume_after_kill(tmp_path, tiny_data, trained_bundle):
     assert len(b.metrics["epochs"]) == 2 and b.metrics["qat"]["enabled"] > 0
     assert is_qat(load_detector(out / "weights.pt"))
     assert not (tmp_path / ".qad.work").exists()
+
+
+@pytest.mark.slow
+def test_qad_of_an_rtdetr_student_exports_its_qdq_graph(tmp_path, tiny_data):
+    """RT-DETR students train with fake quantization too (backbone and neck quantized, the transformer decoder kept
+    float, as its post-training INT8): the Q/DQ ONNX matches the fake-quantized PyTorch model in ONNX Runtime and
+    its OpenVINO IR runs; a torchvision student is refused in one line."""
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.yolo import is_qat
+
+    run = CliRunner()
+    base = tmp_path / "base.yaml"
+    base.write_text(f"name: rt\nstudent: {{model: rtdetr-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                    "train: {epochs: 1, imgsz: 64, batch: 4}\n")
+    assert run.invoke(app, ["train", str(base), "--out", str(tmp_path / "rt"), "-q"]).exit_code == 0
+    qad = tmp_path / "qad.yaml"
+    qad.write_text(f"name: rtq\nstudent: {{model: {tmp_path / 'rt'}}}\nteacher: {{model: {tmp_path / 'rt'}}}\n"
+                   f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 64, batch: 4, lr0: 0.0003, "
+                   "warmup_epochs: 0}\ndistill: {quantize: int8, losses: [{name: detr_logit}]}\n")
+    res = run.invoke(app, ["distill", str(qad), "--out", str(tmp_path / "q"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = load_bundle(tmp_path / "q", verify=True).metrics
+    assert m["qat"]["enabled"] > 0 and m["qat"]["enabled"] < m["qat"]["quantizers"]  # the decoder's are off
+    assert is_qat(load_detector(tmp_path / "q" / "weights.pt"))
+    for target, artifact in (("cpu", "onnx-int8"), ("intel", "openvino-int8")):
+        res = run.invoke(app, ["export", str(tmp_path / "q"), "--target", target, "--out", str(tmp_path / target)])
+        assert res.exit_code == 0, res.output
+        (art,) = load_bundle(tmp_path / target, verify=True).metrics["artifacts"]
+        assert art["name"] == artifact and art["parity"]["ok"] and art["parity"]["cosine"] >= 0.99
+        if target == "cpu":
+            assert art["settings"]["int8_convs"] > 0 and art["settings"]["calibration"].startswith("none")
+
+    tv = tmp_path / "tv.yaml"
+    tv.write_text(f"name: tv\nstudent: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}\n"
+                  f"teacher: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}\ndata: {{yolo: {tiny_data}}}\n"
+                  "train: {epochs: 1, imgsz: 64, batch: 4}\ndistill: {quantize: int8, losses: [{name: roi_kd}]}\n")
+    res = run.invoke(app, ["distill", str(tv), "--out", str(tmp_path / "tvq")])
+    assert res.exit_code == 2 and "available for YOLO and RT-DETR students" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "tvq").exists()

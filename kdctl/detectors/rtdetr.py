@@ -205,15 +205,12 @@ def trainer(overrides: dict, callbacks=None, distill=None):
 
 def plain_student(model: nn.Module) -> nn.Module:
     """The student alone: an ``RTDETRDetectionModel`` with the same weights, without KD criterion and adapters."""
+    from kdctl.detectors import yolo
+
     model = model.float()
     if not isinstance(model, KDRTDETRModel):
         return model.eval()
-    student = RTDETRDetectionModel(model.yaml, nc=model.model[-1].nc, verbose=False)
-    student.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("kd.")})
-    for attr in ("names", "stride", "args", "nc"):
-        if hasattr(model, attr):
-            setattr(student, attr, getattr(model, attr))
-    return student.eval()
+    return yolo.plain_student(model, RTDETRDetectionModel)  # the same, QAT quantizers included
 
 
 def export_module(model: nn.Module, imgsz: int, batch: int = 1, *, dynamic: bool = False,

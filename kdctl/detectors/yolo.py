@@ -546,11 +546,12 @@ def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
     return DetectionModel(str(cfg) if isinstance(cfg, Path) else cfg, nc=nc, verbose=False)
 
 
-def plain_student(model: nn.Module) -> DetectionModel:
-    """The student alone: a ``DetectionModel`` with the same weights, without KD criterion and adapters (and,
-    for a quantization-aware trained student, with the same fake quantizers and ranges)."""
+def plain_student(model: nn.Module, cls=DetectionModel) -> DetectionModel:
+    """The student alone: a ``cls`` model (``DetectionModel``, or RT-DETR's) with the same weights, without KD
+    criterion and adapters (and, for a quantization-aware trained student, with the same fake quantizers and
+    ranges)."""
     model = model.float()
-    student = DetectionModel(model.yaml, nc=model.model[-1].nc, verbose=False)
+    student = cls(model.yaml, nc=model.model[-1].nc, verbose=False)
     qat = is_qat(model)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(KD_PREFIX) and not (qat and "_quantizer" in k)}
     missing, unexpected = student.load_state_dict(sd, strict=False)

@@ -163,8 +163,9 @@ class DistillSpec(Strict):
         4.0, gt=0, description="With auto_balance: no KD term may exceed this many times its share of the task "
                                "loss on any batch (scaled down, gradient direction kept); null turns it off")
     quantize: Literal["int8"] | None = Field(
-        None, description="int8: quantization-aware distillation. The student trains with INT8 fake quantization "
-                          "(NVIDIA ModelOpt, ranges calibrated on 8 training batches) against the float teacher; "
+        None, description="int8: quantization-aware distillation (YOLO and RT-DETR students). The student trains "
+                          "with INT8 fake quantization (NVIDIA ModelOpt, ranges calibrated on 8 training batches) "
+                          "against the float teacher; "
                           "start from a trained float student and fine-tune for a few epochs at a low lr0. "
                           "`kdctl export` then writes its Q/DQ graph as is, without a second calibration. With "
                           "`kdctl train` it is plain quantization-aware training (no teacher)")
