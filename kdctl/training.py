@@ -394,15 +394,12 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
     """The student's family and model (built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
-    from kdctl.detectors import family, rtdetr, torchvision, yolo
+    from kdctl.detectors import family, torchvision, yolo
     from kdctl.detectors.yolo import DistillSetup
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     fam = family(student0)
-    if recipe.distill.quantize and fam not in (yolo, rtdetr):
-        raise RecipeError(f"{source}: distill.quantize: quantization-aware training is available for YOLO and RT-DETR "
-                          f"students; student.model ('{student_ref.ref}') is a {fam.LABEL} detector (export it with "
-                          "post-training INT8 instead)")
+
     if stage != "distill" or state == "finished":
         return fam, student0, None
     import torch

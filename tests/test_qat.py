@@ -8,6 +8,7 @@ ONNX Runtime with the fake-quantized PyTorch model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -281,27 +282,37 @@ def test_qad_resume_after_kill(tmp_path, tiny_data, trained_bundle):
 
 
 @pytest.mark.slow
-def test_qad_of_an_rtdetr_student_exports_its_qdq_graph(tmp_path, tiny_data):
-    """RT-DETR students train with fake quantization too (backbone and neck quantized, the transformer decoder kept
-    float, as its post-training INT8): the Q/DQ ONNX matches the fake-quantized PyTorch model in ONNX Runtime and
-    its OpenVINO IR runs; a torchvision student is refused in one line."""
+@pytest.mark.parametrize("student,loss,decoder_float", [
+    ("rtdetr-tiny.yaml", "detr_logit", True),
+    ("'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'", "roi_kd", True),
+])
+def test_qad_of_other_families_exports_their_qdq_graph(tmp_path, tiny_data, student, loss, decoder_float):
+    """RT-DETR and Faster R-CNN students train with fake quantization too (backbone and neck/FPN quantized; the
+    transformer decoder, or the RPN and RoI heads, kept float as their post-training INT8 keeps them): the Q/DQ ONNX
+    matches the fake-quantized PyTorch model in ONNX Runtime, and its OpenVINO IR too. The Faster R-CNN student
+    starts untrained: its ranges are calibrated with BatchNorm on batch statistics (running statistics at their
+    initial values shrink deep activations to ~1e-10 and made every gradient NaN)."""
     from kdctl.bundle import load_bundle
     from kdctl.detectors import load_detector
     from kdctl.detectors.yolo import is_qat
 
     run = CliRunner()
     base = tmp_path / "base.yaml"
-    base.write_text(f"name: rt\nstudent: {{model: rtdetr-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+    base.write_text(f"name: base\nstudent: {{model: {student}}}\ndata: {{yolo: {tiny_data}}}\n"
                     "train: {epochs: 1, imgsz: 64, batch: 4}\n")
-    assert run.invoke(app, ["train", str(base), "--out", str(tmp_path / "rt"), "-q"]).exit_code == 0
+    assert run.invoke(app, ["train", str(base), "--out", str(tmp_path / "base"), "-q"]).exit_code == 0
     qad = tmp_path / "qad.yaml"
-    qad.write_text(f"name: rtq\nstudent: {{model: {tmp_path / 'rt'}}}\nteacher: {{model: {tmp_path / 'rt'}}}\n"
+    qad.write_text(f"name: q\nstudent: {{model: {tmp_path / 'base'}}}\nteacher: {{model: {tmp_path / 'base'}}}\n"
                    f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 64, batch: 4, lr0: 0.0003, "
-                   "warmup_epochs: 0}\ndistill: {quantize: int8, losses: [{name: detr_logit}]}\n")
+                   f"warmup_epochs: 0}}\ndistill: {{quantize: int8, losses: [{{name: {loss}}}]}}\n")
     res = run.invoke(app, ["distill", str(qad), "--out", str(tmp_path / "q"), "--json"])
     assert res.exit_code == 0, res.output
-    m = load_bundle(tmp_path / "q", verify=True).metrics
-    assert m["qat"]["enabled"] > 0 and m["qat"]["enabled"] < m["qat"]["quantizers"]  # the decoder's are off
+    b = load_bundle(tmp_path / "q", verify=True)
+    assert 0 < b.metrics["qat"]["enabled"] < b.metrics["qat"]["quantizers"]  # the float part's are off
+    (epoch,) = b.metrics["epochs"]
+    kd = {k: v for k, v in epoch.items() if k.startswith("train/kd_")}
+    assert kd and all(v > 0 for v in kd.values())
+    assert all(math.isfinite(v) for k, v in epoch.items() if k.startswith("train/"))
     assert is_qat(load_detector(tmp_path / "q" / "weights.pt"))
     for target, artifact in (("cpu", "onnx-int8"), ("intel", "openvino-int8")):
         res = run.invoke(app, ["export", str(tmp_path / "q"), "--target", target, "--out", str(tmp_path / target)])
@@ -310,11 +321,3 @@ def test_qad_of_an_rtdetr_student_exports_its_qdq_graph(tmp_path, tiny_data):
         assert art["name"] == artifact and art["parity"]["ok"] and art["parity"]["cosine"] >= 0.99
         if target == "cpu":
             assert art["settings"]["int8_convs"] > 0 and art["settings"]["calibration"].startswith("none")
-
-    tv = tmp_path / "tv.yaml"
-    tv.write_text(f"name: tv\nstudent: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}\n"
-                  f"teacher: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}\ndata: {{yolo: {tiny_data}}}\n"
-                  "train: {epochs: 1, imgsz: 64, batch: 4}\ndistill: {quantize: int8, losses: [{name: roi_kd}]}\n")
-    res = run.invoke(app, ["distill", str(tv), "--out", str(tmp_path / "tvq")])
-    assert res.exit_code == 2 and "available for YOLO and RT-DETR students" in res.output
-    assert "Traceback" not in res.output and not (tmp_path / "tvq").exists()

@@ -80,19 +80,73 @@ class TorchvisionDetector(nn.Module):
         return torch.cat([d, d.new_zeros(DETECTIONS, 4 + self.nc)], 0)[:DETECTIONS].T
 
     def checkpoint(self, **extra) -> dict:
+        """State dicts only (never the module); a QAT model's quantizers travel as ModelOpt state beside them."""
+        from kdctl.detectors.yolo import is_qat
+
+        qat = None
+        if is_qat(self):
+            from ultralytics.utils.torch_utils import qat_state
+
+            qat = qat_state(self)
         return {"kdctl_family": FAMILY, "builder": self.builder, "nc": self.nc, "imgsz": self.imgsz,
                 "names": self.names, "model_state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                **extra}
+                "modelopt": qat, **extra}
 
 
 def is_checkpoint(ckpt) -> bool:
     return isinstance(ckpt, dict) and ckpt.get("kdctl_family") == FAMILY
 
 
+def _restore_qat(model: TorchvisionDetector, ckpt: dict) -> None:
+    if ckpt.get("modelopt"):
+        from ultralytics.utils.torch_utils import restore_qat
+
+        from kdctl.detectors.yolo import library_output_to_stderr
+
+        with library_output_to_stderr():
+            restore_qat(model, ckpt["modelopt"])
+
+
 def from_checkpoint(ckpt: dict) -> TorchvisionDetector:
     m = TorchvisionDetector(ckpt["builder"], int(ckpt["nc"]), int(ckpt["imgsz"]), ckpt.get("names"))
+    _restore_qat(m, ckpt)  # before the weights: the state dict holds the quantizers' ranges too
     m.load_state_dict(ckpt["model_state"])
     return m.float().eval()
+
+
+QAT_SCOPE = "net.backbone."  # quantized in QAT, as post-training INT8 quantizes (float_tail): backbone and FPN
+
+
+def prepare_qat(model: TorchvisionDetector, loader, device, batches: int = 8) -> None:
+    """Insert ModelOpt INT8 fake quantizers (symmetric, per-channel weights) into the backbone and FPN convolutions,
+    ranges calibrated on ``batches`` training batches, then fixed; the RPN, RoI heads and the post-processing stay
+    float (what kdctl's post-training INT8 quantizes too)."""
+    import modelopt.torch.quantization as mtq
+
+    from kdctl.detectors.yolo import library_output_to_stderr
+
+    def forward_loop(m):
+        for bn in norms:  # ModelOpt puts the model in eval mode for calibration
+            bn.train()
+        for (x, _targets), _ in zip(loader, range(batches)):
+            m(x.to(device))
+
+    # Ranges from activations as training sees them: BatchNorm on batch statistics (its running statistics are
+    # put back afterwards). With running statistics, a student that has not been trained yet (BatchNorm at its
+    # initial mean 0 / variance 1) shrinks its deep activations to ~1e-10, and ranges that small make every
+    # gradient NaN as soon as training normalises by batch statistics.
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), library_output_to_stderr():
+            mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
+            mtq.disable_quantizer(model, lambda n: not n.startswith(QAT_SCOPE))
+    finally:
+        for m, st in zip(norms, saved):
+            m.load_state_dict(st)
+        model.train(was)
 
 
 def build_detector(cfg: str, nc: int, imgsz: int = 320) -> TorchvisionDetector:
@@ -251,6 +305,10 @@ class Trainer:
             self.model.names = names
         self.start_epoch, self.best, self.ckpt = 0, -1.0, ckpt
         if ckpt is not None:
+            from kdctl.detectors.yolo import is_qat
+
+            if not is_qat(self.model):
+                _restore_qat(self.model, ckpt)  # resuming quantization-aware training: its quantizers first
             self.model.load_state_dict(ckpt["model_state"])
             self.start_epoch, self.best = int(ckpt["epoch"]) + 1, float(ckpt.get("best_fitness", -1))
         self.model.to(self.device)
@@ -296,6 +354,13 @@ class Trainer:
         self.train_loader = torch.utils.data.DataLoader(
             images, batch_size=batch, shuffle=sampler is None, sampler=sampler, collate_fn=_collate,
             num_workers=int(self.args.get("workers", 0)), generator=g)
+        if self.args.get("quantize") == 8:
+            from kdctl.detectors.yolo import is_qat
+
+            if not is_qat(self.model):  # not yet (a resumed or QAT-trained student carries its quantizers)
+                calib = torch.utils.data.DataLoader(_Images(self.data.train_images, self.imgsz, augment=False),
+                                                    batch_size=batch, shuffle=False, collate_fn=_collate)
+                prepare_qat(self.model, calib, self.device)
         self.step = _Step(self.model, self.kd, self.distiller)
         if self.world > 1:  # DDP over the student and the KD adapters together; the teacher is not a submodule
             self.step = nn.parallel.DistributedDataParallel(

@@ -163,7 +163,7 @@ class DistillSpec(Strict):
         4.0, gt=0, description="With auto_balance: no KD term may exceed this many times its share of the task "
                                "loss on any batch (scaled down, gradient direction kept); null turns it off")
     quantize: Literal["int8"] | None = Field(
-        None, description="int8: quantization-aware distillation (YOLO and RT-DETR students). The student trains "
+        None, description="int8: quantization-aware distillation (every family). The student trains "
                           "with INT8 fake quantization (NVIDIA ModelOpt, ranges calibrated on 8 training batches) "
                           "against the float teacher; "
                           "start from a trained float student and fine-tune for a few epochs at a low lr0. "
