@@ -394,7 +394,7 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
     """The student's family and model (built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
-    from kdctl.detectors import family, torchvision, yolo
+    from kdctl.detectors import family, torchvision
     from kdctl.detectors.yolo import DistillSetup
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
