@@ -90,3 +90,12 @@ def test_report_renders_in_a_real_browser(kd_chain, profile_cpu, tmp_path):
         px = np.asarray(im.convert("L"), dtype=np.float32)
     assert px.shape == (900, 1280)
     assert (px < 200).mean() > 0.02 and px.std() > 20  # text, tables and the lineage graph, not a blank page
+
+
+def test_trained_as_says_how_each_model_was_trained():
+    from kdctl.report.kd_summary import trained_as
+
+    assert trained_as({}) == "1 process"
+    assert trained_as({"distributed": {"world_size": 4}, "teacher_cache": {"k": 256, "anchors": 8400},
+                       "qat": {"quantize": "int8"}}) == \
+        "4 DDP ranks, teacher cache (top 256 of 8400 anchors), QAT int8"

@@ -45,7 +45,7 @@ class KDComparison:
             m = b.metrics
             out.append([role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
                         f"{m['params']:,}" if m.get("params") else "—",
-                        f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—"])
+                        f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—", trained_as(m)])
         return out
 
     def per_class_rows(self) -> list[list[str]]:
@@ -62,7 +62,19 @@ class KDComparison:
                                             ("distilled", self.distilled)) if b is not None]
 
 
-HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time"]
+HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time", "trained as"]
+
+
+def trained_as(metrics: dict) -> str:
+    """How a train/distill bundle was trained, from what it records: processes, teacher cache, QAT."""
+    d = metrics.get("distributed")
+    parts = [f"{d['world_size']} DDP ranks" if d else "1 process"]
+    cache = metrics.get("teacher_cache")
+    if cache:
+        parts.append(f"teacher cache (top {cache.get('k')} of {cache.get('anchors')} anchors)")
+    if metrics.get("qat"):
+        parts.append(f"QAT {metrics['qat'].get('quantize', 'int8')}")
+    return ", ".join(parts)
 
 
 def compare(chain: list[Bundle]) -> KDComparison | None:
