@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -184,7 +185,7 @@ class RankReporter:
     def _epoch_end(self, tr) -> None:
         from kdctl.bundle import write_json_atomic
 
-        mine = {"rank": rank(), "local_rank": local_rank(), "host": os.uname().nodename, "epoch": int(tr.epoch) + 1,
+        mine = {"rank": rank(), "local_rank": local_rank(), "host": socket.gethostname(), "epoch": int(tr.epoch) + 1,
                 "batches": self.n, "loss_items": {k: v / max(self.n, 1) for k, v in self.sums.items()},
                 "student_params_sha256": params_digest(self.student_of(tr))}
         from kdctl.detectors.yolo import kd_criterion
