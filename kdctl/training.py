@@ -161,7 +161,16 @@ def _reusable(out: Path, recipe: Recipe, stage: str) -> Bundle | None:
         b = load_bundle(out, stages=(stage,), verify=True)
     except BundleError:
         return None
-    return b if b.recipe == recipe.model_dump(mode="json") else None
+    return b if _as_current(b.recipe) == recipe.model_dump(mode="json") else None
+
+
+def _as_current(dump):
+    """A recorded recipe as this kdctl reads it (fields added since with their defaults), so a bundle or an
+    interrupted run from an earlier kdctl still counts as the same recipe."""
+    try:
+        return Recipe.model_validate(dump).model_dump(mode="json")
+    except Exception:  # not a recipe this kdctl can read: compared as recorded (and then differs)
+        return dump
 
 
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,
@@ -247,7 +256,7 @@ def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> N
     """``--resume`` continues the interrupted run's training: its checkpoint, KD adapters and balance belong to the
     recipe it started from, so a changed recipe (other losses, epochs, data...) is refused in one line."""
     before = info.get("recipe")
-    diff = _first_difference(before, recipe.model_dump(mode="json")) if isinstance(before, dict) else None
+    diff = _first_difference(_as_current(before), recipe.model_dump(mode="json")) if isinstance(before, dict) else None
     if diff:
         raise RecipeError(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
                           "with the recipe it started from, or pass --overwrite to start over")

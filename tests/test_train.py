@@ -101,3 +101,20 @@ def test_reuse_keeps_a_bundle_made_from_the_same_recipe(tmp_path, trained_bundle
     (out / "results.csv").write_text("tampered")            # a bundle that no longer verifies is not reused ...
     with pytest.raises(Exception, match="already exists"):  # ... and without --overwrite nothing replaces it
         run_training(recipe, stage="train", out=out, reuse=True)
+
+
+def test_reuse_and_resume_read_a_recipe_recorded_by_an_earlier_kdctl(tmp_path, trained_bundle):
+    """A bundle (or an interrupted run) recorded before a recipe field existed is still 'the same recipe' once the
+    field takes its default: the demo's teacher is not retrained after an upgrade."""
+    from kdctl.recipe import load_recipe
+    from kdctl.training import _as_current, _check_same_recipe
+
+    recipe = load_recipe(trained_bundle / "recipe.yaml")
+    old = recipe.model_dump(mode="json")
+    del old["distill"]["cache"]  # a field this kdctl added
+    assert old != recipe.model_dump(mode="json") and _as_current(old) == recipe.model_dump(mode="json")
+    _check_same_recipe({"recipe": old}, recipe, "r.yaml", tmp_path)  # not refused
+    changed = {**old, "train": {**old["train"], "epochs": old["train"]["epochs"] + 1}}
+    with pytest.raises(Exception, match="train.epochs: differs"):
+        _check_same_recipe({"recipe": changed}, recipe, "r.yaml", tmp_path)
+    assert _as_current({"not": "a recipe"}) == {"not": "a recipe"}
