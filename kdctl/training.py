@@ -7,6 +7,7 @@ killed run can be continued with ``resume=True`` and a finished one leaves only 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -295,19 +296,13 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     if setup is not None and setup.cache:  # built once here (resumed if a build was killed); ranks only read it
         from kdctl.distill.cache import build
 
-        try:
+        with _resumable_or_gone(work):  # e.g. a stale cache before any training: no work dir left
             build(recipe, source, setup.teacher, data_yaml, ds.train_images, Path(setup.cache), progress=progress)
-        except BaseException:
-            if state == "none":  # e.g. a stale cache: no training happened, leave no work dir
-                shutil.rmtree(work, ignore_errors=True)
-            raise
     t_start = time.perf_counter()  # training only (a cache build is timed in the cache's meta)
     if state != "finished":
-        if launch is None:
-            _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
-        else:
-            del setup  # every rank loads its own teacher from disk
-            _fit_distributed(recipe, stage, source, work, state, data_yaml, launch, progress)
+        if launch is not None:
+            setup = None  # every rank loads its own teacher from disk
+        _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress, launch)
         faults.point("train:finished")
     train_s = time.perf_counter() - t_start  # this process's share when resumed
     return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, train_s, overwrite,
@@ -318,21 +313,6 @@ def _rank_spec(recipe: Recipe, stage: str, source: str, work: Path, state: str, 
     """What a torchrun rank needs to rebuild this run's trainer (:func:`fit_rank`)."""
     return {"recipe": recipe.model_dump(mode="json"), "stage": stage, "source": source, "work": str(work.resolve()),
             "state": state, "data_yaml": str(data_yaml.resolve()), "progress": progress is not None}
-
-
-def _fit_distributed(recipe: Recipe, stage: str, source: str, work: Path, state: str, data_yaml: Path, launch,
-                     progress) -> None:
-    """Train on torchrun ranks (``kdctl.distributed``); this process waits and keeps no model in memory."""
-    from kdctl import distributed
-
-    last = work / "train" / "weights" / "last.pt"
-    (work / distributed.DDP_DIR / distributed.RANKS_FILE).unlink(missing_ok=True)
-    try:
-        distributed.run(launch, work, _rank_spec(recipe, stage, source, work, state, data_yaml, progress))
-    except BaseException:
-        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
-            shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def _join(recipe: Recipe, stage: str, source: str, work: Path, launch, student_ref, teacher_ref, skip_invalid,
@@ -433,19 +413,31 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                                        cache)
 
 
-def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
-         progress) -> None:
-    """Run the family's trainer in ``work/train`` (from the last epoch checkpoint when ``state == 'partial'``)."""
-    from kdctl import distributed
-
-    last = work / "train" / "weights" / "last.pt"
-    (work / distributed.DDP_DIR / distributed.RANKS_FILE).unlink(missing_ok=True)  # a DDP run's, if resumed here
+@contextlib.contextmanager
+def _resumable_or_gone(work: Path):
+    """A failure before the first epoch checkpoint leaves no work dir (there is nothing to resume); after it, the
+    work dir stays for ``--resume``."""
     try:
-        _train(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+        yield
     except BaseException:
-        if not last.is_file():  # failed before the first epoch checkpoint: nothing to resume, leave nothing
+        if not (work / "train" / "weights" / "last.pt").is_file():
             shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _fit(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref, data_yaml: Path,
+         progress, launch=None) -> None:
+    """Run the family's trainer in ``work/train`` (from the last epoch checkpoint when ``state == 'partial'``): in
+    this process, or on ``launch``'s torchrun ranks (``kdctl.distributed``) while this process waits."""
+    from kdctl import distributed
+
+    # the ranks' report belongs to the epochs that write it: a DDP run's is stale once training starts again
+    (work / distributed.DDP_DIR / distributed.RANKS_FILE).unlink(missing_ok=True)
+    with _resumable_or_gone(work):
+        if launch is None:
+            _train(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress)
+        else:
+            distributed.run(launch, work, _rank_spec(recipe, stage, source, work, state, data_yaml, progress))
 
 
 def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam, setup, student_ref,
