@@ -135,26 +135,26 @@ def all_gather(obj) -> list:
     return out
 
 
-def params_digest(model) -> str:
-    """sha256 of a model's parameters in order (BatchNorm statistics are per rank under Ultralytics' DDP and excluded)."""
+def _digest(named_tensors) -> str:
+    """sha256 over (name, float32 bytes) of each tensor, in order."""
     import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, v in named_tensors:
             h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def params_digest(model) -> str:
+    """sha256 of a model's parameters in order (BatchNorm statistics are per rank under Ultralytics' DDP and excluded)."""
+    return _digest(model.named_parameters())
 
 
 def weights_digest(model) -> str:
     """sha256 of every tensor in a model's state dict (parameters and buffers)."""
-    h = hashlib.sha256()
-    for name, v in model.state_dict().items():
-        if hasattr(v, "detach"):
-            h.update(name.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return _digest((k, v) for k, v in model.state_dict().items() if hasattr(v, "detach"))
 
 
 class RankReporter:
