@@ -81,16 +81,11 @@ class TorchvisionDetector(nn.Module):
 
     def checkpoint(self, **extra) -> dict:
         """State dicts only (never the module); a QAT model's quantizers travel as ModelOpt state beside them."""
-        from kdctl.detectors.yolo import is_qat
+        from kdctl.detectors.yolo import quantizer_state
 
-        qat = None
-        if is_qat(self):
-            from ultralytics.utils.torch_utils import qat_state
-
-            qat = qat_state(self)
         return {"kdctl_family": FAMILY, "builder": self.builder, "nc": self.nc, "imgsz": self.imgsz,
                 "names": self.names, "model_state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                "modelopt": qat, **extra}
+                "modelopt": quantizer_state(self), **extra}
 
 
 def is_checkpoint(ckpt) -> bool:
@@ -99,12 +94,9 @@ def is_checkpoint(ckpt) -> bool:
 
 def _restore_qat(model: TorchvisionDetector, ckpt: dict) -> None:
     if ckpt.get("modelopt"):
-        from ultralytics.utils.torch_utils import restore_qat
+        from kdctl.detectors.yolo import restore_quantizers
 
-        from kdctl.detectors.yolo import library_output_to_stderr
-
-        with library_output_to_stderr():
-            restore_qat(model, ckpt["modelopt"])
+        restore_quantizers(model, ckpt["modelopt"])
 
 
 def from_checkpoint(ckpt: dict) -> TorchvisionDetector:

@@ -489,13 +489,27 @@ def keep_adapters_float(trainer) -> None:
             mtq.disable_quantizer(m, lambda n: n.startswith(KD_PREFIX))
 
 
+def quantizer_state(model: nn.Module) -> dict | None:
+    """A QAT model's fake quantizers as data (ModelOpt state and ranges) to store beside its weights; None for a float
+    model. Ultralytics' checkpoint form, used by every family."""
+    from ultralytics.utils.torch_utils import qat_state
+
+    return qat_state(model)
+
+
+def restore_quantizers(model: nn.Module, state: dict) -> None:
+    """Put back the fake quantizers :func:`quantizer_state` recorded, in place (ModelOpt's chatter to stderr)."""
+    from ultralytics.utils.torch_utils import restore_qat
+
+    with library_output_to_stderr():
+        restore_qat(model, state)
+
+
 def _student_qat_state(model: nn.Module) -> dict:
     """``qat_state`` of a KD model without the adapters' quantizers, so it restores onto the plain student."""
     import copy
 
-    from ultralytics.utils.torch_utils import qat_state
-
-    state = copy.deepcopy(qat_state(model))
+    state = copy.deepcopy(quantizer_state(model))
     for _mode, entry in state["modelopt"]["modelopt_state_dict"]:
         qs = entry.get("metadata", {}).get("quantizer_state")
         if isinstance(qs, dict):
@@ -558,10 +572,7 @@ def plain_student(model: nn.Module, cls=DetectionModel) -> DetectionModel:
     if missing or unexpected:
         raise RuntimeError(f"student weights do not fit its architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if qat:
-        from ultralytics.utils.torch_utils import restore_qat
-
-        with library_output_to_stderr():
-            restore_qat(student, _student_qat_state(model))
+        restore_quantizers(student, _student_qat_state(model))
     for attr in ("names", "stride", "args", "nc", "class_weights"):
         if hasattr(model, attr):
             setattr(student, attr, getattr(model, attr))
