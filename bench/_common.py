@@ -85,3 +85,29 @@ def gap_closed_cell(per_seed: dict, base: dict, teacher_map: float) -> str:
     above = all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
     return (f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})"
             + ("" if above else ", not above baseline on every seed"))
+
+
+KD_SEED_HEAD = ["run", "role", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
+                "train s", "epoch time / baseline"]
+
+
+def teacher_rows(teachers: dict) -> list[list]:
+    """:data:`KD_SEED_HEAD` rows of teachers trained once: ``{name: (path, recipe_run result)}``."""
+    return [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]
+            for t, (_, r) in teachers.items()]
+
+
+def seed_row(name: str, role: str, per_seed: dict, base: dict | None = None,
+             teacher_map: float | None = None) -> tuple[list, float]:
+    """A :data:`KD_SEED_HEAD` row of one run over seeds (a baseline when ``base`` is None) and its mAP half-range:
+    mAP per seed, mean, half-range, gap closed against ``teacher_map`` and the seeds' baseline, mean train seconds,
+    median epoch time over the baseline's."""
+    maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
+    half = (max(maps) - min(maps)) / 2
+    train_s = round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1)
+    row = [name, role, " / ".join(f"{m:.4f}" for m in maps), round(sum(maps) / len(maps), 4),
+           round(half, 4) if len(maps) > 1 else ""]
+    if base is None:
+        return row + ["", train_s, "1.00"], half
+    ratio = median(per_seed[s]["epoch_s"] for s in per_seed) / median(base[s]["epoch_s"] for s in base)
+    return row + [gap_closed_cell(per_seed, base, teacher_map), train_s, f"{ratio:.2f}"], half

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, gap_closed_cell, machine, recipe_run, table, write_section  # noqa: E402
+from _common import (KD_SEED_HEAD, ROOT, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
+                     write_section)
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -63,31 +63,21 @@ def main() -> None:
             res.setdefault(r, {})[seed] = run(recipe, "distill", seed, teachers[teacher][0], root / f"{r}-s{seed}", a)
         (root / "results.json").write_text(json.dumps(res, indent=1))
 
-    rows = [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]
-            for t, (_, r) in teachers.items()]
-    spreads = {}
+    rows, spreads = teacher_rows(teachers), {}
     for name, per_seed in res.items():
-        maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
-        mean, half = sum(maps) / len(maps), (max(maps) - min(maps)) / 2
-        row = [name, "", " / ".join(f"{m:.4f}" for m in maps), round(mean, 4), round(half, 4) if len(maps) > 1 else ""]
-        train_s = round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1)
         if name not in RUNS:  # a baseline
-            spreads[name] = half
-            rows.append(row[:1] + ["baseline"] + row[2:] + ["", train_s, "1.00"])
-            continue
-        _, teacher, base_name = RUNS[name]
-        base, t_map = res[base_name], teachers[teacher][1]["map50_95"]
-        ratio = statistics.median(per_seed[s]["epoch_s"] for s in per_seed) / statistics.median(
-            base[s]["epoch_s"] for s in base)
-        rows.append(row[:1] + [f"vs {base_name}, teacher {teacher}"] + row[2:] +
-                    [gap_closed_cell(per_seed, base, t_map), train_s, f"{ratio:.2f}"])
+            row, spreads[name] = seed_row(name, "baseline", per_seed)
+        else:
+            _, teacher, base_name = RUNS[name]
+            row, _ = seed_row(name, f"vs {base_name}, teacher {teacher}", per_seed, res[base_name],
+                              teachers[teacher][1]["map50_95"])
+        rows.append(row)
     body = (f"## DETR-family distillation (RT-DETR) and RT-DETR ↔ YOLO\n\n{machine()}; device {a.device}. "
             f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(a.runs)}`: the "
             "recipes' data and settings (built-in clear scenes, 128 px); teachers trained once. Gap closed per seed "
             "= (student_KD − baseline) / (teacher − baseline) against the row's teacher and baseline; baseline "
             f"half-ranges over seeds: {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}.\n\n"
-            + table(["run", "role", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
-                     "train s", "epoch time / baseline"], rows) + "\n")
+            + table(KD_SEED_HEAD, rows) + "\n")
     print(body)
     if not a.smoke:
         write_section("detr-kd", body)

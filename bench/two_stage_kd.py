@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, gap_closed_cell, machine, recipe_run, table, write_section  # noqa: E402
+from _common import (KD_SEED_HEAD, ROOT, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
+                     write_section)
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
@@ -60,23 +60,13 @@ def main() -> None:
         (root / "results.json").write_text(json.dumps(res, indent=1))
 
     base = res["baseline student"]
-    base_maps = [base[s]["map50_95"] for s in sorted(base)]
-    base_spread = (max(base_maps) - min(base_maps)) / 2
-    base_epoch = statistics.median(base[s]["epoch_s"] for s in base)
-    rows = [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]
-            for t, (_, r) in teachers.items()]
+    rows = teacher_rows(teachers)
     for name, per_seed in res.items():
-        maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
-        mean = sum(maps) / len(maps)
-        row = [name, "", " / ".join(f"{m:.4f}" for m in maps), round(mean, 4),
-               round((max(maps) - min(maps)) / 2, 4) if len(maps) > 1 else ""]
         if name == "baseline student":
-            rows.append(row + ["", round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1), "1.00"])
-            continue
-        t_map = teachers[TEACHERS.get(name, "fasterrcnn-teacher")][1]["map50_95"]
-        rows.append(row + [gap_closed_cell(per_seed, base, t_map),
-                           round(statistics.mean(per_seed[s]["train_s"] for s in per_seed), 1),
-                           f"{statistics.median(per_seed[s]['epoch_s'] for s in per_seed) / base_epoch:.2f}"])
+            row, base_spread = seed_row(name, "", per_seed)
+        else:
+            row, _ = seed_row(name, "", per_seed, base, teachers[TEACHERS.get(name, "fasterrcnn-teacher")][1]["map50_95"])
+        rows.append(row)
     from kdctl.bundle import load_bundle
 
     rec = load_bundle(root / f"base-s{a.seeds[0]}").recipe  # the baseline as it ran
@@ -88,8 +78,7 @@ def main() -> None:
             "trained once (twice the epochs). Gap closed per seed against the row's teacher (RPN: the MobileNetV3 "
             f"FPN teacher; others: ResNet-50 FPN). Baseline half-range over seeds {base_spread:.4f}; step-time "
             "ratio = train seconds per epoch vs the baseline's (validation included).\n\n"
-            + table(["run", "role", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
-                     "train s", "epoch time / baseline"], rows) + "\n")
+            + table(KD_SEED_HEAD, rows) + "\n")
     print(body)
     if not a.smoke:
         write_section("two-stage-kd", body)
