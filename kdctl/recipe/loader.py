@@ -23,6 +23,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _check_losses(recipe: Recipe, source: str) -> None:
     from kdctl.distill.losses import LOSSES
+    from kdctl.distill.losses.registry import param_problem
 
     for i, spec in enumerate(recipe.distill.losses):
         if spec.name not in LOSSES:
@@ -33,6 +34,10 @@ def _check_losses(recipe: Recipe, source: str) -> None:
         if unknown:
             raise RecipeError(f"{source}: distill.losses[{i}].params: unknown parameter '{unknown[0]}' for "
                               f"'{spec.name}'; valid: {', '.join(sorted(entry.params)) or 'none'}")
+        for key, value in spec.params.items():
+            problem = param_problem(entry, key, value)
+            if problem:
+                raise RecipeError(f"{source}: distill.losses[{i}].params.{key}: {problem}")
         if spec.level is not None and spec.level not in entry.levels:
             raise RecipeError(f"{source}: distill.losses[{i}].level: '{spec.name}' applies at "
                               f"{', '.join(entry.levels)}, not '{spec.level}'")

@@ -52,6 +52,40 @@ def _citation(doc: str) -> str:
     return first[:m.start() + 1] if m else first
 
 
+# What a parameter's value must be, by name (every loss uses these names in the same sense): a recipe with a
+# value outside its range is refused at `recipe check`, before it would turn into NaN or a silent no-op in training.
+_POSITIVE = ("temperature", "tau", "temp", "p", "scale")
+_NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
+                 "alpha", "beta", "gamma", "lam", "margin")
+_RANGES = {"ratio": (0.0, 1.0, "in [0, 1)"), "psi": (0.0, 1.0, "in (0, 1]")}
+_COUNTS = {"teacher_queries": 1, "random_queries": 0}
+
+
+def param_problem(entry: LossEntry, name: str, value) -> str | None:
+    """Why ``value`` cannot be ``entry``'s parameter ``name`` (its type and range), or None when it can."""
+    import math
+
+    default = entry.params[name]
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"must be finite, got {value}"
+    if name in _COUNTS:
+        if value != int(value) or value < _COUNTS[name]:
+            return f"must be a whole number ≥ {_COUNTS[name]}, got {value}"
+    elif name in _POSITIVE and value <= 0:
+        return f"must be > 0, got {value}"
+    elif name in _NON_NEGATIVE and value < 0:
+        return f"must be ≥ 0, got {value}"
+    elif name in _RANGES:
+        lo, hi, text = _RANGES[name]
+        if not (lo <= value < hi if name == "ratio" else lo < value <= hi):
+            return f"must be {text}, got {value}"
+    return None
+
+
 def kd_item(term: str) -> str:
     """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
     return term if term.startswith("kd_") else f"kd_{term}"
