@@ -14,6 +14,15 @@ from rich.console import Console
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
+def finite(value: float | None) -> float | None:
+    """Option callback: ``inf`` and ``nan`` parse as floats but are no budget (and no valid JSON in a manifest)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory to write "

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, progress_bar)
+                               emit, finite, progress_bar)
 from kdctl.bundle import reference_metrics
 from kdctl.runtimes import ARTIFACTS
 
@@ -27,7 +27,7 @@ def export(
                                                               help="INT8 calibration images from the train split.")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
                                                               help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
-    max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", min=0, max=1,
+    max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=finite, min=0, max=1,
                                                           help="Fail (write nothing) if an FP16/INT8 artifact loses "
                                                                "more mAP50-95 than this vs PyTorch (0.01 = 1 point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, progress_bar
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, finite,
+                               progress_bar)
 from kdctl.runtimes import DEVICE_RUNTIMES
 
 
@@ -18,7 +19,7 @@ def profile(
     runtime: Annotated[Optional[str], typer.Option("--runtime", help=f"Only artifacts of this runtime: {', '.join(DEVICE_RUNTIMES)}.")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed inferences first.")] = 10,
     runs: Annotated[int, typer.Option("--runs", "-n", min=1, help="Timed batch-1 inferences (at least).")] = 100,
-    duration: Annotated[Optional[float], typer.Option("--duration", min=0, help="Also keep timing for this many seconds.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", callback=finite, min=0, help="Also keep timing for this many seconds.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads (default: all cores available to this process).")] = None,
     throughput_batch: Annotated[int, typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it.")] = 8,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
