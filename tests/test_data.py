@@ -173,3 +173,33 @@ def test_polygon_labels_are_boxed_and_checked(tmp_path):
     f.write_text("0 0.98 0.5 0.1 0.2\n")    # overhangs by 3 %
     with pytest.raises(LabelError, match="outside the image"):
         parse_labels(f, nc=1)
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_exif_rotated_photo_is_read_upright_as_ultralytics_reads_it(tmp_path, orientation):
+    """A phone photo stores its pixels sideways with an EXIF orientation; OpenCV (Ultralytics' training and
+    validation) turns it upright, and the labels are drawn on the upright image: evaluation, calibration and
+    ground truth must see that same image."""
+    from ultralytics.utils.patches import imread
+
+    from kdctl.evaluate.predict import load_rgb
+
+    upright = np.zeros((60, 100, 3), np.uint8)        # H 60, W 100; a red box at x 10-40, y 5-25
+    upright[5:25, 10:40] = (255, 0, 0)
+    inverse = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+    stored = Image.fromarray(upright).transpose(inverse[orientation])  # what the camera wrote
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    img = tmp_path / "images" / "phone.jpg"
+    img.parent.mkdir()
+    stored.save(img, quality=100, exif=exif.tobytes())
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "phone.txt").write_text("0 0.25 0.25 0.3 0.3333333\n")  # the red box, upright frame
+
+    pixels = load_rgb(img)
+    assert pixels.shape == (60, 100, 3)
+    np.testing.assert_allclose(pixels.astype(int), imread(str(img))[..., ::-1].astype(int), atol=2)  # as OpenCV
+    gt = ground_truth([img])[0]
+    x1, y1, x2, y2 = np.round(gt.boxes[0]).astype(int)
+    assert (x1, y1, x2, y2) == (10, 5, 40, 25)
+    assert pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 0].min() > 200 and pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 2].max() < 60

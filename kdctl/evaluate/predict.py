@@ -17,9 +17,13 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 
 def load_rgb(path: Path) -> np.ndarray:
+    """The image as RGB pixels, turned upright by its EXIF orientation tag as OpenCV (and so Ultralytics' training
+    and validation) reads it: a phone photo's labels are drawn on the upright image."""
+    from PIL import ImageOps
+
     from kdctl.data.validate import read_image
 
-    return read_image(path, lambda im: np.asarray(im.convert("RGB")))
+    return read_image(path, lambda im: np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
 
 
 def letterbox(img: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
@@ -137,5 +141,15 @@ def ground_truth(images: list[Path]) -> list[GroundTruth]:
 def _size(p: Path) -> tuple[int, int]:
     from kdctl.data.validate import read_image
 
-    w, h = read_image(p, lambda im: im.size)
+    w, h = read_image(p, oriented_size)
     return h, w
+
+
+def oriented_size(im) -> tuple[int, int]:
+    """(width, height) of the upright image: EXIF orientations 5-8 turn it by 90° (as :func:`load_rgb` does)."""
+    w, h = im.size
+    try:
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # an unreadable EXIF block is no orientation (OpenCV ignores it too)
+        turned = False
+    return (h, w) if turned else (w, h)
