@@ -21,13 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, table, write_section  # noqa: E402
+from _common import ROOT, gap_closed_cell, machine, table, write_section  # noqa: E402
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
             "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
 
 
 SCENE = {"name": "clear"}  # set by --scene; "cluttered" swaps in the second dataset
+EPOCHS = {"students": None}  # set by --epochs: the students' schedule (the teacher keeps its recipe's)
 
 
 def _recipe(name: str, seed: int, teacher: Path | None):
@@ -36,6 +37,8 @@ def _recipe(name: str, seed: int, teacher: Path | None):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     d = r.model_dump()
     d["train"]["seed"] = seed
+    if EPOCHS["students"] and name != "quickstart-teacher":
+        d["train"]["epochs"] = EPOCHS["students"]
     if SCENE["name"] != "clear" and d["data"].get("synthetic"):
         d["data"]["synthetic"].update(scene=SCENE["name"], classes=6)
     if teacher is not None and d.get("teacher"):
@@ -92,21 +95,24 @@ def main() -> None:
     ap.add_argument("--scene", choices=["clear", "cluttered"], default="clear")
     ap.add_argument("--no-ultralytics", action="store_true", help="skip Ultralytics' built-in KD rows")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--epochs", type=int, help="train the students this many epochs instead of the recipes' 20 "
+                    "(the teacher keeps its 30): does KD still help a student trained to the teacher's level?")
     a = ap.parse_args()
-    SCENE["name"] = a.scene
+    SCENE["name"], EPOCHS["students"] = a.scene, a.epochs
     root = Path(a.root) / a.scene
+    tag = f"-e{a.epochs}" if a.epochs else ""
     teacher = root / "teacher"
     res: dict[str, dict[int, dict]] = {}
     res["teacher"] = {0: run_kdctl("quickstart-teacher", "train", 0, None, teacher)}
     for seed in a.seeds:
         res.setdefault("baseline student", {})[seed] = run_kdctl("quickstart-student", "train", seed, None,
-                                                                  root / f"base-s{seed}")
+                                                                  root / f"base{tag}-s{seed}")
         if not a.no_ultralytics:
             res.setdefault("ultralytics distill_model (dis=6)", {})[seed] = run_ultralytics_kd(
-                seed, teacher, root / f"ultralytics-s{seed}")
+                seed, teacher, root / f"ultralytics{tag}-s{seed}")
         for fam in a.families:
-            res.setdefault(fam, {})[seed] = run_kdctl(fam, "distill", seed, teacher, root / f"{fam}-s{seed}")
-        (root / "results.json").write_text(json.dumps(res, indent=1))
+            res.setdefault(fam, {})[seed] = run_kdctl(fam, "distill", seed, teacher, root / f"{fam}{tag}-s{seed}")
+        (root / f"results{tag}.json").write_text(json.dumps(res, indent=1))
 
     t_map = res["teacher"][0]["map50_95"]
     base = res["baseline student"]
@@ -117,30 +123,33 @@ def main() -> None:
     for name, per_seed in res.items():
         maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
         mean = sum(maps) / len(maps)
-        gaps = [(per_seed[s]["map50_95"] - base[s]["map50_95"]) / (t_map - base[s]["map50_95"])
-                for s in sorted(per_seed) if s in base and name not in ("teacher", "baseline student")]
+        role = name in ("teacher", "baseline student")
+        gains = [per_seed[s]["map50_95"] - base[s]["map50_95"] for s in sorted(per_seed) if s in base]
         gain = mean - base_mean
-        beats = "" if name in ("teacher", "baseline student") else (
+        beats = "" if role else (
             "yes" if gain > base_spread and all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
             else ("mean only" if gain > base_spread else "no"))
         rows.append([name, " / ".join(f"{m:.4f}" for m in maps), round(mean, 4),
                      round((max(maps) - min(maps)) / 2, 4) if len(maps) > 1 else "",
-                     f"{100 * sum(gaps) / len(gaps):.0f} % ({' / '.join(f'{100 * g:.0f}' for g in gaps)})" if gaps else "",
-                     beats, round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
+                     "" if role else f"{100 * gain:+.2f} ({' / '.join(f'{100 * g:+.2f}' for g in gains)})",
+                     "" if role else gap_closed_cell(per_seed, base, t_map, mark_below=False), beats, round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
     r = _recipe("quickstart-student", 0, None)
     syn, t = r.data.synthetic, r.train
-    body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes)\n\n{machine()}. "
+    when = f", students {a.epochs} epochs" if a.epochs else ""
+    body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
             f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
             f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
             f"(recipes/quickstart-teacher.yaml); student kdctl's yolov8-tiny (0.9 M params); every student run "
             f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, no mosaic; train seeds {a.seeds}. "
-            f"mAP50-95 by kdctl's COCO evaluator on the validation images. Gap closed = (student_KD − student_base) "
-            f"/ (teacher − student_base) per seed, then averaged. Baseline spread (half-range over seeds): "
+            f"mAP50-95 by kdctl's COCO evaluator on the validation images. Gain = student_KD − student_base in mAP "
+            f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "
+            f"seed, then averaged (n/a where the teacher is not above the baseline). Baseline spread (half-range over seeds): "
             f"{base_spread:.4f}; \"beats baseline\" = mean gain above that spread and above the baseline on every "
             f"seed.\n\n"
-            + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
+            + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
+                     "gap closed (mean, per seed)",
                      "beats baseline", "train s"], rows) + "\n")
-    write_section("distill" if a.scene == "clear" else f"distill-{a.scene}", body)
+    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag, body)
     print(body)
 
 
