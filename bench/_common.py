@@ -76,6 +76,21 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
             "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}
 
 
+def add_run_args(ap, root: str, epochs_help: str) -> None:
+    """The options the GPU-sized distillation benchmarks share: device, epochs, a smoke mode and the runs' root."""
+    ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
+    ap.add_argument("--epochs", type=int, default=None, help=epochs_help)
+    ap.add_argument("--smoke", action="store_true", help="tiny data and 1 epoch: checks the script, no doc written")
+    ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / root))
+
+
+def runs_root(a) -> Path:
+    """Where the runs of :func:`add_run_args`' arguments go; a smoke run is one seed, 1 epoch unless told."""
+    if a.smoke:
+        a.epochs, a.seeds = a.epochs or 1, a.seeds[:1]
+    return Path(a.root) / ("smoke" if a.smoke else "full")
+
+
 def gap_closed_cell(per_seed: dict, base: dict, teacher_map: float, mark_below: bool = True) -> str:
     """"mean % (per seed %)" of (student_KD − baseline) / (teacher − baseline), seed by seed, and whether the KD run
     is above its baseline on every seed; n/a where the teacher is not above the baseline (no gap to close)."""

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, ROOT, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
-                     write_section)
+from _common import (KD_SEED_HEAD, add_run_args, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
+                     runs_root, write_section)
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -45,14 +45,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs of every run; default: the recipes'")
-    ap.add_argument("--smoke", action="store_true", help="tiny data and 1 epoch: checks the script, no doc written")
-    ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / "detr"))
+    add_run_args(ap, "detr", "epochs of every run; default: the recipes'")
     a = ap.parse_args()
-    if a.smoke:
-        a.epochs, a.seeds = a.epochs or 1, a.seeds[:1]
-    root = Path(a.root) / ("smoke" if a.smoke else "full")
+    root = runs_root(a)
     teachers = {t: (root / t, run(t, "train", 0, None, root / t, a)) for t in sorted({RUNS[r][1] for r in a.runs})}
     res: dict[str, dict[int, dict]] = {}
     for seed in a.seeds:

@@ -28,7 +28,8 @@ FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "disti
 
 
 SCENE = {"name": "clear"}  # set by --scene; "cluttered" swaps in the second dataset
-EPOCHS = {"students": None}  # set by --epochs: the students' schedule (the teacher keeps its recipe's)
+EPOCHS = {"students": None, "teacher": None}  # --epochs / --teacher-epochs: schedules other than the recipes'
+
 
 
 def _recipe(name: str, seed: int, teacher: Path | None):
@@ -37,8 +38,9 @@ def _recipe(name: str, seed: int, teacher: Path | None):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     d = r.model_dump()
     d["train"]["seed"] = seed
-    if EPOCHS["students"] and name != "quickstart-teacher":
-        d["train"]["epochs"] = EPOCHS["students"]
+    key = "teacher" if name == "quickstart-teacher" else "students"
+    if EPOCHS[key]:
+        d["train"]["epochs"] = EPOCHS[key]
     if SCENE["name"] != "clear" and d["data"].get("synthetic"):
         d["data"]["synthetic"].update(scene=SCENE["name"], classes=6)
     if teacher is not None and d.get("teacher"):
@@ -97,16 +99,20 @@ def main() -> None:
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--epochs", type=int, help="train the students this many epochs instead of the recipes' 20 "
                     "(the teacher keeps its 30): does KD still help a student trained to the teacher's level?")
+    ap.add_argument("--teacher-epochs", type=int, help="train the teacher this many epochs instead of its recipe's 30 "
+                    "(a converged teacher; its own bundle, the baselines are shared)")
     a = ap.parse_args()
-    SCENE["name"], EPOCHS["students"] = a.scene, a.epochs
+    SCENE["name"], EPOCHS["students"], EPOCHS["teacher"] = a.scene, a.epochs, a.teacher_epochs
     root = Path(a.root) / a.scene
-    tag = f"-e{a.epochs}" if a.epochs else ""
-    teacher = root / "teacher"
+    base_tag = f"-e{a.epochs}" if a.epochs else ""
+    t_tag = f"-t{a.teacher_epochs}" if a.teacher_epochs else ""
+    tag = base_tag + t_tag
+    teacher = root / f"teacher{t_tag}"
     res: dict[str, dict[int, dict]] = {}
     res["teacher"] = {0: run_kdctl("quickstart-teacher", "train", 0, None, teacher)}
     for seed in a.seeds:
         res.setdefault("baseline student", {})[seed] = run_kdctl("quickstart-student", "train", seed, None,
-                                                                  root / f"base{tag}-s{seed}")
+                                                                  root / f"base{base_tag}-s{seed}")
         if not a.no_ultralytics:
             res.setdefault("ultralytics distill_model (dis=6)", {})[seed] = run_ultralytics_kd(
                 seed, teacher, root / f"ultralytics{tag}-s{seed}")
@@ -135,11 +141,12 @@ def main() -> None:
                      "" if role else gap_closed_cell(per_seed, base, t_map, mark_below=False), beats, round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
     r = _recipe("quickstart-student", 0, None)
     syn, t = r.data.synthetic, r.train
-    when = f", students {a.epochs} epochs" if a.epochs else ""
+    when = (f", students {a.epochs} epochs" if a.epochs else "") + (
+        f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "")
     body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
             f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
             f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
-            f"(recipes/quickstart-teacher.yaml); student kdctl's yolov8-tiny (0.9 M params); every student run "
+            f"(recipes/quickstart-teacher.yaml, {a.teacher_epochs or 30} epochs); student kdctl's yolov8-tiny (0.9 M params); every student run "
             f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, no mosaic; train seeds {a.seeds}. "
             f"mAP50-95 by kdctl's COCO evaluator on the validation images. Gain = student_KD − student_base in mAP "
             f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "

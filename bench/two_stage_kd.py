@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, ROOT, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
-                     write_section)
+from _common import (KD_SEED_HEAD, add_run_args, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
+                     runs_root, write_section)
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
@@ -38,14 +38,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--levels", nargs="+", default=LEVELS, choices=LEVELS)
-    ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
-    ap.add_argument("--epochs", type=int, default=None, help="student epochs (teachers: twice); default: recipes'")
-    ap.add_argument("--smoke", action="store_true", help="tiny data and 1 epoch: checks the script, no doc written")
-    ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / "two-stage"))
+    add_run_args(ap, "two-stage", "student epochs (teachers: twice); default: recipes'")
     a = ap.parse_args()
-    if a.smoke:
-        a.epochs, a.seeds = a.epochs or 1, a.seeds[:1]
-    root = Path(a.root) / ("smoke" if a.smoke else "full")
+    root = runs_root(a)
     teachers = {}
     for t in sorted({TEACHERS.get(lv, "fasterrcnn-teacher") for lv in a.levels}):
         teachers[t] = (root / t, run(t, "train", 0, None, root / t, a))
