@@ -193,6 +193,11 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
                                                          cache="{path: mine}", name="mine")), "--overwrite"])
     assert res.exit_code == 2 and "is not a kdctl teacher cache" in res.output
     assert (mine / "notes.txt").read_text() == "keep"
+    # ... nor a user's file put inside a real cache later
+    (tmp_path / "cache" / "notes.txt").write_text("keep")
+    res = run.invoke(app, ["cache", "build", str(r), "--overwrite"])
+    assert res.exit_code == 2 and "also holds 'notes.txt', which kdctl did not write" in res.output, res.output
+    assert (tmp_path / "cache" / "notes.txt").read_text() == "keep" and (tmp_path / "cache" / "meta.json").is_file()
 
 
 @pytest.mark.parametrize("losses,teacher,message", [

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import zlib
@@ -210,6 +211,14 @@ def _alive(pid: str) -> bool:
     return True
 
 
+_OWN = re.compile(rf"{re.escape(META)}|\.{re.escape(META)}\.tmp-[0-9a-f]+|epoch-\d{{4,}}|\.epoch-\d{{4,}}\.\d+\.tmp")
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Names in a cache folder that a cache build did not write (its meta.json, epoch shards and their temporaries)."""
+    return sorted(p.name for p in path.iterdir() if not _OWN.fullmatch(p.name))
+
+
 def _shard(path: Path, epoch: int) -> Path:
     return path / f"epoch-{epoch:04d}"
 
@@ -360,6 +369,10 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     teacher = teacher.float().eval()
     want = expected_meta(weights_digest(teacher), images, args, cfg.top_k)
     if overwrite and (path / META).is_file():
+        foreign = foreign_entries(path)
+        if foreign:  # --overwrite replaces what kdctl wrote, never a user's file put beside it
+            raise KdctlError(f"{source}: distill.cache.path: {path} also holds {foreign[0]!r}, which kdctl did not "
+                             f"write; refusing to replace the cache (move it, or choose another path)")
         shutil.rmtree(path)
     cache = open_cache(path, want, source)
     if cache is not None:
