@@ -203,3 +203,24 @@ def test_exif_rotated_photo_is_read_upright_as_ultralytics_reads_it(tmp_path, or
     x1, y1, x2, y2 = np.round(gt.boxes[0]).astype(int)
     assert (x1, y1, x2, y2) == (10, 5, 40, 25)
     assert pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 0].min() > 200 and pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 2].max() < 60
+
+
+def test_images_in_other_formats_ultralytics_trains_on_are_listed_and_read(tmp_path):
+    """AVIF, JPEG 2000 and MPO are in Ultralytics' IMG_FORMATS: a split of them must be evaluated, not skipped."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    from kdctl.evaluate.predict import load_rgb
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for suffix in (".avif", ".jp2", ".png"):
+            assert suffix[1:] in IMG_FORMATS
+            img = tmp_path / "images" / split / f"a{suffix[1:]}{suffix}"
+            Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(img)
+            (tmp_path / "labels" / split / f"{img.stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [thing]\n")
+    ds = load_yolo_yaml(tmp_path / "data.yaml")
+    assert sorted(p.suffix for p in ds.val_images) == [".avif", ".jp2", ".png"]
+    assert all(load_rgb(p).shape == (48, 64, 3) for p in ds.val_images)
+    assert all(len(g.boxes) == 1 for g in ground_truth(ds.val_images))
