@@ -5,7 +5,7 @@ A recipe is data, never code. Every stage copies the resolved recipe into its bu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -123,8 +123,10 @@ class LossSpec(Strict):
     teacher_layers: list[int | str] | Literal["backbone", "neck", "head"] | None = Field(
         None, description="Layers of the teacher: indices, module paths, or a role; defaults from the level")
     weight: float = Field(1.0, ge=0, le=1e6)
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict,
-                                                       description="Loss-specific parameters (e.g. tau)")
+    # any float here: the loss registry checks each value's type and range (kdctl.distill.losses.registry), and names
+    # the parameter without pydantic's union-member suffix
+    params: dict[str, Annotated[float, Field(allow_inf_nan=True)] | int | bool | str] = Field(
+        default_factory=dict, description="Loss-specific parameters (e.g. tau)")
 
 
     @field_validator("student_layers", "teacher_layers")
