@@ -388,7 +388,6 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     fam = family(student0)
-
     if stage != "distill" or state == "finished":
         return fam, student0, None
     import torch

@@ -57,7 +57,7 @@ def _citation(doc: str) -> str:
 _POSITIVE = ("temperature", "tau", "temp", "p", "scale")
 _NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
                  "alpha", "beta", "gamma", "lam", "margin")
-_RANGES = {"ratio": (0.0, 1.0, "in [0, 1)"), "psi": (0.0, 1.0, "in (0, 1]")}
+_RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]")}
 _COUNTS = {"teacher_queries": 1, "random_queries": 0}
 
 
@@ -79,10 +79,8 @@ def param_problem(entry: LossEntry, name: str, value) -> str | None:
         return f"must be > 0, got {value}"
     elif name in _NON_NEGATIVE and value < 0:
         return f"must be ≥ 0, got {value}"
-    elif name in _RANGES:
-        lo, hi, text = _RANGES[name]
-        if not (lo <= value < hi if name == "ratio" else lo < value <= hi):
-            return f"must be {text}, got {value}"
+    elif name in _RANGES and not _RANGES[name][0](value):
+        return f"must be {_RANGES[name][1]}, got {value}"
     return None
 
 
