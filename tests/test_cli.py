@@ -68,3 +68,16 @@ def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"Error: {bad}: recipe not found"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["export", "{b}", "--imgsz", "100000"], "--imgsz"),  # before: traced at that size until the OOM killer came
+    (["eval", "{b}", "--imgsz", "8192"], "--imgsz"),
+    (["data", "synth", "{b}/new", "--seed", "-1"], "--seed"),  # NumPy refuses it only after the output was begun
+    (["data", "synth", "{b}/new", "--seed", str(2**32)], "--seed"),
+])
+def test_out_of_range_options_refused_before_any_work(tmp_path, argv, option):
+    res = CliRunner().invoke(app, [a.format(b=tmp_path) for a in argv])
+    assert res.exit_code == 2 and option in res.output, res.output
+    assert "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []

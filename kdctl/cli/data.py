@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kdctl.cli._common import JsonOpt, console, emit, progress_bar
+from kdctl.limits import SEED_MAX
 
 app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in synthetic detection set.")
 
@@ -17,7 +18,7 @@ def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write (must not exist).", show_default=False)],
     images: Annotated[int, typer.Option("--images", "-n", min=1, help="Training images.")] = 400,
     val: Annotated[int, typer.Option("--val", min=1, help="Validation images.")] = 100,
-    seed: Annotated[int, typer.Option("--seed", "-s", help="Random seed (same seed, same bytes).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", "-s", min=0, max=SEED_MAX, help="Random seed (same seed, same bytes).")] = 0,
     imgsz: Annotated[int, typer.Option("--imgsz", min=64, max=2048, help="Image side in pixels.")] = 320,
     classes: Annotated[int, typer.Option("--classes", min=1, max=12, help="Number of shape classes.")] = 6,
     scene: Annotated[str, typer.Option("--scene", help="cluttered (many small, occluded objects) or clear "

@@ -10,12 +10,13 @@ from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, RunsOpt, SkipInvalidOpt, console, emit,
                                progress_bar)
+from kdctl.limits import IMGSZ_MAX
 
 
 def evaluate(
     bundle: BundleArg,
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
-    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Inference size (default: training size).")] = None,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
     skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
 ) -> None:

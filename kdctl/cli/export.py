@@ -11,6 +11,7 @@ from rich.table import Table
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, finite, progress_bar)
 from kdctl.bundle import reference_metrics
+from kdctl.limits import IMGSZ_MAX
 from kdctl.runtimes import ARTIFACTS
 
 
@@ -21,7 +22,7 @@ def export(
                                                   "(default: the recipe's export.target).")] = None,
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (overrides "
                                                           f"the preset; repeatable): {', '.join(ARTIFACTS)}.")] = None,
-    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, help="Export input size (default: training size).")] = None,
+    imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Export input size (default: training size).")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,
                                                               help="INT8 calibration images from the train split.")] = None,

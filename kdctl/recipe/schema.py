@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kdctl.limits import IMGSZ_MAX, SEED_MAX
 from kdctl.runtimes import ARTIFACTS  # names only: the registry imports no runtime
 
 LEVELS = ("backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit")
@@ -45,7 +46,7 @@ class ModelSpec(Strict):
 class SyntheticData(Strict):
     train: int = Field(400, ge=1, le=100_000, description="Training images")
     val: int = Field(100, ge=1, le=100_000, description="Validation images")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Generator seed (same seed, same images)")
     imgsz: int = Field(320, ge=64, le=2048, description="Side of the generated square images")
     classes: int = Field(6, ge=1, le=12)
     scene: Literal["cluttered", "clear"] = Field(
@@ -78,11 +79,11 @@ class DataSpec(Strict):
 
 class TrainSpec(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
-    imgsz: int = Field(320, ge=32, le=4096)
+    imgsz: int = Field(320, ge=32, le=IMGSZ_MAX)
     batch: int = Field(16, ge=1, le=4096)
     lr0: float = Field(0.01, gt=0, le=10)
     optimizer: Literal["auto", "SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Training seed (NumPy's range: 0 to 2**32 - 1)")
     device: str = Field("cpu", description="'cpu', a CUDA index like '0', or 'cuda'")
     workers: int = Field(0, ge=0, le=64)
     amp: bool = True
@@ -176,7 +177,7 @@ class DistillSpec(Strict):
 class ExportSpec(Strict):
     target: str = Field("cpu", description="A preset in deploy/targets (cpu, intel, jetson, rpi, ...)")
     artifacts: list[str] | None = Field(None, description="Override the preset's artifacts, e.g. [onnx-fp32, onnx-int8]")
-    imgsz: int | None = Field(None, ge=32, le=4096)
+    imgsz: int | None = Field(None, ge=32, le=IMGSZ_MAX)
     opset: int | None = Field(None, ge=11, le=23)
     calibration_images: int = Field(64, ge=1, le=10_000)
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
