@@ -175,6 +175,27 @@ def test_polygon_labels_are_boxed_and_checked(tmp_path):
         parse_labels(f, nc=1)
 
 
+def test_repeated_label_rows_count_once_as_ultralytics_counts_them(tmp_path):
+    """Ultralytics' dataset drops a row given twice (training and validation); scored twice it is a ground truth no
+    detection can match, and mAP drops (0.2223 -> 0.2037 on an 8-image set with one repeat)."""
+    from kdctl.data.validate import parse_labels
+
+    f = tmp_path / "a.txt"
+    f.write_text("1 0.5 0.5 0.2 0.2\n0 0.3 0.3 0.1 0.1\n1 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.3\n")
+    np.testing.assert_allclose(parse_labels(f, nc=2), [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.3, 0.3, 0.1, 0.1],
+                                                       [1, 0.5, 0.5, 0.2, 0.3]])  # file order kept
+
+
+def test_label_file_with_a_byte_order_mark_is_named(tmp_path):
+    """Notepad saves UTF-8 with a BOM; Ultralytics then drops the image from training with a warning only."""
+    from kdctl.data.validate import LabelError, parse_labels
+
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(LabelError, match=r"a.txt:1: starts with a UTF-8 byte-order mark"):
+        parse_labels(f, nc=1)
+
+
 @pytest.mark.parametrize("orientation", [6, 8, 3])
 def test_exif_rotated_photo_is_read_upright_as_ultralytics_reads_it(tmp_path, orientation):
     """A phone photo stores its pixels sideways with an EXIF orientation; OpenCV (Ultralytics' training and

@@ -72,8 +72,15 @@ def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as e:
         raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
+    if text.startswith("\ufeff"):  # Ultralytics' float() fails on it and drops the image from training unannounced
+        raise LabelError(path, 1, "starts with a UTF-8 byte-order mark (BOM), which Ultralytics cannot read; save "
+                                  "the file as UTF-8 without BOM")
     rows = [_box_line(line.split(), path, i, nc) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    # a row given twice is one object: Ultralytics' dataset drops repeats for training and validation, so scoring
+    # must too (a repeat is an extra ground truth no detection can match)
+    _, first = np.unique(arr, axis=0, return_index=True)
+    return arr[np.sort(first)]
 
 
 def open_image(path: Path):
