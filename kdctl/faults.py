@@ -1,5 +1,6 @@
 """Named fault points for the kill tests: with ``KDCTL_FAULT=NAME`` (or ``NAME@N`` for the N-th time it is
-reached) the process SIGKILLs itself there, exactly as a power cut or the OOM killer would stop it."""
+reached) the process SIGKILLs itself there, exactly as a power cut or the OOM killer would stop it;
+``NAME[@N]:TERM`` or ``:INT`` sends that signal instead (a cancelled CI job, Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ def point(name: str) -> None:
     want = os.environ.get("KDCTL_FAULT")
     if not want:
         return
+    sig = ""
+    if want.endswith((":TERM", ":INT")):  # names hold ':' themselves (train:started)
+        want, _, sig = want.rpartition(":")
     target, _, nth = want.partition("@")
     if target != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))

@@ -77,6 +77,29 @@ def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig,rc,word", [("TERM", 143, "Terminated"), ("INT", 130, "Interrupted")])
+def test_terminated_run_says_so_releases_its_lock_and_resumes(tmp_path, tiny_data, trained_bundle, sig, rc, word):
+    """SIGTERM (a cancelled CI job, ``docker stop``) used to end the run silently and leave its lock behind; now it
+    unwinds like Ctrl-C: one line saying how to continue, the work folder kept for --resume, nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    r = _recipe(tmp_path, tiny_data, trained_bundle)
+    out = tmp_path / "kd"
+    argv = ["distill", str(r), "--out", str(out)]
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], capture_output=True, text=True,
+                       env={**os.environ, "KDCTL_FAULT": f"train:epoch-saved@1:{sig}"}, timeout=600)
+    assert p.returncode == rc, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1].startswith(word)
+    assert "--resume" in p.stderr and not out.exists()
+    assert _leftovers(tmp_path, "kd") == [".kd.work"]
+    _finish(argv + ["--resume"])
+    assert [e["epoch"] for e in load_bundle(out).manifest["metrics"]["epochs"]] == [1, 2]
+    assert verify_bundle(out).ok and _leftovers(tmp_path, "kd") == []
+
+
+@pytest.mark.slow
 def test_resume_with_a_changed_recipe_is_refused_and_the_run_kept(tmp_path, tiny_data, trained_bundle):
     """The checkpoint, KD adapters and balance of a killed run belong to its recipe: resuming it with other losses
     is one line naming the field (the run stays resumable); another device or worker count is fine."""

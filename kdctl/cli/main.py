@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import typer
 from rich.markup import escape
@@ -12,12 +14,23 @@ from kdctl.cli._common import err_console
 from kdctl.errors import first_line
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, ``docker stop``, ``kill``): unwound like Ctrl-C, so a run's temp files and lock
+    are cleaned up and it says so, instead of dying silently mid-write."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 class KdctlGroup(TyperGroup):
     """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
 
     def invoke(self, ctx):
         from kdctl.errors import KdctlError
 
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except KdctlError as e:
@@ -31,9 +44,13 @@ class KdctlGroup(TyperGroup):
             err_console.print(f"[red]Error:[/red] {escape(str(e.filename or ''))}: exists and is in the way",
                               highlight=False)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[red]Interrupted[/red] (nothing half-written was published)")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            how = "terminated" if isinstance(e, Terminated) else "interrupted"
+            hint = ("; the same command with --resume continues from the last saved epoch"
+                    if ctx.invoked_subcommand in ("train", "distill") else "")
+            err_console.print(f"[red]{how.capitalize()}[/red] (nothing half-written was published{hint})",
+                              highlight=False)
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
