@@ -260,6 +260,15 @@ def _(c):
         ["--junit", "is a directory"]
 
 
+@case("gate-junit-is-a-fifo")
+def _(c):
+    # temp file + rename over a device node or a pipe would replace it with a file (it did: --junit /dev/full)
+    f = c.plant(c.tmp / "ci-pipe")
+    os.mkfifo(f)
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", str(f)], 2, \
+        ["--junit", "is not a regular file"]
+
+
 @case("gate-junit-inside-input")
 def _(c):
     p = c.copy(c.profile, "p")

@@ -250,5 +250,7 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         raise BundleError(f"{flag} {p}: is a directory; give a file path")
     if p.is_symlink():
         raise BundleError(f"{flag} {p}: is a symlink; give a regular file path")
+    if p.exists() and not p.is_file():  # written by temp file + rename, which would replace a device node or pipe
+        raise BundleError(f"{flag} {p}: is not a regular file (a device, pipe or socket); give a file path")
     _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
     return p
