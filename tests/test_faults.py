@@ -152,3 +152,14 @@ def test_partial_restore_needs_a_real_bundle(tmp_path):
     with BundleWriter(tmp_path / "b", stage="train") as w:
         (w.path / "m.json").write_text(json.dumps({}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and load_bundle(tmp_path / "b").stage == "train"
+
+
+def test_killed_dataset_build_leaves_nothing_the_rerun_keeps(tmp_path):
+    """``data synth`` (and the dataset caches) build in ``.NAME.tmp-*``: a killed build's folder used to stay
+    forever; the next build removes it under the build lock and publishes a complete dataset."""
+    out = tmp_path / "ds"
+    argv = ["data", "synth", str(out), "--images", "4", "--val", "2", "--imgsz", "64"]
+    kill_at(argv, "build:begun")
+    assert not out.exists() and [p.name[:8] for p in tmp_path.iterdir() if p.name != ".ds.lock"] == [".ds.tmp-"]
+    _finish(argv)
+    assert _leftovers(tmp_path, "ds") == [] and len(list((out / "images" / "train").iterdir())) == 4

@@ -103,14 +103,15 @@ class OutputLock:
         self.path = out.parent / f".{out.name}.lock"
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock; another holder is an error, or with ``wait`` is waited for."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(fd)
                 raise BundleError(f"{self.path.parent / self.path.name[1:-5]}: another kdctl process is writing "

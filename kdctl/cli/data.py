@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kdctl.cli._common import JsonOpt, console, emit, progress_bar
+from kdctl.cli._common import JsonOpt, QuietOpt, console, emit, progress_bar
 from kdctl.limits import SEED_MAX
 
 app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in synthetic detection set.")
@@ -16,14 +16,15 @@ app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in sy
 @app.command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write (must not exist).", show_default=False)],
-    images: Annotated[int, typer.Option("--images", "-n", min=1, help="Training images.")] = 400,
-    val: Annotated[int, typer.Option("--val", min=1, help="Validation images.")] = 100,
+    images: Annotated[int, typer.Option("--images", "-n", min=1, max=100_000, help="Training images.")] = 400,
+    val: Annotated[int, typer.Option("--val", min=1, max=100_000, help="Validation images.")] = 100,
     seed: Annotated[int, typer.Option("--seed", "-s", min=0, max=SEED_MAX, help="Random seed (same seed, same bytes).")] = 0,
     imgsz: Annotated[int, typer.Option("--imgsz", min=64, max=2048, help="Image side in pixels.")] = 320,
     classes: Annotated[int, typer.Option("--classes", min=1, max=12, help="Number of shape classes.")] = 6,
     scene: Annotated[str, typer.Option("--scene", help="cluttered (many small, occluded objects) or clear "
                                        "(fewer, larger objects).")] = "cluttered",
     json_: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write a deterministic YOLO-format detection dataset with data.yaml.
 
@@ -43,10 +44,10 @@ def synth(
     if scene not in SCENES:
         raise DataError(f"--scene: '{scene}'; valid: {', '.join(SCENES)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with progress_bar(not json_) as p:
+    with progress_bar(not (json_ or quiet)) as p:
         task = p.add_task("generating", total=images + val) if p else None
         atomic_build(out, lambda tmp: write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz,
                                                     classes=classes, root=out, scene=scene,
                                                     progress=(lambda: p.advance(task)) if p else None))
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
-    emit(result, as_json=json_, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))
+    emit(result, as_json=json_, quiet=quiet, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from kdctl import faults
 from kdctl.errors import DataError
 
 # Ultralytics' IMG_FORMATS that Pillow decodes without a plugin (its DNG, HEIC/HEIF and PFM need one)
@@ -172,20 +174,39 @@ def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
 
 
 def atomic_build(final: Path, build) -> Path:
-    """Build a directory in a temporary sibling and rename it into place; an existing one is kept."""
+    """Build a directory in a temporary sibling and rename it into place; an existing one is kept.
+
+    Builders of one ``final`` take turns on ``.NAME.lock`` (a second one waits, then finds it built), so the
+    ``.NAME.tmp-*`` siblings found while holding it are a killed builder's and are removed."""
+    from kdctl.bundle.output import OutputLock
+
     if final.exists():
         return final
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    lock = OutputLock(final)
+    lock.acquire(wait=True)
     try:
-        build(tmp)
+        if final.exists():
+            return final
+        stale = re.compile(rf"^\.{re.escape(final.name)}\.tmp-[0-9a-f]{{8}}$")
+        for p in final.parent.iterdir():
+            if stale.match(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
         try:
-            os.replace(tmp, final)
-        except OSError:  # built concurrently by another process: keep theirs
+            faults.point("build:begun")
+            build(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # made meanwhile by something other than a builder: keep it
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+    finally:
+        lock.release()
     return final
 
 
