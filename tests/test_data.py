@@ -74,6 +74,27 @@ def test_coco_conversion(tmp_path):
     assert again.yaml == ds.yaml                                   # cached
 
 
+def test_coco_images_sharing_a_stem_keep_their_own_labels(tmp_path):
+    """a.jpg and a.png once wrote one a.txt: the second image's boxes replaced the first's."""
+    spec = make_coco(tmp_path)
+    img_dir = Path(spec["train_images"])
+    Image.fromarray(np.full((50, 100, 3), 90, np.uint8)).save(img_dir / "a.png")
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["images"].append({"id": 8, "file_name": "a.png", "width": 100, "height": 50})
+    coco["annotations"].append({"id": 4, "image_id": 8, "category_id": 3, "bbox": [50, 10, 40, 30]})
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    ds = coco_dataset(**spec)
+    gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
+    assert len(gts) == 4 and gts["a.jpg"].classes.tolist() == [1]
+    (png,) = [n for n in gts if n.endswith(".png")]
+    assert gts[png].classes.tolist() == [0] and np.allclose(gts[png].boxes, [[50, 10, 90, 40]], atol=1e-3)
+
+    coco["images"].append({"id": 9, "file_name": "a.png", "width": 100, "height": 50})
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: images: 'a.png' is listed twice \(ids 8 and 9\)"):
+        coco_dataset(**spec)
+
+
 def test_coco_errors(tmp_path):
     spec = make_coco(tmp_path)
     data = json.loads(Path(spec["train_annotations"]).read_text())

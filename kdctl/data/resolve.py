@@ -333,11 +333,20 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
             anns: dict[int, list] = {}
             for a in coco["annotations"]:
                 anns.setdefault(a["image_id"], []).append(a)
+            stems: set[str] = set()  # a.jpg and a.png must not share a.txt
+            ids_by_name: dict[str, object] = {}
             for im in coco["images"]:
                 src_img = img_dir / im["file_name"]
                 if not src_img.is_file():
                     raise DataError(f"{src}: image '{im['file_name']}' (id {im['id']}) not found in {img_dir}")
+                if im["file_name"] in ids_by_name:
+                    raise DataError(f"{src}: images: '{im['file_name']}' is listed twice (ids "
+                                    f"{ids_by_name[im['file_name']]} and {im['id']}); give each image one entry")
+                ids_by_name[im["file_name"]] = im["id"]
                 stem = Path(str(im["file_name"]).replace("/", "__")).stem
+                if stem in stems:
+                    stem = f"{stem}__id{im['id']}"
+                stems.add(stem)
                 link = tmp / "images" / split / f"{stem}{src_img.suffix}"
                 os.symlink(src_img.resolve(), link)
                 w, h = float(im["width"]), float(im["height"])
