@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kdctl.bundle import verify_bundle
+from kdctl.bundle import load_bundle, verify_bundle
 from kdctl.cli.main import app
 from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, RecipeError
 from kdctl.export.base import compare_outputs
@@ -112,6 +112,14 @@ def test_calibration_too_small(trained_bundle, tmp_path):
     with pytest.raises(DataError, match="export.calibration_images: 2 is too few"):
         export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=2), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_default_calibration_uses_a_smaller_train_split_whole(trained_bundle, tmp_path):
+    """Unasked, INT8 calibrates on 64 images or on all of a smaller train split (here 24), as NNCF's subset does;
+    it used to refuse any dataset under 64 training images unless --calibration-images was given."""
+    b = export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-int8"]), out=tmp_path / "e")
+    (art,) = load_bundle(b.path).metrics["artifacts"]
+    assert art["settings"]["calibration_images"] == 24
 
 
 def test_runtime_not_installed(trained_bundle, tmp_path, monkeypatch):

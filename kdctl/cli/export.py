@@ -25,7 +25,8 @@ def export(
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Export input size (default: training size).")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,
-                                                              help="INT8 calibration images from the train split.")] = None,
+                                                              help="INT8 calibration images from the train split (default: 64, or all "
+                                                                   "of a smaller split).")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
                                                               help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
     max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=finite, min=0, max=1,

@@ -21,6 +21,7 @@ from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8
 from kdctl.progress import Step
 
 MIN_CALIBRATION = 8  # fewer images than this give scales that swing with every image
+DEFAULT_CALIBRATION = 64  # unless asked for: this many, or the whole train split where it is smaller
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ExportOptions:
     artifacts: list[str] | None = None
     imgsz: int | None = None
     opset: int | None = None
-    calibration_images: int = 64
+    calibration_images: int | None = None  # None: DEFAULT_CALIBRATION, or all of a smaller train split
     calibration_method: str | None = None
     max_map_drop: float | None = None
     data: str | None = None
@@ -117,11 +118,15 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted) and not qat
     calib_pool = ds.train_images or ds.val_images
-    if needs_calib and options.calibration_images < MIN_CALIBRATION:
-        raise DataError(f"export.calibration_images: {options.calibration_images} is too few for INT8 calibration "
-                        f"(at least {MIN_CALIBRATION})")
-    if needs_calib and len(calib_pool) < options.calibration_images:
-        raise DataError(f"{ds.yaml}: export.calibration_images: {options.calibration_images} calibration images "
+    n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
+    if needs_calib and n_calib < MIN_CALIBRATION:
+        if options.calibration_images:
+            raise DataError(f"export.calibration_images: {n_calib} is too few for INT8 calibration "
+                            f"(at least {MIN_CALIBRATION})")
+        raise DataError(f"{ds.yaml}: the train split has {len(calib_pool)} images; INT8 calibration needs at least "
+                        f"{MIN_CALIBRATION} (export float artifacts only with --artifact, or give --data)")
+    if needs_calib and len(calib_pool) < n_calib:
+        raise DataError(f"{ds.yaml}: export.calibration_images: {n_calib} calibration images "
                         f"requested, but the dataset's train split has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
@@ -135,7 +140,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
     ref_metrics = evaluate_backend(reference, val_images, ds.names, imgsz, progress=ev.advance)
     plan.advance()
-    calibration = _preprocess(_spread(calib_pool, options.calibration_images), imgsz) if needs_calib else []
+    calibration = _preprocess(_spread(calib_pool, n_calib), imgsz) if needs_calib else []
 
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"target": preset.model_dump(), "weights": str(src.file("weights")),

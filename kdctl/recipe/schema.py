@@ -179,7 +179,8 @@ class ExportSpec(Strict):
     artifacts: list[str] | None = Field(None, description="Override the preset's artifacts, e.g. [onnx-fp32, onnx-int8]")
     imgsz: int | None = Field(None, ge=32, le=IMGSZ_MAX)
     opset: int | None = Field(None, ge=11, le=23)
-    calibration_images: int = Field(64, ge=1, le=10_000)
+    calibration_images: int | None = Field(None, ge=1, le=10_000, description="INT8 calibration images from the "
+                                           "train split (default: 64, or all of a smaller split)")
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
     max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16 export may lose "
                                        "against PyTorch FP32, in mAP units (0.01 = 1 point)")
