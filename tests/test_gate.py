@@ -76,3 +76,24 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
         r = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", value, "--out", str(tmp_path / "g5")])
         assert r.exit_code == 2 and "--max-p90-ms" in r.output and not (tmp_path / "g5").exists()
         assert value == "nan" or "must be a finite number, got inf" in r.output
+
+
+def test_baseline_measured_otherwise_fails_closed(export_cpu, tmp_path):
+    """A latency or mAP regression against a baseline profiled at another input size, batch, thread count or
+    device compares different measurements: it fails closed and says why (it reported +48.6 % and passed the mAP
+    check against a 64-px baseline of another model)."""
+    from kdctl.profile.stage import profile_bundle
+
+    one, two = (profile_bundle(export_cpu, artifacts=["onnx-fp32"], warmup=1, runs=5, e2e_runs=2, threads=n,
+                               out=tmp_path / f"t{n}").path for n in (1, 2))
+    res = CliRunner().invoke(app, ["gate", str(two), "--baseline", str(one), "--max-latency-regression", "10",
+                                   "--max-map-regression", "1", "--min-map", "0", "--out", str(tmp_path / "g"),
+                                   "--json"])
+    assert res.exit_code == 1, res.output
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["min_map50_95"]["passed"]
+    for name in ("max_latency_regression", "max_map_regression"):
+        assert not checks[name]["passed"] and "threads 1 (this profile: 2): not comparable" in checks[name]["message"]
+    same = CliRunner().invoke(app, ["gate", str(two), "--baseline", str(two), "--max-latency-regression", "0",
+                                    "--out", str(tmp_path / "g2")])
+    assert same.exit_code == 0, same.output

@@ -47,6 +47,18 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
         return _gate(prof, base_bundle, budgets, artifact, junit, summary, out, overwrite)
 
 
+def _not_comparable(cur: dict, base: dict) -> str:
+    """How the baseline's measurement differs from this one in what sets latency and mAP ('' if it does not)."""
+    def settings(m):
+        st = m.get("settings") if isinstance(m.get("settings"), dict) else {}
+        return {"input size": m.get("imgsz"), "batch": st.get("batch"), "threads": st.get("threads"),
+                "device": st.get("device")}
+
+    a, b = settings(cur), settings(base)
+    diff = [f"{k} {b[k]} (this profile: {a[k]})" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    return "at " + ", ".join(diff) if diff else ""
+
+
 def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifact: str | None,
           junit: Path | None, summary: Path | None, out: Path, overwrite: bool) -> GateResult:
     profile = prof.path
@@ -70,6 +82,12 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         for c in checks:
             if c.name.endswith("regression"):
                 c.passed, c.message = False, (f"baseline {base_bundle.path} has no '{result['artifact']}' result: "
+                                              "failing closed")
+    elif base_bundle is not None:
+        differs = _not_comparable(prof.metrics, base_bundle.metrics)
+        for c in checks:
+            if c.name.endswith("regression") and differs:
+                c.passed, c.message = False, (f"baseline {base_bundle.path} was measured {differs}: not comparable, "
                                               "failing closed")
     passed = all(c.passed for c in checks)
     context = {"profile": str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
