@@ -90,6 +90,26 @@ def test_head_loss_needs_matching_heads(tiny):
         build_criterion(tiny, other, [LossSpec(name="kd_logit")], None, 128)
 
 
+def test_neck_role_pairs_levels_of_equal_stride_across_pyramid_depths(tiny):
+    """A P2 (or P6) student has four neck outputs, a P3-P5 teacher three: with roles on both sides the levels of
+    equal stride pair (P3-P5), where the recipe used to be refused as 'give pairs of equal length'."""
+    p2 = build_detector("yolov8n-p2.yaml", nc=3)
+    crit = build_criterion(p2, tiny, [LossSpec(name="cwd", level="neck")], None, 128)
+    assert crit.terms[0].s_layers == [21, 24, 27] and crit.terms[0].t_layers == [15, 18, 21]
+    with pytest.raises(RecipeError, match="give pairs of equal length"):  # layers given by hand are taken as given
+        build_criterion(p2, tiny, [LossSpec(name="cwd", student_layers=[18, 21, 24, 27])], None, 128)
+
+
+def test_box_distribution_loss_needs_dfl_bins_on_both_heads(tiny):
+    """YOLO26 predicts plain boxes (reg_max 1): LD against a 16-bin teacher is refused in one line naming the bins;
+    score-level KD between the two still pairs."""
+    y26 = build_detector("yolo26n.yaml", nc=3)
+    with pytest.raises(RecipeError, match=r"'ld' distills box distributions.*student has 1 per side and the "
+                                          r"teacher 16"):
+        build_criterion(y26, tiny, [LossSpec(name="ld")], None, 128)
+    assert build_criterion(y26, tiny, [LossSpec(name="kd_logit")], None, 128).terms[0].name == "kd_logit"
+
+
 def _batch(n=2, size=128):
     torch.manual_seed(0)
     return {"img": torch.rand(n, 3, size, size), "cls": torch.tensor([[0.0], [1.0], [2.0]]),

@@ -159,6 +159,11 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
             except (IndexError, ValueError) as e:
                 raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+        if (len(s_layers) != len(t_layers) and entry.kind == "feature"
+                and not isinstance(spec.student_layers, list) and not isinstance(spec.teacher_layers, list)):
+            # a role on both sides but pyramids of different depth (a P2 or P6 student, a P3-P5 teacher): pair the
+            # levels of equal stride, as one would by hand
+            s_layers, t_layers = _same_size_pairs(student, s_layers, teacher, t_layers, imgsz)
         if len(s_layers) != len(t_layers):
             raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
@@ -189,10 +194,18 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
             except ValueError as e:
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
-            if sh["scores"].shape != th["scores"].shape or sh["boxes"].shape != th["boxes"].shape:
+            if sh["scores"].shape != th["scores"].shape:
                 raise RecipeError(
                     f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
                     f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher {tuple(th['scores'].shape[1:])}")
+            if getattr(entry.cls, "uses_boxes", False):
+                bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
+                if bins["student"] != bins["teacher"] or bins["student"] < 2:
+                    raise RecipeError(
+                        f"{source}: distill.losses[{i}]: '{spec.name}' distills box distributions (DFL bins), which "
+                        f"both heads need in equal number (> 1), but the student has {bins['student']} per side and "
+                        f"the teacher {bins['teacher']} (YOLO26 and reg_max=1 heads predict plain boxes); use "
+                        "kd_logit or a feature loss for this pair")
         else:
             for si, ti in zip(s_layers, t_layers):
                 so, to = st.outputs[si], tt.outputs[ti]
@@ -219,6 +232,21 @@ def teacher_forward(teacher: nn.Module, img: torch.Tensor):
 
         return backbone_forward(teacher, img)
     return teacher.predict(img)
+
+
+def _same_size_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, t_layers: list,
+                     imgsz: int) -> tuple[list, list]:
+    """Each student layer with the first unused teacher layer whose map has its height and width; unpaired layers
+    are left out. Nothing in common: the lists come back unchanged (and are refused as unequal)."""
+    s_maps, t_maps = _dummy_maps(student, s_layers, imgsz), _dummy_maps(teacher, t_layers, imgsz)
+    ps, pt = [], []
+    for sl in s_layers:
+        hit = next((tl for tl in t_layers if tl not in pt and s_maps.get(sl) is not None
+                    and t_maps.get(tl) is not None and s_maps[sl][1:] == t_maps[tl][1:]), None)
+        if hit is not None:
+            ps.append(sl)
+            pt.append(hit)
+    return (ps, pt) if ps else (s_layers, t_layers)
 
 
 def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:

@@ -30,6 +30,8 @@ def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: 
 
 
 class HeadLoss(nn.Module):
+    uses_boxes = False  # True: needs the two heads' box distributions (DFL bins) to match too
+
     def forward(self, s: dict, t: dict, ctx=None) -> torch.Tensor:
         if s["scores"].shape != t["scores"].shape:
             raise ValueError(f"head outputs differ: student scores {tuple(s['scores'].shape)} vs teacher "
@@ -76,6 +78,8 @@ class LocalizationDistillation(HeadLoss):
     reduce it), then over the four sides, then over anchors — weighted by teacher confidence when ``conf_weight`` is
     set, which stands in for the paper's main distillation region (positives plus its valuable localisation region).
     """
+
+    uses_boxes = True
 
     def __init__(self, temperature: float = 10.0, conf_weight: bool = True):
         super().__init__()
