@@ -33,6 +33,18 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
         load_yolo_yaml(bad)
     with pytest.raises(DataError, match="dataset YAML not found"):
         load_yolo_yaml(tmp_path / "none.yaml")
+    root = str(tiny_data.parent)
+    for names, problem in [({"0": "a", 1: "b", 2: "c"}, None),  # Ultralytics reads ids with int(): '0' is 0
+                           ({0: "a", "zero": "b"}, "class id 'zero' is not a whole number"),
+                           ({0: "a", "0": "b", 1: "c"}, "class id 0 is given twice"),
+                           ({0: "a", 1: "b", 2: "a"}, r"class names repeat \(a\)"),
+                           (["a", "b", "b"], r"class names repeat \(b\)")]:
+        bad.write_text(yaml.safe_dump({"path": root, "train": "images/train", "val": "images/val", "names": names}))
+        if problem is None:
+            assert load_yolo_yaml(bad).names == ["a", "b", "c"]
+        else:
+            with pytest.raises(DataError, match=f"field 'names': {problem}"):
+                load_yolo_yaml(bad)
     import shutil
 
     nolab = tmp_path / "nolab"

@@ -106,16 +106,27 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
             raise DataError(f"{path}: field '{key}' is missing")
     names = data["names"]
     if isinstance(names, dict):
-        keys = sorted(names)
+        def class_id(k):  # Ultralytics reads the ids with int(): '0' and 0 are the same class
+            if isinstance(k, bool) or not (isinstance(k, int) or (isinstance(k, str) and k.strip().isdigit())):
+                raise DataError(f"{path}: field 'names': class id {k!r} is not a whole number")
+            return int(k)
+
+        by_id = {}
+        for k, v in names.items():
+            if class_id(k) in by_id:
+                raise DataError(f"{path}: field 'names': class id {class_id(k)} is given twice")
+            by_id[class_id(k)] = v
+        keys = sorted(by_id)
         if keys != list(range(len(keys))):
             raise DataError(f"{path}: field 'names': class ids must be 0..{len(keys) - 1} without gaps, got {keys}")
-        names = [str(names[k]) for k in keys]
+        names = [str(by_id[k]) for k in keys]
     elif isinstance(names, list):
         names = [str(n) for n in names]
-        if len(set(names)) != len(names):
-            raise DataError(f"{path}: field 'names': class names repeat")
     else:
         raise DataError(f"{path}: field 'names': expected a list or an id->name mapping")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # per-class AP is reported by name: two classes of one name would read as one
+        raise DataError(f"{path}: field 'names': class names repeat ({', '.join(repeated)})")
     if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool) or data["nc"] != len(names)):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} does not match the {len(names)} names")
     root_field = data.get("path")
