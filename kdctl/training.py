@@ -380,6 +380,18 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
              "weight": t.weight} for t in kd.terms]
 
 
+def _check_stride(recipe: Recipe, source: str, model, who: str) -> None:
+    """Ultralytics trains a P6 model (stride 64) at 96 px by rounding up to 128, and kdctl's evaluation at 96 then
+    fails mid-run: an input size the model cannot take is refused before any work."""
+    from kdctl.detectors.yolo import max_stride
+
+    size, stride = recipe.train.imgsz, max_stride(model)
+    if size % stride:
+        lower, upper = size // stride * stride, (size // stride + 1) * stride
+        raise RecipeError(f"{source}: train.imgsz: {size} is not a multiple of {stride}, the {who}'s largest stride; "
+                          f"use {upper}" + (f" or {lower}" if lower else ""))
+
+
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
     """The student's family and model (built once, so a bad one is a one-line error before any work) and, for a
     distillation still to run, the teacher with the KD set-up."""
@@ -387,6 +399,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     from kdctl.detectors.yolo import DistillSetup
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
+    _check_stride(recipe, source, student0, "student")
     fam = family(student0)
     if stage != "distill" or state == "finished":
         return fam, student0, None
@@ -396,6 +409,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     # the distillation that replays it)
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+    _check_stride(recipe, source, teacher, "teacher")
     if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
                           f"{fam.LABEL} student: a one-stage teacher for a two-stage student is not available yet; "

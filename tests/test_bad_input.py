@@ -686,6 +686,25 @@ def _(c):
         ["student.model", "broken-model.yaml"]
 
 
+@case("train-imgsz-not-a-multiple-of-a-p6-stride")
+def _(c):
+    # Ultralytics trained at 128 (rounded up) and kdctl's evaluation at 96 failed with an internal error after it
+    r = c.plant(c.tmp / "p6.yaml")
+    r.write_text(f"name: p6\nstudent: {{model: yolov8n-p6.yaml}}\ndata: {{yolo: {c.data}}}\n"
+                 "train: {epochs: 1, imgsz: 96, batch: 4}\n")
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["p6.yaml: train.imgsz: 96 is not a multiple of 64",
+                                                              "use 128 or 64"]
+
+
+@case("distill-imgsz-not-a-multiple-of-the-teacher-stride")
+def _(c):
+    r = c.plant(c.tmp / "p6t.yaml")
+    r.write_text(f"name: p6t\nteacher: {{model: yolov8n-p6.yaml}}\nstudent: {{model: yolov8-tiny.yaml}}\n"
+                 f"data: {{yolo: {c.data}}}\ntrain: {{epochs: 1, imgsz: 96, batch: 4}}\n"
+                 "distill: {losses: [{name: cwd}]}\n")
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, ["train.imgsz: 96", "the teacher's largest stride"]
+
+
 @case("train-student-pt-not-a-checkpoint")
 def _(c):
     f = c.tmp / "student.pt"
