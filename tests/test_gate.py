@@ -97,3 +97,16 @@ def test_baseline_measured_otherwise_fails_closed(export_cpu, tmp_path):
     same = CliRunner().invoke(app, ["gate", str(two), "--baseline", str(two), "--max-latency-regression", "0",
                                     "--out", str(tmp_path / "g2")])
     assert same.exit_code == 0, same.output
+
+
+def test_rerun_removes_what_a_killed_junit_write_left(profile_cpu, tmp_path):
+    """--junit/--summary are written to a hidden temp sibling, then renamed: a gate killed in between left it."""
+    junit = tmp_path / "gate.xml"
+    stale = tmp_path / ".gate.xml.tmp-0123abcd"
+    stale.write_text("<half")
+    mine = tmp_path / ".gate.xml.tmp-notours"  # not kdctl's name: kept
+    mine.write_text("x")
+    res = CliRunner().invoke(app, ["gate", str(profile_cpu), "--min-map", "0", "--junit", str(junit),
+                                   "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    assert ET.parse(junit).getroot().tag == "testsuites" and not stale.exists() and mine.exists()

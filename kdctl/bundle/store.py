@@ -61,6 +61,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Remove the hidden temporary siblings (``.NAME.tmp-XXXXXXXX``) that a killed :func:`write_text_atomic` of
+    ``path`` left; the name is kdctl's own, so nothing else matches it."""
+    import re
+
+    path = Path(path)
+    pat = re.compile(rf"^\.{re.escape(path.name)}\.tmp-[0-9a-f]{{8}}$")
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            if pat.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
                           write_text_atomic)
+from kdctl.bundle.store import remove_stale_temps
 from kdctl.errors import KdctlError
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
@@ -104,8 +105,8 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         for role, f in (("junit", "junit.xml"), ("summary", "summary.md"), ("metrics", "metrics.json")):
             w.add_output(role, f)
-    if junit:
-        write_text_atomic(Path(junit), xml)
-    if summary:
-        write_text_atomic(Path(summary), md)
+    for f, text in ((junit, xml), (summary, md)):
+        if f:
+            remove_stale_temps(Path(f))  # a gate killed while writing it left one
+            write_text_atomic(Path(f), text)
     return GateResult(passed, result["artifact"], checks, w.bundle)
