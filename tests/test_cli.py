@@ -81,3 +81,22 @@ def test_out_of_range_options_refused_before_any_work(tmp_path, argv, option):
     assert res.exit_code == 2 and option in res.output, res.output
     assert "Traceback" not in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_under_json_is_also_a_json_document_on_stdout(tmp_path):
+    """A CI script that parses ``--json`` got an empty stdout on an error; it now gets ok/error/exit_code (and the
+    one-line error stays on stderr)."""
+    import json
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: a\nname: b\n")
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "recipe", "check", str(bad), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    doc = json.loads(p.stdout)
+    assert doc == {"ok": False, "exit_code": 2,
+                   "error": f"{bad}: invalid YAML (line 2, column 1): key 'name' is given twice in one mapping"}
+    assert p.stderr.strip().splitlines() == [f"Error: {doc['error']}"]
+    plain = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "recipe", "check", str(bad)],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stdout == ""  # without --json, stdout stays clean

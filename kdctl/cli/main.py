@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import threading
 
 import typer
@@ -26,39 +28,43 @@ def _raise_terminated(signum, frame):
 class KdctlGroup(TyperGroup):
     """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
 
+    def parse_args(self, ctx, args):
+        ctx.meta["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         from kdctl.errors import KdctlError
+
+        def fail(word: str, text: str, code: int):
+            """``Error: text`` (or ``Interrupted (text)``) on stderr; with --json also a document on stdout."""
+            message = text if word == "Error:" else f"{word} ({text})"
+            err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
+                              f"[red]{word}[/red] ({escape(text)})", highlight=False)
+            if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
+                sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
+            raise typer.Exit(code)
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except KdctlError as e:
-            err_console.print(f"[red]Error:[/red] {escape(str(e))}", markup=True, highlight=False)
-            raise typer.Exit(e.exit_code) from None
+            fail("Error:", str(e), e.exit_code)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            err_console.print(f"[red]Error:[/red] {escape(str(e.filename or ''))}: {escape(str(e.strerror or e))}",
-                              highlight=False)
-            raise typer.Exit(2) from None
+            fail("Error:", f"{e.filename or ''}: {e.strerror or e}", 2)
         except FileExistsError as e:
-            err_console.print(f"[red]Error:[/red] {escape(str(e.filename or ''))}: exists and is in the way",
-                              highlight=False)
-            raise typer.Exit(2) from None
+            fail("Error:", f"{e.filename or ''}: exists and is in the way", 2)
         except KeyboardInterrupt as e:
-            how = "terminated" if isinstance(e, Terminated) else "interrupted"
+            how = "Terminated" if isinstance(e, Terminated) else "Interrupted"
             hint = ("; the same command with --resume continues from the last saved epoch"
                     if ctx.invoked_subcommand in ("train", "distill") else "")
-            err_console.print(f"[red]{how.capitalize()}[/red] (nothing half-written was published{hint})",
-                              highlight=False)
-            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+            fail(how, f"nothing half-written was published{hint}", 143 if isinstance(e, Terminated) else 130)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             if os.environ.get("KDCTL_DEBUG"):
                 raise
-            err_console.print(f"[red]Error:[/red] internal error: {escape(first_line(e))} "
-                              "(set KDCTL_DEBUG=1 for the traceback)", highlight=False)
-            raise typer.Exit(1) from None
+            fail("Error:", f"internal error: {first_line(e)} (set KDCTL_DEBUG=1 for the traceback)", 1)
 
 
 app = typer.Typer(
