@@ -26,6 +26,17 @@ def test_report_renders(profile_cpu, tmp_path):
             assert im.format == "PNG"
 
 
+def test_a_bundle_named_twice_is_one_input(profile_cpu, tmp_path):
+    """``kdctl report B B`` (or B by two paths) listed B twice among the report's parents."""
+    import json
+
+    other_path = str(profile_cpu) + "/."
+    res = CliRunner().invoke(app, ["report", str(profile_cpu), other_path, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert len(m["parents"]) == 1 and m["inputs"]["bundles"] == [str(profile_cpu)]
+
+
 def test_report_answers_did_kd_help(kd_chain, tmp_path):
     import json
 

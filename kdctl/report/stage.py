@@ -135,7 +135,11 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                  overwrite: bool = False, title: str = "kdctl report") -> Bundle:
     if not bundles:
         raise BundleError("report: give at least one bundle")
-    given = [load_bundle(b, verify=True) for b in bundles]
+    given = []
+    for b in bundles:  # a bundle named twice (or by two paths) is one input
+        loaded = load_bundle(b, verify=True)
+        if all(g.manifest.get("id") != loaded.manifest.get("id") for g in given):
+            given.append(loaded)
     chain = lineage(given)
     out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
