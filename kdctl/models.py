@@ -130,12 +130,15 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def check_imgsz(imgsz: int, model, flag: str = "--imgsz") -> int:
-    """An input size the detector can take: a multiple of its largest stride."""
+def check_imgsz(imgsz: int, model, flag: str = "--imgsz", whose: str = "the model's", error=None) -> int:
+    """An input size the detector can take: a multiple of its largest stride (else ``error``, a KdctlError class,
+    naming the nearest sizes that are)."""
     from kdctl.detectors.yolo import max_stride
     from kdctl.errors import KdctlError
 
     stride = max_stride(model)
     if imgsz % stride:
-        raise KdctlError(f"{flag}: {imgsz} is not a multiple of {stride} (the model's largest stride)")
+        lower, upper = imgsz // stride * stride, (imgsz // stride + 1) * stride
+        raise (error or KdctlError)(f"{flag}: {imgsz} is not a multiple of {stride}, {whose} largest stride; use "
+                                    f"{upper}" + (f" or {lower}" if lower else ""))
     return imgsz

@@ -383,13 +383,9 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
 def _check_stride(recipe: Recipe, source: str, model, who: str) -> None:
     """Ultralytics trains a P6 model (stride 64) at 96 px by rounding up to 128, and kdctl's evaluation at 96 then
     fails mid-run: an input size the model cannot take is refused before any work."""
-    from kdctl.detectors.yolo import max_stride
+    from kdctl.models import check_imgsz
 
-    size, stride = recipe.train.imgsz, max_stride(model)
-    if size % stride:
-        lower, upper = size // stride * stride, (size // stride + 1) * stride
-        raise RecipeError(f"{source}: train.imgsz: {size} is not a multiple of {stride}, the {who}'s largest stride; "
-                          f"use {upper}" + (f" or {lower}" if lower else ""))
+    check_imgsz(recipe.train.imgsz, model, f"{source}: train.imgsz", f"the {who}'s", RecipeError)
 
 
 def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref, teacher_ref):
