@@ -16,10 +16,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import shutil
 import stat
-import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -194,10 +192,14 @@ class OutputClaim:
         return False
 
     def temp_sibling(self, kind: str) -> Path:
-        return self.out.parent / f".{self.out.name}.{kind}-{uuid.uuid4().hex[:8]}"
+        from kdctl.bundle.store import temp_sibling
+
+        return temp_sibling(self.out, kind)
 
     def _clean_stale(self) -> None:
-        pat = re.compile(rf"^\.{re.escape(self.out.name)}\.(partial|tmp|old)-[0-9a-f]{{8}}$")
+        from kdctl.bundle.store import stale_pattern
+
+        pat = stale_pattern(self.out, ("partial", "tmp", "old"))
         if not self.out.parent.is_dir():
             return
         for p in sorted(self.out.parent.iterdir()):

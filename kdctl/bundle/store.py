@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -45,11 +46,38 @@ def _content_hash(files: dict[str, dict]) -> str:
     return h.hexdigest()
 
 
+def temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling ``.NAME.KIND-XXXXXXXX`` to build ``path`` in before renaming it into place; kdctl's own
+    naming, so :func:`stale_pattern` finds what a killed run left and nothing else."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+def stale_pattern(path: Path, kinds: tuple[str, ...] = ("tmp",)) -> re.Pattern:
+    """Matches the names :func:`temp_sibling` gives ``path``'s siblings of these kinds (group 1: the kind)."""
+    return re.compile(rf"^\.{re.escape(Path(path).name)}\.({'|'.join(kinds)})-[0-9a-f]{{8}}$")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the ``tmp`` siblings (files or folders) of ``path`` that a killed write or build left; call it while
+    nothing else writes ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pat = stale_pattern(path)
+    for p in path.parent.iterdir():
+        if pat.match(p.name) and not p.is_symlink():
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a hidden temporary sibling, then rename: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -59,19 +87,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Remove the hidden temporary siblings (``.NAME.tmp-XXXXXXXX``) that a killed :func:`write_text_atomic` of
-    ``path`` left; the name is kdctl's own, so nothing else matches it."""
-    import re
-
-    path = Path(path)
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.tmp-[0-9a-f]{{8}}$")
-    if path.parent.is_dir():
-        for p in path.parent.iterdir():
-            if pat.match(p.name) and p.is_file() and not p.is_symlink():
-                p.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -274,7 +289,7 @@ class BundleWriter:
         self.overwrite = overwrite
         self.input_paths = [p.path for p in self.parents] + [Path(p) for p in input_paths]
         self.bundle_id = bundle_id or uuid.uuid4().hex
-        self.path = self.final.parent / f".{self.final.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.path = temp_sibling(self.final, "partial")
         self.bundle: Bundle | None = None
         self.claim = None
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +188,7 @@ def atomic_build(final: Path, build) -> Path:
     Builders of one ``final`` take turns on ``.NAME.lock`` (a second one waits, then finds it built), so the
     ``.NAME.tmp-*`` siblings found while holding it are a killed builder's and are removed."""
     from kdctl.bundle.output import OutputLock
+    from kdctl.bundle.store import remove_stale_temps, temp_sibling
 
     if final.exists():
         return final
@@ -198,11 +197,8 @@ def atomic_build(final: Path, build) -> Path:
     try:
         if final.exists():
             return final
-        stale = re.compile(rf"^\.{re.escape(final.name)}\.tmp-[0-9a-f]{{8}}$")
-        for p in final.parent.iterdir():
-            if stale.match(p.name) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temps(final)
+        tmp = temp_sibling(final)
         tmp.mkdir(parents=True)
         try:
             faults.point("build:begun")
