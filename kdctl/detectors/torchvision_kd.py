@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdctl.distill.taps import FeatureTaps, map_shapes, split_key
+from kdctl.distill.taps import FeatureTaps, map_shapes, pair_same_size, split_key
 from kdctl.errors import RecipeError
 
 TWO_STAGE_LOSSES = "rpn_kd, roi_kd, roi_crosskd, roi_mimic"
@@ -178,15 +178,7 @@ def stride_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, teacher
             raise ValueError(f"role '{t_role}' does not apply to a two-stage teacher; use backbone, neck or module "
                              "paths like net.backbone[0]")
         t_sites = tap_sites(teacher, t_role, imgsz)
-    s_sites = student_maps(student, s_layers, imgsz)
-    pairs_s, pairs_t = [], []
-    for sl in s_layers:
-        if s_sites.get(sl) is None:
-            continue
-        match = [tk for tk, v in t_sites.items() if v is not None and v[1:] == s_sites[sl][1:] and tk not in pairs_t]
-        if match:
-            pairs_s.append(sl)
-            pairs_t.append(match[0])
+    pairs_s, pairs_t = pair_same_size(s_layers, student_maps(student, s_layers, imgsz), t_sites)
     if not pairs_s:
         raise ValueError(f"no teacher map has the size of a student layer {s_layers} at imgsz {imgsz} (teacher "
                          f"maps {[(k, v[1:]) for k, v in t_sites.items() if v]}); give teacher_layers as module "

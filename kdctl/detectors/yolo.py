@@ -28,7 +28,7 @@ from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCrite
                                     make_term)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
-from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, resolve_layers  # noqa: E402
+from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, pair_same_size, resolve_layers  # noqa: E402
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
@@ -236,16 +236,9 @@ def teacher_forward(teacher: nn.Module, img: torch.Tensor):
 
 def _same_size_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, t_layers: list,
                      imgsz: int) -> tuple[list, list]:
-    """Each student layer with the first unused teacher layer whose map has its height and width; unpaired layers
-    are left out. Nothing in common: the lists come back unchanged (and are refused as unequal)."""
-    s_maps, t_maps = _dummy_maps(student, s_layers, imgsz), _dummy_maps(teacher, t_layers, imgsz)
-    ps, pt = [], []
-    for sl in s_layers:
-        hit = next((tl for tl in t_layers if tl not in pt and s_maps.get(sl) is not None
-                    and t_maps.get(tl) is not None and s_maps[sl][1:] == t_maps[tl][1:]), None)
-        if hit is not None:
-            ps.append(sl)
-            pt.append(hit)
+    """The layers of equal map size paired (:func:`~kdctl.distill.taps.pair_same_size`); nothing in common: the
+    lists come back unchanged (and are refused as unequal)."""
+    ps, pt = pair_same_size(s_layers, _dummy_maps(student, s_layers, imgsz), _dummy_maps(teacher, t_layers, imgsz))
     return (ps, pt) if ps else (s_layers, t_layers)
 
 

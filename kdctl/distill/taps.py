@@ -97,6 +97,20 @@ def head_outputs(out) -> dict:
     return out
 
 
+def pair_same_size(s_layers: list, s_sites: dict, t_sites: dict) -> tuple[list, list]:
+    """Each student layer with the first unused teacher site whose map has its height and width (``*_sites``:
+    ``{layer: (C, H, W)}`` or None for a non-map); student layers without one are left out."""
+    pairs_s, pairs_t = [], []
+    for sl in s_layers:
+        if s_sites.get(sl) is None:
+            continue
+        match = [tk for tk, v in t_sites.items() if v is not None and v[1:] == s_sites[sl][1:] and tk not in pairs_t]
+        if match:
+            pairs_s.append(sl)
+            pairs_t.append(match[0])
+    return pairs_s, pairs_t
+
+
 def map_shapes(model: nn.Module, layers, forward) -> dict:
     """``{layer: (C, H, W)}`` of the tapped outputs while ``forward()`` runs (no gradients); None for an output that is
     not a feature map."""
