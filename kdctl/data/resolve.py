@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
 
         by_id = {}
         for k, v in names.items():
-            if class_id(k) in by_id:
-                raise DataError(f"{path}: field 'names': class id {class_id(k)} is given twice")
-            by_id[class_id(k)] = v
+            i = class_id(k)
+            if i in by_id:
+                raise DataError(f"{path}: field 'names': class id {i} is given twice")
+            by_id[i] = v
         keys = sorted(by_id)
         if keys != list(range(len(keys))):
             raise DataError(f"{path}: field 'names': class ids must be 0..{len(keys) - 1} without gaps, got {keys}")
@@ -122,7 +124,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         names = [str(n) for n in names]
     else:
         raise DataError(f"{path}: field 'names': expected a list or an id->name mapping")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:  # per-class AP is reported by name: two classes of one name would read as one
         raise DataError(f"{path}: field 'names': class names repeat ({', '.join(repeated)})")
     if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool) or data["nc"] != len(names)):

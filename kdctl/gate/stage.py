@@ -79,17 +79,16 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         base = next((r for r in base_bundle.metrics.get("results") or [] if isinstance(r, dict)
                      and r.get("artifact") == result["artifact"]), None)
     checks = evaluate_budgets(result, merged, base)
+    unusable = None  # why the regression checks cannot use the baseline
     if base_bundle is not None and base is None:
-        for c in checks:
-            if c.name.endswith("regression"):
-                c.passed, c.message = False, (f"baseline {base_bundle.path} has no '{result['artifact']}' result: "
-                                              "failing closed")
+        unusable = f"baseline {base_bundle.path} has no '{result['artifact']}' result: failing closed"
     elif base_bundle is not None:
         differs = _not_comparable(prof.metrics, base_bundle.metrics)
-        for c in checks:
-            if c.name.endswith("regression") and differs:
-                c.passed, c.message = False, (f"baseline {base_bundle.path} was measured {differs}: not comparable, "
-                                              "failing closed")
+        if differs:
+            unusable = f"baseline {base_bundle.path} was measured {differs}: not comparable, failing closed"
+    for c in checks:
+        if unusable and c.name.endswith("regression"):
+            c.passed, c.message = False, unusable
     passed = all(c.passed for c in checks)
     context = {"profile": str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
                "baseline": str(base_bundle.path) if base_bundle else "none",
