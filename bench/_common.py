@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import re
 import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,15 @@ def machine() -> str:
 
     v = package_versions()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu_model()}, {cores} cores available, torch {v['torch']}, ultralytics {v['ultralytics']}, "
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    except ImportError:
+        pass
+    return (f"{cpu_model()}, {cores} cores available{gpu}, torch {v['torch']}, ultralytics {v['ultralytics']}, "
             f"onnxruntime {v['onnxruntime']}, openvino {v['openvino']}, nncf {v['nncf']}; "
             f"measured {dt.date.today().isoformat()}")
 
@@ -76,6 +85,45 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
             "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}
 
 
+@dataclass
+class Job:
+    """One training run of a seed-table benchmark. ``row`` is the table row it fills (None for a teacher, which is
+    trained once and keyed by its recipe); ``teacher`` names the teacher job's recipe whose bundle replaces the
+    recipe's teacher."""
+
+    recipe: str
+    stage: str
+    seed: int
+    out: str
+    row: str | None = None
+    teacher: str | None = None
+    epochs: int | None = None
+
+    def deps(self) -> set[str]:
+        return {self.teacher} if self.teacher else set()
+
+    def run(self, a) -> dict:
+        teacher = Path(self.out).parent / self.teacher if self.teacher else None
+        return recipe_run(self.recipe, self.stage, self.seed, teacher, Path(self.out), device=a.device,
+                          epochs=self.epochs, smoke=a.smoke)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_plan(jobs: list[Job], a) -> tuple[dict, dict]:
+    """Run a benchmark's jobs in order (each resumes: a finished bundle is read, not retrained). Returns the teachers
+    ``{recipe: (bundle path, result)}`` and the rows ``{row: {seed: result}}``."""
+    teachers, res = {}, {}
+    for j in jobs:
+        r = j.run(a)
+        if j.row is None:
+            teachers[j.recipe] = (Path(j.out), r)
+        else:
+            res.setdefault(j.row, {})[j.seed] = r
+    return teachers, res
+
+
 def add_run_args(ap, root: str, epochs_help: str) -> None:
     """The options the GPU-sized distillation benchmarks share: device, epochs, a smoke mode and the runs' root."""
     ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
@@ -85,10 +133,11 @@ def add_run_args(ap, root: str, epochs_help: str) -> None:
 
 
 def runs_root(a) -> Path:
-    """Where the runs of :func:`add_run_args`' arguments go; a smoke run is one seed, 1 epoch unless told."""
+    """Where the runs of :func:`add_run_args`' arguments go (a GPU's apart from the CPU's); a smoke run is one seed,
+    1 epoch unless told."""
     if a.smoke:
         a.epochs, a.seeds = a.epochs or 1, a.seeds[:1]
-    return Path(a.root) / ("smoke" if a.smoke else "full")
+    return Path(a.root) / ("smoke" if a.smoke else "full" if a.device == "cpu" else "full-gpu")
 
 
 def gap_closed_cell(per_seed: dict, base: dict, teacher_map: float, mark_below: bool = True) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, add_run_args, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
-                     runs_root, write_section)
+from _common import (KD_SEED_HEAD, Job, add_run_args, machine, run_plan, runs_root, seed_row, table,  # noqa: E402
+                     teacher_rows, write_section)
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -37,26 +37,33 @@ RUNS = {
 }
 
 
-def run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, a) -> dict:
-    return recipe_run(name, stage, seed, teacher, out, device=a.device, epochs=a.epochs, smoke=a.smoke)
+def plan(a) -> list[Job]:
+    """The runs in the order they are trained: teachers, then per seed the baselines and each run."""
+    root = runs_root(a)
+    jobs = [Job(t, "train", 0, str(root / t), epochs=a.epochs) for t in sorted({RUNS[r][1] for r in a.runs})]
+    for seed in a.seeds:
+        jobs += [Job(b, "train", seed, str(root / f"{b}-s{seed}"), row=b, epochs=a.epochs)
+                 for b in sorted({RUNS[r][2] for r in a.runs})]
+        jobs += [Job(RUNS[r][0], "distill", seed, str(root / f"{r}-s{seed}"), row=r, teacher=RUNS[r][1],
+                     epochs=a.epochs) for r in a.runs]
+    return jobs
 
 
-def main() -> None:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     add_run_args(ap, "detr", "epochs of every run; default: the recipes'")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    runs_root(a)
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
     root = runs_root(a)
-    teachers = {t: (root / t, run(t, "train", 0, None, root / t, a)) for t in sorted({RUNS[r][1] for r in a.runs})}
-    res: dict[str, dict[int, dict]] = {}
-    for seed in a.seeds:
-        for base in sorted({RUNS[r][2] for r in a.runs}):
-            res.setdefault(base, {})[seed] = run(base, "train", seed, None, root / f"{base}-s{seed}", a)
-        for r in a.runs:
-            recipe, teacher, _ = RUNS[r]
-            res.setdefault(r, {})[seed] = run(recipe, "distill", seed, teachers[teacher][0], root / f"{r}-s{seed}", a)
-        (root / "results.json").write_text(json.dumps(res, indent=1))
+    teachers, res = run_plan(plan(a), a)
+    (root / "results.json").write_text(json.dumps(res, indent=1))
 
     rows, spreads = teacher_rows(teachers), {}
     for name, per_seed in res.items():
@@ -74,8 +81,8 @@ def main() -> None:
             f"half-ranges over seeds: {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}.\n\n"
             + table(KD_SEED_HEAD, rows) + "\n")
     print(body)
-    if not a.smoke:
-        write_section("detr-kd", body)
+    if not a.smoke:  # the CPU table (cross-family rows) and a GPU session's table are kept side by side
+        write_section("detr-kd" if a.device == "cpu" else "detr-kd-gpu", body)
 
 
 if __name__ == "__main__":

@@ -22,37 +22,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, add_run_args, machine, recipe_run, seed_row, table, teacher_rows,  # noqa: E402
-                     runs_root, write_section)
+from _common import (KD_SEED_HEAD, Job, add_run_args, machine, run_plan, runs_root, seed_row, table,  # noqa: E402
+                     teacher_rows, write_section)
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
 
 
-def run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, a) -> dict:
-    epochs = a.epochs * (2 if name.startswith("fasterrcnn-teacher") else 1) if a.epochs else None
-    return recipe_run(name, stage, seed, teacher, out, device=a.device, epochs=epochs, smoke=a.smoke)
+def plan(a) -> list[Job]:
+    """The runs in the order they are trained: teachers, then per seed the baseline and each level."""
+    root = runs_root(a)
+    t_epochs = a.epochs * 2 if a.epochs else None
+    jobs = [Job(t, "train", 0, str(root / t), epochs=t_epochs)
+            for t in sorted({TEACHERS.get(lv, "fasterrcnn-teacher") for lv in a.levels})]
+    for seed in a.seeds:
+        jobs.append(Job("fasterrcnn-student", "train", seed, str(root / f"base-s{seed}"), row="baseline student",
+                        epochs=a.epochs))
+        jobs += [Job(f"fasterrcnn-distill-{lv}", "distill", seed, str(root / f"{lv}-s{seed}"), row=lv,
+                     teacher=TEACHERS.get(lv, "fasterrcnn-teacher"), epochs=a.epochs) for lv in a.levels]
+    return jobs
 
 
-def main() -> None:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--levels", nargs="+", default=LEVELS, choices=LEVELS)
     add_run_args(ap, "two-stage", "student epochs (teachers: twice); default: recipes'")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    runs_root(a)
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
     root = runs_root(a)
-    teachers = {}
-    for t in sorted({TEACHERS.get(lv, "fasterrcnn-teacher") for lv in a.levels}):
-        teachers[t] = (root / t, run(t, "train", 0, None, root / t, a))
-    res: dict[str, dict[int, dict]] = {}
-    for seed in a.seeds:
-        res.setdefault("baseline student", {})[seed] = run("fasterrcnn-student", "train", seed, None,
-                                                            root / f"base-s{seed}", a)
-        for lv in a.levels:
-            t_path = teachers[TEACHERS.get(lv, "fasterrcnn-teacher")][0]
-            res.setdefault(lv, {})[seed] = run(f"fasterrcnn-distill-{lv}", "distill", seed, t_path,
-                                               root / f"{lv}-s{seed}", a)
-        (root / "results.json").write_text(json.dumps(res, indent=1))
+    jobs = plan(a)
+    teachers, res = run_plan(jobs, a)
+    (root / "results.json").write_text(json.dumps(res, indent=1))
 
     base = res["baseline student"]
     rows = teacher_rows(teachers)

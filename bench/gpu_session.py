@@ -1,0 +1,203 @@
+"""A GPU session's distillation tables in one command: the two-stage (``two_stage_kd.py``) and DETR-family
+(``detr_kd.py``) benchmarks' runs trained side by side on one GPU, under a deadline, then their tables written to
+docs/benchmarks.md by the benchmarks themselves.
+
+A lent GPU comes for minutes, and one of those runs (a small detector at 128 px on a few hundred images) keeps a
+big GPU mostly idle, so the runs go as parallel processes (``--jobs``): teachers first, then seed by seed (so that
+a deadline leaves whole seeds), each run as soon as its teacher is there. At ``--deadline`` seconds the runs still
+going get SIGTERM (kdctl stops cleanly; a rerun resumes them), and each table is written over the seeds that
+finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``) and the
+tail of each failed run's log.
+
+    python bench/gpu_session.py --device 0 --jobs 12 --deadline 450 --out /tmp/gpu
+    python bench/gpu_session.py --device cpu --smoke --jobs 2          # checks the script here, writes no doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import detr_kd  # noqa: E402
+import two_stage_kd  # noqa: E402
+from _common import ROOT, Job  # noqa: E402
+
+# the RT-DETR-teacher rows: the cross-family YOLO-teacher rows are measured on CPU (bench/detr_kd.py's table)
+BENCHES = {"two-stage": (two_stage_kd, []),
+           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "rtdetr-to-yolo"])}
+
+
+def _job_main(spec: str, device: str, smoke: bool) -> None:
+    """One run, in its own process: prints ``RESULT {json}`` last."""
+    job = Job(**json.loads(spec))
+    res = job.run(argparse.Namespace(device=device, smoke=smoke))
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+class Run:
+    def __init__(self, bench: str, job: Job, log: Path):
+        self.bench, self.job, self.log = bench, job, log
+        self.key = job.out
+        self.proc: subprocess.Popen | None = None
+        self.state, self.result, self.t0, self.wall = "waiting", None, 0.0, None
+
+    @property
+    def name(self) -> str:
+        return f"{self.bench}/{Path(self.job.out).name}"
+
+    def start(self, a) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, "--job", json.dumps(self.job.to_dict()), "--device", a.device]
+        if a.smoke:
+            cmd.append("--smoke")
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                         start_new_session=True)
+        self.state, self.t0 = "running", time.time()
+
+    def poll(self) -> bool:
+        """True when the run has just ended."""
+        if self.state not in ("running", "stopping") or self.proc.poll() is None:
+            return False
+        self.wall = round(time.time() - self.t0, 1)
+        lines = self.log.read_text(errors="replace").splitlines()
+        res = [ln for ln in lines if ln.startswith("RESULT ")]
+        if self.proc.returncode == 0 and res:
+            self.state, self.result = "done", json.loads(res[-1][7:])
+        else:
+            self.state = "stopped" if self.state == "stopping" else "failed"
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.state = "stopping"
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+
+def _bench_args(bench: str, a, seeds: list[int]) -> list[str]:
+    _, extra = BENCHES[bench]
+    return extra + ["--device", a.device, "--seeds", *map(str, seeds)] + (["--smoke"] if a.smoke else [])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="0")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--benches", nargs="+", default=list(BENCHES), choices=list(BENCHES))
+    ap.add_argument("--jobs", type=int, default=12, help="runs at once")
+    ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
+    ap.add_argument("--deadline", type=float, default=450, help="seconds; runs still going then are stopped")
+    ap.add_argument("--out", type=Path, help="copy the doc, the results and failed runs' logs here")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.job:
+        _job_main(a.job, a.device, a.smoke)
+        return 0
+    t_start = time.time()
+    if a.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_session: no CUDA device here (use --device cpu --smoke to check the script)", file=sys.stderr)
+            return 2
+        print(f"gpu_session: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+
+    from kdctl.detectors.ultralytics_env import prepare
+
+    prepare()  # offline; Ultralytics imported once before the runs start side by side, so that they find its
+    import ultralytics.utils  # noqa: F401  settings file written, not half-written
+
+    runs: list[Run] = []
+    for bench in a.benches:
+        mod, _ = BENCHES[bench]
+        ba = mod.parse(_bench_args(bench, a, a.seeds))
+        for j in mod.plan(ba):
+            runs.append(Run(bench, j, Path(j.out).parent / "logs" / f"{Path(j.out).name}.log"))
+    by_key = {r.key: r for r in runs}
+    # teachers first, then seed by seed (a deadline leaves whole seeds), benches interleaved within a seed
+    order = sorted(runs, key=lambda r: (r.job.row is not None, r.job.seed, runs.index(r)))
+
+    def dep(r: Run) -> Run | None:
+        return by_key[str(Path(r.job.out).parent / r.job.teacher)] if r.job.teacher else None
+
+    last_report, stopping = 0.0, False
+    while True:
+        for r in runs:
+            if r.poll():
+                print(f"[{time.time() - t_start:6.0f}s] {r.state:7s} {r.name} ({r.wall} s)"
+                      + (f" mAP50-95 {r.result['map50_95']:.4f}" if r.result else ""), flush=True)
+        for r in order:  # a run whose teacher failed cannot run
+            d = dep(r)
+            if r.state == "waiting" and d is not None and d.state in ("failed", "stopped", "skipped"):
+                r.state = "skipped"
+        if not stopping and time.time() - t_start > a.deadline:
+            stopping = True
+            print(f"[{time.time() - t_start:6.0f}s] deadline: stopping the runs still going", flush=True)
+            for r in runs:
+                r.stop()
+                if r.state == "waiting":
+                    r.state = "not started"
+        running = [r for r in runs if r.state in ("running", "stopping")]
+        if not stopping:
+            for r in order:
+                if len(running) >= a.jobs:
+                    break
+                d = dep(r)
+                if r.state == "waiting" and (d is None or d.state == "done"):
+                    r.start(a)
+                    running.append(r)
+        if not running and (stopping or all(r.state != "waiting" for r in runs)):
+            break
+        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + 20:
+            for r in runs:
+                if r.proc is not None and r.proc.poll() is None:
+                    os.killpg(r.proc.pid, signal.SIGKILL)
+        if time.time() - last_report > 30:
+            last_report = time.time()
+            smi = shutil.which("nvidia-smi")
+            util = subprocess.run([smi, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"],
+                                  capture_output=True, text=True).stdout.strip() if smi else ""
+            print(f"[{time.time() - t_start:6.0f}s] running {len(running)}, done "
+                  f"{sum(r.state == 'done' for r in runs)}/{len(runs)}" + (f"; GPU {util}" if util else ""), flush=True)
+        time.sleep(1)
+
+    tables = {}
+    for bench in a.benches:
+        mine = [r for r in runs if r.bench == bench]
+        if not all(r.state == "done" for r in mine if r.job.row is None):
+            continue
+        seeds = [s for s in a.seeds if {r.state for r in mine if r.job.row and r.job.seed == s} == {"done"}]
+        if seeds:
+            mod, _ = BENCHES[bench]
+            mod.main(_bench_args(bench, a, seeds))
+            tables[bench] = seeds
+    summary = {"seconds": round(time.time() - t_start, 1), "tables": tables,
+               "runs": [{"run": r.name, "recipe": r.job.recipe, "seed": r.job.seed, "state": r.state,
+                         "wall_s": r.wall, **(r.result or {})} for r in runs]}
+    print(json.dumps(summary, indent=1))
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "gpu_session.json").write_text(json.dumps(summary, indent=1))
+        if not a.smoke and (ROOT / "docs" / "benchmarks.md").is_file():
+            shutil.copy(ROOT / "docs" / "benchmarks.md", a.out / "benchmarks.md")
+        failed = [r for r in runs if r.state == "failed"]
+        (a.out / "failed_logs.txt").write_text("".join(
+            f"==== {r.name}\n" + "\n".join(r.log.read_text(errors="replace").splitlines()[-60:]) + "\n"
+            for r in failed))
+    return 0 if tables else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
