@@ -9,7 +9,7 @@ going get SIGTERM (kdctl stops cleanly; a rerun resumes them), and each table is
 finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``) and the
 tail of each failed run's log.
 
-    python bench/gpu_session.py --device 0 --jobs 12 --deadline 450 --out /tmp/gpu
+    python bench/gpu_session.py --device 0 --jobs 6 --deadline 450 --out /tmp/gpu
     python bench/gpu_session.py --device cpu --smoke --jobs 2          # checks the script here, writes no doc
 """
 
@@ -95,7 +95,7 @@ def main() -> int:
     ap.add_argument("--device", default="0")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--benches", nargs="+", default=list(BENCHES), choices=list(BENCHES))
-    ap.add_argument("--jobs", type=int, default=12, help="runs at once")
+    ap.add_argument("--jobs", type=int, default=6, help="runs at once (12 on one H200 time-sliced each 3x slower)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     ap.add_argument("--deadline", type=float, default=450, help="seconds; runs still going then are stopped")
     ap.add_argument("--out", type=Path, help="copy the doc, the results and failed runs' logs here")

@@ -100,3 +100,36 @@ def test_an_error_under_json_is_also_a_json_document_on_stdout(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "recipe", "check", str(bad)],
                            capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and plain.stdout == ""  # without --json, stdout stays clean
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["distill"], "Error: kdctl distill: Missing argument 'recipe'. (see 'kdctl distill --help')"),
+    (["gate", "x", "--bogus"], "Error: kdctl gate: No such option: --bogus"),
+    (["profile", "x", "--runs", "abc"], "Error: kdctl profile: Invalid value for '--runs' / '-n': Input should be a "
+                                        "valid integer, unable to parse string as an integer"),
+    (["nosuch"], "Error: kdctl: No such command 'nosuch'."),
+    (["--bogus"], "Error: kdctl: No such option: --bogus"),
+    (["recipe", "check"], "Error: kdctl recipe check: Missing argument 'recipe'."),
+])
+def test_usage_errors_are_one_line_naming_the_command(argv, expected):
+    """Click's usage errors came as a boxed block of five lines (usage, hint, a frame around the message, wrapped at
+    80 columns); now they are one line like every other kdctl error, naming the command and its --help, exit 2."""
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "COLUMNS": "60"})
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), p.stderr
+    assert p.stdout == ""
+
+
+def test_usage_error_under_json_is_a_json_document_and_no_arguments_still_show_help():
+    import json
+
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "gate", "x", "--json", "--bogus"],
+                       capture_output=True, text=True, timeout=120)
+    doc = json.loads(p.stdout)
+    assert p.returncode == 2 and doc["ok"] is False and doc["exit_code"] == 2
+    assert doc["error"].startswith("kdctl gate: No such option: --bogus")
+    for argv in ([], ["recipe"]):  # a group called bare prints its help, as before
+        res = CliRunner().invoke(app, argv)
+        assert "Usage:" in res.output and "Error" not in res.output

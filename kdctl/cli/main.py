@@ -12,6 +12,11 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+try:  # Typer ≥ 0.20 vendors Click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from kdctl.cli._common import err_console
 from kdctl.errors import first_line
 
@@ -25,24 +30,41 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _fail(ctx, word: str, text: str, code: int):
+    """``Error: text`` (or ``Interrupted (text)``) on stderr; with --json also a document on stdout."""
+    message = text if word == "Error:" else f"{word} ({text})"
+    err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
+                      f"[red]{word}[/red] ({escape(text)})", highlight=False, soft_wrap=True)
+    if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
+        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
+    raise typer.Exit(code)
+
+
+def _usage_error(e: UsageError):
+    """A usage error (missing argument, unknown option, a value of the wrong type) as one line that names the
+    command and where its help is, instead of Click's boxed usage block; no-arguments help is left to Click."""
+    ctx = e.ctx
+    if isinstance(e, NoArgsIsHelpError) or ctx is None:
+        raise e
+    text = " ".join(e.format_message().split())
+    _fail(ctx.find_root(), "Error:", f"{ctx.command_path}: {text} (see '{ctx.command_path} --help')", e.exit_code)
+
+
 class KdctlGroup(TyperGroup):
     """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
 
     def parse_args(self, ctx, args):
-        ctx.meta["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
-        return super().parse_args(ctx, args)
+        ctx.find_root().meta["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:
+            _usage_error(e)
 
     def invoke(self, ctx):
         from kdctl.errors import KdctlError
 
         def fail(word: str, text: str, code: int):
-            """``Error: text`` (or ``Interrupted (text)``) on stderr; with --json also a document on stdout."""
-            message = text if word == "Error:" else f"{word} ({text})"
-            err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
-                              f"[red]{word}[/red] ({escape(text)})", highlight=False)
-            if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
-                sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
-            raise typer.Exit(code)
+            _fail(ctx, word, text, code)
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
@@ -59,6 +81,8 @@ class KdctlGroup(TyperGroup):
             hint = ("; the same command with --resume continues from the last saved epoch"
                     if ctx.invoked_subcommand in ("train", "distill") else "")
             fail(how, f"nothing half-written was published{hint}", 143 if isinstance(e, Terminated) else 130)
+        except UsageError as e:
+            _usage_error(e)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
@@ -110,7 +134,7 @@ def _root(ctx: typer.Context,
 
 
 def main() -> None:
-    app()
+    app(prog_name="kdctl")  # also under ``python -m kdctl.cli.main`` (DDP workers, tests): messages name `kdctl`
 
 
 if __name__ == "__main__":
