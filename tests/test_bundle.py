@@ -74,6 +74,23 @@ def test_exception_inside_writer_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_run_leaves_no_empty_stage_folders_and_a_published_one_keeps_them(tmp_path):
+    """``kdctl eval`` with a bad --data used to leave an empty ``runs/eval/`` behind; the folders made for the
+    output's lock go again when nothing was published there, and only those (a folder that was there stays)."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with BundleWriter(tmp_path / "kept" / "runs" / "eval" / "b", stage="eval") as w:
+            (w.path / "half.json").write_text("{}")
+            raise RuntimeError("bad input found late")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    done = make(tmp_path / "kept" / "runs" / "train", "b")
+    assert done.path.is_dir() and load_bundle(done.path).metrics["map50_95"] == 0.5
+    with pytest.raises(RuntimeError):  # a later failure beside it keeps the published bundle's folders
+        with BundleWriter(tmp_path / "kept" / "runs" / "train" / "c", stage="train"):
+            raise RuntimeError("x")
+    assert sorted(p.name for p in (tmp_path / "kept" / "runs" / "train").iterdir()) == ["b"]
+
+
 def test_killed_process_leaves_no_complete_looking_bundle(tmp_path):
     """A hard kill (no cleanup at all) mid-write: the final path must not exist, only a hidden partial dir."""
     code = textwrap.dedent(f"""

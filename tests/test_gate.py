@@ -72,6 +72,10 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
     assert usage.exit_code == 2 and "no budgets to check" in usage.output  # the recipe sets none
     nob = CliRunner().invoke(app, ["gate", str(tmp_path / "missing"), "--min-map", "0.1"])
     assert nob.exit_code == 2 and "bundle directory not found" in nob.output
+    # the recipe's gate.min_map50_95 has its own spelling as a flag too
+    alias = CliRunner().invoke(app, ["gate", str(profile_cpu), "--min-map50-95", "0.99", "--out", str(tmp_path / "g6"),
+                                     "--json"])
+    assert alias.exit_code == 1 and "min_map50_95" in alias.stdout, alias.output
     for value in ("inf", "nan"):  # parse as floats, but no budget: inf would pass anything and is no valid JSON
         r = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", value, "--out", str(tmp_path / "g5")])
         assert r.exit_code == 2 and "--max-p90-ms" in r.output and not (tmp_path / "g5").exists()

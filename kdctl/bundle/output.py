@@ -100,14 +100,23 @@ class OutputLock:
     def __init__(self, out: Path):
         self.path = out.parent / f".{out.name}.lock"
         self.fd: int | None = None
+        self.created: list[Path] = []  # folders made for the lock, deepest first; removed again if left empty
 
     def acquire(self, wait: bool = False) -> None:
         """Take the lock; another holder is an error, or with ``wait`` is waited for."""
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            d = self.path.parent
+            while not d.exists():
+                if d not in self.created:
+                    self.created.append(d)
+                d = d.parent
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # another run's release removed the folder we just found there: again
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -131,6 +140,12 @@ class OutputLock:
                 pass
             os.close(self.fd)
             self.fd = None
+        for d in self.created:  # a run that failed before publishing leaves no empty runs/<stage>/ behind
+            try:
+                d.rmdir()
+            except OSError:  # not empty (a published bundle, another run's files): kept, and its parents too
+                break
+        self.created = []
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:

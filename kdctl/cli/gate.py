@@ -13,7 +13,7 @@ from kdctl.cli._common import BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt
 
 def gate(
     bundle: BundleArg,
-    min_map: Annotated[Optional[float], typer.Option("--min-map", callback=finite, min=0, max=1, help="Minimum mAP50-95 (0..1).")] = None,
+    min_map: Annotated[Optional[float], typer.Option("--min-map", "--min-map50-95", callback=finite, min=0, max=1, help="Minimum mAP50-95 (0..1).")] = None,
     max_p90_ms: Annotated[Optional[float], typer.Option("--max-p90-ms", callback=finite, min=0, help="Maximum p90 latency.")] = None,
     max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms", callback=finite, min=0, help="Maximum p99 latency.")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", callback=finite, min=0, help="Maximum model size.")] = None,
