@@ -11,7 +11,7 @@ import pytest
 from kdctl.evaluate.coco import Detections, GroundTruth, evaluate_map
 
 
-def random_case(seed, n_img=12, nc=4):
+def random_case(seed, n_img=12, nc=4, crowd=False):
     rng = np.random.default_rng(seed)
     gts, dets = [], []
     for _ in range(n_img):
@@ -20,7 +20,11 @@ def random_case(seed, n_img=12, nc=4):
         wh = rng.uniform(4, 80, (k, 2))
         gb = np.concatenate([xy, xy + wh], 1)
         gc = rng.integers(0, nc, k)
-        gts.append(GroundTruth(gb, gc))
+        # crowd regions: big boxes, some around objects of their class, some where detections land
+        cr = (rng.random(k) < 0.3) if crowd else None
+        if crowd:
+            gb[cr, 2:] += rng.uniform(20, 80, (cr.sum(), 2))
+        gts.append(GroundTruth(gb, gc, cr))
         # detections: jittered copies of some GT (some with wrong class) plus random false positives
         keep = rng.random(k) < 0.8
         jit = gb[keep] + rng.normal(0, 6, (keep.sum(), 4))
@@ -44,10 +48,11 @@ def pycocotools_map(dets, gts, nc):
     aid = 1
     for i, (d, g) in enumerate(zip(dets, gts)):
         images.append({"id": i, "width": 400, "height": 400})
-        for b, c in zip(g.boxes, g.classes):
+        crowd = g.crowd if g.crowd is not None else np.zeros(len(g.boxes), bool)
+        for b, c, cr in zip(g.boxes, g.classes, crowd):
             w, h = b[2] - b[0], b[3] - b[1]
             anns.append({"id": aid, "image_id": i, "category_id": int(c), "bbox": [*map(float, b[:2]), float(w), float(h)],
-                         "area": float(w * h), "iscrowd": 0})
+                         "area": float(w * h), "iscrowd": int(cr)})
             aid += 1
         for b, s, c in zip(d.boxes, d.scores, d.classes):
             results.append({"image_id": i, "category_id": int(c),
@@ -72,6 +77,32 @@ def test_matches_pycocotools(seed):
     assert ours["map50_95"] == pytest.approx(ref[0], abs=1e-6)
     assert ours["map50"] == pytest.approx(ref[1], abs=1e-6)
     assert ours["map75"] == pytest.approx(ref[2], abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_crowd_regions_are_ignored_as_pycocotools_does(seed):
+    """COCO's iscrowd boxes: detections on them are neither TP nor FP, they are no objects to find, and a
+    detection's overlap with one is intersection / its own area."""
+    dets, gts, nc = random_case(100 + seed, n_img=16, crowd=True)
+    assert sum(int(g.crowd.sum()) for g in gts) > 3
+    ours = evaluate_map(dets, gts, nc)
+    ref = pycocotools_map(dets, gts, nc)
+    assert ours["map50_95"] == pytest.approx(ref[0], abs=1e-6)
+    assert ours["map50"] == pytest.approx(ref[1], abs=1e-6)
+    assert ours["map75"] == pytest.approx(ref[2], abs=1e-6)
+
+
+def test_a_detection_inside_a_crowd_region_costs_nothing():
+    obj, region = [0, 0, 10, 10], [40, 40, 100, 100]
+    gt = [GroundTruth(np.array([obj, region], float), np.array([0, 0]), np.array([False, True]))]
+    hit = np.array([obj], float)
+    inside = np.array([[50, 50, 60, 60]], float)  # IoU with the region 0.03, but all of it lies inside: ignored
+    alone = evaluate_map([Detections(hit, np.array([0.5]), np.array([0]))], gt, 1)["map50_95"]
+    more = evaluate_map([Detections(np.concatenate([inside, hit]), np.array([0.9, 0.5]), np.array([0, 0]))], gt, 1)
+    assert alone == pytest.approx(1.0) and more["map50_95"] == pytest.approx(1.0)
+    as_object = [GroundTruth(gt[0].boxes, gt[0].classes)]  # the same box as an object: one miss, one FP
+    assert evaluate_map([Detections(np.concatenate([inside, hit]), np.array([0.9, 0.5]), np.array([0, 0]))],
+                        as_object, 1)["map50_95"] < 0.5
 
 
 def test_perfect_and_empty_predictions():

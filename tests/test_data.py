@@ -78,10 +78,20 @@ def test_coco_conversion(tmp_path):
     assert ds.names == ["cat", "dog"] and len(ds.val_images) == 3
     gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
     a = gts["a.jpg"]
-    assert a.classes.tolist() == [1]                                # dog -> 1; the crowd box is left out
-    assert np.allclose(a.boxes, [[10, 5, 30, 15]], atol=1e-3)
+    assert a.classes.tolist() == [1, 0]                             # dog -> 1, then the crowd region (cat)
+    assert a.crowd.tolist() == [False, True]                        # an ignore region for the evaluator...
+    assert np.allclose(a.boxes, [[10, 5, 30, 15], [0, 0, 100, 50]], atol=1e-3)
+    from kdctl.data.resolve import label_path
+
+    a_img = next(p for p in ds.val_images if p.name == "a.jpg")
+    assert label_path(a_img).read_text().count("\n") == 1            # ...and no object to train on (Ultralytics)
+    from kdctl.detectors.torchvision import _Images
+
+    _, target = _Images([a_img], 128, augment=False)[0]                # nor for kdctl's torchvision loop
+    assert target["labels"].tolist() == [2]                            # dog (1) + torchvision's background
     c = gts["sub__c.jpg"]
     assert np.allclose(c.boxes, [[90, 40, 100, 50]], atol=1e-3)    # clipped to the image
+    assert c.crowd is None
     again = resolve_data({"coco": make_coco(tmp_path), "yolo": None, "synthetic": None})
     assert again.yaml == ds.yaml                                   # cached
 
@@ -97,7 +107,7 @@ def test_coco_images_sharing_a_stem_keep_their_own_labels(tmp_path):
     Path(spec["train_annotations"]).write_text(json.dumps(coco))
     ds = coco_dataset(**spec)
     gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
-    assert len(gts) == 4 and gts["a.jpg"].classes.tolist() == [1]
+    assert len(gts) == 4 and gts["a.jpg"].classes[~gts["a.jpg"].crowd].tolist() == [1]
     (png,) = [n for n in gts if n.endswith(".png")]
     assert gts[png].classes.tolist() == [0] and np.allclose(gts[png].boxes, [[50, 10, 90, 40]], atol=1e-3)
 

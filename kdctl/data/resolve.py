@@ -54,13 +54,22 @@ class Dataset:
                             f"give a {flag} with the model's classes")
 
 
-def label_path(img: Path) -> Path:
-    """Ultralytics' rule: the last ``/images/`` in the path becomes ``/labels/``, extension ``.txt``."""
+def _beside_images(img: Path, folder: str) -> Path | None:
     s = str(img)
     i = s.rfind(f"{os.sep}images{os.sep}")
-    if i < 0:
-        return img.with_suffix(".txt")
-    return Path(s[:i] + f"{os.sep}labels{os.sep}" + s[i + 8:]).with_suffix(".txt")
+    return None if i < 0 else Path(s[:i] + f"{os.sep}{folder}{os.sep}" + s[i + 8:]).with_suffix(".txt")
+
+
+def label_path(img: Path) -> Path:
+    """Ultralytics' rule: the last ``/images/`` in the path becomes ``/labels/``, extension ``.txt``."""
+    return _beside_images(img, "labels") or img.with_suffix(".txt")
+
+
+def crowd_path(img: Path) -> Path | None:
+    """Where a converted COCO set keeps an image's crowd regions (``iscrowd: 1``; YOLO rows, ``crowd/`` beside
+    ``labels/``): Ultralytics never reads them (it skips crowd annotations too); kdctl's evaluator ignores
+    detections on them, as COCOeval does. None for an image outside an ``images/`` folder."""
+    return _beside_images(img, "crowd")
 
 
 def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
@@ -328,7 +337,7 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
     key = hashlib.sha256("\0".join(
         [str(Path(p).resolve()) for p in (train_images, val_images)] +
         [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (tr_json, va_json)] +
-        [f"skip={skip_invalid}"]).encode()).hexdigest()[:16]
+        [f"skip={skip_invalid}", "layout=2"]).encode()).hexdigest()[:16]  # 2: crowd/ beside labels/
     final = cache_dir() / "coco" / key
     final.parent.mkdir(parents=True, exist_ok=True)
     index = {c["id"]: i for i, c in enumerate(cats)}
@@ -337,8 +346,8 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
         for split, coco, img_dir, src in (("train", tr, Path(train_images), tr_json), ("val", va, Path(val_images), va_json)):
             if not img_dir.is_dir():
                 raise DataError(f"{src}: images directory '{img_dir}' not found")
-            (tmp / "images" / split).mkdir(parents=True)
-            (tmp / "labels" / split).mkdir(parents=True)
+            for folder in ("images", "labels", "crowd"):
+                (tmp / folder / split).mkdir(parents=True)
             anns: dict[int, list] = {}
             for a in coco["annotations"]:
                 anns.setdefault(a["image_id"], []).append(a)
@@ -359,17 +368,18 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
                 link = tmp / "images" / split / f"{stem}{src_img.suffix}"
                 os.symlink(src_img.resolve(), link)
                 w, h = float(im["width"]), float(im["height"])
-                lines = []
+                rows: dict[bool, list[str]] = {False: [], True: []}  # objects; crowd regions (ignored, not trained)
                 for a in anns.get(im["id"], []):
-                    if a.get("iscrowd", 0):
-                        continue
                     x, y, bw, bh = (float(v) for v in a["bbox"])
                     x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + bw, w), min(y + bh, h)
                     if x2 - x1 <= 0 or y2 - y1 <= 0:
                         continue
-                    lines.append(f"{index[a['category_id']]} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-                                 f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
-                (tmp / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+                    rows[bool(a.get("iscrowd", 0))].append(
+                        f"{index[a['category_id']]} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+                        f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+                (tmp / "labels" / split / f"{stem}.txt").write_text("".join(f"{r}\n" for r in rows[False]))
+                if rows[True]:
+                    (tmp / "crowd" / split / f"{stem}.txt").write_text("".join(f"{r}\n" for r in rows[True]))
         (tmp / "data.yaml").write_text(yaml.safe_dump({
             "path": str(final.resolve()), "train": "images/train", "val": "images/val",
             "names": {i: c["name"] for i, c in enumerate(cats)}}, sort_keys=False))

@@ -230,6 +230,8 @@ class _Images(torch.utils.data.Dataset):
         img = load_rgb(self.images[i])
         canvas, r, (left, top) = letterbox(img, self.imgsz)
         gt = read_labels(self.images[i], img.shape[:2])
+        if gt.crowd is not None:  # crowd regions are for scoring only; torchvision's references drop them too
+            gt = type(gt)(gt.boxes[~gt.crowd], gt.classes[~gt.crowd])
         boxes = torch.as_tensor(gt.boxes, dtype=torch.float32).reshape(-1, 4) * r
         boxes[:, [0, 2]] += left
         boxes[:, [1, 3]] += top

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from kdctl.data.resolve import label_path
+from kdctl.data.resolve import crowd_path, label_path
 from kdctl.evaluate.coco import Detections, GroundTruth
 
 # A backend: float32 NCHW RGB 0..1 batch -> raw head output (N, 4 + nc, anchors), boxes as cx, cy, w, h pixels.
@@ -89,20 +89,25 @@ def unletterbox(d: Detections, r: float, pad: tuple[float, float], shape: tuple[
 
 
 def read_labels(img_path: Path, shape: tuple[int, int]) -> GroundTruth:
-    """YOLO label file (class cx cy w h, normalised) -> pixel xyxy ground truth."""
+    """YOLO label file (class cx cy w h, normalised) -> pixel xyxy ground truth, with the image's crowd regions
+    (a converted COCO set's ``crowd/`` file, if any) flagged."""
     from kdctl.data.validate import LabelError, parse_labels
     from kdctl.errors import DataError
 
     h, w = shape
     try:
-        rows = parse_labels(label_path(img_path))
+        objects = parse_labels(label_path(img_path))
+        where = crowd_path(img_path)
+        crowd = parse_labels(where) if where is not None else np.zeros((0, 5))
     except LabelError as e:
         raise DataError(str(e)) from None
+    rows = np.concatenate([objects, crowd])
     if not len(rows):
         return GroundTruth(np.zeros((0, 4)), np.zeros(0, np.int64))
     cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
     boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-    return GroundTruth(boxes, rows[:, 0].astype(np.int64))
+    is_crowd = np.arange(len(rows)) >= len(objects)
+    return GroundTruth(boxes, rows[:, 0].astype(np.int64), is_crowd if is_crowd.any() else None)
 
 
 def predict_images(backend: Backend, images: list[Path], imgsz: int, batch: int = 1, progress=None,
