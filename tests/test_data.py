@@ -218,6 +218,30 @@ def test_polygon_labels_are_boxed_and_checked(tmp_path):
         parse_labels(f, nc=1)
 
 
+def test_zero_size_boxes_are_kept_as_ultralytics_keeps_them_and_negative_ones_refused(tmp_path):
+    """Ultralytics' dataset check accepts a zero-width row (a point, a line polygon) and its COCO converter skips a
+    zero-size bbox; kdctl refused the whole dataset for either. A negative size is still an error."""
+    from kdctl.data.validate import LabelError, parse_labels
+
+    f = tmp_path / "a.txt"
+    f.write_text("0 0.5 0.5 0 0.2\n1 0.1 0.2 0.1 0.4 0.1 0.6\n")  # zero width; a polygon on one vertical line
+    np.testing.assert_allclose(parse_labels(f, nc=2), [[0, 0.5, 0.5, 0, 0.2], [1, 0.1, 0.4, 0, 0.4]])
+    f.write_text("0 0.5 0.5 0.2 -0.1\n")
+    with pytest.raises(LabelError, match=r"a.txt:1: box width/height must be >= 0 \(got 0.2, -0.1\)"):
+        parse_labels(f, nc=1)
+    spec = make_coco(tmp_path)
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["annotations"].append({"id": 5, "image_id": 2, "category_id": 3, "bbox": [0, 5, 0, 10]})
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    ds = coco_dataset(**spec)
+    gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
+    assert len(gts["b.jpg"].boxes) == 0  # skipped, not an object that no detection could match
+    coco["annotations"][-1]["bbox"] = [0, 5, -1, 10]
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"bbox: width and height must be >= 0 \(got -1, 10\)"):
+        coco_dataset(**spec)
+
+
 def test_repeated_label_rows_count_once_as_ultralytics_counts_them(tmp_path):
     """Ultralytics' dataset drops a row given twice (training and validation); scored twice it is a ground truth no
     detection can match, and mAP drops (0.2223 -> 0.2037 on an 8-image set with one repeat)."""

@@ -311,8 +311,10 @@ def _bbox_problem(a: dict, cat_ids: set, size: tuple[float, float]) -> str | Non
     if not (isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)):
         return f"bbox: {b!r} is not [x, y, width, height] of 4 finite numbers"
     x, y, w, h = b
-    if w <= 0 or h <= 0:
-        return f"bbox: width and height must be > 0 (got {w:g}, {h:g})"
+    if w < 0 or h < 0:
+        return f"bbox: width and height must be >= 0 (got {w:g}, {h:g})"
+    if w == 0 or h == 0:  # no box: the conversion skips it, as Ultralytics' COCO converter does
+        return None
     if x >= size[0] or y >= size[1] or x + w <= 0 or y + h <= 0:
         return f"bbox: {b} lies outside its {size[0]:g}x{size[1]:g} image"
     return None

@@ -49,8 +49,8 @@ def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[floa
     lo, hi = -TOLERANCE, 1 + TOLERANCE
     if len(parts) == 5:
         cx, cy, w, h = vals
-        if w <= 0 or h <= 0:
-            raise LabelError(path, n, f"box width/height must be > 0 (got {w:g}, {h:g})")
+        if w < 0 or h < 0:  # a zero-size box is kept, as Ultralytics keeps it (augmentation drops it in training)
+            raise LabelError(path, n, f"box width/height must be >= 0 (got {w:g}, {h:g})")
         if not (lo <= cx - w / 2 and cx + w / 2 <= hi and lo <= cy - h / 2 and cy + h / 2 <= hi):
             raise LabelError(path, n, f"box ({cx:g} {cy:g} {w:g} {h:g}) is outside the image: coordinates must "
                                       "be normalised to [0, 1]")
@@ -58,9 +58,7 @@ def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[floa
     xs, ys = vals[0::2], vals[1::2]
     if not all(lo <= v <= hi for v in vals):
         raise LabelError(path, n, "polygon point outside [0, 1]: coordinates must be normalised")
-    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
-    if x2 <= x1 or y2 <= y1:
-        raise LabelError(path, n, "polygon has no area")
+    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)  # a degenerate polygon is a zero-size box, as above
     return [cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
