@@ -133,3 +133,17 @@ def test_usage_error_under_json_is_a_json_document_and_no_arguments_still_show_h
     for argv in ([], ["recipe"]):  # a group called bare prints its help, as before
         res = CliRunner().invoke(app, argv)
         assert "Usage:" in res.output and "Error" not in res.output
+
+
+def test_every_command_summary_is_one_paragraph_line():
+    """The first paragraph of a command's docstring is its line in the group's command list: a hard line break
+    there showed up as a broken sentence in `kdctl cache --help`."""
+    import typer
+
+    def walk(c, path):
+        for name, sub in getattr(c, "commands", {}).items():
+            first = (sub.help or "").strip().split("\n\n")[0]
+            assert first and "\n" not in first, f"{' '.join(path + [name])}: {first!r}"
+            walk(sub, path + [name])
+
+    walk(typer.main.get_command(app), ["kdctl"])

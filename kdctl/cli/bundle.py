@@ -64,8 +64,9 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
 
 @app.command("verify")
 def verify(bundle: BundleArg, json_: JsonOpt = False) -> None:
-    """Check the manifest's seal and re-hash every file; exit 1 naming each file that changed, went missing, was
-    added, or is a symlink.
+    """Check the manifest's seal and re-hash every file.
+
+    Exit 1 naming each file that changed, went missing, was added, or is a symlink.
 
     Example: [bold]kdctl bundle verify runs/export/quickstart-cpu[/bold]
     """

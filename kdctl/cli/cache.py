@@ -39,9 +39,10 @@ def build(recipe: RecipeArg,
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stale kdctl cache at the recipe's "
                                          "cache path (never a folder kdctl did not write)."),
           skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Run the recipe's teacher once over every augmented view of its distillation run and store the head outputs
-    that head-level losses read (distill.cache in the recipe; `kdctl distill` then replays them). A killed build
-    resumes where it stopped.
+    """Run the recipe's teacher once over every augmented view of its distillation and store its head outputs.
+
+    Head-level losses then read them from the cache (distill.cache in the recipe; `kdctl distill` replays them)
+    instead of running the teacher each step. A killed build resumes where it stopped.
 
     Example: [bold]kdctl cache build recipes/quickstart-cached.yaml[/bold]
     """
