@@ -76,6 +76,9 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
     alias = CliRunner().invoke(app, ["gate", str(profile_cpu), "--min-map50-95", "0.99", "--out", str(tmp_path / "g6"),
                                      "--json"])
     assert alias.exit_code == 1 and "min_map50_95" in alias.stdout, alias.output
+    for value, flag in (("0", "--max-p90-ms"), ("-2", "--max-memory-mb")):  # a maximum of 0 fails every model
+        r = CliRunner().invoke(app, ["gate", str(profile_cpu), flag, value, "--out", str(tmp_path / "g7")])
+        assert r.exit_code == 2 and f"{flag}': must be > 0, got {value}" in r.output and not (tmp_path / "g7").exists()
     for value in ("inf", "nan"):  # parse as floats, but no budget: inf would pass anything and is no valid JSON
         r = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", value, "--out", str(tmp_path / "g5")])
         assert r.exit_code == 2 and "--max-p90-ms" in r.output and not (tmp_path / "g5").exists()

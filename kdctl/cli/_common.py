@@ -23,6 +23,15 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def positive(value: float | None) -> float | None:
+    """Option callback of a maximum (latency, size, memory): finite and above 0, as the recipe's gate section
+    requires (a budget of 0 fails every model)."""
+    value = finite(value)
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"must be > 0, got {value:g}")
+    return value
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Bundle directory to write "
