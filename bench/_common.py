@@ -56,7 +56,7 @@ def table(head: list[str], rows: list[list]) -> str:
 
 
 def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, *, device: str = "cpu",
-               epochs: int | None = None, smoke: bool = False) -> dict:
+               epochs: int | None = None, smoke: bool = False, workers: int | None = None) -> dict:
     """Train (``stage='train'``) or distill ``recipes/<name>.yaml`` at ``train.seed = seed`` into ``out``, unless a
     bundle is already there (benchmarks resume where they stopped); ``teacher`` replaces the recipe's teacher,
     ``smoke`` shrinks the data to 32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch
@@ -73,6 +73,8 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
         d["train"].update(seed=seed, device=device)
         if epochs:
             d["train"]["epochs"] = epochs
+        if workers is not None:  # data-loading processes: speed only (the augmentation stream differs, not its law)
+            d["train"]["workers"] = workers
         if smoke:
             d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
             d["train"].update(imgsz=64, batch=4)
@@ -105,7 +107,7 @@ class Job:
     def run(self, a) -> dict:
         teacher = Path(self.out).parent / self.teacher if self.teacher else None
         return recipe_run(self.recipe, self.stage, self.seed, teacher, Path(self.out), device=a.device,
-                          epochs=self.epochs, smoke=a.smoke)
+                          epochs=self.epochs, smoke=a.smoke, workers=getattr(a, "workers", None))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +131,9 @@ def add_run_args(ap, root: str, epochs_help: str) -> None:
     ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")
     ap.add_argument("--epochs", type=int, default=None, help=epochs_help)
     ap.add_argument("--smoke", action="store_true", help="tiny data and 1 epoch: checks the script, no doc written")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="train.workers of every run (default: the recipes'); e.g. 2 on a GPU, where loading is the "
+                         "bottleneck")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / root))
 
 

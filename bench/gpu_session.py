@@ -37,10 +37,10 @@ BENCHES = {"two-stage": (two_stage_kd, []),
            "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "rtdetr-to-yolo"])}
 
 
-def _job_main(spec: str, device: str, smoke: bool) -> None:
+def _job_main(spec: str, device: str, smoke: bool, workers: int | None) -> None:
     """One run, in its own process: prints ``RESULT {json}`` last."""
     job = Job(**json.loads(spec))
-    res = job.run(argparse.Namespace(device=device, smoke=smoke))
+    res = job.run(argparse.Namespace(device=device, smoke=smoke, workers=workers))
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -57,7 +57,8 @@ class Run:
 
     def start(self, a) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, __file__, "--job", json.dumps(self.job.to_dict()), "--device", a.device]
+        cmd = [sys.executable, __file__, "--job", json.dumps(self.job.to_dict()), "--device", a.device,
+               "--workers", str(a.workers)]
         if a.smoke:
             cmd.append("--smoke")
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
@@ -88,7 +89,8 @@ class Run:
 
 def _bench_args(bench: str, a, seeds: list[int]) -> list[str]:
     _, extra = BENCHES[bench]
-    return extra + ["--device", a.device, "--seeds", *map(str, seeds)] + (["--smoke"] if a.smoke else [])
+    return (extra + ["--device", a.device, "--workers", str(a.workers), "--seeds", *map(str, seeds)]
+            + (["--smoke"] if a.smoke else []))
 
 
 def main() -> int:
@@ -98,13 +100,16 @@ def main() -> int:
     ap.add_argument("--benches", nargs="+", default=list(BENCHES), choices=list(BENCHES))
     ap.add_argument("--jobs", type=int, default=6, help="runs at once (12 on one H200 time-sliced each 3x slower)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="train.workers of every run: data loading, not the GPU, bounds these small runs (an H200 "
+                         "session saw ~8 s per epoch with workers 0)")
     ap.add_argument("--deadline", type=float, default=450, help="seconds; runs still going then are stopped")
     ap.add_argument("--out", type=Path, help="copy the doc, the results and failed runs' logs here")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.job:
-        _job_main(a.job, a.device, a.smoke)
+        _job_main(a.job, a.device, a.smoke, a.workers)
         return 0
     t_start = time.time()
     if a.device != "cpu":
