@@ -185,3 +185,44 @@ def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_pa
     with pytest.raises(CheckFailed, match="onnx-fp32: onnxruntime cannot run the exported model .*Reshape"):
         export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-fp32"]), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_json_stdout_is_only_the_document_and_quiet_prints_nothing(tmp_path, trained_bundle):
+    """NNCF logs and draws its progress bars on stdout: `kdctl export --target intel --json` printed them before
+    the JSON document, and a CI step that parsed stdout failed. Through the real CLI (file descriptors matter)."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "kdctl.cli.main", "export", str(trained_bundle), "--target", "intel",
+            "--artifact", "openvino-int8", "--calibration-images", "8"]
+    p = subprocess.run(base + ["--out", str(tmp_path / "j"), "--json"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # the whole of stdout is one document
+    assert [a["artifact"] for a in doc["artifacts"]] == ["openvino-int8"]
+    q = subprocess.run(base + ["--out", str(tmp_path / "q"), "-q"], capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0 and q.stdout == "", q.stdout[:300]
+    assert "INFO:nncf" not in q.stderr and "FutureWarning" not in q.stderr, q.stderr[:300]
+
+
+def test_stdout_reserved_routes_every_writer_of_fd1():
+    """print(), a raw write to file descriptor 1 and C's printf while a --json command runs go to stderr (or
+    nowhere under --quiet); the document alone reaches stdout."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, os, sys
+from kdctl.cli._common import emit, stdout_reserved
+with stdout_reserved(json_doc={j}, quiet={q}):
+    print("python print")
+    os.write(1, b"raw fd write\\\\n")
+    ctypes.CDLL(None).printf(b"c printf\\\\n")
+    emit({{"ok": True}}, as_json={j})
+print("after")
+"""
+    for j, q in ((True, False), (True, True), (False, True)):
+        p = subprocess.run([sys.executable, "-c", code.format(j=j, q=q)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == ('{\n  "ok": true\n}\n' if j else "") + "after\n"
+        noise = ["python print", "raw fd write", "c printf"]
+        assert all((n in p.stderr) != q for n in noise), p.stderr

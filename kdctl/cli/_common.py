@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,10 +48,57 @@ BundleArg = Annotated[Path, typer.Argument(help="A bundle directory written by a
 RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).", show_default=False)]
 
 
+_json_stream = None  # while a --json command runs: the real stdout, kept for kdctl's JSON document alone
+
+
+@contextmanager
+def stdout_reserved(json_doc: bool, quiet: bool) -> Iterator[None]:
+    """Under ``--json``, stdout carries kdctl's JSON document and nothing else; under ``--quiet`` nothing at all.
+    Whatever else writes to file descriptor 1 while the command runs (NNCF's logger and progress bars and
+    Ultralytics' logger print to stdout, native libraries printf) goes to stderr, or nowhere when quiet. Without
+    it ``kdctl export --target intel --json`` printed NNCF's INFO lines before the document, and a CI step parsing
+    it failed. A stdout that is no file (a test runner's buffer) is left as it is: nothing else writes to it."""
+    global _json_stream
+    try:
+        real = (json_doc or quiet) and _json_stream is None and sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        real = False
+    if not real:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    sink = os.open(os.devnull, os.O_WRONLY) if quiet else os.dup(2)
+    os.dup2(sink, 1)
+    os.close(sink)
+    _json_stream = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        try:  # C-level stdio buffers too, or they reach the real stdout at exit
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError):
+            pass
+        _json_stream.close()
+        _json_stream = None
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def json_out():
+    """Where a JSON document goes: the real stdout (see :func:`stdout_reserved_for_json`)."""
+    return _json_stream or sys.stdout
+
+
 def emit(result: Any, *, as_json: bool, quiet: bool = False, human=None) -> None:
     """One place that decides what a command prints."""
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        out = json_out()
+        out.write(json.dumps(result, indent=2, default=str) + "\n")
+        out.flush()
     elif not quiet:
         if human is not None:
             human()

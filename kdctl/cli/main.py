@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 
 import typer
@@ -17,7 +16,7 @@ try:  # Typer ≥ 0.20 vendors Click
 except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from kdctl.cli._common import err_console
+from kdctl.cli._common import err_console, json_out, stdout_reserved
 from kdctl.errors import first_line
 
 
@@ -36,7 +35,9 @@ def _fail(ctx, word: str, text: str, code: int):
     err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
                       f"[red]{word}[/red] ({escape(text)})", highlight=False, soft_wrap=True)
     if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
-        sys.stdout.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
+        out = json_out()
+        out.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
+        out.flush()
     raise typer.Exit(code)
 
 
@@ -54,7 +55,9 @@ class KdctlGroup(TyperGroup):
     """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
 
     def parse_args(self, ctx, args):
-        ctx.find_root().meta["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
+        root = ctx.find_root().meta
+        root["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
+        root["kdctl_quiet"] = "--quiet" in args or "-q" in args
         try:
             return super().parse_args(ctx, args)
         except UsageError as e:
@@ -69,7 +72,9 @@ class KdctlGroup(TyperGroup):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return super().invoke(ctx)
+            meta = ctx.find_root().meta
+            with stdout_reserved(bool(meta.get("kdctl_json")), bool(meta.get("kdctl_quiet"))):
+                return super().invoke(ctx)
         except KdctlError as e:
             fail("Error:", str(e), e.exit_code)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:

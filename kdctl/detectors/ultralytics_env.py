@@ -16,3 +16,8 @@ def prepare() -> None:
     for text in ("Could not identify the device for TensorQuantizer", "Cannot find transformers package",
                  "No CUDA runtime is found"):
         warnings.filterwarnings("ignore", message=f".*{text}.*")
+    import logging
+
+    # the same notice through torch's logger ("No CUDA runtime is found, using CUDA_HOME=...") when ModelOpt or
+    # NNCF import torch's extension builder on a machine without CUDA
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

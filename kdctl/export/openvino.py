@@ -23,11 +23,15 @@ def convert(source) -> object:
         return ov.convert_model(str(source))
     import torch
 
+    import warnings
+
     module, x, dynamic = source
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.14 marks tracing deprecated; it is still what OpenVINO's PyTorch frontend reads (and Ultralytics)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning)
         traced = torch.jit.trace(module, x, strict=False, check_trace=False)
-    shape = ov.PartialShape([-1, *x.shape[1:]]) if dynamic else ov.PartialShape(list(x.shape))
-    return ov.convert_model(traced, input=[shape], example_input=x)
+        shape = ov.PartialShape([-1, *x.shape[1:]]) if dynamic else ov.PartialShape(list(x.shape))
+        return ov.convert_model(traced, input=[shape], example_input=x)
 
 
 def source_name(source) -> str:
@@ -49,9 +53,12 @@ def quantize_openvino_int8(source, out_dir: Path, calibration: list[np.ndarray],
                            max_drop: float | None = None) -> dict:
     """NNCF post-training INT8 (mixed preset); with ``validation`` and ``max_drop``, NNCF's accuracy-control
     mode reverts the most harmful layers to floating point until the metric drop is within budget."""
+    import logging
+
     import nncf
     import openvino as ov
 
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list each layer left unquantized: the manifest counts them
     out_dir.mkdir(parents=True, exist_ok=True)
     model = convert(source)
     names = keep_float([(op.get_friendly_name(), None) for op in model.get_ops()]) if keep_float else []
