@@ -11,6 +11,10 @@ tail of each failed run's log.
 
     python bench/gpu_session.py --device 0 --jobs 6 --deadline 450 --out /tmp/gpu
     python bench/gpu_session.py --device cpu --smoke --jobs 2          # checks the script here, writes no doc
+
+On a lent machine whose image lacks Ultralytics and kdctl's other needs, ``bench/gpu_wheels.sh`` prepares them as
+wheels to carry, and its header has the device call. Run ``--smoke --device 0`` there first (a minute): every run
+kind on CUDA, before the deadline-bound full run.
 """
 
 from __future__ import annotations
