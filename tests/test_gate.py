@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
 from typer.testing import CliRunner
 
 from kdctl.cli.main import app
@@ -117,3 +118,15 @@ def test_rerun_removes_what_a_killed_junit_write_left(profile_cpu, tmp_path):
                                    "--out", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
     assert ET.parse(junit).getroot().tag == "testsuites" and not stale.exists() and mine.exists()
+
+
+def test_library_caller_gets_the_cli_rule_for_budgets(profile_cpu, tmp_path):
+    """``run_gate(budgets={"max_p90_ms": inf})`` passed every model and wrote "Infinity" (no valid JSON) into the
+    gate bundle's manifest; the CLI and the recipe schema refused it, the library did not."""
+    from kdctl.errors import KdctlError
+    from kdctl.gate.stage import run_gate
+
+    for bad in (float("inf"), float("nan"), "5", True):
+        with pytest.raises(KdctlError, match=f"gate budget max_p90_ms: must be a finite number, got {bad!r}"):
+            run_gate(profile_cpu, budgets={"max_p90_ms": bad}, out=tmp_path / "g")
+    assert not (tmp_path / "g").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
     merged = dict(((prof.recipe or {}).get("gate") or {}))
     merged.update({k: v for k, v in (budgets or {}).items() if v is not None})
     merged = {k: v for k, v in merged.items() if k in BUDGETS and v is not None}
+    for k, v in merged.items():  # the CLI and the recipe schema check this too; a library caller gets the same rule
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise KdctlError(f"gate budget {k}: must be a finite number, got {v!r}")
     if not merged:
         raise KdctlError(f"{profile}: no budgets to check: set gate: in the recipe or pass --min-map, "
                          "--max-p90-ms, ... (see kdctl gate --help)")
