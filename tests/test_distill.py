@@ -100,6 +100,35 @@ def test_neck_role_pairs_levels_of_equal_stride_across_pyramid_depths(tiny):
         build_criterion(p2, tiny, [LossSpec(name="cwd", student_layers=[18, 21, 24, 27])], None, 128)
 
 
+@pytest.mark.parametrize("cfg,first,count", [("yolov8n-p2.yaml", 32 * 32, 336), ("yolov8n-p6.yaml", 0, 336)])
+def test_head_losses_read_a_p2_or_p6_teacher_at_the_students_levels(tiny, cfg, first, count):
+    """A P2 (or P6) teacher's head has one more level than a P3-P5 student's: head-level KD was refused as
+    'needs matching heads'. It now reads the teacher's anchors of the student's levels (at 128 px: P2 is the
+    first 32x32 block, P6 the last 2x2), so anchors of the extra level cannot change the loss."""
+    from kdctl.distill.criterion import DistillContext
+
+    teacher = build_detector(cfg, nc=3)
+    crit = build_criterion(tiny, teacher, [LossSpec(name="kd_logit", params={"temperature": 2.0}),
+                                           LossSpec(name="ld", params={"temperature": 3.0})], None, 128)
+    for term in crit.terms:
+        assert term.anchor_index.tolist() == list(range(first, first + count))
+    g = torch.Generator().manual_seed(0)
+    a_t = count + (32 * 32 if first else 2 * 2)
+    s = {"scores": torch.randn(2, 3, count, generator=g), "boxes": torch.randn(2, 64, count, generator=g)}
+    t = {"scores": torch.randn(2, 3, a_t, generator=g), "boxes": torch.randn(2, 64, a_t, generator=g)}
+    t["scores"][..., first:first + count], t["boxes"][..., first:first + count] = s["scores"], s["boxes"]
+    ctx = DistillContext(imgsz=128, boxes=[torch.zeros(0, 4)] * 2)
+    for term in crit.terms:
+        same = term({term.s_layers[0]: s}, {term.t_layers[0]: t}, ctx).item()
+        assert abs(same) < 1e-8  # the extra level's random anchors are not read
+        moved = {k: v.clone() for k, v in t.items()}
+        moved["scores"][..., first:first + 40] += 3.0
+        moved["boxes"][..., first:first + 40] += torch.linspace(0, 3, 64)[:, None]  # not one shift for every bin
+        assert term({term.s_layers[0]: s}, {term.t_layers[0]: moved}, ctx).item() > 1e-5
+    with pytest.raises(RecipeError, match="not every student level has a teacher level of its size"):
+        build_criterion(build_detector("yolov8n-p2.yaml", nc=3), tiny, [LossSpec(name="kd_logit")], None, 128)
+
+
 def test_box_distribution_loss_needs_dfl_bins_on_both_heads(tiny):
     """YOLO26 predicts plain boxes (reg_max 1): LD against a 16-bin teacher is refused in one line naming the bins;
     score-level KD between the two still pairs."""

@@ -25,7 +25,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
 from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCriterion, DistillContext,  # noqa: E402
-                                    make_term)
+                                    level_anchor_index, make_term)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, pair_same_size, resolve_layers  # noqa: E402
@@ -182,7 +182,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
 
     terms, seen = [], {}
     for i, spec, entry, s_layers, t_layers in plans:
-        s_ch, t_ch = [], []
+        s_ch, t_ch, anchor_index = [], [], None
         if entry.kind in PSEUDO_KINDS:
             pass
         elif entry.kind == "head":
@@ -195,9 +195,15 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             except ValueError as e:
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
             if sh["scores"].shape != th["scores"].shape:
-                raise RecipeError(
-                    f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
-                    f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher {tuple(th['scores'].shape[1:])}")
+                if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
+                    anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 teacher
+                if anchor_index is None:
+                    raise RecipeError(
+                        f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
+                        f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher "
+                        f"{tuple(th['scores'].shape[1:])}" + ("" if sh["scores"].shape[1] != th["scores"].shape[1] else
+                                                             ", and not every student level has a teacher level of "
+                                                             "its size"))
             if getattr(entry.cls, "uses_boxes", False):
                 bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
                 if bins["student"] != bins["teacher"] or bins["student"] < 2:
@@ -214,7 +220,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                                       f"(student {si}, teacher {ti}) does not output feature maps")
                 s_ch.append(so.shape[1])
                 t_ch.append(to.shape[1])
-        terms.append(make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]"))
+        term = make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]")
+        if entry.kind == "head" and anchor_index is not None:
+            term.anchor_index, term.teacher_anchors = anchor_index.to(dev), th["scores"].shape[2]
+        terms.append(term)
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 
 

@@ -67,6 +67,8 @@ class DistillTerm(nn.Module):
         entry = LOSSES[loss]
         self.name, self.loss_name, self.kind = name, loss, entry.kind
         self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
+        # a head term whose teacher has more pyramid levels (P2, P6): the teacher anchors at the student's levels
+        self.register_buffer("anchor_index", None, persistent=False)
         if entry.kind in PSEUDO_KINDS or entry.kind == "head":
             # one loss over the whole head; a RoI feature loss gets its adapter's channel counts
             self.losses = nn.ModuleList([entry.cls(s_channels[0], t_channels[0], **params) if s_channels else
@@ -76,11 +78,40 @@ class DistillTerm(nn.Module):
 
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext) -> torch.Tensor:
         if self.kind == "head":
-            return self.losses[0](head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]]), ctx)
+            t = head_outputs(t_out[self.t_layers[0]])
+            if self.anchor_index is not None:
+                t = select_anchors(t, self.anchor_index, self.teacher_anchors)
+            return self.losses[0](head_outputs(s_out[self.s_layers[0]]), t, ctx)
         if self.kind in PSEUDO_KINDS:
             return self.losses[0](s_out[PSEUDO_KEY[self.kind]], t_out[PSEUDO_KEY[self.kind]], ctx)
         vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
         return torch.stack(vals).mean()
+
+
+def select_anchors(head: dict, index: torch.Tensor, anchors: int) -> dict:
+    """A dense head's outputs (``scores`` B×nc×A, ``boxes`` B×C×A, a cache's ``mask`` B×A) at the anchors ``index``
+    of its ``anchors``; what is not per anchor (``feats``) is left as it is."""
+    return {k: v.index_select(-1, index) if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[-1] == anchors
+            else v for k, v in head.items()}
+
+
+def level_anchor_index(student_feats: list, teacher_feats: list) -> torch.Tensor | None:
+    """The teacher's anchor indices that line up with the student's, level by level, when the teacher's head has
+    extra pyramid levels (a P2 or P6 teacher, a P3-P5 student): Ultralytics' heads flatten each level's map in
+    order and concatenate the levels, so the student's level of a given map size is the teacher's of that size.
+    None if a student level has no teacher level of its size."""
+    t_sizes = [tuple(f.shape[2:]) for f in teacher_feats]
+    offsets = [0]
+    for h, w in t_sizes:
+        offsets.append(offsets[-1] + h * w)
+    used, parts = set(), []
+    for f in student_feats:
+        j = next((k for k, hw in enumerate(t_sizes) if hw == tuple(f.shape[2:]) and k not in used), None)
+        if j is None:
+            return None
+        used.add(j)
+        parts.append(torch.arange(offsets[j], offsets[j + 1]))
+    return torch.cat(parts)
 
 
 def make_term(spec, seen: dict, s_layers: list, t_layers: list, s_channels: list[int], t_channels: list[int],
