@@ -125,8 +125,25 @@ def test_head_losses_read_a_p2_or_p6_teacher_at_the_students_levels(tiny, cfg, f
         moved["scores"][..., first:first + 40] += 3.0
         moved["boxes"][..., first:first + 40] += torch.linspace(0, 3, 64)[:, None]  # not one shift for every bin
         assert term({term.s_layers[0]: s}, {term.t_layers[0]: moved}, ctx).item() > 1e-5
-    with pytest.raises(RecipeError, match="not every student level has a teacher level of its size"):
-        build_criterion(build_detector("yolov8n-p2.yaml", nc=3), tiny, [LossSpec(name="kd_logit")], None, 128)
+
+
+
+def test_a_p2_student_takes_head_kd_at_the_levels_its_teacher_has(tiny):
+    """The other way round: a P2 student (small objects) of a P3-P5 teacher gets head KD on its P3-P5 anchors; its
+    P2 anchors, which the teacher does not predict, take none."""
+    from kdctl.distill.criterion import DistillContext
+
+    p2 = build_detector("yolov8n-p2.yaml", nc=3)
+    (term,) = build_criterion(p2, tiny, [LossSpec(name="kd_logit", params={"temperature": 2.0})], None, 128).terms
+    assert term.anchor_index is None and term.student_anchor_index.tolist() == list(range(1024, 1360))
+    g = torch.Generator().manual_seed(1)
+    t = {"scores": torch.randn(2, 3, 336, generator=g), "boxes": torch.randn(2, 64, 336, generator=g)}
+    s = {"scores": torch.randn(2, 3, 1360, generator=g), "boxes": torch.randn(2, 64, 1360, generator=g)}
+    s["scores"][..., 1024:] = t["scores"]
+    ctx = DistillContext(imgsz=128, boxes=[torch.zeros(0, 4)] * 2)
+    assert abs(term({term.s_layers[0]: s}, {term.t_layers[0]: t}, ctx).item()) < 1e-8  # P2 anchors not read
+    s["scores"][..., 1100] += 2.0
+    assert term({term.s_layers[0]: s}, {term.t_layers[0]: t}, ctx).item() > 1e-5
 
 
 def test_box_distribution_loss_needs_dfl_bins_on_both_heads(tiny):

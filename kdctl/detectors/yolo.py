@@ -196,14 +196,13 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
             if sh["scores"].shape != th["scores"].shape:
                 if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
-                    anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 teacher
+                    anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 model on one side
                 if anchor_index is None:
                     raise RecipeError(
                         f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
                         f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher "
                         f"{tuple(th['scores'].shape[1:])}" + ("" if sh["scores"].shape[1] != th["scores"].shape[1] else
-                                                             ", and not every student level has a teacher level of "
-                                                             "its size"))
+                                                             ", and their heads share no pyramid level"))
             if getattr(entry.cls, "uses_boxes", False):
                 bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
                 if bins["student"] != bins["teacher"] or bins["student"] < 2:
@@ -222,7 +221,11 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 t_ch.append(to.shape[1])
         term = make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]")
         if entry.kind == "head" and anchor_index is not None:
-            term.anchor_index, term.teacher_anchors = anchor_index.to(dev), th["scores"].shape[2]
+            (s_idx, t_idx), a_s, a_t = anchor_index, sh["scores"].shape[2], th["scores"].shape[2]
+            if len(t_idx) < a_t:
+                term.anchor_index, term.teacher_anchors = t_idx.to(dev), a_t
+            if len(s_idx) < a_s:
+                term.student_anchor_index, term.student_anchors = s_idx.to(dev), a_s
         terms.append(term)
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
 

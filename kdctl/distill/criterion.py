@@ -67,8 +67,10 @@ class DistillTerm(nn.Module):
         entry = LOSSES[loss]
         self.name, self.loss_name, self.kind = name, loss, entry.kind
         self.s_layers, self.t_layers, self.weight = list(s_layers), list(t_layers), float(weight)
-        # a head term whose teacher has more pyramid levels (P2, P6): the teacher anchors at the student's levels
-        self.register_buffer("anchor_index", None, persistent=False)
+        # a head term between heads of different pyramid levels (P2, P6): the anchors of the levels both have
+        self.register_buffer("anchor_index", None, persistent=False)          # teacher's
+        self.register_buffer("student_anchor_index", None, persistent=False)
+        self.teacher_anchors = self.student_anchors = 0
         if entry.kind in PSEUDO_KINDS or entry.kind == "head":
             # one loss over the whole head; a RoI feature loss gets its adapter's channel counts
             self.losses = nn.ModuleList([entry.cls(s_channels[0], t_channels[0], **params) if s_channels else
@@ -78,10 +80,12 @@ class DistillTerm(nn.Module):
 
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext) -> torch.Tensor:
         if self.kind == "head":
-            t = head_outputs(t_out[self.t_layers[0]])
+            s, t = head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]])
             if self.anchor_index is not None:
                 t = select_anchors(t, self.anchor_index, self.teacher_anchors)
-            return self.losses[0](head_outputs(s_out[self.s_layers[0]]), t, ctx)
+            if self.student_anchor_index is not None:
+                s = select_anchors(s, self.student_anchor_index, self.student_anchors)
+            return self.losses[0](s, t, ctx)
         if self.kind in PSEUDO_KINDS:
             return self.losses[0](s_out[PSEUDO_KEY[self.kind]], t_out[PSEUDO_KEY[self.kind]], ctx)
         vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
@@ -95,23 +99,27 @@ def select_anchors(head: dict, index: torch.Tensor, anchors: int) -> dict:
             else v for k, v in head.items()}
 
 
-def level_anchor_index(student_feats: list, teacher_feats: list) -> torch.Tensor | None:
-    """The teacher's anchor indices that line up with the student's, level by level, when the teacher's head has
-    extra pyramid levels (a P2 or P6 teacher, a P3-P5 student): Ultralytics' heads flatten each level's map in
-    order and concatenate the levels, so the student's level of a given map size is the teacher's of that size.
-    None if a student level has no teacher level of its size."""
-    t_sizes = [tuple(f.shape[2:]) for f in teacher_feats]
-    offsets = [0]
-    for h, w in t_sizes:
-        offsets.append(offsets[-1] + h * w)
-    used, parts = set(), []
-    for f in student_feats:
-        j = next((k for k, hw in enumerate(t_sizes) if hw == tuple(f.shape[2:]) and k not in used), None)
-        if j is None:
-            return None
-        used.add(j)
-        parts.append(torch.arange(offsets[j], offsets[j + 1]))
-    return torch.cat(parts)
+def level_anchor_index(student_feats: list, teacher_feats: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Student and teacher anchor indices that line up, level by level, when the heads have different pyramid
+    levels (a P2 or P6 model on one side, P3-P5 on the other): Ultralytics' heads flatten each level's map in order
+    and concatenate the levels, so levels of equal map size correspond. Levels only one side has are left out.
+    None if the heads share no level."""
+    def blocks(feats):
+        sizes = [tuple(f.shape[2:]) for f in feats]
+        offsets = [0]
+        for h, w in sizes:
+            offsets.append(offsets[-1] + h * w)
+        return sizes, offsets
+
+    (s_sizes, s_off), (t_sizes, t_off) = blocks(student_feats), blocks(teacher_feats)
+    used, s_parts, t_parts = set(), [], []
+    for i, hw in enumerate(s_sizes):
+        j = next((k for k, t in enumerate(t_sizes) if t == hw and k not in used), None)
+        if j is not None:
+            used.add(j)
+            s_parts.append(torch.arange(s_off[i], s_off[i + 1]))
+            t_parts.append(torch.arange(t_off[j], t_off[j + 1]))
+    return (torch.cat(s_parts), torch.cat(t_parts)) if s_parts else None
 
 
 def make_term(spec, seen: dict, s_layers: list, t_layers: list, s_channels: list[int], t_channels: list[int],
