@@ -57,6 +57,9 @@ BAD = [
     (GOOD.replace("name: cwd", "name: cwdd"), "distill.losses[0].name", "unknown loss 'cwdd'; valid:"),
     (GOOD.replace("tau: 2.0", "tow: 2.0"), "distill.losses[0].params", "unknown parameter 'tow'"),
     (GOOD.replace("weight: 2.0", "weight: -1"), "distill.losses[0].weight", "greater than or equal to 0"),
+    # a term over no layer pair passed the check and failed at the first training step
+    (GOOD.replace("weight: 2.0", "student_layers: [], weight: 2.0"), "distill.losses[0].student_layers",
+     "is empty; name at least one layer"),
     # parameter values: a temperature of 0 would divide by zero in training, a string would fail mid-epoch
     (GOOD.replace("tau: 2.0", "tau: 0"), "distill.losses[0].params.tau", "must be > 0, got 0"),
     (GOOD.replace("tau: 2.0", "tau: -0.5"), "distill.losses[0].params.tau", "must be > 0, got -0.5"),

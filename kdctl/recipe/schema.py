@@ -135,6 +135,8 @@ class LossSpec(Strict):
     def _paths(cls, v):
         import re
 
+        if isinstance(v, list) and not v:  # a term over no layer pair (it failed at the first training step)
+            raise ValueError("is empty; name at least one layer, or leave it out for the level's defaults")
         for x in v if isinstance(v, list) else []:
             if isinstance(x, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", x):
                 raise ValueError(f"'{x}' is neither a layer index nor a module path like model.6.m.0")
