@@ -49,6 +49,25 @@ def _gpu_list(device: str) -> list[str]:
     return [d.strip() for d in str(device).split(",") if d.strip().isdigit()]
 
 
+def check_device(device: str, where: str) -> None:
+    """``train.device`` names a device this machine has: 'cpu' and 'mps' always (Ultralytics runs 'mps' on the CPU
+    where there is none); 'cuda' and GPU indices only where CUDA sees those GPUs. A recipe written for a GPU
+    machine and run on a CPU one (a CI runner) stopped inside Ultralytics with an internal error."""
+    d = str(device).strip().lower()
+    if d in ("cpu", "", "mps"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise RecipeError(f"{where}: '{device}' asks for a CUDA GPU, but this machine has none that torch "
+                          f"{torch.__version__} can use; set train.device: cpu")
+    missing = [g for g in ([0] if d == "cuda" else map(int, _gpu_list(d))) if g >= n]
+    if missing:
+        raise RecipeError(f"{where}: GPU {missing[0]} does not exist here; this machine has {n} "
+                          f"(0{f'..{n - 1}' if n > 1 else ''})")
+
+
 def plan(device: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
          rdzv_endpoint: str | None = None, source: str = "recipe", batch: int | None = None) -> Launch | None:
     """The launch for these options (``None``: one process, no torchrun). ``train.device: '0,1'`` alone means one

@@ -202,6 +202,9 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             raise BackendUnavailable(f"{source}: distill.quantize: quantization-aware training needs the "
                                      f"'{missing[0]}' package (pip install 'kdctl[train]', which brings "
                                      "nvidia-modelopt and huggingface_hub)")
+    from kdctl.distributed import check_device
+
+    check_device(recipe.train.device, f"{source}: train.device")
     out = Path(out) if out else (Path(runs_dir) / stage / recipe.name if resume else
                                  next_run_dir(runs_dir, stage, recipe.name))
     work = work_dir_for(out)

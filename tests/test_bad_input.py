@@ -396,6 +396,17 @@ def _(c):
     return ["gate", str(p), "--min-map", "0", "--out", str(c.tmp / "g")], 1, ["pipe", "not a regular file"]
 
 
+@case("train-gpu-recipe-on-a-cpu-machine")
+def _(c):
+    """A recipe written for a GPU box run on a CPU runner stopped inside Ultralytics as an internal error."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = c.yolo_recipe("r", c.data)
+    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, device: '0,1'}"))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml: train.device: '0,1' asks for a CUDA GPU",
+                                                             "set train.device: cpu"]
+
+
 # --- 3. bad data: one line naming file:line (exit 2) -----------------------------------------------------------
 @case("train-class-id-out-of-range")
 def _(c):
