@@ -33,6 +33,14 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
         load_yolo_yaml(bad)
     with pytest.raises(DataError, match="dataset YAML not found"):
         load_yolo_yaml(tmp_path / "none.yaml")
+    # only nc: Ultralytics names the classes class_0.. itself; kdctl refused the dataset as 'names' missing
+    bad.write_text(yaml.safe_dump({"path": str(tiny_data.parent), "train": "images/train", "val": "images/val",
+                                   "nc": 3}))
+    assert load_yolo_yaml(bad).names == ["class_0", "class_1", "class_2"]
+    bad.write_text(yaml.safe_dump({"path": str(tiny_data.parent), "train": "images/train", "val": "images/val",
+                                   "nc": 0}))
+    with pytest.raises(DataError, match=r"field 'names' is missing \(or give nc, the class count\)"):
+        load_yolo_yaml(bad)
     root = str(tiny_data.parent)
     for names, problem in [({"0": "a", 1: "b", 2: "c"}, None),  # Ultralytics reads ids with int(): '0' is 0
                            ({0: "a", "zero": "b"}, "class id 'zero' is not a whole number"),

@@ -109,9 +109,13 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     for key in ("train", "val", "path"):
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
             raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
+    nc = data.get("nc")
+    if data.get("names") in (None, "", [], {}) and isinstance(nc, int) and not isinstance(nc, bool) and nc > 0:
+        data["names"] = [f"class_{i}" for i in range(nc)]  # Ultralytics' names for a dataset that gives only nc
     for key in ("train", "val", "names"):
         if key not in data or data[key] in (None, "", [], {}):
-            raise DataError(f"{path}: field '{key}' is missing")
+            raise DataError(f"{path}: field '{key}' is missing" + (" (or give nc, the class count)" if key == "names"
+                                                                  else ""))
     names = data["names"]
     if isinstance(names, dict):
         def class_id(k):  # Ultralytics reads the ids with int(): '0' and 0 are the same class
