@@ -148,3 +148,16 @@ def test_schema_is_json_schema():
 
     s = json.loads(recipe_json_schema())
     assert s["type"] == "object" and "student" in s["required"] and "distill" in s["properties"]
+
+
+def test_a_bundle_folder_named_without_a_slash_is_a_model(tmp_path, monkeypatch):
+    """``teacher: {model: my-teacher}`` with ``my-teacher/`` beside the recipe was refused as a mistyped model name
+    (the schema wants a slash); a folder of that name is now taken as the path, a word that is none still is not."""
+    (tmp_path / "my-teacher").mkdir()
+    r = tmp_path / "r.yaml"
+    r.write_text(GOOD.replace("{model: yolov8s.yaml}", "{model: my-teacher}"))
+    monkeypatch.chdir(tmp_path.parent)  # found beside the recipe, not only in the working directory
+    assert load_recipe(r).teacher.model == str((tmp_path / "my-teacher").resolve())
+    r.write_text(GOOD.replace("{model: yolov8s.yaml}", "{model: my-teachr}"))
+    with pytest.raises(RecipeError, match="teacher.model: 'my-teachr' is not a model YAML"):
+        load_recipe(r)

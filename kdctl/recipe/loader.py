@@ -15,10 +15,27 @@ __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema"]
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; relative data/model paths are resolved against the recipe's folder."""
     path = Path(path)
-    recipe = validate(read_yaml(path, "recipe"), Recipe, str(path))
+    raw = read_yaml(path, "recipe")
+    _mark_bare_bundle_dirs(raw, path.parent)
+    recipe = validate(raw, Recipe, str(path))
     _check_losses(recipe, str(path))
     _check_target(recipe, path)
     return _resolve_paths(recipe, path.parent)
+
+
+def _mark_bare_bundle_dirs(raw, base: Path) -> None:
+    """``teacher: {model: my-teacher}``, a bundle folder beside the recipe (or in the working directory) named
+    without a slash: the schema reads a bare word as a mistyped model name, so such a folder is written
+    ``./my-teacher`` before validation (a word that is no folder keeps the schema's error)."""
+    if not isinstance(raw, dict):
+        return
+    for key in ("teacher", "student"):
+        spec = raw.get(key)
+        m = spec.get("model") if isinstance(spec, dict) else None
+        if (isinstance(m, str) and m.strip() and "/" not in m and "\\" not in m and ":" not in m
+                and not m.strip().endswith((".yaml", ".yml", ".pt", ".pth"))
+                and any((d / m.strip()).is_dir() for d in (base, Path.cwd()))):
+            spec["model"] = f"./{m.strip()}"
 
 
 def _check_losses(recipe: Recipe, source: str) -> None:
