@@ -250,6 +250,18 @@ def test_zero_size_boxes_are_kept_as_ultralytics_keeps_them_and_negative_ones_re
         coco_dataset(**spec)
 
 
+def test_a_folder_named_like_an_image_is_not_an_image(tmp_path, tiny_data):
+    """``images/train/extra.jpg/`` (a folder) was listed as an image and refused the dataset as undecodable."""
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data.parent, root)
+    (root / "images" / "train" / "extra.jpg").mkdir()
+    y = root / "data.yaml"
+    y.write_text(yaml.safe_dump({**yaml.safe_load(tiny_data.read_text()), "path": str(root)}))
+    assert len(load_yolo_yaml(y).train_images) == 24
+
+
 def test_repeated_label_rows_count_once_as_ultralytics_counts_them(tmp_path):
     """Ultralytics' dataset drops a row given twice (training and validation); scored twice it is a ground truth no
     detection can match, and mAP drops (0.2223 -> 0.2037 on an 8-image set with one repeat)."""

@@ -79,7 +79,9 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
         p = Path(str(e))
         p = p if p.is_absolute() else root / p
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMG_EXTS)
+            # files only: a folder named like an image (``x.jpg/``) is no image (a dangling link is, and is named)
+            out += sorted(q for q in p.rglob("*")
+                          if q.suffix.lower() in IMG_EXTS and (q.is_symlink() or not q.is_dir()))
         elif p.is_file() and p.suffix == ".txt":
             for line in p.read_text().splitlines():
                 if line.strip():
