@@ -125,6 +125,26 @@ def test_coco_images_sharing_a_stem_keep_their_own_labels(tmp_path):
         coco_dataset(**spec)
 
 
+def test_coco_image_sizes_are_checked_against_the_files(tmp_path):
+    """Boxes are normalised by the JSON's width and height: images resized after annotation trained on misplaced
+    boxes without a word. A mismatch is an invalid image (one line, or skipped and listed with --skip-invalid);
+    a split left without objects names the user's JSON, not kdctl's cache."""
+    spec = make_coco(tmp_path)
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["images"][1]["width"] = 200  # b.jpg is 100x50
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: images\[1\] \('b.jpg'\): width x height 200x50 differs from "
+                                        r"the file's 100x50; its boxes would be scaled wrongly"):
+        coco_dataset(**spec)
+    ds = coco_dataset(**spec, skip_invalid=True)
+    assert len(ds.val_images) == 2 and any("'b.jpg'" in why for why in ds.skipped["val"])
+    coco["images"][1]["width"] = 100
+    coco["annotations"] = []
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: no objects"):
+        coco_dataset(**spec)
+
+
 def test_coco_errors(tmp_path):
     spec = make_coco(tmp_path)
     data = json.loads(Path(spec["train_annotations"]).read_text())

@@ -326,11 +326,37 @@ def _bbox_problem(a: dict, cat_ids: set, size: tuple[float, float]) -> str | Non
     return None
 
 
+def _check_sizes(coco: dict, src: Path, img_dir: Path) -> None:
+    """Each image's width and height in the JSON against its file (read from the header): boxes are normalised by
+    the JSON's numbers, so a set whose images were resized after annotation would train on misplaced boxes,
+    silently. Either the stored or the EXIF-upright size matches. A mismatch is an invalid image."""
+    from kdctl.data.validate import open_image
+    from kdctl.evaluate.predict import oriented_size
+
+    bad = coco["_invalid_images"]
+    for i, im in enumerate(coco["images"]):
+        f = img_dir / str(im["file_name"])
+        if im["id"] in bad or not f.is_file():
+            continue  # a missing file is named by the conversion
+        try:
+            with open_image(f) as pic:
+                sizes = {pic.size, oriented_size(pic)}
+        except Exception:  # not an image: named when the images are checked
+            continue
+        w, h = float(im["width"]), float(im["height"])
+        if not any(abs(w - a) < 1 and abs(h - b) < 1 for a, b in sizes):
+            a, b = next(iter(sizes))
+            bad[im["id"]] = (f"{src}: images[{i}] ('{im['file_name']}'): width x height {w:g}x{h:g} differs from the "
+                             f"file's {a}x{b}; its boxes would be scaled wrongly")
+
+
 def coco_dataset(train_images: str, train_annotations: str, val_images: str, val_annotations: str,
                  skip_invalid: bool = False) -> Dataset:
     """Convert a COCO-JSON dataset into a cached YOLO layout (categories sorted by id become 0..nc-1)."""
     tr_json, va_json = Path(train_annotations), Path(val_annotations)
     tr, va = _read_coco(tr_json), _read_coco(va_json)
+    for coco, src, img_dir in ((tr, tr_json, Path(train_images)), (va, va_json, Path(val_images))):
+        _check_sizes(coco, src, img_dir)
     skipped = {}
     for split, coco in (("train", tr), ("val", va)):
         bad = coco.pop("_invalid_images")
@@ -393,7 +419,14 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
             "names": {i: c["name"] for i, c in enumerate(cats)}}, sort_keys=False))
 
     atomic_build(final, convert)
-    ds = load_yolo_yaml(final / "data.yaml", skip_invalid=skip_invalid)
+    try:
+        ds = load_yolo_yaml(final / "data.yaml", skip_invalid=skip_invalid)
+    except DataError as e:  # a split-wide problem of the converted layout: name the user's JSON, not kdctl's cache
+        text, head = str(e), f"{final / 'data.yaml'}: "
+        for split, src in (("train", tr_json), ("val", va_json)):
+            if text.startswith(f"{head}{split}: "):
+                raise DataError(f"{src}: {text[len(head) + len(split) + 2:]}") from None
+        raise
     for split in ("train", "val"):
         ds.skipped[split] = skipped[split] + ds.skipped.get(split, [])
     return ds
