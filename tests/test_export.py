@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from kdctl.bundle import load_bundle, verify_bundle
 from kdctl.cli.main import app
-from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, RecipeError
+from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, KdctlError, RecipeError
 from kdctl.export.base import compare_outputs
 from kdctl.export.stage import ExportOptions, export_bundle
 from kdctl.export.targets import available_targets, load_target
@@ -226,3 +226,14 @@ print("after")
         assert p.stdout == ('{\n  "ok": true\n}\n' if j else "") + "after\n"
         noise = ["python print", "raw fd write", "c printf"]
         assert all((n in p.stderr) != q for n in noise), p.stderr
+
+
+def test_an_input_size_the_model_cannot_take_names_where_it_came_from(tmp_path, trained_bundle):
+    """A preset's imgsz was reported as '--imgsz', a flag the user never passed."""
+    preset = tmp_path / "edge.yaml"
+    preset.write_text("name: edge\nruntime: onnxruntime\nartifacts: [onnx-fp32]\nimgsz: 100\n")
+    with pytest.raises(KdctlError, match=rf"target {preset}: imgsz: 100 is not a multiple"):
+        export_bundle(trained_bundle, ExportOptions(target=str(preset)), out=tmp_path / "x")
+    with pytest.raises(KdctlError, match=r"^--imgsz: 70 is not a multiple of 32"):
+        export_bundle(trained_bundle, ExportOptions(target=str(preset), imgsz=70), out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
