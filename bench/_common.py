@@ -56,7 +56,8 @@ def table(head: list[str], rows: list[list]) -> str:
 
 
 def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, *, device: str = "cpu",
-               epochs: int | None = None, smoke: bool = False, workers: int | None = None) -> dict:
+               epochs: int | None = None, smoke: bool = False, workers: int | None = None,
+               train: dict | None = None) -> dict:
     """Train (``stage='train'``) or distill ``recipes/<name>.yaml`` at ``train.seed = seed`` into ``out``, unless a
     bundle is already there (benchmarks resume where they stopped); ``teacher`` replaces the recipe's teacher,
     ``smoke`` shrinks the data to 32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch
@@ -75,6 +76,7 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
             d["train"]["epochs"] = epochs
         if workers is not None:  # data-loading processes: speed only (the augmentation stream differs, not its law)
             d["train"]["workers"] = workers
+        d["train"].update(train or {})  # what a benchmark varies on purpose (e.g. amp)
         if smoke:
             d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
             d["train"].update(imgsz=64, batch=4)
@@ -100,6 +102,7 @@ class Job:
     row: str | None = None
     teacher: str | None = None
     epochs: int | None = None
+    train: dict | None = None  # train-section settings this run changes (e.g. {"amp": False})
 
     def deps(self) -> set[str]:
         return {self.teacher} if self.teacher else set()
@@ -107,7 +110,7 @@ class Job:
     def run(self, a) -> dict:
         teacher = Path(self.out).parent / self.teacher if self.teacher else None
         return recipe_run(self.recipe, self.stage, self.seed, teacher, Path(self.out), device=a.device,
-                          epochs=self.epochs, smoke=a.smoke, workers=getattr(a, "workers", None))
+                          epochs=self.epochs, smoke=a.smoke, workers=getattr(a, "workers", None), train=self.train)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,13 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import amp_check  # noqa: E402
 import detr_kd  # noqa: E402
 import two_stage_kd  # noqa: E402
 from _common import ROOT, Job  # noqa: E402
 
 # the RT-DETR-teacher rows: the cross-family YOLO-teacher rows are measured on CPU (bench/detr_kd.py's table)
 BENCHES = {"two-stage": (two_stage_kd, []),
-           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "rtdetr-to-yolo"])}
+           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "rtdetr-to-yolo"]),
+           "amp": (amp_check, [])}
 
 
 def _job_main(spec: str, device: str, smoke: bool, workers: int | None) -> None:
@@ -101,7 +103,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="0")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--benches", nargs="+", default=list(BENCHES), choices=list(BENCHES))
+    ap.add_argument("--benches", nargs="+", default=["two-stage", "detr"], choices=list(BENCHES),
+                    help="amp: the YOLO student with train.amp on and off (6 short runs)")
     ap.add_argument("--jobs", type=int, default=6, help="runs at once (12 on one H200 time-sliced each 3x slower)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     ap.add_argument("--workers", type=int, default=2,
