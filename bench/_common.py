@@ -129,6 +129,30 @@ def run_plan(jobs: list[Job], a) -> tuple[dict, dict]:
     return teachers, res
 
 
+def parse_seed_bench(argv, doc: str, root: str, epochs_help: str, more=None):
+    """The arguments of a seed-table benchmark: ``--seeds``, what ``more(parser)`` adds, and :func:`add_run_args`'
+    (a smoke run already shrunk to its seed and epochs)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    if more:
+        more(ap)
+    add_run_args(ap, root, epochs_help)
+    a = ap.parse_args(argv)
+    runs_root(a)
+    return a
+
+
+def run_and_save(jobs: list[Job], a) -> tuple[dict, dict]:
+    """:func:`run_plan`, with the rows kept in the runs' root as results.json."""
+    import json
+
+    teachers, res = run_plan(jobs, a)
+    (runs_root(a) / "results.json").write_text(json.dumps(res, indent=1))
+    return teachers, res
+
+
 def add_run_args(ap, root: str, epochs_help: str) -> None:
     """The options the GPU-sized distillation benchmarks share: device, epochs, a smoke mode and the runs' root."""
     ap.add_argument("--device", default="cpu", help="train.device for every run, e.g. 0 for the first GPU")

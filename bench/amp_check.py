@@ -10,15 +10,13 @@ on CPU, on every seed; Ultralytics' own AMP check needs downloaded weights, so o
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Job, add_run_args, machine, run_plan, runs_root, table, write_section  # noqa: E402
+from _common import Job, machine, parse_seed_bench, run_and_save, runs_root, table, write_section  # noqa: E402
 
 RECIPE = "quickstart-student"
 
@@ -31,19 +29,12 @@ def plan(a) -> list[Job]:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    add_run_args(ap, "amp", "epochs of every run; default: the recipe's")
-    a = ap.parse_args(argv)
-    runs_root(a)
-    return a
+    return parse_seed_bench(argv, __doc__, 'amp', "epochs of every run; default: the recipe's")
 
 
 def main(argv=None) -> None:
     a = parse(argv)
-    root = runs_root(a)
-    _, res = run_plan(plan(a), a)
-    (root / "results.json").write_text(json.dumps(res, indent=1))
+    _, res = run_and_save(plan(a), a)
     on, off = res["amp on"], res["amp off"]
     diff = [on[s]["map50_95"] - off[s]["map50_95"] for s in a.seeds]
     rows = [[name, " / ".join(f"{r[s]['map50_95']:.4f}" for s in a.seeds),

@@ -15,15 +15,13 @@ time and the epoch-time ratio (train seconds per epoch vs the baseline's). Teach
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, Job, add_run_args, machine, run_plan, runs_root, seed_row, table,  # noqa: E402
-                     teacher_rows, write_section)
+from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_row,  # noqa: E402
+                     table, teacher_rows, write_section)
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -50,20 +48,13 @@ def plan(a) -> list[Job]:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    add_run_args(ap, "detr", "epochs of every run; default: the recipes'")
-    a = ap.parse_args(argv)
-    runs_root(a)
-    return a
+    return parse_seed_bench(argv, __doc__, 'detr', "epochs of every run; default: the recipes'",
+                            lambda ap: ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS)))
 
 
 def main(argv=None) -> None:
     a = parse(argv)
-    root = runs_root(a)
-    teachers, res = run_plan(plan(a), a)
-    (root / "results.json").write_text(json.dumps(res, indent=1))
+    teachers, res = run_and_save(plan(a), a)
 
     rows, spreads = teacher_rows(teachers), {}
     for name, per_seed in res.items():

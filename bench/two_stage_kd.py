@@ -15,15 +15,13 @@ epoch at 128 px on 2 cores; the ResNet-50 teacher several times that): use ``--d
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, Job, add_run_args, machine, run_plan, runs_root, seed_row, table,  # noqa: E402
-                     teacher_rows, write_section)
+from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_row,  # noqa: E402
+                     table, teacher_rows, write_section)
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined"]
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
@@ -44,21 +42,14 @@ def plan(a) -> list[Job]:
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--levels", nargs="+", default=LEVELS, choices=LEVELS)
-    add_run_args(ap, "two-stage", "student epochs (teachers: twice); default: recipes'")
-    a = ap.parse_args(argv)
-    runs_root(a)
-    return a
+    return parse_seed_bench(argv, __doc__, 'two-stage', "student epochs (teachers: twice); default: recipes'",
+                            lambda ap: ap.add_argument("--levels", nargs="+", default=LEVELS, choices=LEVELS))
 
 
 def main(argv=None) -> None:
     a = parse(argv)
     root = runs_root(a)
-    jobs = plan(a)
-    teachers, res = run_plan(jobs, a)
-    (root / "results.json").write_text(json.dumps(res, indent=1))
+    teachers, res = run_and_save(plan(a), a)
 
     base = res["baseline student"]
     rows = teacher_rows(teachers)
