@@ -200,6 +200,16 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
     assert (tmp_path / "cache" / "notes.txt").read_text() == "keep" and (tmp_path / "cache" / "meta.json").is_file()
 
 
+def test_a_cache_path_that_is_a_file_is_named_as_the_field(tmp_path, tiny_data, trained_bundle):
+    """It stopped with the OS's bare 'Not a directory', naming neither the recipe nor the field."""
+    (tmp_path / "cache").write_text("a file")
+    r = _recipe(tmp_path, tiny_data, trained_bundle)
+    for cmd in (["cache", "build", str(r)], ["distill", str(r), "--out", str(tmp_path / "d")]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 2 and f"kdc.yaml: distill.cache.path: {tmp_path / 'cache'} is a file" in res.output
+    assert (tmp_path / "cache").read_text() == "a file" and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("losses,teacher,message", [
     ("[{name: cwd}]", None, "has no head-level loss"),
     ("[{name: pkd}]", "rtdetr-tiny.yaml", "has no head-level loss"),

@@ -338,6 +338,9 @@ def check_recipe(recipe, source: str, student=None, teacher=None) -> None:
     """The cache serves head-level terms of a YOLO teacher; say so in one line otherwise."""
     from kdctl.distill.losses import LOSSES
 
+    where = cache_path(recipe)
+    if where.exists() and not where.is_dir():
+        raise RecipeError(f"{source}: distill.cache.path: {where} is a file; give a folder (it is created if missing)")
     heads = [i for i, s in enumerate(recipe.distill.losses) if LOSSES[s.name].kind == "head"]
     if not heads:
         raise RecipeError(f"{source}: distill.cache: the teacher cache stores the teacher's head outputs, and "
