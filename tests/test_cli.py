@@ -147,3 +147,13 @@ def test_every_command_summary_is_one_paragraph_line():
             walk(sub, path + [name])
 
     walk(typer.main.get_command(app), ["kdctl"])
+
+
+def test_every_stage_that_writes_a_bundle_has_json_and_quiet():
+    """eval and report had --json but no --quiet (a CI step wanting silence got the per-class table)."""
+    import typer
+
+    cmd = typer.main.get_command(app)
+    for name in ("train", "distill", "eval", "export", "profile", "gate", "report"):
+        opts = {o for p in cmd.commands[name].params for o in getattr(p, "opts", [])}
+        assert {"--json", "--quiet", "-q"} <= opts, name

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, RunsOpt, SkipInvalidOpt, console, emit,
-                               progress_bar)
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
+                               emit, progress_bar)
 from kdctl.limits import IMGSZ_MAX
 
 
@@ -18,7 +18,7 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
-    skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False,
+    skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model and write an eval bundle.
 
@@ -26,7 +26,7 @@ def evaluate(
     """
     from kdctl.evaluate.stage import evaluate_bundle
 
-    with progress_bar(not json_) as p:
+    with progress_bar(not (json_ or quiet)) as p:
         b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite,
                             skip_invalid=skip_invalid, progress=p)
     m = b.metrics
@@ -43,4 +43,4 @@ def evaluate(
         t.add_row("mAP50", f"{m['map50']:.4f}")
         console.print(t)
 
-    emit(result, as_json=json_, human=human)
+    emit(result, as_json=json_, quiet=quiet, human=human)

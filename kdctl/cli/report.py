@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, RunsOpt, console, emit
+from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit
 
 
 def report(
     bundles: Annotated[list[Path], typer.Argument(help="Bundles to report on; their ancestors are followed.",
                                                   show_default=False)],
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write an HTML and Markdown report (lineage, metrics, latency histograms, Pareto plot, KD losses).
 
@@ -33,4 +34,4 @@ def report(
             console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
         console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")
 
-    emit(result, as_json=json_, human=human)
+    emit(result, as_json=json_, quiet=quiet, human=human)
