@@ -89,7 +89,7 @@ def stdout_reserved(json_doc: bool, quiet: bool) -> Iterator[None]:
 
 
 def json_out():
-    """Where a JSON document goes: the real stdout (see :func:`stdout_reserved_for_json`)."""
+    """Where a JSON document goes: the real stdout (see :func:`stdout_reserved`)."""
     return _json_stream or sys.stdout
 
 
