@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kdctl.distill.losses import LOSSES
-from kdctl.distill.taps import head_outputs
+from kdctl.distill.taps import head_outputs, pair_same_size
 
 
 # terms that read a family's own outputs under these keys (``s_out["roi"]`` ...) rather than tapped modules
@@ -102,24 +102,21 @@ def select_anchors(head: dict, index: torch.Tensor, anchors: int) -> dict:
 def level_anchor_index(student_feats: list, teacher_feats: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Student and teacher anchor indices that line up, level by level, when the heads have different pyramid
     levels (a P2 or P6 model on one side, P3-P5 on the other): Ultralytics' heads flatten each level's map in order
-    and concatenate the levels, so levels of equal map size correspond. Levels only one side has are left out.
-    None if the heads share no level."""
-    def blocks(feats):
-        sizes = [tuple(f.shape[2:]) for f in feats]
+    and concatenate the levels, so levels of equal map size correspond (paired as feature maps are, by
+    :func:`~kdctl.distill.taps.pair_same_size`). Levels only one side has are left out. None if the heads share no
+    level."""
+    def levels(feats):  # {level: (C, H, W)} and each level's anchor range
         offsets = [0]
-        for h, w in sizes:
-            offsets.append(offsets[-1] + h * w)
-        return sizes, offsets
+        for f in feats:
+            offsets.append(offsets[-1] + f.shape[2] * f.shape[3])
+        return {i: tuple(f.shape[1:]) for i, f in enumerate(feats)}, offsets
 
-    (s_sizes, s_off), (t_sizes, t_off) = blocks(student_feats), blocks(teacher_feats)
-    used, s_parts, t_parts = set(), [], []
-    for i, hw in enumerate(s_sizes):
-        j = next((k for k, t in enumerate(t_sizes) if t == hw and k not in used), None)
-        if j is not None:
-            used.add(j)
-            s_parts.append(torch.arange(s_off[i], s_off[i + 1]))
-            t_parts.append(torch.arange(t_off[j], t_off[j + 1]))
-    return (torch.cat(s_parts), torch.cat(t_parts)) if s_parts else None
+    (s_maps, s_off), (t_maps, t_off) = levels(student_feats), levels(teacher_feats)
+    pairs_s, pairs_t = pair_same_size(list(s_maps), s_maps, t_maps)
+    if not pairs_s:
+        return None
+    return tuple(torch.cat([torch.arange(off[i], off[i + 1]) for i in pairs])
+                 for pairs, off in ((pairs_s, s_off), (pairs_t, t_off)))
 
 
 def make_term(spec, seen: dict, s_layers: list, t_layers: list, s_channels: list[int], t_channels: list[int],

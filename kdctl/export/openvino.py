@@ -21,9 +21,9 @@ def convert(source) -> object:
 
     if isinstance(source, (str, Path)):
         return ov.convert_model(str(source))
-    import torch
-
     import warnings
+
+    import torch
 
     module, x, dynamic = source
     with torch.no_grad(), warnings.catch_warnings():
