@@ -104,9 +104,6 @@ class Job:
     epochs: int | None = None
     train: dict | None = None  # train-section settings this run changes (e.g. {"amp": False})
 
-    def deps(self) -> set[str]:
-        return {self.teacher} if self.teacher else set()
-
     def run(self, a) -> dict:
         teacher = Path(self.out).parent / self.teacher if self.teacher else None
         return recipe_run(self.recipe, self.stage, self.seed, teacher, Path(self.out), device=a.device,

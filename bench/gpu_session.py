@@ -53,7 +53,6 @@ def _job_main(spec: str, device: str, smoke: bool, workers: int | None) -> None:
 class Run:
     def __init__(self, bench: str, job: Job, log: Path):
         self.bench, self.job, self.log = bench, job, log
-        self.key = job.out
         self.proc: subprocess.Popen | None = None
         self.state, self.result, self.t0, self.wall = "waiting", None, 0.0, None
 
@@ -138,7 +137,7 @@ def main() -> int:
         ba = mod.parse(_bench_args(bench, a, a.seeds))
         for j in mod.plan(ba):
             runs.append(Run(bench, j, Path(j.out).parent / "logs" / f"{Path(j.out).name}.log"))
-    by_key = {r.key: r for r in runs}
+    by_key = {r.job.out: r for r in runs}
     # teachers first, then seed by seed (a deadline leaves whole seeds), benches interleaved within a seed
     order = sorted(runs, key=lambda r: (r.job.row is not None, r.job.seed, runs.index(r)))
 
