@@ -88,17 +88,17 @@ def stdout_reserved(json_doc: bool, quiet: bool) -> Iterator[None]:
         os.close(saved)
 
 
-def json_out():
-    """Where a JSON document goes: the real stdout (see :func:`stdout_reserved`)."""
-    return _json_stream or sys.stdout
+def print_json(doc, indent: int | None = None) -> None:
+    """A JSON document on the real stdout (see :func:`stdout_reserved`), flushed."""
+    out = _json_stream or sys.stdout
+    out.write(json.dumps(doc, indent=indent, default=str) + "\n")
+    out.flush()
 
 
 def emit(result: Any, *, as_json: bool, quiet: bool = False, human=None) -> None:
     """One place that decides what a command prints."""
     if as_json:
-        out = json_out()
-        out.write(json.dumps(result, indent=2, default=str) + "\n")
-        out.flush()
+        print_json(result, indent=2)
     elif not quiet:
         if human is not None:
             human()

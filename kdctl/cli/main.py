@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,7 +15,7 @@ try:  # Typer ≥ 0.20 vendors Click
 except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from kdctl.cli._common import err_console, json_out, stdout_reserved
+from kdctl.cli._common import err_console, print_json, stdout_reserved
 from kdctl.errors import first_line
 
 
@@ -35,9 +34,7 @@ def _fail(ctx, word: str, text: str, code: int):
     err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
                       f"[red]{word}[/red] ({escape(text)})", highlight=False, soft_wrap=True)
     if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
-        out = json_out()
-        out.write(json.dumps({"ok": False, "error": message, "exit_code": code}) + "\n")
-        out.flush()
+        print_json({"ok": False, "error": message, "exit_code": code})
     raise typer.Exit(code)
 
 
