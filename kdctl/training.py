@@ -53,7 +53,9 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
-def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
+def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool) -> None:
+    """Progress, the finite-loss check, KD bookkeeping and fault points; ``kd``: the run has KD terms (a distillation
+    with ``distill.init`` alone has none)."""
     from kdctl.detectors.yolo import kd_criterion, save_balance
     from kdctl.distributed import rank
 
@@ -72,7 +74,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path) -> None:
             items = {k: round(float(v), 4) for k, v in (tr.loss_items or {}).items()}
             raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); "
                               "lower train.lr0 or the KD weights (or set distill.auto_balance)")
-        if stage == "distill" and not any(k.startswith("kd_") for k in (tr.loss_items or {})):
+        if kd and not any(k.startswith("kd_") for k in (tr.loss_items or {})):
             raise RuntimeError("distillation step produced no KD terms; refusing to train the student without KD")
         save_balance(tr)
         batches.advance()
@@ -187,11 +189,14 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     the last epoch), after its last epoch or while publishing (publishes), after publishing (cleans up).
     ``reuse=True`` returns the bundle already at ``out`` when it verifies and came from this very recipe.
     """
-    if stage == "distill" and not recipe.distill.losses:
-        raise RecipeError(f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`), "
-                          "or use `kdctl train` for training without a teacher")
+    if stage == "distill" and not recipe.distill.losses and not recipe.distill.init:
+        raise RecipeError(f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`) or set "
+                          "distill.init: teacher, or use `kdctl train` for training without a teacher")
     if stage == "distill" and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required for distillation")
+    if stage == "train" and recipe.distill.init:
+        raise RecipeError(f"{source}: distill.init: '{recipe.distill.init}' starts the student from a teacher; "
+                          "run `kdctl distill` (kdctl train has no teacher)")
     if recipe.distill.quantize:
         import importlib.util
 
@@ -371,7 +376,7 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     from kdctl.detectors import build_criterion
 
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    distill = bool(recipe.distill.losses) and recipe.teacher is not None
+    distill = bool(recipe.distill.losses or recipe.distill.init) and recipe.teacher is not None
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if distill else None
     _, student, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref,
@@ -421,8 +426,25 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 
         check_recipe(recipe, source, student0, teacher)
         cache = str(cache_path(recipe))
+    if d.init == "teacher":
+        _check_init(student_ref, student0, teacher, fam, source)
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
-                                       cache)
+                                       cache, d.init)
+
+
+def _check_init(student_ref, student, teacher, fam, source: str) -> None:
+    """``distill.init: teacher`` on a pair it can work for: a YOLO student built from a model YAML (a checkpoint
+    or bundle student already has weights) whose layer layout the teacher shares (tried on the throw-away build)."""
+    from kdctl.detectors import family, yolo
+    from kdctl.detectors.weight_selection import FIELD, select_weights
+
+    if fam is not yolo or family(teacher) is not yolo:
+        raise RecipeError(f"{source}: {FIELD}: weight selection is available for YOLO teachers and students only "
+                          f"(here a {family(teacher).LABEL} teacher and a {fam.LABEL} student)")
+    if student_ref.kind != "yaml":
+        raise RecipeError(f"{source}: {FIELD}: the student '{student_ref.ref}' already has weights; weight "
+                          "selection starts a student built from a model YAML (e.g. student.model: yolov8n.yaml)")
+    select_weights(student, teacher, source)
 
 
 @contextlib.contextmanager
@@ -465,7 +487,8 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
                      "workers": recipe.train.workers}
     try:
         trainer = fam.trainer(overrides, distill=setup)
-        _callbacks(trainer, recipe.train.epochs, progress, stage, work)
+        _callbacks(trainer, recipe.train.epochs, progress, stage, work,
+                   kd=stage == "distill" and bool(recipe.distill.losses))
         if attach is not None:
             attach(trainer)
         with library_output_to_stderr():
@@ -512,7 +535,15 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.add_output("recipe", "recipe.yaml")
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
-            w.metrics["kd_terms"] = _kd_terms(work)
+            w.metrics["kd_terms"] = _kd_terms(work) if recipe.distill.losses else []  # [] for distill.init alone
+        if stage == "distill" and recipe.distill.init:
+            from kdctl.detectors.yolo import INIT_FILE
+
+            init = work / "train" / INIT_FILE
+            if not init.is_file():
+                raise CheckFailed(f"{source}: distill.init: {recipe.distill.init} was set, but the run left no record "
+                                  f"of it ({init.name})")
+            w.metrics["init"] = json.loads(init.read_text())
         if stage == "distill" and recipe.distill.cache is not None:
             from kdctl.distill.cache import META, cache_path
 

@@ -32,6 +32,7 @@ from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, pair_same_
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
+INIT_FILE = "init.json"  # what distill.init did to the student (beside the balance file, read into the bundle)
 LABEL = "YOLO"
 
 
@@ -118,6 +119,7 @@ class DistillSetup:
     balance_batches: int = 8
     balance_cap: float | None = 4.0
     cache: str | None = None  # a built teacher cache (kdctl.distill.cache) serving the head-level terms
+    init: str | None = None  # "teacher": the student starts from a weight selection of the teacher
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
@@ -365,11 +367,15 @@ class KDTrainer(DetectionTrainer):
             self.best = best
 
     def get_model(self, cfg=None, weights=None, verbose=False):
-        if self.distill is None or not self.distill.losses:
+        if self.distill is None or not (self.distill.losses or self.distill.init):
             return super().get_model(cfg, weights, verbose)
+        teacher = self.distill.teacher.to(self.device).float()
+        if not self.distill.losses:  # distill.init alone: the teacher's weights as a start, then the labels only
+            model = super().get_model(cfg, None, verbose)
+            self._init_from_teacher(model, teacher, weights)
+            return model
         model = self.set_model_names_for_load(
             self.kd_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False))
-        teacher = self.distill.teacher.to(self.device).float()
         model.to(self.device)
         model.args = self.args
         model.attach(teacher, build_criterion(model, teacher, self.distill.losses, self.distill.balance,
@@ -387,9 +393,22 @@ class KDTrainer(DetectionTrainer):
         balance = Path(self.save_dir) / BALANCE_FILE
         if self.distill.balance and balance.is_file():  # resume: the scales (or the balancing so far) of the run
             model.kd.load_balance_state(json.loads(balance.read_text()))
+        self._init_from_teacher(model, teacher, weights)
+        return model
+
+    def _init_from_teacher(self, model: nn.Module, teacher: nn.Module, weights) -> None:
+        """``distill.init: teacher``: the student's weights selected from the teacher's, before ``weights`` (a
+        resumed run's checkpoint, which replaces them) are loaded; the record goes beside the checkpoints."""
+        if self.distill.init == "teacher":
+            from kdctl.detectors.weight_selection import select_weights
+
+            done = select_weights(model, teacher, self.distill.source)
+            if not weights:  # a fresh start (a resumed run keeps the first start's record)
+                from kdctl.bundle.store import write_json_atomic
+
+                write_json_atomic(Path(self.save_dir) / INIT_FILE, {"from": "teacher", **done})
         if weights:
             model.load(weights)
-        return model
 
 
 def train_args(overrides: dict):

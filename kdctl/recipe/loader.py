@@ -60,6 +60,9 @@ def _check_losses(recipe: Recipe, source: str) -> None:
                               f"{', '.join(entry.levels)}, not '{spec.level}'")
     if recipe.distill.losses and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.losses needs a teacher)")
+    if recipe.distill.init and recipe.teacher is None:
+        raise RecipeError(f"{source}: teacher: required field is missing (distill.init: "
+                          f"{recipe.distill.init} needs a teacher)")
 
 
 def _check_target(recipe: Recipe, path: Path) -> None:

@@ -1,0 +1,260 @@
+"""Weight selection: start a YOLO student from its teacher's weights instead of a random draw.
+
+Xu, Liu, Lin & Darrell, "Initializing Models with Larger Ones" (ICLR 2024): every student weight tensor is the
+teacher tensor with the same role, cut down to the student's shape by keeping evenly spaced elements of each
+dimension (their "uniform selection"),
+
+    W_s[o, i, :, :] = W_t[sel(O_t → O_s)[o], sel(I_t → I_s)[i], :, :],   sel(n → k)[j] = ⌊j · n / k⌋,
+
+and every layer keeps the same channels of a tensor that the layer writing it kept ("consistency"), so a
+residual sum, a split or a concatenation lines up in the student as it does in the teacher. The paper finds the
+initialisation adds to knowledge distillation's gain; NVIDIA's Minitron (Muralidharan et al., 2024) prunes a
+teacher and then distils in the same spirit.
+
+A channel dimension made of parts is cut part by part: C2f's two split chunks and the (2 + n) chunks its last
+convolution reads, SPPF's four pooled copies, C3's two branches and the neck's Concat of two layers. The pair must
+share the layer layout (same module types, wiring, block counts and kernel sizes; e.g. yolov8n → kdctl's
+yolov8-tiny, yolov8s → yolov8n, yolo11s → yolo11n without its attention block), each student layer no wider than
+the teacher's, and the same class count; anything else is refused with one line naming the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdctl.errors import RecipeError
+
+FIELD = "distill.init"
+# Ultralytics modules whose channel parts kdctl knows; a pair with any other module is refused
+SUPPORTED = ("Conv", "DWConv", "Concat", "Upsample", "MaxPool2d", "C2f", "C3k2", "C3", "C3k", "C3x", "SPPF",
+             "Bottleneck", "C2PSA", "PSABlock", "SCDown", "Detect")
+
+Segments = list  # [(teacher channels, student channels), ...]: a channel dimension as consecutive parts
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def sel(n: int, k: int) -> torch.Tensor:
+    """``k`` evenly spaced indices of ``n`` (the identity when ``k == n``)."""
+    if not 0 <= k <= n:
+        raise _Mismatch(f"the student has {k} channels where the teacher has {n}")
+    return torch.arange(k) * n // k
+
+
+def _indices(segs: Segments) -> torch.Tensor:
+    out, offset = [], 0
+    for t, s in segs:
+        out.append(offset + sel(t, s))
+        offset += t
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _total(segs: Segments, side: int) -> int:
+    return sum(p[side] for p in segs)
+
+
+def _copy_conv2d(t: nn.Conv2d, s: nn.Conv2d, in_segs: Segments) -> Segments:
+    """Copy ``t`` into ``s`` reading input parts ``in_segs``; returns the output's parts (one)."""
+    if t.kernel_size != s.kernel_size or t.stride != s.stride:
+        raise _Mismatch(f"kernel {t.kernel_size}/stride {t.stride} in the teacher, "
+                        f"{s.kernel_size}/{s.stride} in the student")
+    if (_total(in_segs, 0), _total(in_segs, 1)) != (t.in_channels, s.in_channels):
+        raise _Mismatch(f"reads {t.in_channels} → {s.in_channels} channels where its input has "
+                        f"{_total(in_segs, 0)} → {_total(in_segs, 1)}")
+    if t.groups == 1 and s.groups == 1:
+        out_segs = [(t.out_channels, s.out_channels)]
+        o, i = _indices(out_segs), _indices(in_segs)
+        w = t.weight.detach()[o][:, i]
+    elif t.groups == t.in_channels == t.out_channels and s.groups == s.in_channels == s.out_channels:
+        out_segs = in_segs  # depthwise: output channel j is input channel j's filter
+        o = _indices(out_segs)
+        w = t.weight.detach()[o]
+    else:
+        raise _Mismatch(f"grouped convolution ({t.groups} → {s.groups} groups)")
+    with torch.no_grad():
+        s.weight.copy_(w)
+        if s.bias is not None and t.bias is not None:
+            s.bias.copy_(t.bias.detach()[o])
+    return out_segs
+
+
+def _copy_bn(t: nn.BatchNorm2d, s: nn.BatchNorm2d, segs: Segments) -> None:
+    o = _indices(segs)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            dst, src = getattr(s, name), getattr(t, name)
+            if dst is not None and src is not None:
+                dst.copy_(src.detach()[o])
+        s.num_batches_tracked.copy_(t.num_batches_tracked)
+
+
+def _conv(t, s, in_segs: Segments) -> Segments:
+    """Ultralytics' Conv/DWConv (conv + BN + activation) or a bare Conv2d."""
+    if isinstance(t, nn.Conv2d):
+        return _copy_conv2d(t, s, in_segs)
+    out = _copy_conv2d(t.conv, s.conv, in_segs)
+    _copy_bn(t.bn, s.bn, out)
+    return out
+
+
+def _chain(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
+    """A Sequential (or nested Sequentials) of convolutions applied one after the other."""
+    if isinstance(t, nn.Sequential):
+        if len(t) != len(s):
+            raise _Mismatch(f"{len(t)} blocks in the teacher, {len(s)} in the student")
+        for a, b in zip(t, s):
+            in_segs = _chain(a, b, in_segs)
+        return in_segs
+    return _block(t, s, in_segs)
+
+
+def _same_count(t, s, what: str) -> None:
+    if len(t) != len(s):
+        raise _Mismatch(f"{len(t)} {what} in the teacher, {len(s)} in the student")
+
+
+def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
+    kind = type(t).__name__
+    if type(s).__name__ != kind:
+        raise _Mismatch(f"{kind} in the teacher, {type(s).__name__} in the student")
+    if kind in ("Conv", "DWConv", "Conv2d"):
+        return _conv(t, s, in_segs)
+    if kind == "Sequential":
+        return _chain(t, s, in_segs)
+    if kind == "SCDown":  # YOLOv10's downsampling: pointwise, then a depthwise stride-2 convolution
+        return _conv(t.cv2, s.cv2, _conv(t.cv1, s.cv1, in_segs))
+    if kind == "Bottleneck":
+        mid = _conv(t.cv1, s.cv1, in_segs)
+        out = _conv(t.cv2, s.cv2, mid)
+        if t.add and out != in_segs:  # a residual sum needs the same channels on both sides
+            raise _Mismatch("a residual block whose output parts differ from its input's")
+        return out
+    if kind in ("C2f", "C3k2"):
+        _same_count(t.m, s.m, "blocks")
+        chunk = [(t.c, s.c)]
+        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+        parts = chunk * 2
+        cur = chunk
+        for a, b in zip(t.m, s.m):
+            cur = _block(a, b, cur)
+            parts = parts + cur
+        return _conv(t.cv2, s.cv2, parts)
+    if kind in ("C3", "C3k", "C3x"):
+        _same_count(t.m, s.m, "blocks")
+        a = _conv(t.cv1, s.cv1, in_segs)
+        b = _conv(t.cv2, s.cv2, in_segs)
+        for x, y in zip(t.m, s.m):
+            a = _block(x, y, a)
+        return _conv(t.cv3, s.cv3, a + b)
+    if kind == "SPPF":
+        if t.m.kernel_size != s.m.kernel_size or getattr(t, "n", 3) != getattr(s, "n", 3):
+            raise _Mismatch("a different pooling kernel or count")
+        mid = _conv(t.cv1, s.cv1, in_segs)
+        out = _conv(t.cv2, s.cv2, mid * (1 + getattr(t, "n", 3)))  # cv1's output and its n pooled copies
+        if getattr(t, "add", False) and out != in_segs:
+            raise _Mismatch("a residual block whose output parts differ from its input's")
+        return out
+    if kind == "C2PSA":  # C2f's split, attention blocks on the second chunk only
+        _same_count(t.m, s.m, "blocks")
+        chunk = [(t.c, s.c)]
+        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+        cur = chunk
+        for a, b in zip(t.m, s.m):
+            cur = _block(a, b, cur)
+        return _conv(t.cv2, s.cv2, chunk + cur)
+    if kind == "PSABlock":
+        att = _attention(t.attn, s.attn, in_segs)
+        out = _conv(t.ffn[1], s.ffn[1], _conv(t.ffn[0], s.ffn[0], att))
+        if att != in_segs or out != in_segs:
+            raise _Mismatch("a residual block whose output parts differ from its input's")
+        return out
+    raise _Mismatch(f"{kind} is not a module weight selection knows ({', '.join(SUPPORTED)})")
+
+
+def _attention(t, s, in_segs: Segments) -> Segments:
+    """Ultralytics' Attention: ``qkv`` writes, per head, its query, key and value channels; the student keeps
+    evenly spaced heads (and channels within each), so ``pe`` (depthwise on the values) and ``proj`` read the
+    values of the kept heads."""
+    keep = set(sel(t.num_heads, s.num_heads).tolist())
+    qkv, values = [], []
+    for h in range(t.num_heads):
+        on = h in keep
+        key, value = (t.key_dim, s.key_dim if on else 0), (t.head_dim, s.head_dim if on else 0)
+        qkv += [key, key, value]
+        values.append(value)
+    _copy_conv2d_parts(t.qkv, s.qkv, in_segs, qkv)
+    _conv(t.pe, s.pe, values)
+    return _conv(t.proj, s.proj, values)
+
+
+def _copy_conv2d_parts(t, s, in_segs: Segments, out_segs: Segments) -> None:
+    """A Conv whose output is later split into ``out_segs`` (C2f's cv1): channels kept part by part."""
+    if (_total(out_segs, 0), _total(out_segs, 1)) != (t.conv.out_channels, s.conv.out_channels):
+        raise _Mismatch("split parts that do not add up to the convolution's outputs")
+    if (_total(in_segs, 0), _total(in_segs, 1)) != (t.conv.in_channels, s.conv.in_channels) or \
+            t.conv.groups != 1 or s.conv.groups != 1 or t.conv.kernel_size != s.conv.kernel_size:
+        raise _Mismatch("a split convolution whose input or kernel differs between the two")
+    o, i = _indices(out_segs), _indices(in_segs)
+    with torch.no_grad():
+        s.conv.weight.copy_(t.conv.weight.detach()[o][:, i])
+    _copy_bn(t.bn, s.bn, out_segs)
+
+
+def _detect(t, s, inputs: list) -> None:
+    if (t.nc, t.nl, t.reg_max) != (s.nc, s.nl, s.reg_max):
+        raise _Mismatch(f"a head with {t.nc} classes, {t.nl} levels and reg_max {t.reg_max} in the teacher, "
+                        f"{s.nc}, {s.nl} and {s.reg_max} in the student")
+    for branch in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+        tb, sb = getattr(t, branch, None), getattr(s, branch, None)
+        if tb is None and sb is None:
+            continue
+        if tb is None or sb is None:
+            raise _Mismatch(f"Detect.{branch} on one side only")
+        for k in range(t.nl):
+            _chain(tb[k], sb[k], inputs[k])
+    # DFL's projection is fixed (not trained): both heads already hold arange(reg_max)
+
+
+def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe") -> dict:
+    """Overwrite ``student``'s weights (and BatchNorm statistics) with the teacher's, selected as above. Returns
+    what was done (layers and parameters copied, the share of the teacher's parameters kept). A pair that cannot
+    be matched raises one :class:`RecipeError` line naming the layer."""
+    t_layers, s_layers = getattr(teacher, "model", None), getattr(student, "model", None)
+    if not isinstance(t_layers, nn.Sequential) or not isinstance(s_layers, nn.Sequential):
+        raise RecipeError(f"{source}: {FIELD}: weight selection needs an Ultralytics YOLO teacher and student")
+    if len(t_layers) != len(s_layers):
+        raise RecipeError(f"{source}: {FIELD}: the teacher has {len(t_layers)} layers and the student "
+                          f"{len(s_layers)}; weight selection needs the same layer layout (e.g. yolov8n → "
+                          "yolov8-tiny)")
+    parts: list[Segments] = []
+    i = 0
+    try:
+        for i, (t, s) in enumerate(zip(t_layers, s_layers)):
+            if getattr(t, "f", None) != getattr(s, "f", None):
+                raise _Mismatch(f"reads layer(s) {t.f} in the teacher, {s.f} in the student")
+            froms = t.f if isinstance(t.f, list) else [t.f]
+            ins = [[(3, 3)] if i == 0 else parts[i - 1] if f == -1 else parts[f] for f in froms]
+            kind = type(t).__name__
+            if type(s).__name__ != kind:
+                raise _Mismatch(f"{kind} in the teacher, {type(s).__name__} in the student")
+            if kind == "Concat":
+                parts.append([p for segs in ins for p in segs])
+            elif kind in ("Upsample", "MaxPool2d", "Identity"):
+                parts.append(ins[0])
+            elif kind == "Detect":
+                _detect(t, s, ins)
+                parts.append([])
+            else:
+                if len(ins) != 1:
+                    raise _Mismatch(f"{kind} reading {len(ins)} layers")
+                parts.append(_block(t, s, ins[0]))
+    except _Mismatch as e:
+        raise RecipeError(f"{source}: {FIELD}: layer {i} ({type(t_layers[i]).__name__}): {e}; weight selection "
+                          "needs the same layer layout, each student layer at most as wide as the teacher's") from None
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    return {"method": "weight selection (Xu et al. 2024)", "layers": len(s_layers), "student_params": n_s,
+            "teacher_params": n_t, "kept": round(n_s / max(n_t, 1), 4)}
