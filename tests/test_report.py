@@ -74,6 +74,9 @@ def test_gap_closed_and_roles(tmp_path):
     c = compare([b, t, d])
     assert c.teacher.id == t.id and c.baseline.id == b.id and c.gap_closed == pytest.approx(0.5)
     assert c.verdict().startswith("Yes: distillation raised mAP50-95 by +10.00 points") and "50%" in c.verdict()
+    above = bundle("a", "distill", 0.53, parents=[t])
+    assert compare([b, t, above]).verdict() == ("Yes: distillation raised mAP50-95 by +23.00 points over the "
+                                                "baseline, 3.00 points above the teacher itself.")
     worse = bundle("w", "distill", 0.25, parents=[t])
     assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
     assert compare([t, worse]).baseline is None
@@ -110,3 +113,5 @@ def test_trained_as_says_how_each_model_was_trained():
     assert trained_as({"distributed": {"world_size": 4}, "teacher_cache": {"k": 256, "anchors": 8400},
                        "qat": {"quantize": "int8"}}) == \
         "4 DDP ranks, teacher cache (top 256 of 8400 anchors), QAT int8"
+    assert trained_as({"init": {"from": "teacher"}}) == \
+        "1 process, started from the teacher's weights (weight selection)"

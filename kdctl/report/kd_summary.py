@@ -33,6 +33,9 @@ class KDComparison:
         if change > 0:
             closed = self.gap_closed
             tail = f", closing {closed:.0%} of the gap to the teacher" if closed is not None else ""
+            if closed is not None and closed > 1:
+                above = (d - self.teacher.metrics["map50_95"]) * 100
+                tail = f", {above:.2f} points above the teacher itself"
             return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}."
         return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline."
 
@@ -72,6 +75,8 @@ def trained_as(metrics: dict) -> str:
     cache = metrics.get("teacher_cache")
     if cache:
         parts.append(f"teacher cache (top {cache.get('k')} of {cache.get('anchors')} anchors)")
+    if metrics.get("init"):
+        parts.append(f"started from the {metrics['init'].get('from', 'teacher')}'s weights (weight selection)")
     if metrics.get("qat"):
         parts.append(f"QAT {metrics['qat'].get('quantize', 'int8')}")
     return ", ".join(parts)
