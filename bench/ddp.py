@@ -1,4 +1,4 @@
-"""DDP vs one process at equal global batch: ``recipes/quickstart.yaml`` (head-level KD from the quickstart teacher)
+"""DDP vs one process at equal global batch: ``recipes/head.yaml`` (head-level KD from the quickstart teacher)
 distilled in one process and on N torchrun ranks (gloo on this CPU, NCCL with ``--device 0,1``), over several seeds.
 Reports mAP50-95 per seed, the spread of the one-process runs, and wall time; the question is whether DDP changes
 what distillation learns (it should not, beyond the seed spread: the per-rank augmentation streams and BatchNorm
@@ -29,7 +29,7 @@ def _recipe(seed: int, teacher: Path, device: str, smoke: bool, out: Path) -> Pa
 
     from kdctl.recipe import load_recipe
 
-    d = load_recipe(ROOT / "recipes" / "quickstart.yaml").model_dump(mode="json")
+    d = load_recipe(ROOT / "recipes" / "head.yaml").model_dump(mode="json")
     d["train"].update(seed=seed, device=device)
     d["teacher"]["model"] = str(teacher)
     if smoke:
@@ -90,7 +90,7 @@ def main() -> None:
              cell(many, "map50_95", lambda v: f"{v:.4f}"), cell(many, "wall_s", lambda v: f"{v:.0f}")]]
     verdict = "within" if abs(mean_diff) <= spread else "outside"
     body = (f"## Distributed distillation: {a.nproc} DDP ranks vs one process\n\n{machine()}. `python bench/ddp.py "
-            f"--seeds {' '.join(map(str, a.seeds))}`: `recipes/quickstart.yaml` (head-level KD, teacher "
+            f"--seeds {' '.join(map(str, a.seeds))}`: `recipes/head.yaml` (head-level KD, teacher "
             f"`{a.teacher.relative_to(ROOT) if a.teacher.is_relative_to(ROOT) else a.teacher}`), the same global "
             f"batch (train.batch) in both; wall = the whole `kdctl distill` command (launch, training, evaluation, "
             f"bundle). Mean (per seed).\n\n"

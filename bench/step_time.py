@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from _common import ROOT, machine, median, table, write_section  # noqa: E402
 
 
-def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/quickstart.yaml") -> None:
+def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/head.yaml") -> None:
     from ultralytics.cfg import get_cfg
 
     from kdctl.data.resolve import resolve_data

@@ -1,4 +1,4 @@
-"""Cached vs online head-level KD: ``recipes/quickstart.yaml`` (kd_logit + ld from the quickstart teacher)
+"""Cached vs online head-level KD: ``recipes/head.yaml`` (kd_logit + ld from the quickstart teacher)
 distilled with the teacher online and from a teacher-output cache (``distill.cache``), over several seeds; the
 cache's build time and size per view; and the size per view at COCO scale (80 classes, 640 px, YOLOv8n teacher).
 
@@ -93,7 +93,7 @@ def main() -> None:
              cell(cached, "train_s", lambda v: f"{v:.0f}"),
              f"{statistics.mean(builds[s]['build_seconds'] for s in a.seeds):.0f}"]]
     body = (f"## Teacher-output cache: cached vs online head-level KD\n\n{machine()}. `python bench/teacher_cache.py "
-            f"--seeds {' '.join(map(str, a.seeds))}`: `recipes/quickstart.yaml` (kd_logit + ld, teacher "
+            f"--seeds {' '.join(map(str, a.seeds))}`: `recipes/head.yaml` (kd_logit + ld, teacher "
             f"`{a.teacher.relative_to(ROOT) if a.teacher.is_relative_to(ROOT) else a.teacher}`), online vs "
             f"`distill.cache: {{top_k: {a.top_k}}}`; train s = the training part of `kdctl distill` (the cache is "
             "built before, by `kdctl cache build`). Mean (per seed).\n\n"

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "kdctl/assets/models/yolov8-tiny.yaml"
 
 
-def _layout(tmp_path: Path, width: float, max_channels: int, name: str) -> Path:
-    """kdctl's yolov8-tiny layout at another width / channel cap."""
-    text = TINY.read_text().replace("t: [0.33, 0.125, 1024]", f"t: [0.33, {width}, {max_channels}]")
+def _layout(tmp_path: Path, width: float, max_channels: int, name: str, depth: float = 0.33) -> Path:
+    """kdctl's yolov8-tiny layout at another width / channel cap / depth."""
+    text = TINY.read_text().replace("t: [0.33, 0.125, 1024]", f"t: [{depth}, {width}, {max_channels}]")
     p = tmp_path / f"{name}.yaml"
     p.write_text(text)
     return p
@@ -98,6 +98,25 @@ def test_concatenated_layers_of_different_widths_are_cut_part_by_part(tmp_path):
     assert torch.equal(sw, tw[torch.arange(sw.shape[0]) * 2][:, torch.arange(sw.shape[1]) * 2])
 
 
+def test_a_shallower_student_keeps_the_teachers_first_blocks(tmp_path):
+    """Teacher at depth 0.67 (C2f with 2 and 4 blocks), student at 0.33 (1 and 2), same width: each student block
+    is the teacher's block of the same index, and C2f's last convolution reads the split chunks and the kept
+    blocks' outputs (the dropped blocks' chunks are left out)."""
+    teacher = build_detector(_layout(tmp_path, 0.125, 1024, "deep", depth=0.67), nc=3)
+    student = build_detector(TINY, nc=3)
+    select_weights(student, teacher)
+    for layer in (2, 4, 6, 12):
+        t, s = teacher.model[layer], student.model[layer]
+        assert len(t.m) == 2 * len(s.m)
+        for a, b in zip(t.m, s.m):
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        keep = (2 + len(s.m)) * t.c
+        assert torch.equal(s.cv2.conv.weight, t.cv2.conv.weight[:, :keep]), layer
+        assert torch.equal(s.cv1.conv.weight, t.cv1.conv.weight)
+    with pytest.raises(RecipeError, match=r"layer 2 \(C2f\): 1 blocks in the teacher, 2 in the student"):
+        select_weights(build_detector(_layout(tmp_path, 0.125, 1024, "deep", depth=0.67), nc=3), student)
+
+
 def test_attention_keeps_whole_heads():
     """yolo11s → yolo11n: the C2PSA attention has 4 heads in the teacher and 2 in the student (head_dim 64, key_dim
     32): the student's query/key/value rows are heads 0 and 2 of the teacher's, and ``proj`` reads their values."""
@@ -118,6 +137,7 @@ def test_attention_keeps_whole_heads():
 @pytest.mark.parametrize("teacher, student, message", [
     ("yolov8n.yaml", "yolo11n.yaml", "the teacher has 23 layers and the student 24"),
     ("yolo11m.yaml", "yolo11n.yaml", "layer 2 (C3k2): C3k in the teacher, Bottleneck in the student"),
+    ("yolov8n.yaml", "yolov8m.yaml", "layer 0 (Conv): the student has 48 channels where the teacher has 16"),
     (TINY, "yolov8n.yaml", "layer 0 (Conv): the student has 16 channels where the teacher has 8"),
 ])
 def test_pairs_that_cannot_be_matched_are_one_line_errors(teacher, student, message):

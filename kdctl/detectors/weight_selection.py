@@ -12,10 +12,12 @@ initialisation adds to knowledge distillation's gain; NVIDIA's Minitron (Muralid
 teacher and then distils in the same spirit.
 
 A channel dimension made of parts is cut part by part: C2f's two split chunks and the (2 + n) chunks its last
-convolution reads, SPPF's four pooled copies, C3's two branches and the neck's Concat of two layers. The pair must
-share the layer layout (same module types, wiring, block counts and kernel sizes; e.g. yolov8n → kdctl's
-yolov8-tiny, yolov8s → yolov8n, yolo11s → yolo11n without its attention block), each student layer no wider than
-the teacher's, and the same class count; anything else is refused with one line naming the layer.
+convolution reads, SPPF's four pooled copies, C3's two branches, the neck's Concat of two layers and the attention's
+heads (whole heads kept). Where the student has fewer blocks in a stage it keeps the teacher's first ones (the
+paper's first-N layer selection). The pair must share the layer layout (same module types, wiring and kernel sizes;
+e.g. yolov8n → kdctl's yolov8-tiny, yolov8s or yolov8m → yolov8n, yolo11s → yolo11n, yolo26s → yolo26n), each
+student layer no wider and no deeper than the teacher's, and the same class count; anything else is refused with
+one line naming the layer.
 """
 
 from __future__ import annotations
@@ -111,9 +113,12 @@ def _chain(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
     return _block(t, s, in_segs)
 
 
-def _same_count(t, s, what: str) -> None:
-    if len(t) != len(s):
-        raise _Mismatch(f"{len(t)} {what} in the teacher, {len(s)} in the student")
+def _first_blocks(t, s) -> int:
+    """A shallower student keeps the teacher's first blocks (the paper's first-N layer selection); returns how
+    many teacher blocks it drops."""
+    if len(s) > len(t):
+        raise _Mismatch(f"{len(t)} blocks in the teacher, {len(s)} in the student")
+    return len(t) - len(s)
 
 
 def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
@@ -133,7 +138,7 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
             raise _Mismatch("a residual block whose output parts differ from its input's")
         return out
     if kind in ("C2f", "C3k2"):
-        _same_count(t.m, s.m, "blocks")
+        dropped = _first_blocks(t.m, s.m)
         chunk = [(t.c, s.c)]
         _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
         parts = chunk * 2
@@ -141,9 +146,9 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
         for a, b in zip(t.m, s.m):
             cur = _block(a, b, cur)
             parts = parts + cur
-        return _conv(t.cv2, s.cv2, parts)
+        return _conv(t.cv2, s.cv2, parts + [(t.c, 0)] * dropped)  # the dropped blocks' chunks: none of theirs
     if kind in ("C3", "C3k", "C3x"):
-        _same_count(t.m, s.m, "blocks")
+        _first_blocks(t.m, s.m)
         a = _conv(t.cv1, s.cv1, in_segs)
         b = _conv(t.cv2, s.cv2, in_segs)
         for x, y in zip(t.m, s.m):
@@ -158,7 +163,7 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
             raise _Mismatch("a residual block whose output parts differ from its input's")
         return out
     if kind == "C2PSA":  # C2f's split, attention blocks on the second chunk only
-        _same_count(t.m, s.m, "blocks")
+        _first_blocks(t.m, s.m)
         chunk = [(t.c, s.c)]
         _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
         cur = chunk
@@ -253,7 +258,7 @@ def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe
                 parts.append(_block(t, s, ins[0]))
     except _Mismatch as e:
         raise RecipeError(f"{source}: {FIELD}: layer {i} ({type(t_layers[i]).__name__}): {e}; weight selection "
-                          "needs the same layer layout, each student layer at most as wide as the teacher's") from None
+                          "needs the same layer layout, each student layer at most as wide and deep as the teacher's") from None
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
     return {"method": "weight selection (Xu et al. 2024)", "layers": len(s_layers), "student_params": n_s,
