@@ -297,6 +297,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    if setup is not None and setup.init_note:  # distill.init: auto fell back to a random start: the bundle says why
+        info["init_note"] = setup.init_note
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -426,10 +428,16 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 
         check_recipe(recipe, source, student0, teacher)
         cache = str(cache_path(recipe))
-    if d.init == "teacher":
-        _check_init(student_ref, student0, teacher, fam, source)
+    init, note = d.init, None
+    if init:
+        try:
+            _check_init(student_ref, student0, teacher, fam, source)
+        except RecipeError as e:
+            if init != "auto":
+                raise
+            init, note = None, str(e).split("distill.init: ", 1)[-1]  # a random start, and why
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
-                                       cache, d.init)
+                                       cache, "teacher" if init else None, note)
 
 
 def _check_init(student_ref, student, teacher, fam, source: str) -> None:
@@ -540,10 +548,13 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
             from kdctl.detectors.yolo import INIT_FILE
 
             init = work / "train" / INIT_FILE
-            if not init.is_file():
+            if info.get("init_note"):
+                w.metrics["init"] = {"from": "random", "reason": info["init_note"]}
+            elif not init.is_file():
                 raise CheckFailed(f"{source}: distill.init: {recipe.distill.init} was set, but the run left no record "
                                   f"of it ({init.name})")
-            w.metrics["init"] = json.loads(init.read_text())
+            else:
+                w.metrics["init"] = json.loads(init.read_text())
         if stage == "distill" and recipe.distill.cache is not None:
             from kdctl.distill.cache import META, cache_path
 

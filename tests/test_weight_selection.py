@@ -241,3 +241,19 @@ distill: {{init: teacher}}
     m = json.loads((tmp_path / "alone" / "manifest.json").read_text())["metrics"]
     assert m["kd_terms"] == [] and m["init"]["from"] == "teacher"
     assert not any(k.startswith("train/kd_") for k in m["epochs"][0])
+
+
+def test_init_auto_falls_back_to_a_random_start_and_says_why(tmp_path, tiny_data, trained_bundle):
+    """init: auto on a pair weight selection cannot match (a student wider than its teacher) trains from a random
+    start; the bundle and the command's output carry the reason. On a pair it can match, it selects."""
+    r = _recipe(tmp_path, tiny_data, trained_bundle, student="yolov8n.yaml", init="auto")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "wide"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["init"] == "random" and "the student has 16 channels where the teacher has 8" in doc["init_note"]
+    m = json.loads((tmp_path / "wide" / "manifest.json").read_text())["metrics"]
+    assert m["init"]["from"] == "random" and m["init"]["reason"] == doc["init_note"]
+    narrow = _layout(tmp_path, 0.0625, 1024, "narrow")
+    r = _recipe(tmp_path, tiny_data, trained_bundle, student=narrow, init="auto")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "narrow"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["init"] == "teacher", res.output

@@ -56,6 +56,10 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
               "params": m["params"], "train_seconds": m["train_seconds"]}
     if "distributed" in m:
         result["world_size"] = m["distributed"]["world_size"]
+    if "init" in m:
+        result["init"] = m["init"]["from"]
+        if m["init"].get("reason"):
+            result["init_note"] = m["init"]["reason"]
     if "kd_terms" in m:
         last = m["epochs"][-1] if m["epochs"] else {}
         from kdctl.distill.losses.registry import kd_item
@@ -67,7 +71,9 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         t.add_column("metric")
         t.add_column("value", justify="right")
         for k, v in result.items():
-            if k not in ("bundle", "stage", "kd_terms"):
+            if k in ("init", "init_note"):
+                t.add_row("student started from" if k == "init" else "random start because", str(v))
+            elif k not in ("bundle", "stage", "kd_terms"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():
             t.add_row(f"last-epoch kd/{k}", "n/a" if v is None else f"{v:.4f}")

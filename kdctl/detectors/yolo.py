@@ -120,6 +120,7 @@ class DistillSetup:
     balance_cap: float | None = 4.0
     cache: str | None = None  # a built teacher cache (kdctl.distill.cache) serving the head-level terms
     init: str | None = None  # "teacher": the student starts from a weight selection of the teacher
+    init_note: str | None = None  # why distill.init: auto started at random instead
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,

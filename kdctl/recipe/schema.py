@@ -167,11 +167,13 @@ class DistillSpec(Strict):
     balance_cap: float | None = Field(
         4.0, gt=0, description="With auto_balance: no KD term may exceed this many times its share of the task "
                                "loss on any batch (scaled down, gradient direction kept); null turns it off")
-    init: Literal["teacher"] | None = Field(
+    init: Literal["teacher", "auto"] | None = Field(
         None, description="teacher: start the student from the teacher's weights, each tensor cut to the student's "
                           "shape by evenly spaced channels, part by part (weight selection, Xu et al. ICLR 2024) "
-                          "instead of a random draw. YOLO pairs with the same layer layout (yolov8n → yolov8-tiny, "
-                          "yolov8s → yolov8n); a student built from a model YAML")
+                          "instead of a random draw; YOLO pairs of one layer layout with the student no wider or "
+                          "deeper (yolov8n → yolov8-tiny, yolov8m → yolov8n, yolo11s → yolo11n), the student built "
+                          "from a model YAML; any other pair is an error. auto: the same where the pair allows it, "
+                          "else a random start (the reason is recorded in the bundle)")
     quantize: Literal["int8"] | None = Field(
         None, description="int8: quantization-aware distillation (every family). The student trains "
                           "with INT8 fake quantization (NVIDIA ModelOpt, ranges calibrated on 8 training batches) "
