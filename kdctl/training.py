@@ -370,11 +370,11 @@ def fit_rank(spec: dict) -> None:
                reporter.attach)
 
 
-def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> list[dict]:
+def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> dict:
     """``kdctl recipe check --models``: build the student and, for a recipe with distillation losses, the teacher
     and the KD criterion exactly as ``distill`` would (layers resolved, adapters sized, pairs and levels checked),
     without training or writing a bundle (built-in synthetic data is generated, as distill would). Returns the
-    resolved KD terms."""
+    resolved KD terms and, with ``distill.init``, how the student would start."""
     from kdctl.detectors import build_criterion
 
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
@@ -384,10 +384,13 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     _, student, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref,
                                 teacher_ref)
     if setup is None:
-        return []
+        return {"kd_terms": []}
     kd = build_criterion(student, setup, recipe.train.imgsz)
-    return [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers, "teacher_layers": t.t_layers,
-             "weight": t.weight} for t in kd.terms]
+    out = {"kd_terms": [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers,
+                         "teacher_layers": t.t_layers, "weight": t.weight} for t in kd.terms]}
+    if recipe.distill.init:
+        out["init"] = {"from": "teacher"} if setup.init else {"from": "random", "reason": setup.init_note}
+    return out
 
 
 def _check_stride(recipe: Recipe, source: str, model, who: str) -> None:

@@ -257,3 +257,13 @@ def test_init_auto_falls_back_to_a_random_start_and_says_why(tmp_path, tiny_data
     r = _recipe(tmp_path, tiny_data, trained_bundle, student=narrow, init="auto")
     res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "narrow"), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["init"] == "teacher", res.output
+
+
+def test_recipe_check_models_says_how_the_student_starts(tmp_path, tiny_data, trained_bundle):
+    narrow = _layout(tmp_path, 0.0625, 1024, "narrow")
+    res = CliRunner().invoke(app, ["recipe", "check", str(_recipe(tmp_path, tiny_data, trained_bundle, student=narrow)),
+                                   "--models", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["student_init"] == {"from": "teacher"}, res.output
+    wide = _recipe(tmp_path, tiny_data, trained_bundle, student="yolov8n.yaml", init="auto")
+    res = CliRunner().invoke(app, ["recipe", "check", str(wide), "--models"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "student starts at random: layer 0 (Conv): the student has 16 channels" in res.output

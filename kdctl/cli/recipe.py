@@ -25,12 +25,13 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
 
     r = load_recipe(recipe)
     data = r.model_dump(mode="json")
-    terms = None
+    terms = init = None
     if models:
         from kdctl.training import check_models
 
-        terms = check_models(r, source=str(recipe))
-    out = data if terms is None else {**data, "kd_terms": terms}
+        checked = check_models(r, source=str(recipe))
+        terms, init = checked["kd_terms"], checked.get("init")
+    out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {})}
 
     def human():
         console.print(f"[green]OK[/green] {recipe}")
@@ -38,6 +39,9 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
         for t in terms or []:
             console.print(f"KD term [bold]{t['name']}[/bold]: student {t['student_layers']} ← teacher "
                           f"{t['teacher_layers']}")
+        if init:
+            console.print("student starts from the teacher's weights (weight selection)" if init["from"] == "teacher"
+                          else f"student starts at random: {init['reason']}", markup=False)
 
     emit(out, as_json=json_, human=human)
 
