@@ -267,3 +267,9 @@ def test_recipe_check_models_says_how_the_student_starts(tmp_path, tiny_data, tr
     wide = _recipe(tmp_path, tiny_data, trained_bundle, student="yolov8n.yaml", init="auto")
     res = CliRunner().invoke(app, ["recipe", "check", str(wide), "--models"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "student starts at random: layer 0 (Conv): the student has 16 channels" in res.output
+
+
+def test_a_fused_teacher_is_refused_in_one_line():
+    teacher = build_detector("yolov8n.yaml", nc=3).fuse()
+    with pytest.raises(RecipeError, match=r"layer 0 \(Conv\): a fused convolution"):
+        select_weights(build_detector(TINY, nc=3), teacher)

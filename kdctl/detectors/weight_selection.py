@@ -97,6 +97,8 @@ def _conv(t, s, in_segs: Segments) -> Segments:
     """Ultralytics' Conv/DWConv (conv + BN + activation) or a bare Conv2d."""
     if isinstance(t, nn.Conv2d):
         return _copy_conv2d(t, s, in_segs)
+    if not (hasattr(t, "bn") and hasattr(s, "bn")):
+        raise _Mismatch("a fused convolution (BatchNorm folded into it): select from the unfused model")
     out = _copy_conv2d(t.conv, s.conv, in_segs)
     _copy_bn(t.bn, s.bn, out)
     return out
