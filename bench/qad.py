@@ -1,6 +1,6 @@
 """Quantization-aware distillation vs post-training INT8, on the built-in benchmark pair, over several seeds.
 
-Start: the float student distilled by the quickstart recipe (``runs/bench/clear/head-s{seed}``, made by
+Start: the float student distilled by `recipes/head.yaml` (``runs/bench/clear/head-s{seed}``, made by
 ``bench/distill_families.py``) and its teacher. Rows, each exported for ONNX Runtime (cpu target) and OpenVINO
 (intel target) and scored by kdctl's evaluator on the validation set:
 
@@ -145,7 +145,7 @@ def main() -> None:
                      else "—"])
     fp = " / ".join(f"{fp32[s]:.4f}" for s in sorted(fp32))
     body = (f"## Quantization-aware distillation vs post-training INT8\n\n{machine()}. `python bench/qad.py`: "
-            f"seeds {', '.join(map(str, a.seeds))}; start = the quickstart-distilled float student of each seed "
+            f"seeds {', '.join(map(str, a.seeds))}; start = the float student head-level-distilled by recipes/head.yaml, each seed "
             f"(PyTorch FP32 mAP50-95 {fp}); teacher = the quickstart teacher. Fine-tunes: 3 epochs, AdamW lr0 "
             "3e-4, no warm-up. mAP drop in points against the start's FP32 mAP (negative = better than the float "
             "student), mean (per seed); ONNX Runtime INT8 = cpu target, OpenVINO INT8 = intel target.\n\n"
