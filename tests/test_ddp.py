@@ -304,3 +304,17 @@ def test_which_rank_error_kdctl_reports(tmp_path):
         f.unlink()
     # no report at all: both ranks silent -> the first one is named
     assert "rank 0 stopped" in str(_job_error(launch, tmp_path, 1))
+
+
+def test_two_gloo_ranks_start_from_the_teacher(tmp_path, tiny_data, trained_bundle):
+    """distill.init under DDP: every rank selects the same start from the same teacher, rank 0 records it."""
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text((Path(__file__).resolve().parents[1] / "kdctl/assets/models/yolov8-tiny.yaml").read_text()
+                      .replace("t: [0.33, 0.125, 1024]", "t: [0.33, 0.0625, 1024]"))
+    out = tmp_path / "kd"
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1, student=str(narrow),
+                extra="init: teacher, auto_balance: 0.25, balance_batches: 2, ")
+    p = _kdctl("distill", str(r), "--out", str(out), "--nproc-per-node", "2", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["init"] == "teacher"
+    _assert_ranks_agree(_distributed(out), 2, ["cwd", "logit"])

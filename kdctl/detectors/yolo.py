@@ -404,8 +404,10 @@ class KDTrainer(DetectionTrainer):
             from kdctl.detectors.weight_selection import select_weights
 
             done = select_weights(model, teacher, self.distill.source)
-            if not weights:  # a fresh start (a resumed run keeps the first start's record)
-                from kdctl.bundle.store import write_json_atomic
+            from kdctl.distributed import rank
+
+            if not weights and rank() <= 0:  # a fresh start (a resumed run keeps the first start's record); under
+                from kdctl.bundle.store import write_json_atomic  # DDP rank 0 writes the run's files
 
                 write_json_atomic(Path(self.save_dir) / INIT_FILE, {"from": "teacher", **done})
         if weights:
