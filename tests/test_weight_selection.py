@@ -76,6 +76,19 @@ def test_selection_recovers_a_student_embedded_in_its_teacher():
                                          sum(p.numel() for p in teacher.parameters()), abs=1e-4)
 
 
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml", "yolov5n.yaml", "yolov8n-p6.yaml",
+                                 "yolov8n-ghost.yaml"])
+def test_selecting_a_model_from_its_own_twin_copies_it(cfg):
+    """Same architecture on both sides: every selection is the identity, so the student becomes the teacher
+    (all module kinds weight selection knows: C2f, C3k2/C3k, C2PSA attention, C2, C3, Ghost blocks, DWConv heads)."""
+    torch.manual_seed(0)
+    teacher = build_detector(cfg, nc=3).eval()
+    student = build_detector(cfg, nc=3).eval()
+    select_weights(student, teacher)
+    for key, v in teacher.state_dict().items():
+        assert torch.equal(student.state_dict()[key], v), key
+
+
 def test_concatenated_layers_of_different_widths_are_cut_part_by_part(tmp_path):
     """A teacher whose P5 layers are capped to the student's width (ratio 1) while P3/P4 are twice as wide: the
     neck's Concat of an upsampled P5 and a P4 map must be cut per part (all 128 P5 channels, every other P4 one),

@@ -12,8 +12,8 @@ initialisation adds to knowledge distillation's gain; NVIDIA's Minitron (Muralid
 teacher and then distils in the same spirit.
 
 A channel dimension made of parts is cut part by part: C2f's two split chunks and the (2 + n) chunks its last
-convolution reads, SPPF's four pooled copies, C3's two branches, the neck's Concat of two layers and the attention's
-heads (whole heads kept). Where the student has fewer blocks in a stage it keeps the teacher's first ones (the
+convolution reads, SPPF's four pooled copies, C3's and C2's two branches, GhostConv's two halves, the neck's Concat
+of two layers and the attention's heads (whole heads kept); residual sums must keep the same channels on both sides. Where the student has fewer blocks in a stage it keeps the teacher's first ones (the
 paper's first-N layer selection). The pair must share the layer layout (same module types, wiring and kernel sizes;
 e.g. yolov8n → kdctl's yolov8-tiny, yolov8s or yolov8m → yolov8n, yolo11s → yolo11n, yolo26s → yolo26n), each
 student layer no wider and no deeper than the teacher's, and the same class count; anything else is refused with
@@ -29,8 +29,8 @@ from kdctl.errors import RecipeError
 
 FIELD = "distill.init"
 # Ultralytics modules whose channel parts kdctl knows; a pair with any other module is refused
-SUPPORTED = ("Conv", "DWConv", "Concat", "Upsample", "MaxPool2d", "C2f", "C3k2", "C3", "C3k", "C3x", "SPPF",
-             "Bottleneck", "C2PSA", "PSABlock", "SCDown", "Detect")
+SUPPORTED = ("Conv", "DWConv", "GhostConv", "Concat", "Upsample", "MaxPool2d", "C2", "C2f", "C3k2", "C3", "C3k",
+             "C3x", "C3Ghost", "SPPF", "Bottleneck", "GhostBottleneck", "C2PSA", "PSABlock", "SCDown", "Detect")
 
 Segments = list  # [(teacher channels, student channels), ...]: a channel dimension as consecutive parts
 
@@ -115,6 +115,12 @@ def _chain(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
     return _block(t, s, in_segs)
 
 
+def _same_channels(a: Segments, b: Segments) -> None:
+    """Two tensors added together (a residual) must keep the same teacher channels, in the same order."""
+    if _total(a, 0) != _total(b, 0) or not torch.equal(_indices(a), _indices(b)):
+        raise _Mismatch("a residual sum whose two sides keep different channels")
+
+
 def _first_blocks(t, s) -> int:
     """A shallower student keeps the teacher's first blocks (the paper's first-N layer selection); returns how
     many teacher blocks it drops."""
@@ -136,8 +142,8 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
     if kind == "Bottleneck":
         mid = _conv(t.cv1, s.cv1, in_segs)
         out = _conv(t.cv2, s.cv2, mid)
-        if t.add and out != in_segs:  # a residual sum needs the same channels on both sides
-            raise _Mismatch("a residual block whose output parts differ from its input's")
+        if t.add:  # a residual sum needs the same channels on both sides
+            _same_channels(out, in_segs)
         return out
     if kind in ("C2f", "C3k2"):
         dropped = _first_blocks(t.m, s.m)
@@ -149,7 +155,24 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
             cur = _block(a, b, cur)
             parts = parts + cur
         return _conv(t.cv2, s.cv2, parts + [(t.c, 0)] * dropped)  # the dropped blocks' chunks: none of theirs
-    if kind in ("C3", "C3k", "C3x"):
+    if kind == "C2":  # split in two, blocks on the first chunk, then [blocks(a), b]
+        _first_blocks(t.m, s.m)
+        chunk = [(t.c, s.c)]
+        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+        a = chunk
+        for x, y in zip(t.m, s.m):
+            a = _block(x, y, a)
+        return _conv(t.cv2, s.cv2, a + chunk)
+    if kind == "GhostConv":  # half the channels from a convolution, half from a depthwise one on those
+        y = _conv(t.cv1, s.cv1, in_segs)
+        return y + _conv(t.cv2, s.cv2, y)
+    if kind == "GhostBottleneck":
+        out = _chain(t.conv, s.conv, in_segs)
+        _same_channels(_chain(t.shortcut, s.shortcut, in_segs), out)
+        return out
+    if kind == "Identity":
+        return in_segs
+    if kind in ("C3", "C3k", "C3x", "C3Ghost"):
         _first_blocks(t.m, s.m)
         a = _conv(t.cv1, s.cv1, in_segs)
         b = _conv(t.cv2, s.cv2, in_segs)
@@ -161,8 +184,8 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
             raise _Mismatch("a different pooling kernel or count")
         mid = _conv(t.cv1, s.cv1, in_segs)
         out = _conv(t.cv2, s.cv2, mid * (1 + getattr(t, "n", 3)))  # cv1's output and its n pooled copies
-        if getattr(t, "add", False) and out != in_segs:
-            raise _Mismatch("a residual block whose output parts differ from its input's")
+        if getattr(t, "add", False):
+            _same_channels(out, in_segs)
         return out
     if kind == "C2PSA":  # C2f's split, attention blocks on the second chunk only
         _first_blocks(t.m, s.m)
@@ -175,8 +198,8 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
     if kind == "PSABlock":
         att = _attention(t.attn, s.attn, in_segs)
         out = _conv(t.ffn[1], s.ffn[1], _conv(t.ffn[0], s.ffn[0], att))
-        if att != in_segs or out != in_segs:
-            raise _Mismatch("a residual block whose output parts differ from its input's")
+        _same_channels(att, in_segs)
+        _same_channels(out, in_segs)
         return out
     raise _Mismatch(f"{kind} is not a module weight selection knows ({', '.join(SUPPORTED)})")
 
