@@ -32,6 +32,7 @@ RUNS = {
     "rtdetr-to-yolo": ("rtdetr-to-yolo", "rtdetr-teacher", "quickstart-student"),
     "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-logit": ("yolo-to-rtdetr-logit", "quickstart-teacher", "rtdetr-student"),
+    "yolo-to-rtdetr-inherit": ("yolo-to-rtdetr-inherit", "quickstart-teacher", "rtdetr-student"),
 }
 
 

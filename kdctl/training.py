@@ -446,12 +446,12 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 def _check_init(student_ref, student, teacher, fam, source: str) -> None:
     """``distill.init: teacher`` on a pair it can work for: a YOLO student built from a model YAML (a checkpoint
     or bundle student already has weights) whose layer layout the teacher shares (tried on the throw-away build)."""
-    from kdctl.detectors import family, yolo
+    from kdctl.detectors import family, torchvision
     from kdctl.detectors.weight_selection import FIELD, select_weights
 
-    if fam is not yolo or family(teacher) is not yolo:
-        raise RecipeError(f"{source}: {FIELD}: weight selection is available for YOLO teachers and students only "
-                          f"(here a {family(teacher).LABEL} teacher and a {fam.LABEL} student)")
+    if torchvision in (fam, family(teacher)):
+        raise RecipeError(f"{source}: {FIELD}: weight selection is available for Ultralytics YOLO and RT-DETR pairs "
+                          f"only (here a {family(teacher).LABEL} teacher and a {fam.LABEL} student)")
     if student_ref.kind != "yaml":
         raise RecipeError(f"{source}: {FIELD}: the student '{student_ref.ref}' already has weights; weight "
                           "selection starts a student built from a model YAML (e.g. student.model: yolov8n.yaml)")

@@ -147,6 +147,24 @@ def test_attention_keeps_whole_heads():
     assert torch.equal(sa.qkv.bn.running_var, ta.qkv.bn.running_var[rows])
 
 
+@pytest.mark.parametrize("t_cfg, s_cfg", [("yolov8n.yaml", "rtdetr-tiny.yaml"), ("rtdetr-tiny.yaml", "yolov8-tiny.yaml")])
+def test_across_yolo_and_rtdetr_the_backbone_and_neck_are_selected_and_the_head_is_not(t_cfg, s_cfg):
+    """kdctl's tiny RT-DETR has the YOLOv8 layout up to its head: layers 0-21 are selected from a YOLO teacher (or
+    give a YOLO student its start), the decoder / Detect head keeps its random initialisation."""
+    assets = ROOT / "kdctl/assets/models"
+    teacher = build_detector(t_cfg if t_cfg.startswith("yolov8n") else assets / t_cfg, nc=3)
+    student = build_detector(assets / s_cfg, nc=3)
+    head_before = {k: v.clone() for k, v in student.model[-1].state_dict().items()}
+    info = select_weights(student, teacher)
+    assert info["head"].startswith(type(student.model[-1]).__name__ + " (random start")
+    for k, v in student.model[-1].state_dict().items():
+        assert torch.equal(v, head_before[k]), k
+    ratio = teacher.model[0].conv.out_channels // student.model[0].conv.out_channels
+    assert torch.equal(student.model[0].conv.weight, teacher.model[0].conv.weight[::ratio])
+    assert torch.equal(student.model[21].cv2.bn.running_mean, teacher.model[21].cv2.bn.running_mean[::ratio])
+    assert info["selected_params"] == sum(p.numel() for p in student.model[:-1].parameters())
+
+
 @pytest.mark.parametrize("teacher, student, message", [
     ("yolov8n.yaml", "yolo11n.yaml", "the teacher has 23 layers and the student 24"),
     ("yolo11m.yaml", "yolo11n.yaml", "layer 2 (C3k2): C3k in the teacher, Bottleneck in the student"),
@@ -235,7 +253,7 @@ def test_init_errors_cli(tmp_path, tiny_data, trained_bundle):
     tv = _recipe(tmp_path, tiny_data, "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
                  student="torchvision:fasterrcnn_mobilenet_v3_large_320_fpn")
     out = run("recipe", "check", str(tv), "--models")
-    assert "distill.init: weight selection is available for YOLO teachers and students only" in out
+    assert "distill.init: weight selection is available for Ultralytics YOLO and RT-DETR pairs only" in out
 
 
 def test_init_alone_trains_on_the_labels_from_the_teachers_weights(tmp_path, tiny_data, trained_bundle):

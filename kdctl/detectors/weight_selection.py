@@ -17,7 +17,9 @@ of two layers and the attention's heads (whole heads kept); residual sums must k
 paper's first-N layer selection). The pair must share the layer layout (same module types, wiring and kernel sizes;
 e.g. yolov8n → kdctl's yolov8-tiny, yolov8s or yolov8m → yolov8n, yolo11s → yolo11n, yolo26s → yolo26n), each
 student layer no wider and no deeper than the teacher's, and the same class count; anything else is refused with
-one line naming the layer.
+one line naming the layer. Across Ultralytics families with one backbone and neck layout (YOLOv8 ↔ kdctl's
+tiny RT-DETR, yolov8n-rtdetr → rtdetr-tiny) everything up to the head is selected and an RT-DETR decoder (on
+either side) keeps its random initialisation, recorded as such.
 """
 
 from __future__ import annotations
@@ -260,7 +262,7 @@ def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe
                           f"{len(s_layers)}; weight selection needs the same layer layout (e.g. yolov8n → "
                           "yolov8-tiny)")
     parts: list[Segments] = []
-    i = 0
+    i, head = 0, "selected"
     try:
         for i, (t, s) in enumerate(zip(t_layers, s_layers)):
             if getattr(t, "f", None) != getattr(s, "f", None):
@@ -268,12 +270,16 @@ def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe
             froms = t.f if isinstance(t.f, list) else [t.f]
             ins = [[(3, 3)] if i == 0 else parts[i - 1] if f == -1 else parts[f] for f in froms]
             kind = type(t).__name__
-            if type(s).__name__ != kind:
+            if type(s).__name__ != kind and not (i == len(t_layers) - 1 and "RTDETRDecoder" in (
+                    kind, type(s).__name__)):
                 raise _Mismatch(f"{kind} in the teacher, {type(s).__name__} in the student")
             if kind == "Concat":
                 parts.append([p for segs in ins for p in segs])
             elif kind in ("Upsample", "MaxPool2d", "Identity"):
                 parts.append(ins[0])
+            elif i == len(t_layers) - 1 and "RTDETRDecoder" in (kind, type(s).__name__):
+                head = f"{type(s).__name__} (random start: {kind} in the teacher; decoders are not selected)"
+                parts.append([])
             elif kind == "Detect":
                 _detect(t, s, ins)
                 parts.append([])
@@ -284,7 +290,8 @@ def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe
     except _Mismatch as e:
         raise RecipeError(f"{source}: {FIELD}: layer {i} ({type(t_layers[i]).__name__}): {e}; weight selection "
                           "needs the same layer layout, each student layer at most as wide and deep as the teacher's") from None
-    n_s = sum(p.numel() for p in student.parameters())
+    selected = s_layers if head == "selected" else s_layers[:-1]
+    n_s = sum(p.numel() for p in selected.parameters())  # the student's parameters that came from the teacher
     n_t = sum(p.numel() for p in teacher.parameters())
-    return {"method": "weight selection (Xu et al. 2024)", "layers": len(s_layers), "student_params": n_s,
-            "teacher_params": n_t, "kept": round(n_s / max(n_t, 1), 4)}
+    return {"method": "weight selection (Xu et al. 2024)", "layers": len(s_layers), "head": head,
+            "selected_params": n_s, "teacher_params": n_t, "kept": round(n_s / max(n_t, 1), 4)}

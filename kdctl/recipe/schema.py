@@ -171,7 +171,8 @@ class DistillSpec(Strict):
         None, description="teacher: start the student from the teacher's weights, each tensor cut to the student's "
                           "shape by evenly spaced channels, part by part (weight selection, Xu et al. ICLR 2024) "
                           "instead of a random draw; YOLO pairs of one layer layout with the student no wider or "
-                          "deeper (yolov8n → yolov8-tiny, yolov8m → yolov8n, yolo11s → yolo11n), the student built "
+                          "deeper (yolov8n → yolov8-tiny, yolov8m → yolov8n, yolo11s → yolo11n; across YOLO and "
+                          "RT-DETR of one backbone and neck the decoder starts at random), the student built "
                           "from a model YAML; any other pair is an error. auto: the same where the pair allows it, "
                           "else a random start (the reason is recorded in the bundle)")
     quantize: Literal["int8"] | None = Field(
