@@ -158,13 +158,7 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
             parts = parts + cur
         return _conv(t.cv2, s.cv2, parts + [(t.c, 0)] * dropped)  # the dropped blocks' chunks: none of theirs
     if kind == "C2":  # split in two, blocks on the first chunk, then [blocks(a), b]
-        _first_blocks(t.m, s.m)
-        chunk = [(t.c, s.c)]
-        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
-        a = chunk
-        for x, y in zip(t.m, s.m):
-            a = _block(x, y, a)
-        return _conv(t.cv2, s.cv2, a + chunk)
+        return _split_in_two(t, s, in_segs, blocks_on_first=True)
     if kind == "GhostConv":  # half the channels from a convolution, half from a depthwise one on those
         y = _conv(t.cv1, s.cv1, in_segs)
         return y + _conv(t.cv2, s.cv2, y)
@@ -189,14 +183,8 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
         if getattr(t, "add", False):
             _same_channels(out, in_segs)
         return out
-    if kind == "C2PSA":  # C2f's split, attention blocks on the second chunk only
-        _first_blocks(t.m, s.m)
-        chunk = [(t.c, s.c)]
-        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
-        cur = chunk
-        for a, b in zip(t.m, s.m):
-            cur = _block(a, b, cur)
-        return _conv(t.cv2, s.cv2, chunk + cur)
+    if kind == "C2PSA":  # split in two, attention blocks on the second chunk, then [a, blocks(b)]
+        return _split_in_two(t, s, in_segs, blocks_on_first=False)
     if kind == "PSABlock":
         att = _attention(t.attn, s.attn, in_segs)
         out = _conv(t.ffn[1], s.ffn[1], _conv(t.ffn[0], s.ffn[0], att))
@@ -204,6 +192,17 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
         _same_channels(out, in_segs)
         return out
     raise _Mismatch(f"{kind} is not a module weight selection knows ({', '.join(SUPPORTED)})")
+
+
+def _split_in_two(t, s, in_segs: Segments, blocks_on_first: bool) -> Segments:
+    """C2 / C2PSA: ``cv1``'s output split in two chunks, ``m`` on one of them, ``cv2`` reading both."""
+    _first_blocks(t.m, s.m)
+    chunk = [(t.c, s.c)]
+    _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+    cur = chunk
+    for a, b in zip(t.m, s.m):
+        cur = _block(a, b, cur)
+    return _conv(t.cv2, s.cv2, cur + chunk if blocks_on_first else chunk + cur)
 
 
 def _attention(t, s, in_segs: Segments) -> Segments:
