@@ -438,7 +438,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
         except RecipeError as e:
             if init != "auto":
                 raise
-            init, note = None, str(e).split("distill.init: ", 1)[-1]  # a random start, and why
+            init, note = None, str(e).removeprefix(f"{source}: distill.init: ")  # a random start, and why
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
                                        cache, "teacher" if init else None, note)
 

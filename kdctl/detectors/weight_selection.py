@@ -60,19 +60,23 @@ def _total(segs: Segments, side: int) -> int:
     return sum(p[side] for p in segs)
 
 
-def _copy_conv2d(t: nn.Conv2d, s: nn.Conv2d, in_segs: Segments) -> Segments:
-    """Copy ``t`` into ``s`` reading input parts ``in_segs``; returns the output's parts (one)."""
+def _copy_conv2d(t: nn.Conv2d, s: nn.Conv2d, in_segs: Segments, out_segs: Segments | None = None) -> Segments:
+    """Copy ``t`` into ``s`` reading input parts ``in_segs``; returns the output's parts: one, or ``out_segs`` for
+    an output that is later split (C2f's ``cv1``, attention's ``qkv``), kept part by part."""
     if t.kernel_size != s.kernel_size or t.stride != s.stride:
         raise _Mismatch(f"kernel {t.kernel_size}/stride {t.stride} in the teacher, "
                         f"{s.kernel_size}/{s.stride} in the student")
     if (_total(in_segs, 0), _total(in_segs, 1)) != (t.in_channels, s.in_channels):
         raise _Mismatch(f"reads {t.in_channels} → {s.in_channels} channels where its input has "
                         f"{_total(in_segs, 0)} → {_total(in_segs, 1)}")
+    if out_segs is not None and (_total(out_segs, 0), _total(out_segs, 1)) != (t.out_channels, s.out_channels):
+        raise _Mismatch("split parts that do not add up to the convolution's outputs")
     if t.groups == 1 and s.groups == 1:
-        out_segs = [(t.out_channels, s.out_channels)]
+        out_segs = out_segs or [(t.out_channels, s.out_channels)]
         o, i = _indices(out_segs), _indices(in_segs)
         w = t.weight.detach()[o][:, i]
-    elif t.groups == t.in_channels == t.out_channels and s.groups == s.in_channels == s.out_channels:
+    elif out_segs is None and t.groups == t.in_channels == t.out_channels and \
+            s.groups == s.in_channels == s.out_channels:
         out_segs = in_segs  # depthwise: output channel j is input channel j's filter
         o = _indices(out_segs)
         w = t.weight.detach()[o]
@@ -95,26 +99,15 @@ def _copy_bn(t: nn.BatchNorm2d, s: nn.BatchNorm2d, segs: Segments) -> None:
         s.num_batches_tracked.copy_(t.num_batches_tracked)
 
 
-def _conv(t, s, in_segs: Segments) -> Segments:
+def _conv(t, s, in_segs: Segments, out_segs: Segments | None = None) -> Segments:
     """Ultralytics' Conv/DWConv (conv + BN + activation) or a bare Conv2d."""
     if isinstance(t, nn.Conv2d):
-        return _copy_conv2d(t, s, in_segs)
+        return _copy_conv2d(t, s, in_segs, out_segs)
     if not (hasattr(t, "bn") and hasattr(s, "bn")):
         raise _Mismatch("a fused convolution (BatchNorm folded into it): select from the unfused model")
-    out = _copy_conv2d(t.conv, s.conv, in_segs)
+    out = _copy_conv2d(t.conv, s.conv, in_segs, out_segs)
     _copy_bn(t.bn, s.bn, out)
     return out
-
-
-def _chain(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
-    """A Sequential (or nested Sequentials) of convolutions applied one after the other."""
-    if isinstance(t, nn.Sequential):
-        if len(t) != len(s):
-            raise _Mismatch(f"{len(t)} blocks in the teacher, {len(s)} in the student")
-        for a, b in zip(t, s):
-            in_segs = _chain(a, b, in_segs)
-        return in_segs
-    return _block(t, s, in_segs)
 
 
 def _same_channels(a: Segments, b: Segments) -> None:
@@ -137,8 +130,12 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
         raise _Mismatch(f"{kind} in the teacher, {type(s).__name__} in the student")
     if kind in ("Conv", "DWConv", "Conv2d"):
         return _conv(t, s, in_segs)
-    if kind == "Sequential":
-        return _chain(t, s, in_segs)
+    if kind == "Sequential":  # convolutions (or nested Sequentials) applied one after the other
+        if len(t) != len(s):
+            raise _Mismatch(f"{len(t)} blocks in the teacher, {len(s)} in the student")
+        for a, b in zip(t, s):
+            in_segs = _block(a, b, in_segs)
+        return in_segs
     if kind == "SCDown":  # YOLOv10's downsampling: pointwise, then a depthwise stride-2 convolution
         return _conv(t.cv2, s.cv2, _conv(t.cv1, s.cv1, in_segs))
     if kind == "Bottleneck":
@@ -150,7 +147,7 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
     if kind in ("C2f", "C3k2"):
         dropped = _first_blocks(t.m, s.m)
         chunk = [(t.c, s.c)]
-        _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+        _conv(t.cv1, s.cv1, in_segs, chunk * 2)
         parts = chunk * 2
         cur = chunk
         for a, b in zip(t.m, s.m):
@@ -163,8 +160,8 @@ def _block(t: nn.Module, s: nn.Module, in_segs: Segments) -> Segments:
         y = _conv(t.cv1, s.cv1, in_segs)
         return y + _conv(t.cv2, s.cv2, y)
     if kind == "GhostBottleneck":
-        out = _chain(t.conv, s.conv, in_segs)
-        _same_channels(_chain(t.shortcut, s.shortcut, in_segs), out)
+        out = _block(t.conv, s.conv, in_segs)
+        _same_channels(_block(t.shortcut, s.shortcut, in_segs), out)
         return out
     if kind == "Identity":
         return in_segs
@@ -198,7 +195,7 @@ def _split_in_two(t, s, in_segs: Segments, blocks_on_first: bool) -> Segments:
     """C2 / C2PSA: ``cv1``'s output split in two chunks, ``m`` on one of them, ``cv2`` reading both."""
     _first_blocks(t.m, s.m)
     chunk = [(t.c, s.c)]
-    _copy_conv2d_parts(t.cv1, s.cv1, in_segs, chunk * 2)
+    _conv(t.cv1, s.cv1, in_segs, chunk * 2)
     cur = chunk
     for a, b in zip(t.m, s.m):
         cur = _block(a, b, cur)
@@ -216,22 +213,9 @@ def _attention(t, s, in_segs: Segments) -> Segments:
         key, value = (t.key_dim, s.key_dim if on else 0), (t.head_dim, s.head_dim if on else 0)
         qkv += [key, key, value]
         values.append(value)
-    _copy_conv2d_parts(t.qkv, s.qkv, in_segs, qkv)
+    _conv(t.qkv, s.qkv, in_segs, qkv)
     _conv(t.pe, s.pe, values)
     return _conv(t.proj, s.proj, values)
-
-
-def _copy_conv2d_parts(t, s, in_segs: Segments, out_segs: Segments) -> None:
-    """A Conv whose output is later split into ``out_segs`` (C2f's cv1): channels kept part by part."""
-    if (_total(out_segs, 0), _total(out_segs, 1)) != (t.conv.out_channels, s.conv.out_channels):
-        raise _Mismatch("split parts that do not add up to the convolution's outputs")
-    if (_total(in_segs, 0), _total(in_segs, 1)) != (t.conv.in_channels, s.conv.in_channels) or \
-            t.conv.groups != 1 or s.conv.groups != 1 or t.conv.kernel_size != s.conv.kernel_size:
-        raise _Mismatch("a split convolution whose input or kernel differs between the two")
-    o, i = _indices(out_segs), _indices(in_segs)
-    with torch.no_grad():
-        s.conv.weight.copy_(t.conv.weight.detach()[o][:, i])
-    _copy_bn(t.bn, s.bn, out_segs)
 
 
 def _detect(t, s, inputs: list) -> None:
@@ -245,7 +229,7 @@ def _detect(t, s, inputs: list) -> None:
         if tb is None or sb is None:
             raise _Mismatch(f"Detect.{branch} on one side only")
         for k in range(t.nl):
-            _chain(tb[k], sb[k], inputs[k])
+            _block(tb[k], sb[k], inputs[k])
     # DFL's projection is fixed (not trained): both heads already hold arange(reg_max)
 
 
@@ -269,14 +253,14 @@ def select_weights(student: nn.Module, teacher: nn.Module, source: str = "recipe
             froms = t.f if isinstance(t.f, list) else [t.f]
             ins = [[(3, 3)] if i == 0 else parts[i - 1] if f == -1 else parts[f] for f in froms]
             kind = type(t).__name__
-            if type(s).__name__ != kind and not (i == len(t_layers) - 1 and "RTDETRDecoder" in (
-                    kind, type(s).__name__)):
+            decoder = i == len(t_layers) - 1 and "RTDETRDecoder" in (kind, type(s).__name__)
+            if type(s).__name__ != kind and not decoder:
                 raise _Mismatch(f"{kind} in the teacher, {type(s).__name__} in the student")
             if kind == "Concat":
                 parts.append([p for segs in ins for p in segs])
             elif kind in ("Upsample", "MaxPool2d", "Identity"):
                 parts.append(ins[0])
-            elif i == len(t_layers) - 1 and "RTDETRDecoder" in (kind, type(s).__name__):
+            elif decoder:
                 head = f"{type(s).__name__} (random start: {kind} in the teacher; decoders are not selected)"
                 parts.append([])
             elif kind == "Detect":

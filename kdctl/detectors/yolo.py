@@ -401,14 +401,13 @@ class KDTrainer(DetectionTrainer):
         """``distill.init: teacher``: the student's weights selected from the teacher's, before ``weights`` (a
         resumed run's checkpoint, which replaces them) are loaded; the record goes beside the checkpoints."""
         if self.distill.init == "teacher":
+            from kdctl.bundle.store import write_json_atomic
             from kdctl.detectors.weight_selection import select_weights
-
-            done = select_weights(model, teacher, self.distill.source)
             from kdctl.distributed import rank
 
-            if not weights and rank() <= 0:  # a fresh start (a resumed run keeps the first start's record); under
-                from kdctl.bundle.store import write_json_atomic  # DDP rank 0 writes the run's files
-
+            done = select_weights(model, teacher, self.distill.source)
+            # a fresh start writes the record (a resumed run keeps the first start's); under DDP rank 0 writes it
+            if not weights and rank() <= 0:
                 write_json_atomic(Path(self.save_dir) / INIT_FILE, {"from": "teacher", **done})
         if weights:
             model.load(weights)
