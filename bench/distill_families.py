@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--families", nargs="+", default=FAMILIES)
-    ap.add_argument("--scene", choices=["clear", "cluttered"], default="clear")
+    ap.add_argument("--scene", choices=["clear", "cluttered", "dense"], default="clear")
     ap.add_argument("--no-ultralytics", action="store_true", help="skip Ultralytics' built-in KD rows")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--epochs", type=int, help="train the students this many epochs instead of the recipes' 20 "

@@ -75,6 +75,7 @@ def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
     (["eval", "{b}", "--imgsz", "8192"], "--imgsz"),
     (["data", "synth", "{b}/new", "--seed", "-1"], "--seed"),  # NumPy refuses it only after the output was begun
     (["data", "synth", "{b}/new", "--seed", str(2**32)], "--seed"),
+    (["data", "synth", "{b}/new", "--scene", "dense", "--classes", "10"], "--classes"),  # dense has 9 shapes
 ])
 def test_out_of_range_options_refused_before_any_work(tmp_path, argv, option):
     res = CliRunner().invoke(app, [a.format(b=tmp_path) for a in argv])

@@ -94,7 +94,7 @@ def test_unknown_target_lists_valid():
 
 
 def test_not_a_model_bundle(export_cpu, tmp_path):
-    with pytest.raises(BundleError, match="is a 'export' bundle; expected one of: train, distill"):
+    with pytest.raises(BundleError, match="is an 'export' bundle; expected one of: train, distill"):
         export_bundle(export_cpu, ExportOptions(), out=tmp_path / "x")
     res = CliRunner().invoke(app, ["export", str(export_cpu), "--target", "cpu", "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "expected one of: train, distill" in res.output and "Traceback" not in res.output

@@ -99,6 +99,11 @@ BAD = [
     (GOOD.replace("train: {", "train: {seed: 4294967296, "), "train.seed", "less than or equal to 4294967295"),
     (GOOD.replace("{train: 10, val: 5}", "{train: 10, val: 5, seed: -3}"), "data.synthetic.seed",
      "greater than or equal to 0"),
+    # the dense scene draws its classes from the last 9 shapes
+    (GOOD.replace("{train: 10, val: 5}", "{train: 10, val: 5, scene: dense, classes: 10}"), "data.synthetic.classes",
+     "scene 'dense' has 9 shapes"),
+    (GOOD.replace("{train: 10, val: 5}", "{train: 10, val: 5, scene: foggy}"), "data.synthetic.scene",
+     "'cluttered', 'clear' or 'dense'"),
 ]
 
 

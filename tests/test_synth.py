@@ -68,3 +68,46 @@ def test_boxes_match_visible_pixels():
     assert labels and img.size == (256, 256)
     for _, x1, y1, x2, y2 in labels:
         assert 0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 256
+
+
+def test_dense_scene_draws_other_shapes_than_clear(tmp_path):
+    """'dense' is the second built-in set: its class 0 is a cross, not clear's circle, and data.yaml says so."""
+    y = write_dataset(tmp_path, train=4, val=1, seed=0, imgsz=96, classes=4, scene="dense")
+    assert yaml.safe_load(y.read_text())["names"] == {0: "cross", 1: "ring", 2: "star", 3: "diamond"}
+    from kdctl.data import synth
+
+    drawn = []
+    real = synth._draw_shape
+    synth._draw_shape = lambda d, cls, s, rot: (drawn.append(cls), real(d, cls, s, rot))
+    try:
+        for i in range(10):
+            render_image(np.random.default_rng([0, 0, i]), SynthConfig(classes=2, imgsz=96, **synth.SCENES["dense"]))
+    finally:
+        synth._draw_shape = real
+    assert drawn and set(drawn) == {CLASS_NAMES.index("cross"), CLASS_NAMES.index("ring")}
+
+
+def test_dense_scene_has_more_smaller_objects_than_clear():
+    from kdctl.data.synth import SCENES
+
+    def stats(scene):
+        n, sizes = 0, []
+        for i in range(40):
+            _, labels = render_image(np.random.default_rng([0, 0, i]), SynthConfig(classes=6, imgsz=128,
+                                                                                   **SCENES[scene]))
+            n += len(labels)
+            sizes += [max(x2 - x1, y2 - y1) for _, x1, y1, x2, y2 in labels]
+        return n / 40, float(np.median(sizes))
+
+    (n_clear, s_clear), (n_dense, s_dense) = stats("clear"), stats("dense")
+    assert n_dense > 1.5 * n_clear and s_dense < 0.75 * s_clear
+
+
+def test_scene_class_count_is_bounded_by_its_shapes(tmp_path):
+    import pytest
+
+    from kdctl.data.synth import scene_classes
+
+    assert scene_classes("clear") == len(CLASS_NAMES) and scene_classes("dense") == len(CLASS_NAMES) - 3
+    with pytest.raises(ValueError, match="1..9 for scene 'dense'"):
+        write_dataset(tmp_path, train=1, val=1, imgsz=64, classes=10, scene="dense")

@@ -165,7 +165,8 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     if stages is not None:
         stages = tuple(stages)
         if bundle.stage not in stages:
-            raise BundleError(f"{path}: is a '{bundle.stage}' bundle; expected one of: {', '.join(stages)}")
+            article = "an" if bundle.stage[:1] in "aeiou" else "a"
+            raise BundleError(f"{path}: is {article} '{bundle.stage}' bundle; expected one of: {', '.join(stages)}")
     if verify:
         require_verified(bundle)
     return bundle

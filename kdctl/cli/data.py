@@ -21,8 +21,8 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", "-s", min=0, max=SEED_MAX, help="Random seed (same seed, same bytes).")] = 0,
     imgsz: Annotated[int, typer.Option("--imgsz", min=64, max=2048, help="Image side in pixels.")] = 320,
     classes: Annotated[int, typer.Option("--classes", min=1, max=12, help="Number of shape classes.")] = 6,
-    scene: Annotated[str, typer.Option("--scene", help="cluttered (many small, occluded objects) or clear "
-                                       "(fewer, larger objects).")] = "cluttered",
+    scene: Annotated[str, typer.Option("--scene", help="cluttered (many small, occluded objects), clear (fewer, "
+                                       "larger objects) or dense (other shapes, more and smaller objects).")] = "cluttered",
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -39,10 +39,12 @@ def synth(
     for anc in out.absolute().parents:
         if anc.exists() and not anc.is_dir():
             raise DataError(f"{out}: '{anc}' is a file, not a directory")
-    from kdctl.data.synth import SCENES
+    from kdctl.data.synth import SCENES, scene_classes
 
     if scene not in SCENES:
         raise DataError(f"--scene: '{scene}'; valid: {', '.join(SCENES)}")
+    if classes > scene_classes(scene):
+        raise DataError(f"--classes: {classes}; scene '{scene}' has {scene_classes(scene)} shapes")
     out.parent.mkdir(parents=True, exist_ok=True)
     with progress_bar(not (json_ or quiet)) as p:
         task = p.add_task("generating", total=images + val) if p else None

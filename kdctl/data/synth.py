@@ -98,16 +98,25 @@ class SynthConfig:
     min_size: int = 8
     max_frac: float = 0.45   # largest object side, as a fraction of the image
     blur_p: float = 0.3
+    first_class: int = 0     # index into CLASS_NAMES of class 0, so scenes can use other shapes
 
 
-# Scenes: "cluttered" (the default: many small objects, clutter, occlusion; hard for a small CPU budget) and
+# Scenes: "cluttered" (the default: many small objects, clutter, occlusion; hard for a small CPU budget),
 # "clear" (fewer, larger objects and little clutter: a YOLOv8n reaches a strong mAP within minutes on a CPU, so
-# the teacher-student gap that distillation closes is a real one).
+# the teacher-student gap that distillation closes is a real one) and "dense" (a second learnable set unlike
+# "clear": other shapes, more and smaller objects, more clutter and blur, so no loss is tuned to one generator).
 SCENES = {
     "cluttered": {},
     "clear": {"min_objects": 1, "max_objects": 4, "distractors": (0, 2), "min_size": 24, "max_frac": 0.6,
               "blur_p": 0.1},
+    "dense": {"min_objects": 3, "max_objects": 8, "distractors": (1, 6), "min_size": 14, "max_frac": 0.4,
+              "blur_p": 0.25, "first_class": 3},
 }
+
+
+def scene_classes(scene: str) -> int:
+    """How many classes ``scene`` can draw (its shapes run from its first class to the end of CLASS_NAMES)."""
+    return len(CLASS_NAMES) - SCENES[scene].get("first_class", 0)
 
 
 def render_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Image, list[tuple[int, float, float, float, float]]]:
@@ -129,7 +138,7 @@ def render_image(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Image.Imag
         d = ImageDraw.Draw(mask_img)
         if kind == "obj":
             cls = int(rng.integers(cfg.classes))
-            _draw_shape(d, cls, s, float(rng.uniform(0, 2 * math.pi)))
+            _draw_shape(d, cfg.first_class + cls, s, float(rng.uniform(0, 2 * math.pi)))
         else:  # irregular blob or scribble: unlabeled clutter
             cls = -1
             if rng.random() < 0.5:
@@ -177,11 +186,11 @@ def write_dataset(out: str | Path, *, train: int = 400, val: int = 100, seed: in
     """
     import yaml
 
-    if not 1 <= classes <= len(CLASS_NAMES):
-        raise ValueError(f"classes must be 1..{len(CLASS_NAMES)}")
     out = Path(out)
     if scene not in SCENES:
         raise ValueError(f"scene '{scene}'; valid: {', '.join(SCENES)}")
+    if not 1 <= classes <= scene_classes(scene):
+        raise ValueError(f"classes must be 1..{scene_classes(scene)} for scene '{scene}'")
     cfg = SynthConfig(classes=classes, imgsz=imgsz, **SCENES[scene])
     for split, n, stream in (("train", train, 0), ("val", val, 1)):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -199,7 +208,7 @@ def write_dataset(out: str | Path, *, train: int = 400, val: int = 100, seed: in
     data_yaml = out / "data.yaml"
     data_yaml.write_text(yaml.safe_dump({
         "path": str(Path(root or out).resolve()), "train": "images/train", "val": "images/val",
-        "names": {i: CLASS_NAMES[i] for i in range(classes)},
+        "names": {i: CLASS_NAMES[cfg.first_class + i] for i in range(classes)},
         "kdctl_synthetic": {"seed": seed, "train": train, "val": val, "imgsz": imgsz, "classes": classes,
                             "scene": scene},
     }, sort_keys=False))

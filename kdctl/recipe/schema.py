@@ -48,9 +48,20 @@ class SyntheticData(Strict):
     val: int = Field(100, ge=1, le=100_000, description="Validation images")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Generator seed (same seed, same images)")
     imgsz: int = Field(320, ge=64, le=2048, description="Side of the generated square images")
-    classes: int = Field(6, ge=1, le=12)
-    scene: Literal["cluttered", "clear"] = Field(
-        "cluttered", description="cluttered: many small, occluded objects among clutter; clear: fewer, larger objects")
+    scene: Literal["cluttered", "clear", "dense"] = Field(
+        "cluttered", description="cluttered: many small, occluded objects among clutter; clear: fewer, larger "
+        "objects; dense: other shapes than clear's, more and smaller objects among clutter")
+    classes: int = Field(6, ge=1, le=12, description="Shape classes (at most 12; 9 for scene 'dense')")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_in_scene(cls, v: int, info):
+        from kdctl.data.synth import scene_classes
+
+        scene = info.data.get("scene")
+        if scene is not None and v > scene_classes(scene):
+            raise ValueError(f"{v}; scene '{scene}' has {scene_classes(scene)} shapes")
+        return v
 
 
 class CocoData(Strict):
