@@ -158,3 +158,13 @@ def test_every_stage_that_writes_a_bundle_has_json_and_quiet():
     for name in ("train", "distill", "eval", "export", "profile", "gate", "report"):
         opts = {o for p in cmd.commands[name].params for o in getattr(p, "opts", [])}
         assert {"--json", "--quiet", "-q"} <= opts, name
+
+
+@pytest.mark.parametrize("argv", [["eval", "{t}/none"], ["profile", "{t}/none"], ["export", "{t}/none", "--target", "cpu"]])
+def test_an_error_before_any_work_is_the_only_line_on_stderr(tmp_path, argv):
+    """A command whose progress display had started printed an empty line above the error when stderr is not a
+    terminal (a CI log, a script): Rich's Progress ends every display with a newline there, even one with no bar."""
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *[a.format(t=tmp_path) for a in argv]],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == f"Error: {tmp_path}/none: bundle directory not found\n", repr(p.stderr)

@@ -118,4 +118,10 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
     with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as p:
-        yield p
+        try:
+            yield p
+        finally:
+            if not p.tasks:  # no bar was shown (refused before any work): no empty line above the error
+                p.live.transient = True
+                p.live.stop()
+                p.disable = True  # Progress.stop would print a blank line on a non-terminal stderr
