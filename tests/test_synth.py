@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 import yaml
 
-from kdctl.data.synth import CLASS_NAMES, SynthConfig, render_image, write_dataset
+from kdctl.data import synth
+from kdctl.data.synth import CLASS_NAMES, SCENES, SynthConfig, render_image, scene_classes, write_dataset
 
 
 def digest(root):
@@ -70,26 +72,19 @@ def test_boxes_match_visible_pixels():
         assert 0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 256
 
 
-def test_dense_scene_draws_other_shapes_than_clear(tmp_path):
+def test_dense_scene_draws_other_shapes_than_clear(tmp_path, monkeypatch):
     """'dense' is the second built-in set: its class 0 is a cross, not clear's circle, and data.yaml says so."""
     y = write_dataset(tmp_path, train=4, val=1, seed=0, imgsz=96, classes=4, scene="dense")
     assert yaml.safe_load(y.read_text())["names"] == {0: "cross", 1: "ring", 2: "star", 3: "diamond"}
-    from kdctl.data import synth
-
     drawn = []
     real = synth._draw_shape
-    synth._draw_shape = lambda d, cls, s, rot: (drawn.append(cls), real(d, cls, s, rot))
-    try:
-        for i in range(10):
-            render_image(np.random.default_rng([0, 0, i]), SynthConfig(classes=2, imgsz=96, **synth.SCENES["dense"]))
-    finally:
-        synth._draw_shape = real
+    monkeypatch.setattr(synth, "_draw_shape", lambda d, cls, s, rot: (drawn.append(cls), real(d, cls, s, rot)))
+    for i in range(10):
+        render_image(np.random.default_rng([0, 0, i]), SynthConfig(classes=2, imgsz=96, **SCENES["dense"]))
     assert drawn and set(drawn) == {CLASS_NAMES.index("cross"), CLASS_NAMES.index("ring")}
 
 
 def test_dense_scene_has_more_smaller_objects_than_clear():
-    from kdctl.data.synth import SCENES
-
     def stats(scene):
         n, sizes = 0, []
         for i in range(40):
@@ -104,10 +99,6 @@ def test_dense_scene_has_more_smaller_objects_than_clear():
 
 
 def test_scene_class_count_is_bounded_by_its_shapes(tmp_path):
-    import pytest
-
-    from kdctl.data.synth import scene_classes
-
     assert scene_classes("clear") == len(CLASS_NAMES) and scene_classes("dense") == len(CLASS_NAMES) - 3
     with pytest.raises(ValueError, match="1..9 for scene 'dense'"):
         write_dataset(tmp_path, train=1, val=1, imgsz=64, classes=10, scene="dense")
