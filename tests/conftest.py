@@ -14,6 +14,12 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs (marked ``slow``) first: under pytest-xdist the longest then overlap the short ones
+    instead of running alone at the end. The order is the same in every worker, as xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Synthetic data and COCO conversions go to a per-session cache, never the user's."""
@@ -118,3 +124,36 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
     return {"teacher": trained_bundle,
             "baseline": run_training(load_recipe(base), stage="train", source=str(base), out=d / "base").path,
             "distilled": run_training(load_recipe(kd), stage="distill", source=str(kd), out=d / "kd").path}
+
+
+@pytest.fixture(scope="session")
+def frcnn_bundle(tmp_path_factory, tiny_data) -> Path:
+    """torchvision's Faster R-CNN (MobileNetV3 320 FPN) trained 2 epochs at 128 px by kdctl's own loop: trained
+    enough that its region proposals are not near-ties, so exports can be held to parity with PyTorch."""
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    d = tmp_path_factory.mktemp("frcnn")
+    r = write_recipe(d / "fr.yaml", f"""
+name: fr
+student: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 2, imgsz: 128, batch: 8, lr0: 0.01, optimizer: SGD}}
+""")
+    return run_training(load_recipe(r), stage="train", source=str(r), out=d / "fr").path
+
+
+@pytest.fixture(scope="session")
+def rtdetr_bundle(tmp_path_factory, tiny_data) -> Path:
+    """kdctl's tiny RT-DETR trained 1 epoch at 64 px through Ultralytics' RT-DETR trainer."""
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    d = tmp_path_factory.mktemp("rtdetr")
+    r = write_recipe(d / "r.yaml", f"""
+name: rt
+student: {{model: rtdetr-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 64, batch: 8, optimizer: AdamW, lr0: 0.0005}}
+""")
+    return run_training(load_recipe(r), stage="train", source=str(r), out=d / "rt").path

@@ -95,22 +95,6 @@ def test_int8_keeps_the_decoder_float_and_quantizes_the_cnn(tmp_path):
     assert backbone and not any(n in kept for n in backbone)
 
 
-@pytest.fixture(scope="module")
-def rtdetr_bundle(tmp_path_factory, tiny_data):
-    from kdctl.recipe import load_recipe
-    from kdctl.training import run_training
-
-    d = tmp_path_factory.mktemp("rtdetr")
-    r = d / "r.yaml"
-    r.write_text(f"""
-name: rt
-student: {{model: rtdetr-tiny.yaml}}
-data: {{yolo: {tiny_data}}}
-train: {{epochs: 1, imgsz: 64, batch: 8, optimizer: AdamW, lr0: 0.0005}}
-""")
-    return run_training(load_recipe(r), stage="train", source=str(r), out=d / "rt").path
-
-
 @pytest.mark.slow
 def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     from kdctl.bundle import load_bundle
@@ -122,7 +106,7 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     res = run.invoke(app, ["eval", str(rtdetr_bundle), "--json"])
     assert res.exit_code == 0, res.output
     assert 0 <= json.loads(res.stdout)["map50_95"] <= 1
-    res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "cpu", "--calibration-images", "16", "--out",
+    res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "cpu", "--calibration-images", "8", "--out",
                            str(tmp_path / "cpu")])
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "cpu", verify=True)
@@ -131,11 +115,11 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     assert arts["onnx-fp32"]["parity"]["ok"] is True and arts["onnx-fp32"]["parity"]["queries_compared"] > 0
     assert arts["onnx-int8"]["settings"]["excluded_nodes"] > 0  # the decoder stays float
     res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "intel", "--artifact", "openvino-fp32",
-                           "--artifact", "openvino-int8", "--calibration-images", "16", "--out", str(tmp_path / "ov")])
+                           "--artifact", "openvino-int8", "--calibration-images", "8", "--out", str(tmp_path / "ov")])
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True and ov["openvino-int8"]["metrics"] is not None
-    res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "jetson", "--calibration-images", "16", "--out",
+    res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "jetson", "--calibration-images", "8", "--out",
                            str(tmp_path / "jetson")])
     assert res.exit_code == 0, res.output  # the TensorRT-form Q/DQ graph passes TensorRT's operator and Q/DQ rules
     jet = load_bundle(tmp_path / "jetson", verify=True)

@@ -41,31 +41,30 @@ def _recipe(tmp_path, tiny_data, epochs: int = 1, lr0: float = 0.01, imgsz: int 
 
 
 @pytest.mark.slow
-def test_faster_rcnn_chain_train_export_profile(tmp_path, tiny_data):
+def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     from kdctl.bundle import load_bundle
     from kdctl.detectors import load_detector
     from kdctl.detectors.torchvision import TorchvisionDetector
 
     run = CliRunner()
-    res = run.invoke(app, ["train", str(_recipe(tmp_path, tiny_data, epochs=2, imgsz=128)), "--out", str(tmp_path / "fr")])
-    assert res.exit_code == 0, res.output
-    b = load_bundle(tmp_path / "fr", verify=True)
+    fr = frcnn_bundle
+    b = load_bundle(fr, verify=True)
     assert b.metrics["epochs"][0]["train/loss_objectness"] > 0
-    model = load_detector(tmp_path / "fr" / "weights.pt")
+    model = load_detector(fr / "weights.pt")
     assert isinstance(model, TorchvisionDetector) and model.nc == 3
-    res = run.invoke(app, ["export", str(tmp_path / "fr"), "--target", "cpu", "--calibration-images", "16", "--out",
+    res = run.invoke(app, ["export", str(fr), "--target", "cpu", "--calibration-images", "8", "--out",
                            str(tmp_path / "cpu")])
     assert res.exit_code == 0, res.output
     arts = {a["name"]: a for a in load_bundle(tmp_path / "cpu", verify=True).metrics["artifacts"]}
     assert arts["onnx-fp32"]["parity"]["ok"] is True and arts["onnx-int8"]["metrics"] is not None
-    res = run.invoke(app, ["export", str(tmp_path / "fr"), "--target", "intel", "--artifact", "openvino-fp32",
-                           "--artifact", "openvino-int8", "--calibration-images", "16", "--out", str(tmp_path / "ov")])
+    res = run.invoke(app, ["export", str(fr), "--target", "intel", "--artifact", "openvino-fp32",
+                           "--artifact", "openvino-int8", "--calibration-images", "8", "--out", str(tmp_path / "ov")])
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True
     assert ov["openvino-int8"]["settings"]["converted_from"] == "onnx"
     assert ov["openvino-int8"]["settings"]["tool"] == "nncf" and ov["openvino-int8"]["settings"]["ignored_ops"] > 0
-    res = run.invoke(app, ["export", str(tmp_path / "fr"), "--target", "jetson", "--calibration-images", "16",
+    res = run.invoke(app, ["export", str(fr), "--target", "jetson", "--calibration-images", "8",
                            "--out", str(tmp_path / "jetson")])
     assert res.exit_code == 0, res.output
     jet = load_bundle(tmp_path / "jetson", verify=True).metrics
