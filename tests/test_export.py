@@ -48,13 +48,6 @@ def test_intel_export_openvino_with_explicit_precision(tmp_path, trained_bundle)
     assert (b / "openvino-int8" / "model.xml").is_file() and not (b / "model-fp32.onnx").exists()
 
 
-def test_openvino_int8_accuracy_control_mode(tmp_path, trained_bundle):
-    b = export_bundle(trained_bundle, ExportOptions(target="intel", artifacts=["openvino-int8"], calibration_images=8,
-                                                    max_map_drop=1.0), out=tmp_path / "ac").path
-    s = arts(b)["openvino-int8"]["settings"]
-    assert s["accuracy_control"] is True and s["max_drop"] == 1.0
-
-
 def test_jetson_device_package_without_tensorrt(export_jetson):
     from kdctl.bundle import verify_bundle
     from kdctl.runtimes.tensorrt import tensorrt_status
@@ -189,19 +182,24 @@ def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_pa
 
 def test_json_stdout_is_only_the_document_and_quiet_prints_nothing(tmp_path, trained_bundle):
     """NNCF logs and draws its progress bars on stdout: `kdctl export --target intel --json` printed them before
-    the JSON document, and a CI step that parsed stdout failed. Through the real CLI (file descriptors matter)."""
+    the JSON document, and a CI step that parsed stdout failed. Through the real CLI (file descriptors matter), with
+    NNCF's accuracy-control quantization under --json (a --max-map-drop budget selects it) and its plain one under -q."""
     import subprocess
     import sys
 
     base = [sys.executable, "-m", "kdctl.cli.main", "export", str(trained_bundle), "--target", "intel",
             "--artifact", "openvino-int8", "--calibration-images", "8"]
-    p = subprocess.run(base + ["--out", str(tmp_path / "j"), "--json"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(base + ["--max-map-drop", "1.0", "--out", str(tmp_path / "j"), "--json"], capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)  # the whole of stdout is one document
     assert [a["artifact"] for a in doc["artifacts"]] == ["openvino-int8"]
+    s = arts(tmp_path / "j")["openvino-int8"]["settings"]
+    assert s["accuracy_control"] is True and s["max_drop"] == 1.0
     q = subprocess.run(base + ["--out", str(tmp_path / "q"), "-q"], capture_output=True, text=True, timeout=600)
     assert q.returncode == 0 and q.stdout == "", q.stdout[:300]
     assert "INFO:nncf" not in q.stderr and "FutureWarning" not in q.stderr, q.stderr[:300]
+    assert arts(tmp_path / "q")["openvino-int8"]["settings"]["accuracy_control"] is False
 
 
 def test_stdout_reserved_routes_every_writer_of_fd1():
