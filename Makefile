@@ -34,8 +34,11 @@ demo: $(STAMP)
 	    $(KDCTL) bundle verify $$b || exit 1; done
 	@echo "Report: runs/report/quickstart/report.html"
 
+# two pytest-xdist workers (CI's 2 cores); the slow end-to-end tests start first (tests/conftest.py)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
