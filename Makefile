@@ -34,11 +34,11 @@ demo: $(STAMP)
 	    $(KDCTL) bundle verify $$b || exit 1; done
 	@echo "Report: runs/report/quickstart/report.html"
 
-# two pytest-xdist workers (CI's 2 cores); the slow end-to-end tests start first (tests/conftest.py)
+# two pytest-xdist workers (CI's 2 cores), an idle one takes the other's queued tests; the longest start first
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

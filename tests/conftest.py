@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end runs (marked ``slow``) first: under pytest-xdist the longest then overlap the short ones
-    instead of running alone at the end. The order is the same in every worker, as xdist requires."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest runs (marked ``long``) first, then the other end-to-end runs (``slow``): under pytest-xdist they
+    then overlap the short ones instead of running alone at the end. The same order in every worker, as xdist
+    requires (the sort is stable)."""
+    items.sort(key=lambda item: (item.get_closest_marker("long") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,20 +60,22 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def trained_bundle(tmp_path_factory, tiny_data) -> Path:
-    """One epoch of the tiny student on tiny data: a real train bundle to export, evaluate and distill from."""
+def _trained(tmp_path_factory, name: str, student: str, data: Path, train: str) -> Path:
+    """A real train bundle: ``student`` trained on ``data`` with the recipe's ``train`` mapping."""
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
-    d = tmp_path_factory.mktemp("trained")
-    r = write_recipe(d / "r.yaml", f"""
-name: tiny
-student: {{model: yolov8-tiny.yaml}}
-data: {{yolo: {tiny_data}}}
-train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0}}
-""")
-    return run_training(load_recipe(r), stage="train", source=str(r), runs_dir=d / "runs").path
+    d = tmp_path_factory.mktemp(name)
+    r = write_recipe(d / f"{name}.yaml", f"name: {name}\nstudent: {{model: {student}}}\ndata: {{yolo: {data}}}\n"
+                                          f"train: {train}\n")
+    return run_training(load_recipe(r), stage="train", source=str(r), out=d / name).path
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, tiny_data) -> Path:
+    """One epoch of the tiny student on tiny data: a real train bundle to export, evaluate and distill from."""
+    return _trained(tmp_path_factory, "tiny", "yolov8-tiny.yaml", tiny_data,
+                    "{epochs: 1, imgsz: 128, batch: 8, workers: 0}")
 
 
 @pytest.fixture(scope="session")
@@ -130,30 +133,12 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
 def frcnn_bundle(tmp_path_factory, tiny_data) -> Path:
     """torchvision's Faster R-CNN (MobileNetV3 320 FPN) trained 2 epochs at 128 px by kdctl's own loop: trained
     enough that its region proposals are not near-ties, so exports can be held to parity with PyTorch."""
-    from kdctl.recipe import load_recipe
-    from kdctl.training import run_training
-
-    d = tmp_path_factory.mktemp("frcnn")
-    r = write_recipe(d / "fr.yaml", f"""
-name: fr
-student: {{model: 'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'}}
-data: {{yolo: {tiny_data}}}
-train: {{epochs: 2, imgsz: 128, batch: 8, lr0: 0.01, optimizer: SGD}}
-""")
-    return run_training(load_recipe(r), stage="train", source=str(r), out=d / "fr").path
+    return _trained(tmp_path_factory, "fr", "'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'", tiny_data,
+                    "{epochs: 2, imgsz: 128, batch: 8, lr0: 0.01, optimizer: SGD}")
 
 
 @pytest.fixture(scope="session")
 def rtdetr_bundle(tmp_path_factory, tiny_data) -> Path:
     """kdctl's tiny RT-DETR trained 1 epoch at 64 px through Ultralytics' RT-DETR trainer."""
-    from kdctl.recipe import load_recipe
-    from kdctl.training import run_training
-
-    d = tmp_path_factory.mktemp("rtdetr")
-    r = write_recipe(d / "r.yaml", f"""
-name: rt
-student: {{model: rtdetr-tiny.yaml}}
-data: {{yolo: {tiny_data}}}
-train: {{epochs: 1, imgsz: 64, batch: 8, optimizer: AdamW, lr0: 0.0005}}
-""")
-    return run_training(load_recipe(r), stage="train", source=str(r), out=d / "rt").path
+    return _trained(tmp_path_factory, "rt", "rtdetr-tiny.yaml", tiny_data,
+                    "{epochs: 1, imgsz: 64, batch: 8, optimizer: AdamW, lr0: 0.0005}")

@@ -95,6 +95,7 @@ def _rank_processes(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ranks die with kdctl through PR_SET_PDEATHSIG")
 def test_sigkill_under_ddp_then_resume(tmp_path, tiny_data, trained_bundle):
     """kill -9 of kdctl after the first epoch checkpoint takes the launcher and both ranks with it; --resume continues
@@ -180,6 +181,7 @@ def test_bad_launch_options_are_one_line(tmp_path, tiny_data, trained_bundle, ar
     assert not (tmp_path / "kd").exists() and not (tmp_path / ".kd.work").exists()
 
 
+@pytest.mark.long
 def test_a_rank_killed_mid_run_is_one_line_and_resumable(tmp_path, tiny_data, trained_bundle):
     """Rank 0 SIGKILLed right after its first checkpoint: the job stops, kdctl says so in one line (no traceback),
     the run is kept, and --resume finishes it."""

@@ -42,6 +42,7 @@ def kdctl_wheel(tmp_path_factory) -> Path:
     return wheel
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.device_install
 @pytest.mark.parametrize("version", ["3.10", "3.12"])
@@ -75,6 +76,7 @@ def test_device_package_profiles_without_torch(tmp_path, export_cpu, kdctl_wheel
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.device_install
 def test_device_package_on_emulated_aarch64(tmp_path, export_cpu):

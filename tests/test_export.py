@@ -180,6 +180,7 @@ def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.long
 def test_json_stdout_is_only_the_document_and_quiet_prints_nothing(tmp_path, trained_bundle):
     """NNCF logs and draws its progress bars on stdout: `kdctl export --target intel --json` printed them before
     the JSON document, and a CI step that parsed stdout failed. Through the real CLI (file descriptors matter), with

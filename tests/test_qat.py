@@ -281,6 +281,7 @@ def test_qad_resume_after_kill(tmp_path, tiny_data, trained_bundle):
     assert not (tmp_path / ".qad.work").exists()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("student,loss", [("rtdetr_bundle", "detr_logit"),
                                           ("'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'", "roi_kd")])

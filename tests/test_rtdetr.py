@@ -95,6 +95,7 @@ def test_int8_keeps_the_decoder_float_and_quantizes_the_cnn(tmp_path):
     assert backbone and not any(n in kept for n in backbone)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     from kdctl.bundle import load_bundle

@@ -40,6 +40,7 @@ def _recipe(tmp_path, tiny_data, epochs: int = 1, lr0: float = 0.01, imgsz: int 
     return r
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     from kdctl.bundle import load_bundle
