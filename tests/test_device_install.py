@@ -26,6 +26,13 @@ def _python(version: str) -> str | None:
     return None
 
 
+def _pip_succeeded(r: subprocess.CompletedProcess) -> None:
+    """A pip run passed; skip the test where the package registry cannot be reached."""
+    if r.returncode != 0 and ("Could not find a version" in r.stderr or "Failed to establish" in r.stderr):
+        pytest.skip(f"package registry unreachable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def kdctl_wheel(tmp_path_factory) -> Path:
     """kdctl's wheel, built once from a clean copy of the checkout (its .venv and build folders stay out)."""
@@ -35,9 +42,7 @@ def kdctl_wheel(tmp_path_factory) -> Path:
                                                               "__pycache__", ".pytest_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d / "dist"), str(src)],
                        capture_output=True, text=True, timeout=900)
-    if r.returncode != 0 and ("Could not find a version" in r.stderr or "Failed to establish" in r.stderr):
-        pytest.skip(f"package registry unreachable: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _pip_succeeded(r)
     (wheel,) = (d / "dist").glob("kdctl-*.whl")
     return wheel
 
@@ -55,9 +60,7 @@ def test_device_package_profiles_without_torch(tmp_path, export_cpu, kdctl_wheel
     py = venv / "bin" / "python"
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{kdctl_wheel}[onnxruntime]"], capture_output=True,
                        text=True, timeout=900)
-    if r.returncode != 0 and ("Could not find a version" in r.stderr or "Failed to establish" in r.stderr):
-        pytest.skip(f"package registry unreachable: {r.stderr.strip().splitlines()[-1]}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _pip_succeeded(r)
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True).stdout
     names = {p["name"].lower() for p in json.loads(listed)}
     assert "onnxruntime" in names and not names & {"torch", "ultralytics", "torchvision", "openvino", "onnx"}

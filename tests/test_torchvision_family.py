@@ -33,10 +33,10 @@ def test_dense_output_pads_and_one_hot_scores():
     assert float(y[:, :, 2:].abs().sum()) == 0.0  # padding
 
 
-def _recipe(tmp_path, tiny_data, epochs: int = 1, lr0: float = 0.01, imgsz: int = 64):
+def _recipe(tmp_path, tiny_data, epochs: int = 1, lr0: float = 0.01):
     r = tmp_path / "fr.yaml"
     r.write_text(f"name: fr\nstudent: {{model: '{BUILDER}'}}\ndata: {{yolo: {tiny_data}}}\n"
-                 f"train: {{epochs: {epochs}, imgsz: {imgsz}, batch: 8, lr0: {lr0}, optimizer: SGD}}\n")
+                 f"train: {{epochs: {epochs}, imgsz: 64, batch: 8, lr0: {lr0}, optimizer: SGD}}\n")
     return r
 
 
