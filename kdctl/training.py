@@ -114,7 +114,7 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path, from
         "project": str(work.resolve()), "name": "train", "exist_ok": True,
         "plots": False, "val": True, "deterministic": True, "verbose": False, "compile": False,
         "pretrained": from_checkpoint, "cache": False, "quantize": 8 if recipe.distill.quantize == "int8" else None,
-    }
+    } | ({"nbs": t.nbs} if t.nbs else {})
 
 
 RUN_FILE = "run.json"     # in the work dir: the bundle id this run will publish and whether it may overwrite
@@ -410,6 +410,10 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     _check_stride(recipe, source, student0, "student")
     fam = family(student0)
+    if fam is torchvision and recipe.train.nbs not in (None, recipe.train.batch):
+        raise RecipeError(f"{source}: train.nbs: {recipe.train.nbs} accumulates gradients over batches, and kdctl's "
+                          f"{fam.LABEL} loop steps the optimizer every batch (as torchvision's references do); leave "
+                          "nbs out or set it to train.batch")
     if stage != "distill" or state == "finished":
         return fam, student0, None
     import torch

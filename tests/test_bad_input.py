@@ -745,6 +745,14 @@ def _(c):
             str(c.tmp / "x")], 2, ["student.model", "fasterrcnn_resnet9000_fpn", "valid:"]
 
 
+@case("train-torchvision-nominal-batch")
+def _(c):
+    """Gradient accumulation is Ultralytics' (train.nbs); kdctl's Faster R-CNN loop would have ignored it."""
+    r = c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'")
+    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, nbs: 16}"))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml: train.nbs: 16", "steps the optimizer every batch"]
+
+
 @case("distill-torchvision-student-yolo-teacher")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'",

@@ -86,6 +86,30 @@ def test_bias_warmup_default_and_override():
     assert _warmup_bias_lr(TrainSpec(optimizer="AdamW", warmup_bias_lr=0.0)) == 0.0
 
 
+@pytest.mark.slow
+def test_nominal_batch_sets_optimizer_steps(tiny_data, tmp_path):
+    """train.nbs is Ultralytics' nominal batch: unset, gradients of 64 images make one step (so 24 images at batch 4
+    are 1 optimizer step an epoch); set to the batch, every batch is a step (6)."""
+    from kdctl.detectors.yolo import trainer
+    from kdctl.models import resolve_model
+    from kdctl.recipe.schema import Recipe
+    from kdctl.training import _overrides
+
+    model = resolve_model("yolov8-tiny.yaml", "student.model", "test").ref
+
+    def recipe(**train):
+        return Recipe.model_validate({"student": {"model": "yolov8-tiny.yaml"}, "data": {"yolo": str(tiny_data)},
+                                      "train": {"epochs": 1, "imgsz": 64, "batch": 4, "warmup_epochs": 0, **train}})
+
+    assert "nbs" not in _overrides(recipe(), tiny_data, model, tmp_path)
+    tr = trainer(_overrides(recipe(nbs=4), tiny_data, model, tmp_path))
+    steps = []
+    step = tr.optimizer_step
+    tr.optimizer_step = lambda: (steps.append(1), step())
+    tr.train()
+    assert tr.args.nbs == 4 and len(steps) == 6
+
+
 def test_reuse_keeps_a_bundle_made_from_the_same_recipe(tmp_path, trained_bundle):
     import shutil
 

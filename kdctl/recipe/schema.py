@@ -102,6 +102,12 @@ class TrainSpec(Strict):
     mosaic: float = Field(1.0, ge=0, le=1)
     close_mosaic: int = Field(0, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
+    nbs: int | None = Field(
+        None, ge=1, le=4096,
+        description="Nominal batch size (Ultralytics' nbs, default 64): gradients accumulate over round(nbs / batch) "
+                    "batches per optimizer step. On a few hundred images the default leaves ~6 steps an epoch; "
+                    "nbs equal to batch steps every batch (the quickstart's setting, docs/benchmarks.md). YOLO and "
+                    "RT-DETR only: kdctl's Faster R-CNN loop steps every batch, as torchvision's references do")
     warmup_bias_lr: float | None = Field(
         None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
                                       "which trains better from scratch here than 0 even with AdamW; see "
