@@ -31,6 +31,36 @@ FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "disti
 
 SCENE = {"name": "clear"}  # set by --scene; "dense" or "cluttered" swaps in another built-in dataset (6 classes)
 EPOCHS = {"students": None, "teacher": None}  # --epochs / --teacher-epochs: schedules other than the recipes'
+OVERRIDES: dict[str, object] = {}  # --set: recipe fields changed in every distillation run (a weight screen)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``distill.auto_balance=0.25`` -> ("distill.auto_balance", 0.25); the value is read as YAML."""
+    import argparse
+
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE with a dotted recipe key, "
+                                         "e.g. distill.auto_balance=0.25")
+    return key, yaml.safe_load(value)
+
+
+def override_tag() -> str:
+    """The suffix of a screen's run folders and rows, e.g. '-auto_balance=0.25' (empty without --set)."""
+    return "".join(f"-{k.rsplit('.', 1)[-1]}={v}" for k, v in OVERRIDES.items())
+
+
+def apply_overrides(d: dict) -> None:
+    for key, value in OVERRIDES.items():
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
 
 
 
@@ -47,6 +77,8 @@ def _recipe(name: str, seed: int, teacher: Path | None):
         d["data"]["synthetic"].update(scene=SCENE["name"], classes=6)
     if teacher is not None and d.get("teacher"):
         d["teacher"]["model"] = str(teacher)
+    if d.get("distill") is not None and name not in ("quickstart-teacher", "quickstart-student"):
+        apply_overrides(d)
     return type(r).model_validate(d)
 
 
@@ -81,7 +113,7 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     YOLO(resolve_model(r.student.model, "student", "bench").ref).train(
         data=str(ds.yaml), distill_model=str(teacher / "weights.pt"), dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
         batch=t.batch, seed=seed, optimizer=t.optimizer, lr0=t.lr0, mosaic=t.mosaic, warmup_epochs=t.warmup_epochs,
-        close_mosaic=t.close_mosaic, workers=0, device="cpu", plots=False, project=str(out.parent), name=out.name,
+        close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False, project=str(out.parent), name=out.name,
         exist_ok=True, verbose=False, amp=False, deterministic=True)
     train_s = time.perf_counter() - t0
     model = load_detector(out / "weights" / "best.pt")
@@ -92,11 +124,12 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     return res
 
 
-def _worker_init(scene: str, epochs: dict, threads: int) -> None:
+def _worker_init(scene: str, epochs: dict, overrides: dict, threads: int) -> None:
     import torch
 
     SCENE["name"] = scene
     EPOCHS.update(epochs)
+    OVERRIDES.update(overrides)
     torch.set_num_threads(threads)
 
 
@@ -112,7 +145,7 @@ def _run_all(runs: list, jobs: int):
 
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(SCENE["name"], dict(EPOCHS), threads)) as pool:
+                             initargs=(SCENE["name"], dict(EPOCHS), dict(OVERRIDES), threads)) as pool:
         futures = {pool.submit(fn, *args): (row, seed) for row, seed, fn, args in runs}
         for f in as_completed(futures):
             yield (*futures[f], f.result())
@@ -131,8 +164,12 @@ def main() -> None:
                     "process with cores/jobs threads; their train s are then times on shared cores")
     ap.add_argument("--teacher-epochs", type=int, help="train the teacher this many epochs instead of its recipe's 30 "
                     "(a converged teacher; its own bundle, the baselines are shared)")
+    ap.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                    metavar="KEY=VALUE", help="change a recipe field in every distillation run (not the teacher or "
+                    "baseline), e.g. --set distill.auto_balance=0.25: a screen, with its own run folders and rows")
     a = ap.parse_args()
     SCENE["name"], EPOCHS["students"], EPOCHS["teacher"] = a.scene, a.epochs, a.teacher_epochs
+    OVERRIDES.update(a.overrides)
     root = Path(a.root) / a.scene
     base_tag = f"-e{a.epochs}" if a.epochs else ""
     t_tag = f"-t{a.teacher_epochs}" if a.teacher_epochs else ""
@@ -147,11 +184,12 @@ def main() -> None:
         if not a.no_ultralytics:
             runs.append(("ultralytics distill_model (dis=6)", seed, run_ultralytics_kd,
                          (seed, teacher, root / f"ultralytics{tag}-s{seed}")))
-        runs += [(fam, seed, run_kdctl, (fam, "distill", seed, teacher, root / f"{fam}{tag}-s{seed}"))
+        runs += [(fam + override_tag(), seed, run_kdctl,
+                  (fam, "distill", seed, teacher, root / f"{fam}{tag}{override_tag()}-s{seed}"))
                  for fam in a.families]
     for row, seed, out in _run_all(runs, a.jobs):
         res.setdefault(row, {})[seed] = out
-        (root / f"results{tag}.json").write_text(json.dumps(res, indent=1))
+        (root / f"results{tag}{override_tag()}.json").write_text(json.dumps(res, indent=1))
     order = ["teacher"] + list(dict.fromkeys(row for row, *_ in runs))  # table rows in run order, seeds sorted
     res = {row: dict(sorted(res[row].items())) for row in order}
 
@@ -177,7 +215,8 @@ def main() -> None:
     r = _recipe("quickstart-student", 0, None)
     syn, t = r.data.synthetic, r.train
     when = (f", students {a.epochs} epochs" if a.epochs else "") + (
-        f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "")
+        f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "") + "".join(
+        f", {k}={v} in every distillation run" for k, v in OVERRIDES.items())
     body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
             f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
             f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
@@ -191,7 +230,7 @@ def main() -> None:
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
                      "gap closed (mean, per seed)",
                      "beats baseline", "train s"], rows) + "\n")
-    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag, body)
+    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + override_tag(), body)
     print(body)
 
 
