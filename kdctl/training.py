@@ -82,7 +82,9 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool)
     def on_fit_epoch_end(tr):
         m = tr.metrics or {}
         done = min(tr.epoch + 1, epochs)  # Ultralytics fires this once more for the final validation
-        bar.describe(f"{stage} epoch {done}/{epochs}  mAP50-95(val) {m.get('metrics/mAP50-95(B)', 0):.3f}")
+        validated = getattr(tr.args, "val", True) or done == epochs  # train.val: false validates the last epoch only
+        bar.describe(f"{stage} epoch {done}/{epochs}" +
+                     (f"  mAP50-95(val) {m.get('metrics/mAP50-95(B)', 0):.3f}" if validated else ""))
         bar.completed(done)
 
     def on_train_start(tr):
@@ -112,7 +114,7 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path, from
         "amp": t.amp, "patience": t.patience, "mosaic": t.mosaic, "close_mosaic": t.close_mosaic,
         "warmup_epochs": t.warmup_epochs, "warmup_bias_lr": _warmup_bias_lr(t),
         "project": str(work.resolve()), "name": "train", "exist_ok": True,
-        "plots": False, "val": True, "deterministic": True, "verbose": False, "compile": False,
+        "plots": False, "val": t.val, "deterministic": True, "verbose": False, "compile": False,
         "pretrained": from_checkpoint, "cache": False, "quantize": 8 if recipe.distill.quantize == "int8" else None,
     } | ({"nbs": t.nbs} if t.nbs else {})
 
@@ -410,6 +412,9 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
     _check_stride(recipe, source, student0, "student")
     fam = family(student0)
+    if fam is torchvision and not recipe.train.val:
+        raise RecipeError(f"{source}: train.val: false skips validation in Ultralytics' trainer; kdctl's {fam.LABEL} "
+                          "loop validates every epoch to keep the best one; leave train.val out")
     if fam is torchvision and recipe.train.nbs not in (None, recipe.train.batch):
         raise RecipeError(f"{source}: train.nbs: {recipe.train.nbs} accumulates gradients over batches, and kdctl's "
                           f"{fam.LABEL} loop steps the optimizer every batch (as torchvision's references do); leave "
@@ -618,10 +623,12 @@ def _train_args(ckpt_path: Path) -> dict:
 def _summary(metrics: dict, epochs: list[dict], model, train_s: float, recipe: Recipe) -> dict:
     params = sum(p.numel() for p in model.parameters())
     per_epoch = []
-    for r in epochs:
+    for i, r in enumerate(epochs):
         row = {"epoch": int(r.get("epoch", len(per_epoch) + 1)), "time_s": r.get("time")}
+        # with train.val off only the last epoch was validated: the others' columns hold placeholders, not results
+        kept = ("train/", "val/", "metrics/") if recipe.train.val or i == len(epochs) - 1 else ("train/",)
         for k, v in r.items():
-            if k.startswith("train/") or k.startswith("val/") or k.startswith("metrics/"):
+            if k.startswith(kept):
                 row[k] = v if math.isfinite(v) else None
         per_epoch.append(row)
     return {"map50_95": metrics["map50_95"], "map50": metrics["map50"], "map75": metrics["map75"],

@@ -753,6 +753,13 @@ def _(c):
     return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml: train.nbs: 16", "steps the optimizer every batch"]
 
 
+@case("train-torchvision-val-off")
+def _(c):
+    r = c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'")
+    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, val: false}"))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml: train.val: false", "validates every epoch"]
+
+
 @case("distill-torchvision-student-yolo-teacher")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'",

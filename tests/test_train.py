@@ -110,6 +110,33 @@ def test_nominal_batch_sets_optimizer_steps(tiny_data, tmp_path):
     assert tr.args.nbs == 4 and len(steps) == 6
 
 
+@pytest.mark.slow
+def test_val_off_validates_the_last_epoch_only(tiny_data, tmp_path):
+    """train.val: false is Ultralytics' val=False: 3 epochs, one validation (after the last); the bundle's per-epoch
+    rows keep only the training losses where no validation ran."""
+    from kdctl.detectors.yolo import trainer
+    from kdctl.models import resolve_model
+    from kdctl.recipe.schema import Recipe
+    from kdctl.training import _overrides, _summary
+
+    r = Recipe.model_validate({"student": {"model": "yolov8-tiny.yaml"}, "data": {"yolo": str(tiny_data)},
+                               "train": {"epochs": 3, "imgsz": 64, "batch": 8, "val": False}})
+    tr = trainer(_overrides(r, tiny_data, resolve_model("yolov8-tiny.yaml", "student.model", "t").ref, tmp_path))
+    calls = []
+    validate = tr.validate
+    tr.validate = lambda: (calls.append(tr.epoch), validate())[1]
+    tr.train()
+    assert calls == [2]
+    rows = [{"epoch": e, "time": 1.0, "train/box_loss": 2.0, "val/box_loss": 0.0, "metrics/mAP50-95(B)": m}
+            for e, m in ((1, 0.0), (2, 0.0), (3, 0.4))]
+    m = {"map50_95": 0.4, "map50": 0.5, "map75": 0.4, "per_class_ap50_95": {}, "images": 8}
+    got = _summary(m, rows, tr.model, 1.0, r)["epochs"]
+    assert [sorted(e) for e in got[:2]] == [["epoch", "time_s", "train/box_loss"]] * 2
+    assert got[2]["metrics/mAP50-95(B)"] == 0.4 and got[2]["val/box_loss"] == 0.0
+    on = _summary(m, rows, tr.model, 1.0, r.model_copy(update={"train": r.train.model_copy(update={"val": True})}))
+    assert "metrics/mAP50-95(B)" in on["epochs"][0]
+
+
 def test_reuse_keeps_a_bundle_made_from_the_same_recipe(tmp_path, trained_bundle):
     import shutil
 

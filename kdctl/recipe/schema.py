@@ -108,6 +108,10 @@ class TrainSpec(Strict):
                     "batches per optimizer step. On a few hundred images the default leaves ~6 steps an epoch; "
                     "nbs equal to batch steps every batch (the quickstart's setting, docs/benchmarks.md). YOLO and "
                     "RT-DETR only: kdctl's Faster R-CNN loop steps every batch, as torchvision's references do")
+    val: bool = Field(
+        True, description="Validate after every epoch (the progress bar's mAP, per-epoch metrics, and the best epoch's "
+                          "weights are kept); false: only after the last epoch, whose weights are kept (Ultralytics' "
+                          "val=False): about a second an epoch saved on the built-in data. YOLO and RT-DETR only")
     warmup_bias_lr: float | None = Field(
         None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
                                       "which trains better from scratch here than 0 even with AdamW; see "
