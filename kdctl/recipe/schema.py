@@ -111,7 +111,8 @@ class TrainSpec(Strict):
     val: bool = Field(
         True, description="Validate after every epoch (the progress bar's mAP, per-epoch metrics, and the best epoch's "
                           "weights are kept); false: only after the last epoch, whose weights are kept (Ultralytics' "
-                          "val=False): about a second an epoch saved on the built-in data. YOLO and RT-DETR only")
+                          "val=False): about a second an epoch saved on the built-in data, and another random stream than "
+                          "a validated run's (same seed, other result). YOLO and RT-DETR only")
     warmup_bias_lr: float | None = Field(
         None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
                                       "which trains better from scratch here than 0 even with AdamW; see "
