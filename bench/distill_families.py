@@ -113,8 +113,8 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     YOLO(resolve_model(r.student.model, "student", "bench").ref).train(
         data=str(ds.yaml), distill_model=str(teacher / "weights.pt"), dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
         batch=t.batch, seed=seed, optimizer=t.optimizer, lr0=t.lr0, mosaic=t.mosaic, warmup_epochs=t.warmup_epochs,
-        close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False, project=str(out.parent), name=out.name,
-        exist_ok=True, verbose=False, amp=False, deterministic=True)
+        close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False,
+        project=str(out.parent), name=out.name, exist_ok=True, verbose=False, amp=False, deterministic=True)
     train_s = time.perf_counter() - t0
     model = load_detector(out / "weights" / "best.pt")
     model = getattr(model, "student_model", model)
