@@ -86,23 +86,34 @@ def test_bias_warmup_default_and_override():
     assert _warmup_bias_lr(TrainSpec(optimizer="AdamW", warmup_bias_lr=0.0)) == 0.0
 
 
+def _tiny_recipe(data, **train):
+    """A one-student recipe on ``data`` at 64 px; ``train`` overrides the train section."""
+    from kdctl.recipe.schema import Recipe
+
+    return Recipe.model_validate({"student": {"model": "yolov8-tiny.yaml"}, "data": {"yolo": str(data)},
+                                  "train": {"imgsz": 64, **train}})
+
+
+def _ultralytics_trainer(recipe, data, work):
+    """The Ultralytics trainer kdctl would build for ``recipe`` (not started)."""
+    from kdctl.detectors.yolo import trainer
+    from kdctl.models import resolve_model
+    from kdctl.training import _overrides
+
+    return trainer(_overrides(recipe, data, resolve_model("yolov8-tiny.yaml", "student.model", "test").ref, work))
+
+
 @pytest.mark.slow
 def test_nominal_batch_sets_optimizer_steps(tiny_data, tmp_path):
     """train.nbs is Ultralytics' nominal batch: unset, gradients of 64 images make one step (so 24 images at batch 4
     are 1 optimizer step an epoch); set to the batch, every batch is a step (6)."""
-    from kdctl.detectors.yolo import trainer
-    from kdctl.models import resolve_model
-    from kdctl.recipe.schema import Recipe
     from kdctl.training import _overrides
 
-    model = resolve_model("yolov8-tiny.yaml", "student.model", "test").ref
-
     def recipe(**train):
-        return Recipe.model_validate({"student": {"model": "yolov8-tiny.yaml"}, "data": {"yolo": str(tiny_data)},
-                                      "train": {"epochs": 1, "imgsz": 64, "batch": 4, "warmup_epochs": 0, **train}})
+        return _tiny_recipe(tiny_data, epochs=1, batch=4, warmup_epochs=0, **train)
 
-    assert "nbs" not in _overrides(recipe(), tiny_data, model, tmp_path)
-    tr = trainer(_overrides(recipe(nbs=4), tiny_data, model, tmp_path))
+    assert "nbs" not in _overrides(recipe(), tiny_data, "yolov8-tiny.yaml", tmp_path)
+    tr = _ultralytics_trainer(recipe(nbs=4), tiny_data, tmp_path)
     steps = []
     step = tr.optimizer_step
     tr.optimizer_step = lambda: (steps.append(1), step())
@@ -114,14 +125,10 @@ def test_nominal_batch_sets_optimizer_steps(tiny_data, tmp_path):
 def test_val_off_validates_the_last_epoch_only(tiny_data, tmp_path):
     """train.val: false is Ultralytics' val=False: 3 epochs, one validation (after the last); the bundle's per-epoch
     rows keep only the training losses where no validation ran."""
-    from kdctl.detectors.yolo import trainer
-    from kdctl.models import resolve_model
-    from kdctl.recipe.schema import Recipe
-    from kdctl.training import _overrides, _summary
+    from kdctl.training import _summary
 
-    r = Recipe.model_validate({"student": {"model": "yolov8-tiny.yaml"}, "data": {"yolo": str(tiny_data)},
-                               "train": {"epochs": 3, "imgsz": 64, "batch": 8, "val": False}})
-    tr = trainer(_overrides(r, tiny_data, resolve_model("yolov8-tiny.yaml", "student.model", "t").ref, tmp_path))
+    r = _tiny_recipe(tiny_data, epochs=3, batch=8, val=False)
+    tr = _ultralytics_trainer(r, tiny_data, tmp_path)
     calls = []
     validate = tr.validate
     tr.validate = lambda: (calls.append(tr.epoch), validate())[1]
