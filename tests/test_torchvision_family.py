@@ -92,6 +92,22 @@ def test_non_finite_loss_stops_the_run_in_one_line(tmp_path, tiny_data, monkeypa
     assert not (tmp_path / "x").exists() and not (tmp_path / ".x.work").exists()
 
 
+def test_fine_tuning_takes_the_recipes_input_size(tmp_path, tiny_data, frcnn_bundle):
+    """A checkpoint built at 128 px and fine-tuned (or QAD-trained) at 64 sees kdctl's 64-px canvases as they are and
+    records 64: it kept its own size, resized every batch to 128 inside the model, and its INT8 export failed parity
+    (cosine 0.81)."""
+    from kdctl.detectors import load_detector
+
+    r = tmp_path / "ft.yaml"
+    r.write_text(f"name: ft\nstudent: {{model: {frcnn_bundle}}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8, lr0: 0.001, optimizer: SGD}\n")
+    assert load_detector(frcnn_bundle / "weights.pt").imgsz == 128
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "ft"), "-q"])
+    assert res.exit_code == 0, res.output
+    m = load_detector(tmp_path / "ft" / "weights.pt")
+    assert m.imgsz == 64 and m.net.transform.min_size == (64,) and m.net.transform.max_size == 64
+
+
 @pytest.mark.slow
 def test_resume_after_kill(tmp_path, tiny_data):
     from kdctl.bundle import load_bundle

@@ -294,9 +294,10 @@ class Trainer:
         ref = str(self.args["model"])
         if ref.startswith(PREFIX):
             self.model = TorchvisionDetector(builder_name(ref), len(names), self.imgsz, names)
-        else:  # a kdctl torchvision checkpoint: fine-tune it
+        else:  # a kdctl torchvision checkpoint: fine-tune it, at this recipe's input size (not the one it was built at)
             self.model = from_checkpoint(torch.load(ref, map_location="cpu", weights_only=False))
             self.model.names = names
+            self.model.pin_input_size(self.imgsz)
         self.start_epoch, self.best, self.ckpt = 0, -1.0, ckpt
         if ckpt is not None:
             from kdctl.detectors.yolo import is_qat
