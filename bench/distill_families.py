@@ -5,9 +5,10 @@ Same data (seed 0), epochs, student and training settings for every run (the rec
 train.seed changes. Reports COCO mAP50-95 (kdctl's evaluator), the baseline's own seed-to-seed spread, and "gap
 closed" = (student_KD − student_base) / (teacher − student_base) per seed. A family beats the baseline only where
 its mean gain exceeds the baseline's spread. ``--scene dense`` runs the same on the second built-in dataset (other
-shapes, more and smaller objects, more clutter; with ``--teacher-epochs 50`` its teacher reaches 0.376, the clear
-one's 30-epoch teacher 0.365), ``--scene cluttered`` on the hardest one. ``--jobs 2`` runs two students at once.
-About 2 minutes per run on 2 CPU cores (teacher: 4).
+shapes, more and smaller objects, more clutter; at the recipes' nbs 16 its 30-epoch teacher reaches 0.353, the clear
+one's 0.557), ``--scene cluttered`` on the hardest one. ``--jobs 2`` runs two students at once (Ultralytics trains
+on one thread on 2 cores, so this uses the second). About 2-3 minutes per student run on 2 CPU cores, 5 for the
+teacher.
 
     python bench/distill_families.py --seeds 0 1 2 --families distill-at distill-pkd head
 """
