@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -168,3 +169,24 @@ def test_an_error_before_any_work_is_the_only_line_on_stderr(tmp_path, argv):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr == f"Error: {tmp_path}/none: bundle directory not found\n", repr(p.stderr)
+
+
+def test_onnx_runtime_telemetry_is_off_unless_the_user_set_it(tmp_path):
+    """ONNX Runtime writes a device id and an event database under ~/.cache/Microsoft (and uploads them) unless
+    ORT_DISABLE_TELEMETRY is set before it loads: with kdctl imported first, an inference session leaves nothing
+    there; a value the user set is kept."""
+    script = ("import os, sys, numpy as np, kdctl, onnx, onnx.helper as h, onnxruntime as ort\n"
+              "g = h.make_graph([h.make_node('Relu', ['x'], ['y'])], 'g', [h.make_tensor_value_info('x', 1, [1])],"
+              " [h.make_tensor_value_info('y', 1, [1])])\n"
+              "m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); m.ir_version = 8\n"
+              "ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])"
+              ".run(None, {'x': np.ones(1, np.float32)})\n"
+              "print(os.environ['ORT_DISABLE_TELEMETRY'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "ORT_RUNNING_UNIT_TESTS")}
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "HOME": str(tmp_path)}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "1" and not (tmp_path / ".cache" / "Microsoft").exists()
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "HOME": str(tmp_path),
+                                                              "ORT_DISABLE_TELEMETRY": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0"
