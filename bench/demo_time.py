@@ -67,7 +67,7 @@ def main() -> None:
         print(f"run {i + 1}/{a.runs} ...", flush=True)
         results.append(one_run(a.venv.resolve()))
         print(json.dumps(results[-1]), flush=True)
-    rows = [[i + 1, f"{r['wall_s'] / 60:.0f} min {r['wall_s'] % 60:02.0f} s",
+    rows = [[i + 1, f"{round(r['wall_s']) // 60} min {round(r['wall_s']) % 60:02d} s",
              *(f"{r[s]['train_s']:.0f} s" for s in STAGES),
              *(f"{r[s]['map50_95']:.4f}" for s in STAGES), f"{r['int8_map50_95']:.4f}", r["gate"]] for i, r in
             enumerate(results)]
