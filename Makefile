@@ -22,7 +22,7 @@ install: $(STAMP)
 
 # The baseline trains beside the teacher, its output in runs/train/quickstart-student.log: Ultralytics trains on
 # cpu_count - 1 threads (one on 2 cores), so the second core would otherwise idle. Same results as one after the
-# other; ~2 minutes less on 2 cores (docs/benchmarks.md, 'The demo's wall time').
+# other; 8.6-9.0 minutes instead of 10.4 on 2 cores (docs/benchmarks.md, 'The demo's wall time').
 demo: $(STAMP)
 	@mkdir -p runs/train
 	@echo "baseline student: training beside the teacher, log in runs/train/quickstart-student.log"
