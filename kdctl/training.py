@@ -468,6 +468,26 @@ def _check_init(student_ref, student, teacher, fam, source: str) -> None:
 
 
 @contextlib.contextmanager
+def _train_threads(threads: int | None):
+    """``train.threads``: torch's CPU threads while training, then the previous count again. Ultralytics sets its
+    own (``NUM_THREADS``) each time it selects a device, for training and for every validation, so that is set too."""
+    if threads is None:
+        yield
+        return
+    import torch
+    from ultralytics.utils import torch_utils
+
+    before, ultralytics_default = torch.get_num_threads(), torch_utils.NUM_THREADS
+    torch_utils.NUM_THREADS = threads
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch_utils.NUM_THREADS = ultralytics_default
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _resumable_or_gone(work: Path):
     """A failure before the first epoch checkpoint leaves no work dir (there is nothing to resume); after it, the
     work dir stays for ``--resume``."""
@@ -506,13 +526,14 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
         overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                      "workers": recipe.train.workers}
     try:
-        trainer = fam.trainer(overrides, distill=setup)
-        _callbacks(trainer, recipe.train.epochs, progress, stage, work,
-                   kd=stage == "distill" and bool(recipe.distill.losses))
-        if attach is not None:
-            attach(trainer)
-        with library_output_to_stderr():
-            trainer.train()
+        with _train_threads(recipe.train.threads):
+            trainer = fam.trainer(overrides, distill=setup)
+            _callbacks(trainer, recipe.train.epochs, progress, stage, work,
+                       kd=stage == "distill" and bool(recipe.distill.losses))
+            if attach is not None:
+                attach(trainer)
+            with library_output_to_stderr():
+                trainer.train()
     except BaseException as e:
         if _raised_by_ultralytics_data(e):  # bad images/labels/settings: one line, not a traceback
             msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0] if str(e) else type(e).__name__

@@ -753,6 +753,13 @@ def _(c):
     return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml: train.nbs: 16", "steps the optimizer every batch"]
 
 
+@case("train-threads-zero")
+def _(c):
+    r = c.yolo_recipe("r", c.data)
+    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, threads: 0}"))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml", "train.threads"]
+
+
 @case("train-torchvision-val-off")
 def _(c):
     r = c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'")

@@ -144,6 +144,42 @@ def test_val_off_validates_the_last_epoch_only(tiny_data, tmp_path):
     assert "metrics/mAP50-95(B)" in on["epochs"][0]
 
 
+@pytest.mark.slow
+def test_threads_sets_torchs_cpu_threads_while_training(tiny_data, tmp_path, monkeypatch):
+    """train.threads holds through training and each validation (Ultralytics resets torch to cpu_count - 1 at
+    both), and the previous count is back afterwards; unset, Ultralytics' count stands."""
+    import torch
+    from typer.testing import CliRunner
+    from ultralytics.utils import torch_utils
+
+    from kdctl import training
+    from kdctl.cli.main import app
+
+    seen = []
+    callbacks = training._callbacks
+
+    def recording(trainer, *a, **k):
+        callbacks(trainer, *a, **k)
+        for event in ("on_train_epoch_start", "on_fit_epoch_end"):  # the latter after the epoch's validation
+            trainer.add_callback(event, lambda tr: seen.append(torch.get_num_threads()))
+
+    monkeypatch.setattr(training, "_callbacks", recording)
+    before = torch.get_num_threads()
+    want = torch_utils.NUM_THREADS + 1
+    for threads, expect in ((want, want), (None, torch_utils.NUM_THREADS)):
+        seen.clear()
+        r = tmp_path / f"t{threads}.yaml"
+        r.write_text(f"name: t\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                     f"train: {{epochs: 1, imgsz: 64, batch: 8{', threads: %d' % threads if threads else ''}}}\n")
+        res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / f"out{threads}"), "-q"])
+        assert res.exit_code == 0, res.output
+        assert seen and set(seen) == {expect}, (threads, seen)
+        assert torch_utils.NUM_THREADS == want - 1
+        if threads:
+            assert torch.get_num_threads() == before
+        torch.set_num_threads(before)  # Ultralytics' own reset outlives an unset run, as without kdctl
+
+
 def test_reuse_keeps_a_bundle_made_from_the_same_recipe(tmp_path, trained_bundle):
     import shutil
 

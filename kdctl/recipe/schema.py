@@ -113,6 +113,11 @@ class TrainSpec(Strict):
                           "weights are kept); false: only after the last epoch, whose weights are kept (Ultralytics' "
                           "val=False): about a second an epoch saved on the built-in data, and another random stream than "
                           "a validated run's (same seed, other result). YOLO and RT-DETR only")
+    threads: int | None = Field(
+        None, ge=1, le=256,
+        description="CPU threads torch trains with (default: Ultralytics' cpu_count - 1, at most 8, which is one "
+                    "on a 2-core machine; torch's own default for Faster R-CNN). The thread count changes the "
+                    "arithmetic, so the same seed gives another run at another count")
     warmup_bias_lr: float | None = Field(
         None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
                                       "which trains better from scratch here than 0 even with AdamW; see "
