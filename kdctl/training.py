@@ -468,26 +468,6 @@ def _check_init(student_ref, student, teacher, fam, source: str) -> None:
 
 
 @contextlib.contextmanager
-def _train_threads(threads: int | None):
-    """``train.threads``: torch's CPU threads while training, then the previous count again. Ultralytics sets its
-    own (``NUM_THREADS``) each time it selects a device, for training and for every validation, so that is set too."""
-    if threads is None:
-        yield
-        return
-    import torch
-    from ultralytics.utils import torch_utils
-
-    before, ultralytics_default = torch.get_num_threads(), torch_utils.NUM_THREADS
-    torch_utils.NUM_THREADS = threads
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch_utils.NUM_THREADS = ultralytics_default
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _resumable_or_gone(work: Path):
     """A failure before the first epoch checkpoint leaves no work dir (there is nothing to resume); after it, the
     work dir stays for ``--resume``."""
@@ -518,7 +498,7 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
            data_yaml: Path, progress, attach=None) -> None:
     """Build the family's trainer (resuming ``work/train/weights/last.pt`` when ``state == 'partial'``) and train;
     ``attach(trainer)`` adds more callbacks. Errors Ultralytics raises about the data become one line."""
-    from kdctl.detectors.yolo import library_output_to_stderr
+    from kdctl.detectors.yolo import library_output_to_stderr, train_threads
 
     last = work / "train" / "weights" / "last.pt"
     overrides = _overrides(recipe, data_yaml, student_ref.ref, work, student_ref.kind == "checkpoint")
@@ -526,7 +506,7 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
         overrides = {"resume": str(last), "data": str(data_yaml), "device": recipe.train.device,
                      "workers": recipe.train.workers}
     try:
-        with _train_threads(recipe.train.threads):
+        with train_threads(recipe.train.threads):
             trainer = fam.trainer(overrides, distill=setup)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work,
                        kd=stage == "distill" and bool(recipe.distill.losses))

@@ -527,6 +527,26 @@ def library_output_to_stderr():
     return contextlib.redirect_stdout(sys.stderr)
 
 
+@contextlib.contextmanager
+def train_threads(threads: int | None):
+    """``train.threads``: torch's CPU threads while training (any family), then the previous count again.
+    Ultralytics sets its own (``NUM_THREADS``: cpu_count - 1, at most 8) each time it selects a device, for training
+    and for every validation, so that is set too."""
+    if threads is None:
+        yield
+        return
+    from ultralytics.utils import torch_utils
+
+    before, ultralytics_default = torch.get_num_threads(), torch_utils.NUM_THREADS
+    torch_utils.NUM_THREADS = threads
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch_utils.NUM_THREADS = ultralytics_default
+        torch.set_num_threads(before)
+
+
 def is_qat(model: nn.Module) -> bool:
     """True for a model carrying ModelOpt fake quantizers (a quantization-aware trained student)."""
     from ultralytics.utils.torch_utils import is_qat as _is_qat
