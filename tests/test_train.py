@@ -149,11 +149,9 @@ def test_threads_sets_torchs_cpu_threads_while_training(tiny_data, tmp_path, mon
     """train.threads holds through training and each validation (Ultralytics resets torch to cpu_count - 1 at
     both), and the previous count is back afterwards; unset, Ultralytics' count stands."""
     import torch
-    from typer.testing import CliRunner
     from ultralytics.utils import torch_utils
 
     from kdctl import training
-    from kdctl.cli.main import app
 
     seen = []
     callbacks = training._callbacks
@@ -168,11 +166,8 @@ def test_threads_sets_torchs_cpu_threads_while_training(tiny_data, tmp_path, mon
     want = torch_utils.NUM_THREADS + 1
     for threads, expect in ((want, want), (None, torch_utils.NUM_THREADS)):
         seen.clear()
-        r = tmp_path / f"t{threads}.yaml"
-        r.write_text(f"name: t\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
-                     f"train: {{epochs: 1, imgsz: 64, batch: 8{', threads: %d' % threads if threads else ''}}}\n")
-        res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / f"out{threads}"), "-q"])
-        assert res.exit_code == 0, res.output
+        training.run_training(_tiny_recipe(tiny_data, epochs=1, batch=8, threads=threads), stage="train",
+                              source="test", out=tmp_path / f"out{threads}")
         assert seen and set(seen) == {expect}, (threads, seen)
         assert torch_utils.NUM_THREADS == want - 1
         if threads:
