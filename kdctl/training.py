@@ -53,9 +53,10 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
-def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool) -> None:
+def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None) -> None:
     """Progress, the finite-loss check, KD bookkeeping and fault points; ``kd``: the run has KD terms (a distillation
-    with ``distill.init`` alone has none)."""
+    with ``distill.init`` alone has none); ``stop_epoch``: ``distill.stop_epoch`` (KD off from then on, also after
+    ``--resume``: it is decided from the epoch number at each epoch's start)."""
     from kdctl.detectors.yolo import kd_criterion, save_balance
     from kdctl.distributed import rank
 
@@ -66,7 +67,11 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool)
     def on_train_epoch_start(tr):
         t0["epoch"] = time.perf_counter()
         batches.total(len(tr.train_loader))
-        bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}")
+        criterion = kd_criterion(tr)
+        if criterion is not None:
+            criterion.stop_at(tr.epoch, stop_epoch)
+        stopped = " (KD stopped: task loss only)" if criterion is not None and criterion.stopped else ""
+        bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}{stopped}")
 
     def on_train_batch_end(tr):
         loss = tr.loss.detach() if tr.loss is not None else None
@@ -509,7 +514,7 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
         with train_threads(recipe.train.threads):
             trainer = fam.trainer(overrides, distill=setup)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work,
-                       kd=stage == "distill" and bool(recipe.distill.losses))
+                       kd=stage == "distill" and bool(recipe.distill.losses), stop_epoch=recipe.distill.stop_epoch)
             if attach is not None:
                 attach(trainer)
             with library_output_to_stderr():
@@ -557,6 +562,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work) if recipe.distill.losses else []  # [] for distill.init alone
+            if recipe.distill.stop_epoch is not None:
+                w.metrics["kd_stop_epoch"] = recipe.distill.stop_epoch  # the last epoch with KD terms
         if stage == "distill" and recipe.distill.init:
             from kdctl.detectors.yolo import INIT_FILE
 

@@ -780,6 +780,13 @@ def _(c):
             "--out", str(c.tmp / "x")], 2, ["distill.losses[0]", "kd_logit", "dense-head loss", "detr_logit"]
 
 
+@case("distill-stop-epoch-at-the-last-epoch")
+def _(c):
+    r = c.yolo_recipe("r", c.data, teacher="yolov8-tiny.yaml", losses="[{name: at}]")
+    r.write_text(r.read_text().replace("distill: {", "distill: {stop_epoch: 1, "))
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, ["r.yaml", "distill.stop_epoch", "below train.epochs"]
+
+
 @case("distill-detr-query-with-a-yolo-teacher")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",

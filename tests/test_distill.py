@@ -319,3 +319,74 @@ def test_kd_part_of_the_loss_is_scaled_by_batch_size(v8n):
         loss, items = m.loss(_batch(n=n))
         kd = sum(v.item() for k, v in items.items() if k.startswith("kd_"))
         assert loss[-1].item() == pytest.approx(kd * n, rel=1e-5)
+
+
+def test_stopped_distillation_trains_on_the_task_loss_without_running_the_teacher(v8n):
+    """distill.stop_epoch: once the criterion is stopped, a training step's loss and gradients are the task loss's
+    alone, every KD item reads 0 and the teacher does not run; before that, KD is on."""
+    m = _kd_model(v8n, [LossSpec(name="cwd", params={"tau": 2.0}), LossSpec(name="kd_logit")])
+    runs = []
+    hook = v8n.model[0].register_forward_hook(lambda *a: runs.append(1))
+    try:
+        batch = _batch(n=2)
+        m.kd.stop_at(0, 1)
+        assert not m.kd.stopped
+        _, items = m.loss(batch)
+        assert runs and items["kd_cwd"].item() > 0 and items["kd_logit"].item() > 0
+        runs.clear()
+        m.kd.stop_at(1, 1)
+        assert m.kd.stopped
+        m.zero_grad()
+        loss, items = m.loss(batch)
+        assert not runs, "the teacher ran after distillation stopped"
+        assert items["kd_cwd"].item() == 0 and items["kd_logit"].item() == 0 and loss[-1].item() == 0
+        loss.sum().backward()
+        stopped = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        m.zero_grad()
+        task, _ = m.criterion(m.forward(batch["img"]), batch)
+        task.sum().backward()
+        plain = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        assert stopped.keys() == plain.keys() and not any(n.startswith("kd.") for n in plain)
+        assert all(torch.equal(stopped[n], plain[n]) for n in plain)
+        m.kd.stop_at(7, None)
+        assert not m.kd.stopped  # unset: every epoch distills
+    finally:
+        hook.remove()
+
+
+STOP_RUNS = {  # family: (student, teacher, train section, losses, batches an epoch on tiny_data's 24 images)
+    "yolo": ("yolov8-tiny.yaml", None, "imgsz: 128, batch: 8", "[{name: cwd}, {name: kd_logit}]", 3),
+    "rtdetr": ("rtdetr-tiny.yaml", "rtdetr-tiny.yaml", "imgsz: 64, batch: 4",
+               "[{name: detr_logit}, {name: pkd, level: neck}]", 6),
+    "torchvision": ("'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'",
+                    "'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'", "imgsz: 64, batch: 4, optimizer: SGD",
+                    "[{name: rpn_kd}, {name: roi_kd}]", 6),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(STOP_RUNS))
+def test_stop_epoch_distills_the_first_epochs_only(tmp_path, tiny_data, trained_bundle, family, monkeypatch):
+    """Every family's trainer: with distill.stop_epoch 1 of 2 epochs the KD terms are computed on each batch of
+    epoch 1 and on none of epoch 2 (logged as 0); the bundle records where KD stopped and shows that epoch's terms."""
+    from kdctl.distill.criterion import DistillationCriterion
+    from kdctl.distill.losses.registry import kd_item
+
+    student, teacher, train, losses, batches = STOP_RUNS[family]
+    calls = []
+    forward = DistillationCriterion.forward
+    monkeypatch.setattr(DistillationCriterion, "forward", lambda self, *a: (calls.append(1), forward(self, *a))[1])
+    r = tmp_path / "stop.yaml"
+    r.write_text(f"name: stop\nteacher: {{model: {teacher or trained_bundle}}}\nstudent: {{model: {student}}}\n"
+                 f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 2, {train}}}\n"
+                 f"distill: {{auto_balance: 0.25, balance_batches: 2, stop_epoch: 1, losses: {losses}}}\n")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == batches, f"KD computed on {len(calls)} batches, expected epoch 1's {batches}"
+    m = json.loads((tmp_path / "kd" / "manifest.json").read_text())["metrics"]
+    cols = {t["name"]: f"train/{kd_item(t['name'])}" for t in m["kd_terms"]}
+    first, second = m["epochs"]
+    assert all(first[c] > 0 for c in cols.values()) and all(second[c] == 0 for c in cols.values()), (first, second)
+    assert m["kd_stop_epoch"] == 1
+    shown = json.loads(res.stdout)["kd_terms"]  # the summary shows the last epoch that distilled, not the zeros
+    assert shown == {n: first[c] for n, c in cols.items()}

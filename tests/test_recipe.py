@@ -104,6 +104,12 @@ BAD = [
      "scene 'dense' has 9 shapes"),
     (GOOD.replace("{train: 10, val: 5}", "{train: 10, val: 5, scene: foggy}"), "data.synthetic.scene",
      "'cluttered', 'clear' or 'dense'"),
+    # distill.stop_epoch: KD must stop before the last epoch, and there must be KD to stop
+    (GOOD.replace("distill:", "distill:\n  stop_epoch: 1"), "distill.stop_epoch", "must be below train.epochs (1)"),
+    (GOOD.replace("distill:", "distill:\n  stop_epoch: 0"), "distill.stop_epoch", "greater than or equal to 1"),
+    (GOOD.replace("epochs: 1", "epochs: 5").replace("losses:\n    - {name: cwd, weight: 2.0, params: {tau: 2.0}}",
+                                                    "stop_epoch: 3"),
+     "distill.stop_epoch", "without distill.losses"),
 ]
 
 

@@ -50,8 +50,10 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
         if b.metrics.get("kd_terms"):
             from kdctl.distill.losses.registry import kd_item
 
-            first, last = (b.metrics["epochs"][0], b.metrics["epochs"][-1]) if b.metrics.get("epochs") else ({}, {})
-            k = Table("KD term", "loss", "student → teacher layers", "scale", "epoch 1", "last epoch")
+            epochs, stop = b.metrics.get("epochs") or [{}], b.metrics.get("kd_stop_epoch")
+            first, last = epochs[0], epochs[:stop or len(epochs)][-1]  # after distill.stop_epoch the terms are 0
+            k = Table("KD term", "loss", "student → teacher layers", "scale", "epoch 1",
+                      f"epoch {stop} (KD stopped after)" if stop else "last epoch")
             for term in b.metrics["kd_terms"]:
                 col = f"train/{kd_item(term['name'])}"
                 k.add_row(term["name"], term["loss"], f"{term['student_layers']} → {term['teacher_layers']}",

@@ -61,9 +61,10 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         if m["init"].get("reason"):
             result["init_note"] = m["init"]["reason"]
     if "kd_terms" in m:
-        last = m["epochs"][-1] if m["epochs"] else {}
         from kdctl.distill.losses.registry import kd_item
 
+        distilled = m["epochs"][:m.get("kd_stop_epoch") or len(m["epochs"])]  # after distill.stop_epoch: zeros
+        last = distilled[-1] if distilled else {}
         result["kd_terms"] = {t["name"]: last.get(f"train/{kd_item(t['name'])}") for t in m["kd_terms"]}
 
     def human():
@@ -76,7 +77,8 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
             elif k not in ("bundle", "stage", "kd_terms"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():
-            t.add_row(f"last-epoch kd/{k}", "n/a" if v is None else f"{v:.4f}")
+            t.add_row(f"last-epoch kd/{k}" if "kd_stop_epoch" not in m else f"epoch-{m['kd_stop_epoch']} kd/{k}",
+                      "n/a" if v is None else f"{v:.4f}")
         console.print(t)
 
     emit(result, as_json=json_, quiet=quiet, human=human)

@@ -71,6 +71,9 @@ class KDRTDETRModel(RTDETRDetectionModel):
             loss, items = super().loss(batch, preds)
             zero = torch.zeros((), device=batch["img"].device)
             return loss, {**items, **{kd_item(n): zero for n in (self.kd.names if self.kd else [])}}
+        if self.kd.stopped:  # distill.stop_epoch reached: the task loss alone, the teacher does not run
+            loss, items = super().loss(batch, preds)
+            return loss, {**items, **{kd_item(n): v for n, v in self.kd.zeros(batch["img"].device).items()}}
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")

@@ -151,6 +151,7 @@ class DistillationCriterion(nn.Module):
         self.balance, self.balance_batches, self.cap = balance, balance_batches, cap
         self.scales: list[float] | None = None if balance else [1.0] * len(terms)
         self._seen: list[tuple[float, list[float]]] = []   # (task, raw terms) of the balance batches
+        self.stopped = False  # distill.stop_epoch reached: the trainer's epoch callback sets it, models then skip KD
 
     @property
     def names(self) -> list[str]:
@@ -194,6 +195,15 @@ class DistillationCriterion(nn.Module):
         self._seen = [(float(t), [float(x) for x in v]) for t, v in state.get("seen") or []]
         if state.get("current"):
             self.current = state["current"]
+
+    def stop_at(self, epoch: int, stop_epoch: int | None) -> None:
+        """Before 0-based ``epoch``: KD is off from epoch ``stop_epoch`` on (``distill.stop_epoch``; None: never)."""
+        self.stopped = stop_epoch is not None and epoch >= stop_epoch
+
+    def zeros(self, device) -> dict[str, torch.Tensor]:
+        """Every term at zero: what a step logs once distillation has stopped (or while validating)."""
+        zero = torch.zeros((), device=device)
+        return {n: zero for n in self.names}
 
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext, task_loss: float) -> dict[str, torch.Tensor]:
         raw = [term(s_out, t_out, ctx) for term in self.terms]

@@ -60,6 +60,12 @@ def _check_losses(recipe: Recipe, source: str) -> None:
                               f"{', '.join(entry.levels)}, not '{spec.level}'")
     if recipe.distill.losses and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.losses needs a teacher)")
+    stop = recipe.distill.stop_epoch
+    if stop is not None and not recipe.distill.losses:
+        raise RecipeError(f"{source}: distill.stop_epoch: set without distill.losses (there is no KD term to stop)")
+    if stop is not None and stop >= recipe.train.epochs:
+        raise RecipeError(f"{source}: distill.stop_epoch: {stop} must be below train.epochs ({recipe.train.epochs}); "
+                          "leave it unset to distill every epoch")
     if recipe.distill.init and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.init: "
                           f"{recipe.distill.init} needs a teacher)")

@@ -194,6 +194,10 @@ class DistillSpec(Strict):
     balance_cap: float | None = Field(
         4.0, gt=0, description="With auto_balance: no KD term may exceed this many times its share of the task "
                                "loss on any batch (scaled down, gradient direction kept); null turns it off")
+    stop_epoch: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Distill for this many epochs, then train on the task loss alone to the end (the teacher no "
+                    "longer runs; mmrazor's StopDistillHook); must be below train.epochs. Unset: every epoch")
     init: Literal["teacher", "auto"] | None = Field(
         None, description="teacher: start the student from the teacher's weights, each tensor cut to the student's "
                           "shape by evenly spaced channels, part by part (weight selection, Xu et al. ICLR 2024) "

@@ -57,8 +57,8 @@ def pareto(points: list[tuple[str, float, float]], path: Path) -> Path:
     return path
 
 
-def losses(epochs: list[dict], path: Path, title: str) -> Path:
-    """Per-epoch task loss (box + cls + dfl) and each KD term."""
+def losses(epochs: list[dict], path: Path, title: str, kd_stop_epoch: int | None = None) -> Path:
+    """Per-epoch task loss (box + cls + dfl) and each KD term; ``kd_stop_epoch``: a line where KD stopped."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     x = [e["epoch"] for e in epochs]
@@ -66,6 +66,8 @@ def losses(epochs: list[dict], path: Path, title: str) -> Path:
     ax.plot(x, [sum(e.get(k) or 0 for k in task_keys) for e in epochs], label="task (box+cls+dfl)", linewidth=2)
     for k in sorted({k for e in epochs for k in e if k.startswith("train/kd_")}):
         ax.plot(x, [e.get(k) or np.nan for e in epochs], label=k.split("/", 1)[1], linestyle="--")
+    if kd_stop_epoch is not None:
+        ax.axvline(kd_stop_epoch + 0.5, color="grey", linewidth=1, label=f"KD stopped after epoch {kd_stop_epoch}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (per image)")
     ax.set_title(title, fontsize=10)

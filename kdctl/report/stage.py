@@ -205,7 +205,8 @@ def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:
     for b in chain:
         if b.stage == "distill" and b.metrics.get("epochs"):
             f = f"losses-{b.path.name}.png"
-            plots.losses(b.metrics["epochs"], root / f, f"{b.path.name}: task vs KD losses per epoch")
+            plots.losses(b.metrics["epochs"], root / f, f"{b.path.name}: task vs KD losses per epoch",
+                         b.metrics.get("kd_stop_epoch"))
             images.append((f, f"Losses per epoch ({b.path.name})"))
     points = []
     for b in chain:
