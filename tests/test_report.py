@@ -77,9 +77,12 @@ def test_gap_closed_and_roles(tmp_path):
     above = bundle("a", "distill", 0.53, parents=[t])
     assert compare([b, t, above]).verdict() == ("Yes: distillation raised mAP50-95 by +23.00 points over the "
                                                 "baseline, 3.00 points above the teacher itself.")
+    assert c.gap_line() == "Gap closed: 50% of the teacher–baseline mAP50-95 gap."
+    assert compare([b, t, above]).gap_line() == ("Gap closed: 115% of the teacher–baseline mAP50-95 gap (over 100%: "
+                                                 "the distilled student passes its teacher).")
     worse = bundle("w", "distill", 0.25, parents=[t])
     assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
-    assert compare([t, worse]).baseline is None
+    assert compare([t, worse]).baseline is None and compare([t, worse]).gap_line() is None
 
 
 @pytest.mark.slow

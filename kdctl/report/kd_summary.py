@@ -24,6 +24,14 @@ class KDComparison:
             return None
         return (d - b) / (t - b)
 
+    def gap_line(self) -> str | None:
+        """The report's "Gap closed" sentence; past 100 % it says what that means."""
+        closed = self.gap_closed
+        if closed is None:
+            return None
+        past = " (over 100%: the distilled student passes its teacher)" if closed > 1 else ""
+        return f"Gap closed: {closed:.0%} of the teacher–baseline mAP50-95 gap{past}."
+
     def verdict(self) -> str:
         d = self.distilled.metrics.get("map50_95")
         if self.baseline is None:

@@ -151,12 +151,11 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         stage_rows, perf_rows = _rows(chain)
         md, body = [f"# {title}", ""], [f"<h1>{html.escape(title)}</h1>"]
         if cmp is not None:
-            gap = cmp.gap_closed
             md += ["## Did distillation help?", "", f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, cmp.rows()), ""]
             body += ["<h2>Did distillation help?</h2>", f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>",
                      _html_table(KD_HEAD, cmp.rows())]
-            if gap is not None:
-                md += [f"Gap closed: {gap:.0%} of the teacher–baseline mAP50-95 gap.", ""]
+            if cmp.gap_line():
+                md += [cmp.gap_line(), ""]
         for g, rows in gates:
             verdict = "PASS" if g.metrics.get("passed") else "FAIL"
             art = g.metrics.get("artifact", "")
