@@ -8,7 +8,8 @@ its mean gain exceeds the baseline's spread. ``--scene dense`` runs the same on 
 shapes, more and smaller objects, more clutter; at the recipes' nbs 16 its 30-epoch teacher reaches 0.353, the clear
 one's 0.557), ``--scene cluttered`` on the hardest one. ``--jobs 2`` runs two students at once (Ultralytics trains
 on one thread on 2 cores, so this uses the second). About 2-3 minutes per student run on 2 CPU cores, 5 for the
-teacher.
+teacher. ``--heldout 1000`` scores the same runs on 1000 images of a new data seed: the validation images also chose
+each run's published epoch (best fitness), so their mAP is a little optimistic (about 10 s per run to score).
 
     python bench/distill_families.py --seeds 0 1 2 --families distill-at distill-pkd head
 """
@@ -125,6 +126,44 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     return res
 
 
+HELDOUT_SEED = 1  # the held-out images' data seed; every run trains and validates on data seed 0
+
+
+def heldout_data(root: Path, images: int, seed: int = 0):
+    """``images`` new images of this scene and classes, drawn with another data seed: no run trained on them or
+    picked its checkpoint with them (kdctl publishes the epoch that scored best on the validation images)."""
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.data.synth import write_dataset
+
+    syn = _recipe("quickstart-student", seed, None).data.synthetic
+    out = root / f"heldout-{images}"
+    if not (out / "data.yaml").is_file():
+        tmp = root / f".heldout-{images}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_dataset(tmp, train=1, val=images, seed=HELDOUT_SEED, imgsz=syn.imgsz, classes=syn.classes,
+                      scene=syn.scene, root=out)
+        tmp.replace(out)
+    return load_yolo_yaml(out / "data.yaml", splits=("val",))
+
+
+def heldout_map(run: Path, ds, imgsz: int) -> float:
+    """mAP50-95 of a run's published weights (a kdctl bundle's, or Ultralytics' best.pt) on the held-out images;
+    cached beside the held-out set, never inside a bundle."""
+    from kdctl.detectors import load_detector
+    from kdctl.evaluate import evaluate_backend, torch_backend
+
+    cache = ds.yaml.parent / "maps" / f"{run.name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["map50_95"]
+    bundle = (run / "manifest.json").is_file()
+    model = load_detector(run / "weights.pt" if bundle else run / "weights" / "best.pt")
+    model = getattr(model, "student_model", model)
+    m = evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text(json.dumps({"map50_95": m}))
+    return m
+
+
 def _worker_init(scene: str, epochs: dict, overrides: dict, threads: int) -> None:
     import torch
 
@@ -168,6 +207,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
                     metavar="KEY=VALUE", help="change a recipe field in every distillation run (not the teacher or "
                     "baseline), e.g. --set distill.auto_balance=0.25: a screen, with its own run folders and rows")
+    ap.add_argument("--heldout", type=int, metavar="N", help="score every run on N new images of the scene (data "
+                    "seed 1) instead of the validation images, which also chose each run's published epoch; "
+                    "trains only what is missing, its own doc section")
     a = ap.parse_args()
     SCENE["name"], EPOCHS["students"], EPOCHS["teacher"] = a.scene, a.epochs, a.teacher_epochs
     OVERRIDES.update(a.overrides)
@@ -193,6 +235,14 @@ def main() -> None:
         (root / f"results{tag}{override_tag()}.json").write_text(json.dumps(res, indent=1))
     order = ["teacher"] + list(dict.fromkeys(row for row, *_ in runs))  # table rows in run order, seeds sorted
     res = {row: dict(sorted(res[row].items())) for row in order}
+    scored_on = "the validation images"
+    if a.heldout:
+        ds, imgsz = heldout_data(root, a.heldout), _recipe("quickstart-student", 0, None).train.imgsz
+        folders = {("teacher", 0): teacher, **{(row, seed): args[-1] for row, seed, _, args in runs}}
+        res = {row: {seed: {**r, "map50_95": heldout_map(folders[row, seed], ds, imgsz)} for seed, r in per.items()}
+               for row, per in res.items()}
+        scored_on = (f"{a.heldout} held-out images (data seed {HELDOUT_SEED}; no run trained on them or chose its "
+                     "published epoch with them)")
 
     t_map = res["teacher"][0]["map50_95"]
     base = res["baseline student"]
@@ -217,13 +267,14 @@ def main() -> None:
     syn, t = r.data.synthetic, r.train
     when = (f", students {a.epochs} epochs" if a.epochs else "") + (
         f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "") + "".join(
-        f", {k}={v} in every distillation run" for k, v in OVERRIDES.items())
+        f", {k}={v} in every distillation run" for k, v in OVERRIDES.items()) + (
+        f", scored on {a.heldout} held-out images" if a.heldout else "")
     body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
             f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
             f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
             f"(recipes/quickstart-teacher.yaml, {a.teacher_epochs or 30} epochs); student kdctl's yolov8-tiny (0.9 M params); every student run "
             f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, no mosaic; train seeds {a.seeds}. "
-            f"mAP50-95 by kdctl's COCO evaluator on the validation images. Gain = student_KD − student_base in mAP "
+            f"mAP50-95 by kdctl's COCO evaluator on {scored_on}. Gain = student_KD − student_base in mAP "
             f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "
             f"seed, then averaged (n/a where the teacher is not above the baseline). Baseline spread (half-range over seeds): "
             f"{base_spread:.4f}; \"beats baseline\" = mean gain above that spread and above the baseline on every "
@@ -231,7 +282,8 @@ def main() -> None:
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
                      "gap closed (mean, per seed)",
                      "beats baseline", "train s"], rows) + "\n")
-    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + override_tag(), body)
+    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + override_tag()
+                  + (f"-heldout{a.heldout}" if a.heldout else ""), body)
     print(body)
 
 
