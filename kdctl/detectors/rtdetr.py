@@ -67,13 +67,12 @@ class KDRTDETRModel(RTDETRDetectionModel):
         self.kd = criterion
 
     def loss(self, batch, preds=None):
-        if not self.training or self.kd is None:  # validation while training: task loss, KD items at zero
+        # validation while training, or training after distill.stop_epoch: the task loss alone, KD items at zero
+        # (the teacher does not run)
+        if not self.training or self.kd is None or self.kd.stopped:
             loss, items = super().loss(batch, preds)
             zero = torch.zeros((), device=batch["img"].device)
             return loss, {**items, **{kd_item(n): zero for n in (self.kd.names if self.kd else [])}}
-        if self.kd.stopped:  # distill.stop_epoch reached: the task loss alone, the teacher does not run
-            loss, items = super().loss(batch, preds)
-            return loss, {**items, **{kd_item(n): v for n, v in self.kd.zeros(batch["img"].device).items()}}
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")

@@ -269,7 +269,7 @@ class Distiller:
         from kdctl.distill.criterion import DistillContext
 
         if self.kd.stopped:  # distill.stop_epoch reached: the task losses alone, the teacher does not run
-            return student(x, targets), self.kd.zeros(x.device)
+            return student(x, targets), {n: x.new_zeros(()) for n in self.kd.names}
         with FeatureTaps(student, self.s_taps) as st, StudentCapture(student, self.rpn, self.roi) as cap:
             losses = student(x, targets)
         with torch.no_grad(), FeatureTaps(self.teacher, self.t_taps) as tt:

@@ -67,16 +67,13 @@ class KDDetectionModel(DetectionModel):
     def loss(self, batch, preds=None):
         if getattr(self, "criterion", None) is None:
             self.criterion = self.init_criterion()
-        if not self.training or self.kd is None:  # validation while training: task loss, KD items at zero
+        # validation while training, or training after distill.stop_epoch: the task loss alone, KD items at zero
+        # (the teacher does not run)
+        if not self.training or self.kd is None or self.kd.stopped:
             preds = self.forward(batch["img"]) if preds is None else preds
             loss, items = self.criterion(preds, batch)
             zero = torch.zeros((), device=batch["img"].device)
             return loss, {**items, **{kd_item(n): zero for n in (self.kd.names if self.kd else [])}}
-        if self.kd.stopped:  # distill.stop_epoch reached: the task loss alone, the teacher does not run
-            loss, items = self.criterion(self.forward(batch["img"]) if preds is None else preds, batch)
-            zeros = self.kd.zeros(batch["img"].device)
-            return torch.cat([loss, zeros[self.kd.names[0]].view(1)]), {
-                **items, **{kd_item(n): v for n, v in zeros.items()}}
         teacher = self.teacher_ref.model
         if teacher is None:
             raise RuntimeError("distillation model has no teacher attached; refusing to train without KD")

@@ -200,11 +200,6 @@ class DistillationCriterion(nn.Module):
         """Before 0-based ``epoch``: KD is off from epoch ``stop_epoch`` on (``distill.stop_epoch``; None: never)."""
         self.stopped = stop_epoch is not None and epoch >= stop_epoch
 
-    def zeros(self, device) -> dict[str, torch.Tensor]:
-        """Every term at zero: what a step logs once distillation has stopped (or while validating)."""
-        zero = torch.zeros((), device=device)
-        return {n: zero for n in self.names}
-
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext, task_loss: float) -> dict[str, torch.Tensor]:
         raw = [term(s_out, t_out, ctx) for term in self.terms]
         scales = self.scales if self.scales is not None else self._balance_scales(task_loss, raw)
