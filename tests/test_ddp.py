@@ -146,6 +146,23 @@ def test_two_gloo_ranks_distill_faster_rcnn(tmp_path, tiny_data):
     _assert_ranks_agree(_distributed(out), 2, ["rpn_kd", "roi_kd", "pkd"])
 
 
+def test_two_gloo_ranks_stop_distilling_together(tmp_path, tiny_data, trained_bundle):
+    """distill.stop_epoch under DDP: both ranks distill epoch 1 and train epoch 2 on the task loss alone (the KD
+    adapters then get no gradient, which DDP must accept), and their students stay identical."""
+    out = tmp_path / "kd"
+    r = _recipe(tmp_path, tiny_data, trained_bundle, extra="stop_epoch: 1, auto_balance: 0.25, balance_batches: 2, ")
+    p = _kdctl("distill", str(r), "--out", str(out), "--nproc-per-node", "2", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = _distributed(out)
+    assert len({r["student_params_sha256"] for r in d["ranks"]}) == 1
+    assert all(r["loss_items"][f"kd_{t}"] == 0 for r in d["ranks"] for t in ("cwd", "logit"))  # epoch 2's last batch
+    from kdctl.bundle import load_bundle
+
+    first, second = load_bundle(out).metrics["epochs"]
+    assert first["train/kd_cwd"] > 0 and first["train/kd_logit"] > 0
+    assert second["train/kd_cwd"] == 0 and second["train/kd_logit"] == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
