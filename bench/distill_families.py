@@ -95,11 +95,20 @@ def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path)
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
 
+def score(weights: Path, ds, imgsz: int) -> float:
+    """mAP50-95 of a checkpoint (a kdctl bundle's weights.pt or an Ultralytics run's best.pt, whose distillation
+    wrapper is left out) on ``ds``'s validation images, by kdctl's evaluator."""
+    from kdctl.detectors import load_detector
+    from kdctl.evaluate import evaluate_backend, torch_backend
+
+    model = load_detector(weights)
+    model = getattr(model, "student_model", model)
+    return evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
+
+
 def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     """Ultralytics' own KD (neck-level, score-weighted L2, dis=6.0), same settings, evaluated by kdctl."""
     from kdctl.data.resolve import resolve_data
-    from kdctl.detectors.yolo import load_detector
-    from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import resolve_model
 
     result = out / "result.json"
@@ -118,10 +127,7 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
         close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False,
         project=str(out.parent), name=out.name, exist_ok=True, verbose=False, amp=False, deterministic=True)
     train_s = time.perf_counter() - t0
-    model = load_detector(out / "weights" / "best.pt")
-    model = getattr(model, "student_model", model)
-    res = {"map50_95": evaluate_backend(torch_backend(model), ds.val_images, ds.names, t.imgsz)["map50_95"],
-           "train_s": round(train_s, 1)}
+    res = {"map50_95": score(out / "weights" / "best.pt", ds, t.imgsz), "train_s": round(train_s, 1)}
     result.write_text(json.dumps(res))
     return res
 
@@ -149,16 +155,11 @@ def heldout_data(root: Path, images: int, seed: int = 0):
 def heldout_map(run: Path, ds, imgsz: int) -> float:
     """mAP50-95 of a run's published weights (a kdctl bundle's, or Ultralytics' best.pt) on the held-out images;
     cached beside the held-out set, never inside a bundle."""
-    from kdctl.detectors import load_detector
-    from kdctl.evaluate import evaluate_backend, torch_backend
-
     cache = ds.yaml.parent / "maps" / f"{run.name}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["map50_95"]
     bundle = (run / "manifest.json").is_file()
-    model = load_detector(run / "weights.pt" if bundle else run / "weights" / "best.pt")
-    model = getattr(model, "student_model", model)
-    m = evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
+    m = score(run / "weights.pt" if bundle else run / "weights" / "best.pt", ds, imgsz)
     cache.parent.mkdir(exist_ok=True)
     cache.write_text(json.dumps({"map50_95": m}))
     return m

@@ -48,10 +48,10 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
         console.print(t)
         if b.metrics.get("kd_terms"):
-            from kdctl.distill.losses.registry import kd_item
+            from kdctl.distill.losses.registry import kd_item, last_distilled_epoch
 
-            epochs, stop = b.metrics.get("epochs") or [{}], b.metrics.get("kd_stop_epoch")
-            first, last = epochs[0], epochs[:stop or len(epochs)][-1]  # after distill.stop_epoch the terms are 0
+            first, last = (b.metrics.get("epochs") or [{}])[0], last_distilled_epoch(b.metrics)
+            stop = b.metrics.get("kd_stop_epoch")
             k = Table("KD term", "loss", "student → teacher layers", "scale", "epoch 1",
                       f"epoch {stop} (KD stopped after)" if stop else "last epoch")
             for term in b.metrics["kd_terms"]:

@@ -61,10 +61,9 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         if m["init"].get("reason"):
             result["init_note"] = m["init"]["reason"]
     if "kd_terms" in m:
-        from kdctl.distill.losses.registry import kd_item
+        from kdctl.distill.losses.registry import kd_item, last_distilled_epoch
 
-        distilled = m["epochs"][:m.get("kd_stop_epoch") or len(m["epochs"])]  # after distill.stop_epoch: zeros
-        last = distilled[-1] if distilled else {}
+        last = last_distilled_epoch(m)
         result["kd_terms"] = {t["name"]: last.get(f"train/{kd_item(t['name'])}") for t in m["kd_terms"]}
 
     def human():

@@ -154,8 +154,9 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             md += ["## Did distillation help?", "", f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, cmp.rows()), ""]
             body += ["<h2>Did distillation help?</h2>", f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>",
                      _html_table(KD_HEAD, cmp.rows())]
-            if cmp.gap_line():
-                md += [cmp.gap_line(), ""]
+            gap = cmp.gap_line()
+            if gap:
+                md += [gap, ""]
         for g, rows in gates:
             verdict = "PASS" if g.metrics.get("passed") else "FAIL"
             art = g.metrics.get("artifact", "")

@@ -87,3 +87,10 @@ def param_problem(entry: LossEntry, name: str, value) -> str | None:
 def kd_item(term: str) -> str:
     """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
     return term if term.startswith("kd_") else f"kd_{term}"
+
+
+def last_distilled_epoch(metrics: dict) -> dict:
+    """A distill bundle's per-epoch row whose KD terms to show: the last epoch, or the last before
+    ``distill.stop_epoch`` (the terms are 0 after it); {} without epochs."""
+    epochs = (metrics.get("epochs") or [])[:metrics.get("kd_stop_epoch") or None]
+    return epochs[-1] if epochs else {}
