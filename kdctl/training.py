@@ -581,7 +581,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
             meta_path = cache_path(recipe) / META
             meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
             w.metrics["teacher_cache"] = {"path": str(cache_path(recipe)), **{k: meta.get(k) for k in (
-                "teacher_sha256", "data_sha256", "views_per_epoch", "epochs", "top_k", "k", "anchors",
+                "teacher_sha256", "data_sha256", "views_per_epoch", "epochs", "kd_epochs", "top_k", "k", "anchors",
                 "bytes_per_view", "build_seconds")}}
         ranks = _ranks(work)
         if ranks is not None:

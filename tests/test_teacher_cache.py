@@ -115,12 +115,13 @@ def test_views_replay_whatever_was_loaded_before(yolo_dataset):
 
 
 def _recipe(tmp_path, data, teacher, *, cache="{path: cache, top_k: 64}", epochs=2, mosaic=1.0, losses=None,
-            name="kdc"):
+            name="kdc", stop_epoch=None):
     losses = losses or "[{name: kd_logit, params: {temperature: 2.0}}, {name: ld, params: {temperature: 5.0}}]"
+    stop = f", stop_epoch: {stop_epoch}" if stop_epoch else ""
     r = tmp_path / f"{name}.yaml"
     r.write_text(f"name: {name}\nstudent: {{model: yolov8-tiny.yaml}}\nteacher: {{model: '{teacher}'}}\n"
                  f"data: {{yolo: {data}}}\ntrain: {{epochs: {epochs}, imgsz: 64, batch: 8, workers: 0, "
-                 f"mosaic: {mosaic}}}\ndistill: {{cache: {cache}, losses: {losses}}}\n")
+                 f"mosaic: {mosaic}}}\ndistill: {{cache: {cache}, losses: {losses}{stop}}}\n")
     return r
 
 
@@ -157,6 +158,49 @@ def test_build_then_distill_replays_without_running_the_teacher(tmp_path, tiny_d
     res = run.invoke(app, ["distill", str(r2), "--out", str(tmp_path / "mixed"), "--json"])
     assert res.exit_code == 0, res.output
     assert [c for c in calls if c > 0]  # built the cache, then ran online for cwd
+
+
+def test_a_cache_holds_only_the_epochs_that_distill(tmp_path, tiny_data, trained_bundle, monkeypatch):
+    """After distill.stop_epoch the teacher is not asked, so the cache stores the epochs before it; a later run that
+    distills longer gets the missing epochs added (the stored ones kept), and a cache of every epoch serves any stop."""
+    run = CliRunner()
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=3, stop_epoch=1)
+    res = run.invoke(app, ["cache", "build", str(r), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["complete"] and info["epochs"] == 3 and info["kd_epochs"] == 1
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["epoch-0000", "meta.json"]
+
+    import kdctl.detectors.yolo as y
+
+    calls = []
+    real = y.teacher_forward
+    monkeypatch.setattr(y, "teacher_forward", lambda m, x: calls.append(float(x.abs().sum())) or real(m, x))
+    res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [c for c in calls if c > 0] == []  # epoch 1 from the cache, epochs 2-3 without a teacher
+    from kdctl.bundle import load_bundle
+
+    b = load_bundle(tmp_path / "kd", verify=True)
+    assert b.metrics["teacher_cache"]["kd_epochs"] == 1
+    assert [e["train/kd_logit"] > 0 for e in b.metrics["epochs"]] == [True, False, False]
+
+    before = (tmp_path / "cache" / "epoch-0000" / "scores.npy").stat().st_mtime_ns
+    longer = _recipe(tmp_path, tiny_data, trained_bundle, epochs=3, stop_epoch=2)
+    res = run.invoke(app, ["cache", "build", str(longer), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kd_epochs"] == 2, res.output
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["epoch-0000", "epoch-0001", "meta.json"]
+    assert (tmp_path / "cache" / "epoch-0000" / "scores.npy").stat().st_mtime_ns == before  # kept, not redone
+    assert run.invoke(app, ["cache", "build", str(_recipe(tmp_path, tiny_data, trained_bundle, epochs=3)),
+                            "-q"]).exit_code == 0
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["complete"] and meta["kd_epochs"] == 3 and (tmp_path / "cache" / "epoch-0002").is_dir()
+    res = run.invoke(app, ["cache", "build", str(r), "--json"])  # stop 1 again: served as it is
+    assert res.exit_code == 0 and json.loads(res.stdout)["kd_epochs"] == 3
+    meta.pop("kd_epochs")  # written before kdctl recorded it: it holds every epoch
+    (tmp_path / "cache" / "meta.json").write_text(json.dumps(meta))
+    assert run.invoke(app, ["cache", "build", str(longer), "-q"]).exit_code == 0
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text()) == meta
 
 
 def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_data, trained_bundle):

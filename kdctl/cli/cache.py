@@ -19,7 +19,7 @@ def _summary(path: Path) -> dict:
     from kdctl.distill.cache import META
 
     meta = json.loads((path / META).read_text())
-    keys = ("complete", "views_per_epoch", "epochs", "anchors", "k", "nc", "bytes", "bytes_per_view", "build_seconds",
+    keys = ("complete", "views_per_epoch", "epochs", "kd_epochs", "anchors", "k", "nc", "bytes", "bytes_per_view", "build_seconds",
             "teacher_sha256", "data_sha256", "ultralytics")
     return {"path": str(path), **{k: meta.get(k) for k in keys}}
 

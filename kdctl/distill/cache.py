@@ -11,8 +11,9 @@ distilled from another image's teacher outputs.
 
 **What is stored** per view (float16): the teacher head's class logits and box (DFL) logits at its ``top_k`` most
 confident anchors, the anchors' indices, and the mean class logit of the other anchors; one shard of memory-mapped
-``.npy`` files per epoch, written to a temporary folder and renamed when complete (a killed build resumes at the
-first missing epoch). Rebuilt dense for a batch, the other anchors get that mean class logit and are masked out
+``.npy`` files per epoch that distills (every epoch, or those before ``distill.stop_epoch``: the teacher is not asked
+after it), written to a temporary folder and renamed when complete (a killed build resumes at the first missing
+epoch; a later stop epoch adds the epochs missing). Rebuilt dense for a batch, the other anchors get that mean class logit and are masked out
 of box distillation (``ld``); with ``top_k`` at least the anchor count the cache is exact up to float16.
 
 **Keys.** ``meta.json`` records the teacher's weights digest, the training images and labels, every augmentation
@@ -175,12 +176,20 @@ def data_digest(images: list[Path]) -> str:
     return h.hexdigest()
 
 
-def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int) -> dict:
+def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int, kd_epochs: int) -> dict:
+    """What a cache for this run must record; ``kd_epochs``: the epochs that distill (``distill.stop_epoch``, else
+    all), the first ones, whose views it must hold."""
     from kdctl.detectors.yolo import library_version
 
     augment = {k: getattr(args, k, None) for k in AUGMENT_KEYS}
     return {"version": CACHE_VERSION, "teacher_sha256": teacher_digest, "data_sha256": data_digest(images),
-            "images": len(images), "augment": augment, "ultralytics": library_version(), "top_k": int(top_k)}
+            "images": len(images), "augment": augment, "ultralytics": library_version(), "top_k": int(top_k),
+            "kd_epochs": int(kd_epochs)}
+
+
+def _kd_epochs(meta: dict) -> int:
+    """The epochs a cache holds views for (a cache written before ``kd_epochs`` was recorded holds them all)."""
+    return int(meta.get("kd_epochs") or meta.get("epochs") or meta["augment"]["epochs"])
 
 
 def _difference(have: dict, want: dict) -> str | None:
@@ -199,6 +208,12 @@ def _difference(have: dict, want: dict) -> str | None:
     if have.get("top_k") != want["top_k"]:
         return f"built with top_k={have.get('top_k')}, the recipe has {want['top_k']}"
     return None
+
+
+def _short(have: dict, want: dict) -> bool:
+    """A cache for the run that holds fewer distilling epochs than it needs (built for an earlier
+    ``distill.stop_epoch``): :func:`build` adds the missing ones."""
+    return bool(have.get("augment")) and _kd_epochs(have) < want["kd_epochs"]
 
 
 def _alive(pid: str) -> bool:
@@ -319,7 +334,7 @@ def open_cache(path: Path, want: dict, source: str) -> TeacherCache | None:
     if why:
         raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with "
                          f"`kdctl cache build {source} --overwrite`")
-    if have.get("complete"):
+    if have.get("complete") and not _short(have, want):
         return TeacherCache(path)
     return None
 
@@ -370,7 +385,9 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     args = train_args({k: v for k, v in _overrides(recipe, data_yaml, "x.yaml", path).items()
                        if k not in ("model", "project", "name", "exist_ok", "pretrained", "quantize")})
     teacher = teacher.float().eval()
-    want = expected_meta(weights_digest(teacher), images, args, cfg.top_k)
+    epochs = int(recipe.train.epochs)
+    kd_epochs = recipe.distill.stop_epoch or epochs  # after distill.stop_epoch the teacher is not asked
+    want = expected_meta(weights_digest(teacher), images, args, cfg.top_k, kd_epochs)
     if overwrite and (path / META).is_file():
         foreign = foreign_entries(path)
         if foreign:  # --overwrite replaces what kdctl wrote, never a user's file put beside it
@@ -385,7 +402,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
 
     base = train_dataset(args, data_yaml, recipe.train.batch, max(int(teacher.stride.max()), 32))
     views = ReplayViews(base, recipe.train.seed)
-    n, epochs = len(views), int(recipe.train.epochs)
+    n = len(views)
     head = len(teacher.model) - 1
     dev = next(teacher.parameters()).device
     from kdctl.distill.taps import FeatureTaps, head_outputs
@@ -401,10 +418,10 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
             "(kdctl.distill.cache.view_seed)", "complete": False, "build_seconds": have.get("build_seconds", 0.0)}
     write_json_atomic(path / META, meta)
 
-    bar = Step(progress, "teacher cache: epoch", total=epochs)
+    bar = Step(progress, "teacher cache: epoch", total=kd_epochs)
     t0 = time.perf_counter()
     closed = not recipe.train.close_mosaic
-    for e in range(epochs):
+    for e in range(kd_epochs):
         if not closed and e >= epochs - recipe.train.close_mosaic:  # as Ultralytics' trainer closes mosaic
             closed = True
             from copy import copy
@@ -452,6 +469,6 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
             shutil.rmtree(stale, ignore_errors=True)
     size = sum(f.stat().st_size for f in path.glob("epoch-*/*.npy"))
     meta.update(complete=True, build_seconds=round(meta["build_seconds"] + time.perf_counter() - t0, 2),
-                bytes=size, bytes_per_view=round(size / max(1, n * epochs), 1))
+                bytes=size, bytes_per_view=round(size / max(1, n * kd_epochs), 1))
     write_json_atomic(path / META, meta)
     return TeacherCache(path)
