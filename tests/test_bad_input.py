@@ -821,6 +821,35 @@ def _(c):
     return ["bundle", "show", str(c.user_dir())], 2, ["thesis", "not a kdctl bundle"]
 
 
+@case("cache-info-meta-not-json")
+def _(c):
+    d = c.tmp / "cache"
+    d.mkdir()
+    (d / "meta.json").write_text("{bad")
+    c.plant(d)
+    return ["cache", "info", str(d)], 2, ["cache/meta.json", "unreadable (not JSON)"]
+
+
+@case("cache-info-meta-not-a-cache-record")
+def _(c):
+    d = c.tmp / "cache"
+    d.mkdir()
+    (d / "meta.json").write_text('{"complete": true}')  # someone's JSON, not what a cache build writes
+    c.plant(d)
+    return ["cache", "info", str(d)], 2, ["cache/meta.json", "not a kdctl teacher cache record (no 'version')"]
+
+
+@case("distill-cache-meta-is-a-list")
+def _(c):
+    d = c.tmp / "cache"
+    d.mkdir()
+    (d / "meta.json").write_text("[]")
+    c.plant(d)
+    r = c.yolo_recipe("cached", c.data, teacher=str(c.train), losses="[{name: kd_logit}]")
+    r.write_text(r.read_text().replace("losses:", f"cache: {{path: {d}}}, losses:"))
+    return ["distill", str(r), "--out", str(c.tmp / "kd")], 2, ["cache/meta.json", "not a kdctl teacher cache"]
+
+
 @pytest.fixture
 def ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu):
     c = Ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu)

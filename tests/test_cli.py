@@ -13,8 +13,9 @@ from kdctl.cli.main import app
 
 COMMANDS = [[], ["recipe"], ["recipe", "check"], ["recipe", "schema"], ["data"], ["data", "synth"], ["train"],
             ["distill"], ["eval"], ["export"], ["profile"], ["gate"], ["report"], ["bundle"], ["bundle", "show"],
-            ["bundle", "verify"], ["list"], ["list", "losses"], ["list", "targets"]]
-LEAVES = [c for c in COMMANDS if c and c not in (["recipe"], ["data"], ["bundle"], ["list"])]
+            ["bundle", "verify"], ["list"], ["list", "losses"], ["list", "targets"], ["cache"], ["cache", "build"],
+            ["cache", "info"]]
+LEAVES = [c for c in COMMANDS if c and c not in (["recipe"], ["data"], ["bundle"], ["list"], ["cache"])]
 
 
 @pytest.mark.parametrize("cmd", LEAVES + [[]], ids=lambda c: " ".join(c) or "kdctl")
@@ -34,6 +35,18 @@ def test_version():
 def test_help_is_fast_and_does_not_import_torch():
     code = "import sys; from kdctl.cli.main import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_reader_that_goes_away_is_not_an_internal_error(monkeypatch):
+    """`kdctl list losses | head -1`: the closed pipe ends the command quietly (Click's exit 1), not as a kdctl bug."""
+    import kdctl.cli.listing as listing
+
+    def closed(*a, **k):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(listing, "emit", closed)
+    res = CliRunner().invoke(app, ["list", "losses"])
+    assert res.exit_code == 1 and "internal error" not in res.output and "Error" not in res.output, res.output
 
 
 def test_list_losses_json():

@@ -14,14 +14,12 @@ app = typer.Typer(no_args_is_help=True, help="Build and inspect teacher-output c
 
 
 def _summary(path: Path) -> dict:
-    import json
+    from kdctl.distill.cache import kd_epochs, read_meta
 
-    from kdctl.distill.cache import META
-
-    meta = json.loads((path / META).read_text())
-    keys = ("complete", "views_per_epoch", "epochs", "kd_epochs", "anchors", "k", "nc", "bytes", "bytes_per_view", "build_seconds",
-            "teacher_sha256", "data_sha256", "ultralytics")
-    return {"path": str(path), **{k: meta.get(k) for k in keys}}
+    meta = read_meta(path, "rebuild it with `kdctl cache build RECIPE --overwrite`")
+    keys = ("complete", "views_per_epoch", "epochs", "kd_epochs", "anchors", "k", "nc", "bytes", "bytes_per_view",
+            "build_seconds", "teacher_sha256", "data_sha256", "ultralytics")
+    return {"path": str(path), **{k: meta.get(k) for k in keys}, "kd_epochs": kd_epochs(meta)}
 
 
 def _show(res: dict) -> None:

@@ -87,6 +87,8 @@ class KdctlGroup(TyperGroup):
             _usage_error(e)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except BrokenPipeError:  # the reader went away (`kdctl list losses | head -1`): Click's main stops quietly
+            raise
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             if os.environ.get("KDCTL_DEBUG"):
                 raise

@@ -176,20 +176,20 @@ def data_digest(images: list[Path]) -> str:
     return h.hexdigest()
 
 
-def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int, kd_epochs: int) -> dict:
-    """What a cache for this run must record; ``kd_epochs``: the epochs that distill (``distill.stop_epoch``, else
+def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int, distilled: int) -> dict:
+    """What a cache for this run must record; ``distilled``: the epochs that distill (``distill.stop_epoch``, else
     all), the first ones, whose views it must hold."""
     from kdctl.detectors.yolo import library_version
 
     augment = {k: getattr(args, k, None) for k in AUGMENT_KEYS}
     return {"version": CACHE_VERSION, "teacher_sha256": teacher_digest, "data_sha256": data_digest(images),
             "images": len(images), "augment": augment, "ultralytics": library_version(), "top_k": int(top_k),
-            "kd_epochs": int(kd_epochs)}
+            "kd_epochs": int(distilled)}
 
 
-def _kd_epochs(meta: dict) -> int:
+def kd_epochs(meta: dict) -> int:
     """The epochs a cache holds views for (a cache written before ``kd_epochs`` was recorded holds them all)."""
-    return int(meta.get("kd_epochs") or meta.get("epochs") or meta["augment"]["epochs"])
+    return int(meta.get("kd_epochs") or meta.get("epochs") or meta["augment"].get("epochs") or 0)
 
 
 def _difference(have: dict, want: dict) -> str | None:
@@ -213,7 +213,7 @@ def _difference(have: dict, want: dict) -> str | None:
 def _short(have: dict, want: dict) -> bool:
     """A cache for the run that holds fewer distilling epochs than it needs (built for an earlier
     ``distill.stop_epoch``): :func:`build` adds the missing ones."""
-    return bool(have.get("augment")) and _kd_epochs(have) < want["kd_epochs"]
+    return bool(have.get("augment")) and kd_epochs(have) < want["kd_epochs"]
 
 
 def _alive(pid: str) -> bool:
@@ -317,6 +317,21 @@ class TeacherCache:
         self.__init__(state["path"])
 
 
+def read_meta(path: Path, fix: str) -> dict:
+    """A cache folder's ``meta.json``, or one line naming it (``fix``: what to do) when it is not a kdctl cache's
+    record: not JSON, not an object, or without the keys every build writes."""
+    meta = path / META
+    try:
+        have = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise KdctlError(f"{meta}: unreadable (not JSON); {fix}") from None
+    missing = [k for k in ("version", "teacher_sha256", "augment", "complete") if not isinstance(have, dict)
+               or k not in have]
+    if missing or not isinstance(have.get("augment"), dict):
+        raise KdctlError(f"{meta}: not a kdctl teacher cache record (no '{(missing or ['augment'])[0]}'); {fix}")
+    return have
+
+
 def open_cache(path: Path, want: dict, source: str) -> TeacherCache | None:
     """The complete cache at ``path`` for this run; None when there is none (or a partial build, which
     :func:`build` resumes); a stale one is refused in one line."""
@@ -326,10 +341,7 @@ def open_cache(path: Path, want: dict, source: str) -> TeacherCache | None:
             raise KdctlError(f"{source}: distill.cache.path: {path} is not a kdctl teacher cache (no {META}); "
                              "choose an empty or new folder")
         return None
-    try:
-        have = json.loads(meta.read_text())
-    except ValueError:
-        raise KdctlError(f"{path / META}: unreadable; rebuild with `kdctl cache build {source} --overwrite`") from None
+    have = read_meta(path, f"rebuild with `kdctl cache build {source} --overwrite`")
     why = _difference(have, want)
     if why:
         raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with "
@@ -386,8 +398,8 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
                        if k not in ("model", "project", "name", "exist_ok", "pretrained", "quantize")})
     teacher = teacher.float().eval()
     epochs = int(recipe.train.epochs)
-    kd_epochs = recipe.distill.stop_epoch or epochs  # after distill.stop_epoch the teacher is not asked
-    want = expected_meta(weights_digest(teacher), images, args, cfg.top_k, kd_epochs)
+    distilled = recipe.distill.stop_epoch or epochs  # after distill.stop_epoch the teacher is not asked
+    want = expected_meta(weights_digest(teacher), images, args, cfg.top_k, distilled)
     if overwrite and (path / META).is_file():
         foreign = foreign_entries(path)
         if foreign:  # --overwrite replaces what kdctl wrote, never a user's file put beside it
@@ -418,10 +430,10 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
             "(kdctl.distill.cache.view_seed)", "complete": False, "build_seconds": have.get("build_seconds", 0.0)}
     write_json_atomic(path / META, meta)
 
-    bar = Step(progress, "teacher cache: epoch", total=kd_epochs)
+    bar = Step(progress, "teacher cache: epoch", total=distilled)
     t0 = time.perf_counter()
     closed = not recipe.train.close_mosaic
-    for e in range(kd_epochs):
+    for e in range(distilled):
         if not closed and e >= epochs - recipe.train.close_mosaic:  # as Ultralytics' trainer closes mosaic
             closed = True
             from copy import copy
@@ -469,6 +481,6 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
             shutil.rmtree(stale, ignore_errors=True)
     size = sum(f.stat().st_size for f in path.glob("epoch-*/*.npy"))
     meta.update(complete=True, build_seconds=round(meta["build_seconds"] + time.perf_counter() - t0, 2),
-                bytes=size, bytes_per_view=round(size / max(1, n * kd_epochs), 1))
+                bytes=size, bytes_per_view=round(size / max(1, n * distilled), 1))
     write_json_atomic(path / META, meta)
     return TeacherCache(path)
