@@ -850,6 +850,13 @@ def _(c):
     return ["distill", str(r), "--out", str(c.tmp / "kd")], 2, ["cache/meta.json", "not a kdctl teacher cache"]
 
 
+@case("data-synth-into-a-folder-that-takes-no-files")
+def _(c):
+    """/proc takes no new files: the lock's create failed with ENOENT, which was read as a lost race and retried
+    forever (one core at 100 %)."""
+    return ["data", "synth", "/proc/kdctl-shapes"], 2, ["/proc: cannot create files there"]
+
+
 @pytest.fixture
 def ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu):
     c = Ctx(tmp_path, tiny_data, trained_bundle, export_cpu, profile_cpu)

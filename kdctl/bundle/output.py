@@ -115,8 +115,10 @@ class OutputLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # another run's release removed the folder we just found there: again
-                continue
+            except FileNotFoundError as e:
+                if self.path.parent.is_dir():  # a folder that takes no new files (/proc, /sys): it never will
+                    raise BundleError(f"{self.path.parent}: cannot create files there ({e.strerror})") from None
+                continue  # another run's release removed the folder we just found there: again
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
