@@ -180,6 +180,24 @@ def gap_closed_cell(per_seed: dict, base: dict, teacher_map: float, mark_below: 
             + ("" if above or not mark_below else ", not above baseline on every seed"))
 
 
+# t quantiles for a two-sided 95 % interval, by degrees of freedom 1..30 (beyond: the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
+    """95 % confidence interval of the mean of paired per-seed differences (KD run minus the baseline of the same
+    seed), by Student's t with n − 1 degrees of freedom; None under 2 seeds."""
+    import statistics
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * statistics.stdev(diffs) / n ** 0.5
+    m = statistics.fmean(diffs)
+    return m - half, m + half
+
+
 KD_SEED_HEAD = ["run", "role", "mAP50-95 per seed", "mean", "± half-range", "gap closed (mean, per seed)",
                 "train s", "epoch time / baseline"]
 

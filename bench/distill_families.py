@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, gap_closed_cell, machine, table, write_section  # noqa: E402
+from _common import ROOT, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
             "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
@@ -257,13 +257,17 @@ def main() -> None:
         role = name in ("teacher", "baseline student")
         gains = [per_seed[s]["map50_95"] - base[s]["map50_95"] for s in sorted(per_seed) if s in base]
         gain = mean - base_mean
+        above = sum(g > 0 for g in gains)
         beats = "" if role else (
-            "yes" if gain > base_spread and all(per_seed[s]["map50_95"] > base[s]["map50_95"] for s in per_seed)
-            else ("mean only" if gain > base_spread else "no"))
+            "yes" if gain > base_spread and above == len(per_seed) else ("mean only" if gain > base_spread else "no"))
+        ci = None if role else paired_interval([100 * g for g in gains])
         rows.append([name, " / ".join(f"{m:.4f}" for m in maps), round(mean, 4),
                      round((max(maps) - min(maps)) / 2, 4) if len(maps) > 1 else "",
                      "" if role else f"{100 * gain:+.2f} ({' / '.join(f'{100 * g:+.2f}' for g in gains)})",
-                     "" if role else gap_closed_cell(per_seed, base, t_map, mark_below=False), beats, round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
+                     "" if role else gap_closed_cell(per_seed, base, t_map, mark_below=False),
+                     "" if role else f"{above}/{len(gains)}",
+                     "" if ci is None else f"{ci[0]:+.1f} to {ci[1]:+.1f}", beats,
+                     round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
     r = _recipe("quickstart-student", 0, None)
     syn, t = r.data.synthetic, r.train
     when = (f", students {a.epochs} epochs" if a.epochs else "") + (
@@ -279,10 +283,12 @@ def main() -> None:
             f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "
             f"seed, then averaged (n/a where the teacher is not above the baseline). Baseline spread (half-range over seeds): "
             f"{base_spread:.4f}; \"beats baseline\" = mean gain above that spread and above the baseline on every "
-            f"seed.\n\n"
+            f"seed. \"Seeds above\": on how many seeds the run is above the baseline of the same seed (the same "
+            f"initial weights); \"95 % CI\": of the mean gain, from the per-seed gains (paired, Student's t), in "
+            f"points.\n\n"
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
-                     "gap closed (mean, per seed)",
-                     "beats baseline", "train s"], rows) + "\n")
+                     "gap closed (mean, per seed)", "seeds above", "gain 95 % CI", "beats baseline", "train s"],
+                    rows) + "\n")
     write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + override_tag()
                   + (f"-heldout{a.heldout}" if a.heldout else ""), body)
     print(body)

@@ -1,0 +1,25 @@
+"""The benchmark's paired interval: the one statistic in bench/ a verdict rests on, checked by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from _common import paired_interval  # noqa: E402
+
+
+def test_paired_interval_by_hand():
+    # mean 2, sample sd 1, n 3: 2 ± t(0.975, 2 df) · 1/√3 = 2 ± 4.303 / 1.732
+    lo, hi = paired_interval([1.0, 2.0, 3.0])
+    assert lo == pytest.approx(2 - 4.303 / 3 ** 0.5) and hi == pytest.approx(2 + 4.303 / 3 ** 0.5)
+    # 5 seeds: t(0.975, 4 df) = 2.776; sample sd (n - 1), not the population's
+    d = [4.0, -1.0, 3.0, 2.0, 7.0]
+    sd = (sum((x - 3.0) ** 2 for x in d) / 4) ** 0.5
+    assert paired_interval(d) == pytest.approx((3.0 - 2.776 * sd / 5 ** 0.5, 3.0 + 2.776 * sd / 5 ** 0.5))
+    assert paired_interval([2.5]) is None
+    lo, hi = paired_interval([1.0] * 40 + [3.0] * 40)  # beyond the table: the normal quantile
+    assert hi - lo == pytest.approx(2 * 1.96 * (80 / 79) ** 0.5 / 80 ** 0.5)
