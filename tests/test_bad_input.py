@@ -539,6 +539,18 @@ def _(c):
     return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "invalid YAML"]
 
 
+@case("eval-data-not-utf8")
+def _(c):
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_bytes(b"\xff\xfe n\x00a\x00m\x00e\x00"))  # UTF-16
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "not a UTF-8 text"]
+
+
+@case("eval-data-is-a-device")
+def _(c):
+    return ["eval", str(c.train), "--data", "/dev/null", "--out", str(c.tmp / "x")], 2, [
+        "/dev/null", "not a regular file"]
+
+
 @case("train-image-list-names-missing-file")
 def _(c):
     def mutate(r):

@@ -100,11 +100,15 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     ``splits`` that will be used (the others are listed, not checked)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: dataset YAML not found")
+        raise DataError(f"{path}: " + ("is a directory; give its data.yaml" if path.is_dir() else
+                                       "not a regular file (a device, pipe or socket); give a dataset YAML"
+                                       if path.exists() else "dataset YAML not found"))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise DataError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file (a dataset YAML is text)") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
     skip_invalid = skip_invalid or data.get("kdctl_skip_invalid") is True  # a bundle trained that way
