@@ -13,8 +13,9 @@ distilled from another image's teacher outputs.
 confident anchors, the anchors' indices, and the mean class logit of the other anchors; one shard of memory-mapped
 ``.npy`` files per epoch that distills (every epoch, or those before ``distill.stop_epoch``: the teacher is not asked
 after it), written to a temporary folder and renamed when complete (a killed build resumes at the first missing
-epoch; a later stop epoch adds the epochs missing). Rebuilt dense for a batch, the other anchors get that mean class logit and are masked out
-of box distillation (``ld``); with ``top_k`` at least the anchor count the cache is exact up to float16.
+epoch; a later stop epoch adds the epochs missing). Rebuilt dense for a batch, the other anchors get that mean
+class logit and are masked out of box distillation (``ld``); with ``top_k`` at least the anchor count the cache is
+exact up to float16.
 
 **Keys.** ``meta.json`` records the teacher's weights digest, the training images and labels, every augmentation
 setting (with the epochs, the seed and the Ultralytics version) and ``top_k``; a cache whose record differs from
@@ -213,7 +214,7 @@ def _difference(have: dict, want: dict) -> str | None:
 def _short(have: dict, want: dict) -> bool:
     """A cache for the run that holds fewer distilling epochs than it needs (built for an earlier
     ``distill.stop_epoch``): :func:`build` adds the missing ones."""
-    return bool(have.get("augment")) and kd_epochs(have) < want["kd_epochs"]
+    return kd_epochs(have) < want["kd_epochs"]
 
 
 def _alive(pid: str) -> bool:
