@@ -91,6 +91,13 @@ class Ctx:
         r.write_text(text)
         return self.plant(r)
 
+    def cache_folder(self, meta: str) -> Path:
+        """A planted folder holding only a ``meta.json`` with ``meta`` as its text."""
+        d = self.tmp / "cache"
+        d.mkdir()
+        (d / "meta.json").write_text(meta)
+        return self.plant(d)
+
     def yolo_recipe(self, name, data_yaml, **kw):
         return self.recipe(name, f"{{yolo: {data_yaml}}}", **kw)
 
@@ -835,28 +842,18 @@ def _(c):
 
 @case("cache-info-meta-not-json")
 def _(c):
-    d = c.tmp / "cache"
-    d.mkdir()
-    (d / "meta.json").write_text("{bad")
-    c.plant(d)
-    return ["cache", "info", str(d)], 2, ["cache/meta.json", "unreadable (not JSON)"]
+    return ["cache", "info", str(c.cache_folder("{bad"))], 2, ["cache/meta.json", "unreadable (not JSON)"]
 
 
 @case("cache-info-meta-not-a-cache-record")
 def _(c):
-    d = c.tmp / "cache"
-    d.mkdir()
-    (d / "meta.json").write_text('{"complete": true}')  # someone's JSON, not what a cache build writes
-    c.plant(d)
+    d = c.cache_folder('{"complete": true}')  # someone's JSON, not what a cache build writes
     return ["cache", "info", str(d)], 2, ["cache/meta.json", "not a kdctl teacher cache record (no 'version')"]
 
 
 @case("distill-cache-meta-is-a-list")
 def _(c):
-    d = c.tmp / "cache"
-    d.mkdir()
-    (d / "meta.json").write_text("[]")
-    c.plant(d)
+    d = c.cache_folder("[]")
     r = c.yolo_recipe("cached", c.data, teacher=str(c.train), losses="[{name: kd_logit}]")
     r.write_text(r.read_text().replace("losses:", f"cache: {{path: {d}}}, losses:"))
     return ["distill", str(r), "--out", str(c.tmp / "kd")], 2, ["cache/meta.json", "not a kdctl teacher cache"]
