@@ -46,10 +46,13 @@ def synth(
     if classes > scene_classes(scene):
         raise DataError(f"--classes: {classes}; scene '{scene}' has {scene_classes(scene)} shapes")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with progress_bar(not (json_ or quiet)) as p:
-        task = p.add_task("generating", total=images + val) if p else None
-        atomic_build(out, lambda tmp: write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz,
-                                                    classes=classes, root=out, scene=scene,
-                                                    progress=(lambda: p.advance(task)) if p else None))
+
+    def build(tmp: Path) -> None:  # the bar starts once the output is locked and its temp folder made
+        with progress_bar(not (json_ or quiet)) as p:
+            task = p.add_task("generating", total=images + val) if p else None
+            write_dataset(tmp, train=images, val=val, seed=seed, imgsz=imgsz, classes=classes, root=out,
+                          scene=scene, progress=(lambda: p.advance(task)) if p else None)
+
+    atomic_build(out, build)
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
     emit(result, as_json=json_, quiet=quiet, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))
