@@ -686,6 +686,16 @@ def _(c):
     return ["profile", str(c.export), "-a", "nope", "--out", str(c.tmp / "x")], 2, ["--artifact", "nope"]
 
 
+@case("gate-empty-artifact-name")
+def _(c):  # an empty name is a name that was not profiled, not "the default artifact"
+    return ["gate", str(c.profile), "--min-map", "0", "-a", "", "--out", str(c.tmp / "g")], 2, ["--artifact: ''"]
+
+
+@case("profile-empty-runtime-name")
+def _(c):
+    return ["profile", str(c.export), "--runtime", "", "--out", str(c.tmp / "x")], 2, ["--runtime: ''"]
+
+
 @case("report-missing-bundle")
 def _(c):
     return ["report", str(c.tmp / "nowhere"), "--out", str(c.tmp / "x")], 2, ["nowhere", "not found"]

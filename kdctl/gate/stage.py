@@ -25,7 +25,7 @@ class GateResult:
 
 def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
     names = [r["artifact"] for r in results]
-    if artifact:
+    if artifact is not None:
         if artifact not in names:
             raise KdctlError(f"--artifact: '{artifact}' was not profiled in {where}; it has: {', '.join(names)}")
         return results[names.index(artifact)]

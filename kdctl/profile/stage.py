@@ -154,13 +154,13 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
             a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
         if a["files"]:
             arts.append(a)
-    if artifacts:
+    if artifacts is not None:
         unknown = sorted(set(artifacts) - {a["name"] for a in arts})
         if unknown:
             raise KdctlError(f"--artifact: '{unknown[0]}' is not in {src.path}; it has: "
                              f"{', '.join(a['name'] for a in arts)}")
         arts = [a for a in arts if a["name"] in artifacts]
-    if runtime:
+    if runtime is not None:
         if runtime not in DEVICE_RUNTIMES:
             raise KdctlError(f"--runtime: '{runtime}'; valid: {', '.join(DEVICE_RUNTIMES)}")
         fmt = RUNTIMES[runtime].format
