@@ -83,6 +83,11 @@ BAD = [
     (GOOD.replace("teacher: {model: yolov8s.yaml}\n", ""), "teacher", "needs a teacher"),
     (GOOD.replace("name: ok", "name: 'bad name!'"), "name", "should match pattern"),
     (GOOD.replace("train: {", "train: {device: gpu9, "), "train.device", "is not a device"),
+    (GOOD.replace("train: {", "train: {device: '0,1,0', "), "train.device", "names GPU 0 twice"),
+    # pydantic's lax mode would read true as 1 and false as 0
+    (GOOD.replace("epochs: 1", "epochs: true"), "train.epochs", "got true; give a number"),
+    (GOOD.replace("train: {", "train: {lr0: false, "), "train.lr0", "got false; give a number"),
+    (GOOD.replace("weight: 2.0", "weight: true"), "distill.losses[0].weight", "got true; give a number"),
     (GOOD + "export: {max_map_drop: -1}\n", "export.max_map_drop", "greater than or equal to 0"),
     (GOOD + "gate: {min_map50_95: 5}\n", "gate.min_map50_95", "less than or equal to 1"),
     (GOOD + "profile: {runs: 0}\n", "profile.runs", "greater than or equal to 1"),

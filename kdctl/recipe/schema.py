@@ -5,7 +5,8 @@ A recipe is data, never code. Every stage copies the resolved recipe into its bu
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,8 +18,28 @@ LEVELS = ("backbone", "neck", "head", "rpn", "roi", "query", "feature", "logit")
 ROLES = ("backbone", "neck", "head")
 
 
+def _leaf_types(t) -> set:
+    """The types a field annotation admits (through Annotated, Optional and unions)."""
+    origin = get_origin(t)
+    if origin is Annotated:
+        return _leaf_types(get_args(t)[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_leaf_types(a) for a in get_args(t)))
+    return {t}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v, info):
+        """``epochs: true`` is a slip, not 1 (pydantic's lax mode would take it as 1)."""
+        if isinstance(v, bool):
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"got {str(v).lower()}; give a number")
+        return v
 
 
 class ModelSpec(Strict):
@@ -134,7 +155,13 @@ class TrainSpec(Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         v = str(v).strip().lower()
-        if v in ("cpu", "cuda", "mps") or all(p.isdigit() for p in v.split(",") if p):
+        if v in ("cpu", "cuda", "mps"):
+            return v
+        ids = [p.strip() for p in v.split(",") if p.strip()]
+        if ids and all(p.isdigit() for p in ids):
+            twice = sorted({p for p in ids if ids.count(p) > 1})
+            if twice:
+                raise ValueError(f"'{v}' names GPU {twice[0]} twice; give each index once")
             return v
         raise ValueError(f"'{v}' is not a device; use 'cpu', 'cuda' or GPU indices like '0' or '0,1'")
 
