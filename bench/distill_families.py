@@ -55,14 +55,21 @@ def override_tag() -> str:
 
 
 def apply_overrides(d: dict) -> None:
+    """Set each override in the recipe dict; a number in the key indexes a list (``distill.losses.0.level``)."""
     for key, value in OVERRIDES.items():
         *parents, leaf = key.split(".")
         node = d
         for part in parents:
-            if not isinstance(node.get(part), dict):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
                 node[part] = {}
             node = node[part]
-        node[leaf] = value
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
 
 
 

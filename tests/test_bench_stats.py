@@ -23,3 +23,16 @@ def test_paired_interval_by_hand():
     assert paired_interval([2.5]) is None
     lo, hi = paired_interval([1.0] * 40 + [3.0] * 40)  # beyond the table: the normal quantile
     assert hi - lo == pytest.approx(2 * 1.96 * (80 / 79) ** 0.5 / 80 ** 0.5)
+
+
+def test_a_screen_override_reaches_into_the_loss_list(monkeypatch):
+    """``--set distill.losses.0.level=backbone`` changes the first loss only; a dotted key makes missing sections."""
+    import distill_families as bench
+
+    monkeypatch.setattr(bench, "OVERRIDES", {"distill.losses.0.level": "backbone", "distill.auto_balance": 0.1,
+                                             "distill.cache.top_k": 8})
+    d = {"distill": {"losses": [{"name": "cwd", "level": "neck"}, {"name": "kd_logit", "level": "head"}]}}
+    bench.apply_overrides(d)
+    assert d["distill"]["losses"] == [{"name": "cwd", "level": "backbone"}, {"name": "kd_logit", "level": "head"}]
+    assert d["distill"]["auto_balance"] == 0.1 and d["distill"]["cache"] == {"top_k": 8}
+    assert bench.override_tag() == "-level=backbone-auto_balance=0.1-top_k=8"
