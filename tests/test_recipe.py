@@ -137,6 +137,11 @@ def test_malformed_recipe_one_line_error(tmp_path, text, field, reason):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+    # a bundle folder or a device given where the recipe goes says what it is, not "not found"
+    with pytest.raises(RecipeError, match=f"^{tmp_path}: is a directory; give a recipe YAML file$"):
+        load_recipe(tmp_path)
+    with pytest.raises(RecipeError, match="^/dev/null: not a regular file"):
+        load_recipe("/dev/null")
 
 
 def test_cli_check_bad_recipe_exit_2_no_traceback(tmp_path):

@@ -92,7 +92,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: {what} not found")
+        raise RecipeError(f"{path}: " + (f"is a directory; give a {what} YAML file" if path.is_dir() else
+                                         f"not a regular file (a device, pipe or socket); give a {what} YAML file"
+                                         if path.exists() else f"{what} not found"))
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
