@@ -869,6 +869,14 @@ def _(c):
     return ["distill", str(r), "--out", str(c.tmp / "kd")], 2, ["cache/meta.json", "not a kdctl teacher cache"]
 
 
+@case("gate-junit-in-a-folder-that-takes-no-files")
+def _(c):
+    """The junit file was written after the bundle was published: the gate exited 2 with its bundle left behind
+    and an error naming a temp file."""
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", "/proc/kdctl.xml"], 2, \
+        ["--junit /proc/kdctl.xml", "cannot create files in /proc"]
+
+
 @case("data-synth-into-a-folder-that-takes-no-files")
 def _(c):
     """/proc takes no new files: the lock's create failed with ENOENT, which was read as a lost race and retried

@@ -273,4 +273,21 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
     if p.exists() and not p.is_file():  # written by temp file + rename, which would replace a device node or pipe
         raise BundleError(f"{flag} {p}: is not a regular file (a device, pipe or socket); give a file path")
     _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
+    _check_writable(p, flag)
     return p
+
+
+def _check_writable(p: Path, flag: str) -> None:
+    """Create and remove an empty hidden file in the nearest existing folder of ``p``: a folder that takes no new
+    files (/proc, a read-only mount) fails here, before the stage publishes a bundle, not after."""
+    from kdctl.bundle.store import temp_sibling
+
+    d = p.parent
+    while not d.exists():
+        d = d.parent
+    probe = temp_sibling(d / p.name)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as e:
+        raise BundleError(f"{flag} {p}: cannot create files in {d} ({e.strerror})") from None
+    os.unlink(probe)
