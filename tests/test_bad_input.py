@@ -877,6 +877,12 @@ def _(c):
         ["--junit /proc/kdctl.xml", "cannot create files in /proc"]
 
 
+@case("report-out-two-folders-deep-under-proc")
+def _(c):
+    # the lock's folder could not be made: the error named the missing folder only
+    return ["report", str(c.profile), "--out", "/proc/kdctl-runs/report"], 2, ["/proc: cannot create files there"]
+
+
 @case("data-synth-into-a-folder-that-takes-no-files")
 def _(c):
     """/proc takes no new files: the lock's create failed with ENOENT, which was read as a lost race and retried

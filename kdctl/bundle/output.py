@@ -106,19 +106,25 @@ class OutputLock:
         """Take the lock; another holder is an error, or with ``wait`` is waited for."""
         import fcntl
 
+        lost_races = 0
         while True:
             d = self.path.parent
             while not d.exists():
                 if d not in self.created:
                     self.created.append(d)
                 d = d.parent
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError as e:
-                if self.path.parent.is_dir():  # a folder that takes no new files (/proc, /sys): it never will
-                    raise BundleError(f"{self.path.parent}: cannot create files there ({e.strerror})") from None
+                lost_races += 1
+                if self.path.parent.is_dir() or lost_races > 50:  # a folder that takes no new files (/proc)
+                    raise BundleError(f"{self.path.parent if self.path.parent.is_dir() else d}: cannot create "
+                                      f"files there ({e.strerror})") from None
                 continue  # another run's release removed the folder we just found there: again
+            except OSError as e:  # /sys, a read-only mount, a folder without write permission
+                raise BundleError(f"{self.path.parent if self.path.parent.is_dir() else d}: cannot create "
+                                  f"files there ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:

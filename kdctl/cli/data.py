@@ -45,7 +45,6 @@ def synth(
         raise DataError(f"--scene: '{scene}'; valid: {', '.join(SCENES)}")
     if classes > scene_classes(scene):
         raise DataError(f"--classes: {classes}; scene '{scene}' has {scene_classes(scene)} shapes")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def build(tmp: Path) -> None:  # the bar starts once the output is locked and its temp folder made
         with progress_bar(not (json_ or quiet)) as p:
