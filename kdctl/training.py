@@ -42,6 +42,19 @@ def _read_results(csv_path: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _earlier_processes_s(epochs: list[dict], *, trained_here: bool) -> float:
+    """Training seconds spent by the processes a resumed run continues. results.csv's ``time`` counts from the start
+    of the process that logged the epoch (Ultralytics' trainer and the torchvision loop alike), so it falls back at
+    each resume, and each earlier process contributes its last value. With ``trained_here`` False (a run killed after
+    its last epoch, published by the resuming process) the last process is an earlier one too. An epoch a killed
+    process logged and the next one repeated counts once (:func:`_read_results` keeps the repeat)."""
+    times = [r.get("time") for r in epochs]
+    ends = [a for a, b in zip(times, times[1:]) if a is not None and b is not None and b < a]
+    if not trained_here and times and times[-1] is not None:
+        ends.append(times[-1])
+    return float(sum(ends))
+
+
 def _raised_by_ultralytics_data(e: BaseException) -> bool:
     """True for the errors Ultralytics raises about datasets and settings (not for bugs elsewhere)."""
     if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) or isinstance(e, KdctlError):
@@ -321,7 +334,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
             setup = None  # every rank loads its own teacher from disk
         _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress, launch)
         faults.point("train:finished")
-    train_s = time.perf_counter() - t_start  # this process's share when resumed
+    train_s = time.perf_counter() - t_start  # this process's share when resumed; the killed ones' added below
+    train_s += _earlier_processes_s(_read_results(work / "train" / "results.csv"), trained_here=state != "finished")
     return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, train_s, overwrite,
                     progress)
 

@@ -207,3 +207,18 @@ def test_reuse_and_resume_read_a_recipe_recorded_by_an_earlier_kdctl(tmp_path, t
     with pytest.raises(Exception, match="train.epochs: differs"):
         _check_same_recipe({"recipe": changed}, recipe, "r.yaml", tmp_path)
     assert _as_current({"not": "a recipe"}) == {"not": "a recipe"}
+
+
+def test_time_of_the_processes_a_resumed_run_continues():
+    """results.csv's time restarts with each process: a run killed after epoch 2 (at 7.5 s) and again after epoch 4
+    (4.0 s into the second process) had spent 11.5 s before the third process; if that third one only published
+    (killed after the last epoch), its own epochs' 3.0 s count too."""
+    from kdctl.training import _earlier_processes_s
+
+    rows = [{"epoch": 1, "time": 3.5}, {"epoch": 2, "time": 7.5}, {"epoch": 3, "time": 2.0}, {"epoch": 4, "time": 4.0},
+            {"epoch": 5, "time": 1.5}, {"epoch": 6, "time": 3.0}]
+    assert _earlier_processes_s(rows, trained_here=True) == pytest.approx(11.5)
+    assert _earlier_processes_s(rows, trained_here=False) == pytest.approx(14.5)
+    assert _earlier_processes_s(rows[:2], trained_here=True) == 0.0  # one process, not resumed
+    assert _earlier_processes_s([{"epoch": 1}, {"epoch": 2, "time": 1.0}], trained_here=True) == 0.0  # no time column
+    assert _earlier_processes_s([], trained_here=False) == 0.0
