@@ -85,6 +85,63 @@ def test_gap_closed_and_roles(tmp_path):
     assert compare([t, worse]).baseline is None and compare([t, worse]).gap_line() is None
 
 
+def test_several_distilled_students_side_by_side(tmp_path):
+    """Two students of one teacher: each gets its own verdict against the shared teacher and baseline, which appear
+    once in the table, and the per-class table has a column per student (the report showed only the last one)."""
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.kd_summary import compare, compare_all, side_by_side
+
+    def bundle(name, stage, m, parents=(), model="s.yaml"):
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents, inputs={},
+                          recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
+            (w.path / "weights.pt").write_bytes(name.encode())
+            w.add_output("weights", "weights.pt")
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95={"a": m, "b": m / 2})
+        return load_bundle(tmp_path / name)
+
+    t, b = bundle("t", "train", 0.50, model="big.yaml"), bundle("b", "train", 0.30)
+    d1, d2 = bundle("kd-a", "distill", 0.40, parents=[t]), bundle("kd-b", "distill", 0.25, parents=[t])
+    cmps = compare_all([b, t, d1, d2])
+    assert [c.distilled.id for c in cmps] == [d1.id, d2.id] and compare([b, t, d1, d2]).distilled.id == d2.id
+    assert all(c.teacher.id == t.id and c.baseline.id == b.id for c in cmps)
+    assert cmps[0].gap_closed == pytest.approx(0.5) and cmps[1].verdict().startswith("No: the distilled student is -5.00")
+    rows, head, per_class = side_by_side(cmps)
+    assert [r[:3] for r in rows] == [["teacher", "t", "0.5000"], ["baseline (student alone)", "b", "0.3000"],
+                                     ["distilled student", "kd-a", "0.4000"], ["distilled student", "kd-b", "0.2500"]]
+    assert head == ["class", "teacher", "baseline", "kd-a", "kd-b"]
+    assert per_class == [["a", "0.5000", "0.3000", "0.4000", "0.2500"], ["b", "0.2500", "0.1500", "0.2000", "0.1250"]]
+
+
+@pytest.mark.slow
+def test_report_with_two_distilled_students(kd_chain, tiny_data, tmp_path):
+    import json
+
+    from conftest import write_recipe
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    r = write_recipe(tmp_path / "kd-logit.yaml", f"""
+name: kd-logit
+teacher: {{model: {kd_chain["teacher"]}}}
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
+distill: {{auto_balance: 0.25, losses: [{{name: kd_logit, params: {{temperature: 2.0}}}}]}}
+""")
+    second = run_training(load_recipe(r), stage="distill", source=str(r), out=tmp_path / "kd-logit").path
+    res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(kd_chain["distilled"]), str(second),
+                                   "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [s["distilled"] for s in out["kd_students"]] == [str(kd_chain["distilled"]), str(second)]
+    assert all(s["baseline"] == str(kd_chain["baseline"]) for s in out["kd_students"]) and out["kd"]["distilled"] == str(second)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"- **{kd_chain['distilled'].name}: " in md and "- **kd-logit: " in md
+    assert f"| class | teacher | baseline | {kd_chain['distilled'].name} | kd-logit |" in md
+    with Image.open(tmp_path / "r" / "predictions.png") as im:
+        assert im.width == 4 * 240  # teacher, baseline and both students
+
+
 @pytest.mark.slow
 def test_report_renders_in_a_real_browser(kd_chain, profile_cpu, tmp_path):
     """Headless Chromium opens the report and its first screen is not blank."""

@@ -18,18 +18,23 @@ def report(
 ) -> None:
     """Write an HTML and Markdown report (lineage, metrics, latency histograms, Pareto plot, KD losses).
 
+    "Did distillation help?" compares each distilled student with its teacher and a baseline given among the bundles
+    (a train bundle of the same student and data); several distilled students get a verdict each, in one table.
+
     Example: [bold]kdctl report runs/profile/quickstart-cpu runs/gate/quickstart-cpu[/bold]
     """
     from kdctl.report.stage import write_report
 
     b = write_report(bundles, out=out, runs_dir=runs, overwrite=overwrite)
     kd, gates = b.metrics.get("kd"), b.metrics.get("gates") or []
+    students = b.metrics.get("kd_students") or []
     result = {"bundle": str(b.path), "html": str(b.path / "report.html"), "markdown": str(b.path / "report.md"),
-              "plots": b.metrics["plots"], "kd": kd, "gates": gates}
+              "plots": b.metrics["plots"], "kd": kd, "kd_students": students, "gates": gates}
 
     def human():
-        if kd:
-            console.print(f"Did distillation help? {kd['verdict']}")
+        for s in students:
+            who = f" ({Path(s['distilled']).name})" if len(students) > 1 else ""
+            console.print(f"Did distillation help{who}? {s['verdict']}")
         for g in gates:
             console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
         console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")

@@ -47,33 +47,16 @@ class KDComparison:
             return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}."
         return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline."
 
-    def rows(self) -> list[list[str]]:
-        out = []
-        for role, b in (("teacher", self.teacher), ("baseline (student alone)", self.baseline),
-                        ("distilled student", self.distilled)):
-            if b is None:
-                continue
-            m = b.metrics
-            out.append([role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
-                        f"{m['params']:,}" if m.get("params") else "—",
-                        f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—", trained_as(m)])
-        return out
-
-    def per_class_rows(self) -> list[list[str]]:
-        refs = [b for b in (self.teacher, self.baseline, self.distilled) if b is not None]
-        names = list((self.distilled.metrics.get("per_class_ap50_95") or {}).keys())
-        rows = []
-        for n in names:
-            vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for b in refs]
-            rows.append([n] + ["—" if v is None else f"{v:.4f}" for v in vals])
-        return rows
-
-    def per_class_head(self) -> list[str]:
-        return ["class"] + [r for r, b in (("teacher", self.teacher), ("baseline", self.baseline),
-                                            ("distilled", self.distilled)) if b is not None]
-
 
 HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time", "trained as"]
+
+
+def model_row(role: str, b: Bundle) -> list[str]:
+    """A row of the "Did distillation help?" table (:data:`HEAD`)."""
+    m = b.metrics
+    return [role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
+            f"{m['params']:,}" if m.get("params") else "—",
+            f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—", trained_as(m)]
 
 
 def trained_as(metrics: dict) -> str:
@@ -91,11 +74,19 @@ def trained_as(metrics: dict) -> str:
 
 
 def compare(chain: list[Bundle]) -> KDComparison | None:
-    """Find the distilled student, its teacher (its recorded parent) and a baseline: a train bundle of the same
-    student model and data that is not the teacher. None when the chain has no distill bundle."""
-    distilled = next((b for b in reversed(chain) if b.stage == "distill"), None)
-    if distilled is None:
-        return None
+    """The comparison for the last distill bundle of the chain (None when it has none); see :func:`compare_all`."""
+    every = compare_all(chain)
+    return every[-1] if every else None
+
+
+def compare_all(chain: list[Bundle]) -> list[KDComparison]:
+    """One comparison per distill bundle, in chain order (several students of one teacher: two recipes side by side).
+    Each finds its own teacher (its recorded parent) and a baseline: a train bundle of the same student model and
+    data that is not the teacher."""
+    return [_compare(chain, d) for d in chain if d.stage == "distill"]
+
+
+def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
     t_sha = ((distilled.manifest.get("inputs") or {}).get("teacher") or {}).get("sha256")
     parents = {p.get("id") for p in distilled.manifest.get("parents", [])}
     teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")
@@ -108,3 +99,27 @@ def compare(chain: list[Bundle]) -> KDComparison | None:
                      and ((b.recipe or {}).get("student") or {}).get("model") == student
                      and (b.recipe or {}).get("data") == data), None)
     return KDComparison(teacher, baseline, distilled)
+
+
+def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], list[list[str]]]:
+    """The distilled students in one table: every teacher and baseline once, then each student; and per-class
+    AP50-95 with a column per model (a student's column is "distilled", or its bundle's name when there are
+    several). Returns (rows, per-class head, per-class rows)."""
+    models: list[tuple[str, Bundle]] = []
+    for role in ("teacher", "baseline"):
+        for c in cmps:
+            b = getattr(c, role)
+            if b is not None and all(b.id != m.id for _, m in models):
+                models.append(("baseline (student alone)" if role == "baseline" else role, b))
+    models += [("distilled student", c.distilled) for c in cmps]
+    rows = [model_row(role, b) for role, b in models]
+    head = ["class"] + [role.split(" ")[0] if role != "distilled student" else
+                        "distilled" if len(cmps) == 1 else b.path.name for role, b in models]
+    names: list[str] = []
+    for c in cmps:
+        names += [n for n in (c.distilled.metrics.get("per_class_ap50_95") or {}) if n not in names]
+    per_class = []
+    for n in names:
+        vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for _, b in models]
+        per_class.append([n] + ["—" if v is None else f"{v:.4f}" for v in vals])
+    return rows, head, per_class

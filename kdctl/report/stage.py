@@ -10,7 +10,7 @@ from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, requir
 from kdctl.errors import BundleError, KdctlError
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
-from kdctl.report.kd_summary import compare
+from kdctl.report.kd_summary import compare_all, side_by_side
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
@@ -110,14 +110,20 @@ def _gate_rows(chain: list[Bundle]) -> list[tuple[Bundle, list[list[str]]]]:
     return out
 
 
-def _predictions(cmp, root: Path) -> str | None:
-    """predictions.png beside the report, when the models and PyTorch are on this machine; else None."""
+def _predictions(cmps: list, root: Path) -> str | None:
+    """predictions.png beside the report, when the models and PyTorch are on this machine; else None. The last
+    distilled student's teacher, baseline and validation images, and every distilled student trained on its data."""
     import importlib.util
 
-    if cmp is None or importlib.util.find_spec("torch") is None:
+    if not cmps or importlib.util.find_spec("torch") is None:
         return None
-    models = [(label, b.file("weights")) for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline),
-                                                          ("distilled", cmp.distilled)) if b is not None]
+    cmp = cmps[-1]
+    data = (cmp.distilled.recipe or {}).get("data")
+    students = [c.distilled for c in cmps if (c.distilled.recipe or {}).get("data") == data]
+    models = [(label, b.file("weights")) for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline))
+              if b is not None]
+    models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"))
+               for b in students]
     try:
         from kdctl.data.resolve import load_yolo_yaml
         from kdctl.report.predictions import prediction_grid
@@ -144,19 +150,29 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
     out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
-        cmp = compare(chain)
+        cmps = compare_all(chain)
+        cmp = cmps[-1] if cmps else None
         gates = _gate_rows(chain)
         images = _plots(chain, w.path)
-        pred = _predictions(cmp, w.path)
+        pred = _predictions(cmps, w.path)
         stage_rows, perf_rows = _rows(chain)
         md, body = [f"# {title}", ""], [f"<h1>{html.escape(title)}</h1>"]
-        if cmp is not None:
-            md += ["## Did distillation help?", "", f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, cmp.rows()), ""]
-            body += ["<h2>Did distillation help?</h2>", f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>",
-                     _html_table(KD_HEAD, cmp.rows())]
-            gap = cmp.gap_line()
-            if gap:
-                md += [gap, ""]
+        kd_rows, class_head, class_rows = side_by_side(cmps) if cmps else ([], [], [])
+        if cmps:
+            md += ["## Did distillation help?", ""]
+            body += ["<h2>Did distillation help?</h2>"]
+        if len(cmps) == 1:
+            md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""]
+            if cmp.gap_line():
+                md += [cmp.gap_line(), ""]
+            body += [f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>", _html_table(KD_HEAD, kd_rows)]
+        elif cmps:  # several students (two recipes side by side): a verdict each, one table
+            for c in cmps:
+                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {c.gap_line()}" if c.gap_line() else "")
+                md += [f"- **{line}**"]
+                body += [f"<p class='verdict'><b>{html.escape(line)}</b></p>"]
+            md += ["", _md_table(KD_HEAD, kd_rows), ""]
+            body += [_html_table(KD_HEAD, kd_rows)]
         for g, rows in gates:
             verdict = "PASS" if g.metrics.get("passed") else "FAIL"
             art = g.metrics.get("artifact", "")
@@ -165,9 +181,9 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                      f"{html.escape(g.path.name)})</h2>", _html_table(GATE_HEAD, rows)]
         md += ["## Lineage", "", graph.mermaid(chain), ""]
         body += ["<h2>Lineage</h2>", graph.svg(chain)]
-        if cmp is not None and cmp.per_class_rows():
-            md += ["## Per-class AP50-95", "", _md_table(cmp.per_class_head(), cmp.per_class_rows()), ""]
-            body += ["<h2>Per-class AP50-95</h2>", _html_table(cmp.per_class_head(), cmp.per_class_rows())]
+        if class_rows:
+            md += ["## Per-class AP50-95", "", _md_table(class_head, class_rows), ""]
+            body += ["<h2>Per-class AP50-95</h2>", _html_table(class_head, class_rows)]
         if pred:
             md += ["## Predictions (teacher / baseline / distilled, score ≥ 0.25)", "", f"![predictions]({pred})", ""]
             body += ["<h2>Predictions (teacher / baseline / distilled, score ≥ 0.25)</h2>",
@@ -189,13 +205,12 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             ".fail{color:#b91c1c}</style></head><body>" + "".join(body) + "</body></html>\n")
         w.add_output("html", "report.html")
         w.add_output("markdown", "report.md")
+        kd = [{"teacher": c.teacher and str(c.teacher.path), "baseline": c.baseline and str(c.baseline.path),
+               "distilled": str(c.distilled.path), "gap_closed": c.gap_closed, "verdict": c.verdict()} for c in cmps]
         w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]
                           + ([pred] if pred else []),
-                          "kd": None if cmp is None else {
-                              "teacher": cmp.teacher and str(cmp.teacher.path),
-                              "baseline": cmp.baseline and str(cmp.baseline.path),
-                              "distilled": str(cmp.distilled.path), "gap_closed": cmp.gap_closed,
-                              "verdict": cmp.verdict()},
+                          "kd": kd[-1] if kd else None,  # the last distilled student
+                          "kd_students": kd,  # every distilled student, in lineage order
                           "gates": [{"bundle": str(g.path), "passed": g.metrics.get("passed")} for g, _ in gates]})
     return w.bundle
 
