@@ -869,6 +869,13 @@ def _(c):
     return ["distill", str(r), "--out", str(c.tmp / "kd")], 2, ["cache/meta.json", "not a kdctl teacher cache"]
 
 
+@case("gate-junit-and-summary-one-file")
+def _(c):
+    # the Markdown summary replaced the JUnit XML that CI was told to read, and the gate passed
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit", str(c.tmp / "gate.out"),
+            "--summary", str(c.tmp / "." / "gate.out")], 2, ["--summary", "is also the --junit file"]
+
+
 @case("gate-junit-in-a-folder-that-takes-no-files")
 def _(c):
     """The junit file was written after the bundle was published: the gate exited 2 with its bundle left behind

@@ -41,6 +41,8 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
     inputs = [prof.path] + ([base_bundle.path] if base_bundle else [])
     junit = check_output_file(junit, flag="--junit", inputs=inputs) if junit else None
     summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
+    if junit is not None and summary is not None and junit.resolve() == summary.resolve():
+        raise KdctlError(f"--summary {summary}: is also the --junit file; give each its own file")
     out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.resolve().name)
     for flag, f in (("--junit", junit), ("--summary", summary)):
         if f is not None and (f == out.absolute() or out.absolute() in f.parents):
