@@ -66,9 +66,9 @@ def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault,
     # the training time counts the killed process's epochs too (it was only the resuming process's share: ~0 s
     # for a run killed after its last epoch)
     t = [e["time_s"] for e in m["metrics"]["epochs"]]
-    assert m["metrics"]["train_seconds"] >= max(t)
+    assert m["metrics"]["train_seconds"] >= max(t) - 0.005  # train_seconds is rounded to 10 ms
     if fault == "train:epoch-saved@1":  # epoch 1 by the killed process, epoch 2 by the resuming one
-        assert m["metrics"]["train_seconds"] >= t[0] + t[1]
+        assert m["metrics"]["train_seconds"] >= t[0] + t[1] - 0.005
     assert _leftovers(tmp_path, "kd") == [], "no .work, .partial or .lock left"
 
 
