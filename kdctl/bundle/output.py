@@ -116,15 +116,13 @@ class OutputLock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError as e:
-                lost_races += 1
-                if self.path.parent.is_dir() or lost_races > 50:  # a folder that takes no new files (/proc)
-                    raise BundleError(f"{self.path.parent if self.path.parent.is_dir() else d}: cannot create "
-                                      f"files there ({e.strerror})") from None
-                continue  # another run's release removed the folder we just found there: again
-            except OSError as e:  # /sys, a read-only mount, a folder without write permission
-                raise BundleError(f"{self.path.parent if self.path.parent.is_dir() else d}: cannot create "
-                                  f"files there ({e.strerror})") from None
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and not self.path.parent.is_dir() and lost_races < 50:
+                    lost_races += 1
+                    continue  # another run's release removed the folder we just found there: again
+                # a folder that takes no new files or folders (/proc, /sys, a read-only mount): it never will
+                where = self.path.parent if self.path.parent.is_dir() else d
+                raise BundleError(f"{where}: cannot create files there ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:

@@ -151,7 +151,6 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
         cmps = compare_all(chain)
-        cmp = cmps[-1] if cmps else None
         gates = _gate_rows(chain)
         images = _plots(chain, w.path)
         pred = _predictions(cmps, w.path)
@@ -162,6 +161,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             md += ["## Did distillation help?", ""]
             body += ["<h2>Did distillation help?</h2>"]
         if len(cmps) == 1:
+            (cmp,) = cmps
             md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""]
             if cmp.gap_line():
                 md += [cmp.gap_line(), ""]
