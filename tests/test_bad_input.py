@@ -876,6 +876,14 @@ def _(c):
             "--summary", str(c.tmp / "." / "gate.out")], 2, ["--summary", "is also the --junit file"]
 
 
+@case("gate-baseline-is-the-profile-itself")
+def _(c):
+    # a copy of the profile as its own baseline: every regression check passed by construction
+    same = c.copy(c.profile, "main-profile")
+    return ["gate", str(c.profile), "--baseline", str(same), "--max-latency-regression", "0.03", "--out",
+            str(c.tmp / "g")], 2, ["--baseline", "is the profile being gated"]
+
+
 @case("gate-junit-in-a-folder-that-takes-no-files")
 def _(c):
     """The junit file was written after the bundle was published: the gate exited 2 with its bundle left behind

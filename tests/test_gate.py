@@ -66,9 +66,8 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
     assert bad.exit_code == 1 and "FAIL" in bad.output
     assert (tmp_path / "g2" / "junit.xml").is_file()  # the gate bundle is written on failure too
     reg = CliRunner().invoke(app, ["gate", str(profile_cpu), "--baseline", str(profile_cpu), "-a", "onnx-fp32",
-                                   "--max-latency-regression", "0.0", "--max-map-regression", "0",
-                                   "--out", str(tmp_path / "g3"), "--json"])
-    assert reg.exit_code == 0, reg.output  # against itself: no change
+                                   "--max-latency-regression", "0.0", "--out", str(tmp_path / "g3")])
+    assert reg.exit_code == 2 and "is the profile being gated" in reg.output  # itself: would pass by construction
     usage = CliRunner().invoke(app, ["gate", str(profile_cpu), "--out", str(tmp_path / "g4")])
     assert usage.exit_code == 2 and "no budgets to check" in usage.output  # the recipe sets none
     nob = CliRunner().invoke(app, ["gate", str(tmp_path / "missing"), "--min-map", "0.1"])
@@ -102,8 +101,10 @@ def test_baseline_measured_otherwise_fails_closed(export_cpu, tmp_path):
     assert checks["min_map50_95"]["passed"]
     for name in ("max_latency_regression", "max_map_regression"):
         assert not checks[name]["passed"] and "threads 1 (this profile: 2): not comparable" in checks[name]["message"]
-    same = CliRunner().invoke(app, ["gate", str(two), "--baseline", str(two), "--max-latency-regression", "0",
-                                    "--out", str(tmp_path / "g2")])
+    again = profile_bundle(export_cpu, artifacts=["onnx-fp32"], warmup=1, runs=5, e2e_runs=2, threads=2,
+                           out=tmp_path / "t2-again").path  # measured the same way: comparable
+    same = CliRunner().invoke(app, ["gate", str(again), "--baseline", str(two), "--max-latency-regression", "10",
+                                    "--max-map-regression", "0", "--out", str(tmp_path / "g2")])
     assert same.exit_code == 0, same.output
 
 

@@ -38,6 +38,9 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
     prof = load_bundle(profile, stages=("profile",), verify=True)
     base_bundle = load_bundle(baseline, stages=("profile",), verify=True) if baseline else None
+    if base_bundle is not None and base_bundle.id == prof.id:  # every regression check would pass by construction
+        raise KdctlError(f"--baseline {baseline}: is the profile being gated ({prof.path}), or a copy of it; "
+                         "give the profile to compare with (e.g. main's)")
     inputs = [prof.path] + ([base_bundle.path] if base_bundle else [])
     junit = check_output_file(junit, flag="--junit", inputs=inputs) if junit else None
     summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
