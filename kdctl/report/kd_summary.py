@@ -105,21 +105,21 @@ def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], 
     """The distilled students in one table: every teacher and baseline once, then each student; and per-class
     AP50-95 with a column per model (a student's column is "distilled", or its bundle's name when there are
     several). Returns (rows, per-class head, per-class rows)."""
-    models: list[tuple[str, Bundle]] = []
-    for role in ("teacher", "baseline"):
+    models: list[tuple[str, str, Bundle]] = []  # (role in the table, per-class column, bundle)
+    for attr, role in (("teacher", "teacher"), ("baseline", "baseline (student alone)")):
         for c in cmps:
-            b = getattr(c, role)
-            if b is not None and all(b.id != m.id for _, m in models):
-                models.append(("baseline (student alone)" if role == "baseline" else role, b))
-    models += [("distilled student", c.distilled) for c in cmps]
-    rows = [model_row(role, b) for role, b in models]
-    head = ["class"] + [role.split(" ")[0] if role != "distilled student" else
-                        "distilled" if len(cmps) == 1 else b.path.name for role, b in models]
+            b = getattr(c, attr)
+            if b is not None and all(b.id != m.id for _, _, m in models):
+                models.append((role, attr, b))
+    models += [("distilled student", "distilled" if len(cmps) == 1 else c.distilled.path.name, c.distilled)
+               for c in cmps]
+    rows = [model_row(role, b) for role, _, b in models]
+    head = ["class"] + [column for _, column, _ in models]
     names: list[str] = []
     for c in cmps:
         names += [n for n in (c.distilled.metrics.get("per_class_ap50_95") or {}) if n not in names]
     per_class = []
     for n in names:
-        vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for _, b in models]
+        vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for _, _, b in models]
         per_class.append([n] + ["—" if v is None else f"{v:.4f}" for v in vals])
     return rows, head, per_class
