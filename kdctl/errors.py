@@ -39,6 +39,17 @@ class CheckFailed(KdctlError):
     exit_code = 1
 
 
+def shown(value) -> str:
+    """A value as the user wrote it in YAML/JSON (``true``, ``null``, ``"2"``, ``[1, 2]``), not as Python prints it
+    (``True``, ``None``, ``'2'``), for errors that quote a field's value."""
+    import json
+
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (cut to ``limit`` characters), for one-line errors about a library's
     exception."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
                           write_text_atomic)
 from kdctl.bundle.store import remove_stale_temps
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, shown
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
 
@@ -74,7 +74,7 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
     merged = {k: v for k, v in merged.items() if k in BUDGETS and v is not None}
     for k, v in merged.items():  # the CLI and the recipe schema check this too; a library caller gets the same rule
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise KdctlError(f"gate budget {k}: must be a finite number, got {v!r}")
+            raise KdctlError(f"gate budget {k}: must be a finite number, got {shown(v)}")
     if not merged:
         raise KdctlError(f"{profile}: no budgets to check: set gate: in the recipe or pass --min-map, "
                          "--max-p90-ms, ... (see kdctl gate --help)")

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdctl.errors import RecipeError
+from kdctl.errors import RecipeError, shown
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -20,7 +20,7 @@ def _field_path(loc: tuple) -> str:
         if isinstance(p, int):
             parts.append(f"[{p}]")
         elif p in ("list[int]", "literal['backbone','neck','head']", "function-after[_exactly_one(), DataSpec]",
-                   "int", "str"):
+                   "int", "float", "bool", "str"):
             continue  # union-branch tags pydantic adds; they are not fields the user wrote
         else:
             parts.append(("." if parts else "") + str(p))
@@ -41,7 +41,9 @@ def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
     elif err["type"] == "missing":
         msg = "required field is missing"
     elif err["type"] == "literal_error":
-        msg = f"got {err.get('input')!r}; {msg[0].lower()}{msg[1:]}"
+        msg = f"got {shown(err.get('input'))}; {msg[0].lower()}{msg[1:]}"
+    elif err["type"].endswith(("_type", "_parsing")) and "input" in err:
+        msg = f"{msg}, got {shown(err['input'])}"
     return f"{_field_path(loc)}: {msg}"
 
 

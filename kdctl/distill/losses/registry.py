@@ -65,11 +65,13 @@ def param_problem(entry: LossEntry, name: str, value) -> str | None:
     """Why ``value`` cannot be ``entry``'s parameter ``name`` (its type and range), or None when it can."""
     import math
 
+    from kdctl.errors import shown
+
     default = entry.params[name]
     if isinstance(default, bool):
-        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+        return None if isinstance(value, bool) else f"must be true or false, got {shown(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"must be a number, got {value!r}"
+        return f"must be a number, got {shown(value)}"
     if not math.isfinite(value):
         return f"must be finite, got {value}"
     if name in _COUNTS:
