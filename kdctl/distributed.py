@@ -280,8 +280,9 @@ def run(launch: Launch, node_dir: Path, spec: dict) -> None:
     path = spec_path(node_dir, launch.node_rank)
     write_json_atomic(path, {**spec, "launch": asdict(launch)})
     env = dict(os.environ)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // launch.nproc_per_node)  # the cores this process may use, not the host's
+    from kdctl.limits import usable_cores
+
+    threads = max(1, usable_cores() // launch.nproc_per_node)  # the cores this process may use, not the host's
     env.setdefault("OMP_NUM_THREADS", str(threads))  # torchrun would force 1 (and warn)
     p = subprocess.Popen([sys.executable, "-m", "kdctl.distributed", "launch", str(path)], env=env,
                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)

@@ -75,6 +75,60 @@ def test_profile_errors(tmp_path, export_cpu, trained_bundle):
     assert r.exit_code == 2 and "valid: onnxruntime, openvino, tensorrt" in r.output
 
 
+def _export_with_profile_section(src, out, section: dict):
+    """``src``'s export bundle sealed anew by the bundle writer, its recipe's ``profile:`` section set to
+    ``section`` (what exporting a recipe with that section gives)."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    b = load_bundle(src, verify=True)
+    parents = [load_bundle(p["path"], verify=True) for p in b.manifest["parents"]]
+    with BundleWriter(out, stage="export", recipe={**b.recipe, "profile": section}, parents=parents) as w:
+        for role, rel in b.manifest["outputs"].items():
+            shutil.copy2(src / rel, w.path / rel)
+            w.add_output(role, rel)
+        w.metrics.update(b.metrics)
+        w.extra["artifacts"] = b.manifest["artifacts"]
+    return out
+
+
+def test_profile_takes_its_defaults_from_the_recipe(tmp_path, export_cpu):
+    """The recipe's profile: section was validated and then ignored: `kdctl profile` ran 100 runs at 10 warm-ups
+    whatever it said. Now it sets the defaults, and a flag still wins over it."""
+    exp = _export_with_profile_section(export_cpu, tmp_path / "exp",
+                                       {"warmup": 3, "runs": 7, "throughput_batch": 2, "threads": 1})
+    res = CliRunner().invoke(app, ["profile", str(exp), "-a", "onnx-fp32", "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {k: data["settings"][k] for k in ("warmup", "runs", "throughput_batch", "threads")} == \
+        {"warmup": 3, "runs": 7, "throughput_batch": 2, "threads": 1}
+    assert data["results"][0]["timed_runs"] == 7 and data["results"][0]["runtime"]["threads"] == 1
+    res = CliRunner().invoke(app, ["profile", str(exp), "-a", "onnx-fp32", "--runs", "5", "--warmup", "0",
+                                   "--out", str(tmp_path / "q"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["settings"]["runs"] == 5 and data["settings"]["warmup"] == 0 and data["settings"]["threads"] == 1
+    assert data["results"][0]["timed_runs"] == 5
+
+
+def test_profile_refuses_what_the_machine_cannot_give(tmp_path, export_cpu, monkeypatch):
+    """--threads 100000 made the runtimes start 100000 threads (17 GB, deaf to SIGTERM); a huge throughput batch
+    would allocate its input before failing. Both are refused before any work, in one line."""
+    from kdctl.limits import usable_cores
+
+    n = usable_cores()
+    r = CliRunner().invoke(app, ["profile", str(export_cpu), "--threads", str(n + 1), "--out", str(tmp_path / "t")])
+    assert r.exit_code == 2 and f"--threads {n + 1}: this process may use {n} CPU core" in r.output
+    assert f"give at most {n}" in r.output and not (tmp_path / "t").exists()
+    monkeypatch.setattr("kdctl.profile.stage.available_memory_bytes", lambda: 8 * 2**20)  # 8 MiB left
+    r = CliRunner().invoke(app, ["profile", str(export_cpu), "--throughput-batch", "16", "--out", str(tmp_path / "b")])
+    # 16 × 3 × 128² × 4 B = 3.1 MB, more than a quarter of 8 MiB
+    assert r.exit_code == 2 and "--throughput-batch 16: its input alone (16 × 3 × 128 × 128 float32) is 3.1 MB" \
+        in r.output and "available memory (8.4 MB)" in r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_profile_pytorch_reference(tmp_path, export_cpu):
     res = CliRunner().invoke(app, ["profile", str(export_cpu), "--pytorch", "-a", "onnx-fp32", "--runs", "5",
                                    "--warmup", "1", "--out", str(tmp_path / "p"), "--json"])

@@ -93,6 +93,8 @@ BAD = [
     (GOOD + "export: {max_map_drop: -1}\n", "export.max_map_drop", "greater than or equal to 0"),
     (GOOD + "gate: {min_map50_95: 5}\n", "gate.min_map50_95", "less than or equal to 1"),
     (GOOD + "profile: {runs: 0}\n", "profile.runs", "greater than or equal to 1"),
+    # the profile measures latency at batch 1 only: a batch here was accepted and silently ignored
+    (GOOD + "profile: {batch: 4}\n", "profile.batch", "got 4; latency is measured at batch 1"),
     (GOOD + "export: {target: tpu}\n", "export.target", "'tpu' does not exist; valid: cpu"),
     (GOOD + "export: {artifacts: [onnx-int4]}\n", "export.artifacts", "unknown artifact 'onnx-int4'"),
     (GOOD.replace("losses:", "losses: 3\n  x:"), "distill", ""),

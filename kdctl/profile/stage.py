@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, KdctlError, first_line
+from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line
+from kdctl.limits import available_memory_bytes, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
@@ -81,15 +82,56 @@ def _inputs(src: Bundle, imgsz: int, n: int) -> tuple[list[Path], str]:
 
 
 def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, runtime: str | None = None,
-                   warmup: int = 10, runs: int = 100, duration_s: float | None = None, threads: int | None = None,
-                   throughput_batch: int = 8, device: str = "cpu", e2e_runs: int = 30, pytorch: bool = False,
-                   out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False,
-                   progress=None) -> Bundle:
+                   warmup: int | None = None, runs: int | None = None, duration_s: float | None = None,
+                   threads: int | None = None, throughput_batch: int | None = None, device: str = "cpu",
+                   e2e_runs: int = 30, pytorch: bool = False, out: str | Path | None = None,
+                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
+    """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads`` and ``throughput_batch`` left at None
+    come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults."""
     src = load_bundle(bundle, stages=("export",), verify=True)
+    spec = _recipe_settings(src)
+    warmup = spec.warmup if warmup is None else warmup
+    runs = spec.runs if runs is None else runs
+    threads = spec.threads if threads is None else threads
+    throughput_batch = spec.throughput_batch if throughput_batch is None else throughput_batch
+    _check_resources(threads, throughput_batch, int(src.metrics.get("imgsz") or 0))
     out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
                         e2e_runs, pytorch, out, overwrite, progress)
+
+
+def _recipe_settings(src: Bundle):
+    """The recipe's ``profile:`` section, checked again (the bundle may come from an older kdctl)."""
+    from pydantic import ValidationError
+
+    from kdctl.recipe.schema import ProfileSpec
+
+    try:
+        return ProfileSpec.model_validate(((src.recipe or {}).get("profile")) or {})
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise BundleError(f"{src.path / 'manifest.json'}: recipe.profile.{field}: {err['msg']}") from None
+
+
+def _check_resources(threads: int | None, throughput_batch: int, imgsz: int) -> None:
+    """Refuse what this machine cannot give before any work: more threads than the cores this process may use
+    (the runtimes would start them all: 100000 threads took 17 GB and ignored SIGTERM), or a throughput batch
+    whose input alone would take a quarter of the available memory."""
+    cores = usable_cores()
+    if threads is not None and threads > cores:
+        raise KdctlError(f"--threads {threads}: this process may use {cores} CPU core{'s' * (cores != 1)} here; "
+                         f"give at most {cores} (the default is all of them)")
+    need = throughput_batch * 3 * imgsz * imgsz * 4
+    avail = available_memory_bytes()
+    if avail and need > avail / 4:
+        def size(n: float) -> str:
+            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+        raise KdctlError(f"--throughput-batch {throughput_batch}: its input alone ({throughput_batch} × 3 × {imgsz}"
+                         f" × {imgsz} float32) is {size(need)}, more than a quarter of this machine's available"
+                         f" memory ({size(avail)}); give a smaller batch")
 
 
 def _source_weights(src: Bundle) -> Path:
@@ -110,7 +152,7 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
 
     usable, skipped = _runnable(src, artifacts, runtime, pytorch, device)
     imgsz = int(src.metrics["imgsz"])
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = threads or usable_cores()
     images, input_kind = _inputs(src, imgsz, e2e_runs)
     if images:
         x = to_input([letterbox(load_rgb(images[0]), imgsz)[0]])

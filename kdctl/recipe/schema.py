@@ -263,11 +263,21 @@ class ExportSpec(Strict):
 
 
 class ProfileSpec(Strict):
-    warmup: int = Field(10, ge=0)
-    runs: int = Field(100, ge=1)
-    batch: int = Field(1, ge=1, le=256)
-    throughput_batch: int = Field(8, ge=1, le=256)
-    threads: int | None = Field(None, ge=1)
+    """Defaults of ``kdctl profile`` for the bundles of this recipe; its flags override them."""
+
+    warmup: int = Field(10, ge=0, description="Untimed inferences first (--warmup)")
+    runs: int = Field(100, ge=1, description="Timed batch-1 inferences (--runs)")
+    batch: int = Field(1, description="Latency batch: 1 only (latency is measured at batch 1, as trtexec's and "
+                                      "benchmark_app's defaults; throughput_batch sets the batched throughput)")
+    throughput_batch: int = Field(8, ge=1, le=256, description="Batch for throughput (--throughput-batch)")
+    threads: int | None = Field(None, ge=1, description="Inference threads (--threads; default: all usable cores)")
+
+    @field_validator("batch")
+    @classmethod
+    def _batch_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"got {v}; latency is measured at batch 1: set throughput_batch for batched throughput")
+        return v
 
 
 class GateSpec(Strict):
