@@ -451,8 +451,13 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
                           f"{fam.LABEL} student: a one-stage teacher for a two-stage student is not available yet; "
                           "use a torchvision teacher (a two-stage teacher can teach a YOLO or RT-DETR student)")
-    # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss
+    # class-count or anchor-grid mismatches for head losses are reported by build_criterion, per loss; a teacher
+    # whose classes are the dataset's in another order would teach (or hand its head to) the wrong classes
     d = recipe.distill
+    from kdctl.distill.losses.registry import LOSSES
+
+    if d.init or any(LOSSES[spec.name].kind not in ("feature", "rpn") for spec in d.losses):
+        ds.check_model_names(getattr(teacher, "names", None), f"the teacher ('{teacher_ref.ref}')")
     cache = None
     if d.cache is not None:
         from kdctl.distill.cache import cache_path, check_recipe

@@ -528,6 +528,29 @@ def _(c):
     return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "without gaps"]
 
 
+# the session's model predicts circle, square, triangle (the synthetic set's order); Ultralytics never compares names
+@case("eval-data-classes-in-another-order")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="[square, circle, triangle]")
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml", "names", "another order", "class 0 is 'circle' there, 'square' here"]
+
+
+@case("export-data-classes-in-another-order")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="{0: Square, 1: Circle, 2: Triangle}")
+    return ["export", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml", "another order", "circle, square, triangle"]
+
+
+@case("distill-teacher-classes-in-another-order")
+def _(c):
+    d = c.dataset("d", lambda r: None, names="[triangle, square, circle]")
+    r = c.yolo_recipe("r", d, teacher=str(c.train), losses="[{name: kd_logit}]")
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml", "names", "the teacher", "another order"]
+
+
 @case("eval-data-nc-mismatch")
 def _(c):
     d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "nc: 5\n"))

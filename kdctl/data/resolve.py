@@ -47,11 +47,27 @@ class Dataset:
             d["skipped"] = {split: {"count": len(v), "items": v[:1000]} for split, v in self.skipped.items() if v}
         return d
 
-    def check_model_classes(self, nc: int, what: str, flag: str = "--data") -> None:
-        """A model must predict exactly this dataset's classes to be scored on it."""
+    def check_model_classes(self, nc: int, what: str, flag: str = "--data", names=None) -> None:
+        """A model must predict exactly this dataset's classes to be scored on it, in the same order
+        (:meth:`check_model_names`)."""
         if nc != self.nc:
             raise DataError(f"{self.yaml}: names: the dataset has {self.nc} classes but {what} predicts {nc}; "
                             f"give a {flag} with the model's classes")
+        self.check_model_names(names, what)
+
+    def check_model_names(self, names, what: str) -> None:
+        """Refuse a model whose class names (``model.names``) are this dataset's in another order: it would be
+        scored, or distilled from, class against wrong class without a word (Ultralytics does not compare them).
+        Names that differ otherwise (other words, a model built from a YAML: '0', '1', ...) are not judged."""
+        theirs = [str(n) for _, n in sorted(names.items())] if isinstance(names, dict) else list(names or [])
+        key = [n.strip().casefold() for n in theirs]
+        ours = [n.strip().casefold() for n in self.names]
+        if len(theirs) == self.nc and key != ours and sorted(key) == sorted(ours):
+            moved = next(i for i, (a, b) in enumerate(zip(key, ours)) if a != b)
+            raise DataError(f"{self.yaml}: names: {what} has this dataset's classes in another order (class "
+                            f"{moved} is '{theirs[moved]}' there, '{self.names[moved]}' here), so its class "
+                            f"{moved} would be taken for '{self.names[moved]}'; the model's order is "
+                            f"{', '.join(theirs)}")
 
 
 def _beside_images(img: Path, folder: str) -> Path | None:

@@ -28,7 +28,7 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
     size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
     model = load_bundle_weights(src)
     check_imgsz(size, model)
-    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
+    ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics = evaluate_backend(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
                                progress=step.advance)

@@ -112,7 +112,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     if unsupported and options.artifacts:
         raise DataError(f"--artifact: {unsupported[0]} is not available for {type(model).__name__} models")
     wanted = [a for a in wanted if a not in unsupported]  # a preset's artifact the family cannot make: skipped
-    ds.check_model_classes(model_classes(model), f"the model of {src.path}")
+    ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
     imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model, flag=where)
