@@ -352,3 +352,25 @@ def test_images_in_other_formats_ultralytics_trains_on_are_listed_and_read(tmp_p
     assert sorted(p.suffix for p in ds.val_images) == [".avif", ".jp2", ".png"]
     assert all(load_rgb(p).shape == (48, 64, 3) for p in ds.val_images)
     assert all(len(g.boxes) == 1 for g in ground_truth(ds.val_images))
+
+
+def test_model_names_in_another_order_are_refused():
+    """Only a reordering of the dataset's own names is refused (it is certainly the wrong class map); other words
+    and a YAML-built model's placeholders ('0', '1', ...) are not judged."""
+    from kdctl.data.resolve import Dataset
+    from kdctl.errors import DataError
+
+    ds = Dataset(Path("d/data.yaml"), ["cat", "dog", "bird"], [], [])
+    ds.check_model_names({0: "cat", 1: "dog", 2: "bird"}, "m")
+    ds.check_model_names({0: "Cat ", 1: "DOG", 2: "bird"}, "m")  # case and spaces are not an order
+    ds.check_model_names({0: "feline", 1: "canine", 2: "avian"}, "m")
+    ds.check_model_names(None, "m")
+    with pytest.raises(DataError, match=r"d/data.yaml: names: m has this dataset's classes in another order \(class 1 "
+                                        r"is 'bird' there, 'dog' here\).*order is cat, bird, dog"):
+        ds.check_model_names({0: "cat", 1: "bird", 2: "dog"}, "m")
+    with pytest.raises(DataError, match="another order"):
+        ds.check_model_names(["Dog", "cat", "bird"], "m")
+    digits = Dataset(Path("d/data.yaml"), ["2", "1", "0"], [], [])
+    digits.check_model_names({0: "0", 1: "1", 2: "2"}, "m")  # what Ultralytics names a model built from a YAML
+    with pytest.raises(DataError, match="3 classes but m predicts 2"):
+        ds.check_model_classes(2, "m")

@@ -62,7 +62,8 @@ class Dataset:
         theirs = [str(n) for _, n in sorted(names.items())] if isinstance(names, dict) else list(names or [])
         key = [n.strip().casefold() for n in theirs]
         ours = [n.strip().casefold() for n in self.names]
-        if len(theirs) == self.nc and key != ours and sorted(key) == sorted(ours):
+        placeholder = theirs == [str(i) for i in range(len(theirs))]  # a model built from a YAML names none
+        if len(theirs) == self.nc and not placeholder and key != ours and sorted(key) == sorted(ours):
             moved = next(i for i, (a, b) in enumerate(zip(key, ours)) if a != b)
             raise DataError(f"{self.yaml}: names: {what} has this dataset's classes in another order (class "
                             f"{moved} is '{theirs[moved]}' there, '{self.names[moved]}' here), so its class "
