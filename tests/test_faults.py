@@ -43,6 +43,7 @@ def _finish(argv: list[str]) -> dict:
 PHASES = [
     ("train:started", "before the first checkpoint"),
     ("train:epoch-saved@1", "mid-run, after epoch 1 of 2"),
+    ("train:checkpoint-written@2", "while saving epoch 2's checkpoint (written, not yet in place of epoch 1's)"),
     ("train:finished", "after the last epoch, before publishing"),
     ("publish:sealed", "while publishing: bundle sealed, not yet renamed"),
     ("train:published", "after publishing, before cleaning the work folder"),
@@ -169,3 +170,56 @@ def test_killed_dataset_build_leaves_nothing_the_rerun_keeps(tmp_path):
     assert not out.exists() and [p.name[:8] for p in tmp_path.iterdir() if p.name != ".ds.lock"] == [".ds.tmp-"]
     _finish(argv)
     assert _leftovers(tmp_path, "ds") == [] and len(list((out / "images" / "train").iterdir())) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,artifact,says", [
+    ("cpu", "onnx-fp32", "Error: File too large while writing; nothing half-written was published (a file-size "
+                         "limit (ulimit -f) or the file system caps file size; give an --out elsewhere)"),
+    # OpenVINO's writer fails with a C++ "basic_ios::clear: iostream error" that names no file
+    ("intel", "openvino-fp32", "openvino-fp32/model.xml: OpenVINO could not write the model (RuntimeError: "
+                               "basic_ios::clear: iostream error): is the disk full, or a file-size limit"),
+])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, trained_bundle, target, artifact, says):
+    """A write the machine refuses (here a file-size limit, `ulimit -f`: the kernel's EFBIG, as ENOSPC on a full
+    disk) was 'internal error: ...' (exit 1). Now: one line saying what to do, exit 2, no partial folder; with
+    the limit lifted the same command publishes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    out = tmp_path / "exp"
+    argv = ["export", str(trained_bundle), "--target", target, "-a", artifact, "--out", str(out)]
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv, "-q"], preexec_fn=limit, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert says in p.stderr and "ublished" in p.stderr
+    assert not out.exists() and _leftovers(tmp_path, "exp") == []
+    _finish(argv)
+    assert verify_bundle(out).ok
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, tiny_data):
+    """Ultralytics writes last.pt in place; a failed write (here the file-size limit again) must leave no
+    truncated checkpoint where a good one was: the run fails in one line and nothing of it is left to resume."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    r = tmp_path / "t.yaml"
+    r.write_text(f"name: t\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8, workers: 0}\n")
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "train", str(r), "--out", str(tmp_path / "t"), "-q"],
+                       preexec_fn=limit, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "File too large while writing" in p.stderr, p.stderr
+    assert _leftovers(tmp_path, "t") == [], "a truncated last.pt kept the work folder, and --resume then failed"

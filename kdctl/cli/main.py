@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -48,6 +49,21 @@ def _usage_error(e: UsageError):
     _fail(ctx.find_root(), "Error:", f"{ctx.command_path}: {text} (see '{ctx.command_path} --help')", e.exit_code)
 
 
+_MACHINE_ERRNOS = {  # what to do about each
+    errno.ENOSPC: "free some space, or give an --out on another disk",
+    errno.EDQUOT: "free some of your quota, or give an --out on another disk",
+    errno.EROFS: "give an --out on a writable file system",
+    errno.EFBIG: "a file-size limit (ulimit -f) or the file system caps file size; give an --out elsewhere",
+}
+
+
+def _internal(e: Exception, fail) -> None:
+    """A bug, not the user's input: one line, the traceback on request."""
+    if os.environ.get("KDCTL_DEBUG"):
+        raise e
+    fail("Error:", f"internal error: {first_line(e)} (set KDCTL_DEBUG=1 for the traceback)", 1)
+
+
 class KdctlGroup(TyperGroup):
     """Turns kdctl's user errors (and file-system errors) into ``Error: ...`` and an exit code, no traceback."""
 
@@ -89,10 +105,16 @@ class KdctlGroup(TyperGroup):
             raise
         except BrokenPipeError:  # the reader went away (`kdctl list losses | head -1`): Click's main stops quietly
             raise
+        except OSError as e:
+            if e.errno not in _MACHINE_ERRNOS:
+                _internal(e, fail)
+            # a full disk or a read-only file system: the machine's, not kdctl's; libraries (the ONNX writer)
+            # often leave the file name out
+            where = f"{e.filename}: " if e.filename else ""
+            fail("Error:", f"{where}{e.strerror or e} while writing; nothing half-written was published "
+                           f"({_MACHINE_ERRNOS[e.errno]})", 2)
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
-            if os.environ.get("KDCTL_DEBUG"):
-                raise
-            fail("Error:", f"internal error: {first_line(e)} (set KDCTL_DEBUG=1 for the traceback)", 1)
+            _internal(e, fail)
 
 
 app = typer.Typer(

@@ -29,6 +29,7 @@ from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCrite
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, pair_same_size, resolve_layers  # noqa: E402
+from kdctl import faults  # noqa: E402
 from kdctl.errors import RecipeError  # noqa: E402
 
 BALANCE_FILE = "kd_balance.json"
@@ -357,6 +358,27 @@ class KDTrainer(DetectionTrainer):
             with _cpu_ddp_wrap():
                 return super()._setup_train()
         return super()._setup_train()
+
+    def save_model(self):
+        """Ultralytics' checkpoints, each written to a temporary name and renamed into place: it writes last.pt
+        in place, so a kill or a full disk during the write left a truncated last.pt where the last epoch's good
+        one was, and the run could not be resumed."""
+        final = {"last": self.last, "best": self.best}
+        temp = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
+        self.last, self.best = temp["last"], temp["best"]
+        try:
+            saved = super().save_model()
+        except BaseException:
+            for p in temp.values():
+                p.unlink(missing_ok=True)
+            raise
+        finally:
+            self.last, self.best = final["last"], final["best"]
+        faults.point("train:checkpoint-written")
+        for k in ("last", "best"):  # last first: a kill between the two leaves best.pt one epoch behind, whole
+            if temp[k].exists():
+                os.replace(temp[k], final[k])
+        return saved
 
     def final_eval(self):
         """Ultralytics strips the checkpoints, then re-validates best.pt on a GPU it assumes every DDP rank has; on

@@ -43,8 +43,24 @@ def export_openvino(source, out_dir: Path, precision: str) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / "model.xml"
-    ov.save_model(convert(source), str(xml), compress_to_fp16=(precision == "fp16"))
+    _save(convert(source), xml, fp16=(precision == "fp16"))
     return xml
+
+
+def _save(model, xml: Path, fp16: bool) -> None:
+    """``ov.save_model``, whose failed write (a full disk, a file-size limit) is a C++ ``RuntimeError``
+    ("basic_ios::clear: iostream error") that names no file: say which, as a write error."""
+    import openvino as ov
+
+    try:
+        ov.save_model(model, str(xml), compress_to_fp16=fp16)
+    except RuntimeError as e:
+        if not re.search(r"iostream|[Cc]an(no|')t (open|write)|[Ff]ailed to (open|write)", str(e)):
+            raise
+        from kdctl.errors import KdctlError, first_line
+
+        raise KdctlError(f"{xml}: OpenVINO could not write the model ({first_line(e)}): is the disk full, or a "
+                         "file-size limit (ulimit -f) set? Nothing half-written was published") from None
 
 
 def quantize_openvino_int8(source, out_dir: Path, calibration: list[np.ndarray],
@@ -81,5 +97,5 @@ def quantize_openvino_int8(source, out_dir: Path, calibration: list[np.ndarray],
     else:
         q = nncf.quantize(model, calib, preset=nncf.QuantizationPreset.MIXED, subset_size=len(calibration),
                           ignored_scope=ignored)
-    ov.save_model(q, str(out_dir / "model.xml"), compress_to_fp16=False)
+    _save(q, out_dir / "model.xml", fp16=False)
     return settings
