@@ -43,7 +43,10 @@ def shown(value) -> str:
     """A value as the user wrote it in YAML/JSON (``true``, ``null``, ``"2"``, ``[1, 2]``), not as Python prints it
     (``True``, ``None``, ``'2'``), for errors that quote a field's value."""
     import json
+    import math
 
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # inf, nan (JSON has no word for them)
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
