@@ -39,9 +39,14 @@ class CheckFailed(KdctlError):
     exit_code = 1
 
 
-def shown(value) -> str:
+def shown(value, limit: int = 80) -> str:
     """A value as the user wrote it in YAML/JSON (``true``, ``null``, ``"2"``, ``[1, 2]``), not as Python prints it
-    (``True``, ``None``, ``'2'``), for errors that quote a field's value."""
+    (``True``, ``None``, ``'2'``), for errors that quote a field's value; cut to ``limit`` characters."""
+    text = _shown(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _shown(value) -> str:
     import json
     import math
 

@@ -56,12 +56,12 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
 
 def _check_model_yaml(path: Path, field: str, source: str) -> None:
     """A model YAML names its layers in ``backbone`` and ``head`` lists (Ultralytics' format)."""
-    import yaml
+    from kdctl.recipe.validation import YamlProblem, parse_yaml
 
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{source}: {field}: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+        cfg = parse_yaml(path)
+    except YamlProblem as e:
+        raise RecipeError(f"{source}: {field}: '{path}' is not valid YAML ({e})") from None
     missing = [k for k in ("backbone", "head") if not isinstance((cfg or {}).get(k) if isinstance(cfg, dict) else None, list)]
     if missing:
         raise RecipeError(f"{source}: {field}: '{path}' is not a model YAML (no '{missing[0]}' layer list; "

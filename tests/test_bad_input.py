@@ -551,6 +551,19 @@ def _(c):
         ["data.yaml", "names", "the teacher", "another order"]
 
 
+@case("eval-data-yaml-billion-laughs")
+def _(c):
+    """10**10 names behind aliases in a 1 KB file: eval hung expanding them, then ran out of memory."""
+    def laughs(root):
+        lines = ["x: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+        lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+        (root / "data.yaml").write_text("\n".join(lines) + "\npath: .\ntrain: images/train\nval: images/val\n"
+                                        "names: *a9\n")
+    d = c.dataset("d", laughs)
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml", "aliases expand to more than 1,000,000 values"]
+
+
 @case("eval-data-nc-mismatch")
 def _(c):
     d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "nc: 5\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,43 @@ BAD = [
                                                     "stop_epoch: 3"),
      "distill.stop_epoch", "without distill.losses"),
 ]
+
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs" YAML: each anchor a list of ten aliases of the one before (10**levels values)."""
+    lines = ["  - &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "name: ok\nstudent: {model: yolov8n.yaml}\nlaughs:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text,reason", [
+    (_laughs(10), "its aliases expand to more than 1,000,000 values"),  # 10**10: this hung, then ran out of memory
+    ("name: &a [*a]\nstudent: {model: yolov8n.yaml}\n", "an alias refers to the value it is in"),
+    ("name: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),  # was a RecursionError: 'internal error'
+    ("name: " + "[" * 300 + "]" * 300 + "\n", "nested too deeply"),
+])
+def test_yaml_that_would_not_fit_in_memory_is_refused_before_it_is_expanded(tmp_path, text, reason):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(p))}: invalid YAML: {reason}"):
+        load_recipe(p)
+
+
+def test_yaml_aliases_within_reason_still_load(tmp_path):
+    """Anchors are how a recipe shares settings: 10**5 values behind aliases are read (and the recipe's own
+    problem is what is reported)."""
+    p = tmp_path / "ok.yaml"
+    p.write_text(_laughs(5))
+    with pytest.raises(RecipeError, match="data: required field is missing"):
+        load_recipe(p)
+
+
+def test_a_huge_file_is_not_read(tmp_path):
+    p = tmp_path / "big.yaml"
+    with open(p, "wb") as f:
+        f.truncate(17 * 2**20)  # sparse: 17 MB on paper, nothing on disk
+    with pytest.raises(RecipeError, match=r"big.yaml: is 17 MB; a YAML file kdctl reads is a few KB \(at most 16 MB\)"):
+        load_recipe(p)
 
 
 @pytest.mark.parametrize("text,field,reason", BAD, ids=[f"bad{i}" for i in range(len(BAD))])

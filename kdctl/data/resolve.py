@@ -19,6 +19,7 @@ import yaml
 
 from kdctl import faults
 from kdctl.errors import DataError
+from kdctl.recipe.validation import YamlProblem, parse_yaml
 
 # Ultralytics' IMG_FORMATS that Pillow decodes without a plugin (its DNG, HEIC/HEIF and PFM need one)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo", ".avif", ".jp2")
@@ -121,11 +122,9 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
                                        "not a regular file (a device, pipe or socket); give a dataset YAML"
                                        if path.exists() else "dataset YAML not found"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (a dataset YAML is text)") from None
+        data = parse_yaml(path)
+    except YamlProblem as e:
+        raise DataError(f"{path}: {e}" + (" (a dataset YAML is text)" if "UTF-8" in str(e) else "")) from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
     skip_invalid = skip_invalid or data.get("kdctl_skip_invalid") is True  # a bundle trained that way
@@ -202,7 +201,7 @@ def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
     When images were skipped as invalid, ``image_lists`` points the splits at lists of the kept images (beside
     ``out``, for the trainer); otherwise the splits stay as they were and ``kdctl_skip_invalid: true`` tells the
     next reader (``kdctl eval``/``export`` of the bundle) to leave the same images out again."""
-    data = yaml.safe_load(ds.yaml.read_text(encoding="utf-8"))
+    data = parse_yaml(ds.yaml)  # read and checked by load_yolo_yaml before
     root = Path(data.get("path") or ds.yaml.parent)
     if not root.is_absolute():
         root = next((c for c in (ds.yaml.parent / root, Path.cwd() / root) if c.is_dir()), ds.yaml.parent / root)

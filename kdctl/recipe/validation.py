@@ -91,6 +91,62 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+YAML_MAX_BYTES = 16 * 2**20  # recipes, presets, dataset and model YAMLs are a few KB
+YAML_MAX_VALUES = 1_000_000  # after aliases: a "billion laughs" file of 1 KB expands to 10^10 values
+
+
+class YamlProblem(ValueError):
+    """Why a YAML file cannot be read (one line, without the file name: each caller names it with its field)."""
+
+
+def parse_yaml(path: Path, loader: type = yaml.SafeLoader) -> Any:
+    """The YAML at ``path`` parsed with ``loader``; a file too large, too deeply nested, or whose aliases expand
+    too far (or refer to themselves) is a :class:`YamlProblem`, as are invalid YAML and non-UTF-8 text."""
+    size = path.stat().st_size
+    if size > YAML_MAX_BYTES:
+        raise YamlProblem(f"is {size / 2**20:.0f} MB; a YAML file kdctl reads is a few KB (at most "
+                          f"{YAML_MAX_BYTES // 2**20} MB)")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (loader: a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise YamlProblem(f"invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise YamlProblem("not a UTF-8 text file") from None
+    except RecursionError:
+        raise YamlProblem("invalid YAML: nested too deeply") from None
+    _expanded_size(data)
+    return data
+
+
+def _expanded_size(data: Any) -> int:
+    """How many values ``data`` holds once every alias is expanded (shared lists and mappings counted each time
+    they are used), without expanding them: at most :data:`YAML_MAX_VALUES`, and no value inside itself."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(v: Any, depth: int) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if id(v) in open_:
+            raise YamlProblem("invalid YAML: an alias refers to the value it is in (a value inside itself)")
+        if depth > 200:
+            raise YamlProblem("invalid YAML: nested too deeply")
+        open_.add(id(v))
+        n = 1 + sum(size(c, depth + 1) for c in (list(v.keys()) + list(v.values()) if isinstance(v, dict) else v))
+        open_.discard(id(v))
+        if n > YAML_MAX_VALUES:
+            raise YamlProblem(f"invalid YAML: its aliases expand to more than {YAML_MAX_VALUES:,} values")
+        sizes[id(v)] = n
+        return n
+
+    return size(data, 0)
+
+
 def read_yaml(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
@@ -98,14 +154,9 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
                                          f"not a regular file (a device, pipe or socket); give a {what} YAML file"
                                          if path.exists() else f"{what} not found"))
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+        return parse_yaml(path, _UniqueKeyLoader)
+    except YamlProblem as e:
+        raise RecipeError(f"{path}: {e}") from None
 
 
 def validate(data: Any, model: type[M], source: str) -> M:
