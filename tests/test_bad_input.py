@@ -564,6 +564,18 @@ def _(c):
         ["data.yaml", "aliases expand to more than 1,000,000 values"]
 
 
+@case("report-out-name-too-long")
+def _(c):
+    """Path.exists() raises ENAMETOOLONG where it is first asked about such a path: it was 'internal error'."""
+    return ["report", str(c.train), "--out", str(c.tmp / ("a" * 300) / "r")], 2, \
+        ["File name too long", "at most 255 bytes", "shorter path"]
+
+
+@case("data-synth-name-too-long")
+def _(c):
+    return ["data", "synth", str(c.tmp / ("b" * 300)), "-n", "2", "--val", "1"], 2, ["File name too long"]
+
+
 @case("eval-data-nc-mismatch")
 def _(c):
     d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "nc: 5\n"))

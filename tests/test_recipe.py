@@ -85,6 +85,8 @@ BAD = [
     (GOOD.replace("{model: yolov8n.yaml}", "{model: ''}"), "student.model", "must not be empty"),
     (GOOD.replace("teacher: {model: yolov8s.yaml}\n", ""), "teacher", "needs a teacher"),
     (GOOD.replace("name: ok", "name: 'bad name!'"), "name", "should match pattern"),
+    # the name is the default output folder's name: 300 characters were accepted, then failed to be created
+    (GOOD.replace("name: ok", "name: " + "a" * 129), "name", "at most 128 characters"),
     (GOOD.replace("train: {", "train: {device: gpu9, "), "train.device", "is not a device"),
     (GOOD.replace("train: {", "train: {device: '0,1,0', "), "train.device", "names GPU 0 twice"),
     # pydantic's lax mode would read true as 1 and false as 0

@@ -106,6 +106,10 @@ class KdctlGroup(TyperGroup):
         except BrokenPipeError:  # the reader went away (`kdctl list losses | head -1`): Click's main stops quietly
             raise
         except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # Path.exists() raises it too, wherever a path is first looked at
+                name = str(e.filename or "")
+                fail("Error:", f"{name if len(name) <= 80 else name[:79] + '…'}: {e.strerror}: a file or folder "
+                               "name is at most 255 bytes here; give a shorter path", 2)
             if e.errno not in _MACHINE_ERRNOS:
                 _internal(e, fail)
             # a full disk or a read-only file system: the machine's, not kdctl's; libraries (the ONNX writer)

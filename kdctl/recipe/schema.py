@@ -293,7 +293,8 @@ class GateSpec(Strict):
 class Recipe(Strict):
     """A kdctl recipe: what to train or distill, on which data, and how to ship and judge it."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
+                      description="The run's name: its default output folder (runs/<stage>/<name>), so a file name")
     teacher: ModelSpec | None = None
     student: ModelSpec
     data: DataSpec
