@@ -91,6 +91,8 @@ def plan(device: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
         host, _, port = rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise KdctlError(f"--rdzv-endpoint: '{rdzv_endpoint}' is not HOST:PORT")
+        if not 1 <= int(port) <= 65535:  # torchrun failed on it in each rank, and the job ended as 'killed'
+            raise KdctlError(f"--rdzv-endpoint: port {int(port)} is not in 1..65535")
     if nproc * nnodes == 1:
         return None
     if batch is not None and batch < nproc * nnodes:

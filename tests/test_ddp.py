@@ -190,6 +190,8 @@ def test_two_nodes_on_localhost(tmp_path, tiny_data, trained_bundle):
     (["--nnodes", "2"], "cpu", "--rdzv-endpoint: --nnodes 2 needs HOST:PORT"),
     (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "cpu", "--node-rank: 2 is not in 0..1"),
     (["--nproc-per-node", "2", "--rdzv-endpoint", "nohost"], "cpu", "--rdzv-endpoint: 'nohost' is not HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:99999"], "cpu", "--rdzv-endpoint: port 99999 is not in 1..65535"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:0"], "cpu", "--rdzv-endpoint: port 0 is not in 1..65535"),
 ])
 def test_bad_launch_options_are_one_line(tmp_path, tiny_data, trained_bundle, argv, device, message):
     r = _recipe(tmp_path, tiny_data, trained_bundle, device=device)
