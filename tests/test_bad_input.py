@@ -576,6 +576,13 @@ def _(c):
     return ["data", "synth", str(c.tmp / ("b" * 300)), "-n", "2", "--val", "1"], 2, ["File name too long"]
 
 
+@case("export-int8-at-opset-11")
+def _(c):
+    """ONNX Runtime wrote per-channel DequantizeLinear(axis) into the opset-11 graph and failed (exit 1)."""
+    return ["export", str(c.train), "--target", "cpu", "--opset", "11", "--out", str(c.tmp / "x")], 2, \
+        ["--opset 11", "onnx-int8", "needs opset 13"]
+
+
 @case("eval-data-nc-mismatch")
 def _(c):
     d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "nc: 5\n"))

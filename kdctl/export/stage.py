@@ -117,6 +117,11 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
     imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model, flag=where)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
+    qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]
+    if qdq and opset < 13 and not qat:  # ORT wrote DequantizeLinear(axis=...) into an opset-11 graph, then failed
+        raise DataError(f"{'--opset' if options.opset else f'target {preset.name}: opset'} {opset}: {qdq[0]} is "
+                        "per-channel Q/DQ, which needs opset 13 or later; give a later opset, or leave the INT8 "
+                        "ONNX out (--artifact onnx-fp32)")
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted) and not qat
     calib_pool = ds.train_images or ds.val_images
