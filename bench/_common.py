@@ -114,16 +114,44 @@ class Job:
 
 
 def run_plan(jobs: list[Job], a) -> tuple[dict, dict]:
-    """Run a benchmark's jobs in order (each resumes: a finished bundle is read, not retrained). Returns the teachers
-    ``{recipe: (bundle path, result)}`` and the rows ``{row: {seed: result}}``."""
+    """Run a benchmark's jobs (each resumes: a finished bundle is read, not retrained): the teachers first, in
+    order, then the rest in order or, with ``a.jobs`` > 1, that many at a time in their own processes (cores /
+    jobs threads each). Returns the teachers ``{recipe: (bundle path, result)}`` and the rows
+    ``{row: {seed: result}}``."""
     teachers, res = {}, {}
     for j in jobs:
-        r = j.run(a)
         if j.row is None:
-            teachers[j.recipe] = (Path(j.out), r)
-        else:
-            res.setdefault(j.row, {})[j.seed] = r
-    return teachers, res
+            teachers[j.recipe] = (Path(j.out), j.run(a))
+    rest = [j for j in jobs if j.row is not None]
+    n = getattr(a, "jobs", 1) or 1
+    if n <= 1:
+        for j in rest:
+            res.setdefault(j.row, {})[j.seed] = j.run(a)
+        return teachers, res
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, len(os.sched_getaffinity(0)) // n)
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_set_threads,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(j.run, a): j for j in rest}
+        for f in as_completed(futures):
+            j = futures[f]
+            res.setdefault(j.row, {})[j.seed] = f.result()
+    order = sorted(res, key=lambda row: _first_index(rest, row))
+    return teachers, {row: dict(sorted(res[row].items())) for row in order}
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _first_index(jobs: list[Job], row: str) -> int:
+    """Where ``row`` first appears in the plan (rows keep the plan's order whatever order the runs end in)."""
+    return next(i for i, j in enumerate(jobs) if j.row == row)
 
 
 def parse_seed_bench(argv, doc: str, root: str, epochs_help: str, more=None):
@@ -159,6 +187,8 @@ def add_run_args(ap, root: str, epochs_help: str) -> None:
                     help="train.workers of every run (default: the recipes'); e.g. 2 on a GPU, where loading is the "
                          "bottleneck")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench" / root))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once after the teachers, each in its own process "
+                    "with cores/jobs threads; their train s are then times on shared cores")
 
 
 def runs_root(a) -> Path:
