@@ -110,6 +110,13 @@ def test_profile_takes_its_defaults_from_the_recipe(tmp_path, export_cpu):
     data = json.loads(res.stdout)
     assert data["settings"]["runs"] == 5 and data["settings"]["warmup"] == 0 and data["settings"]["threads"] == 1
     assert data["results"][0]["timed_runs"] == 5
+    # a recipe written for a device with more cores: the error names the recipe field, not a flag never given
+    from kdctl.limits import usable_cores
+
+    many = _export_with_profile_section(export_cpu, tmp_path / "exp8", {"threads": usable_cores() + 1})
+    res = CliRunner().invoke(app, ["profile", str(many), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and f"{many}: recipe profile.threads {usable_cores() + 1}: this process may use" in \
+        " ".join(res.output.split())
 
 
 def test_profile_refuses_what_the_machine_cannot_give(tmp_path, export_cpu, monkeypatch):

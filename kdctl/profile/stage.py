@@ -92,9 +92,13 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     spec = _recipe_settings(src)
     warmup = spec.warmup if warmup is None else warmup
     runs = spec.runs if runs is None else runs
+    # what the check names: the flag, or the recipe field the value came from (a recipe written for another device)
+    names = {"threads": "--threads" if threads is not None else f"{src.path}: recipe profile.threads",
+             "throughput_batch": "--throughput-batch" if throughput_batch is not None else
+             f"{src.path}: recipe profile.throughput_batch"}
     threads = spec.threads if threads is None else threads
     throughput_batch = spec.throughput_batch if throughput_batch is None else throughput_batch
-    _check_resources(threads, throughput_batch, int(src.metrics.get("imgsz") or 0))
+    _check_resources(threads, throughput_batch, int(src.metrics.get("imgsz") or 0), names)
     out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
@@ -115,13 +119,13 @@ def _recipe_settings(src: Bundle):
         raise BundleError(f"{src.path / 'manifest.json'}: recipe.profile.{field}: {err['msg']}") from None
 
 
-def _check_resources(threads: int | None, throughput_batch: int, imgsz: int) -> None:
+def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, names: dict) -> None:
     """Refuse what this machine cannot give before any work: more threads than the cores this process may use
     (the runtimes would start them all: 100000 threads took 17 GB and ignored SIGTERM), or a throughput batch
     whose input alone would take a quarter of the available memory."""
     cores = usable_cores()
     if threads is not None and threads > cores:
-        raise KdctlError(f"--threads {threads}: this process may use {cores} CPU core{'s' * (cores != 1)} here; "
+        raise KdctlError(f"{names['threads']} {threads}: this process may use {cores} CPU core{'s' * (cores != 1)} here; "
                          f"give at most {cores} (the default is all of them)")
     need = throughput_batch * 3 * imgsz * imgsz * 4
     avail = available_memory_bytes()
@@ -129,7 +133,7 @@ def _check_resources(threads: int | None, throughput_batch: int, imgsz: int) -> 
         def size(n: float) -> str:
             return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
-        raise KdctlError(f"--throughput-batch {throughput_batch}: its input alone ({throughput_batch} × 3 × {imgsz}"
+        raise KdctlError(f"{names['throughput_batch']} {throughput_batch}: its input alone ({throughput_batch} × 3 × {imgsz}"
                          f" × {imgsz} float32) is {size(need)}, more than a quarter of this machine's available"
                          f" memory ({size(avail)}); give a smaller batch")
 
