@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from kdctl.errors import CheckFailed, KdctlError, RecipeError
+from kdctl.limits import usable_cores
 
 DDP_DIR = "ddp"           # in the work dir: launch specs, per-rank errors, ranks.json
 RANKS_FILE = "ranks.json"
@@ -282,8 +283,6 @@ def run(launch: Launch, node_dir: Path, spec: dict) -> None:
     path = spec_path(node_dir, launch.node_rank)
     write_json_atomic(path, {**spec, "launch": asdict(launch)})
     env = dict(os.environ)
-    from kdctl.limits import usable_cores
-
     threads = max(1, usable_cores() // launch.nproc_per_node)  # the cores this process may use, not the host's
     env.setdefault("OMP_NUM_THREADS", str(threads))  # torchrun would force 1 (and warn)
     p = subprocess.Popen([sys.executable, "-m", "kdctl.distributed", "launch", str(path)], env=env,

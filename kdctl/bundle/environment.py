@@ -7,6 +7,8 @@ import platform
 import sys
 from importlib import metadata
 
+from kdctl.limits import usable_cores
+
 PACKAGES = ("kdctl", "torch", "torchvision", "ultralytics", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt",
             "numpy")
 
@@ -58,7 +60,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_affinity": usable_cores(),
         "governor": cpu_governor(),
         "gpus": gpu_names(),
         "packages": package_versions(),
