@@ -162,13 +162,13 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             body += ["<h2>Did distillation help?</h2>"]
         if len(cmps) == 1:
             (cmp,) = cmps
-            md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""]
-            if cmp.gap_line():
-                md += [cmp.gap_line(), ""]
+            gap = cmp.gap_line()
+            md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""] + ([gap, ""] if gap else [])
             body += [f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>", _html_table(KD_HEAD, kd_rows)]
         elif cmps:  # several students (two recipes side by side): a verdict each, one table
             for c in cmps:
-                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {c.gap_line()}" if c.gap_line() else "")
+                gap = c.gap_line()
+                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {gap}" if gap else "")
                 md += [f"- **{line}**"]
                 body += [f"<p class='verdict'><b>{html.escape(line)}</b></p>"]
             md += ["", _md_table(KD_HEAD, kd_rows), ""]
