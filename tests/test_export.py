@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,11 +100,15 @@ def test_cli_unknown_target_exit_2(trained_bundle, tmp_path):
 
 
 def test_calibration_too_small(trained_bundle, tmp_path):
-    with pytest.raises(DataError, match="export.calibration_images: 500 calibration images requested, but the "
-                                        "dataset's train split has only 24"):
-        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=500), out=tmp_path / "x")
-    with pytest.raises(DataError, match="export.calibration_images: 2 is too few"):
-        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=2), out=tmp_path / "x")
+    """The error names where the number came from: the flag a user typed, or the recipe field of the bundle."""
+    flag = ExportOptions.from_recipe({"export": {"calibration_images": 16}}, target="cpu", calibration_images=500)
+    with pytest.raises(DataError, match=r"^--calibration-images: 500 calibration images requested, but the train "
+                                        r"split of .*data.yaml has only 24$"):
+        export_bundle(trained_bundle, flag, out=tmp_path / "x")
+    recipe = ExportOptions.from_recipe({"export": {"calibration_images": 2}}, target="cpu", calibration_images=None)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(trained_bundle))}: recipe export.calibration_images: 2 "
+                                        r"is too few for INT8 calibration \(at least 8\)$"):
+        export_bundle(trained_bundle, recipe, out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

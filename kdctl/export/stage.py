@@ -37,6 +37,7 @@ class ExportOptions:
     eval_images: int | None = None  # cap on validation images for mAP (None: all)
     parity_images: int = 8
     skip_invalid: bool = False
+    given: frozenset = frozenset()  # the fields a command-line flag set (the rest came from the recipe, or defaults)
 
     @classmethod
     def from_recipe(cls, recipe: dict | None, **overrides) -> "ExportOptions":
@@ -45,7 +46,14 @@ class ExportOptions:
         for k, v in overrides.items():
             if v is not None:
                 setattr(opts, k, v)
+        opts.given = frozenset(k for k, v in overrides.items() if v is not None)
         return opts
+
+    def source(self, field: str, bundle: Path) -> str:
+        """Where a value came from, for an error: the flag a user typed, or the recipe field of the bundle."""
+        if field in self.given:
+            return "--" + field.replace("_", "-")
+        return f"{bundle}: recipe export.{field}"
 
 
 def _need(module: str, what: str) -> None:
@@ -128,13 +136,13 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
     if needs_calib and n_calib < MIN_CALIBRATION:
         if options.calibration_images:
-            raise DataError(f"export.calibration_images: {n_calib} is too few for INT8 calibration "
-                            f"(at least {MIN_CALIBRATION})")
+            raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
+                            f"calibration (at least {MIN_CALIBRATION})")
         raise DataError(f"{ds.yaml}: the train split has {len(calib_pool)} images; INT8 calibration needs at least "
                         f"{MIN_CALIBRATION} (export float artifacts only with --artifact, or give --data)")
     if needs_calib and len(calib_pool) < n_calib:
-        raise DataError(f"{ds.yaml}: export.calibration_images: {n_calib} calibration images "
-                        f"requested, but the dataset's train split has only {len(calib_pool)}")
+        raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} calibration images "
+                        f"requested, but the train split of {ds.yaml} has only {len(calib_pool)}")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
