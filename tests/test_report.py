@@ -110,6 +110,12 @@ def test_several_distilled_students_side_by_side(tmp_path):
                                      ["distilled student", "kd-a", "0.4000"], ["distilled student", "kd-b", "0.2500"]]
     assert head == ["class", "teacher", "baseline", "kd-a", "kd-b"]
     assert per_class == [["a", "0.5000", "0.3000", "0.4000", "0.2500"], ["b", "0.2500", "0.1500", "0.2000", "0.1250"]]
+    # students in folders of one name, each from its own teacher: no two per-class columns share a heading
+    t2 = bundle("t2", "train", 0.60, model="big.yaml")
+    s1, s2 = bundle("x/kd", "distill", 0.40, parents=[t]), bundle("y/kd", "distill", 0.45, parents=[t2])
+    _, head, per_class = side_by_side(compare_all([b, t, t2, s1, s2]))
+    assert head == ["class", "teacher t", "teacher t2", "baseline", "x/kd", "y/kd"]
+    assert per_class[0] == ["a", "0.5000", "0.6000", "0.3000", "0.4000", "0.4500"]
 
 
 @pytest.mark.slow

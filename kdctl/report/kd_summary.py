@@ -114,7 +114,7 @@ def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], 
     models += [("distilled student", "distilled" if len(cmps) == 1 else c.distilled.path.name, c.distilled)
                for c in cmps]
     rows = [model_row(role, b) for role, _, b in models]
-    head = ["class"] + [column for _, column, _ in models]
+    head = ["class"] + _distinct([column for _, column, _ in models], [b for _, _, b in models])
     names: list[str] = []
     for c in cmps:
         names += [n for n in (c.distilled.metrics.get("per_class_ap50_95") or {}) if n not in names]
@@ -123,3 +123,17 @@ def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], 
         vals = [(b.metrics.get("per_class_ap50_95") or {}).get(n) for _, _, b in models]
         per_class.append([n] + ["—" if v is None else f"{v:.4f}" for v in vals])
     return rows, head, per_class
+
+
+def _distinct(columns: list[str], bundles: list[Bundle]) -> list[str]:
+    """Per-class column headings a reader can tell apart: where two models share one (two teachers, two students in
+    folders of one name), each of them is named by its bundle's folder, then its parent folder, then its id."""
+    ways = (lambda c, b: c, lambda c, b: f"{c} {b.path.name}" if c in ("teacher", "baseline") else b.path.name,
+            lambda c, b: f"{b.path.parent.name}/{b.path.name}", lambda c, b: f"{b.path.name} ({b.id[:12]})")
+    out = list(columns)
+    for way in ways[1:]:
+        clash = {h for h in out if out.count(h) > 1}
+        if not clash:
+            break
+        out = [way(c, b) if h in clash else h for h, c, b in zip(out, columns, bundles)]
+    return out
