@@ -33,6 +33,7 @@ RUNS = {
     "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-logit": ("yolo-to-rtdetr-logit", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-inherit": ("yolo-to-rtdetr-inherit", "quickstart-teacher", "rtdetr-student"),
+    "yolo-to-rtdetr-init": ("yolo-to-rtdetr-init", "quickstart-teacher", "rtdetr-student"),
 }
 
 

@@ -215,6 +215,10 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
                     metavar="KEY=VALUE", help="change a recipe field in every distillation run (not the teacher or "
                     "baseline), e.g. --set distill.auto_balance=0.25: a screen, with its own run folders and rows")
+    ap.add_argument("--assistant", metavar="MODEL", help="a teacher assistant (Mirzadeh et al., AAAI 2020), e.g. "
+                    "bench/models/yolov8-ta.yaml: trained once from the teacher with recipes/backbone-head.yaml for "
+                    "the teacher's epochs (seed 0), then the teacher of every distillation run; its own run folders "
+                    "and rows ('-via-<name>'), gap closed still against the teacher")
     ap.add_argument("--heldout", type=int, metavar="N", help="score every run on N new images of the scene (data "
                     "seed 1) instead of the validation images, which also chose each run's published epoch; "
                     "trains only what is missing, its own doc section")
@@ -228,6 +232,18 @@ def main() -> None:
     teacher = root / f"teacher{t_tag}"
     res: dict[str, dict[int, dict]] = {}
     res["teacher"] = {0: run_kdctl("quickstart-teacher", "train", 0, None, teacher)}
+    kd_teacher, via = teacher, ""
+    if a.assistant:
+        via = f"-via-{Path(a.assistant).stem}"
+        ta_fields = {"student.model": str(Path(a.assistant).resolve()),
+                        "train.epochs": a.teacher_epochs or _recipe("quickstart-teacher", 0, None).train.epochs}
+        saved = dict(OVERRIDES)
+        OVERRIDES.clear()
+        OVERRIDES.update(ta_fields)
+        kd_teacher = root / f"assistant{t_tag}{via}"
+        res["teacher assistant"] = {0: run_kdctl("backbone-head", "distill", 0, teacher, kd_teacher)}
+        OVERRIDES.clear()
+        OVERRIDES.update(saved)
     runs = []  # (row, seed, function, arguments): independent of each other once the teacher exists
     for seed in a.seeds:
         runs.append(("baseline student", seed, run_kdctl,
@@ -235,18 +251,18 @@ def main() -> None:
         if not a.no_ultralytics:
             runs.append(("ultralytics distill_model (dis=6)", seed, run_ultralytics_kd,
                          (seed, teacher, root / f"ultralytics{tag}-s{seed}")))
-        runs += [(fam + override_tag(), seed, run_kdctl,
-                  (fam, "distill", seed, teacher, root / f"{fam}{tag}{override_tag()}-s{seed}"))
+        runs += [(fam + via + override_tag(), seed, run_kdctl,
+                  (fam, "distill", seed, kd_teacher, root / f"{fam}{tag}{via}{override_tag()}-s{seed}"))
                  for fam in a.families]
     for row, seed, out in _run_all(runs, a.jobs):
         res.setdefault(row, {})[seed] = out
-        (root / f"results{tag}{override_tag()}.json").write_text(json.dumps(res, indent=1))
-    order = ["teacher"] + list(dict.fromkeys(row for row, *_ in runs))  # table rows in run order, seeds sorted
+        (root / f"results{tag}{via}{override_tag()}.json").write_text(json.dumps(res, indent=1))
+    order = ["teacher"] + (["teacher assistant"] if a.assistant else []) + list(dict.fromkeys(row for row, *_ in runs))  # table rows in run order, seeds sorted
     res = {row: dict(sorted(res[row].items())) for row in order}
     scored_on = "the validation images"
     if a.heldout:
         ds, imgsz = heldout_data(root, a.heldout), _recipe("quickstart-student", 0, None).train.imgsz
-        folders = {("teacher", 0): teacher, **{(row, seed): args[-1] for row, seed, _, args in runs}}
+        folders = {("teacher", 0): teacher, ("teacher assistant", 0): kd_teacher, **{(row, seed): args[-1] for row, seed, _, args in runs}}
         res = {row: {seed: {**r, "map50_95": heldout_map(folders[row, seed], ds, imgsz)} for seed, r in per.items()}
                for row, per in res.items()}
         scored_on = (f"{a.heldout} held-out images (data seed {HELDOUT_SEED}; no run trained on them or chose its "
@@ -261,7 +277,7 @@ def main() -> None:
     for name, per_seed in res.items():
         maps = [per_seed[s]["map50_95"] for s in sorted(per_seed)]
         mean = sum(maps) / len(maps)
-        role = name in ("teacher", "baseline student")
+        role = name in ("teacher", "teacher assistant", "baseline student")
         gains = [per_seed[s]["map50_95"] - base[s]["map50_95"] for s in sorted(per_seed) if s in base]
         gain = mean - base_mean
         above = sum(g > 0 for g in gains)
@@ -278,7 +294,8 @@ def main() -> None:
     r = _recipe("quickstart-student", 0, None)
     syn, t = r.data.synthetic, r.train
     when = (f", students {a.epochs} epochs" if a.epochs else "") + (
-        f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "") + "".join(
+        f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "") + (
+        f", through the teacher assistant {Path(a.assistant).name}" if a.assistant else "") + "".join(
         f", {k}={v} in every distillation run" for k, v in OVERRIDES.items()) + (
         f", scored on {a.heldout} held-out images" if a.heldout else "")
     body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
@@ -296,7 +313,7 @@ def main() -> None:
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
                      "gap closed (mean, per seed)", "seeds above", "gain 95 % CI", "beats baseline", "train s"],
                     rows) + "\n")
-    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + override_tag()
+    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via + override_tag()
                   + (f"-heldout{a.heldout}" if a.heldout else ""), body)
     print(body)
 
