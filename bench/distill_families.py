@@ -73,6 +73,23 @@ def apply_overrides(d: dict) -> None:
 
 
 
+ASSISTANT_RECIPE = "backbone-head"  # a teacher assistant is distilled with it: the best recipe from a random start
+
+
+def train_assistant(model: str, teacher: Path, out: Path) -> dict:
+    """A teacher assistant (Mirzadeh et al., AAAI 2020): ``model`` distilled from ``teacher`` with
+    recipes/backbone-head.yaml for the teacher's epochs, seed 0. The screen's --set fields are not applied to it."""
+    saved = dict(OVERRIDES)
+    OVERRIDES.clear()
+    OVERRIDES.update({"student.model": str(Path(model).resolve()),
+                      "train.epochs": EPOCHS["teacher"] or _recipe("quickstart-teacher", 0, None).train.epochs})
+    try:
+        return run_kdctl(ASSISTANT_RECIPE, "distill", 0, teacher, out)
+    finally:
+        OVERRIDES.clear()
+        OVERRIDES.update(saved)
+
+
 def _recipe(name: str, seed: int, teacher: Path | None):
     from kdctl.recipe import load_recipe
 
@@ -235,15 +252,8 @@ def main() -> None:
     kd_teacher, via = teacher, ""
     if a.assistant:
         via = f"-via-{Path(a.assistant).stem}"
-        ta_fields = {"student.model": str(Path(a.assistant).resolve()),
-                        "train.epochs": a.teacher_epochs or _recipe("quickstart-teacher", 0, None).train.epochs}
-        saved = dict(OVERRIDES)
-        OVERRIDES.clear()
-        OVERRIDES.update(ta_fields)
         kd_teacher = root / f"assistant{t_tag}{via}"
-        res["teacher assistant"] = {0: run_kdctl("backbone-head", "distill", 0, teacher, kd_teacher)}
-        OVERRIDES.clear()
-        OVERRIDES.update(saved)
+        res["teacher assistant"] = {0: train_assistant(a.assistant, teacher, kd_teacher)}
     runs = []  # (row, seed, function, arguments): independent of each other once the teacher exists
     for seed in a.seeds:
         runs.append(("baseline student", seed, run_kdctl,
@@ -257,12 +267,14 @@ def main() -> None:
     for row, seed, out in _run_all(runs, a.jobs):
         res.setdefault(row, {})[seed] = out
         (root / f"results{tag}{via}{override_tag()}.json").write_text(json.dumps(res, indent=1))
-    order = ["teacher"] + (["teacher assistant"] if a.assistant else []) + list(dict.fromkeys(row for row, *_ in runs))  # table rows in run order, seeds sorted
+    order = (["teacher"] + (["teacher assistant"] if a.assistant else [])  # then the rows in run order, seeds sorted
+             + list(dict.fromkeys(row for row, *_ in runs)))
     res = {row: dict(sorted(res[row].items())) for row in order}
     scored_on = "the validation images"
     if a.heldout:
         ds, imgsz = heldout_data(root, a.heldout), _recipe("quickstart-student", 0, None).train.imgsz
-        folders = {("teacher", 0): teacher, ("teacher assistant", 0): kd_teacher, **{(row, seed): args[-1] for row, seed, _, args in runs}}
+        folders = {("teacher", 0): teacher, ("teacher assistant", 0): kd_teacher,
+                   **{(row, seed): args[-1] for row, seed, _, args in runs}}
         res = {row: {seed: {**r, "map50_95": heldout_map(folders[row, seed], ds, imgsz)} for seed, r in per.items()}
                for row, per in res.items()}
         scored_on = (f"{a.heldout} held-out images (data seed {HELDOUT_SEED}; no run trained on them or chose its "

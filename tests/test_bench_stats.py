@@ -36,3 +36,24 @@ def test_a_screen_override_reaches_into_the_loss_list(monkeypatch):
     assert d["distill"]["losses"] == [{"name": "cwd", "level": "backbone"}, {"name": "kd_logit", "level": "head"}]
     assert d["distill"]["auto_balance"] == 0.1 and d["distill"]["cache"] == {"top_k": 8}
     assert bench.override_tag() == "-level=backbone-auto_balance=0.1-top_k=8"
+
+
+def test_a_teacher_assistant_is_the_assistant_model_distilled_for_the_teachers_epochs(monkeypatch, tmp_path):
+    """``--assistant``: the assistant model, from the teacher, with backbone-head's losses, for the teacher's epochs;
+    a screen's --set fields reach the students only, and are back in place after."""
+    import distill_families as bench
+
+    monkeypatch.setattr(bench, "OVERRIDES", {"distill.auto_balance": 0.1})
+    monkeypatch.setattr(bench, "EPOCHS", {"students": 40, "teacher": None})
+    seen = {}
+    monkeypatch.setattr(bench, "run_kdctl", lambda name, stage, seed, teacher, out: seen.setdefault(
+        "recipe", bench._recipe(name, seed, teacher)) and {"map50_95": 0.5, "train_s": 1.0})
+    model = Path(bench.ROOT / "bench" / "models" / "yolov8-ta.yaml")
+    assert bench.train_assistant(str(model), tmp_path / "teacher", tmp_path / "ta") == {"map50_95": 0.5,
+                                                                                         "train_s": 1.0}
+    r = seen["recipe"]
+    assert r.student.model == str(model.resolve()) and r.teacher.model == str(tmp_path / "teacher")
+    assert r.train.epochs == 30 and r.train.seed == 0 and r.distill.auto_balance == 0.25
+    assert [(x.name, x.level) for x in r.distill.losses] == [("at", "backbone"), ("kd_logit", "head"), ("ld", "head")]
+    assert bench.OVERRIDES == {"distill.auto_balance": 0.1}
+    assert bench._recipe("backbone-head", 1, tmp_path / "ta").distill.auto_balance == 0.1
