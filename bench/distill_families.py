@@ -73,18 +73,15 @@ def apply_overrides(d: dict) -> None:
 
 
 
-ASSISTANT_RECIPE = "backbone-head"  # a teacher assistant is distilled with it: the best recipe from a random start
-
-
 def train_assistant(model: str, teacher: Path, out: Path) -> dict:
-    """A teacher assistant (Mirzadeh et al., AAAI 2020): ``model`` distilled from ``teacher`` with
-    recipes/backbone-head.yaml for the teacher's epochs, seed 0. The screen's --set fields are not applied to it."""
+    """A teacher assistant (Mirzadeh et al., AAAI 2020): recipes/assistant.yaml (backbone-head's terms, the teacher's
+    epochs, seed 0) with ``model`` as its student, distilled from ``teacher``. The screen's --set fields are not
+    applied to it."""
     saved = dict(OVERRIDES)
     OVERRIDES.clear()
-    OVERRIDES.update({"student.model": str(Path(model).resolve()),
-                      "train.epochs": EPOCHS["teacher"] or _recipe("quickstart-teacher", 0, None).train.epochs})
+    OVERRIDES["student.model"] = str(Path(model).resolve()) if Path(model).is_file() else model
     try:
-        return run_kdctl(ASSISTANT_RECIPE, "distill", 0, teacher, out)
+        return run_kdctl("assistant", "distill", 0, teacher, out)
     finally:
         OVERRIDES.clear()
         OVERRIDES.update(saved)
@@ -96,7 +93,7 @@ def _recipe(name: str, seed: int, teacher: Path | None):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     d = r.model_dump()
     d["train"]["seed"] = seed
-    key = "teacher" if name == "quickstart-teacher" else "students"
+    key = "teacher" if name in ("quickstart-teacher", "assistant") else "students"
     if EPOCHS[key]:
         d["train"]["epochs"] = EPOCHS[key]
     if SCENE["name"] != "clear" and d["data"].get("synthetic"):
@@ -233,9 +230,10 @@ def main() -> None:
                     metavar="KEY=VALUE", help="change a recipe field in every distillation run (not the teacher or "
                     "baseline), e.g. --set distill.auto_balance=0.25: a screen, with its own run folders and rows")
     ap.add_argument("--assistant", metavar="MODEL", help="a teacher assistant (Mirzadeh et al., AAAI 2020), e.g. "
-                    "bench/models/yolov8-ta.yaml: trained once from the teacher with recipes/backbone-head.yaml for "
-                    "the teacher's epochs (seed 0), then the teacher of every distillation run; its own run folders "
-                    "and rows ('-via-<name>'), gap closed still against the teacher")
+                    "kdctl's yolov8-ta.yaml: trained once from the teacher with recipes/assistant.yaml "
+                    "(backbone-head's terms for the teacher's epochs, seed 0), then the teacher of every "
+                    "distillation run; its own run folders and rows ('-via-<name>'), gap closed still against the "
+                    "teacher")
     ap.add_argument("--heldout", type=int, metavar="N", help="score every run on N new images of the scene (data "
                     "seed 1) instead of the validation images, which also chose each run's published epoch; "
                     "trains only what is missing, its own doc section")

@@ -48,12 +48,15 @@ def test_a_teacher_assistant_is_the_assistant_model_distilled_for_the_teachers_e
     seen = {}
     monkeypatch.setattr(bench, "run_kdctl", lambda name, stage, seed, teacher, out: seen.setdefault(
         "recipe", bench._recipe(name, seed, teacher)) and {"map50_95": 0.5, "train_s": 1.0})
-    model = Path(bench.ROOT / "bench" / "models" / "yolov8-ta.yaml")
-    assert bench.train_assistant(str(model), tmp_path / "teacher", tmp_path / "ta") == {"map50_95": 0.5,
-                                                                                         "train_s": 1.0}
+    assert bench.train_assistant("yolov8-ta.yaml", tmp_path / "teacher", tmp_path / "ta") == {"map50_95": 0.5,
+                                                                                                "train_s": 1.0}
     r = seen["recipe"]
-    assert r.student.model == str(model.resolve()) and r.teacher.model == str(tmp_path / "teacher")
+    assert r.student.model == "yolov8-ta.yaml" and r.teacher.model == str(tmp_path / "teacher")
     assert r.train.epochs == 30 and r.train.seed == 0 and r.distill.auto_balance == 0.25
     assert [(x.name, x.level) for x in r.distill.losses] == [("at", "backbone"), ("kd_logit", "head"), ("ld", "head")]
     assert bench.OVERRIDES == {"distill.auto_balance": 0.1}
     assert bench._recipe("backbone-head", 1, tmp_path / "ta").distill.auto_balance == 0.1
+    bench.EPOCHS["teacher"] = 80  # --teacher-epochs: the assistant trains as long as its teacher
+    seen.clear()
+    bench.train_assistant("yolov8-ta.yaml", tmp_path / "teacher", tmp_path / "ta")
+    assert seen["recipe"].train.epochs == 80

@@ -252,6 +252,39 @@ def test_distill_end_to_end_cli(tmp_path, tiny_data, trained_bundle):
     assert rep.exit_code == 0 and (tmp_path / "rep" / "losses-kd.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_teacher_assistant_chain_from_the_shipped_recipes(tmp_path, tiny_data, trained_bundle):
+    """recipes/assistant.yaml then recipes/backbone-head-via-assistant.yaml, on small data: the assistant (kdctl's
+    yolov8-ta) is distilled from the teacher, the student from the assistant's bundle; the student's manifest names
+    the assistant as its parent and teacher, and its report compares it with the assistant (its own teacher)."""
+    import yaml
+
+    from kdctl.bundle import load_bundle, sha256_file
+    from kdctl.report.kd_summary import compare
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    ta_path, st_path = root / "assistant.yaml", root / "backbone-head-via-assistant.yaml"
+    ta_out = tmp_path / "assistant"
+    for path, teacher, out in ((ta_path, trained_bundle, ta_out), (st_path, ta_out, tmp_path / "student")):
+        d = yaml.safe_load(path.read_text())
+        shipped_losses = d["distill"]["losses"]
+        d.update(teacher={"model": str(teacher)}, data={"yolo": str(tiny_data)})
+        d["train"].update(epochs=1, batch=8)
+        r = tmp_path / path.name
+        r.write_text(yaml.safe_dump(d))
+        res = CliRunner().invoke(app, ["distill", str(r), "--out", str(out), "--json", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert {t["name"] for t in shipped_losses} == set(json.loads(res.stdout)["kd_terms"]) == {"at", "kd_logit",
+                                                                                                  "ld"}
+    ta, st = load_bundle(ta_out), load_bundle(tmp_path / "student")
+    assert ta.metrics["params"] > 1.9 * st.metrics["params"]  # yolov8-ta: 3/16 width against yolov8-tiny's 1/8
+    assert [p["id"] for p in st.manifest["parents"]] == [ta.id]
+    assert st.manifest["inputs"]["teacher"]["sha256"] == sha256_file(ta_out / "weights.pt")
+    assert compare([load_bundle(trained_bundle), ta, st]).teacher.id == ta.id
+    assert yaml.safe_load(st_path.read_text())["teacher"]["model"] == "runs/distill/assistant"  # where the first
+    assert "--out runs/distill/assistant" in ta_path.read_text()                              # recipe writes
+
+
 def test_distill_errors_cli(tmp_path, tiny_data, trained_bundle):
     bad = _recipe(tmp_path, tiny_data, trained_bundle, losses="[{name: cwd, student_layers: [77]}]")
     res = CliRunner().invoke(app, ["distill", str(bad), "--out", str(tmp_path / "x")])
