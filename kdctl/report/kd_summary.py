@@ -128,10 +128,10 @@ def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], 
 def _distinct(columns: list[str], bundles: list[Bundle]) -> list[str]:
     """Per-class column headings a reader can tell apart: where two models share one (two teachers, two students in
     folders of one name), each of them is named by its bundle's folder, then its parent folder, then its id."""
-    ways = (lambda c, b: c, lambda c, b: f"{c} {b.path.name}" if c in ("teacher", "baseline") else b.path.name,
+    ways = (lambda c, b: f"{c} {b.path.name}" if c in ("teacher", "baseline") else b.path.name,
             lambda c, b: f"{b.path.parent.name}/{b.path.name}", lambda c, b: f"{b.path.name} ({b.id[:12]})")
     out = list(columns)
-    for way in ways[1:]:
+    for way in ways:
         clash = {h for h in out if out.count(h) > 1}
         if not clash:
             break
