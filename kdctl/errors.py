@@ -58,6 +58,12 @@ def _shown(value) -> str:
         return repr(value)
 
 
+def given_by(flag: str, typed: bool, bundle, field: str) -> str:
+    """Where a value an error quotes came from: the flag, where the user typed it, else the recipe field of the
+    bundle it was read from (``<bundle>: recipe profile.threads``), which may have been written for another device."""
+    return flag if typed else f"{bundle}: recipe {field}"
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (cut to ``limit`` characters), for one-line errors about a library's
     exception."""

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
-from kdctl.errors import BackendUnavailable, CheckFailed, DataError, first_line
+from kdctl.errors import BackendUnavailable, CheckFailed, DataError, first_line, given_by
 from kdctl.export.base import Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.progress import Step
@@ -51,9 +51,7 @@ class ExportOptions:
 
     def source(self, field: str, bundle: Path) -> str:
         """Where a value came from, for an error: the flag a user typed, or the recipe field of the bundle."""
-        if field in self.given:
-            return "--" + field.replace("_", "-")
-        return f"{bundle}: recipe export.{field}"
+        return given_by("--" + field.replace("_", "-"), field in self.given, bundle, f"export.{field}")
 
 
 def _need(module: str, what: str) -> None:

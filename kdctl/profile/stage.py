@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line
+from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by
 from kdctl.limits import available_memory_bytes, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
@@ -92,10 +92,9 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     spec = _recipe_settings(src)
     warmup = spec.warmup if warmup is None else warmup
     runs = spec.runs if runs is None else runs
-    # what the check names: the flag, or the recipe field the value came from (a recipe written for another device)
-    names = {"threads": "--threads" if threads is not None else f"{src.path}: recipe profile.threads",
-             "throughput_batch": "--throughput-batch" if throughput_batch is not None else
-             f"{src.path}: recipe profile.throughput_batch"}
+    names = {"threads": given_by("--threads", threads is not None, src.path, "profile.threads"),
+             "throughput_batch": given_by("--throughput-batch", throughput_batch is not None, src.path,
+                                          "profile.throughput_batch")}
     threads = spec.threads if threads is None else threads
     throughput_batch = spec.throughput_batch if throughput_batch is None else throughput_batch
     _check_resources(threads, throughput_batch, int(src.metrics.get("imgsz") or 0), names)
@@ -125,16 +124,16 @@ def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, nam
     whose input alone would take a quarter of the available memory."""
     cores = usable_cores()
     if threads is not None and threads > cores:
-        raise KdctlError(f"{names['threads']} {threads}: this process may use {cores} CPU core{'s' * (cores != 1)} here; "
-                         f"give at most {cores} (the default is all of them)")
+        raise KdctlError(f"{names['threads']} {threads}: this process may use {cores} CPU core{'s' * (cores != 1)} "
+                         f"here; give at most {cores} (the default is all of them)")
     need = throughput_batch * 3 * imgsz * imgsz * 4
     avail = available_memory_bytes()
     if avail and need > avail / 4:
         def size(n: float) -> str:
             return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
-        raise KdctlError(f"{names['throughput_batch']} {throughput_batch}: its input alone ({throughput_batch} × 3 × {imgsz}"
-                         f" × {imgsz} float32) is {size(need)}, more than a quarter of this machine's available"
+        raise KdctlError(f"{names['throughput_batch']} {throughput_batch}: its input alone ({throughput_batch} × 3 "
+                         f"× {imgsz} × {imgsz} float32) is {size(need)}, more than a quarter of this machine's available"
                          f" memory ({size(avail)}); give a smaller batch")
 
 
