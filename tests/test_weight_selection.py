@@ -147,10 +147,13 @@ def test_attention_keeps_whole_heads():
     assert torch.equal(sa.qkv.bn.running_var, ta.qkv.bn.running_var[rows])
 
 
-@pytest.mark.parametrize("t_cfg, s_cfg", [("yolov8n.yaml", "rtdetr-tiny.yaml"), ("rtdetr-tiny.yaml", "yolov8-tiny.yaml")])
+@pytest.mark.parametrize("t_cfg, s_cfg", [("yolov8n.yaml", "rtdetr-tiny.yaml"),
+                                          ("rtdetr-tiny.yaml", "yolov8-tiny.yaml"),
+                                          ("yolov8n.yaml", "rtdetr-small.yaml")])
 def test_across_yolo_and_rtdetr_the_backbone_and_neck_are_selected_and_the_head_is_not(t_cfg, s_cfg):
     """kdctl's tiny RT-DETR has the YOLOv8 layout up to its head: layers 0-21 are selected from a YOLO teacher (or
-    give a YOLO student its start), the decoder / Detect head keeps its random initialisation."""
+    give a YOLO student its start), the decoder / Detect head keeps its random initialisation. kdctl's rtdetr-small
+    (the RT-DETR teacher of recipes/rtdetr-teacher.yaml) has YOLOv8n's widths there, so it gets an exact copy."""
     assets = ROOT / "kdctl/assets/models"
     teacher = build_detector(t_cfg if t_cfg.startswith("yolov8n") else assets / t_cfg, nc=3)
     student = build_detector(assets / s_cfg, nc=3)
@@ -160,6 +163,9 @@ def test_across_yolo_and_rtdetr_the_backbone_and_neck_are_selected_and_the_head_
     for k, v in student.model[-1].state_dict().items():
         assert torch.equal(v, head_before[k]), k
     ratio = teacher.model[0].conv.out_channels // student.model[0].conv.out_channels
+    if s_cfg == "rtdetr-small.yaml":
+        assert ratio == 1 and all(torch.equal(v, teacher.model[:-1].state_dict()[k])
+                                  for k, v in student.model[:-1].state_dict().items())
     assert torch.equal(student.model[0].conv.weight, teacher.model[0].conv.weight[::ratio])
     assert torch.equal(student.model[21].cv2.bn.running_mean, teacher.model[21].cv2.bn.running_mean[::ratio])
     assert info["selected_params"] == sum(p.numel() for p in student.model[:-1].parameters())
