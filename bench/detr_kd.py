@@ -1,12 +1,14 @@
-"""DETR-family distillation benchmark on the built-in data: the YOLOv8n-RT-DETR teacher, kdctl's tiny RT-DETR
-student (baseline) and the student distilled at each level (``recipes/rtdetr-distill-*.yaml``: logit, feature,
-combined), plus the cross-family pairs beside their same-family baselines (``rtdetr-to-yolo``: RT-DETR teacher →
-YOLO student vs the YOLO baseline; ``yolo-to-rtdetr``: the YOLOv8n quickstart teacher → RT-DETR student), over
-several seeds.
+"""DETR-family distillation benchmark on the built-in data: the RT-DETR teacher, kdctl's tiny RT-DETR
+student (baseline) and the student distilled at each level (``recipes/rtdetr-distill-*.yaml``: query, logit,
+feature, combined, and logit from a start cut from the teacher: inherit), plus the cross-family pairs beside
+their same-family baselines (``rtdetr-to-yolo``: RT-DETR teacher → YOLO student vs the YOLO baseline;
+``yolo-to-rtdetr``: the YOLOv8n quickstart teacher → RT-DETR student), over several seeds.
 
-Same data, epochs and training settings per student family (the recipes'); only train.seed changes. Reports COCO
-mAP50-95, each baseline's seed-to-seed spread, "gap closed" per seed against the row's teacher and its mean, train
-time and the epoch-time ratio (train seconds per epoch vs the baseline's). Teachers are trained once and reused.
+The RT-DETR teacher (``recipes/rtdetr-teacher.yaml``: kdctl's rtdetr-small) starts from the YOLOv8n quickstart
+teacher's backbone and neck, so that teacher is trained first. Same data, epochs and training settings per student
+family (the recipes'); only train.seed changes. Reports COCO mAP50-95, each baseline's seed-to-seed spread, "gap
+closed" per seed against the row's teacher and its mean, train time and the epoch-time ratio (train seconds per
+epoch vs the baseline's). Teachers are trained once and reused.
 
     python bench/detr_kd.py --seeds 0 1 2
     python bench/detr_kd.py --runs yolo-to-rtdetr --seeds 0 1 2     # one row (and what it needs)
@@ -29,6 +31,7 @@ RUNS = {
     "logit": ("rtdetr-distill-logit", "rtdetr-teacher", "rtdetr-student"),
     "feature": ("rtdetr-distill-feature", "rtdetr-teacher", "rtdetr-student"),
     "combined": ("rtdetr-distill-combined", "rtdetr-teacher", "rtdetr-student"),
+    "inherit": ("rtdetr-distill-inherit", "rtdetr-teacher", "rtdetr-student"),
     "rtdetr-to-yolo": ("rtdetr-to-yolo", "rtdetr-teacher", "quickstart-student"),
     "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-logit": ("yolo-to-rtdetr-logit", "quickstart-teacher", "rtdetr-student"),
@@ -36,11 +39,18 @@ RUNS = {
     "yolo-to-rtdetr-init": ("yolo-to-rtdetr-init", "quickstart-teacher", "rtdetr-student"),
 }
 
+# a teacher that starts from another teacher's weights (distill.init: teacher, no KD terms) -> that teacher
+STARTS_FROM = {"rtdetr-teacher": "quickstart-teacher"}
+
 
 def plan(a) -> list[Job]:
-    """The runs in the order they are trained: teachers, then per seed the baselines and each run."""
+    """The runs in the order they are trained: teachers (one another starts from first), then per seed the
+    baselines and each run."""
     root = runs_root(a)
-    jobs = [Job(t, "train", 0, str(root / t), epochs=a.epochs) for t in sorted({RUNS[r][1] for r in a.runs})]
+    teachers = {RUNS[r][1] for r in a.runs}
+    teachers |= {STARTS_FROM[t] for t in teachers if t in STARTS_FROM}
+    jobs = [Job(t, "distill" if t in STARTS_FROM else "train", 0, str(root / t), teacher=STARTS_FROM.get(t),
+                epochs=a.epochs) for t in sorted(teachers, key=lambda t: (t in STARTS_FROM, t))]
     for seed in a.seeds:
         jobs += [Job(b, "train", seed, str(root / f"{b}-s{seed}"), row=b, epochs=a.epochs)
                  for b in sorted({RUNS[r][2] for r in a.runs})]
@@ -54,28 +64,47 @@ def parse(argv=None):
                             lambda ap: ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS)))
 
 
+def tables(a, teachers: dict, res: dict) -> dict[str, str]:
+    """One table per teacher family: ``{doc section: body}``. The RT-DETR teacher's rows (same-family DETR KD and
+    RT-DETR → YOLO) and the YOLO teacher's (YOLO → RT-DETR) are separate sections, so a run of one group leaves the
+    other's table as it was."""
+    out = {}
+    for teacher in dict.fromkeys(RUNS[r][1] for r in a.runs):
+        runs = [r for r in a.runs if RUNS[r][1] == teacher]
+        bases = list(dict.fromkeys(RUNS[r][2] for r in runs))
+        start = STARTS_FROM.get(teacher)
+        rows = [[t, "teacher" + (f" (starts from {STARTS_FROM[t]})" if t in STARTS_FROM else ""), *row[2:]]
+                for t, row in zip(teachers, teacher_rows(teachers)) if t in (teacher, start)]
+        spreads = {}
+        for b in bases:
+            row, spreads[b] = seed_row(b, "baseline", res[b])
+            rows.append(row)
+        for r in runs:
+            row, _ = seed_row(r, f"vs {RUNS[r][2]}, teacher {teacher}", res[r], res[RUNS[r][2]],
+                              teachers[teacher][1]["map50_95"])
+            rows.append(row)
+        title = ("DETR-family distillation (RT-DETR teacher) and RT-DETR → YOLO" if teacher == "rtdetr-teacher"
+                 else "DETR-family distillation: YOLO → RT-DETR")
+        halves = ", ".join(f"{k} {v:.4f}" for k, v in spreads.items())
+        body = (f"## {title}\n\n{machine()}; device {a.device}. "
+                f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(runs)}`: the "
+                "recipes' data and settings (built-in clear scenes, 128 px); teachers trained once"
+                + (f" ({teacher} starts from {start}'s backbone and neck, `distill.init: teacher`)" if start else "")
+                + ". Gap closed per seed = (student_KD − baseline) / (teacher − baseline) against the row's teacher "
+                f"and baseline; baseline half-ranges over seeds: {halves}."
+                "\n\n" + table(KD_SEED_HEAD, rows) + "\n")
+        key = "detr-kd" if teacher != "rtdetr-teacher" else "detr-kd-rtdetr-teacher"
+        out[key if a.device == "cpu" else key + "-gpu"] = body
+    return out
+
+
 def main(argv=None) -> None:
     a = parse(argv)
     teachers, res = run_and_save(plan(a), a)
-
-    rows, spreads = teacher_rows(teachers), {}
-    for name, per_seed in res.items():
-        if name not in RUNS:  # a baseline
-            row, spreads[name] = seed_row(name, "baseline", per_seed)
-        else:
-            _, teacher, base_name = RUNS[name]
-            row, _ = seed_row(name, f"vs {base_name}, teacher {teacher}", per_seed, res[base_name],
-                              teachers[teacher][1]["map50_95"])
-        rows.append(row)
-    body = (f"## DETR-family distillation (RT-DETR) and RT-DETR ↔ YOLO\n\n{machine()}; device {a.device}. "
-            f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(a.runs)}`: the "
-            "recipes' data and settings (built-in clear scenes, 128 px); teachers trained once. Gap closed per seed "
-            "= (student_KD − baseline) / (teacher − baseline) against the row's teacher and baseline; baseline "
-            f"half-ranges over seeds: {', '.join(f'{k} {v:.4f}' for k, v in spreads.items())}.\n\n"
-            + table(KD_SEED_HEAD, rows) + "\n")
-    print(body)
-    if not a.smoke:  # the CPU table (cross-family rows) and a GPU session's table are kept side by side
-        write_section("detr-kd" if a.device == "cpu" else "detr-kd-gpu", body)
+    for section, body in tables(a, teachers, res).items():
+        print(body)
+        if not a.smoke:  # a CPU's tables and a GPU session's are kept side by side
+            write_section(section, body)
 
 
 if __name__ == "__main__":

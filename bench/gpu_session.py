@@ -39,7 +39,7 @@ from _common import ROOT, Job  # noqa: E402
 
 # the RT-DETR-teacher rows: the cross-family YOLO-teacher rows are measured on CPU (bench/detr_kd.py's table)
 BENCHES = {"two-stage": (two_stage_kd, []),
-           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "rtdetr-to-yolo"]),
+           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "inherit", "rtdetr-to-yolo"]),
            "amp": (amp_check, [])}
 
 

@@ -60,3 +60,34 @@ def test_a_teacher_assistant_is_the_assistant_model_distilled_for_the_teachers_e
     seen.clear()
     bench.train_assistant("yolov8-ta.yaml", tmp_path / "teacher", tmp_path / "ta")
     assert seen["recipe"].train.epochs == 80
+
+
+def test_the_rtdetr_teacher_starts_from_the_yolo_teacher_and_each_teacher_gets_its_own_table(tmp_path):
+    """bench/detr_kd.py: the RT-DETR teacher is distilled (init only) from the YOLOv8n teacher, which is trained
+    first; the RT-DETR-teacher rows and the YOLO-teacher rows go to separate doc sections, each with its teacher,
+    its baselines and its gap closed per seed."""
+    import detr_kd
+
+    a = detr_kd.parse(["--seeds", "0", "1", "--runs", "logit", "yolo-to-rtdetr", "--root", str(tmp_path)])
+    jobs = detr_kd.plan(a)
+    teachers = [(j.recipe, j.stage, j.teacher) for j in jobs if j.row is None]
+    assert teachers == [("quickstart-teacher", "train", None), ("rtdetr-teacher", "distill", "quickstart-teacher")]
+    assert {(j.row, j.seed, j.teacher) for j in jobs if j.stage == "distill" and j.row} == {
+        ("logit", 0, "rtdetr-teacher"), ("logit", 1, "rtdetr-teacher"),
+        ("yolo-to-rtdetr", 0, "quickstart-teacher"), ("yolo-to-rtdetr", 1, "quickstart-teacher")}
+
+    def r(m):
+        return {"map50_95": m, "train_s": 100.0, "epoch_s": 10.0}
+
+    tv = {"quickstart-teacher": (tmp_path, r(0.6)), "rtdetr-teacher": (tmp_path, r(0.4))}
+    res = {"rtdetr-student": {0: r(0.10), 1: r(0.20)}, "logit": {0: r(0.25), 1: r(0.30)},
+           "yolo-to-rtdetr": {0: r(0.35), 1: r(0.20)}}
+    out = detr_kd.tables(a, tv, res)
+    assert set(out) == {"detr-kd-rtdetr-teacher", "detr-kd"}
+    rt = out["detr-kd-rtdetr-teacher"]
+    assert "| rtdetr-teacher | teacher (starts from quickstart-teacher) | 0.4000 |" in rt
+    assert "| quickstart-teacher | teacher | 0.6000 |" in rt and "yolo-to-rtdetr" not in rt
+    assert "50 % (50 / 50)" in rt  # (0.25 - 0.10) / (0.4 - 0.10), (0.30 - 0.20) / (0.4 - 0.20)
+    yo = out["detr-kd"]
+    assert "rtdetr-teacher" not in yo and "| logit |" not in yo
+    assert "25 % (50 / 0), not above baseline on every seed" in yo  # (0.35 - 0.1) / 0.5, (0.2 - 0.2) / 0.4
