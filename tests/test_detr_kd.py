@@ -5,6 +5,7 @@ resume after a kill, export of the distilled student)."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -259,3 +260,40 @@ def test_distillation_queries_decoded_by_both_models():
     assert sb.shape[0] == len(student.model[-1].decoder.layers) and sl.shape[1:] == (2, 5, 3)
     sl.sum().backward()
     assert student.model[-1].dec_score_head[-1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_the_rtdetr_teacher_chain_from_the_shipped_recipes(tmp_path, tiny_data):
+    """recipes/rtdetr-teacher.yaml then recipes/rtdetr-distill-inherit.yaml, on small data: kdctl's rtdetr-small
+    starts as an exact copy of a YOLOv8n teacher's backbone and neck (no KD term), then the tiny RT-DETR starts from
+    a selection of that RT-DETR's and learns its decoder's answers; each bundle names the one before as parent."""
+    from pathlib import Path
+
+    import yaml
+
+    from kdctl.bundle import load_bundle
+
+    runner, root = CliRunner(), Path(__file__).resolve().parents[1] / "recipes"
+    yolo = tmp_path / "yolo.yaml"
+    yolo.write_text(f"name: y\nstudent: {{model: yolov8n.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                    "train: {epochs: 1, imgsz: 64, batch: 8, workers: 0}\n")
+    assert runner.invoke(app, ["train", str(yolo), "--out", str(tmp_path / "yolo"), "--quiet"]).exit_code == 0
+    chain = (("rtdetr-teacher.yaml", tmp_path / "yolo", tmp_path / "rt-teacher", []),
+             ("rtdetr-distill-inherit.yaml", tmp_path / "rt-teacher", tmp_path / "rt-student", ["detr_logit"]))
+    for name, teacher, out, terms in chain:
+        d = yaml.safe_load((root / name).read_text())
+        assert d["teacher"]["model"] in ("runs/train/quickstart-teacher", "runs/train/rtdetr-teacher")
+        d.update(teacher={"model": str(teacher)}, data={"yolo": str(tiny_data)})
+        d["train"].update(epochs=1, imgsz=64, batch=8)
+        (tmp_path / name).write_text(yaml.safe_dump(d))
+        res = runner.invoke(app, ["distill", str(tmp_path / name), "--out", str(out), "--json", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert list(json.loads(res.stdout)["kd_terms"]) == terms
+    y, t, s = (load_bundle(tmp_path / n) for n in ("yolo", "rt-teacher", "rt-student"))
+    backbone_neck = 2_259_536  # YOLOv8n's layers 0-21 at 3 classes, as Ultralytics builds them
+    assert t.metrics["init"]["selected_params"] == backbone_neck and t.metrics["init"]["kept"] == pytest.approx(
+        backbone_neck / y.metrics["params"], abs=1e-4)
+    assert t.metrics["init"]["head"].startswith("RTDETRDecoder (random start")
+    assert s.metrics["init"]["from"] == "teacher"
+    assert s.metrics["init"]["selected_params"] == 567_208  # the tiny RT-DETR's layers 0-21 (1/8 width), all selected
+    assert [p["id"] for p in t.manifest["parents"]] == [y.id] and [p["id"] for p in s.manifest["parents"]] == [t.id]
