@@ -37,7 +37,8 @@ import detr_kd  # noqa: E402
 import two_stage_kd  # noqa: E402
 from _common import ROOT, Job  # noqa: E402
 
-# the RT-DETR-teacher rows: the cross-family YOLO-teacher rows are measured on CPU (bench/detr_kd.py's table)
+# the RT-DETR-teacher rows (measured on CPU too, 3 seeds; a GPU session writes its own table): the YOLO-teacher rows
+# are measured on CPU only (bench/detr_kd.py's other table)
 BENCHES = {"two-stage": (two_stage_kd, []),
            "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "inherit", "rtdetr-to-yolo"]),
            "amp": (amp_check, [])}
