@@ -83,6 +83,13 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
         r = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", value, "--out", str(tmp_path / "g5")])
         assert r.exit_code == 2 and "--max-p90-ms" in r.output and not (tmp_path / "g5").exists()
         assert value == "nan" or "must be a finite number, got inf" in r.output
+    # a fraction's range is judged after finiteness: nan is "not finite", not "above 1"
+    for flag, value, said in (("--min-map", "nan", "must be a finite number, got nan"),
+                              ("--min-map", "1.5", "must be in [0, 1], got 1.5"),
+                              ("--max-map-regression", "-0.1", "must be ≥ 0, got -0.1"),
+                              ("--max-latency-regression", "nan", "must be a finite number, got nan")):
+        r = CliRunner().invoke(app, ["gate", str(profile_cpu), flag, value, "--out", str(tmp_path / "g8")])
+        assert r.exit_code == 2 and said in r.output and not (tmp_path / "g8").exists(), (flag, value, r.output)
 
 
 def test_baseline_measured_otherwise_fails_closed(export_cpu, tmp_path):

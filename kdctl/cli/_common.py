@@ -25,6 +25,23 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def non_negative(value: float | None) -> float | None:
+    """Option callback: finite and 0 or more (checked here, not with Typer's ``min=``, which would judge ``nan``
+    against the range first and report it as out of range)."""
+    value = finite(value)
+    if value is not None and value < 0:
+        raise typer.BadParameter(f"must be ≥ 0, got {value:g}")
+    return value
+
+
+def fraction(value: float | None) -> float | None:
+    """Option callback: a finite number in [0, 1] (an mAP, a share)."""
+    value = non_negative(value)
+    if value is not None and value > 1:
+        raise typer.BadParameter(f"must be in [0, 1], got {value:g}")
+    return value
+
+
 def positive(value: float | None) -> float | None:
     """Option callback of a maximum (latency, size, memory): finite and above 0, as the recipe's gate section
     requires (a budget of 0 fails every model)."""

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, finite, progress_bar)
+                               emit, fraction, progress_bar)
 from kdctl.bundle import reference_metrics
 from kdctl.limits import IMGSZ_MAX
 from kdctl.runtimes import ARTIFACTS
@@ -29,7 +29,7 @@ def export(
                                                                    "of a smaller split).")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
                                                               help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
-    max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=finite, min=0, max=1,
+    max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=fraction,
                                                           help="Fail (write nothing) if an FP16/INT8 artifact loses "
                                                                "more mAP50-95 than this vs PyTorch (0.01 = 1 point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "

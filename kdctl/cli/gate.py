@@ -8,21 +8,21 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, finite,
-                               positive)
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, fraction,
+                               non_negative, positive)
 
 
 def gate(
     bundle: BundleArg,
-    min_map: Annotated[Optional[float], typer.Option("--min-map", "--min-map50-95", callback=finite, min=0, max=1, help="Minimum mAP50-95 (0..1).")] = None,
+    min_map: Annotated[Optional[float], typer.Option("--min-map", "--min-map50-95", callback=fraction, help="Minimum mAP50-95 (0..1).")] = None,
     max_p90_ms: Annotated[Optional[float], typer.Option("--max-p90-ms", callback=positive, help="Maximum p90 latency (> 0).")] = None,
     max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms", callback=positive, help="Maximum p99 latency (> 0).")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", callback=positive, help="Maximum model size (> 0).")] = None,
     max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb", callback=positive, help="Maximum process RSS (> 0).")] = None,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Profile bundle to compare with (e.g. main's).")] = None,
-    max_latency_regression: Annotated[Optional[float], typer.Option("--max-latency-regression", callback=finite, min=0,
+    max_latency_regression: Annotated[Optional[float], typer.Option("--max-latency-regression", callback=non_negative,
                                                                     help="Allowed p50 slow-down vs baseline, as a fraction (0.03 = 3 %).")] = None,
-    max_map_regression: Annotated[Optional[float], typer.Option("--max-map-regression", callback=finite, min=0, max=1,
+    max_map_regression: Annotated[Optional[float], typer.Option("--max-map-regression", callback=fraction,
                                                                 help="Allowed mAP50-95 loss vs baseline (0.005 = 0.5 point).")] = None,
     artifact: Annotated[Optional[str], typer.Option("--artifact", "-a", help="Artifact to judge (default: the first INT8 one).")] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML here.")] = None,

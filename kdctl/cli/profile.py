@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, finite,
+from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, non_negative,
                                progress_bar)
 from kdctl.runtimes import DEVICE_RUNTIMES
 
@@ -19,7 +19,7 @@ def profile(
     runtime: Annotated[Optional[str], typer.Option("--runtime", help=f"Only artifacts of this runtime: {', '.join(DEVICE_RUNTIMES)}.")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed inferences first (default: the recipe's profile.warmup, else 10).")] = None,
     runs: Annotated[Optional[int], typer.Option("--runs", "-n", min=1, help="Timed batch-1 inferences, at least (default: the recipe's profile.runs, else 100).")] = None,
-    duration: Annotated[Optional[float], typer.Option("--duration", callback=finite, min=0, help="Also keep timing for this many seconds.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", callback=non_negative, help="Also keep timing for this many seconds.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads, at most the cores this process may use (default: the recipe's profile.threads, else all of them).")] = None,
     throughput_batch: Annotated[Optional[int], typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it (default: the recipe's profile.throughput_batch, else 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
