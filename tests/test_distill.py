@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from kdctl.cli.main import app
 from kdctl.detectors.yolo import KDDetectionModel, build_criterion, build_detector, plain_student
+from kdctl.distill.losses.logit import LocalizationDistillation
 from kdctl.distill.taps import resolve_layers
 from kdctl.errors import RecipeError
 from kdctl.recipe.schema import LossSpec
@@ -424,3 +425,46 @@ def test_stop_epoch_distills_the_first_epochs_only(tmp_path, tiny_data, trained_
     assert m["kd_stop_epoch"] == 1
     shown = json.loads(res.stdout)["kd_terms"]  # the summary shows the last epoch that distilled, not the zeros
     assert shown == {n: first[c] for n, c in cols.items()}
+
+
+def test_ld_positives_are_the_task_losss_own_assignment(v8n):
+    """LD with positives: true reads the positives the student's task loss assigned in the same step (its
+    task-aligned assigner, captured, not recomputed), weighted by their target scores, and the rest of the assigner's
+    in-box candidates as the valuable localisation region; the term then equals that formula on those regions."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    m = _kd_model(v8n, [LossSpec(name="ld", params={"positives": True, "temperature": 3.0})])
+    assert m.kd.needs_assignment
+    captured = {}
+    term = m.kd.terms[0].losses[0]
+    original = term.compute
+    term.compute = lambda s, t: captured.update(s=s, t=t) or original(s, t)
+    batch = _batch()
+    _, items = m.loss(batch)
+    s, t = captured["s"], captured["t"]
+    # the same assignment, recomputed here from the student's predictions the task loss saw
+    crit = m.criterion
+    assert isinstance(crit.assigner, TaskAlignedAssigner)
+    with torch.no_grad():
+        preds = m.predict(batch["img"])
+    from ultralytics.utils.tal import make_anchors
+    anchors, strides = make_anchors(preds["feats"], crit.stride, 0.5)
+    targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1)
+    targets = crit.preprocess(targets, 2, scale_tensor=torch.tensor([128.0] * 4))
+    labels, gt = targets.split((1, 4), 2)
+    mask_gt = gt.sum(2, keepdim=True).gt_(0.0)
+    pd = crit.bbox_decode(anchors, preds["boxes"].permute(0, 2, 1)) * strides
+    _, _, scores, fg, _ = crit.assigner(preds["scores"].permute(0, 2, 1).sigmoid(), pd, anchors * strides, labels,
+                                        gt, mask_gt)
+    assert fg.any() and torch.equal(s["pos_weight"] > 0, fg)
+    assert torch.allclose(s["pos_weight"], scores.sum(-1) * fg)
+    inside = crit.assigner.select_candidates_in_gts(anchors * strides, gt, mask_gt).any(1)
+    assert s["vlr"].any() and torch.equal(s["vlr"], inside & ~fg)
+    # image 1 has one box: no anchor of image 1 outside it is in either region
+    assert not (s["vlr"][1] & ~inside[1]).any()
+    plain = LocalizationDistillation(temperature=3.0, positives=True)(
+        {"scores": s["scores"], "boxes": s["boxes"], "pos_weight": s["pos_weight"], "vlr": s["vlr"]}, t)
+    assert items["kd_ld"].item() == pytest.approx(plain.item(), rel=1e-5)
+    # the plain (all-anchor) LD on the same step is another number: the regions matter
+    all_anchors = LocalizationDistillation(temperature=3.0)({"scores": s["scores"], "boxes": s["boxes"]}, t)
+    assert abs(all_anchors.item() - plain.item()) > 1e-3

@@ -295,3 +295,40 @@ def test_loss_parameters_out_of_range_are_refused(params, message):
     with pytest.raises(ValueError, match=message):
         check_params(params)
     check_params({"conf_weight": True, "temperature": 2.0, "random_queries": 0})  # flags and sane values pass
+
+
+def test_ld_on_the_assigned_regions_by_hand():
+    """positives: true — the weighted mean over the student's positives (weights: their target scores) plus
+    vlr_weight times the mean over the other in-box anchors; anchors in neither region do not count, a teacher
+    cache's unknown anchors are left out, and a batch without ground truth gives 0."""
+    torch.manual_seed(7)
+    n, bins, a, T = 2, 3, 4, 4.0
+    sb, tb = torch.randn(n, 4 * bins, a) * 3, torch.randn(n, 4 * bins, a) * 3
+
+    def per_anchor(i, k):
+        sides = []
+        for side in range(4):
+            ps = _softmax([sb[i, side * bins + j, k].item() / T for j in range(bins)])
+            pt = _softmax([tb[i, side * bins + j, k].item() / T for j in range(bins)])
+            sides.append(sum(q * math.log(q / p) for p, q in zip(ps, pt)) / bins)
+        return T * T * sum(sides) / 4
+
+    pos_weight = torch.tensor([[0.8, 0.0, 0.0, 0.0], [0.0, 0.0, 0.2, 0.0]])
+    vlr = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    s = {**head(torch.zeros(n, 1, a), sb), "pos_weight": pos_weight, "vlr": vlr}
+    t = head(torch.zeros(n, 1, a), tb)
+    main = (0.8 * per_anchor(0, 0) + 0.2 * per_anchor(1, 2)) / 1.0
+    vlr_mean = (per_anchor(0, 1) + per_anchor(0, 2) + per_anchor(1, 3)) / 3
+    loss = LocalizationDistillation(temperature=T, positives=True, vlr_weight=0.5)
+    assert loss(s, t).item() == pytest.approx(main + 0.5 * vlr_mean, rel=1e-5)
+    # a teacher cache that only knows image 0's anchors
+    t_cached = {**t, "mask": torch.tensor([[True] * a, [False] * a])}
+    expected = per_anchor(0, 0) + 0.5 * (per_anchor(0, 1) + per_anchor(0, 2)) / 2
+    assert loss(s, t_cached).item() == pytest.approx(expected, rel=1e-5)
+    empty = {**s, "pos_weight": torch.zeros(n, a), "vlr": torch.zeros(n, a, dtype=torch.bool)}
+    sb.requires_grad_(True)
+    out = loss({**empty, "boxes": sb}, t)
+    assert out.item() == 0 and out.requires_grad
+    # and positives: false is the plain anchor mean whatever regions are passed
+    assert LocalizationDistillation(temperature=T, conf_weight=False)(s, t).item() == pytest.approx(
+        sum(per_anchor(i, k) for i in range(n) for k in range(a)) / (n * a), rel=1e-5)

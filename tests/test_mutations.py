@@ -1,5 +1,6 @@
 """Mutation check: each edit below is a plausible bug in a loss (a dropped T², a lost batch scale, pairs summed
-instead of averaged, FGD's temperature flipped, balance from the first batch); the loss tests must catch every one.
+instead of averaged, FGD's temperature flipped, balance from the first batch, LD's regions taken wrong); the loss
+tests must catch every one.
 
 Each mutant is a copy of the package (with the tests) with one edit; the copied tests run against it.
 """
@@ -15,16 +16,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_losses.py", "tests/test_distill.py::test_kd_part_of_the_loss_is_scaled_by_batch_size"]
+TESTS = ["tests/test_losses.py", "tests/test_distill.py::test_kd_part_of_the_loss_is_scaled_by_batch_size",
+         "tests/test_distill.py::test_ld_positives_are_the_task_losss_own_assignment"]
 
 MUTANTS = {
     "cwd-without-T2": ("kdctl/distill/losses/feature.py", "* self.tau ** 2 / (n * c)", "/ (n * c)"),
     "kd_logit-without-T2": ("kdctl/distill/losses/logit.py",
                             "return _anchor_mean(kl.sum(1), t[\"scores\"], self.conf_weight) * T * T",
                             "return _anchor_mean(kl.sum(1), t[\"scores\"], self.conf_weight)"),
-    "ld-without-T2": ("kdctl/distill/losses/logit.py",
-                      "return _anchor_mean(kl, t[\"scores\"], self.conf_weight, t.get(\"mask\")) * T * T",
-                      "return _anchor_mean(kl, t[\"scores\"], self.conf_weight, t.get(\"mask\"))"),
+    "ld-without-T2": ("kdctl/distill/losses/logit.py", "kl = (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T",
+                      "kl = (lt.exp() * (lt - ls)).mean(2).mean(1)"),
+    "ld-vlr-keeps-positives": ("kdctl/detectors/yolo.py", "\"vlr\": inside & ~fg_mask.bool()", "\"vlr\": inside"),
+    "ld-positives-unweighted": ("kdctl/detectors/yolo.py", "pos_weight = (target_scores.sum(-1) * fg_mask).detach()",
+                                "pos_weight = fg_mask.float()"),
     "ld-sums-bins": ("kdctl/distill/losses/logit.py", "(lt.exp() * (lt - ls)).mean(2).mean(1)",
                      "(lt.exp() * (lt - ls)).sum(2).mean(1)"),
     "kd-without-batch-scale": ("kdctl/detectors/yolo.py", "(kd_total * batch[\"img\"].shape[0]).view(1)",

@@ -51,6 +51,45 @@ class TeacherRef:
         return {"model": None}
 
 
+class AssignmentTap:
+    """``with AssignmentTap(criterion) as a: criterion(preds, batch)`` then ``a.regions()``: the student's label
+    assignment of that call, read from its task loss's own assigner (YOLOv8/11's task-aligned assigner; an end-to-end
+    head's one-to-many branch, the one head-level KD reads), so KD terms see exactly the positives the task loss
+    trained on. ``pos_weight`` (N×A): each positive's target score (the weight of its DFL term), 0 elsewhere;
+    ``vlr`` (N×A): the assigner's other candidates, anchor points inside a ground-truth box."""
+
+    def __init__(self, criterion):
+        branch = getattr(criterion, "one2many", criterion)
+        self.assigner = getattr(branch, "assigner", None)
+        if not isinstance(self.assigner, nn.Module) or not hasattr(self.assigner, "select_candidates_in_gts"):
+            raise ValueError("this detector's training loss has no task-aligned assigner to read the positives "
+                             "from; set the loss's positives: false")
+        self.inputs = self.outputs = None
+
+    def _hook(self, _module, args, output):
+        if self.outputs is None:   # the task loss assigns once per step; keep that call's inputs and outputs
+            self.inputs, self.outputs = args, output
+
+    def __enter__(self):
+        self._handle = self.assigner.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def regions(self) -> dict:
+        if self.outputs is None:
+            raise RuntimeError("the task loss did not call its assigner")
+        _, _, anc_points, _, gt_bboxes, mask_gt = self.inputs[:6]
+        _, _, target_scores, fg_mask, _ = self.outputs
+        pos_weight = (target_scores.sum(-1) * fg_mask).detach()
+        if gt_bboxes.shape[1] == 0:
+            inside = torch.zeros_like(fg_mask)
+        else:
+            inside = self.assigner.select_candidates_in_gts(anc_points, gt_bboxes, mask_gt).any(1)
+        return {"pos_weight": pos_weight, "vlr": inside & ~fg_mask.bool()}
+
+
 class KDDetectionModel(DetectionModel):
     """A student ``DetectionModel`` whose training loss adds ``Σ w·KD`` against a frozen teacher."""
 
@@ -81,9 +120,15 @@ class KDDetectionModel(DetectionModel):
         t_out = self._teacher_outputs(teacher, batch)
         with FeatureTaps(self, self.kd.student_layers()) as s_taps:
             preds = self.predict(batch["img"])
-        task, items = self.criterion(preds, batch)
+        ctx = DistillContext.from_batch(batch)
+        if self.kd.needs_assignment:
+            with AssignmentTap(self.criterion) as assignment:
+                task, items = self.criterion(preds, batch)
+            ctx.assigned = assignment.regions()
+        else:
+            task, items = self.criterion(preds, batch)
         task_per_image = float(sum(float(v) for v in items.values()))
-        kd = self.kd(s_taps.outputs, t_out, DistillContext.from_batch(batch), task_per_image)
+        kd = self.kd(s_taps.outputs, t_out, ctx, task_per_image)
         kd_total = torch.stack(list(kd.values())).sum()
         items = {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
         return torch.cat([task, (kd_total * batch["img"].shape[0]).view(1)]), items

@@ -20,10 +20,14 @@ PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query", "detr_query": "distil
 
 @dataclass
 class DistillContext:
-    """What some losses need beyond the maps: ground-truth boxes (xyxy, input pixels) per image and input size."""
+    """What some losses need beyond the maps: ground-truth boxes (xyxy, input pixels) per image and input size; for
+    a dense head, the student's own label assignment of this batch (``assigned``: ``pos_weight`` N×A, the assigner's
+    target score on its positives and 0 elsewhere, and ``vlr`` N×A, anchor points inside a ground-truth box that are
+    not positives), filled by the family when a term asks for it (:attr:`DistillationCriterion.needs_assignment`)."""
 
     imgsz: int
     boxes: list[torch.Tensor] = field(default_factory=list)
+    assigned: dict | None = None
 
     @classmethod
     def from_batch(cls, batch: dict) -> "DistillContext":
@@ -83,6 +87,11 @@ class DistillTerm(nn.Module):
             s, t = head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]])
             if self.anchor_index is not None:
                 t = select_anchors(t, self.anchor_index, self.teacher_anchors)
+            if getattr(self.losses[0], "uses_assignment", False):
+                if ctx.assigned is None:
+                    raise ValueError(f"{self.name}: this detector's training loss has no label assigner to read the "
+                                     "positives from; set positives: false")
+                s = {**s, "pos_weight": ctx.assigned["pos_weight"], "vlr": ctx.assigned["vlr"]}
             if self.student_anchor_index is not None:
                 s = select_anchors(s, self.student_anchor_index, self.student_anchors)
             return self.losses[0](s, t, ctx)
@@ -167,6 +176,11 @@ class DistillationCriterion(nn.Module):
     def teacher_head_layers(self) -> list:
         """Teacher layers read by head-level terms (what a teacher cache can serve)."""
         return sorted({t.t_layers[0] for t in self.terms if t.kind == "head"}, key=str)
+
+    @property
+    def needs_assignment(self) -> bool:
+        """Whether a term reads the student's label assignment (``DistillContext.assigned``)."""
+        return any(getattr(t.losses[0], "uses_assignment", False) for t in self.terms if t.kind == "head")
 
     def kinds(self) -> set[str]:
         return {t.kind for t in self.terms}

@@ -40,7 +40,10 @@ class HeadLoss(nn.Module):
             tt = {k: v.float() for k, v in t.items() if k in ("scores", "boxes")}
             if t.get("mask") is not None:  # from a teacher cache: where the teacher's boxes are known
                 tt["mask"] = t["mask"]
-            return self.compute({k: v.float() for k, v in s.items() if k in ("scores", "boxes")}, tt)
+            ss = {k: v.float() for k, v in s.items() if k in ("scores", "boxes", "pos_weight")}
+            if s.get("vlr") is not None:  # the student's own label assignment (LD's distillation regions)
+                ss["vlr"] = s["vlr"]
+            return self.compute(ss, tt)
 
 
 @register_loss("kd_logit", levels=("head", "logit"), kind="head")
@@ -73,22 +76,43 @@ class SigmoidLogitDistillation(HeadLoss):
 class LocalizationDistillation(HeadLoss):
     """Localization Distillation for Dense Object Detection (Zheng et al., CVPR 2022).
 
-    Each box side is a distribution over ``reg_max`` bins (DFL); the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))``
-    with the pointwise KL averaged over the bins (as mmdet's and PaddleDetection's ``KnowledgeDistillationKLDivLoss``
-    reduce it), then over the four sides, then over anchors — weighted by teacher confidence when ``conf_weight`` is
-    set, which stands in for the paper's main distillation region (positives plus its valuable localisation region).
+    Each box side is a distribution over ``reg_max`` bins (DFL); per anchor the loss is ``T² · KL(softmax(t/T) ‖
+    softmax(s/T))`` with the pointwise KL averaged over the bins (as mmdet's and PaddleDetection's
+    ``KnowledgeDistillationKLDivLoss`` reduce it), then over the four sides. Where it is taken:
+
+    - ``positives: true`` — the paper's regions. The *main distillation region* is the student's positives as its
+      own task loss assigned them this batch (YOLOv8/11's task-aligned assigner), each weighted by its target score,
+      as the DFL term it shadows is; the *valuable localisation region* is the rest of the assigner's candidate
+      region (anchor points inside a ground-truth box). The loss is the weighted mean over the first plus
+      ``vlr_weight`` times the mean over the second (0.25, as the reference implementation divides the first
+      region's sum by 4 and the second's by 16). Anchors a teacher cache did not keep are left out of both; a batch
+      without ground truth gives 0.
+    - ``positives: false`` — every anchor, weighted by the teacher's confidence when ``conf_weight`` is set (needs
+      neither ground truth nor an assigner).
     """
 
     uses_boxes = True
 
-    def __init__(self, temperature: float = 10.0, conf_weight: bool = True):
+    def __init__(self, temperature: float = 10.0, conf_weight: bool = True, positives: bool = False,
+                 vlr_weight: float = 0.25):
         super().__init__()
         self.temperature, self.conf_weight = temperature, conf_weight
+        self.positives, self.vlr_weight = positives, vlr_weight
+
+    @property
+    def uses_assignment(self) -> bool:
+        return self.positives
 
     def compute(self, s, t):
         n, c, a = s["boxes"].shape
         T = self.temperature
         ls = F.log_softmax(s["boxes"].view(n, 4, c // 4, a) / T, dim=2)
         lt = F.log_softmax(t["boxes"].view(n, 4, c // 4, a) / T, dim=2)
-        kl = (lt.exp() * (lt - ls)).mean(2).mean(1)                          # N, A
-        return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask")) * T * T
+        kl = (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T                 # N, A
+        if not self.positives:
+            return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask"))
+        known = t["mask"].float() if t.get("mask") is not None else torch.ones_like(kl)
+        w_main, w_vlr = s["pos_weight"] * known, s["vlr"].float() * known
+        main = (kl * w_main).sum() / w_main.sum() if float(w_main.sum()) > 0 else (kl * 0).sum()
+        vlr = (kl * w_vlr).sum() / w_vlr.sum() if float(w_vlr.sum()) > 0 else (kl * 0).sum()
+        return main + self.vlr_weight * vlr

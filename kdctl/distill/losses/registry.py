@@ -56,7 +56,7 @@ def _citation(doc: str) -> str:
 # value outside its range is refused at `recipe check`, before it would turn into NaN or a silent no-op in training.
 _POSITIVE = ("temperature", "tau", "temp", "p", "scale")
 _NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
-                 "alpha", "beta", "gamma", "lam", "margin")
+                 "alpha", "beta", "gamma", "lam", "margin", "vlr_weight")
 _RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]")}
 _COUNTS = {"teacher_queries": 1, "random_queries": 0}
 
