@@ -14,19 +14,21 @@ from torch import nn
 from kdctl.distill.losses.registry import register_loss
 
 
+def _weighted_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Σ w·x / Σ w``; 0 (still in the graph) where every weight is 0."""
+    return (x * w).sum() / w.sum().clamp(min=1e-6)
+
+
 def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: bool,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over (N, A), or weighted by the teacher's top class probability so confident regions dominate; ``mask``
     (N, A) keeps only the anchors where the teacher's output is known (a teacher cache's stored anchors)."""
     if not conf_weight:
-        if mask is None:
-            return per_anchor.mean()
-        m = mask.float()
-        return (per_anchor * m).sum() / m.sum().clamp(min=1)
+        return per_anchor.mean() if mask is None else _weighted_mean(per_anchor, mask.float())
     w = t_scores.sigmoid().amax(1)
     if mask is not None:
         w = w * mask.float()
-    return (per_anchor * w).sum() / w.sum().clamp(min=1e-6)
+    return _weighted_mean(per_anchor, w)
 
 
 class HeadLoss(nn.Module):
@@ -112,7 +114,5 @@ class LocalizationDistillation(HeadLoss):
         if not self.positives:
             return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask"))
         known = t["mask"].float() if t.get("mask") is not None else torch.ones_like(kl)
-        w_main, w_vlr = s["pos_weight"] * known, s["vlr"].float() * known
-        main = (kl * w_main).sum() / w_main.sum() if float(w_main.sum()) > 0 else (kl * 0).sum()
-        vlr = (kl * w_vlr).sum() / w_vlr.sum() if float(w_vlr.sum()) > 0 else (kl * 0).sum()
-        return main + self.vlr_weight * vlr
+        return (_weighted_mean(kl, s["pos_weight"] * known)
+                + self.vlr_weight * _weighted_mean(kl, s["vlr"].float() * known))
