@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdctl.distill.losses.registry import register_loss
+from kdctl.distill.losses.registry import register_loss, weighted_mean
 
 
 def _xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class DETRLogitDistillation(nn.Module):
                     w = tl[n][j].sigmoid().amax(-1)
                     pair = (self.cls_weight * T * T * kl[i, j] + self.l1_weight * l1[i, j] +
                             self.giou_weight * (1 - giou[i, j]))
-                    vals.append((w * pair).sum() / w.sum().clamp(min=1e-6))
+                    vals.append(weighted_mean(pair, w))
             return torch.stack(vals).mean()
 
 

@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdctl.distill.losses.registry import register_loss
-
-
-def _weighted_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``Σ w·x / Σ w``; 0 (still in the graph) where every weight is 0."""
-    return (x * w).sum() / w.sum().clamp(min=1e-6)
+from kdctl.distill.losses.registry import register_loss, weighted_mean
 
 
 def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: bool,
@@ -24,11 +19,11 @@ def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: 
     """Mean over (N, A), or weighted by the teacher's top class probability so confident regions dominate; ``mask``
     (N, A) keeps only the anchors where the teacher's output is known (a teacher cache's stored anchors)."""
     if not conf_weight:
-        return per_anchor.mean() if mask is None else _weighted_mean(per_anchor, mask.float())
+        return per_anchor.mean() if mask is None else weighted_mean(per_anchor, mask.float())
     w = t_scores.sigmoid().amax(1)
     if mask is not None:
         w = w * mask.float()
-    return _weighted_mean(per_anchor, w)
+    return weighted_mean(per_anchor, w)
 
 
 class HeadLoss(nn.Module):
@@ -114,5 +109,5 @@ class LocalizationDistillation(HeadLoss):
         if not self.positives:
             return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask"))
         known = t["mask"].float() if t.get("mask") is not None else torch.ones_like(kl)
-        return (_weighted_mean(kl, s["pos_weight"] * known)
-                + self.vlr_weight * _weighted_mean(kl, s["vlr"].float() * known))
+        return (weighted_mean(kl, s["pos_weight"] * known)
+                + self.vlr_weight * weighted_mean(kl, s["vlr"].float() * known))

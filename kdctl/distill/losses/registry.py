@@ -86,6 +86,11 @@ def param_problem(entry: LossEntry, name: str, value) -> str | None:
     return None
 
 
+def weighted_mean(x, w):
+    """``Σ w·x / Σ w`` over all elements (tensors of one shape); 0, still in the graph, where every weight is 0."""
+    return (x * w).sum() / w.sum().clamp(min=1e-6)
+
+
 def kd_item(term: str) -> str:
     """The loss-item name a KD term is logged under (``kd_cwd``; ``kd_logit`` stays as it is)."""
     return term if term.startswith("kd_") else f"kd_{term}"

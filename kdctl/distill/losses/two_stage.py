@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdctl.distill.losses.feature import Align
-from kdctl.distill.losses.registry import register_loss
+from kdctl.distill.losses.registry import register_loss, weighted_mean
 
 
 def _fp32(d: dict) -> dict:
@@ -79,7 +79,7 @@ class RPNDistillation(nn.Module):
 
             w = torch.sigmoid(to)
             se = (deltas(s["deltas"]) - deltas(t["deltas"])).pow(2).sum(-1)
-            return kl + self.box_weight * (w * se).sum() / w.sum().clamp(min=1e-6)
+            return kl + self.box_weight * weighted_mean(se, w)
 
 
 def _class_weights(n_classes: int, background_weight: float, like: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class RoICrossKD(nn.Module):
             pt = F.softmax(t["class_logits"], 1)[:, 1:]
             m, c = pt.max(1)
             l1 = (_class_boxes(s["box_regression"], c + 1) - _class_boxes(t["box_regression"], c + 1)).abs().sum(1)
-            return self.cls_weight * cls + self.box_weight * (m * l1).sum() / m.sum().clamp(min=1e-6)
+            return self.cls_weight * cls + self.box_weight * weighted_mean(l1, m)
 
 
 @register_loss("roi_mimic", levels=("roi",), kind="roi")
