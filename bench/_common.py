@@ -59,12 +59,13 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
                epochs: int | None = None, smoke: bool = False, workers: int | None = None,
                train: dict | None = None) -> dict:
     """Train (``stage='train'``) or distill ``recipes/<name>.yaml`` at ``train.seed = seed`` into ``out``, unless a
-    bundle is already there (benchmarks resume where they stopped); ``teacher`` replaces the recipe's teacher,
-    ``smoke`` shrinks the data to 32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch
+    bundle is already there (benchmarks resume where they stopped, a half-trained run from its last epoch);
+    ``teacher`` replaces the recipe's teacher, ``smoke`` shrinks the data to 32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch
     (results.csv's time is cumulative, so per epoch comes from the total)."""
     import shutil
 
     from kdctl.bundle import load_bundle
+    from kdctl.errors import KdctlError
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
@@ -82,8 +83,13 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
             d["train"].update(imgsz=64, batch=4)
         if teacher is not None and d.get("teacher"):
             d["teacher"]["model"] = str(teacher)
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(type(r).model_validate(d), stage=stage, source=name, out=out)
+        recipe = type(r).model_validate(d)
+        try:  # a run stopped by a deadline or killed continues from its last epoch (a finished one publishes)
+            run_training(recipe, stage=stage, source=name, out=out, resume=True)
+        except KdctlError as e:  # an interrupted run of another recipe (e.g. other epochs): start over
+            print(f"{out}: not resumed ({e}); starting over", flush=True)
+            shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+            run_training(recipe, stage=stage, source=name, out=out)
     m = load_bundle(out).metrics
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"],
             "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}

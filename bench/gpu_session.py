@@ -5,8 +5,8 @@ docs/benchmarks.md by the benchmarks themselves.
 A lent GPU comes for minutes, and one of those runs (a small detector at 128 px on a few hundred images) keeps a
 big GPU mostly idle, so the runs go as parallel processes (``--jobs``): teachers first, then seed by seed (so that
 a deadline leaves whole seeds), each run as soon as its teacher is there. At ``--deadline`` seconds the runs still
-going get SIGTERM (kdctl stops cleanly; a rerun resumes them), and each table is written over the seeds that
-finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``) and the
+going get SIGTERM (a rerun on the same machine resumes them from their last epoch), and each table is written over
+the seeds that finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``) and the
 tail of each failed run's log.
 
     python bench/gpu_session.py --device 0 --jobs 6 --deadline 450 --out /tmp/gpu
@@ -42,6 +42,58 @@ from _common import ROOT, Job  # noqa: E402
 BENCHES = {"two-stage": (two_stage_kd, []),
            "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "inherit", "rtdetr-to-yolo"]),
            "amp": (amp_check, [])}
+
+
+MPS_DIRS = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/kdctl-mps/pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/kdctl-mps/log"}
+PROBE = "import torch; x = torch.ones(256, 256, device='cuda'); print(float((x @ x).sum()))"
+
+
+def _mps(cmd: str) -> None:
+    ctl = shutil.which("nvidia-cuda-mps-control")
+    if ctl:
+        try:
+            subprocess.run([ctl] + (["-d"] if cmd == "start" else []), input=None if cmd == "start" else "quit\n",
+                           text=True, capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def start_mps() -> bool:
+    """Start CUDA MPS, so that the runs' small kernels share the GPU side by side instead of by time-slicing, and
+    check it with two CUDA processes at once (60 s at most); where it fails (no daemon, or a sandbox that does not
+    let clients reach it) it is stopped again and the runs use the GPU without it. Before any CUDA call here."""
+    if not shutil.which("nvidia-cuda-mps-control"):
+        print("gpu_session: no nvidia-cuda-mps-control here; running without MPS", flush=True)
+        return False
+    for d in MPS_DIRS.values():
+        os.makedirs(d, exist_ok=True)
+    os.environ.update(MPS_DIRS)
+    _mps("start")
+    probes = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True) for _ in range(2)]
+    ok, t0 = True, time.time()
+    for pr in probes:
+        try:
+            out, _ = pr.communicate(timeout=max(1.0, 60 - (time.time() - t0)))
+            ok = ok and pr.returncode == 0
+            if pr.returncode:
+                print("gpu_session: MPS probe failed: " + " ".join(out.strip().splitlines()[-1:]), flush=True)
+        except subprocess.TimeoutExpired:
+            os.killpg(pr.pid, signal.SIGKILL)
+            ok = False
+    if not ok:
+        stop_mps()
+        print("gpu_session: MPS did not work here; running without it", flush=True)
+        return False
+    print("gpu_session: CUDA MPS on (checked with two processes)", flush=True)
+    return True
+
+
+def stop_mps() -> None:
+    _mps("quit")
+    subprocess.run(["pkill", "-9", "-f", "nvidia-cuda-mps"], capture_output=True)
+    for k in MPS_DIRS:
+        os.environ.pop(k, None)
 
 
 def _job_main(spec: str, device: str, smoke: bool, workers: int | None) -> None:
@@ -112,6 +164,8 @@ def main() -> int:
                          "session saw ~8 s per epoch with workers 0)")
     ap.add_argument("--deadline", type=float, default=450, help="seconds; runs still going then are stopped")
     ap.add_argument("--out", type=Path, help="copy the doc, the results and failed runs' logs here")
+    ap.add_argument("--mps", action="store_true",
+                    help="run the processes under CUDA MPS (checked first; without it where it does not work)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -119,6 +173,15 @@ def main() -> int:
         _job_main(a.job, a.device, a.smoke, a.workers)
         return 0
     t_start = time.time()
+    mps = a.mps and a.device != "cpu" and start_mps()
+    try:
+        return _session(a, t_start, mps)
+    finally:
+        if mps:
+            stop_mps()
+
+
+def _session(a, t_start: float, mps: bool) -> int:
     if a.device != "cpu":
         import torch
 
@@ -196,7 +259,7 @@ def main() -> int:
             mod, _ = BENCHES[bench]
             mod.main(_bench_args(bench, a, seeds))
             tables[bench] = seeds
-    summary = {"seconds": round(time.time() - t_start, 1), "tables": tables,
+    summary = {"seconds": round(time.time() - t_start, 1), "tables": tables, "mps": mps,
                "runs": [{"run": r.name, "recipe": r.job.recipe, "seed": r.job.seed, "state": r.state,
                          "wall_s": r.wall, **(r.result or {})} for r in runs]}
     print(json.dumps(summary, indent=1))
