@@ -60,8 +60,9 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
                train: dict | None = None) -> dict:
     """Train (``stage='train'``) or distill ``recipes/<name>.yaml`` at ``train.seed = seed`` into ``out``, unless a
     bundle is already there (benchmarks resume where they stopped, a half-trained run from its last epoch);
-    ``teacher`` replaces the recipe's teacher, ``smoke`` shrinks the data to 32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch
-    (results.csv's time is cumulative, so per epoch comes from the total)."""
+    ``teacher`` replaces the recipe's teacher, ``smoke`` shrinks the data to 32/16 images at 64 px. Returns
+    mAP50-95, train seconds and seconds per epoch (results.csv's time is cumulative, so per epoch comes from the
+    total)."""
     import shutil
 
     from kdctl.bundle import load_bundle

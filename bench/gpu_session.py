@@ -6,15 +6,18 @@ A lent GPU comes for minutes, and one of those runs (a small detector at 128 px 
 big GPU mostly idle, so the runs go as parallel processes (``--jobs``): teachers first, then seed by seed (so that
 a deadline leaves whole seeds), each run as soon as its teacher is there. At ``--deadline`` seconds the runs still
 going get SIGTERM (a rerun on the same machine resumes them from their last epoch), and each table is written over
-the seeds that finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``) and the
-tail of each failed run's log.
+the seeds that finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing
+(``gpu_session.json``) and the tail of each failed run's log.
 
-    python bench/gpu_session.py --device 0 --jobs 6 --deadline 450 --out /tmp/gpu
+    python bench/gpu_session.py --device 0 --jobs 16 --mps --deadline 450 --out /tmp/gpu
     python bench/gpu_session.py --device cpu --smoke --jobs 2          # checks the script here, writes no doc
 
 On a lent machine whose image lacks Ultralytics and kdctl's other needs, ``bench/gpu_wheels.sh`` prepares them as
 wheels to carry, and its header has the device call. Run ``--smoke --device 0`` there first (a minute): every run
-kind on CUDA, before the deadline-bound full run.
+kind on CUDA, before the deadline-bound full run. With ``--mps`` (CUDA MPS, which worked on the H200 image on
+2026-12-04) 16 runs side by side kept the GPU 87–96 % busy and the two-stage table took 600 s of run time; without
+it, processes time-slice the GPU and 12 of them ran 3× slower each (2026-11-27). A second call on the still-warm
+machine (within its idle window) resumes the runs a deadline stopped.
 """
 
 from __future__ import annotations
@@ -157,7 +160,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--benches", nargs="+", default=["two-stage", "detr"], choices=list(BENCHES),
                     help="amp: the YOLO student with train.amp on and off (6 short runs)")
-    ap.add_argument("--jobs", type=int, default=6, help="runs at once (12 on one H200 time-sliced each 3x slower)")
+    ap.add_argument("--jobs", type=int, default=6,
+                    help="runs at once (on one H200: 12 without MPS ran 3x slower each; 16 with --mps ran well)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     ap.add_argument("--workers", type=int, default=2,
                     help="train.workers of every run: data loading, not the GPU, bounds these small runs (an H200 "

@@ -5,7 +5,7 @@
 #
 #   run(carry=[".whl"], command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
 #       --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \
-#       python3 bench/gpu_session.py --device 0 --deadline 450 --out $OUT")
+#       python3 bench/gpu_session.py --device 0 --jobs 16 --mps --deadline 450 --out $OUT")
 #
 # TensorRT is not in the image and its wheels (about 1 GB) are over what a call carries, so bench/tensorrt_gpu.py
 # cannot run there.
