@@ -16,7 +16,7 @@ from kdctl.cli.main import app
 STUDENT = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
 SAME_ANCHORS_TEACHER = "torchvision:fasterrcnn_mobilenet_v3_large_fpn"
 LOSSES = ("[{name: rpn_kd, params: {temperature: 2.0}}, {name: roi_kd, params: {temperature: 2.0}}, "
-          "{name: roi_mimic}, {name: pkd, level: neck}]")
+          "{name: roi_mimic}, {name: pkd, level: neck}, {name: fgfi, level: neck}]")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_distill_two_stage_logs_every_level_and_exports(tmp_path, tiny_data, tea
     assert res.exit_code == 0, res.output
     b = load_bundle(tmp_path / "kd", verify=True)
     terms = {t["name"]: t for t in b.metrics["kd_terms"]}
-    assert set(terms) == {"rpn_kd", "roi_kd", "roi_mimic", "pkd"}
+    assert set(terms) == {"rpn_kd", "roi_kd", "roi_mimic", "pkd", "fgfi"}
     assert terms["rpn_kd"]["student_layers"] == ["rpn"] and terms["roi_mimic"]["teacher_layers"] == ["roi"]
     assert terms["pkd"]["student_layers"] == ["net.backbone[0]", "net.backbone[1]"]
     assert terms["pkd"]["teacher_layers"] == ["net.backbone[0]", "net.backbone[1]"]  # same stride, same key

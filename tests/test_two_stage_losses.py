@@ -154,6 +154,26 @@ def test_fgfi_mask_and_value_by_hand():
     ctx = DistillContext(imgsz=64, boxes=[torch.tensor([box]), torch.zeros(0, 4)])  # image 2: no boxes
     total = sum((s[0, c, y, x] - t[0, c, y, x]).item() ** 2 for (y, x) in cells for c in range(3))
     expected = total / (2 * len(cells))
-    assert FineGrainedFeatureImitation(3, 3, psi=psi, scale=scale)(s, t, ctx).item() == pytest.approx(expected, rel=1e-5)
+    plain = FineGrainedFeatureImitation(3, 3, psi=psi, scale=scale, adapt=False)  # no adapter at equal channels
+    assert plain(s, t, ctx).item() == pytest.approx(expected, rel=1e-5)
     empty = DistillContext(imgsz=64, boxes=[torch.zeros(0, 4), torch.zeros(0, 4)])
     assert FineGrainedFeatureImitation(3, 3)(s, t, empty).item() == 0.0
+
+    # the paper's adaptation layer, also at equal channels: a 3x3 convolution (zero padding) on the student map,
+    # written out here as a sum over the kernel's taps
+    loss = FineGrainedFeatureImitation(3, 3, psi=psi, scale=scale)
+    conv = loss.align.proj
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+    w, b = conv.weight.detach(), conv.bias.detach()
+    pad = torch.nn.functional.pad(s, (1, 1, 1, 1))
+
+    def adapted(c, y, x):
+        return b[c].item() + sum(w[c, k, dy, dx].item() * pad[0, k, y + dy, x + dx].item()
+                                 for k in range(3) for dy in range(3) for dx in range(3))
+
+    total = sum((adapted(c, y, x) - t[0, c, y, x].item()) ** 2 for (y, x) in cells for c in range(3))
+    s_grad = s.clone().requires_grad_()
+    value = loss(s_grad, t, ctx)
+    assert value.item() == pytest.approx(total / (2 * len(cells)), rel=1e-4)
+    value.backward()
+    assert conv.weight.grad.abs().sum() > 0 and s_grad.grad.abs().sum() > 0

@@ -248,11 +248,19 @@ class FineGrainedFeatureImitation(FeatureLoss):
     map imitates the teacher's only near objects, ``L = 1/(2·N_p) Σ_(n,i,j) I_nij Σ_c (a(s)_ncij − t_ncij)²`` with the
     imitation mask ``I`` from anchor IoUs with the ground-truth boxes (:func:`fgfi_mask`, ``psi`` = 0.5) and ``N_p``
     its positive locations in the batch. The anchors are the Faster R-CNN FPN's per level by default (8× the map's
-    stride, ratios 0.5/1/2); ``scale`` sets another multiple. 0 on a batch without boxes."""
+    stride, ratios 0.5/1/2); ``scale`` sets another multiple. 0 on a batch without boxes.
 
-    def __init__(self, s_channels: int, t_channels: int, psi: float = 0.5, scale: float = 8.0):
+    ``a`` is the paper's adaptation layer, a 3×3 convolution on the student map at every level, used also when the
+    channel counts match (the authors' code adapts VGG11's 512 channels to VGG16's 512; the FPN distillers built on
+    it keep one 3×3 convolution per level, 256 → 256, without ReLU, since FPN maps are signed). ``adapt: false``
+    leaves only the shared 1×1 projection where the counts differ (no adapter where they match): the form the
+    two-stage table measured on 2026-12-04."""
+
+    def __init__(self, s_channels: int, t_channels: int, psi: float = 0.5, scale: float = 8.0, adapt: bool = True):
         super().__init__(s_channels, t_channels)
         self.psi, self.scale = psi, scale
+        if adapt:
+            self.align.proj = nn.Conv2d(s_channels, t_channels, 3, padding=1)
 
     def compute(self, s, t, ctx):
         n = t.shape[0]
