@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, metavar="N", help="score every run on N new images of the scene (data "
                     "seed 1) instead of the validation images, which also chose each run's published epoch; "
                     "trains only what is missing, its own doc section")
+    ap.add_argument("--section", help="the doc section and results file of this run (default: from the scene and "
+                    "options): a screen of new families gets its own table instead of replacing the families table")
     a = ap.parse_args()
     SCENE["name"], EPOCHS["students"], EPOCHS["teacher"] = a.scene, a.epochs, a.teacher_epochs
     OVERRIDES.update(a.overrides)
@@ -264,7 +266,8 @@ def main() -> None:
                  for fam in a.families]
     for row, seed, out in _run_all(runs, a.jobs):
         res.setdefault(row, {})[seed] = out
-        (root / f"results{tag}{via}{override_tag()}.json").write_text(json.dumps(res, indent=1))
+        (root / f"results{tag}{via}{override_tag()}{'-' + a.section if a.section else ''}.json").write_text(
+            json.dumps(res, indent=1))
     order = (["teacher"] + (["teacher assistant"] if a.assistant else [])  # then the rows in run order, seeds sorted
              + list(dict.fromkeys(row for row, *_ in runs)))
     res = {row: dict(sorted(res[row].items())) for row in order}
@@ -323,8 +326,8 @@ def main() -> None:
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
                      "gap closed (mean, per seed)", "seeds above", "gain 95 % CI", "beats baseline", "train s"],
                     rows) + "\n")
-    write_section(("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via + override_tag()
-                  + (f"-heldout{a.heldout}" if a.heldout else ""), body)
+    write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via
+                                + override_tag() + (f"-heldout{a.heldout}" if a.heldout else "")), body)
     print(body)
 
 

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTED = {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld",
           "rpn_kd", "roi_kd", "roi_crosskd", "roi_mimic",  # the two-stage ones in test_two_stage_losses.py
           "detr_logit", "detr_query",  # in test_detr_kd.py
-          "fgfi"}  # in test_two_stage_losses.py
+          "fgfi",  # in test_two_stage_losses.py
+          "det_kd"}  # in test_det_kd.py
 KL_QUARTER = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)  # KL([.25,.75] || [.5,.5]) = 0.1308
 
 

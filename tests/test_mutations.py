@@ -1,6 +1,6 @@
 """Mutation check: each edit below is a plausible bug in a loss (a dropped T², a lost batch scale, pairs summed
-instead of averaged, FGD's temperature flipped, balance from the first batch, LD's regions taken wrong); the loss
-tests must catch every one.
+instead of averaged, FGD's temperature flipped, balance from the first batch, LD's regions taken wrong, det_kd's
+soft targets left hard); the loss tests must catch every one.
 
 Each mutant is a copy of the package (with the tests) with one edit; the copied tests run against it.
 """
@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_losses.py", "tests/test_distill.py::test_kd_part_of_the_loss_is_scaled_by_batch_size",
-         "tests/test_distill.py::test_ld_positives_are_the_task_losss_own_assignment"]
+         "tests/test_distill.py::test_ld_positives_are_the_task_losss_own_assignment",
+         "tests/test_det_kd.py::test_soft_targets_are_the_assigned_score_times_the_teachers_probabilities"]
 
 MUTANTS = {
     "cwd-without-T2": ("kdctl/distill/losses/feature.py", "* self.tau ** 2 / (n * c)", "/ (n * c)"),
@@ -38,6 +39,9 @@ MUTANTS = {
                          "(a.mean(1).flatten(1) * self.temp)"),
     "balance-from-first-batch": ("kdctl/distill/criterion.py",
                                  "statistics.median(v[i] for _, v in self._seen)", "self._seen[0][1][i]"),
+    "det-kd-hard-targets": ("kdctl/distill/losses/detections.py",
+                            "soft = scores.sum(-1, keepdim=True) * p.to(scores.dtype) * fg[..., None].to(scores.dtype)",
+                            "soft = scores"),
     "fgd-box-one-cell-short": ("kdctl/distill/losses/feature.py", "slice(max(c1, 0), max(min(c2 + 1, w), 0))",
                                "slice(max(c1, 0), max(min(c2, w), 0))"),
 }

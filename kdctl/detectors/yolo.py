@@ -120,6 +120,9 @@ class KDDetectionModel(DetectionModel):
         t_out = self._teacher_outputs(teacher, batch)
         with FeatureTaps(self, self.kd.student_layers()) as s_taps:
             preds = self.predict(batch["img"])
+        s_out = dict(s_taps.outputs)
+        if "detections" in self.kd.kinds():  # det_kd: the teacher's detections as targets of this student's loss
+            s_out["detections"] = {"preds": preds, "criterion": self.criterion}
         ctx = DistillContext.from_batch(batch)
         if self.kd.needs_assignment:
             with AssignmentTap(self.criterion) as assignment:
@@ -128,32 +131,35 @@ class KDDetectionModel(DetectionModel):
         else:
             task, items = self.criterion(preds, batch)
         task_per_image = float(sum(float(v) for v in items.values()))
-        kd = self.kd(s_taps.outputs, t_out, ctx, task_per_image)
+        kd = self.kd(s_out, t_out, ctx, task_per_image)
         kd_total = torch.stack(list(kd.values())).sum()
         items = {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
         return torch.cat([task, (kd_total * batch["img"].shape[0]).view(1)]), items
 
 
     def _teacher_outputs(self, teacher: nn.Module, batch: dict) -> dict:
-        """The teacher's tapped outputs for this batch: head outputs from the teacher cache when there is one (the
-        teacher runs only for feature-level terms), else everything from one teacher forward pass."""
+        """The teacher's tapped outputs for this batch, from one teacher forward pass: head outputs from the teacher
+        cache when there is one (the teacher then runs only for feature-level terms and det_kd), and under
+        ``"detections"`` its final detections when a det_kd term reads them."""
         cache = self.cache_ref.model
         layers = self.kd.teacher_layers()
-        if cache is None:
-            with torch.no_grad(), FeatureTaps(teacher, layers) as t_taps:
-                teacher_forward(teacher, batch["img"])
-            return t_taps.outputs
-        if "kd_view" not in batch:
+        heads = self.kd.teacher_head_layers() if cache is not None else []
+        online = [i for i in layers if i not in heads]  # the teacher's inner maps are never cached
+        detections = "detections" in self.kd.kinds()
+        if cache is not None and "kd_view" not in batch:
             raise RuntimeError("teacher cache attached, but the batch carries no view ids (not from ReplayViews)")
-        heads = self.kd.teacher_head_layers()
-        online = [i for i in layers if i not in heads]
         out = {}
-        if online:  # feature-level terms: the teacher's inner maps are not cached
+        if online or detections or cache is None:
             with torch.no_grad(), FeatureTaps(teacher, online) as t_taps:
-                teacher_forward(teacher, batch["img"])
+                # a two-stage teacher's forward for taps stops at its FPN; final_detections runs it whole
+                raw = teacher_forward(teacher, batch["img"]) if online or not _is_two_stage(teacher) else None
+                if detections:
+                    out["detections"] = {"dense": final_detections(teacher, batch["img"], raw)}
             out.update(t_taps.outputs)
-        dense = cache.teacher_head(batch["kd_view"], batch["kd_crc"], batch["img"].device)
-        return {**out, **{i: dense for i in heads}}
+        if cache is not None:
+            dense = cache.teacher_head(batch["kd_view"], batch["kd_crc"], batch["img"].device)
+            out.update({i: dense for i in heads})
+        return out
 
 
 @dataclass
@@ -179,6 +185,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
     for i, spec in enumerate(losses):
         entry = LOSSES[spec.name]
         level = spec.level or entry.default_level
+        if entry.kind == "detections":
+            _check_detections_pair(student, teacher, spec, i, source)
+            plans.append((i, spec, entry, ["detections"], ["detections"]))
+            continue
         if entry.kind in ("detr", "detr_query"):
             _check_detr_pair(student, teacher, spec, i, source, need_detr_teacher=entry.kind == "detr_query")
             key = PSEUDO_KEY[entry.kind]
@@ -297,6 +307,27 @@ def teacher_forward(teacher: nn.Module, img: torch.Tensor):
     return teacher.predict(img)
 
 
+def final_detections(teacher: nn.Module, img: torch.Tensor, raw) -> torch.Tensor:
+    """The teacher's final detections in kdctl's dense layout ``(N, 4 + nc, K)`` (boxes ``cx, cy, w, h`` in input
+    pixels, class probabilities), from ``raw``, what :func:`teacher_forward` returned: a YOLO head's eval output
+    as it is, an end-to-end head's ``(N, k, 6)`` boxes with one class each, RT-DETR's queries scaled to pixels; a
+    two-stage teacher (whose :func:`teacher_forward` stops at the FPN) runs whole, to its post-processed boxes."""
+    if _is_two_stage(teacher):
+        return teacher(img).float()
+    h, w = img.shape[-2:]
+    if head_name(teacher) == "RTDETRDecoder":  # the last decoder layer's queries, as kdctl's RT-DETR output reads
+        boxes, logits = raw[1][0][-1].float(), raw[1][1][-1].float()  # (N, Q, 4) normalised, (N, Q, nc)
+        return torch.cat([boxes * boxes.new_tensor([w, h, w, h]), logits.sigmoid()], -1).transpose(1, 2)
+    y = (raw[0] if isinstance(raw, (tuple, list)) else raw).float()
+    nc = num_classes(teacher)
+    if y.shape[1] != 4 + nc and y.shape[-1] == 6:  # end-to-end: x1, y1, x2, y2, score, class per detection
+        xyxy, conf, cls = y[..., :4], y[..., 4], y[..., 5].long().clamp(0, nc - 1)
+        probs = torch.zeros(*conf.shape, nc, device=y.device).scatter(-1, cls[..., None], conf[..., None])
+        cxcywh = torch.cat([(xyxy[..., :2] + xyxy[..., 2:]) / 2, xyxy[..., 2:] - xyxy[..., :2]], -1)
+        return torch.cat([cxcywh, probs], -1).transpose(1, 2)
+    return y
+
+
 def _same_size_pairs(student: nn.Module, s_layers: list, teacher: nn.Module, t_layers: list,
                      imgsz: int) -> tuple[list, list]:
     """The layers of equal map size paired (:func:`~kdctl.distill.taps.pair_same_size`); nothing in common: the
@@ -314,6 +345,22 @@ def _dummy_maps(model: nn.Module, layers: list, imgsz: int) -> dict:
                                                                           dtype=p.dtype)))
     model.train(was)
     return shapes
+
+
+def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
+    where = f"{source}: distill.losses[{i}]"
+    if head_name(student) not in DETECT_HEADS:
+        raise RecipeError(f"{where}: '{spec.name}' trains a dense (YOLO) student on the teacher's detections; an "
+                          "RT-DETR student learns them with detr_logit")
+    if (spec.level or "logit") != "logit":
+        raise RecipeError(f"{where}.level: '{spec.level}' does not apply to '{spec.name}', a logit-level loss")
+    if spec.student_layers is not None or spec.teacher_layers is not None:
+        raise RecipeError(f"{where}: '{spec.name}' reads the teacher's final detections; drop "
+                          "student_layers/teacher_layers")
+    t_nc = teacher.nc if _is_two_stage(teacher) else num_classes(teacher)
+    if t_nc != num_classes(student):
+        raise RecipeError(f"{where}: '{spec.name}' needs the same classes, but the student predicts "
+                          f"{num_classes(student)} and the teacher {t_nc}")
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:

@@ -14,8 +14,8 @@ from kdctl.distill.taps import head_outputs, pair_same_size
 
 
 # terms that read a family's own outputs under these keys (``s_out["roi"]`` ...) rather than tapped modules
-PSEUDO_KINDS = ("rpn", "roi", "detr", "detr_query")
-PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query", "detr_query": "distill_queries"}
+PSEUDO_KINDS = ("rpn", "roi", "detr", "detr_query", "detections")
+PSEUDO_KEY = {"rpn": "rpn", "roi": "roi", "detr": "query", "detr_query": "distill_queries", "detections": "detections"}
 
 
 @dataclass

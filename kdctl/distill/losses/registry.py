@@ -14,7 +14,8 @@ class LossEntry:
     kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs;
                               # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals;
                               # "detr": a DETR decoder's per-layer predictions (student) and final ones (teacher);
-                              # "detr_query": both decoders' answers to one shared set of distillation queries
+                              # "detr_query": both decoders' answers to one shared set of distillation queries;
+                              # "detections": the teacher's final detections, as targets of the student's own loss
     params: dict              # parameter name -> default, read from the constructor
     paper: str
 
@@ -27,7 +28,7 @@ LOSSES: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
-    if kind not in ("feature", "head", "rpn", "roi", "detr", "detr_query"):
+    if kind not in ("feature", "head", "rpn", "roi", "detr", "detr_query", "detections"):
         raise ValueError(kind)
 
     def deco(cls):
@@ -57,7 +58,8 @@ def _citation(doc: str) -> str:
 _POSITIVE = ("temperature", "tau", "temp", "p", "scale")
 _NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
                  "alpha", "beta", "gamma", "lam", "margin", "vlr_weight")
-_RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]")}
+_RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]"),
+           "min_score": (lambda v: 0 <= v < 1, "in [0, 1)")}
 _COUNTS = {"teacher_queries": 1, "random_queries": 0}
 
 
