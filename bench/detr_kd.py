@@ -33,6 +33,7 @@ RUNS = {
     "combined": ("rtdetr-distill-combined", "rtdetr-teacher", "rtdetr-student"),
     "inherit": ("rtdetr-distill-inherit", "rtdetr-teacher", "rtdetr-student"),
     "rtdetr-to-yolo": ("rtdetr-to-yolo", "rtdetr-teacher", "quickstart-student"),
+    "rtdetr-to-yolo-det": ("rtdetr-to-yolo-det", "rtdetr-teacher", "quickstart-student"),
     "yolo-to-rtdetr": ("yolo-to-rtdetr", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-logit": ("yolo-to-rtdetr-logit", "quickstart-teacher", "rtdetr-student"),
     "yolo-to-rtdetr-inherit": ("yolo-to-rtdetr-inherit", "quickstart-teacher", "rtdetr-student"),
@@ -60,8 +61,12 @@ def plan(a) -> list[Job]:
 
 
 def parse(argv=None):
-    return parse_seed_bench(argv, __doc__, 'detr', "epochs of every run; default: the recipes'",
-                            lambda ap: ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS)))
+    def more(ap):
+        ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+        ap.add_argument("--section", help="the doc section of this run's table (one teacher's runs only; default: "
+                        "that teacher's table, which it replaces): rows added to a table without rerunning it")
+
+    return parse_seed_bench(argv, __doc__, 'detr', "epochs of every run; default: the recipes'", more)
 
 
 def tables(a, teachers: dict, res: dict) -> dict[str, str]:
@@ -94,7 +99,7 @@ def tables(a, teachers: dict, res: dict) -> dict[str, str]:
                 f"and baseline; baseline half-ranges over seeds: {halves}."
                 "\n\n" + table(KD_SEED_HEAD, rows) + "\n")
         key = "detr-kd" if teacher != "rtdetr-teacher" else "detr-kd-rtdetr-teacher"
-        out[key if a.device == "cpu" else key + "-gpu"] = body
+        out[getattr(a, "section", None) or (key if a.device == "cpu" else key + "-gpu")] = body
     return out
 
 

@@ -43,7 +43,8 @@ from _common import ROOT, Job  # noqa: E402
 # the RT-DETR-teacher rows (measured on CPU too, 3 seeds; a GPU session writes its own table): the YOLO-teacher rows
 # are measured on CPU only (bench/detr_kd.py's other table)
 BENCHES = {"two-stage": (two_stage_kd, []),
-           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "inherit", "rtdetr-to-yolo"]),
+           "detr": (detr_kd, ["--runs", "query", "logit", "feature", "combined", "inherit", "rtdetr-to-yolo",
+                              "rtdetr-to-yolo-det"]),
            "amp": (amp_check, [])}
 
 

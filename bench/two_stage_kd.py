@@ -1,7 +1,8 @@
 """Two-stage distillation benchmark on the built-in data: torchvision Faster R-CNN teachers, the baseline
 MobileNetV3-Large 320 FPN student, the student distilled at each level (``recipes/fasterrcnn-distill-*.yaml``:
 RPN, RoI, CrossKD-RoI, RoI feature mimic, FGFI, combined), and the cross-family pair (``to-yolo``:
-``recipes/fasterrcnn-to-yolo.yaml``, the ResNet-50 FPN teacher → the YOLO student, against
+``recipes/fasterrcnn-to-yolo.yaml``, the ResNet-50 FPN teacher → the YOLO student at the neck, and ``to-yolo-det``:
+``recipes/fasterrcnn-to-yolo-det.yaml``, its final detections as the student's soft targets, both against
 ``recipes/quickstart-student.yaml``), over several seeds.
 
 Same data, epochs and training settings for every student run of a family (the recipes'); only train.seed changes.
@@ -27,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_row,  # noqa: E402
                      table, teacher_rows, write_section)
 
-LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined", "to-yolo"]
-RECIPES = {"to-yolo": "fasterrcnn-to-yolo"}  # every other level: fasterrcnn-distill-<level>
+LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined", "to-yolo", "to-yolo-det"]
+# every other level: fasterrcnn-distill-<level>
+RECIPES = {"to-yolo": "fasterrcnn-to-yolo", "to-yolo-det": "fasterrcnn-to-yolo-det"}
 TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
-BASELINES = {"to-yolo": "quickstart-student"}  # the YOLO student trained alone; every other: fasterrcnn-student
+BASELINES = {"to-yolo": "quickstart-student", "to-yolo-det": "quickstart-student"}  # others: fasterrcnn-student
 BASE_DIRS = {"fasterrcnn-student": "base"}  # run folders: <dir>-s<seed>
 
 
@@ -70,8 +72,8 @@ def main(argv=None) -> None:
         row, spreads[b] = seed_row(b, "baseline", res[b])
         rows.append(row)
     for lv in a.levels:
-        row, _ = seed_row(lv, f"vs {baseline_of(lv)}, teacher {teacher_of(lv)}", res[lv], res[baseline_of(lv)],
-                          teachers[teacher_of(lv)][1]["map50_95"])
+        row, _ = seed_row(lv, f"vs {baseline_of(lv)}, teacher {teacher_of(lv)}", res[lv],
+                          res[baseline_of(lv)], teachers[teacher_of(lv)][1]["map50_95"])
         rows.append(row)
     from kdctl.bundle import load_bundle
 
@@ -85,8 +87,10 @@ def main(argv=None) -> None:
     halves = ", ".join(f"{k} {v:.4f}" for k, v in spreads.items())
     body = (f"## Two-stage distillation (torchvision Faster R-CNN)\n\n{machine()}; device {a.device}. "
             f"`python bench/two_stage_kd.py --seeds {' '.join(map(str, a.seeds))} --levels {' '.join(a.levels)}`: "
-            f"{setting}teachers trained once (their recipes' epochs); `to-yolo` is the ResNet-50 FPN teacher → YOLO "
-            "student pair (`recipes/fasterrcnn-to-yolo.yaml`) against the YOLO student trained alone. Gap closed per "
+            f"{setting}teachers trained once (their recipes' epochs); `to-yolo` and `to-yolo-det` are the "
+            "ResNet-50 FPN teacher → YOLO student pair (`recipes/fasterrcnn-to-yolo.yaml`: PKD at the neck; "
+            "`recipes/fasterrcnn-to-yolo-det.yaml`: det_kd on its final detections) against the YOLO student "
+            "trained alone. Gap closed per "
             "seed against the row's teacher and baseline (RPN: the MobileNetV3 FPN teacher, same anchor layout). "
             f"Baseline half-ranges over seeds: {halves}; epoch time / baseline = train seconds per epoch vs the "
             "row's baseline's (validation included).\n\n" + table(KD_SEED_HEAD, rows) + "\n")
