@@ -134,11 +134,13 @@ def test_final_detections_of_each_family():
 def test_det_kd_trains_a_yolo_student_from_each_family():
     """In the student's loss: the teacher runs whole, its detections reach the term, the term is logged and
     moves the student's weights."""
+    from kdctl.detectors import torchvision as tv
     from kdctl.detectors.rtdetr import build_detector as build_rtdetr
 
     torch.manual_seed(0)
     teachers = [build_detector("yolov8n.yaml", nc=3),
-                build_rtdetr(str(ROOT / "kdctl/assets/models/rtdetr-tiny.yaml"), 3)]
+                build_rtdetr(str(ROOT / "kdctl/assets/models/rtdetr-tiny.yaml"), 3),
+                tv.build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, imgsz=128)]
     img = torch.rand(2, 3, 128, 128)
     batch = {"img": img, "cls": torch.tensor([[0.0], [1.0]]), "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
              [0.6, 0.6, 0.3, 0.3]]), "batch_idx": torch.tensor([0.0, 1.0])}
