@@ -90,6 +90,8 @@ def tables(a, teachers: dict, res: dict) -> dict[str, str]:
             rows.append(row)
         title = ("DETR-family distillation (RT-DETR teacher) and RT-DETR → YOLO" if teacher == "rtdetr-teacher"
                  else "DETR-family distillation: YOLO → RT-DETR")
+        if getattr(a, "section", None):  # rows added beside a table: say which
+            title += ": " + ", ".join(runs)
         halves = ", ".join(f"{k} {v:.4f}" for k, v in spreads.items())
         body = (f"## {title}\n\n{machine()}; device {a.device}. "
                 f"`python bench/detr_kd.py --seeds {' '.join(map(str, a.seeds))} --runs {' '.join(runs)}`: the "
