@@ -159,14 +159,17 @@ def test_yolo_teacher_detections_become_queries():
     y[0, :4] = torch.tensor([[32.0, 33.0, 96.0, 50.0], [32.0, 34.0, 90.0, 48.0], [16.0, 16.0, 64.0, 10.0],
                              [16.0, 16.0, 64.0, 10.0]]).T  # cx, cy, w, h in pixels
     y[0, 4:] = torch.tensor([[0.9, 0.1], [0.8, 0.05], [0.2, 0.6], [TEACHER_MIN_SCORE / 2, 0.0]]).T
-    out = teacher_detections(y, (128, 128), nc)
+    out = teacher_detections(y, (128, 128))
     assert len(out["boxes"]) == 1 and out["boxes"][0].shape == (2, 4)  # box 1 suppressed by box 0, box 3 too weak
     torch.testing.assert_close(out["boxes"][0][0], torch.tensor([32.0, 33.0, 96.0, 50.0]) / 128)
     torch.testing.assert_close(out["logits"][0][0].sigmoid(), torch.tensor([0.9, 0.1]))
     torch.testing.assert_close(out["boxes"][0][1], torch.tensor([16.0, 16.0, 64.0, 10.0]) / 128)
     torch.testing.assert_close(out["logits"][0][1].sigmoid(), torch.tensor([0.2, 0.6]))
+    from kdctl.detectors.yolo import build_detector, final_detections
+
     e2e = torch.tensor([[[10.0, 20.0, 50.0, 60.0, 0.7, 1.0], [0.0, 0.0, 1.0, 1.0, 0.001, 0.0]]])
-    out = teacher_detections(e2e, (100, 200), nc)
+    dense = final_detections(build_detector("yolov10n.yaml", nc=nc), torch.zeros(1, 3, 100, 200), (e2e, None))
+    out = teacher_detections(dense, (100, 200))
     assert out["boxes"][0].shape == (1, 4)
     torch.testing.assert_close(out["boxes"][0][0], torch.tensor([30.0 / 200, 40.0 / 100, 40.0 / 200, 40.0 / 100]))
     torch.testing.assert_close(out["logits"][0][0].sigmoid(), torch.tensor([1e-4, 0.7]))

@@ -23,7 +23,7 @@ prepare()
 from ultralytics.models.rtdetr.train import RTDETRTrainer  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
-from kdctl.detectors.yolo import KDTrainer, TeacherRef, head_name, teacher_forward  # noqa: E402
+from kdctl.detectors.yolo import KDTrainer, TeacherRef, final_detections, head_name, teacher_forward  # noqa: E402
 from kdctl.distill.criterion import DistillContext  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
 from kdctl.distill.taps import FeatureTaps  # noqa: E402
@@ -99,7 +99,8 @@ class KDRTDETRModel(RTDETRDetectionModel):
                 boxes = boxes.split(dn_meta["dn_num_split"], dim=2)[1]
                 logits = logits.split(dn_meta["dn_num_split"], dim=2)[1]
             s_out["query"] = {"boxes": boxes, "logits": logits}
-            t_out["query"] = (teacher_detections(t_raw[0], batch["img"].shape[-2:], self.model[-1].nc)
+            t_out["query"] = (teacher_detections(final_detections(teacher, batch["img"], t_raw),
+                                                 batch["img"].shape[-2:])
                               if head_name(teacher) != "RTDETRDecoder" else
                               {"boxes": t_raw[1][0][-1], "logits": t_raw[1][1][-1]})
         kd = self.kd(s_out, t_out, DistillContext.from_batch(batch), float(task.detach()))
@@ -162,29 +163,23 @@ TEACHER_MIN_SCORE = 0.01   # below this a detection weighs (almost) nothing in t
 TEACHER_NMS_IOU = 0.7
 
 
-def teacher_detections(y: torch.Tensor, hw, nc: int) -> dict:
-    """A YOLO teacher's eval output as DETR "queries" per image: boxes normalised ``cx, cy, w, h`` and per-class
+def teacher_detections(y: torch.Tensor, hw) -> dict:
+    """A YOLO teacher's final detections as DETR "queries" per image: boxes normalised ``cx, cy, w, h`` and per-class
     logits, after class-aware NMS, the best :data:`TEACHER_DETECTIONS` scoring at least :data:`TEACHER_MIN_SCORE`.
-    ``y`` is ``(N, 4 + nc, A)`` (boxes ``cx, cy, w, h`` in pixels, class probabilities) or an end-to-end head's
-    ``(N, k, 6)`` (``x1, y1, x2, y2, score, class``: the other classes get probability 1e-4)."""
+    ``y`` is kdctl's dense layout ``(N, 4 + nc, K)`` (boxes ``cx, cy, w, h`` in pixels, class probabilities), as
+    :func:`~kdctl.detectors.yolo.final_detections` gives it for any YOLO head (an end-to-end head's rows one-hot)."""
     from torchvision.ops import batched_nms
 
     h, w = (float(v) for v in hw)
     scale = y.new_tensor([w, h, w, h])
     boxes_out, logits_out = [], []
     for yi in y:
-        if yi.shape[-1] == 6 and yi.shape[0] != 4 + nc:  # end-to-end: already one box per object
-            xyxy, conf, cls = yi[:, :4], yi[:, 4], yi[:, 5].long()
-            probs = torch.full((len(yi), nc), 1e-4, device=yi.device).scatter(1, cls[:, None], conf[:, None])
-            cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
-            keep = (conf >= TEACHER_MIN_SCORE).nonzero().flatten()[:TEACHER_DETECTIONS]
-        else:
-            cxcywh, probs = yi[:4].T, yi[4:].T
-            conf, cls = probs.max(1)
-            cand = (conf >= TEACHER_MIN_SCORE).nonzero().flatten()
-            cand = cand[conf[cand].argsort(descending=True)[:10 * TEACHER_DETECTIONS]]
-            xyxy = torch.cat([cxcywh[cand, :2] - cxcywh[cand, 2:] / 2, cxcywh[cand, :2] + cxcywh[cand, 2:] / 2], 1)
-            keep = cand[batched_nms(xyxy, conf[cand], cls[cand], TEACHER_NMS_IOU)[:TEACHER_DETECTIONS]]
+        cxcywh, probs = yi[:4].T, yi[4:].T
+        conf, cls = probs.max(1)
+        cand = (conf >= TEACHER_MIN_SCORE).nonzero().flatten()
+        cand = cand[conf[cand].argsort(descending=True)[:10 * TEACHER_DETECTIONS]]
+        xyxy = torch.cat([cxcywh[cand, :2] - cxcywh[cand, 2:] / 2, cxcywh[cand, :2] + cxcywh[cand, 2:] / 2], 1)
+        keep = cand[batched_nms(xyxy, conf[cand], cls[cand], TEACHER_NMS_IOU)[:TEACHER_DETECTIONS]]
         boxes_out.append(cxcywh[keep] / scale)
         logits_out.append(torch.logit(probs[keep].clamp(1e-4, 1 - 1e-4)))
     return {"boxes": boxes_out, "logits": logits_out}
