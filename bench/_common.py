@@ -239,6 +239,34 @@ KD_SEED_HEAD = ["run", "role", "mAP50-95 per seed", "mean", "± half-range", "ga
                 "train s", "epoch time / baseline"]
 
 
+def seed_jobs(runs: dict, names: list[str], seeds: list[int], root: Path, epochs: int | None,
+              base_dirs: dict | None = None) -> list[Job]:
+    """Per seed, the baselines the runs ``names`` are measured against, then those runs; ``runs`` maps a run to its
+    (recipe, teacher recipe, baseline recipe). Run folders ``<run>-s<seed>``, a baseline's ``<base_dirs[b] or
+    b>-s<seed>``."""
+    jobs = []
+    for seed in seeds:
+        jobs += [Job(b, "train", seed, str(root / f"{(base_dirs or {}).get(b, b)}-s{seed}"), row=b, epochs=epochs)
+                 for b in dict.fromkeys(runs[r][2] for r in names)]
+        jobs += [Job(runs[r][0], "distill", seed, str(root / f"{r}-s{seed}"), row=r, teacher=runs[r][1],
+                     epochs=epochs) for r in names]
+    return jobs
+
+
+def seed_rows(runs: dict, names: list[str], res: dict, teachers: dict) -> tuple[list[list], dict]:
+    """:data:`KD_SEED_HEAD` rows of the baselines of ``names`` then of each run against its baseline and teacher
+    (``runs`` as for :func:`seed_jobs`), and each baseline's half-range over seeds."""
+    rows, spreads = [], {}
+    for b in dict.fromkeys(runs[r][2] for r in names):
+        row, spreads[b] = seed_row(b, "baseline", res[b])
+        rows.append(row)
+    for r in names:
+        _, teacher, base = runs[r]
+        rows.append(seed_row(r, f"vs {base}, teacher {teacher}", res[r], res[base],
+                             teachers[teacher][1]["map50_95"])[0])
+    return rows, spreads
+
+
 def teacher_rows(teachers: dict) -> list[list]:
     """:data:`KD_SEED_HEAD` rows of teachers trained once: ``{name: (path, recipe_run result)}``."""
     return [[t, "teacher", f"{r['map50_95']:.4f}", "", "", "", round(r["train_s"], 1), ""]

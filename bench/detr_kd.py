@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_row,  # noqa: E402
-                     table, teacher_rows, write_section)
+from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_jobs,  # noqa: E402
+                     seed_rows, table, teacher_rows, write_section)
 
 # run -> (recipe, teacher recipe, baseline recipe)
 RUNS = {
@@ -52,12 +52,7 @@ def plan(a) -> list[Job]:
     teachers |= {STARTS_FROM[t] for t in teachers if t in STARTS_FROM}
     jobs = [Job(t, "distill" if t in STARTS_FROM else "train", 0, str(root / t), teacher=STARTS_FROM.get(t),
                 epochs=a.epochs) for t in sorted(teachers, key=lambda t: (t in STARTS_FROM, t))]
-    for seed in a.seeds:
-        jobs += [Job(b, "train", seed, str(root / f"{b}-s{seed}"), row=b, epochs=a.epochs)
-                 for b in sorted({RUNS[r][2] for r in a.runs})]
-        jobs += [Job(RUNS[r][0], "distill", seed, str(root / f"{r}-s{seed}"), row=r, teacher=RUNS[r][1],
-                     epochs=a.epochs) for r in a.runs]
-    return jobs
+    return jobs + seed_jobs(RUNS, a.runs, a.seeds, root, a.epochs)
 
 
 def parse(argv=None):
@@ -76,21 +71,14 @@ def tables(a, teachers: dict, res: dict) -> dict[str, str]:
     out = {}
     for teacher in dict.fromkeys(RUNS[r][1] for r in a.runs):
         runs = [r for r in a.runs if RUNS[r][1] == teacher]
-        bases = list(dict.fromkeys(RUNS[r][2] for r in runs))
         start = STARTS_FROM.get(teacher)
         rows = [[t, "teacher" + (f" (starts from {STARTS_FROM[t]})" if t in STARTS_FROM else ""), *row[2:]]
                 for t, row in zip(teachers, teacher_rows(teachers)) if t in (teacher, start)]
-        spreads = {}
-        for b in bases:
-            row, spreads[b] = seed_row(b, "baseline", res[b])
-            rows.append(row)
-        for r in runs:
-            row, _ = seed_row(r, f"vs {RUNS[r][2]}, teacher {teacher}", res[r], res[RUNS[r][2]],
-                              teachers[teacher][1]["map50_95"])
-            rows.append(row)
+        run_rows, spreads = seed_rows(RUNS, runs, res, teachers)
+        rows += run_rows
         title = ("DETR-family distillation (RT-DETR teacher) and RT-DETR → YOLO" if teacher == "rtdetr-teacher"
                  else "DETR-family distillation: YOLO → RT-DETR")
-        if getattr(a, "section", None):  # rows added beside a table: say which
+        if a.section:  # rows added beside a table: say which
             title += ": " + ", ".join(runs)
         halves = ", ".join(f"{k} {v:.4f}" for k, v in spreads.items())
         body = (f"## {title}\n\n{machine()}; device {a.device}. "
@@ -101,7 +89,7 @@ def tables(a, teachers: dict, res: dict) -> dict[str, str]:
                 f"and baseline; baseline half-ranges over seeds: {halves}."
                 "\n\n" + table(KD_SEED_HEAD, rows) + "\n")
         key = "detr-kd" if teacher != "rtdetr-teacher" else "detr-kd-rtdetr-teacher"
-        out[getattr(a, "section", None) or (key if a.device == "cpu" else key + "-gpu")] = body
+        out[a.section or (key if a.device == "cpu" else key + "-gpu")] = body
     return out
 
 

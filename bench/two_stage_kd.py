@@ -25,36 +25,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_row,  # noqa: E402
-                     table, teacher_rows, write_section)
+from _common import (KD_SEED_HEAD, Job, machine, parse_seed_bench, run_and_save, runs_root, seed_jobs,  # noqa: E402
+                     seed_rows, table, teacher_rows, write_section)
 
 LEVELS = ["rpn", "roi", "crosskd", "mimic", "fgfi", "combined", "to-yolo", "to-yolo-det"]
-# every other level: fasterrcnn-distill-<level>
-RECIPES = {"to-yolo": "fasterrcnn-to-yolo", "to-yolo-det": "fasterrcnn-to-yolo-det"}
-TEACHERS = {"rpn": "fasterrcnn-teacher-mbv3"}  # every other level: fasterrcnn-teacher (ResNet-50 FPN)
-BASELINES = {"to-yolo": "quickstart-student", "to-yolo-det": "quickstart-student"}  # others: fasterrcnn-student
+# level -> (recipe, teacher recipe, baseline recipe): the RPN level's teacher is the MobileNetV3 FPN (the student's
+# anchor layout), the cross-family levels' baseline the YOLO student trained alone
+RUNS = {lv: (f"fasterrcnn-distill-{lv}", "fasterrcnn-teacher", "fasterrcnn-student") for lv in LEVELS[:6]}
+RUNS["rpn"] = ("fasterrcnn-distill-rpn", "fasterrcnn-teacher-mbv3", "fasterrcnn-student")
+RUNS["to-yolo"] = ("fasterrcnn-to-yolo", "fasterrcnn-teacher", "quickstart-student")
+RUNS["to-yolo-det"] = ("fasterrcnn-to-yolo-det", "fasterrcnn-teacher", "quickstart-student")
 BASE_DIRS = {"fasterrcnn-student": "base"}  # run folders: <dir>-s<seed>
-
-
-def teacher_of(level: str) -> str:
-    return TEACHERS.get(level, "fasterrcnn-teacher")
-
-
-def baseline_of(level: str) -> str:
-    return BASELINES.get(level, "fasterrcnn-student")
 
 
 def plan(a) -> list[Job]:
     """The runs in the order they are trained: teachers, then per seed the baselines and each level."""
     root = runs_root(a)
     t_epochs = a.epochs * 2 if a.epochs else None
-    jobs = [Job(t, "train", 0, str(root / t), epochs=t_epochs) for t in sorted({teacher_of(lv) for lv in a.levels})]
-    for seed in a.seeds:
-        jobs += [Job(b, "train", seed, str(root / f"{BASE_DIRS.get(b, b)}-s{seed}"), row=b, epochs=a.epochs)
-                 for b in dict.fromkeys(baseline_of(lv) for lv in a.levels)]
-        jobs += [Job(RECIPES.get(lv, f"fasterrcnn-distill-{lv}"), "distill", seed, str(root / f"{lv}-s{seed}"),
-                     row=lv, teacher=teacher_of(lv), epochs=a.epochs) for lv in a.levels]
-    return jobs
+    jobs = [Job(t, "train", 0, str(root / t), epochs=t_epochs) for t in sorted({RUNS[lv][1] for lv in a.levels})]
+    return jobs + seed_jobs(RUNS, a.levels, a.seeds, root, a.epochs, BASE_DIRS)
 
 
 def parse(argv=None):
@@ -67,14 +56,8 @@ def main(argv=None) -> None:
     root = runs_root(a)
     teachers, res = run_and_save(plan(a), a)
 
-    rows, spreads = teacher_rows(teachers), {}
-    for b in dict.fromkeys(baseline_of(lv) for lv in a.levels):
-        row, spreads[b] = seed_row(b, "baseline", res[b])
-        rows.append(row)
-    for lv in a.levels:
-        row, _ = seed_row(lv, f"vs {baseline_of(lv)}, teacher {teacher_of(lv)}", res[lv],
-                          res[baseline_of(lv)], teachers[teacher_of(lv)][1]["map50_95"])
-        rows.append(row)
+    run_rows, spreads = seed_rows(RUNS, a.levels, res, teachers)
+    rows = teacher_rows(teachers) + run_rows
     from kdctl.bundle import load_bundle
 
     setting = ""
