@@ -6,8 +6,13 @@ A lent GPU comes for minutes, and one of those runs (a small detector at 128 px 
 big GPU mostly idle, so the runs go as parallel processes (``--jobs``): teachers first, then seed by seed (so that
 a deadline leaves whole seeds), each run as soon as its teacher is there. At ``--deadline`` seconds the runs still
 going get SIGTERM (a rerun on the same machine resumes them from their last epoch), and each table is written over
-the seeds that finished. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing
-(``gpu_session.json``) and the tail of each failed run's log.
+the seeds that finished. A SIGTERM to this script (a device call's own time limit) counts as the deadline, without
+the tables. ``--out DIR`` receives docs/benchmarks.md, every run's result and timing (``gpu_session.json``,
+rewritten as each run ends) and the tail of each failed run's log.
+
+Fit a plan to one call: a device call may run at most 600 s, a warm machine is given back after 30 s idle (a second
+call then starts over on a fresh one, teachers included), and the two-stage table's 32 runs need about 290 s of
+teachers plus 200 s per two seeds at ``--jobs 16``, so ``--seeds 0 1 --deadline 530`` fits one call.
 
     python bench/gpu_session.py --device 0 --jobs 16 --mps --deadline 450 --out /tmp/gpu
     python bench/gpu_session.py --device cpu --smoke --jobs 2          # checks the script here, writes no doc
@@ -155,6 +160,18 @@ def _bench_args(bench: str, a, seeds: list[int]) -> list[str]:
             + (["--smoke"] if a.smoke else []))
 
 
+def _write_summary(a, runs: list[Run], t_start: float, tables: dict, mps: bool) -> dict:
+    summary = {"seconds": round(time.time() - t_start, 1), "tables": tables, "mps": mps,
+               "runs": [{"run": r.name, "recipe": r.job.recipe, "seed": r.job.seed, "state": r.state,
+                         "wall_s": r.wall, **(r.result or {})} for r in runs]}
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        tmp = a.out / "gpu_session.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(a.out / "gpu_session.json")
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="0")
@@ -213,19 +230,28 @@ def _session(a, t_start: float, mps: bool) -> int:
     def dep(r: Run) -> Run | None:
         return by_key[str(Path(r.job.out).parent / r.job.teacher)] if r.job.teacher else None
 
+    # the device call's own time limit ends this process with SIGTERM: take it as the deadline, so that the runs
+    # are stopped (resumable) and what finished is still reported; the summary is also rewritten after every run
+    # that ends, for a SIGKILL
+    term = []
+    signal.signal(signal.SIGTERM, lambda *_: term.append(time.time()))
     last_report, stopping = 0.0, False
     while True:
-        for r in runs:
-            if r.poll():
-                print(f"[{time.time() - t_start:6.0f}s] {r.state:7s} {r.name} ({r.wall} s)"
-                      + (f" mAP50-95 {r.result['map50_95']:.4f}" if r.result else ""), flush=True)
+        ended = [r for r in runs if r.poll()]
+        for r in ended:
+            print(f"[{time.time() - t_start:6.0f}s] {r.state:7s} {r.name} ({r.wall} s)"
+                  + (f" mAP50-95 {r.result['map50_95']:.4f}" if r.result else ""), flush=True)
+        if ended and a.out:
+            _write_summary(a, runs, t_start, {}, mps)
         for r in order:  # a run whose teacher failed cannot run
             d = dep(r)
             if r.state == "waiting" and d is not None and d.state in ("failed", "stopped", "skipped"):
                 r.state = "skipped"
-        if not stopping and time.time() - t_start > a.deadline:
+        if not stopping and (term or time.time() - t_start > a.deadline):
             stopping = True
-            print(f"[{time.time() - t_start:6.0f}s] deadline: stopping the runs still going", flush=True)
+            print(f"[{time.time() - t_start:6.0f}s] {'SIGTERM' if term else 'deadline'}: stopping the runs still "
+                  "going", flush=True)
+            a.deadline = time.time() - t_start
             for r in runs:
                 r.stop()
                 if r.state == "waiting":
@@ -241,7 +267,7 @@ def _session(a, t_start: float, mps: bool) -> int:
                     running.append(r)
         if not running and (stopping or all(r.state != "waiting" for r in runs)):
             break
-        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + 20:
+        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + (5 if term else 20):
             for r in runs:
                 if r.proc is not None and r.proc.poll() is None:
                     os.killpg(r.proc.pid, signal.SIGKILL)
@@ -255,7 +281,7 @@ def _session(a, t_start: float, mps: bool) -> int:
         time.sleep(1)
 
     tables = {}
-    for bench in a.benches:
+    for bench in a.benches if not term else []:  # after a SIGTERM there is no time left to write tables
         mine = [r for r in runs if r.bench == bench]
         if not all(r.state == "done" for r in mine if r.job.row is None):
             continue
@@ -264,14 +290,9 @@ def _session(a, t_start: float, mps: bool) -> int:
             mod, _ = BENCHES[bench]
             mod.main(_bench_args(bench, a, seeds))
             tables[bench] = seeds
-    summary = {"seconds": round(time.time() - t_start, 1), "tables": tables, "mps": mps,
-               "runs": [{"run": r.name, "recipe": r.job.recipe, "seed": r.job.seed, "state": r.state,
-                         "wall_s": r.wall, **(r.result or {})} for r in runs]}
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(_write_summary(a, runs, t_start, tables, mps), indent=1))
     if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "gpu_session.json").write_text(json.dumps(summary, indent=1))
-        if not a.smoke and (ROOT / "docs" / "benchmarks.md").is_file():
+        if tables and not a.smoke and (ROOT / "docs" / "benchmarks.md").is_file():
             shutil.copy(ROOT / "docs" / "benchmarks.md", a.out / "benchmarks.md")
         failed = [r for r in runs if r.state == "failed"]
         (a.out / "failed_logs.txt").write_text("".join(
