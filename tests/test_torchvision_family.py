@@ -25,7 +25,9 @@ def test_dense_output_pads_and_one_hot_scores():
                      "scores": torch.tensor([0.9, 0.25]), "labels": torch.tensor([3, 1])}
                     for _ in images]
 
-    m.net = Stub()
+    stub = Stub()
+    stub.transform = m.net.transform  # the size the canvases are seen at
+    m.net = stub
     y = m(torch.zeros(2, 3, 64, 64))
     assert y.shape == (2, 7, DETECTIONS)
     torch.testing.assert_close(y[0, :, 0], torch.tensor([20.0, 40.0, 20.0, 40.0, 0.0, 0.0, 0.9]))
@@ -65,6 +67,11 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     assert ov["openvino-fp32"]["parity"]["ok"] is True
     assert ov["openvino-int8"]["settings"]["converted_from"] == "onnx"
     assert ov["openvino-int8"]["settings"]["tool"] == "nncf" and ov["openvino-int8"]["settings"]["ignored_ops"] > 0
+    res = run.invoke(app, ["export", str(fr), "--target", "cpu", "--imgsz", "96", "--calibration-images", "8",
+                           "--out", str(tmp_path / "cpu96")])  # another size than the training's 128
+    assert res.exit_code == 0, res.output
+    at96 = {a["name"]: a for a in load_bundle(tmp_path / "cpu96", verify=True).metrics["artifacts"]}
+    assert at96["onnx-fp32"]["parity"]["ok"] is True and at96["onnx-int8"]["metrics"] is not None
     res = run.invoke(app, ["export", str(fr), "--target", "jetson", "--calibration-images", "8",
                            "--out", str(tmp_path / "jetson")])
     assert res.exit_code == 0, res.output
@@ -74,6 +81,26 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "3", "--warmup", "1", "--out",
                            str(tmp_path / "prof")])
     assert res.exit_code == 0, res.output
+
+
+def test_eval_runs_at_the_canvas_size_not_the_training_size():
+    """A model trained at 64 px given 96-px canvases (``eval --imgsz 96``, the export's PyTorch reference at 96)
+    detects at 96, as its export to 96 does; torchvision resized them to 64 inside the model, so a Faster R-CNN
+    exported at any other size failed parity (cosine 0.67), fp32 included. The training size it records stays."""
+    import copy
+
+    from kdctl.detectors.torchvision import TorchvisionDetector
+
+    torch.manual_seed(0)
+    m = TorchvisionDetector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, 64).eval()
+    at96 = copy.deepcopy(m)
+    at96.pin_input_size(96)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        y, ref = m(x), at96(x)
+    assert (ref[:, 4:] > 0).any()  # real detections, not two empty sets
+    assert torch.equal(y, ref)
+    assert m.imgsz == 64 and m.checkpoint()["imgsz"] == 64
 
 
 def test_non_finite_loss_stops_the_run_in_one_line(tmp_path, tiny_data, monkeypatch):
