@@ -267,7 +267,8 @@ def _session(a, t_start: float, mps: bool) -> int:
                     running.append(r)
         if not running and (stopping or all(r.state != "waiting" for r in runs)):
             break
-        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + (5 if term else 20):
+        grace = 5 if term else 20
+        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + grace:
             for r in runs:
                 if r.proc is not None and r.proc.poll() is None:
                     os.killpg(r.proc.pid, signal.SIGKILL)

@@ -65,25 +65,21 @@ class TorchvisionDetector(nn.Module):
     def pin_input_size(self, imgsz: int) -> None:
         """See every batch at ``imgsz`` (kdctl's letterboxed canvases): torchvision's own resize becomes a no-op."""
         self.imgsz = imgsz
-        self.net.transform.min_size, self.net.transform.max_size = (imgsz,), imgsz
+        self._see_at(imgsz)
+
+    def _see_at(self, side: int) -> None:
+        self.net.transform.min_size, self.net.transform.max_size = (side,), side
 
     def forward(self, x: torch.Tensor, targets: list[dict] | None = None):
         if self.training:
             return self.net(list(x.unbind(0)), targets)
-        self._run_at(x)
+        # a square canvas is detected at its own size, as a YOLO model and the exported graph (pinned to the export
+        # size) do: torchvision would resize it to the training size inside the model, so `eval --imgsz`, the
+        # export's PyTorch reference and a profile's PyTorch row ran another model than their artifacts; the
+        # recorded training size (imgsz, saved in checkpoints) stays
+        if x.shape[-2] == x.shape[-1] and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self._see_at(x.shape[-1])
         return torch.stack([self._dense(o) for o in self.net(list(x.unbind(0)))])
-
-    def _run_at(self, x: torch.Tensor) -> None:
-        """Detect on a square canvas at its own size, as a YOLO model and the exported graph (pinned to the export
-        size) do: torchvision would resize it to the training size inside the model, so ``eval --imgsz``, the
-        export's PyTorch reference and a profile's PyTorch row ran another model than their artifacts. The recorded
-        training size (``imgsz``, saved in checkpoints) is left as it is."""
-        side = x.shape[-1]
-        if x.shape[-2] != side or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return
-        t = self.net.transform
-        if t.min_size != (side,) or t.max_size != side:
-            t.min_size, t.max_size = (side,), side
 
     def _dense(self, o: dict) -> torch.Tensor:
         b, s = o["boxes"], o["scores"]
