@@ -83,6 +83,18 @@ def test_gap_closed_and_roles(tmp_path):
     worse = bundle("w", "distill", 0.25, parents=[t])
     assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
     assert compare([t, worse]).baseline is None and compare([t, worse]).gap_line() is None
+    assert "stronger teacher" not in compare([b, t, worse]).verdict()
+    # a teacher below the student trained alone (a weaker detector of another family): no gap to close, said so
+    weak = bundle("weak", "train", 0.20, model="big.yaml")
+    hurt = bundle("h", "distill", 0.15, parents=[weak])
+    assert compare([b, weak, hurt]).verdict() == (
+        "No: the distilled student is -15.00 mAP50-95 points against the baseline. The teacher (0.2000) is not above "
+        "the baseline (0.3000): there is no gap for distillation to close; distil from a stronger teacher.")
+    helped = bundle("hp", "distill", 0.32, parents=[weak])
+    assert compare([b, weak, helped]).verdict() == (
+        "Yes: distillation raised mAP50-95 by +2.00 points over the baseline. The teacher (0.2000) is not above the "
+        "baseline (0.3000): there is no gap for distillation to close; distil from a stronger teacher.")
+    assert compare([b, weak, hurt]).gap_line() is None
 
 
 def test_several_distilled_students_side_by_side(tmp_path):

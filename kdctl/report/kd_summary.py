@@ -38,14 +38,19 @@ class KDComparison:
             return "No baseline (the student trained alone) was given: pass its train bundle to compare."
         b = self.baseline.metrics.get("map50_95")
         change = d - b
+        t = self.teacher.metrics.get("map50_95") if self.teacher is not None else None
+        # a teacher no better than the student trained alone has no gap to close; from a weaker detector of another
+        # family, neck-level KD cost the YOLO student 13-16 points (docs/benchmarks.md, "The third GPU session")
+        weak = (f" The teacher ({t:.4f}) is not above the baseline ({b:.4f}): there is no gap for distillation to "
+                "close; distil from a stronger teacher.") if t is not None and t <= b else ""
         if change > 0:
             closed = self.gap_closed
             tail = f", closing {closed:.0%} of the gap to the teacher" if closed is not None else ""
             if closed is not None and closed > 1:
-                above = (d - self.teacher.metrics["map50_95"]) * 100
+                above = (d - t) * 100
                 tail = f", {above:.2f} points above the teacher itself"
-            return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}."
-        return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline."
+            return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}.{weak}"
+        return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline.{weak}"
 
 
 HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time", "trained as"]
