@@ -235,7 +235,7 @@ def _session(a, t_start: float, mps: bool) -> int:
     # that ends, for a SIGKILL
     term = []
     signal.signal(signal.SIGTERM, lambda *_: term.append(time.time()))
-    last_report, stopping = 0.0, False
+    last_report, stopped_at = 0.0, None  # when the runs were told to stop (the deadline, or a SIGTERM)
     while True:
         ended = [r for r in runs if r.poll()]
         for r in ended:
@@ -247,17 +247,16 @@ def _session(a, t_start: float, mps: bool) -> int:
             d = dep(r)
             if r.state == "waiting" and d is not None and d.state in ("failed", "stopped", "skipped"):
                 r.state = "skipped"
-        if not stopping and (term or time.time() - t_start > a.deadline):
-            stopping = True
+        if stopped_at is None and (term or time.time() - t_start > a.deadline):
+            stopped_at = time.time()
             print(f"[{time.time() - t_start:6.0f}s] {'SIGTERM' if term else 'deadline'}: stopping the runs still "
                   "going", flush=True)
-            a.deadline = time.time() - t_start
             for r in runs:
                 r.stop()
                 if r.state == "waiting":
                     r.state = "not started"
         running = [r for r in runs if r.state in ("running", "stopping")]
-        if not stopping:
+        if stopped_at is None:
             for r in order:
                 if len(running) >= a.jobs:
                     break
@@ -265,10 +264,10 @@ def _session(a, t_start: float, mps: bool) -> int:
                 if r.state == "waiting" and (d is None or d.state == "done"):
                     r.start(a)
                     running.append(r)
-        if not running and (stopping or all(r.state != "waiting" for r in runs)):
+        if not running and (stopped_at is not None or all(r.state != "waiting" for r in runs)):
             break
         grace = 5 if term else 20
-        if stopping and any(r.state == "stopping" for r in runs) and time.time() - t_start > a.deadline + grace:
+        if stopped_at is not None and any(r.state == "stopping" for r in runs) and time.time() > stopped_at + grace:
             for r in runs:
                 if r.proc is not None and r.proc.poll() is None:
                     os.killpg(r.proc.pid, signal.SIGKILL)

@@ -92,7 +92,7 @@ def test_eval_runs_at_the_canvas_size_not_the_training_size():
     from kdctl.detectors.torchvision import TorchvisionDetector
 
     torch.manual_seed(0)
-    m = TorchvisionDetector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, 64).eval()
+    m = TorchvisionDetector(BUILDER.split(":")[1], 3, 64).eval()
     at96 = copy.deepcopy(m)
     at96.pin_input_size(96)
     x = torch.rand(2, 3, 96, 96)
