@@ -55,14 +55,32 @@ def table(head: list[str], rows: list[list]) -> str:
                      ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
 
 
+def finished_run(out: Path, recipe) -> bool:
+    """Whether ``out`` holds a finished bundle of exactly ``recipe``, which a benchmark then reads instead of training
+    again. A bundle of another recipe there (the recipe file changed since it ran, or two screens whose run folders
+    share a name) stops the benchmark, naming the first field that differs, rather than filling a row with another
+    run's result."""
+    import json
+
+    from kdctl.training import recipe_difference
+
+    if not (out / "manifest.json").is_file():
+        return False
+    diff = recipe_difference(json.loads((out / "manifest.json").read_text()).get("recipe"), recipe)
+    if diff:
+        raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
+                         "away or give the benchmark another --root / --out")
+    return True
+
+
 def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, *, device: str = "cpu",
                epochs: int | None = None, smoke: bool = False, workers: int | None = None,
                train: dict | None = None) -> dict:
     """Train (``stage='train'``) or distill ``recipes/<name>.yaml`` at ``train.seed = seed`` into ``out``, unless a
-    bundle is already there (benchmarks resume where they stopped, a half-trained run from its last epoch);
-    ``teacher`` replaces the recipe's teacher, ``smoke`` shrinks the data to 32/16 images at 64 px. Returns
-    mAP50-95, train seconds and seconds per epoch (results.csv's time is cumulative, so per epoch comes from the
-    total)."""
+    bundle of this very recipe is already there (``finished_run``; benchmarks resume where they stopped, a
+    half-trained run from its last epoch); ``teacher`` replaces the recipe's teacher, ``smoke`` shrinks the data to
+    32/16 images at 64 px. Returns mAP50-95, train seconds and seconds per epoch (results.csv's time is cumulative,
+    so per epoch comes from the total)."""
     import shutil
 
     from kdctl.bundle import load_bundle
@@ -70,21 +88,21 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
-    if not (out / "manifest.json").is_file():
-        r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-        d = r.model_dump()
-        d["train"].update(seed=seed, device=device)
-        if epochs:
-            d["train"]["epochs"] = epochs
-        if workers is not None:  # data-loading processes: speed only (the augmentation stream differs, not its law)
-            d["train"]["workers"] = workers
-        d["train"].update(train or {})  # what a benchmark varies on purpose (e.g. amp)
-        if smoke:
-            d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
-            d["train"].update(imgsz=64, batch=4)
-        if teacher is not None and d.get("teacher"):
-            d["teacher"]["model"] = str(teacher)
-        recipe = type(r).model_validate(d)
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    d = r.model_dump()
+    d["train"].update(seed=seed, device=device)
+    if epochs:
+        d["train"]["epochs"] = epochs
+    if workers is not None:  # data-loading processes: speed only (the augmentation stream differs, not its law)
+        d["train"]["workers"] = workers
+    d["train"].update(train or {})  # what a benchmark varies on purpose (e.g. amp)
+    if smoke:
+        d["data"]["synthetic"].update(train=32, val=16, imgsz=64)
+        d["train"].update(imgsz=64, batch=4)
+    if teacher is not None and d.get("teacher"):
+        d["teacher"]["model"] = str(teacher)
+    recipe = type(r).model_validate(d)
+    if not finished_run(out, recipe):
         try:  # a run stopped by a deadline or killed continues from its last epoch (a finished one publishes)
             run_training(recipe, stage=stage, source=name, out=out, resume=True)
         except KdctlError as e:  # an interrupted run of another recipe (e.g. other epochs): start over

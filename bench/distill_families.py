@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
+from _common import ROOT, finished_run, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
             "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
@@ -109,9 +109,10 @@ def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path)
     from kdctl.bundle import load_bundle
     from kdctl.training import run_training
 
-    if not (out / "manifest.json").is_file():
+    recipe = _recipe(name, seed, teacher)
+    if not finished_run(out, recipe):
         shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(_recipe(name, seed, teacher), stage=stage, source=name, out=out)
+        run_training(recipe, stage=stage, source=name, out=out)
     m = load_bundle(out).metrics
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
@@ -311,7 +312,9 @@ def main() -> None:
         f", through the teacher assistant {Path(a.assistant).name}" if a.assistant else "") + "".join(
         f", {k}={v} in every distillation run" for k, v in OVERRIDES.items()) + (
         f", scored on {a.heldout} held-out images" if a.heldout else "")
-    body = (f"## Distillation: loss families vs Ultralytics' built-in KD ({a.scene} scenes{when})\n\n{machine()}. "
+    rows_run = f": {', '.join(a.families)}" if a.families != FAMILIES else ""  # a screen of some families
+    against = "" if a.no_ultralytics else " vs Ultralytics' built-in KD"
+    body = (f"## Distillation: loss families{against} ({a.scene} scenes{when}{rows_run})\n\n{machine()}. "
             f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
             f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
             f"(recipes/quickstart-teacher.yaml, {a.teacher_epochs or 30} epochs); student kdctl's yolov8-tiny (0.9 M params); every student run "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, table, write_section  # noqa: E402
+from _common import ROOT, finished_run, machine, table, write_section  # noqa: E402
 
 
 def _recipe(seed: int, float_student: Path, teacher: Path | None, quantize: bool):
@@ -46,7 +46,7 @@ def _train(out: Path, stage: str, recipe) -> float:
     from kdctl.bundle import load_bundle
     from kdctl.training import run_training
 
-    if not (out / "manifest.json").is_file():
+    if not finished_run(out, recipe):
         shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
         run_training(recipe, stage=stage, source="bench", out=out)
     return load_bundle(out).metrics["train_seconds"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, machine, median, table, write_section  # noqa: E402
+from _common import ROOT, finished_run, machine, median, table, write_section  # noqa: E402
 
 
 def torchvision_onnx(model, example, path: Path) -> Path:
@@ -81,11 +81,12 @@ def main() -> None:
     from kdctl.training import run_training
 
     out = ROOT / a.out
-    if not (out / "manifest.json").is_file():
-        r = load_recipe(ROOT / "recipes" / "fasterrcnn-student.yaml")
-        d = r.model_dump()
-        d["train"]["epochs"] = a.epochs
-        run_training(type(r).model_validate(d), stage="train", source="bench", out=out)
+    r = load_recipe(ROOT / "recipes" / "fasterrcnn-student.yaml")
+    d = r.model_dump()
+    d["train"]["epochs"] = a.epochs
+    recipe = type(r).model_validate(d)
+    if not finished_run(out, recipe):
+        run_training(recipe, stage="train", source="bench", out=out)
     b = load_bundle(out)
     ds = load_yolo_yaml(b.file("data"))
     imgsz = int(b.metrics["imgsz"])

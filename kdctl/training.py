@@ -184,7 +184,7 @@ def _reusable(out: Path, recipe: Recipe, stage: str) -> Bundle | None:
         b = load_bundle(out, stages=(stage,), verify=True)
     except BundleError:
         return None
-    return b if _as_current(b.recipe) == recipe.model_dump(mode="json") else None
+    return b if recipe_difference(b.recipe, recipe) is None else None
 
 
 def _as_current(dump):
@@ -270,15 +270,25 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
 RESUME_MAY_CHANGE = ("train.device", "train.workers")  # a killed run may continue on another device
 
 
-def _first_difference(a, b, path: str = "") -> str | None:
-    """The dotted path of the first field where two recipe dumps differ (None: the same)."""
+def _first_difference(a, b, path: str = "", may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
+    """The dotted path of the first field where two recipe dumps differ, other than ``may_change`` (None: the
+    same)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), may_change)
             if d:
                 return d
         return None
-    return None if a == b or path in RESUME_MAY_CHANGE else path
+    return None if a == b or path in may_change else path
+
+
+def recipe_difference(recorded, recipe: Recipe) -> str | None:
+    """The dotted path of the first field where a recorded recipe (a bundle's ``recipe``, read as this kdctl reads
+    it) differs from ``recipe``, device and workers included; None where it is the same recipe."""
+    current = _as_current(recorded)
+    if not isinstance(current, dict):
+        return "recipe"  # none recorded
+    return _first_difference(current, recipe.model_dump(mode="json"), may_change=())
 
 
 def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> None:

@@ -91,3 +91,36 @@ def test_the_rtdetr_teacher_starts_from_the_yolo_teacher_and_each_teacher_gets_i
     yo = out["detr-kd"]
     assert "rtdetr-teacher" not in yo and "| logit |" not in yo
     assert "25 % (50 / 0), not above baseline on every seed" in yo  # (0.35 - 0.1) / 0.5, (0.2 - 0.2) / 0.4
+
+
+def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
+    """A benchmark reads a finished bundle instead of training again only when it was made from the very recipe the
+    row asks for; another recipe's bundle in the folder (the recipe changed since, or two screens tagging their
+    folders alike) stops it, naming the field, instead of filling the row with another run's result."""
+    import json
+
+    from _common import finished_run
+
+    from kdctl.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "backbone-head.yaml")
+    out = tmp_path / "backbone-head-s0"
+    assert finished_run(out, r) is False  # nothing there yet: train it
+
+    out.mkdir()
+    recorded = r.model_dump(mode="json")
+    del recorded["distill"]["balance_cap"]  # recorded by an earlier kdctl, before the field existed: its default
+    (out / "manifest.json").write_text(json.dumps({"recipe": recorded}))
+    assert finished_run(out, r) is True
+
+    d = r.model_dump()
+    d["distill"]["losses"][2]["params"] = {"positives": True}  # the screen that set a loss's field
+    with pytest.raises(SystemExit, match=r"backbone-head-s0: a finished run of another recipe \(distill\.losses "):
+        finished_run(out, type(r).model_validate(d))
+    d = r.model_dump()
+    d["train"]["device"] = "cuda"  # a GPU row is not a CPU run, though --resume may move devices
+    with pytest.raises(SystemExit, match=r"\(train\.device differs"):
+        finished_run(out, type(r).model_validate(d))
+    (out / "manifest.json").write_text(json.dumps({"stage": "distill"}))  # no recipe recorded at all
+    with pytest.raises(SystemExit, match=r"\(recipe differs"):
+        finished_run(out, r)
