@@ -270,7 +270,7 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
 RESUME_MAY_CHANGE = ("train.device", "train.workers")  # a killed run may continue on another device
 
 
-def _first_difference(a, b, path: str = "", may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> str | None:
+def _first_difference(a, b, path: str = "", may_change: tuple[str, ...] = ()) -> str | None:
     """The dotted path of the first field where two recipe dumps differ, other than ``may_change`` (None: the
     same)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -282,20 +282,21 @@ def _first_difference(a, b, path: str = "", may_change: tuple[str, ...] = RESUME
     return None if a == b or path in may_change else path
 
 
-def recipe_difference(recorded, recipe: Recipe) -> str | None:
-    """The dotted path of the first field where a recorded recipe (a bundle's ``recipe``, read as this kdctl reads
-    it) differs from ``recipe``, device and workers included; None where it is the same recipe."""
+def recipe_difference(recorded, recipe: Recipe, may_change: tuple[str, ...] = ()) -> str | None:
+    """The dotted path of the first field where a recorded recipe (a bundle's or an interrupted run's, read as this
+    kdctl reads it) differs from ``recipe``, every field counted but ``may_change``; None where it is the same
+    recipe."""
     current = _as_current(recorded)
     if not isinstance(current, dict):
         return "recipe"  # none recorded
-    return _first_difference(current, recipe.model_dump(mode="json"), may_change=())
+    return _first_difference(current, recipe.model_dump(mode="json"), may_change=may_change)
 
 
 def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> None:
     """``--resume`` continues the interrupted run's training: its checkpoint, KD adapters and balance belong to the
     recipe it started from, so a changed recipe (other losses, epochs, data...) is refused in one line."""
     before = info.get("recipe")
-    diff = _first_difference(_as_current(before), recipe.model_dump(mode="json")) if isinstance(before, dict) else None
+    diff = recipe_difference(before, recipe, RESUME_MAY_CHANGE) if isinstance(before, dict) else None
     if diff:
         raise RecipeError(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
                           "with the recipe it started from, or pass --overwrite to start over")
