@@ -196,7 +196,7 @@ def test_reuse_and_resume_read_a_recipe_recorded_by_an_earlier_kdctl(tmp_path, t
     """A bundle (or an interrupted run) recorded before a recipe field existed is still 'the same recipe' once the
     field takes its default: the demo's teacher is not retrained after an upgrade."""
     from kdctl.recipe import load_recipe
-    from kdctl.training import _as_current, _check_same_recipe
+    from kdctl.training import _as_current, _check_same_recipe, recipe_difference
 
     recipe = load_recipe(trained_bundle / "recipe.yaml")
     old = recipe.model_dump(mode="json")
@@ -206,6 +206,10 @@ def test_reuse_and_resume_read_a_recipe_recorded_by_an_earlier_kdctl(tmp_path, t
     changed = {**old, "train": {**old["train"], "epochs": old["train"]["epochs"] + 1}}
     with pytest.raises(Exception, match="train.epochs: differs"):
         _check_same_recipe({"recipe": changed}, recipe, "r.yaml", tmp_path)
+    moved = {**old, "train": {**old["train"], "device": "cuda:0", "workers": 4}}  # a killed run moved to a GPU box
+    _check_same_recipe({"recipe": moved}, recipe, "r.yaml", tmp_path)  # not refused
+    assert recipe_difference(moved, recipe) == "train.device"  # but not the same finished result (--reuse, bench)
+    assert recipe_difference(old, recipe) is None
     assert _as_current({"not": "a recipe"}) == {"not": "a recipe"}
 
 
