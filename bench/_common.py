@@ -69,7 +69,7 @@ def finished_run(out: Path, recipe) -> bool:
     diff = recipe_difference(json.loads((out / "manifest.json").read_text()).get("recipe"), recipe)
     if diff:
         raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
-                         "away or give the benchmark another --root / --out")
+                         "away to train this one there")
     return True
 
 
