@@ -60,13 +60,12 @@ def finished_run(out: Path, recipe) -> bool:
     again. A bundle of another recipe there (the recipe file changed since it ran, or two screens whose run folders
     share a name) stops the benchmark, naming the first field that differs, rather than filling a row with another
     run's result."""
-    import json
-
+    from kdctl.bundle import load_bundle
     from kdctl.training import recipe_difference
 
     if not (out / "manifest.json").is_file():
         return False
-    diff = recipe_difference(json.loads((out / "manifest.json").read_text()).get("recipe"), recipe)
+    diff = recipe_difference(load_bundle(out).recipe, recipe)
     if diff:
         raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
                          "away to train this one there")

@@ -110,7 +110,8 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
     out.mkdir()
     recorded = r.model_dump(mode="json")
     del recorded["distill"]["balance_cap"]  # recorded by an earlier kdctl, before the field existed: its default
-    (out / "manifest.json").write_text(json.dumps({"recipe": recorded}))
+    head = {"schema_version": 1, "stage": "distill", "id": "x", "files": {}, "content_sha256": ""}
+    (out / "manifest.json").write_text(json.dumps({**head, "recipe": recorded}))
     assert finished_run(out, r) is True
 
     d = r.model_dump()
@@ -121,6 +122,6 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
     d["train"]["device"] = "cuda"  # a GPU row is not a CPU run, though --resume may move devices
     with pytest.raises(SystemExit, match=r"\(train\.device differs"):
         finished_run(out, type(r).model_validate(d))
-    (out / "manifest.json").write_text(json.dumps({"stage": "distill"}))  # no recipe recorded at all
+    (out / "manifest.json").write_text(json.dumps(head))  # no recipe recorded at all
     with pytest.raises(SystemExit, match=r"\(recipe differs"):
         finished_run(out, r)
