@@ -11,7 +11,13 @@ on one thread on 2 cores, so this uses the second). About 2-3 minutes per studen
 teacher. ``--heldout 1000`` scores the same runs on 1000 images of a new data seed: the validation images also chose
 each run's published epoch (best fitness), so their mAP is a little optimistic (about 10 s per run to score).
 
+On your own data: ``--data`` (an Ultralytics data YAML, or a recipe whose ``data:`` names a COCO set), ``--teacher``
+(your trained teacher, scored here), ``--student`` and ``--train KEY=VALUE`` (train fields of every run); the table
+goes to ``<root>/data-<name>.../families.md``.
+
     python bench/distill_families.py --seeds 0 1 2 --families distill-at distill-pkd head
+    python bench/distill_families.py --data data/mydata/data.yaml --teacher runs/train/my-teacher \
+        --student yolov8n.yaml --train imgsz=640 --train batch=32 --epochs 50 --families head backbone-head
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "disti
 
 
 SCENE = {"name": "clear"}  # set by --scene; "dense" or "cluttered" swaps in another built-in dataset (6 classes)
+# --data / --train / --student: the user's dataset (a recipe's data section), train fields and student model, in
+# every run (the student in the baseline and distillation runs only)
+USER: dict[str, object] = {"data": None, "train": {}, "student": None}
 EPOCHS = {"students": None, "teacher": None}  # --epochs / --teacher-epochs: schedules other than the recipes'
 OVERRIDES: dict[str, object] = {}  # --set: recipe fields changed in every distillation run (a weight screen)
 
@@ -47,6 +56,14 @@ def parse_override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE with a dotted recipe key, "
                                          "e.g. distill.auto_balance=0.25")
     return key, yaml.safe_load(value)
+
+
+def parse_train_field(text: str) -> tuple[str, object]:
+    """``imgsz=640`` -> ("imgsz", 640): a field of the recipes' train: section (validated with the recipe)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or "." in key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE with a train: field, e.g. imgsz=640")
+    return key, parse_override(f"train.{text}")[1]
 
 
 def override_tag() -> str:
@@ -89,6 +106,7 @@ def train_assistant(model: str, teacher: Path, out: Path) -> dict:
 
 def _recipe(name: str, seed: int, teacher: Path | None):
     from kdctl.recipe import load_recipe
+    from kdctl.recipe.validation import validate
 
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     d = r.model_dump()
@@ -96,13 +114,18 @@ def _recipe(name: str, seed: int, teacher: Path | None):
     key = "teacher" if name in ("quickstart-teacher", "assistant") else "students"
     if EPOCHS[key]:
         d["train"]["epochs"] = EPOCHS[key]
-    if SCENE["name"] != "clear" and d["data"].get("synthetic"):
+    if USER["data"] is not None:
+        d["data"] = dict(USER["data"])
+    elif SCENE["name"] != "clear" and d["data"].get("synthetic"):
         d["data"]["synthetic"].update(scene=SCENE["name"], classes=6)
+    d["train"].update(USER["train"])
+    if USER["student"] and name not in ("quickstart-teacher", "assistant"):
+        d["student"]["model"] = USER["student"]
     if teacher is not None and d.get("teacher"):
         d["teacher"]["model"] = str(teacher)
     if d.get("distill") is not None and name not in ("quickstart-teacher", "quickstart-student"):
         apply_overrides(d)
-    return type(r).model_validate(d)
+    return validate(d, type(r), name)  # a field set from the command line: one line naming it, not a traceback
 
 
 def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path) -> dict:
@@ -117,15 +140,52 @@ def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path)
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
 
+def user_data(path: str) -> dict:
+    """``--data``: an Ultralytics dataset YAML, or a kdctl recipe whose ``data:`` section names the dataset (a COCO
+    one, say); as a recipe's data section, with absolute paths."""
+    from kdctl.recipe import load_recipe
+    from kdctl.recipe.validation import read_yaml
+
+    raw = read_yaml(path, "dataset")
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        return load_recipe(path).data.model_dump(exclude_none=True)
+    return {"yolo": str(Path(path).resolve())}
+
+
+def teacher_weights(teacher: Path) -> Path:
+    """The checkpoint of a teacher given as a kdctl bundle (its weights.pt) or as a .pt file."""
+    return teacher if teacher.is_file() else teacher / "weights.pt"
+
+
 def score(weights: Path, ds, imgsz: int) -> float:
     """mAP50-95 of a checkpoint (a kdctl bundle's weights.pt or an Ultralytics run's best.pt, whose distillation
     wrapper is left out) on ``ds``'s validation images, by kdctl's evaluator."""
     from kdctl.detectors import load_detector
-    from kdctl.evaluate import evaluate_backend, torch_backend
 
     model = load_detector(weights)
-    model = getattr(model, "student_model", model)
+    return score_model(getattr(model, "student_model", model), ds, imgsz, str(weights))
+
+
+def score_model(model, ds, imgsz: int, name: str) -> float:
+    """mAP50-95 of a loaded detector on ``ds``'s validation images, once its classes and input size fit them."""
+    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.models import check_imgsz, model_classes
+
+    check_imgsz(imgsz, model)
+    ds.check_model_classes(model_classes(model), f"the model of {name}", names=getattr(model, "names", None))
     return evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
+
+
+def given_teacher_map(teacher: Path, ds, imgsz: int) -> float:
+    """``--teacher``: a trained checkpoint or train/distill bundle (verified), loaded as kdctl loads a recipe's
+    teacher, scored on the validation images."""
+    from kdctl.models import load_model, resolve_model
+
+    ref = resolve_model(str(teacher), "--teacher", "distill_families")
+    if ref.kind != "checkpoint":
+        raise SystemExit(f"error: --teacher {teacher}: give a trained teacher (a .pt checkpoint or a kdctl "
+                         "train/distill bundle), not a model to train")
+    return score_model(load_model(ref, ds.nc, "--teacher", "distill_families"), ds, imgsz, str(teacher))
 
 
 def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
@@ -144,7 +204,7 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     t0 = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
     YOLO(resolve_model(r.student.model, "student", "bench").ref).train(
-        data=str(ds.yaml), distill_model=str(teacher / "weights.pt"), dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
+        data=str(ds.yaml), distill_model=str(teacher_weights(teacher)), dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
         batch=t.batch, seed=seed, optimizer=t.optimizer, lr0=t.lr0, mosaic=t.mosaic, warmup_epochs=t.warmup_epochs,
         close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False,
         project=str(out.parent), name=out.name, exist_ok=True, verbose=False, amp=False, deterministic=True)
@@ -180,17 +240,21 @@ def heldout_map(run: Path, ds, imgsz: int) -> float:
     cache = ds.yaml.parent / "maps" / f"{run.name}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["map50_95"]
-    bundle = (run / "manifest.json").is_file()
-    m = score(run / "weights.pt" if bundle else run / "weights" / "best.pt", ds, imgsz)
+    if run.is_file():  # a teacher given as a checkpoint
+        m = score(run, ds, imgsz)
+    else:
+        bundle = (run / "manifest.json").is_file()
+        m = score(run / "weights.pt" if bundle else run / "weights" / "best.pt", ds, imgsz)
     cache.parent.mkdir(exist_ok=True)
     cache.write_text(json.dumps({"map50_95": m}))
     return m
 
 
-def _worker_init(scene: str, epochs: dict, overrides: dict, threads: int) -> None:
+def _worker_init(scene: str, epochs: dict, overrides: dict, user: dict, threads: int) -> None:
     import torch
 
     SCENE["name"] = scene
+    USER.update(user)
     EPOCHS.update(epochs)
     OVERRIDES.update(overrides)
     torch.set_num_threads(threads)
@@ -208,17 +272,29 @@ def _run_all(runs: list, jobs: int):
 
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(SCENE["name"], dict(EPOCHS), dict(OVERRIDES), threads)) as pool:
+                             initargs=(SCENE["name"], dict(EPOCHS), dict(OVERRIDES), dict(USER), threads)) as pool:
         futures = {pool.submit(fn, *args): (row, seed) for row, seed, fn, args in runs}
         for f in as_completed(futures):
             yield (*futures[f], f.result())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--families", nargs="+", default=FAMILIES)
-    ap.add_argument("--scene", choices=["clear", "cluttered", "dense"], default="clear")
+    ap.add_argument("--scene", choices=["clear", "cluttered", "dense"], help="the built-in dataset (default: clear)")
+    ap.add_argument("--data", metavar="YAML", help="your dataset instead of a built-in one: an Ultralytics data YAML, "
+                    "or a kdctl recipe whose data: section names it (COCO JSON, say); the table goes to "
+                    "<root>/<dataset name>/families.md, not to docs/benchmarks.md")
+    ap.add_argument("--teacher", metavar="MODEL", help="your trained teacher (a .pt checkpoint or a kdctl train/distill "
+                    "bundle), scored here on the validation images, instead of training recipes/quickstart-teacher.yaml"
+                    "; --no-ultralytics for a teacher Ultralytics' distill_model= cannot load")
+    ap.add_argument("--student", metavar="MODEL", help="the student of the baseline and every distillation run "
+                    "instead of the recipes' yolov8-tiny.yaml (a model YAML, .pt or torchvision:<builder>)")
+    ap.add_argument("--train", dest="train_fields", type=parse_train_field, action="append", default=[],
+                    metavar="KEY=VALUE", help="a train: field of every run (teacher, baseline, students) instead of "
+                    "the recipes' (imgsz 128, batch 16, AdamW lr0 0.003, nbs 16), e.g. --train imgsz=640 --train "
+                    "batch=32; --epochs sets the students' epochs")
     ap.add_argument("--no-ultralytics", action="store_true", help="skip Ultralytics' built-in KD rows")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--epochs", type=int, help="train the students this many epochs instead of the recipes' 20 "
@@ -240,16 +316,49 @@ def main() -> None:
                     "trains only what is missing, its own doc section")
     ap.add_argument("--section", help="the doc section and results file of this run (default: from the scene and "
                     "options): a screen of new families gets its own table instead of replacing the families table")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.data and (a.scene or a.heldout):
+        ap.error(f"--data {a.data}: a dataset of your own replaces --scene, and --heldout draws new images of a "
+                 "built-in scene; hold out images in your dataset's own val split instead")
+    if a.teacher and a.teacher_epochs:
+        ap.error(f"--teacher {a.teacher}: a teacher given is not trained here (no --teacher-epochs)")
+    a.scene = a.scene or "clear"
     SCENE["name"], EPOCHS["students"], EPOCHS["teacher"] = a.scene, a.epochs, a.teacher_epochs
     OVERRIDES.update(a.overrides)
-    root = Path(a.root) / a.scene
+    from kdctl.errors import KdctlError
+
+    try:
+        USER.update(data=user_data(a.data) if a.data else None, train=dict(a.train_fields), student=a.student)
+        _table(a)
+    except KdctlError as e:  # the user's dataset, teacher or student: one line naming the file and field
+        raise SystemExit(f"error: {e}") from None
+
+
+def _table(a) -> None:
+    """Train (or reuse) every run of ``a`` and write its table."""
+    dataset = a.data and Path(a.data).resolve()
+    label = dataset and f"data-{(dataset.parent.name if dataset.stem == 'data' else dataset.stem)}"
+    given = a.teacher and Path(a.teacher).resolve()
+    if given and not given.exists():
+        raise SystemExit(f"error: --teacher {a.teacher}: not found")
+    root = Path(a.root) / ((label if dataset else a.scene) + (f"-teacher-{given.stem}" if given else "")
+                           + (f"-student-{Path(a.student).stem}" if a.student else "")
+                           + "".join(f"-{k}={v}" for k, v in a.train_fields))
     base_tag = f"-e{a.epochs}" if a.epochs else ""
     t_tag = f"-t{a.teacher_epochs}" if a.teacher_epochs else ""
     tag = base_tag + t_tag
-    teacher = root / f"teacher{t_tag}"
+    r = _recipe("quickstart-student", 0, None)
     res: dict[str, dict[int, dict]] = {}
-    res["teacher"] = {0: run_kdctl("quickstart-teacher", "train", 0, None, teacher)}
+    if given:
+        from kdctl.data.resolve import resolve_data
+
+        teacher = given
+        res["teacher"] = {0: {"map50_95": given_teacher_map(given, resolve_data(r.data), r.train.imgsz),
+                              "train_s": None}}
+    else:
+        teacher = root / f"teacher{t_tag}"
+        res["teacher"] = {0: run_kdctl("quickstart-teacher", "train", 0, None, teacher)}
+    root.mkdir(parents=True, exist_ok=True)
     kd_teacher, via = teacher, ""
     if a.assistant:
         via = f"-via-{Path(a.assistant).stem}"
@@ -304,9 +413,9 @@ def main() -> None:
                      "" if role else gap_closed_cell(per_seed, base, t_map, mark_below=False),
                      "" if role else f"{above}/{len(gains)}",
                      "" if ci is None else f"{ci[0]:+.1f} to {ci[1]:+.1f}", beats,
-                     round(sum(per_seed[s]["train_s"] for s in per_seed) / len(per_seed), 1)])
-    r = _recipe("quickstart-student", 0, None)
-    syn, t = r.data.synthetic, r.train
+                     "" if None in (times := [per_seed[s]["train_s"] for s in per_seed]) else
+                     round(sum(times) / len(times), 1)])
+    t = r.train
     when = (f", students {a.epochs} epochs" if a.epochs else "") + (
         f", teacher {a.teacher_epochs} epochs" if a.teacher_epochs else "") + (
         f", through the teacher assistant {Path(a.assistant).name}" if a.assistant else "") + "".join(
@@ -314,10 +423,23 @@ def main() -> None:
         f", scored on {a.heldout} held-out images" if a.heldout else "")
     rows_run = f": {', '.join(a.families)}" if a.families != FAMILIES else ""  # a screen of some families
     against = "" if a.no_ultralytics else " vs Ultralytics' built-in KD"
-    body = (f"## Distillation: loss families{against} ({a.scene} scenes{when}{rows_run})\n\n{machine()}. "
-            f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} classes, "
-            f"scene '{syn.scene}', data seed 0); teacher YOLOv8n (3.0 M params) trained once "
-            f"(recipes/quickstart-teacher.yaml, {a.teacher_epochs or 30} epochs); student kdctl's yolov8-tiny (0.9 M params); every student run "
+    if dataset:
+        from kdctl.data.resolve import resolve_data
+
+        ds = resolve_data(r.data)
+        data_text = (f"Dataset {a.data} ({len(ds.train_images)} train / {len(ds.val_images)} val images, {ds.nc} "
+                     f"classes, {t.imgsz} px)")
+    else:
+        syn = r.data.synthetic
+        data_text = (f"Synthetic data ({syn.train} train / {syn.val} val images, {syn.imgsz} px, {syn.classes} "
+                     f"classes, scene '{syn.scene}', data seed 0)")
+    teacher_text = (f"teacher {a.teacher} (given; scored here)" if given else
+                    f"teacher YOLOv8n (3.0 M params) trained once (recipes/quickstart-teacher.yaml, "
+                    f"{a.teacher_epochs or 30} epochs)")
+    student_text = f"student {a.student}" if a.student else "student kdctl's yolov8-tiny (0.9 M params)"
+    title = f"{label} ({a.data})" if dataset else f"{a.scene} scenes"
+    body = (f"## Distillation: loss families{against} ({title}{when}{rows_run})\n\n{machine()}. "
+            f"{data_text}; {teacher_text}; {student_text}; every student run "
             f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, no mosaic; train seeds {a.seeds}. "
             f"mAP50-95 by kdctl's COCO evaluator on {scored_on}. Gain = student_KD − student_base in mAP "
             f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "
@@ -329,8 +451,12 @@ def main() -> None:
             + table(["run", "mAP50-95 per seed", "mean", "± half-range", "gain, points (mean, per seed)",
                      "gap closed (mean, per seed)", "seeds above", "gain 95 % CI", "beats baseline", "train s"],
                     rows) + "\n")
-    write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via
-                                + override_tag() + (f"-heldout{a.heldout}" if a.heldout else "")), body)
+    if dataset:  # the user's own data: a table beside the runs, not a section of the project's docs
+        out = root / f"families{tag}{via}{override_tag()}{'-' + a.section if a.section else ''}.md"
+        out.write_text(body)
+    else:
+        write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via
+                                    + override_tag() + (f"-heldout{a.heldout}" if a.heldout else "")), body)
     print(body)
 
 

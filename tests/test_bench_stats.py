@@ -125,3 +125,73 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
     (out / "manifest.json").write_text(json.dumps(head))  # no recipe recorded at all
     with pytest.raises(SystemExit, match=r"\(recipe differs"):
         finished_run(out, r)
+
+
+@pytest.mark.slow
+def test_the_families_table_on_a_users_dataset_with_a_given_teacher(monkeypatch, tmp_path, tiny_data, trained_bundle):
+    """``--data`` / ``--teacher`` / ``--train``: every run trains on the user's dataset with the train fields given,
+    distils from the given (verified) bundle, which is scored by kdctl's evaluator on the validation images; the
+    table goes beside the runs, not into docs/benchmarks.md."""
+    import distill_families as bench
+
+    from kdctl.bundle import load_bundle
+    from kdctl.evaluate.stage import evaluate_bundle
+
+    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):  # main() fills these module settings
+        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
+                                          for k, v in getattr(bench, name).items()})
+    scored = []
+    real = bench.score_model
+
+    def spy(model, ds, imgsz, name):  # the real evaluation, then a teacher score a 1-epoch model cannot reach
+        scored.append((name, imgsz, [p.name for p in ds.val_images], real(model, ds, imgsz, name)))
+        return 0.4321
+
+    monkeypatch.setattr(bench, "score_model", spy)
+    doc = bench.ROOT / "docs" / "benchmarks.md"
+    before = doc.read_bytes()
+    bench.main(["--data", str(tiny_data), "--teacher", str(trained_bundle), "--families", "distill-at", "--seeds",
+                "0", "1", "--epochs", "1", "--no-ultralytics", "--root", str(tmp_path), "--train", "imgsz=96",
+                "--train", "batch=8"])
+    assert doc.read_bytes() == before
+    teacher = evaluate_bundle(trained_bundle, data=tiny_data, imgsz=96, out=tmp_path / "eval").metrics["map50_95"]
+    val = sorted(p.name for p in (tiny_data.parent / "images" / "val").iterdir())
+    assert [(n, i, sorted(v), m) for n, i, v, m in scored] == [(str(trained_bundle), 96, val, teacher)]
+    root = tmp_path / f"data-{tiny_data.parent.name}-teacher-{trained_bundle.name}-imgsz=96-batch=8"
+    table = (root / "families-e1.md").read_text()
+    assert "| teacher | 0.4321 |" in table and f"Dataset {tiny_data} (24 train / 8 val images" in table
+    for row, prefix in (("baseline student", "base"), ("distill-at", "distill-at")):
+        maps = []
+        for seed in (0, 1):
+            b = load_bundle(root / f"{prefix}-e1-s{seed}")
+            assert b.recipe["data"]["yolo"] == str(tiny_data)
+            assert {k: b.recipe["train"][k] for k in ("imgsz", "batch", "epochs", "seed")} == {
+                "imgsz": 96, "batch": 8, "epochs": 1, "seed": seed}
+            assert b.recipe.get("teacher") == ({"model": str(trained_bundle), "nc": None} if prefix != "base" else None)
+            maps.append(b.metrics["map50_95"])
+        assert f"| {row} | {maps[0]:.4f} / {maps[1]:.4f} |" in table
+
+
+def test_the_families_table_refuses_a_teacher_that_does_not_fit_the_users_data(monkeypatch, tmp_path, trained_bundle):
+    """A teacher of other classes than the dataset, a model to train given as --teacher, a --train field the recipe
+    does not have: one line naming it, before anything trains; --scene beside --data: a usage error."""
+    import distill_families as bench
+
+    from kdctl.data.synth import write_dataset
+
+    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
+        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
+                                          for k, v in getattr(bench, name).items()})
+    two = write_dataset(tmp_path / "two", train=2, val=2, seed=0, imgsz=64, classes=2)
+    common = ["--families", "distill-at", "--seeds", "0", "--epochs", "1", "--root", str(tmp_path / "bench")]
+    cases = [(["--data", str(two), "--teacher", str(trained_bundle)], "the dataset has 2 classes but the model of"),
+             (["--data", str(two), "--teacher", "yolov8n.yaml"], "not found"),
+             (["--data", str(two), "--train", "bogus=1"], "train.bogus: unknown field")]
+    for args, says in cases:
+        with pytest.raises(SystemExit) as e:
+            bench.main(args + common)
+        assert says in str(e.value) and "\n" not in str(e.value), (args, e.value)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--data", str(two), "--scene", "dense"] + common)
+    assert e.value.code == 2
+    assert not any((tmp_path / "bench").glob("*/*"))  # nothing trained
