@@ -176,16 +176,21 @@ def score_model(model, ds, imgsz: int, name: str) -> float:
     return evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
 
 
-def given_teacher_map(teacher: Path, ds, imgsz: int) -> float:
+def given_teacher_map(teacher: Path, ds, imgsz: int, ultralytics_row: bool) -> float:
     """``--teacher``: a trained checkpoint or train/distill bundle (verified), loaded as kdctl loads a recipe's
-    teacher, scored on the validation images."""
+    teacher, scored on the validation images; with the Ultralytics row, a YOLO one (what its distill_model= loads)."""
+    from kdctl.detectors import family, yolo
     from kdctl.models import load_model, resolve_model
 
     ref = resolve_model(str(teacher), "--teacher", "distill_families")
     if ref.kind != "checkpoint":
         raise SystemExit(f"error: --teacher {teacher}: give a trained teacher (a .pt checkpoint or a kdctl "
                          "train/distill bundle), not a model to train")
-    return score_model(load_model(ref, ds.nc, "--teacher", "distill_families"), ds, imgsz, str(teacher))
+    model = load_model(ref, ds.nc, "--teacher", "distill_families")
+    if ultralytics_row and family(model) is not yolo:
+        raise SystemExit(f"error: --teacher {teacher}: Ultralytics' distill_model= takes a YOLO teacher, not this "
+                         f"{family(model).__name__.rsplit('.', 1)[-1]} one; add --no-ultralytics")
+    return score_model(model, ds, imgsz, str(teacher))
 
 
 def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
@@ -348,12 +353,13 @@ def _table(a) -> None:
     t_tag = f"-t{a.teacher_epochs}" if a.teacher_epochs else ""
     tag = base_tag + t_tag
     r = _recipe("quickstart-student", 0, None)
+    from kdctl.data.resolve import resolve_data
+
+    ds = resolve_data(r.data) if dataset or given else None  # to describe, and to score a given teacher on
     res: dict[str, dict[int, dict]] = {}
     if given:
-        from kdctl.data.resolve import resolve_data
-
         teacher = given
-        res["teacher"] = {0: {"map50_95": given_teacher_map(given, resolve_data(r.data), r.train.imgsz),
+        res["teacher"] = {0: {"map50_95": given_teacher_map(given, ds, r.train.imgsz, not a.no_ultralytics),
                               "train_s": None}}
     else:
         teacher = root / f"teacher{t_tag}"
@@ -424,9 +430,6 @@ def _table(a) -> None:
     rows_run = f": {', '.join(a.families)}" if a.families != FAMILIES else ""  # a screen of some families
     against = "" if a.no_ultralytics else " vs Ultralytics' built-in KD"
     if dataset:
-        from kdctl.data.resolve import resolve_data
-
-        ds = resolve_data(r.data)
         data_text = (f"Dataset {a.data} ({len(ds.train_images)} train / {len(ds.val_images)} val images, {ds.nc} "
                      f"classes, {t.imgsz} px)")
     else:
@@ -440,7 +443,8 @@ def _table(a) -> None:
     title = f"{label} ({a.data})" if dataset else f"{a.scene} scenes"
     body = (f"## Distillation: loss families{against} ({title}{when}{rows_run})\n\n{machine()}. "
             f"{data_text}; {teacher_text}; {student_text}; every student run "
-            f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, no mosaic; train seeds {a.seeds}. "
+            f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, "
+            f"{f'mosaic {t.mosaic}' if t.mosaic else 'no mosaic'}; train seeds {a.seeds}. "
             f"mAP50-95 by kdctl's COCO evaluator on {scored_on}. Gain = student_KD − student_base in mAP "
             f"points, per seed and mean; gap closed = (student_KD − student_base) / (teacher − student_base) per "
             f"seed, then averaged (n/a where the teacher is not above the baseline). Baseline spread (half-range over seeds): "

@@ -195,3 +195,19 @@ def test_the_families_table_refuses_a_teacher_that_does_not_fit_the_users_data(m
         bench.main(["--data", str(two), "--scene", "dense"] + common)
     assert e.value.code == 2
     assert not any((tmp_path / "bench").glob("*/*"))  # nothing trained
+
+
+def test_the_families_table_refuses_the_ultralytics_row_for_a_teacher_it_cannot_load(monkeypatch, tmp_path, tiny_data,
+                                                                                     rtdetr_bundle):
+    """Ultralytics' distill_model= takes a YOLO teacher: an RT-DETR one is refused before anything trains, with the
+    flag that leaves that row out."""
+    import distill_families as bench
+
+    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
+        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
+                                          for k, v in getattr(bench, name).items()})
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--data", str(tiny_data), "--teacher", str(rtdetr_bundle), "--families", "distill-at", "--seeds",
+                    "0", "--epochs", "1", "--root", str(tmp_path)])
+    assert "distill_model= takes a YOLO teacher, not this rtdetr one; add --no-ultralytics" in str(e.value)
+    assert not any(tmp_path.glob("*/*"))
