@@ -346,9 +346,10 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
         _fit(recipe, stage, source, work, state, fam, setup, student_ref, data_yaml, progress, launch)
         faults.point("train:finished")
     train_s = time.perf_counter() - t_start  # this process's share when resumed; the killed ones' added below
-    train_s += _earlier_processes_s(_read_results(work / "train" / "results.csv"), trained_here=state != "finished")
-    return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, train_s, overwrite,
-                    progress)
+    epochs = _read_results(work / "train" / "results.csv")  # read once: the time here, the metrics in the bundle
+    train_s += _earlier_processes_s(epochs, trained_here=state != "finished")
+    return _publish(recipe, stage, source, out, work, info, ds, fam, student_ref, teacher_ref, epochs, train_s,
+                    overwrite, progress)
 
 
 def _rank_spec(recipe: Recipe, stage: str, source: str, work: Path, state: str, data_yaml: Path, progress) -> dict:
@@ -557,9 +558,9 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
 
 
 def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, info: dict, ds, fam, student_ref,
-             teacher_ref, train_s: float, overwrite: bool, progress) -> Bundle:
-    """Evaluate the best checkpoint and write the bundle (weights, data, results, recipe, metrics); the work dir
-    goes once the bundle is published."""
+             teacher_ref, epochs: list[dict], train_s: float, overwrite: bool, progress) -> Bundle:
+    """Evaluate the best checkpoint and write the bundle (weights, data, results, recipe, metrics; ``epochs``: the
+    rows of results.csv); the work dir goes once the bundle is published."""
     from kdctl.detectors import load_detector, save_checkpoint
     from kdctl.evaluate import evaluate_backend, torch_backend
 
@@ -576,7 +577,6 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics = evaluate_backend(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
                                progress=ev.advance)
-    epochs = _read_results(work / "train" / "results.csv")
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:

@@ -278,9 +278,9 @@ def dense_rows(rows: dict, anchors: int, device=None) -> dict:
 class TeacherCache:
     """A complete cache, opened read-only (memory-mapped shards)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, meta: dict | None = None):
         self.path = Path(path)
-        self.meta = json.loads((self.path / META).read_text())
+        self.meta = json.loads((self.path / META).read_text()) if meta is None else meta  # meta: already read
         self.n, self.anchors = int(self.meta["views_per_epoch"]), int(self.meta["anchors"])
         self._open: dict[int, dict] = {}
 
@@ -333,23 +333,23 @@ def read_meta(path: Path, fix: str) -> dict:
     return have
 
 
-def open_cache(path: Path, want: dict, source: str) -> TeacherCache | None:
-    """The complete cache at ``path`` for this run; None when there is none (or a partial build, which
-    :func:`build` resumes); a stale one is refused in one line."""
+def open_cache(path: Path, want: dict, source: str) -> tuple[TeacherCache | None, dict]:
+    """The complete cache at ``path`` for this run, or None when there is none (or a partial build, which
+    :func:`build` resumes), with the record read (``{}`` where there is none); a stale one is refused in one line."""
     meta = path / META
     if not meta.is_file():
         if path.exists() and any(path.iterdir()):
             raise KdctlError(f"{source}: distill.cache.path: {path} is not a kdctl teacher cache (no {META}); "
                              "choose an empty or new folder")
-        return None
+        return None, {}
     have = read_meta(path, f"rebuild with `kdctl cache build {source} --overwrite`")
     why = _difference(have, want)
     if why:
         raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with "
                          f"`kdctl cache build {source} --overwrite`")
     if have.get("complete") and not _short(have, want):
-        return TeacherCache(path)
-    return None
+        return TeacherCache(path, have), have
+    return None, have
 
 
 # ---- building -------------------------------------------------------------------------------------------------------
@@ -407,11 +407,10 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
             raise KdctlError(f"{source}: distill.cache.path: {path} also holds {foreign[0]!r}, which kdctl did not "
                              f"write; refusing to replace the cache (move it, or choose another path)")
         shutil.rmtree(path)
-    cache = open_cache(path, want, source)
+    cache, have = open_cache(path, want, source)
     if cache is not None:
         return cache
     path.mkdir(parents=True, exist_ok=True)
-    have = json.loads((path / META).read_text()) if (path / META).is_file() else {}
 
     base = train_dataset(args, data_yaml, recipe.train.batch, max(int(teacher.stride.max()), 32))
     views = ReplayViews(base, recipe.train.seed)
