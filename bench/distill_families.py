@@ -176,13 +176,13 @@ def score_model(model, ds, imgsz: int, name: str) -> float:
     return evaluate_backend(torch_backend(model), ds.val_images, ds.names, imgsz)["map50_95"]
 
 
-def given_teacher_map(teacher: Path, ds, imgsz: int, ultralytics_row: bool) -> float:
+def given_teacher_map(teacher: str, ds, imgsz: int, ultralytics_row: bool) -> float:
     """``--teacher``: a trained checkpoint or train/distill bundle (verified), loaded as kdctl loads a recipe's
     teacher, scored on the validation images; with the Ultralytics row, a YOLO one (what its distill_model= loads)."""
     from kdctl.detectors import family, yolo
     from kdctl.models import load_model, resolve_model
 
-    ref = resolve_model(str(teacher), "--teacher", "distill_families")
+    ref = resolve_model(teacher, "--teacher", "distill_families")
     if ref.kind != "checkpoint":
         raise SystemExit(f"error: --teacher {teacher}: give a trained teacher (a .pt checkpoint or a kdctl "
                          "train/distill bundle), not a model to train")
@@ -190,7 +190,7 @@ def given_teacher_map(teacher: Path, ds, imgsz: int, ultralytics_row: bool) -> f
     if ultralytics_row and family(model) is not yolo:
         raise SystemExit(f"error: --teacher {teacher}: Ultralytics' distill_model= takes a YOLO teacher, not this "
                          f"{family(model).__name__.rsplit('.', 1)[-1]} one; add --no-ultralytics")
-    return score_model(model, ds, imgsz, str(teacher))
+    return score_model(model, ds, imgsz, teacher)
 
 
 def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
@@ -344,8 +344,6 @@ def _table(a) -> None:
     dataset = a.data and Path(a.data).resolve()
     label = dataset and f"data-{(dataset.parent.name if dataset.stem == 'data' else dataset.stem)}"
     given = a.teacher and Path(a.teacher).resolve()
-    if given and not given.exists():
-        raise SystemExit(f"error: --teacher {a.teacher}: not found")
     root = Path(a.root) / ((label if dataset else a.scene) + (f"-teacher-{given.stem}" if given else "")
                            + (f"-student-{Path(a.student).stem}" if a.student else "")
                            + "".join(f"-{k}={v}" for k, v in a.train_fields))
@@ -359,7 +357,7 @@ def _table(a) -> None:
     res: dict[str, dict[int, dict]] = {}
     if given:
         teacher = given
-        res["teacher"] = {0: {"map50_95": given_teacher_map(given, ds, r.train.imgsz, not a.no_ultralytics),
+        res["teacher"] = {0: {"map50_95": given_teacher_map(a.teacher, ds, r.train.imgsz, not a.no_ultralytics),
                               "train_s": None}}
     else:
         teacher = root / f"teacher{t_tag}"

@@ -127,6 +127,13 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
         finished_run(out, r)
 
 
+def fresh_settings(monkeypatch, bench) -> None:
+    """bench.main() fills the module's settings (scene, epochs, --set, --data...): each test gets its own copies."""
+    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
+        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
+                                          for k, v in getattr(bench, name).items()})
+
+
 @pytest.mark.slow
 def test_the_families_table_on_a_users_dataset_with_a_given_teacher(monkeypatch, tmp_path, tiny_data, trained_bundle):
     """``--data`` / ``--teacher`` / ``--train``: every run trains on the user's dataset with the train fields given,
@@ -137,9 +144,7 @@ def test_the_families_table_on_a_users_dataset_with_a_given_teacher(monkeypatch,
     from kdctl.bundle import load_bundle
     from kdctl.evaluate.stage import evaluate_bundle
 
-    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):  # main() fills these module settings
-        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
-                                          for k, v in getattr(bench, name).items()})
+    fresh_settings(monkeypatch, bench)
     scored = []
     real = bench.score_model
 
@@ -179,13 +184,12 @@ def test_the_families_table_refuses_a_teacher_that_does_not_fit_the_users_data(m
 
     from kdctl.data.synth import write_dataset
 
-    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
-        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
-                                          for k, v in getattr(bench, name).items()})
+    fresh_settings(monkeypatch, bench)
     two = write_dataset(tmp_path / "two", train=2, val=2, seed=0, imgsz=64, classes=2)
     common = ["--families", "distill-at", "--seeds", "0", "--epochs", "1", "--root", str(tmp_path / "bench")]
     cases = [(["--data", str(two), "--teacher", str(trained_bundle)], "the dataset has 2 classes but the model of"),
-             (["--data", str(two), "--teacher", "yolov8n.yaml"], "not found"),
+             (["--data", str(two), "--teacher", "yolov8n.yaml"], "give a trained teacher (a .pt checkpoint or"),
+             (["--data", str(two), "--teacher", str(tmp_path / "none.pt")], "none.pt' not found"),
              (["--data", str(two), "--train", "bogus=1"], "train.bogus: unknown field")]
     for args, says in cases:
         with pytest.raises(SystemExit) as e:
@@ -203,9 +207,7 @@ def test_the_families_table_refuses_the_ultralytics_row_for_a_teacher_it_cannot_
     flag that leaves that row out."""
     import distill_families as bench
 
-    for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
-        monkeypatch.setattr(bench, name, {k: (dict(v) if isinstance(v, dict) else v)
-                                          for k, v in getattr(bench, name).items()})
+    fresh_settings(monkeypatch, bench)
     with pytest.raises(SystemExit) as e:
         bench.main(["--data", str(tiny_data), "--teacher", str(rtdetr_bundle), "--families", "distill-at", "--seeds",
                     "0", "--epochs", "1", "--root", str(tmp_path)])
