@@ -152,11 +152,6 @@ def user_data(path: str) -> dict:
     return {"yolo": str(Path(path).resolve())}
 
 
-def teacher_weights(teacher: Path) -> Path:
-    """The checkpoint of a teacher given as a kdctl bundle (its weights.pt) or as a .pt file."""
-    return teacher if teacher.is_file() else teacher / "weights.pt"
-
-
 def score(weights: Path, ds, imgsz: int) -> float:
     """mAP50-95 of a checkpoint (a kdctl bundle's weights.pt or an Ultralytics run's best.pt, whose distillation
     wrapper is left out) on ``ds``'s validation images, by kdctl's evaluator."""
@@ -206,10 +201,11 @@ def run_ultralytics_kd(seed: int, teacher: Path, out: Path) -> dict:
     from ultralytics import YOLO
 
     t = r.train
+    teacher_pt = resolve_model(str(teacher), "teacher", "bench").ref  # a bundle (verified) or a .pt: its checkpoint
     t0 = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
     YOLO(resolve_model(r.student.model, "student", "bench").ref).train(
-        data=str(ds.yaml), distill_model=str(teacher_weights(teacher)), dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
+        data=str(ds.yaml), distill_model=teacher_pt, dis=6.0, epochs=t.epochs, imgsz=t.imgsz,
         batch=t.batch, seed=seed, optimizer=t.optimizer, lr0=t.lr0, mosaic=t.mosaic, warmup_epochs=t.warmup_epochs,
         close_mosaic=t.close_mosaic, nbs=t.nbs or 64, workers=0, device="cpu", plots=False,
         project=str(out.parent), name=out.name, exist_ok=True, verbose=False, amp=False, deterministic=True)
@@ -291,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", metavar="YAML", help="your dataset instead of a built-in one: an Ultralytics data YAML, "
                     "or a kdctl recipe whose data: section names it (COCO JSON, say); the table goes to "
                     "<root>/<dataset name>/families.md, not to docs/benchmarks.md")
-    ap.add_argument("--teacher", metavar="MODEL", help="your trained teacher (a .pt checkpoint or a kdctl train/distill "
-                    "bundle), scored here on the validation images, instead of training recipes/quickstart-teacher.yaml"
-                    "; --no-ultralytics for a teacher Ultralytics' distill_model= cannot load")
+    ap.add_argument("--teacher", metavar="MODEL", help="your trained teacher (a .pt checkpoint or a kdctl "
+                    "train/distill bundle), scored here on the validation images, instead of training "
+                    "recipes/quickstart-teacher.yaml; --no-ultralytics for a teacher Ultralytics' distill_model= "
+                    "cannot load")
     ap.add_argument("--student", metavar="MODEL", help="the student of the baseline and every distillation run "
                     "instead of the recipes' yolov8-tiny.yaml (a model YAML, .pt or torchvision:<builder>)")
     ap.add_argument("--train", dest="train_fields", type=parse_train_field, action="append", default=[],
