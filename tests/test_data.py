@@ -374,3 +374,91 @@ def test_model_names_in_another_order_are_refused():
     digits.check_model_names({0: "0", 1: "1", 2: "2"}, "m")  # what Ultralytics names a model built from a YAML
     with pytest.raises(DataError, match="3 classes but m predicts 2"):
         ds.check_model_classes(2, "m")
+
+
+def _ultralytics_sees(data_yaml: Path) -> dict:
+    """What Ultralytics' own dataset reads from a data YAML: split -> (image files, object count)."""
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    out = {}
+    for split in ("train", "val"):
+        ds = YOLODataset(img_path=data[split], imgsz=64, data=data, augment=False, cache=False)
+        out[split] = (sorted(lab["im_file"] for lab in ds.labels), sum(len(lab["cls"]) for lab in ds.labels))
+    return out
+
+
+def test_image_lists_with_relative_lines_train_on_the_images_kdctl_checked(tmp_path, tiny_data, monkeypatch):
+    """A .txt list's relative lines (no './') are found beside it; Ultralytics looked for them in the working
+    directory, so a list kdctl had checked trained on nothing ('No valid images found'). The trainer now gets absolute
+    lists. A byte-order mark is allowed (Ultralytics reads lists as utf-8-sig); a line only the working directory
+    holds is found there, as Ultralytics finds it."""
+    import shutil
+
+    from kdctl.data.resolve import normalised_yaml
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_data.parent / "images", root / "images")
+    shutil.copytree(tiny_data.parent / "labels", root / "labels")
+    tr = sorted(p.name for p in (root / "images" / "train").iterdir())
+    va = sorted(p.name for p in (root / "images" / "val").iterdir())
+    (root / "lists").mkdir()
+    (root / "lists" / "train.txt").write_text("\ufeff" + "".join(f"../images/train/{n}\n" for n in tr[:20]))
+    (root / "lists" / "val.txt").write_text("".join(f"./../images/val/{n}\n" for n in va[:6]) +
+                                            f"images/val/{va[6]}\n")  # this one relative to the working directory
+    (root / "data.yaml").write_text("path: .\ntrain: lists/train.txt\nval: lists/val.txt\nnames: [a, b, c]\n")
+    monkeypatch.chdir(root)
+    ds = load_yolo_yaml(root / "data.yaml")
+    assert [p.name for p in ds.train_images] == tr[:20] and [p.name for p in ds.val_images] == va[:7]
+    work = tmp_path / "work"
+    work.mkdir()
+    y = normalised_yaml(ds, work / "data.yaml")
+    monkeypatch.chdir(tmp_path)  # the trainer runs elsewhere
+    seen = _ultralytics_sees(y)
+    assert [Path(f).name for f in seen["train"][0]] == tr[:20] and [Path(f).name for f in seen["val"][0]] == va[:7]
+    from kdctl.data.resolve import label_path
+    from kdctl.data.validate import parse_labels
+
+    assert seen["train"][1] == sum(len(parse_labels(label_path(p))) for p in ds.train_images) > 0
+    # the bundle's record keeps the dataset's own form (no paths into a work folder)
+    kept = yaml.safe_load(normalised_yaml(ds, work / "record.yaml", image_lists=False).read_text())
+    assert kept["train"] == "lists/train.txt"
+
+
+def test_hidden_files_in_image_folders_are_not_images(tmp_path, tiny_data):
+    """macOS's '._x.jpg' resource forks and '.ipynb_checkpoints/' copies: Ultralytics' glob never sees them; kdctl
+    stopped on them ('cannot be decoded') or counted a checkpoint copy twice."""
+    import shutil
+
+    root = tmp_path / "d"
+    for folder in ("images", "labels"):
+        shutil.copytree(tiny_data.parent / folder, root / folder)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    train = root / "images" / "train"
+    first = sorted(train.iterdir())[0]
+    (train / f"._{first.name}").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (train / ".ipynb_checkpoints").mkdir()
+    shutil.copy(first, train / ".ipynb_checkpoints" / first.name)
+    ds = load_yolo_yaml(root / "data.yaml")
+    assert len(ds.train_images) == 24 and not any(part.startswith(".") for p in ds.train_images
+                                                  for part in p.relative_to(train).parts)
+
+
+def test_coco_set_with_skipped_images_trains_on_its_converted_labels(tmp_path):
+    """With images left out, the trainer gets lists of the kept images: they once named the user's original files
+    (the converted layout's links followed), beside which Ultralytics found no labels and trained on background."""
+    from kdctl.data.resolve import normalised_yaml
+
+    spec = make_coco(tmp_path)
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["annotations"].append({"id": 9, "image_id": 2, "category_id": 3, "bbox": [500, 5, 10, 10]})  # outside
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(coco))
+    ds = coco_dataset(**{**spec, "train_annotations": str(bad)}, skip_invalid=True)
+    assert len(ds.train_images) == 2 and len(ds.skipped["train"]) == 1
+    work = tmp_path / "work"
+    work.mkdir()
+    seen = _ultralytics_sees(normalised_yaml(ds, work / "data.yaml"))
+    assert all(str(ds.yaml.parent) in f for f in seen["train"][0] + seen["val"][0])  # the converted layout
+    assert seen["train"][1] == 2 and seen["val"][1] == 2   # a.jpg: the dog (crowd left out), c.jpg: the cat

@@ -90,6 +90,20 @@ def crowd_path(img: Path) -> Path | None:
     return _beside_images(img, "crowd")
 
 
+def _listed_image(line: str, lst: Path) -> Path:
+    """One line of a .txt image list, as Ultralytics reads it: ``./x`` beside the list, an absolute path as is, any
+    other relative path from the working directory. kdctl first looks beside the list (where a list that travels with
+    its dataset means it), so a run does not depend on where it was started; failing that, Ultralytics' place."""
+    q = Path(line)
+    if q.is_absolute():
+        return q
+    beside = Path(os.path.abspath(lst.parent / q))  # a linked image keeps its place: its label is beside the link
+    if line.startswith("./") or beside.exists() or beside.is_symlink():
+        return beside
+    here = Path.cwd() / q
+    return Path(os.path.abspath(here)) if here.exists() else beside  # not found: named beside the list
+
+
 def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
     entries = spec if isinstance(spec, list) else [spec]
     out: list[Path] = []
@@ -97,14 +111,17 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
         p = Path(str(e))
         p = p if p.is_absolute() else root / p
         if p.is_dir():
-            # files only: a folder named like an image (``x.jpg/``) is no image (a dangling link is, and is named)
+            # files only: a folder named like an image (``x.jpg/``) is no image (a dangling link is, and is named);
+            # nothing hidden, as Ultralytics' glob: macOS's ``._x.jpg`` resource forks, ``.ipynb_checkpoints/``
             out += sorted(q for q in p.rglob("*")
-                          if q.suffix.lower() in IMG_EXTS and (q.is_symlink() or not q.is_dir()))
+                          if q.suffix.lower() in IMG_EXTS and (q.is_symlink() or not q.is_dir())
+                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
         elif p.is_file() and p.suffix == ".txt":
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    q = Path(line.strip())
-                    out.append(q if q.is_absolute() else (p.parent / q).resolve())
+            try:  # a byte-order mark is allowed, as Ultralytics reads lists with utf-8-sig
+                lines = p.read_text(encoding="utf-8-sig").splitlines()
+            except UnicodeDecodeError:
+                raise DataError(f"{source}: {field}: image list '{p}' is not UTF-8 text") from None
+            out += [_listed_image(line.strip(), p) for line in lines if line.strip()]
         else:
             raise DataError(f"{source}: {field}: '{p}' is neither an image directory nor a .txt image list")
     if not out:
@@ -210,13 +227,19 @@ def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
     data.pop("download", None)  # never let a trainer fetch a dataset
     if any(ds.skipped.values()) and not image_lists:
         data["kdctl_skip_invalid"] = True
-    elif any(ds.skipped.values()):  # train on the validated images only: lists of absolute paths
+    elif image_lists and (any(ds.skipped.values()) or any(_is_list(data[k]) for k in ("train", "val"))):
+        # train on the validated images only, and on the very files kdctl checked: lists of absolute paths (a .txt
+        # list's relative lines are found beside it first, where Ultralytics looks in the working directory)
         for split, images in (("train", ds.train_images), ("val", ds.val_images)):
             lst = out.parent / f"{split}-images.txt"
-            lst.write_text("".join(f"{p.resolve()}\n" for p in images))
+            lst.write_text("".join(f"{os.path.abspath(p)}\n" for p in images))  # links kept: labels sit by them
             data[split] = str(lst.resolve())
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
+
+
+def _is_list(spec) -> bool:
+    return any(str(e).endswith(".txt") for e in (spec if isinstance(spec, list) else [spec]))
 
 
 def atomic_build(final: Path, build) -> Path:
