@@ -66,10 +66,12 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
-def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None) -> None:
+def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None,
+               warmup_epochs: int | None = None) -> None:
     """Progress, the finite-loss check, KD bookkeeping and fault points; ``kd``: the run has KD terms (a distillation
-    with ``distill.init`` alone has none); ``stop_epoch``: ``distill.stop_epoch`` (KD off from then on, also after
-    ``--resume``: it is decided from the epoch number at each epoch's start)."""
+    with ``distill.init`` alone has none); ``stop_epoch``: ``distill.stop_epoch`` (KD off from then on) and
+    ``warmup_epochs``: ``distill.warmup_epochs`` (KD ramped in), also after ``--resume``: both are decided from the
+    epoch number at each epoch's start."""
     from kdctl.detectors.yolo import kd_criterion, save_balance
     from kdctl.distributed import rank
 
@@ -82,8 +84,9 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
         batches.total(len(tr.train_loader))
         criterion = kd_criterion(tr)
         if criterion is not None:
-            criterion.stop_at(tr.epoch, stop_epoch)
-        stopped = " (KD stopped: task loss only)" if criterion is not None and criterion.stopped else ""
+            criterion.stop_at(tr.epoch, stop_epoch, warmup_epochs)
+        stopped = " (KD stopped: task loss only)" if criterion is not None and criterion.stopped else (
+            f" (KD at {criterion.ramp:.0%})" if criterion is not None and criterion.ramp < 1 else "")
         bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}{stopped}")
 
     def on_train_batch_end(tr):
@@ -545,7 +548,8 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
         with train_threads(recipe.train.threads):
             trainer = fam.trainer(overrides, distill=setup)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work,
-                       kd=stage == "distill" and bool(recipe.distill.losses), stop_epoch=recipe.distill.stop_epoch)
+                       kd=stage == "distill" and bool(recipe.distill.losses), stop_epoch=recipe.distill.stop_epoch,
+                       warmup_epochs=recipe.distill.warmup_epochs)
             if attach is not None:
                 attach(trainer)
             with library_output_to_stderr():

@@ -389,6 +389,28 @@ def test_stopped_distillation_trains_on_the_task_loss_without_running_the_teache
         hook.remove()
 
 
+def test_warmup_ramps_every_kd_term_in_by_epoch(v8n):
+    """distill.warmup_epochs: 4: epoch e (0-based) weighs every KD term (e + 1) / 4 of its full value, after the
+    auto-balance scale and the outlier cap; from epoch 4 on the full value; the ramp is decided from the epoch
+    number alone (as --resume needs) and stop_epoch still stops."""
+    m = _kd_model(v8n, [LossSpec(name="cwd", params={"tau": 2.0}), LossSpec(name="kd_logit", weight=3.0)], balance=0.5)
+    batch = _batch(n=2)
+    m.kd.stop_at(9, None)
+    _, full = m.loss(batch)  # the first batch fixes nothing yet (8 balance batches), so measure with scales fixed
+    m.kd.scales = list(m.kd.current)
+    _, full = m.loss(batch)
+    for epoch, share in ((0, 0.25), (2, 0.75), (3, 1.0), (12, 1.0), (1, 0.5)):
+        m.kd.stop_at(epoch, None, 4)
+        assert m.kd.ramp == share
+        _, items = m.loss(batch)
+        for k in ("kd_cwd", "kd_logit"):
+            assert items[k].item() == pytest.approx(share * full[k].item(), rel=1e-5), (epoch, k)
+    m.kd.stop_at(5, 5, 4)
+    assert m.kd.stopped
+    m.kd.stop_at(0, None, None)
+    assert m.kd.ramp == 1.0
+
+
 STOP_RUNS = {  # family: (student, teacher, train section, losses, batches an epoch on tiny_data's 24 images)
     "yolo": ("yolov8-tiny.yaml", None, "imgsz: 128, batch: 8", "[{name: cwd}, {name: kd_logit}]", 3),
     "rtdetr": ("rtdetr-tiny.yaml", "rtdetr-tiny.yaml", "imgsz: 64, batch: 4",
@@ -425,6 +447,26 @@ def test_stop_epoch_distills_the_first_epochs_only(tmp_path, tiny_data, trained_
     assert m["kd_stop_epoch"] == 1
     shown = json.loads(res.stdout)["kd_terms"]  # the summary shows the last epoch that distilled, not the zeros
     assert shown == {n: first[c] for n, c in cols.items()}
+
+
+@pytest.mark.slow
+def test_warmup_epochs_ramp_kd_in_during_a_real_run(tmp_path, tiny_data, trained_bundle, monkeypatch):
+    """distill.warmup_epochs: 2 of 3 epochs reaches the trainer: every batch of epoch 1 weighs KD at 1/2, of epochs
+    2 and 3 at full weight (the epoch callback sets the ramp before each epoch's batches)."""
+    from kdctl.distill.criterion import DistillationCriterion
+
+    student, _, train, losses, batches = STOP_RUNS["yolo"]
+    ramps = []
+    forward = DistillationCriterion.forward
+    monkeypatch.setattr(DistillationCriterion, "forward",
+                        lambda self, *a: (ramps.append(self.ramp), forward(self, *a))[1])
+    r = tmp_path / "warm.yaml"
+    r.write_text(f"name: warm\nteacher: {{model: {trained_bundle}}}\nstudent: {{model: {student}}}\n"
+                 f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 3, {train}}}\n"
+                 f"distill: {{auto_balance: 0.25, balance_batches: 2, warmup_epochs: 2, losses: {losses}}}\n")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd")])
+    assert res.exit_code == 0, res.output
+    assert ramps == [0.5] * batches + [1.0] * 2 * batches
 
 
 def test_ld_positives_are_the_task_losss_own_assignment(v8n):

@@ -122,6 +122,15 @@ BAD = [
     (GOOD.replace("epochs: 1", "epochs: 5").replace("losses:\n    - {name: cwd, weight: 2.0, params: {tau: 2.0}}",
                                                     "stop_epoch: 3"),
      "distill.stop_epoch", "without distill.losses"),
+    # distill.warmup_epochs: the ramp must end before training (and distillation) does, and ramp some KD term
+    (GOOD.replace("distill:", "distill:\n  warmup_epochs: 1"), "distill.warmup_epochs",
+     "must be below train.epochs (1)"),
+    (GOOD.replace("epochs: 1", "epochs: 9").replace("distill:", "distill:\n  warmup_epochs: 4\n  stop_epoch: 4"),
+     "distill.warmup_epochs", "must be below distill.stop_epoch (4)"),
+    (GOOD.replace("distill:", "distill:\n  warmup_epochs: 0"), "distill.warmup_epochs", "greater than or equal to 1"),
+    (GOOD.replace("epochs: 1", "epochs: 5").replace("losses:\n    - {name: cwd, weight: 2.0, params: {tau: 2.0}}",
+                                                    "warmup_epochs: 3"),
+     "distill.warmup_epochs", "without distill.losses"),
 ]
 
 

@@ -161,6 +161,7 @@ class DistillationCriterion(nn.Module):
         self.scales: list[float] | None = None if balance else [1.0] * len(terms)
         self._seen: list[tuple[float, list[float]]] = []   # (task, raw terms) of the balance batches
         self.stopped = False  # distill.stop_epoch reached: the trainer's epoch callback sets it, models then skip KD
+        self.ramp = 1.0       # distill.warmup_epochs: the share of their weights the terms have in this epoch
 
     @property
     def names(self) -> list[str]:
@@ -210,9 +211,12 @@ class DistillationCriterion(nn.Module):
         if state.get("current"):
             self.current = state["current"]
 
-    def stop_at(self, epoch: int, stop_epoch: int | None) -> None:
-        """Before 0-based ``epoch``: KD is off from epoch ``stop_epoch`` on (``distill.stop_epoch``; None: never)."""
+    def stop_at(self, epoch: int, stop_epoch: int | None, warmup_epochs: int | None = None) -> None:
+        """Before 0-based ``epoch``: KD is off from epoch ``stop_epoch`` on (``distill.stop_epoch``; None: never);
+        with ``warmup_epochs`` (``distill.warmup_epochs``) every term has ``(epoch + 1) / warmup_epochs`` of its
+        weight until that reaches 1."""
         self.stopped = stop_epoch is not None and epoch >= stop_epoch
+        self.ramp = 1.0 if not warmup_epochs else min(1.0, (epoch + 1) / warmup_epochs)
 
     def forward(self, s_out: dict, t_out: dict, ctx: DistillContext, task_loss: float) -> dict[str, torch.Tensor]:
         raw = [term(s_out, t_out, ctx) for term in self.terms]
@@ -224,5 +228,5 @@ class DistillationCriterion(nn.Module):
                 limit = self.cap * self.balance * t.weight * task_loss
                 if float(v.detach()) > limit:
                     v = v * (limit / float(v.detach()))
-            out[t.name] = v
+            out[t.name] = v * self.ramp if self.ramp != 1.0 else v
         return out

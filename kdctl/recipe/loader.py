@@ -66,6 +66,14 @@ def _check_losses(recipe: Recipe, source: str) -> None:
     if stop is not None and stop >= recipe.train.epochs:
         raise RecipeError(f"{source}: distill.stop_epoch: {stop} must be below train.epochs ({recipe.train.epochs}); "
                           "leave it unset to distill every epoch")
+    warm = recipe.distill.warmup_epochs
+    if warm is not None and not recipe.distill.losses:
+        raise RecipeError(f"{source}: distill.warmup_epochs: set without distill.losses (there is no KD term to ramp)")
+    if warm is not None and warm >= min(recipe.train.epochs, stop or recipe.train.epochs):
+        what = (f"distill.stop_epoch ({stop})" if stop is not None and stop < recipe.train.epochs
+                else f"train.epochs ({recipe.train.epochs})")
+        raise RecipeError(f"{source}: distill.warmup_epochs: {warm} must be below {what}, or KD never reaches its "
+                          "full weight")
     if recipe.distill.init and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.init: "
                           f"{recipe.distill.init} needs a teacher)")

@@ -225,6 +225,12 @@ class DistillSpec(Strict):
         None, ge=1, le=100_000,
         description="Distill for this many epochs, then train on the task loss alone to the end (the teacher no "
                     "longer runs; mmrazor's StopDistillHook); must be below train.epochs. Unset: every epoch")
+    warmup_epochs: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Ramp every KD term in over this many epochs: epoch e (1-based) weighs it e/warmup_epochs of "
+                    "its weight, full from then on (the student's first epochs follow the labels more than the "
+                    "teacher's features); decided from the epoch number, so --resume continues the ramp. Must be "
+                    "below train.epochs (and distill.stop_epoch). Unset: full weight from the first epoch")
     init: Literal["teacher", "auto"] | None = Field(
         None, description="teacher: start the student from the teacher's weights, each tensor cut to the student's "
                           "shape by evenly spaced channels, part by part (weight selection, Xu et al. ICLR 2024) "
