@@ -73,6 +73,7 @@ def _exports(bundle: Path, work: Path) -> dict:
 def _ultralytics_qat(seed: int, float_student: Path, teacher: Path, out: Path) -> dict:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend
+    from kdctl.models import resolve_model
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
     result = out / "result.json"
@@ -86,9 +87,10 @@ def _ultralytics_qat(seed: int, float_student: Path, teacher: Path, out: Path) -
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     w = out / "student.pt"
-    shutil.copy(float_student / "weights.pt", w)
+    shutil.copy(resolve_model(str(float_student), "student", "bench").ref, w)  # bundles verified: their checkpoints
     t0 = time.perf_counter()
-    YOLO(str(w)).train(data=str(ds.yaml), quantize=8, distill_model=str(teacher / "weights.pt"), epochs=t.epochs,
+    teacher_pt = resolve_model(str(teacher), "teacher", "bench").ref
+    YOLO(str(w)).train(data=str(ds.yaml), quantize=8, distill_model=teacher_pt, epochs=t.epochs,
                        imgsz=t.imgsz, batch=t.batch, seed=seed, optimizer=t.optimizer, lr0=t.lr0, mosaic=t.mosaic,
                        warmup_epochs=t.warmup_epochs, workers=0, device="cpu", plots=False, project=str(out),
                        name="train", exist_ok=True, verbose=False, amp=False, deterministic=True)
