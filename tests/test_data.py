@@ -424,6 +424,9 @@ def test_image_lists_with_relative_lines_train_on_the_images_kdctl_checked(tmp_p
     # the bundle's record keeps the dataset's own form (no paths into a work folder)
     kept = yaml.safe_load(normalised_yaml(ds, work / "record.yaml", image_lists=False).read_text())
     assert kept["train"] == "lists/train.txt"
+    (root / "lists" / "val.txt").write_text("../images/val/gone.png\nelsewhere/gone.png\n")
+    with pytest.raises(DataError, match=r"val: none of its 2 listed images exists \(first: .*/set/images/val/gone.png\)"):
+        load_yolo_yaml(root / "data.yaml")
 
 
 def test_hidden_files_in_image_folders_are_not_images(tmp_path, tiny_data):

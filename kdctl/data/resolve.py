@@ -199,6 +199,8 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         if split not in splits:
             found[split], skipped[split] = images, []
             continue
+        if not any(p.exists() for p in images):  # a list of paths that are not there: no label check applies
+            raise DataError(f"{path}: {split}: none of its {len(images)} listed images exists (first: {images[0]})")
         if not any(label_path(p).is_file() for p in images):
             raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
                             f"{label_path(images[0])})")
