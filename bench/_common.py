@@ -83,7 +83,7 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
     import shutil
 
     from kdctl.bundle import load_bundle
-    from kdctl.errors import KdctlError
+    from kdctl.errors import ResumeMismatch
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
 
@@ -104,7 +104,8 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
     if not finished_run(out, recipe):
         try:  # a run stopped by a deadline or killed continues from its last epoch (a finished one publishes)
             run_training(recipe, stage=stage, source=name, out=out, resume=True)
-        except KdctlError as e:  # an interrupted run of another recipe (e.g. other epochs): start over
+        except ResumeMismatch as e:  # an interrupted run of another recipe (e.g. other epochs): start over; any
+            # other error (data, a non-finite loss) is the run's own and stops the benchmark, its work kept
             print(f"{out}: not resumed ({e}); starting over", flush=True)
             shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
             run_training(recipe, stage=stage, source=name, out=out)

@@ -21,6 +21,10 @@ class RecipeError(KdctlError):
     """A recipe or preset file that does not validate."""
 
 
+class ResumeMismatch(RecipeError):
+    """``--resume`` with a recipe other than the interrupted run's (its checkpoint belongs to the recipe it began)."""
+
+
 class BundleError(KdctlError):
     """A bundle that is missing, of the wrong stage, or fails verification."""
 

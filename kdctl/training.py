@@ -22,7 +22,7 @@ import yaml
 from kdctl import faults
 from kdctl.bundle import Bundle, BundleWriter, claim_output, next_run_dir, write_json_atomic
 from kdctl.data.resolve import normalised_yaml, resolve_data
-from kdctl.errors import CheckFailed, KdctlError, RecipeError
+from kdctl.errors import CheckFailed, KdctlError, RecipeError, ResumeMismatch
 from kdctl.models import load_model, resolve_model
 from kdctl.progress import Step
 from kdctl.recipe.schema import Recipe
@@ -301,7 +301,7 @@ def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> N
     before = info.get("recipe")
     diff = recipe_difference(before, recipe, RESUME_MAY_CHANGE) if isinstance(before, dict) else None
     if diff:
-        raise RecipeError(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
+        raise ResumeMismatch(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
                           "with the recipe it started from, or pass --overwrite to start over")
 
 

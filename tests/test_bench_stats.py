@@ -127,6 +127,34 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
         finished_run(out, r)
 
 
+def test_an_interrupted_run_starts_over_only_for_another_recipe(monkeypatch, tmp_path):
+    """recipe_run resumes an interrupted run; only where kdctl says it was begun from another recipe does it start
+    over (its work folder removed). Any other error (bad data, a non-finite loss) stops the benchmark with the work
+    kept, instead of training the run from scratch a second time."""
+    import _common
+
+    from kdctl.errors import DataError, ResumeMismatch
+
+    out = tmp_path / "base-s0"
+    work = tmp_path / ".base-s0.work"
+    calls = []
+
+    def training(recipe, *, stage, source, out, resume=False):
+        calls.append(resume)
+        if resume:
+            raise failure
+        raise SystemExit("trained from scratch")
+
+    monkeypatch.setattr("kdctl.training.run_training", training)
+    for failure, kept in ((DataError("data.yaml: val: broken"), True),
+                          (ResumeMismatch("x: train.epochs: differs from the recipe of the interrupted run"), False)):
+        calls.clear()
+        work.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit if not kept else DataError):
+            _common.recipe_run("quickstart-student", "train", 0, None, out)
+        assert calls == ([True] if kept else [True, False]) and work.exists() == kept
+
+
 def fresh_settings(monkeypatch, bench) -> None:
     """bench.main() fills the module's settings (scene, epochs, --set, --data...): each test gets its own copies."""
     for name in ("SCENE", "EPOCHS", "OVERRIDES", "USER"):
