@@ -55,21 +55,22 @@ def table(head: list[str], rows: list[list]) -> str:
                      ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
 
 
-def finished_run(out: Path, recipe) -> bool:
-    """Whether ``out`` holds a finished bundle of exactly ``recipe``, which a benchmark then reads instead of training
-    again. A bundle of another recipe there (the recipe file changed since it ran, or two screens whose run folders
+def finished_run(out: Path, recipe):
+    """The finished bundle of exactly ``recipe`` at ``out``, which a benchmark then reads instead of training again;
+    None where there is none. A bundle of another recipe there (the recipe file changed since it ran, or two screens whose run folders
     share a name) stops the benchmark, naming the first field that differs, rather than filling a row with another
     run's result."""
     from kdctl.bundle import load_bundle
     from kdctl.training import recipe_difference
 
     if not (out / "manifest.json").is_file():
-        return False
-    diff = recipe_difference(load_bundle(out).recipe, recipe)
+        return None
+    bundle = load_bundle(out)
+    diff = recipe_difference(bundle.recipe, recipe)
     if diff:
         raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
                          "away to train this one there")
-    return True
+    return bundle
 
 
 def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path, *, device: str = "cpu",
@@ -82,7 +83,6 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
     so per epoch comes from the total)."""
     import shutil
 
-    from kdctl.bundle import load_bundle
     from kdctl.errors import ResumeMismatch
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training
@@ -101,15 +101,16 @@ def recipe_run(name: str, stage: str, seed: int, teacher: Path | None, out: Path
     if teacher is not None and d.get("teacher"):
         d["teacher"]["model"] = str(teacher)
     recipe = type(r).model_validate(d)
-    if not finished_run(out, recipe):
+    bundle = finished_run(out, recipe)
+    if bundle is None:
         try:  # a run stopped by a deadline or killed continues from its last epoch (a finished one publishes)
-            run_training(recipe, stage=stage, source=name, out=out, resume=True)
+            bundle = run_training(recipe, stage=stage, source=name, out=out, resume=True)
         except ResumeMismatch as e:  # an interrupted run of another recipe (e.g. other epochs): start over; any
             # other error (data, a non-finite loss) is the run's own and stops the benchmark, its work kept
             print(f"{out}: not resumed ({e}); starting over", flush=True)
             shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-            run_training(recipe, stage=stage, source=name, out=out)
-    m = load_bundle(out).metrics
+            bundle = run_training(recipe, stage=stage, source=name, out=out)
+    m = bundle.metrics
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"],
             "epoch_s": m["train_seconds"] / max(1, len(m.get("epochs") or []))}
 

@@ -129,14 +129,14 @@ def _recipe(name: str, seed: int, teacher: Path | None):
 
 
 def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path) -> dict:
-    from kdctl.bundle import load_bundle
     from kdctl.training import run_training
 
     recipe = _recipe(name, seed, teacher)
-    if not finished_run(out, recipe):
+    bundle = finished_run(out, recipe)
+    if bundle is None:
         shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(recipe, stage=stage, source=name, out=out)
-    m = load_bundle(out).metrics
+        bundle = run_training(recipe, stage=stage, source=name, out=out)
+    m = bundle.metrics
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
 

@@ -43,13 +43,13 @@ def _recipe(seed: int, float_student: Path, teacher: Path | None, quantize: bool
 
 
 def _train(out: Path, stage: str, recipe) -> float:
-    from kdctl.bundle import load_bundle
     from kdctl.training import run_training
 
-    if not finished_run(out, recipe):
+    bundle = finished_run(out, recipe)
+    if bundle is None:
         shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        run_training(recipe, stage=stage, source="bench", out=out)
-    return load_bundle(out).metrics["train_seconds"]
+        bundle = run_training(recipe, stage=stage, source="bench", out=out)
+    return bundle.metrics["train_seconds"]
 
 
 def _exports(bundle: Path, work: Path) -> dict:

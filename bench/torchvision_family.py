@@ -69,7 +69,6 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from kdctl.bundle import load_bundle
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import load_detector
     from kdctl.evaluate import evaluate_backend, torch_backend
@@ -85,9 +84,7 @@ def main() -> None:
     d = r.model_dump()
     d["train"]["epochs"] = a.epochs
     recipe = type(r).model_validate(d)
-    if not finished_run(out, recipe):
-        run_training(recipe, stage="train", source="bench", out=out)
-    b = load_bundle(out)
+    b = finished_run(out, recipe) or run_training(recipe, stage="train", source="bench", out=out)
     ds = load_yolo_yaml(b.file("data"))
     imgsz = int(b.metrics["imgsz"])
     threads = len(os.sched_getaffinity(0))

@@ -105,14 +105,14 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
 
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "backbone-head.yaml")
     out = tmp_path / "backbone-head-s0"
-    assert finished_run(out, r) is False  # nothing there yet: train it
+    assert finished_run(out, r) is None  # nothing there yet: train it
 
     out.mkdir()
     recorded = r.model_dump(mode="json")
     del recorded["distill"]["balance_cap"]  # recorded by an earlier kdctl, before the field existed: its default
     head = {"schema_version": 1, "stage": "distill", "id": "x", "files": {}, "content_sha256": ""}
     (out / "manifest.json").write_text(json.dumps({**head, "recipe": recorded}))
-    assert finished_run(out, r) is True
+    assert finished_run(out, r).recipe == recorded  # the bundle it read, for the row
 
     d = r.model_dump()
     d["distill"]["losses"][2]["params"] = {"positives": True}  # the screen that set a loss's field
