@@ -57,9 +57,9 @@ def table(head: list[str], rows: list[list]) -> str:
 
 def finished_run(out: Path, recipe):
     """The finished bundle of exactly ``recipe`` at ``out``, which a benchmark then reads instead of training again;
-    None where there is none. A bundle of another recipe there (the recipe file changed since it ran, or two screens whose run folders
-    share a name) stops the benchmark, naming the first field that differs, rather than filling a row with another
-    run's result."""
+    None where there is none. A bundle of another recipe there (the recipe file changed since it ran, or two screens
+    whose run folders share a name) stops the benchmark, naming the first field that differs, rather than filling a
+    row with another run's result."""
     from kdctl.bundle import load_bundle
     from kdctl.training import recipe_difference
 

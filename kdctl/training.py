@@ -84,7 +84,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
         batches.total(len(tr.train_loader))
         criterion = kd_criterion(tr)
         if criterion is not None:
-            criterion.stop_at(tr.epoch, stop_epoch, warmup_epochs)
+            criterion.at_epoch(tr.epoch, stop_epoch, warmup_epochs)
         stopped = " (KD stopped: task loss only)" if criterion is not None and criterion.stopped else (
             f" (KD at {criterion.ramp:.0%})" if criterion is not None and criterion.ramp < 1 else "")
         bar.describe(f"{stage} epoch {tr.epoch + 1}/{epochs}{stopped}")
@@ -301,8 +301,8 @@ def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> N
     before = info.get("recipe")
     diff = recipe_difference(before, recipe, RESUME_MAY_CHANGE) if isinstance(before, dict) else None
     if diff:
-        raise ResumeMismatch(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume it "
-                          "with the recipe it started from, or pass --overwrite to start over")
+        raise ResumeMismatch(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume "
+                             "it with the recipe it started from, or pass --overwrite to start over")
 
 
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:

@@ -363,12 +363,12 @@ def test_stopped_distillation_trains_on_the_task_loss_without_running_the_teache
     hook = v8n.model[0].register_forward_hook(lambda *a: runs.append(1))
     try:
         batch = _batch(n=2)
-        m.kd.stop_at(0, 1)
+        m.kd.at_epoch(0, 1)
         assert not m.kd.stopped
         _, items = m.loss(batch)
         assert runs and items["kd_cwd"].item() > 0 and items["kd_logit"].item() > 0
         runs.clear()
-        m.kd.stop_at(1, 1)
+        m.kd.at_epoch(1, 1)
         assert m.kd.stopped
         m.zero_grad()
         loss, items = m.loss(batch)
@@ -383,7 +383,7 @@ def test_stopped_distillation_trains_on_the_task_loss_without_running_the_teache
         plain = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
         assert stopped.keys() == plain.keys() and not any(n.startswith("kd.") for n in plain)
         assert all(torch.equal(stopped[n], plain[n]) for n in plain)
-        m.kd.stop_at(7, None)
+        m.kd.at_epoch(7, None)
         assert not m.kd.stopped  # unset: every epoch distills
     finally:
         hook.remove()
@@ -395,19 +395,19 @@ def test_warmup_ramps_every_kd_term_in_by_epoch(v8n):
     number alone (as --resume needs) and stop_epoch still stops."""
     m = _kd_model(v8n, [LossSpec(name="cwd", params={"tau": 2.0}), LossSpec(name="kd_logit", weight=3.0)], balance=0.5)
     batch = _batch(n=2)
-    m.kd.stop_at(9, None)
+    m.kd.at_epoch(9, None)
     _, full = m.loss(batch)  # the first batch fixes nothing yet (8 balance batches), so measure with scales fixed
     m.kd.scales = list(m.kd.current)
     _, full = m.loss(batch)
     for epoch, share in ((0, 0.25), (2, 0.75), (3, 1.0), (12, 1.0), (1, 0.5)):
-        m.kd.stop_at(epoch, None, 4)
+        m.kd.at_epoch(epoch, None, 4)
         assert m.kd.ramp == share
         _, items = m.loss(batch)
         for k in ("kd_cwd", "kd_logit"):
             assert items[k].item() == pytest.approx(share * full[k].item(), rel=1e-5), (epoch, k)
-    m.kd.stop_at(5, 5, 4)
+    m.kd.at_epoch(5, 5, 4)
     assert m.kd.stopped
-    m.kd.stop_at(0, None, None)
+    m.kd.at_epoch(0, None, None)
     assert m.kd.ramp == 1.0
 
 

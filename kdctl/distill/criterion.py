@@ -211,7 +211,7 @@ class DistillationCriterion(nn.Module):
         if state.get("current"):
             self.current = state["current"]
 
-    def stop_at(self, epoch: int, stop_epoch: int | None, warmup_epochs: int | None = None) -> None:
+    def at_epoch(self, epoch: int, stop_epoch: int | None, warmup_epochs: int | None = None) -> None:
         """Before 0-based ``epoch``: KD is off from epoch ``stop_epoch`` on (``distill.stop_epoch``; None: never);
         with ``warmup_epochs`` (``distill.warmup_epochs``) every term has ``(epoch + 1) / warmup_epochs`` of its
         weight until that reaches 1."""

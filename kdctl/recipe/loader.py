@@ -69,11 +69,10 @@ def _check_losses(recipe: Recipe, source: str) -> None:
     warm = recipe.distill.warmup_epochs
     if warm is not None and not recipe.distill.losses:
         raise RecipeError(f"{source}: distill.warmup_epochs: set without distill.losses (there is no KD term to ramp)")
-    if warm is not None and warm >= min(recipe.train.epochs, stop or recipe.train.epochs):
-        what = (f"distill.stop_epoch ({stop})" if stop is not None and stop < recipe.train.epochs
-                else f"train.epochs ({recipe.train.epochs})")
-        raise RecipeError(f"{source}: distill.warmup_epochs: {warm} must be below {what}, or KD never reaches its "
-                          "full weight")
+    end, what = (stop, "distill.stop_epoch") if stop is not None else (recipe.train.epochs, "train.epochs")
+    if warm is not None and warm >= end:  # KD must reach its full weight while it runs
+        raise RecipeError(f"{source}: distill.warmup_epochs: {warm} must be below {what} ({end}), or KD never "
+                          "reaches its full weight")
     if recipe.distill.init and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.init: "
                           f"{recipe.distill.init} needs a teacher)")
