@@ -230,7 +230,8 @@ class DistillSpec(Strict):
         description="Ramp every KD term in over this many epochs: epoch e (1-based) weighs it e/warmup_epochs of "
                     "its weight, full from then on (the student's first epochs follow the labels more than the "
                     "teacher's features); decided from the epoch number, so --resume continues the ramp. Must be "
-                    "below train.epochs (and distill.stop_epoch). Unset: full weight from the first epoch")
+                    "below train.epochs (and distill.stop_epoch). Unset: full weight from the first epoch. Not "
+                    "train.warmup_epochs, Ultralytics' learning-rate warm-up")
     init: Literal["teacher", "auto"] | None = Field(
         None, description="teacher: start the student from the teacher's weights, each tensor cut to the student's "
                           "shape by evenly spaced channels, part by part (weight selection, Xu et al. ICLR 2024) "
