@@ -396,7 +396,8 @@ def test_image_lists_with_relative_lines_train_on_the_images_kdctl_checked(tmp_p
     holds is found there, as Ultralytics finds it."""
     import shutil
 
-    from kdctl.data.resolve import normalised_yaml
+    from kdctl.data.resolve import label_path, normalised_yaml
+    from kdctl.data.validate import parse_labels
 
     root = tmp_path / "set"
     shutil.copytree(tiny_data.parent / "images", root / "images")
@@ -417,9 +418,6 @@ def test_image_lists_with_relative_lines_train_on_the_images_kdctl_checked(tmp_p
     monkeypatch.chdir(tmp_path)  # the trainer runs elsewhere
     seen = _ultralytics_sees(y)
     assert [Path(f).name for f in seen["train"][0]] == tr[:20] and [Path(f).name for f in seen["val"][0]] == va[:7]
-    from kdctl.data.resolve import label_path
-    from kdctl.data.validate import parse_labels
-
     assert seen["train"][1] == sum(len(parse_labels(label_path(p))) for p in ds.train_images) > 0
     # the bundle's record keeps the dataset's own form (no paths into a work folder)
     kept = yaml.safe_load(normalised_yaml(ds, work / "record.yaml", image_lists=False).read_text())

@@ -390,13 +390,13 @@ def test_stopped_distillation_trains_on_the_task_loss_without_running_the_teache
 
 
 def test_warmup_ramps_every_kd_term_in_by_epoch(v8n):
-    """distill.warmup_epochs: 4: epoch e (0-based) weighs every KD term (e + 1) / 4 of its full value, after the
-    auto-balance scale and the outlier cap; from epoch 4 on the full value; the ramp is decided from the epoch
-    number alone (as --resume needs) and stop_epoch still stops."""
+    """distill.warmup_epochs: 4: epoch e (0-based) weighs every KD term (e + 1) / 4 of its full value (its weight
+    times its auto-balance scale); from epoch 4 on the full value; the ramp is decided from the epoch number alone
+    (as --resume needs) and stop_epoch still stops."""
     m = _kd_model(v8n, [LossSpec(name="cwd", params={"tau": 2.0}), LossSpec(name="kd_logit", weight=3.0)], balance=0.5)
     batch = _batch(n=2)
     m.kd.at_epoch(9, None)
-    _, full = m.loss(batch)  # the first batch fixes nothing yet (8 balance batches), so measure with scales fixed
+    m.loss(batch)  # one balance batch of 8: running scales, fixed here so every epoch below sees the same ones
     m.kd.scales = list(m.kd.current)
     _, full = m.loss(batch)
     for epoch, share in ((0, 0.25), (2, 0.75), (3, 1.0), (12, 1.0), (1, 0.5)):
