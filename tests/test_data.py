@@ -463,3 +463,46 @@ def test_coco_set_with_skipped_images_trains_on_its_converted_labels(tmp_path):
     seen = _ultralytics_sees(normalised_yaml(ds, work / "data.yaml"))
     assert all(str(ds.yaml.parent) in f for f in seen["train"][0] + seen["val"][0])  # the converted layout
     assert seen["train"][1] == 2 and seen["val"][1] == 2   # a.jpg: the dog (crowd left out), c.jpg: the cat
+
+
+def test_roboflow_layout_and_ultralytics_path_lookups_are_read_as_ultralytics_reads_them(tmp_path, tiny_data,
+                                                                                         monkeypatch):
+    """Roboflow's export: no 'path', 'train: ../train/images' beside train/ (Ultralytics drops the '../' when that is
+    not there), its YOLOv5-era 'validation' key; and a relative 'path' found only under Ultralytics' datasets_dir.
+    kdctl refused the first as 'neither an image directory nor a .txt image list', and the last as not found."""
+    import shutil
+
+    import ultralytics.utils
+
+    from kdctl.data.resolve import normalised_yaml
+
+    rf = tmp_path / "rf"
+    for split, src in (("train", "train"), ("valid", "val")):
+        shutil.copytree(tiny_data.parent / "images" / src, rf / split / "images")
+        shutil.copytree(tiny_data.parent / "labels" / src, rf / split / "labels")
+    (rf / "data.yaml").write_text("train: ../train/images\nvalidation: ../valid/images\n"
+                                  "nc: 3\nnames: ['a', 'b', 'c']\n")
+    ds = load_yolo_yaml(rf / "data.yaml")
+    assert len(ds.train_images) == 24 and len(ds.val_images) == 8
+    assert all(p.is_relative_to(rf / "train" / "images") for p in ds.train_images)
+    monkeypatch.chdir(tmp_path)
+    seen = _ultralytics_sees(normalised_yaml(ds, tmp_path / "norm.yaml"))
+    assert seen["train"][0] == sorted(str(p) for p in ds.train_images)
+    assert seen["val"][0] == sorted(str(p) for p in ds.val_images)
+    # a '../' that is there is kept: the split beside the dataset folder
+    (rf / "data.yaml").write_text("path: sub\ntrain: ../train/images\nval: ../valid/images\nnames: [a, b, c]\n")
+    (rf / "sub").mkdir()
+    assert load_yolo_yaml(rf / "data.yaml").train_images[0].parent.resolve() == (rf / "train" / "images").resolve()
+    # a relative path neither beside the YAML nor in the working directory: Ultralytics' datasets_dir
+    store = tmp_path / "store"
+    shutil.copytree(tiny_data.parent, store / "tiny")
+    elsewhere = tmp_path / "yamls"
+    elsewhere.mkdir()
+    (elsewhere / "tiny.yaml").write_text("path: tiny\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    monkeypatch.setattr(ultralytics.utils, "DATASETS_DIR", store)
+    ds = load_yolo_yaml(elsewhere / "tiny.yaml")
+    assert len(ds.train_images) == 24 and ds.val_images[0].is_relative_to(store / "tiny")
+    assert yaml.safe_load(normalised_yaml(ds, tmp_path / "n2.yaml").read_text())["path"] == str(store / "tiny")
+    monkeypatch.setattr(ultralytics.utils, "DATASETS_DIR", tmp_path / "empty")
+    with pytest.raises(DataError, match=f"field 'path': directory '{elsewhere / 'tiny'}' not found"):
+        load_yolo_yaml(elsewhere / "tiny.yaml")

@@ -104,12 +104,25 @@ def _listed_image(line: str, lst: Path) -> Path:
     return Path(os.path.abspath(here)) if here.exists() else beside  # not found: named beside the list
 
 
+def _split_path(spec: str, root: Path) -> Path:
+    """A split given as one path, where Ultralytics finds it: under the root, or, for a ``../x`` that is not there,
+    ``x`` under the root (Roboflow's exports write ``train: ../train/images`` beside ``train/``)."""
+    p = Path(spec)
+    if p.is_absolute():
+        return p
+    if not (root / p).exists() and spec.startswith("../") and (root / spec[3:]).exists():
+        return root / spec[3:]
+    return root / p
+
+
 def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
     entries = spec if isinstance(spec, list) else [spec]
     out: list[Path] = []
     for e in entries:
-        p = Path(str(e))
-        p = p if p.is_absolute() else root / p
+        if isinstance(spec, list):  # a list's entries are taken as written: Ultralytics has no fallback for them
+            p = Path(str(e)) if Path(str(e)).is_absolute() else root / str(e)
+        else:
+            p = _split_path(str(e), root)
         if p.is_dir():
             # files only: a folder named like an image (``x.jpg/``) is no image (a dangling link is, and is named);
             # nothing hidden, as Ultralytics' glob: macOS's ``._x.jpg`` resource forks, ``.ipynb_checkpoints/``
@@ -129,6 +142,29 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
     return out
 
 
+def _renamed(data: dict) -> dict:
+    """Ultralytics' one key rename: a YAML that names its validation split ``validation`` is read as ``val``."""
+    if isinstance(data, dict) and "val" not in data and "validation" in data:
+        data["val"] = data.pop("validation")
+    return data
+
+
+def _dataset_root(data: dict, yaml_path: Path) -> Path:
+    """The dataset's root: ``path`` (default: the YAML's folder). A relative one is looked up beside the YAML, then
+    where Ultralytics looks for it: the working directory, then Ultralytics' ``datasets_dir`` setting."""
+    if not data.get("path"):
+        return yaml_path.parent
+    root = Path(data["path"]).expanduser()
+    if root.is_absolute():
+        return root
+    for place in (yaml_path.parent, Path.cwd()):
+        if (place / root).is_dir():
+            return place / root
+    from ultralytics.utils import DATASETS_DIR  # only asked when needed: it reads Ultralytics' settings file
+
+    return DATASETS_DIR / root if (DATASETS_DIR / root).is_dir() else yaml_path.parent / root
+
+
 def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val")
                    ) -> Dataset:
     """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image of the
@@ -144,6 +180,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: {e}" + (" (a dataset YAML is text)" if "UTF-8" in str(e) else "")) from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
+    data = _renamed(data)
     skip_invalid = skip_invalid or data.get("kdctl_skip_invalid") is True  # a bundle trained that way
     for key in ("train", "val", "path"):
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
@@ -181,13 +218,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: field 'names': class names repeat ({', '.join(repeated)})")
     if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool) or data["nc"] != len(names)):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} does not match the {len(names)} names")
-    root_field = data.get("path")
-    if root_field:
-        root = Path(root_field).expanduser()
-        if not root.is_absolute():
-            root = next((c for c in (path.parent / root, Path.cwd() / root) if c.is_dir()), path.parent / root)
-    else:
-        root = path.parent
+    root = _dataset_root(data, path)
     if not root.is_dir():
         raise DataError(f"{path}: field 'path': directory '{root}' not found")
     root = root.resolve()
@@ -220,11 +251,8 @@ def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
     When images were skipped as invalid, ``image_lists`` points the splits at lists of the kept images (beside
     ``out``, for the trainer); otherwise the splits stay as they were and ``kdctl_skip_invalid: true`` tells the
     next reader (``kdctl eval``/``export`` of the bundle) to leave the same images out again."""
-    data = parse_yaml(ds.yaml)  # read and checked by load_yolo_yaml before
-    root = Path(data.get("path") or ds.yaml.parent)
-    if not root.is_absolute():
-        root = next((c for c in (ds.yaml.parent / root, Path.cwd() / root) if c.is_dir()), ds.yaml.parent / root)
-    data["path"] = str(root.resolve())
+    data = _renamed(parse_yaml(ds.yaml))  # read and checked by load_yolo_yaml before
+    data["path"] = str(_dataset_root(data, ds.yaml).resolve())
     data["names"] = {i: n for i, n in enumerate(ds.names)}
     data.pop("download", None)  # never let a trainer fetch a dataset
     if any(ds.skipped.values()) and not image_lists:
