@@ -41,6 +41,15 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
                                    "nc": 0}))
     with pytest.raises(DataError, match=r"field 'names' is missing \(or give nc, the class count\)"):
         load_yolo_yaml(bad)
+    for nc, problem in [("'3'", None), ("3.0", None),  # Ultralytics takes integer-like counts
+                        ("3.5", r"field 'nc': 3.5 is not a whole number"), ("three", "'three' is not a whole number"),
+                        ("4", "field 'nc': 4 does not match the 3 names")]:
+        bad.write_text(f"path: {tiny_data.parent}\ntrain: images/train\nval: images/val\nnc: {nc}\nnames: [a, b, c]\n")
+        if problem is None:
+            assert load_yolo_yaml(bad).nc == 3
+        else:
+            with pytest.raises(DataError, match=problem):
+                load_yolo_yaml(bad)
     root = str(tiny_data.parent)
     for names, problem in [({"0": "a", 1: "b", 2: "c"}, None),  # Ultralytics reads ids with int(): '0' is 0
                            ({0: "a", "zero": "b"}, "class id 'zero' is not a whole number"),
@@ -423,7 +432,8 @@ def test_image_lists_with_relative_lines_train_on_the_images_kdctl_checked(tmp_p
     kept = yaml.safe_load(normalised_yaml(ds, work / "record.yaml", image_lists=False).read_text())
     assert kept["train"] == "lists/train.txt"
     (root / "lists" / "val.txt").write_text("../images/val/gone.png\nelsewhere/gone.png\n")
-    with pytest.raises(DataError, match=r"val: none of its 2 listed images exists \(first: .*/set/images/val/gone.png\)"):
+    with pytest.raises(DataError,
+                       match=r"val: none of its 2 listed images exists \(first: .*/set/images/val/gone.png\)"):
         load_yolo_yaml(root / "data.yaml")
 
 

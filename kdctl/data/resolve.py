@@ -186,6 +186,11 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
             raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
     nc = data.get("nc")
+    if isinstance(nc, (str, float)) and not isinstance(nc, bool):  # Ultralytics reads '6' and 6.0 as 6, not 6.5
+        try:
+            data["nc"] = nc = int(float(nc)) if float(nc) == int(float(nc)) else nc
+        except (ValueError, OverflowError):
+            pass  # refused below, named
     if data.get("names") in (None, "", [], {}) and isinstance(nc, int) and not isinstance(nc, bool) and nc > 0:
         data["names"] = [f"class_{i}" for i in range(nc)]  # Ultralytics' names for a dataset that gives only nc
     for key in ("train", "val", "names"):
@@ -216,7 +221,9 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:  # per-class AP is reported by name: two classes of one name would read as one
         raise DataError(f"{path}: field 'names': class names repeat ({', '.join(repeated)})")
-    if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool) or data["nc"] != len(names)):
+    if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool)):
+        raise DataError(f"{path}: field 'nc': {data['nc']!r} is not a whole number (the class count)")
+    if "nc" in data and data["nc"] != len(names):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} does not match the {len(names)} names")
     root = _dataset_root(data, path)
     if not root.is_dir():
@@ -450,7 +457,8 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
     index = {c["id"]: i for i, c in enumerate(cats)}
 
     def convert(tmp: Path) -> None:
-        for split, coco, img_dir, src in (("train", tr, Path(train_images), tr_json), ("val", va, Path(val_images), va_json)):
+        for split, coco, img_dir, src in (("train", tr, Path(train_images), tr_json),
+                                          ("val", va, Path(val_images), va_json)):
             if not img_dir.is_dir():
                 raise DataError(f"{src}: images directory '{img_dir}' not found")
             for folder in ("images", "labels", "crowd"):
