@@ -363,6 +363,45 @@ def test_images_in_other_formats_ultralytics_trains_on_are_listed_and_read(tmp_p
     assert all(len(g.boxes) == 1 for g in ground_truth(ds.val_images))
 
 
+def test_images_of_more_than_8_bits_are_read_as_ultralytics_reads_them_or_refused(tmp_path):
+    """16-bit grey (thermal, depth): OpenCV, which Ultralytics trains and validates with, keeps the high byte, where
+    Pillow's convert('RGB') clipped it at 255, so kdctl scored a model on white images. Float and 32-bit integer
+    TIFFs: Pillow reads them, OpenCV cannot, so training stopped at 'Image Not Found' after the check passed."""
+    import cv2
+    from ultralytics.utils.patches import imread
+
+    from kdctl.data.validate import check_image
+    from kdctl.evaluate.predict import load_rgb
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 65536, (40, 52), dtype=np.uint16)
+    for name in ("g16.png", "g16.tif"):
+        cv2.imwrite(str(tmp_path / name), grey)
+        assert Image.open(tmp_path / name).mode == "I;16" and check_image(tmp_path / name) is None
+        ours, theirs = load_rgb(tmp_path / name), imread(str(tmp_path / name))[..., ::-1]
+        assert ours.shape == theirs.shape == (40, 52, 3) and (ours == theirs).all()
+        assert (ours[..., 0] == grey >> 8).all()
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rng.integers(0, 65536, (40, 52, 3), dtype=np.uint16))
+    assert (load_rgb(tmp_path / "rgb16.png") == imread(str(tmp_path / "rgb16.png"))[..., ::-1]).all()
+    Image.fromarray(grey.astype(np.float32) / 65535).save(tmp_path / "f32.tif")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "i32.tif")
+    for name, mode in (("f32.tif", "F"), ("i32.tif", "I")):
+        assert imread(str(tmp_path / name)) is None
+        assert check_image(tmp_path / name) == (f"Pillow reads its {mode} pixels but OpenCV, which Ultralytics trains "
+                                                "with, cannot (save it with 8 or 16 bits per channel)")
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for name in ("g16.png", "f32.tif"):
+            (tmp_path / "images" / split / name).write_bytes((tmp_path / name).read_bytes())
+            (tmp_path / "labels" / split / f"{Path(name).stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [thing]\n")
+    with pytest.raises(DataError, match=r"images/train/f32.tif: Pillow reads its F pixels but OpenCV"):
+        load_yolo_yaml(tmp_path / "data.yaml")
+    ds = load_yolo_yaml(tmp_path / "data.yaml", skip_invalid=True)
+    assert [p.name for p in ds.val_images] == ["g16.png"] and "f32.tif: Pillow reads its F" in ds.skipped["val"][0]
+
+
 def test_model_names_in_another_order_are_refused():
     """Only a reordering of the dataset's own names is refused (it is certainly the wrong class map); other words
     and a YAML-built model's placeholders ('0', '1', ...) are not judged."""

@@ -18,12 +18,20 @@ Backend = Callable[[np.ndarray], np.ndarray]
 
 def load_rgb(path: Path) -> np.ndarray:
     """The image as RGB pixels, turned upright by its EXIF orientation tag as OpenCV (and so Ultralytics' training
-    and validation) reads it: a phone photo's labels are drawn on the upright image."""
+    and validation) reads it: a phone photo's labels are drawn on the upright image. 16-bit grey keeps its high byte,
+    as OpenCV reads it (Pillow's ``convert("RGB")`` clips it at 255: a white image)."""
     from PIL import ImageOps
 
     from kdctl.data.validate import read_image
 
-    return read_image(path, lambda im: np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+    def rgb(im) -> np.ndarray:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # 'I;16' ('I' from a 16-bit PNG in older Pillow)
+            grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        return np.asarray(im.convert("RGB"))
+
+    return read_image(path, rgb)
 
 
 def letterbox(img: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, tuple[float, float]]:
