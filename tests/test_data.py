@@ -302,14 +302,21 @@ def test_repeated_label_rows_count_once_as_ultralytics_counts_them(tmp_path):
                                                        [1, 0.5, 0.5, 0.2, 0.3]])  # file order kept
 
 
-def test_label_file_with_a_byte_order_mark_is_named(tmp_path):
-    """Notepad saves UTF-8 with a BOM; Ultralytics then drops the image from training with a warning only."""
-    from kdctl.data.validate import LabelError, parse_labels
+def test_label_file_with_a_byte_order_mark_is_read_as_ultralytics_reads_it(tmp_path):
+    """Notepad saves UTF-8 with a BOM. Ultralytics (from 8.4.183, kdctl's floor) reads such labels; kdctl refused
+    the dataset, naming the file."""
+    from ultralytics.data.utils import verify_image_label
 
-    f = tmp_path / "a.txt"
-    f.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.2 0.2\n")
-    with pytest.raises(LabelError, match=r"a.txt:1: starts with a UTF-8 byte-order mark"):
-        parse_labels(f, nc=1)
+    from kdctl.data.validate import parse_labels
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    f = tmp_path / "labels" / "a.txt"
+    f.write_bytes(b"\xef\xbb\xbf1 0.5 0.5 0.2 0.2\n0 0.25 0.25 0.1 0.1\n")
+    assert parse_labels(f, nc=2).tolist() == [[1, 0.5, 0.5, 0.2, 0.2], [0, 0.25, 0.25, 0.1, 0.1]]
+    theirs = verify_image_label((str(tmp_path / "images" / "a.png"), str(f), "", False, 2, 0, 0, False))
+    assert np.allclose(theirs[1], parse_labels(f, nc=2)) and theirs[-1] == ""  # read, not dropped with a message
 
 
 @pytest.mark.parametrize("orientation", [6, 8, 3])

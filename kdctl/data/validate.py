@@ -67,13 +67,10 @@ def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
     """``(n, 5)`` rows ``class cx cy w h`` from a YOLO label file (none: no objects); raises :class:`LabelError`."""
     if not path.exists():
         return np.zeros((0, 5))
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a byte-order mark (Notepad's UTF-8) is read past, as Ultralytics (8.4.183 on) reads labels
+        text = path.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError) as e:
         raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
-    if text.startswith("\ufeff"):  # Ultralytics' float() fails on it and drops the image from training unannounced
-        raise LabelError(path, 1, "starts with a UTF-8 byte-order mark (BOM), which Ultralytics cannot read; save "
-                                  "the file as UTF-8 without BOM")
     rows = [_box_line(line.split(), path, i, nc) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     # a row given twice is one object: Ultralytics' dataset drops repeats for training and validation, so scoring
