@@ -242,9 +242,13 @@ def test_polygon_labels_are_boxed_and_checked(tmp_path):
     from kdctl.data.validate import LabelError, parse_labels
 
     f = tmp_path / "a.txt"
-    f.write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n\n0 0.5 0.5 1.0 1.0\n")
+    f.write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n\n0 0 0 1.0 0 1.0 1.0 0 1.0\n")
     rows = parse_labels(f, nc=3)
     np.testing.assert_allclose(rows, [[2, 0.3, 0.4, 0.4, 0.4], [0, 0.5, 0.5, 1.0, 1.0]])
+    # boxes and polygons in one file: Ultralytics' check drops the image ('labels mix segment and detection rows')
+    f.write_text("2 0.1 0.2 0.5 0.2 0.3 0.6\n\n0 0.5 0.5 1.0 1.0\n")
+    with pytest.raises(LabelError, match=r"a.txt:3: mixes box rows \(5 columns, line 3\) and polygon rows \(line 1\)"):
+        parse_labels(f, nc=3)
     f.write_text("0 0.5 0.5 0.2 0.2\n0 0.1 0.2 0.5 0.2 0.3\n")
     with pytest.raises(LabelError, match=r"a.txt:2: has 6 columns"):
         parse_labels(f, nc=3)
@@ -261,8 +265,10 @@ def test_zero_size_boxes_are_kept_as_ultralytics_keeps_them_and_negative_ones_re
     from kdctl.data.validate import LabelError, parse_labels
 
     f = tmp_path / "a.txt"
-    f.write_text("0 0.5 0.5 0 0.2\n1 0.1 0.2 0.1 0.4 0.1 0.6\n")  # zero width; a polygon on one vertical line
-    np.testing.assert_allclose(parse_labels(f, nc=2), [[0, 0.5, 0.5, 0, 0.2], [1, 0.1, 0.4, 0, 0.4]])
+    f.write_text("0 0.5 0.5 0 0.2\n")  # zero width
+    np.testing.assert_allclose(parse_labels(f, nc=2), [[0, 0.5, 0.5, 0, 0.2]])
+    f.write_text("1 0.1 0.2 0.1 0.4 0.1 0.6\n")  # a polygon on one vertical line
+    np.testing.assert_allclose(parse_labels(f, nc=2), [[1, 0.1, 0.4, 0, 0.4]])
     f.write_text("0 0.5 0.5 0.2 -0.1\n")
     with pytest.raises(LabelError, match=r"a.txt:1: box width/height must be >= 0 \(got 0.2, -0.1\)"):
         parse_labels(f, nc=1)

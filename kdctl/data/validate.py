@@ -71,7 +71,13 @@ def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
         text = path.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, OSError) as e:
         raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
-    rows = [_box_line(line.split(), path, i, nc) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(i, line.split()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = [_box_line(parts, path, i, nc) for i, parts in lines]
+    polygon = next((i for i, parts in lines if len(parts) > 5), None)
+    box = next((i for i, parts in lines if len(parts) == 5), None)
+    if polygon is not None and box is not None:  # Ultralytics drops such an image from training and validation
+        raise LabelError(path, max(polygon, box), f"mixes box rows (5 columns, line {box}) and polygon rows (line "
+                                                  f"{polygon}); Ultralytics leaves such an image out: give one kind")
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     # a row given twice is one object: Ultralytics' dataset drops repeats for training and validation, so scoring
     # must too (a repeat is an extra ground truth no detection can match)
