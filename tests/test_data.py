@@ -252,11 +252,21 @@ def test_polygon_labels_are_boxed_and_checked(tmp_path):
     f.write_text("0 0.5 0.5 0.2 0.2\n0 0.1 0.2 0.5 0.2 0.3\n")
     with pytest.raises(LabelError, match=r"a.txt:2: has 6 columns"):
         parse_labels(f, nc=3)
-    f.write_text("0 0.995 0.5 0.02 0.2\n")  # overhangs by 0.5 %: within tolerance
-    assert len(parse_labels(f, nc=1)) == 1
-    f.write_text("0 0.98 0.5 0.1 0.2\n")    # overhangs by 3 %
-    with pytest.raises(LabelError, match="outside the image"):
-        parse_labels(f, nc=1)
+    # Ultralytics bounds the values (1 % tolerance), not the box's extent: a box overhanging the edge is an object
+    from ultralytics.data.utils import verify_image_label
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    for row, ok in (("0 1.005 0.5 0.02 0.2", True), ("0 0.98 0.5 0.1 0.2", True), ("0 0.9 0.1 0.4 0.4", True),
+                    ("0 1.02 0.5 0.1 0.2", False), ("0 0.5 -0.02 0.1 0.2", False), ("0 0.5 0.5 1.1 0.2", False)):
+        f.write_text(row + "\n")
+        theirs = verify_image_label((str(tmp_path / "images" / "a.png"), str(f), "", False, 1, 0, 0, False))
+        assert (theirs[1] is not None) == ok, row
+        if ok:
+            np.testing.assert_allclose(parse_labels(f, nc=1), theirs[1], rtol=1e-6)
+        else:
+            with pytest.raises(LabelError, match="outside the image"):
+                parse_labels(f, nc=1)
 
 
 def test_zero_size_boxes_are_kept_as_ultralytics_keeps_them_and_negative_ones_refused(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOLERANCE = 0.01  # boxes may overhang the image by 1 % of its side (rounding in converters), no more
+TOLERANCE = 0.01  # Ultralytics' bound: normalised values may exceed [0, 1] by 1 % (rounding in converters)
 MIN_SIDE = 10     # px; Ultralytics refuses smaller images too
 
 
@@ -52,7 +52,9 @@ def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[floa
         cx, cy, w, h = vals
         if w < 0 or h < 0:  # a zero-size box is kept, as Ultralytics keeps it (augmentation drops it in training)
             raise LabelError(path, n, f"box width/height must be >= 0 (got {w:g}, {h:g})")
-        if not (lo <= cx - w / 2 and cx + w / 2 <= hi and lo <= cy - h / 2 and cy + h / 2 <= hi):
+        # Ultralytics' bound is on the four values, not on the box's extent: a box that overhangs the image edge
+        # (centre near it, a whole width) is trained on and scored as given
+        if not (lo <= cx <= hi and lo <= cy <= hi and w <= hi and h <= hi):
             raise LabelError(path, n, f"box ({cx:g} {cy:g} {w:g} {h:g}) is outside the image: coordinates must "
                                       "be normalised to [0, 1]")
         return [cls, cx, cy, w, h]
