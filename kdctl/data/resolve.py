@@ -160,9 +160,10 @@ def _dataset_root(data: dict, yaml_path: Path) -> Path:
     for place in (yaml_path.parent, Path.cwd()):
         if (place / root).is_dir():
             return place / root
-    from ultralytics.utils import DATASETS_DIR  # only asked when needed: it reads Ultralytics' settings file
+    from kdctl.detectors.ultralytics_env import datasets_dir  # only asked when needed: it imports Ultralytics
 
-    return DATASETS_DIR / root if (DATASETS_DIR / root).is_dir() else yaml_path.parent / root
+    shared = datasets_dir() / root
+    return shared if shared.is_dir() else yaml_path.parent / root
 
 
 def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val")

@@ -9,7 +9,6 @@ error naming ``file:line``; with ``skip_invalid`` the bad images are left out an
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +134,9 @@ def check_image(path: Path) -> str | None:
         return image_problem(e)
     if w < MIN_SIDE or h < MIN_SIDE:
         return f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} needed"
-    if mode not in EIGHT_BIT_MODES and not mode.startswith("I;16") and _opencv_reads(path) is False:
+    from kdctl.detectors.ultralytics_env import opencv_reads
+
+    if mode not in EIGHT_BIT_MODES and not mode.startswith("I;16") and opencv_reads(path) is False:
         return (f"Pillow reads its {mode} pixels but OpenCV, which Ultralytics trains with, cannot (save it with 8 or "
                 "16 bits per channel)")
     return None
@@ -143,25 +144,6 @@ def check_image(path: Path) -> str | None:
 
 # Pillow modes of 8 bits per channel, which OpenCV reads as Pillow does; others (32-bit float or integer) are asked
 EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
-
-
-def _opencv_reads(path: Path) -> bool | None:
-    """Whether Ultralytics' image reader decodes the file; None where Ultralytics is not installed (a device)."""
-    try:
-        from cv2.utils import logging as cv_log
-        from ultralytics.utils.patches import imread
-    except ImportError:
-        return None
-    with _OPENCV_QUIET:  # OpenCV would print its own warning about the file above kdctl's one-line error
-        level = cv_log.getLogLevel()
-        cv_log.setLogLevel(min(level, cv_log.LOG_LEVEL_ERROR))
-        try:
-            return imread(str(path)) is not None
-        finally:
-            cv_log.setLogLevel(level)
-
-
-_OPENCV_QUIET = threading.Lock()
 
 
 @dataclass

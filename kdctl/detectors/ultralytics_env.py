@@ -1,8 +1,11 @@
-"""Make Ultralytics safe to import here: offline, quiet, no font or weight downloads."""
+"""Make Ultralytics safe to import here: offline, quiet, no font or weight downloads; and the two facts of its
+environment the data checks need without importing a detector: its datasets folder and its image reader."""
 
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 
 def prepare() -> None:
@@ -21,3 +24,32 @@ def prepare() -> None:
     # the same notice through torch's logger ("No CUDA runtime is found, using CUDA_HOME=...") when ModelOpt or
     # NNCF import torch's extension builder on a machine without CUDA
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def datasets_dir() -> Path:
+    """Ultralytics' ``datasets_dir`` setting: where it looks for a dataset YAML's relative ``path`` last."""
+    prepare()
+    from ultralytics import utils
+
+    return Path(utils.DATASETS_DIR)
+
+
+def opencv_reads(path: Path) -> bool | None:
+    """Whether Ultralytics' image reader (OpenCV, Pillow for a few formats) decodes the file; None where Ultralytics
+    is not installed (a device runs kdctl's profiler without it)."""
+    try:
+        prepare()
+        from cv2.utils import logging as cv_log
+        from ultralytics.utils.patches import imread
+    except ImportError:
+        return None
+    with _OPENCV_QUIET:  # OpenCV would print its own warning about the file above kdctl's one-line error
+        level = cv_log.getLogLevel()
+        cv_log.setLogLevel(min(level, cv_log.LOG_LEVEL_ERROR))
+        try:
+            return imread(str(path)) is not None
+        finally:
+            cv_log.setLogLevel(level)
+
+
+_OPENCV_QUIET = threading.Lock()
