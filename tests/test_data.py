@@ -578,3 +578,32 @@ def test_roboflow_layout_and_ultralytics_path_lookups_are_read_as_ultralytics_re
     monkeypatch.setattr(ultralytics.utils, "DATASETS_DIR", tmp_path / "empty")
     with pytest.raises(DataError, match=f"field 'path': directory '{elsewhere / 'tiny'}' not found"):
         load_yolo_yaml(elsewhere / "tiny.yaml")
+
+
+def test_pose_rows_of_a_dataset_with_kpt_shape_are_refused_not_read_as_polygons(tmp_path, tiny_data):
+    """A pose dataset (kpt_shape) trained as a detector: Ultralytics keeps each row's box. With 2-D keypoints the row
+    has an odd length, which kdctl read as a polygon: a box around the keypoints and the box numbers together."""
+    import shutil
+
+    from ultralytics.data.utils import verify_image_label
+
+    root = tmp_path / "pose"
+    for folder in ("images", "labels"):
+        shutil.copytree(tiny_data.parent / folder, root / folder)
+    label = sorted((root / "labels" / "val").iterdir())[0]
+    row = "0 0.5 0.5 0.2 0.2 0.45 0.45 0.55 0.45 0.9 0.9"  # box, then three (x, y) keypoints
+    label.write_text(row + "\n")
+    image = next((root / "images" / "val").glob(label.stem + ".*"))
+    theirs = verify_image_label((str(image), str(label), "", False, 3, 3, 2, False))
+    np.testing.assert_allclose(theirs[1], [[0, 0.5, 0.5, 0.2, 0.2]], rtol=1e-6)  # Ultralytics: the box
+    data = "path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n"
+    (root / "data.yaml").write_text(data + "kpt_shape: [3, 2]\n")
+    with pytest.raises(DataError, match=rf"{label.name}:1: has 11 columns: a box with keypoints \(the dataset's "
+                                        "kpt_shape\\); kdctl reads detection labels: keep each row's first 5 columns"):
+        load_yolo_yaml(root / "data.yaml")
+    assert load_yolo_yaml(root / "data.yaml", skip_invalid=True).skipped["val"][0].startswith(str(label))
+    label.write_text("0 0.5 0.5 0.2 0.2\n")  # box rows in a dataset that names keypoints: read as boxes
+    assert len(load_yolo_yaml(root / "data.yaml").val_images) == 8
+    (root / "data.yaml").write_text(data + "kpt_shape: [3, 4]\n")
+    with pytest.raises(DataError, match=r"field 'kpt_shape': expected \[keypoints, 2 or 3\], got \[3, 4\]"):
+        load_yolo_yaml(root / "data.yaml")

@@ -226,6 +226,10 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: field 'nc': {data['nc']!r} is not a whole number (the class count)")
     if "nc" in data and data["nc"] != len(names):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} does not match the {len(names)} names")
+    kpt = data.get("kpt_shape")  # a pose dataset: Ultralytics' detector trains on the boxes of its rows
+    if kpt is not None and not (isinstance(kpt, list) and len(kpt) == 2 and all(type(v) is int for v in kpt)
+                                and kpt[0] > 0 and kpt[1] in (2, 3)):
+        raise DataError(f"{path}: field 'kpt_shape': expected [keypoints, 2 or 3], got {kpt!r}")
     root = _dataset_root(data, path)
     if not root.is_dir():
         raise DataError(f"{path}: field 'path': directory '{root}' not found")
@@ -243,7 +247,8 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         if not any(label_path(p).is_file() for p in images):
             raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
                             f"{label_path(images[0])})")
-        res = check_split(images, len(names), label_path, skip_invalid=skip_invalid)
+        res = check_split(images, len(names), label_path, skip_invalid=skip_invalid,
+                          pose_columns=5 + kpt[0] * kpt[1] if kpt else None)
         if not res.images:
             raise DataError(f"{path}: {split}: all {len(images)} images are invalid (first: {res.skipped[0]})")
         if res.objects == 0:

@@ -64,8 +64,11 @@ def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[floa
     return [cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
 
 
-def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
-    """``(n, 5)`` rows ``class cx cy w h`` from a YOLO label file (none: no objects); raises :class:`LabelError`."""
+def parse_labels(path: Path, nc: int | None = None, pose_columns: int | None = None) -> np.ndarray:
+    """``(n, 5)`` rows ``class cx cy w h`` from a YOLO label file (none: no objects); raises :class:`LabelError`.
+
+    ``pose_columns``: a pose dataset's row length (``5 + keypoints x dims`` from its ``kpt_shape``), refused: kdctl
+    would read an odd-length one as a polygon, where Ultralytics keeps its box."""
     if not path.exists():
         return np.zeros((0, 5))
     try:  # a byte-order mark (Notepad's UTF-8) is read past, as Ultralytics (8.4.183 on) reads labels
@@ -73,6 +76,10 @@ def parse_labels(path: Path, nc: int | None = None) -> np.ndarray:
     except (UnicodeDecodeError, OSError) as e:
         raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
     lines = [(i, line.split()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    pose = next((i for i, parts in lines if pose_columns and len(parts) == pose_columns > 5), None)
+    if pose is not None:
+        raise LabelError(path, pose, f"has {pose_columns} columns: a box with keypoints (the dataset's kpt_shape); "
+                                     "kdctl reads detection labels: keep each row's first 5 columns")
     rows = [_box_line(parts, path, i, nc) for i, parts in lines]
     polygon = next((i for i, parts in lines if len(parts) > 5), None)
     box = next((i for i, parts in lines if len(parts) == 5), None)
@@ -153,7 +160,8 @@ class SplitCheck:
     objects: int
 
 
-def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, workers: int = 8) -> SplitCheck:
+def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, workers: int = 8,
+                pose_columns: int | None = None) -> SplitCheck:
     """Validate the labels and images of one split; raise the first problem unless ``skip_invalid``."""
     from kdctl.errors import DataError
 
@@ -163,7 +171,7 @@ def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, wo
     for img, why in zip(images, image_problems):
         if why is None:
             try:
-                objects += len(parse_labels(label_of(img), nc))
+                objects += len(parse_labels(label_of(img), nc, pose_columns))
             except LabelError as e:
                 why = str(e)
         else:
