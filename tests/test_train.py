@@ -33,6 +33,39 @@ def test_eval_cli(trained_bundle, tiny_data, tmp_path):
     assert d["map50_95"] == tm["map50_95"]
 
 
+def test_eval_split_scores_the_yaml_test_split(trained_bundle, tiny_data, tmp_path):
+    """--split test scores the YAML's test: images, as Ultralytics' val split=test: the same mAP as a YAML whose val:
+    is that folder; a YAML without test: is one line naming the field."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "d"
+    for folder in ("images", "labels"):
+        shutil.copytree(tiny_data.parent / folder / "train", root / folder / "test")
+        shutil.copytree(tiny_data.parent / folder / "val", root / folder / "val")
+    spec = {"path": str(root), "train": "images/val", "val": "images/val", "test": "images/test",
+            "names": ["circle", "square", "triangle"]}
+    (root / "data.yaml").write_text(yaml.safe_dump(spec))
+    (root / "as-val.yaml").write_text(yaml.safe_dump({**spec, "val": "images/test"}))
+    run = [str(trained_bundle), "--data", str(root / "data.yaml"), "--json"]
+    res = CliRunner().invoke(app, ["eval", *run, "--split", "test", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    test = json.loads(res.stdout)
+    same = json.loads(CliRunner().invoke(app, ["eval", str(trained_bundle), "--data", str(root / "as-val.yaml"),
+                                               "--out", str(tmp_path / "v"), "--json"]).stdout)
+    val = json.loads(CliRunner().invoke(app, ["eval", *run, "--out", str(tmp_path / "v2")]).stdout)
+    assert test["images"] == 24 and val["images"] == 8 and (test["split"], val["split"]) == ("test", "val")
+    assert test["map50_95"] == same["map50_95"] and test["per_class_ap50_95"] == same["per_class_ap50_95"]
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["inputs"]["data"]["scored_split"] == "test" and m["metrics"]["split"] == "test"
+    del spec["test"]
+    (root / "data.yaml").write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(app, ["eval", *run, "--split", "test", "--out", str(tmp_path / "t2")])
+    assert res.exit_code == 2 and "data.yaml: field 'test' is missing (the split to score)" in res.output
+    assert not (tmp_path / "t2").exists()
+
+
 def test_train_cli_bad_data(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("student: {model: yolov8-tiny.yaml}\ndata: {yolo: missing/data.yaml}\ntrain: {epochs: 1, imgsz: 64}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,28 +14,36 @@ from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOp
 from kdctl.limits import IMGSZ_MAX
 
 
+class Split(str, Enum):
+    val = "val"
+    test = "test"
+    train = "train"
+
+
 def evaluate(
     bundle: BundleArg,
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
+    split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
+                                                         "the YAML's test: images).")] = Split.val,
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
     skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model and write an eval bundle.
 
-    Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml[/bold]
+    Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml --split test[/bold]
     """
     from kdctl.evaluate.stage import evaluate_bundle
 
     with progress_bar(not (json_ or quiet)) as p:
         b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite,
-                            skip_invalid=skip_invalid, progress=p)
+                            skip_invalid=skip_invalid, split=split.value, progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "map50_95": m["map50_95"], "map50": m["map50"], "map75": m["map75"],
-              "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"]}
+              "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
 
     def human():
-        t = Table(title=f"eval: {b.path} ({m['images']} images)")
+        t = Table(title=f"eval: {b.path} ({m['images']} {m['split']} images)")
         t.add_column("class")
         t.add_column("AP50-95", justify="right")
         for k, v in m["per_class_ap50_95"].items():

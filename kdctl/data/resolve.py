@@ -36,6 +36,7 @@ class Dataset:
     train_images: list[Path]   # validated (see kdctl.data.validate); bad ones left out only with skip_invalid
     val_images: list[Path]
     skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "file[:line]: what"
+    val_split: str = "val"     # the YAML's split in val_images: 'val', or the one asked for ('test', 'train')
 
     @property
     def nc(self) -> int:
@@ -44,6 +45,8 @@ class Dataset:
     def describe(self) -> dict:
         d = {"yaml": str(self.yaml), "nc": self.nc, "names": self.names,
              "train_images": len(self.train_images), "val_images": len(self.val_images)}
+        if self.val_split != "val":
+            d["scored_split"] = self.val_split
         if any(self.skipped.values()):
             d["skipped"] = {split: {"count": len(v), "items": v[:1000]} for split, v in self.skipped.items() if v}
         return d
@@ -166,10 +169,11 @@ def _dataset_root(data: dict, yaml_path: Path) -> Path:
     return shared if shared.is_dir() else yaml_path.parent / root
 
 
-def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val")
-                   ) -> Dataset:
+def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val"),
+                   score: str = "val") -> Dataset:
     """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image of the
-    ``splits`` that will be used (the others are listed, not checked)."""
+    ``splits`` that will be used (the others are listed, not checked). ``score``: the YAML split that becomes
+    ``val_images`` (``kdctl eval --split test``, as Ultralytics' ``val split=test``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: " + ("is a directory; give its data.yaml" if path.is_dir() else
@@ -236,26 +240,29 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     root = root.resolve()
     from kdctl.data.validate import check_split
 
+    if data.get(score) in (None, "", []):
+        raise DataError(f"{path}: field '{score}' is missing (the split to score)")
     found, skipped = {}, {}
     for split in ("train", "val"):
-        images = _list_images(data[split], root, str(path), split)
+        key = score if split == "val" else split
+        images = _list_images(data[key], root, str(path), key)
         if split not in splits:
             found[split], skipped[split] = images, []
             continue
         if not any(p.exists() for p in images):  # a list of paths that are not there: no label check applies
-            raise DataError(f"{path}: {split}: none of its {len(images)} listed images exists (first: {images[0]})")
+            raise DataError(f"{path}: {key}: none of its {len(images)} listed images exists (first: {images[0]})")
         if not any(label_path(p).is_file() for p in images):
-            raise DataError(f"{path}: {split}: none of its {len(images)} images has a label file (expected e.g. "
+            raise DataError(f"{path}: {key}: none of its {len(images)} images has a label file (expected e.g. "
                             f"{label_path(images[0])})")
         res = check_split(images, len(names), label_path, skip_invalid=skip_invalid,
                           pose_columns=5 + kpt[0] * kpt[1] if kpt else None)
         if not res.images:
-            raise DataError(f"{path}: {split}: all {len(images)} images are invalid (first: {res.skipped[0]})")
+            raise DataError(f"{path}: {key}: all {len(images)} images are invalid (first: {res.skipped[0]})")
         if res.objects == 0:
-            raise DataError(f"{path}: {split}: no objects: every label file of its {len(res.images)} images is "
+            raise DataError(f"{path}: {key}: no objects: every label file of its {len(res.images)} images is "
                             "empty")
         found[split], skipped[split] = res.images, res.skipped
-    return Dataset(path, names, found["train"], found["val"], skipped)
+    return Dataset(path, names, found["train"], found["val"], skipped, val_split=score)
 
 
 def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:

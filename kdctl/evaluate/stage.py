@@ -11,20 +11,22 @@ from kdctl.progress import Step
 
 def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz: int | None = None,
                     out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
-                    overwrite: bool = False, skip_invalid: bool = False, progress=None) -> Bundle:
+                    overwrite: bool = False, skip_invalid: bool = False, split: str = "val",
+                    progress=None) -> Bundle:
+    """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``)."""
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
-        return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, progress)
+        return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, split, progress)
 
 
-def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, skip_invalid: bool,
+def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, skip_invalid: bool, split: str,
               progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
-    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",))
+    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",), score=split)
     size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
     model = load_bundle_weights(src)
     check_imgsz(size, model)
@@ -34,7 +36,7 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
                                progress=step.advance)
     with BundleWriter(out, stage="eval", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"data": ds.describe(), "model": str(src.file("weights"))}) as w:
-        w.metrics.update({"runtime": "pytorch", "precision": "fp32", **metrics})
+        w.metrics.update({"runtime": "pytorch", "precision": "fp32", "split": split, **metrics})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
     return w.bundle
