@@ -76,7 +76,7 @@ def parse_labels(path: Path, nc: int | None = None, pose_columns: int | None = N
     except (UnicodeDecodeError, OSError) as e:
         raise LabelError(path, None, f"cannot be read as text ({type(e).__name__})") from None
     lines = [(i, line.split()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    pose = next((i for i, parts in lines if pose_columns and len(parts) == pose_columns > 5), None)
+    pose = next((i for i, parts in lines if pose_columns and len(parts) == pose_columns), None)
     if pose is not None:
         raise LabelError(path, pose, f"has {pose_columns} columns: a box with keypoints (the dataset's kpt_shape); "
                                      "kdctl reads detection labels: keep each row's first 5 columns")
