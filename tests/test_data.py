@@ -134,6 +134,26 @@ def test_coco_images_sharing_a_stem_keep_their_own_labels(tmp_path):
         coco_dataset(**spec)
 
 
+def test_coco_file_names_with_the_images_folder_in_them_are_found(tmp_path):
+    """Exports write 'images/a.jpg' or 'train2017/a.jpg' into file_name; given that folder as the images folder,
+    kdctl refused the set ('not found'). Now the base name is looked up there when the path as written is not."""
+    spec = make_coco(tmp_path)
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["images"][0]["file_name"] = "train2017/a.jpg"   # only the base name is in the images folder
+    coco["images"][1]["file_name"] = "imgs/b.jpg"
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    ds = coco_dataset(**spec)
+    gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
+    assert sorted(gts) == ["imgs__b.jpg", "sub__c.jpg", "train2017__a.jpg"]
+    assert gts["train2017__a.jpg"].classes[~gts["train2017__a.jpg"].crowd].tolist() == [1]
+    linked = {p.name: p.resolve() for p in ds.val_images}
+    assert linked["train2017__a.jpg"] == (Path(spec["val_images"]) / "a.jpg").resolve()
+    coco["images"][0]["file_name"] = "train2017/gone.jpg"
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: image 'train2017/gone.jpg' \(id 1\) not found in .*imgs"):
+        coco_dataset(**spec)
+
+
 def test_coco_image_sizes_are_checked_against_the_files(tmp_path):
     """Boxes are normalised by the JSON's width and height: images resized after annotation trained on misplaced
     boxes without a word. A mismatch is an invalid image (one line, or skipped and listed with --skip-invalid);

@@ -419,6 +419,17 @@ def _bbox_problem(a: dict, cat_ids: set, size: tuple[float, float]) -> str | Non
     return None
 
 
+def _coco_image(img_dir: Path, file_name: str) -> Path:
+    """Where an image of a COCO JSON is: ``file_name`` under the images folder; failing that its base name there, for
+    exports that write the folder into ``file_name`` (``images/0001.jpg``, ``train2017/0001.jpg``) when the images
+    folder given is that folder itself. Not found: the first, as named."""
+    first = img_dir / file_name
+    if first.is_file() or Path(file_name).name == file_name:
+        return first
+    flat = img_dir / Path(file_name).name
+    return flat if flat.is_file() else first
+
+
 def _check_sizes(coco: dict, src: Path, img_dir: Path) -> None:
     """Each image's width and height in the JSON against its file (read from the header): boxes are normalised by
     the JSON's numbers, so a set whose images were resized after annotation would train on misplaced boxes,
@@ -428,7 +439,7 @@ def _check_sizes(coco: dict, src: Path, img_dir: Path) -> None:
 
     bad = coco["_invalid_images"]
     for i, im in enumerate(coco["images"]):
-        f = img_dir / str(im["file_name"])
+        f = _coco_image(img_dir, str(im["file_name"]))
         if im["id"] in bad or not f.is_file():
             continue  # a missing file is named by the conversion
         try:
@@ -482,7 +493,7 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
             stems: set[str] = set()  # a.jpg and a.png must not share a.txt
             ids_by_name: dict[str, object] = {}
             for im in coco["images"]:
-                src_img = img_dir / im["file_name"]
+                src_img = _coco_image(img_dir, im["file_name"])
                 if not src_img.is_file():
                     raise DataError(f"{src}: image '{im['file_name']}' (id {im['id']}) not found in {img_dir}")
                 if im["file_name"] in ids_by_name:
