@@ -154,6 +154,30 @@ def test_coco_file_names_with_the_images_folder_in_them_are_found(tmp_path):
         coco_dataset(**spec)
 
 
+def test_coco_images_without_width_and_height_take_them_from_their_files(tmp_path):
+    """width and height are optional in some exports; the boxes are normalised by them, so kdctl reads them from the
+    file's header (it refused the set as 'images[0].width is missing')."""
+    spec = make_coco(tmp_path)
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    for im in coco["images"]:
+        del im["width"], im["height"]
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    ds = coco_dataset(**spec)
+    gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
+    a = gts["a.jpg"]
+    assert np.allclose(a.boxes[~a.crowd], [[10, 5, 30, 15]], atol=1e-3)  # bbox [10, 5, 20, 10] on the 100x50 file
+    assert np.allclose(gts["sub__c.jpg"].boxes, [[90, 40, 100, 50]], atol=1e-3)  # clipped to the file's size
+    coco["images"][0]["file_name"] = "gone.jpg"
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: images\[0\]: width and height are missing and '.*gone.jpg' "
+                                        r"cannot be read for them \(FileNotFoundError\)"):
+        coco_dataset(**spec)
+    coco["images"][0].update(file_name="a.jpg", width=100)
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"ann.json: images\[0\].height is missing"):
+        coco_dataset(**spec)
+
+
 def test_coco_image_sizes_are_checked_against_the_files(tmp_path):
     """Boxes are normalised by the JSON's width and height: images resized after annotation trained on misplaced
     boxes without a word. A mismatch is an invalid image (one line, or skipped and listed with --skip-invalid);

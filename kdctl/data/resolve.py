@@ -343,7 +343,7 @@ def synthetic_dataset(train: int, val: int, seed: int, imgsz: int, classes: int,
     return load_yolo_yaml(final / "data.yaml")
 
 
-def _read_coco(path: Path) -> dict:
+def _read_coco(path: Path, img_dir: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: COCO annotation file not found")
     try:
@@ -366,7 +366,12 @@ def _read_coco(path: Path) -> dict:
     for i, im in enumerate(coco["images"]):
         if not isinstance(im, dict):
             raise DataError(f"{path}: images[{i}]: expected an object")
-        for key in ("id", "file_name", "width", "height"):
+        for key in ("id", "file_name"):
+            if key not in im:
+                raise DataError(f"{path}: images[{i}].{key} is missing")
+        if "width" not in im and "height" not in im and isinstance(im["file_name"], str) and im["file_name"]:
+            _size_from_file(im, img_dir, f"{path}: images[{i}]")  # optional in exports; boxes need it: the file's
+        for key in ("width", "height"):
             if key not in im:
                 raise DataError(f"{path}: images[{i}].{key} is missing")
         if not _is_int(im["id"]) or im["id"] in sizes:
@@ -391,6 +396,20 @@ def _read_coco(path: Path) -> dict:
             bad[a["image_id"]] = f"{path}: annotations[{i}].{why}"
     coco["_invalid_images"] = bad
     return coco
+
+
+def _size_from_file(im: dict, img_dir: Path, where: str) -> None:
+    """Fill a COCO image entry's missing width and height from its file's header (EXIF-upright, as it is trained)."""
+    from kdctl.data.validate import open_image
+    from kdctl.evaluate.predict import oriented_size
+
+    f = _coco_image(img_dir, im["file_name"])
+    try:
+        with open_image(f) as pic:
+            im["width"], im["height"] = oriented_size(pic)
+    except Exception as e:  # missing or not an image: the size cannot be had
+        raise DataError(f"{where}: width and height are missing and '{f}' cannot be read for them "
+                        f"({type(e).__name__})") from None
 
 
 def _is_int(v) -> bool:
@@ -458,7 +477,7 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
                  skip_invalid: bool = False) -> Dataset:
     """Convert a COCO-JSON dataset into a cached YOLO layout (categories sorted by id become 0..nc-1)."""
     tr_json, va_json = Path(train_annotations), Path(val_annotations)
-    tr, va = _read_coco(tr_json), _read_coco(va_json)
+    tr, va = _read_coco(tr_json, Path(train_images)), _read_coco(va_json, Path(val_images))
     for coco, src, img_dir in ((tr, tr_json, Path(train_images)), (va, va_json, Path(val_images))):
         _check_sizes(coco, src, img_dir)
     skipped = {}
