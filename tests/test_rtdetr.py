@@ -104,7 +104,7 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
 
     assert isinstance(load_detector(rtdetr_bundle / "weights.pt"), rtdetr.RTDETRDetectionModel)
     run = CliRunner()
-    res = run.invoke(app, ["eval", str(rtdetr_bundle), "--json"])
+    res = run.invoke(app, ["eval", str(rtdetr_bundle), "--out", str(tmp_path / "eval"), "--json"])
     assert res.exit_code == 0, res.output
     assert 0 <= json.loads(res.stdout)["map50_95"] <= 1
     res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "cpu", "--calibration-images", "8", "--out",
