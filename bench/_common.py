@@ -70,6 +70,11 @@ def finished_run(out: Path, recipe):
     if diff:
         raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
                          "away to train this one there")
+    for parent in bundle.manifest.get("parents") or []:  # a teacher is named by its folder: same recipe, new teacher
+        now = Path(str(parent.get("path") or "")) / "manifest.json"
+        if parent.get("path") and now.is_file() and load_bundle(now.parent).manifest.get("id") != parent.get("id"):
+            raise SystemExit(f"{out}: a finished run from an earlier {parent['path']} (trained again since); move it "
+                             "away to train this one there")
     return bundle
 
 

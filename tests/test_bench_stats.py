@@ -122,6 +122,16 @@ def test_a_finished_run_is_reused_only_for_its_own_recipe(tmp_path):
     d["train"]["device"] = "cuda"  # a GPU row is not a CPU run, though --resume may move devices
     with pytest.raises(SystemExit, match=r"\(train\.device differs"):
         finished_run(out, type(r).model_validate(d))
+    # the same recipe from a teacher folder trained again since (the teacher's recipe changed): not this row's run
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "manifest.json").write_text(json.dumps({**head, "stage": "train", "id": "t1"}))
+    parents = [{"id": "t1", "stage": "train", "path": str(teacher)}]
+    (out / "manifest.json").write_text(json.dumps({**head, "recipe": recorded, "parents": parents}))
+    assert finished_run(out, r).recipe == recorded
+    (teacher / "manifest.json").write_text(json.dumps({**head, "stage": "train", "id": "t2"}))
+    with pytest.raises(SystemExit, match=rf"backbone-head-s0: a finished run from an earlier {teacher} \(trained "):
+        finished_run(out, r)
     (out / "manifest.json").write_text(json.dumps(head))  # no recipe recorded at all
     with pytest.raises(SystemExit, match=r"\(recipe differs"):
         finished_run(out, r)
