@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -191,11 +192,13 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
             raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
     nc = data.get("nc")
-    if isinstance(nc, (str, float)) and not isinstance(nc, bool):  # Ultralytics reads '6' and 6.0 as 6, not 6.5
+    if isinstance(nc, (str, float)):  # Ultralytics reads '6' and 6.0 as 6 (6.5, 'six', nan: refused below, named)
         try:
-            data["nc"] = nc = int(float(nc)) if float(nc) == int(float(nc)) else nc
-        except (ValueError, OverflowError):
-            pass  # refused below, named
+            count = float(nc)
+        except ValueError:
+            count = math.nan
+        if count.is_integer():
+            data["nc"] = nc = int(count)
     if data.get("names") in (None, "", [], {}) and isinstance(nc, int) and not isinstance(nc, bool) and nc > 0:
         data["names"] = [f"class_{i}" for i in range(nc)]  # Ultralytics' names for a dataset that gives only nc
     for key in ("train", "val", "names"):
@@ -417,8 +420,6 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    import math
-
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
