@@ -71,10 +71,25 @@ def finished_run(out: Path, recipe):
         raise SystemExit(f"{out}: a finished run of another recipe ({diff} differs from this benchmark's); move it "
                          "away to train this one there")
     for parent in bundle.manifest.get("parents") or []:  # a teacher is named by its folder: same recipe, new teacher
-        now = Path(str(parent.get("path") or "")) / "manifest.json"
-        if parent.get("path") and now.is_file() and load_bundle(now.parent).manifest.get("id") != parent.get("id"):
-            raise SystemExit(f"{out}: a finished run from an earlier {parent['path']} (trained again since); move it "
-                             "away to train this one there")
+        path = parent.get("path")
+        if path and (Path(path) / "manifest.json").is_file() and \
+                load_bundle(path).manifest.get("id") != parent.get("id"):
+            raise SystemExit(f"{out}: a finished run from an earlier {path} (trained again since); move it away to "
+                             "train this one there")
+    return bundle
+
+
+def finished_or_trained(out: Path, recipe, stage: str, source: str):
+    """The finished bundle of ``recipe`` at ``out`` (:func:`finished_run`), else a fresh run of it there: an
+    interrupted run's work folder is discarded, not resumed."""
+    import shutil
+
+    from kdctl.training import run_training
+
+    bundle = finished_run(out, recipe)
+    if bundle is None:
+        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+        bundle = run_training(recipe, stage=stage, source=source, out=out)
     return bundle
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, finished_run, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
+from _common import ROOT, finished_or_trained, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
 
 FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
             "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
@@ -129,14 +129,7 @@ def _recipe(name: str, seed: int, teacher: Path | None):
 
 
 def run_kdctl(name: str, stage: str, seed: int, teacher: Path | None, out: Path) -> dict:
-    from kdctl.training import run_training
-
-    recipe = _recipe(name, seed, teacher)
-    bundle = finished_run(out, recipe)
-    if bundle is None:
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        bundle = run_training(recipe, stage=stage, source=name, out=out)
-    m = bundle.metrics
+    m = finished_or_trained(out, _recipe(name, seed, teacher), stage, name).metrics
     return {"map50_95": m["map50_95"], "train_s": m["train_seconds"]}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, finished_run, machine, table, write_section  # noqa: E402
+from _common import ROOT, finished_or_trained, machine, table, write_section  # noqa: E402
 
 
 def _recipe(seed: int, float_student: Path, teacher: Path | None, quantize: bool):
@@ -43,13 +43,7 @@ def _recipe(seed: int, float_student: Path, teacher: Path | None, quantize: bool
 
 
 def _train(out: Path, stage: str, recipe) -> float:
-    from kdctl.training import run_training
-
-    bundle = finished_run(out, recipe)
-    if bundle is None:
-        shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
-        bundle = run_training(recipe, stage=stage, source="bench", out=out)
-    return bundle.metrics["train_seconds"]
+    return finished_or_trained(out, recipe, stage, "bench").metrics["train_seconds"]
 
 
 def _exports(bundle: Path, work: Path) -> dict:
