@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, finished_run, machine, median, table, write_section  # noqa: E402
+from _common import ROOT, finished_or_trained, machine, median, table, write_section  # noqa: E402
 
 
 def torchvision_onnx(model, example, path: Path) -> Path:
@@ -77,14 +77,13 @@ def main() -> None:
     from kdctl.runtimes.openvino import openvino_backend
     from kdctl.export.stage import ExportOptions, export_bundle
     from kdctl.recipe import load_recipe
-    from kdctl.training import run_training
 
     out = ROOT / a.out
     r = load_recipe(ROOT / "recipes" / "fasterrcnn-student.yaml")
     d = r.model_dump()
     d["train"]["epochs"] = a.epochs
     recipe = type(r).model_validate(d)
-    b = finished_run(out, recipe) or run_training(recipe, stage="train", source="bench", out=out)
+    b = finished_or_trained(out, recipe, "train", "bench")  # a killed run's leftover work folder is discarded
     ds = load_yolo_yaml(b.file("data"))
     imgsz = int(b.metrics["imgsz"])
     threads = len(os.sched_getaffinity(0))
