@@ -119,7 +119,7 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     ds = load_yolo_yaml(src.file("data"))
     work = Path(tempfile.mkdtemp(prefix="kdctl-bench-"))
     ours = {}
-    for target, arts in (("cpu", ["onnx-fp32", "onnx-int8"]), ("intel", ["openvino-fp32", "openvino-int8"])):
+    for target, arts in (("cpu", ["onnx-fp32", "onnx-int8"]), ("intel", ["openvino-fp32", "openvino-bf16", "openvino-int8"])):
         b = export_bundle(bundle, ExportOptions(target=target, artifacts=arts, imgsz=imgsz, calibration_images=calib),
                           out=work / target)
         for a in b.metrics["artifacts"]:
@@ -167,6 +167,7 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     p50 = {n: median(s) for n, s in samples.items()}
     ref = maps["pytorch fp32"]
     pairs = {"kdctl onnx-fp32": "ultralytics onnx", "kdctl openvino-fp32": "ultralytics openvino",
+             "kdctl openvino-bf16": "ultralytics openvino",
              "kdctl openvino-int8": "ultralytics openvino int8", "kdctl onnx-int8": "ultralytics openvino int8",
              "kdctl onnx-int8 (QAT form)": "ultralytics openvino int8",
              "kdctl openvino-int8 (QAT form)": "ultralytics openvino int8"}
@@ -232,7 +233,8 @@ def main() -> None:
              "model's synthetic validation set (100 images at 128 px, 60 at 640 px) through kdctl's evaluator for "
              "every row, so rows compare. "
              "'runs as' is the precision the runtime reported; Ultralytics' OpenVINO export runs with the plugin "
-             "default, which is bf16 on this CPU. kdctl's OpenVINO IRs are converted from the traced PyTorch model. "
+             "default, which is bf16 on a CPU with AMX or AVX-512 BF16 (f32 elsewhere), as kdctl's openvino-bf16 asks "
+             "for. kdctl's OpenVINO IRs are converted from the traced PyTorch model. "
              "'QAT form' rows: the Q/DQ graph a quantization-aware trained student exports, with ranges calibrated "
              "but not trained (its latency is the QAT artifact's; its mAP is calibration-only).\n"]
     for label, b, size in (("Quickstart student", a.student, None), ("YOLOv8n at 640 px", a.large, 640),

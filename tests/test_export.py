@@ -39,9 +39,24 @@ def test_cpu_export_onnx_fp32_and_int8(export_cpu):
 def test_intel_export_openvino_with_explicit_precision(tmp_path, trained_bundle):
     b = export_bundle(trained_bundle, ExportOptions(target="intel", calibration_images=8), out=tmp_path / "ov").path
     a = arts(b)
-    assert set(a) == {"openvino-fp32", "openvino-fp16", "openvino-int8"}
+    assert set(a) == {"openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8"}
     assert a["openvino-fp32"]["runtime"]["inference_precision"] == "f32"  # asked for, and read back
     assert a["openvino-fp32"]["parity"]["ok"] and a["openvino-fp16"]["parity"]["ok"]
+    # bf16: the FP32 IR, run in bfloat16 where the CPU has it (f32 elsewhere, recorded), checked at bf16's tolerance
+    bf = a["openvino-bf16"]
+    assert bf["precision"] == "bf16" and bf["runtime"]["requested_precision"] == "bf16"
+    assert bf["runtime"]["inference_precision"] in ("bf16", "f32") and bf["parity"]["ok"]
+    assert bf["parity"]["tolerance"]["score_max_abs"] == 0.05
+    assert (b / "openvino-bf16" / "model.bin").stat().st_size == (b / "openvino-fp32" / "model.bin").stat().st_size
+    # profile times it at the precision the export recorded and reports what the CPU ran
+    from kdctl.bundle import load_bundle
+    from kdctl.profile.stage import profile_bundle
+
+    p = profile_bundle(b, artifacts=["openvino-bf16"], warmup=1, runs=5, e2e_runs=2, throughput_batch=1,
+                       out=tmp_path / "prof").path
+    (row,) = load_bundle(p).metrics["results"]
+    assert row["artifact"] == "openvino-bf16" and row["latency_ms"]["p50"] > 0
+    assert row["runtime"]["inference_precision"] == bf["runtime"]["inference_precision"]
     assert a["openvino-int8"]["settings"]["tool"] == "nncf"
     # the intel preset asks for bf16 in the INT8 model's float layers; what ran is recorded (f32 without BF16)
     rt = a["openvino-int8"]["runtime"]
@@ -162,6 +177,12 @@ def test_compare_outputs_tolerances():
     assert ok["ok"] and not bad["ok"] and bad["score_max_abs"] == pytest.approx(0.1)
     assert compare_outputs(ref, ref, 640, "int8")["ok"] is None
     assert compare_outputs(ref, ref[:, :5], 640, "fp32")["ok"] is False
+    # bf16 (8 significant bits): a box 16 px off at 640 px (2.5 %) and a score 0.03 off pass, 32 px or 0.06 do not
+    shift = lambda box, score: ref + np.array([box, 0, 0, 0, score, 0], np.float32)[None, :, None]  # noqa: E731
+    assert compare_outputs(ref, shift(16, 0.03), 640, "bf16")["ok"]
+    assert not compare_outputs(ref, shift(32, 0), 640, "bf16")["ok"]
+    assert not compare_outputs(ref, shift(0, 0.06), 640, "bf16")["ok"]
+    assert not compare_outputs(ref, shift(16, 0.03), 640, "fp16")["ok"]  # fp16 is held tighter
 
 
 def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_path, monkeypatch):

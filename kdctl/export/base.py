@@ -14,6 +14,9 @@ from kdctl.evaluate.predict import Backend
 TOLERANCE = {
     "fp32": {"box_frac": 1e-3, "score": 2e-3},
     "fp16": {"box_frac": 1e-2, "score": 2e-2},
+    # bfloat16 keeps 8 significant bits to fp16's 11: measured on OpenVINO with AMX (YOLOv8 at 128 and 640 px,
+    # RT-DETR): boxes up to 1.8 % of the input off (mean 0.1 %), scores up to 0.014; mAP is checked on its own
+    "bf16": {"box_frac": 4e-2, "score": 5e-2},
 }
 # A QAT student's INT8 graph against its fake-quantized PyTorch model: the same arithmetic up to rounding ties and
 # the runtime's integer kernels, so single values can flip one quantization step; the whole output must agree.

@@ -312,7 +312,7 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
                     val_images: list[Path], names: list[str]) -> list[Artifact]:
     """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``), or from the
     ONNX graph for a family whose post-processing OpenVINO's PyTorch tracing cannot carry; INT8 by NNCF either way."""
-    precisions = [prec for prec in ("fp32", "fp16", "int8") if f"openvino-{prec}" in wanted]
+    precisions = [prec for prec in ("fp32", "fp16", "bf16", "int8") if f"openvino-{prec}" in wanted]
     if not precisions:
         return []
     from kdctl.detectors import export_module, family

@@ -24,7 +24,8 @@ class Runtime:
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnxruntime", "onnx", ("onnx-fp32", "onnx-fp16", "onnx-int8"), "onnxruntime"),
-    Runtime("openvino", "openvino", "openvino", ("openvino-fp32", "openvino-fp16", "openvino-int8"), "openvino"),
+    Runtime("openvino", "openvino", "openvino", ("openvino-fp32", "openvino-fp16", "openvino-bf16",
+                                                "openvino-int8"), "openvino"),
     Runtime("tensorrt", "tensorrt", "tensorrt", ("tensorrt-fp16", "tensorrt-int8"), "tensorrt"),
     Runtime("pytorch", "torch", "pytorch", (), "pytorch"),
 )}

@@ -9,8 +9,9 @@ import numpy as np
 
 NAME, PACKAGE, FORMAT = "openvino", "openvino", "openvino"
 
-# What kdctl asks the CPU plugin for, per artifact precision. INT8 keeps its non-quantized parts in f32.
-PRECISION_HINT = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
+# What kdctl asks the CPU plugin for, per artifact precision. INT8 keeps its non-quantized parts in f32. bf16: the
+# FP32 IR run in bfloat16 arithmetic (AMX or AVX-512 BF16; OpenVINO's own default on such CPUs), f32 elsewhere.
+PRECISION_HINT = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 
 
 def compiled_backend(compiled):
