@@ -30,8 +30,9 @@ def export(
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
                                                               help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
     max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=fraction,
-                                                          help="Fail (write nothing) if an FP16/INT8 artifact loses "
-                                                               "more mAP50-95 than this vs PyTorch (0.01 = 1 point).")] = None,
+                                                          help="Fail (write nothing) if an FP16/BF16/INT8 artifact "
+                                                               "loses more mAP50-95 than this vs PyTorch (0.01 = 1 "
+                                                               "point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
                                                  "(default: the bundle's).")] = None,
     eval_images: Annotated[Optional[int], typer.Option("--eval-images", min=1,

@@ -257,7 +257,7 @@ class ExportSpec(Strict):
     calibration_images: int | None = Field(None, ge=1, le=10_000, description="INT8 calibration images from the "
                                            "train split (default: 64, or all of a smaller split)")
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
-    max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16 export may lose "
+    max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16/BF16 export may lose "
                                        "against PyTorch FP32, in mAP units (0.01 = 1 point)")
 
     @field_validator("artifacts")
