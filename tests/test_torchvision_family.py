@@ -61,10 +61,11 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     arts = {a["name"]: a for a in load_bundle(tmp_path / "cpu", verify=True).metrics["artifacts"]}
     assert arts["onnx-fp32"]["parity"]["ok"] is True and arts["onnx-int8"]["metrics"] is not None
     res = run.invoke(app, ["export", str(fr), "--target", "intel", "--artifact", "openvino-fp32",
-                           "--artifact", "openvino-int8", "--calibration-images", "8", "--out", str(tmp_path / "ov")])
+                           "--artifact", "openvino-bf16", "--artifact", "openvino-int8", "--calibration-images", "8",
+                           "--out", str(tmp_path / "ov")])
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
-    assert ov["openvino-fp32"]["parity"]["ok"] is True
+    assert ov["openvino-fp32"]["parity"]["ok"] is True and ov["openvino-bf16"]["parity"]["ok"] is True
     assert ov["openvino-int8"]["settings"]["converted_from"] == "onnx"
     assert ov["openvino-int8"]["settings"]["tool"] == "nncf" and ov["openvino-int8"]["settings"]["ignored_ops"] > 0
     res = run.invoke(app, ["export", str(fr), "--target", "cpu", "--imgsz", "96", "--calibration-images", "8",
