@@ -119,7 +119,8 @@ def bench_model(label: str, bundle: Path, imgsz: int, rounds: int, per_round: in
     ds = load_yolo_yaml(src.file("data"))
     work = Path(tempfile.mkdtemp(prefix="kdctl-bench-"))
     ours = {}
-    for target, arts in (("cpu", ["onnx-fp32", "onnx-int8"]), ("intel", ["openvino-fp32", "openvino-bf16", "openvino-int8"])):
+    for target, arts in (("cpu", ["onnx-fp32", "onnx-int8"]),
+                         ("intel", ["openvino-fp32", "openvino-bf16", "openvino-int8"])):
         b = export_bundle(bundle, ExportOptions(target=target, artifacts=arts, imgsz=imgsz, calibration_images=calib),
                           out=work / target)
         for a in b.metrics["artifacts"]:

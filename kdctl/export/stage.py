@@ -338,7 +338,12 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
             q = quantize_openvino_int8(source, d, calibration, keep_float, validation=validation,
                                        max_drop=options.max_map_drop)
         else:
-            export_openvino(source, d, prec)
+            if prec == "bf16" and "fp32" in precisions:  # the same FP32 IR, only run at another precision
+                import shutil
+
+                shutil.copytree(root / "openvino-fp32", d)
+            else:
+                export_openvino(source, d, prec)
             q = {"compress_to_fp16": prec == "fp16", "converted_from": source_name(source)}
         arts.append(_openvino_artifact(d, prec, preset, q))
         plan.advance()
