@@ -72,6 +72,12 @@ def override_tag() -> str:
     return "".join(f"-{k.rsplit('.', 1)[-1]}={v}" for k, v in OVERRIDES.items())
 
 
+def screen_tag(families: list[str]) -> str:
+    """The suffix of the doc section and results file of a run of some families, e.g. '-pkd-head-fitnet-head', so
+    it does not replace the families table (empty for every family, and with --set, whose tag already names it)."""
+    return "" if families == FAMILIES or OVERRIDES else "-" + "-".join(families)
+
+
 def apply_overrides(d: dict) -> None:
     """Set each override in the recipe dict; a number in the key indexes a list (``distill.losses.0.level``)."""
     for key, value in OVERRIDES.items():
@@ -310,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heldout", type=int, metavar="N", help="score every run on N new images of the scene (data "
                     "seed 1) instead of the validation images, which also chose each run's published epoch; "
                     "trains only what is missing, its own doc section")
-    ap.add_argument("--section", help="the doc section and results file of this run (default: from the scene and "
-                    "options): a screen of new families gets its own table instead of replacing the families table")
+    ap.add_argument("--section", help="the doc section and results file of this run (default: from the scene, the "
+                    "options and the families when not all: a screen of some families gets its own table instead of "
+                    "replacing the families table)")
     a = ap.parse_args(argv)
     if a.data and (a.scene or a.heldout):
         ap.error(f"--data {a.data}: a dataset of your own replaces --scene, and --heldout draws new images of a "
@@ -369,10 +376,11 @@ def _table(a) -> None:
         runs += [(fam + via + override_tag(), seed, run_kdctl,
                   (fam, "distill", seed, kd_teacher, root / f"{fam}{tag}{via}{override_tag()}-s{seed}"))
                  for fam in a.families]
+    # the results file's suffix (and the table's, on your data: families.md, as the docstring says)
+    named = "-" + a.section if a.section else "" if dataset else screen_tag(a.families)
     for row, seed, out in _run_all(runs, a.jobs):
         res.setdefault(row, {})[seed] = out
-        (root / f"results{tag}{via}{override_tag()}{'-' + a.section if a.section else ''}.json").write_text(
-            json.dumps(res, indent=1))
+        (root / f"results{tag}{via}{override_tag()}{named}.json").write_text(json.dumps(res, indent=1))
     order = (["teacher"] + (["teacher assistant"] if a.assistant else [])  # then the rows in run order, seeds sorted
              + list(dict.fromkeys(row for row, *_ in runs)))
     res = {row: dict(sorted(res[row].items())) for row in order}
@@ -445,11 +453,12 @@ def _table(a) -> None:
                      "gap closed (mean, per seed)", "seeds above", "gain 95 % CI", "beats baseline", "train s"],
                     rows) + "\n")
     if dataset:  # the user's own data: a table beside the runs, not a section of the project's docs
-        out = root / f"families{tag}{via}{override_tag()}{'-' + a.section if a.section else ''}.md"
+        out = root / f"families{tag}{via}{override_tag()}{named}.md"
         out.write_text(body)
     else:
         write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via
-                                    + override_tag() + (f"-heldout{a.heldout}" if a.heldout else "")), body)
+                                    + override_tag() + screen_tag(a.families)
+                                    + (f"-heldout{a.heldout}" if a.heldout else "")), body)
     print(body)
 
 

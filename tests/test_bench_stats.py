@@ -38,6 +38,18 @@ def test_a_screen_override_reaches_into_the_loss_list(monkeypatch):
     assert bench.override_tag() == "-level=backbone-auto_balance=0.1-top_k=8"
 
 
+def test_a_screen_of_some_families_gets_its_own_section(monkeypatch):
+    """``--families pkd-head fitnet-head`` alone must not replace the families table (its section and results file);
+    every family, or a --set screen (named by its override), keeps the name it had."""
+    import distill_families as bench
+
+    monkeypatch.setattr(bench, "OVERRIDES", {})
+    assert bench.screen_tag(["pkd-head", "fitnet-head"]) == "-pkd-head-fitnet-head"
+    assert bench.screen_tag(list(bench.FAMILIES)) == ""
+    monkeypatch.setattr(bench, "OVERRIDES", {"distill.auto_balance": 0.1})
+    assert bench.screen_tag(["head"]) == ""
+
+
 def test_a_teacher_assistant_is_the_assistant_model_distilled_for_the_teachers_epochs(monkeypatch, tmp_path):
     """``--assistant``: the assistant model, from the teacher, with backbone-head's losses, for the teacher's epochs;
     a screen's --set fields reach the students only, and are back in place after."""
