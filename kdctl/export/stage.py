@@ -8,6 +8,7 @@ loses more mAP than ``max_map_drop``, fails as a whole and writes nothing.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,8 +340,6 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
                                        max_drop=options.max_map_drop)
         else:
             if prec == "bf16" and "fp32" in precisions:  # the same FP32 IR, only run at another precision
-                import shutil
-
                 shutil.copytree(root / "openvino-fp32", d)
             else:
                 export_openvino(source, d, prec)
