@@ -93,6 +93,12 @@ def set_output(model) -> bool:
     return getattr(family(model), "SET_OUTPUT", False)
 
 
+def parity_on_map(model, precision: str) -> bool:
+    """True when the family's outputs at ``precision`` are judged on mAP instead of against PyTorch's raw outputs
+    (its ``PARITY_ON_MAP``): a discrete selection after the rounding (proposals, NMS) picks other detections."""
+    return precision in getattr(family(model), "PARITY_ON_MAP", ())
+
+
 def load_detector(path):
     """A trained detector of any family from a ``.pt`` file, FP32, eval mode."""
     import torch

@@ -169,7 +169,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                 continue
             try:
                 a.parity = validate_outputs(reference, backend, parity_batches, imgsz,
-                                            "int8-qat" if qat else a.precision, sets=detectors.set_output(model))
+                                            "int8-qat" if qat else a.precision, sets=detectors.set_output(model),
+                                            on_map=not qat and detectors.parity_on_map(model, a.precision))
             except Exception as e:  # the runtime refuses the exported graph on a real image
                 raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
                                   f"model on the validation images ({first_line(e)})") from None
