@@ -116,10 +116,12 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     assert arts["onnx-fp32"]["parity"]["ok"] is True and arts["onnx-fp32"]["parity"]["queries_compared"] > 0
     assert arts["onnx-int8"]["settings"]["excluded_nodes"] > 0  # the decoder stays float
     res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "intel", "--artifact", "openvino-fp32",
-                           "--artifact", "openvino-int8", "--calibration-images", "8", "--out", str(tmp_path / "ov")])
+                           "--artifact", "openvino-bf16", "--artifact", "openvino-int8", "--calibration-images", "8",
+                           "--out", str(tmp_path / "ov")])
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True and ov["openvino-int8"]["metrics"] is not None
+    assert ov["openvino-bf16"]["parity"]["ok"] is True  # one top-k over the queries: held to PyTorch's at bf16's tolerance
     res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "jetson", "--calibration-images", "8", "--out",
                            str(tmp_path / "jetson")])
     assert res.exit_code == 0, res.output  # the TensorRT-form Q/DQ graph passes TensorRT's operator and Q/DQ rules
