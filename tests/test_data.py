@@ -154,15 +154,23 @@ def test_coco_file_names_with_the_images_folder_in_them_are_found(tmp_path):
         coco_dataset(**spec)
 
 
-def test_coco_images_without_width_and_height_take_them_from_their_files(tmp_path):
+def test_coco_images_without_width_and_height_take_them_from_their_files(tmp_path, monkeypatch):
     """width and height are optional in some exports; the boxes are normalised by them, so kdctl reads them from the
-    file's header (it refused the set as 'images[0].width is missing')."""
+    file's header (it refused the set as 'images[0].width is missing'), once: not again to check them."""
+    import kdctl.data.validate as validate
+
+    opened = []
+    real_open = validate.open_image
+    monkeypatch.setattr(validate, "open_image", lambda f: opened.append(Path(f).name) or real_open(f))
     spec = make_coco(tmp_path)
+    coco_dataset(**spec)
+    with_sizes, opened[:] = sorted(opened), []
     coco = json.loads(Path(spec["train_annotations"]).read_text())
     for im in coco["images"]:
         del im["width"], im["height"]
     Path(spec["train_annotations"]).write_text(json.dumps(coco))
     ds = coco_dataset(**spec)
+    assert sorted(opened) == with_sizes  # each header read as often as when the JSON has the sizes
     gts = {p.name: g for p, g in zip(ds.val_images, ground_truth(ds.val_images))}
     a = gts["a.jpg"]
     assert np.allclose(a.boxes[~a.crowd], [[10, 5, 30, 15]], atol=1e-3)  # bbox [10, 5, 20, 10] on the 100x50 file

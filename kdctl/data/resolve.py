@@ -365,7 +365,7 @@ def _read_coco(path: Path, img_dir: Path) -> dict:
         cat_ids.add(c["id"])
     if not cat_ids:
         raise DataError(f"{path}: field 'categories' is empty")
-    sizes = {}
+    sizes, from_file = {}, set()
     for i, im in enumerate(coco["images"]):
         if not isinstance(im, dict):
             raise DataError(f"{path}: images[{i}]: expected an object")
@@ -374,6 +374,7 @@ def _read_coco(path: Path, img_dir: Path) -> dict:
                 raise DataError(f"{path}: images[{i}].{key} is missing")
         if "width" not in im and "height" not in im and isinstance(im["file_name"], str) and im["file_name"]:
             _size_from_file(im, img_dir, f"{path}: images[{i}]")  # optional in exports; boxes need it: the file's
+            from_file.add(i)
         for key in ("width", "height"):
             if key not in im:
                 raise DataError(f"{path}: images[{i}].{key} is missing")
@@ -398,6 +399,7 @@ def _read_coco(path: Path, img_dir: Path) -> dict:
         if why and a["image_id"] not in bad:
             bad[a["image_id"]] = f"{path}: annotations[{i}].{why}"
     coco["_invalid_images"] = bad
+    coco["_sized_from_file"] = from_file  # their sizes are the files' own: nothing to check against
     return coco
 
 
@@ -457,8 +459,10 @@ def _check_sizes(coco: dict, src: Path, img_dir: Path) -> None:
     from kdctl.data.validate import open_image
     from kdctl.evaluate.predict import oriented_size
 
-    bad = coco["_invalid_images"]
+    bad, from_file = coco["_invalid_images"], coco.get("_sized_from_file", set())
     for i, im in enumerate(coco["images"]):
+        if i in from_file:
+            continue
         f = _coco_image(img_dir, str(im["file_name"]))
         if im["id"] in bad or not f.is_file():
             continue  # a missing file is named by the conversion
