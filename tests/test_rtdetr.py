@@ -121,7 +121,7 @@ def test_rtdetr_chain_train_export_profile_gate(rtdetr_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True and ov["openvino-int8"]["metrics"] is not None
-    assert ov["openvino-bf16"]["parity"]["ok"] is True  # one top-k over the queries: held to PyTorch's at bf16's tolerance
+    assert ov["openvino-bf16"]["parity"]["ok"] is True  # one top-k over the queries: held to bf16's tolerance
     res = run.invoke(app, ["export", str(rtdetr_bundle), "--target", "jetson", "--calibration-images", "8", "--out",
                            str(tmp_path / "jetson")])
     assert res.exit_code == 0, res.output  # the TensorRT-form Q/DQ graph passes TensorRT's operator and Q/DQ rules
