@@ -215,12 +215,13 @@ def test_json_stdout_is_only_the_document_and_quiet_prints_nothing(tmp_path, tra
     import sys
 
     base = [sys.executable, "-m", "kdctl.cli.main", "export", str(trained_bundle), "--target", "intel",
-            "--artifact", "openvino-int8", "--calibration-images", "8"]
+            "--artifact", "openvino-fp32", "--artifact", "openvino-int8", "--calibration-images", "8"]
     p = subprocess.run(base + ["--max-map-drop", "1.0", "--out", str(tmp_path / "j"), "--json"], capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)  # the whole of stdout is one document
-    assert [a["artifact"] for a in doc["artifacts"]] == ["openvino-int8"]
+    assert [a["artifact"] for a in doc["artifacts"]] == ["openvino-fp32", "openvino-int8"]
+    assert [a["checked_by"] for a in doc["artifacts"]] == ["outputs", "mAP"]  # FP32 held to PyTorch; INT8 on mAP
     s = arts(tmp_path / "j")["openvino-int8"]["settings"]
     assert s["accuracy_control"] is True and s["max_drop"] == 1.0
     q = subprocess.run(base + ["--out", str(tmp_path / "q"), "-q"], capture_output=True, text=True, timeout=600)
