@@ -176,6 +176,7 @@ def test_compare_outputs_tolerances():
     bad = compare_outputs(ref, ref + np.array([0, 0, 0, 0, 0.1, 0], np.float32)[None, :, None], 640, "fp32")
     assert ok["ok"] and not bad["ok"] and bad["score_max_abs"] == pytest.approx(0.1)
     assert compare_outputs(ref, ref, 640, "int8")["ok"] is None
+    assert compare_outputs(ref, ref, 640, "int8")["judged_on"] == "mAP" and ok["judged_on"] == "outputs"
     assert compare_outputs(ref, ref[:, :5], 640, "fp32")["ok"] is False
     # bf16 (8 significant bits): a box 16 px off at 640 px (2.5 %) and a score 0.03 off pass, 32 px or 0.06 do not
     shift = lambda box, score: ref + np.array([box, 0, 0, 0, score, 0], np.float32)[None, :, None]  # noqa: E731
@@ -221,7 +222,7 @@ def test_json_stdout_is_only_the_document_and_quiet_prints_nothing(tmp_path, tra
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)  # the whole of stdout is one document
     assert [a["artifact"] for a in doc["artifacts"]] == ["openvino-fp32", "openvino-int8"]
-    assert [a["checked_by"] for a in doc["artifacts"]] == ["outputs", "mAP"]  # FP32 held to PyTorch; INT8 on mAP
+    assert [a["judged_on"] for a in doc["artifacts"]] == ["outputs", "mAP"]  # FP32 held to PyTorch; INT8 on mAP
     s = arts(tmp_path / "j")["openvino-int8"]["settings"]
     assert s["accuracy_control"] is True and s["max_drop"] == 1.0
     q = subprocess.run(base + ["--out", str(tmp_path / "q"), "-q"], capture_output=True, text=True, timeout=600)

@@ -61,7 +61,7 @@ def export(
     m = b.metrics
     rows = [{"artifact": a["name"], "files": a["files"], "precision_used": a["runtime"].get("inference_precision"),
              "map50_95": (a["metrics"] or {}).get("map50_95"), "map_drop": (a["metrics"] or {}).get("map50_95_drop"),
-             "box_max_abs": (a["parity"] or {}).get("box_max_abs"), "checked_by": _checked_by(a),
+             "box_max_abs": (a["parity"] or {}).get("box_max_abs"), "judged_on": (a["parity"] or {}).get("judged_on"),
              "size_mb": a["settings"].get("size_mb"),
              "note": a["runtime"].get("reason")} for a in m["artifacts"]]
     result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": reference_metrics(m)["map50_95"],
@@ -81,7 +81,7 @@ def export(
                 t.add_row(r["artifact"], "on device", "—", "—", "—", "—", "build_engine.sh")
                 continue
             t.add_row(r["artifact"], str(r["precision_used"]), f"{r['map50_95']:.4f}", f"{-r['map_drop']:+.4f}",
-                      f"{r['box_max_abs']:.3g}", r["checked_by"], f"{r['size_mb']:.2f}")
+                      f"{r['box_max_abs']:.3g}", str(r["judged_on"] or "—"), f"{r['size_mb']:.2f}")
         console.print(t)
         for a in m["artifacts"]:
             if a["settings"].get("note"):
@@ -94,11 +94,3 @@ def export(
 
     emit(result, as_json=json_, quiet=quiet, human=human)
 
-
-def _checked_by(artifact: dict) -> str | None:
-    """What decided the artifact's parity: PyTorch's outputs (within the precision's tolerance), or its mAP
-    (INT8, and half precision where the family's selection steps pick other detections); None when not run here."""
-    parity = artifact.get("parity")
-    if not parity:
-        return None
-    return "outputs" if parity.get("ok") is True else "mAP"

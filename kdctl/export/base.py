@@ -52,14 +52,15 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, imgsz: int, pr
            "cosine": cosine(reference, candidate)}
     if precision == "int8-qat":
         res["tolerance"] = {"cosine": MIN_COSINE_QAT}
-        res["ok"] = bool(res["cosine"] >= MIN_COSINE_QAT)
+        res["ok"], res["judged_on"] = bool(res["cosine"] >= MIN_COSINE_QAT), "outputs"
         return res
     tol = TOLERANCE.get(precision)
     if tol is None:  # int8 is judged on mAP, not on raw outputs
-        res["ok"] = None
+        res["ok"], res["judged_on"] = None, "mAP"
         return res
     res["tolerance"] = {"box_max_abs": tol["box_frac"] * imgsz, "score_max_abs": tol["score"]}
     res["ok"] = bool(res["box_max_abs"] <= tol["box_frac"] * imgsz and res["score_max_abs"] <= tol["score"])
+    res["judged_on"] = "outputs"
     return res
 
 
