@@ -72,6 +72,21 @@ def override_tag() -> str:
     return "".join(f"-{k.rsplit('.', 1)[-1]}={v}" for k, v in OVERRIDES.items())
 
 
+def variant_tag(a) -> str:
+    """What a run's folders, results and doc section are named after besides the dataset: a given teacher or student
+    and --train fields, e.g. '-teacher-my-teacher-imgsz=640' (empty for the recipes' own pair and settings), so a
+    table from another teacher never replaces the built-in teacher's."""
+    return ((f"-teacher-{Path(a.teacher).resolve().stem}" if a.teacher else "")
+            + (f"-student-{Path(a.student).stem}" if a.student else "")
+            + "".join(f"-{k}={v}" for k, v in a.train_fields))
+
+
+def variant_title(a) -> str:
+    """:func:`variant_tag` for the section heading, e.g. ', teacher runs/train/my-teacher, imgsz=640'."""
+    parts = ([f"teacher {a.teacher}"] if a.teacher else []) + ([f"student {a.student}"] if a.student else [])
+    return "".join(f", {p}" for p in parts + [f"{k}={v}" for k, v in a.train_fields])
+
+
 def screen_tag(families: list[str]) -> str:
     """The suffix of the doc section and results file of a run of some families, e.g. '-pkd-head-fitnet-head', so
     it does not replace the families table (empty for every family, and with --set, whose tag already names it)."""
@@ -342,9 +357,7 @@ def _table(a) -> None:
     dataset = a.data and Path(a.data).resolve()
     label = dataset and f"data-{(dataset.parent.name if dataset.stem == 'data' else dataset.stem)}"
     given = a.teacher and Path(a.teacher).resolve()
-    root = Path(a.root) / ((label if dataset else a.scene) + (f"-teacher-{given.stem}" if given else "")
-                           + (f"-student-{Path(a.student).stem}" if a.student else "")
-                           + "".join(f"-{k}={v}" for k, v in a.train_fields))
+    root = Path(a.root) / ((label if dataset else a.scene) + variant_tag(a))
     base_tag = f"-e{a.epochs}" if a.epochs else ""
     t_tag = f"-t{a.teacher_epochs}" if a.teacher_epochs else ""
     tag = base_tag + t_tag
@@ -437,7 +450,7 @@ def _table(a) -> None:
                     f"teacher YOLOv8n (3.0 M params) trained once (recipes/quickstart-teacher.yaml, "
                     f"{a.teacher_epochs or 30} epochs)")
     student_text = f"student {a.student}" if a.student else "student kdctl's yolov8-tiny (0.9 M params)"
-    title = f"{label} ({a.data})" if dataset else f"{a.scene} scenes"
+    title = f"{label} ({a.data})" if dataset else f"{a.scene} scenes" + variant_title(a)
     body = (f"## Distillation: loss families{against} ({title}{when}{rows_run})\n\n{machine()}. "
             f"{data_text}; {teacher_text}; {student_text}; every student run "
             f"{t.epochs} epochs, batch {t.batch}, {t.optimizer} lr0 {t.lr0}, "
@@ -456,8 +469,8 @@ def _table(a) -> None:
         out = root / f"families{tag}{via}{override_tag()}{named}.md"
         out.write_text(body)
     else:
-        write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + tag + via
-                                    + override_tag() + screen_tag(a.families)
+        write_section(a.section or (("distill" if a.scene == "clear" else f"distill-{a.scene}") + variant_tag(a)
+                                    + tag + via + override_tag() + screen_tag(a.families)
                                     + (f"-heldout{a.heldout}" if a.heldout else "")), body)
     print(body)
 

@@ -50,6 +50,21 @@ def test_a_screen_of_some_families_gets_its_own_section(monkeypatch):
     assert bench.screen_tag(["head"]) == ""
 
 
+def test_another_teacher_on_the_built_in_data_gets_its_own_folders_and_section():
+    """``--teacher`` (or ``--student``, ``--train``) on a built-in scene wrote its table over the built-in teacher's
+    section of the same families, under a heading that did not name the teacher; both now carry it."""
+    import argparse
+
+    import distill_families as bench
+
+    plain = argparse.Namespace(teacher=None, student=None, train_fields=[])
+    assert bench.variant_tag(plain) == "" and bench.variant_title(plain) == ""
+    other = argparse.Namespace(teacher="runs/train/teacher-otherdata", student="yolov8n.yaml",
+                               train_fields=[("imgsz", 96)])
+    assert bench.variant_tag(other) == "-teacher-teacher-otherdata-student-yolov8n-imgsz=96"
+    assert bench.variant_title(other) == ", teacher runs/train/teacher-otherdata, student yolov8n.yaml, imgsz=96"
+
+
 def test_a_teacher_assistant_is_the_assistant_model_distilled_for_the_teachers_epochs(monkeypatch, tmp_path):
     """``--assistant``: the assistant model, from the teacher, with backbone-head's losses, for the teacher's epochs;
     a screen's --set fields reach the students only, and are back in place after."""
