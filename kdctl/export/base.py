@@ -41,8 +41,10 @@ class Artifact:
                 "runtime": self.runtime, "parity": self.parity, "metrics": self.metrics, "settings": self.settings}
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, imgsz: int, precision: str) -> dict:
-    """Max/mean absolute difference of boxes (pixels) and scores; ``ok`` against the precision's tolerance."""
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, imgsz: int, precision: str,
+                    on_map: bool = False) -> dict:
+    """Max/mean absolute difference of boxes (pixels) and scores; ``ok`` against the precision's tolerance.
+    ``on_map``: the differences are recorded but do not decide (``ok`` None): judged on mAP, as INT8 is."""
     if reference.shape != candidate.shape:
         return {"ok": False, "reason": f"output shape {candidate.shape} != PyTorch {reference.shape}"}
     db = np.abs(reference[:, :4] - candidate[:, :4])
@@ -54,8 +56,8 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, imgsz: int, pr
         res["tolerance"] = {"cosine": MIN_COSINE_QAT}
         res["ok"], res["judged_on"] = bool(res["cosine"] >= MIN_COSINE_QAT), "outputs"
         return res
-    tol = TOLERANCE.get(precision)
-    if tol is None:  # int8 is judged on mAP, not on raw outputs
+    tol = None if on_map else TOLERANCE.get(precision)
+    if tol is None:  # int8 (and an on_map precision) is judged on mAP, not on raw outputs
         res["ok"], res["judged_on"] = None, "mAP"
         return res
     res["tolerance"] = {"box_max_abs": tol["box_frac"] * imgsz, "score_max_abs": tol["score"]}
@@ -117,10 +119,7 @@ def validate_outputs(reference: Backend, candidate: Backend, batches: list[np.nd
     info = {}
     if sets and ref.shape == out.shape:
         ref, out, info = align_sets(ref, out)
-    res = {**compare_outputs(ref, out, imgsz, precision), **info}
-    if on_map and res["ok"] is not None and "reason" not in res:  # a wrong output shape still fails
-        res.pop("tolerance", None)
-        res["ok"], res["judged_on"] = None, "mAP"
+    res = {**compare_outputs(ref, out, imgsz, precision, on_map=on_map), **info}  # a wrong shape still fails
     res["images"] = int(ref.shape[0])
     return res
 
