@@ -12,8 +12,9 @@ from kdctl.cli.main import app
 from kdctl.gate.junit import junit_xml
 from kdctl.gate.rules import evaluate_budgets
 
-RESULT = {"artifact": "onnx-int8", "precision": "int8", "map50_95": 0.40, "size_mb": 3.0,
-          "latency_ms": {"p50": 10.0, "p90": 12.0, "p99": 15.0}, "memory": {"rss_mb": 200.0}}
+RESULT = {"artifact": "onnx-int8", "precision": "int8", "map50_95": 0.40, "map50": 0.62, "size_mb": 3.0,
+          "latency_ms": {"p50": 10.0, "p90": 12.0, "p99": 15.0}, "memory": {"rss_mb": 200.0},
+          "throughput": {"batch": 1, "images_per_s": 95.0}}
 
 
 def by_name(checks):
@@ -26,6 +27,21 @@ def test_pass_and_fail():
     assert c["min_map50_95"].passed and c["max_p90_ms"].passed and c["max_size_mb"].passed
     assert not c["max_p99_ms"].passed and "exceeds budget" in c["max_p99_ms"].message
     assert not c["max_memory_mb"].passed
+
+
+def test_median_latency_map50_and_throughput_budgets():
+    """Each reads its own metric: p50 (not p90), mAP50 (not mAP50-95), images/s; each at its edge passes."""
+    c = by_name(evaluate_budgets(RESULT, {"max_p50_ms": 10.0, "min_map50": 0.62, "min_fps": 95.0}))
+    assert c["max_p50_ms"].passed and c["max_p50_ms"].value == 10.0 and "median (p50) latency 10.00 ms" in \
+        c["max_p50_ms"].message
+    assert c["min_map50"].passed and c["min_map50"].value == 0.62
+    assert c["min_fps"].passed and c["min_fps"].value == 95.0
+    c = by_name(evaluate_budgets(RESULT, {"max_p50_ms": 9.9, "min_map50": 0.63, "min_fps": 96.0}))
+    assert not c["max_p50_ms"].passed and not c["min_map50"].passed and not c["min_fps"].passed
+    assert "throughput 95.0 img/s below budget 96.0 img/s" == c["min_fps"].message
+    c = by_name(evaluate_budgets({"artifact": "x", "latency_ms": {"p90": 1.0}}, {"max_p50_ms": 5, "min_fps": 1,
+                                                                                "min_map50": 0.1}))
+    assert not any(x.passed for x in c.values()) and all("failing closed" in x.message for x in c.values())
 
 
 def test_missing_metric_fails_closed():
@@ -64,6 +80,11 @@ def test_cli_exit_codes_and_files(profile_cpu, tmp_path):
     assert ET.parse(junit).getroot().find("testsuite").get("failures") == "0" and "PASS" in md.read_text()
     bad = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p90-ms", "0.0001", "--out", str(tmp_path / "g2")])
     assert bad.exit_code == 1 and "FAIL" in bad.output
+    med = CliRunner().invoke(app, ["gate", str(profile_cpu), "--max-p50-ms", "10000", "--min-map50", "0.0",
+                                   "--min-fps", "1e9", "--out", str(tmp_path / "g-med"), "--json"])
+    checks = {c["name"]: c for c in json.loads(med.stdout)["checks"]}
+    assert med.exit_code == 1 and set(checks) == {"max_p50_ms", "min_map50", "min_fps"}
+    assert checks["max_p50_ms"]["passed"] and checks["min_map50"]["passed"] and not checks["min_fps"]["passed"]
     assert (tmp_path / "g2" / "junit.xml").is_file()  # the gate bundle is written on failure too
     reg = CliRunner().invoke(app, ["gate", str(profile_cpu), "--baseline", str(profile_cpu), "-a", "onnx-fp32",
                                    "--max-latency-regression", "0.0", "--out", str(tmp_path / "g3")])

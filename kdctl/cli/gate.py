@@ -15,8 +15,11 @@ from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOp
 def gate(
     bundle: BundleArg,
     min_map: Annotated[Optional[float], typer.Option("--min-map", "--min-map50-95", callback=fraction, help="Minimum mAP50-95 (0..1).")] = None,
+    min_map50: Annotated[Optional[float], typer.Option("--min-map50", callback=fraction, help="Minimum mAP50 (0..1).")] = None,
+    max_p50_ms: Annotated[Optional[float], typer.Option("--max-p50-ms", callback=positive, help="Maximum median (p50) latency (> 0).")] = None,
     max_p90_ms: Annotated[Optional[float], typer.Option("--max-p90-ms", callback=positive, help="Maximum p90 latency (> 0).")] = None,
     max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms", callback=positive, help="Maximum p99 latency (> 0).")] = None,
+    min_fps: Annotated[Optional[float], typer.Option("--min-fps", callback=positive, help="Minimum throughput, images/s (> 0).")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", callback=positive, help="Maximum model size (> 0).")] = None,
     max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb", callback=positive, help="Maximum process RSS (> 0).")] = None,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Profile bundle to compare with (e.g. main's).")] = None,
@@ -38,9 +41,9 @@ def gate(
     """
     from kdctl.gate.stage import run_gate
 
-    budgets = {"min_map50_95": min_map, "max_p90_ms": max_p90_ms, "max_p99_ms": max_p99_ms, "max_size_mb": max_size_mb,
-               "max_memory_mb": max_memory_mb, "max_latency_regression": max_latency_regression,
-               "max_map_regression": max_map_regression}
+    budgets = {"min_map50_95": min_map, "min_map50": min_map50, "max_p50_ms": max_p50_ms, "max_p90_ms": max_p90_ms,
+               "max_p99_ms": max_p99_ms, "min_fps": min_fps, "max_size_mb": max_size_mb, "max_memory_mb": max_memory_mb,
+               "max_latency_regression": max_latency_regression, "max_map_regression": max_map_regression}
     r = run_gate(bundle, budgets=budgets, baseline=baseline, artifact=artifact, junit=junit, summary=summary,
                  out=out, runs_dir=runs, overwrite=overwrite)
     result = {"passed": r.passed, "artifact": r.artifact, "bundle": str(r.bundle.path),

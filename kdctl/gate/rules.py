@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-BUDGETS = ("min_map50_95", "max_p90_ms", "max_p99_ms", "max_size_mb", "max_memory_mb",
-           "max_latency_regression", "max_map_regression")
+BUDGETS = ("min_map50_95", "min_map50", "max_p50_ms", "max_p90_ms", "max_p99_ms", "min_fps", "max_size_mb",
+           "max_memory_mb", "max_latency_regression", "max_map_regression")
 
 
 @dataclass
@@ -48,10 +48,18 @@ def evaluate_budgets(result: dict | None, budgets: dict, baseline: dict | None =
     b = {k: v for k, v in budgets.items() if v is not None}
     if "min_map50_95" in b:
         checks.append(_rule("min_map50_95", _get(result, "map50_95"), b["min_map50_95"], ge, "{:.4f}", "mAP50-95"))
+    if "min_map50" in b:
+        checks.append(_rule("min_map50", _get(result, "map50"), b["min_map50"], ge, "{:.4f}", "mAP50"))
+    if "max_p50_ms" in b:
+        checks.append(_rule("max_p50_ms", _get(result, "latency_ms", "p50"), b["max_p50_ms"], le, "{:.2f} ms",
+                            "median (p50) latency"))
     if "max_p90_ms" in b:
         checks.append(_rule("max_p90_ms", _get(result, "latency_ms", "p90"), b["max_p90_ms"], le, "{:.2f} ms", "p90 latency"))
     if "max_p99_ms" in b:
         checks.append(_rule("max_p99_ms", _get(result, "latency_ms", "p99"), b["max_p99_ms"], le, "{:.2f} ms", "p99 latency"))
+    if "min_fps" in b:  # the profile's throughput: at its throughput_batch where it measured one, else 1 / mean latency
+        checks.append(_rule("min_fps", _get(result, "throughput", "images_per_s"), b["min_fps"], ge, "{:.1f} img/s",
+                            "throughput"))
     if "max_size_mb" in b:
         checks.append(_rule("max_size_mb", _get(result, "size_mb"), b["max_size_mb"], le, "{:.2f} MB", "model size"))
     if "max_memory_mb" in b:

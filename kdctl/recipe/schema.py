@@ -289,8 +289,11 @@ class ProfileSpec(Strict):
 
 class GateSpec(Strict):
     min_map50_95: float | None = Field(None, ge=0, le=1)
+    min_map50: float | None = Field(None, ge=0, le=1)
+    max_p50_ms: float | None = Field(None, gt=0, description="Median latency, ms (benchmark_app's and trtexec's headline)")
     max_p90_ms: float | None = Field(None, gt=0)
     max_p99_ms: float | None = Field(None, gt=0)
+    min_fps: float | None = Field(None, gt=0, description="Throughput, images/s, as kdctl profile measures it")
     max_size_mb: float | None = Field(None, gt=0)
     max_memory_mb: float | None = Field(None, gt=0)
     max_latency_regression: float | None = Field(None, ge=0, description="Fraction, e.g. 0.03 = 3 % slower")
