@@ -231,3 +231,14 @@ def test_export_runs_images_without_region_proposals(tmp_path):
         assert outs[empty].shape == ref[empty].shape and np.abs(outs[empty]).sum() == 0
         # an untrained RoI head scores its boxes in near-ties, which NMS may break differently: only "detects"
         assert outs[busy].shape == ref[busy].shape and (outs[busy][0, 4:].max(0) > 0).sum() > 0
+
+
+def test_mps_trains_where_ultralytics_would(tmp_path, tiny_data):
+    """``train.device: mps`` runs a YOLO on the CPU where there is no Apple GPU (Ultralytics' rule); the Faster R-CNN
+    loop refused it as 'a CUDA GPU' (exit 2) instead. Now it follows the same rule."""
+    r = tmp_path / "mps.yaml"
+    r.write_text(_recipe(tmp_path, tiny_data).read_text().replace("optimizer: SGD}", "optimizer: SGD, device: mps}"))
+    assert "device: mps" in r.read_text()
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "m"), "-q"])
+    assert res.exit_code == 0 and "CUDA" not in res.output, res.output
+    assert (tmp_path / "m" / "weights.pt").is_file()

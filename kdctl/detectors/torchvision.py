@@ -285,7 +285,9 @@ class Trainer:
         from kdctl import distributed
 
         device = str(self.args.get("device", "cpu"))
-        if device not in ("cpu", "") and not torch.cuda.is_available():
+        if device == "mps":  # as Ultralytics does (and kdctl's YOLO runs): Apple's GPU where there is one, else the CPU
+            device = "mps" if torch.backends.mps.is_available() else "cpu"
+        if device not in ("cpu", "", "mps") and not torch.cuda.is_available():
             from kdctl.errors import KdctlError
 
             raise KdctlError(f"train.device: '{device}' asks for a CUDA GPU, and none is available here; use 'cpu'")
@@ -299,7 +301,7 @@ class Trainer:
             raise KdctlError(f"train.device: '{device}': several GPUs train on torchrun ranks (kdctl distill/train "
                              "launches them); this trainer runs in one process")
         else:
-            self.device = torch.device("cpu" if device in ("cpu", "") else
+            self.device = torch.device("cpu" if device in ("cpu", "") else "mps" if device == "mps" else
                                        f"cuda:{device}" if device.isdigit() else "cuda")
         self.main = distributed.rank() <= 0  # validates, logs and checkpoints
         from kdctl.data.resolve import load_yolo_yaml
