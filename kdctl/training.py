@@ -199,6 +199,21 @@ def _as_current(dump):
         return dump
 
 
+def untrained_teacher(recipe: Recipe, source: str = "recipe") -> str | None:
+    """Why ``recipe``'s teacher has nothing to teach, if it is built from a model config (a YAML, a torchvision
+    builder): kdctl downloads no weights, so such a teacher starts from random weights, where Ultralytics' own
+    ``yolov8n.pt`` would come pretrained. None for a checkpoint or bundle teacher, and for ``kdctl train``."""
+    from kdctl.models import resolve_model
+
+    if recipe.teacher is None:
+        return None
+    ref = resolve_model(recipe.teacher.model, "teacher.model", source)
+    if ref.kind == "checkpoint":
+        return None
+    return (f"{source}: teacher.model: '{ref.ref}' is a model config: the teacher is built with random weights and "
+            "has learnt nothing to teach; name a trained .pt or a train bundle (kdctl train <teacher recipe>)")
+
+
 def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str | Path | None = None,
                  runs_dir: str | Path = "runs", resume: bool = False, overwrite: bool = False,
                  skip_invalid: bool | None = None, reuse: bool = False, progress=None,

@@ -203,3 +203,34 @@ def test_onnx_runtime_telemetry_is_off_unless_the_user_set_it(tmp_path):
                                                               "ORT_DISABLE_TELEMETRY": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
+
+
+def test_a_teacher_built_from_its_config_is_warned_about(tmp_path, tiny_data, trained_bundle):
+    """``teacher: {model: yolov8n.yaml}`` distilled from random weights without a word (Ultralytics' ``yolov8n.pt``
+    comes pretrained; kdctl downloads nothing): the run goes on, with a warning on stderr and in ``--json``."""
+    import json
+
+    from kdctl.recipe import load_recipe
+    from kdctl.training import untrained_teacher
+
+    def recipe(teacher: str) -> Path:
+        p = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+        p.write_text(f"name: w\nteacher: {{model: '{teacher}'}}\nstudent: {{model: yolov8-tiny.yaml}}\n"
+                     f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 128, batch: 8, workers: 0}}\n"
+                     "distill: {losses: [{name: kd_logit, level: head}]}\n")
+        return p
+
+    for teacher in ("yolov8n.yaml", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"):
+        r = recipe(teacher)
+        assert untrained_teacher(load_recipe(r), "r.yaml") == (
+            f"r.yaml: teacher.model: '{teacher}' is a model config: the teacher is built with random weights and has "
+            "learnt nothing to teach; name a trained .pt or a train bundle (kdctl train <teacher recipe>)")
+    assert untrained_teacher(load_recipe(recipe(str(trained_bundle)))) is None
+    assert untrained_teacher(load_recipe(recipe(str(trained_bundle / "weights.pt")))) is None
+    r = recipe("yolov8n.yaml")
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "distill", str(r), "--out", str(tmp_path / "d"),
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    said = f"{r}: teacher.model: 'yolov8n.yaml' is a model config"
+    assert json.loads(p.stdout)["warnings"][0].startswith(said) and f"Warning: {said}" in p.stderr
+    assert "Traceback" not in p.stderr

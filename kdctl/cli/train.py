@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, SkipInvalidOpt, console,
-                               emit, progress_bar)
+                               emit, err_console, progress_bar)
 from pathlib import Path
 from typing import Optional
 
@@ -38,9 +38,12 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
          rdzv: str | None = None):
     from kdctl.distributed import plan
     from kdctl.recipe import load_recipe
-    from kdctl.training import run_training
+    from kdctl.training import run_training, untrained_teacher
 
     r = load_recipe(recipe)
+    warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
+    if warning and not quiet:
+        err_console.print(f"Warning: {warning}", markup=False, highlight=False)
     launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
@@ -54,6 +57,8 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
     m = b.metrics
     result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
               "params": m["params"], "train_seconds": m["train_seconds"]}
+    if warning:
+        result["warnings"] = [warning]
     if "distributed" in m:
         result["world_size"] = m["distributed"]["world_size"]
     if "init" in m:
@@ -73,7 +78,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         for k, v in result.items():
             if k in ("init", "init_note"):
                 t.add_row("student started from" if k == "init" else "random start because", str(v))
-            elif k not in ("bundle", "stage", "kd_terms"):
+            elif k not in ("bundle", "stage", "kd_terms", "warnings"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():
             t.add_row(f"last-epoch kd/{k}" if "kd_stop_epoch" not in m else f"epoch-{m['kd_stop_epoch']} kd/{k}",
