@@ -92,6 +92,8 @@ BAD = [
     # pydantic's lax mode would read true as 1 and false as 0
     (GOOD.replace("epochs: 1", "epochs: true"), "train.epochs", "got true; give a number"),
     (GOOD.replace("train: {", "train: {lr0: false, "), "train.lr0", "got false; give a number"),
+    # Ultralytics refuses lr0 above 1 once training starts: "training failed", not the field
+    (GOOD.replace("train: {", "train: {lr0: 10, "), "train.lr0", "less than or equal to 1"),
     (GOOD.replace("weight: 2.0", "weight: true"), "distill.losses[0].weight", "got true; give a number"),
     (GOOD + "export: {max_map_drop: -1}\n", "export.max_map_drop", "greater than or equal to 0"),
     (GOOD + "gate: {min_map50_95: 5}\n", "gate.min_map50_95", "less than or equal to 1"),

@@ -113,7 +113,7 @@ class TrainSpec(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
     imgsz: int = Field(320, ge=32, le=IMGSZ_MAX)
     batch: int = Field(16, ge=1, le=4096)
-    lr0: float = Field(0.01, gt=0, le=10)
+    lr0: float = Field(0.01, gt=0, le=1, description="Initial learning rate (Ultralytics accepts at most 1)")
     optimizer: Literal["auto", "SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp"] = "auto"
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Training seed (NumPy's range: 0 to 2**32 - 1)")
     device: str = Field("cpu", description="'cpu', a CUDA index like '0', or 'cuda'")
