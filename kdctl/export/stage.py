@@ -291,7 +291,9 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
             q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method,
                                    scheme=onnx_int8_scheme(preset, wanted))
         except Exception as e:  # e.g. ONNX Runtime refusing the graph on a calibration image (its own Fail type)
-            raise CheckFailed(f"export onnx-int8: calibration failed ({first_line(e)})") from None
+            hint = "" if method == "minmax" else (f"; {method} calibration builds a histogram of every tensor, "
+                                                   "--calibration-method minmax does not")
+            raise CheckFailed(f"export onnx-int8: calibration failed ({first_line(e)}){hint}") from None
         if q["scheme"] == "tensorrt":
             _check_tensorrt_form(p)
         arts.append(Artifact("onnx-int8", "onnx", "int8", [p.name],
