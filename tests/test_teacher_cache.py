@@ -4,6 +4,7 @@ and views that do not replay refused in one line, a killed build resumed, DDP re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -220,10 +221,31 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
     assert res.exit_code == 2 and "built with epochs=1, the run has 2" in res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.work").exists()
 
-    # a view whose image is not the one the cache saw: refused, not silently distilled from another image
-    crc = np.load(tmp_path / "cache" / "epoch-0000" / "crc.npy")
+    # a shard file that is not what the build wrote (one byte of the anchor indices flipped: it failed inside a
+    # loss as "internal error: index 196 is out of bounds"), or is gone: refused in one line naming the file
+    shard = tmp_path / "cache" / "epoch-0000"
+    good = (shard / "anchors.npy").read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    (shard / "anchors.npy").write_bytes(bytes(bad))
+    res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    said = "".join(res.output.split())  # Rich wraps a long line at the terminal's width
+    assert "".join(f"{shard / 'anchors.npy'}: not the file the cache build wrote (its sha256 differs from "
+                   "digest.json)".split()) in said, res.output
+    (shard / "anchors.npy").unlink()
+    res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "anchors.npy:missingfromtheteachercache" in "".join(res.output.split()), res.output
+    (shard / "anchors.npy").write_bytes(good)
+
+    # a view whose image is not the one the cache saw (the shard itself intact, as its digest says): refused, not
+    # silently distilled from another image
+    crc = np.load(shard / "crc.npy")
     crc[:] += 1
-    np.save(tmp_path / "cache" / "epoch-0000" / "crc.npy", crc)
+    np.save(shard / "crc.npy", crc)
+    digest = json.loads((shard / "digest.json").read_text())
+    (shard / "digest.json").write_text(json.dumps({**digest, "crc.npy": hashlib.sha256((shard / "crc.npy")
+                                                                                          .read_bytes()).hexdigest()}))
     res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "did not replay" in res.output and "Traceback" not in res.output, res.output
 

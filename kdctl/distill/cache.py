@@ -11,11 +11,12 @@ distilled from another image's teacher outputs.
 
 **What is stored** per view (float16): the teacher head's class logits and box (DFL) logits at its ``top_k`` most
 confident anchors, the anchors' indices, and the mean class logit of the other anchors; one shard of memory-mapped
-``.npy`` files per epoch that distills (every epoch, or those before ``distill.stop_epoch``: the teacher is not asked
-after it), written to a temporary folder and renamed when complete (a killed build resumes at the first missing
-epoch; a later stop epoch adds the epochs missing). Rebuilt dense for a batch, the other anchors get that mean
-class logit and are masked out of box distillation (``ld``); with ``top_k`` at least the anchor count the cache is
-exact up to float16.
+``.npy`` files per epoch that distills (every epoch, or those before ``distill.stop_epoch``: the teacher is not
+asked after it), written to a temporary folder and renamed when complete (a killed build resumes at the first
+missing epoch; a later stop epoch adds the epochs missing). Each shard's ``digest.json`` holds the sha256 of its
+files; training checks them when it first reads the shard, so an edited or corrupted file is refused in one line.
+Rebuilt dense for a batch, the other anchors get that mean class logit and are masked out of box distillation
+(``ld``); with ``top_k`` at least the anchor count the cache is exact up to float16.
 
 **Keys.** ``meta.json`` records the teacher's weights digest, the training images and labels, every augmentation
 setting (with the epochs, the seed and the Ultralytics version) and ``top_k``; a cache whose record differs from
@@ -43,7 +44,7 @@ import torch
 from kdctl import faults
 from kdctl.errors import CheckFailed, KdctlError, RecipeError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each epoch shard carries the sha256 of its files (digest.json)
 META = "meta.json"
 AUGMENT_KEYS = ("imgsz", "epochs", "seed", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "flipud", "fliplr", "bgr", "mosaic", "mixup", "cutmix", "copy_paste",
@@ -240,6 +241,32 @@ def _shard(path: Path, epoch: int) -> Path:
 
 
 FILES = ("scores", "boxes", "anchors", "rest", "crc")
+DIGEST = "digest.json"  # in each epoch shard: the sha256 of its files, written before the shard is renamed into place
+
+
+def _file_digests(shard: Path) -> dict:
+    from kdctl.bundle.store import sha256_file
+
+    return {f"{f}.npy": sha256_file(shard / f"{f}.npy") for f in FILES}
+
+
+def _verified(shard: Path) -> None:
+    """Refuse, in one line naming the file, an epoch shard whose files are not the ones its build wrote (edited,
+    truncated, bit-flipped or missing): their values would be read as the teacher's outputs, and a corrupted anchor
+    index fails deep inside a loss."""
+    fix = "rebuild the cache with `kdctl cache build RECIPE --overwrite`"
+    try:
+        recorded = json.loads((shard / DIGEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise CheckFailed(f"{shard / DIGEST}: missing or unreadable, so the shard cannot be verified; {fix}") from None
+    from kdctl.bundle.store import sha256_file
+
+    for name in (f"{f}.npy" for f in FILES):
+        path = shard / name
+        if not path.is_file():
+            raise CheckFailed(f"{path}: missing from the teacher cache; {fix}")
+        if not isinstance(recorded, dict) or recorded.get(name) != sha256_file(path):
+            raise CheckFailed(f"{path}: not the file the cache build wrote (its sha256 differs from {DIGEST}); {fix}")
 
 
 def top_k_rows(scores: torch.Tensor, boxes: torch.Tensor, k: int) -> dict:
@@ -290,6 +317,7 @@ class TeacherCache:
             if not shard.is_dir():
                 raise CheckFailed(f"{self.path}: teacher cache has no views for epoch {epoch + 1}; rebuild it with "
                                   "`kdctl cache build RECIPE --overwrite`")
+            _verified(shard)  # once per epoch and process: a shard is read whole once to hash it
             self._open[epoch] = {f: np.load(shard / f"{f}.npy", mmap_mode="r") for f in FILES}
         return self._open[epoch]
 
@@ -468,6 +496,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
         for a in arr.values():
             a.flush()
         del arr
+        write_json_atomic(tmp / DIGEST, _file_digests(tmp))
         try:
             tmp.replace(_shard(path, e))
         except OSError:  # another build of this cache finished the epoch first: same content, keep theirs
