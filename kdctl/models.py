@@ -111,8 +111,11 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
         try:
             model = load_detector(resolved.ref)
         except Exception as e:  # a corrupt or foreign .pt: say which file, not a traceback
-            raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            from kdctl.detectors import NotACheckpoint
+
+            why = str(e) if isinstance(e, NotACheckpoint) else (f"{type(e).__name__}: "
+                                                                f"{str(e).splitlines()[0] if str(e) else ''}")
+            raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': {why}") from None
         check_family(model, f"{field} ('{resolved.ref}')", source)
         return model
     try:

@@ -809,6 +809,40 @@ def _(c):
         ["student.model", "student.pt"]
 
 
+def _saved(c, name: str, what) -> Path:
+    """A planted ``.pt`` holding ``what(model)`` for the session train bundle's model."""
+    import torch
+
+    from kdctl.detectors import load_detector
+
+    f = c.tmp / name
+    torch.save(what(load_detector(c.train / "weights.pt")), f)
+    return c.plant(f)
+
+
+@case("distill-teacher-pt-is-a-state-dict")
+def _(c):
+    """torch.save(model.state_dict()): Ultralytics' own message pointed at downloading 'yolo26n.pt'."""
+    f = _saved(c, "sd.pt", lambda m: {"state_dict": m.state_dict(), "epoch": 3})
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(f))), "--out", str(c.tmp / "x")], 2, \
+        ["teacher.model", "sd.pt", "holds only weight tensors (a state_dict), not the model"]
+
+
+@case("train-student-pt-is-a-model-pickled-whole")
+def _(c):
+    """torch.save(model): Ultralytics read the model's layers (an nn.Sequential) as the model."""
+    f = _saved(c, "whole.pt", lambda m: m)
+    return ["train", str(c.yolo_recipe("r", c.data, student=str(f))), "--out", str(c.tmp / "x")], 2, \
+        ["student.model", "whole.pt", "holds a model pickled whole (torch.save(model))"]
+
+
+@case("distill-teacher-pt-without-a-model")
+def _(c):
+    f = _saved(c, "empty.pt", lambda m: {"model": None, "ema": None, "epoch": 3, "train_args": {}})
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(f))), "--out", str(c.tmp / "x")], 2, \
+        ["teacher.model", "empty.pt", "its 'model' and 'ema' entries hold no model"]
+
+
 @case("distill-rtdetr-student-with-a-yolo-head-loss")
 def _(c):
     return ["distill", str(c.yolo_recipe("r", c.data, student="rtdetr-tiny.yaml", teacher="yolov8-tiny.yaml",

@@ -99,6 +99,25 @@ def parity_on_map(model, precision: str) -> bool:
     return precision in getattr(family(model), "PARITY_ON_MAP", ())
 
 
+class NotACheckpoint(ValueError):
+    """A ``.pt`` file that loads but holds no whole model kdctl can use (its message says what it holds)."""
+
+
+WHOLE_MODEL = ("kdctl reads whole-model checkpoints: an Ultralytics .pt (a training run's weights/best.pt, or "
+               "YOLO(...).save()), a kdctl bundle's weights.pt, or a bundle")
+
+
+def _weights_only(ckpt) -> bool:
+    """A state dict (``torch.save(model.state_dict())``), bare or under one key as training scripts save it."""
+    import torch
+
+    def tensors(d):
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    return tensors(ckpt) or (isinstance(ckpt, dict) and any(tensors(ckpt.get(k)) for k in
+                                                            ("state_dict", "model", "ema", "model_state_dict")))
+
+
 def load_detector(path):
     """A trained detector of any family from a ``.pt`` file, FP32, eval mode."""
     import torch
@@ -106,7 +125,7 @@ def load_detector(path):
     from kdctl.detectors import torchvision, yolo
 
     try:
-        return yolo.load_detector(path)
+        model = yolo.load_detector(path)
     except Exception as first:  # not an Ultralytics checkpoint: a kdctl torchvision one, or a broken file
         try:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
@@ -114,7 +133,15 @@ def load_detector(path):
             raise first from None
         if torchvision.is_checkpoint(ckpt):
             return torchvision.from_checkpoint(ckpt)
-        raise  # Ultralytics' own error for a file that is neither
+        if _weights_only(ckpt):
+            raise NotACheckpoint(f"it holds only weight tensors (a state_dict), not the model; {WHOLE_MODEL}") from None
+        if isinstance(ckpt, dict) and "model" in ckpt and not any(isinstance(ckpt.get(k), torch.nn.Module)
+                                                                  for k in ("model", "ema")):
+            raise NotACheckpoint("its 'model' and 'ema' entries hold no model") from None
+        raise  # Ultralytics' own error for a file that is none of these
+    if isinstance(model, torch.nn.Sequential):  # Ultralytics reads a non-checkpoint object's .model: its layers
+        raise NotACheckpoint(f"it holds a model pickled whole (torch.save(model)), not a checkpoint; {WHOLE_MODEL}")
+    return model
 
 
 def save_checkpoint(model, path, train_args: dict) -> None:
