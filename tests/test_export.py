@@ -147,6 +147,49 @@ def test_a_failed_histogram_calibration_points_to_minmax(trained_bundle, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_calibration_data_folder_calibrates_and_is_recorded(trained_bundle, tmp_path):
+    """``--calibration-data DIR``: unlabelled images (nested folders too) calibrate INT8 instead of the train split;
+    the bundle records where from, how many and their digest, and the INT8 graph is another one than the train
+    split's. Bad folders are one line each, before any work."""
+    import hashlib
+
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    (frames / "cam1").mkdir(parents=True)
+    for i in range(10):  # dark frames: other activation ranges than the training images
+        Image.new("RGB", (96 + 8 * i, 80), (i, 2 * i, 3 * i)).save(frames / ("cam1" if i % 2 else "") / f"f{i}.png")
+    run = CliRunner()
+    res = run.invoke(app, ["export", str(trained_bundle), "-a", "onnx-int8", "--calibration-data", str(frames),
+                           "--out", str(tmp_path / "cal"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = load_bundle(tmp_path / "cal").manifest
+    chosen = sorted(frames.rglob("*.png"))
+    h = hashlib.sha256()
+    for f in chosen:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    assert m["inputs"]["calibration_data"] == {"source": str(frames.resolve()), "images": 10, "sha256": h.hexdigest()}
+    assert m["metrics"]["artifacts"][0]["settings"]["calibration_images"] == 10
+    default = export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-int8"]), out=tmp_path / "d")
+    assert "calibration_data" not in default.manifest["inputs"]
+    assert (tmp_path / "cal" / "model-int8.onnx").read_bytes() != (default.path / "model-int8.onnx").read_bytes()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (frames / "zz.png").write_bytes(b"not an image")
+    for args, says in (
+            (["--calibration-data", str(empty)], f"Error: --calibration-data: no images found in '{empty}'"),
+            (["--calibration-data", str(tmp_path / "none")], f"Error: --calibration-data: '{tmp_path / 'none'}' "
+                                                              "not found (give an image folder or a .txt image list)"),
+            (["--calibration-data", str(frames), "--calibration-images", "11"], f"Error: {frames / 'zz.png'}: "),
+            (["-a", "onnx-fp32", "--calibration-data", str(frames)], f"Error: --calibration-data {frames}: no "
+                                                                     "artifact of this export is calibrated")):
+        args = ["-a", "onnx-int8"] + args if "-a" not in args else args
+        res = run.invoke(app, ["export", str(trained_bundle), *args, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2 and "".join(res.output.split()).startswith("".join(says.split())), res.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_default_calibration_uses_a_smaller_train_split_whole(trained_bundle, tmp_path):
     """Unasked, INT8 calibrates on 64 images or on all of a smaller train split (here 24), as NNCF's subset does;
     it used to refuse any dataset under 64 training images unless --calibration-images was given."""

@@ -25,8 +25,8 @@ def export(
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Export input size (default: training size).")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,
-                                                              help="INT8 calibration images from the train split (default: 64, or all "
-                                                                   "of a smaller split).")] = None,
+                                                              help="INT8 calibration images, spread over the train split or "
+                                                                   "--calibration-data (default: 64, or all of fewer).")] = None,
     calibration_method: Annotated[Optional[str], typer.Option("--calibration-method",
                                                               help="minmax | entropy | percentile (ONNX Runtime INT8).")] = None,
     max_map_drop: Annotated[Optional[float], typer.Option("--max-map-drop", callback=fraction,
@@ -35,6 +35,10 @@ def export(
                                                                "point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
                                                  "(default: the bundle's).")] = None,
+    calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8 calibration images "
+                                                             "instead of the train split: a folder (searched "
+                                                             "recursively) or a .txt list; no labels needed (e.g. "
+                                                             "frames from the device's camera).")] = None,
     eval_images: Annotated[Optional[int], typer.Option("--eval-images", min=1,
                                                        help="Validation images for mAP (default: all).")] = None,
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
@@ -55,6 +59,7 @@ def export(
     opts = ExportOptions.from_recipe(src.recipe, target=target, artifacts=artifact, imgsz=imgsz, opset=opset,
                                      calibration_images=calibration_images, calibration_method=calibration_method,
                                      max_map_drop=max_map_drop, data=str(data) if data else None,
+                                     calibration_data=str(calibration_data) if calibration_data else None,
                                      eval_images=eval_images, skip_invalid=skip_invalid or None)
     with progress_bar(not (json_ or quiet)) as p:
         b = export_bundle(bundle, opts, out=out, runs_dir=runs, overwrite=overwrite, progress=p)

@@ -119,7 +119,8 @@ def _split_path(spec: str, root: Path) -> Path:
     return root / p
 
 
-def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
+def _list_images(spec, root: Path, source: str, field: str | None) -> list[Path]:
+    where = f"{source}: {field}" if field else source  # field None: ``source`` names the option itself
     entries = spec if isinstance(spec, list) else [spec]
     out: list[Path] = []
     for e in entries:
@@ -137,13 +138,22 @@ def _list_images(spec, root: Path, source: str, field: str) -> list[Path]:
             try:  # a byte-order mark is allowed, as Ultralytics reads lists with utf-8-sig
                 lines = p.read_text(encoding="utf-8-sig").splitlines()
             except UnicodeDecodeError:
-                raise DataError(f"{source}: {field}: image list '{p}' is not UTF-8 text") from None
+                raise DataError(f"{where}: image list '{p}' is not UTF-8 text") from None
             out += [_listed_image(line.strip(), p) for line in lines if line.strip()]
         else:
-            raise DataError(f"{source}: {field}: '{p}' is neither an image directory nor a .txt image list")
+            raise DataError(f"{where}: '{p}' is neither an image directory nor a .txt image list")
     if not out:
-        raise DataError(f"{source}: {field}: no images found in '{spec}'")
+        raise DataError(f"{where}: no images found in '{spec}'")
     return out
+
+
+def list_images(spec: str | Path, source: str) -> list[Path]:
+    """The images of a folder (searched recursively, hidden entries left out) or of a ``.txt`` list, read as a
+    dataset split's are; ``source`` names where the path was given, in a one-line error."""
+    p = Path(spec)
+    if not p.exists():
+        raise DataError(f"{source}: '{p}' not found (give an image folder or a .txt image list)")
+    return _list_images(str(p.resolve()), Path.cwd(), source, None)
 
 
 def _renamed(data: dict) -> dict:

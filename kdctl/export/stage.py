@@ -35,6 +35,7 @@ class ExportOptions:
     calibration_method: str | None = None
     max_map_drop: float | None = None
     data: str | None = None
+    calibration_data: str | None = None  # an image folder or .txt list for INT8 calibration (no labels needed)
     eval_images: int | None = None  # cap on validation images for mAP (None: all)
     parity_images: int = 8
     skip_invalid: bool = False
@@ -69,6 +70,16 @@ def _preprocess(paths: list[Path], imgsz: int) -> list[np.ndarray]:
     return [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in paths]
 
 
+def _images_digest(paths: list[Path]) -> str:
+    """sha256 over the calibration images' names and bytes, in order: which images calibrated an export."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
 def _spread(items: list, n: int) -> list:
     """``n`` items evenly spread over the list (deterministic, covers the whole set)."""
     if n >= len(items):
@@ -88,7 +99,7 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
 
 def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
             progress) -> Bundle:
-    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.data.resolve import list_images, load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl import detectors
     from kdctl.detectors import yolo
@@ -131,17 +142,32 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                         "ONNX out (--artifact onnx-fp32)")
     method = options.calibration_method or preset.calibration_method
     needs_calib = any(a.endswith("int8") for a in wanted) and not qat
-    calib_pool = ds.train_images or ds.val_images
+    calib_from = f"--calibration-data {options.calibration_data}" if options.calibration_data else None
+    if calib_from and not needs_calib:
+        raise DataError(f"{calib_from}: no artifact of this export is calibrated ({', '.join(wanted)}"
+                        f"{', a quantization-aware student' if qat else ''}); leave --calibration-data out")
+    calib_pool = (list_images(options.calibration_data, "--calibration-data") if calib_from else
+                  ds.train_images or ds.val_images)
+    pool_name = f"{options.calibration_data}" if calib_from else f"the train split of {ds.yaml}"
     n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
     if needs_calib and n_calib < MIN_CALIBRATION:
         if options.calibration_images:
             raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
                             f"calibration (at least {MIN_CALIBRATION})")
-        raise DataError(f"{ds.yaml}: the train split has {len(calib_pool)} images; INT8 calibration needs at least "
-                        f"{MIN_CALIBRATION} (export float artifacts only with --artifact, or give --data)")
+        raise DataError(f"{calib_from or ds.yaml}: {'it holds' if calib_from else 'the train split has'} "
+                        f"{len(calib_pool)} images; INT8 calibration needs at least {MIN_CALIBRATION} (export float "
+                        "artifacts only with --artifact, or give --data or --calibration-data)")
     if needs_calib and len(calib_pool) < n_calib:
         raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} calibration images "
-                        f"requested, but the train split of {ds.yaml} has only {len(calib_pool)}")
+                        f"requested, but {pool_name} has only {len(calib_pool)}")
+    calib_chosen = _spread(calib_pool, n_calib) if needs_calib else []
+    if calib_from:  # unlabelled images nobody checked yet: a broken one is one line naming it, before any work
+        from kdctl.data.validate import check_image
+
+        for img in calib_chosen:
+            problem = check_image(img)
+            if problem:
+                raise DataError(f"{img}: {problem} ({calib_from})")
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
@@ -154,11 +180,14 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
     ref_metrics = evaluate_backend(reference, val_images, ds.names, imgsz, progress=ev.advance)
     plan.advance()
-    calibration = _preprocess(_spread(calib_pool, n_calib), imgsz) if needs_calib else []
+    calibration = _preprocess(calib_chosen, imgsz)
+    inputs = {"target": preset.model_dump(), "weights": str(src.file("weights")), "data": ds.describe()}
+    if calib_from:
+        inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
+                                      "images": len(calib_chosen), "sha256": _images_digest(calib_chosen)}
 
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
-                      inputs={"target": preset.model_dump(), "weights": str(src.file("weights")),
-                              "data": ds.describe()}) as w:
+                      inputs=inputs) as w:
         arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan,
                       options, val_images, ds.names, qat=qat)
         for a in arts:
