@@ -659,3 +659,59 @@ def test_pose_rows_of_a_dataset_with_kpt_shape_are_refused_not_read_as_polygons(
     (root / "data.yaml").write_text(data + "kpt_shape: [3, 4]\n")
     with pytest.raises(DataError, match=r"field 'kpt_shape': expected \[keypoints, 2 or 3\], got \[3, 4\]"):
         load_yolo_yaml(root / "data.yaml")
+
+
+def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data):
+    """``kdctl data check``: exit 0 and the counts on a clean set; on a broken copy every invalid image and label line
+    (training stops at the first), the counts of what is left, a class without objects; exit 2 for an unusable
+    path; a recipe's data section is checked the same way."""
+    import shutil
+
+    def counts(root: Path, split: str) -> tuple[int, list[int], int]:
+        rows = [np.loadtxt(f, ndmin=2) for f in sorted((root / "labels" / split).glob("*.txt"))]
+        per = [sum(int((r[:, 0] == c).sum()) for r in rows if r.size) for c in range(3)]
+        return len(rows), per, sum(1 for r in rows if not r.size)
+
+    run = CliRunner()
+    res = run.invoke(app, ["data", "check", str(tiny_data), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    root = tiny_data.parent
+    for split in ("train", "val"):
+        n, per, background = counts(root, split)
+        s = r["splits"][split]
+        assert (s["images"], s["usable"], s["skipped"]) == (n, n, 0)
+        assert list(s["per_class"].values()) == per and s["objects"] == sum(per)
+        assert s["background_images"] == background
+    assert r["ok"] is True and r["problems"] == {}
+
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "images", bad / "images")
+    shutil.copytree(root / "labels", bad / "labels")
+    (bad / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    imgs = sorted((bad / "images" / "train").glob("*.*"))
+    imgs[0].write_bytes(b"not an image")
+    (bad / "labels" / "train" / f"{imgs[1].stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\n")
+    for f in (bad / "labels" / "val").glob("*.txt"):  # no 'c' left in val
+        keep = [line for line in f.read_text().splitlines() if line and not line.startswith("2 ")]
+        f.write_text("".join(f"{line}\n" for line in keep))
+    res = run.invoke(app, ["data", "check", str(bad / "data.yaml"), "--json"])
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.stdout)
+    assert r["ok"] is False and len(r["problems"]["train"]) == 2 and "val" not in r["problems"]
+    assert r["problems"]["train"][0].startswith(f"{imgs[0]}: cannot be decoded as an image")
+    assert r["problems"]["train"][1].startswith(f"{bad / 'labels' / 'train' / imgs[1].stem}.txt:2: class id 7")
+    n, _, _ = counts(root, "train")
+    assert (r["splits"]["train"]["images"], r["splits"]["train"]["usable"]) == (n, n - 2)
+    assert r["splits"]["val"]["classes_without_objects"] == ["c"] and r["splits"]["val"]["per_class"]["c"] == 0
+    plain = run.invoke(app, ["data", "check", str(bad / "data.yaml")])
+    assert plain.exit_code == 1 and "train: 2 invalid image(s):" in plain.output and "val: no objects of c" in \
+        plain.output
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstudent: {model: yolov8-tiny.yaml}\n"
+                      "data: {synthetic: {train: 8, val: 4, imgsz: 64, classes: 2, seed: 0, scene: clear}}\n")
+    res = run.invoke(app, ["data", "check", str(recipe), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["splits"]["train"]["images"] == 8, res.output
+    res = run.invoke(app, ["data", "check", str(tmp_path)])
+    assert res.exit_code == 2 and f"{tmp_path}: is a directory; give its data.yaml" in res.output

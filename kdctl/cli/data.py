@@ -1,4 +1,4 @@
-"""``kdctl data synth``."""
+"""``kdctl data synth`` and ``kdctl data check``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from kdctl.cli._common import JsonOpt, QuietOpt, console, emit, progress_bar
 from kdctl.limits import SEED_MAX
 
-app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in synthetic detection set.")
+app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in synthetic detection set, "
+                  "check a dataset before training on it.")
 
 
 @app.command("synth")
@@ -55,3 +56,53 @@ def synth(
     atomic_build(out, build)
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
     emit(result, as_json=json_, quiet=quiet, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))
+
+
+@app.command("check")
+def check(
+    data: Annotated[Path, typer.Argument(help="An Ultralytics dataset YAML, or a recipe (its data: section: yolo, coco "
+                                              "or synthetic).", show_default=False)],
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Validate a dataset as train, distill, eval and export read it: every invalid image and label line listed.
+
+    Counts images, objects and background images per split and class. Exit 0: clean; 1: problems listed (training
+    would stop at the first, or leave them out with --skip-invalid); 2: the YAML itself is unusable.
+
+    Example: [bold]kdctl data check data/mydata/data.yaml[/bold]
+    """
+    from rich.table import Table
+
+    from kdctl.data.check import check_dataset
+
+    r = check_dataset(data)
+
+    def human():
+        t = Table(title=f"{r['data']}: {len(r['names'])} classes")
+        for c in ("split", "images", "usable", "skipped", "objects", "background images"):
+            t.add_column(c, justify="left" if c == "split" else "right")
+        for name, s in r["splits"].items():
+            t.add_row(name, *(f"{s[k]:,}" for k in ("images", "usable", "skipped", "objects", "background_images")))
+        console.print(t)
+        c = Table(title="objects per class")
+        c.add_column("class")
+        for name in r["splits"]:
+            c.add_column(name, justify="right")
+        for i, cls in enumerate(r["names"]):
+            c.add_row(f"{i} {cls}", *(f"{s['per_class'][cls]:,}" for s in r["splits"].values()))
+        console.print(c)
+        for name, s in r["splits"].items():
+            if s["classes_without_objects"]:
+                console.print(f"[yellow]{name}: no objects of {', '.join(s['classes_without_objects'])}[/yellow]")
+        for name, items in r["problems"].items():
+            console.print(f"[red]{name}: {len(items)} invalid image(s)[/red]" + ("; the first 20:" if len(items) > 20
+                                                                              else ":"))
+            for line in items[:20]:
+                console.print(f"  {line}", markup=False, highlight=False)
+        if r["ok"]:
+            console.print("[green]OK[/green]: every image and label line is valid")
+
+    emit(r, as_json=json_, quiet=quiet, human=human)
+    if not r["ok"]:
+        raise typer.Exit(1)

@@ -1,0 +1,55 @@
+"""``kdctl data check``: a dataset read and validated exactly as ``train``, ``distill``, ``eval`` and ``export`` read
+it, with every problem listed instead of the first one stopping the run, and what it holds per split and class.
+
+Ultralytics reports corrupt images and labels as it caches a split at the start of training; this says the same
+before a run is started, and exits 1 when an image would be refused (or, with ``--skip-invalid``, left out)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+
+def _is_recipe(path: Path) -> bool:
+    from kdctl.recipe.validation import YamlProblem, parse_yaml
+
+    try:
+        d = parse_yaml(path)
+    except YamlProblem:
+        return False  # reported by the dataset reader, which names the file
+    return isinstance(d, dict) and isinstance(d.get("data"), dict) and "student" in d
+
+
+def _split_summary(listed: int, images: list[Path], skipped: list[str], names: list[str]) -> dict:
+    from kdctl.data.resolve import label_path
+    from kdctl.data.validate import parse_labels
+
+    per_class, background = Counter(), 0
+    for img in images:  # already parsed once by the reader; read again for the counts (labels are small)
+        rows = parse_labels(label_path(img), len(names))
+        background += not len(rows)
+        per_class.update(int(c) for c in rows[:, 0])
+    return {"images": listed, "usable": len(images), "skipped": len(skipped), "objects": sum(per_class.values()),
+            "background_images": background, "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
+            "classes_without_objects": [n for i, n in enumerate(names) if not per_class.get(i)]}
+
+
+def check_dataset(path: str | Path) -> dict:
+    """Check an Ultralytics dataset YAML, or the dataset a recipe names (``data:``: yolo, coco or synthetic).
+    A problem with the YAML itself (a missing split, a names list that does not parse) is a one-line
+    :class:`~kdctl.errors.DataError` / :class:`~kdctl.errors.RecipeError`, as in every command."""
+    from kdctl.data.resolve import load_yolo_yaml, resolve_data
+
+    path = Path(path)
+    if path.is_file() and _is_recipe(path):
+        from kdctl.recipe import load_recipe
+
+        ds = resolve_data(load_recipe(path).data, skip_invalid=True)
+    else:
+        ds = load_yolo_yaml(path, skip_invalid=True)
+    splits = {split: _split_summary(len(images) + len(ds.skipped.get(split, [])), images,
+                                    ds.skipped.get(split, []), ds.names)
+              for split, images in (("train", ds.train_images), ("val", ds.val_images))}
+    problems = {split: ds.skipped[split] for split in splits if ds.skipped.get(split)}
+    return {"data": str(ds.yaml), "source": str(path), "names": ds.names, "splits": splits, "problems": problems,
+            "ok": not problems}
