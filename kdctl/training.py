@@ -205,11 +205,11 @@ def untrained_teacher(recipe: Recipe, source: str = "recipe") -> str | None:
     ``yolov8n.pt`` would come pretrained. None for a checkpoint or bundle teacher, and for ``kdctl train``."""
     from kdctl.models import resolve_model
 
-    if recipe.teacher is None:
-        return None
-    ref = resolve_model(recipe.teacher.model, "teacher.model", source)
-    if ref.kind == "checkpoint":
-        return None
+    spec = recipe.teacher.model if recipe.teacher is not None else None
+    if spec is None or not (spec.startswith("torchvision:") or (Path(spec).suffix in (".yaml", ".yml")
+                                                                and not Path(spec).is_dir())):
+        return None  # a checkpoint or bundle: resolved (hashed, verified) once, by the run itself
+    ref = resolve_model(spec, "teacher.model", source)  # a config: cheap to resolve; a bad one is the run's error
     return (f"{source}: teacher.model: '{ref.ref}' is a model config: the teacher is built with random weights and "
             "has learnt nothing to teach; name a trained .pt or a train bundle (kdctl train <teacher recipe>)")
 

@@ -259,14 +259,13 @@ def _verified(shard: Path) -> None:
         recorded = json.loads((shard / DIGEST).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         raise CheckFailed(f"{shard / DIGEST}: missing or unreadable, so the shard cannot be verified; {fix}") from None
-    from kdctl.bundle.store import sha256_file
-
-    for name in (f"{f}.npy" for f in FILES):
-        path = shard / name
-        if not path.is_file():
-            raise CheckFailed(f"{path}: missing from the teacher cache; {fix}")
-        if not isinstance(recorded, dict) or recorded.get(name) != sha256_file(path):
-            raise CheckFailed(f"{path}: not the file the cache build wrote (its sha256 differs from {DIGEST}); {fix}")
+    missing = [f"{f}.npy" for f in FILES if not (shard / f"{f}.npy").is_file()]
+    if missing:
+        raise CheckFailed(f"{shard / missing[0]}: missing from the teacher cache; {fix}")
+    for name, digest in _file_digests(shard).items():
+        if not isinstance(recorded, dict) or recorded.get(name) != digest:
+            raise CheckFailed(f"{shard / name}: not the file the cache build wrote (its sha256 differs from {DIGEST}); "
+                              f"{fix}")
 
 
 def top_k_rows(scores: torch.Tensor, boxes: torch.Tensor, k: int) -> dict:

@@ -148,7 +148,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                         f"{', a quantization-aware student' if qat else ''}); leave --calibration-data out")
     calib_pool = (list_images(options.calibration_data, "--calibration-data") if calib_from else
                   ds.train_images or ds.val_images)
-    pool_name = f"{options.calibration_data}" if calib_from else f"the train split of {ds.yaml}"
+    pool_name = options.calibration_data if calib_from else f"the train split of {ds.yaml}"
     n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
     if needs_calib and n_calib < MIN_CALIBRATION:
         if options.calibration_images:
