@@ -98,4 +98,3 @@ def export(
                           f"{', '.join(m['qat']['skipped_artifacts'])}")
 
     emit(result, as_json=json_, quiet=quiet, human=human)
-

@@ -20,7 +20,9 @@ def _is_recipe(path: Path) -> bool:
     return isinstance(d, dict) and isinstance(d.get("data"), dict) and "student" in d
 
 
-def _split_summary(listed: int, images: list[Path], skipped: list[str], names: list[str]) -> dict:
+def _split_summary(images: list[Path], skipped: list[str], names: list[str]) -> dict:
+    """What one split holds: ``images`` (the usable ones) and ``skipped`` (a line per invalid one) as the reader left
+    them."""
     from kdctl.data.resolve import label_path
     from kdctl.data.validate import parse_labels
 
@@ -29,7 +31,7 @@ def _split_summary(listed: int, images: list[Path], skipped: list[str], names: l
         rows = parse_labels(label_path(img), len(names))
         background += not len(rows)
         per_class.update(int(c) for c in rows[:, 0])
-    return {"images": listed, "usable": len(images), "skipped": len(skipped), "objects": sum(per_class.values()),
+    return {"images": len(images) + len(skipped), "usable": len(images), "skipped": len(skipped), "objects": sum(per_class.values()),
             "background_images": background, "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
             "classes_without_objects": [n for i, n in enumerate(names) if not per_class.get(i)]}
 
@@ -47,8 +49,7 @@ def check_dataset(path: str | Path) -> dict:
         ds = resolve_data(load_recipe(path).data, skip_invalid=True)
     else:
         ds = load_yolo_yaml(path, skip_invalid=True)
-    splits = {split: _split_summary(len(images) + len(ds.skipped.get(split, [])), images,
-                                    ds.skipped.get(split, []), ds.names)
+    splits = {split: _split_summary(images, ds.skipped.get(split, []), ds.names)
               for split, images in (("train", ds.train_images), ("val", ds.val_images))}
     problems = {split: ds.skipped[split] for split in splits if ds.skipped.get(split)}
     return {"data": str(ds.yaml), "source": str(path), "names": ds.names, "splits": splits, "problems": problems,
