@@ -101,6 +101,27 @@ def test_neck_role_pairs_levels_of_equal_stride_across_pyramid_depths(tiny):
         build_criterion(p2, tiny, [LossSpec(name="cwd", student_layers=[18, 21, 24, 27])], None, 128)
 
 
+def test_strides_keep_the_pairs_at_those_strides(tiny, v8n):
+    """``strides`` picks pairs by the student map's stride, whatever named the layers (a role, indices, a P2
+    student's pairs made by size), in their order; a stride no pair has is one line listing the ones there are."""
+    def pairs(spec, student=tiny, imgsz=128):
+        t = build_criterion(student, v8n, [spec], None, imgsz, "r.yaml").terms[0]
+        return t.s_layers, t.t_layers
+
+    assert pairs(LossSpec(name="at", level="backbone", strides=[8])) == ([4], [4])
+    assert pairs(LossSpec(name="at", level="backbone", strides=[32, 8])) == ([4, 9], [4, 9])
+    assert pairs(LossSpec(name="cwd", level="neck", strides=[16])) == ([18], [18])
+    assert pairs(LossSpec(name="cwd", level="neck", strides=[16]), imgsz=256) == ([18], [18])  # not a map width
+    assert pairs(LossSpec(name="fitnet", student_layers=[6, 9], teacher_layers=[6, 9], strides=[32])) == ([9], [9])
+    p2 = build_detector("yolov8n-p2.yaml", nc=3)
+    assert pairs(LossSpec(name="cwd", level="neck", strides=[8]), student=p2) == ([21], [15])
+    term = build_criterion(tiny, v8n, [LossSpec(name="at", level="backbone", strides=[8])], None, 128).terms[0]
+    assert len(term.losses) == 1  # one loss module per kept pair: the term averages over what is left
+    with pytest.raises(RecipeError, match=r"^r.yaml: distill.losses\[0\].strides: no student map of layers \[4, 6, 9\] "
+                                          r"is at stride 4 at imgsz 128; their strides: 8, 16, 32$"):
+        pairs(LossSpec(name="at", level="backbone", strides=[4]))
+
+
 @pytest.mark.parametrize("cfg,first,count", [("yolov8n-p2.yaml", 32 * 32, 336), ("yolov8n-p6.yaml", 0, 336)])
 def test_head_losses_read_a_p2_or_p6_teacher_at_the_students_levels(tiny, cfg, first, count):
     """A P2 (or P6) teacher's head has one more level than a P3-P5 student's: head-level KD was refused as

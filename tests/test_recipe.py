@@ -61,6 +61,13 @@ BAD = [
     # a term over no layer pair passed the check and failed at the first training step
     (GOOD.replace("weight: 2.0", "student_layers: [], weight: 2.0"), "distill.losses[0].student_layers",
      "is empty; name at least one layer"),
+    # strides: which feature-map pairs a term keeps (8 is P3)
+    (GOOD.replace("weight: 2.0", "strides: [], weight: 2.0"), "distill.losses[0].strides", "is empty"),
+    (GOOD.replace("weight: 2.0", "strides: [8, 8], weight: 2.0"), "distill.losses[0].strides", "names a stride twice"),
+    (GOOD.replace("weight: 2.0", "strides: [0], weight: 2.0"), "distill.losses[0].strides[0]",
+     "greater than or equal to 1"),
+    (GOOD.replace("{name: cwd, weight: 2.0, params: {tau: 2.0}}", "{name: kd_logit, strides: [8]}"),
+     "distill.losses[0].strides", "'kd_logit' is not a feature-map loss; strides picks the map pairs of at, cwd"),
     # parameter values: a temperature of 0 would divide by zero in training, a string would fail mid-epoch
     (GOOD.replace("tau: 2.0", "tau: 0"), "distill.losses[0].params.tau", "must be > 0, got 0"),
     (GOOD.replace("tau: 2.0", "tau: -0.5"), "distill.losses[0].params.tau", "must be > 0, got -0.5"),

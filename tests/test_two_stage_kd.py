@@ -101,6 +101,9 @@ def test_two_stage_distill_resumes_after_a_kill(tmp_path, tiny_data, teacher_ckp
     ("[{name: roi_kd, level: rpn}]", STUDENT, SAME_ANCHORS_TEACHER, "distill.losses[0].level: 'roi_kd' applies at roi, not 'rpn'"),
     ("[{name: pkd, student_layers: [net.nothing]}]", STUDENT, SAME_ANCHORS_TEACHER,
      "distill.losses[0].student_layers: no module 'net.nothing'"),
+    ("[{name: pkd, level: neck, strides: [16]}]", STUDENT, SAME_ANCHORS_TEACHER,
+     "distill.losses[0].strides: no student map of layers ['net.backbone[0]', 'net.backbone[1]'] is at stride 16 at "
+     "imgsz 64; their strides: 32"),
     ("[{name: cwd}]", STUDENT, "yolov8-tiny.yaml", "teacher.model: a YOLO teacher"),
     ("[{name: kd_logit}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "'kd_logit' needs a YOLO teacher's dense head"),
     ("[{name: roi_kd}]", "yolov8-tiny.yaml", "yolov8-tiny.yaml", "distill.losses[0]: 'roi_kd' reads the RoI head of two-stage (torchvision) detectors"),

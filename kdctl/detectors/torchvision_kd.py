@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdctl.distill.taps import FeatureTaps, map_shapes, pair_same_size, split_key
+from kdctl.distill.taps import FeatureTaps, keep_strides, map_shapes, pair_same_size, split_key
 from kdctl.errors import RecipeError
 
 TWO_STAGE_LOSSES = "rpn_kd, roi_kd, roi_crosskd, roi_mimic"
@@ -116,6 +116,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                                   "detector; use backbone or neck")
             s_layers, t_layers = _layers(student, teacher, spec, role, imgsz, where)
             s_sh, t_sh = _shapes(student, s_layers, imgsz), _shapes(teacher, t_layers, imgsz)
+            try:
+                s_layers, t_layers = keep_strides(s_layers, t_layers, s_sh, spec.strides, imgsz)
+            except ValueError as e:
+                raise RecipeError(f"{where}.strides: {e}") from None
             for sk, tk in zip(s_layers, t_layers):
                 if s_sh[sk] is None or t_sh[tk] is None:
                     raise RecipeError(f"{where}: '{spec.name}' is a feature loss, but layer pair (student {sk}, "

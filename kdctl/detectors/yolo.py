@@ -28,7 +28,8 @@ from kdctl.distill.criterion import (PSEUDO_KEY, PSEUDO_KINDS, DistillationCrite
                                     level_anchor_index, make_term)
 from kdctl.distill.losses import LOSSES  # noqa: E402
 from kdctl.distill.losses.registry import kd_item  # noqa: E402
-from kdctl.distill.taps import FeatureTaps, head_outputs, map_shapes, pair_same_size, resolve_layers  # noqa: E402
+from kdctl.distill.taps import (FeatureTaps, head_outputs, keep_strides, map_shapes, pair_same_size,  # noqa: E402
+                                resolve_layers)
 from kdctl import faults  # noqa: E402
 from kdctl.errors import RecipeError  # noqa: E402
 
@@ -228,6 +229,12 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         if len(s_layers) != len(t_layers):
             raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
                               f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
+        if spec.strides is not None:
+            try:
+                s_layers, t_layers = keep_strides(s_layers, t_layers, _dummy_maps(student, s_layers, imgsz),
+                                                  spec.strides, imgsz)
+            except ValueError as e:
+                raise RecipeError(f"{source}: distill.losses[{i}].strides: {e}") from None
         plans.append((i, spec, entry, s_layers, t_layers))
 
     s_all = sorted({j for p in plans if p[2].kind not in PSEUDO_KINDS for j in p[3]}, key=str)

@@ -58,6 +58,10 @@ def _check_losses(recipe: Recipe, source: str) -> None:
         if spec.level is not None and spec.level not in entry.levels:
             raise RecipeError(f"{source}: distill.losses[{i}].level: '{spec.name}' applies at "
                               f"{', '.join(entry.levels)}, not '{spec.level}'")
+        if spec.strides is not None and entry.kind != "feature":
+            feature = sorted(n for n, e in LOSSES.items() if e.kind == "feature")
+            raise RecipeError(f"{source}: distill.losses[{i}].strides: '{spec.name}' is not a feature-map loss; "
+                              f"strides picks the map pairs of {', '.join(feature)}")
     if recipe.distill.losses and recipe.teacher is None:
         raise RecipeError(f"{source}: teacher: required field is missing (distill.losses needs a teacher)")
     stop = recipe.distill.stop_epoch

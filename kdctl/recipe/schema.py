@@ -177,6 +177,9 @@ class LossSpec(Strict):
                           "or a role; defaults from the level")
     teacher_layers: list[int | str] | Literal["backbone", "neck", "head"] | None = Field(
         None, description="Layers of the teacher: indices, module paths, or a role; defaults from the level")
+    strides: list[Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+        None, description="Feature losses: of the layer pairs, keep those whose student map has these strides "
+                          "(input size / map width; 8 is P3), e.g. [8] for the stride-8 backbone map only")
     weight: float = Field(1.0, ge=0, le=1e6)
     # any float here: the loss registry checks each value's type and range (kdctl.distill.losses.registry), and names
     # the parameter without pydantic's union-member suffix
@@ -194,6 +197,15 @@ class LossSpec(Strict):
         for x in v if isinstance(v, list) else []:
             if isinstance(x, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", x):
                 raise ValueError(f"'{x}' is neither a layer index nor a module path like model.6.m.0")
+        return v
+
+    @field_validator("strides")
+    @classmethod
+    def _strides(cls, v):
+        if v is not None and not v:
+            raise ValueError("is empty; name at least one stride (8 is P3), or leave it out for every pair")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"{v} names a stride twice")
         return v
 
 
