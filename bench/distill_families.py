@@ -89,8 +89,9 @@ def variant_title(a) -> str:
 
 def screen_tag(families: list[str]) -> str:
     """The suffix of the doc section and results file of a run of some families, e.g. '-pkd-head-fitnet-head', so
-    it does not replace the families table (empty for every family, and with --set, whose tag already names it)."""
-    return "" if families == FAMILIES or OVERRIDES else "-" + "-".join(families)
+    it does not replace the families table, nor a screen of other families with the same --set (empty for every
+    family)."""
+    return "" if families == FAMILIES else "-" + "-".join(families)
 
 
 def apply_overrides(d: dict) -> None:

@@ -39,15 +39,18 @@ def test_a_screen_override_reaches_into_the_loss_list(monkeypatch):
 
 
 def test_a_screen_of_some_families_gets_its_own_section(monkeypatch):
-    """``--families pkd-head fitnet-head`` alone must not replace the families table (its section and results file);
-    every family, or a --set screen (named by its override), keeps the name it had."""
+    """``--families pkd-head fitnet-head`` alone must not replace the families table (its section and results file),
+    nor a --set screen of some families another of other families with the same --set (the second wrote over the
+    first's section and results file); every family keeps the name it had."""
     import distill_families as bench
 
     monkeypatch.setattr(bench, "OVERRIDES", {})
     assert bench.screen_tag(["pkd-head", "fitnet-head"]) == "-pkd-head-fitnet-head"
     assert bench.screen_tag(list(bench.FAMILIES)) == ""
     monkeypatch.setattr(bench, "OVERRIDES", {"distill.auto_balance": 0.1})
-    assert bench.screen_tag(["head"]) == ""
+    assert bench.screen_tag(["head"]) == "-head"
+    assert bench.screen_tag(["backbone-head"]) != bench.screen_tag(["distill-at"])
+    assert bench.screen_tag(list(bench.FAMILIES)) == ""
 
 
 def test_another_teacher_on_the_built_in_data_gets_its_own_folders_and_section():
