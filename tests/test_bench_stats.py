@@ -40,8 +40,8 @@ def test_a_screen_override_reaches_into_the_loss_list(monkeypatch):
 
 def test_a_screen_of_some_families_gets_its_own_section(monkeypatch):
     """``--families pkd-head fitnet-head`` alone must not replace the families table (its section and results file),
-    nor a --set screen of some families another of other families with the same --set (the second wrote over the
-    first's section and results file); every family keeps the name it had."""
+    nor may a --set screen of some families replace one of other families with the same --set (the second wrote over
+    the first's section and results file); every family keeps the name it had."""
     import distill_families as bench
 
     monkeypatch.setattr(bench, "OVERRIDES", {})

@@ -120,6 +120,8 @@ def test_strides_keep_the_pairs_at_those_strides(tiny, v8n):
     with pytest.raises(RecipeError, match=r"^r.yaml: distill.losses\[0\].strides: no student map of layers \[4, 6, 9\] "
                                           r"is at stride 4 at imgsz 128; their strides: 8, 16, 32$"):
         pairs(LossSpec(name="at", level="backbone", strides=[4]))
+    with pytest.raises(RecipeError, match="does not output feature maps"):  # a layer without a map is not dropped
+        pairs(LossSpec(name="cwd", student_layers=[9, 22], teacher_layers=[9, 22], strides=[32]))
 
 
 @pytest.mark.parametrize("cfg,first,count", [("yolov8n-p2.yaml", 32 * 32, 336), ("yolov8n-p6.yaml", 0, 336)])

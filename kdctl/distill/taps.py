@@ -114,12 +114,13 @@ def pair_same_size(s_layers: list, s_sites: dict, t_sites: dict) -> tuple[list, 
 def keep_strides(s_layers: list, t_layers: list, s_shapes: dict, strides: list[int] | None,
                  imgsz: int) -> tuple[list, list]:
     """The layer pairs whose student map is at one of ``strides`` (``imgsz`` / map width, rounded: 8 is P3), in
-    their order; ``strides`` None: all of them. ``s_shapes``: ``{layer: (C, H, W)}`` (None: not a map). Raises
-    ValueError naming the strides the pairs have when none matches."""
+    their order; ``strides`` None: all of them. ``s_shapes``: ``{layer: (C, H, W)}``; a layer without a map (None)
+    is kept, for the caller's check to refuse. Raises ValueError naming the strides the pairs have when none
+    matches."""
     if strides is None:
         return s_layers, t_layers
     at = {sl: round(imgsz / s_shapes[sl][2]) for sl in s_layers if s_shapes.get(sl) is not None}
-    keep = [(sl, tl) for sl, tl in zip(s_layers, t_layers) if at.get(sl) in strides]
+    keep = [(sl, tl) for sl, tl in zip(s_layers, t_layers) if sl not in at or at[sl] in strides]
     if not keep:
         have = ", ".join(str(s) for s in sorted(set(at.values()))) or "none"
         raise ValueError(f"no student map of layers {s_layers} is at stride {', '.join(map(str, strides))} at imgsz "
