@@ -61,11 +61,18 @@ BAD = [
     # a term over no layer pair passed the check and failed at the first training step
     (GOOD.replace("weight: 2.0", "student_layers: [], weight: 2.0"), "distill.losses[0].student_layers",
      "is empty; name at least one layer"),
+    (GOOD.replace("weight: 2.0", "student_layers: [true, 9], teacher_layers: [4, 9], weight: 2.0"),
+     "distill.losses[0].student_layers", "got true; give a layer index (4) or a module path"),
     # strides: which feature-map pairs a term keeps (8 is P3)
     (GOOD.replace("weight: 2.0", "strides: [], weight: 2.0"), "distill.losses[0].strides", "is empty"),
     (GOOD.replace("weight: 2.0", "strides: [8, 8], weight: 2.0"), "distill.losses[0].strides", "names a stride twice"),
     (GOOD.replace("weight: 2.0", "strides: [0], weight: 2.0"), "distill.losses[0].strides[0]",
      "greater than or equal to 1"),
+    # pydantic's lax mode would read true as 1 and "8" as 8
+    (GOOD.replace("weight: 2.0", "strides: [true], weight: 2.0"), "distill.losses[0].strides[0]",
+     "valid integer, got true"),
+    (GOOD.replace("weight: 2.0", "strides: ['8'], weight: 2.0"), "distill.losses[0].strides[0]",
+     "valid integer, got \"8\""),
     (GOOD.replace("{name: cwd, weight: 2.0, params: {tau: 2.0}}", "{name: kd_logit, strides: [8]}"),
      "distill.losses[0].strides", "'kd_logit' is not a feature-map loss; strides picks the map pairs of at, cwd"),
     # parameter values: a temperature of 0 would divide by zero in training, a string would fail mid-epoch

@@ -177,7 +177,7 @@ class LossSpec(Strict):
                           "or a role; defaults from the level")
     teacher_layers: list[int | str] | Literal["backbone", "neck", "head"] | None = Field(
         None, description="Layers of the teacher: indices, module paths, or a role; defaults from the level")
-    strides: list[Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+    strides: list[Annotated[int, Field(ge=1, le=1024, strict=True)]] | None = Field(
         None, description="Feature losses: of the layer pairs, keep those whose student map has these strides "
                           "(input size / map width; 8 is P3), e.g. [8] for the stride-8 backbone map only")
     weight: float = Field(1.0, ge=0, le=1e6)
@@ -197,6 +197,15 @@ class LossSpec(Strict):
         for x in v if isinstance(v, list) else []:
             if isinstance(x, str) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", x):
                 raise ValueError(f"'{x}' is neither a layer index nor a module path like model.6.m.0")
+        return v
+
+    @field_validator("student_layers", "teacher_layers", mode="before")
+    @classmethod
+    def _no_bool_for_a_layer(cls, v):
+        """``[true, 9]`` is a slip, not layer 1 (pydantic's lax mode would take it as 1)."""
+        for x in v if isinstance(v, list) else []:
+            if isinstance(x, bool):
+                raise ValueError(f"got {str(x).lower()}; give a layer index (4) or a module path (model.6.m.0)")
         return v
 
     @field_validator("strides")
