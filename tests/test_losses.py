@@ -183,6 +183,33 @@ def test_cwd_at_temperature_two_by_hand():
     assert ChannelWiseDistillation(3, 3, tau=tau)(s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_cwd_normalised_at_temperature_two_by_hand():
+    """``normalize: true`` (recipes/distill-cwd.yaml): each channel standardised over the batch and positions
+    (population variance) on both sides before the spatial softmax; a teacher channel's scale and offset then
+    change nothing."""
+    torch.manual_seed(5)
+    s, t = torch.randn(2, 3, 2, 3) * 2 + 1, torch.randn(2, 3, 2, 3) * 4 - 3
+
+    def standardised(f, c):
+        v = [x for n in range(2) for x in f[n, c].flatten().tolist()]
+        mean = sum(v) / len(v)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in v) / len(v) + 1e-6)
+        return [[(x - mean) / sd for x in f[n, c].flatten().tolist()] for n in range(2)]
+
+    tau, total = 2.0, 0.0
+    for c in range(3):
+        zs, zt = standardised(s, c), standardised(t, c)
+        for n in range(2):
+            ps, pt = _softmax([v / tau for v in zs[n]]), _softmax([v / tau for v in zt[n]])
+            total += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    expected = tau ** 2 * total / (2 * 3)
+    loss = ChannelWiseDistillation(3, 3, tau=tau, normalize=True)
+    assert loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    loud = t * torch.tensor([0.1, 30.0, 2.0]).view(1, 3, 1, 1) + 5.0
+    assert loss(s, loud).item() == pytest.approx(expected, rel=1e-4)
+    assert ChannelWiseDistillation(3, 3, tau=tau)(s, t).item() != pytest.approx(expected, rel=1e-2)
+
+
 def test_kd_logit_at_temperature_three_by_hand():
     torch.manual_seed(4)
     s, t = torch.randn(2, 2, 3) * 3, torch.randn(2, 2, 3) * 3
