@@ -184,9 +184,9 @@ def test_cwd_at_temperature_two_by_hand():
 
 
 def test_cwd_normalised_at_temperature_two_by_hand():
-    """``normalize: true`` (recipes/distill-cwd.yaml): each channel standardised over the batch and positions
-    (population variance) on both sides before the spatial softmax; a teacher channel's scale and offset then
-    change nothing."""
+    """``params: {normalize: true}`` (screened in docs/benchmarks.md, "CWD on standardised channels"; the recipes
+    keep the paper's raw maps): each channel standardised over the batch and positions (population variance) on
+    both sides before the spatial softmax; a teacher channel's scale and offset then change nothing."""
     torch.manual_seed(5)
     s, t = torch.randn(2, 3, 2, 3) * 2 + 1, torch.randn(2, 3, 2, 3) * 4 - 3
 
