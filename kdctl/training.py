@@ -581,7 +581,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     """Evaluate the best checkpoint and write the bundle (weights, data, results, recipe, metrics; ``epochs``: the
     rows of results.csv); the work dir goes once the bundle is published."""
     from kdctl.detectors import load_detector, save_checkpoint
-    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.evaluate.records import RECORDS_FILE, ROLE, image_keys, save_records
 
     best, last = work / "train" / "weights" / "best.pt", work / "train" / "weights" / "last.pt"
     weights_src = best if best.is_file() else last
@@ -594,8 +595,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         inputs["teacher"] = {"model": recipe.teacher.model, "resolved": teacher_ref.ref, "sha256": teacher_ref.sha256}
 
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
-    metrics = evaluate_backend(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
-                               progress=ev.advance)
+    metrics, records = evaluate_with_records(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
+                                             progress=ev.advance)
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
@@ -603,6 +604,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.add_output("weights", "weights.pt")
         normalised_yaml(ds, w.path / "data.yaml", image_lists=False)  # no paths into the work dir
         w.add_output("data", "data.yaml")
+        save_records(w.path / RECORDS_FILE, records, image_keys(ds.val_images))  # the report's paired interval
+        w.add_output(ROLE, RECORDS_FILE)
         if (work / "train" / "results.csv").is_file():
             shutil.copy(work / "train" / "results.csv", w.path / "results.csv")
             w.add_output("results", "results.csv")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.evaluate.coco import Detections, GroundTruth, evaluate_map
+from kdctl.evaluate.coco import Detections, GroundTruth, MatchRecords, evaluate_map, map_from_records, match_records
 from kdctl.evaluate.predict import Backend, ground_truth, predict_images
 
 
@@ -31,12 +31,20 @@ def torch_backend(model, device: str = "cpu", half: bool = False) -> Backend:
 
 def evaluate_backend(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
                      progress=None) -> dict:
+    return evaluate_with_records(backend, images, names, imgsz, batch, progress)[0]
+
+
+def evaluate_with_records(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
+                          progress=None) -> tuple[dict, MatchRecords]:
+    """The metrics and the match records they were integrated from (:mod:`kdctl.evaluate.records`)."""
     dets = predict_images(backend, images, imgsz, batch=batch, progress=progress)
-    res = evaluate_map(dets, ground_truth(images), len(names))
+    records = match_records(dets, ground_truth(images), len(names))
+    res = map_from_records(records)
     res["per_class_ap50_95"] = {n: ap for n, ap in zip(names, res["per_class_ap50_95"])}
     res["images"] = len(images)
     res["imgsz"] = imgsz
-    return res
+    return res, records
 
 
-__all__ = ["Detections", "GroundTruth", "evaluate_map", "evaluate_backend", "torch_backend"]
+__all__ = ["Detections", "GroundTruth", "MatchRecords", "evaluate_map", "evaluate_backend", "evaluate_with_records",
+           "torch_backend"]

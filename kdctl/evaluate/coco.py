@@ -74,40 +74,100 @@ def _match(dt_boxes, gt_boxes, crowd: np.ndarray | None = None) -> tuple[np.ndar
     return tp, ignored
 
 
-def evaluate_map(dets: list[Detections], gts: list[GroundTruth], nc: int, max_dets: int = 100) -> dict:
-    """mAP50-95, mAP50, mAP75 and per-class AP50-95 over all images; 0..1 scale."""
+@dataclass
+class MatchRecords:
+    """What the AP integration reads, per detection and per image: enough to recompute mAP on any resample of the
+    images (:func:`map_from_records` with ``weights``), e.g. a paired bootstrap of two models' difference.
+    Detections are in evaluation order: image by image, each image's top ``max_dets`` per class by score."""
+    image: np.ndarray    # (D,) int: the detection's image index
+    classes: np.ndarray  # (D,) int
+    scores: np.ndarray   # (D,)
+    tp: np.ndarray       # (T, D) bool: a true positive at IoU threshold t
+    ignored: np.ndarray  # (T, D) bool: matched a crowd region at t (neither true nor false positive)
+    n_gt: np.ndarray     # (I, C) int: objects to find per image and class (crowd regions not counted)
+
+    @property
+    def images(self) -> int:
+        return int(self.n_gt.shape[0])
+
+
+def match_records(dets: list[Detections], gts: list[GroundTruth], nc: int, max_dets: int = 100) -> MatchRecords:
+    """Match every image's detections to its ground truth (COCOeval's per-image step, :func:`_match`)."""
     if len(dets) != len(gts):
         raise ValueError(f"{len(dets)} prediction sets for {len(gts)} images")
-    precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_POINTS), nc))
-    for c in range(nc):
-        scores, tps, igs, n_gt = [], [], [], 0
-        for dt, gt in zip(dets, gts):
+    image, classes, scores, tps, igs = [], [], [], [], []
+    n_gt = np.zeros((len(gts), nc), np.int64)
+    for i, (dt, gt) in enumerate(zip(dets, gts)):
+        for c in range(nc):
             mine = gt.classes == c
             crowd = gt.crowd[mine] if gt.crowd is not None else None
-            n_gt += int(mine.sum() - (crowd.sum() if crowd is not None else 0))
+            n_gt[i, c] = int(mine.sum() - (crowd.sum() if crowd is not None else 0))
             sel = np.nonzero(dt.classes == c)[0]
             order = sel[np.argsort(-dt.scores[sel], kind="mergesort")][:max_dets]
-            scores.append(dt.scores[order])
             tp, ig = _match(dt.boxes[order], gt.boxes[mine], crowd)
+            image.append(np.full(len(order), i, np.int64))
+            classes.append(np.full(len(order), c, np.int64))
+            scores.append(dt.scores[order])
             tps.append(tp)
             igs.append(ig)
-        if n_gt == 0:
-            continue
-        s = np.concatenate(scores)
-        order = np.argsort(-s, kind="mergesort")
-        tp = np.concatenate(tps, axis=1)[:, order]
-        ig = np.concatenate(igs, axis=1)[:, order]
-        tp_sum = np.cumsum(tp, axis=1).astype(float)
-        fp_sum = np.cumsum(~tp & ~ig, axis=1).astype(float)
-        for ti in range(len(IOU_THRESHOLDS)):
-            rc = tp_sum[ti] / n_gt
-            pr = tp_sum[ti] / (tp_sum[ti] + fp_sum[ti] + np.spacing(1))
-            pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
-            q = np.zeros(len(RECALL_POINTS))
-            idx = np.searchsorted(rc, RECALL_POINTS, side="left")
-            valid = idx < len(pr)
-            q[valid] = pr[idx[valid]]
-            precision[ti, :, c] = q
+    t = len(IOU_THRESHOLDS)
+    return MatchRecords(np.concatenate(image) if image else np.zeros(0, np.int64),
+                        np.concatenate(classes) if classes else np.zeros(0, np.int64),
+                        np.concatenate(scores) if scores else np.zeros(0),
+                        np.concatenate(tps, axis=1) if tps else np.zeros((t, 0), bool),
+                        np.concatenate(igs, axis=1) if igs else np.zeros((t, 0), bool), n_gt)
+
+
+class _Sorted:
+    """Per class: the detections in score order (stable, so ties keep image order as COCOeval's concatenation
+    does), with what each counts as; made once for any number of resamples."""
+
+    def __init__(self, r: MatchRecords):
+        self.nc = r.n_gt.shape[1]
+        self.n_gt = r.n_gt
+        self.per_class = []
+        for c in range(self.nc):
+            sel = np.nonzero(r.classes == c)[0]
+            order = sel[np.argsort(-r.scores[sel], kind="mergesort")]
+            tp = r.tp[:, order]
+            self.per_class.append((r.image[order], tp, ~tp & ~r.ignored[:, order]))
+
+    def precision(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """COCOeval's precision array (T, R, C), -1 for a class without objects; ``weights``: how many times each
+        image counts (a bootstrap resample), None: once each."""
+        precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_POINTS), self.nc))
+        n_gt = self.n_gt.sum(0) if weights is None else weights @ self.n_gt
+        for c, (image, tp, fp) in enumerate(self.per_class):
+            if n_gt[c] == 0:
+                continue
+            if weights is None:
+                tp_sum, fp_sum = np.cumsum(tp, axis=1).astype(float), np.cumsum(fp, axis=1).astype(float)
+            else:  # an image counted k times: its detections k times, adjacent in score order (ties aside)
+                w = weights[image]
+                keep = w > 0
+                w, tp, fp = w[keep].astype(float), tp[:, keep], fp[:, keep]
+                tp_sum, fp_sum = np.cumsum(tp * w, axis=1), np.cumsum(fp * w, axis=1)
+            precision[:, :, c] = _interpolate(tp_sum / n_gt[c], tp_sum / (tp_sum + fp_sum + np.spacing(1)))
+        return precision
+
+
+def _interpolate(rc: np.ndarray, pr: np.ndarray) -> np.ndarray:
+    """(T, R): COCOeval's 101-point interpolated precision at every threshold, from the (T, D) recall and precision
+    after each detection in score order: the highest precision at any recall >= r, 0 past the last."""
+    t, d = rc.shape
+    q = np.zeros((t, len(RECALL_POINTS)))
+    if d == 0:
+        return q
+    envelope = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+    for ti in range(t):  # row by row: recall compared with the recall points exactly as COCOeval compares them
+        idx = np.searchsorted(rc[ti], RECALL_POINTS, side="left")
+        valid = idx < d
+        q[ti, valid] = envelope[ti, idx[valid]]
+    return q
+
+
+def _summarise(precision: np.ndarray) -> dict:
+    nc = precision.shape[2]
     has_gt = precision[0, 0, :] > -1
     if not has_gt.any():
         return {"map50_95": 0.0, "map50": 0.0, "map75": 0.0, "per_class_ap50_95": [None] * nc}
@@ -115,3 +175,35 @@ def evaluate_map(dets: list[Detections], gts: list[GroundTruth], nc: int, max_de
     per_class = [float(precision[:, :, c].mean()) if has_gt[c] else None for c in range(nc)]
     return {"map50_95": float(p.mean()), "map50": float(p[0].mean()), "map75": float(p[5].mean()),
             "per_class_ap50_95": per_class}
+
+
+def map_from_records(records: MatchRecords, weights: np.ndarray | None = None) -> dict:
+    """mAP50-95, mAP50, mAP75 and per-class AP50-95 from match records; ``weights`` (one per image): how many
+    times each image counts, as if the image list had held it that many times (0: left out)."""
+    return _summarise(_Sorted(records).precision(weights))
+
+
+def evaluate_map(dets: list[Detections], gts: list[GroundTruth], nc: int, max_dets: int = 100) -> dict:
+    """mAP50-95, mAP50, mAP75 and per-class AP50-95 over all images; 0..1 scale."""
+    return map_from_records(match_records(dets, gts, nc, max_dets))
+
+
+def paired_bootstrap(a: MatchRecords, b: MatchRecords, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of mAP50-95(b) − mAP50-95(a) over resamples of the images, the same resample for both
+    (the records must be of the same images, in the same order): how much of a difference between two models
+    scored on one validation set is which images happened to be in it."""
+    if a.n_gt.shape != b.n_gt.shape or not np.array_equal(a.n_gt, b.n_gt):
+        raise ValueError("paired bootstrap: the two records are not of the same images and labels")
+    rng = np.random.default_rng(seed)
+    sa, sb = _Sorted(a), _Sorted(b)
+    n = a.images
+    diffs = np.empty(resamples)
+    for k in range(resamples):
+        w = np.bincount(rng.integers(0, n, n), minlength=n)
+        pa, pb = sa.precision(w), sb.precision(w)
+        has = pa[0, 0, :] > -1
+        diffs[k] = pb[:, :, has].mean() - pa[:, :, has].mean() if has.any() else 0.0
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(diffs, [tail, 100 - tail])
+    return float(lo), float(hi)

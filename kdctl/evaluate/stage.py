@@ -23,7 +23,8 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
 def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, skip_invalid: bool, split: str,
               progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
-    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.evaluate.records import RECORDS_FILE, ROLE, image_keys, save_records
     from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
     ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",), score=split)
@@ -32,11 +33,13 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
     check_imgsz(size, model)
     ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
-    metrics = evaluate_backend(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
-                               progress=step.advance)
+    metrics, records = evaluate_with_records(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
+                                             progress=step.advance)
     with BundleWriter(out, stage="eval", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"data": ds.describe(), "model": str(src.file("weights"))}) as w:
         w.metrics.update({"runtime": "pytorch", "precision": "fp32", "split": split, **metrics})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
+        save_records(w.path / RECORDS_FILE, records, image_keys(ds.val_images))
+        w.add_output(ROLE, RECORDS_FILE)
     return w.bundle

@@ -1,0 +1,87 @@
+"""A bundle's evaluation records (``eval-records.npz``): how every validation image's detections matched its labels,
+so that a later stage can recompute the bundle's mAP on resamples of those images, paired with another bundle
+scored on the same images (the report's interval of a distillation gain).
+
+Each image has a key: the first 16 hex digits of the SHA-256 of its file, its label file and its crowd file, so two
+bundles are paired only where they were scored on the very same images and labels, wherever those lay on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kdctl.evaluate.coco import IOU_THRESHOLDS, MatchRecords
+
+RECORDS_FILE = "eval-records.npz"
+ROLE = "eval_records"
+_FORMAT = 1
+
+
+class RecordsError(ValueError):
+    """Evaluation records that cannot be read as such."""
+
+
+def image_keys(images: list[Path]) -> list[str]:
+    from kdctl.data.resolve import crowd_path, label_path
+
+    keys = []
+    for p in images:
+        h = hashlib.sha256()
+        for f in (p, label_path(p), crowd_path(p)):
+            h.update(b"\0")
+            if f is not None and f.is_file():
+                h.update(f.read_bytes())
+        keys.append(h.hexdigest()[:16])
+    return keys
+
+
+def _pack(flags: np.ndarray) -> np.ndarray:
+    """(T, D) bool -> (D,) uint16, bit t set where flags[t]."""
+    return (flags.astype(np.uint16) << np.arange(flags.shape[0], dtype=np.uint16)[:, None]).sum(0).astype(np.uint16)
+
+
+def _unpack(bits: np.ndarray) -> np.ndarray:
+    return ((bits[None, :] >> np.arange(len(IOU_THRESHOLDS), dtype=np.uint16)[:, None]) & 1).astype(bool)
+
+
+def save_records(path: Path, records: MatchRecords, keys: list[str]) -> Path:
+    """Write ``records`` and the images' ``keys`` (compressed NumPy arrays, no pickles)."""
+    if len(keys) != records.images:
+        raise ValueError(f"{len(keys)} image keys for {records.images} images")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, format=np.array(_FORMAT), image=records.image.astype(np.int32),
+                        classes=records.classes.astype(np.int32), scores=np.asarray(records.scores),
+                        tp=_pack(records.tp), ignored=_pack(records.ignored), n_gt=records.n_gt.astype(np.int32),
+                        keys=np.array(keys, dtype="U16"))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_records(path: Path) -> tuple[MatchRecords, list[str]]:
+    """Read what :func:`save_records` wrote; RecordsError for anything else (a bundle's hash check comes first)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fmt = int(z["format"])
+            if fmt != _FORMAT:
+                raise RecordsError(f"{path}: evaluation records of format {fmt}, this kdctl reads {_FORMAT}")
+            kinds = {k: z[k].dtype.kind for k in ("image", "classes", "scores", "tp", "ignored", "n_gt", "keys")}
+            if kinds != {"image": "i", "classes": "i", "scores": "f", "tp": "u", "ignored": "u", "n_gt": "i",
+                         "keys": "U"}:
+                raise RecordsError(f"{path}: evaluation records with arrays of other types ({kinds})")
+            image, classes, scores = z["image"].astype(np.int64), z["classes"].astype(np.int64), z["scores"]
+            tp, ignored, n_gt, keys = _unpack(z["tp"]), _unpack(z["ignored"]), z["n_gt"].astype(np.int64), z["keys"]
+    except RecordsError:
+        raise
+    except (OSError, KeyError, EOFError, ValueError) as e:
+        raise RecordsError(f"{path}: not kdctl evaluation records ({type(e).__name__})") from None
+    n, d = n_gt.shape[0] if n_gt.ndim == 2 else -1, len(image)
+    if (n < 0 or len(keys) != n or len(classes) != d or len(scores) != d or tp.shape[1] != d
+            or (d and (image.min() < 0 or image.max() >= n or classes.min() < 0 or classes.max() >= n_gt.shape[1]))):
+        raise RecordsError(f"{path}: evaluation records whose arrays do not fit together")
+    return MatchRecords(image, classes, scores, tp, ignored, n_gt), [str(k) for k in keys]
