@@ -20,6 +20,8 @@ def report(
 
     "Did distillation help?" compares each distilled student with its teacher and a baseline given among the bundles
     (a train bundle of the same student and data); several distilled students get a verdict each, in one table.
+    A gain comes with its 95% interval from resampling the validation images (paired bootstrap of both bundles'
+    evaluation records); one whose interval reaches 0 is "Not shown".
 
     Example: [bold]kdctl report runs/profile/quickstart-cpu runs/gate/quickstart-cpu[/bold]
     """
@@ -34,7 +36,11 @@ def report(
     def human():
         for s in students:
             who = f" ({Path(s['distilled']).name})" if len(students) > 1 else ""
-            console.print(f"Did distillation help{who}? {s['verdict']}")
+            console.print(f"Did distillation help{who}? {s['verdict']}", markup=False)
+            if s.get("gain_interval_95"):
+                lo, hi = s["gain_interval_95"]
+                console.print(f"  gain's 95% interval over the {s['interval_images']} validation images: "
+                              f"{lo * 100:+.2f} to {hi * 100:+.2f} points (training noise not included)")
         for g in gates:
             console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
         console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")

@@ -162,13 +162,14 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             body += ["<h2>Did distillation help?</h2>"]
         if len(cmps) == 1:
             (cmp,) = cmps
-            gap = cmp.gap_line()
-            md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""] + ([gap, ""] if gap else [])
+            notes = [x for x in (cmp.gap_line(), cmp.interval_line()) if x]
+            md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""] + [y for x in notes for y in (x, "")]
             body += [f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>", _html_table(KD_HEAD, kd_rows)]
+            body += [f"<p>{html.escape(x)}</p>" for x in notes]
         elif cmps:  # several students (two recipes side by side): a verdict each, one table
             for c in cmps:
-                gap = c.gap_line()
-                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {gap}" if gap else "")
+                notes = " ".join(x for x in (c.gap_line(), c.interval_line()) if x)
+                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {notes}" if notes else "")
                 md += [f"- **{line}**"]
                 body += [f"<p class='verdict'><b>{html.escape(line)}</b></p>"]
             md += ["", _md_table(KD_HEAD, kd_rows), ""]
@@ -206,13 +207,20 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         w.add_output("html", "report.html")
         w.add_output("markdown", "report.md")
         kd = [{"teacher": c.teacher and str(c.teacher.path), "baseline": c.baseline and str(c.baseline.path),
-               "distilled": str(c.distilled.path), "gap_closed": c.gap_closed, "verdict": c.verdict()} for c in cmps]
+               "distilled": str(c.distilled.path), "gap_closed": c.gap_closed, "verdict": c.verdict(),
+               "gain": _gain(c), "gain_interval_95": c.interval and list(c.interval[:2]),
+               "interval_images": c.interval and c.interval[2]} for c in cmps]
         w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]
                           + ([pred] if pred else []),
                           "kd": kd[-1] if kd else None,  # the last distilled student
                           "kd_students": kd,  # every distilled student, in lineage order
                           "gates": [{"bundle": str(g.path), "passed": g.metrics.get("passed")} for g, _ in gates]})
     return w.bundle
+
+
+def _gain(c) -> float | None:
+    d, b = c.distilled.metrics.get("map50_95"), c.baseline and c.baseline.metrics.get("map50_95")
+    return d - b if d is not None and b is not None else None
 
 
 def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:

@@ -1,0 +1,206 @@
+"""Evaluation records (``eval-records.npz``): the per-image matching a bundle's mAP was integrated from, the mAP of
+a resample of the images from them, and the report's paired bootstrap of a distillation gain."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kdctl.evaluate.coco import (Detections, GroundTruth, MatchRecords, evaluate_map, map_from_records,
+                                 match_records, paired_bootstrap)
+from kdctl.evaluate.records import RECORDS_FILE, ROLE, RecordsError, load_records, save_records
+
+
+def _random_images(rng, n, nc=3, crowd=False):
+    dets, gts = [], []
+    for _ in range(n):
+        k, m = int(rng.integers(0, 6)), int(rng.integers(0, 12))
+        xy, wh = rng.uniform(0, 100, (k, 2)), rng.uniform(5, 40, (k, 2))
+        g = GroundTruth(np.c_[xy, xy + wh], rng.integers(0, nc, k),
+                        (rng.random(k) < 0.2) if crowd and k else None)
+        j = rng.integers(0, max(k, 1), m)
+        base = g.boxes[j] if k else rng.uniform(0, 100, (m, 4))
+        cls = np.where(rng.random(m) < 0.8, g.classes[j] if k else 0, rng.integers(0, nc, m))
+        dets.append(Detections(base + rng.normal(0, 4, (m, 4)), rng.random(m), cls))
+        gts.append(g)
+    return dets, gts
+
+
+@pytest.mark.parametrize("crowd", [False, True])
+def test_a_resample_scores_as_the_image_list_holding_each_image_that_many_times(crowd):
+    """``map_from_records(r, weights)`` is mAP over the image list with image i repeated weights[i] times (0: left
+    out), to the last digit, crowd regions included; without weights it is ``evaluate_map`` itself."""
+    rng = np.random.default_rng(3)
+    dets, gts = _random_images(rng, 30, crowd=crowd)
+    r = match_records(dets, gts, 3)
+    assert map_from_records(r) == evaluate_map(dets, gts, 3)
+    for _ in range(5):
+        w = rng.integers(0, 4, len(dets))
+        repeated = [(d, g) for d, g, k in zip(dets, gts, w) for _ in range(k)]
+        want = evaluate_map([d for d, _ in repeated], [g for _, g in repeated], 3)
+        assert map_from_records(r, w) == want
+        assert want != evaluate_map(dets, gts, 3)
+
+
+def _one_object_images(found: list[bool]) -> MatchRecords:
+    """Images with one class-0 object each; the model finds it exactly (IoU 1, score 0.9) where ``found``."""
+    dets = [Detections(np.array([[10.0, 10, 50, 50]]) if f else np.zeros((0, 4)), np.array([0.9] if f else []),
+                       np.array([0] if f else [], int)) for f in found]
+    gts = [GroundTruth(np.array([[10.0, 10, 50, 50]]), np.array([0])) for _ in found]
+    return match_records(dets, gts, 1)
+
+
+def test_paired_bootstrap_against_a_hand_enumeration():
+    """Two images, one object each; A finds image 0's, B both. A resample is (2, 0), (1, 1) or (0, 2) copies with
+    probabilities 1/4, 1/2, 1/4; A's AP50-95 on them is 1, 51/101 (recall 0.5 at precision 1: recall points 0 to
+    0.50 of 101) and 0, B's is 1 on all: differences 0, 50/101 and 1. With a quarter of the mass on each end,
+    the 2.5 and 97.5 percentiles are 0 and 1."""
+    a, b = _one_object_images([True, False]), _one_object_images([True, True])
+    assert map_from_records(a, np.array([2, 0]))["map50_95"] == 1.0
+    assert map_from_records(a, np.array([1, 1]))["map50_95"] == pytest.approx(51 / 101, abs=1e-12)
+    assert map_from_records(a, np.array([0, 2]))["map50_95"] == 0.0
+    assert paired_bootstrap(a, b) == (0.0, 1.0)
+    assert paired_bootstrap(b, a) == (-1.0, 0.0)
+    assert paired_bootstrap(a, a) == (0.0, 0.0)
+    # 40 images, B finding 10 more objects than A: every resample favours B, by about a quarter (the point estimate)
+    a40, b40 = _one_object_images([True] * 20 + [False] * 20), _one_object_images([True] * 30 + [False] * 10)
+    lo, hi = paired_bootstrap(a40, b40)
+    point = map_from_records(b40)["map50_95"] - map_from_records(a40)["map50_95"]
+    assert point == pytest.approx(25 / 101, abs=1e-12)  # recall 0.75 against 0.5: 76 against 51 recall points
+    assert 0.1 < lo < point < hi < 0.4
+    with pytest.raises(ValueError, match="not of the same images"):
+        paired_bootstrap(a40, _one_object_images([True] * 39))
+
+
+def test_records_round_trip_and_a_foreign_file_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    dets, gts = _random_images(rng, 12, crowd=True)
+    r = match_records(dets, gts, 3)
+    keys = [f"{i:016x}" for i in range(12)]
+    save_records(tmp_path / RECORDS_FILE, r, keys)
+    back, k = load_records(tmp_path / RECORDS_FILE)
+    assert k == keys and map_from_records(back) == map_from_records(r)
+    for field in ("image", "classes", "scores", "tp", "ignored", "n_gt"):
+        assert np.array_equal(getattr(back, field), getattr(r, field)), field
+    with pytest.raises(ValueError, match="image keys"):
+        save_records(tmp_path / "x.npz", r, keys[:-1])
+    (tmp_path / "text.npz").write_text("not numpy")
+    with pytest.raises(RecordsError, match="not kdctl evaluation records"):
+        load_records(tmp_path / "text.npz")
+    z = dict(np.load(tmp_path / RECORDS_FILE))
+    np.savez(tmp_path / "floats.npz", **{**z, "tp": z["tp"].astype(np.float32)})
+    with pytest.raises(RecordsError, match="arrays of other types"):
+        load_records(tmp_path / "floats.npz")
+    np.savez(tmp_path / "short.npz", **{**z, "scores": z["scores"][:-1]})
+    with pytest.raises(RecordsError, match="do not fit together"):
+        load_records(tmp_path / "short.npz")
+    np.savez(tmp_path / "later.npz", **{**z, "format": np.array(2)})
+    with pytest.raises(RecordsError, match="format 2"):
+        load_records(tmp_path / "later.npz")
+
+
+def test_a_train_bundle_keeps_the_records_of_its_mAP(trained_bundle):
+    """The records in a train bundle give back its published mAP50-95 to the last digit, one key per image."""
+    from kdctl.bundle import load_bundle
+
+    b = load_bundle(trained_bundle, verify=True)
+    assert b.manifest["outputs"][ROLE] == RECORDS_FILE
+    r, keys = load_records(b.file(ROLE))
+    m = map_from_records(r)
+    assert m["map50_95"] == b.metrics["map50_95"] and m["map50"] == b.metrics["map50"]
+    assert len(keys) == r.images == b.metrics["eval_images"] and len(set(keys)) == len(keys)
+
+
+def test_an_eval_bundle_keeps_its_records(trained_bundle, tmp_path):
+    from kdctl.evaluate.stage import evaluate_bundle
+
+    e = evaluate_bundle(trained_bundle, out=tmp_path / "e")
+    r, _ = load_records(e.file(ROLE))
+    assert map_from_records(r)["map50_95"] == e.metrics["map50_95"]
+
+
+def _bundle(tmp_path, name, stage, m, records=None, keys=None, parents=()):
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    with BundleWriter(tmp_path / name, stage=stage, parents=parents,
+                      recipe={"student": {"model": "s.yaml" if name != "t" else "big.yaml"},
+                              "data": {"yolo": "d.yaml"}}) as w:
+        (w.path / "weights.pt").write_bytes(name.encode())
+        w.add_output("weights", "weights.pt")
+        if records is not None:
+            save_records(w.path / RECORDS_FILE, records, keys or [f"{i:016x}" for i in range(records.images)])
+            w.add_output(ROLE, RECORDS_FILE)
+        w.metrics.update(map50_95=m, map50=m, params=10)
+    return load_bundle(tmp_path / name)
+
+
+def test_the_verdict_weighs_the_gain_against_resampling_the_validation_images(tmp_path):
+    """A gain whose interval stays above 0 is a "Yes" with the interval beside it; one whose interval reaches 0 is
+    "Not shown"; bundles without records, or scored on other images, get the verdict they always had; a distilled
+    bundle whose images were listed in another order is paired image by image all the same."""
+    from kdctl.report.kd_summary import compare
+
+    found = [True] * 20 + [False] * 20
+    base = _one_object_images(found)
+    mb = map_from_records(base)["map50_95"]
+    t = _bundle(tmp_path, "t", "train", 0.9)
+    b = _bundle(tmp_path, "b", "train", mb, base)
+    better = _one_object_images([True] * 30 + [False] * 10)
+    d = _bundle(tmp_path, "d", "distill", map_from_records(better)["map50_95"], better, parents=[t])
+    c = compare([b, t, d])
+    lo, hi = paired_bootstrap(base, better)
+    assert c.interval == (lo, hi, 40, 1000)
+    assert c.verdict().startswith("Yes: distillation raised mAP50-95 by +24.75 points over the baseline")
+    assert c.interval_line() == (f"95% interval of the gain from resampling the 40 validation images (paired "
+                                 f"bootstrap, 1000 resamples): {lo * 100:+.2f} to {hi * 100:+.2f} points. It does "
+                                 "not include the run-to-run spread of training: another seed of the baseline or of "
+                                 "the distillation shows that.")
+    # one more object found in 40 images: recall 0.525 against 0.5, 53 recall points against 51, +1.98 points;
+    # its interval starts at 0
+    slight = _one_object_images([True] * 21 + [False] * 19)
+    s = _bundle(tmp_path, "s", "distill", map_from_records(slight)["map50_95"], slight, parents=[t])
+    lo, hi = paired_bootstrap(base, slight)
+    assert lo == 0.0 < hi
+    assert compare([b, t, s]).verdict() == (
+        f"Not shown: the distilled student is +1.98 mAP50-95 points above the baseline, within what resampling the "
+        f"40 validation images moves it ({lo * 100:+.2f} to {hi * 100:+.2f}).")
+    # the same records, the images listed in reverse: the same pairs, so the same interval
+    rev = list(range(39, -1, -1))
+    from kdctl.report.kd_summary import reorder
+
+    keys = [f"{i:016x}" for i in range(40)]
+    moved = _bundle(tmp_path, "m", "distill", map_from_records(better)["map50_95"], reorder(better, rev),
+                    keys=[keys[i] for i in rev], parents=[t])
+    assert compare([b, t, moved]).interval == c.interval
+    # no records, or records of other images: no interval and the plain verdict
+    plain = _bundle(tmp_path, "p", "distill", map_from_records(slight)["map50_95"], parents=[t])
+    other = _bundle(tmp_path, "o", "distill", map_from_records(slight)["map50_95"], slight,
+                    keys=[f"{i + 1:016x}" for i in range(40)], parents=[t])
+    for x in (plain, other):
+        assert compare([b, t, x]).interval is None and compare([b, t, x]).interval_line() is None
+        assert compare([b, t, x]).verdict().startswith("Yes: distillation raised mAP50-95 by +1.98 points")
+
+
+def test_bootstrap_resamples_shrink_only_for_large_validation_sets():
+    from kdctl.report.kd_summary import bootstrap_resamples
+
+    assert bootstrap_resamples(0) == bootstrap_resamples(60_000) == bootstrap_resamples(100_000) == 1000
+    assert bootstrap_resamples(250_000) == 400 and bootstrap_resamples(10_000_000) == 200
+
+
+def test_report_json_carries_the_interval(kd_chain, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdctl.cli.main import app
+
+    res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(kd_chain["distilled"]),
+                                   "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    kd = json.loads((tmp_path / "r" / "manifest.json").read_text())["metrics"]["kd"]
+    lo, hi = kd["gain_interval_95"]
+    assert kd["interval_images"] > 0 and lo <= hi
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"95% interval of the gain from resampling the {kd['interval_images']} validation images" in md
+    assert kd["verdict"].startswith("Not shown" if kd["gain"] > 0 and lo <= 0 else ("Yes" if kd["gain"] > 0 else "No"))
