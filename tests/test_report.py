@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -193,3 +195,64 @@ def test_trained_as_says_how_each_model_was_trained():
         "4 DDP ranks, teacher cache (top 256 of 8400 anchors), QAT int8"
     assert trained_as({"init": {"from": "teacher"}}) == \
         "1 process, started from the teacher's weights (weight selection)"
+
+
+def test_one_recipe_on_several_seeds_gets_a_verdict_over_them(tmp_path):
+    """Baselines and distilled students on seeds 0-2: each student is compared with the baseline of its own seed,
+    and the three with the benchmark's rule: "Yes" only above the baseline on every seed with a mean gain above the
+    baselines' half-range. Hand values: gains 5, 4, 6 points, mean 5, sd 1, t(0.975, 2) = 4.303: 5 ± 2.48."""
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.kd_summary import compare_all, seed_groups
+
+    def bundle(name, stage, m, seed, parents=(), model="s.yaml", distill=None):
+        recipe = {"name": name.split("/")[-1], "student": {"model": model}, "data": {"yolo": "d.yaml"},
+                  "train": {"epochs": 20, "seed": seed}}
+        if distill:
+            recipe["distill"] = distill
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents, recipe=recipe) as w:
+            (w.path / "weights.pt").write_bytes(name.encode())
+            w.add_output("weights", "weights.pt")
+            w.metrics.update(map50_95=m, map50=m, params=10)
+        return load_bundle(tmp_path / name)
+
+    t = bundle("t", "train", 0.6, 0, model="big.yaml")
+    bases = [bundle(f"base-s{s}", "train", m, s) for s, m in zip((0, 1, 2), (0.30, 0.32, 0.34))]
+    head = {"losses": [{"name": "kd_logit"}]}
+
+    def students(prefix, maps, distill=head):
+        return [bundle(f"{prefix}-s{s}", "distill", m, s, parents=[t], distill=distill)
+                for s, m in zip((0, 1, 2), maps)]
+
+    kd = students("kd", (0.35, 0.36, 0.40))
+    cmps = compare_all([t, *bases, *kd])
+    assert [c.baseline.path.name for c in cmps] == ["base-s0", "base-s1", "base-s2"]  # each its own seed's
+    (g,) = seed_groups(cmps)
+    assert g.verdict() == ("Over 3 seeds (kd-s0 / kd-s1 / kd-s2): Yes: +5.00 points on average (+5.00 / +4.00 / "
+                           "+6.00), above the baseline of the same seed on 3 of 3; the baselines' own spread "
+                           "(half-range) 2.00 points; 95% interval of the mean gain +2.52 to +7.48 (Student's t over "
+                           "the seeds).")
+    assert g.to_dict()["seeds"] == [0, 1, 2] and g.to_dict()["seeds_above"] == 3
+    below = students("below", (0.35, 0.31, 0.40))  # seed 1 under its baseline
+    (g,) = seed_groups(compare_all([t, *bases, *below]))
+    assert g.verdict().startswith("Over 3 seeds (below-s0 / below-s1 / below-s2): Not shown: +3.33 points on "
+                                  "average (+5.00 / -1.00 / +6.00), above the baseline of the same seed on 2 of 3")
+    small = students("small", (0.31, 0.33, 0.35))  # above on every seed, by less than the baselines' spread
+    (g,) = seed_groups(compare_all([t, *bases, *small]))
+    assert g.verdict().startswith("Over 3 seeds (small-s0 / small-s1 / small-s2): Not shown: +1.00 points")
+    worse = students("worse", (0.29, 0.30, 0.35))
+    assert seed_groups(compare_all([t, *bases, *worse]))[0].verdict().startswith("Over 3 seeds (worse-s0 / worse-s1 "
+                                                                                 "/ worse-s2): No: -0.67 points")
+    # two recipes on the same seeds: a group each; a student whose recipe differs beyond name and seed: none
+    other = students("ld", (0.33, 0.35, 0.37), distill={"losses": [{"name": "ld"}]})
+    assert [len(x.cmps) for x in seed_groups(compare_all([t, *bases, *kd, *other]))] == [3, 3]
+    lone = bundle("lone-s0", "distill", 0.5, 0, parents=[t], distill={"losses": [{"name": "at"}]})
+    assert [len(x.cmps) for x in seed_groups(compare_all([t, *bases, kd[0], lone]))] == []
+    # without a baseline of their seeds (one baseline only): no group
+    assert seed_groups(compare_all([t, bases[0], *kd])) == []
+    res = CliRunner().invoke(app, ["report", *[str(b.path) for b in (*bases, *kd)], "--out", str(tmp_path / "r"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [x["verdict"] for x in out["kd_seed_groups"]] == [seed_groups(cmps)[0].verdict()]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.index("**Over 3 seeds (kd-s0 / kd-s1 / kd-s2): Yes:") < md.index("- **kd-s0: Yes")

@@ -19,7 +19,9 @@ def report(
     """Write an HTML and Markdown report (lineage, metrics, latency histograms, Pareto plot, KD losses).
 
     "Did distillation help?" compares each distilled student with its teacher and a baseline given among the bundles
-    (a train bundle of the same student and data); several distilled students get a verdict each, in one table.
+    (a train bundle of the same student and data, of the student's seed where there are several); several distilled
+    students get a verdict each, in one table, and one recipe given on several seeds (each with its baseline) a
+    verdict over them: above the baseline on every seed and by more than the baselines' own spread.
     A gain comes with its 95% interval from resampling the validation images (paired bootstrap of both bundles'
     evaluation records); one whose interval reaches 0 is "Not shown".
 
@@ -30,10 +32,14 @@ def report(
     b = write_report(bundles, out=out, runs_dir=runs, overwrite=overwrite)
     kd, gates = b.metrics.get("kd"), b.metrics.get("gates") or []
     students = b.metrics.get("kd_students") or []
+    groups = b.metrics.get("kd_seed_groups") or []
     result = {"bundle": str(b.path), "html": str(b.path / "report.html"), "markdown": str(b.path / "report.md"),
-              "plots": b.metrics["plots"], "kd": kd, "kd_students": students, "gates": gates}
+              "plots": b.metrics["plots"], "kd": kd, "kd_students": students, "kd_seed_groups": groups,
+              "gates": gates}
 
     def human():
+        for g in groups:
+            console.print(g["verdict"], markup=False)
         for s in students:
             who = f" ({Path(s['distilled']).name})" if len(students) > 1 else ""
             console.print(f"Did distillation help{who}? {s['verdict']}", markup=False)

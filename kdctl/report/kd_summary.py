@@ -169,10 +169,83 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
         teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
     student = ((distilled.recipe or {}).get("student") or {}).get("model")
     data = (distilled.recipe or {}).get("data")
-    baseline = next((b for b in chain if b.stage == "train" and b is not teacher
-                     and ((b.recipe or {}).get("student") or {}).get("model") == student
-                     and (b.recipe or {}).get("data") == data), None)
-    return KDComparison(teacher, baseline, distilled)
+    candidates = [b for b in chain if b.stage == "train" and b is not teacher
+                  and ((b.recipe or {}).get("student") or {}).get("model") == student
+                  and (b.recipe or {}).get("data") == data]
+    # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
+    same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
+    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled)
+
+
+def _seed(b: Bundle):
+    return ((b.recipe or {}).get("train") or {}).get("seed")
+
+
+@dataclass
+class SeedGroup:
+    """Distilled students of one recipe and teacher trained on several seeds, each against the baseline of its own
+    seed: the benchmark's rule on the user's runs (a gain counts where it is above the baseline on every seed and
+    its mean is above the baselines' own seed-to-seed spread)."""
+    cmps: list[KDComparison]
+
+    @property
+    def gains(self) -> list[float]:
+        return [c.distilled.metrics["map50_95"] - c.baseline.metrics["map50_95"] for c in self.cmps]
+
+    @property
+    def spread(self) -> float:
+        """Half-range of the baselines' mAP50-95 over the seeds."""
+        maps = [c.baseline.metrics["map50_95"] for c in self.cmps]
+        return (max(maps) - min(maps)) / 2
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        from kdctl.report.stats import paired_interval
+
+        return paired_interval(self.gains)
+
+    def verdict(self) -> str:
+        gains, n = self.gains, len(self.cmps)
+        mean, above = sum(gains) / n, sum(g > 0 for g in gains)
+        lo, hi = self.interval
+        names = " / ".join(c.distilled.path.name for c in self.cmps)
+        facts = (f"{mean * 100:+.2f} points on average ({' / '.join(f'{g * 100:+.2f}' for g in gains)}), above the "
+                 f"baseline of the same seed on {above} of {n}; the baselines' own spread (half-range) "
+                 f"{self.spread * 100:.2f} points; 95% interval of the mean gain {lo * 100:+.2f} to {hi * 100:+.2f} "
+                 "(Student's t over the seeds)")
+        if mean > self.spread and above == n:
+            word = "Yes"
+        elif mean > 0:
+            word = "Not shown"
+        else:
+            word = "No"
+        return f"Over {n} seeds ({names}): {word}: {facts}."
+
+    def to_dict(self) -> dict:
+        return {"distilled": [str(c.distilled.path) for c in self.cmps],
+                "baselines": [str(c.baseline.path) for c in self.cmps],
+                "seeds": [_seed(c.distilled) for c in self.cmps], "gains": self.gains,
+                "mean_gain": sum(self.gains) / len(self.cmps), "seeds_above": sum(g > 0 for g in self.gains),
+                "baseline_half_range": self.spread, "interval_95": list(self.interval), "verdict": self.verdict()}
+
+
+def seed_groups(cmps: list[KDComparison]) -> list[SeedGroup]:
+    """The comparisons that are one recipe on several seeds: the same teacher and recipe but for ``name`` and
+    ``train.seed``, each with a baseline of its own seed (distinct baselines); two seeds at least."""
+    import json
+
+    groups: dict[str, list[KDComparison]] = {}
+    for c in cmps:
+        seed = _seed(c.distilled)
+        if c.baseline is None or seed is None or _seed(c.baseline) != seed:
+            continue
+        recipe = json.loads(json.dumps(c.distilled.recipe or {}))
+        recipe.pop("name", None)
+        (recipe.get("train") or {}).pop("seed", None)
+        key = json.dumps([c.teacher.id if c.teacher else None, recipe], sort_keys=True)
+        if all(_seed(o.distilled) != seed for o in groups.get(key, [])):
+            groups.setdefault(key, []).append(c)
+    return [SeedGroup(g) for g in groups.values() if len(g) >= 2]
 
 
 def side_by_side(cmps: list[KDComparison]) -> tuple[list[list[str]], list[str], list[list[str]]]:

@@ -10,7 +10,7 @@ from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, requir
 from kdctl.errors import BundleError, KdctlError
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
-from kdctl.report.kd_summary import compare_all, side_by_side
+from kdctl.report.kd_summary import compare_all, seed_groups, side_by_side
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
@@ -151,6 +151,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
         cmps = compare_all(chain)
+        groups = seed_groups(cmps)
         gates = _gate_rows(chain)
         images = _plots(chain, w.path)
         pred = _predictions(cmps, w.path)
@@ -166,7 +167,10 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""] + [y for x in notes for y in (x, "")]
             body += [f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>", _html_table(KD_HEAD, kd_rows)]
             body += [f"<p>{html.escape(x)}</p>" for x in notes]
-        elif cmps:  # several students (two recipes side by side): a verdict each, one table
+        elif cmps:  # several students (two recipes side by side, or one on several seeds): a verdict each, one table
+            for g in groups:  # one recipe on several seeds: its verdict over them first
+                md += [f"**{g.verdict()}**", ""]
+                body += [f"<p class='verdict'><b>{html.escape(g.verdict())}</b></p>"]
             for c in cmps:
                 notes = " ".join(x for x in (c.gap_line(), c.interval_line()) if x)
                 line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {notes}" if notes else "")
@@ -214,6 +218,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                           + ([pred] if pred else []),
                           "kd": kd[-1] if kd else None,  # the last distilled student
                           "kd_students": kd,  # every distilled student, in lineage order
+                          "kd_seed_groups": [g.to_dict() for g in groups],  # one recipe on several seeds
                           "gates": [{"bundle": str(g.path), "passed": g.metrics.get("passed")} for g, _ in gates]})
     return w.bundle
 
