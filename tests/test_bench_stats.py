@@ -281,3 +281,40 @@ def test_the_families_table_refuses_the_ultralytics_row_for_a_teacher_it_cannot_
                     "0", "--epochs", "1", "--root", str(tmp_path)])
     assert "distill_model= takes a YOLO teacher, not this rtdetr one; add --no-ultralytics" in str(e.value)
     assert not any(tmp_path.glob("*/*"))
+
+
+def test_val_noise_sets_each_run_against_its_seeds_baseline(monkeypatch, tmp_path, kd_chain):
+    """bench/val_noise.py on a families bench's folders: each run against the baseline of its seed with the
+    report's paired-bootstrap interval; a bundle without records (written before kdctl kept them) is scored once
+    by ``kdctl eval``, and that eval is reused on a rerun."""
+    import shutil
+
+    import _common
+    import val_noise
+
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.evaluate.coco import paired_bootstrap
+    from kdctl.report.kd_summary import paired_records
+
+    runs = tmp_path / "runs"
+    shutil.copytree(kd_chain["baseline"], runs / "base-s1")
+    shutil.copytree(kd_chain["distilled"], runs / "kd-s1")
+    src = load_bundle(kd_chain["distilled"])
+    with BundleWriter(runs / "old-s1", stage="distill", recipe=src.recipe) as w:  # the same run, no records
+        for role in ("weights", "data"):
+            shutil.copy(src.file(role), w.path / src.file(role).name)
+            w.add_output(role, src.file(role).name)
+        w.metrics.update({k: v for k, v in src.metrics.items()})
+    monkeypatch.setattr(_common, "DOC", tmp_path / "benchmarks.md")
+    val_noise.main(["--runs", str(runs), "--families", "kd", "old", "--seeds", "1", "--resamples", "200"])
+    doc = (tmp_path / "benchmarks.md").read_text()
+    base, kd = load_bundle(runs / "base-s1"), load_bundle(runs / "kd-s1")
+    lo, hi = paired_bootstrap(*paired_records(base, kd), resamples=200)
+    gain = kd.metrics["map50_95"] - base.metrics["map50_95"]
+    row = f"| s1 | {100 * gain:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {int(lo > 0 or hi < 0)}/1 |"
+    assert f"| kd {row}" in doc and f"| old {row}" in doc and "<!-- bench:val-noise-runs -->" in doc
+    evaluated = load_bundle(runs / "eval-records" / "old-s1", verify=True)
+    assert evaluated.stage == "eval" and [p.name for p in (runs / "eval-records").iterdir()] == ["old-s1"]
+    stamp = (evaluated.path / "manifest.json").stat().st_mtime_ns
+    val_noise.main(["--runs", str(runs), "--families", "old", "--seeds", "1", "--resamples", "200"])
+    assert (evaluated.path / "manifest.json").stat().st_mtime_ns == stamp
