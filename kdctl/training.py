@@ -582,7 +582,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     rows of results.csv); the work dir goes once the bundle is published."""
     from kdctl.detectors import load_detector, save_checkpoint
     from kdctl.evaluate import evaluate_with_records, torch_backend
-    from kdctl.evaluate.records import RECORDS_FILE, ROLE, image_keys, save_records
+    from kdctl.evaluate.records import add_records
 
     best, last = work / "train" / "weights" / "best.pt", work / "train" / "weights" / "last.pt"
     weights_src = best if best.is_file() else last
@@ -604,8 +604,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.add_output("weights", "weights.pt")
         normalised_yaml(ds, w.path / "data.yaml", image_lists=False)  # no paths into the work dir
         w.add_output("data", "data.yaml")
-        save_records(w.path / RECORDS_FILE, records, image_keys(ds.val_images))  # the report's paired interval
-        w.add_output(ROLE, RECORDS_FILE)
+        add_records(w, records, ds.val_images)  # what the report's paired interval resamples
         if (work / "train" / "results.csv").is_file():
             shutil.copy(work / "train" / "results.csv", w.path / "results.csv")
             w.add_output("results", "results.csv")

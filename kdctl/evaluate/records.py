@@ -63,6 +63,12 @@ def save_records(path: Path, records: MatchRecords, keys: list[str]) -> Path:
     return path
 
 
+def add_records(writer, records: MatchRecords, images: list[Path]) -> None:
+    """Write the records of ``images`` into the bundle being written (a :class:`~kdctl.bundle.BundleWriter`)."""
+    save_records(writer.path / RECORDS_FILE, records, image_keys(images))
+    writer.add_output(ROLE, RECORDS_FILE)
+
+
 def load_records(path: Path) -> tuple[MatchRecords, list[str]]:
     """Read what :func:`save_records` wrote; RecordsError for anything else (a bundle's hash check comes first)."""
     try:

@@ -24,7 +24,7 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
               progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_with_records, torch_backend
-    from kdctl.evaluate.records import RECORDS_FILE, ROLE, image_keys, save_records
+    from kdctl.evaluate.records import add_records
     from kdctl.models import check_imgsz, load_bundle_weights, model_classes
 
     ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",), score=split)
@@ -40,6 +40,5 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
         w.metrics.update({"runtime": "pytorch", "precision": "fp32", "split": split, **metrics})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
-        save_records(w.path / RECORDS_FILE, records, image_keys(ds.val_images))
-        w.add_output(ROLE, RECORDS_FILE)
+        add_records(w, records, ds.val_images)  # what the report's paired interval resamples
     return w.bundle

@@ -25,6 +25,13 @@ class KDComparison:
             return None
         return (d - b) / (t - b)
 
+    @property
+    def gain(self) -> float | None:
+        """Distilled − baseline mAP50-95; None without a baseline."""
+        if self.baseline is None:
+            return None
+        return self.distilled.metrics.get("map50_95") - self.baseline.metrics.get("map50_95")
+
     @cached_property
     def interval(self) -> tuple[float, float, int, int] | None:
         """95 % interval of the gain (distilled − baseline mAP50-95) over resamples of the validation images, the
@@ -60,11 +67,9 @@ class KDComparison:
         return f"Gap closed: {closed:.0%} of the teacher–baseline mAP50-95 gap{past}."
 
     def verdict(self) -> str:
-        d = self.distilled.metrics.get("map50_95")
         if self.baseline is None:
             return "No baseline (the student trained alone) was given: pass its train bundle to compare."
-        b = self.baseline.metrics.get("map50_95")
-        change = d - b
+        d, b, change = self.distilled.metrics.get("map50_95"), self.baseline.metrics.get("map50_95"), self.gain
         t = self.teacher.metrics.get("map50_95") if self.teacher is not None else None
         # a teacher no better than the student trained alone has no gap to close; from a weaker detector of another
         # family, neck-level KD cost the YOLO student 13-16 points (docs/benchmarks.md, "The third GPU session")
@@ -190,7 +195,7 @@ class SeedGroup:
 
     @property
     def gains(self) -> list[float]:
-        return [c.distilled.metrics["map50_95"] - c.baseline.metrics["map50_95"] for c in self.cmps]
+        return [c.gain for c in self.cmps]
 
     @property
     def spread(self) -> float:

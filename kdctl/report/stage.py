@@ -212,7 +212,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         w.add_output("markdown", "report.md")
         kd = [{"teacher": c.teacher and str(c.teacher.path), "baseline": c.baseline and str(c.baseline.path),
                "distilled": str(c.distilled.path), "gap_closed": c.gap_closed, "verdict": c.verdict(),
-               "gain": _gain(c), "gain_interval_95": c.interval and list(c.interval[:2]),
+               "gain": c.gain, "gain_interval_95": c.interval and list(c.interval[:2]),
                "interval_images": c.interval and c.interval[2]} for c in cmps]
         w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]
                           + ([pred] if pred else []),
@@ -221,11 +221,6 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                           "kd_seed_groups": [g.to_dict() for g in groups],  # one recipe on several seeds
                           "gates": [{"bundle": str(g.path), "passed": g.metrics.get("passed")} for g, _ in gates]})
     return w.bundle
-
-
-def _gain(c) -> float | None:
-    d, b = c.distilled.metrics.get("map50_95"), c.baseline and c.baseline.metrics.get("map50_95")
-    return d - b if d is not None and b is not None else None
 
 
 def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:
