@@ -204,3 +204,34 @@ def test_report_json_carries_the_interval(kd_chain, tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert f"95% interval of the gain from resampling the {kd['interval_images']} validation images" in md
     assert kd["verdict"].startswith("Not shown" if kd["gain"] > 0 and lo <= 0 else ("Yes" if kd["gain"] > 0 else "No"))
+
+
+def test_verify_rederives_the_published_map_from_the_records(trained_bundle, tmp_path):
+    """A bundle whose files hash correctly but whose published mAP is not what its records give (written so, e.g.
+    by hand with every hash recomputed) fails verification, one line naming the metric; the real one passes."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle, verify_bundle
+    from kdctl.errors import BundleError
+
+    src = load_bundle(trained_bundle, verify=True)
+    assert verify_bundle(trained_bundle).ok
+
+    def copy(name, **metrics):
+        with BundleWriter(tmp_path / name, stage="train", recipe=src.recipe) as w:
+            for role in ("weights", "data", ROLE):
+                shutil.copy(src.file(role), w.path / src.file(role).name)
+                w.add_output(role, src.file(role).name)
+            w.metrics.update({**src.metrics, **metrics})
+        return tmp_path / name
+
+    assert verify_bundle(copy("same")).ok
+    res = verify_bundle(copy("better", map50_95=src.metrics["map50_95"] + 0.1))
+    assert not res.ok and res.problems == [
+        f"manifest.json: metrics.map50_95 {src.metrics['map50_95'] + 0.1!r} is not what {RECORDS_FILE} gives "
+        f"({src.metrics['map50_95']!r})"]
+    res = verify_bundle(copy("more", eval_images=src.metrics["eval_images"] + 1))
+    assert res.problems == [f"manifest.json: metrics.eval_images {src.metrics['eval_images'] + 1}, but "
+                            f"{RECORDS_FILE} holds {src.metrics['eval_images']} images"]
+    with pytest.raises(BundleError, match="is not what eval-records.npz gives"):  # every stage that reads it
+        load_bundle(tmp_path / "better", verify=True)

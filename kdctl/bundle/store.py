@@ -262,6 +262,12 @@ def verify_bundle(path: str | Path, *, _bundle: Bundle | None = None) -> VerifyR
             problems.append(f"{name}: changed (sha256 differs from manifest)")
     if not problems and _content_hash(files) != bundle.manifest["content_sha256"]:
         problems.append(f"{MANIFEST}: content_sha256 does not match the listed files")
+    if not problems:  # the files are the ones written: the mAP they publish is the one their records give
+        from kdctl.evaluate.records import metrics_problem
+
+        problem = metrics_problem(bundle)
+        if problem:
+            problems.append(problem)
     return VerifyResult(not problems, problems, len(files), seen_device)
 
 

@@ -69,6 +69,28 @@ def add_records(writer, records: MatchRecords, images: list[Path]) -> None:
     writer.add_output(ROLE, RECORDS_FILE)
 
 
+def metrics_problem(bundle) -> str | None:
+    """Whether a bundle's published mAP is what its records give (None: it is, or it has no records): the number
+    the report and the gate read is re-derived from the per-image evidence, not only hash-checked."""
+    from kdctl.evaluate.coco import map_from_records
+
+    rel = (bundle.manifest.get("outputs") or {}).get(ROLE)
+    if rel is None:
+        return None
+    try:
+        records, keys = load_records(bundle.path / rel)
+    except RecordsError as e:
+        return str(e)
+    got = map_from_records(records)
+    for k in ("map50_95", "map50", "map75"):
+        if k in bundle.metrics and bundle.metrics[k] != got[k]:
+            return f"manifest.json: metrics.{k} {bundle.metrics[k]!r} is not what {rel} gives ({got[k]!r})"
+    for k in ("eval_images", "images"):  # train/distill, eval
+        if k in bundle.metrics and bundle.metrics[k] != len(keys):
+            return f"manifest.json: metrics.{k} {bundle.metrics[k]!r}, but {rel} holds {len(keys)} images"
+    return None
+
+
 def load_records(path: Path) -> tuple[MatchRecords, list[str]]:
     """Read what :func:`save_records` wrote; RecordsError for anything else (a bundle's hash check comes first)."""
     try:
