@@ -26,6 +26,7 @@ class RecordsError(ValueError):
 
 
 def image_keys(images: list[Path]) -> list[str]:
+    """One key per image (see the module's docstring); a missing label or crowd file hashes as empty."""
     from kdctl.data.resolve import crowd_path, label_path
 
     keys = []
