@@ -235,3 +235,18 @@ def test_verify_rederives_the_published_map_from_the_records(trained_bundle, tmp
                             f"{RECORDS_FILE} holds {src.metrics['eval_images']} images"]
     with pytest.raises(BundleError, match="is not what eval-records.npz gives"):  # every stage that reads it
         load_bundle(tmp_path / "better", verify=True)
+
+
+def test_verify_names_records_that_cannot_be_read(trained_bundle, tmp_path):
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle, verify_bundle
+
+    src = load_bundle(trained_bundle, verify=True)
+    with BundleWriter(tmp_path / "b", stage="train", recipe=src.recipe) as w:
+        shutil.copy(src.file("weights"), w.path / "weights.pt")
+        w.add_output("weights", "weights.pt")
+        (w.path / RECORDS_FILE).write_bytes(b"not numpy")
+        w.add_output(ROLE, RECORDS_FILE)
+        w.metrics.update(src.metrics)
+    assert verify_bundle(tmp_path / "b").problems == [f"{RECORDS_FILE}: not kdctl evaluation records (ValueError)"]

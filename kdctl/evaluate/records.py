@@ -80,8 +80,8 @@ def metrics_problem(bundle) -> str | None:
         return None
     try:
         records, keys = load_records(bundle.path / rel)
-    except RecordsError as e:
-        return str(e)
+    except RecordsError as e:  # named as verify names files: relative to the bundle
+        return str(e).replace(str(bundle.path / rel), rel, 1)
     got = map_from_records(records)
     for k in ("map50_95", "map50", "map75"):
         if k in bundle.metrics and bundle.metrics[k] != got[k]:
