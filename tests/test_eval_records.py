@@ -96,6 +96,12 @@ def test_records_round_trip_and_a_foreign_file_is_refused(tmp_path):
     np.savez(tmp_path / "short.npz", **{**z, "scores": z["scores"][:-1]})
     with pytest.raises(RecordsError, match="do not fit together"):
         load_records(tmp_path / "short.npz")
+    np.savez(tmp_path / "fewer-flags.npz", **{**z, "ignored": z["ignored"][:-1]})
+    with pytest.raises(RecordsError, match="do not fit together"):
+        load_records(tmp_path / "fewer-flags.npz")
+    np.savez(tmp_path / "format-list.npz", **{**z, "format": np.array([1, 1])})
+    with pytest.raises(RecordsError, match="not kdctl evaluation records"):
+        load_records(tmp_path / "format-list.npz")
     np.savez(tmp_path / "later.npz", **{**z, "format": np.array(2)})
     with pytest.raises(RecordsError, match="format 2"):
         load_records(tmp_path / "later.npz")

@@ -107,10 +107,10 @@ def load_records(path: Path) -> tuple[MatchRecords, list[str]]:
             tp, ignored, n_gt, keys = _unpack(z["tp"]), _unpack(z["ignored"]), z["n_gt"].astype(np.int64), z["keys"]
     except RecordsError:
         raise
-    except (OSError, KeyError, EOFError, ValueError) as e:
+    except (OSError, KeyError, EOFError, ValueError, TypeError) as e:
         raise RecordsError(f"{path}: not kdctl evaluation records ({type(e).__name__})") from None
     n, d = n_gt.shape[0] if n_gt.ndim == 2 else -1, len(image)
-    if (n < 0 or len(keys) != n or len(classes) != d or len(scores) != d or tp.shape[1] != d
+    if (n < 0 or len(keys) != n or len(classes) != d or len(scores) != d or tp.shape[1] != d or ignored.shape[1] != d
             or (d and (image.min() < 0 or image.max() >= n or classes.min() < 0 or classes.max() >= n_gt.shape[1]))):
         raise RecordsError(f"{path}: evaluation records whose arrays do not fit together")
     return MatchRecords(image, classes, scores, tp, ignored, n_gt), [str(k) for k in keys]
