@@ -198,6 +198,14 @@ class SeedGroup:
         return [c.gain for c in self.cmps]
 
     @property
+    def mean_gain(self) -> float:
+        return sum(self.gains) / len(self.cmps)
+
+    @property
+    def seeds_above(self) -> int:
+        return sum(g > 0 for g in self.gains)
+
+    @property
     def spread(self) -> float:
         """Half-range of the baselines' mAP50-95 over the seeds."""
         maps = [c.baseline.metrics["map50_95"] for c in self.cmps]
@@ -210,8 +218,7 @@ class SeedGroup:
         return paired_interval(self.gains)
 
     def verdict(self) -> str:
-        gains, n = self.gains, len(self.cmps)
-        mean, above = sum(gains) / n, sum(g > 0 for g in gains)
+        gains, n, mean, above = self.gains, len(self.cmps), self.mean_gain, self.seeds_above
         lo, hi = self.interval
         names = " / ".join(c.distilled.path.name for c in self.cmps)
         facts = (f"{mean * 100:+.2f} points on average ({' / '.join(f'{g * 100:+.2f}' for g in gains)}), above the "
@@ -230,7 +237,7 @@ class SeedGroup:
         return {"distilled": [str(c.distilled.path) for c in self.cmps],
                 "baselines": [str(c.baseline.path) for c in self.cmps],
                 "seeds": [_seed(c.distilled) for c in self.cmps], "gains": self.gains,
-                "mean_gain": sum(self.gains) / len(self.cmps), "seeds_above": sum(g > 0 for g in self.gains),
+                "mean_gain": self.mean_gain, "seeds_above": self.seeds_above,
                 "baseline_half_range": self.spread, "interval_95": list(self.interval), "verdict": self.verdict()}
 
 
