@@ -242,6 +242,20 @@ def test_verify_rederives_the_published_map_from_the_records(trained_bundle, tmp
     with pytest.raises(BundleError, match="is not what eval-records.npz gives"):  # every stage that reads it
         load_bundle(tmp_path / "better", verify=True)
 
+    def dropped(name, key):
+        out = copy(name)
+        with BundleWriter(tmp_path / f"{name}2", stage="train", recipe=src.recipe) as w:
+            for rel in ("weights.pt", "data.yaml", RECORDS_FILE):
+                shutil.copy(out / rel, w.path / rel)
+            for role in ("weights", "data", ROLE):
+                w.add_output(role, src.file(role).name)
+            w.metrics.update({k: v for k, v in src.metrics.items() if k != key})
+        return tmp_path / f"{name}2"
+
+    assert verify_bundle(dropped("nomap50", "map50")).ok  # only mAP50-95 is always written beside the records
+    assert verify_bundle(dropped("nomap", "map50_95")).problems == [
+        f"manifest.json: metrics.map50_95 is missing, though {RECORDS_FILE} holds the evaluation it came from"]
+
 
 def test_verify_names_records_that_cannot_be_read(trained_bundle, tmp_path):
     import shutil

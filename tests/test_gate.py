@@ -159,3 +159,20 @@ def test_library_caller_gets_the_cli_rule_for_budgets(profile_cpu, tmp_path):
         with pytest.raises(KdctlError, match=f"gate budget max_p90_ms: must be a finite number, got {said}$"):
             run_gate(profile_cpu, budgets={"max_p90_ms": bad}, out=tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+def test_a_profile_whose_recipe_gate_is_not_a_mapping_is_refused_by_field(profile_cpu, tmp_path):
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    b = load_bundle(profile_cpu, verify=True)
+    with BundleWriter(tmp_path / "p", stage="profile", recipe={**b.recipe, "gate": ["min_map", 0.1]}) as w:
+        for role, rel in b.manifest["outputs"].items():
+            shutil.copy2(profile_cpu / rel, w.path / rel)
+            w.add_output(role, rel)
+        w.metrics.update(b.metrics)
+    r = CliRunner().invoke(app, ["gate", str(tmp_path / "p"), "--out", str(tmp_path / "g"), "--json"])
+    assert r.exit_code == 2 and "internal error" not in r.output and not (tmp_path / "g").exists()
+    assert f"{tmp_path / 'p' / 'manifest.json'}: recipe.gate: must be a mapping of budgets" in \
+        json.loads(r.stdout)["error"]

@@ -93,6 +93,44 @@ def _export_with_profile_section(src, out, section: dict):
     return out
 
 
+def _export_with_metrics(src, out, **metrics):
+    """``src``'s export bundle sealed anew by the bundle writer with ``metrics`` changed (a manifest edited by
+    someone who reseals it: every hash passes)."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    b = load_bundle(src, verify=True)
+    with BundleWriter(out, stage="export", recipe=b.recipe) as w:
+        for role, rel in b.manifest["outputs"].items():
+            shutil.copy2(src / rel, w.path / rel)
+            w.add_output(role, rel)
+        w.metrics.update({**b.metrics, **metrics})
+        w.extra["artifacts"] = b.manifest["artifacts"]
+    return out
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ({"imgsz": None}, "metrics.imgsz: must be the export's input size (32..4096), got null"),
+    ({"imgsz": 5}, "metrics.imgsz: must be the export's input size (32..4096), got 5"),
+    ({"imgsz": True}, "metrics.imgsz: must be the export's input size (32..4096), got true"),
+    ({"artifacts": "x"}, 'metrics.artifacts: must be a list, got "x"'),
+    ({"artifacts": [{"name": "onnx-fp32", "files": "model-fp32.onnx", "format": "onnx", "precision": "fp32"}]},
+     "metrics.artifacts.0: must be an object with string name, format, precision and a list of files"),
+    ({"pytorch": 5}, "metrics.pytorch: must be a JSON object, got 5"),
+])
+def test_profile_refuses_export_metrics_of_a_shape_export_never_writes(tmp_path, export_cpu, metrics, message):
+    from kdctl.errors import BundleError
+    from kdctl.profile.stage import profile_bundle
+
+    src = _export_with_metrics(export_cpu, tmp_path / "e", **metrics)
+    with pytest.raises(BundleError) as e:
+        profile_bundle(src, runs=2, warmup=1, out=tmp_path / "p")
+    assert str(e.value) == f"{src / 'manifest.json'}: {message}"
+    r = CliRunner().invoke(app, ["profile", str(src), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "internal error" not in r.output and not (tmp_path / "p").exists()
+
+
 def test_profile_takes_its_defaults_from_the_recipe(tmp_path, export_cpu):
     """The recipe's profile: section was validated and then ignored: `kdctl profile` ran 100 runs at 10 warm-ups
     whatever it said. Now it sets the defaults, and a flag still wins over it."""

@@ -161,6 +161,9 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     if manifest["schema_version"] > SCHEMA_VERSION:
         raise BundleError(f"{mf}: schema_version {manifest['schema_version']} is newer than this kdctl "
                           f"understands ({SCHEMA_VERSION}); upgrade kdctl")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise BundleError(f"{mf}: {problem}")
     bundle = Bundle(path, manifest)
     if stages is not None:
         stages = tuple(stages)
@@ -170,6 +173,35 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     if verify:
         require_verified(bundle)
     return bundle
+
+
+def _shape_problem(m: dict) -> str:
+    """What in the manifest has a shape kdctl never writes ('' if none): a hand-edited manifest, even one resealed,
+    is refused by field here rather than failing somewhere in a stage that trusts the shape."""
+    if not isinstance(m["stage"], str) or m["stage"] not in STAGES:
+        return f"field 'stage' must be one of {', '.join(STAGES)}, got {json.dumps(m['stage'])[:40]}"
+    if not isinstance(m["id"], str) or not m["id"]:
+        return "field 'id' must be a non-empty string"
+    if not isinstance(m["content_sha256"], str):
+        return "field 'content_sha256' must be a string"
+    for key in ("inputs", "environment", "metrics", "outputs", "artifacts"):
+        if key in m and not isinstance(m[key], dict):
+            return f"field '{key}' must be a JSON object, got {type(m[key]).__name__}"
+    if m.get("recipe") is not None and not isinstance(m["recipe"], dict):
+        return f"field 'recipe' must be a JSON object or null, got {type(m['recipe']).__name__}"
+    parents = m.get("parents", [])
+    if not isinstance(parents, list):
+        return f"field 'parents' must be a list, got {type(parents).__name__}"
+    for i, ref in enumerate(parents):
+        if not isinstance(ref, dict) or not all(isinstance(ref.get(k), str) for k in ("id", "stage")):
+            return f"parents.{i}: must be an object with string 'id' and 'stage'"
+    for role, rel in (m.get("outputs") or {}).items():
+        if not isinstance(rel, str):
+            return f"outputs.{role}: must be a file name, got {type(rel).__name__}"
+    built = m.get("device_built", [])
+    if built is not None and not (isinstance(built, list) and all(isinstance(x, str) for x in built)):
+        return "field 'device_built' must be a list of file names"
+    return ""
 
 
 def require_verified(bundle: Bundle) -> Bundle:

@@ -83,6 +83,8 @@ def metrics_problem(bundle) -> str | None:
     except RecordsError as e:  # named as verify names files: relative to the bundle
         return str(e).replace(str(bundle.path / rel), rel, 1)
     got = map_from_records(records)
+    if "map50_95" not in bundle.metrics:  # written with the records, always: its absence is an edit
+        return f"manifest.json: metrics.map50_95 is missing, though {rel} holds the evaluation it came from"
     for k in ("map50_95", "map50", "map75"):
         if k in bundle.metrics and bundle.metrics[k] != got[k]:
             return f"manifest.json: metrics.{k} {bundle.metrics[k]!r} is not what {rel} gives ({got[k]!r})"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by
-from kdctl.limits import available_memory_bytes, usable_cores
+from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by, shown
+from kdctl.limits import IMGSZ_MAX, available_memory_bytes, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
@@ -89,6 +89,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads`` and ``throughput_batch`` left at None
     come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults."""
     src = load_bundle(bundle, stages=("export",), verify=True)
+    _check_export_metrics(src)
     spec = _recipe_settings(src)
     warmup = spec.warmup if warmup is None else warmup
     runs = spec.runs if runs is None else runs
@@ -184,6 +185,28 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         w.add_output("metrics", "metrics.json")
         w.add_output("latencies", "latencies.json")
     return w.bundle
+
+
+def _check_export_metrics(src: Bundle) -> None:
+    """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest)."""
+    m, where = src.metrics, src.path / "manifest.json"
+    imgsz = m.get("imgsz")
+    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or not 32 <= imgsz <= IMGSZ_MAX:
+        raise BundleError(f"{where}: metrics.imgsz: must be the export's input size (32..{IMGSZ_MAX}), "
+                          f"got {shown(imgsz)}")
+    for key in ("pytorch", "pytorch_fp32"):
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            raise BundleError(f"{where}: metrics.{key}: must be a JSON object, got {shown(m[key])}")
+    arts = m.get("artifacts", [])
+    if not isinstance(arts, list):
+        raise BundleError(f"{where}: metrics.artifacts: must be a list, got {shown(arts)}")
+    for i, a in enumerate(arts):
+        ok = (isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("name", "format", "precision"))
+              and isinstance(a.get("files"), list) and all(isinstance(f, str) for f in a["files"])
+              and (a.get("metrics") is None or isinstance(a["metrics"], dict)))
+        if not ok:
+            raise BundleError(f"{where}: metrics.artifacts.{i}: must be an object with string name, format, "
+                              "precision and a list of files")
 
 
 def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tuple[list[dict], dict]:
