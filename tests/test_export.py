@@ -327,3 +327,39 @@ def test_an_input_size_the_model_cannot_take_names_where_it_came_from(tmp_path, 
     with pytest.raises(KdctlError, match=r"^--imgsz: 70 is not a multiple of 32"):
         export_bundle(trained_bundle, ExportOptions(target=str(preset), imgsz=70), out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _model_bundle_with(src, out, recipe=None, **metrics):
+    """``src``'s train bundle sealed anew with its recipe or metrics changed (a manifest edited and resealed)."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    b = load_bundle(src, verify=True)
+    with BundleWriter(out, stage="train", recipe=b.recipe if recipe is None else recipe) as w:
+        for role, rel in b.manifest["outputs"].items():
+            shutil.copy2(src / rel, w.path / rel)
+            w.add_output(role, rel)
+        w.metrics.update({**b.metrics, **metrics})
+    return out
+
+
+@pytest.mark.parametrize("export, metrics, message", [
+    ("x", {}, 'recipe.export: must be a mapping, got "x"'),
+    ({"opset": 5}, {}, "recipe.export.opset: Input should be greater than or equal to 11"),
+    ({"calibration_method": "kl"}, {}, "recipe.export.calibration_method: Input should be 'minmax', 'entropy' or "
+                                       "'percentile'"),
+    (None, {"imgsz": "x"}, 'metrics.imgsz: must be the training input size (32..4096), got "x"'),
+])
+def test_a_model_bundle_with_export_settings_of_the_wrong_shape_is_refused_by_field(trained_bundle, tmp_path, export,
+                                                                                   metrics, message):
+    from kdctl.bundle import load_bundle
+
+    recipe = dict(load_bundle(trained_bundle).recipe)
+    if export is not None:
+        recipe["export"] = export
+    src = _model_bundle_with(trained_bundle, tmp_path / "b", recipe, **metrics)
+    res = CliRunner().invoke(app, ["export", str(src), "--target", "cpu", "-a", "onnx-fp32", "--out",
+                                   str(tmp_path / "x"), "--json"])
+    assert res.exit_code == 2 and "internal error" not in res.output and not (tmp_path / "x").exists()
+    assert json.loads(res.stdout)["error"] == f"{src / 'manifest.json'}: {message}"

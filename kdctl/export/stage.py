@@ -16,9 +16,10 @@ import numpy as np
 import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
-from kdctl.errors import BackendUnavailable, CheckFailed, DataError, first_line, given_by
+from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, first_line, given_by, shown
 from kdctl.export.base import Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
+from kdctl.limits import IMGSZ_MAX
 from kdctl.progress import Step
 
 MIN_CALIBRATION = 8  # fewer images than this give scales that swing with every image
@@ -42,8 +43,8 @@ class ExportOptions:
     given: frozenset = frozenset()  # the fields a command-line flag set (the rest came from the recipe, or defaults)
 
     @classmethod
-    def from_recipe(cls, recipe: dict | None, **overrides) -> "ExportOptions":
-        base = dict((recipe or {}).get("export") or {})
+    def from_recipe(cls, recipe: dict | None, *, bundle: Path | None = None, **overrides) -> "ExportOptions":
+        base = _recipe_export(recipe, bundle)
         opts = cls(**{k: v for k, v in base.items() if k in cls.__dataclass_fields__ and v is not None})
         for k, v in overrides.items():
             if v is not None:
@@ -54,6 +55,26 @@ class ExportOptions:
     def source(self, field: str, bundle: Path) -> str:
         """Where a value came from, for an error: the flag a user typed, or the recipe field of the bundle."""
         return given_by("--" + field.replace("_", "-"), field in self.given, bundle, f"export.{field}")
+
+
+def _recipe_export(recipe: dict | None, bundle: Path | None) -> dict:
+    """The recipe's ``export:`` section, checked again as the schema checks it (the bundle's manifest may be older
+    than this kdctl, or edited): a bad field is one line naming it, not an error inside the export."""
+    from pydantic import ValidationError
+
+    from kdctl.recipe.schema import ExportSpec
+
+    where = f"{Path(bundle) / 'manifest.json'}: " if bundle is not None else ""
+    section = (recipe or {}).get("export") or {}
+    if not isinstance(section, dict):
+        raise BundleError(f"{where}recipe.export: must be a mapping, got {shown(section)}")
+    try:  # fields of other kdctl versions are left to them; the ones this export reads must be valid
+        ExportSpec.model_validate({k: v for k, v in section.items() if k in ExportSpec.model_fields})
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise BundleError(f"{where}recipe.export.{field}: {err['msg']}") from None
+    return dict(section)
 
 
 def _need(module: str, what: str) -> None:
@@ -133,7 +154,11 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
-    imgsz = check_imgsz(options.imgsz or preset.imgsz or int(src.metrics.get("imgsz") or 640), model, flag=where)
+    trained = src.metrics.get("imgsz") or 640
+    if isinstance(trained, bool) or not isinstance(trained, int) or not 32 <= trained <= IMGSZ_MAX:
+        raise BundleError(f"{src.path / 'manifest.json'}: metrics.imgsz: must be the training input size "
+                          f"(32..{IMGSZ_MAX}), got {shown(trained)}")
+    imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
     qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]
     if qdq and opset < 13 and not qat:  # ORT wrote DequantizeLinear(axis=...) into an opset-11 graph, then failed
