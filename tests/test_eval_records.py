@@ -185,8 +185,51 @@ def test_the_verdict_weighs_the_gain_against_resampling_the_validation_images(tm
     other = _bundle(tmp_path, "o", "distill", map_from_records(slight)["map50_95"], slight,
                     keys=[f"{i + 1:016x}" for i in range(40)], parents=[t])
     for x in (plain, other):
-        assert compare([b, t, x]).interval is None and compare([b, t, x]).interval_line() is None
+        assert compare([b, t, x]).interval is None
         assert compare([b, t, x]).verdict().startswith("Yes: distillation raised mAP50-95 by +1.98 points")
+    assert compare([b, t, plain]).interval_line() == (
+        f"No interval for the gain: {plain.path} keeps no evaluation records (written before kdctl kept them): "
+        "`kdctl eval` of it writes them; give the eval bundle to the report beside the others.")
+    assert compare([b, t, other]).interval_line() == (
+        "No interval for the gain: the baseline and the distilled student were not scored on the same validation "
+        "images and labels.")
+
+
+def test_an_eval_bundle_gives_the_records_a_bundle_written_without_them_lacks(tmp_path):
+    """A train/distill bundle from before kdctl kept evaluation records gets its interval from a ``kdctl eval`` of it
+    given beside it, but only from one that reproduces its published mAP (the same evaluation): an eval at another
+    size or of another bundle is not its evidence."""
+    from kdctl.report.kd_summary import compare
+
+    base = _one_object_images([True] * 20 + [False] * 20)
+    better = _one_object_images([True] * 30 + [False] * 10)
+    mb, md = map_from_records(base)["map50_95"], map_from_records(better)["map50_95"]
+    t = _bundle(tmp_path, "t", "train", 0.9)
+    b = _bundle(tmp_path, "b", "train", mb)  # neither keeps records
+    d = _bundle(tmp_path, "d", "distill", md, parents=[t])
+    assert compare([b, t, d]).interval_line() == (
+        f"No interval for the gain: {b.path} and {d.path} keep no evaluation records (written before kdctl kept "
+        "them): `kdctl eval` of each writes them; give the eval bundles to the report beside the others.")
+    from typer.testing import CliRunner
+
+    from kdctl.cli.main import app
+
+    res = CliRunner().invoke(app, ["report", str(b.path), str(d.path), "--out", str(tmp_path / "r1")])
+    assert res.exit_code == 0 and "`kdctl eval` of each writes them" in " ".join(res.output.split())
+    eb = _bundle(tmp_path, "eb", "eval", mb, base, parents=[b])
+    ed = _bundle(tmp_path, "ed", "eval", md, better, parents=[d])
+    lo, hi = paired_bootstrap(base, better)
+    res = CliRunner().invoke(app, ["report", str(b.path), str(d.path), str(eb.path), str(ed.path), "--json",
+                                   "--out", str(tmp_path / "r2")])
+    kd = json.loads(res.stdout)["kd"]
+    assert kd["gain_interval_95"] == [lo, hi] and kd["interval_images"] == 40 and kd["interval_note"] is None
+    assert compare([b, t, d, eb, ed]).interval == (lo, hi, 40, 1000)
+    assert compare([b, t, d, eb, ed]).verdict().startswith("Yes: distillation raised mAP50-95 by +24.75 points")
+    wrong = [_bundle(tmp_path, "ex", "eval", md + 0.01, better, parents=[d]),  # another size: another mAP
+             _bundle(tmp_path, "ey", "eval", md, better, parents=[t])]  # of another bundle
+    for e in wrong:
+        assert compare([b, t, d, eb, e]).interval is None
+    assert compare([b, t, d, eb, wrong[0]]).interval_line().startswith(f"No interval for the gain: {d.path} keeps")
 
 
 def test_bootstrap_resamples_shrink_only_for_large_validation_sets():

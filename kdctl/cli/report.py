@@ -47,6 +47,8 @@ def report(
                 lo, hi = s["gain_interval_95"]
                 console.print(f"  gain's 95% interval over the {s['interval_images']} validation images: "
                               f"{lo * 100:+.2f} to {hi * 100:+.2f} points (training noise not included)")
+            elif s.get("interval_note"):
+                console.print(f"  {s['interval_note']}", markup=False)
         for g in gates:
             console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
         console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")

@@ -14,6 +14,21 @@ class KDComparison:
     teacher: Bundle | None
     baseline: Bundle | None
     distilled: Bundle
+    evals: tuple[Bundle, ...] = ()  # eval bundles given beside them: records for bundles written without any
+
+    def records_of(self, b: Bundle) -> Bundle | None:
+        """The bundle holding ``b``'s evaluation records: ``b`` itself, or for a bundle written before kdctl kept
+        them, a ``kdctl eval`` of it on its validation images that reproduces its published mAP50-95 exactly (the
+        same evaluation, so the same detections)."""
+        from kdctl.evaluate.records import ROLE
+
+        if ROLE in (b.manifest.get("outputs") or {}):
+            return b
+        return next((e for e in self.evals if ROLE in (e.manifest.get("outputs") or {})
+                     and any(p.get("id") == b.id and p.get("content_sha256") == b.manifest["content_sha256"]
+                             for p in e.manifest.get("parents", []))
+                     and e.metrics.get("split", "val") == "val"
+                     and e.metrics.get("map50_95") == b.metrics.get("map50_95")), None)
 
     @property
     def gap_closed(self) -> float | None:
@@ -40,7 +55,10 @@ class KDComparison:
         and labels."""
         if self.baseline is None:
             return None
-        pair = paired_records(self.baseline, self.distilled)
+        holders = self.records_of(self.baseline), self.records_of(self.distilled)
+        if None in holders:
+            return None
+        pair = paired_records(*holders)
         if pair is None:
             return None
         from kdctl.evaluate.coco import paired_bootstrap
@@ -50,9 +68,20 @@ class KDComparison:
         return lo, hi, pair[0].images, resamples
 
     def interval_line(self) -> str | None:
-        """The report's sentence on how much of the gain resampling the validation images moves."""
-        if self.interval is None:
+        """The report's sentence on how much of the gain resampling the validation images moves (or why there is
+        no such interval)."""
+        if self.baseline is None:
             return None
+        if self.interval is None:
+            missing = [b for b in (self.baseline, self.distilled) if self.records_of(b) is None]
+            if missing:
+                names = " and ".join(str(b.path) for b in missing)
+                return (f"No interval for the gain: {names} {'keeps' if len(missing) == 1 else 'keep'} no evaluation "
+                        "records (written before kdctl kept them): `kdctl eval` of "
+                        f"{'it' if len(missing) == 1 else 'each'} writes them; give the eval "
+                        f"bundle{'' if len(missing) == 1 else 's'} to the report beside the others.")
+            return ("No interval for the gain: the baseline and the distilled student were not scored on the same "
+                    "validation images and labels.")
         lo, hi, n, resamples = self.interval
         return (f"95% interval of the gain from resampling the {n} validation images (paired bootstrap, {resamples} "
                 f"resamples): {lo * 100:+.2f} to {hi * 100:+.2f} points. It does not include the run-to-run spread "
@@ -179,7 +208,8 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                   and (b.recipe or {}).get("data") == data]
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
-    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled)
+    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled,
+                        tuple(b for b in chain if b.stage == "eval"))
 
 
 def _seed(b: Bundle):

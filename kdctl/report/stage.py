@@ -213,7 +213,8 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         kd = [{"teacher": c.teacher and str(c.teacher.path), "baseline": c.baseline and str(c.baseline.path),
                "distilled": str(c.distilled.path), "gap_closed": c.gap_closed, "verdict": c.verdict(),
                "gain": c.gain, "gain_interval_95": c.interval and list(c.interval[:2]),
-               "interval_images": c.interval and c.interval[2]} for c in cmps]
+               "interval_images": c.interval and c.interval[2],
+               "interval_note": None if c.interval else c.interval_line()} for c in cmps]
         w.metrics.update({"bundles": [str(b.path) for b in chain], "plots": [f for f, _ in images]
                           + ([pred] if pred else []),
                           "kd": kd[-1] if kd else None,  # the last distilled student
