@@ -174,6 +174,13 @@ def _reseal(b, fn):
     (lambda m: m.update(parents=[{"id": 1, "stage": "train"}]), "parents.0: must be an object with string 'id'"),
     (lambda m: m["outputs"].update(weights=["weights.pt"]), "outputs.weights: must be a file name, got list"),
     (lambda m: m.update(device_built=[3]), "field 'device_built' must be a list of file names"),
+    (lambda m: m["metrics"].update(map50_95="0.9"), 'metrics.map50_95: must be a number, got "0.9"'),
+    (lambda m: m["metrics"].update(imgsz=True), "metrics.imgsz: must be an integer, got true"),
+    (lambda m: m["metrics"].update(per_class_ap50_95="x"), "metrics.per_class_ap50_95: must be an object of class "
+                                                           'name to number, got "x"'),
+    (lambda m: m["metrics"].update(per_class_ap50_95={"a": "0.5"}), "metrics.per_class_ap50_95: must be an object"),
+    (lambda m: m["metrics"].update(epochs=[1, 2]), "metrics.epochs: must be a list of JSON objects, got [1, 2]"),
+    (lambda m: m["metrics"].update(passed="yes"), 'metrics.passed: must be true or false, got "yes"'),
 ])
 def test_a_resealed_manifest_of_a_shape_kdctl_never_writes_is_refused_by_field(tmp_path, edit, message):
     """Every stage trusts a loaded manifest's shape; one edited and resealed by hand is refused at load, one line
@@ -186,7 +193,8 @@ def test_a_resealed_manifest_of_a_shape_kdctl_never_writes_is_refused_by_field(t
     r = CliRunner().invoke(app, ["bundle", "verify", str(b.path)])
     assert r.exit_code != 0 and "internal error" not in r.output and "Traceback" not in r.output
     fine = make(tmp_path, "fine")
-    _reseal(fine, lambda m: None)  # the shape kdctl writes, resealed the same way, loads and verifies
+    # the shape kdctl writes, resealed the same way, loads and verifies; None stands for a value not measured
+    _reseal(fine, lambda m: m["metrics"].update(per_class_ap50_95={"a": None, "b": 0.5}, gflops=None, extra="free"))
     assert load_bundle(fine.path, verify=True).stage == "train"
 
 

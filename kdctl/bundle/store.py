@@ -201,7 +201,43 @@ def _shape_problem(m: dict) -> str:
     built = m.get("device_built", [])
     if built is not None and not (isinstance(built, list) and all(isinstance(x, str) for x in built)):
         return "field 'device_built' must be a list of file names"
+    for key, value in (m.get("metrics") or {}).items():
+        kind = _METRIC_KINDS.get(key)
+        if value is not None and kind is not None and not _is(value, kind):
+            return f"metrics.{key}: must be {_KIND_WORDS[kind]}, got {json.dumps(value)[:40]}"
     return ""
+
+
+# The metrics the stages write and read back (the report, gate, profile and export trust their types): None is
+# allowed for each (a value not measured); other keys are free.
+_METRIC_KINDS = {
+    **dict.fromkeys(("map50_95", "map50", "map75", "gflops", "train_seconds", "pytorch_fp32_map50_95"), "number"),
+    **dict.fromkeys(("eval_images", "images", "imgsz", "params", "opset"), "integer"),
+    **dict.fromkeys(("per_class_ap50_95",), "scores"),
+    **dict.fromkeys(("pytorch", "pytorch_fp32", "init", "settings", "skipped", "model"), "object"),
+    **dict.fromkeys(("epochs", "kd_terms", "artifacts", "results", "checks"), "records"),
+    **dict.fromkeys(("target", "artifact", "split", "runtime", "precision"), "string"),
+    "passed": "boolean",
+}
+_KIND_WORDS = {"number": "a number", "integer": "an integer", "scores": "an object of class name to number",
+               "object": "a JSON object", "records": "a list of JSON objects", "string": "a string",
+               "boolean": "true or false"}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "scores":
+        return isinstance(value, dict) and all(v is None or _is(v, "number") for v in value.values())
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "records":
+        return isinstance(value, list) and all(isinstance(x, dict) for x in value)
+    if kind == "string":
+        return isinstance(value, str)
+    return isinstance(value, bool)
 
 
 def require_verified(bundle: Bundle) -> Bundle:
