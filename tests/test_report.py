@@ -97,6 +97,14 @@ def test_gap_closed_and_roles(tmp_path):
         "Yes: distillation raised mAP50-95 by +2.00 points over the baseline. The teacher (0.2000) is not above the "
         "baseline (0.3000): there is no gap for distillation to close; distil from a stronger teacher.")
     assert compare([b, weak, hurt]).gap_line() is None
+    # recipe and input sections of another shape (a manifest written so and resealed): no baseline or teacher found
+    # through them, and no error
+    with BundleWriter(tmp_path / "odd", stage="distill", parents=[t], inputs={"teacher": "t.pt"},
+                      recipe={"student": "s.yaml", "train": 3, "data": {"yolo": "d.yaml"}}) as w:
+        w.metrics.update(map50_95=0.4)
+    odd = compare([b, t, load_bundle(tmp_path / "odd")])
+    assert odd.teacher.id == t.id and odd.baseline is None
+    assert odd.verdict().startswith("No baseline")
 
 
 def test_several_distilled_students_side_by_side(tmp_path):

@@ -195,16 +195,16 @@ def compare_all(chain: list[Bundle]) -> list[KDComparison]:
 
 
 def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
-    t_sha = ((distilled.manifest.get("inputs") or {}).get("teacher") or {}).get("sha256")
+    t_sha = _field(distilled.manifest.get("inputs"), "teacher", "sha256")
     parents = {p.get("id") for p in distilled.manifest.get("parents", [])}
     teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")
                     and b.manifest["files"].get("weights.pt", {}).get("sha256") == t_sha), None)
     if teacher is None:
         teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
-    student = ((distilled.recipe or {}).get("student") or {}).get("model")
+    student = _field(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
     candidates = [b for b in chain if b.stage == "train" and b is not teacher
-                  and ((b.recipe or {}).get("student") or {}).get("model") == student
+                  and _field(b.recipe, "student", "model") == student
                   and (b.recipe or {}).get("data") == data]
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
@@ -212,8 +212,18 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                         tuple(b for b in chain if b.stage == "eval"))
 
 
+def _field(section, *keys):
+    """``section[k1][k2]...`` where each level is a mapping, else None: a report shows what a bundle recorded in
+    the shape it was written, and leaves out (never trips on) a field of another shape."""
+    for k in keys:
+        if not isinstance(section, dict):
+            return None
+        section = section.get(k)
+    return section
+
+
 def _seed(b: Bundle):
-    return ((b.recipe or {}).get("train") or {}).get("seed")
+    return _field(b.recipe, "train", "seed")
 
 
 @dataclass
@@ -283,7 +293,8 @@ def seed_groups(cmps: list[KDComparison]) -> list[SeedGroup]:
             continue
         recipe = json.loads(json.dumps(c.distilled.recipe or {}))
         recipe.pop("name", None)
-        (recipe.get("train") or {}).pop("seed", None)
+        if isinstance(recipe.get("train"), dict):
+            recipe["train"].pop("seed", None)
         key = json.dumps([c.teacher.id if c.teacher else None, recipe], sort_keys=True)
         if all(_seed(o.distilled) != seed for o in groups.get(key, [])):
             groups.setdefault(key, []).append(c)
