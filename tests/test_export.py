@@ -347,9 +347,10 @@ def _model_bundle_with(src, out, recipe=None, **metrics):
 @pytest.mark.parametrize("export, metrics, message", [
     ("x", {}, 'recipe.export: must be a mapping, got "x"'),
     ({"opset": 5}, {}, "recipe.export.opset: Input should be greater than or equal to 11"),
-    ({"calibration_method": "kl"}, {}, "recipe.export.calibration_method: Input should be 'minmax', 'entropy' or "
-                                       "'percentile'"),
-    (None, {"imgsz": "x"}, 'metrics.imgsz: must be the training input size (32..4096), got "x"'),
+    ({"calibration_method": "kl"}, {}, "recipe.export.calibration_method: got \"kl\"; input should be 'minmax', "
+                                       "'entropy' or 'percentile'"),
+    (None, {"imgsz": 5}, "metrics.imgsz: must be the training input size (32..4096), got 5"),
+    (None, {"imgsz": "x"}, 'metrics.imgsz: must be an integer, got "x"'),  # the type: when the bundle is loaded
 ])
 def test_a_model_bundle_with_export_settings_of_the_wrong_shape_is_refused_by_field(trained_bundle, tmp_path, export,
                                                                                    metrics, message):

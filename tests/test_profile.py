@@ -113,8 +113,8 @@ def _export_with_metrics(src, out, **metrics):
 @pytest.mark.parametrize("metrics, message", [
     ({"imgsz": None}, "metrics.imgsz: must be the export's input size (32..4096), got null"),
     ({"imgsz": 5}, "metrics.imgsz: must be the export's input size (32..4096), got 5"),
-    ({"imgsz": True}, "metrics.imgsz: must be the export's input size (32..4096), got true"),
-    ({"artifacts": "x"}, 'metrics.artifacts: must be a list, got "x"'),
+    ({"imgsz": True}, "metrics.imgsz: must be an integer, got true"),  # types: when the bundle is loaded
+    ({"artifacts": "x"}, 'metrics.artifacts: must be a list of JSON objects, got "x"'),
     ({"artifacts": [{"name": "onnx-fp32", "files": "model-fp32.onnx", "format": "onnx", "precision": "fp32"}]},
      "metrics.artifacts.0: must be an object with string name, format, precision and a list of files"),
     ({"pytorch": 5}, "metrics.pytorch: must be a JSON object, got 5"),

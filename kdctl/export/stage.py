@@ -59,22 +59,14 @@ class ExportOptions:
 
 def _recipe_export(recipe: dict | None, bundle: Path | None) -> dict:
     """The recipe's ``export:`` section, checked again as the schema checks it (the bundle's manifest may be older
-    than this kdctl, or edited): a bad field is one line naming it, not an error inside the export."""
-    from pydantic import ValidationError
-
+    than this kdctl, or edited): a bad field is one line naming it, not an error inside the export. Fields of other
+    kdctl versions are left to them."""
     from kdctl.recipe.schema import ExportSpec
+    from kdctl.recipe.validation import bundle_section
 
-    where = f"{Path(bundle) / 'manifest.json'}: " if bundle is not None else ""
-    section = (recipe or {}).get("export") or {}
-    if not isinstance(section, dict):
-        raise BundleError(f"{where}recipe.export: must be a mapping, got {shown(section)}")
-    try:  # fields of other kdctl versions are left to them; the ones this export reads must be valid
-        ExportSpec.model_validate({k: v for k, v in section.items() if k in ExportSpec.model_fields})
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise BundleError(f"{where}recipe.export.{field}: {err['msg']}") from None
-    return dict(section)
+    bundle_section(recipe, "export", ExportSpec, Path(bundle) / "manifest.json" if bundle is not None else None,
+                   known_only=True)
+    return dict((recipe or {}).get("export") or {})
 
 
 def _need(module: str, what: str) -> None:
@@ -154,8 +146,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
-    trained = src.metrics.get("imgsz") or 640
-    if isinstance(trained, bool) or not isinstance(trained, int) or not 32 <= trained <= IMGSZ_MAX:
+    trained = src.metrics.get("imgsz") or 640  # an integer or None (checked when the bundle was loaded)
+    if not 32 <= trained <= IMGSZ_MAX:
         raise BundleError(f"{src.path / 'manifest.json'}: metrics.imgsz: must be the training input size "
                           f"(32..{IMGSZ_MAX}), got {shown(trained)}")
     imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)

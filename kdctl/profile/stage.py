@@ -107,16 +107,10 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
 
 def _recipe_settings(src: Bundle):
     """The recipe's ``profile:`` section, checked again (the bundle may come from an older kdctl)."""
-    from pydantic import ValidationError
-
     from kdctl.recipe.schema import ProfileSpec
+    from kdctl.recipe.validation import bundle_section
 
-    try:
-        return ProfileSpec.model_validate(((src.recipe or {}).get("profile")) or {})
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise BundleError(f"{src.path / 'manifest.json'}: recipe.profile.{field}: {err['msg']}") from None
+    return bundle_section(src.recipe, "profile", ProfileSpec, src.path / "manifest.json")
 
 
 def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, names: dict) -> None:
@@ -188,20 +182,15 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
 
 
 def _check_export_metrics(src: Bundle) -> None:
-    """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest)."""
+    """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest); their
+    types were checked when the bundle was loaded."""
     m, where = src.metrics, src.path / "manifest.json"
     imgsz = m.get("imgsz")
-    if isinstance(imgsz, bool) or not isinstance(imgsz, int) or not 32 <= imgsz <= IMGSZ_MAX:
+    if imgsz is None or not 32 <= imgsz <= IMGSZ_MAX:
         raise BundleError(f"{where}: metrics.imgsz: must be the export's input size (32..{IMGSZ_MAX}), "
                           f"got {shown(imgsz)}")
-    for key in ("pytorch", "pytorch_fp32"):
-        if m.get(key) is not None and not isinstance(m[key], dict):
-            raise BundleError(f"{where}: metrics.{key}: must be a JSON object, got {shown(m[key])}")
-    arts = m.get("artifacts", [])
-    if not isinstance(arts, list):
-        raise BundleError(f"{where}: metrics.artifacts: must be a list, got {shown(arts)}")
-    for i, a in enumerate(arts):
-        ok = (isinstance(a, dict) and all(isinstance(a.get(k), str) for k in ("name", "format", "precision"))
+    for i, a in enumerate(m.get("artifacts") or []):
+        ok = (all(isinstance(a.get(k), str) for k in ("name", "format", "precision"))
               and isinstance(a.get("files"), list) and all(isinstance(f, str) for f in a["files"])
               and (a.get("metrics") is None or isinstance(a["metrics"], dict)))
         if not ok:
@@ -213,7 +202,7 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
     """The export's artifacts to profile (device-built engines included, filtered by ``--artifact``/``--runtime``,
     the PyTorch reference first when asked) that can run here, and why the others cannot."""
     arts = []
-    for a in src.metrics.get("artifacts", []):
+    for a in src.metrics.get("artifacts") or []:
         if not a["files"] and a["format"] == "tensorrt" and (src.path / f"model-{a['precision']}.engine").is_file():
             # built on the device by build_engine.sh after export: profile it, recording its hash
             from kdctl.bundle import sha256_file

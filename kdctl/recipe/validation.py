@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kdctl.errors import RecipeError, shown
+from kdctl.errors import BundleError, RecipeError, shown
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -166,3 +166,20 @@ def validate(data: Any, model: type[M], source: str) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise RecipeError(f"{source}: {_first_error(e, model)}") from None
+
+
+def bundle_section(recipe: Any, key: str, model: type[M], manifest: Path | None = None, *,
+                   known_only: bool = False) -> M:
+    """``recipe[key]`` of the recipe a bundle's manifest carries, checked again as the schema checks it (the bundle
+    may come from another kdctl version, or be edited): a bad field is one :class:`BundleError` naming the manifest
+    and ``recipe.KEY.FIELD``. ``known_only``: fields this kdctl does not know (another version's) are left out."""
+    where = f"{manifest}: " if manifest is not None else ""
+    section = (recipe if isinstance(recipe, dict) else {}).get(key) or {}
+    if not isinstance(section, dict):
+        raise BundleError(f"{where}recipe.{key}: must be a mapping, got {shown(section)}")
+    if known_only:
+        section = {k: v for k, v in section.items() if k in model.model_fields}
+    try:
+        return model.model_validate(section)
+    except ValidationError as e:
+        raise BundleError(f"{where}recipe.{key}.{_first_error(e, model)}") from None
