@@ -313,3 +313,34 @@ def test_verify_names_records_that_cannot_be_read(trained_bundle, tmp_path):
         w.add_output(ROLE, RECORDS_FILE)
         w.metrics.update(src.metrics)
     assert verify_bundle(tmp_path / "b").problems == [f"{RECORDS_FILE}: not kdctl evaluation records (ValueError)"]
+
+
+def test_kdctl_eval_of_a_bundle_without_records_gives_the_interval_its_records_would(kd_chain, tmp_path):
+    """The fallback's premise on real models: ``kdctl eval`` of a train/distill bundle reproduces its published mAP to
+    the last digit, so bundles written before records (here: copies without them) get, through an eval of each, the
+    very interval their own records give."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.evaluate.stage import evaluate_bundle
+    from kdctl.report.kd_summary import compare
+
+    def without_records(src, name):
+        b = load_bundle(src, verify=True)
+        parents = [load_bundle(p["path"], verify=True) for p in b.manifest["parents"]]
+        with BundleWriter(tmp_path / name, stage=b.stage, recipe=b.recipe, parents=parents,
+                          inputs=b.manifest["inputs"]) as w:
+            for role in ("weights", "data"):
+                shutil.copy(b.file(role), w.path / b.file(role).name)
+                w.add_output(role, b.file(role).name)
+            w.metrics.update(b.metrics)
+        return load_bundle(tmp_path / name, verify=True)
+
+    teacher, base, kd = (load_bundle(kd_chain[k], verify=True) for k in ("teacher", "baseline", "distilled"))
+    own = compare([teacher, base, kd])
+    assert own.interval is not None
+    old_base, old_kd = without_records(base.path, "old-base"), without_records(kd.path, "old-kd")
+    assert compare([teacher, old_base, old_kd]).interval is None
+    evals = [evaluate_bundle(b.path, out=tmp_path / f"eval-{b.path.name}") for b in (old_base, old_kd)]
+    assert [e.metrics["map50_95"] for e in evals] == [base.metrics["map50_95"], kd.metrics["map50_95"]]
+    assert compare([teacher, old_base, old_kd, *evals]).interval == own.interval
