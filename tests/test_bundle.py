@@ -181,6 +181,13 @@ def _reseal(b, fn):
     (lambda m: m["metrics"].update(per_class_ap50_95={"a": "0.5"}), "metrics.per_class_ap50_95: must be an object"),
     (lambda m: m["metrics"].update(epochs=[1, 2]), "metrics.epochs: must be a list of JSON objects, got [1, 2]"),
     (lambda m: m["metrics"].update(passed="yes"), 'metrics.passed: must be true or false, got "yes"'),
+    (lambda m: m["metrics"].update(results=[{"artifact": "onnx-fp32", "runtime": "onnxruntime"}]),
+     'metrics.results.0.runtime: must be a JSON object, got "onnxruntime"'),
+    (lambda m: m["metrics"].update(artifacts=[{"name": "onnx-fp32", "files": "model.onnx"}]),
+     'metrics.artifacts.0.files: must be a list of file names, got "model.onnx"'),
+    (lambda m: m["metrics"].update(checks=[{"name": "min_map50_95", "passed": 1}]),
+     "metrics.checks.0.passed: must be true or false, got 1"),
+    (lambda m: m["metrics"].update(epochs=[{"epoch": "1"}]), 'metrics.epochs.0.epoch: must be an integer, got "1"'),
 ])
 def test_a_resealed_manifest_of_a_shape_kdctl_never_writes_is_refused_by_field(tmp_path, edit, message):
     """Every stage trusts a loaded manifest's shape; one edited and resealed by hand is refused at load, one line

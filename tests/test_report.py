@@ -264,3 +264,26 @@ def test_one_recipe_on_several_seeds_gets_a_verdict_over_them(tmp_path):
     assert [x["verdict"] for x in out["kd_seed_groups"]] == [seed_groups(cmps)[0].verdict()]
     md = (tmp_path / "r" / "report.md").read_text()
     assert md.index("**Over 3 seeds (kd-s0 / kd-s1 / kd-s2): Yes:") < md.index("- **kd-s0: Yes")
+
+
+def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
+    """The models and performance tables read what each bundle recorded; a value it left out or recorded as not
+    measured (None) is a dash, never an error or "nan"."""
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.stage import _rows
+
+    def bundle(name, stage, **metrics):
+        with BundleWriter(tmp_path / name, stage=stage) as w:
+            w.metrics.update(metrics)
+        return load_bundle(tmp_path / name)
+
+    lat = {"p50": 1.0, "p90": 2.0, "p99": 3.0}
+    chain = [bundle("t", "train", map50_95=0.5, params=None),
+             bundle("e", "export", artifacts=[{"name": "onnx-fp32", "metrics": {"map50_95": 0.5}, "runtime": None}]),
+             bundle("p", "profile", results=[{"artifact": "onnx-fp32", "latency_ms": lat, "runtime": None,
+                                              "size_mb": None, "map50_95": None, "throughput": None},
+                                             {"artifact": "onnx-int8", "latency_ms": {"p50": None}}])]
+    stage_rows, perf_rows = _rows(chain)
+    assert stage_rows == [["train", "t", "0.5000", "—", "—", "—"]]
+    assert perf_rows == [["export", "e/onnx-fp32", "0.5000", "+0.0000", "None", "0.00 MB", "", ""],
+                         ["profile", "p/onnx-fp32", "—", "", "None", "—", "1.00 / 2.00 / 3.00", "—"]]

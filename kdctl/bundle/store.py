@@ -202,10 +202,19 @@ def _shape_problem(m: dict) -> str:
     if built is not None and not (isinstance(built, list) and all(isinstance(x, str) for x in built)):
         return "field 'device_built' must be a list of file names"
     for key, value in (m.get("metrics") or {}).items():
-        kind = _METRIC_KINDS.get(key)
-        if value is not None and kind is not None and not _is(value, kind):
-            return f"metrics.{key}: must be {_KIND_WORDS[kind]}, got {json.dumps(value)[:40]}"
+        problem = _kind_problem(f"metrics.{key}", value, _METRIC_KINDS.get(key))
+        for i, entry in enumerate(value if not problem and key in _ENTRY_KINDS else []):
+            for k, v in entry.items():
+                problem = problem or _kind_problem(f"metrics.{key}.{i}.{k}", v, _ENTRY_KINDS[key].get(k))
+        if problem:
+            return problem
     return ""
+
+
+def _kind_problem(where: str, value: Any, kind: str | None) -> str:
+    if value is None or kind is None or _is(value, kind):
+        return ""
+    return f"{where}: must be {_KIND_WORDS[kind]}, got {json.dumps(value)[:40]}"
 
 
 # The metrics the stages write and read back (the report, gate, profile and export trust their types): None is
@@ -219,9 +228,20 @@ _METRIC_KINDS = {
     **dict.fromkeys(("target", "artifact", "split", "runtime", "precision"), "string"),
     "passed": "boolean",
 }
+# The fields of those lists' entries that the stages read back (export's artifacts, profile's results, the gate's
+# checks, training's epochs): the same rule, field by field.
+_ENTRY_KINDS = {
+    "artifacts": {**dict.fromkeys(("name", "format", "precision"), "string"), "files": "names",
+                  **dict.fromkeys(("runtime", "settings", "metrics", "parity"), "object")},
+    "results": {**dict.fromkeys(("artifact", "format", "precision"), "string"), "files": "names",
+                **dict.fromkeys(("runtime", "latency_ms", "throughput", "memory", "end_to_end_ms"), "object"),
+                **dict.fromkeys(("size_mb", "map50_95", "map50"), "number")},
+    "checks": {**dict.fromkeys(("name", "message"), "string"), "passed": "boolean"},
+    "epochs": {"epoch": "integer"},
+}
 _KIND_WORDS = {"number": "a number", "integer": "an integer", "scores": "an object of class name to number",
                "object": "a JSON object", "records": "a list of JSON objects", "string": "a string",
-               "boolean": "true or false"}
+               "boolean": "true or false", "names": "a list of file names"}
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -237,6 +257,8 @@ def _is(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(x, dict) for x in value)
     if kind == "string":
         return isinstance(value, str)
+    if kind == "names":
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
     return isinstance(value, bool)
 
 

@@ -195,16 +195,16 @@ def compare_all(chain: list[Bundle]) -> list[KDComparison]:
 
 
 def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
-    t_sha = _field(distilled.manifest.get("inputs"), "teacher", "sha256")
+    t_sha = field_of(distilled.manifest.get("inputs"), "teacher", "sha256")
     parents = {p.get("id") for p in distilled.manifest.get("parents", [])}
     teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")
                     and b.manifest["files"].get("weights.pt", {}).get("sha256") == t_sha), None)
     if teacher is None:
         teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
-    student = _field(distilled.recipe, "student", "model")
+    student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
     candidates = [b for b in chain if b.stage == "train" and b is not teacher
-                  and _field(b.recipe, "student", "model") == student
+                  and field_of(b.recipe, "student", "model") == student
                   and (b.recipe or {}).get("data") == data]
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
@@ -212,7 +212,7 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                         tuple(b for b in chain if b.stage == "eval"))
 
 
-def _field(section, *keys):
+def field_of(section, *keys):
     """``section[k1][k2]...`` where each level is a mapping, else None: a report shows what a bundle recorded in
     the shape it was written, and leaves out (never trips on) a field of another shape."""
     for k in keys:
@@ -223,7 +223,7 @@ def _field(section, *keys):
 
 
 def _seed(b: Bundle):
-    return _field(b.recipe, "train", "seed")
+    return field_of(b.recipe, "train", "seed")
 
 
 @dataclass

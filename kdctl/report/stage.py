@@ -10,7 +10,7 @@ from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, requir
 from kdctl.errors import BundleError, KdctlError
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
-from kdctl.report.kd_summary import compare_all, seed_groups, side_by_side
+from kdctl.report.kd_summary import compare_all, field_of, seed_groups, side_by_side
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
@@ -53,30 +53,41 @@ def _latencies(b: Bundle) -> dict:
     return lat if isinstance(lat, dict) else {}
 
 
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or "—" where it was not measured (None, or absent)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:{spec}}{suffix}"
+
+
 def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
     stage_rows, perf_rows = [], []
     for b in chain:
         m = b.metrics
         if b.stage in ("train", "distill", "eval"):
-            stage_rows.append([b.stage, b.path.name, f"{m.get('map50_95', float('nan')):.4f}",
-                               f"{m.get('map50', float('nan')):.4f}", f"{m.get('params', 0):,}" if m.get("params") else "—",
-                               f"{m.get('train_seconds', 0):.0f} s" if m.get("train_seconds") else "—"])
+            stage_rows.append([b.stage, b.path.name, _fmt(m.get("map50_95"), ".4f"), _fmt(m.get("map50"), ".4f"),
+                               _fmt(m.get("params") or None, ","), _fmt(m.get("train_seconds") or None, ".0f", " s")])
         if b.stage == "export":
-            for a in m.get("artifacts", []):
+            for a in m.get("artifacts") or []:
                 if a.get("metrics"):
-                    perf_rows.append(["export", f"{b.path.name}/{a['name']}", f"{a['metrics']['map50_95']:.4f}",
-                                      f"{-a['metrics'].get('map50_95_drop', 0):+.4f}", str(a["runtime"].get("inference_precision")),
-                                      f"{a['settings'].get('size_mb', 0):.2f} MB", "", ""])
+                    drop = field_of(a, "metrics", "map50_95_drop")
+                    perf_rows.append(["export", f"{b.path.name}/{a.get('name')}",
+                                      _fmt(a["metrics"].get("map50_95"), ".4f"),
+                                      _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
+                                      str(field_of(a, "runtime", "inference_precision")),
+                                      _fmt(field_of(a, "settings", "size_mb") or 0, ".2f", " MB"), "", ""])
         if b.stage == "profile":
-            for r in m.get("results", []):
+            for r in m.get("results") or []:
                 lat = r.get("latency_ms")
-                if not isinstance(lat, dict) or not all(isinstance(lat.get(k), (int, float)) for k in ("p50", "p90", "p99")):
+                if not isinstance(lat, dict) or not all(isinstance(lat.get(k), (int, float))
+                                                        for k in ("p50", "p90", "p99")):
                     continue  # not measured (a runtime that failed on this machine): nothing to tabulate
-                perf_rows.append(["profile", f"{b.path.name}/{r['artifact']}",
-                                  "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}", "",
-                                  str(r["runtime"].get("inference_precision", r["runtime"].get("provider"))),
-                                  f"{r['size_mb']:.2f} MB", f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}",
-                                  f"{r['throughput']['images_per_s']:.0f}"])
+                runtime = r.get("runtime") or {}
+                perf_rows.append(["profile", f"{b.path.name}/{r.get('artifact')}", _fmt(r.get("map50_95"), ".4f"), "",
+                                  str(runtime.get("inference_precision", runtime.get("provider"))),
+                                  _fmt(r.get("size_mb"), ".2f", " MB"),
+                                  f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}",
+                                  _fmt(field_of(r, "throughput", "images_per_s"), ".0f")])
     return stage_rows, perf_rows
 
 
@@ -237,8 +248,9 @@ def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:
         if b.stage != "profile":
             continue
         lat = _latencies(b)
-        for r in b.metrics.get("results", []):
-            if not isinstance(r.get("latency_ms"), dict) or "p50" not in r["latency_ms"]:
+        for r in b.metrics.get("results") or []:
+            if not isinstance(r.get("latency_ms"), dict) or not isinstance(r["latency_ms"].get("p50"), (int, float)) \
+                    or not isinstance(r.get("artifact"), str):
                 continue
             if r["artifact"] in lat:
                 f = f"latency-{b.path.name}-{r['artifact']}.png"
