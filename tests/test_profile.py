@@ -115,8 +115,10 @@ def _export_with_metrics(src, out, **metrics):
     ({"imgsz": 5}, "metrics.imgsz: must be the export's input size (32..4096), got 5"),
     ({"imgsz": True}, "metrics.imgsz: must be an integer, got true"),  # types: when the bundle is loaded
     ({"artifacts": "x"}, 'metrics.artifacts: must be a list of JSON objects, got "x"'),
-    ({"artifacts": [{"name": "onnx-fp32", "files": "model-fp32.onnx", "format": "onnx", "precision": "fp32"}]},
+    ({"artifacts": [{"name": "onnx-fp32", "format": "onnx", "precision": "fp32"}]},
      "metrics.artifacts.0: must be an object with string name, format, precision and a list of files"),
+    ({"artifacts": [{"name": "onnx-fp32", "files": "model-fp32.onnx", "format": "onnx", "precision": "fp32"}]},
+     'metrics.artifacts.0.files: must be a list of file names, got "model-fp32.onnx"'),  # the type: at load
     ({"pytorch": 5}, "metrics.pytorch: must be a JSON object, got 5"),
 ])
 def test_profile_refuses_export_metrics_of_a_shape_export_never_writes(tmp_path, export_cpu, metrics, message):

@@ -189,11 +189,8 @@ def _check_export_metrics(src: Bundle) -> None:
     if imgsz is None or not 32 <= imgsz <= IMGSZ_MAX:
         raise BundleError(f"{where}: metrics.imgsz: must be the export's input size (32..{IMGSZ_MAX}), "
                           f"got {shown(imgsz)}")
-    for i, a in enumerate(m.get("artifacts") or []):
-        ok = (all(isinstance(a.get(k), str) for k in ("name", "format", "precision"))
-              and isinstance(a.get("files"), list) and all(isinstance(f, str) for f in a["files"])
-              and (a.get("metrics") is None or isinstance(a["metrics"], dict)))
-        if not ok:
+    for i, a in enumerate(m.get("artifacts") or []):  # the fields' types were checked at load; these must be there
+        if any(a.get(k) is None for k in ("name", "format", "precision", "files")):
             raise BundleError(f"{where}: metrics.artifacts.{i}: must be an object with string name, format, "
                               "precision and a list of files")
 
