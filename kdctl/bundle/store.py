@@ -203,11 +203,13 @@ def _shape_problem(m: dict) -> str:
         return "field 'device_built' must be a list of file names"
     for key, value in (m.get("metrics") or {}).items():
         problem = _kind_problem(f"metrics.{key}", value, _METRIC_KINDS.get(key))
-        for i, entry in enumerate(value if not problem and key in _ENTRY_KINDS else []):
-            for k, v in entry.items():
-                problem = problem or _kind_problem(f"metrics.{key}.{i}.{k}", v, _ENTRY_KINDS[key].get(k))
         if problem:
             return problem
+        for i, entry in enumerate(value if key in _ENTRY_KINDS and value else []):
+            for k, v in entry.items():
+                problem = _kind_problem(f"metrics.{key}.{i}.{k}", v, _ENTRY_KINDS[key].get(k))
+                if problem:
+                    return problem
     return ""
 
 
@@ -222,7 +224,7 @@ def _kind_problem(where: str, value: Any, kind: str | None) -> str:
 _METRIC_KINDS = {
     **dict.fromkeys(("map50_95", "map50", "map75", "gflops", "train_seconds", "pytorch_fp32_map50_95"), "number"),
     **dict.fromkeys(("eval_images", "images", "imgsz", "params", "opset"), "integer"),
-    **dict.fromkeys(("per_class_ap50_95",), "scores"),
+    "per_class_ap50_95": "scores",
     **dict.fromkeys(("pytorch", "pytorch_fp32", "init", "settings", "skipped", "model"), "object"),
     **dict.fromkeys(("epochs", "kd_terms", "artifacts", "results", "checks"), "records"),
     **dict.fromkeys(("target", "artifact", "split", "runtime", "precision"), "string"),
