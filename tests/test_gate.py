@@ -161,18 +161,23 @@ def test_library_caller_gets_the_cli_rule_for_budgets(profile_cpu, tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-def test_a_profile_whose_recipe_gate_is_not_a_mapping_is_refused_by_field(profile_cpu, tmp_path):
+@pytest.mark.parametrize("section, message", [
+    (["min_map", 0.1], 'recipe.gate: must be a mapping, got ["min_map", 0.1]'),
+    ({"min_map50_95": 2}, "recipe.gate.min_map50_95: Input should be less than or equal to 1"),
+])
+def test_a_profile_whose_recipe_gate_has_another_shape_is_refused_by_field(profile_cpu, tmp_path, section, message):
+    """The recipe's budgets a profile bundle carries are checked again as the schema checks them (an edited and
+    resealed manifest, or an older kdctl's): one line naming the field, nothing written."""
     import shutil
 
     from kdctl.bundle import BundleWriter, load_bundle
 
     b = load_bundle(profile_cpu, verify=True)
-    with BundleWriter(tmp_path / "p", stage="profile", recipe={**b.recipe, "gate": ["min_map", 0.1]}) as w:
+    with BundleWriter(tmp_path / "p", stage="profile", recipe={**b.recipe, "gate": section}) as w:
         for role, rel in b.manifest["outputs"].items():
             shutil.copy2(profile_cpu / rel, w.path / rel)
             w.add_output(role, rel)
         w.metrics.update(b.metrics)
     r = CliRunner().invoke(app, ["gate", str(tmp_path / "p"), "--out", str(tmp_path / "g"), "--json"])
     assert r.exit_code == 2 and "internal error" not in r.output and not (tmp_path / "g").exists()
-    assert f"{tmp_path / 'p' / 'manifest.json'}: recipe.gate: must be a mapping of budgets" in \
-        json.loads(r.stdout)["error"]
+    assert json.loads(r.stdout)["error"] == f"{tmp_path / 'p' / 'manifest.json'}: {message}"

@@ -69,11 +69,12 @@ def _not_comparable(cur: dict, base: dict) -> str:
 def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifact: str | None,
           junit: Path | None, summary: Path | None, out: Path, overwrite: bool) -> GateResult:
     profile = prof.path
-    recipe_gate = (prof.recipe or {}).get("gate") or {}
-    if not isinstance(recipe_gate, dict):
-        raise KdctlError(f"{prof.path / 'manifest.json'}: recipe.gate: must be a mapping of budgets, "
-                         f"got {shown(recipe_gate)}")
-    merged = dict(recipe_gate)
+    from kdctl.recipe.schema import GateSpec
+    from kdctl.recipe.validation import bundle_section
+
+    # the recipe's budgets, checked again as the schema checks them (the manifest may be older, or edited)
+    bundle_section(prof.recipe, "gate", GateSpec, profile / "manifest.json", known_only=True)
+    merged = dict(((prof.recipe or {}).get("gate") or {}))
     merged.update({k: v for k, v in (budgets or {}).items() if v is not None})
     merged = {k: v for k, v in merged.items() if k in BUDGETS and v is not None}
     for k, v in merged.items():  # the CLI and the recipe schema check this too; a library caller gets the same rule
