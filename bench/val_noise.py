@@ -24,11 +24,11 @@ def records(run: Path, evals: Path, data: Path | None = None):
     ``data`` (another dataset's validation images) always the eval's."""
     from kdctl.bundle import load_bundle
     from kdctl.errors import BundleError
-    from kdctl.evaluate.records import ROLE, load_records
+    from kdctl.evaluate.records import ROLE, has_records, load_records
     from kdctl.evaluate.stage import evaluate_bundle
 
     b = load_bundle(run, verify=True)
-    if data is not None or ROLE not in b.manifest.get("outputs", {}):
+    if data is not None or not has_records(b):
         out = evals / run.name
         try:
             b = load_bundle(out, verify=True)

@@ -70,6 +70,11 @@ def add_records(writer, records: MatchRecords, images: list[Path]) -> None:
     writer.add_output(ROLE, RECORDS_FILE)
 
 
+def has_records(bundle) -> bool:
+    """Whether a bundle keeps evaluation records (every train, distill and eval bundle since 2026-12-05)."""
+    return ROLE in (bundle.manifest.get("outputs") or {})
+
+
 def metrics_problem(bundle) -> str | None:
     """Whether a bundle's published mAP is what its records give (None: it is, or it has no records): the number
     the report and the gate read is re-derived from the per-image evidence, not only hash-checked."""

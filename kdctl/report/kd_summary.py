@@ -20,11 +20,11 @@ class KDComparison:
         """The bundle holding ``b``'s evaluation records: ``b`` itself, or for a bundle written before kdctl kept
         them, a ``kdctl eval`` of it on its validation images that reproduces its published mAP50-95 exactly (the
         same evaluation, so the same detections)."""
-        from kdctl.evaluate.records import ROLE
+        from kdctl.evaluate.records import has_records
 
-        if ROLE in (b.manifest.get("outputs") or {}):
+        if has_records(b):
             return b
-        return next((e for e in self.evals if ROLE in (e.manifest.get("outputs") or {})
+        return next((e for e in self.evals if has_records(e)
                      and any(p.get("id") == b.id and p.get("content_sha256") == b.manifest["content_sha256"]
                              for p in e.manifest.get("parents", []))
                      and e.metrics.get("split", "val") == "val"
@@ -127,9 +127,9 @@ def bootstrap_resamples(detections: int) -> int:
 def paired_records(a: Bundle, b: Bundle):
     """The two bundles' evaluation records, ``b``'s images in ``a``'s order (so a resample is the same whichever
     order ``b`` listed them in); None unless both have records of the same images and labels (the same keys)."""
-    from kdctl.evaluate.records import ROLE, RecordsError, load_records
+    from kdctl.evaluate.records import ROLE, RecordsError, has_records, load_records
 
-    if any(ROLE not in (x.manifest.get("outputs") or {}) for x in (a, b)):
+    if not (has_records(a) and has_records(b)):
         return None
     try:
         (ra, ka), (rb, kb) = load_records(a.file(ROLE)), load_records(b.file(ROLE))
