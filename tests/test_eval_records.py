@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from kdctl.evaluate.coco import (Detections, GroundTruth, MatchRecords, evaluate_map, map_from_records,
+from kdctl.evaluate.coco import (Detections, GroundTruth, MatchRecords, drop_interval, evaluate_map, map_from_records,
                                  match_records, paired_bootstrap)
 from kdctl.evaluate.records import RECORDS_FILE, ROLE, RecordsError, load_records, save_records
 
@@ -72,6 +72,26 @@ def test_paired_bootstrap_against_a_hand_enumeration():
     assert 0.1 < lo < point < hi < 0.4
     with pytest.raises(ValueError, match="not of the same images"):
         paired_bootstrap(a40, _one_object_images([True] * 39))
+
+
+def test_drop_interval_is_the_reference_minus_the_export_and_nothing_where_the_ranking_is_the_same():
+    """An export's drop interval: mAP of the PyTorch reference minus the artifact's, positive where the artifact
+    finds less; an artifact whose scores differ only in their last digits, ranking every detection as PyTorch does
+    (an FP32 export), gets exactly 0 to 0, and one ranking them otherwise does not."""
+    a40, b40 = _one_object_images([True] * 20 + [False] * 20), _one_object_images([True] * 30 + [False] * 10)
+    assert drop_interval(b40, a40) == list(paired_bootstrap(a40, b40)) and drop_interval(b40, a40)[0] > 0.1
+    assert drop_interval(a40, b40) == list(paired_bootstrap(b40, a40)) and drop_interval(a40, b40)[1] < -0.1
+    rng = np.random.default_rng(3)
+    ref = match_records(*_random_images(rng, 30), 3)
+    fp32 = MatchRecords(ref.image, ref.classes, ref.scores * (1 - 1e-6), ref.tp, ref.ignored, ref.n_gt)
+    assert drop_interval(ref, fp32) == [0.0, 0.0]
+    swapped = ref.scores.copy()  # two detections of one class and other images trade places in the ranking
+    c0 = np.nonzero((ref.classes == 0) & ref.tp[0])[0]
+    c1 = np.nonzero((ref.classes == 0) & ~ref.tp[0])[0]
+    i, j = c0[0], c1[np.nonzero(ref.image[c1] != ref.image[c0[0]])[0][0]]
+    swapped[i], swapped[j] = min(ref.scores[i], ref.scores[j]) - 1e-3, max(ref.scores[i], ref.scores[j]) + 1e-3
+    lo, hi = drop_interval(ref, MatchRecords(ref.image, ref.classes, swapped, ref.tp, ref.ignored, ref.n_gt))
+    assert lo < hi and hi > 0  # a true positive fell below a false one: AP at IoU 0.5 drops on most resamples
 
 
 def test_records_round_trip_and_a_foreign_file_is_refused(tmp_path):
@@ -233,7 +253,7 @@ def test_an_eval_bundle_gives_the_records_a_bundle_written_without_them_lacks(tm
 
 
 def test_bootstrap_resamples_shrink_only_for_large_validation_sets():
-    from kdctl.report.kd_summary import bootstrap_resamples
+    from kdctl.evaluate.coco import bootstrap_resamples
 
     assert bootstrap_resamples(0) == bootstrap_resamples(60_000) == bootstrap_resamples(100_000) == 1000
     assert bootstrap_resamples(250_000) == 400 and bootstrap_resamples(10_000_000) == 200

@@ -207,21 +207,47 @@ def test_runtime_not_installed(trained_bundle, tmp_path, monkeypatch):
         export_bundle(trained_bundle, ExportOptions(target="intel"), out=tmp_path / "x")
 
 
-def test_map_drop_budget_fails_and_writes_nothing(trained_bundle, tmp_path, monkeypatch):
-    """The budget rule itself, with the metric fixed: PyTorch 0.50, FP32 ONNX 0.50, INT8 ONNX 0.30."""
-    import kdctl.evaluate as ev
+def _found(found: list[bool]):
+    """Evaluation records of images with one class-0 object each, found exactly (score 0.9) where ``found``."""
+    from kdctl.evaluate.coco import Detections, GroundTruth, match_records
 
-    scores = iter([0.50, 0.50, 0.30])
+    box = np.array([[10.0, 10, 50, 50]])
+    return match_records([Detections(box if f else np.zeros((0, 4)), np.array([0.9] if f else []),
+                                     np.array([0] if f else [], int)) for f in found],
+                         [GroundTruth(box, np.array([0])) for _ in found], 1)
+
+
+def test_map_drop_budget_fails_and_writes_nothing(trained_bundle, tmp_path, monkeypatch):
+    """The budget rule itself, with the metric fixed: PyTorch 0.50, FP32 ONNX 0.50, INT8 ONNX 0.30; the message
+    gives the drop's paired interval over the images (PyTorch finds the object in 20 of 40 images, INT8 in 12)."""
+    import kdctl.evaluate as ev
+    from kdctl.evaluate.coco import paired_bootstrap
+
+    ref, low = _found([True] * 20 + [False] * 20), _found([True] * 12 + [False] * 28)
+    scores = iter([(0.50, ref), (0.50, ref), (0.30, low)])
 
     def fake(backend, images, names, imgsz, **kw):
-        return {"map50_95": next(scores), "map50": 0.0, "map75": 0.0, "per_class_ap50_95": {}, "images": len(images),
-                "imgsz": imgsz}
+        score, records = next(scores)
+        return {"map50_95": score, "map50": 0.0, "map75": 0.0, "per_class_ap50_95": {}, "images": len(images),
+                "imgsz": imgsz}, records
 
-    monkeypatch.setattr(ev, "evaluate_backend", fake)
-    with pytest.raises(CheckFailed, match=r"onnx-int8: mAP50-95 0.3000 is 0.2000 below PyTorch FP32 \(0.5000\)"):
+    monkeypatch.setattr(ev, "evaluate_with_records", fake)
+    lo, hi = paired_bootstrap(low, ref)  # the drop: PyTorch's mAP minus INT8's, over the same resamples
+    assert 0.05 < lo < 20 / 101 < hi < 0.35  # AP 51/101 against 31/101 (recall 0.5 and 0.3): a drop on every resample
+    with pytest.raises(CheckFailed, match=r"onnx-int8: mAP50-95 0.3000 is 0.2000 below PyTorch FP32 \(0.5000\), "
+                                          rf"by {lo:.4f} to {hi:.4f} over resamples of the \d+ validation images"):
         export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8, max_map_drop=0.01),
                       out=tmp_path / "x")
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+    # within budget the interval is kept per artifact, and shown as the interval of the change (negated)
+    scores = iter([(0.50, ref), (0.50, ref), (0.30, low)])
+    b = export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8), out=tmp_path / "y")
+    got = {a["name"]: a["metrics"]["map50_95_drop_ci95"] for a in b.metrics["artifacts"]}
+    assert got == {"onnx-fp32": [0.0, 0.0], "onnx-int8": [lo, hi]}
+    from kdctl.bundle import delta_interval
+
+    assert delta_interval(got["onnx-int8"]) == f"[{-hi:+.4f}, {-lo:+.4f}]" and delta_interval(None) == "—"
+    assert delta_interval(got["onnx-fp32"]) == "[+0.0000, +0.0000]"
 
 
 def test_parity_failure_fails_the_export(trained_bundle, tmp_path, monkeypatch):

@@ -9,3 +9,14 @@ __all__ = ["Bundle", "BundleWriter", "check_output_file", "claim_output", "load_
 def reference_metrics(export_metrics: dict) -> dict:
     """mAP of the PyTorch model an export bundle was checked against (FP32, or the fake-quantized QAT student)."""
     return export_metrics.get("pytorch") or export_metrics.get("pytorch_fp32") or {}
+
+
+def delta_interval(drop_ci) -> str:
+    """An export artifact's stored 95 % interval of its mAP50-95 drop (``metrics.map50_95_drop_ci95``, [lo, hi]) as
+    the interval of its change vs PyTorch, the sign the tables print (negative: lower); "—" for a bundle written
+    before kdctl kept it."""
+    if not (isinstance(drop_ci, (list, tuple)) and len(drop_ci) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in drop_ci)):
+        return "—"
+    lo, hi = 0.0 - drop_ci[1], 0.0 - drop_ci[0]  # 0.0 - x: no "-0.0000" for an interval of exactly 0
+    return f"[{lo:+.4f}, {hi:+.4f}]"

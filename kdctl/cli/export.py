@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, fraction, progress_bar)
-from kdctl.bundle import reference_metrics
+from kdctl.bundle import delta_interval, reference_metrics
 from kdctl.limits import IMGSZ_MAX
 from kdctl.runtimes import ARTIFACTS
 
@@ -67,6 +67,7 @@ def export(
     m = b.metrics
     rows = [{"artifact": a["name"], "files": a["files"], "precision_used": a["runtime"].get("inference_precision"),
              "map50_95": (a["metrics"] or {}).get("map50_95"), "map_drop": (a["metrics"] or {}).get("map50_95_drop"),
+             "map_drop_ci95": (a["metrics"] or {}).get("map50_95_drop_ci95"),
              "box_max_abs": (a["parity"] or {}).get("box_max_abs"), "judged_on": (a["parity"] or {}).get("judged_on"),
              "size_mb": a["settings"].get("size_mb"),
              "note": a["runtime"].get("reason")} for a in m["artifacts"]]
@@ -77,16 +78,18 @@ def export(
         ref = reference_metrics(m)
         kind = "QAT, fake-quantized" if ref.get("model", "fp32") != "fp32" else "FP32"
         t = Table(title=f"export → {m['target']}: {b.path}  (PyTorch {kind} mAP50-95 {ref['map50_95']:.4f})")
-        for c in ("artifact", "runs as", "mAP50-95", "Δ vs PyTorch", "max |Δbox| px", "judged on", "MB"):
+        for c in ("artifact", "runs as", "mAP50-95", "Δ vs PyTorch", "Δ 95 % CI", "max |Δbox| px", "judged on",
+                  "MB"):
             if c == "artifact":  # the names stay whole on a narrow terminal; the number columns wrap their headers
                 t.add_column(c, no_wrap=True, min_width=max((len(r["artifact"]) for r in rows), default=8))
             else:
                 t.add_column(c, justify="right")
         for r in rows:
             if r["map50_95"] is None:
-                t.add_row(r["artifact"], "on device", "—", "—", "—", "—", "build_engine.sh")
+                t.add_row(r["artifact"], "on device", "—", "—", "—", "—", "—", "build_engine.sh")
                 continue
             t.add_row(r["artifact"], str(r["precision_used"]), f"{r['map50_95']:.4f}", f"{-r['map_drop']:+.4f}",
+                      delta_interval(r["map_drop_ci95"]),
                       f"{r['box_max_abs']:.3g}", str(r["judged_on"] or "—"), f"{r['size_mb']:.2f}")
         console.print(t)
         for a in m["artifacts"]:

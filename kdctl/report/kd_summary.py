@@ -61,7 +61,7 @@ class KDComparison:
         pair = paired_records(*holders)
         if pair is None:
             return None
-        from kdctl.evaluate.coco import paired_bootstrap
+        from kdctl.evaluate.coco import bootstrap_resamples, paired_bootstrap
 
         resamples = bootstrap_resamples(sum(len(r.image) for r in pair))
         lo, hi = paired_bootstrap(*pair, resamples=resamples)
@@ -116,12 +116,6 @@ class KDComparison:
                 tail = f", {above:.2f} points above the teacher itself"
             return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}.{weak}"
         return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline.{weak}"
-
-
-def bootstrap_resamples(detections: int) -> int:
-    """1000 resamples, fewer (not under 200) where the two models' detections together pass 100,000: a resample
-    costs time in proportion to them (5000 images with 100 detections each: about 0.1 s per model and resample)."""
-    return int(min(1000, max(200, 1e8 // max(detections, 1))))
 
 
 def paired_records(a: Bundle, b: Bundle):

@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, load_bundle, next_run_dir, require_verified
+from kdctl.bundle import Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, require_verified
 from kdctl.errors import BundleError, KdctlError
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
@@ -73,7 +73,8 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                     drop = field_of(a, "metrics", "map50_95_drop")
                     perf_rows.append(["export", f"{b.path.name}/{a.get('name')}",
                                       _fmt(a["metrics"].get("map50_95"), ".4f"),
-                                      _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
+                                      _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f")
+                                      + _interval(field_of(a, "metrics", "map50_95_drop_ci95")),
                                       str(field_of(a, "runtime", "inference_precision")),
                                       _fmt(field_of(a, "settings", "size_mb") or 0, ".2f", " MB"), "", ""])
         if b.stage == "profile":
@@ -91,9 +92,15 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
     return stage_rows, perf_rows
 
 
+def _interval(drop_ci) -> str:
+    shown = delta_interval(drop_ci)
+    return "" if shown == "—" else f" {shown}"
+
+
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
 GATE_HEAD = ["check", "budget", "value", "result", "detail"]
-PERF_HEAD = ["stage", "artifact", "mAP50-95", "Δ vs PyTorch", "runs as", "size", "p50 / p90 / p99 ms", "img/s"]
+PERF_HEAD = ["stage", "artifact", "mAP50-95", "Δ vs PyTorch (95 % interval)", "runs as", "size", "p50 / p90 / p99 ms",
+             "img/s"]
 
 
 def _md_table(head, rows):
