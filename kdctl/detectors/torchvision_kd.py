@@ -88,7 +88,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             raise RecipeError(f"{where}: '{spec.name}' trains a dense (YOLO) student on the teacher's detections; a "
                               f"two-stage student learns its teacher's predictions at the rpn or roi level "
                               f"({TWO_STAGE_LOSSES})")
-        if entry.kind == "head":
+        if entry.kind in ("head", "cross_head"):
             raise RecipeError(f"{where}: '{spec.name}' is a dense-head loss for YOLO detectors; two-stage detectors "
                               f"distill at the rpn or roi level ({TWO_STAGE_LOSSES}) or on features")
         if entry.kind in PSEUDO_LAYERS:

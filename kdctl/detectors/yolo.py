@@ -132,6 +132,7 @@ class KDDetectionModel(DetectionModel):
         else:
             task, items = self.criterion(preds, batch)
         task_per_image = float(sum(float(v) for v in items.values()))
+        ctx.teacher = teacher
         kd = self.kd(s_out, t_out, ctx, task_per_image)
         kd_total = torch.stack(list(kd.values())).sum()
         items = {**items, **{kd_item(n): v.detach() for n, v in kd.items()}}
@@ -198,6 +199,18 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         if entry.kind in ("rpn", "roi"):
             raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the {'RPN' if entry.kind == 'rpn' else 'RoI head'} "
                               "of two-stage (torchvision) detectors; YOLO and RT-DETR have none")
+        if entry.kind == "cross_head":
+            who = next((w for w, m in (("teacher", teacher), ("student", student))
+                        if _is_two_stage(m) or head_name(m) not in DETECT_HEADS), None)
+            if who is not None:
+                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' runs the student's neck maps through "
+                                  f"the teacher's dense YOLO head, and the {who} has none")
+            given = [f for f in ("student_layers", "teacher_layers", "strides") if getattr(spec, f) is not None]
+            if given:
+                raise RecipeError(f"{source}: distill.losses[{i}].{given[0]}: '{spec.name}' reads every level of both "
+                                  "heads' input maps; drop student_layers, teacher_layers and strides")
+            plans.append((i, spec, entry, [len(student.model) - 1], [len(teacher.model) - 1]))
+            continue
         role = {"backbone": "backbone", "neck": "neck", "feature": "neck", "head": "head", "logit": "head"}.get(level)
         if role is None:
             raise RecipeError(f"{source}: distill.losses[{i}].level: '{level}' does not apply to YOLO detectors")
@@ -253,7 +266,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         s_ch, t_ch, anchor_index = [], [], None
         if entry.kind in PSEUDO_KINDS:
             pass
-        elif entry.kind == "head":
+        elif entry.kind in ("head", "cross_head"):
             if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a dense-head loss for YOLO "
                                   "detectors; RT-DETR distills its predictions with detr_logit (both models RT-DETR) "
@@ -262,8 +275,16 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
             except ValueError as e:
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
+            if entry.kind == "cross_head":  # each student level goes to the teacher head's level of the same size
+                sizes = [[tuple(m.shape[2:]) for m in h["feats"]] for h in (sh, th)]
+                if sizes[0] != sizes[1]:
+                    raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' feeds each student level to the "
+                                      "teacher head's level of the same size, but the student's head reads maps of "
+                                      f"{sizes[0]} and the teacher's {sizes[1]} at imgsz {imgsz}")
+                s_ch, t_ch = [m.shape[1] for m in sh["feats"]], [m.shape[1] for m in th["feats"]]
             if sh["scores"].shape != th["scores"].shape:
-                if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
+                if (sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th
+                        and entry.kind == "head"):
                     anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 model on one side
                 if anchor_index is None:
                     raise RecipeError(

@@ -396,7 +396,7 @@ def check_recipe(recipe, source: str, student=None, teacher=None) -> None:
     where = cache_path(recipe)
     if where.exists() and not where.is_dir():
         raise RecipeError(f"{source}: distill.cache.path: {where} is a file; give a folder (it is created if missing)")
-    heads = [i for i, s in enumerate(recipe.distill.losses) if LOSSES[s.name].kind == "head"]
+    heads = [i for i, s in enumerate(recipe.distill.losses) if LOSSES[s.name].kind in ("head", "cross_head")]
     if not heads:
         raise RecipeError(f"{source}: distill.cache: the teacher cache stores the teacher's head outputs, and "
                           "distill.losses has no head-level loss (kd_logit, ld); feature losses always run online")

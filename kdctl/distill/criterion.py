@@ -23,11 +23,13 @@ class DistillContext:
     """What some losses need beyond the maps: ground-truth boxes (xyxy, input pixels) per image and input size; for
     a dense head, the student's own label assignment of this batch (``assigned``: ``pos_weight`` N×A, the assigner's
     target score on its positives and 0 elsewhere, and ``vlr`` N×A, anchor points inside a ground-truth box that are
-    not positives), filled by the family when a term asks for it (:attr:`DistillationCriterion.needs_assignment`)."""
+    not positives), filled by the family when a term asks for it (:attr:`DistillationCriterion.needs_assignment`);
+    the teacher itself (``teacher``), for a term that runs its head on the student's maps."""
 
     imgsz: int
     boxes: list[torch.Tensor] = field(default_factory=list)
     assigned: dict | None = None
+    teacher: nn.Module | None = None  # the frozen teacher, for terms that run part of it (crosskd: its head)
 
     @classmethod
     def from_batch(cls, batch: dict) -> "DistillContext":
@@ -46,7 +48,7 @@ class DistillContext:
         return cls(imgsz=w, boxes=boxes)
 
 
-POSITIVE_PARAMS = ("temperature", "tau", "temp", "scale", "psi")  # 0 or below is never meaningful
+POSITIVE_PARAMS = ("temperature", "box_temperature", "tau", "temp", "scale", "psi")  # 0 or below is never meaningful
 COUNT_PARAMS = ("teacher_queries", "random_queries")
 
 
@@ -75,7 +77,9 @@ class DistillTerm(nn.Module):
         self.register_buffer("anchor_index", None, persistent=False)          # teacher's
         self.register_buffer("student_anchor_index", None, persistent=False)
         self.teacher_anchors = self.student_anchors = 0
-        if entry.kind in PSEUDO_KINDS or entry.kind == "head":
+        if entry.kind == "cross_head":  # one loss over the head's levels, an adapter per level
+            self.losses = nn.ModuleList([entry.cls(s_channels, t_channels, **params)])
+        elif entry.kind in PSEUDO_KINDS or entry.kind == "head":
             # one loss over the whole head; a RoI feature loss gets its adapter's channel counts
             self.losses = nn.ModuleList([entry.cls(s_channels[0], t_channels[0], **params) if s_channels else
                                          entry.cls(**params)])
@@ -95,6 +99,9 @@ class DistillTerm(nn.Module):
             if self.student_anchor_index is not None:
                 s = select_anchors(s, self.student_anchor_index, self.student_anchors)
             return self.losses[0](s, t, ctx)
+        if self.kind == "cross_head":  # the student head's inputs (its neck maps) against the teacher head's outputs
+            s, t = head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]])
+            return self.losses[0](s["feats"], t, ctx)
         if self.kind in PSEUDO_KINDS:
             return self.losses[0](s_out[PSEUDO_KEY[self.kind]], t_out[PSEUDO_KEY[self.kind]], ctx)
         vals = [loss(s_out[si], t_out[ti], ctx) for loss, si, ti in zip(self.losses, self.s_layers, self.t_layers)]
@@ -176,7 +183,7 @@ class DistillationCriterion(nn.Module):
 
     def teacher_head_layers(self) -> list:
         """Teacher layers read by head-level terms (what a teacher cache can serve)."""
-        return sorted({t.t_layers[0] for t in self.terms if t.kind == "head"}, key=str)
+        return sorted({t.t_layers[0] for t in self.terms if t.kind in ("head", "cross_head")}, key=str)
 
     @property
     def needs_assignment(self) -> bool:

@@ -26,6 +26,24 @@ def _anchor_mean(per_anchor: torch.Tensor, t_scores: torch.Tensor, conf_weight: 
     return weighted_mean(per_anchor, w)
 
 
+def sigmoid_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """(N, A): per anchor, the binary KL between ``sigmoid(t/T)`` and ``sigmoid(s/T)`` summed over the classes of
+    (N, nc, A) logits, times ``T²``."""
+    ps_log, ps_log_neg = F.logsigmoid(s / T), F.logsigmoid(-s / T)
+    pt_log, pt_log_neg = F.logsigmoid(t / T), F.logsigmoid(-t / T)
+    pt = pt_log.exp()
+    return (pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)).sum(1) * T * T
+
+
+def side_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """(N, A): per anchor, ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` of (N, 4·bins, A) box-side distribution logits,
+    the pointwise KL averaged over the bins, then over the four sides."""
+    n, c, a = s.shape
+    ls = F.log_softmax(s.view(n, 4, c // 4, a) / T, dim=2)
+    lt = F.log_softmax(t.view(n, 4, c // 4, a) / T, dim=2)
+    return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T
+
+
 class HeadLoss(nn.Module):
     uses_boxes = False  # True: needs the two heads' box distributions (DFL bins) to match too
 
@@ -61,12 +79,7 @@ class SigmoidLogitDistillation(HeadLoss):
         self.temperature, self.conf_weight = temperature, conf_weight
 
     def compute(self, s, t):
-        T = self.temperature
-        ps_log, ps_log_neg = F.logsigmoid(s["scores"] / T), F.logsigmoid(-s["scores"] / T)
-        pt_log, pt_log_neg = F.logsigmoid(t["scores"] / T), F.logsigmoid(-t["scores"] / T)
-        pt = pt_log.exp()
-        kl = pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)   # N, nc, A
-        return _anchor_mean(kl.sum(1), t["scores"], self.conf_weight) * T * T
+        return _anchor_mean(sigmoid_kl(s["scores"], t["scores"], self.temperature), t["scores"], self.conf_weight)
 
 
 @register_loss("ld", levels=("head", "logit"), kind="head")
@@ -101,13 +114,56 @@ class LocalizationDistillation(HeadLoss):
         return self.positives
 
     def compute(self, s, t):
-        n, c, a = s["boxes"].shape
-        T = self.temperature
-        ls = F.log_softmax(s["boxes"].view(n, 4, c // 4, a) / T, dim=2)
-        lt = F.log_softmax(t["boxes"].view(n, 4, c // 4, a) / T, dim=2)
-        kl = (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T                 # N, A
+        kl = side_kl(s["boxes"], t["boxes"], self.temperature)              # N, A
         if not self.positives:
             return _anchor_mean(kl, t["scores"], self.conf_weight, t.get("mask"))
         known = t["mask"].float() if t.get("mask") is not None else torch.ones_like(kl)
         return (weighted_mean(kl, s["pos_weight"] * known)
                 + self.vlr_weight * weighted_mean(kl, s["vlr"].float() * known))
+
+
+@register_loss("crosskd", levels=("neck",), kind="cross_head")
+class CrossHeadDistillation(nn.Module):
+    """CrossKD: Cross-Head Knowledge Distillation for Object Detection (Wang et al., CVPR 2024), for dense YOLO heads.
+
+    The student's neck maps (the inputs of its detection head, level by level; each mapped to the teacher's channels
+    by a 1×1 convolution where they differ) go through the teacher's frozen head, and what the teacher's head predicts
+    from them is distilled towards what it predicts from its own maps: per anchor, the class scores' binary KL at
+    ``temperature`` (summed over classes, × T², as ``kd_logit``) plus ``box_weight`` times the box-side
+    distributions' KL at ``box_temperature`` (averaged over bins and sides, × T², as ``ld``); averaged over anchors,
+    weighted by the teacher's top class probability with ``conf_weight``. The gradient reaches the student's
+    backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
+    the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
+    paper names in prediction mimicking. Both heads need the same pyramid levels, classes and DFL bins.
+    """
+
+    uses_boxes = True
+
+    def __init__(self, s_channels: list[int], t_channels: list[int], temperature: float = 2.0,
+                 box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True):
+        super().__init__()
+        self.temperature, self.box_temperature = temperature, box_temperature
+        self.box_weight, self.conf_weight = box_weight, conf_weight
+        self.adapters = nn.ModuleList(nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False)
+                                      for s, t in zip(s_channels, t_channels))
+
+    def cross_outputs(self, feats: list[torch.Tensor], head: nn.Module) -> dict:
+        """The teacher head's raw outputs (``scores``, ``boxes``) from the student's maps; its one-to-many branch for
+        an end-to-end head, the branch head-level KD reads."""
+        out = head.forward_head([a(f) for a, f in zip(self.adapters, feats)], **head.one2many)
+        if not out:
+            raise ValueError("the teacher's head has no one-to-many branch left (fused for inference)")
+        return out
+
+    def forward(self, feats: list[torch.Tensor], t: dict, ctx) -> torch.Tensor:
+        from kdctl.distill.taps import detect_head
+
+        if ctx is None or getattr(ctx, "teacher", None) is None:
+            raise ValueError("crosskd needs the teacher's head: no teacher was given with this batch")
+        cross = self.cross_outputs(feats, detect_head(ctx.teacher))
+        with torch.autocast(device_type=feats[0].device.type, enabled=False):
+            ts = t["scores"].float()
+            per_anchor = (sigmoid_kl(cross["scores"].float(), ts, self.temperature)
+                          + self.box_weight * side_kl(cross["boxes"].float(), t["boxes"].float(), self.box_temperature))
+            # a teacher cache's mask: the anchors whose teacher outputs it kept
+            return _anchor_mean(per_anchor, ts, self.conf_weight, t.get("mask"))

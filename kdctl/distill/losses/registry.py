@@ -12,6 +12,8 @@ class LossEntry:
     cls: type
     levels: tuple[str, ...]   # taxonomy levels the loss may be attached at; the first is its default
     kind: str                 # "feature": (student map, teacher map) pairs; "head": detection-head outputs;
+                              # "cross_head": the student head's input maps through the teacher's head, against
+                              # the teacher head's outputs;
                               # "rpn" / "roi": a two-stage detector's RPN outputs / RoI head on the student's proposals;
                               # "detr": a DETR decoder's per-layer predictions (student) and final ones (teacher);
                               # "detr_query": both decoders' answers to one shared set of distillation queries;
@@ -28,7 +30,7 @@ LOSSES: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, levels: tuple[str, ...], kind: str):
-    if kind not in ("feature", "head", "rpn", "roi", "detr", "detr_query", "detections"):
+    if kind not in ("feature", "head", "cross_head", "rpn", "roi", "detr", "detr_query", "detections"):
         raise ValueError(kind)
 
     def deco(cls):
@@ -55,7 +57,7 @@ def _citation(doc: str) -> str:
 
 # What a parameter's value must be, by name (every loss uses these names in the same sense): a recipe with a
 # value outside its range is refused at `recipe check`, before it would turn into NaN or a silent no-op in training.
-_POSITIVE = ("temperature", "tau", "temp", "p", "scale")
+_POSITIVE = ("temperature", "box_temperature", "tau", "temp", "p", "scale")
 _NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
                  "alpha", "beta", "gamma", "lam", "margin", "vlr_weight")
 _RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]"),
