@@ -91,6 +91,27 @@ def test_head_loss_needs_matching_heads(tiny):
         build_criterion(tiny, other, [LossSpec(name="kd_logit")], None, 128)
 
 
+def test_crosskd_reads_both_heads_and_maps_the_students_levels_onto_the_teachers(tiny, v8n):
+    """CrossKD taps the two heads (their input maps and outputs), with a 1×1 adapter per level from the tiny
+    student's neck channels to YOLOv8n's; pairs whose heads cannot take each other's maps are one-line errors."""
+    crit = build_criterion(tiny, v8n, [LossSpec(name="crosskd")], None, 128)
+    term = crit.terms[0]
+    assert term.kind == "cross_head" and term.s_layers == [len(tiny.model) - 1] and term.t_layers == [22]
+    assert [(a.in_channels, a.out_channels) for a in term.losses[0].adapters] == [(32, 64), (64, 128), (128, 256)]
+    assert crit.teacher_head_layers() == [22]  # a teacher cache serves its teacher outputs
+    p2 = build_detector("yolov8n-p2.yaml", nc=3)
+    with pytest.raises(RecipeError, match=r"crosskd' feeds each student level to the teacher head's level of the "
+                                          r"same size, but the student's head reads maps of \[\(32, 32\)"):
+        build_criterion(p2, v8n, [LossSpec(name="crosskd")], None, 128)
+    with pytest.raises(RecipeError, match=r"losses\[0\].student_layers: 'crosskd' reads every level"):
+        build_criterion(tiny, v8n, [LossSpec(name="crosskd", student_layers=[15, 18, 21])], None, 128)
+    rtdetr = build_detector(Path(__file__).resolve().parents[1] / "kdctl/assets/models/rtdetr-tiny.yaml", nc=3)
+    with pytest.raises(RecipeError, match="through the teacher's dense YOLO head, and the teacher has none"):
+        build_criterion(tiny, rtdetr, [LossSpec(name="crosskd")], None, 128)
+    with pytest.raises(RecipeError, match="needs matching heads"):  # other classes
+        build_criterion(tiny, build_detector("yolov8n.yaml", nc=5), [LossSpec(name="crosskd")], None, 128)
+
+
 def test_neck_role_pairs_levels_of_equal_stride_across_pyramid_depths(tiny):
     """A P2 (or P6) student has four neck outputs, a P3-P5 teacher three: with roles on both sides the levels of
     equal stride pair (P3-P5), where the recipe used to be refused as 'give pairs of equal length'."""
@@ -198,8 +219,9 @@ def _kd_model(teacher, losses, balance=None):
 
 
 @pytest.mark.parametrize("losses", [[LossSpec(name="cwd")], [LossSpec(name="fgd")], [LossSpec(name="kd_logit")],
-                                    [LossSpec(name="ld")], [LossSpec(name="at", level="backbone")]],
-                         ids=["cwd", "fgd", "kd_logit", "ld", "at"])
+                                    [LossSpec(name="ld")], [LossSpec(name="at", level="backbone")],
+                                    [LossSpec(name="crosskd")]],
+                         ids=["cwd", "fgd", "kd_logit", "ld", "at", "crosskd"])
 def test_kd_term_is_nonzero_and_changes_student_gradients(v8n, losses):
     m = _kd_model(v8n, losses)
     batch = _batch()

@@ -14,10 +14,10 @@ from kdctl.distill.losses import LOSSES
 from kdctl.distill.losses.feature import (AttentionTransfer, ChannelWiseDistillation, FitNet,
                                           FocalGlobalDistillation, MaskedGenerativeDistillation,
                                           PearsonCorrelationDistillation, box_masks)
-from kdctl.distill.losses.logit import LocalizationDistillation, SigmoidLogitDistillation
+from kdctl.distill.losses.logit import CrossHeadDistillation, LocalizationDistillation, SigmoidLogitDistillation
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTED = {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld",
+TESTED = {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld", "crosskd",
           "rpn_kd", "roi_kd", "roi_crosskd", "roi_mimic",  # the two-stage ones in test_two_stage_losses.py
           "detr_logit", "detr_query",  # in test_detr_kd.py
           "fgfi",  # in test_two_stage_losses.py
@@ -243,6 +243,77 @@ def test_ld_at_temperature_five_by_hand():
     got = LocalizationDistillation(temperature=T, conf_weight=False)(head(torch.zeros(n, 1, a), sb),
                                                                      head(torch.zeros(n, 1, a), tb)).item()
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+class _HeadOnly(torch.nn.Module):
+    """A teacher reduced to its detection head (what crosskd runs of it), as ``model[-1]`` like a YOLO model's."""
+
+    def __init__(self, head):
+        super().__init__()
+        head.f = list(range(head.nl))
+        self.model = torch.nn.ModuleList([head])
+
+
+def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
+    """Two levels whose channels differ from the teacher's (1×1 adapters), 2 images, 2 classes, 4 DFL bins,
+    T = 3 for the scores and 5 for the boxes, box weight 0.7, confidence-weighted: the adapters' products and both
+    KLs written out anchor by anchor; the teacher head's own layers give the cross-head logits."""
+    from ultralytics.nn.modules.head import Detect
+
+    torch.manual_seed(11)
+    t_head = Detect(nc=2, reg_max=4, ch=(6, 10)).eval().requires_grad_(False)
+    for branch in (*t_head.cv2, *t_head.cv3):  # logits of a few units, not a fresh head's near-zero ones
+        branch[-1].weight.data.mul_(20)
+    teacher = _HeadOnly(t_head)
+    s_feats = [torch.randn(2, 3, 4, 4) * 3, torch.randn(2, 5, 2, 2) * 3]
+    t_feats = [torch.randn(2, 6, 4, 4), torch.randn(2, 10, 2, 2)]
+    t = t_head.forward_head(t_feats, **t_head.one2many)
+    loss = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_temperature=5.0, box_weight=0.7)
+    adapted = [torch.einsum("oc,nchw->nohw", a.weight[:, :, 0, 0], f) for a, f in zip(loss.adapters, s_feats)]
+    with torch.no_grad():
+        cs = torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+        cb = torch.cat([t_head.cv2[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+    T, Tb, bins = 3.0, 5.0, 4
+    num = den = 0.0
+    for n in range(2):
+        for k in range(4 * 4 + 2 * 2):
+            cls = 0.0
+            for c in range(2):
+                p = 1 / (1 + math.exp(-t["scores"][n, c, k].item() / T))
+                q = 1 / (1 + math.exp(-cs[n, c, k].item() / T))
+                cls += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            sides = []
+            for side in range(4):
+                ps = _softmax([cb[n, side * bins + j, k].item() / Tb for j in range(bins)])
+                pt = _softmax([t["boxes"][n, side * bins + j, k].item() / Tb for j in range(bins)])
+                sides.append(sum(b * math.log(b / a) for a, b in zip(ps, pt)) / bins)
+            w = max(1 / (1 + math.exp(-t["scores"][n, c, k].item())) for c in range(2))
+            num += w * (T * T * cls + 0.7 * Tb * Tb * sum(sides) / 4)
+            den += w
+    feats = [f.requires_grad_() for f in s_feats]
+    got = loss(feats, t, DistillContext(imgsz=32, teacher=teacher))
+    assert got.item() == pytest.approx(num / den, rel=1e-5) and got.item() > 0.05
+    got.backward()  # into the student's maps and the adapters, never the teacher's head
+    assert all(f.grad.abs().sum() > 0 for f in feats)
+    assert all(a.weight.grad.abs().sum() > 0 for a in loss.adapters)
+    assert all(p.grad is None for p in t_head.parameters())
+    # the teacher's own maps through its own head: nothing to distill (adapters at equal channels are identities)
+    same = CrossHeadDistillation([6, 10], [6, 10])
+    assert same(t_feats, t, DistillContext(imgsz=32, teacher=teacher)).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs the teacher's head"):
+        loss(s_feats, t, DistillContext(imgsz=32))
+    # a teacher cache's mask (the anchors it kept): the mean over those anchors alone
+    plain, ctx = CrossHeadDistillation([3, 5], [6, 10], conf_weight=False), DistillContext(imgsz=32, teacher=teacher)
+    plain.load_state_dict(loss.state_dict())
+    at = []
+    for k in range(20):
+        one = torch.zeros(2, 20, dtype=torch.bool)
+        one[:, k] = True
+        at.append(plain(s_feats, {**t, "mask": one}, ctx).item())  # anchor k, averaged over the 2 images
+    kept = torch.zeros(2, 20, dtype=torch.bool)
+    kept[:, [0, 5, 17, 19]] = True
+    assert plain(s_feats, {**t, "mask": kept}, ctx).item() == pytest.approx(sum(at[k] for k in (0, 5, 17, 19)) / 4,
+                                                                           rel=1e-5)
 
 
 def test_feature_losses_do_not_grow_with_batch_size():

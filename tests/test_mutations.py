@@ -1,6 +1,6 @@
 """Mutation check: each edit below is a plausible bug in a loss (a dropped T², a lost batch scale, pairs summed
 instead of averaged, FGD's temperature flipped, balance from the first batch, LD's regions taken wrong, det_kd's
-soft targets left hard); the loss tests must catch every one.
+soft targets left hard, CrossKD's box weight dropped); the loss tests must catch every one.
 
 Each mutant is a copy of the package (with the tests) with one edit; the copied tests run against it.
 """
@@ -23,10 +23,11 @@ TESTS = ["tests/test_losses.py", "tests/test_distill.py::test_kd_part_of_the_los
 MUTANTS = {
     "cwd-without-T2": ("kdctl/distill/losses/feature.py", "* self.tau ** 2 / (n * c)", "/ (n * c)"),
     "kd_logit-without-T2": ("kdctl/distill/losses/logit.py",
-                            "return _anchor_mean(kl.sum(1), t[\"scores\"], self.conf_weight) * T * T",
-                            "return _anchor_mean(kl.sum(1), t[\"scores\"], self.conf_weight)"),
-    "ld-without-T2": ("kdctl/distill/losses/logit.py", "kl = (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T",
-                      "kl = (lt.exp() * (lt - ls)).mean(2).mean(1)"),
+                            "return (pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)).sum(1) * T * T",
+                            "return (pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)).sum(1)"),
+    "ld-without-T2": ("kdctl/distill/losses/logit.py", "return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T",
+                      "return (lt.exp() * (lt - ls)).mean(2).mean(1)"),
+    "crosskd-box-unweighted": ("kdctl/distill/losses/logit.py", "+ self.box_weight * side_kl(", "+ side_kl("),
     "ld-vlr-keeps-positives": ("kdctl/detectors/yolo.py", "\"vlr\": inside & ~fg_mask.bool()", "\"vlr\": inside"),
     "ld-positives-unweighted": ("kdctl/detectors/yolo.py", "pos_weight = (target_scores.sum(-1) * fg_mask).detach()",
                                 "pos_weight = fg_mask.float()"),

@@ -399,7 +399,7 @@ def check_recipe(recipe, source: str, student=None, teacher=None) -> None:
     heads = [i for i, s in enumerate(recipe.distill.losses) if LOSSES[s.name].kind in ("head", "cross_head")]
     if not heads:
         raise RecipeError(f"{source}: distill.cache: the teacher cache stores the teacher's head outputs, and "
-                          "distill.losses has no head-level loss (kd_logit, ld); feature losses always run online")
+                          "distill.losses has no head-level loss (kd_logit, ld, crosskd); feature losses always run online")
     for name, m in (("teacher", teacher), ("student", student)):
         if m is not None:
             from kdctl.detectors import family, yolo
