@@ -161,6 +161,25 @@ def test_build_then_distill_replays_without_running_the_teacher(tmp_path, tiny_d
     assert [c for c in calls if c > 0]  # built the cache, then ran online for cwd
 
 
+def test_cached_crosskd_runs_the_teachers_head_only(tmp_path, tiny_data, trained_bundle, monkeypatch):
+    """CrossKD from a cache: the teacher's outputs come from disk, its head alone runs on the student's maps (the
+    alignment with the teacher's own maps is off: the cache does not keep them)."""
+    run = CliRunner()
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1, losses="[{name: crosskd, params: {align: false}}]")
+    assert run.invoke(app, ["cache", "build", str(r)]).exit_code == 0
+    import kdctl.detectors.yolo as y
+
+    calls = []
+    real = y.teacher_forward
+    monkeypatch.setattr(y, "teacher_forward", lambda m, x: calls.append(float(x.abs().sum())) or real(m, x))
+    res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert [c for c in calls if c > 0] == []
+    from kdctl.bundle import load_bundle
+
+    assert load_bundle(tmp_path / "kd", verify=True).metrics["epochs"][0]["train/kd_crosskd"] > 0
+
+
 def test_a_cache_holds_only_the_epochs_that_distill(tmp_path, tiny_data, trained_bundle, monkeypatch):
     """After distill.stop_epoch the teacher is not asked, so the cache stores the epochs before it; a later run that
     distills longer gets the missing epochs added (the stored ones kept), and a cache of every epoch serves any stop."""
@@ -280,6 +299,8 @@ def test_a_cache_path_that_is_a_file_is_named_as_the_field(tmp_path, tiny_data, 
     ("[{name: cwd}]", None, "has no head-level loss"),
     ("[{name: pkd}]", "rtdetr-tiny.yaml", "has no head-level loss"),
     ("[{name: kd_logit}]", "rtdetr-tiny.yaml", "for YOLO detectors' dense heads; the teacher is not one"),
+    ("[{name: crosskd}]", None, "distill.losses[0].params.align: 'crosskd' aligns the student's maps with the "
+                                "teacher's own, which a teacher cache does not keep; set align: false"),
 ])
 def test_cache_recipe_errors_are_one_line(tmp_path, tiny_data, trained_bundle, losses, teacher, message):
     r = _recipe(tmp_path, tiny_data, teacher or trained_bundle, losses=losses)

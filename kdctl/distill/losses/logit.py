@@ -44,6 +44,15 @@ def side_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
     return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T
 
 
+def align_channels(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``s`` (N, C, H, W) standardised per channel over the batch and positions, then given ``t``'s per-channel
+    mean and standard deviation (same C): maps on the scale the layers that read ``t`` expect."""
+    dims = (0, 2, 3)
+    z = (s - s.mean(dims, keepdim=True)) / (s.std(dims, keepdim=True, correction=0) + eps)
+    t = t.detach()
+    return z * t.std(dims, keepdim=True, correction=0) + t.mean(dims, keepdim=True)
+
+
 class HeadLoss(nn.Module):
     uses_boxes = False  # True: needs the two heads' box distributions (DFL bins) to match too
 
@@ -131,7 +140,10 @@ class CrossHeadDistillation(nn.Module):
     from them is distilled towards what it predicts from its own maps: per anchor, the class scores' binary KL at
     ``temperature`` (summed over classes, × T², as ``kd_logit``) plus ``box_weight`` times the box-side
     distributions' KL at ``box_temperature`` (averaged over bins and sides, × T², as ``ld``); averaged over anchors,
-    weighted by the teacher's top class probability with ``conf_weight``. The gradient reaches the student's
+    weighted by the teacher's top class probability with ``conf_weight``. With ``align`` (as the reference
+    implementation does), each adapted map is standardised per channel and given the per-channel mean and spread of
+    the teacher's map at that level before the teacher's head reads it, so the head sees inputs on the scale its
+    batch norms were trained for from the first step. The gradient reaches the student's
     backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
     the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
     paper names in prediction mimicking. Both heads need the same pyramid levels, classes and DFL bins.
@@ -140,17 +152,22 @@ class CrossHeadDistillation(nn.Module):
     uses_boxes = True
 
     def __init__(self, s_channels: list[int], t_channels: list[int], temperature: float = 2.0,
-                 box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True):
+                 box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True, align: bool = True):
         super().__init__()
         self.temperature, self.box_temperature = temperature, box_temperature
-        self.box_weight, self.conf_weight = box_weight, conf_weight
+        self.box_weight, self.conf_weight, self.align = box_weight, conf_weight, align
         self.adapters = nn.ModuleList(nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False)
                                       for s, t in zip(s_channels, t_channels))
 
-    def cross_outputs(self, feats: list[torch.Tensor], head: nn.Module) -> dict:
+    def cross_outputs(self, feats: list[torch.Tensor], head: nn.Module,
+                      t_feats: list[torch.Tensor] | None = None) -> dict:
         """The teacher head's raw outputs (``scores``, ``boxes``) from the student's maps; its one-to-many branch for
-        an end-to-end head, the branch head-level KD reads."""
-        out = head.forward_head([a(f) for a, f in zip(self.adapters, feats)], **head.one2many)
+        an end-to-end head, the branch head-level KD reads. With ``t_feats`` (the teacher's own maps), each adapted
+        map is first standardised per channel and given the teacher map's per-channel mean and spread."""
+        maps = [a(f) for a, f in zip(self.adapters, feats)]
+        if t_feats is not None:
+            maps = [align_channels(m, tm) for m, tm in zip(maps, t_feats)]
+        out = head.forward_head(maps, **head.one2many)
         if not out:
             raise ValueError("the teacher's head has no one-to-many branch left (fused for inference)")
         return out
@@ -160,7 +177,10 @@ class CrossHeadDistillation(nn.Module):
 
         if ctx is None or getattr(ctx, "teacher", None) is None:
             raise ValueError("crosskd needs the teacher's head: no teacher was given with this batch")
-        cross = self.cross_outputs(feats, detect_head(ctx.teacher))
+        if self.align and t.get("feats") is None:
+            raise ValueError("crosskd with align: true needs the teacher's own maps, and a teacher cache keeps only "
+                             "its outputs; set align: false to distill from the cache")
+        cross = self.cross_outputs(feats, detect_head(ctx.teacher), t["feats"] if self.align else None)
         with torch.autocast(device_type=feats[0].device.type, enabled=False):
             ts = t["scores"].float()
             per_anchor = (sigmoid_kl(cross["scores"].float(), ts, self.temperature)
