@@ -272,7 +272,7 @@ def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
     adapted = [torch.einsum("oc,nchw->nohw", a.weight[:, :, 0, 0], f) for a, f in zip(loss.adapters, s_feats)]
     for i, (x, tf) in enumerate(zip(adapted, t_feats)):  # per channel: the student's standard score, the teacher's
         for c in range(x.shape[1]):                      # mean and spread (population std over images and cells)
-            z = (x[:, c] - x[:, c].mean()) / (x[:, c].std(correction=0) + 1e-6)
+            z = (x[:, c] - x[:, c].mean()) / (x[:, c].var(correction=0) + 1e-6).sqrt()
             x[:, c] = z * tf[:, c].std(correction=0) + tf[:, c].mean()
     with torch.no_grad():
         cs = torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(adapted)], 2)

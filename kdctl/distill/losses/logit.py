@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdctl.distill.losses.feature import channel_standardise
 from kdctl.distill.losses.registry import register_loss, weighted_mean
 
 
@@ -44,13 +45,11 @@ def side_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
     return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T
 
 
-def align_channels(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def align_channels(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``s`` (N, C, H, W) standardised per channel over the batch and positions, then given ``t``'s per-channel
     mean and standard deviation (same C): maps on the scale the layers that read ``t`` expect."""
-    dims = (0, 2, 3)
-    z = (s - s.mean(dims, keepdim=True)) / (s.std(dims, keepdim=True, correction=0) + eps)
     t = t.detach()
-    return z * t.std(dims, keepdim=True, correction=0) + t.mean(dims, keepdim=True)
+    return channel_standardise(s) * t.std((0, 2, 3), keepdim=True, correction=0) + t.mean((0, 2, 3), keepdim=True)
 
 
 class HeadLoss(nn.Module):
