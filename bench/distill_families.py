@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, finished_or_trained, gap_closed_cell, machine, paired_interval, table, write_section  # noqa: E402
 
-FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd", "distill-crosskd",
-            "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
+FAMILIES = ["distill-fitnet", "distill-at", "distill-cwd", "distill-mgd", "distill-fgd", "distill-pkd",
+            "distill-crosskd", "distill-kd-logit", "distill-ld", "head", "neck-head", "backbone-head"]
 
 
 SCENE = {"name": "clear"}  # set by --scene; "dense" or "cluttered" swaps in another built-in dataset (6 classes)

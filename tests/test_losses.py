@@ -268,7 +268,7 @@ def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
     s_feats = [torch.randn(2, 3, 4, 4) * 3, torch.randn(2, 5, 2, 2) * 3]
     t_feats = [torch.randn(2, 6, 4, 4), torch.randn(2, 10, 2, 2)]
     t = t_head.forward_head(t_feats, **t_head.one2many)
-    loss = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_temperature=5.0, box_weight=0.7)
+    loss = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_temperature=5.0, box_weight=0.7, align=True)
     adapted = [torch.einsum("oc,nchw->nohw", a.weight[:, :, 0, 0], f) for a, f in zip(loss.adapters, s_feats)]
     for i, (x, tf) in enumerate(zip(adapted, t_feats)):  # per channel: the student's standard score, the teacher's
         for c in range(x.shape[1]):                      # mean and spread (population std over images and cells)
@@ -302,18 +302,18 @@ def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
     assert all(a.weight.grad.abs().sum() > 0 for a in loss.adapters)
     assert all(p.grad is None for p in t_head.parameters())
     # the teacher's own maps through its own head: nothing to distill (adapters at equal channels are identities)
-    same = CrossHeadDistillation([6, 10], [6, 10])
+    same = CrossHeadDistillation([6, 10], [6, 10], align=True)
     assert same(t_feats, t, DistillContext(imgsz=32, teacher=teacher)).item() == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="needs the teacher's head"):
         loss(s_feats, t, DistillContext(imgsz=32))
     with pytest.raises(ValueError, match="a teacher cache keeps only its outputs; set align: false"):
         loss(s_feats, {k: v for k, v in t.items() if k != "feats"}, DistillContext(imgsz=32, teacher=teacher))
     # without the alignment the teacher's head reads the adapted maps as they are: another value
-    raw = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_temperature=5.0, box_weight=0.7, align=False)
+    raw = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_temperature=5.0, box_weight=0.7)  # the default
     raw.load_state_dict(loss.state_dict())
     assert raw(s_feats, t, DistillContext(imgsz=32, teacher=teacher)).item() != pytest.approx(num / den, rel=1e-2)
     # a teacher cache's mask (the anchors it kept): the mean over those anchors alone
-    plain = CrossHeadDistillation([3, 5], [6, 10], conf_weight=False, align=False)
+    plain = CrossHeadDistillation([3, 5], [6, 10], conf_weight=False)
     ctx = DistillContext(imgsz=32, teacher=teacher)
     plain.load_state_dict(loss.state_dict())
     at = []

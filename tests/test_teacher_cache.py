@@ -162,10 +162,9 @@ def test_build_then_distill_replays_without_running_the_teacher(tmp_path, tiny_d
 
 
 def test_cached_crosskd_runs_the_teachers_head_only(tmp_path, tiny_data, trained_bundle, monkeypatch):
-    """CrossKD from a cache: the teacher's outputs come from disk, its head alone runs on the student's maps (the
-    alignment with the teacher's own maps is off: the cache does not keep them)."""
+    """CrossKD from a cache: the teacher's outputs come from disk, its head alone runs on the student's maps."""
     run = CliRunner()
-    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1, losses="[{name: crosskd, params: {align: false}}]")
+    r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1, losses="[{name: crosskd}]")
     assert run.invoke(app, ["cache", "build", str(r)]).exit_code == 0
     import kdctl.detectors.yolo as y
 
@@ -299,8 +298,9 @@ def test_a_cache_path_that_is_a_file_is_named_as_the_field(tmp_path, tiny_data, 
     ("[{name: cwd}]", None, "has no head-level loss"),
     ("[{name: pkd}]", "rtdetr-tiny.yaml", "has no head-level loss"),
     ("[{name: kd_logit}]", "rtdetr-tiny.yaml", "for YOLO detectors' dense heads; the teacher is not one"),
-    ("[{name: crosskd}]", None, "distill.losses[0].params.align: 'crosskd' aligns the student's maps with the "
-                                "teacher's own, which a teacher cache does not keep; set align: false"),
+    ("[{name: crosskd, params: {align: true}}]", None,
+     "distill.losses[0].params.align: 'crosskd' aligns the student's maps with the teacher's own, which a teacher "
+     "cache does not keep; set align: false"),
 ])
 def test_cache_recipe_errors_are_one_line(tmp_path, tiny_data, trained_bundle, losses, teacher, message):
     r = _recipe(tmp_path, tiny_data, teacher or trained_bundle, losses=losses)

@@ -399,9 +399,10 @@ def check_recipe(recipe, source: str, student=None, teacher=None) -> None:
     heads = [i for i, s in enumerate(recipe.distill.losses) if LOSSES[s.name].kind in ("head", "cross_head")]
     if not heads:
         raise RecipeError(f"{source}: distill.cache: the teacher cache stores the teacher's head outputs, and "
-                          "distill.losses has no head-level loss (kd_logit, ld, crosskd); feature losses always run online")
+                          "distill.losses has no head-level loss (kd_logit, ld, crosskd); feature losses always run "
+                          "online")
     for i, spec in enumerate(recipe.distill.losses):
-        if LOSSES[spec.name].kind == "cross_head" and spec.params.get("align", True):
+        if LOSSES[spec.name].kind == "cross_head" and spec.params.get("align") is True:
             raise RecipeError(f"{source}: distill.losses[{i}].params.align: '{spec.name}' aligns the student's maps "
                               "with the teacher's own, which a teacher cache does not keep; set align: false")
     for name, m in (("teacher", teacher), ("student", student)):

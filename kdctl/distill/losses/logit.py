@@ -139,10 +139,11 @@ class CrossHeadDistillation(nn.Module):
     from them is distilled towards what it predicts from its own maps: per anchor, the class scores' binary KL at
     ``temperature`` (summed over classes, × T², as ``kd_logit``) plus ``box_weight`` times the box-side
     distributions' KL at ``box_temperature`` (averaged over bins and sides, × T², as ``ld``); averaged over anchors,
-    weighted by the teacher's top class probability with ``conf_weight``. With ``align`` (as the reference
-    implementation does), each adapted map is standardised per channel and given the per-channel mean and spread of
-    the teacher's map at that level before the teacher's head reads it, so the head sees inputs on the scale its
-    batch norms were trained for from the first step. The gradient reaches the student's
+    weighted by the teacher's top class probability with ``conf_weight``. With ``align`` (the reference
+    implementation's way to hand a student's maps to a teacher head of the same width, without an adapter), each
+    adapted map is standardised per channel and given the per-channel mean and spread of the teacher's map at that
+    level before the teacher's head reads it; off by default, since the adapter learns that mapping (measured both
+    ways in docs/benchmarks.md, "CrossKD at the neck"). The gradient reaches the student's
     backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
     the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
     paper names in prediction mimicking. Both heads need the same pyramid levels, classes and DFL bins.
@@ -151,7 +152,7 @@ class CrossHeadDistillation(nn.Module):
     uses_boxes = True
 
     def __init__(self, s_channels: list[int], t_channels: list[int], temperature: float = 2.0,
-                 box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True, align: bool = True):
+                 box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True, align: bool = False):
         super().__init__()
         self.temperature, self.box_temperature = temperature, box_temperature
         self.box_weight, self.conf_weight, self.align = box_weight, conf_weight, align
@@ -178,7 +179,7 @@ class CrossHeadDistillation(nn.Module):
             raise ValueError("crosskd needs the teacher's head: no teacher was given with this batch")
         if self.align and t.get("feats") is None:
             raise ValueError("crosskd with align: true needs the teacher's own maps, and a teacher cache keeps only "
-                             "its outputs; set align: false to distill from the cache")
+                             "its outputs; set align: false to distill from the cache")  # cache.check_recipe says so
         cross = self.cross_outputs(feats, detect_head(ctx.teacher), t["feats"] if self.align else None)
         with torch.autocast(device_type=feats[0].device.type, enabled=False):
             ts = t["scores"].float()
