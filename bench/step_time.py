@@ -19,7 +19,10 @@ import torch  # noqa: E402
 from _common import ROOT, machine, median, table, write_section  # noqa: E402
 
 
-def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/head.yaml") -> None:
+DEFAULT_RECIPE = "recipes/head.yaml"
+
+
+def main(rounds: int = 15, batch: int = 8, recipe: str = DEFAULT_RECIPE) -> None:
     from ultralytics.cfg import get_cfg
 
     from kdctl.data.resolve import resolve_data
@@ -30,6 +33,12 @@ def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/head.yaml") ->
     from kdctl.recipe import load_recipe
 
     r = load_recipe(ROOT / recipe)
+    from kdctl.distill.losses import LOSSES
+
+    online = [s.name for s in r.distill.losses if LOSSES[s.name].kind not in ("head", "cross_head")]
+    if online or not r.distill.losses:  # the cached row would time them online all the same
+        raise SystemExit(f"{recipe}: times head-level terms, online and from a teacher cache; "
+                         f"{', '.join(online) or 'no term'} is not one")
     ds = resolve_data(r.data)
     imgsz = r.train.imgsz
     imgs = ds.train_images[:batch]
@@ -79,7 +88,8 @@ def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/head.yaml") ->
         tc.append(step(cached))
     ratio, ratio_c = median(tk) / median(tp), median(tc) / median(tp)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    body = (f"## Distillation step time\n\n{machine()}. `{recipe}` losses "
+    title = "" if recipe == DEFAULT_RECIPE else f" ({Path(recipe).stem})"
+    body = (f"## Distillation step time{title}\n\n{machine()}. `{recipe}` losses "
             f"({', '.join(s.name for s in r.distill.losses)}), teacher YOLOv8n, student {Path(cfg).name}, batch {batch}, "
             f"{imgsz} px, {rounds} interleaved rounds after 3 warm-up rounds. The cached step reads the teacher's head "
             "outputs (top 256 anchors per view) from a memory-mapped teacher cache and computes the view CRCs; the "
@@ -90,7 +100,7 @@ def main(rounds: int = 15, batch: int = 8, recipe: str = "recipes/head.yaml") ->
                      ["student + cached teacher + KD", median(tc) * 1e3, min(tc) * 1e3, max(tc) * 1e3]])
             + f"\n\nDistillation / plain step time (ratio of medians, one run): online **{ratio:.2f}×**, "
             f"cached **{ratio_c:.2f}×**.\n")
-    write_section("step-time", body)
+    write_section("step-time" if recipe == DEFAULT_RECIPE else f"step-time-{Path(recipe).stem}", body)
     print(body)
 
 
@@ -101,7 +111,7 @@ def _cache_of(teacher, x, path: Path, top_k: int):
     import numpy as np
 
     from kdctl.detectors.yolo import teacher_forward
-    from kdctl.distill.cache import TeacherCache, image_crc, top_k_rows
+    from kdctl.distill.cache import DIGEST, TeacherCache, _file_digests, image_crc, top_k_rows
     from kdctl.distill.taps import FeatureTaps, head_outputs
 
     head = len(teacher.model) - 1
@@ -116,10 +126,16 @@ def _cache_of(teacher, x, path: Path, top_k: int):
     np.save(shard / "anchors.npy", rows["anchors"].numpy())
     u8 = (x * 255).round().to(torch.uint8)
     np.save(shard / "crc.npy", np.array([image_crc(im) for im in u8], dtype=np.uint32))
+    (shard / DIGEST).write_text(json.dumps(_file_digests(shard)))  # what a reader verifies each shard against
     (path / "meta.json").write_text(json.dumps({"views_per_epoch": len(x), "anchors": h["scores"].shape[2],
                                                 "head_layer": head, "complete": True}))
     return TeacherCache(path)
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=DEFAULT_RECIPE, help="the KD terms to time (a recipe path; default "
+                    f"{DEFAULT_RECIPE}); another recipe writes its own section, step-time-<recipe name>")
+    main(recipe=ap.parse_args().recipe)
