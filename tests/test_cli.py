@@ -54,7 +54,7 @@ def test_list_losses_json():
 
     res = CliRunner().invoke(app, ["list", "losses", "--json"])
     rows = {r["name"]: r for r in json.loads(res.stdout)}
-    assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "kd_logit", "ld", "rpn_kd", "roi_kd", "roi_crosskd",
+    assert {"fitnet", "at", "cwd", "mgd", "fgd", "pkd", "crosskd", "kd_logit", "ld", "rpn_kd", "roi_kd", "roi_crosskd",
             "roi_mimic", "detr_logit", "detr_query", "fgfi", "det_kd"} == set(rows)
     assert "rpn" in json.dumps(rows["rpn_kd"]) and "roi" in json.dumps(rows["roi_mimic"])
     import re
