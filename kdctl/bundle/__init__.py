@@ -11,12 +11,12 @@ def reference_metrics(export_metrics: dict) -> dict:
     return export_metrics.get("pytorch") or export_metrics.get("pytorch_fp32") or {}
 
 
-def delta_interval(drop_ci) -> str:
+def delta_interval(drop_ci, missing: str = "—") -> str:
     """An export artifact's stored 95 % interval of its mAP50-95 drop (``metrics.map50_95_drop_ci95``, [lo, hi]) as
-    the interval of its change vs PyTorch, the sign the tables print (negative: lower); "—" for a bundle written
-    before kdctl kept it."""
+    the interval of its change vs PyTorch, the sign the tables print (negative: lower); ``missing`` for a bundle
+    written before kdctl kept it."""
     if not (isinstance(drop_ci, (list, tuple)) and len(drop_ci) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in drop_ci)):
-        return "—"
+        return missing
     lo, hi = 0.0 - drop_ci[1], 0.0 - drop_ci[0]  # 0.0 - x: no "-0.0000" for an interval of exactly 0
     return f"[{lo:+.4f}, {hi:+.4f}]"

@@ -73,8 +73,9 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                     drop = field_of(a, "metrics", "map50_95_drop")
                     perf_rows.append(["export", f"{b.path.name}/{a.get('name')}",
                                       _fmt(a["metrics"].get("map50_95"), ".4f"),
-                                      _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f")
-                                      + _interval(field_of(a, "metrics", "map50_95_drop_ci95")),
+                                      " ".join(filter(None, [
+                                          _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
+                                          delta_interval(field_of(a, "metrics", "map50_95_drop_ci95"), missing="")])),
                                       str(field_of(a, "runtime", "inference_precision")),
                                       _fmt(field_of(a, "settings", "size_mb") or 0, ".2f", " MB"), "", ""])
         if b.stage == "profile":
@@ -90,11 +91,6 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                   f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}",
                                   _fmt(field_of(r, "throughput", "images_per_s"), ".0f")])
     return stage_rows, perf_rows
-
-
-def _interval(drop_ci) -> str:
-    shown = delta_interval(drop_ci)
-    return "" if shown == "—" else f" {shown}"
 
 
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
