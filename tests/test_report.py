@@ -19,6 +19,11 @@ def test_report_renders(profile_cpu, tmp_path):
     assert "<table>" in html and "onnx-int8" in html and "<h2>Lineage</h2><svg" in html
     md = (r / "report.md").read_text()
     assert "| profile |" in md and "![" in md
+    from kdctl.bundle import delta_interval, load_bundle
+
+    exported = load_bundle(load_bundle(profile_cpu).manifest["parents"][0]["path"])
+    for a in exported.metrics["artifacts"]:  # each export row: the change and its interval over the validation images
+        assert f"{-a['metrics']['map50_95_drop']:+.4f} {delta_interval(a['metrics']['map50_95_drop_ci95'])} |" in md
     pngs = sorted(r.glob("*.png"))
     assert {"pareto.png"} <= {p.name for p in pngs} and any(p.name.startswith("latency-") for p in pngs)
     for p in pngs:
