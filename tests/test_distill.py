@@ -99,10 +99,28 @@ def test_crosskd_reads_both_heads_and_maps_the_students_levels_onto_the_teachers
     assert term.kind == "cross_head" and term.s_layers == [len(tiny.model) - 1] and term.t_layers == [22]
     assert [(a.in_channels, a.out_channels) for a in term.losses[0].adapters] == [(32, 64), (64, 128), (128, 256)]
     assert crit.teacher_head_layers() == [22]  # a teacher cache serves its teacher outputs
-    p2 = build_detector("yolov8n-p2.yaml", nc=3)
-    with pytest.raises(RecipeError, match=r"crosskd' feeds each student level to the teacher head's level of the "
-                                          r"same size, but the student's head reads maps of \[\(32, 32\)"):
-        build_criterion(p2, v8n, [LossSpec(name="crosskd")], None, 128)
+    # a P2 student: its P3-P5 maps go to the teacher's head (its P2 map has no teacher level to go to); a P6 teacher:
+    # the student's three levels go to its first three, and its outputs are read at those levels' anchors only
+    from kdctl.distill.taps import FeatureTaps, head_outputs
+
+    x = torch.rand(2, 3, 128, 128)
+    for student, teacher, levels, anchors in ((build_detector("yolov8n-p2.yaml", nc=3), v8n, ([1, 2, 3], [0, 1, 2]),
+                                               None),
+                                              (tiny, build_detector("yolov8n-p6.yaml", nc=3), ([0, 1, 2], [0, 1, 2]),
+                                               16 * 16 + 8 * 8 + 4 * 4)):
+        term = build_criterion(student, teacher, [LossSpec(name="crosskd")], None, 128).terms[0]
+        assert term.losses[0].levels == levels
+        assert (term.anchor_index is None) if anchors is None else len(term.anchor_index) == anchors
+        teacher.eval()
+        with torch.no_grad(), FeatureTaps(student, term.s_layers) as st, FeatureTaps(teacher, term.t_layers) as tt:
+            student.predict(x), teacher.predict(x)
+        t = head_outputs(tt.outputs[term.t_layers[0]])
+        cross = term.losses[0].cross_outputs(head_outputs(st.outputs[term.s_layers[0]])["feats"], teacher.model[-1])
+        assert cross["scores"].shape[2] == (anchors or t["scores"].shape[2])
+        from kdctl.distill.criterion import DistillContext
+
+        value = term(dict(st.outputs), dict(tt.outputs), DistillContext(imgsz=128, teacher=teacher))
+        assert torch.isfinite(value) and value > 0
     with pytest.raises(RecipeError, match=r"losses\[0\].student_layers: 'crosskd' reads every level"):
         build_criterion(tiny, v8n, [LossSpec(name="crosskd", student_layers=[15, 18, 21])], None, 128)
     rtdetr = build_detector(Path(__file__).resolve().parents[1] / "kdctl/assets/models/rtdetr-tiny.yaml", nc=3)

@@ -276,15 +276,17 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             except ValueError as e:
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
             if entry.kind == "cross_head":  # each student level goes to the teacher head's level of the same size
-                sizes = [[tuple(m.shape[2:]) for m in h["feats"]] for h in (sh, th)]
-                if sizes[0] != sizes[1]:
+                s_sites, t_sites = ({k: tuple(m.shape[1:]) for k, m in enumerate(h["feats"])} for h in (sh, th))
+                levels = pair_same_size(list(s_sites), s_sites, t_sites)  # a P2/P6 model on one side: the common ones
+                if not levels[0]:
+                    sizes = [[tuple(m.shape[2:]) for m in h["feats"]] for h in (sh, th)]
                     raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' feeds each student level to the "
                                       "teacher head's level of the same size, but the student's head reads maps of "
-                                      f"{sizes[0]} and the teacher's {sizes[1]} at imgsz {imgsz}")
-                s_ch, t_ch = [m.shape[1] for m in sh["feats"]], [m.shape[1] for m in th["feats"]]
+                                      f"{sizes[0]} and the teacher's {sizes[1]} at imgsz {imgsz}: none in common")
+                s_ch = [sh["feats"][k].shape[1] for k in levels[0]]
+                t_ch = [th["feats"][k].shape[1] for k in levels[1]]
             if sh["scores"].shape != th["scores"].shape:
-                if (sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th
-                        and entry.kind == "head"):
+                if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
                     anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 model on one side
                 if anchor_index is None:
                     raise RecipeError(
@@ -309,7 +311,9 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 s_ch.append(so.shape[1])
                 t_ch.append(to.shape[1])
         term = make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]")
-        if entry.kind == "head" and anchor_index is not None:
+        if entry.kind == "cross_head":
+            term.losses[0].levels = levels
+        if entry.kind in ("head", "cross_head") and anchor_index is not None:
             (s_idx, t_idx), a_s, a_t = anchor_index, sh["scores"].shape[2], th["scores"].shape[2]
             if len(t_idx) < a_t:
                 term.anchor_index, term.teacher_anchors = t_idx.to(dev), a_t

@@ -101,6 +101,8 @@ class DistillTerm(nn.Module):
             return self.losses[0](s, t, ctx)
         if self.kind == "cross_head":  # the student head's inputs (its neck maps) against the teacher head's outputs
             s, t = head_outputs(s_out[self.s_layers[0]]), head_outputs(t_out[self.t_layers[0]])
+            if self.anchor_index is not None:  # the teacher's outputs at the levels the student has too
+                t = select_anchors(t, self.anchor_index, self.teacher_anchors)
             return self.losses[0](s["feats"], t, ctx)
         if self.kind in PSEUDO_KINDS:
             return self.losses[0](s_out[PSEUDO_KEY[self.kind]], t_out[PSEUDO_KEY[self.kind]], ctx)

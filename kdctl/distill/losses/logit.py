@@ -146,7 +146,8 @@ class CrossHeadDistillation(nn.Module):
     ways in docs/benchmarks.md, "CrossKD at the neck"). The gradient reaches the student's
     backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
     the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
-    paper names in prediction mimicking. Both heads need the same pyramid levels, classes and DFL bins.
+    paper names in prediction mimicking. Both heads need the same classes and DFL bins; with a P2 or P6 model on
+    one side the levels both have are paired by map size and the teacher's outputs read at those levels' anchors.
     """
 
     uses_boxes = True
@@ -158,19 +159,24 @@ class CrossHeadDistillation(nn.Module):
         self.box_weight, self.conf_weight, self.align = box_weight, conf_weight, align
         self.adapters = nn.ModuleList(nn.Identity() if s == t else nn.Conv2d(s, t, 1, bias=False)
                                       for s, t in zip(s_channels, t_channels))
+        # (student levels, teacher levels) paired by map size, one adapter each; None: level i to level i, all of them
+        self.levels: tuple[list[int], list[int]] | None = None
 
     def cross_outputs(self, feats: list[torch.Tensor], head: nn.Module,
                       t_feats: list[torch.Tensor] | None = None) -> dict:
-        """The teacher head's raw outputs (``scores``, ``boxes``) from the student's maps; its one-to-many branch for
-        an end-to-end head, the branch head-level KD reads. With ``t_feats`` (the teacher's own maps), each adapted
-        map is first standardised per channel and given the teacher map's per-channel mean and spread."""
-        maps = [a(f) for a, f in zip(self.adapters, feats)]
+        """The teacher head's raw outputs (``scores`` N×nc×A, ``boxes`` N×4·bins×A over the paired levels' anchors, in
+        the teacher's level order) from the student head's input maps; its one-to-many branch for an end-to-end head,
+        the branch head-level KD reads. With ``t_feats`` (the teacher's own maps), each adapted map is first
+        standardised per channel and given the teacher map's per-channel mean and spread."""
+        s_levels, t_levels = self.levels or (range(len(feats)), range(len(feats)))
+        maps = [a(feats[j]) for a, j in zip(self.adapters, s_levels)]
         if t_feats is not None:
-            maps = [align_channels(m, tm) for m, tm in zip(maps, t_feats)]
-        out = head.forward_head(maps, **head.one2many)
-        if not out:
+            maps = [align_channels(m, t_feats[i]) for m, i in zip(maps, t_levels)]
+        branch = head.one2many
+        if branch["box_head"] is None or branch["cls_head"] is None:
             raise ValueError("the teacher's head has no one-to-many branch left (fused for inference)")
-        return out
+        return {k: torch.cat([branch[part][i](m).flatten(2) for i, m in zip(t_levels, maps)], 2)
+                for k, part in (("boxes", "box_head"), ("scores", "cls_head"))}
 
     def forward(self, feats: list[torch.Tensor], t: dict, ctx) -> torch.Tensor:
         from kdctl.distill.taps import detect_head
