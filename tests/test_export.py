@@ -207,23 +207,15 @@ def test_runtime_not_installed(trained_bundle, tmp_path, monkeypatch):
         export_bundle(trained_bundle, ExportOptions(target="intel"), out=tmp_path / "x")
 
 
-def _found(found: list[bool]):
-    """Evaluation records of images with one class-0 object each, found exactly (score 0.9) where ``found``."""
-    from kdctl.evaluate.coco import Detections, GroundTruth, match_records
-
-    box = np.array([[10.0, 10, 50, 50]])
-    return match_records([Detections(box if f else np.zeros((0, 4)), np.array([0.9] if f else []),
-                                     np.array([0] if f else [], int)) for f in found],
-                         [GroundTruth(box, np.array([0])) for _ in found], 1)
-
-
 def test_map_drop_budget_fails_and_writes_nothing(trained_bundle, tmp_path, monkeypatch):
     """The budget rule itself, with the metric fixed: PyTorch 0.50, FP32 ONNX 0.50, INT8 ONNX 0.30; the message
     gives the drop's paired interval over the images (PyTorch finds the object in 20 of 40 images, INT8 in 12)."""
+    from test_eval_records import _one_object_images  # images with one object each, found where True
+
     import kdctl.evaluate as ev
     from kdctl.evaluate.coco import paired_bootstrap
 
-    ref, low = _found([True] * 20 + [False] * 20), _found([True] * 12 + [False] * 28)
+    ref, low = _one_object_images([True] * 20 + [False] * 20), _one_object_images([True] * 12 + [False] * 28)
     scores = iter([(0.50, ref), (0.50, ref), (0.30, low)])
 
     def fake(backend, images, names, imgsz, **kw):
