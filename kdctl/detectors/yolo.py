@@ -317,7 +317,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             (s_idx, t_idx), a_s, a_t = anchor_index, sh["scores"].shape[2], th["scores"].shape[2]
             if len(t_idx) < a_t:
                 term.anchor_index, term.teacher_anchors = t_idx.to(dev), a_t
-            if len(s_idx) < a_s:
+            if len(s_idx) < a_s and entry.kind == "head":  # crosskd reads the student's maps, not its outputs
                 term.student_anchor_index, term.student_anchors = s_idx.to(dev), a_s
         terms.append(term)
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
