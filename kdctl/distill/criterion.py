@@ -48,18 +48,20 @@ class DistillContext:
         return cls(imgsz=w, boxes=boxes)
 
 
-POSITIVE_PARAMS = ("temperature", "box_temperature", "tau", "temp", "scale", "psi")  # 0 or below is never meaningful
-COUNT_PARAMS = ("teacher_queries", "random_queries")
-
-
 def check_params(params: dict) -> None:
-    """Raise ``ValueError`` (one line, naming the parameter) for a value no loss can use."""
+    """Raise ``ValueError`` (one line, naming the parameter) for a value no loss can use: the ranges a recipe is
+    checked against (``kdctl.distill.losses.registry``), for a criterion built in Python without one."""
+    from kdctl.distill.losses.registry import COUNTS, POSITIVE, RANGES
+
     for k, v in params.items():
-        if k in POSITIVE_PARAMS and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k in POSITIVE and not (number and v > 0):
             raise ValueError(f"{k}: {v!r} must be a number above 0")
-        if k in COUNT_PARAMS and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            raise ValueError(f"{k}: {v!r} must be a whole number, 0 or more")
-        if k.endswith("_weight") and not isinstance(v, bool) and not (isinstance(v, (int, float)) and v >= 0):
+        if k in RANGES and not (number and RANGES[k][0](v)):
+            raise ValueError(f"{k}: {v!r} must be a number {RANGES[k][1]}")
+        if k in COUNTS and not (isinstance(v, int) and not isinstance(v, bool) and v >= COUNTS[k]):
+            raise ValueError(f"{k}: {v!r} must be a whole number, {COUNTS[k]} or more")
+        if k.endswith("_weight") and not isinstance(v, bool) and not (number and v >= 0):
             raise ValueError(f"{k}: {v!r} must be a number, 0 or more")
 
 
