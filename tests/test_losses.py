@@ -398,7 +398,9 @@ def test_kd_logit_gradient_does_not_vanish_with_temperature():
 
 @pytest.mark.parametrize("params,message", [({"temperature": 0}, "temperature: 0 must be a number above 0"),
                                             ({"teacher_queries": -1}, "teacher_queries: -1 must be a whole number"),
-                                            ({"box_weight": -0.5}, "box_weight: -0.5 must be a number, 0 or more")])
+                                            ({"box_weight": -0.5}, "box_weight: -0.5 must be a number, 0 or more"),
+                                            ({"psi": 1.5}, r"psi: 1.5 must be a number in \(0, 1\]"),
+                                            ({"p": 0}, "p: 0 must be a number above 0")])
 def test_loss_parameters_out_of_range_are_refused(params, message):
     from kdctl.distill.criterion import check_params
 
