@@ -400,7 +400,8 @@ def test_kd_logit_gradient_does_not_vanish_with_temperature():
                                             ({"teacher_queries": -1}, "teacher_queries: -1 must be a whole number"),
                                             ({"box_weight": -0.5}, "box_weight: -0.5 must be a number, 0 or more"),
                                             ({"psi": 1.5}, r"psi: 1.5 must be a number in \(0, 1\]"),
-                                            ({"p": 0}, "p: 0 must be a number above 0")])
+                                            ({"p": 0}, "p: 0 must be a number above 0"),
+                                            ({"alpha": -1.0}, "alpha: -1.0 must be a number, 0 or more")])
 def test_loss_parameters_out_of_range_are_refused(params, message):
     from kdctl.distill.criterion import check_params
 

@@ -51,7 +51,7 @@ class DistillContext:
 def check_params(params: dict) -> None:
     """Raise ``ValueError`` (one line, naming the parameter) for a value no loss can use: the ranges a recipe is
     checked against (``kdctl.distill.losses.registry``), for a criterion built in Python without one."""
-    from kdctl.distill.losses.registry import COUNTS, POSITIVE, RANGES
+    from kdctl.distill.losses.registry import COUNTS, NON_NEGATIVE, POSITIVE, RANGES
 
     for k, v in params.items():
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -61,7 +61,7 @@ def check_params(params: dict) -> None:
             raise ValueError(f"{k}: {v!r} must be a number {RANGES[k][1]}")
         if k in COUNTS and not (isinstance(v, int) and not isinstance(v, bool) and v >= COUNTS[k]):
             raise ValueError(f"{k}: {v!r} must be a whole number, {COUNTS[k]} or more")
-        if k.endswith("_weight") and not isinstance(v, bool) and not (number and v >= 0):
+        if (k in NON_NEGATIVE or k.endswith("_weight")) and not isinstance(v, bool) and not (number and v >= 0):
             raise ValueError(f"{k}: {v!r} must be a number, 0 or more")
 
 

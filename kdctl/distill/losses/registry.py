@@ -58,8 +58,8 @@ def _citation(doc: str) -> str:
 # What a parameter's value must be, by name (every loss uses these names in the same sense): a recipe with a
 # value outside its range is refused at `recipe check`, before it would turn into NaN or a silent no-op in training.
 POSITIVE = ("temperature", "box_temperature", "tau", "temp", "p", "scale")
-_NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
-                 "alpha", "beta", "gamma", "lam", "margin", "vlr_weight")
+NON_NEGATIVE = ("cls_weight", "l1_weight", "giou_weight", "box_weight", "background_weight", "bound_weight",
+                "alpha", "beta", "gamma", "lam", "margin", "vlr_weight")
 RANGES = {"ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "psi": (lambda v: 0 < v <= 1, "in (0, 1]"),
           "min_score": (lambda v: 0 <= v < 1, "in [0, 1)")}
 COUNTS = {"teacher_queries": 1, "random_queries": 0}
@@ -83,7 +83,7 @@ def param_problem(entry: LossEntry, name: str, value) -> str | None:
             return f"must be a whole number ≥ {COUNTS[name]}, got {value}"
     elif name in POSITIVE and value <= 0:
         return f"must be > 0, got {value}"
-    elif name in _NON_NEGATIVE and value < 0:
+    elif name in NON_NEGATIVE and value < 0:
         return f"must be ≥ 0, got {value}"
     elif name in RANGES and not RANGES[name][0](value):
         return f"must be {RANGES[name][1]}, got {value}"
