@@ -219,6 +219,29 @@ def test_box_distribution_loss_needs_dfl_bins_on_both_heads(tiny):
     assert build_criterion(y26, tiny, [LossSpec(name="kd_logit")], None, 128).terms[0].name == "kd_logit"
 
 
+@pytest.mark.parametrize("student,teacher", [("yolo26n.yaml", "tiny"), ("tiny", "yolo26n.yaml"),
+                                             ("yolo26n.yaml", "yolo26n.yaml")])
+def test_crosskd_pairs_heads_of_any_bins_and_a_yolo26_teacher_compares_boxes_by_iou(tiny, student, teacher):
+    """CrossKD never reads the student's box outputs, so a YOLO26 student (reg_max 1) takes it from a 16-bin
+    teacher, and a YOLO26 teacher's plain boxes are compared by 1 − IoU: each pair builds, and its term is positive
+    on real maps and reaches the student's maps (it was refused as 'distills box distributions' for all three)."""
+    from kdctl.distill.criterion import DistillContext
+    from kdctl.distill.taps import FeatureTaps
+
+    s_model, t_model = (tiny if m == "tiny" else build_detector(m, nc=3) for m in (student, teacher))
+    term = build_criterion(s_model, t_model, [LossSpec(name="crosskd")], None, 128).terms[0]
+    x = torch.rand(2, 3, 128, 128)
+    t_model.eval()
+    with torch.no_grad(), FeatureTaps(t_model, term.t_layers) as tt:
+        t_model.predict(x)
+    with FeatureTaps(s_model, term.s_layers) as st:
+        s_model.predict(x)
+    value = term(dict(st.outputs), dict(tt.outputs), DistillContext(imgsz=128, teacher=t_model))
+    assert torch.isfinite(value) and value > 0
+    value.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s_model.parameters())
+
+
 def _batch(n=2, size=128):
     torch.manual_seed(0)
     return {"img": torch.rand(n, 3, size, size), "cls": torch.tensor([[0.0], [1.0], [2.0]]),

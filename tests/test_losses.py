@@ -327,6 +327,66 @@ def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
                                                                            rel=1e-5)
 
 
+def test_ltrb_iou_loss_by_hand():
+    """Boxes around one anchor point from (left, top, right, bottom) distances: the overlap takes the smaller distance
+    on each side; a negative distance counts as 0 (FCOS's clamp); identical boxes give 0."""
+    from kdctl.distill.losses.logit import ltrb_iou_loss
+
+    s = torch.tensor([[2.0, 1.0, 3.0, 4.0], [1.0, -2.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]]).T[None]  # (1, 4, 3)
+    t = torch.tensor([[1.0, 2.0, 4.0, 2.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]]).T[None]
+    # anchor 0: s is 5 wide, 5 high (25); t 5 × 4 (20); overlap (1 + 3) × (1 + 2) = 12; union 33
+    # anchor 1: s's top of -2 reads as 0: 2 × 1 (2); t 2 × 2 (4); overlap 2 × 1 = 2; union 4
+    expected = [1 - 12 / 33, 1 - 2 / 4, 0.0]
+    assert ltrb_iou_loss(s, t)[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_crosskd_through_a_yolo26_teacher_head_compares_boxes_by_iou_by_hand():
+    """A reg_max=1 teacher head (YOLO26's plain boxes), 2 images, 2 classes, T = 3, box weight 0.7, confidence-
+    weighted: per anchor the scores' binary KL × T² plus 0.7 × (1 − IoU) of the boxes the teacher's head draws from
+    the adapted student maps and from its own, written out by hand."""
+    from ultralytics.nn.modules.head import Detect
+
+    torch.manual_seed(5)
+    t_head = Detect(nc=2, reg_max=1, ch=(6, 10)).eval().requires_grad_(False)
+    for branch in (*t_head.cv2, *t_head.cv3):
+        branch[-1].weight.data.mul_(20)
+    for branch in t_head.cv2:  # distances of a few cells, most of them positive (a trained head's)
+        branch[-1].bias.data.add_(3.0)
+    teacher = _HeadOnly(t_head)
+    s_feats = [torch.randn(2, 3, 4, 4) * 3, torch.randn(2, 5, 2, 2) * 3]
+    t_feats = [torch.randn(2, 6, 4, 4), torch.randn(2, 10, 2, 2)]
+    t = t_head.forward_head(t_feats, **t_head.one2many)
+    assert t["boxes"].shape[1] == 4
+    loss = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_weight=0.7)
+    adapted = [torch.einsum("oc,nchw->nohw", a.weight[:, :, 0, 0], f) for a, f in zip(loss.adapters, s_feats)]
+    with torch.no_grad():
+        cs = torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+        cb = torch.cat([t_head.cv2[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+    T = 3.0
+    num = den = 0.0
+    for n in range(2):
+        for k in range(4 * 4 + 2 * 2):
+            cls = 0.0
+            for c in range(2):
+                p = 1 / (1 + math.exp(-t["scores"][n, c, k].item() / T))
+                q = 1 / (1 + math.exp(-cs[n, c, k].item() / T))
+                cls += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            a = [max(0.0, cb[n, j, k].item()) for j in range(4)]          # l, t, r, b from the student's maps
+            b = [max(0.0, t["boxes"][n, j, k].item()) for j in range(4)]  # and from the teacher's own
+            inter = (min(a[0], b[0]) + min(a[2], b[2])) * (min(a[1], b[1]) + min(a[3], b[3]))
+            union = (a[0] + a[2]) * (a[1] + a[3]) + (b[0] + b[2]) * (b[1] + b[3]) - inter
+            w = max(1 / (1 + math.exp(-t["scores"][n, c, k].item())) for c in range(2))
+            num += w * (T * T * cls + 0.7 * (1 - inter / max(union, 1e-7)))
+            den += w
+    feats = [f.requires_grad_() for f in s_feats]
+    got = loss(feats, t, DistillContext(imgsz=32, teacher=teacher))
+    assert got.item() == pytest.approx(num / den, rel=1e-5) and got.item() > 0.02
+    got.backward()
+    assert all(f.grad.abs().sum() > 0 for f in feats)
+    same = CrossHeadDistillation([6, 10], [6, 10])
+    assert same(t_feats, t, DistillContext(imgsz=32, teacher=teacher)).item() == pytest.approx(0.0, abs=1e-5)
+
+
 def test_feature_losses_do_not_grow_with_batch_size():
     """Doubling the batch with copies leaves every per-image-normalised loss unchanged."""
     torch.manual_seed(6)

@@ -27,7 +27,7 @@ MUTANTS = {
                             "return (pt * (pt_log - ps_log) + (1 - pt) * (pt_log_neg - ps_log_neg)).sum(1)"),
     "ld-without-T2": ("kdctl/distill/losses/logit.py", "return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T",
                       "return (lt.exp() * (lt - ls)).mean(2).mean(1)"),
-    "crosskd-box-unweighted": ("kdctl/distill/losses/logit.py", "+ self.box_weight * side_kl(", "+ side_kl("),
+    "crosskd-box-unweighted": ("kdctl/distill/losses/logit.py", "+ self.box_weight * box", "+ box"),
     "ld-vlr-keeps-positives": ("kdctl/detectors/yolo.py", "\"vlr\": inside & ~fg_mask.bool()", "\"vlr\": inside"),
     "ld-positives-unweighted": ("kdctl/detectors/yolo.py", "pos_weight = (target_scores.sum(-1) * fg_mask).detach()",
                                 "pos_weight = fg_mask.float()"),

@@ -45,6 +45,18 @@ def side_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
     return (lt.exp() * (lt - ls)).mean(2).mean(1) * T * T
 
 
+def ltrb_iou_loss(s: torch.Tensor, t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """(N, A): ``1 − IoU`` of the boxes drawn around each anchor point by (N, 4, A) left, top, right, bottom distances
+    (the raw box outputs of a reg_max=1 head, YOLO26's: no bins), distances under 0 read as 0 as FCOS clamps its
+    own. Both boxes hold the anchor point, so they overlap by the smaller distance on each side. The IoU loss that the
+    CrossKD reference puts on heads regressing boxes directly (its FCOS configuration), in its linear form."""
+    s, t = s.clamp(min=0), t.clamp(min=0)
+    inter = (torch.minimum(s[:, 0], t[:, 0]) + torch.minimum(s[:, 2], t[:, 2])) * \
+        (torch.minimum(s[:, 1], t[:, 1]) + torch.minimum(s[:, 3], t[:, 3]))
+    union = (s[:, 0] + s[:, 2]) * (s[:, 1] + s[:, 3]) + (t[:, 0] + t[:, 2]) * (t[:, 1] + t[:, 3]) - inter
+    return 1 - inter / union.clamp(min=eps)
+
+
 def align_channels(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``s`` (N, C, H, W) standardised per channel over the batch and positions, then given ``t``'s per-channel
     mean and standard deviation (same C): maps on the scale the layers that read ``t`` expect."""
@@ -139,15 +151,18 @@ class CrossHeadDistillation(nn.Module):
     from them is distilled towards what it predicts from its own maps: per anchor, the class scores' binary KL at
     ``temperature`` (summed over classes, × T², as ``kd_logit``) plus ``box_weight`` times the box-side
     distributions' KL at ``box_temperature`` (averaged over bins and sides, × T², as ``ld``); averaged over anchors,
-    weighted by the teacher's top class probability with ``conf_weight``. With ``align`` (the reference
+    weighted by the teacher's top class probability with ``conf_weight``. A teacher head without bins (reg_max=1,
+    YOLO26) has its boxes compared by ``1 − IoU`` (:func:`ltrb_iou_loss`) in place of the side KL. With ``align`` (the
+    reference
     implementation's way to hand a student's maps to a teacher head of the same width, without an adapter), each
     adapted map is standardised per channel and given the per-channel mean and spread of the teacher's map at that
     level before the teacher's head reads it; off by default, since the adapter learns that mapping (measured both
     ways in docs/benchmarks.md, "CrossKD at the neck"). The gradient reaches the student's
     backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
     the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
-    paper names in prediction mimicking. Both heads need the same classes and DFL bins; with a P2 or P6 model on
-    one side the levels both have are paired by map size and the teacher's outputs read at those levels' anchors.
+    paper names in prediction mimicking. Both heads need the same classes; the student's box outputs are never read,
+    so its DFL bins need not be the teacher's. With a P2 or P6 model on one side the levels both have are paired by
+    map size and the teacher's outputs read at those levels' anchors.
     """
 
     uses_boxes = True
@@ -188,8 +203,8 @@ class CrossHeadDistillation(nn.Module):
                              "its outputs; set align: false to distill from the cache")  # cache.check_recipe says so
         cross = self.cross_outputs(feats, detect_head(ctx.teacher), t["feats"] if self.align else None)
         with torch.autocast(device_type=feats[0].device.type, enabled=False):
-            ts = t["scores"].float()
-            per_anchor = (sigmoid_kl(cross["scores"].float(), ts, self.temperature)
-                          + self.box_weight * side_kl(cross["boxes"].float(), t["boxes"].float(), self.box_temperature))
+            ts, cb, tb = t["scores"].float(), cross["boxes"].float(), t["boxes"].float()
+            box = side_kl(cb, tb, self.box_temperature) if tb.shape[1] > 4 else ltrb_iou_loss(cb, tb)
+            per_anchor = sigmoid_kl(cross["scores"].float(), ts, self.temperature) + self.box_weight * box
             # a teacher cache's mask: the anchors whose teacher outputs it kept
             return _anchor_mean(per_anchor, ts, self.conf_weight, t.get("mask"))
