@@ -176,6 +176,24 @@ def test_profile_refuses_what_the_machine_cannot_give(tmp_path, export_cpu, monk
     assert not (tmp_path / "b").exists()
 
 
+def test_profile_device_cuda_without_the_gpu_path_is_refused_before_any_load(tmp_path, export_cpu, monkeypatch):
+    """--device cuda on a machine whose ONNX Runtime has no CUDA provider and whose torch sees no GPU: one line
+    naming each artifact's reason once, exit 2, nothing written. The PyTorch row used to fail at its load, exit 1,
+    with torch's driver message pinned on the weights file; the ONNX rows after the progress bar had started."""
+    import onnxruntime
+    import torch
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(app, ["profile", str(export_cpu), "--device", "cuda", "--pytorch",
+                                 "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no artifact can run here (pytorch-fp32: --device cuda: torch" in r.output
+    assert "sees no CUDA GPU here; onnx-fp32, onnx-int8: --device cuda: ONNX Runtime here has no CUDA/TensorRT " \
+        "provider (has: CPUExecutionProvider)" in r.output
+    assert not (tmp_path / "p").exists()
+
+
 def test_profile_pytorch_reference(tmp_path, export_cpu):
     res = CliRunner().invoke(app, ["profile", str(export_cpu), "--pytorch", "-a", "onnx-fp32", "--runs", "5",
                                    "--warmup", "1", "--out", str(tmp_path / "p"), "--json"])

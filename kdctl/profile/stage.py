@@ -181,6 +181,25 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
     return w.bundle
 
 
+def _runs_on_cuda(fmt: str) -> tuple[bool, str]:
+    """(runs, why not) for ``--device cuda``, asked before any artifact is loaded: a machine without the GPU path
+    was told so only by the first load's error, after the progress bar had started."""
+    if fmt == "openvino":
+        return False, "OpenVINO runs on Intel devices; --device cuda does not apply (profiled with --device cpu)"
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
+        if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(have):
+            return False, f"--device cuda: ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(have)})"
+    if fmt == "pytorch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, f"--device cuda: torch {torch.__version__} sees no CUDA GPU here"
+    return True, ""
+
+
 def _check_export_metrics(src: Bundle) -> None:
     """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest); their
     types were checked when the bundle was loaded."""
@@ -232,11 +251,15 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
     usable = []
     for a in arts:
         ok, why = runtime_available(for_format(a["format"]).name)
-        if ok and device == "cuda" and a["format"] == "openvino":
-            ok, why = False, "OpenVINO runs on Intel devices; --device cuda does not apply (profiled with --device cpu)"
+        if ok and device == "cuda":
+            ok, why = _runs_on_cuda(a["format"])
         (usable.append(a) if ok else skipped.__setitem__(a["name"], why))
     if not usable:
-        raise BackendUnavailable(f"{src.path}: no artifact can run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'none exported'})")
+        by_why: dict[str, list[str]] = {}  # one reason once, with every artifact it stops
+        for name, why in skipped.items():
+            by_why.setdefault(why, []).append(name)
+        reasons = "; ".join(f"{', '.join(names)}: {why}" for why, names in by_why.items())
+        raise BackendUnavailable(f"{src.path}: no artifact can run here ({reasons or 'none exported'})")
     return usable, skipped
 
 
