@@ -128,6 +128,11 @@ def test_crosskd_reads_both_heads_and_maps_the_students_levels_onto_the_teachers
         build_criterion(tiny, rtdetr, [LossSpec(name="crosskd")], None, 128)
     with pytest.raises(RecipeError, match="needs matching heads"):  # other classes
         build_criterion(tiny, build_detector("yolov8n.yaml", nc=5), [LossSpec(name="crosskd")], None, 128)
+    # and what to do about it: a teacher of other classes (a COCO one) is fine-tuned first, or its features distilled
+    with pytest.raises(RecipeError, match=r"teacher \(5, 336\); the teacher was trained on other classes: fine-tune "
+                                          r"it on this dataset first \(kdctl train with student.model: the teacher\), "
+                                          r"or distill its features alone"):
+        build_criterion(tiny, build_detector("yolov8n.yaml", nc=5), [LossSpec(name="kd_logit")], None, 128)
 
 
 def test_neck_role_pairs_levels_of_equal_stride_across_pyramid_depths(tiny):

@@ -259,3 +259,29 @@ def test_time_of_the_processes_a_resumed_run_continues():
     assert _earlier_processes_s(rows[:2], trained_here=True) == 0.0  # one process, not resumed
     assert _earlier_processes_s([{"epoch": 1}, {"epoch": 2, "time": 1.0}], trained_here=True) == 0.0  # no time column
     assert _earlier_processes_s([], trained_here=False) == 0.0
+
+
+def test_a_teacher_of_other_classes_fine_tuned_on_this_dataset_then_teaches_its_head(tmp_path, trained_bundle):
+    """What distill's 'trained on other classes' error advises: a train bundle of 3 classes given as the student of
+    a 4-class dataset trains there (its head rebuilt for the new classes, the rest of its weights kept), and the
+    fine-tuned model then teaches head-level KD on that dataset."""
+    import torch
+
+    from kdctl.data.synth import write_dataset
+
+    data = write_dataset(tmp_path / "four", train=16, val=8, seed=5, imgsz=128, classes=4)
+    (tmp_path / "ft.yaml").write_text(f"name: ft\nstudent: {{model: {trained_bundle}}}\ndata: {{yolo: {data}}}\n"
+                                      "train: {epochs: 1, imgsz: 128, batch: 8, workers: 0}\n")
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "ft.yaml"), "--out", str(tmp_path / "ft"), "-q"])
+    assert res.exit_code == 0, res.output
+    ft = torch.load(tmp_path / "ft" / "weights.pt", map_location="cpu", weights_only=False)["model"]
+    old = torch.load(trained_bundle / "weights.pt", map_location="cpu", weights_only=False)["model"]
+    assert ft.model[-1].nc == 4 and len(ft.names) == 4
+    # the first convolution came from the 3-class bundle (fine-tuned one epoch, not started afresh)
+    w_ft, w_old = ft.model[0].conv.weight.float(), old.model[0].conv.weight.float()
+    assert torch.nn.functional.cosine_similarity(w_ft.flatten(), w_old.flatten(), 0) > 0.9
+    (tmp_path / "kd.yaml").write_text(f"name: kd\nteacher: {{model: {tmp_path / 'ft'}}}\nstudent: {{model: "
+                                      f"yolov8-tiny.yaml}}\ndata: {{yolo: {data}}}\ntrain: {{epochs: 1, imgsz: 128, "
+                                      "batch: 8, workers: 0}\ndistill: {losses: [{name: kd_logit}]}\n")
+    res = CliRunner().invoke(app, ["distill", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "kd"), "-q"])
+    assert res.exit_code == 0, res.output

@@ -104,8 +104,10 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                 except ValueError as e:
                     raise RecipeError(f"{where}: '{spec.name}': {e}") from None
             elif student.nc != teacher.nc:
+                from kdctl.detectors.yolo import OTHER_CLASSES
+
                 raise RecipeError(f"{where}: '{spec.name}' needs the same classes, but the student predicts "
-                                  f"{student.nc} and the teacher {teacher.nc}")
+                                  f"{student.nc} and the teacher {teacher.nc}{OTHER_CLASSES}")
             if spec.name == "roi_mimic":
                 s_ch, t_ch = [student.net.backbone.out_channels], [teacher.net.backbone.out_channels]
             s_layers = t_layers = [entry.kind]

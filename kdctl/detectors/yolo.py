@@ -292,7 +292,8 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                     raise RecipeError(
                         f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
                         f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher "
-                        f"{tuple(th['scores'].shape[1:])}" + ("" if sh["scores"].shape[1] != th["scores"].shape[1] else
+                        f"{tuple(th['scores'].shape[1:])}" + (OTHER_CLASSES if sh["scores"].shape[1] !=
+                                                             th["scores"].shape[1] else
                                                              ", and their heads share no pyramid level"))
             if getattr(entry.cls, "uses_boxes", False) and entry.kind != "cross_head":  # crosskd: the teacher's head
                 bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
@@ -392,7 +393,12 @@ def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
     t_nc = teacher.nc if _is_two_stage(teacher) else num_classes(teacher)
     if t_nc != num_classes(student):
         raise RecipeError(f"{where}: '{spec.name}' needs the same classes, but the student predicts "
-                          f"{num_classes(student)} and the teacher {t_nc}")
+                          f"{num_classes(student)} and the teacher {t_nc}{OTHER_CLASSES}")
+
+
+# what to do about a teacher trained on other classes (a COCO teacher for a dataset of a few classes, say)
+OTHER_CLASSES = ("; the teacher was trained on other classes: fine-tune it on this dataset first (kdctl train with "
+                 "student.model: the teacher), or distill its features alone (backbone or neck losses)")
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:
@@ -412,7 +418,7 @@ def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teac
                           "student_layers/teacher_layers")
     if student.model[-1].nc != teacher.model[-1].nc:
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the same classes, but the student "
-                          f"predicts {student.model[-1].nc} and the teacher {teacher.model[-1].nc}")
+                          f"predicts {student.model[-1].nc} and the teacher {teacher.model[-1].nc}{OTHER_CLASSES}")
 
 
 class KDTrainer(DetectionTrainer):
