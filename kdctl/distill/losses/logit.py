@@ -152,13 +152,12 @@ class CrossHeadDistillation(nn.Module):
     ``temperature`` (summed over classes, × T², as ``kd_logit``) plus ``box_weight`` times the box-side
     distributions' KL at ``box_temperature`` (averaged over bins and sides, × T², as ``ld``); averaged over anchors,
     weighted by the teacher's top class probability with ``conf_weight``. A teacher head without bins (reg_max=1,
-    YOLO26) has its boxes compared by ``1 − IoU`` (:func:`ltrb_iou_loss`) in place of the side KL. With ``align`` (the
-    reference
-    implementation's way to hand a student's maps to a teacher head of the same width, without an adapter), each
-    adapted map is standardised per channel and given the per-channel mean and spread of the teacher's map at that
-    level before the teacher's head reads it; off by default, since the adapter learns that mapping (measured both
-    ways in docs/benchmarks.md, "CrossKD at the neck"). The gradient reaches the student's
-    backbone and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
+    YOLO26) has its boxes compared by ``1 − IoU`` (:func:`ltrb_iou_loss`) in place of the side KL. With ``align``
+    (the reference implementation's way to hand a student's maps to a teacher head of the same width, without an
+    adapter), each adapted map is standardised per channel and given the per-channel mean and spread of the teacher's
+    map at that level before the teacher's head reads it; off by default, since the adapter learns that mapping
+    (measured both ways in docs/benchmarks.md, "CrossKD at the neck"). The gradient reaches the student's backbone
+    and neck through the teacher's head (whose weights stay as they are); the student's own head learns from
     the task loss alone, so imitation never pulls on the predictions the student is scored on, the conflict the
     paper names in prediction mimicking. Both heads need the same classes; the student's box outputs are never read,
     so its DFL bins need not be the teacher's. With a P2 or P6 model on one side the levels both have are paired by
