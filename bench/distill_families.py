@@ -127,6 +127,14 @@ def train_assistant(model: str, teacher: Path, out: Path) -> dict:
         OVERRIDES.update(saved)
 
 
+def baseline_student() -> str:
+    """The baseline's student model (recipes/quickstart-student.yaml's), the student of every distillation run too,
+    whatever a family's recipe names (recipes/logit-crosskd.yaml names a YOLO26 one)."""
+    from kdctl.recipe import load_recipe
+
+    return load_recipe(ROOT / "recipes" / "quickstart-student.yaml").student.model
+
+
 def _recipe(name: str, seed: int, teacher: Path | None):
     from kdctl.recipe import load_recipe
     from kdctl.recipe.validation import validate
@@ -142,7 +150,9 @@ def _recipe(name: str, seed: int, teacher: Path | None):
     elif SCENE["name"] != "clear" and d["data"].get("synthetic"):
         d["data"]["synthetic"].update(scene=SCENE["name"], classes=6)
     d["train"].update(USER["train"])
-    if USER["student"] and name not in ("quickstart-teacher", "assistant"):
+    if name not in ("quickstart-teacher", "assistant", "quickstart-student"):  # every run: the baseline's student
+        d["student"]["model"] = USER["student"] or baseline_student()
+    elif USER["student"] and name == "quickstart-student":
         d["student"]["model"] = USER["student"]
     if teacher is not None and d.get("teacher"):
         d["teacher"]["model"] = str(teacher)

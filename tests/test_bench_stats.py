@@ -318,3 +318,16 @@ def test_val_noise_sets_each_run_against_its_seeds_baseline(monkeypatch, tmp_pat
     stamp = (evaluated.path / "manifest.json").stat().st_mtime_ns
     val_noise.main(["--runs", str(runs), "--families", "old", "--seeds", "1", "--resamples", "200"])
     assert (evaluated.path / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_every_distillation_run_trains_the_baselines_student(monkeypatch, tmp_path):
+    """A family's recipe may name another student (recipes/logit-crosskd.yaml: a YOLO26 one); the families bench
+    compares every run with the baseline, so each distils the baseline's student, or the one --student gives."""
+    import distill_families as bench
+
+    assert bench._recipe("logit-crosskd", 1, tmp_path / "t").student.model == bench.baseline_student() \
+        == "yolov8-tiny.yaml"
+    monkeypatch.setitem(bench.USER, "student", "yolo26n.yaml")
+    assert bench._recipe("logit-crosskd", 1, tmp_path / "t").student.model == "yolo26n.yaml"
+    assert bench._recipe("quickstart-student", 1, None).student.model == "yolo26n.yaml"
+    assert bench._recipe("quickstart-teacher", 0, None).student.model == "yolov8n.yaml"
