@@ -254,6 +254,22 @@ class _HeadOnly(torch.nn.Module):
         self.model = torch.nn.ModuleList([head])
 
 
+def _through_head(t_head, maps):
+    """The raw class and box logits, (N, C, anchors), of a YOLO head's layers on ``maps``, level by level."""
+    with torch.no_grad():
+        return (torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(maps)], 2),
+                torch.cat([t_head.cv2[i](x).flatten(2) for i, x in enumerate(maps)], 2))
+
+
+def _sigmoid_kl_by_hand(t_logits: list[float], s_logits: list[float], T: float) -> float:
+    """Summed over the classes: the binary KL between sigmoid(t/T) and sigmoid(s/T), written out."""
+    out = 0.0
+    for tl, sl in zip(t_logits, s_logits):
+        p, q = 1 / (1 + math.exp(-tl / T)), 1 / (1 + math.exp(-sl / T))
+        out += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    return out
+
+
 def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
     """Two levels whose channels differ from the teacher's (1×1 adapters), 2 images, 2 classes, 4 DFL bins,
     T = 3 for the scores and 5 for the boxes, box weight 0.7, confidence-weighted: the adapters' products and both
@@ -274,18 +290,13 @@ def test_crosskd_through_the_teacher_head_at_two_temperatures_by_hand():
         for c in range(x.shape[1]):                      # mean and spread (population std over images and cells)
             z = (x[:, c] - x[:, c].mean()) / (x[:, c].var(correction=0) + 1e-6).sqrt()
             x[:, c] = z * tf[:, c].std(correction=0) + tf[:, c].mean()
-    with torch.no_grad():
-        cs = torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
-        cb = torch.cat([t_head.cv2[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+    cs, cb = _through_head(t_head, adapted)
     T, Tb, bins = 3.0, 5.0, 4
     num = den = 0.0
     for n in range(2):
         for k in range(4 * 4 + 2 * 2):
-            cls = 0.0
-            for c in range(2):
-                p = 1 / (1 + math.exp(-t["scores"][n, c, k].item() / T))
-                q = 1 / (1 + math.exp(-cs[n, c, k].item() / T))
-                cls += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            cls = _sigmoid_kl_by_hand([t["scores"][n, c, k].item() for c in range(2)],
+                                      [cs[n, c, k].item() for c in range(2)], T)
             sides = []
             for side in range(4):
                 ps = _softmax([cb[n, side * bins + j, k].item() / Tb for j in range(bins)])
@@ -359,18 +370,13 @@ def test_crosskd_through_a_yolo26_teacher_head_compares_boxes_by_iou_by_hand():
     assert t["boxes"].shape[1] == 4
     loss = CrossHeadDistillation([3, 5], [6, 10], temperature=3.0, box_weight=0.7)
     adapted = [torch.einsum("oc,nchw->nohw", a.weight[:, :, 0, 0], f) for a, f in zip(loss.adapters, s_feats)]
-    with torch.no_grad():
-        cs = torch.cat([t_head.cv3[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
-        cb = torch.cat([t_head.cv2[i](x).flatten(2) for i, x in enumerate(adapted)], 2)
+    cs, cb = _through_head(t_head, adapted)
     T = 3.0
     num = den = 0.0
     for n in range(2):
         for k in range(4 * 4 + 2 * 2):
-            cls = 0.0
-            for c in range(2):
-                p = 1 / (1 + math.exp(-t["scores"][n, c, k].item() / T))
-                q = 1 / (1 + math.exp(-cs[n, c, k].item() / T))
-                cls += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+            cls = _sigmoid_kl_by_hand([t["scores"][n, c, k].item() for c in range(2)],
+                                      [cs[n, c, k].item() for c in range(2)], T)
             a = [max(0.0, cb[n, j, k].item()) for j in range(4)]          # l, t, r, b from the student's maps
             b = [max(0.0, t["boxes"][n, j, k].item()) for j in range(4)]  # and from the teacher's own
             inter = (min(a[0], b[0]) + min(a[2], b[2])) * (min(a[1], b[1]) + min(a[3], b[3]))
