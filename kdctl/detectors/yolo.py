@@ -295,7 +295,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                         f"{tuple(th['scores'].shape[1:])}" + (OTHER_CLASSES if sh["scores"].shape[1] !=
                                                              th["scores"].shape[1] else
                                                              ", and their heads share no pyramid level"))
-            if getattr(entry.cls, "uses_boxes", False) and entry.kind != "cross_head":  # crosskd: the teacher's head
+            if getattr(entry.cls, "uses_boxes", False):
                 bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
                 if bins["student"] != bins["teacher"] or bins["student"] < 2:
                     raise RecipeError(

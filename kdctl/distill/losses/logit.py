@@ -164,7 +164,7 @@ class CrossHeadDistillation(nn.Module):
     map size and the teacher's outputs read at those levels' anchors.
     """
 
-    uses_boxes = True
+    uses_boxes = False  # the teacher head's boxes on both sides: the two heads' bins need not match
 
     def __init__(self, s_channels: list[int], t_channels: list[int], temperature: float = 2.0,
                  box_temperature: float = 10.0, box_weight: float = 1.0, conf_weight: bool = True, align: bool = False):
