@@ -222,6 +222,8 @@ def test_box_distribution_loss_needs_dfl_bins_on_both_heads(tiny):
                                           r"teacher 16"):
         build_criterion(y26, tiny, [LossSpec(name="ld")], None, 128)
     assert build_criterion(y26, tiny, [LossSpec(name="kd_logit")], None, 128).terms[0].name == "kd_logit"
+    with pytest.raises(RecipeError, match=r"use kd_logit, crosskd \(recipes/logit-crosskd.yaml\) or a feature loss"):
+        build_criterion(tiny, y26, [LossSpec(name="ld")], None, 128)
 
 
 @pytest.mark.parametrize("student,teacher", [("yolo26n.yaml", "tiny"), ("tiny", "yolo26n.yaml"),

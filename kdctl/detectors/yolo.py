@@ -302,7 +302,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                         f"{source}: distill.losses[{i}]: '{spec.name}' distills box distributions (DFL bins), which "
                         f"both heads need in equal number (> 1), but the student has {bins['student']} per side and "
                         f"the teacher {bins['teacher']} (YOLO26 and reg_max=1 heads predict plain boxes); use "
-                        "kd_logit or a feature loss for this pair")
+                        "kd_logit, crosskd (recipes/logit-crosskd.yaml) or a feature loss for this pair")
         else:
             for si, ti in zip(s_layers, t_layers):
                 so, to = st.outputs[si], tt.outputs[ti]
