@@ -67,9 +67,10 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None,
-               warmup_epochs: int | None = None) -> None:
+               warmup_epochs: int | None = None, qat: bool = False) -> None:
     """Progress, the finite-loss check, KD bookkeeping and fault points; ``kd``: the run has KD terms (a distillation
-    with ``distill.init`` alone has none); ``stop_epoch``: ``distill.stop_epoch`` (KD off from then on) and
+    with ``distill.init`` alone has none); ``qat``: quantization-aware (what a non-finite loss then points to);
+    ``stop_epoch``: ``distill.stop_epoch`` (KD off from then on) and
     ``warmup_epochs``: ``distill.warmup_epochs`` (KD ramped in), also after ``--resume``: both are decided from the
     epoch number at each epoch's start."""
     from kdctl.detectors.yolo import kd_criterion, save_balance
@@ -93,8 +94,10 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
         loss = tr.loss.detach() if tr.loss is not None else None
         if loss is not None and not bool(loss.isfinite().all()):
             items = {k: round(float(v), 4) for k, v in (tr.loss_items or {}).items()}
-            raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); "
-                              "lower train.lr0 or the KD weights (or set distill.auto_balance)")
+            raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); lower "
+                              "train.lr0" + (" or the KD weights (or set distill.auto_balance)" if kd else "") +
+                              ("; quantization-aware training wants a well-trained float student to start from "
+                               "(its ranges are calibrated on it) and a low lr0, e.g. 0.0003" if qat else ""))
         if kd and not any(k.startswith("kd_") for k in (tr.loss_items or {})):
             raise RuntimeError("distillation step produced no KD terms; refusing to train the student without KD")
         save_balance(tr)
@@ -199,6 +202,12 @@ def _as_current(dump):
         return dump
 
 
+def is_model_config(spec: str) -> bool:
+    """A model built from its config (a model YAML, a torchvision builder), so with random weights: kdctl downloads
+    none. False for a checkpoint or a bundle."""
+    return spec.startswith("torchvision:") or (Path(spec).suffix in (".yaml", ".yml") and not Path(spec).is_dir())
+
+
 def untrained_teacher(recipe: Recipe, source: str = "recipe") -> str | None:
     """Why ``recipe``'s teacher has nothing to teach, if it is built from a model config (a YAML, a torchvision
     builder): kdctl downloads no weights, so such a teacher starts from random weights, where Ultralytics' own
@@ -206,8 +215,7 @@ def untrained_teacher(recipe: Recipe, source: str = "recipe") -> str | None:
     from kdctl.models import resolve_model
 
     spec = recipe.teacher.model if recipe.teacher is not None else None
-    if spec is None or not (spec.startswith("torchvision:") or (Path(spec).suffix in (".yaml", ".yml")
-                                                                and not Path(spec).is_dir())):
+    if spec is None or not is_model_config(spec):
         return None  # a checkpoint or bundle: resolved (hashed, verified) once, by the run itself
     ref = resolve_model(spec, "teacher.model", source)  # a config: cheap to resolve; a bad one is the run's error
     return (f"{source}: teacher.model: '{ref.ref}' is a model config: the teacher is built with random weights and "
@@ -235,6 +243,12 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     if stage == "train" and recipe.distill.init:
         raise RecipeError(f"{source}: distill.init: '{recipe.distill.init}' starts the student from a teacher; "
                           "run `kdctl distill` (kdctl train has no teacher)")
+    if recipe.distill.quantize and not recipe.distill.init and is_model_config(recipe.student.model):
+        raise RecipeError(f"{source}: distill.quantize: {recipe.distill.quantize} fine-tunes a trained student with "
+                          "fake quantization (its ranges calibrated on it once), but student.model "
+                          f"'{recipe.student.model}' is a model config with random weights, whose ranges would be "
+                          "calibrated on an untrained model (yolo11n and yolo26n then diverge at the first step); "
+                          "train it first without quantize and name that bundle as student.model")
     if recipe.distill.quantize:
         import importlib.util
 
@@ -564,7 +578,7 @@ def _train(recipe: Recipe, stage: str, source: str, work: Path, state: str, fam,
             trainer = fam.trainer(overrides, distill=setup)
             _callbacks(trainer, recipe.train.epochs, progress, stage, work,
                        kd=stage == "distill" and bool(recipe.distill.losses), stop_epoch=recipe.distill.stop_epoch,
-                       warmup_epochs=recipe.distill.warmup_epochs)
+                       warmup_epochs=recipe.distill.warmup_epochs, qat=bool(recipe.distill.quantize))
             if attach is not None:
                 attach(trainer)
             with library_output_to_stderr():

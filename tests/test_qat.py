@@ -234,6 +234,22 @@ def test_qat_export_with_only_float_artifacts_is_one_line(qad_bundle, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("stage", ["train", "distill"])
+def test_quantization_aware_training_from_random_weights_is_refused(tmp_path, tiny_data, trained_bundle, stage):
+    """A student built from its model YAML has nothing for the ranges to be calibrated on (yolo11n and yolo26n: every
+    gradient non-finite at the first step, Ultralytics' own quantize=8 too): one line before any work, exit 2."""
+    teacher = f"teacher: {{model: {trained_bundle}}}\n" if stage == "distill" else ""
+    losses = ", losses: [{name: kd_logit}]" if stage == "distill" else ""
+    r = tmp_path / "q.yaml"
+    r.write_text(f"name: q\n{teacher}student: {{model: yolo26n.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                 f"train: {{epochs: 1, imgsz: 128}}\ndistill: {{quantize: int8{losses}}}\n")
+    res = CliRunner().invoke(app, [stage, str(r), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "q.yaml: distill.quantize: int8 fine-tunes a trained student" in res.output
+    assert "'yolo26n.yaml' is a model config with random weights" in res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.work").exists()
+
+
 def test_quantize_field_is_validated(tmp_path, tiny_data):
     r = tmp_path / "bad.yaml"
     r.write_text(f"student: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\ndistill: {{quantize: int4}}\n")

@@ -149,7 +149,31 @@ def test_non_finite_loss_stops_the_run_in_one_line(tmp_path, tiny_data, monkeypa
     res = CliRunner().invoke(app, ["train", str(_recipe(tmp_path, tiny_data)), "--out", str(tmp_path / "x")])
     assert res.exit_code == 1, res.output
     assert "loss is not finite at epoch 1" in res.output and "Traceback" not in res.output
+    assert res.output.strip().endswith("lower train.lr0")  # a run without KD terms: no KD weights to lower
     assert not (tmp_path / "x").exists() and not (tmp_path / ".x.work").exists()
+
+
+def test_non_finite_loss_of_a_quantization_aware_run_says_what_qat_wants(tmp_path, tiny_data, frcnn_bundle,
+                                                                           monkeypatch):
+    """Quantization-aware training that diverges (a barely trained student, a high lr0): the one line points to a
+    well-trained float start and a low lr0, where ranges calibrated on the student decide."""
+    from kdctl.detectors.torchvision import TorchvisionDetector
+
+    real = TorchvisionDetector.forward
+
+    def nan_loss(self, x, targets=None):
+        out = real(self, x, targets)
+        return {k: v * float("nan") for k, v in out.items()} if self.training else out
+
+    monkeypatch.setattr(TorchvisionDetector, "forward", nan_loss)
+    r = tmp_path / "q.yaml"
+    r.write_text(f"name: q\nstudent: {{model: {frcnn_bundle}}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 1, imgsz: 128, batch: 8, lr0: 0.01, optimizer: SGD}\ndistill: {quantize: int8}\n")
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1, res.output
+    assert "loss is not finite at epoch 1" in res.output and "lower train.lr0; quantization-aware training wants a " \
+        "well-trained float student to start from" in " ".join(res.output.split())
+    assert not (tmp_path / "x").exists()
 
 
 def test_fine_tuning_takes_the_recipes_input_size(tmp_path, tiny_data, frcnn_bundle):
