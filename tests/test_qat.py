@@ -227,6 +227,19 @@ def test_qat_export_is_the_trained_qdq_graph(qad_bundle, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_quiet_export_of_a_qat_student_shows_no_library_deprecation_notice(qad_bundle, tmp_path):
+    """ModelOpt's import makes torch 2.14 warn that torch.jit.script is deprecated: under -q that notice printed two
+    lines (file and source line) to a CI log with nothing else in it. stdout stays empty."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "export", str(qad_bundle), "--target", "cpu",
+                        "--out", str(tmp_path / "e"), "-q"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "" and "deprecated" not in p.stderr and "Warning" not in p.stderr, p.stderr
+
+
 def test_qat_export_with_only_float_artifacts_is_one_line(qad_bundle, tmp_path):
     res = CliRunner().invoke(app, ["export", str(qad_bundle), "--artifact", "onnx-fp32", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0

@@ -19,6 +19,8 @@ def prepare() -> None:
     for text in ("Could not identify the device for TensorQuantizer", "Cannot find transformers package",
                  "No CUDA runtime is found"):
         warnings.filterwarnings("ignore", message=f".*{text}.*")
+    # and torch 2.14's deprecation notice for the torch.jit.script calls ModelOpt makes as it is imported
+    warnings.filterwarnings("ignore", message=r".*`torch\.jit\.script` is deprecated.*", category=FutureWarning)
     import logging
 
     # the same notice through torch's logger ("No CUDA runtime is found, using CUDA_HOME=...") when ModelOpt or
