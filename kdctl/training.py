@@ -245,10 +245,10 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
                           "run `kdctl distill` (kdctl train has no teacher)")
     if recipe.distill.quantize and not recipe.distill.init and is_model_config(recipe.student.model):
         raise RecipeError(f"{source}: distill.quantize: {recipe.distill.quantize} fine-tunes a trained student with "
-                          "fake quantization (its ranges calibrated on it once), but student.model "
-                          f"'{recipe.student.model}' is a model config with random weights, whose ranges would be "
-                          "calibrated on an untrained model (yolo11n and yolo26n then diverge at the first step); "
-                          "train it first without quantize and name that bundle as student.model")
+                          "fake quantization, its ranges calibrated on it once; student.model "
+                          f"'{recipe.student.model}' is a model config with random weights (from them yolo11n and "
+                          "yolo26n diverge at the first step): train it first without quantize and name that bundle "
+                          "as student.model")
     if recipe.distill.quantize:
         import importlib.util
 
