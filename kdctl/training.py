@@ -516,6 +516,10 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
             if init != "auto":
                 raise
             init, note = None, str(e).removeprefix(f"{source}: distill.init: ")  # a random start, and why
+            if d.quantize and student_ref.kind != "checkpoint":  # as run_training refuses it without init
+                raise RecipeError(f"{source}: distill.quantize: {d.quantize} fine-tunes a trained student, and "
+                                  f"distill.init: auto leaves '{student_ref.ref}' at random weights here ({note}); "
+                                  "train it first without quantize and name that bundle as student.model") from None
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
                                        cache, "teacher" if init else None, note)
 

@@ -352,3 +352,17 @@ def test_qad_of_other_families_exports_their_qdq_graph(tmp_path, tiny_data, requ
         assert art["name"] == artifact and art["parity"]["ok"] and art["parity"]["cosine"] >= 0.99
         if target == "cpu":
             assert art["settings"]["int8_convs"] > 0 and art["settings"]["calibration"].startswith("none")
+
+
+def test_quantization_aware_training_is_refused_where_init_auto_falls_back_to_random_weights(tmp_path, tiny_data,
+                                                                                               trained_bundle):
+    """distill.init: auto with a student the teacher's weights cannot fill (another layer layout) falls back to a
+    random start; with distill.quantize that is QAT from random weights again: one line naming why, exit 2."""
+    r = tmp_path / "q.yaml"
+    r.write_text(f"name: q\nteacher: {{model: {trained_bundle}}}\nstudent: {{model: yolo26n.yaml}}\n"
+                 f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 128}}\n"
+                 "distill: {init: auto, quantize: int8, losses: [{name: kd_logit}]}\n")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "distill.init: auto leaves 'yolo26n.yaml' at random weights here (the teacher has" in res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.work").exists()
