@@ -674,11 +674,17 @@ KD_PREFIX = "kd."
 
 def library_output_to_stderr():
     """Redirect ``print`` output of the libraries called inside (ModelOpt, Ultralytics) to stderr, so stdout
-    carries only what kdctl prints (``--json`` stays parseable)."""
+    carries only what kdctl prints (``--json`` stays parseable); where stdout is discarded (``--quiet`` points it at
+    the null device) the libraries' prints go there too, not to stderr, which then carries errors alone."""
     import contextlib
+    import os
     import sys
 
-    return contextlib.redirect_stdout(sys.stderr)
+    try:
+        discarded = os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (AttributeError, OSError, ValueError):  # a stdout without a file (a test runner's buffer)
+        discarded = False
+    return contextlib.nullcontext() if discarded else contextlib.redirect_stdout(sys.stderr)
 
 
 @contextlib.contextmanager
