@@ -51,6 +51,10 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
             check_model_name(p.name, field, source)
             return ResolvedModel("yaml", p.name, None)
         raise RecipeError(f"{source}: {field}: model YAML '{spec}' not found")
+    if not p.exists():  # most often a teacher bundle not trained yet (recipes/quickstart.yaml on a fresh checkout)
+        hint = "; train the teacher first (kdctl train <its recipe>)" if field == "teacher.model" else ""
+        raise RecipeError(f"{source}: {field}: '{spec}' not found: no bundle directory, .pt or model YAML there (a "
+                          f"relative path is read beside the recipe, then from the working directory){hint}")
     raise RecipeError(f"{source}: {field}: '{spec}' is not a .yaml, a .pt or a bundle directory")
 
 

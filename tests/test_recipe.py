@@ -251,3 +251,19 @@ def test_a_bundle_folder_named_without_a_slash_is_a_model(tmp_path, monkeypatch)
     r.write_text(GOOD.replace("{model: yolov8s.yaml}", "{model: my-teachr}"))
     with pytest.raises(RecipeError, match="teacher.model: 'my-teachr' is not a model YAML"):
         load_recipe(r)
+
+
+def test_a_teacher_bundle_not_trained_yet_is_named_as_missing(tmp_path, tiny_data):
+    """recipes/quickstart.yaml's teacher on a fresh checkout: the path is not there at all, so the line says 'not
+    found' and how a teacher gets there, where it said the path was 'not a .yaml, a .pt or a bundle directory'."""
+    r = tmp_path / "kd.yaml"
+    r.write_text(f"name: kd\nteacher: {{model: runs/train/my-teacher}}\nstudent: {{model: yolov8-tiny.yaml}}\n"
+                 f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 128}}\n"
+                 "distill: {losses: [{name: kd_logit}]}\n")
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    out = " ".join(res.output.split())
+    assert f"teacher.model: '{tmp_path / 'runs/train/my-teacher'}' not found: no bundle directory, .pt or model " \
+           "YAML there (a relative path is read beside the recipe, then from the working directory); train the " \
+           "teacher first (kdctl train <its recipe>)" in out
+    assert not (tmp_path / "x").exists()
