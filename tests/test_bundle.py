@@ -55,6 +55,17 @@ def test_verify_ok_then_tamper_missing_extra(tmp_path):
     assert "logs/a.txt: missing" in probs and "intruder.bin: not listed" in probs
 
 
+def test_cli_verify_quiet_prints_only_the_failures(tmp_path):
+    """`bundle verify -q` in a CI step: nothing for a bundle that verifies, the FAIL lines (on stderr, since -q
+    discards stdout) and exit 1 for one that does not."""
+    b = make(tmp_path)
+    r = CliRunner().invoke(app, ["bundle", "verify", str(b.path), "-q"])
+    assert r.exit_code == 0 and r.output == ""
+    (b.path / "weights.pt").write_bytes(b"tampered!")
+    r = CliRunner().invoke(app, ["bundle", "verify", str(b.path), "-q"])
+    assert r.exit_code == 1 and r.stdout == "" and "FAIL" in r.stderr and "weights.pt" in r.stderr
+
+
 def test_cli_verify_exit_codes(tmp_path):
     b = make(tmp_path)
     r = CliRunner().invoke(app, ["bundle", "verify", str(b.path), "--json"])

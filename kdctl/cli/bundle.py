@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from kdctl.cli._common import BundleArg, JsonOpt, console, emit
+from kdctl.cli._common import BundleArg, JsonOpt, QuietOpt, console, emit, err_console
 
 app = typer.Typer(no_args_is_help=True, help="Inspect and verify artifact bundles.")
 
@@ -65,10 +65,11 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
 
 
 @app.command("verify")
-def verify(bundle: BundleArg, json_: JsonOpt = False) -> None:
+def verify(bundle: BundleArg, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Check the manifest's seal and re-hash every file.
 
-    Exit 1 naming each file that changed, went missing, was added, or is a symlink.
+    Exit 1 naming each file that changed, went missing, was added, or is a symlink (also with --quiet, which
+    prints nothing for a bundle that verifies).
 
     Example: [bold]kdctl bundle verify runs/export/quickstart-cpu[/bold]
     """
@@ -79,13 +80,15 @@ def verify(bundle: BundleArg, json_: JsonOpt = False) -> None:
               "device_built": res.device_built}
 
     def human():
+        if res.ok and quiet:
+            return
         if res.ok:
             console.print(f"[green]OK[/green] {bundle}: {res.checked} files match the sealed manifest")
             for f in res.device_built:
                 console.print(f"  {f}: built on the device after export (declared; profile records its hash)")
-        else:
+        else:  # with --quiet (stdout discarded) the failures are the errors it still prints, on stderr
             for p in res.problems:
-                console.print(f"[red]FAIL[/red] {bundle}/{p}")
+                (err_console if quiet else console).print(f"[red]FAIL[/red] {bundle}/{p}")
 
     emit(result, as_json=json_, human=human)
     if not res.ok:
