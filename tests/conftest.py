@@ -55,6 +55,19 @@ def kill_at(argv: list[str], fault: str) -> None:
     assert p.returncode == -signal.SIGKILL, f"not killed at {fault}: rc {p.returncode}\n{p.stderr[-2000:]}"
 
 
+def refused_in_one_line(argv: list[str], out: Path) -> str:
+    """Run ``kdctl ARGV`` in this process and assert a refusal before any work: exit 2, one line, nothing at ``out``
+    nor its work folder. Returns that line, its whitespace collapsed (Rich wraps long lines)."""
+    from typer.testing import CliRunner
+
+    from kdctl.cli.main import app
+
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert not out.exists() and not (out.parent / f".{out.name}.work").exists()
+    return " ".join(res.output.split())
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
