@@ -187,11 +187,11 @@ def _runs_on_cuda(fmt: str) -> tuple[bool, str]:
     if fmt == "openvino":
         return False, "OpenVINO runs on Intel devices; --device cuda does not apply (profiled with --device cpu)"
     if fmt == "onnx":
-        import onnxruntime as ort
+        from kdctl.runtimes.onnxruntime import gpu_providers
 
-        have = ort.get_available_providers()
-        if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(have):
-            return False, f"--device cuda: ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(have)})"
+        providers, why = gpu_providers()  # what the runner itself would refuse at load
+        if not providers:
+            return False, f"--device cuda: {why}"
     if fmt == "pytorch":
         import torch
 

@@ -31,14 +31,23 @@ def onnxruntime_backend(path: Path, threads: int | None = None, providers: list[
     return run
 
 
-def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
+def gpu_providers() -> tuple[list[str], str]:
+    """ONNX Runtime's GPU execution providers here (TensorRT first), and why none where the list is empty."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    why = f"ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(available)})"
+    return providers, "" if providers else why
+
+
+def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
+    import onnxruntime as ort
+
     if device == "cuda":
-        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        providers, why = gpu_providers()
         if not providers:
-            raise BackendUnavailable(f"ONNX Runtime here has no CUDA/TensorRT provider (has: {', '.join(available)})")
+            raise BackendUnavailable(why)
         providers.append("CPUExecutionProvider")
     else:
         providers = ["CPUExecutionProvider"]
