@@ -235,14 +235,9 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     the last epoch), after its last epoch or while publishing (publishes), after publishing (cleans up).
     ``reuse=True`` returns the bundle already at ``out`` when it verifies and came from this very recipe.
     """
-    if stage == "distill" and not recipe.distill.losses and not recipe.distill.init:
-        raise RecipeError(f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`) or set "
-                          "distill.init: teacher, or use `kdctl train` for training without a teacher")
-    if stage == "distill" and recipe.teacher is None:
-        raise RecipeError(f"{source}: teacher: required for distillation")
-    if stage == "train" and recipe.distill.init:
-        raise RecipeError(f"{source}: distill.init: '{recipe.distill.init}' starts the student from a teacher; "
-                          "run `kdctl distill` (kdctl train has no teacher)")
+    refused = recipe.refusal(stage, source)
+    if refused:
+        raise RecipeError(refused)
     if recipe.distill.quantize and not recipe.distill.init and is_model_config(recipe.student.model):
         raise RecipeError(f"{source}: distill.quantize: {recipe.distill.quantize} fine-tunes a trained student with "
                           "fake quantization, its ranges calibrated on it once; student.model "

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from kdctl.cli.main import app
 from kdctl.errors import RecipeError
 from kdctl.recipe import load_recipe, recipe_json_schema
+from kdctl.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -232,6 +233,36 @@ def test_cli_check_good_recipe_json(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["train"]["imgsz"] == 128
 
+
+
+def test_cli_check_says_which_command_takes_the_recipe(tmp_path):
+    """A teacher with an empty loss list validates (kdctl train takes it, the teacher unused), but kdctl distill
+    refuses it; ``recipe check`` says so, with distill's own words, where it used to print OK and nothing else."""
+    import json
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("  losses:\n    - {name: cwd, weight: 2.0, params: {tau: 2.0}}", "  losses: []"))
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--json"])
+    assert res.exit_code == 0, res.output
+    stages = json.loads(res.stdout)["stages"]
+    assert stages["train"] == {"accepted": True}
+    assert stages["distill"] == {"accepted": False, "refused": f"{p}: distill.losses: empty; list at least one loss "
+                                 "(`kdctl list losses`) or set distill.init: teacher, or use `kdctl train` for "
+                                 "training without a teacher"}
+    res = CliRunner().invoke(app, ["recipe", "check", str(p)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and "kdctl distill refuses it: " + stages["distill"]["refused"] in res.output
+    with pytest.raises(RecipeError, match="^" + re.escape(stages["distill"]["refused"]) + "$"):
+        run_training(load_recipe(p), stage="distill", source=str(p), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the GOOD recipe distils; a distill.init recipe only distils; neither gets the note
+    p.write_text(GOOD)
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--json"])
+    assert json.loads(res.stdout)["stages"] == {"train": {"accepted": True}, "distill": {"accepted": True}}
+    assert "refuses" not in CliRunner().invoke(app, ["recipe", "check", str(p)]).output
+    p.write_text(GOOD + "  init: teacher\n")
+    stages = json.loads(CliRunner().invoke(app, ["recipe", "check", str(p), "--json"]).stdout)["stages"]
+    assert stages["distill"] == {"accepted": True} and "kdctl train has no teacher" in stages["train"]["refused"]
+    assert "refuses" not in CliRunner().invoke(app, ["recipe", "check", str(p)]).output
 
 def test_schema_is_json_schema():
     import json

@@ -32,10 +32,19 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
         checked = check_models(r, source=str(recipe))
         terms, init = checked["kd_terms"], checked.get("init")
     out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {})}
+    # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
+    # with a teacher set aside is still a train recipe, so this is a note, not an error)
+    refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
+    out = {**out, "stages": {stage: {"accepted": why is None, **({"refused": why} if why else {})}
+                             for stage, why in refused.items()}}
+    note = refused["distill"] if r.teacher is not None and refused["train"] is None else None
 
     def human():
         console.print(f"[green]OK[/green] {recipe}")
         console.print(Syntax(yaml.safe_dump(data, sort_keys=False), "yaml"))
+        if note:
+            console.print(f"note: kdctl train takes this recipe (its teacher unused); kdctl distill refuses it: {note}",
+                          markup=False, style="yellow")
         for t in terms or []:
             console.print(f"KD term [bold]{t['name']}[/bold]: student {t['student_layers']} ← teacher "
                           f"{t['teacher_layers']}")

@@ -334,3 +334,16 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
+
+    def refusal(self, stage: str, source: str = "recipe") -> str | None:
+        """Why ``kdctl train`` (``stage='train'``) or ``kdctl distill`` (``'distill'``) would refuse this recipe
+        before any work, as one line naming the field; None where it takes it. ``recipe check`` says so too."""
+        if stage == "distill" and not self.distill.losses and not self.distill.init:
+            return (f"{source}: distill.losses: empty; list at least one loss (`kdctl list losses`) or set "
+                    "distill.init: teacher, or use `kdctl train` for training without a teacher")
+        if stage == "distill" and self.teacher is None:
+            return f"{source}: teacher: required for distillation"
+        if stage == "train" and self.distill.init:
+            return (f"{source}: distill.init: '{self.distill.init}' starts the student from a teacher; "
+                    "run `kdctl distill` (kdctl train has no teacher)")
+        return None
