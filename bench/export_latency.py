@@ -49,7 +49,8 @@ def qat_form_exports(model, imgsz: int, calibration: list, work: Path) -> dict[s
     from kdctl.detectors.yolo import library_output_to_stderr
     from kdctl.export.onnx import export_onnx
     from kdctl.export.openvino import export_openvino
-    from kdctl.export.quantize import fold_weight_quantizers, to_uint8_activations
+    from kdctl import detectors
+    from kdctl.export.quantize import fold_weight_quantizers, quantize_qat_onnxruntime
 
     q = copy.deepcopy(model).eval()
     xs = torch.from_numpy(np.concatenate(calibration))
@@ -59,12 +60,14 @@ def qat_form_exports(model, imgsz: int, calibration: list, work: Path) -> dict[s
     mtq.disable_quantizer(q, lambda n: n.startswith(head) and (".conv." not in n or ".dfl." in n))
     sym = export_onnx(q, work / "qat-form.onnx", imgsz)
     proto = onnx.load(str(sym))
+    trained = onnx.load(str(sym))
     fold_weight_quantizers(proto)
     onnx.save(proto, str(sym))
     export_openvino(sym, work / "qat-form-ov", "int8")
-    to_uint8_activations(proto)
-    onnx.save(proto, str(work / "qat-form-u8.onnx"))
-    return {"kdctl onnx-int8 (QAT form)": work / "qat-form-u8.onnx",
+    # ONNX Runtime's form, as `kdctl export` writes it: the trained ranges fixed, the rest calibrated
+    quantize_qat_onnxruntime(trained, work / "qat-form-ort.onnx", calibration,
+                             lambda nodes: detectors.float_tail(nodes, model))
+    return {"kdctl onnx-int8 (QAT form)": work / "qat-form-ort.onnx",
             "kdctl openvino-int8 (QAT form)": work / "qat-form-ov" / "model.xml"}
 
 

@@ -66,6 +66,10 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
+QAT_HINT = ("; quantization-aware training wants a well-trained float student to start from (its ranges are "
+            "calibrated on it) and a low lr0, e.g. 0.0003")
+
+
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None,
                warmup_epochs: int | None = None, qat: bool = False) -> None:
     """Progress, the finite-loss check, KD bookkeeping and fault points; ``kd``: the run has KD terms (a distillation
@@ -96,12 +100,23 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
             items = {k: round(float(v), 4) for k, v in (tr.loss_items or {}).items()}
             raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); lower "
                               "train.lr0" + (" or the KD weights (or set distill.auto_balance)" if kd else "") +
-                              ("; quantization-aware training wants a well-trained float student to start from "
-                               "(its ranges are calibrated on it) and a low lr0, e.g. 0.0003" if qat else ""))
+                              (QAT_HINT if qat else ""))
         if kd and not any(k.startswith("kd_") for k in (tr.loss_items or {})):
             raise RuntimeError("distillation step produced no KD terms; refusing to train the student without KD")
         save_balance(tr)
         batches.advance()
+
+    def on_train_epoch_end(tr):
+        # a finite loss can still back-propagate a non-finite gradient (QAT from a barely trained student: NaN in
+        # the first layers' gradients at the first step); the weights then go NaN and every later loss with them,
+        # so what would be published is a model that outputs nothing
+        model = getattr(tr.model, "module", tr.model)
+        bad = next((n for n, p in model.named_parameters() if not bool(p.detach().isfinite().all())), None)
+        if bad is not None:
+            raise CheckFailed(f"training stopped: the student's weights are not finite after epoch {tr.epoch + 1} "
+                              f"({bad}, though the loss was finite: a gradient was not); lower train.lr0" +
+                              (" or the KD weights (or set distill.auto_balance)" if kd and not qat else "") +
+                              (QAT_HINT if qat else ""))
 
     def on_fit_epoch_end(tr):
         m = tr.metrics or {}
@@ -125,6 +140,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
     trainer.add_callback("on_model_save", on_model_save)
     trainer.add_callback("on_train_epoch_start", on_train_epoch_start)
     trainer.add_callback("on_train_batch_end", on_train_batch_end)
+    trainer.add_callback("on_train_epoch_end", on_train_epoch_end)
     trainer.add_callback("on_fit_epoch_end", on_fit_epoch_end)
 
 

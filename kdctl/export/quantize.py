@@ -30,13 +30,15 @@ class _Reader:
 
 def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.ndarray],
                        keep_float: Callable[[list[tuple[str, str]]], list[str]] | None = None,
-                       method: str = "minmax", scheme: str = "onnxruntime") -> dict:
+                       method: str = "minmax", scheme: str = "onnxruntime",
+                       overrides: dict[str, list[dict]] | None = None) -> dict:
     """Static QDQ quantization with per-channel symmetric INT8 weights; returns the settings used.
 
     ``scheme="tensorrt"``: symmetric INT8 activations (every zero point 0) and float biases, the only form
     TensorRT's explicit quantization (onnx-tensorrt's Q/DQ importer) accepts; ONNX Runtime runs it too.
     ``scheme="onnxruntime"``: UINT8 activations with zero points and int32 biases, which ONNX Runtime's CPU
     kernels run about 3x faster than the symmetric form (measured on the quickstart student, 160 px).
+    ``overrides``: ONNX Runtime's TensorQuantOverrides, scales fixed beforehand (a QAT student's learned ranges).
     """
     if scheme not in ("tensorrt", "onnxruntime"):
         raise ValueError(f"INT8 scheme '{scheme}'; valid: tensorrt, onnxruntime")
@@ -48,9 +50,14 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.nda
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method '{method}'; valid: {', '.join(CALIBRATION_METHODS)}")
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    # ONNX Runtime's graph optimizations fold and rename initializers, and fixed scales are keyed by tensor name
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, skip_optimization=bool(overrides))
     proto = onnx.load(str(pre))
     exclude = keep_float([(n.name, n.op_type) for n in proto.graph.node]) if keep_float else []
+    tensors = {t for n in proto.graph.node for t in (*n.input, *n.output)} | {i.name for i in proto.graph.input}
+    lost = sorted(set(overrides or ()) - tensors)
+    if lost:  # the pre-processing renamed a tensor whose scale was fixed: it would be calibrated instead
+        raise ValueError(f"fixed quantization scales for tensors the graph no longer has: {', '.join(lost[:3])}")
     settings = {"format": "QDQ", "scheme": scheme, "per_channel": True, "weights": "int8 symmetric",
                 "activations": "int8 symmetric" if trt else "uint8", "bias": "float" if trt else "int32",
                 "calibration_method": method,
@@ -62,7 +69,8 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.nda
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[method],
                         nodes_to_exclude=exclude,
-                        extra_options={"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt})
+                        extra_options={"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt,
+                                       **({"TensorQuantOverrides": overrides} if overrides else {})})
     finally:
         pre.unlink(missing_ok=True)
     onnx.checker.check_model(str(out_path))
@@ -189,7 +197,6 @@ def _drop_unused_initializers(proto) -> None:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
 
-
 U8_ZERO_POINT = "kdctl_activation_zero_point_u8"
 
 
@@ -220,6 +227,93 @@ def to_uint8_activations(proto) -> int:
         _drop_unused_initializers(proto)  # the int8 zero points nothing reads now
     return len(changed)
 
+
+# ONNX Runtime's QDQ quantizer gives these ops' outputs their input's scale (onnxruntime/quantization/registry.py)
+SAME_SCALE_AS_INPUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "MaxPool",
+                                 "AveragePool", "Slice", "Pad", "Split", "Gather", "GatherElements", "TopK"})
+
+
+def strip_quantizers(proto) -> tuple[dict[str, list[dict]], list[str]]:
+    """Take a quantization-aware student's Q/DQ pairs out of its graph (``proto``, changed in place: the float
+    graph with the trained weights) and return what they held: ONNX Runtime TensorQuantOverrides fixing each
+    quantized tensor's scale as trained (activations as uint8 with zero point 128, the same grid as int8 with zero
+    point 0; weights int8 per channel), and the names of the convolutions it left in float (no input quantizer).
+
+    ``quantize_onnx_int8`` on that float graph with these overrides writes ONNX Runtime's own form (every
+    quantized convolution followed by a quantizer, SiLU's Sigmoid and Mul quantized), which its CPU kernels fuse
+    into integer operators; the trained ranges stay, the tensors training left unquantized are calibrated. As
+    exported, ModelOpt's graph quantizes only each convolution's input, and ONNX Runtime runs those convolutions in
+    float between extra (de)quantizations: slower than FP32 (docs/benchmarks.md)."""
+    g = proto.graph
+    inits = _initializers(proto)
+    quant = {n.output[0]: n for n in g.node if n.op_type == "QuantizeLinear"}
+    pairs = [(quant[n.input[0]], n) for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in quant]
+    overrides: dict[str, list[dict]] = {}
+    rename, dropped = {}, set()
+    for q, d in pairs:
+        x = q.input[0]
+        scale = inits.get(q.input[1])
+        zero = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.int8)
+        if scale is None or zero is None or zero.dtype != np.int8 or np.any(zero != 0):
+            raise ValueError(f"quantizer {q.name or q.output[0]}: not a symmetric int8 quantizer with a constant "
+                             "scale")
+        if x in inits:
+            axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+            channels = scale.reshape(-1) if scale.ndim else scale.reshape(1)
+            overrides[x] = [{"axis": axis, "scale": np.array(c, np.float32), "zero_point": 0} for c in channels] \
+                if scale.ndim else [{"scale": scale.astype(np.float32), "zero_point": 0}]
+        else:  # two convolutions reading one tensor, each its own quantizer: the wider range, nothing clipped more
+            prev = overrides.get(x, [{"scale": np.zeros((), np.float32)}])[0]["scale"]
+            overrides[x] = [{"scale": np.array(max(prev, scale.max()), np.float32),
+                             "zero_point": np.array(128, np.uint8)}]
+        rename[d.output[0]] = x
+        dropped |= {id(q), id(d)}
+    float_convs = [n.name for n in g.node if n.op_type == "Conv" and n.input[0] not in rename]
+    nodes = [n for n in g.node if id(n) not in dropped]
+    for n in nodes:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    # ONNX Runtime quantizes the output of a data-movement op (C2f's Slice, a Reshape, MaxPool) with its input's
+    # scale, whatever the output's own override says: a trained scale there is moved up to the tensor it comes from
+    produced = {o: n for n in nodes for o in n.output}
+    for t in [t for t in overrides if t not in inits]:
+        node = produced.get(t)
+        while node is not None and node.op_type in SAME_SCALE_AS_INPUT and node.input[0] not in inits:
+            src = node.input[0]
+            scale = max(overrides[t][0]["scale"], overrides.get(src, [{"scale": np.float32(0)}])[0]["scale"])
+            overrides[src] = [{"scale": np.array(scale, np.float32), "zero_point": np.array(128, np.uint8)}]
+            t, node = src, produced.get(src)
+    for o in g.output:
+        o.name = rename.get(o.name, o.name)
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [v for v in g.value_info if v.name not in quant and v.name not in rename]  # the int8 tensors gone
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    _drop_unused_initializers(proto)
+    return overrides, float_convs
+
+
+def quantize_qat_onnxruntime(trained, out_path: Path, calibration: list[np.ndarray],
+                             keep_float: Callable[[list[tuple[str, str]]], list[str]] | None = None,
+                             method: str = "minmax") -> dict:
+    """ONNX Runtime's INT8 form of a quantization-aware student's Q/DQ graph ``trained`` (as exported, weight
+    quantizers not folded; changed in place): ``strip_quantizers``, then ``quantize_onnx_int8`` of the float graph
+    with the trained scales fixed, the convolutions training left in float and ``keep_float``'s nodes excluded.
+    Returns its settings, with how many activations and weights kept their trained ranges."""
+    import onnx
+
+    overrides, float_convs = strip_quantizers(trained)
+    float_path = out_path.with_name(out_path.stem + ".float.onnx")
+    onnx.save(trained, str(float_path))
+    try:
+        settings = quantize_onnx_int8(
+            float_path, out_path, calibration,
+            lambda nodes: sorted(set(float_convs) | set(keep_float(nodes) if keep_float else ())), method,
+            "onnxruntime", overrides=overrides)
+    finally:
+        float_path.unlink(missing_ok=True)
+    weights = sum("axis" in v[0] or v[0]["zero_point"] == 0 for v in overrides.values())
+    return {**settings, "trained_weights": weights, "trained_activations": len(overrides) - weights}
 
 def qdq_counts(proto) -> dict:
     """Quantized convolutions and Q/DQ nodes of a Q/DQ graph (what the bundle records for a QAT export)."""

@@ -17,7 +17,7 @@ import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, first_line, given_by, shown
-from kdctl.export.base import Artifact, file_size_mb, validate_outputs
+from kdctl.export.base import MIN_COSINE_QAT, Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.limits import IMGSZ_MAX
 from kdctl.progress import Step
@@ -159,7 +159,9 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                         "per-channel Q/DQ, which needs opset 13 or later; give a later opset, or leave the INT8 "
                         "ONNX out (--artifact onnx-fp32)")
     method = options.calibration_method or preset.calibration_method
-    needs_calib = any(a.endswith("int8") for a in wanted) and not qat
+    # a QAT student's ranges were learned; ONNX Runtime's form of it needs its convolutions' output ranges too
+    needs_calib = any(a.endswith("int8") for a in wanted) and (
+        not qat or ("onnx-int8" in wanted and onnx_int8_scheme(preset, wanted) == "onnxruntime"))
     calib_from = f"--calibration-data {options.calibration_data}" if options.calibration_data else None
     if calib_from and not needs_calib:
         raise DataError(f"{calib_from}: no artifact of this export is calibrated ({', '.join(wanted)}"
@@ -288,7 +290,7 @@ def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: in
            val_images: list[Path], names: list[str], qat: bool = False) -> list[Artifact]:
     """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it."""
     if qat:
-        arts = _build_qat(root, model, preset, wanted, imgsz, opset, plan)
+        arts = _build_qat(root, model, preset, wanted, imgsz, opset, method, calibration, plan)
     else:
         arts = _build_onnx(root, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan)
         arts += _build_openvino(root, model, preset, wanted, imgsz, opset, calibration, keep_float, plan, options,
@@ -411,23 +413,30 @@ def _openvino_artifact(d: Path, prec: str, preset: TargetPreset, settings: dict)
                     {**backend.runtime, "_backend": backend}, settings=settings)
 
 
-def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
-               plan: Step) -> list[Artifact]:
+def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
+               calibration: list[np.ndarray], plan: Step) -> list[Artifact]:
     """A quantization-aware trained student: its own Q/DQ graph (ranges learned in training, BatchNorm folded into
-    the quantized convolutions) is the INT8 model, written as is: no second calibration. Weight quantizers are
-    folded into int8 weights; for ONNX Runtime targets activations are re-expressed as uint8 (exact)."""
+    the quantized convolutions) is the INT8 model: its quantizers are not calibrated again. Weight quantizers are
+    folded into int8 weights (TensorRT's form, OpenVINO's source). ONNX Runtime's form is ONNX Runtime's quantizer
+    run on the student's float graph with every trained scale fixed as trained: it also quantizes what training
+    left in float between them (each convolution's output, SiLU), calibrated on ``calibration``, so its CPU kernels
+    run integer convolutions (ModelOpt's graph as is ran them in float, slower than FP32); where that form departs
+    from the trained graph beyond a QAT artifact's tolerance, the trained graph is written instead, and says why."""
     import onnx
 
+    from kdctl import detectors
     from kdctl.export.onnx import export_onnx
-
+    from kdctl.export.quantize import (fold_weight_quantizers, qdq_counts, quantize_qat_onnxruntime,
+                                       to_uint8_activations)
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
-    from kdctl.export.quantize import fold_weight_quantizers, qdq_counts, to_uint8_activations
 
     arts: list[Artifact] = []
     p = root / "model-int8.onnx"
     opset = max(opset, 13)  # per-channel Q/DQ
     export_onnx(model, p, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
     proto = onnx.load(str(p))
+    trained = type(proto)()
+    trained.CopyFrom(proto)
     fold_weight_quantizers(proto)
     counts = qdq_counts(proto)
     if not counts["int8_convs"]:
@@ -444,26 +453,46 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
         arts.append(_openvino_artifact(root / "openvino-int8", "int8", preset,
                                        {**settings, "converted_from": "onnx (Q/DQ)", "tool": "openvino"}))
         plan.advance()
+    if "onnx-int8" not in wanted and "tensorrt-int8" not in wanted:
+        return arts
     scheme = onnx_int8_scheme(preset, wanted)
     if scheme == "onnxruntime":
-        to_uint8_activations(proto)
-        onnx.save(proto, str(p))
-    onnx.checker.check_model(str(p))
-    if scheme == "tensorrt":
+        fast = root / "model-int8.ort.onnx"
+        ort = quantize_qat_onnxruntime(trained, fast, calibration, lambda nodes: detectors.float_tail(nodes, model),
+                                       method)
+        # the added quantizers were never trained: the form is kept only where it computes what the trained graph
+        # computes, to the tolerance a QAT artifact is held to against PyTorch
+        check = validate_outputs(onnxruntime_backend(p), onnxruntime_backend(fast), calibration[:8], imgsz,
+                                 "int8-qat", sets=detectors.set_output(model))
+        n = ort["calibration_images"]
+        if check["ok"]:
+            fast.replace(p)
+            settings = {**settings, **qdq_counts(onnx.load(str(p))), "calibration": f"none for the "
+                        f"{ort['trained_activations']} activations and {ort['trained_weights']} weights training "
+                        f"quantized (their ranges as learned); the tensors it left in float that ONNX Runtime "
+                        f"quantizes (each convolution's output, SiLU): {method} over {n} images",
+                        "calibration_images": n, "calibration_method": method,
+                        "onnxruntime_form": {"used": True, "cosine_to_trained_graph": check["cosine"]}}
+            acts = "uint8 (the trained ranges at zero point 128; the others calibrated)"
+        else:
+            fast.unlink()
+            to_uint8_activations(proto)
+            onnx.save(proto, str(p))
+            settings = {**settings, "onnxruntime_form": {
+                "used": False, "cosine_to_trained_graph": check["cosine"], "note": "ONNX Runtime's integer form "
+                f"(the tensors training left in float quantized too, {method} over {n} images) differed from the "
+                f"trained graph (cosine {check['cosine']:.4f}, under {MIN_COSINE_QAT}); this is the trained graph, "
+                "whose convolutions ONNX Runtime runs in float: slower than FP32 (docs/benchmarks.md). For CPU "
+                "speed export this student for the intel (OpenVINO) target, or use post-training INT8"}}
+            acts = "uint8 (zero point 128)"
+    else:
         _check_tensorrt_form(p)
-    if "onnx-int8" in wanted or "tensorrt-int8" in wanted:
-        acts = "uint8 (zero point 128)" if scheme == "onnxruntime" else "int8 symmetric"
-        note = None if scheme == "tensorrt" else (
-            "ONNX Runtime's CPU kernels fuse a Q/DQ convolution into an integer one only when a quantizer follows "
-            "it; a QAT graph quantizes each convolution's input and keeps SiLU in float, so here it runs no faster than "
-            "FP32 (docs/benchmarks.md). For CPU speed export this student for the intel (OpenVINO) target, "
-            "or use post-training INT8")
-        arts.insert(0, Artifact("onnx-int8", "onnx", "int8", [p.name],
-                                {**_ort_runtime(), "inference_precision": "int8 (QDQ)",
-                                 "_backend": onnxruntime_backend(p)},
-                                settings={**settings, "scheme": scheme, "activations": acts,
-                                          **({"note": note} if note else {})}))
-        plan.advance()
+        acts = "int8 symmetric"
+    onnx.checker.check_model(str(p))
+    arts.insert(0, Artifact("onnx-int8", "onnx", "int8", [p.name],
+                            {**_ort_runtime(), "inference_precision": "int8 (QDQ)", "_backend": onnxruntime_backend(p)},
+                            settings={**settings, "scheme": scheme, "activations": acts}))
+    plan.advance()
     return arts
 
 
