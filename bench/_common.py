@@ -49,6 +49,28 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+
+def ort_p50s(paths: dict, x) -> dict[str, float]:
+    """ONNX Runtime CPU p50 in ms of each ONNX graph on input ``x`` (batch 1): the median of 5 interleaved repeats
+    (so drift on the host hits every graph alike) of the median of 60 runs after 5 warm-up runs."""
+    import time
+
+    import onnxruntime as ort
+
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    reps = {k: [] for k in paths}
+    for _ in range(5):
+        for k, s in sessions.items():
+            for _ in range(5):
+                s.run(None, {"images": x})
+            t = []
+            for _ in range(60):
+                t0 = time.perf_counter_ns()
+                s.run(None, {"images": x})
+                t.append((time.perf_counter_ns() - t0) / 1e6)
+            reps[k].append(median(t))
+    return {k: median(v) for k, v in reps.items()}
+
 def table(head: list[str], rows: list[list]) -> str:
     def fmt(x):
         return f"{x:.4g}" if isinstance(x, float) else str(x)

@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, median, write_section  # noqa: E402
+from _common import ROOT, machine, ort_p50s, write_section  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "runs" / "train" / "quickstart-student")
     args = ap.parse_args()
-
-    import onnxruntime as ort
 
     from kdctl.bundle import load_bundle
     from kdctl.data.resolve import load_yolo_yaml
@@ -48,23 +45,12 @@ def main() -> int:
         quantize_onnx_int8(fp32, paths[scheme], calib, lambda nodes: yolo.float_tail(nodes, model), method="minmax",
                            scheme=scheme)
     x = _preprocess(ds.val_images[:1], imgsz)[0]
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-    reps = {k: [] for k in paths}
-    for _ in range(5):  # interleaved repeats, so drift on the host hits every form alike
-        for k, s in sessions.items():
-            for _ in range(5):
-                s.run(None, {"images": x})
-            t = []
-            for _ in range(60):
-                t0 = time.perf_counter_ns()
-                s.run(None, {"images": x})
-                t.append((time.perf_counter_ns() - t0) / 1e6)
-            reps[k].append(median(t))
+    p50 = ort_p50s(paths, x)
     rows = []
     for k, p in paths.items():
         m = evaluate_backend(onnxruntime_backend(p), ds.val_images, ds.names, imgsz)["map50_95"]
         rules = "n/a (float)" if k == "fp32" else ("met" if not tensorrt_qdq_problems(p) else "broken")
-        rows.append(f"| {k} | {median(reps[k]):.3f} | {median(reps[k]) / median(reps['fp32']):.2f} | {m:.4f} | {rules} |")
+        rows.append(f"| {k} | {p50[k]:.3f} | {p50[k] / p50['fp32']:.2f} | {m:.4f} | {rules} |")
     body = "\n".join([
         "## INT8 forms: ONNX Runtime's vs TensorRT's Q/DQ", "",
         f"Machine: {machine()}. `python bench/int8_forms.py`: {src.path.name} at {imgsz} px, 64 calibration images "

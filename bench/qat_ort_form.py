@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, median, table, write_section  # noqa: E402
+from _common import ROOT, machine, ort_p50s, table, write_section  # noqa: E402
 
 
 def forms(qat, float_model, imgsz: int, calib: list, work: Path) -> dict[str, Path]:
@@ -46,24 +45,6 @@ def forms(qat, float_model, imgsz: int, calib: list, work: Path) -> dict[str, Pa
     quantize_qat_onnxruntime(trained, out["QAT student, ONNX Runtime's form (kdctl export now)"], calib,
                              lambda nodes: yolo.float_tail(nodes, qat))
     return out
-
-
-def p50s(paths: dict[str, Path], x) -> dict[str, float]:
-    import onnxruntime as ort
-
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-    reps = {k: [] for k in paths}
-    for _ in range(5):  # interleaved repeats, so drift on the host hits every form alike
-        for k, s in sessions.items():
-            for _ in range(5):
-                s.run(None, {"images": x})
-            t = []
-            for _ in range(60):
-                t0 = time.perf_counter_ns()
-                s.run(None, {"images": x})
-                t.append((time.perf_counter_ns() - t0) / 1e6)
-            reps[k].append(median(t))
-    return {k: median(v) for k, v in reps.items()}
 
 
 def main() -> int:
@@ -94,7 +75,7 @@ def main() -> int:
     for imgsz in args.sizes:
         calib = _preprocess(_spread(ds.train_images, 64), imgsz)
         paths = forms(qat, float_model, imgsz, calib, work)
-        lat = p50s(paths, _preprocess(ds.val_images[:1], imgsz)[0])
+        lat = ort_p50s(paths, _preprocess(ds.val_images[:1], imgsz)[0])
         fp32 = lat["float student, FP32"]
         for k, p in paths.items():
             m = (f"{evaluate_backend(onnxruntime_backend(p), ds.val_images, ds.names, imgsz)['map50_95']:.4f}"
