@@ -404,6 +404,43 @@ def _trained_tensors(bundle) -> set[str]:
         m = onnx.load(str(export_onnx(load_detector(bundle / "weights.pt"), Path(d) / "q.onnx", imgsz, opset=17)))
     return set(strip_quantizers(m)[0])
 
+
+def test_qat_export_falls_back_to_the_trained_graph_where_onnx_runtimes_form_departs_from_it(qad_bundle, tmp_path,
+                                                                                            monkeypatch):
+    """Where ONNX Runtime's form does not compute what the trained graph computes (cosine under 0.99 over the
+    calibration images; here made so by negating its output), the export writes the trained graph, as before
+    this form existed, and records why; it is still checked against PyTorch and passes."""
+    import onnxruntime as ort
+
+    import kdctl.export.quantize as quantize
+    from kdctl.bundle import load_bundle
+
+    real = quantize.quantize_qat_onnxruntime
+
+    def departing(trained, out_path, *args, **kwargs):  # the real form, its output negated
+        settings = real(trained, out_path, *args, **kwargs)
+        m = onnx.load(str(out_path))
+        y = m.graph.output[0].name
+        next(n for n in m.graph.node if y in n.output).output[:] = [f"{y}_before"]
+        m.graph.node.append(helper.make_node("Neg", [f"{y}_before"], [y]))
+        onnx.save(m, str(out_path))
+        return settings
+
+    monkeypatch.setattr(quantize, "quantize_qat_onnxruntime", departing)
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--out", str(tmp_path / "e"), "-q"])
+    assert res.exit_code == 0, res.output
+    (art,) = load_bundle(tmp_path / "e", verify=True).metrics["artifacts"]
+    form = art["settings"]["onnxruntime_form"]
+    assert form["used"] is False and form["cosine_to_trained_graph"] < 0.99, form
+    assert f"(cosine {form['cosine_to_trained_graph']:.4f}, under 0.99)" in form["note"]
+    assert "slower than FP32" in form["note"] and art["settings"]["activations"] == "uint8 (zero point 128)"
+    assert art["parity"]["ok"] is True and art["parity"]["cosine"] >= 0.99
+    assert not (tmp_path / "e" / "model-int8.ort.onnx").exists()
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "e" / "model-int8.onnx"), opts, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" not in [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
 def test_qat_export_with_only_float_artifacts_is_one_line(qad_bundle, tmp_path):
     res = CliRunner().invoke(app, ["export", str(qad_bundle), "--artifact", "onnx-fp32", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0
@@ -514,8 +551,8 @@ def test_qad_of_other_families_exports_their_qdq_graph(tmp_path, tiny_data, requ
         assert art["name"] == artifact and art["parity"]["ok"] and art["parity"]["cosine"] >= 0.99
         if target == "cpu":
             assert art["settings"]["int8_convs"] > 0 and art["settings"]["calibration"].startswith("none")
-            # RT-DETR's integer form matches its trained graph; the barely trained Faster R-CNN's does not (0.96),
-            # and the trained graph is written, saying why
+            # ONNX Runtime's integer form matches RT-DETR's trained graph; this barely trained Faster R-CNN's it does
+            # not (0.96; another 1-epoch one trained by the CLI: 0.999998), and the trained graph is written, saying why
             form = art["settings"]["onnxruntime_form"]
             assert form["used"] or (form["cosine_to_trained_graph"] < 0.99 and "slower than FP32" in form["note"])
 
