@@ -388,6 +388,17 @@ def test_qat_export_calibrates_only_onnx_runtimes_form_on_the_calibration_data_g
     assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "ov").exists()
     assert res.output.strip().splitlines()[-1].startswith(f"Error: --calibration-data {frames}: no artifact of this "
                                                          "export is calibrated (openvino-int8")
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(frames.iterdir())[:2]:
+        (few / f.name).write_bytes(f.read_bytes())
+    res = run.invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--calibration-data", str(few),
+                           "--out", str(tmp_path / "few-out")])
+    assert res.exit_code == 2 and not (tmp_path / "few-out").exists()
+    assert " ".join(res.output.split()).endswith(
+        f"Error: --calibration-data {few}: it holds 2 images; INT8 calibration needs at least 8 (ONNX Runtime's form "
+        "of a quantization-aware student calibrates what training left in float; give --data or --calibration-data, "
+        "or export its trained graph alone with --artifact openvino-int8)")
 
 
 def _trained_tensors(bundle) -> set[str]:

@@ -175,8 +175,11 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
                             f"calibration (at least {MIN_CALIBRATION})")
         raise DataError(f"{calib_from or ds.yaml}: {'it holds' if calib_from else 'the train split has'} "
-                        f"{len(calib_pool)} images; INT8 calibration needs at least {MIN_CALIBRATION} (export float "
-                        "artifacts only with --artifact, or give --data or --calibration-data)")
+                        f"{len(calib_pool)} images; INT8 calibration needs at least {MIN_CALIBRATION} (" +
+                        ("ONNX Runtime's form of a quantization-aware student calibrates what training left in float; "
+                         "give --data or --calibration-data, or export its trained graph alone with --artifact "
+                         "openvino-int8" if qat else
+                         "export float artifacts only with --artifact, or give --data or --calibration-data") + ")")
     if needs_calib and len(calib_pool) < n_calib:
         raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} calibration images "
                         f"requested, but {pool_name} has only {len(calib_pool)}")
