@@ -210,6 +210,7 @@ def _drop_unused_initializers(proto) -> None:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
 
+
 U8_ZERO_POINT = "kdctl_activation_zero_point_u8"
 
 
@@ -315,6 +316,8 @@ def quantize_qat_onnxruntime(trained, out_path: Path, calibration: list[np.ndarr
     Returns its settings, with how many activations and weights kept their trained ranges."""
     import onnx
 
+    inits = {i.name for i in trained.graph.initializer}
+    quantized = {n.input[0] for n in trained.graph.node if n.op_type == "QuantizeLinear"}
     overrides, float_convs = strip_quantizers(trained)
     float_path = out_path.with_name(out_path.stem + ".float.onnx")
     onnx.save(trained, str(float_path))
@@ -325,8 +328,8 @@ def quantize_qat_onnxruntime(trained, out_path: Path, calibration: list[np.ndarr
             "onnxruntime", overrides=overrides)
     finally:
         float_path.unlink(missing_ok=True)
-    weights = sum("axis" in v[0] or v[0]["zero_point"] == 0 for v in overrides.values())
-    return {**settings, "trained_weights": weights, "trained_activations": len(overrides) - weights}
+    return {**settings, "trained_weights": len(quantized & inits), "trained_activations": len(quantized - inits)}
+
 
 def qdq_counts(proto) -> dict:
     """Quantized convolutions and Q/DQ nodes of a Q/DQ graph (what the bundle records for a QAT export)."""
