@@ -233,7 +233,8 @@ distill:
 def qat_base(tmp_path_factory, tiny_data) -> Path:
     """The float student QAD starts from: 3 epochs on the tiny data. From the session's 1-epoch student the first
     QAD step back-propagates NaN into the first layers (a finite loss): the run stops (test below); before that
-    stop, the bundle it published held NaN weights and these tests passed on a model that output nothing."""
+    stop, the bundle it published held all-zero weights (NaN in training) and these tests passed on a model that
+    output nothing."""
     d = tmp_path_factory.mktemp("qat-base")
     (d / "base.yaml").write_text(f"name: base\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
                                  "train: {epochs: 3, imgsz: 128, batch: 8, workers: 0}\n")
@@ -269,7 +270,8 @@ def test_qad_trains_a_fake_quantized_student_with_kd(qad_bundle):
 @pytest.mark.slow
 def test_qad_whose_weights_go_non_finite_is_stopped_and_publishes_nothing(tmp_path, tiny_data, trained_bundle):
     """From a 1-epoch student the first QAD step's loss is finite but its gradient is NaN in the first layers; the
-    run went on and published a bundle of NaN weights as a success. It stops at the epoch's end, in one line."""
+    run went on and published a bundle of all-zero weights (NaN in training) as a success. It stops at the epoch's
+    end, in one line."""
     r = _qad_recipe(tmp_path, tiny_data, trained_bundle)
     res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "q")])
     assert res.exit_code == 1 and "Traceback" not in res.output
