@@ -661,6 +661,19 @@ def test_pose_rows_of_a_dataset_with_kpt_shape_are_refused_not_read_as_polygons(
         load_yolo_yaml(root / "data.yaml")
 
 
+
+def test_data_check_reads_each_label_file_once(tiny_data, monkeypatch):
+    """The reader validates every label file and keeps the counts per class; ``data check`` reports those, where it
+    parsed every label file a second time to count (a COCO-sized set: 118k files twice)."""
+    import kdctl.data.validate as validate
+    from kdctl.data.check import check_dataset
+
+    parsed = []
+    real = validate.parse_labels
+    monkeypatch.setattr(validate, "parse_labels", lambda path, *a, **k: parsed.append(path) or real(path, *a, **k))
+    r = check_dataset(tiny_data)
+    assert len(parsed) == len(set(parsed)) == r["splits"]["train"]["images"] + r["splits"]["val"]["images"]
+
 def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data):
     """``kdctl data check``: exit 0 and the counts on a clean set; on a broken copy every invalid image and label line
     (training stops at the first), the counts of what is left, a class without objects; exit 2 for an unusable

@@ -6,7 +6,6 @@ before a run is started, and exits 1 when an image would be refused (or, with ``
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 
@@ -20,19 +19,13 @@ def _is_recipe(path: Path) -> bool:
     return isinstance(d, dict) and isinstance(d.get("data"), dict) and "student" in d
 
 
-def _split_summary(images: list[Path], skipped: list[str], names: list[str]) -> dict:
-    """What one split holds: ``images`` (the usable ones) and ``skipped`` (a line per invalid one) as the reader left
-    them."""
-    from kdctl.data.resolve import label_path
-    from kdctl.data.validate import parse_labels
-
-    per_class, background = Counter(), 0
-    for img in images:  # already parsed once by the reader; read again for the counts (labels are small)
-        rows = parse_labels(label_path(img), len(names))
-        background += not len(rows)
-        per_class.update(int(c) for c in rows[:, 0])
-    return {"images": len(images) + len(skipped), "usable": len(images), "skipped": len(skipped), "objects": sum(per_class.values()),
-            "background_images": background, "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
+def _split_summary(check, names: list[str]) -> dict:
+    """What one split holds, from the reader's check of it (``SplitCheck``: the usable images, a line per invalid
+    one, objects per class), so no label file is read twice."""
+    per_class = check.per_class
+    return {"images": len(check.images) + len(check.skipped), "usable": len(check.images),
+            "skipped": len(check.skipped), "objects": sum(per_class.values()), "background_images": check.background,
+            "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
             "classes_without_objects": [n for i, n in enumerate(names) if not per_class.get(i)]}
 
 
@@ -49,8 +42,7 @@ def check_dataset(path: str | Path) -> dict:
         ds = resolve_data(load_recipe(path).data, skip_invalid=True)
     else:
         ds = load_yolo_yaml(path, skip_invalid=True)
-    splits = {split: _split_summary(images, ds.skipped.get(split, []), ds.names)
-              for split, images in (("train", ds.train_images), ("val", ds.val_images))}
+    splits = {split: _split_summary(ds.checks[split], ds.names) for split in ("train", "val")}
     problems = {split: ds.skipped[split] for split in splits if ds.skipped.get(split)}
     return {"data": str(ds.yaml), "source": str(path), "names": ds.names, "splits": splits, "problems": problems,
             "ok": not problems}

@@ -38,6 +38,7 @@ class Dataset:
     val_images: list[Path]
     skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "file[:line]: what"
     val_split: str = "val"     # the YAML's split in val_images: 'val', or the one asked for ('test', 'train')
+    checks: dict = field(default_factory=dict)  # split -> SplitCheck of the splits validated (counts per class)
 
     @property
     def nc(self) -> int:
@@ -255,7 +256,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
 
     if data.get(score) in (None, "", []):
         raise DataError(f"{path}: field '{score}' is missing (the split to score)")
-    found, skipped = {}, {}
+    found, skipped, checks = {}, {}, {}
     for split in ("train", "val"):
         key = score if split == "val" else split
         images = _list_images(data[key], root, str(path), key)
@@ -274,8 +275,8 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         if res.objects == 0:
             raise DataError(f"{path}: {key}: no objects: every label file of its {len(res.images)} images is "
                             "empty")
-        found[split], skipped[split] = res.images, res.skipped
-    return Dataset(path, names, found["train"], found["val"], skipped, val_split=score)
+        found[split], skipped[split], checks[split] = res.images, res.skipped, res
+    return Dataset(path, names, found["train"], found["val"], skipped, val_split=score, checks=checks)
 
 
 def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:

@@ -9,8 +9,9 @@ error naming ``file:line``; with ``skip_invalid`` the bad images are left out an
 from __future__ import annotations
 
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,8 @@ class SplitCheck:
     images: list[Path]          # the usable ones, in the given order
     skipped: list[str]          # "file[:line]: what" for each image left out
     objects: int
+    per_class: Counter = field(default_factory=Counter)  # objects per class id, over the usable images
+    background: int = 0         # usable images without an object
 
 
 def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, workers: int = 8,
@@ -167,19 +170,21 @@ def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, wo
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         image_problems = list(pool.map(check_image, images))
-    kept, skipped, objects = [], [], 0
+    kept, skipped, per_class, background = [], [], Counter(), 0
     for img, why in zip(images, image_problems):
         if why is None:
             try:
-                objects += len(parse_labels(label_of(img), nc, pose_columns))
+                rows = parse_labels(label_of(img), nc, pose_columns)
             except LabelError as e:
                 why = str(e)
         else:
             why = f"{img}: {why}"
         if why is None:
             kept.append(img)
+            per_class.update(int(c) for c in rows[:, 0])
+            background += not len(rows)
         elif skip_invalid:
             skipped.append(why)
         else:
             raise DataError(f"{why} (pass --skip-invalid or set data.skip_invalid to leave such images out)")
-    return SplitCheck(kept, skipped, objects)
+    return SplitCheck(kept, skipped, sum(per_class.values()), per_class, background)
