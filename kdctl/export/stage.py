@@ -461,14 +461,20 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
     scheme = onnx_int8_scheme(preset, wanted)
     if scheme == "onnxruntime":
         fast = root / "model-int8.ort.onnx"
-        ort = quantize_qat_onnxruntime(trained, fast, calibration, lambda nodes: detectors.float_tail(nodes, model),
-                                       method)
-        # the added quantizers were never trained: the form is kept only where it computes what the trained graph
-        # computes, to the tolerance a QAT artifact is held to against PyTorch
-        check = validate_outputs(onnxruntime_backend(p), onnxruntime_backend(fast), calibration[:8], imgsz,
-                                 "int8-qat", sets=detectors.set_output(model))
-        n = ort["calibration_images"]
-        if check["ok"]:
+        n = int(sum(b.shape[0] for b in calibration))
+        try:
+            ort = quantize_qat_onnxruntime(trained, fast, calibration,
+                                           lambda nodes: detectors.float_tail(nodes, model), method)
+        except Exception as e:  # e.g. a histogram calibrator on a near-constant tensor: the trained graph stands
+            ort, why = None, f"could not be built ({first_line(e)})"
+        else:
+            # the added quantizers were never trained: the form is kept only where it computes what the trained
+            # graph computes, to the tolerance a QAT artifact is held to against PyTorch
+            check = validate_outputs(onnxruntime_backend(p), onnxruntime_backend(fast), calibration[:8], imgsz,
+                                     "int8-qat", sets=detectors.set_output(model))
+            why = None if check["ok"] else (f"differed from the trained graph (cosine {check['cosine']:.4f}, under "
+                                            f"{MIN_COSINE_QAT})")
+        if why is None:
             fast.replace(p)
             settings = {**settings, **qdq_counts(onnx.load(str(p))), "calibration": f"none for the "
                         f"{ort['trained_activations']} activations and {ort['trained_weights']} weights training "
@@ -478,15 +484,15 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
                         "onnxruntime_form": {"used": True, "cosine_to_trained_graph": check["cosine"]}}
             acts = "uint8 (the trained ranges at zero point 128; the others calibrated)"
         else:
-            fast.unlink()
+            fast.unlink(missing_ok=True)
             to_uint8_activations(proto)
             onnx.save(proto, str(p))
             settings = {**settings, "onnxruntime_form": {
-                "used": False, "cosine_to_trained_graph": check["cosine"], "note": "ONNX Runtime's integer form "
-                f"(the tensors training left in float quantized too, {method} over {n} images) differed from the "
-                f"trained graph (cosine {check['cosine']:.4f}, under {MIN_COSINE_QAT}); this is the trained graph, "
-                "whose convolutions ONNX Runtime runs in float: slower than FP32 (docs/benchmarks.md). For CPU "
-                "speed export this student for the intel (OpenVINO) target, or use post-training INT8"}}
+                "used": False, **({"cosine_to_trained_graph": check["cosine"]} if ort else {}),
+                "note": f"ONNX Runtime's integer form (the tensors training left in float quantized too, {method} "
+                f"over {n} images) {why}; this is the trained graph, whose convolutions ONNX Runtime runs in "
+                "float: slower than FP32 (docs/benchmarks.md). For CPU speed export this student for the intel "
+                "(OpenVINO) target, or use post-training INT8"}}
             acts = "uint8 (zero point 128)"
     else:
         _check_tensorrt_form(p)
