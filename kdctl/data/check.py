@@ -24,7 +24,7 @@ def _split_summary(check, names: list[str]) -> dict:
     one, objects per class), so no label file is read twice."""
     per_class = check.per_class
     return {"images": len(check.images) + len(check.skipped), "usable": len(check.images),
-            "skipped": len(check.skipped), "objects": sum(per_class.values()), "background_images": check.background,
+            "skipped": len(check.skipped), "objects": check.objects, "background_images": check.background,
             "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
             "classes_without_objects": [n for i, n in enumerate(names) if not per_class.get(i)]}
 

@@ -158,9 +158,12 @@ EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX
 class SplitCheck:
     images: list[Path]          # the usable ones, in the given order
     skipped: list[str]          # "file[:line]: what" for each image left out
-    objects: int
     per_class: Counter = field(default_factory=Counter)  # objects per class id, over the usable images
     background: int = 0         # usable images without an object
+
+    @property
+    def objects(self) -> int:
+        return sum(self.per_class.values())
 
 
 def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, workers: int = 8,
@@ -187,4 +190,4 @@ def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, wo
             skipped.append(why)
         else:
             raise DataError(f"{why} (pass --skip-invalid or set data.skip_invalid to leave such images out)")
-    return SplitCheck(kept, skipped, sum(per_class.values()), per_class, background)
+    return SplitCheck(kept, skipped, per_class, background)
