@@ -463,10 +463,10 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
         fast = root / "model-int8.ort.onnx"
         n = int(sum(b.shape[0] for b in calibration))
         try:
-            ort = quantize_qat_onnxruntime(trained, fast, calibration,
-                                           lambda nodes: detectors.float_tail(nodes, model), method)
+            built = quantize_qat_onnxruntime(trained, fast, calibration,
+                                             lambda nodes: detectors.float_tail(nodes, model), method)
         except Exception as e:  # e.g. a histogram calibrator on a near-constant tensor: the trained graph stands
-            ort, why = None, f"could not be built ({first_line(e)})"
+            built, why = None, f"could not be built ({first_line(e)})"
         else:
             # the added quantizers were never trained: the form is kept only where it computes what the trained
             # graph computes, to the tolerance a QAT artifact is held to against PyTorch
@@ -477,7 +477,7 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
         if why is None:
             fast.replace(p)
             settings = {**settings, **qdq_counts(onnx.load(str(p))), "calibration": f"none for the "
-                        f"{ort['trained_activations']} activations and {ort['trained_weights']} weights training "
+                        f"{built['trained_activations']} activations and {built['trained_weights']} weights training "
                         f"quantized (their ranges as learned); the tensors it left in float that ONNX Runtime "
                         f"quantizes (each convolution's output, SiLU): {method} over {n} images",
                         "calibration_images": n, "calibration_method": method,
@@ -488,7 +488,7 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
             to_uint8_activations(proto)
             onnx.save(proto, str(p))
             settings = {**settings, "onnxruntime_form": {
-                "used": False, **({"cosine_to_trained_graph": check["cosine"]} if ort else {}),
+                "used": False, **({"cosine_to_trained_graph": check["cosine"]} if built else {}),
                 "note": f"ONNX Runtime's integer form (the tensors training left in float quantized too, {method} "
                 f"over {n} images) {why}; this is the trained graph, whose convolutions ONNX Runtime runs in "
                 "float: slower than FP32 (docs/benchmarks.md). For CPU speed export this student for the intel "
