@@ -25,7 +25,7 @@ from kdctl.data.resolve import normalised_yaml, resolve_data
 from kdctl.errors import CheckFailed, KdctlError, RecipeError, ResumeMismatch
 from kdctl.models import load_model, resolve_model
 from kdctl.progress import Step
-from kdctl.recipe.schema import Recipe
+from kdctl.recipe.schema import Recipe, is_model_config
 
 
 def work_dir_for(out: Path) -> Path:
@@ -218,12 +218,6 @@ def _as_current(dump):
         return dump
 
 
-def is_model_config(spec: str) -> bool:
-    """A model built from its config (a model YAML, a torchvision builder), so with random weights: kdctl downloads
-    none. False for a checkpoint or a bundle."""
-    return spec.startswith("torchvision:") or (Path(spec).suffix in (".yaml", ".yml") and not Path(spec).is_dir())
-
-
 def untrained_teacher(recipe: Recipe, source: str = "recipe") -> str | None:
     """Why ``recipe``'s teacher has nothing to teach, if it is built from a model config (a YAML, a torchvision
     builder): kdctl downloads no weights, so such a teacher starts from random weights, where Ultralytics' own
@@ -254,12 +248,6 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     refused = recipe.refusal(stage, source)
     if refused:
         raise RecipeError(refused)
-    if recipe.distill.quantize and not recipe.distill.init and is_model_config(recipe.student.model):
-        raise RecipeError(f"{source}: distill.quantize: {recipe.distill.quantize} fine-tunes a trained student with "
-                          "fake quantization, its ranges calibrated on it once; student.model "
-                          f"'{recipe.student.model}' is a model config with random weights (from them yolo11n and "
-                          "yolo26n diverge at the first step): train it first without quantize and name that bundle "
-                          "as student.model")
     if recipe.distill.quantize:
         import importlib.util
 

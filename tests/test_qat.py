@@ -490,6 +490,8 @@ def test_quantization_aware_training_from_random_weights_is_refused(tmp_path, ti
     line = refused_in_one_line([stage, str(r), "--out", str(tmp_path / "x")], tmp_path / "x")
     assert "q.yaml: distill.quantize: int8 fine-tunes a trained student" in line
     assert "'yolo26n.yaml' is a model config with random weights" in line
+    # no command takes it: recipe check refuses it in the same words, where it printed OK
+    assert refused_in_one_line(["recipe", "check", str(r)], tmp_path / "x") == line
 
 
 def test_quantize_field_is_validated(tmp_path, tiny_data):

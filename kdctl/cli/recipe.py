@@ -35,6 +35,10 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
     # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
     # with a teacher set aside is still a train recipe, so this is a note, not an error)
     refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
+    if all(refused.values()):  # no command takes it: the error the command it is written for would give
+        from kdctl.errors import RecipeError
+
+        raise RecipeError(refused["distill" if r.teacher is not None else "train"])
     out = {**out, "stages": {stage: {"accepted": why is None, **({"refused": why} if why else {})}
                              for stage, why in refused.items()}}
     note = refused["distill"] if r.teacher is not None and refused["train"] is None else None

@@ -5,6 +5,7 @@ A recipe is data, never code. Every stage copies the resolved recipe into its bu
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
@@ -346,4 +347,15 @@ class Recipe(Strict):
         if stage == "train" and self.distill.init:
             return (f"{source}: distill.init: '{self.distill.init}' starts the student from a teacher; "
                     "run `kdctl distill` (kdctl train has no teacher)")
+        if self.distill.quantize and not self.distill.init and is_model_config(self.student.model):
+            return (f"{source}: distill.quantize: {self.distill.quantize} fine-tunes a trained student with fake "
+                    f"quantization, its ranges calibrated on it once; student.model '{self.student.model}' is a model "
+                    "config with random weights (from them yolo11n and yolo26n diverge at the first step): train it "
+                    "first without quantize and name that bundle as student.model")
         return None
+
+
+def is_model_config(spec: str) -> bool:
+    """A model built from its config (a model YAML, a torchvision builder), so with random weights: kdctl downloads
+    none. False for a checkpoint or a bundle."""
+    return spec.startswith("torchvision:") or (Path(spec).suffix in (".yaml", ".yml") and not Path(spec).is_dir())
