@@ -66,8 +66,11 @@ def _raised_by_ultralytics_data(e: BaseException) -> bool:
     return any(f"/ultralytics/{m}/" in where for m in ("data", "cfg"))
 
 
-QAT_HINT = ("; quantization-aware training wants a well-trained float student to start from (its ranges are "
-            "calibrated on it) and a low lr0, e.g. 0.0003")
+def _stop_advice(kd: bool, qat: bool) -> str:
+    """What a run stopped on a non-finite loss or weights should change."""
+    return ("lower train.lr0" + (" or the KD weights (or set distill.auto_balance)" if kd else "") +
+            ("; quantization-aware training wants a well-trained float student to start from (its ranges are "
+             "calibrated on it) and a low lr0, e.g. 0.0003" if qat else ""))
 
 
 def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool, stop_epoch: int | None = None,
@@ -98,9 +101,8 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
         loss = tr.loss.detach() if tr.loss is not None else None
         if loss is not None and not bool(loss.isfinite().all()):
             items = {k: round(float(v), 4) for k, v in (tr.loss_items or {}).items()}
-            raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); lower "
-                              "train.lr0" + (" or the KD weights (or set distill.auto_balance)" if kd else "") +
-                              (QAT_HINT if qat else ""))
+            raise CheckFailed(f"training stopped: loss is not finite at epoch {tr.epoch + 1} ({items}); "
+                              + _stop_advice(kd, qat))
         if kd and not any(k.startswith("kd_") for k in (tr.loss_items or {})):
             raise RuntimeError("distillation step produced no KD terms; refusing to train the student without KD")
         save_balance(tr)
@@ -114,9 +116,7 @@ def _callbacks(trainer, epochs: int, progress, stage: str, work: Path, kd: bool,
         bad = next((n for n, p in model.named_parameters() if not bool(p.detach().isfinite().all())), None)
         if bad is not None:
             raise CheckFailed(f"training stopped: the student's weights are not finite after epoch {tr.epoch + 1} "
-                              f"({bad}, though the loss was finite: a gradient was not); lower train.lr0" +
-                              (" or the KD weights (or set distill.auto_balance)" if kd and not qat else "") +
-                              (QAT_HINT if qat else ""))
+                              f"({bad}, though the loss was finite: a gradient was not); " + _stop_advice(kd, qat))
 
     def on_fit_epoch_end(tr):
         m = tr.metrics or {}
