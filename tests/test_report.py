@@ -292,3 +292,46 @@ def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
     assert stage_rows == [["train", "t", "0.5000", "—", "—", "—"]]
     assert perf_rows == [["export", "e/onnx-fp32", "0.5000", "+0.0000", "None", "0.00 MB", "", ""],
                          ["profile", "p/onnx-fp32", "—", "", "None", "—", "1.00 / 2.00 / 3.00", "—"]]
+
+
+def test_user_names_are_literal_in_the_markdown(tmp_path):
+    """Class names and bundle folders are the user's: a ``|`` split its table row into an extra column, ``<img …>``
+    went into report.md as HTML, and a ``"`` ended the lineage graph's Mermaid label early."""
+    import re
+
+    from kdctl.bundle import BundleWriter, load_bundle, sha256_file
+    from kdctl.gate.junit import markdown_summary
+    from kdctl.gate.rules import Check
+
+    odd = {"a|b": 0.1, "<img src=x onerror=alert(1)>": 0.2, "x*y*`z`": 0.3}
+
+    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None):
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents, inputs=inputs or {},
+                          recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
+            (w.path / "weights.pt").write_bytes(name.encode())
+            w.add_output("weights", "weights.pt")
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95=odd)
+        return load_bundle(tmp_path / name)
+
+    t = bundle("t", "train", 0.50, model="big.yaml")
+    b = bundle("b", "train", 0.30)
+    teacher = {"teacher": {"sha256": sha256_file(t.path / "weights.pt")}}
+    d = bundle('d|"x"', "distill", 0.40, parents=[t], inputs=teacher)
+    res = CliRunner().invoke(app, ["report", str(b.path), str(d.path), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    cells = re.compile(r"(?<!\\)\|")  # column separators: a | not escaped
+
+    def table(title):
+        lines = md.split(f"## {title}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        return [len(cells.findall(x)) for x in lines]
+
+    per_class = table("Per-class AP50-95")
+    assert per_class == [5] * 5 and "| a\\|b |" in md and "| x\\*y\\*\\`z\\` |" in md
+    assert table("Models") == [7] * 5 and '| distill | d\\|"x" |' in md
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
+    assert '["distill: d|#quot;x#quot;"]' in md
+    check = Check("min_map50_95", 0.3, 0.2, False, "mAP50-95 0.2 below budget 0.3 for <artifact|x>")
+    summary = markdown_summary([check], "kdctl gate", {"profile": "runs/a|b", "artifact": "onnx-*int8*"})
+    assert "- **profile**: runs/a\\|b" in summary and "- **artifact**: onnx-\\*int8\\*" in summary
+    assert "for &lt;artifact\\|x&gt;" in summary

@@ -23,13 +23,23 @@ def junit_xml(checks: list[Check], suite: str = "kdctl.gate", classname: str = "
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+_MD_SPECIAL = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "<": "&lt;", ">": "&gt;",
+                              "\n": " ", "\r": " "})
+
+
+def md_escape(text: object) -> str:
+    """``text`` as literal Markdown: a class or folder name with ``|`` no longer splits a table row, nor ``*``,
+    backticks or ``<tag>`` turn into formatting or HTML where the Markdown is rendered (a CI step summary, GitHub)."""
+    return str(text).translate(_MD_SPECIAL)
+
+
 def markdown_summary(checks: list[Check], title: str, context: dict) -> str:
     ok = all(c.passed for c in checks)
     lines = [f"## {'✅' if ok else '❌'} {title}: {'PASS' if ok else 'FAIL'}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
+    lines += [f"- **{k}**: {md_escape(v)}" for k, v in context.items()] + [""]
     lines += ["| check | value | budget | result |", "|---|---:|---:|:---:|"]
     for c in checks:
         v = "missing" if c.value is None else f"{c.value:.4g}"
         lines.append(f"| {c.name} | {v} | {c.budget:.4g} | {'pass' if c.passed else '**FAIL**'} |")
-    lines += ["", *[f"- {c.name}: {c.message}" for c in checks if not c.passed]]
+    lines += ["", *[f"- {c.name}: {md_escape(c.message)}" for c in checks if not c.passed]]
     return "\n".join(lines).rstrip() + "\n"

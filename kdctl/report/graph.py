@@ -27,7 +27,10 @@ def _depths(chain: list[Bundle]) -> dict[str, int]:
 def mermaid(chain: list[Bundle]) -> str:
     lines = ["```mermaid", "graph LR"]
     for b in chain:
-        lines.append(f'  n{b.id[:8]}["{b.stage}: {b.path.name}"]')
+        label = f"{b.stage}: {b.path.name}"  # a folder name as Mermaid shows it literally: its entity codes
+        for ch, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
+            label = label.replace(ch, code)
+        lines.append(f'  n{b.id[:8]}["{label}"]')
     lines += [f"  n{a[:8]} --> n{b[:8]}" for a, b in edges(chain)]
     return "\n".join(lines + ["```"])
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 from kdctl.bundle import Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, require_verified
 from kdctl.errors import BundleError, KdctlError
+from kdctl.gate.junit import md_escape
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
 from kdctl.report.kd_summary import compare_all, field_of, seed_groups, side_by_side
@@ -100,8 +102,9 @@ PERF_HEAD = ["stage", "artifact", "mAP50-95", "Δ vs PyTorch (95 % interval)", "
 
 
 def _md_table(head, rows):
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                     ["| " + " | ".join(r) + " |" for r in rows])
+    """Every cell escaped: class and bundle names are the user's (a ``|`` in one would split its row)."""
+    return "\n".join(["| " + " | ".join(map(md_escape, head)) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(map(md_escape, r)) + " |" for r in rows])
 
 
 def _html_table(head, rows):
@@ -187,15 +190,17 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                 body += [f"<p class='verdict'><b>{html.escape(g.verdict())}</b></p>"]
             for c in cmps:
                 notes = " ".join(x for x in (c.gap_line(), c.interval_line()) if x)
-                line = f"{c.distilled.path.name}: {c.verdict()}" + (f" {notes}" if notes else "")
-                md += [f"- **{line}**"]
+                said = c.verdict() + (f" {notes}" if notes else "")
+                line = f"{c.distilled.path.name}: {said}"
+                md += [f"- **{md_escape(c.distilled.path.name)}: {said}**"]
                 body += [f"<p class='verdict'><b>{html.escape(line)}</b></p>"]
             md += ["", _md_table(KD_HEAD, kd_rows), ""]
             body += [_html_table(KD_HEAD, kd_rows)]
         for g, rows in gates:
             verdict = "PASS" if g.metrics.get("passed") else "FAIL"
             art = g.metrics.get("artifact", "")
-            md += [f"## Gate: {verdict} ({art}, {g.path.name})", "", _md_table(GATE_HEAD, rows), ""]
+            md += [f"## Gate: {verdict} ({md_escape(art)}, {md_escape(g.path.name)})", "", _md_table(GATE_HEAD, rows),
+                   ""]
             body += [f"<h2>Gate: <span class='{verdict.lower()}'>{verdict}</span> ({html.escape(art)}, "
                      f"{html.escape(g.path.name)})</h2>", _html_table(GATE_HEAD, rows)]
         md += ["## Lineage", "", graph.mermaid(chain), ""]
@@ -209,10 +214,10 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                      f"<img class='wide' src='{pred}' alt='predictions'>"]
         md += ["## Models", "", _md_table(STAGE_HEAD, stage_rows), "", "## Exports and profiles", "",
                _md_table(PERF_HEAD, perf_rows), ""]
-        md += [f"![{alt}]({f})" for f, alt in images]
+        md += [f"![{md_escape(alt)}]({quote(f)})" for f, alt in images]
         body += ["<h2>Models</h2>", _html_table(STAGE_HEAD, stage_rows), "<h2>Exports and profiles</h2>",
                  _html_table(PERF_HEAD, perf_rows), "<h2>Plots</h2>"]
-        body += [f'<figure><img src="{html.escape(f)}" alt="{html.escape(a)}"><figcaption>{html.escape(a)}'
+        body += [f'<figure><img src="{html.escape(quote(f))}" alt="{html.escape(a)}"><figcaption>{html.escape(a)}'
                  f"</figcaption></figure>" for f, a in images]
         (w.path / "report.md").write_text("\n".join(md) + "\n")
         (w.path / "report.html").write_text(
