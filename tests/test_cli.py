@@ -84,6 +84,35 @@ def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
     assert p.stderr.strip().splitlines() == [f"Error: {bad}: recipe not found"]
 
 
+def test_user_names_with_brackets_are_printed_as_text(tmp_path, tiny_data):
+    """Class names and folders are the user's: printed as Rich markup, a class '[/]' ended ``data check`` (and a
+    training that had already published its bundle) in "internal error: MarkupError", exit 1, and a bundle folder
+    'b[bold]' restyled ``bundle show``'s lines."""
+    import shutil
+
+    import yaml
+
+    from kdctl.bundle import BundleWriter
+
+    root = tmp_path / "data"
+    for sub in ("images", "labels"):
+        shutil.copytree(tiny_data.parent / sub, root / sub)
+    names = ["[/]", "[bold red]x", "[link=file:///etc]y"]
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                                    "names": dict(enumerate(names))}))
+    res = CliRunner().invoke(app, ["data", "check", str(root / "data.yaml")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert all(f"{i} {n} " in res.output for i, n in enumerate(names)) and "OK: every image" in res.output
+    b = tmp_path / "b[bold][/]"
+    with BundleWriter(b, stage="eval") as w:
+        w.metrics.update(map50_95=0.5, per_class_ap50_95={n: 0.5 for n in names})
+    res = CliRunner().invoke(app, ["bundle", "show", str(b)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert f"{b}  stage=eval" in res.output and "per_class_ap50_95.[/]" in res.output
+    res = CliRunner().invoke(app, ["bundle", "verify", str(b)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and res.output.startswith(f"OK {b}: "), res.output
+
+
 @pytest.mark.parametrize("argv,option", [
     (["export", "{b}", "--imgsz", "100000"], "--imgsz"),  # before: traced at that size until the OOM killer came
     (["eval", "{b}", "--imgsz", "8192"], "--imgsz"),

@@ -13,8 +13,10 @@ from typing import Annotated, Any, Iterator, Optional
 import typer
 from rich.console import Console
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# No Rich markup in what kdctl prints: paths, class and bundle names are the user's, and one like '[/]' or '[bold]x'
+# ended a finished run in a MarkupError (or restyled the line); styled words are rich.text.Text with a style.
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 
 def finite(value: float | None) -> float | None:
     """Option callback: ``inf`` and ``nan`` parse as floats but are no budget (and no valid JSON in a manifest)."""
@@ -132,8 +134,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}", style="progress.description", markup=False),
+                  BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=False) as p:
         try:
             yield p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from kdctl.cli._common import BundleArg, JsonOpt, QuietOpt, console, emit, err_console
@@ -33,7 +34,8 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
     m = b.manifest
 
     def human():
-        tree = Tree(f"[bold]{b.path}[/bold]  stage=[cyan]{b.stage}[/cyan]  id={b.id[:12]}  created={m.get('created', '?')}")
+        tree = Tree(Text.assemble((str(b.path), "bold"), "  stage=", (str(b.stage), "cyan"),
+                                  f"  id={b.id[:12]}  created={m.get('created', '?')}"))
         lin = tree.add("parents")
         for p in m.get("parents", []):
             lin.add(f"{p.get('stage')}  {p.get('path')}  id={str(p.get('id'))[:12]}")
@@ -83,12 +85,12 @@ def verify(bundle: BundleArg, json_: JsonOpt = False, quiet: QuietOpt = False) -
         if res.ok and quiet:
             return
         if res.ok:
-            console.print(f"[green]OK[/green] {bundle}: {res.checked} files match the sealed manifest")
+            console.print(Text.assemble(("OK", "green"), f" {bundle}: {res.checked} files match the sealed manifest"))
             for f in res.device_built:
                 console.print(f"  {f}: built on the device after export (declared; profile records its hash)")
         else:  # with --quiet (stdout discarded) the failures are the errors it still prints, on stderr
             for p in res.problems:
-                (err_console if quiet else console).print(f"[red]FAIL[/red] {bundle}/{p}")
+                (err_console if quiet else console).print(Text.assemble(("FAIL", "red"), f" {bundle}/{p}"))
 
     emit(result, as_json=json_, human=human)
     if not res.ok:

@@ -55,7 +55,8 @@ def synth(
 
     atomic_build(out, build)
     result = {"data": str(out / "data.yaml"), "train": images, "val": val, "seed": seed}
-    emit(result, as_json=json_, quiet=quiet, human=lambda: console.print(f"[green]Wrote[/green] {out / 'data.yaml'}"))
+    emit(result, as_json=json_, quiet=quiet,
+         human=lambda: console.print(Text.assemble(("Wrote", "green"), f" {out / 'data.yaml'}")))
 
 
 @app.command("check")
@@ -73,6 +74,7 @@ def check(
     Example: [bold]kdctl data check data/mydata/data.yaml[/bold]
     """
     from rich.table import Table
+    from rich.text import Text
 
     from kdctl.data.check import check_dataset
 
@@ -94,14 +96,14 @@ def check(
         console.print(c)
         for name, s in r["splits"].items():
             if s["classes_without_objects"]:
-                console.print(f"[yellow]{name}: no objects of {', '.join(s['classes_without_objects'])}[/yellow]")
+                console.print(f"{name}: no objects of {', '.join(s['classes_without_objects'])}", style="yellow")
         for name, items in r["problems"].items():
-            console.print(f"[red]{name}: {len(items)} invalid image(s)[/red]" + ("; the first 20:" if len(items) > 20
-                                                                              else ":"))
+            console.print(Text.assemble((f"{name}: {len(items)} invalid image(s)", "red"),
+                                        "; the first 20:" if len(items) > 20 else ":"))
             for line in items[:20]:
-                console.print(f"  {line}", markup=False, highlight=False)
+                console.print(f"  {line}", highlight=False)
         if r["ok"]:
-            console.print("[green]OK[/green]: every image and label line is valid")
+            console.print(Text.assemble(("OK", "green"), ": every image and label line is valid"))
 
     emit(r, as_json=json_, quiet=quiet, human=human)
     if not r["ok"]:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
@@ -48,7 +49,7 @@ def evaluate(
         t.add_column("AP50-95", justify="right")
         for k, v in m["per_class_ap50_95"].items():
             t.add_row(k, "no labels" if v is None else f"{v:.4f}")
-        t.add_row("[bold]mAP50-95[/bold]", f"[bold]{m['map50_95']:.4f}[/bold]")
+        t.add_row(Text("mAP50-95", style="bold"), Text(f"{m['map50_95']:.4f}", style="bold"))
         t.add_row("mAP50", f"{m['map50']:.4f}")
         console.print(t)
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, fraction,
                                non_negative, positive)
@@ -50,11 +51,11 @@ def gate(
               "checks": [c.to_dict() for c in r.checks]}
 
     def human():
-        t = Table(title=f"gate: {r.artifact} → {'[green]PASS[/green]' if r.passed else '[red]FAIL[/red]'}")
+        t = Table(title=Text.assemble(f"gate: {r.artifact} → ", ("PASS", "green") if r.passed else ("FAIL", "red")))
         for c in ("check", "result", "detail"):
             t.add_column(c)
         for c in r.checks:
-            t.add_row(c.name, "[green]pass[/green]" if c.passed else "[red]FAIL[/red]", c.message)
+            t.add_row(c.name, Text("pass", style="green") if c.passed else Text("FAIL", style="red"), c.message)
         console.print(t)
 
     emit(result, as_json=json_, quiet=quiet, human=human)

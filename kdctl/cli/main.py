@@ -8,7 +8,7 @@ import signal
 import threading
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 from typer.core import TyperGroup
 
 try:  # Typer ≥ 0.20 vendors Click
@@ -32,8 +32,8 @@ def _raise_terminated(signum, frame):
 def _fail(ctx, word: str, text: str, code: int):
     """``Error: text`` (or ``Interrupted (text)``) on stderr; with --json also a document on stdout."""
     message = text if word == "Error:" else f"{word} ({text})"
-    err_console.print(f"[red]Error:[/red] {escape(text)}" if word == "Error:" else
-                      f"[red]{word}[/red] ({escape(text)})", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("Error:", "red"), f" {text}") if word == "Error:" else
+                      Text.assemble((word, "red"), f" ({text})"), highlight=False, soft_wrap=True)
     if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
         print_json({"ok": False, "error": message, "exit_code": code})
     raise typer.Exit(code)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, non_negative,
                                progress_bar)
@@ -59,6 +60,6 @@ def profile(
                 console.print(f"{r['artifact']}: p50 above is GPU compute (CUDA events); "
                               + ", ".join(f"{k} p50 {v['p50']:.3f} ms" for k, v in parts.items() if k != "compute"))
         for k, v in m["skipped"].items():
-            console.print(f"[yellow]skipped[/yellow] {k}: {v}")
+            console.print(Text.assemble(("skipped", "yellow"), f" {k}: {v}"))
 
     emit({"bundle": str(b.path), **m}, as_json=json_, quiet=quiet, human=human)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.syntax import Syntax
+from rich.text import Text
 
 from kdctl.cli._common import JsonOpt, RecipeArg, console, emit
 
@@ -44,17 +45,17 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
     note = refused["distill"] if r.teacher is not None and refused["train"] is None else None
 
     def human():
-        console.print(f"[green]OK[/green] {recipe}")
+        console.print(Text.assemble(("OK", "green"), f" {recipe}"))
         console.print(Syntax(yaml.safe_dump(data, sort_keys=False), "yaml"))
         if note:
             console.print(f"note: kdctl train takes this recipe (its teacher unused); kdctl distill refuses it: {note}",
-                          markup=False, style="yellow")
+                          style="yellow")
         for t in terms or []:
-            console.print(f"KD term [bold]{t['name']}[/bold]: student {t['student_layers']} ← teacher "
-                          f"{t['teacher_layers']}")
+            console.print(Text.assemble("KD term ", (t["name"], "bold"), f": student {t['student_layers']} ← teacher "
+                                        f"{t['teacher_layers']}"))
         if init:
             console.print("student starts from the teacher's weights (weight selection)" if init["from"] == "teacher"
-                          else f"student starts at random: {init['reason']}", markup=False)
+                          else f"student starts at random: {init['reason']}")
 
     emit(out, as_json=json_, human=human)
 

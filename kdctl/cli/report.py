@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from kdctl.cli._common import JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit
 
@@ -39,18 +40,18 @@ def report(
 
     def human():
         for g in groups:
-            console.print(g["verdict"], markup=False)
+            console.print(g["verdict"])
         for s in students:
             who = f" ({Path(s['distilled']).name})" if len(students) > 1 else ""
-            console.print(f"Did distillation help{who}? {s['verdict']}", markup=False)
+            console.print(f"Did distillation help{who}? {s['verdict']}")
             if s.get("gain_interval_95"):
                 lo, hi = s["gain_interval_95"]
                 console.print(f"  gain's 95% interval over the {s['interval_images']} validation images: "
                               f"{lo * 100:+.2f} to {hi * 100:+.2f} points (training noise not included)")
             elif s.get("interval_note"):
-                console.print(f"  {s['interval_note']}", markup=False)
+                console.print(f"  {s['interval_note']}")
         for g in gates:
-            console.print(f"Gate {g['bundle']}: {'[green]PASS[/green]' if g['passed'] else '[red]FAIL[/red]'}")
-        console.print(f"[green]Wrote[/green] {b.path / 'report.html'}")
+            console.print(Text.assemble(f"Gate {g['bundle']}: ", ("PASS", "green") if g["passed"] else ("FAIL", "red")))
+        console.print(Text.assemble(("Wrote", "green"), f" {b.path / 'report.html'}"))
 
     emit(result, as_json=json_, quiet=quiet, human=human)

@@ -43,7 +43,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
     r = load_recipe(recipe)
     warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
     if warning and not quiet:
-        err_console.print(f"Warning: {warning}", markup=False, highlight=False)
+        err_console.print(f"Warning: {warning}", highlight=False)
     launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
     with progress_bar(not (json_ or quiet)) as p:
         b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
