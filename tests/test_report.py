@@ -296,7 +296,8 @@ def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
 
 def test_user_names_are_literal_in_the_markdown(tmp_path):
     """Class names and bundle folders are the user's: a ``|`` split its table row into an extra column, ``<img …>``
-    went into report.md as HTML, and a ``"`` ended the lineage graph's Mermaid label early."""
+    went into report.md as HTML, a ``"`` ended the lineage graph's Mermaid label early, and a pair of ``$`` in a
+    bundle's name (its loss plot's title) was Matplotlib mathtext: the report stopped in a ValueError."""
     import re
 
     from kdctl.bundle import BundleWriter, load_bundle, sha256_file
@@ -310,13 +311,14 @@ def test_user_names_are_literal_in_the_markdown(tmp_path):
                           recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
             (w.path / "weights.pt").write_bytes(name.encode())
             w.add_output("weights", "weights.pt")
-            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95=odd)
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95=odd,
+                             epochs=[{"epoch": e, "train/box_loss": 1.0 / e, "train/kd_logit": 0.5 / e} for e in (1, 2)])
         return load_bundle(tmp_path / name)
 
     t = bundle("t", "train", 0.50, model="big.yaml")
     b = bundle("b", "train", 0.30)
     teacher = {"teacher": {"sha256": sha256_file(t.path / "weights.pt")}}
-    d = bundle('d|"x"', "distill", 0.40, parents=[t], inputs=teacher)
+    d = bundle('d|"x"$\\x{$', "distill", 0.40, parents=[t], inputs=teacher)
     res = CliRunner().invoke(app, ["report", str(b.path), str(d.path), "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     md = (tmp_path / "r" / "report.md").read_text()
@@ -328,9 +330,11 @@ def test_user_names_are_literal_in_the_markdown(tmp_path):
 
     per_class = table("Per-class AP50-95")
     assert per_class == [5] * 5 and "| a\\|b |" in md and "| x\\*y\\*\\`z\\` |" in md
-    assert table("Models") == [7] * 5 and '| distill | d\\|"x" |' in md
+    assert table("Models") == [7] * 5 and '| distill | d\\|"x"$\\\\x{$ |' in md
     assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md
-    assert '["distill: d|#quot;x#quot;"]' in md
+    assert '["distill: d|#quot;x#quot;$\\x{$"]' in md
+    assert (tmp_path / "r" / 'losses-d|"x"$\\x{$.png').stat().st_size > 1000
+    assert "(losses-d%7C%22x%22%24%5Cx%7B%24.png)" in md  # the image link percent-encoded
     check = Check("min_map50_95", 0.3, 0.2, False, "mAP50-95 0.2 below budget 0.3 for <artifact|x>")
     summary = markdown_summary([check], "kdctl gate", {"profile": "runs/a|b", "artifact": "onnx-*int8*"})
     assert "- **profile**: runs/a\\|b" in summary and "- **artifact**: onnx-\\*int8\\*" in summary
