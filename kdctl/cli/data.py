@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from kdctl.cli._common import JsonOpt, QuietOpt, console, emit, progress_bar
 from kdctl.limits import SEED_MAX
@@ -74,7 +75,6 @@ def check(
     Example: [bold]kdctl data check data/mydata/data.yaml[/bold]
     """
     from rich.table import Table
-    from rich.text import Text
 
     from kdctl.data.check import check_dataset
 
