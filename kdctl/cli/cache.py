@@ -13,10 +13,14 @@ app = typer.Typer(no_args_is_help=True, help="Build and inspect teacher-output c
                                              "running the teacher each step).")
 
 
-def _summary(path: Path) -> dict:
-    from kdctl.distill.cache import kd_epochs, read_meta
+def _summary(path: Path, check: bool) -> dict:
+    """What the cache at ``path`` holds; with ``check``, a complete one is verified first (each shard against its
+    digests; a build has just verified or written it)."""
+    from kdctl.distill.cache import kd_epochs, read_meta, verify
 
     meta = read_meta(path, "rebuild it with `kdctl cache build RECIPE --overwrite`")
+    if check and meta.get("complete"):
+        verify(path, meta)
     keys = ("complete", "views_per_epoch", "epochs", "kd_epochs", "anchors", "k", "nc", "bytes", "bytes_per_view",
             "build_seconds", "teacher_sha256", "data_sha256", "ultralytics")
     return {"path": str(path), **{k: meta.get(k) for k in keys}, "kd_epochs": kd_epochs(meta)}
@@ -69,7 +73,7 @@ def build(recipe: RecipeArg,
         data_yaml = normalised_yaml(ds, Path(tmp) / "data.yaml")
         build_cache(r, source, setup.teacher, data_yaml, ds.train_images, cache_path(r), progress=p,
                     overwrite=overwrite)
-    res = _summary(cache_path(r))
+    res = _summary(cache_path(r), check=False)
     emit(res, as_json=json_, quiet=quiet, human=lambda: _show(res))
 
 
@@ -79,6 +83,8 @@ def info(path: Path = typer.Argument(..., help="A cache folder (distill.cache.pa
          json_: JsonOpt = False) -> None:
     """Show what a teacher cache holds: views, size per view, build time, the teacher and data it is for.
 
+    A complete cache is verified first: a shard whose files are not the ones its build wrote is one line, exit 1.
+
     Example: [bold]kdctl cache info ~/.cache/kdctl/teacher-outputs/quickstart-cached --json[/bold]
     """
     from kdctl.distill.cache import META
@@ -86,5 +92,5 @@ def info(path: Path = typer.Argument(..., help="A cache folder (distill.cache.pa
 
     if not (path / META).is_file():
         raise KdctlError(f"{path}: not a kdctl teacher cache (no {META})")
-    res = _summary(path)
+    res = _summary(path, check=True)
     emit(res, as_json=json_, human=lambda: _show(res))

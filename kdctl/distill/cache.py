@@ -268,6 +268,18 @@ def _verified(shard: Path) -> None:
                               f"{fix}")
 
 
+def verify(path: Path, meta: dict) -> None:
+    """Every epoch shard of the complete cache at ``path`` checked against its ``digest.json``: refused in one line
+    naming the first shard missing or file altered (a reused cache was taken on its ``meta.json`` alone, and a
+    corrupted shard stopped the distillation only at its first batch of that epoch)."""
+    for e in range(kd_epochs(meta)):
+        shard = _shard(path, e)
+        if not shard.is_dir():
+            raise CheckFailed(f"{shard}: missing from the teacher cache; rebuild it with `kdctl cache build RECIPE "
+                              "--overwrite`")
+        _verified(shard)
+
+
 def top_k_rows(scores: torch.Tensor, boxes: torch.Tensor, k: int) -> dict:
     """The stored form of dense head outputs ``scores`` (B, nc, A) and ``boxes`` (B, C, A): the ``k`` anchors with
     the highest class logit, their logits, and the mean class logit of the others."""
@@ -441,6 +453,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
         shutil.rmtree(path)
     cache, have = open_cache(path, want, source)
     if cache is not None:
+        verify(path, have)
         return cache
     path.mkdir(parents=True, exist_ok=True)
 
