@@ -264,6 +264,33 @@ def test_cli_check_says_which_command_takes_the_recipe(tmp_path):
     assert stages["distill"] == {"accepted": True} and "kdctl train has no teacher" in stages["train"]["refused"]
     assert "refuses" not in CliRunner().invoke(app, ["recipe", "check", str(p)]).output
 
+def test_cli_check_notes_inputs_not_there_yet(tmp_path):
+    """``recipe check`` printed OK for a teacher checkpoint or dataset that is not there, which train and distill
+    then refuse: each is now a note (an earlier stage of a pipeline may still write it), and a model that is there
+    but unusable is an error, as it is for distill."""
+    import json
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("yolov8s.yaml", "runs/train/teacher").replace("{synthetic: {train: 10, val: 5}}",
+                                                                          "{yolo: data/none.yaml}"))
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["missing"] == [
+        f"teacher.model: '{tmp_path / 'runs/train/teacher'}' does not exist yet (a relative path is looked for "
+        "beside the recipe, then in the working directory)",
+        f"data.yolo: '{tmp_path / 'data/none.yaml'}' does not exist yet (a relative path is looked for beside the "
+        "recipe, then in the working directory)"]
+    res = CliRunner().invoke(app, ["recipe", "check", str(p)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and res.output.count("note: ") == 2 and "note: teacher.model: " in res.output
+    p.write_text(GOOD)
+    assert json.loads(CliRunner().invoke(app, ["recipe", "check", str(p), "--json"]).stdout)["missing"] == []
+    # there but not a bundle: the error distill gives
+    (tmp_path / "runs" / "train" / "teacher").mkdir(parents=True)
+    p.write_text(GOOD.replace("yolov8s.yaml", "runs/train/teacher"))
+    res = CliRunner().invoke(app, ["recipe", "check", str(p)])
+    assert res.exit_code == 2 and "teacher.model" in res.output and "not a kdctl bundle" in res.output, res.output
+
+
 def test_schema_is_json_schema():
     import json
 
