@@ -434,6 +434,35 @@ def fit_rank(spec: dict) -> None:
                reporter.attach)
 
 
+def missing_inputs(recipe: Recipe, source: Path) -> list[str]:
+    """``kdctl recipe check``: what the recipe reads that is not there yet, a model checkpoint or bundle, the
+    dataset's files. Notes, not errors: an earlier stage of a pipeline (the teacher's ``kdctl train``) may still
+    write them, and train or distill stops on each in one line. A model that is there but unusable (another stage's
+    bundle, an altered one) is an error here as it is there."""
+
+    def missing(field: str, path: str) -> str:  # a relative path was resolved beside the recipe when found nowhere
+        where = (" (a relative path is looked for beside the recipe, then in the working directory)"
+                 if Path(path).is_relative_to(source.parent.resolve()) else "")
+        return f"{field}: '{path}' does not exist yet{where}"
+
+    notes = []
+    models = [("student.model", recipe.student.model)]
+    models += [("teacher.model", recipe.teacher.model)] if recipe.teacher else []
+    for field, spec in models:
+        p = Path(spec)
+        if spec.startswith("torchvision:") or p.exists():
+            resolve_model(spec, field, str(source))
+        elif p.suffix not in (".yaml", ".yml") or len(p.parts) > 1:  # a path (a bare name is a model config)
+            notes.append(missing(field, spec))
+        else:  # an Ultralytics or kdctl model config, or one line saying it is none
+            resolve_model(spec, field, str(source))
+    data = [("data.yolo", recipe.data.yolo)] if recipe.data.yolo else []
+    if recipe.data.coco:
+        data += [(f"data.coco.{k}", getattr(recipe.data.coco, k))
+                 for k in ("train_images", "train_annotations", "val_images", "val_annotations")]
+    return notes + [missing(field, path) for field, path in data if not Path(path).exists()]
+
+
 def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | None = None) -> dict:
     """``kdctl recipe check --models``: build the student and, for a recipe with distillation losses, the teacher
     and the KD criterion exactly as ``distill`` would (layers resolved, adapters sized, pairs and levels checked),

@@ -13,36 +13,6 @@ from kdctl.cli._common import JsonOpt, RecipeArg, console, emit
 app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their JSON Schema.")
 
 
-def _not_there(r, source: Path) -> list[str]:
-    """What the recipe reads that is not there yet: a model checkpoint or bundle, the dataset's files. Notes, not
-    errors: an earlier stage of a pipeline (the teacher's ``kdctl train``) may still write them, and train or
-    distill stops on each in one line. A model that is there but unusable (another stage's bundle, an altered one)
-    is an error here as it is there."""
-    from kdctl.models import resolve_model
-
-    def missing(field: str, path: str) -> str:  # a relative path was resolved beside the recipe when found nowhere
-        where = (" (a relative path is looked for beside the recipe, then in the working directory)"
-                 if Path(path).is_relative_to(source.parent.resolve()) else "")
-        return f"{field}: '{path}' does not exist yet{where}"
-
-    notes = []
-    models = [("student.model", r.student.model)] + ([("teacher.model", r.teacher.model)] if r.teacher else [])
-    for field, spec in models:
-        p = Path(spec)
-        if spec.startswith("torchvision:") or p.exists():
-            resolve_model(spec, field, str(source))
-        elif p.suffix not in (".yaml", ".yml") or len(p.parts) > 1:  # a path (a bare name is a model config)
-            notes.append(missing(field, spec))
-        else:
-            resolve_model(spec, field, str(source))  # an Ultralytics or kdctl model config, or one line saying it is none
-    data = [("data.yolo", r.data.yolo)] if r.data.yolo else []
-    if r.data.coco:
-        data += [(f"data.coco.{k}", getattr(r.data.coco, k))
-                 for k in ("train_images", "train_annotations", "val_images", "val_annotations")]
-    notes += [missing(field, path) for field, path in data if not Path(path).exists()]
-    return notes
-
-
 @app.command("check")
 def check(recipe: RecipeArg, json_: JsonOpt = False,
           models: bool = typer.Option(False, "--models", help="Also build the student, the teacher and the KD "
@@ -55,11 +25,12 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
     import yaml
 
     from kdctl.recipe import load_recipe
+    from kdctl.training import missing_inputs
 
     r = load_recipe(recipe)
     data = r.model_dump(mode="json")
     terms = init = None
-    missing = [] if models else _not_there(r, Path(recipe))  # --models builds them: one line for the first missing
+    missing = [] if models else missing_inputs(r, Path(recipe))  # --models: the first missing stops it
     if models:
         from kdctl.training import check_models
 
