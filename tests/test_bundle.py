@@ -331,3 +331,27 @@ def test_second_writer_fails_at_once(tmp_path):
         holder.communicate("\n", timeout=30)
     make(tmp_path)  # released: the lock file is gone, and the next writer goes ahead
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_default_run_folder_another_process_is_writing_is_not_chosen(tmp_path):
+    """``runs/<stage>/<name>`` is numbered as Ultralytics numbers runs; a name another kdctl process is writing now
+    (no bundle there until it publishes) was chosen again, and the second run stopped on its lock."""
+    from kdctl.bundle import next_run_dir
+
+    code = textwrap.dedent(f"""
+        import sys
+        from kdctl.bundle import claim_output
+        with claim_output({str(tmp_path / 'eval' / 'b')!r}, overwrite=False):
+            print("held", flush=True)
+            sys.stdin.readline()
+    """)
+    assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b2"
+        (tmp_path / "eval" / ".b2.lock").write_text("")  # a lock file nobody holds (a killed run's): free
+        assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b2"
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b"

@@ -94,6 +94,24 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
     return state, detail
 
 
+def being_written(out: Path) -> bool:
+    """True while a kdctl process holds ``out``'s lock (a stage writing there now). A shared lock is tried and let go
+    at once: it fails only against a writer's exclusive one."""
+    import fcntl
+
+    try:
+        fd = os.open(out.parent / f".{out.name}.lock", os.O_RDONLY)
+    except OSError:  # no lock file: nobody has written there, or the last writer released it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class OutputLock:
     """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside ``out``; the file is removed on release."""
 

@@ -463,9 +463,13 @@ class BundleWriter:
 
 
 def next_run_dir(root: str | Path, stage: str, name: str) -> Path:
-    """``runs/<stage>/<name>``, then ``<name>2``, ``<name>3``... as Ultralytics names its runs."""
+    """``runs/<stage>/<name>``, then ``<name>2``, ``<name>3``... as Ultralytics names its runs; a name another kdctl
+    process is writing now is taken too (its bundle does not exist until it publishes; a second ``kdctl eval B``
+    started meanwhile stopped on the first one's lock)."""
+    from kdctl.bundle.output import being_written
+
     base = Path(root) / stage
     cand, i = base / name, 2
-    while cand.exists():
+    while cand.exists() or being_written(cand):
         cand, i = base / f"{name}{i}", i + 1
     return cand
