@@ -251,8 +251,8 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
     said = "".join(res.output.split())  # Rich wraps a long line at the terminal's width
     assert "".join(f"{shard / 'anchors.npy'}: not the file the cache build wrote (its sha256 differs from "
                    "digest.json)".split()) in said, res.output
-    # refused before any training (the shards are verified when the cache is taken, not at the epoch's first
-    # batch), and by cache build and cache info too, which took a complete meta.json for a good cache
+    # nothing left behind, and refused by cache build and cache info too, which took a complete meta.json for a
+    # good cache
     assert not (tmp_path / "c").exists() and not (tmp_path / ".c.work").exists()
     for argv in (["cache", "build", str(r)], ["cache", "info", str(tmp_path / "cache")]):
         res = run.invoke(app, argv)

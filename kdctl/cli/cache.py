@@ -72,7 +72,7 @@ def build(recipe: RecipeArg,
     with tempfile.TemporaryDirectory(prefix="kdctl-cache-") as tmp, progress_bar(not (json_ or quiet)) as p:
         data_yaml = normalised_yaml(ds, Path(tmp) / "data.yaml")
         build_cache(r, source, setup.teacher, data_yaml, ds.train_images, cache_path(r), progress=p,
-                    overwrite=overwrite)
+                    overwrite=overwrite, check=True)
     res = _summary(cache_path(r), check=False)
     emit(res, as_json=json_, quiet=quiet, human=lambda: _show(res))
 
