@@ -311,8 +311,8 @@ def test_user_names_are_literal_in_the_markdown(tmp_path):
                           recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
             (w.path / "weights.pt").write_bytes(name.encode())
             w.add_output("weights", "weights.pt")
-            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95=odd,
-                             epochs=[{"epoch": e, "train/box_loss": 1.0 / e, "train/kd_logit": 0.5 / e} for e in (1, 2)])
+            epochs = [{"epoch": e, "train/box_loss": 1.0 / e, "train/kd_logit": 0.5 / e} for e in (1, 2)]
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95=odd, epochs=epochs)
         return load_bundle(tmp_path / name)
 
     t = bundle("t", "train", 0.50, model="big.yaml")
