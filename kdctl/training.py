@@ -450,16 +450,14 @@ def missing_inputs(recipe: Recipe, source: Path) -> list[str]:
     models += [("teacher.model", recipe.teacher.model)] if recipe.teacher else []
     for field, spec in models:
         p = Path(spec)
-        if spec.startswith("torchvision:") or p.exists():
-            resolve_model(spec, field, str(source))
-        elif p.suffix not in (".yaml", ".yml") or len(p.parts) > 1:  # a path (a bare name is a model config)
+        path = not spec.startswith("torchvision:") and (p.suffix not in (".yaml", ".yml") or len(p.parts) > 1)
+        if path and not p.exists():  # a bare name is a model config: resolved below, or one line saying it is none
             notes.append(missing(field, spec))
-        else:  # an Ultralytics or kdctl model config, or one line saying it is none
+        else:
             resolve_model(spec, field, str(source))
     data = [("data.yolo", recipe.data.yolo)] if recipe.data.yolo else []
     if recipe.data.coco:
-        data += [(f"data.coco.{k}", getattr(recipe.data.coco, k))
-                 for k in ("train_images", "train_annotations", "val_images", "val_annotations")]
+        data += [(f"data.coco.{k}", v) for k, v in recipe.data.coco.model_dump().items()]
     return notes + [missing(field, path) for field, path in data if not Path(path).exists()]
 
 

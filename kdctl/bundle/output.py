@@ -100,7 +100,7 @@ def being_written(out: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(out.parent / f".{out.name}.lock", os.O_RDONLY)
+        fd = os.open(OutputLock(out).path, os.O_RDONLY)
     except OSError:  # no lock file: nobody has written there, or the last writer released it
         return False
     try:
