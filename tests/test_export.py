@@ -82,6 +82,42 @@ def test_jetson_device_package_without_tensorrt(export_jetson):
         assert verify_bundle(b).ok
 
 
+class _Bars:
+    """Records what a stage does with its progress bars (Rich's Progress calls that kdctl.progress.Step makes)."""
+
+    def __init__(self):
+        self.tasks = {}
+
+    def add_task(self, description, total=None):
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "completed": 0}
+        return len(self.tasks) - 1
+
+    def advance(self, task, n=1):
+        self.tasks[task]["completed"] += n
+
+    def update(self, task, description=None, completed=None):
+        if completed is not None:
+            self.tasks[task]["completed"] = completed
+
+
+def test_export_progress_bars_end_full_when_engines_are_built_on_the_device(trained_bundle, tmp_path):
+    """Asked for TensorRT engines alone, an export also makes the ONNX files they are built from, and evaluates
+    no engine where TensorRT is not installed: the bars counted 5 of 3 steps, and evaluations stopped at 3/4 (the
+    Jetson preset's at 4/6)."""
+    from kdctl.runtimes.tensorrt import tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT is installed here: the engines are built and evaluated")
+    bars = _Bars()
+    b = export_bundle(trained_bundle, ExportOptions(artifacts=["tensorrt-fp16", "tensorrt-int8"], calibration_images=8),
+                      out=tmp_path / "trt", progress=bars).path
+    assert set(arts(b)) == {"onnx-fp32", "onnx-int8", "tensorrt-fp16", "tensorrt-int8"}
+    plan, ev = bars.tasks.values()
+    assert (plan["completed"], plan["total"]) == (5, 5)  # the PyTorch reference, 2 ONNX files, 2 engine records
+    n = load_bundle(b).metrics["eval_images"]
+    assert (ev["completed"], ev["total"]) == (3 * n, 3 * n)  # PyTorch, ONNX FP32, ONNX INT8
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_engine_builds_and_matches(tmp_path, trained_bundle):
     from kdctl.runtimes.tensorrt import tensorrt_status

@@ -198,8 +198,9 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
         model.example_input = parity_batches[0]
 
-    plan = Step(progress, f"export → {preset.name}", total=len(wanted) + 1)
-    ev_total = len(val_images) * (len(wanted) + 1)
+    made, evaluated = _planned(wanted, qat)
+    plan = Step(progress, f"export → {preset.name}", total=len(made) + 1)
+    ev_total = len(val_images) * (len(evaluated) + 1)
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
     ref_metrics, ref_records = evaluate_with_records(reference, val_images, ds.names, imgsz, progress=ev.advance)
     plan.advance()
@@ -282,6 +283,23 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
         w.add_output("metrics", "metrics.json")
     return w.bundle
+
+
+def _planned(wanted: list[str], qat: bool) -> tuple[list[str], list[str]]:
+    """The artifacts an export makes (``wanted`` and the ONNX files its TensorRT engines are built from) and those
+    of them it evaluates (TensorRT engines only where they are built here): the progress bars' totals."""
+    made = list(wanted)
+    if any(a.startswith("tensorrt") for a in wanted) and not qat and "onnx-fp32" not in made:
+        made.append("onnx-fp32")
+    if "tensorrt-int8" in wanted and "onnx-int8" not in made:
+        made.append("onnx-int8")
+    evaluated = [a for a in made if not a.startswith("tensorrt")]
+    if len(evaluated) < len(made):
+        from kdctl.runtimes.tensorrt import tensorrt_status
+
+        if tensorrt_status()[0]:
+            evaluated = made
+    return made, evaluated
 
 
 def _short(m: dict) -> dict:
