@@ -324,3 +324,65 @@ def test_a_teacher_bundle_not_trained_yet_is_named_as_missing(tmp_path, tiny_dat
     assert f"teacher.model: '{tmp_path / 'runs/train/my-teacher'}' not found: no bundle directory, .pt or model " \
            "YAML there (a relative path is read beside the recipe, then from the working directory); train the " \
            "teacher first (kdctl train <its recipe>)" in line
+
+
+def test_set_changes_fields_of_the_file_before_validation(tmp_path):
+    """``--set KEY=VALUE`` (Ultralytics' ``epochs=5``, mmdet's ``--cfg-options``): values read as YAML, a number in
+    the key indexes a list, a section the file leaves out is made, a later --set of the same field wins."""
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    r = load_recipe(p, ["train.epochs=7", "distill.losses.0.params.tau=4.5", "distill.losses.0.weight=0.5",
+                        "distill.cache.top_k=5", "train.imgsz=160", "train.imgsz=192", "student.model=yolov8s.yaml"])
+    assert (r.train.epochs, r.train.imgsz, r.student.model) == (7, 192, "yolov8s.yaml")
+    assert r.distill.losses[0].params == {"tau": 4.5} and r.distill.losses[0].weight == 0.5
+    assert r.distill.cache is not None and r.distill.cache.top_k == 5
+    assert load_recipe(p).train.epochs == 1  # the file is not changed
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["train.epochs=abc"], "r.yaml: --set train.epochs=abc: train.epochs: Input should be a valid integer"),
+    (["train.epochs=2", "train.imgsz=100"], "r.yaml: --set train.imgsz=100: train.imgsz: "),
+    (["distill.losses.0.params.tau=-1"], "r.yaml: --set distill.losses.0.params.tau=-1: distill.losses[0].params.tau:"),
+    (["distill.losses.0.name=nope"], "--set distill.losses.0.name=nope: distill.losses[0].name: unknown loss 'nope'"),
+    (["nope=1"], "r.yaml: --set nope=1: nope: unknown field 'nope'; valid fields: name,"),
+    (["export.target=nope"], "--set export.target=nope: export.target: 'nope' does not exist"),
+    (["distill.losses.3.weight=1"], "--set distill.losses.3.weight: distill.losses is a list of 1; index it with 0..0"),
+    (["distill.losses.x.weight=1"], "--set distill.losses.x.weight: distill.losses is a list of 1; index it with 0..0, "
+                                    "got 'x'"),
+    (["train.epochs.x=1"], "--set train.epochs.x: train.epochs is 1, not a section with fields"),
+    (["train.epochs"], "--set 'train.epochs': expected KEY=VALUE with a dotted recipe field"),
+    (["train..epochs=1"], "--set 'train..epochs=1': expected KEY=VALUE"),
+    (["train.imgsz=[1"], "--set train.imgsz: the value '[1' is not valid YAML"),
+])
+def test_a_bad_set_is_one_line_naming_the_set(tmp_path, overrides, expected):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, overrides)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    # a field the file itself gets wrong is still the file's, even with a --set elsewhere
+    p.write_text(GOOD.replace("imgsz: 128", "imgsz: 100"))
+    with pytest.raises(RecipeError, match=r"r\.yaml: train\.imgsz: "):
+        load_recipe(p, ["train.epochs=2"])
+
+
+def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
+    """The bundle's recipe (and --reuse, --resume) is the recipe with its --set applied."""
+    import json
+
+    from kdctl.bundle import load_bundle
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: s\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 5, imgsz: 128, batch: 8, workers: 0}\n")
+    argv = ["train", str(p), "--set", "train.epochs=1", "--set", "train.batch=4", "--out", str(tmp_path / "b"),
+            "--json"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "b")
+    assert (b.recipe["train"]["epochs"], b.recipe["train"]["batch"]) == (1, 4)
+    assert len((tmp_path / "b" / "results.csv").read_text().strip().splitlines()) == 2  # a header and one epoch
+    res = CliRunner().invoke(app, argv + ["--reuse"])  # the same recipe as run: kept, nothing retrained
+    assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--set", "train.epochs=3", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["train"]["epochs"] == 3

@@ -65,6 +65,10 @@ SkipInvalidOpt = Annotated[bool, typer.Option("--skip-invalid", help="Leave out 
 BundleArg = Annotated[Path, typer.Argument(help="A bundle directory written by an earlier stage.",
                                            show_default=False)]
 RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", show_default=False,
+    help="Change a recipe field for this run (repeatable), e.g. --set train.epochs=5 --set "
+    "distill.losses.0.params.temperature=4; the value is read as YAML. The bundle records the recipe as run.")]
 
 
 _json_stream = None  # while a --json command runs: the real stdout, kept for kdctl's JSON document alone

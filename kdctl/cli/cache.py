@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import JsonOpt, QuietOpt, RecipeArg, SkipInvalidOpt, console, emit, progress_bar
+from kdctl.cli._common import JsonOpt, QuietOpt, RecipeArg, SetOpt, SkipInvalidOpt, console, emit, progress_bar
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect teacher-output caches (head-level KD without "
                                              "running the teacher each step).")
@@ -37,7 +37,7 @@ def _show(res: dict) -> None:
 
 
 @app.command("build")
-def build(recipe: RecipeArg,
+def build(recipe: RecipeArg, set_: SetOpt = None,
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stale kdctl cache at the recipe's "
                                          "cache path (never a folder kdctl did not write)."),
           skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
@@ -58,7 +58,7 @@ def build(recipe: RecipeArg,
     from kdctl.training import _models
     from kdctl.models import resolve_model
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, set_ or ())
     source = str(recipe)
     if r.distill.cache is None:
         raise RecipeError(f"{source}: distill.cache: not set; add `cache: {{}}` under distill (optionally with "

@@ -8,13 +8,13 @@ import typer
 from rich.syntax import Syntax
 from rich.text import Text
 
-from kdctl.cli._common import JsonOpt, RecipeArg, console, emit
+from kdctl.cli._common import JsonOpt, RecipeArg, SetOpt, console, emit
 
 app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their JSON Schema.")
 
 
 @app.command("check")
-def check(recipe: RecipeArg, json_: JsonOpt = False,
+def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
           models: bool = typer.Option(False, "--models", help="Also build the student, the teacher and the KD "
                                       "criterion as distill would (data resolved, layers and loss/level/pair checked); "
                                       "nothing is trained and no bundle written.")) -> None:
@@ -27,7 +27,7 @@ def check(recipe: RecipeArg, json_: JsonOpt = False,
     from kdctl.recipe import load_recipe
     from kdctl.training import missing_inputs
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, set_ or ())
     data = r.model_dump(mode="json")
     terms = init = None
     missing = [] if models else missing_inputs(r, Path(recipe))  # --models: the first missing stops it

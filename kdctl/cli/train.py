@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, SkipInvalidOpt, console,
-                               emit, err_console, progress_bar)
+from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RecipeArg, RunsOpt, SetOpt, SkipInvalidOpt,
+                               console, emit, err_console, progress_bar)
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +35,12 @@ RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PO
 
 def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
          skip_invalid: bool, reuse: bool = False, nproc: int | None = None, nnodes: int = 1, node_rank: int = 0,
-         rdzv: str | None = None):
+         rdzv: str | None = None, overrides: list[str] | None = None):
     from kdctl.distributed import plan
     from kdctl.recipe import load_recipe
     from kdctl.training import run_training, untrained_teacher
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, overrides or ())
     warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
     if warning and not quiet:
         err_console.print(f"Warning: {warning}", highlight=False)
@@ -88,7 +88,8 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
     emit(result, as_json=json_, quiet=quiet, human=human)
 
 
-def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
+def train(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, runs: RunsOpt = Path("runs"),
+          resume: ResumeOpt = False,
           overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
           nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
           rdzv_endpoint: RdzvOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
@@ -97,10 +98,11 @@ def train(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), r
     Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]  (4 GPUs: [bold]--nproc-per-node 4[/bold])
     """
     _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse, nproc_per_node, nnodes,
-         node_rank, rdzv_endpoint)
+         node_rank, rdzv_endpoint, set_)
 
 
-def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"), resume: ResumeOpt = False,
+def distill(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, runs: RunsOpt = Path("runs"),
+            resume: ResumeOpt = False,
             overwrite: OverwriteOpt = False, reuse: ReuseOpt = False, skip_invalid: SkipInvalidOpt = False,
             nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
             rdzv_endpoint: RdzvOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
@@ -111,4 +113,4 @@ def distill(recipe: RecipeArg, out: OutOpt = None, runs: RunsOpt = Path("runs"),
     [bold]--nnodes 2 --node-rank 0|1 --rdzv-endpoint node0:29500[/bold])
     """
     _run("distill", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse, nproc_per_node, nnodes,
-         node_rank, rdzv_endpoint)
+         node_rank, rdzv_endpoint, set_)

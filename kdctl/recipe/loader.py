@@ -3,24 +3,98 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any, Sequence
 
-from kdctl.errors import RecipeError
+import yaml
+
+from kdctl.errors import RecipeError, shown
 from kdctl.recipe.schema import Recipe
 from kdctl.recipe.validation import read_yaml, validate
 
-__all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema"]
+__all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides"]
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; relative data/model paths are resolved against the recipe's folder."""
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe; relative data/model paths are resolved against the recipe's folder.
+    ``overrides``: ``KEY=VALUE`` texts (``kdctl train --set``) applied to the file's fields before validation; a
+    problem with an overridden field names the ``--set`` it came from."""
     path = Path(path)
     raw = read_yaml(path, "recipe")
+    if overrides:
+        if not isinstance(raw, dict):
+            validate(raw, Recipe, str(path))  # its own error: not a mapping of fields
+        apply_overrides(raw, overrides)
     _mark_bare_bundle_dirs(raw, path.parent)
-    recipe = validate(raw, Recipe, str(path))
-    _check_losses(recipe, str(path))
-    _check_target(recipe, path)
+    try:
+        recipe = validate(raw, Recipe, str(path))
+        _check_losses(recipe, str(path))
+        _check_target(recipe, path)
+    except RecipeError as e:
+        raise _name_override(e, str(path), overrides) from None
     return _resolve_paths(recipe, path.parent)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=5`` -> (['train', 'epochs'], 5): a dotted recipe field and its value, read as YAML (``[1, 2]``,
+    ``null``, ``'0'`` as a string); a number in the key indexes a list (``distill.losses.0.params.temperature=4``)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p.strip() for p in parts):
+        raise RecipeError(f"--set '{text}': expected KEY=VALUE with a dotted recipe field, e.g. train.epochs=5")
+    try:
+        return [p.strip() for p in parts], yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {key.strip()}: the value '{value}' is not valid YAML "
+                          f"({str(e).splitlines()[0]})") from None
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Set each ``KEY=VALUE`` in the recipe's fields, in order (a later one wins); a missing section is created,
+    a list is indexed within its length. The result is validated as a recipe by the caller."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[:depth]) or "the recipe"
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not _is_index(part) or int(part) >= len(node):
+                    raise RecipeError(f"--set {'.'.join(parts)}: {here} is a list of {len(node)}; index it with "
+                                      f"0..{len(node) - 1}, got '{part}'")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {'.'.join(parts)}: {here} is {shown(node)}, not a section with fields")
+            elif not last and not isinstance(node.get(part), (dict, list)):
+                if node.get(part) is None:
+                    node[part] = {}  # a section the file leaves out (its defaults): made here
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+    return raw
+
+
+def _override_field(parts: list[str]) -> str:
+    """``['distill', 'losses', '0', 'name']`` as validation errors name it: ``distill.losses[0].name``."""
+    return "".join(f"[{p}]" if _is_index(p) else ("." if i else "") + p for i, p in enumerate(parts))
+
+
+def _is_index(part: str) -> bool:
+    return re.fullmatch(r"[0-9]+", part) is not None
+
+
+def _name_override(e: RecipeError, source: str, overrides: Sequence[str]) -> RecipeError:
+    """A validation error in a field a ``--set`` gave (or inside it): the line says so, since the file holds
+    another value there."""
+    message = str(e)
+    rest = message.removeprefix(f"{source}: ")
+    for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
+        field = _override_field(parse_override(text)[0])
+        if rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}[")):
+            return RecipeError(f"{source}: --set {text}: {rest}", exit_code=e.exit_code)
+    return e
 
 
 def _mark_bare_bundle_dirs(raw, base: Path) -> None:
