@@ -156,6 +156,11 @@ def test_an_error_under_json_is_also_a_json_document_on_stdout(tmp_path):
     (["nosuch"], "Error: kdctl: No such command 'nosuch'."),
     (["--bogus"], "Error: kdctl: No such option: --bogus"),
     (["recipe", "check"], "Error: kdctl recipe check: Missing argument 'recipe'."),
+    # an option given last without its value: Click raises it without a context, and it came boxed
+    (["gate", "x", "--min-map"], "Error: kdctl gate: Option '--min-map' requires an argument. (see 'kdctl gate "
+                                 "--help')"),
+    (["bundle", "verify", "x", "--bogus"], "Error: kdctl bundle verify: No such option: --bogus"),
+    (["recipe", "check", "r.yaml", "--set"], "Error: kdctl recipe check: Option '--set' requires an argument."),
 ])
 def test_usage_errors_are_one_line_naming_the_command(argv, expected):
     """Click's usage errors came as a boxed block of five lines (usage, hint, a frame around the message, wrapped at

@@ -39,14 +39,29 @@ def _fail(ctx, word: str, text: str, code: int):
     raise typer.Exit(code)
 
 
-def _usage_error(e: UsageError):
+def _usage_error(e: UsageError, root=None):
     """A usage error (missing argument, unknown option, a value of the wrong type) as one line that names the
-    command and where its help is, instead of Click's boxed usage block; no-arguments help is left to Click."""
+    command and where its help is, instead of Click's boxed usage block; no-arguments help is left to Click.
+    An error without a context (an option given last, without its value) names the command the arguments reach
+    from ``root``, the kdctl group's context."""
     ctx = e.ctx
-    if isinstance(e, NoArgsIsHelpError) or ctx is None:
+    if isinstance(e, NoArgsIsHelpError) or (ctx is None and root is None):
         raise e
+    path = ctx.command_path if ctx is not None else _command_path(root)
     text = " ".join(e.format_message().split())
-    _fail(ctx.find_root(), "Error:", f"{ctx.command_path}: {text} (see '{ctx.command_path} --help')", e.exit_code)
+    _fail((ctx or root).find_root(), "Error:", f"{path}: {text} (see '{path} --help')", e.exit_code)
+
+
+def _command_path(root) -> str:
+    """``kdctl bundle verify`` for the arguments ``bundle verify ...`` given to the kdctl group."""
+    path, cmd = [root.command_path], root.command
+    for word in root.meta.get("kdctl_args", []):
+        sub = cmd.get_command(root, word) if hasattr(cmd, "get_command") else None
+        if sub is None:
+            break
+        path.append(word)
+        cmd = sub
+    return " ".join(path)
 
 
 _MACHINE_ERRNOS = {  # what to do about each
@@ -71,10 +86,11 @@ class KdctlGroup(TyperGroup):
         root = ctx.find_root().meta
         root["kdctl_json"] = "--json" in args  # errors then also go to stdout, as JSON
         root["kdctl_quiet"] = "--quiet" in args or "-q" in args
+        root["kdctl_args"] = list(args)
         try:
             return super().parse_args(ctx, args)
         except UsageError as e:
-            _usage_error(e)
+            _usage_error(e, ctx)
 
     def invoke(self, ctx):
         from kdctl.errors import KdctlError
@@ -100,7 +116,7 @@ class KdctlGroup(TyperGroup):
                     if ctx.invoked_subcommand in ("train", "distill") else "")
             fail(how, f"nothing half-written was published{hint}", 143 if isinstance(e, Terminated) else 130)
         except UsageError as e:
-            _usage_error(e)
+            _usage_error(e, ctx.find_root())
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except BrokenPipeError:  # the reader went away (`kdctl list losses | head -1`): Click's main stops quietly
