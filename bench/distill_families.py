@@ -47,16 +47,17 @@ OVERRIDES: dict[str, object] = {}  # --set: recipe fields changed in every disti
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``distill.auto_balance=0.25`` -> ("distill.auto_balance", 0.25); the value is read as YAML."""
+    """``distill.auto_balance=0.25`` -> ("distill.auto_balance", 0.25): kdctl's ``--set``, read as YAML."""
     import argparse
 
-    import yaml
+    from kdctl.errors import RecipeError
+    from kdctl.recipe.loader import parse_override as parse
 
-    key, sep, value = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE with a dotted recipe key, "
-                                         "e.g. distill.auto_balance=0.25")
-    return key, yaml.safe_load(value)
+    try:
+        parts, value = parse(text)
+    except RecipeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ".".join(parts), value
 
 
 def parse_train_field(text: str) -> tuple[str, object]:
@@ -95,22 +96,11 @@ def screen_tag(families: list[str]) -> str:
 
 
 def apply_overrides(d: dict) -> None:
-    """Set each override in the recipe dict; a number in the key indexes a list (``distill.losses.0.level``)."""
-    for key, value in OVERRIDES.items():
-        *parents, leaf = key.split(".")
-        node = d
-        for part in parents:
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            if not isinstance(node.get(part), (dict, list)):
-                node[part] = {}
-            node = node[part]
-        if isinstance(node, list):
-            node[int(leaf)] = value
-        else:
-            node[leaf] = value
+    """Set each override in the recipe dict, as ``kdctl distill --set`` does (``distill.losses.0.level``)."""
+    from kdctl.recipe.loader import set_field
 
+    for key, value in OVERRIDES.items():
+        set_field(d, key.split("."), value)
 
 
 def train_assistant(model: str, teacher: Path, out: Path) -> dict:

@@ -13,7 +13,8 @@ from kdctl.errors import RecipeError, shown
 from kdctl.recipe.schema import Recipe
 from kdctl.recipe.validation import read_yaml, validate
 
-__all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides"]
+__all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
+           "set_field"]
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -51,29 +52,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """Set each ``KEY=VALUE`` in the recipe's fields, in order (a later one wins); a missing section is created,
-    a list is indexed within its length. The result is validated as a recipe by the caller."""
+    """Set each ``KEY=VALUE`` in the recipe's fields, in order (a later one wins). The result is validated as a
+    recipe by the caller."""
     for text in overrides:
-        parts, value = parse_override(text)
-        node: Any = raw
-        for depth, part in enumerate(parts):
-            here = ".".join(parts[:depth]) or "the recipe"
-            last = depth == len(parts) - 1
-            if isinstance(node, list):
-                if not _is_index(part) or int(part) >= len(node):
-                    raise RecipeError(f"--set {'.'.join(parts)}: {here} is a list of {len(node)}; index it with "
-                                      f"0..{len(node) - 1}, got '{part}'")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise RecipeError(f"--set {'.'.join(parts)}: {here} is {shown(node)}, not a section with fields")
-            elif not last and not isinstance(node.get(part), (dict, list)):
-                if node.get(part) is None:
-                    node[part] = {}  # a section the file leaves out (its defaults): made here
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
+        set_field(raw, *parse_override(text))
     return raw
+
+
+def set_field(raw: dict, parts: list[str], value: Any) -> None:
+    """``raw[parts[0]][parts[1]]... = value``: a section the file leaves out (its defaults) is made, a list is indexed
+    within its length; anything else is one line naming the field."""
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth]) or "the recipe"
+        if isinstance(node, list):
+            if not _is_index(part) or int(part) >= len(node):
+                raise RecipeError(f"--set {'.'.join(parts)}: {here} is a list of {len(node)}; index it with "
+                                  f"0..{len(node) - 1}, got '{part}'")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {'.'.join(parts)}: {here} is {shown(node)}, not a section with fields")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
 
 
 def _override_field(parts: list[str]) -> str:
