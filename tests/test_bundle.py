@@ -355,3 +355,42 @@ def test_a_default_run_folder_another_process_is_writing_is_not_chosen(tmp_path)
     finally:
         holder.communicate("\n", timeout=30)
     assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b"
+
+
+def test_verify_lineage_follows_every_recorded_ancestor(tmp_path):
+    """``bundle verify --lineage``: each ancestor must be the very bundle its child recorded, and verify; one that
+    changed, was replaced (a re-run with --overwrite), or is not there is named with why, exit 1. Without --lineage
+    only the bundle itself is checked, as before."""
+    import shutil
+
+    a = make(tmp_path, "a")
+    b = make(tmp_path, "b", parents=[a])
+    side = make(tmp_path, "side")
+    c = make(tmp_path, "c", parents=[b, side])
+    d = make(tmp_path, "d", parents=[c, a])  # a is reached twice: listed once
+
+    def verify(*extra):
+        res = CliRunner().invoke(app, ["bundle", "verify", str(d.path), "--json", *extra])
+        return res.exit_code, json.loads(res.stdout)
+
+    code, doc = verify("--lineage")
+    assert code == 0 and doc["ok"] is True
+    assert [(r["path"], r["status"]) for r in doc["lineage"]] == [
+        (str(c.path), "ok"), (str(a.path), "ok"), (str(b.path), "ok"), (str(side.path), "ok")]
+    (b.path / "weights.pt").write_bytes(b"\x00forged")
+    code, doc = verify("--lineage")
+    assert code == 1 and doc["ok"] is False
+    row = {r["path"]: r for r in doc["lineage"]}[str(b.path)]
+    assert (row["status"], row["problem"]) == ("changed", "weights.pt: changed (sha256 differs from manifest)")
+    assert verify() == (0, {**verify()[1], "ok": True}) and "lineage" not in verify()[1]
+    shutil.rmtree(b.path)
+    make(tmp_path, "b")  # another bundle where b was
+    shutil.rmtree(side.path)
+    (a.path / "manifest.json").write_text("{")
+    code, doc = verify("--lineage")
+    status = {r["path"]: r["status"] for r in doc["lineage"]}
+    assert code == 1 and status == {str(c.path): "ok", str(a.path): "unreadable", str(b.path): "replaced",
+                                    str(side.path): "missing"}
+    res = CliRunner().invoke(app, ["bundle", "verify", str(d.path), "--lineage"])
+    assert res.exit_code == 1 and f"FAIL ancestor train {side.path}: missing: not found at the recorded path" in \
+        " ".join(res.output.split())

@@ -1,9 +1,10 @@
 from kdctl.bundle.output import check_output_file, claim_output
-from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir, require_verified, sha256_file,
-                                verify_bundle, write_json_atomic, write_text_atomic)
+from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir, recorded_parent, require_verified,
+                                sha256_file, verify_bundle, verify_lineage, write_json_atomic, write_text_atomic)
 
 __all__ = ["Bundle", "BundleWriter", "check_output_file", "claim_output", "load_bundle", "next_run_dir",
-           "require_verified", "sha256_file", "verify_bundle", "write_json_atomic", "write_text_atomic"]
+           "recorded_parent", "require_verified", "sha256_file", "verify_bundle", "verify_lineage",
+           "write_json_atomic", "write_text_atomic"]
 
 
 def reference_metrics(export_metrics: dict) -> dict:

@@ -363,6 +363,51 @@ def verify_bundle(path: str | Path, *, _bundle: Bundle | None = None) -> VerifyR
     return VerifyResult(not problems, problems, len(files), seen_device)
 
 
+def recorded_parent(record: Any) -> tuple[str, Bundle | None, str | None]:
+    """The parent a child's manifest records (``parents[i]``), looked up at its recorded path, as (status, the
+    bundle there, why): "found" when it is that very bundle (same id and content hash; not yet re-hashed),
+    "missing" when nothing is there (made on another machine, moved, deleted), "unreadable" when the folder there is
+    no readable bundle (its manifest broken or gone), "replaced" when another bundle took its place (e.g. a re-run
+    with --overwrite)."""
+    path = Path(str(record.get("path", ""))) if isinstance(record, dict) else None
+    if path is None or not path.is_dir():
+        return "missing", None, "not found at the recorded path (made on another machine, moved or deleted)"
+    try:
+        parent = load_bundle(path)
+    except BundleError as e:
+        return "unreadable", None, str(e)
+    if parent.id != record.get("id") or parent.manifest["content_sha256"] != record.get("content_sha256"):
+        return "replaced", parent, (f"another bundle is there now (id {parent.id[:12]}, created "
+                                    f"{parent.manifest.get('created', '?')})")
+    return "found", parent, None
+
+
+def verify_lineage(bundle: Bundle) -> list[dict]:
+    """Every ancestor ``bundle`` records, nearest first, each once, as {"stage", "path", "id", "status", "problem"}:
+    status "ok" (the very bundle recorded, and it verifies), "changed" (it, but it fails verification: the first
+    problem), or "missing", "unreadable", "replaced" (see :func:`recorded_parent`; what that one descends from
+    cannot be followed)."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    todo = [bundle]
+    while todo:
+        child = todo.pop(0)
+        for rec in child.manifest.get("parents", []):
+            rec = rec if isinstance(rec, dict) else {}
+            key = f"{rec.get('id')}:{rec.get('content_sha256')}"
+            if key in seen:
+                continue
+            seen.add(key)
+            status, parent, why = recorded_parent(rec)
+            if status == "found":
+                res = verify_bundle(parent.path, _bundle=parent)
+                status, why = ("ok", None) if res.ok else ("changed", f"{res.problems[0]}")
+                todo.append(parent)
+            rows.append({"stage": rec.get("stage"), "path": rec.get("path"), "id": rec.get("id"), "status": status,
+                         "problem": why})
+    return rows
+
+
 class BundleWriter:
     """Context manager that builds a bundle in a temporary directory and publishes it atomically.
 

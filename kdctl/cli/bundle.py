@@ -67,22 +67,31 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
 
 
 @app.command("verify")
-def verify(bundle: BundleArg, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def verify(bundle: BundleArg, lineage: bool = typer.Option(
+               False, "--lineage", help="Also verify every ancestor the bundle records (its parents, theirs...) at "
+               "its recorded path: each must be the very bundle recorded and verify; one missing (made on another "
+               "machine), replaced (re-run with --overwrite) or changed fails."),
+           json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Check the manifest's seal and re-hash every file.
 
     Exit 1 naming each file that changed, went missing, was added, or is a symlink (also with --quiet, which
-    prints nothing for a bundle that verifies).
+    prints nothing for a bundle that verifies); with --lineage, also each ancestor that is not as recorded.
 
-    Example: [bold]kdctl bundle verify runs/export/quickstart-cpu[/bold]
+    Example: [bold]kdctl bundle verify runs/gate/quickstart-cpu --lineage[/bold]
     """
-    from kdctl.bundle import verify_bundle
+    from kdctl.bundle import load_bundle, verify_bundle, verify_lineage
 
-    res = verify_bundle(bundle)
-    result = {"bundle": str(bundle), "ok": res.ok, "files_checked": res.checked, "problems": res.problems,
+    b = load_bundle(bundle)
+    res = verify_bundle(bundle, _bundle=b)
+    ancestors = verify_lineage(b) if lineage else []
+    ok = res.ok and all(a["status"] == "ok" for a in ancestors)
+    result = {"bundle": str(bundle), "ok": ok, "files_checked": res.checked, "problems": res.problems,
               "device_built": res.device_built}
+    if lineage:
+        result["lineage"] = ancestors
 
     def human():
-        if res.ok and quiet:
+        if ok and quiet:
             return
         if res.ok:
             console.print(Text.assemble(("OK", "green"), f" {bundle}: {res.checked} files match the sealed manifest"))
@@ -91,7 +100,14 @@ def verify(bundle: BundleArg, json_: JsonOpt = False, quiet: QuietOpt = False) -
         else:  # with --quiet (stdout discarded) the failures are the errors it still prints, on stderr
             for p in res.problems:
                 (err_console if quiet else console).print(Text.assemble(("FAIL", "red"), f" {bundle}/{p}"))
+        for a in ancestors:
+            if a["status"] == "ok":
+                if not quiet:
+                    console.print(Text.assemble(("OK", "green"), f" ancestor {a['stage']} {a['path']}"))
+            else:
+                (err_console if quiet else console).print(Text.assemble(
+                    ("FAIL", "red"), f" ancestor {a['stage']} {a['path']}: {a['status']}: {a['problem']}"))
 
     emit(result, as_json=json_, human=human)
-    if not res.ok:
+    if not ok:
         raise typer.Exit(1)

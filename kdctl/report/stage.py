@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
-from kdctl.bundle import Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, require_verified
+from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, recorded_parent,
+                          require_verified)
 from kdctl.errors import BundleError, KdctlError
 from kdctl.gate.junit import md_escape
 from kdctl.report import graph, plots
@@ -28,15 +29,9 @@ def lineage(bundles: list[Bundle]) -> list[Bundle]:
         if b.id in seen:
             return
         for p in b.manifest.get("parents", []):
-            if not isinstance(p, dict) or not Path(str(p.get("path", ""))).is_dir():
-                continue
-            try:
-                parent = load_bundle(p["path"])
-            except BundleError:
-                continue
-            if parent.id != p.get("id") or parent.manifest["content_sha256"] != p.get("content_sha256"):
-                continue  # replaced since (e.g. re-run with --overwrite): not this lineage
-            visit(require_verified(parent))
+            status, parent, _ = recorded_parent(p)
+            if status == "found":  # not missing, nor replaced since (e.g. re-run with --overwrite)
+                visit(require_verified(parent))
         seen[b.id] = b
 
     for b in bundles:
