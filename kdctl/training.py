@@ -329,8 +329,19 @@ def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> N
     before = info.get("recipe")
     diff = recipe_difference(before, recipe, RESUME_MAY_CHANGE) if isinstance(before, dict) else None
     if diff:
-        raise ResumeMismatch(f"{source}: {diff}: differs from the recipe of the interrupted run in {work}; resume "
-                             "it with the recipe it started from, or pass --overwrite to start over")
+        from kdctl.errors import shown
+
+        was, now = _field(_as_current(before), diff), _field(recipe.model_dump(mode="json"), diff)
+        raise ResumeMismatch(f"{source}: {diff}: differs from the recipe of the interrupted run in {work} "
+                             f"({shown(was, 40)} there, {shown(now, 40)} here); resume it with the recipe it started "
+                             "from (and the same --set), or pass --overwrite to start over")
+
+
+def _field(dump, dotted: str):
+    """A recipe dump's value at a dotted path (None where the path is not there)."""
+    for part in dotted.split("."):
+        dump = dump.get(part) if isinstance(dump, dict) else None
+    return dump
 
 
 def _already_published(out: Path, work: Path, info: dict | None, recipe: Recipe, stage: str) -> Bundle | None:

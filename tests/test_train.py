@@ -246,6 +246,24 @@ def test_reuse_and_resume_read_a_recipe_recorded_by_an_earlier_kdctl(tmp_path, t
     assert _as_current({"not": "a recipe"}) == {"not": "a recipe"}
 
 
+def test_a_refused_resume_names_both_values(tmp_path, trained_bundle):
+    """A resume refused for a changed field says what the interrupted run had and what this one has: a --set left
+    off the resumed command (``--set train.epochs=3``) reads as "3 there, 1 here"."""
+    from kdctl.errors import ResumeMismatch
+    from kdctl.recipe import load_recipe
+    from kdctl.training import _check_same_recipe
+
+    recipe = load_recipe(trained_bundle / "recipe.yaml")
+    old = recipe.model_dump(mode="json")
+    epochs = {**old, "train": {**old["train"], "epochs": 3}}
+    with pytest.raises(ResumeMismatch, match=r"r\.yaml: train\.epochs: differs from the recipe of the interrupted "
+                                             r"run in .* \(3 there, 1 here\); .*the same --set"):
+        _check_same_recipe({"recipe": epochs}, recipe, "r.yaml", tmp_path)
+    init = {**old, "distill": {**old["distill"], "init": "teacher"}}
+    with pytest.raises(ResumeMismatch, match=r"distill\.init: .* \(\"teacher\" there, null here\)"):
+        _check_same_recipe({"recipe": init}, recipe, "r.yaml", tmp_path)
+
+
 def test_time_of_the_processes_a_resumed_run_continues():
     """results.csv's time restarts with each process: a run killed after epoch 2 (at 7.5 s) and again after epoch 4
     (4.0 s into the second process) had spent 11.5 s before the third process; if that third one only published
