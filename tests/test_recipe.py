@@ -386,3 +386,20 @@ def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
     assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id
     res = CliRunner().invoke(app, ["recipe", "check", str(p), "--set", "train.epochs=3", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("command", [["distill"], ["recipe", "check", "--models"], ["cache", "build"]])
+def test_a_run_refusing_a_set_field_names_the_set(tmp_path, command):
+    """The run's own checks (a checkpoint that is not there, a layer the model lacks) name the --set that gave the
+    field, not the file alone, which holds another value there."""
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("losses:", "cache: {}\n  losses:").replace("cwd, weight: 2.0, params: {tau: 2.0}",
+                                                                          "kd_logit"))
+    res = CliRunner().invoke(app, [*command, str(p), "--set", "teacher.model=nope.pt", "--set", "train.epochs=2"])
+    assert res.exit_code == 2, res.output
+    assert " ".join(res.output.split()) == (f"Error: {p}: --set teacher.model=nope.pt: teacher.model: checkpoint "
+                                            "'nope.pt' not found")
+    p.write_text(p.read_text().replace("yolov8s.yaml", "gone.pt"))  # the file's own field, with a --set elsewhere
+    res = CliRunner().invoke(app, [*command, str(p), "--set", "train.epochs=2"])
+    assert res.exit_code == 2 and " ".join(res.output.split()) == (f"Error: {p}: teacher.model: checkpoint "
+                                                                   "'gone.pt' not found")

@@ -55,24 +55,26 @@ def build(recipe: RecipeArg, set_: SetOpt = None,
     from kdctl.distill.cache import cache_path
     from kdctl.errors import RecipeError
     from kdctl.recipe import load_recipe
+    from kdctl.recipe.loader import overrides_named
     from kdctl.training import _models
     from kdctl.models import resolve_model
 
     r = load_recipe(recipe, set_ or ())
     source = str(recipe)
-    if r.distill.cache is None:
-        raise RecipeError(f"{source}: distill.cache: not set; add `cache: {{}}` under distill (optionally with "
-                          "path and top_k)")
-    if r.teacher is None or not r.distill.losses:
-        raise RecipeError(f"{source}: distill.losses: the cache needs a teacher and head-level losses")
-    ds = resolve_data(r.data, skip_invalid=skip_invalid or None)
-    student_ref = resolve_model(r.student.model, "student.model", source)
-    teacher_ref = resolve_model(r.teacher.model, "teacher.model", source)
-    _, _, setup = _models(r, "distill", source, ds, "none", student_ref, teacher_ref)
-    with tempfile.TemporaryDirectory(prefix="kdctl-cache-") as tmp, progress_bar(not (json_ or quiet)) as p:
-        data_yaml = normalised_yaml(ds, Path(tmp) / "data.yaml")
-        build_cache(r, source, setup.teacher, data_yaml, ds.train_images, cache_path(r), progress=p,
-                    overwrite=overwrite, check=True)
+    with overrides_named(source, set_ or ()):
+        if r.distill.cache is None:
+            raise RecipeError(f"{source}: distill.cache: not set; add `cache: {{}}` under distill (optionally with "
+                              "path and top_k)")
+        if r.teacher is None or not r.distill.losses:
+            raise RecipeError(f"{source}: distill.losses: the cache needs a teacher and head-level losses")
+        ds = resolve_data(r.data, skip_invalid=skip_invalid or None)
+        student_ref = resolve_model(r.student.model, "student.model", source)
+        teacher_ref = resolve_model(r.teacher.model, "teacher.model", source)
+        _, _, setup = _models(r, "distill", source, ds, "none", student_ref, teacher_ref)
+        with tempfile.TemporaryDirectory(prefix="kdctl-cache-") as tmp, progress_bar(not (json_ or quiet)) as p:
+            data_yaml = normalised_yaml(ds, Path(tmp) / "data.yaml")
+            build_cache(r, source, setup.teacher, data_yaml, ds.train_images, cache_path(r), progress=p,
+                        overwrite=overwrite, check=True)
     res = _summary(cache_path(r), check=False)
     emit(res, as_json=json_, quiet=quiet, human=lambda: _show(res))
 

@@ -25,25 +25,27 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     import yaml
 
     from kdctl.recipe import load_recipe
+    from kdctl.recipe.loader import overrides_named
     from kdctl.training import missing_inputs
 
     r = load_recipe(recipe, set_ or ())
     data = r.model_dump(mode="json")
     terms = init = None
-    missing = [] if models else missing_inputs(r, Path(recipe))  # --models: the first missing stops it
-    if models:
-        from kdctl.training import check_models
+    with overrides_named(str(recipe), set_ or ()):
+        missing = [] if models else missing_inputs(r, Path(recipe))  # --models: the first missing stops it
+        if models:
+            from kdctl.training import check_models
 
-        checked = check_models(r, source=str(recipe))
-        terms, init = checked["kd_terms"], checked.get("init")
-    out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {})}
-    # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
-    # with a teacher set aside is still a train recipe, so this is a note, not an error)
-    refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
-    if all(refused.values()):  # no command takes it: the error the command it is written for would give
-        from kdctl.errors import RecipeError
+            checked = check_models(r, source=str(recipe))
+            terms, init = checked["kd_terms"], checked.get("init")
+        out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {})}
+        # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
+        # with a teacher set aside is still a train recipe, so this is a note, not an error)
+        refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
+        if all(refused.values()):  # no command takes it: the error the command it is written for would give
+            from kdctl.errors import RecipeError
 
-        raise RecipeError(refused["distill" if r.teacher is not None else "train"])
+            raise RecipeError(refused["distill" if r.teacher is not None else "train"])
     out = {**out, "stages": {stage: {"accepted": why is None, **({"refused": why} if why else {})}
                              for stage, why in refused.items()}, "missing": missing}
     note = refused["distill"] if r.teacher is not None and refused["train"] is None else None

@@ -38,17 +38,19 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
          rdzv: str | None = None, overrides: list[str] | None = None):
     from kdctl.distributed import plan
     from kdctl.recipe import load_recipe
+    from kdctl.recipe.loader import overrides_named
     from kdctl.training import run_training, untrained_teacher
 
     r = load_recipe(recipe, overrides or ())
-    warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
-    if warning and not quiet:
-        err_console.print(f"Warning: {warning}", highlight=False)
-    launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
-    with progress_bar(not (json_ or quiet)) as p:
-        b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
-                         overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p,
-                         launch=launch)
+    with overrides_named(str(recipe), overrides or ()):
+        warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
+        if warning and not quiet:
+            err_console.print(f"Warning: {warning}", highlight=False)
+        launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
+        with progress_bar(not (json_ or quiet)) as p:
+            b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
+                             overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p,
+                             launch=launch)
     if b is None:  # a node other than node 0 of a multi-node run
         emit({"stage": stage, "node_rank": node_rank, "nnodes": nnodes, "bundle": None}, as_json=json_, quiet=quiet,
              human=lambda: console.print(f"{stage}: node {node_rank} of {nnodes} finished its ranks; node 0 writes "

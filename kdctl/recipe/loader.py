@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import yaml
 
-from kdctl.errors import RecipeError, shown
+from kdctl.errors import KdctlError, RecipeError, shown
 from kdctl.recipe.schema import Recipe
 from kdctl.recipe.validation import read_yaml, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
-           "set_field"]
+           "set_field", "overrides_named"]
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -28,12 +29,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             validate(raw, Recipe, str(path))  # its own error: not a mapping of fields
         apply_overrides(raw, overrides)
     _mark_bare_bundle_dirs(raw, path.parent)
-    try:
+    with overrides_named(str(path), overrides):
         recipe = validate(raw, Recipe, str(path))
         _check_losses(recipe, str(path))
         _check_target(recipe, path)
-    except RecipeError as e:
-        raise _name_override(e, str(path), overrides) from None
     return _resolve_paths(recipe, path.parent)
 
 
@@ -89,16 +88,20 @@ def _is_index(part: str) -> bool:
     return re.fullmatch(r"[0-9]+", part) is not None
 
 
-def _name_override(e: RecipeError, source: str, overrides: Sequence[str]) -> RecipeError:
-    """A validation error in a field a ``--set`` gave (or inside it): the line says so, since the file holds
-    another value there."""
-    message = str(e)
-    rest = message.removeprefix(f"{source}: ")
-    for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
-        field = _override_field(parse_override(text)[0])
-        if rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}[")):
-            return RecipeError(f"{source}: --set {text}: {rest}", exit_code=e.exit_code)
-    return e
+@contextmanager
+def overrides_named(source: str, overrides: Sequence[str]) -> Iterator[None]:
+    """Around work on a recipe read with ``overrides``: an error about a field a ``--set`` gave (or inside it), named
+    ``SOURCE: FIELD: ...`` as kdctl names a recipe's fields, says that --set, since the file holds another value
+    there (validation, and the run's own checks: a device this machine lacks, a resume of another recipe)."""
+    try:
+        yield
+    except KdctlError as e:
+        rest = str(e).removeprefix(f"{source}: ")
+        for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
+            field = _override_field(parse_override(text)[0])
+            if rest != str(e) and (rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}["))):
+                raise type(e)(f"{source}: --set {text}: {rest}", exit_code=e.exit_code) from None
+        raise
 
 
 def _mark_bare_bundle_dirs(raw, base: Path) -> None:
