@@ -161,6 +161,12 @@ def test_an_error_under_json_is_also_a_json_document_on_stdout(tmp_path):
                                  "--help')"),
     (["bundle", "verify", "x", "--bogus"], "Error: kdctl bundle verify: No such option: --bogus"),
     (["recipe", "check", "r.yaml", "--set"], "Error: kdctl recipe check: Option '--set' requires an argument."),
+    # Ultralytics' way of changing a setting: the --set that does it
+    (["train", "r.yaml", "epochs=5", "batch=4"], "Error: kdctl train: Got unexpected extra argument(s) (epochs=5 "
+                                                 "batch=4); a recipe field is changed with --set train.epochs=5 --set "
+                                                 "train.batch=4 (see 'kdctl train --help')"),
+    (["gate", "x", "epochs=5"], "Error: kdctl gate: Got unexpected extra argument(s) (epochs=5) (see 'kdctl gate "
+                                "--help')"),
 ])
 def test_usage_errors_are_one_line_naming_the_command(argv, expected):
     """Click's usage errors came as a boxed block of five lines (usage, hint, a frame around the message, wrapped at

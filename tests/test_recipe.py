@@ -403,3 +403,13 @@ def test_a_run_refusing_a_set_field_names_the_set(tmp_path, command):
     res = CliRunner().invoke(app, [*command, str(p), "--set", "train.epochs=2"])
     assert res.exit_code == 2 and " ".join(res.output.split()) == (f"Error: {p}: teacher.model: checkpoint "
                                                                    "'gone.pt' not found")
+
+
+def test_set_suggestion_finds_the_section_of_a_bare_key():
+    from kdctl.recipe.loader import set_suggestion
+
+    assert set_suggestion(["epochs=5", "name=x", "auto_balance=0.1", "target=intel", "min_map50_95=0.3",
+                           "distill.losses.0.weight=2", "nosuch=1", "plain"]) == (
+        "--set train.epochs=5 --set name=x --set distill.auto_balance=0.1 --set export.target=intel "
+        "--set gate.min_map50_95=0.3 --set distill.losses.0.weight=2 --set nosuch=1")
+    assert set_suggestion(["plain", "=1"]) is None

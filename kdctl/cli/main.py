@@ -48,8 +48,23 @@ def _usage_error(e: UsageError, root=None):
     if isinstance(e, NoArgsIsHelpError) or (ctx is None and root is None):
         raise e
     path = ctx.command_path if ctx is not None else _command_path(root)
-    text = " ".join(e.format_message().split())
+    text = " ".join(e.format_message().split()) + _set_hint(e)
     _fail((ctx or root).find_root(), "Error:", f"{path}: {text} (see '{path} --help')", e.exit_code)
+
+
+def _set_hint(e: UsageError) -> str:
+    """``kdctl train r.yaml epochs=5``, Ultralytics' way of changing a setting: the --set options that do it, for a
+    command that takes --set (the extra arguments are those Click's message lists)."""
+    import re
+
+    ctx = e.ctx
+    found = re.fullmatch(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)", e.format_message().strip(), re.S)
+    if ctx is None or found is None or not any(p.name == "set_" for p in ctx.command.params):
+        return ""
+    from kdctl.recipe.loader import set_suggestion
+
+    hint = set_suggestion(found.group(1).split())
+    return f"; a recipe field is changed with {hint}" if hint else ""
 
 
 def _command_path(root) -> str:

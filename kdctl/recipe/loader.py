@@ -15,7 +15,7 @@ from kdctl.recipe.schema import Recipe
 from kdctl.recipe.validation import read_yaml, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
-           "set_field", "overrides_named"]
+           "set_field", "overrides_named", "set_suggestion"]
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -77,6 +77,40 @@ def set_field(raw: dict, parts: list[str], value: Any) -> None:
         if isinstance(node, dict) and node.get(part) is None:
             node[part] = {}
         node = node[part]
+
+
+def set_suggestion(words: Sequence[str]) -> str | None:
+    """``epochs=5 batch=4`` (Ultralytics' way of changing a setting, given to a kdctl command as extra arguments) as
+    the ``--set`` options that do it: ``--set train.epochs=5 --set train.batch=4``; a bare key is looked for in the
+    recipe's top-level fields, then in its sections (train first). None when no word is KEY=VALUE."""
+    from kdctl.recipe.schema import Recipe
+
+    sections = ["train"] + [k for k in Recipe.model_fields if k != "train"]
+    out = []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            continue
+        if "." not in key and key not in Recipe.model_fields:
+            for section in sections:
+                model = _model_of(Recipe.model_fields[section].annotation)
+                if model is not None and key in model.model_fields:
+                    key = f"{section}.{key}"
+                    break
+        out.append(f"--set {key}={value}")
+    return " ".join(out) or None
+
+
+def _model_of(annotation) -> type | None:
+    """The pydantic model in a field's annotation (``TrainSpec``, ``Optional[ExportSpec]``), if any."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
 
 
 def _override_field(parts: list[str]) -> str:
