@@ -97,7 +97,8 @@ def train(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, runs: Runs
           rdzv_endpoint: RdzvOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Train the recipe's student without a teacher (teachers, and the baseline every distillation must beat).
 
-    Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]  (4 GPUs: [bold]--nproc-per-node 4[/bold])
+    Example: [bold]kdctl train recipes/quickstart-teacher.yaml[/bold]  (4 GPUs: [bold]--nproc-per-node 4[/bold];
+    a shorter run: [bold]--set train.epochs=5[/bold])
     """
     _run("train", recipe, out, runs, resume, overwrite, json_, quiet, skip_invalid, reuse, nproc_per_node, nnodes,
          node_rank, rdzv_endpoint, set_)
