@@ -81,9 +81,8 @@ def verify(bundle: BundleArg, lineage: bool = typer.Option(
     """
     from kdctl.bundle import load_bundle, verify_bundle, verify_lineage
 
-    b = load_bundle(bundle)
-    res = verify_bundle(bundle, _bundle=b)
-    ancestors = verify_lineage(b) if lineage else []
+    res = verify_bundle(bundle)
+    ancestors = verify_lineage(load_bundle(bundle)) if lineage else []
     ok = res.ok and all(a["status"] == "ok" for a in ancestors)
     result = {"bundle": str(bundle), "ok": ok, "files_checked": res.checked, "problems": res.problems,
               "device_built": res.device_built}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import yaml
@@ -83,8 +83,6 @@ def set_suggestion(words: Sequence[str]) -> str | None:
     """``epochs=5 batch=4`` (Ultralytics' way of changing a setting, given to a kdctl command as extra arguments) as
     the ``--set`` options that do it: ``--set train.epochs=5 --set train.batch=4``; a bare key is looked for in the
     recipe's top-level fields, then in its sections (train first). None when no word is KEY=VALUE."""
-    from kdctl.recipe.schema import Recipe
-
     sections = ["train"] + [k for k in Recipe.model_fields if k != "train"]
     out = []
     for word in words:
@@ -131,9 +129,11 @@ def overrides_named(source: str, overrides: Sequence[str]) -> Iterator[None]:
         yield
     except KdctlError as e:
         rest = str(e).removeprefix(f"{source}: ")
+        if rest == str(e):  # not about the recipe's fields
+            raise
         for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
             field = _override_field(parse_override(text)[0])
-            if rest != str(e) and (rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}["))):
+            if rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}[")):
                 raise type(e)(f"{source}: --set {text}: {rest}", exit_code=e.exit_code) from None
         raise
 
