@@ -261,8 +261,9 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
     from kdctl.distributed import check_device
 
     check_device(recipe.train.device, f"{source}: train.device")
+    writer = launch is None or launch.node_rank == 0  # the other nodes of a multi-node run publish nothing
     out = Path(out) if out else (Path(runs_dir) / stage / recipe.name if resume else
-                                 next_run_dir(runs_dir, stage, recipe.name))
+                                 next_run_dir(runs_dir, stage, recipe.name, reserve=writer))
     work = work_dir_for(out)
     if reuse and not work.exists():  # e.g. the demo's teacher: trained once, kept while its recipe is unchanged
         same = _reusable(out, recipe, stage)

@@ -357,6 +357,34 @@ def test_a_default_run_folder_another_process_is_writing_is_not_chosen(tmp_path)
     assert next_run_dir(tmp_path, "eval", "b") == tmp_path / "eval" / "b"
 
 
+def test_a_stages_default_run_folder_is_locked_as_it_is_chosen(tmp_path):
+    """Two runs started at the same instant both chose ``runs/<stage>/<name>`` (neither had taken its lock yet), and
+    the second stopped on the first one's lock. A stage's default folder is now locked as it is chosen: another
+    process choosing meanwhile gets the next number; the stage's own claim takes the lock over; a name chosen by a
+    stage that stopped before claiming it is let go at the next choice and at exit."""
+    from kdctl.bundle import next_run_dir
+    from kdctl.bundle.output import release_reservations
+
+    choose = textwrap.dedent(f"""
+        from kdctl.bundle import next_run_dir
+        print(next_run_dir({str(tmp_path)!r}, "eval", "b", reserve=True).name)
+    """)
+    other = lambda: subprocess.run([sys.executable, "-c", choose], capture_output=True, text=True,  # noqa: E731
+                                   timeout=60).stdout.strip()
+    first = next_run_dir(tmp_path, "eval", "b", reserve=True)
+    assert first == tmp_path / "eval" / "b" and (tmp_path / "eval" / ".b.lock").exists()
+    assert other() == "b2"                      # this process holds b
+    assert not (tmp_path / "eval" / ".b2.lock").exists()  # the other one's choice, never claimed: let go at exit
+    b = make(tmp_path / "eval", "b")            # the stage's claim takes the lock over, and releases it
+    assert b.path == first and sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["b"]
+    assert next_run_dir(tmp_path, "eval", "b", reserve=True).name == "b2"
+    assert next_run_dir(tmp_path, "eval", "b", reserve=True).name == "b2"  # the unclaimed b2 was let go first
+    release_reservations()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["b"]
+    assert next_run_dir(tmp_path, "eval", "c") == tmp_path / "eval" / "c"  # without reserve: nothing locked
+    assert not (tmp_path / "eval" / ".c.lock").exists()
+
+
 def test_verify_lineage_follows_every_recorded_ancestor(tmp_path):
     """``bundle verify --lineage``: each ancestor must be the very bundle its child recorded, and verify; one that
     changed, was replaced (a re-run with --overwrite), or is not there is named with why, exit 1. Without --lineage

@@ -25,6 +25,11 @@ from kdctl import faults
 from kdctl.errors import BundleError
 
 _held: dict[Path, "OutputClaim"] = {}
+_reserved: dict[Path, "OutputLock"] = {}  # default run folders chosen (and locked) by next_run_dir, not claimed yet
+
+
+class LockHeld(BundleError):
+    """Another kdctl process holds ``--out``'s lock."""
 
 
 def absolute(p: str | Path) -> Path:
@@ -145,8 +150,8 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(fd)
-                raise BundleError(f"{self.path.parent / self.path.name[1:-5]}: another kdctl process is writing "
-                                  f"there (lock {self.path.name}); wait for it or choose another --out") from None
+                raise LockHeld(f"{self.path.parent / self.path.name[1:-5]}: another kdctl process is writing "
+                               f"there (lock {self.path.name}); wait for it or choose another --out") from None
             try:  # the holder before us may have unlinked the file after we opened it: lock the current one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -170,6 +175,31 @@ class OutputLock:
             except OSError:  # not empty (a published bundle, another run's files): kept, and its parents too
                 break
         self.created = []
+
+
+def reserve(out: Path) -> bool:
+    """Lock a default run folder as it is chosen, until the stage claims it (:class:`OutputClaim` takes the lock
+    over): two runs started at the same instant picked the same name, and the second stopped on the first one's
+    lock. False when another process holds it. A reservation this process never claims (its stage stopped before
+    claiming) is released by the next :func:`release_reservations` or at exit."""
+    import atexit
+
+    out = absolute(out)
+    lock = OutputLock(out)
+    try:
+        lock.acquire()
+    except LockHeld:
+        return False
+    if not _reserved:
+        atexit.register(release_reservations)
+    _reserved[out] = lock
+    return True
+
+
+def release_reservations() -> None:
+    """Let go of every default run folder this process reserved and no stage claimed."""
+    while _reserved:
+        _reserved.popitem()[1].release()
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
@@ -211,7 +241,11 @@ class OutputClaim:
             held.depth += 1
             return held
         check_out_path(self.out, overwrite=self.overwrite, inputs=self.inputs)
-        self.lock.acquire()
+        reserved = _reserved.pop(self.out, None)
+        if reserved is not None:  # a default run folder, locked when next_run_dir chose it
+            self.lock = reserved
+        else:
+            self.lock.acquire()
         try:
             self._clean_stale()
             state, detail = check_out_path(self.out, overwrite=self.overwrite, inputs=self.inputs)

@@ -507,14 +507,22 @@ class BundleWriter:
         self.bundle = Bundle(self.final, json.loads(text), verified=True)
 
 
-def next_run_dir(root: str | Path, stage: str, name: str) -> Path:
+def next_run_dir(root: str | Path, stage: str, name: str, *, reserve: bool = False) -> Path:
     """``runs/<stage>/<name>``, then ``<name>2``, ``<name>3``... as Ultralytics names its runs; a name another kdctl
     process is writing now is taken too (its bundle does not exist until it publishes; a second ``kdctl eval B``
-    started meanwhile stopped on the first one's lock)."""
-    from kdctl.bundle.output import being_written
+    started meanwhile stopped on the first one's lock). ``reserve``: a stage's default ``--out``, locked for this
+    process until the stage claims it (:func:`kdctl.bundle.output.reserve`), so that two runs started at the same
+    instant get two names (the second chose the first one's and stopped on its lock)."""
+    from kdctl.bundle.output import being_written, release_reservations
+    from kdctl.bundle.output import reserve as lock
 
+    if reserve:
+        release_reservations()  # names chosen earlier in this process by stages that stopped before claiming them
     base = Path(root) / stage
     cand, i = base / name, 2
-    while cand.exists() or being_written(cand):
+    while True:
+        if not (cand.exists() or being_written(cand)) and (not reserve or lock(cand)):
+            if not cand.exists():
+                return cand
+            release_reservations()  # it appeared between the look and the lock
         cand, i = base / f"{name}{i}", i + 1
-    return cand

@@ -15,7 +15,7 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
                     progress=None) -> Bundle:
     """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``)."""
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
-    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name)
+    out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, split, progress)
 

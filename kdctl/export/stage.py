@@ -105,7 +105,8 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
     preset = load_target(options.target)
-    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.resolve().name}-{preset.name}")
+    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.resolve().name}-{preset.name}",
+                                             reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _export(src, preset, options, out, overwrite, progress)
 

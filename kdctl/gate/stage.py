@@ -46,7 +46,7 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
     summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
     if junit is not None and summary is not None and junit.resolve() == summary.resolve():
         raise KdctlError(f"--summary {summary}: is also the --junit file; give each its own file")
-    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.resolve().name)
+    out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.resolve().name, reserve=True)
     for flag, f in (("--junit", junit), ("--summary", summary)):
         if f is not None and (f == out.absolute() or out.absolute() in f.parents):
             raise KdctlError(f"{flag} {f}: is inside --out {out}; write it elsewhere (the bundle has its own copy)")

@@ -99,7 +99,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     threads = spec.threads if threads is None else threads
     throughput_batch = spec.throughput_batch if throughput_batch is None else throughput_batch
     _check_resources(threads, throughput_batch, int(src.metrics.get("imgsz") or 0), names)
-    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name)
+    out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
                         e2e_runs, pytorch, out, overwrite, progress)

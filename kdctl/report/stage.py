@@ -159,7 +159,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
         if all(g.manifest.get("id") != loaded.manifest.get("id") for g in given):
             given.append(loaded)
     chain = lineage(given)
-    out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name)
+    out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name, reserve=True)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
                       inputs={"bundles": [str(b.path) for b in given]}) as w:
         cmps = compare_all(chain)
