@@ -190,8 +190,8 @@ def reserve(out: Path) -> bool:
         lock.acquire()
     except LockHeld:
         return False
-    if not _reserved:
-        atexit.register(release_reservations)
+    atexit.unregister(release_reservations)  # registered once, however many runs this process chooses folders for
+    atexit.register(release_reservations)
     _reserved[out] = lock
     return True
 
