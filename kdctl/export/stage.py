@@ -213,7 +213,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
 
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs=inputs) as w:
-        arts = _build(w.path, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan,
+        arts = _build(w.path, model, preset, made, imgsz, opset, method, calibration, keep_float, plan,
                       options, val_images, ds.names, qat=qat)
         for a in arts:
             if a.format == "tensorrt" and not a.files:
@@ -287,8 +287,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
 
 
 def _planned(wanted: list[str], qat: bool) -> tuple[list[str], list[str]]:
-    """The artifacts an export makes (``wanted`` and the ONNX files its TensorRT engines are built from) and those
-    of them it evaluates (TensorRT engines only where they are built here): the progress bars' totals."""
+    """The artifacts an export makes (``wanted`` and the ONNX files its TensorRT engines are built from: the builders
+    make exactly these) and those of them it evaluates (TensorRT engines only where they are built here)."""
     made = list(wanted)
     if any(a.startswith("tensorrt") for a in wanted) and not qat and "onnx-fp32" not in made:
         made.append("onnx-fp32")
@@ -343,9 +343,9 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
     fp32 = root / "model-fp32.onnx"
     settings = {"opset": opset, "batch": preset.batch, "dynamic": preset.dynamic, "nms": preset.nms,
                 "simplified": "onnxslim"}
-    if "onnx-fp32" in wanted or "onnx-int8" in wanted or any(a.startswith("tensorrt") for a in wanted):
+    if "onnx-fp32" in wanted or "onnx-int8" in wanted:  # the FP32 graph is also what INT8 is quantized from
         export_onnx(model, fp32, imgsz, opset=opset, batch=preset.batch, dynamic=preset.dynamic)
-    if "onnx-fp32" in wanted or any(a.startswith("tensorrt") for a in wanted):
+    if "onnx-fp32" in wanted:
         arts.append(Artifact("onnx-fp32", "onnx", "fp32", [fp32.name],
                              {**ort_rt, "inference_precision": "fp32", "_backend": onnxruntime_backend(fp32)},
                              settings=dict(settings)))
@@ -357,7 +357,7 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
                              {**ort_rt, "inference_precision": "fp16", "_backend": onnxruntime_backend(p)},
                              settings={**settings, "io": "fp32"}))
         plan.advance()
-    if "onnx-int8" in wanted or "tensorrt-int8" in wanted:
+    if "onnx-int8" in wanted:
         from kdctl.export.quantize import quantize_onnx_int8
 
         p = root / "model-int8.onnx"
@@ -475,7 +475,7 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
         arts.append(_openvino_artifact(root / "openvino-int8", "int8", preset,
                                        {**settings, "converted_from": "onnx (Q/DQ)", "tool": "openvino"}))
         plan.advance()
-    if "onnx-int8" not in wanted and "tensorrt-int8" not in wanted:
+    if "onnx-int8" not in wanted:
         return arts
     scheme = onnx_int8_scheme(preset, wanted)
     if scheme == "onnxruntime":
