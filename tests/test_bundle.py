@@ -422,3 +422,24 @@ def test_verify_lineage_follows_every_recorded_ancestor(tmp_path):
     res = CliRunner().invoke(app, ["bundle", "verify", str(d.path), "--lineage"])
     assert res.exit_code == 1 and f"FAIL ancestor train {side.path}: missing: not found at the recorded path" in \
         " ".join(res.output.split())
+
+
+def test_show_draws_the_whole_lineage(tmp_path):
+    """``bundle show`` printed the parents alone; it now draws every recorded ancestor, nested, and marks one that
+    is no longer at its recorded path."""
+    import shutil
+
+    a = make(tmp_path, "a")
+    b = make(tmp_path, "b", parents=[a])
+    c = make(tmp_path, "c", parents=[b])
+
+    def shown():
+        res = CliRunner().invoke(app, ["bundle", "show", str(c.path)], env={"COLUMNS": "300"})
+        assert res.exit_code == 0, res.output
+        return [line for line in res.output.splitlines() if f"  {tmp_path}/" in line]
+
+    rows = shown()
+    assert [r.split("train  ")[1].split("  ")[0] for r in rows] == [str(b.path), str(a.path)]
+    assert rows[1].index("train") > rows[0].index("train")  # a under b
+    shutil.rmtree(a.path)
+    assert shown()[1].endswith(f"id={a.id[:12]}  (missing)")

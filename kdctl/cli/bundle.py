@@ -26,19 +26,31 @@ def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:
 def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
     """Show a bundle's lineage, files and metrics.
 
+    The lineage is every ancestor the bundle records, each with its own parents where it is still at its recorded
+    path (one that is not is marked missing, unreadable or replaced).
+
     Example: [bold]kdctl bundle show runs/distill/quickstart[/bold]
     """
-    from kdctl.bundle import load_bundle
+    from kdctl.bundle import load_bundle, recorded_parent
 
     b = load_bundle(bundle)
     m = b.manifest
 
+    def ancestors(node, manifest: dict, seen: set) -> None:
+        """Each recorded parent under ``node``, and its own parents where it is still at its recorded path."""
+        for p in manifest.get("parents", []):
+            p = p if isinstance(p, dict) else {}
+            status, parent, _ = recorded_parent(p)
+            child = node.add(f"{p.get('stage')}  {p.get('path')}  id={str(p.get('id'))[:12]}"
+                             + ("" if status == "found" else f"  ({status})"))
+            if status == "found" and parent.id not in seen:
+                seen.add(parent.id)
+                ancestors(child, parent.manifest, seen)
+
     def human():
         tree = Tree(Text.assemble((str(b.path), "bold"), "  stage=", (str(b.stage), "cyan"),
                                   f"  id={b.id[:12]}  created={m.get('created', '?')}"))
-        lin = tree.add("parents")
-        for p in m.get("parents", []):
-            lin.add(f"{p.get('stage')}  {p.get('path')}  id={str(p.get('id'))[:12]}")
+        ancestors(tree.add("lineage (kdctl bundle verify --lineage re-hashes it)"), m, {b.id})
         files = tree.add("files")
         for name, info in m["files"].items():
             files.add(f"{name}  {info['size']:,} B  sha256={info['sha256'][:12]}")
