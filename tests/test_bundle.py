@@ -434,10 +434,13 @@ def test_show_draws_the_whole_lineage(tmp_path):
     b = make(tmp_path, "b", parents=[a])
     c = make(tmp_path, "c", parents=[b])
 
-    def shown():
-        res = CliRunner().invoke(app, ["bundle", "show", str(c.path)], env={"COLUMNS": "300"})
-        assert res.exit_code == 0, res.output
-        return [line for line in res.output.splitlines() if f"  {tmp_path}/" in line]
+    def shown():  # a process of its own: the consoles read COLUMNS when kdctl is imported (80 in some runners)
+        import os
+
+        res = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "bundle", "show", str(c.path)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert res.returncode == 0, res.stderr
+        return [line for line in res.stdout.splitlines() if f"  {tmp_path}/" in line]
 
     rows = shown()
     assert [r.split("train  ")[1].split("  ")[0] for r in rows] == [str(b.path), str(a.path)]
