@@ -353,6 +353,10 @@ def test_set_changes_fields_of_the_file_before_validation(tmp_path):
     (["train.epochs"], "--set 'train.epochs': expected KEY=VALUE with a dotted recipe field"),
     (["train..epochs=1"], "--set 'train..epochs=1': expected KEY=VALUE"),
     (["train.imgsz=[1"], "--set train.imgsz: the value '[1' is not valid YAML"),
+    # an error at the section a --set changed: the --set made it
+    (["data.yolo=d.yaml"], "r.yaml: --set data.yolo=d.yaml: data: give exactly one of yolo, coco, synthetic"),
+    (["distill.losses.0.params.beta.x=1"], "--set distill.losses.0.params.beta.x=1: distill.losses[0].params.beta: "
+                                           "Input should be a valid number"),
 ])
 def test_a_bad_set_is_one_line_naming_the_set(tmp_path, overrides, expected):
     p = tmp_path / "r.yaml"

@@ -122,18 +122,22 @@ def _is_index(part: str) -> bool:
 
 @contextmanager
 def overrides_named(source: str, overrides: Sequence[str]) -> Iterator[None]:
-    """Around work on a recipe read with ``overrides``: an error about a field a ``--set`` gave (or inside it), named
-    ``SOURCE: FIELD: ...`` as kdctl names a recipe's fields, says that --set, since the file holds another value
-    there (validation, and the run's own checks: a device this machine lacks, a resume of another recipe)."""
+    """Around work on a recipe read with ``overrides``: an error about a field a ``--set`` gave (a field inside it,
+    or the section the --set changed), named ``SOURCE: FIELD: ...`` as kdctl names a recipe's fields, says that
+    --set, since the file holds another value there (validation, and the run's own checks: a device this machine
+    lacks, a resume of another recipe)."""
     try:
         yield
     except KdctlError as e:
         rest = str(e).removeprefix(f"{source}: ")
         if rest == str(e):  # not about the recipe's fields
             raise
+        where = rest.split(": ", 1)[0]  # the field the error names
         for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
             field = _override_field(parse_override(text)[0])
-            if rest == field or rest.startswith((f"{field}:", f"{field}.", f"{field}[")):
+            # the field itself, a field inside it, or the section it is in (which the --set changed or made)
+            if where == field or where.startswith((f"{field}.", f"{field}[")) or \
+                    field.startswith((f"{where}.", f"{where}[")):
                 raise type(e)(f"{source}: --set {text}: {rest}", exit_code=e.exit_code) from None
         raise
 
