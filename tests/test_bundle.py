@@ -423,6 +423,10 @@ def test_verify_lineage_follows_every_recorded_ancestor(tmp_path):
     res = CliRunner().invoke(app, ["bundle", "verify", str(d.path), "--lineage"])
     assert res.exit_code == 1 and f"FAIL ancestor train {side.path}: missing: not found at the recorded path" in \
         " ".join(res.output.split())
+    from kdctl.bundle import recorded_parent
+
+    # a record without a path is not the working directory (a bundle there is no ancestor of this one)
+    assert recorded_parent({"id": a.id, "stage": "train"})[0] == recorded_parent({"path": ""})[0] == "missing"
 
 
 def test_show_draws_the_whole_lineage(tmp_path):

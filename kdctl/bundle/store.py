@@ -369,9 +369,10 @@ def recorded_parent(record: Any) -> tuple[str, Bundle | None, str | None]:
     "missing" when nothing is there (made on another machine, moved, deleted), "unreadable" when the folder there is
     no readable bundle (its manifest broken or gone), "replaced" when another bundle took its place (e.g. a re-run
     with --overwrite)."""
-    path = Path(str(record.get("path", ""))) if isinstance(record, dict) else None
-    if path is None or not path.is_dir():
+    where = record.get("path") if isinstance(record, dict) else None
+    if not isinstance(where, str) or not where or not Path(where).is_dir():  # no path recorded is no path ("." is not)
         return "missing", None, "not found at the recorded path (made on another machine, moved or deleted)"
+    path = Path(where)
     try:
         parent = load_bundle(path)
     except BundleError as e:
