@@ -12,7 +12,7 @@ import yaml
 
 from kdctl.errors import KdctlError, RecipeError, shown
 from kdctl.recipe.schema import Recipe
-from kdctl.recipe.validation import read_yaml, validate
+from kdctl.recipe.validation import _model_in, read_yaml, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
            "set_field", "overrides_named", "set_suggestion"]
@@ -91,24 +91,12 @@ def set_suggestion(words: Sequence[str]) -> str | None:
             continue
         if "." not in key and key not in Recipe.model_fields:
             for section in sections:
-                model = _model_of(Recipe.model_fields[section].annotation)
+                model = _model_in(Recipe.model_fields[section].annotation)
                 if model is not None and key in model.model_fields:
                     key = f"{section}.{key}"
                     break
         out.append(f"--set {key}={value}")
     return " ".join(out) or None
-
-
-def _model_of(annotation) -> type | None:
-    """The pydantic model in a field's annotation (``TrainSpec``, ``Optional[ExportSpec]``), if any."""
-    from typing import get_args
-
-    from pydantic import BaseModel
-
-    for t in (annotation, *get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
 
 
 def _override_field(parts: list[str]) -> str:
