@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import refused_in_one_line
+
 from kdctl.bundle import load_bundle, verify_bundle
 from kdctl.cli.main import app
 from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, KdctlError, RecipeError
@@ -418,3 +420,106 @@ def test_a_model_bundle_with_export_settings_of_the_wrong_shape_is_refused_by_fi
                                    str(tmp_path / "x"), "--json"])
     assert res.exit_code == 2 and "internal error" not in res.output and not (tmp_path / "x").exists()
     assert json.loads(res.stdout)["error"] == f"{src / 'manifest.json'}: {message}"
+
+
+def _input_batch(path):
+    import onnx
+
+    d = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    return d.dim_value if d.HasField("dim_value") else d.dim_param
+
+
+def test_static_batch_export_calibrates_checks_and_profiles_in_groups(trained_bundle, tmp_path):
+    """--batch 3 (a static graph of 3 images; 8 calibration and 8 parity images are not a multiple of it): every
+    runtime gets exactly 3 images per call, the manifest records the batch and the images, not the groups; profile
+    times one 3-image call and gate says so."""
+    out = tmp_path / "b3"
+    res = CliRunner().invoke(app, ["export", str(trained_bundle), "--batch", "3", "--calibration-images", "8",
+                                   "-a", "onnx-fp32", "-a", "onnx-int8", "-a", "openvino-int8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(out, verify=True)
+    a = {x["name"]: x for x in b.metrics["artifacts"]}
+    assert _input_batch(out / "model-fp32.onnx") == 3 and _input_batch(out / "model-int8.onnx") == 3
+    assert {x["settings"]["batch"] for x in a.values()} == {3} and not any(x["settings"]["dynamic"] for x in a.values())
+    assert a["onnx-int8"]["settings"]["calibration_images"] == 8 == a["openvino-int8"]["settings"]["calibration_images"]
+    assert a["onnx-fp32"]["parity"]["ok"] is True and a["onnx-fp32"]["parity"]["images"] == 8
+    assert all(x["metrics"]["images"] == 8 for x in a.values())  # 8 validation images in 3 calls, the last padded
+    assert a["onnx-fp32"]["metrics"]["map50_95"] == pytest.approx(b.metrics["pytorch"]["map50_95"], abs=1e-3)
+    assert b.manifest["inputs"]["target"]["batch"] == 3 and "batch: 3" in (out / "target.yaml").read_text()
+    from kdctl.profile.stage import profile_bundle
+
+    p = profile_bundle(out, warmup=1, runs=5, e2e_runs=2, throughput_batch=8, out=tmp_path / "prof")
+    assert p.metrics["settings"]["batch"] == 3
+    for r in p.metrics["results"]:
+        assert r["batch"] == 3 and r["throughput"]["batch"] == 3 and r["end_to_end_ms"]["total"]["n"] == 2
+    res = CliRunner().invoke(app, ["gate", str(tmp_path / "prof"), "--max-p90-ms", "1000", "--artifact", "onnx-int8",
+                                   "--out", str(tmp_path / "gate"), "--json"])
+    assert res.exit_code == 0, res.output
+    checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+    assert "one call on 3 images" in checks["max_p90_ms"]["message"]
+
+
+def test_dynamic_export_takes_any_batch_and_profiles_throughput_batched(trained_bundle, tmp_path, monkeypatch):
+    """--dynamic: a free batch axis the runtimes accept at 1 and at 5; throughput measured at the asked batch. A graph
+    that takes one image only, though --dynamic was asked, fails the export's check (it compares 2 images a call)."""
+    from kdctl.export import onnx as onnx_export
+    from kdctl.runtimes.onnxruntime import onnxruntime_backend
+
+    out = tmp_path / "dyn"
+    opts = ExportOptions.from_recipe(None, target="cpu", dynamic=True, calibration_images=8)
+    export_bundle(trained_bundle, opts, out=out)
+    a = arts(out)
+    assert {x["settings"]["dynamic"] for x in a.values()} == {True}
+    for f in ("model-fp32.onnx", "model-int8.onnx"):
+        assert isinstance(_input_batch(out / f), str)  # a named, free dimension
+        run = onnxruntime_backend(out / f)
+        assert run.fixed_batch is None
+        x = np.random.default_rng(0).random((5, 3, 128, 128), dtype=np.float32)
+        assert np.asarray(run(x)).shape[0] == 5 and np.asarray(run(x[:1])).shape[0] == 1
+    from kdctl.profile.stage import profile_bundle
+
+    p = profile_bundle(out, warmup=1, runs=5, e2e_runs=2, throughput_batch=4, out=tmp_path / "prof")
+    assert p.metrics["settings"]["batch"] == 1
+    assert all(r["batch"] == 1 and r["throughput"] == {"batch": 4, "images_per_s": pytest.approx(
+        r["throughput"]["images_per_s"])} for r in p.metrics["results"])
+    real = onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: real(*a, **{**k, "dynamic": False}))
+    with pytest.raises(CheckFailed, match="export onnx-fp32: onnxruntime cannot run the exported model"):
+        export_bundle(trained_bundle, ExportOptions.from_recipe(None, target="cpu", dynamic=True,
+                                                                artifacts=["onnx-fp32"]), out=tmp_path / "one")
+    assert not (tmp_path / "one").exists()
+
+
+def test_trtexec_gets_a_shape_profile_for_a_dynamic_batch(tmp_path):
+    """Without --minShapes/--optShapes/--maxShapes trtexec builds a dynamic ONNX for batch 1 alone."""
+    from kdctl.export.tensorrt import write_device_package
+
+    arts_ = {"onnx-fp32": "model-fp32.onnx", "onnx-int8": "model-int8.onnx"}
+    for update, batch in (({"dynamic": True, "batch": 16}, 16), ({"dynamic": True}, 8), ({"batch": 4}, None)):
+        d = tmp_path / str(update)
+        d.mkdir()
+        write_device_package(d, arts_, load_target("jetson").model_copy(update=update), 96, engines_built=False)
+        engines = [ln for ln in (d / "build_engine.sh").read_text().splitlines() if "--saveEngine" in ln]
+        assert len(engines) == 4
+        readme = (d / "README-device.md").read_text()
+        if batch:
+            shapes = f"--minShapes=images:1x3x96x96 --optShapes=images:1x3x96x96 --maxShapes=images:{batch}x3x96x96"
+            assert all(shapes in ln for ln in engines) and f"N (1 to {batch})x3x96x96" in readme
+        else:
+            assert not any("Shapes" in ln for ln in engines) and "4x3x96x96" in readme
+
+
+def test_batch_and_dynamic_come_from_the_recipe_and_are_refused_for_two_stage(frcnn_bundle, tmp_path):
+    from kdctl.recipe.schema import ExportSpec
+
+    assert ExportSpec(batch=4, dynamic=True).batch == 4
+    opts = ExportOptions.from_recipe({"export": {"batch": 2, "dynamic": True}}, target="cpu")
+    assert (opts.batch, opts.dynamic) == (2, True) and not opts.given & {"batch", "dynamic"}
+    line = refused_in_one_line(["export", str(frcnn_bundle), "--batch", "2", "--out", str(tmp_path / "x")],
+                               tmp_path / "x")
+    assert "--batch: " in line and "one image per graph" in line
+    m = json.loads((frcnn_bundle / "manifest.json").read_text())
+    with pytest.raises(DataError, match=r"recipe export.dynamic: .*one image per graph"):
+        opts = ExportOptions.from_recipe({**m["recipe"], "export": {"dynamic": True}}, bundle=frcnn_bundle)
+        export_bundle(frcnn_bundle, opts, out=tmp_path / "y")
+    assert not (tmp_path / "y").exists()

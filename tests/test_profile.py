@@ -228,3 +228,28 @@ def test_profile_runs_without_torch_or_ultralytics(export_cpu, tmp_path):
             f"b = profile_bundle({str(export_cpu)!r}, warmup=1, runs=3, e2e_runs=1, out={str(tmp_path / 'p')!r})\n"
             f"assert len(b.metrics['results']) == 2\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_throughput_batch_stays_within_a_dynamic_engines_profile():
+    """A dynamic TensorRT engine takes batches up to its profile's end: a larger --throughput-batch is run at that
+    end and says so; a static graph of batch N is run at N."""
+    import numpy as np
+
+    from kdctl.profile.stage import _throughput
+
+    class Run:
+        def __init__(self, fixed, top):
+            self.fixed_batch, self.max_shape, self.calls = fixed, top, set()
+
+        def __call__(self, x):
+            self.calls.add(x.shape[0])
+            return x
+
+    x, one = np.zeros((1, 3, 8, 8), np.float32), LatencyStats.from_ms([2.0, 2.0])
+    for fixed, top, asked, ran in ((None, (4, 3, 8, 8), 16, 4), (None, (16, 3, 8, 8), 8, 8), (3, (3, 3, 8, 8), 8, 3)):
+        run = Run(fixed, top)
+        tp = _throughput(run, x, asked, one)
+        assert tp["batch"] == ran and run.calls == {ran}
+        assert ("ends at 4" in tp["note"]) if ran < asked and fixed is None else "note" not in tp
+    assert _throughput(Run(1, None), x, 8, one) == {"batch": 1, "images_per_s": 500.0,
+                                                     "note": "static batch 1: 1 / mean latency"}

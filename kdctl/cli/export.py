@@ -24,6 +24,13 @@ def export(
                                                           f"the preset; repeatable): {', '.join(ARTIFACTS)}.")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Export input size (default: training size).")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=11, max=23, help="ONNX opset.")] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, max=256,
+                                                 help="Input batch of the exported graphs (default: the preset's, 1); "
+                                                      "with --dynamic, the largest batch TensorRT engines are built "
+                                                      "for.")] = None,
+    dynamic: Annotated[Optional[bool], typer.Option("--dynamic/--static",
+                                                    help="A free batch axis in the exported graphs, or a fixed one "
+                                                         "(default: the preset's).", show_default=False)] = None,
     calibration_images: Annotated[Optional[int], typer.Option("--calibration-images", min=1,
                                                               help="INT8 calibration images, spread over the train split or "
                                                                    "--calibration-data (default: 64, or all of fewer).")] = None,
@@ -47,6 +54,9 @@ def export(
     """Quantize and export a trained/distilled model for a target, verified against PyTorch, into a bundle.
 
     Example: [bold]kdctl export runs/distill/quickstart --target cpu --max-map-drop 0.01[/bold]
+
+    Batched graphs: [bold]--dynamic --batch 8[/bold] (a free batch axis, TensorRT engines for 1 to 8 images), or
+    [bold]--batch 4[/bold] alone (exactly 4 images per call).
     """
     from kdctl.bundle import load_bundle
     from kdctl.export.stage import ExportOptions, export_bundle
@@ -57,7 +67,7 @@ def export(
         raise KdctlError(f"--calibration-method: '{calibration_method}' is not one of minmax, entropy, percentile")
     src = load_bundle(bundle, stages=("train", "distill"))
     opts = ExportOptions.from_recipe(src.recipe, bundle=src.path, target=target, artifacts=artifact, imgsz=imgsz,
-                                     opset=opset, calibration_images=calibration_images,
+                                     opset=opset, batch=batch, dynamic=dynamic, calibration_images=calibration_images,
                                      calibration_method=calibration_method,
                                      max_map_drop=max_map_drop, data=str(data) if data else None,
                                      calibration_data=str(calibration_data) if calibration_data else None,

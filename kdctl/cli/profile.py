@@ -19,7 +19,7 @@ def profile(
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (repeatable).")] = None,
     runtime: Annotated[Optional[str], typer.Option("--runtime", help=f"Only artifacts of this runtime: {', '.join(DEVICE_RUNTIMES)}.")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed inferences first (default: the recipe's profile.warmup, else 10).")] = None,
-    runs: Annotated[Optional[int], typer.Option("--runs", "-n", min=1, help="Timed batch-1 inferences, at least (default: the recipe's profile.runs, else 100).")] = None,
+    runs: Annotated[Optional[int], typer.Option("--runs", "-n", min=1, help="Timed inferences (batch 1, or a static export's batch), at least (default: the recipe's profile.runs, else 100).")] = None,
     duration: Annotated[Optional[float], typer.Option("--duration", callback=non_negative, help="Also keep timing for this many seconds.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads, at most the cores this process may use (default: the recipe's profile.threads, else all of them).")] = None,
     throughput_batch: Annotated[Optional[int], typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it (default: the recipe's profile.throughput_batch, else 8).")] = None,
@@ -45,7 +45,7 @@ def profile(
 
     def human():
         t = Table(title=f"profile: {b.path}  ({m['settings']['threads']} threads, {m['settings']['runs']} runs, "
-                        f"batch 1, {m['imgsz']} px)")
+                        f"batch {_batch(m['settings'].get('batch', 1))}, {m['imgsz']} px)")
         for c in ("artifact", "p50 ms", "p90", "p99", "e2e p50", "img/s", "MB", "mAP50-95"):
             t.add_column(c, justify="left" if c == "artifact" else "right", no_wrap=True)
         for r in m["results"]:
@@ -63,3 +63,8 @@ def profile(
             console.print(Text.assemble(("skipped", "yellow"), f" {k}: {v}"))
 
     emit({"bundle": str(b.path), **m}, as_json=json_, quiet=quiet, human=human)
+
+
+def _batch(b) -> str:
+    """The latency batch: 1, a static export's batch, or the batches of its artifacts."""
+    return " / ".join(map(str, b)) if isinstance(b, list) else str(b)

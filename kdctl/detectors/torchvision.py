@@ -34,6 +34,7 @@ OPENVINO_FROM_ONNX = True  # the traced PyTorch route does not carry the data-de
 # half-precision CPU kernels to trace through: TensorRT builds its FP16 engine from the FP32 ONNX instead
 UNSUPPORTED_ARTIFACTS = ("onnx-fp16",)
 TRACE_WITH_REAL_IMAGE = True
+BATCH_ONE_EXPORT = True  # the per-image proposal and RoI steps are unrolled when traced: one image per graph
 SET_OUTPUT = True  # detections are a set (NMS order can change with float rounding): parity pairs them first
 # In half precision (fp16's 11 or bf16's 8 significant bits) the RPN's objectness ranking and its NMS keep other
 # proposals where scores nearly tie, and every stage after it (RoI pooling, box regression, per-class NMS, the top

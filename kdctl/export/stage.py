@@ -32,6 +32,8 @@ class ExportOptions:
     artifacts: list[str] | None = None
     imgsz: int | None = None
     opset: int | None = None
+    batch: int | None = None  # the preset's batch / dynamic unless given
+    dynamic: bool | None = None
     calibration_images: int | None = None  # None: DEFAULT_CALIBRATION, or all of a smaller train split
     calibration_method: str | None = None
     max_map_drop: float | None = None
@@ -146,6 +148,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         raise DataError(f"--artifact: {unsupported[0]} is not available for {type(model).__name__} models")
     wanted = [a for a in wanted if a not in unsupported]  # a preset's artifact the family cannot make: skipped
     ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
+    preset = _with_batch(preset, options, model, src.path)
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
     trained = src.metrics.get("imgsz") or 640  # an integer or None (checked when the bundle was loaded)
@@ -196,6 +199,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     reference = torch_backend(model)
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
+    n_parity = len(parity_batches)  # images compared (a static batch's groups repeat some)
     if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
         model.example_input = parity_batches[0]
 
@@ -206,6 +210,10 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     ref_metrics, ref_records = evaluate_with_records(reference, val_images, ds.names, imgsz, progress=ev.advance)
     plan.advance()
     calibration = _preprocess(calib_chosen, imgsz)
+    if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
+        calibration, parity_batches = _grouped(calibration, preset.batch), _grouped(parity_batches, preset.batch)
+    elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
+        parity_batches = _grouped(parity_batches, max(2, min(preset.batch, 8)))
     inputs = {"target": preset.model_dump(), "weights": str(src.file("weights")), "data": ds.describe()}
     if calib_from:
         inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
@@ -215,6 +223,11 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                       inputs=inputs) as w:
         arts = _build(w.path, model, preset, made, imgsz, opset, method, calibration, keep_float, plan,
                       options, val_images, ds.names, qat=qat)
+        for a in arts:  # the batch each graph takes, and the images (not the groups of a static batch) calibrated
+            a.settings.setdefault("batch", preset.batch)
+            a.settings.setdefault("dynamic", preset.dynamic)
+            if "calibration_images" in a.settings:
+                a.settings["calibration_images"] = len(calib_chosen)
         for a in arts:
             if a.format == "tensorrt" and not a.files:
                 continue
@@ -225,6 +238,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
                 a.parity = validate_outputs(reference, backend, parity_batches, imgsz,
                                             "int8-qat" if qat else a.precision, sets=detectors.set_output(model),
                                             on_map=not qat and detectors.parity_on_map(model, a.precision))
+                a.parity["images"] = n_parity
             except Exception as e:  # the runtime refuses the exported graph on a real image
                 raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
                                   f"model on the validation images ({first_line(e)})") from None
@@ -284,6 +298,31 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
         w.add_output("metrics", "metrics.json")
     return w.bundle
+
+
+def _with_batch(preset: TargetPreset, options: ExportOptions, model, bundle: Path) -> TargetPreset:
+    """The preset with ``--batch``/``--dynamic`` (or the recipe's export.batch/dynamic) applied: the bundle's
+    target.yaml and manifest record the graphs' batch as exported."""
+    from kdctl import detectors
+
+    update = {k: getattr(options, k) for k in ("batch", "dynamic") if getattr(options, k) is not None}
+    preset = preset.model_copy(update=update)
+    if (preset.dynamic or preset.batch > 1) and getattr(detectors.family(model), "BATCH_ONE_EXPORT", False):
+        field = "dynamic" if preset.dynamic else "batch"
+        where = options.source(field, bundle) if field in update else f"target {preset.name}: {field}"
+        raise DataError(f"{where}: {type(model).__name__} models export with one image per graph (their per-image "
+                        f"proposal and RoI steps are unrolled when traced); give batch 1, not dynamic")
+    return preset
+
+
+def _grouped(inputs: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """Batch-1 inputs stacked ``n`` at a time, the last group completed from the first inputs again (each input
+    appears at least once; a repeat changes neither a calibration range nor a worst-case parity difference)."""
+    if not inputs:
+        return []
+    groups = -(-len(inputs) // n)
+    cycled = [inputs[i % len(inputs)] for i in range(groups * n)]
+    return [np.concatenate(cycled[g * n:(g + 1) * n]) for g in range(groups)]
 
 
 def _planned(wanted: list[str], qat: bool) -> tuple[list[str], list[str]]:
@@ -543,7 +582,7 @@ def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], 
             import tensorrt as trt
 
             from kdctl.export.onnx import export_onnx
-            from kdctl.export.tensorrt import strongly_typed, tensorrt_version
+            from kdctl.export.tensorrt import dynamic_max_batch, strongly_typed, tensorrt_version
 
             src = root / "model-int8.onnx"
             if prec == "fp16" and strongly_typed(tensorrt_version(trt.__version__)):
@@ -553,7 +592,7 @@ def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], 
             elif prec == "fp16":
                 src = root / "model-fp32.onnx"
             info = build_engine(src, root / f"model-{prec}.engine", prec, preset.tensorrt.workspace_mb,
-                                preset.tensorrt.dla_core)
+                                preset.tensorrt.dla_core, max_batch=dynamic_max_batch(preset))
             from kdctl.runtimes.tensorrt import tensorrt_backend
 
             be = tensorrt_backend(root / f"model-{prec}.engine")

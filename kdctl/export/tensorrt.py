@@ -17,8 +17,25 @@ def strongly_typed(version: tuple[int, int]) -> bool:
     return version >= (10, 12)
 
 
+def dynamic_max_batch(preset) -> int:
+    """The largest batch a dynamic-batch engine is built for: the preset's batch, or 8 where it gives 1."""
+    return preset.batch if preset.batch > 1 else 8
+
+
+def trtexec_shapes(preset, imgsz: int) -> str:
+    """trtexec's optimisation profile for a dynamic batch axis (batch 1 optimal, as latency is measured; up to
+    :func:`dynamic_max_batch`); empty for a static graph, whose shape is in the ONNX. Without these flags
+    trtexec builds a dynamic ONNX for batch 1 alone."""
+    if not preset.dynamic:
+        return ""
+    from kdctl.export.onnx import INPUT
+
+    one, top = f"{INPUT}:1x3x{imgsz}x{imgsz}", f"{INPUT}:{dynamic_max_batch(preset)}x3x{imgsz}x{imgsz}"
+    return f" --minShapes={one} --optShapes={one} --maxShapes={top}"
+
+
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_mb: int = 1024,
-                 dla_core: int | None = None) -> dict:
+                 dla_core: int | None = None, max_batch: int = 8) -> dict:
     """Build a serialized engine with the TensorRT Python API (8.6, 10.x, 11).
 
     ``onnx_path`` is the FP16 ONNX for ``fp16`` and the Q/DQ ONNX for ``int8`` when the network is strongly typed;
@@ -51,25 +68,27 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_m
         config.DLA_core = dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     inp = network.get_input(0)
-    if any(d < 0 for d in inp.shape):  # dynamic batch: one optimisation profile, batch 1..8, optimal 1
+    if any(d < 0 for d in inp.shape):  # dynamic batch: one optimisation profile, batch 1..max_batch, optimal 1
         fixed = [d for d in inp.shape][1:]
         profile = builder.create_optimization_profile()
-        profile.set_shape(inp.name, (1, *fixed), (1, *fixed), (8, *fixed))
+        profile.set_shape(inp.name, (1, *fixed), (1, *fixed), (max_batch, *fixed))
         config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise RuntimeError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name}")
     engine_path.write_bytes(bytes(blob))
     return {"tensorrt_version": trt.__version__, "precision": precision, "workspace_mb": workspace_mb,
-            "dla_core": dla_core, "source": onnx_path.name, "strongly_typed": typed}
+            "dla_core": dla_core, "source": onnx_path.name, "strongly_typed": typed,
+            "batch": f"1..{max_batch}" if any(d < 0 for d in inp.shape) else int(inp.shape[0])}
 
 
-def trtexec_commands(artifacts: dict[str, str], workspace_mb: int, dla_core: int | None) -> list[str]:
+def trtexec_commands(artifacts: dict[str, str], workspace_mb: int, dla_core: int | None,
+                     shapes: str = "") -> list[str]:
     """Shell lines that build each engine with the device's ``trtexec``, whatever its TensorRT version:
     ``--stronglyTyped`` from 10.12 (FP16 engine from the FP16 ONNX, INT8 from the Q/DQ ONNX), the
     ``--fp16``/``--int8`` flags on 8.6-10.11 (FP16 engine from the FP32 ONNX)."""
     dla = f" --useDLACore={dla_core} --allowGPUFallback" if dla_core is not None else ""
-    common = f"--memPoolSize=workspace:{workspace_mb}{dla}"
+    common = f"--memPoolSize=workspace:{workspace_mb}{dla}{shapes}"
     typed, flags = [], []
     if "onnx-fp16" in artifacts:
         typed.append(f'"$TRTEXEC" --onnx={artifacts["onnx-fp16"]} --saveEngine=model-fp16.engine --stronglyTyped {common}')
@@ -98,7 +117,9 @@ def trtexec_commands(artifacts: dict[str, str], workspace_mb: int, dla_core: int
 def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: int, engines_built: bool,
                          bundle_name: str = "BUNDLE") -> list[str]:
     """``build_engine.sh`` and ``README-device.md``; returns the files written (relative to ``root``)."""
-    cmds = trtexec_commands(artifacts, preset.tensorrt.workspace_mb, preset.tensorrt.dla_core)
+    cmds = trtexec_commands(artifacts, preset.tensorrt.workspace_mb, preset.tensorrt.dla_core,
+                            trtexec_shapes(preset, imgsz))
+    batch = f"N (1 to {dynamic_max_batch(preset)})" if preset.dynamic else str(preset.batch)
     script = root / "build_engine.sh"
     script.write_text("#!/usr/bin/env bash\n"
                       "# Build TensorRT engines ON THE DEVICE: an engine runs only with the TensorRT version and GPU\n"
@@ -113,8 +134,9 @@ def write_device_package(root: Path, artifacts: dict[str, str], preset, imgsz: i
     readme = root / "README-device.md"
     readme.write_text(
         f"# {preset.description or preset.name}\n\n"
-        f"Input: `images`, float32, 1x3x{imgsz}x{imgsz}, RGB 0..1, letterboxed (grey 114). Output: `output0`, "
-        f"(1, 4 + classes, anchors): cx, cy, w, h in input pixels, then class probabilities. NMS runs after "
+        f"Input: `images`, float32, {batch}x3x{imgsz}x{imgsz}, RGB 0..1, letterboxed (grey 114). Output: "
+        f"`output0`, ({batch.split(' ')[0]}, 4 + classes, anchors): cx, cy, w, h in input pixels, then class "
+        f"probabilities. NMS runs after "
         f"the model (kdctl's post-processing, IoU 0.7).\n\n"
         "## Build the engines on the device\n\n```bash\n./build_engine.sh\n```\n\n"
         "Engines must be built on the device itself, with its own TensorRT version: an engine runs only on the "

@@ -166,7 +166,9 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         results.append(result)
         bar.advance()
 
-    settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads, "batch": 1,
+    batches = sorted({r["batch"] for r in results})  # 1, or the batch of the export's static graphs
+    settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads,
+                "batch": batches[0] if len(batches) == 1 else batches,
                 "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
     with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"export": str(src.path), "settings": settings}) as w:
@@ -270,19 +272,21 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
 
     run = _open_runner(src.path, a, threads, device)
     rss_loaded = _rss_mb()
+    fixed = getattr(run, "fixed_batch", None) or 1  # a static graph of batch N takes N images per call
+    x = np.repeat(x[:1], fixed, axis=0)
     with PowerSampler() as power:
         t0 = time.perf_counter()
         samples, parts = _timed(run, x, warmup, runs, duration_s)
         wall = time.perf_counter() - t0
     stats = LatencyStats.from_ms(samples)
-    e2e = _end_to_end(run, x, images, imgsz, e2e_runs)
+    e2e = _end_to_end(run, x, images, imgsz, e2e_runs, fixed)
     tp = _throughput(run, x, throughput_batch, stats)
     size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
     info = dict(getattr(run, "info", {}))
     energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
     result = {
         "artifact": a["name"], "format": a["format"], "precision": a["precision"], "runtime": info,
-        "latency_ms": stats.to_dict(), "latency_is": "gpu_compute" if parts else "host_wall",
+        "latency_ms": stats.to_dict(), "latency_is": "gpu_compute" if parts else "host_wall", "batch": fixed,
         "latency_parts_ms": {k: LatencyStats.from_ms(v).to_dict() for k, v in parts.items()},
         "end_to_end_ms": e2e, "throughput": tp,
         "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
@@ -296,18 +300,20 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
     return result, samples
 
 
-def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int) -> dict:
-    """Decode + letterbox, model, NMS on real images, each timed."""
+def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int, batch: int = 1) -> dict:
+    """Decode + letterbox, model, NMS on real images, each timed (``batch`` of them per call for a static graph of
+    that batch: the time of one call)."""
     from kdctl.evaluate.predict import letterbox, load_rgb, postprocess, to_input
 
     pre, model_ms, post = [], [], []
     for i in range(n):
         t0 = time.perf_counter_ns()
-        xi = to_input([letterbox(load_rgb(images[i % len(images)]), imgsz)[0]]) if images else x
+        xi = to_input([letterbox(load_rgb(images[(i * batch + j) % len(images)]), imgsz)[0]
+                       for j in range(batch)]) if images else x
         t1 = time.perf_counter_ns()
         y = run(xi)
         t2 = time.perf_counter_ns()
-        postprocess(np.asarray(y)[:1])
+        postprocess(np.asarray(y))
         t3 = time.perf_counter_ns()
         pre.append((t1 - t0) / 1e6), model_ms.append((t2 - t1) / 1e6), post.append((t3 - t2) / 1e6)
     return {"preprocess": LatencyStats.from_ms(pre).to_dict(), "model": LatencyStats.from_ms(model_ms).to_dict(),
@@ -319,14 +325,16 @@ def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
     fixed = getattr(run, "fixed_batch", None)
     if fixed == 1 or batch <= 1:
         return {"batch": 1, "images_per_s": 1000.0 / single.mean, "note": "static batch 1: 1 / mean latency"}
-    b = fixed or batch
-    xb = np.repeat(x, b, axis=0)
+    b, top, note = fixed or batch, getattr(run, "max_shape", None), {}
+    if not fixed and top and b > top[0]:  # a dynamic engine's optimisation profile ends there
+        b, note = int(top[0]), {"note": f"batch {batch} asked; the engine's batch profile ends at {top[0]}"}
+    xb = np.repeat(x[:1], b, axis=0)
     for _ in range(3):
         run(xb)
     n, t0 = 10, time.perf_counter()
     for _ in range(n):
         run(xb)
-    return {"batch": b, "images_per_s": n * b / (time.perf_counter() - t0)}
+    return {"batch": b, "images_per_s": n * b / (time.perf_counter() - t0), **note}
 
 
 def _gpu_mb(run, device: str) -> float | None:

@@ -276,6 +276,9 @@ class ExportSpec(Strict):
     artifacts: list[str] | None = Field(None, description="Override the preset's artifacts, e.g. [onnx-fp32, onnx-int8]")
     imgsz: int | None = Field(None, ge=32, le=IMGSZ_MAX)
     opset: int | None = Field(None, ge=11, le=23)
+    batch: int | None = Field(None, ge=1, le=256, description="Input batch of the exported graphs (default: the "
+                              "preset's, 1); with dynamic, the largest batch TensorRT engines are built for")
+    dynamic: bool | None = Field(None, description="A free batch axis in the exported graphs (default: the preset's)")
     calibration_images: int | None = Field(None, ge=1, le=10_000, description="INT8 calibration images from the "
                                            "train split (default: 64, or all of a smaller split)")
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
