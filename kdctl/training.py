@@ -649,6 +649,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     parents = [b for b in (student_ref.bundle, teacher_ref.bundle if teacher_ref else None) if b is not None]
     if teacher_ref:
         inputs["teacher"] = {"model": recipe.teacher.model, "resolved": teacher_ref.ref, "sha256": teacher_ref.sha256}
+    if recipe._origin:  # the file as read and the --set texts on it (the bundle's recipe is the result of both)
+        inputs["recipe_file"] = recipe._origin
 
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,

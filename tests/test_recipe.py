@@ -386,6 +386,17 @@ def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
     b = load_bundle(tmp_path / "b")
     assert (b.recipe["train"]["epochs"], b.recipe["train"]["batch"]) == (1, 4)
     assert len((tmp_path / "b" / "results.csv").read_text().strip().splitlines()) == 2  # a header and one epoch
+    import hashlib
+
+    assert b.manifest["inputs"]["recipe_file"] == {"file": str(p.resolve()), "set": ["train.epochs=1", "train.batch=4"],
+                                                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    import os
+    import subprocess
+    import sys
+
+    show = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "bundle", "show", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert "--set train.epochs=1  --set train.batch=4" in show.stdout and str(p.resolve()) in show.stdout
     res = CliRunner().invoke(app, argv + ["--reuse"])  # the same recipe as run: kept, nothing retrained
     assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id
     res = CliRunner().invoke(app, ["recipe", "check", str(p), "--set", "train.epochs=3", "--json"])

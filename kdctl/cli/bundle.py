@@ -50,6 +50,11 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
     def human():
         tree = Tree(Text.assemble((str(b.path), "bold"), "  stage=", (str(b.stage), "cyan"),
                                   f"  id={b.id[:12]}  created={m.get('created', '?')}"))
+        origin = (m.get("inputs") or {}).get("recipe_file")
+        if isinstance(origin, dict):  # train/distill: the recipe file as read and the --set texts applied to it
+            sets = [str(x) for x in origin.get("set") or []] if isinstance(origin.get("set"), list) else []
+            tree.add(Text(f"recipe  {origin.get('file')}  sha256={str(origin.get('sha256'))[:12]}"
+                          + "".join(f"  --set {x}" for x in sets)))
         ancestors(tree.add("lineage (kdctl bundle verify --lineage re-hashes it)"), m, {b.id})
         files = tree.add("files")
         for name, info in m["files"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from contextlib import contextmanager
@@ -33,7 +34,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         recipe = validate(raw, Recipe, str(path))
         _check_losses(recipe, str(path))
         _check_target(recipe, path)
-    return _resolve_paths(recipe, path.parent)
+    recipe = _resolve_paths(recipe, path.parent)
+    recipe._origin = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "set": list(overrides)}
+    return recipe
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

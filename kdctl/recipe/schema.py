@@ -9,7 +9,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from kdctl.limits import IMGSZ_MAX, SEED_MAX
 from kdctl.runtimes import ARTIFACTS  # names only: the registry imports no runtime
@@ -327,6 +327,10 @@ class GateSpec(Strict):
 
 class Recipe(Strict):
     """A kdctl recipe: what to train or distill, on which data, and how to ship and judge it."""
+
+    # the file it was read from (path, sha256) and the --set texts applied to it: provenance for the bundle's
+    # inputs, outside the recipe's fields (a bundle's recipe is the recipe as run, compared by --resume and --reuse)
+    _origin: dict | None = PrivateAttr(None)
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
                       description="The run's name: its default output folder (runs/<stage>/<name>), so a file name")
