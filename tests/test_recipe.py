@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -428,3 +429,95 @@ def test_set_suggestion_finds_the_section_of_a_bare_key():
         "--set train.epochs=5 --set name=x --set distill.auto_balance=0.1 --set export.target=intel "
         "--set gate.min_map50_95=0.3 --set distill.losses.0.weight=2 --set nosuch=1")
     assert set_suggestion(["plain", "=1"]) is None
+
+
+def _base_tree(tmp_path):
+    """common/setup.yaml (its data YAML beside it, relative) <- common/kd.yaml <- run.yaml."""
+    common = tmp_path / "common"
+    common.mkdir()
+    (common / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: [a, b]\n")
+    (common / "setup.yaml").write_text(
+        "name: setup\nstudent: {model: yolov8-tiny.yaml}\ndata: {yolo: data.yaml}\n"
+        "train: {epochs: 20, imgsz: 128, batch: 16, lr0: 0.003, optimizer: AdamW}\n"
+        "export: {target: cpu, max_map_drop: 0.02}\n")
+    (common / "kd.yaml").write_text(
+        "base: setup.yaml\nname: kd\nteacher: {model: yolov8s.yaml}\n"
+        "distill:\n  auto_balance: 0.25\n  losses:\n    - {name: kd_logit, params: {temperature: 2.0}}\n"
+        "    - {name: ld}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("base: common/kd.yaml\nname: run\ntrain: {epochs: 5}\n"
+                   "distill: {losses: [{name: cwd, level: neck}]}\n")
+    return common, run
+
+
+def test_base_merges_mappings_replaces_lists_and_keeps_a_bases_paths(tmp_path):
+    import hashlib
+
+    common, run = _base_tree(tmp_path)
+    r = load_recipe(run)
+    assert r.name == "run" and r.teacher.model == "yolov8s.yaml"
+    assert (r.train.epochs, r.train.imgsz, r.train.batch, r.train.lr0) == (5, 128, 16, 0.003)  # merged key by key
+    assert [x.name for x in r.distill.losses] == ["cwd"] and r.distill.auto_balance == 0.25  # the list replaced
+    assert r.data.yolo == str((common / "data.yaml").resolve())  # relative to the base's folder, not run.yaml's
+    assert r.export.max_map_drop == 0.02
+    assert r._origin["bases"] == [{"file": str((common / n).resolve()),
+                                   "sha256": hashlib.sha256((common / n).read_bytes()).hexdigest()}
+                                  for n in ("setup.yaml", "kd.yaml")]
+    assert r._inherited["train.imgsz"] == str((common / "setup.yaml").resolve())
+    assert "train.epochs" not in r._inherited and "distill.losses" not in r._inherited
+    # several bases: the later one wins where both set a field; --set comes last of all
+    (tmp_path / "two.yaml").write_text("base: [common/kd.yaml, common/setup.yaml]\nname: two\n")
+    two = load_recipe(tmp_path / "two.yaml", ["train.batch=4"])
+    assert two.train.epochs == 20 and two.teacher.model == "yolov8s.yaml" and two.train.batch == 4
+    assert two.distill.losses[1].name == "ld"
+    schema = json.loads(recipe_json_schema())
+    assert "base" in schema["properties"]
+
+
+def test_shipped_family_recipes_share_the_baselines_setup():
+    """recipes/distill-*.yaml start from quickstart-student.yaml: the baseline and every family train alike."""
+    base = load_recipe(ROOT / "recipes" / "quickstart-student.yaml")
+    for p in sorted((ROOT / "recipes").glob("distill-*.yaml")):
+        r = load_recipe(p)
+        assert r._origin["bases"][0]["file"] == str((ROOT / "recipes" / "quickstart-student.yaml").resolve())
+        assert r.train == base.train and r.data == base.data and r.student == base.student and r.distill.losses
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("base: nope.yaml\nname: x\n", "run.yaml: base: 'nope.yaml' not found (looked for "),
+    ("base: common\nname: x\n", "run.yaml: base: 'common' is a directory"),
+    ("base: 3\nname: x\n", "run.yaml: base: must be a recipe file or a list of recipe files"),
+    ("base: []\nname: x\n", "run.yaml: base: must be a recipe file or a list of recipe files"),
+    ("base: run.yaml\nname: x\n", "run.yaml: base: 'run.yaml' inherits from itself (run.yaml -> run.yaml)"),
+    ("base: common/loop.yaml\nname: x\n", "loop.yaml: base: '../run.yaml' inherits from itself "
+                                          "(run.yaml -> loop.yaml -> run.yaml)"),
+    ("base: common/list.yaml\nname: x\n", "list.yaml: expected a mapping of recipe fields at the top level (it is "
+                                          "a base of"),
+    ("base: common/bad.yaml\nname: x\n", "common/bad.yaml: train.epochs: Input should be greater than or equal to 1 "
+                                         "(a base of"),
+    ("base: common/kd.yaml\nname: x\ndata: {synthetic: {train: 10, val: 5}}\n",
+     "run.yaml: data: give exactly one of yolo, coco, synthetic (got yolo, synthetic) (data.yolo from"),
+])
+def test_a_bad_base_is_one_line_naming_the_file_to_edit(tmp_path, text, expected):
+    common, run = _base_tree(tmp_path)
+    (common / "loop.yaml").write_text("base: ../run.yaml\nname: loop\n")
+    (common / "list.yaml").write_text("- a\n- b\n")
+    (common / "bad.yaml").write_text((common / "setup.yaml").read_text().replace("epochs: 20", "epochs: 0"))
+    run.write_text(text)
+    res = CliRunner().invoke(app, ["recipe", "check", str(run)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert expected in " ".join(res.output.split()).replace(f"{tmp_path}/", ""), res.output
+    if "bad.yaml" in text:  # the recipe's own value of the base's bad field: accepted
+        run.write_text(text + "train: {epochs: 3}\n")
+        assert CliRunner().invoke(app, ["recipe", "check", str(run)]).exit_code == 0
+
+
+def test_a_runs_own_check_of_an_inherited_field_names_the_base(tmp_path):
+    common, run = _base_tree(tmp_path)
+    (common / "setup.yaml").write_text((common / "setup.yaml").read_text().replace("batch: 16", "batch: 16, device: '5'"))
+    run.write_text("base: common/setup.yaml\nname: x\n")
+    res = CliRunner().invoke(app, ["train", str(run), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    line = " ".join(res.output.split())
+    assert f"{(common / 'setup.yaml').resolve()}: train.device: '5'" in line and "a base of" in line
+    assert not (tmp_path / "out").exists()

@@ -61,7 +61,7 @@ def build(recipe: RecipeArg, set_: SetOpt = None,
 
     r = load_recipe(recipe, set_ or ())
     source = str(recipe)
-    with overrides_named(source, set_ or ()):
+    with overrides_named(source, set_ or (), r._inherited):
         if r.distill.cache is None:
             raise RecipeError(f"{source}: distill.cache: not set; add `cache: {{}}` under distill (optionally with "
                               "path and top_k)")

@@ -31,7 +31,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
     r = load_recipe(recipe, set_ or ())
     data = r.model_dump(mode="json")
     terms = init = None
-    with overrides_named(str(recipe), set_ or ()):
+    with overrides_named(str(recipe), set_ or (), r._inherited):
         missing = [] if models else missing_inputs(r, Path(recipe))  # --models: the first missing stops it
         if models:
             from kdctl.training import check_models

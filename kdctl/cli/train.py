@@ -42,7 +42,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
     from kdctl.training import run_training, untrained_teacher
 
     r = load_recipe(recipe, overrides or ())
-    with overrides_named(str(recipe), overrides or ()):
+    with overrides_named(str(recipe), overrides or (), r._inherited):
         warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
         if warning and not quiet:
             err_console.print(f"Warning: {warning}", highlight=False)

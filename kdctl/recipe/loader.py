@@ -23,20 +23,23 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read and validate a recipe; relative data/model paths are resolved against the recipe's folder.
     ``overrides``: ``KEY=VALUE`` texts (``kdctl train --set``) applied to the file's fields before validation; a
     problem with an overridden field names the ``--set`` it came from."""
+    from kdctl.recipe.bases import read_with_bases
+
     path = Path(path)
-    raw = read_yaml(path, "recipe")
+    raw, bases, inherited = read_with_bases(path)
     if overrides:
         if not isinstance(raw, dict):
             validate(raw, Recipe, str(path))  # its own error: not a mapping of fields
         apply_overrides(raw, overrides)
     _mark_bare_bundle_dirs(raw, path.parent)
-    with overrides_named(str(path), overrides):
+    with overrides_named(str(path), overrides, inherited):
         recipe = validate(raw, Recipe, str(path))
         _check_losses(recipe, str(path))
         _check_target(recipe, path)
     recipe = _resolve_paths(recipe, path.parent)
     recipe._origin = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                      "set": list(overrides)}
+                      "set": list(overrides), **({"bases": bases} if bases else {})}
+    recipe._inherited = inherited
     return recipe
 
 
@@ -113,17 +116,21 @@ def _is_index(part: str) -> bool:
 
 
 @contextmanager
-def overrides_named(source: str, overrides: Sequence[str]) -> Iterator[None]:
+def overrides_named(source: str, overrides: Sequence[str], inherited: dict[str, str] | None = None) -> Iterator[None]:
     """Around work on a recipe read with ``overrides``: an error about a field a ``--set`` gave (a field inside it,
     or the section the --set changed), named ``SOURCE: FIELD: ...`` as kdctl names a recipe's fields, says that
     --set, since the file holds another value there (validation, and the run's own checks: a device this machine
-    lacks, a resume of another recipe)."""
+    lacks, a resume of another recipe). One about a field the recipe took from a ``base`` (``inherited``: field ->
+    base file) names that base, the file to edit."""
+    from kdctl.recipe.bases import inherited_error
+
     try:
         yield
     except KdctlError as e:
         rest = str(e).removeprefix(f"{source}: ")
         if rest == str(e):  # not about the recipe's fields
             raise
+        at_base = inherited_error(str(e), source, inherited or {})
         where = rest.split(": ", 1)[0]  # the field the error names
         for text in reversed(list(overrides)):  # the last one that set the field is the one that counts
             field = _override_field(parse_override(text)[0])
@@ -131,6 +138,8 @@ def overrides_named(source: str, overrides: Sequence[str]) -> Iterator[None]:
             if where == field or where.startswith((f"{field}.", f"{field}[")) or \
                     field.startswith((f"{where}.", f"{where}[")):
                 raise type(e)(f"{source}: --set {text}: {rest}", exit_code=e.exit_code) from None
+        if at_base:
+            raise type(e)(at_base, exit_code=e.exit_code) from None
         raise
 
 
@@ -232,4 +241,11 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
 
 def recipe_json_schema() -> str:
-    return json.dumps(Recipe.model_json_schema(), indent=2)
+    from kdctl.recipe.bases import BASE_KEY
+
+    schema = Recipe.model_json_schema()
+    schema["properties"][BASE_KEY] = {  # read before validation (kdctl.recipe.bases), so not a field of Recipe
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+        "title": "Base", "description": "Recipe file(s) this one starts from, relative to its folder: mappings merge "
+                                        "key by key, a list or value replaces the base's, null removes it"}
+    return json.dumps(schema, indent=2)

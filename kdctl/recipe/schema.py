@@ -331,6 +331,7 @@ class Recipe(Strict):
     # the file it was read from (path, sha256) and the --set texts applied to it: provenance for the bundle's
     # inputs, outside the recipe's fields (a bundle's recipe is the recipe as run, compared by --resume and --reuse)
     _origin: dict | None = PrivateAttr(None)
+    _inherited: dict = PrivateAttr(default_factory=dict)  # field -> the base file it came from (kdctl.recipe.bases)
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128,
                       description="The run's name: its default output folder (runs/<stage>/<name>), so a file name")
