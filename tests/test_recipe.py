@@ -514,7 +514,8 @@ def test_a_bad_base_is_one_line_naming_the_file_to_edit(tmp_path, text, expected
 
 def test_a_runs_own_check_of_an_inherited_field_names_the_base(tmp_path):
     common, run = _base_tree(tmp_path)
-    (common / "setup.yaml").write_text((common / "setup.yaml").read_text().replace("batch: 16", "batch: 16, device: '5'"))
+    setup = common / "setup.yaml"
+    setup.write_text(setup.read_text().replace("batch: 16", "batch: 16, device: '5'"))
     run.write_text("base: common/setup.yaml\nname: x\n")
     res = CliRunner().invoke(app, ["train", str(run), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
