@@ -111,6 +111,8 @@ def _rebased(raw: dict, folder: Path) -> dict:
         for k in keys[:-1]:
             d = d.get(k) if isinstance(d, dict) else None
         if isinstance(d, dict) and keys[-1] in d:
+            if keys == ("export", "target") and not str(d[keys[-1]]).endswith((".yaml", ".yml")):
+                continue  # a preset's name (cpu, jetson), not a file
             d[keys[-1]] = fix(d[keys[-1]])
     coco = (out.get("data") or {}).get("coco") if isinstance(out.get("data"), dict) else None
     if isinstance(coco, dict):
