@@ -472,6 +472,8 @@ def test_base_merges_mappings_replaces_lists_and_keeps_a_bases_paths(tmp_path):
     assert two.distill.losses[1].name == "ld"
     schema = json.loads(recipe_json_schema())
     assert "base" in schema["properties"]
+    with pytest.raises(RecipeError, match=r"^--set base=x.yaml: base is read with the recipe file, before any --set"):
+        load_recipe(run, ["base=x.yaml"])
 
 
 def test_shipped_family_recipes_share_the_baselines_setup():

@@ -23,9 +23,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read and validate a recipe; relative data/model paths are resolved against the recipe's folder.
     ``overrides``: ``KEY=VALUE`` texts (``kdctl train --set``) applied to the file's fields before validation; a
     problem with an overridden field names the ``--set`` it came from."""
-    from kdctl.recipe.bases import read_with_bases
+    from kdctl.recipe.bases import BASE_KEY, read_with_bases
 
     path = Path(path)
+    for text in overrides:
+        if parse_override(text)[0][0] == BASE_KEY:
+            raise RecipeError(f"--set {text}: {BASE_KEY} is read with the recipe file, before any --set; write it in "
+                              f"{path}")
     raw, bases, inherited = read_with_bases(path)
     if overrides:
         if not isinstance(raw, dict):
