@@ -472,6 +472,8 @@ def test_base_merges_mappings_replaces_lists_and_keeps_a_bases_paths(tmp_path):
     assert two.distill.losses[1].name == "ld"
     schema = json.loads(recipe_json_schema())
     assert "base" in schema["properties"]
+    res = CliRunner().invoke(app, ["recipe", "check", str(run), "--json"])
+    assert json.loads(res.stdout)["bases"] == [str((common / n).resolve()) for n in ("setup.yaml", "kd.yaml")]
     with pytest.raises(RecipeError, match=r"^--set base=x.yaml: base is read with the recipe file, before any --set"):
         load_recipe(run, ["base=x.yaml"])
 

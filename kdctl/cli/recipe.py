@@ -48,10 +48,15 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
             raise RecipeError(refused["distill" if r.teacher is not None else "train"])
     out = {**out, "stages": {stage: {"accepted": why is None, **({"refused": why} if why else {})}
                              for stage, why in refused.items()}, "missing": missing}
+    bases = [b["file"] for b in (r._origin or {}).get("bases", [])]
+    if bases:
+        out["bases"] = bases
     note = refused["distill"] if r.teacher is not None and refused["train"] is None else None
 
     def human():
         console.print(Text.assemble(("OK", "green"), f" {recipe}"))
+        if bases:  # what follows is the recipe merged over these
+            console.print(f"from bases: {', '.join(bases)}", highlight=False)
         console.print(Syntax(yaml.safe_dump(data, sort_keys=False), "yaml"))
         for line in missing:
             console.print(f"note: {line}; the run stops on it unless an earlier stage writes it", style="yellow")
