@@ -457,6 +457,10 @@ def test_static_batch_export_calibrates_checks_and_profiles_in_groups(trained_bu
     assert res.exit_code == 0, res.output
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert "one call on 3 images" in checks["max_p90_ms"]["message"]
+    from kdctl.report.stage import write_report
+
+    write_report([tmp_path / "prof"], out=tmp_path / "report")
+    assert (tmp_path / "report" / "report.md").read_text().count("(one call on 3 images)") == 3
 
 
 def test_dynamic_export_takes_any_batch_and_profiles_throughput_batched(trained_bundle, tmp_path, monkeypatch):

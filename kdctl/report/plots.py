@@ -28,12 +28,12 @@ def _figure(path: Path, figsize: tuple[float, float]) -> Iterator:
             plt.close(fig)
 
 
-def latency_histogram(samples_ms: list[float], stats: dict, title: str, path: Path) -> Path:
+def latency_histogram(samples_ms: list[float], stats: dict, title: str, path: Path, batch: int = 1) -> Path:
     with _figure(path, (6, 3.2)) as ax:
         ax.hist(samples_ms, bins=min(60, max(10, len(samples_ms) // 5)), color="#4C72B0", alpha=0.85)
         for k, c in (("p50", "#2ca02c"), ("p90", "#ff7f0e"), ("p99", "#d62728")):
             ax.axvline(stats[k], color=c, linestyle="--", linewidth=1.2, label=f"{k} {stats[k]:.2f} ms")
-        ax.set_xlabel("latency (ms, batch 1)")
+        ax.set_xlabel(f"latency (ms, batch {batch})")
         ax.set_ylabel("runs")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
