@@ -253,3 +253,5 @@ def test_throughput_batch_stays_within_a_dynamic_engines_profile():
         assert ("ends at 4" in tp["note"]) if ran < asked and fixed is None else "note" not in tp
     assert _throughput(Run(1, None), x, 8, one) == {"batch": 1, "images_per_s": 500.0,
                                                      "note": "static batch 1: 1 / mean latency"}
+    run = Run(3, (3, 3, 8, 8))  # --throughput-batch 1 on a 3-image graph: still 3 images a call
+    assert _throughput(run, x, 1, one)["batch"] == 3 and run.calls == {3}

@@ -372,14 +372,16 @@ def test_a_bad_set_is_one_line_naming_the_set(tmp_path, overrides, expected):
 
 
 def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
-    """The bundle's recipe (and --reuse, --resume) is the recipe with its --set applied."""
+    """The bundle's recipe (and --reuse, --resume) is the recipe with its base and --set applied; the files read and
+    the --set texts are recorded."""
     import json
 
     from kdctl.bundle import load_bundle
 
-    p = tmp_path / "r.yaml"
-    p.write_text(f"name: s\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
-                 "train: {epochs: 5, imgsz: 128, batch: 8, workers: 0}\n")
+    p, base = tmp_path / "r.yaml", tmp_path / "base.yaml"
+    base.write_text(f"name: b\nstudent: {{model: yolov8-tiny.yaml}}\ndata: {{yolo: {tiny_data}}}\n"
+                    "train: {epochs: 5, imgsz: 128, batch: 8, workers: 0}\n")
+    p.write_text("base: base.yaml\nname: s\n")
     argv = ["train", str(p), "--set", "train.epochs=1", "--set", "train.batch=4", "--out", str(tmp_path / "b"),
             "--json"]
     res = CliRunner().invoke(app, argv)
@@ -389,8 +391,12 @@ def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
     assert len((tmp_path / "b" / "results.csv").read_text().strip().splitlines()) == 2  # a header and one epoch
     import hashlib
 
+    def sha(f):
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+
     assert b.manifest["inputs"]["recipe_file"] == {"file": str(p.resolve()), "set": ["train.epochs=1", "train.batch=4"],
-                                                    "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                                                    "sha256": sha(p),
+                                                    "bases": [{"file": str(base.resolve()), "sha256": sha(base)}]}
     import os
     import subprocess
     import sys
@@ -398,6 +404,7 @@ def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
     show = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "bundle", "show", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
     assert "--set train.epochs=1  --set train.batch=4" in show.stdout and str(p.resolve()) in show.stdout
+    assert f"base  {base.resolve()}  sha256={sha(base)[:12]}" in show.stdout
     res = CliRunner().invoke(app, argv + ["--reuse"])  # the same recipe as run: kept, nothing retrained
     assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id
     res = CliRunner().invoke(app, ["recipe", "check", str(p), "--set", "train.epochs=3", "--json"])

@@ -53,8 +53,11 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
         origin = (m.get("inputs") or {}).get("recipe_file")
         if isinstance(origin, dict):  # train/distill: the recipe file as read and the --set texts applied to it
             sets = [str(x) for x in origin.get("set") or []] if isinstance(origin.get("set"), list) else []
-            tree.add(Text(f"recipe  {origin.get('file')}  sha256={str(origin.get('sha256'))[:12]}"
-                          + "".join(f"  --set {x}" for x in sets)))
+            node = tree.add(Text(f"recipe  {origin.get('file')}  sha256={str(origin.get('sha256'))[:12]}"
+                                 + "".join(f"  --set {x}" for x in sets)))
+            for base in origin.get("bases") if isinstance(origin.get("bases"), list) else []:
+                if isinstance(base, dict):  # the files it was merged over (recipe base:)
+                    node.add(Text(f"base  {base.get('file')}  sha256={str(base.get('sha256'))[:12]}"))
         ancestors(tree.add("lineage (kdctl bundle verify --lineage re-hashes it)"), m, {b.id})
         files = tree.add("files")
         for name, info in m["files"].items():

@@ -323,8 +323,9 @@ def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int, batch: int
 
 def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
     fixed = getattr(run, "fixed_batch", None)
-    if fixed == 1 or batch <= 1:
-        return {"batch": 1, "images_per_s": 1000.0 / single.mean, "note": "static batch 1: 1 / mean latency"}
+    if fixed == 1 or (not fixed and batch <= 1):  # a static graph of N > 1 is run at N whatever was asked
+        return {"batch": 1, "images_per_s": 1000.0 / single.mean,
+                "note": f"{'static ' if fixed else ''}batch 1: 1 / mean latency"}
     b, top, note = fixed or batch, getattr(run, "max_shape", None), {}
     if not fixed and top and b > top[0]:  # a dynamic engine's optimisation profile ends there
         b, note = int(top[0]), {"note": f"batch {batch} asked; the engine's batch profile ends at {top[0]}"}
