@@ -24,3 +24,8 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def memory_size(n: float) -> str:
+    """Bytes as a person reads them in an error: GB from 1 GB, else MB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

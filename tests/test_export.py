@@ -527,3 +527,17 @@ def test_batch_and_dynamic_come_from_the_recipe_and_are_refused_for_two_stage(fr
         opts = ExportOptions.from_recipe({**m["recipe"], "export": {"dynamic": True}}, bundle=frcnn_bundle)
         export_bundle(frcnn_bundle, opts, out=tmp_path / "y")
     assert not (tmp_path / "y").exists()
+
+
+def test_a_batch_the_machine_cannot_hold_is_refused_before_any_work(trained_bundle, tmp_path, monkeypatch):
+    """--batch 256 at 640 px needed ~40 GB to trace and check: the process was killed for memory. Now one line."""
+    import kdctl.limits
+
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 10_000_000)  # 10 MB left
+    line = refused_in_one_line(["export", str(trained_bundle), "--batch", "2", "--out", str(tmp_path / "x")],
+                               tmp_path / "x")
+    assert "--batch: 2 images of 128 px need about 12.6 MB to export and check (their input alone is 0.4 MB)" in line
+    assert line.endswith("give a smaller batch")
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 10_000_000_000)
+    opts = ExportOptions.from_recipe(None, target="cpu", batch=2, artifacts=["onnx-fp32"])
+    assert arts(export_bundle(trained_bundle, opts, out=tmp_path / "ok").path)["onnx-fp32"]["settings"]["batch"] == 2

@@ -156,6 +156,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         raise BundleError(f"{src.path / 'manifest.json'}: metrics.imgsz: must be the training input size "
                           f"(32..{IMGSZ_MAX}), got {shown(trained)}")
     imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
+    _check_batch_memory(preset, imgsz, options, src.path)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
     qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]
     if qdq and opset < 13 and not qat:  # ORT wrote DequantizeLinear(axis=...) into an opset-11 graph, then failed
@@ -313,6 +314,26 @@ def _with_batch(preset: TargetPreset, options: ExportOptions, model, bundle: Pat
         raise DataError(f"{where}: {type(model).__name__} models export with one image per graph (their per-image "
                         f"proposal and RoI steps are unrolled when traced); give batch 1, not dynamic")
     return preset
+
+
+# a detector's forward at N images takes up to ~18x its input in activations (YOLOv8m at 640 px, measured); tracing,
+# the runtimes' sessions and the checks beside it: about twice that
+BATCH_MEMORY_FACTOR = 32
+
+
+def _check_batch_memory(preset: TargetPreset, imgsz: int, options: ExportOptions, bundle: Path) -> None:
+    """Refuse, before any work, a batch this machine cannot trace and check (it would be killed for memory instead,
+    leaving nothing but a killed process to read)."""
+    from kdctl.limits import available_memory_bytes, memory_size
+
+    if preset.batch == 1:
+        return
+    need, avail = BATCH_MEMORY_FACTOR * preset.batch * 3 * imgsz * imgsz * 4, available_memory_bytes()
+    if avail and need > avail:
+        where = options.source("batch", bundle) if options.batch is not None else f"target {preset.name}: batch"
+        raise DataError(f"{where}: {preset.batch} images of {imgsz} px need about {memory_size(need)} to export and "
+                        f"check (their input alone is {memory_size(need / BATCH_MEMORY_FACTOR)}), more than this "
+                        f"machine's available memory ({memory_size(avail)}); give a smaller batch")
 
 
 def _grouped(inputs: list[np.ndarray], n: int) -> list[np.ndarray]:

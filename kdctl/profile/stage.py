@@ -17,7 +17,7 @@ import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
 from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by, shown
-from kdctl.limits import IMGSZ_MAX, available_memory_bytes, usable_cores
+from kdctl.limits import IMGSZ_MAX, available_memory_bytes, memory_size, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
@@ -124,12 +124,9 @@ def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, nam
     need = throughput_batch * 3 * imgsz * imgsz * 4
     avail = available_memory_bytes()
     if avail and need > avail / 4:
-        def size(n: float) -> str:
-            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
         raise KdctlError(f"{names['throughput_batch']} {throughput_batch}: its input alone ({throughput_batch} × 3 "
-                         f"× {imgsz} × {imgsz} float32) is {size(need)}, more than a quarter of this machine's available"
-                         f" memory ({size(avail)}); give a smaller batch")
+                         f"× {imgsz} × {imgsz} float32) is {memory_size(need)}, more than a quarter of this "
+                         f"machine's available memory ({memory_size(avail)}); give a smaller batch")
 
 
 def _source_weights(src: Bundle) -> Path:
