@@ -599,3 +599,21 @@ def test_quantization_aware_training_is_refused_where_init_auto_falls_back_to_ra
                  "distill: {init: auto, quantize: int8, losses: [{name: kd_logit}]}\n")
     line = refused_in_one_line(["distill", str(r), "--out", str(tmp_path / "x")], tmp_path / "x")
     assert "distill.init: auto leaves 'yolo26n.yaml' at random weights here (the teacher has" in line
+
+
+def test_qat_export_at_a_static_batch_calibrates_and_checks_in_groups(qad_bundle, tmp_path):
+    """--batch 3 on a quantization-aware student: its trained Q/DQ graph and ONNX Runtime's form (calibrated on 8
+    images in groups of 3) take 3 images a call, both checked against the fake-quantized student."""
+    import onnx
+
+    from kdctl.bundle import load_bundle
+
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--batch", "3",
+                                   "--calibration-images", "8", "--out", str(tmp_path / "b3"), "-q"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "b3", verify=True)
+    (a,) = b.metrics["artifacts"]
+    assert a["name"] == "onnx-int8" and a["settings"]["batch"] == 3 and a["parity"]["images"] == 8
+    assert a["metrics"]["images"] == 8 and a["parity"]["ok"] is not False
+    dim = onnx.load(str(tmp_path / "b3" / a["files"][0])).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == 3
