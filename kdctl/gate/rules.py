@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from kdctl.profile.stats import per_call
+
 BUDGETS = ("min_map50_95", "min_map50", "max_p50_ms", "max_p90_ms", "max_p99_ms", "min_fps", "max_size_mb",
            "max_memory_mb", "max_latency_regression", "max_map_regression")
 
@@ -46,8 +48,7 @@ def evaluate_budgets(result: dict | None, budgets: dict, baseline: dict | None =
     checks: list[Check] = []
     le, ge = (lambda v, b: v <= b), (lambda v, b: v >= b)
     b = {k: v for k, v in budgets.items() if v is not None}
-    n = _get(result, "batch")  # a static graph of batch N: its latency is that of one call on N images
-    call = f" (one call on {n} images)" if isinstance(n, int) and n > 1 else ""
+    call = per_call(result)  # a static graph of batch N: its latency is that of one call on N images
     if "min_map50_95" in b:
         checks.append(_rule("min_map50_95", _get(result, "map50_95"), b["min_map50_95"], ge, "{:.4f}", "mAP50-95"))
     if "min_map50" in b:

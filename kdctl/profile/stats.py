@@ -40,3 +40,16 @@ class LatencyStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "cv": self.cv}
+
+
+def call_images(result: dict | None) -> int:
+    """The images one timed call of a profile result takes: 1, or a static export's batch (a result of a profile
+    before kdctl recorded it: 1)."""
+    n = result.get("batch") if isinstance(result, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
+def per_call(result: dict | None) -> str:
+    """'' for one image a call, else what a latency of this result is: " (one call on N images)"."""
+    n = call_images(result)
+    return f" (one call on {n} images)" if n > 1 else ""

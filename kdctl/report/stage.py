@@ -11,6 +11,7 @@ from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, nex
                           require_verified)
 from kdctl.errors import BundleError, KdctlError
 from kdctl.gate.junit import md_escape
+from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
 from kdctl.report.kd_summary import compare_all, field_of, seed_groups, side_by_side
@@ -85,19 +86,9 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                 perf_rows.append(["profile", f"{b.path.name}/{r.get('artifact')}", _fmt(r.get("map50_95"), ".4f"), "",
                                   str(runtime.get("inference_precision", runtime.get("provider"))),
                                   _fmt(r.get("size_mb"), ".2f", " MB"),
-                                  f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + _per_call(r),
+                                  f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + per_call(r),
                                   _fmt(field_of(r, "throughput", "images_per_s"), ".0f")])
     return stage_rows, perf_rows
-
-
-def _batch(r: dict) -> int:
-    """The images of one timed call: 1, or a static export's batch (profiles before it recorded none: 1)."""
-    n = r.get("batch")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
-
-
-def _per_call(r: dict) -> str:
-    return f" (one call on {_batch(r)} images)" if _batch(r) > 1 else ""
 
 
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
@@ -268,10 +259,10 @@ def _plots(chain: list[Bundle], root: Path) -> list[tuple[str, str]]:
             if r["artifact"] in lat:
                 f = f"latency-{b.path.name}-{r['artifact']}.png"
                 plots.latency_histogram(lat[r["artifact"]], r["latency_ms"], f"{b.path.name}: {r['artifact']}",
-                                        root / f, batch=_batch(r))
+                                        root / f, batch=call_images(r))
                 images.append((f, f"Latency histogram {r['artifact']} ({b.path.name})"))
             if r.get("map50_95") is not None:  # a static batch's latency is that of a call on its N images
-                points.append((r["artifact"] + (f" (batch {_batch(r)})" if _batch(r) > 1 else ""),
+                points.append((r["artifact"] + (f" (batch {call_images(r)})" if call_images(r) > 1 else ""),
                                r["latency_ms"]["p50"], r["map50_95"]))
     if points:
         plots.pareto(points, root / "pareto.png")
