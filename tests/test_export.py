@@ -457,6 +457,10 @@ def test_static_batch_export_calibrates_checks_and_profiles_in_groups(trained_bu
     assert res.exit_code == 0, res.output
     checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
     assert "one call on 3 images" in checks["max_p90_ms"]["message"]
+    res = CliRunner().invoke(app, ["profile", str(out), "--pytorch", "-a", "onnx-fp32", "--runs", "3", "--warmup",
+                                   "1", "--out", str(tmp_path / "prof-pt"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["settings"]["batch"] == [1, 3]  # PyTorch's reference row at one image a call
     from kdctl.report.stage import write_report
 
     write_report([tmp_path / "prof"], out=tmp_path / "report")

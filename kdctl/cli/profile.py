@@ -34,6 +34,7 @@ def profile(
     """
     from kdctl.errors import KdctlError
     from kdctl.profile.stage import profile_bundle
+    from kdctl.profile.stats import call_images
 
     if device not in ("cpu", "cuda"):
         raise KdctlError(f"--device: '{device}'; valid: cpu, cuda")
@@ -46,13 +47,16 @@ def profile(
     def human():
         t = Table(title=f"profile: {b.path}  ({m['settings']['threads']} threads, {m['settings']['runs']} runs, "
                         f"batch {_batch(m['settings'].get('batch', 1))}, {m['imgsz']} px)")
-        for c in ("artifact", "p50 ms", "p90", "p99", "e2e p50", "img/s", "MB", "mAP50-95"):
+        mixed = isinstance(m["settings"].get("batch"), list)  # the PyTorch row at 1 beside a static batch's
+        for c in ("artifact", *(("images / call",) if mixed else ()), "p50 ms", "p90", "p99", "e2e p50", "img/s", "MB",
+                  "mAP50-95"):
             t.add_column(c, justify="left" if c == "artifact" else "right", no_wrap=True)
         for r in m["results"]:
             lat = r["latency_ms"]
-            t.add_row(r["artifact"], f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}",
-                      f"{r['end_to_end_ms']['total']['p50']:.2f}", f"{r['throughput']['images_per_s']:.0f}",
-                      f"{r['size_mb']:.2f}", "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}")
+            t.add_row(r["artifact"], *((str(call_images(r)),) if mixed else ()), f"{lat['p50']:.2f}",
+                      f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r['end_to_end_ms']['total']['p50']:.2f}",
+                      f"{r['throughput']['images_per_s']:.0f}", f"{r['size_mb']:.2f}",
+                      "—" if r["map50_95"] is None else f"{r['map50_95']:.4f}")
         console.print(t)
         for r in m["results"]:
             parts = r.get("latency_parts_ms") or {}
