@@ -132,6 +132,28 @@ def test_tensorrt_engine_builds_and_matches(tmp_path, trained_bundle):
     assert a["tensorrt-fp16"]["files"] and a["tensorrt-fp16"]["parity"]["ok"]
 
 
+@pytest.mark.tensorrt
+def test_dynamic_tensorrt_engine_takes_one_to_its_batch(tmp_path, trained_bundle):
+    """--dynamic --batch 4 on a GPU: the engine's profile runs 1 to 4 images (checked at 2 a call by the export), the
+    same image gives the same output alone and in a batch of 4, and 5 is refused by the runner."""
+    from kdctl.runtimes.tensorrt import TensorRTRunner, tensorrt_status
+
+    ok, why = tensorrt_status()
+    if not ok:
+        pytest.skip(why)
+    opts = ExportOptions.from_recipe(None, target="jetson", artifacts=["tensorrt-fp16"], dynamic=True, batch=4)
+    b = export_bundle(trained_bundle, opts, out=tmp_path / "t").path
+    a = arts(b)["tensorrt-fp16"]
+    assert a["settings"]["batch"] == "1..4" and a["parity"]["ok"]
+    run = TensorRTRunner(b / a["files"][0])
+    x = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
+    one, four = np.asarray(run(x)), np.asarray(run(np.repeat(x, 4, axis=0)))
+    assert four.shape[0] == 4 and np.allclose(four[3], one[0], atol=1e-2)
+    with pytest.raises(ValueError, match="batch 5 is outside"):
+        run(np.repeat(x, 5, axis=0))
+    run.close()
+
+
 def test_unknown_target_lists_valid():
     with pytest.raises(RecipeError, match="target 'tpu' does not exist; valid: cpu, intel, jetson"):
         load_target("tpu")
