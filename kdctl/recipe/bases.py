@@ -132,7 +132,8 @@ def inherited_error(message: str, source: str, inherited: dict[str, str]) -> str
         if where == field or where.startswith((f"{field}.", f"{field}[")):
             return f"{base}: {rest} (a {BASE_KEY} of {source})"
     # a section this recipe and a base both set (data: yolo here, synthetic in the base): say which part is the base's
-    inside = {f"{where}.{f[len(where) + 1:].split('.')[0]}": b for f, b in inherited.items() if f.startswith(f"{where}.")}
+    inside = {f"{where}.{f[len(where) + 1:].split('.')[0]}": b for f, b in inherited.items()
+              if f.startswith(f"{where}.")}
     if inside:
         parts = ", ".join(f"{f} from {b}" for f, b in inside.items())
         return f"{message} ({parts}; a null here removes a base's field, e.g. {next(iter(inside))}: null)"
