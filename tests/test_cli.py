@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -276,3 +277,44 @@ def test_a_teacher_built_from_its_config_is_warned_about(tmp_path, tiny_data, tr
     said = f"{r}: teacher.model: 'yolov8n.yaml' is a model config"
     assert json.loads(p.stdout)["warnings"][0].startswith(said) and f"Warning: {said}" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+LOOP = "a loop of symbolic links (each points on to another, never to a file); give the file itself"
+
+
+@pytest.mark.parametrize("error, code, expected", [
+    (RuntimeError("Symlink loop from '/data/a.yaml'"), 2, f"Error: /data/a.yaml: {LOOP}"),
+    (OSError(40, "Too many levels of symbolic links", "/data/b.yaml"), 2, f"Error: /data/b.yaml: {LOOP}"),
+    (RuntimeError("something else"), 1, "Error: internal error: RuntimeError: something else"),
+])
+def test_a_loop_of_symbolic_links_anywhere_is_one_line_naming_it(monkeypatch, tmp_path, error, code, expected):
+    """pathlib's resolve() raised RuntimeError('Symlink loop from ...') on such a path (a recipe's data.yolo): it read
+    as an internal error, exit 1. Wherever a path is first resolved, it is the user's input: exit 2, named."""
+    import errno
+
+    import kdctl.recipe
+
+    assert errno.ELOOP == 40
+
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(kdctl.recipe, "load_recipe", boom)
+    res = CliRunner().invoke(app, ["recipe", "check", str(tmp_path / "r.yaml")])
+    assert res.exit_code == code and " ".join(res.output.split()).startswith(expected), res.output
+
+
+def test_a_recipe_path_that_is_a_loop_of_links_names_the_field(tmp_path):
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "b.yaml").symlink_to("a.yaml")
+    r = tmp_path / "r.yaml"
+    for field, text in (("data.yolo", "student: {model: yolov8n.yaml}\ndata: {yolo: ./a.yaml}\n"),
+                        ("student.model", "student: {model: ./a.yaml}\ndata: {synthetic: {train: 9, val: 3}}\n")):
+        r.write_text(f"name: x\n{text}")
+        res = CliRunner().invoke(app, ["recipe", "check", str(r)])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert f"r.yaml: {field}: " in res.output and "a loop of symbolic links" in " ".join(res.output.split())
+    (tmp_path / "b.yaml").unlink()  # now a link to a file that is not there (yet): a missing file, as before
+    r.write_text("name: x\nstudent: {model: yolov8n.yaml}\ndata: {yolo: ./a.yaml}\n")
+    res = CliRunner().invoke(app, ["recipe", "check", str(r), "--json"])
+    assert res.exit_code == 0 and "a.yaml" in json.loads(res.stdout)["missing"][0]

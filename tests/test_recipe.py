@@ -496,6 +496,7 @@ def test_shipped_family_recipes_share_the_baselines_setup():
 
 @pytest.mark.parametrize("text, expected", [
     ("base: nope.yaml\nname: x\n", "run.yaml: base: 'nope.yaml' not found (looked for "),
+    ("base: common/loop-a.yaml\nname: x\n", "run.yaml: base: 'common/loop-a.yaml' not found (looked for "),  # links
     ("base: common\nname: x\n", "run.yaml: base: 'common' is a directory"),
     ("base: 3\nname: x\n", "run.yaml: base: must be a recipe file or a list of recipe files"),
     ("base: []\nname: x\n", "run.yaml: base: must be a recipe file or a list of recipe files"),
@@ -513,6 +514,8 @@ def test_a_bad_base_is_one_line_naming_the_file_to_edit(tmp_path, text, expected
     common, run = _base_tree(tmp_path)
     (common / "loop.yaml").write_text("base: ../run.yaml\nname: loop\n")
     (common / "list.yaml").write_text("- a\n- b\n")
+    (common / "loop-a.yaml").symlink_to("loop-b.yaml")  # a symbolic link loop: resolving it raised RuntimeError
+    (common / "loop-b.yaml").symlink_to("loop-a.yaml")
     (common / "bad.yaml").write_text((common / "setup.yaml").read_text().replace("epochs: 20", "epochs: 0"))
     run.write_text(text)
     res = CliRunner().invoke(app, ["recipe", "check", str(run)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import threading
 
@@ -87,6 +88,10 @@ _MACHINE_ERRNOS = {  # what to do about each
 }
 
 
+def _link_loop(path) -> str:
+    return f"{path or ''}: a loop of symbolic links (each points on to another, never to a file); give the file itself"
+
+
 def _internal(e: Exception, fail) -> None:
     """A bug, not the user's input: one line, the traceback on request."""
     if os.environ.get("KDCTL_DEBUG"):
@@ -137,6 +142,8 @@ class KdctlGroup(TyperGroup):
         except BrokenPipeError:  # the reader went away (`kdctl list losses | head -1`): Click's main stops quietly
             raise
         except OSError as e:
+            if e.errno == errno.ELOOP:  # open() or stat() through links that point on to each other
+                fail("Error:", _link_loop(e.filename), 2)
             if e.errno == errno.ENAMETOOLONG:  # Path.exists() raises it too, wherever a path is first looked at
                 name = str(e.filename or "")
                 fail("Error:", f"{name if len(name) <= 80 else name[:79] + '…'}: {e.strerror}: a file or folder "
@@ -148,6 +155,11 @@ class KdctlGroup(TyperGroup):
             where = f"{e.filename}: " if e.filename else ""
             fail("Error:", f"{where}{e.strerror or e} while writing; nothing half-written was published "
                            f"({_MACHINE_ERRNOS[e.errno]})", 2)
+        except RuntimeError as e:  # pathlib's resolve() (Python 3.11/3.12) on links that point on to each other
+            loop = re.fullmatch(r"Symlink loop from '(.*)'", str(e))
+            if loop is None:
+                _internal(e, fail)
+            fail("Error:", _link_loop(loop.group(1)), 2)
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             _internal(e, fail)
 

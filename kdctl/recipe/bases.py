@@ -46,7 +46,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[Any, list[Path], dict[st
         b = path.parent / Path(name.strip()).expanduser()
         if not b.is_file():
             raise RecipeError(f"{path}: {BASE_KEY}: '{name}' " + ("is a directory; give a recipe file" if b.is_dir()
-                                                                  else f"not found (looked for {b.resolve()})"))
+                                                                  else f"not found (looked for {b.absolute()})"))
         if b.resolve() in here:
             loop = " -> ".join(p.name for p in (*here[here.index(b.resolve()):], b.resolve()))
             raise RecipeError(f"{path}: {BASE_KEY}: '{name}' inherits from itself ({loop})")

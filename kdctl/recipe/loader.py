@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +41,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         recipe = validate(raw, Recipe, str(path))
         _check_losses(recipe, str(path))
         _check_target(recipe, path)
-    recipe = _resolve_paths(recipe, path.parent)
+    recipe = _resolve_paths(recipe, path.parent, str(path))
     recipe._origin = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                       "set": list(overrides), **({"bases": bases} if bases else {})}
     recipe._inherited = inherited
@@ -217,31 +218,48 @@ def _check_target(recipe: Recipe, path: Path) -> None:
         raise RecipeError(f"{path}: export.target: '{t}' does not exist; valid: {', '.join(available_targets())}")
 
 
-def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    def fix(p: str) -> str:
+def _resolve_paths(recipe: Recipe, base: Path, source: str) -> Recipe:
+    def fix(p: str, field: str) -> str:
         """Relative to the recipe's folder first, then the working directory; bare model names stay names."""
         q = Path(p).expanduser()
         if q.is_absolute():
             return str(q)
         for cand in (base / q, Path.cwd() / q):
+            _no_link_loop(cand, f"{source}: {field}")
             if cand.exists():
                 return str(cand.resolve())
         # Model YAML names like 'yolov8n.yaml' are Ultralytics/kdctl built-ins, not paths.
-        return str((base / q).resolve()) if len(q.parts) > 1 else p
+        return os.path.abspath(base / q) if len(q.parts) > 1 else p
 
     data = recipe.model_dump()
     for key in ("teacher", "student"):
         if data.get(key):
-            data[key]["model"] = fix(data[key]["model"])
+            data[key]["model"] = fix(data[key]["model"], f"{key}.model")
     if data["data"]["yolo"]:
-        data["data"]["yolo"] = fix(data["data"]["yolo"])
+        data["data"]["yolo"] = fix(data["data"]["yolo"], "data.yolo")
     if data["data"]["coco"]:
-        data["data"]["coco"] = {k: fix(v) for k, v in data["data"]["coco"].items()}
+        data["data"]["coco"] = {k: fix(v, f"data.coco.{k}") for k, v in data["data"]["coco"].items()}
     cache = (data.get("distill") or {}).get("cache")
     if cache and cache.get("path"):
         q = Path(cache["path"]).expanduser()
-        cache["path"] = str(q if q.is_absolute() else (base / q).resolve())
+        if not q.is_absolute():
+            _no_link_loop(base / q, f"{source}: distill.cache.path")
+        cache["path"] = str(q if q.is_absolute() else os.path.abspath(base / q))
     return Recipe.model_validate(data)
+
+
+def _no_link_loop(path: Path, where: str) -> None:
+    """A loop of symbolic links a recipe names is one line naming the field (pathlib's resolve() raised on it). A
+    link to a file not there yet stays a missing file, as any other: an earlier stage may write it."""
+    if not path.is_symlink() or path.exists():
+        return
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return
+    except (RuntimeError, OSError):
+        raise RecipeError(f"{where}: '{path}' is a loop of symbolic links (each points on to another, never to a "
+                          "file); give the file itself") from None
 
 
 def recipe_json_schema() -> str:
