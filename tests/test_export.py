@@ -567,3 +567,11 @@ def test_a_batch_the_machine_cannot_hold_is_refused_before_any_work(trained_bund
     monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 10_000_000_000)
     opts = ExportOptions.from_recipe(None, target="cpu", batch=2, artifacts=["onnx-fp32"])
     assert arts(export_bundle(trained_bundle, opts, out=tmp_path / "ok").path)["onnx-fp32"]["settings"]["batch"] == 2
+
+
+def test_an_out_path_that_is_not_utf8_is_refused_before_any_work(trained_bundle, tmp_path):
+    """A byte that is not UTF-8 in --out (a surrogate in Python's view of the name): torch's ONNX writer failed on it
+    mid-export with 'incompatible function arguments', exit 1. Now one line before any work."""
+    out = tmp_path / "o\udcfe"
+    line = refused_in_one_line(["export", str(trained_bundle), "--out", str(out), "-a", "onnx-fp32"], out)
+    assert "o\\udcfe: has bytes that are not UTF-8 text; the model writers take UTF-8 paths only" in line

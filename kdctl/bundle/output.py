@@ -85,6 +85,12 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
                    flag: str = "--out") -> tuple[str, str | None]:
     """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
     out = absolute(out)
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8: the ONNX, OpenVINO and TensorRT writers fail on it
+        shown_out = str(out).encode("utf-8", "backslashreplace").decode()
+        raise BundleError(f"{flag} {shown_out}: has bytes that are not UTF-8 text; the model writers take UTF-8 "
+                          "paths only; choose another --out") from None
     inputs = [absolute(i) for i in inputs]
     _check_place(out, flag, inputs, "choose another --out")
     for inp in inputs:
