@@ -255,3 +255,16 @@ def test_throughput_batch_stays_within_a_dynamic_engines_profile():
                                                      "note": "static batch 1: 1 / mean latency"}
     run = Run(3, (3, 3, 8, 8))  # --throughput-batch 1 on a 3-image graph: still 3 images a call
     assert _throughput(run, x, 1, one)["batch"] == 3 and run.calls == {3}
+
+
+def test_an_export_bundle_at_a_path_that_is_not_utf8_is_one_line(export_cpu, tmp_path):
+    """ONNX Runtime's session takes UTF-8 paths only: a bundle under a name with other bytes failed as 'incompatible
+    constructor arguments', exit 1. Now it says why, exit 2, nothing written."""
+    import shutil
+
+    moved = tmp_path / "e\udcfe"
+    shutil.copytree(export_cpu, moved)
+    res = CliRunner().invoke(app, ["profile", str(moved), "--runs", "2", "--warmup", "0", "--out",
+                                   str(tmp_path / "p")])
+    assert res.exit_code == 2 and "has bytes that are not UTF-8 text" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "p").exists()

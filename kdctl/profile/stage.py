@@ -41,6 +41,12 @@ def _open_runner(root: Path, art: dict, threads: int | None, device: str):
     from kdctl.runtimes import open_artifact
 
     try:
+        str(root / art["files"][0]).encode("utf-8")
+    except UnicodeEncodeError:  # ONNX Runtime, OpenVINO and TensorRT take UTF-8 paths only
+        where = str(root / art["files"][0]).encode("utf-8", "backslashreplace").decode()
+        raise KdctlError(f"{where}: the path has bytes that are not UTF-8 text, which {art['name']}'s runtime cannot "
+                         "open; move or rename the bundle") from None
+    try:
         return open_artifact(root, art, threads, device)
     except KdctlError:
         raise
