@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,7 +228,7 @@ def _resolve_paths(recipe: Recipe, base: Path, source: str) -> Recipe:
             if cand.exists():
                 return str(cand.resolve())
         # Model YAML names like 'yolov8n.yaml' are Ultralytics/kdctl built-ins, not paths.
-        return os.path.abspath(base / q) if len(q.parts) > 1 else p
+        return str((base / q).resolve()) if len(q.parts) > 1 else p
 
     data = recipe.model_dump()
     for key in ("teacher", "student"):
@@ -244,7 +243,7 @@ def _resolve_paths(recipe: Recipe, base: Path, source: str) -> Recipe:
         q = Path(cache["path"]).expanduser()
         if not q.is_absolute():
             _no_link_loop(base / q, f"{source}: distill.cache.path")
-        cache["path"] = str(q if q.is_absolute() else os.path.abspath(base / q))
+        cache["path"] = str(q if q.is_absolute() else (base / q).resolve())
     return Recipe.model_validate(data)
 
 
