@@ -50,6 +50,7 @@ def test_good_recipe_defaults_filled(tmp_path):
 
 # (yaml text, the field path expected in the message, a word from the reason)
 BAD = [
+    ("# nothing but a comment\n", "<root>", "got nothing (the file is empty)"),
     ("student: {model: yolov8n.yaml}\n", "data", "required field is missing"),
     ("data: {synthetic: {}}\n", "student", "required field is missing"),
     (GOOD.replace("imgsz: 128", "imgsz: 100"), "train.imgsz", "multiple of 32"),
@@ -505,6 +506,8 @@ def test_shipped_family_recipes_share_the_baselines_setup():
                                           "(run.yaml -> loop.yaml -> run.yaml)"),
     ("base: common/list.yaml\nname: x\n", "list.yaml: expected a mapping of recipe fields at the top level (it is "
                                           "a base of"),
+    ("base: common/empty.yaml\nname: x\n", "empty.yaml: expected a mapping of recipe fields at the top level (it is "
+                                           "a base of run.yaml), got nothing (the file is empty)"),
     ("base: common/bad.yaml\nname: x\n", "common/bad.yaml: train.epochs: Input should be greater than or equal to 1 "
                                          "(a base of"),
     ("base: common/kd.yaml\nname: x\ndata: {synthetic: {train: 10, val: 5}}\n",
@@ -514,6 +517,7 @@ def test_a_bad_base_is_one_line_naming_the_file_to_edit(tmp_path, text, expected
     common, run = _base_tree(tmp_path)
     (common / "loop.yaml").write_text("base: ../run.yaml\nname: loop\n")
     (common / "list.yaml").write_text("- a\n- b\n")
+    (common / "empty.yaml").write_text("# a comment, no fields\n")
     (common / "loop-a.yaml").symlink_to("loop-b.yaml")  # a symbolic link loop: resolving it raised RuntimeError
     (common / "loop-b.yaml").symlink_to("loop-a.yaml")
     (common / "bad.yaml").write_text((common / "setup.yaml").read_text().replace("epochs: 20", "epochs: 0"))

@@ -55,7 +55,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[Any, list[Path], dict[st
         braw, bbases, borigins = _read(b, here)
         if not isinstance(braw, dict):
             raise RecipeError(f"{b}: expected a mapping of recipe fields at the top level (it is a {BASE_KEY} of "
-                              f"{path}), got {type(braw).__name__}")
+                              f"{path}), got {'nothing (the file is empty)' if braw is None else type(braw).__name__}")
         braw = _rebased(braw, b.parent)
         _drop(origins, braw)
         origins.update({f: borigins.get(f, b.resolve()) for f in _leaves(braw)})

@@ -161,7 +161,8 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
 
 def validate(data: Any, model: type[M], source: str) -> M:
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: expected a mapping of fields at the top level, got {type(data).__name__}")
+        raise RecipeError(f"{source}: expected a mapping of fields at the top level, got "
+                          f"{'nothing (the file is empty)' if data is None else type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
