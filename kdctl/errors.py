@@ -73,3 +73,17 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     exception."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
+# the one wording for a path that is a loop of symbolic links (pathlib's resolve() raises on it)
+LINK_LOOP = "a loop of symbolic links (each points on to another, never to a file); give the file itself"
+
+
+def not_utf8(path) -> str | None:
+    """The path as an error can show it (its bytes that are not UTF-8 as ``\\udcXX``) when it has such bytes, which
+    the model writers and runtimes (ONNX, ONNX Runtime, OpenVINO, TensorRT) cannot take; None for a UTF-8 path."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return str(path).encode("utf-8", "backslashreplace").decode()
+    return None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from kdctl import faults
-from kdctl.errors import BundleError
+from kdctl.errors import BundleError, not_utf8
 
 _held: dict[Path, "OutputClaim"] = {}
 _reserved: dict[Path, "OutputLock"] = {}  # default run folders chosen (and locked) by next_run_dir, not claimed yet
@@ -85,12 +85,9 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
                    flag: str = "--out") -> tuple[str, str | None]:
     """Refuse an unsafe output path with a one-line error; returns :func:`bundle_state` of ``out``."""
     out = absolute(out)
-    try:
-        str(out).encode("utf-8")
-    except UnicodeEncodeError:  # a name of bytes that are not UTF-8: the ONNX, OpenVINO and TensorRT writers fail on it
-        shown_out = str(out).encode("utf-8", "backslashreplace").decode()
-        raise BundleError(f"{flag} {shown_out}: has bytes that are not UTF-8 text; the model writers take UTF-8 "
-                          "paths only; choose another --out") from None
+    if (escaped := not_utf8(out)) is not None:  # the ONNX, OpenVINO and TensorRT writers fail on such a name
+        raise BundleError(f"{flag} {escaped}: has bytes that are not UTF-8 text; the model writers take UTF-8 "
+                          "paths only; choose another --out")
     inputs = [absolute(i) for i in inputs]
     _check_place(out, flag, inputs, "choose another --out")
     for inp in inputs:

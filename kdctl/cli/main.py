@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError, UsageError
 
 from kdctl.cli._common import err_console, print_json, stdout_reserved
-from kdctl.errors import first_line
+from kdctl.errors import LINK_LOOP, first_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -89,7 +89,7 @@ _MACHINE_ERRNOS = {  # what to do about each
 
 
 def _link_loop(path) -> str:
-    return f"{path or ''}: a loop of symbolic links (each points on to another, never to a file); give the file itself"
+    return f"{path or ''}: {LINK_LOOP}"
 
 
 def _internal(e: Exception, fail) -> None:

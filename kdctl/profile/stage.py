@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by, shown
+from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by, not_utf8, shown
 from kdctl.limits import IMGSZ_MAX, available_memory_bytes, memory_size, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
 from kdctl.profile.stats import LatencyStats
@@ -40,12 +40,9 @@ def _open_runner(root: Path, art: dict, threads: int | None, device: str):
     """The artifact's runtime runner, with a runtime's refusal to load a file turned into one line naming it."""
     from kdctl.runtimes import open_artifact
 
-    try:
-        str(root / art["files"][0]).encode("utf-8")
-    except UnicodeEncodeError:  # ONNX Runtime, OpenVINO and TensorRT take UTF-8 paths only
-        where = str(root / art["files"][0]).encode("utf-8", "backslashreplace").decode()
-        raise KdctlError(f"{where}: the path has bytes that are not UTF-8 text, which {art['name']}'s runtime cannot "
-                         "open; move or rename the bundle") from None
+    if (escaped := not_utf8(root / art["files"][0])) is not None:  # the runtimes take UTF-8 paths only
+        raise KdctlError(f"{escaped}: the path has bytes that are not UTF-8 text, which {art['name']}'s runtime "
+                         "cannot open; move or rename the bundle")
     try:
         return open_artifact(root, art, threads, device)
     except KdctlError:

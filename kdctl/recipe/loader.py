@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from kdctl.errors import KdctlError, RecipeError, shown
+from kdctl.errors import LINK_LOOP, KdctlError, RecipeError, shown
 from kdctl.recipe.schema import Recipe
 from kdctl.recipe.validation import _model_in, read_yaml, validate
 
@@ -257,8 +257,7 @@ def _no_link_loop(path: Path, where: str) -> None:
     except FileNotFoundError:
         return
     except (RuntimeError, OSError):
-        raise RecipeError(f"{where}: '{path}' is a loop of symbolic links (each points on to another, never to a "
-                          "file); give the file itself") from None
+        raise RecipeError(f"{where}: '{path}' is {LINK_LOOP}") from None
 
 
 def recipe_json_schema() -> str:
