@@ -87,3 +87,29 @@ def not_utf8(path) -> str | None:
     except UnicodeEncodeError:
         return str(path).encode("utf-8", "backslashreplace").decode()
     return None
+
+
+def parse_json(text: str):
+    """``json.loads`` whose every failure is a ``ValueError`` with a short reason (bad syntax; nesting too deep for
+    Python's parser, which otherwise raises RecursionError)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(str(e)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def json_kind(value) -> str:
+    """What a parsed JSON/YAML value is, in the file's words: "a list", "a string", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    for kinds, word in (((dict,), "an object"), ((list, tuple), "a list"), ((str,), "a string"),
+                        ((int, float), "a number")):
+        if isinstance(value, kinds):
+            return word
+    return type(value).__name__

@@ -107,7 +107,8 @@ class Ctx:
         (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
 
     def coco(self, name: str, mutate: Callable[[dict], None]) -> Path:
-        """A COCO-JSON recipe over the tiny dataset's images, with ``mutate(val_json)`` applied."""
+        """A COCO-JSON recipe over the tiny dataset's images, with ``mutate(val_json)`` applied (what it returns, if
+        not None, replaces the validation JSON)."""
         from PIL import Image
 
         def as_coco(split):
@@ -122,9 +123,9 @@ class Ctx:
         d = self.tmp / name
         d.mkdir()
         tr, va = as_coco("train"), as_coco("val")
-        mutate(va)
+        replaced = mutate(va)
         (d / "train.json").write_text(json.dumps(tr))
-        (d / "val.json").write_text(json.dumps(va))
+        (d / "val.json").write_text(replaced if isinstance(replaced, str) else json.dumps(va))
         self.plant(d)
         return self.recipe(name, "{coco: {train_images: %s, train_annotations: %s, val_images: %s, "
                                  "val_annotations: %s}}" % (self.data.parent / "images" / "train", d / "train.json",
@@ -663,6 +664,24 @@ def _(c):
 def _(c):
     r = c.coco("coco", lambda v: v["annotations"][0].update(bbox=[5000, 5, 3, 10]))
     return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "outside"]
+
+
+@case("train-coco-json-is-a-list")
+def _(c):
+    r = c.coco("coco", lambda v: json.dumps(v["images"]))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "expected a COCO object", "got a list"]
+
+
+@case("train-coco-json-nested-too-deeply")
+def _(c):
+    r = c.coco("coco", lambda v: "[" * 100_000 + "]" * 100_000)
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "not valid JSON (nested too deeply)"]
+
+
+@case("train-coco-image-id-a-list")
+def _(c):
+    r = c.coco("coco", lambda v: v["annotations"][0].update(image_id=[0]))
+    return ["train", str(r), "--out", str(c.tmp / "x")], 2, ["val.json", "annotations[0].image_id", "[0]"]
 
 
 # --- 4. models and bundles of the wrong kind (exit 2) --------------------------------------------------------

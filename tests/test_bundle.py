@@ -140,6 +140,9 @@ def test_load_errors(tmp_path):
     (tmp_path / "d" / "manifest.json").write_text("{broken")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # Python's parser: RecursionError
+    with pytest.raises(BundleError, match=r"manifest is not valid JSON \(nested too deeply\)"):
+        load_bundle(tmp_path / "d")
     b = make(tmp_path)
     with pytest.raises(BundleError, match="is a 'train' bundle; expected one of: export"):
         load_bundle(b.path, stages=("export",))
@@ -239,6 +242,15 @@ def test_verify_refuses_symlinks_even_to_identical_copies(tmp_path):
     (tmp_path / "outside" / "x.txt").write_text("x")
     os.symlink(tmp_path / "outside", c.path / "extra")
     assert verify_bundle(c.path).problems == ["extra: is a symlink (bundles hold regular files only)"]
+
+
+def test_verify_refuses_a_directory_in_place_of_a_listed_file(tmp_path):
+    b = make(tmp_path)
+    (b.path / "weights.pt").unlink()
+    (b.path / "weights.pt").mkdir()  # a folder has no bytes to hash: it was skipped as a folder, and verified OK
+    assert verify_bundle(b.path).problems == ["weights.pt: is a directory where the manifest lists a file"]
+    result = CliRunner().invoke(app, ["bundle", "verify", str(b.path)])
+    assert result.exit_code == 1 and "weights.pt: is a directory where the manifest lists a file" in result.output
 
 
 def test_manifest_cannot_name_files_outside_the_bundle(tmp_path):

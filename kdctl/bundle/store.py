@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from kdctl import __version__
 from kdctl.bundle.environment import environment
-from kdctl.errors import BundleError
+from kdctl.errors import BundleError, parse_json
 
 MANIFEST = "manifest.json"
 SEAL = "manifest.sha256"
@@ -148,8 +148,8 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     if not mf.is_file() or mf.is_symlink():
         raise BundleError(f"{path}: not a kdctl bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = parse_json(mf.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{mf}: manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{mf}: manifest is not a JSON object")
@@ -348,6 +348,8 @@ def verify_bundle(path: str | Path, *, _bundle: Bundle | None = None) -> VerifyR
             problems.append(f"{MANIFEST}: files entry '{name}' is malformed")
         elif st is None:
             problems.append(f"{name}: missing")
+        elif _stat.S_ISDIR(st.st_mode):
+            problems.append(f"{name}: is a directory where the manifest lists a file")
         elif not _stat.S_ISREG(st.st_mode):
             continue  # reported above
         elif st.st_size != info["size"] or sha256_file(root / name) != info["sha256"]:

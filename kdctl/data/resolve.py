@@ -8,7 +8,6 @@ setting into the cache. Cache writes go to a temporary directory renamed into pl
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from kdctl import faults
-from kdctl.errors import DataError
+from kdctl.errors import DataError, json_kind, parse_json
 from kdctl.recipe.validation import YamlProblem, parse_yaml
 
 # Ultralytics' IMG_FORMATS that Pillow decodes without a plugin (its DNG, HEIC/HEIF and PFM need one)
@@ -361,9 +360,12 @@ def _read_coco(path: Path, img_dir: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: COCO annotation file not found")
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        coco = parse_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{path}: expected a COCO object with 'images', 'annotations' and 'categories', got "
+                        f"{json_kind(coco)}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{path}: field '{key}' is missing or not a list")
@@ -404,7 +406,7 @@ def _read_coco(path: Path, img_dir: Path) -> dict:
         for key in ("image_id", "category_id", "bbox"):
             if key not in a:
                 raise DataError(f"{path}: annotations[{i}].{key} is missing")
-        if a["image_id"] not in sizes:
+        if not _is_int(a["image_id"]) or a["image_id"] not in sizes:
             raise DataError(f"{path}: annotations[{i}].image_id: {a['image_id']!r} is not in 'images'")
         why = _bbox_problem(a, cat_ids, sizes[a["image_id"]])
         if why and a["image_id"] not in bad:
@@ -437,7 +439,7 @@ def _is_number(v) -> bool:
 
 
 def _bbox_problem(a: dict, cat_ids: set, size: tuple[float, float]) -> str | None:
-    if a["category_id"] not in cat_ids:
+    if not _is_int(a["category_id"]) or a["category_id"] not in cat_ids:
         return f"category_id: {a['category_id']!r} is not one of the categories' ids"
     b = a["bbox"]
     if not (isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)):
