@@ -273,6 +273,14 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
     res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "did not replay" in res.output and "Traceback" not in res.output, res.output
 
+    # a record nested too deeply for Python's JSON parser (RecursionError: an internal error) is one line too
+    meta = tmp_path / "cache" / "meta.json"
+    kept = meta.read_text()
+    meta.write_text("[" * 100_000 + "]" * 100_000)
+    res = run.invoke(app, ["cache", "info", str(tmp_path / "cache")])
+    assert res.exit_code == 2 and "meta.json:unreadable(notJSON)" in "".join(res.output.split()), res.output
+    meta.write_text(kept)
+
     # --overwrite rebuilds a kdctl cache, and never deletes a folder kdctl did not write
     assert run.invoke(app, ["cache", "build", str(r), "--overwrite", "-q"]).exit_code == 0
     assert (np.load(tmp_path / "cache" / "epoch-0000" / "crc.npy") != crc).all()

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from kdctl import faults
-from kdctl.errors import CheckFailed, KdctlError, RecipeError
+from kdctl.errors import CheckFailed, KdctlError, RecipeError, parse_json
 
 CACHE_VERSION = 2  # 2: each epoch shard carries the sha256 of its files (digest.json)
 META = "meta.json"
@@ -256,7 +256,7 @@ def _verified(shard: Path) -> None:
     index fails deep inside a loss."""
     fix = "rebuild the cache with `kdctl cache build RECIPE --overwrite`"
     try:
-        recorded = json.loads((shard / DIGEST).read_text())
+        recorded = parse_json((shard / DIGEST).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         raise CheckFailed(f"{shard / DIGEST}: missing or unreadable, so the shard cannot be verified; {fix}") from None
     missing = [f"{f}.npy" for f in FILES if not (shard / f"{f}.npy").is_file()]
@@ -362,7 +362,7 @@ def read_meta(path: Path, fix: str) -> dict:
     record: not JSON, not an object, or without the keys every build writes."""
     meta = path / META
     try:
-        have = json.loads(meta.read_text())
+        have = parse_json(meta.read_text())
     except (ValueError, UnicodeDecodeError):
         raise KdctlError(f"{meta}: unreadable (not JSON); {fix}") from None
     missing = [k for k in ("version", "teacher_sha256", "augment", "complete") if not isinstance(have, dict)
