@@ -1,6 +1,6 @@
 """Named fault points for the kill tests: with ``KDCTL_FAULT=NAME`` (or ``NAME@N`` for the N-th time it is
 reached) the process SIGKILLs itself there, exactly as a power cut or the OOM killer would stop it;
-``NAME[@N]:TERM`` or ``:INT`` sends that signal instead (a cancelled CI job, Ctrl-C)."""
+``NAME[@N]:TERM``, ``:INT`` or ``:HUP`` sends that signal instead (a cancelled CI job, Ctrl-C, a closed terminal)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def point(name: str) -> None:
     if not want:
         return
     sig = ""
-    if want.endswith((":TERM", ":INT")):  # names hold ':' themselves (train:started)
+    if want.endswith((":TERM", ":INT", ":HUP")):  # names hold ':' themselves (train:started)
         want, _, sig = want.rpartition(":")
     target, _, nth = want.partition("@")
     if target != name:

@@ -84,10 +84,11 @@ def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,rc,word", [("TERM", 143, "Terminated"), ("INT", 130, "Interrupted")])
+@pytest.mark.parametrize("sig,rc,word", [("TERM", 143, "Terminated"), ("INT", 130, "Interrupted"),
+                                         ("HUP", 129, "Terminated")])
 def test_terminated_run_says_so_releases_its_lock_and_resumes(tmp_path, tiny_data, trained_bundle, sig, rc, word):
-    """SIGTERM (a cancelled CI job, ``docker stop``) used to end the run silently and leave its lock behind; now it
-    unwinds like Ctrl-C: one line saying how to continue, the work folder kept for --resume, nothing else."""
+    """SIGTERM (a cancelled CI job, ``docker stop``) used to end the run silently and leave its lock behind (SIGHUP,
+    a closed terminal, still did until stop 61); now it unwinds like Ctrl-C: one line saying how to continue, the work folder kept for --resume, nothing else."""
     import os
     import subprocess
     import sys
@@ -104,6 +105,29 @@ def test_terminated_run_says_so_releases_its_lock_and_resumes(tmp_path, tiny_dat
     _finish(argv + ["--resume"])
     assert [e["epoch"] for e in load_bundle(out).manifest["metrics"]["epochs"]] == [1, 2]
     assert verify_bundle(out).ok and _leftovers(tmp_path, "kd") == []
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_a_closed_terminal_unwinds_the_stage_unless_nohup_ignores_it(tmp_path, profile_cpu, ignored):
+    """SIGHUP at the last step of publishing a gate bundle: one line, exit 129, nothing at --out, no lock left; under
+    ``nohup`` (SIGHUP ignored by the caller) the run carries on and publishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "g"
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", "gate", str(profile_cpu), "--min-map", "0",
+                        "--out", str(out), "-q"], capture_output=True, text=True, preexec_fn=ignore,
+                       env={**os.environ, "KDCTL_FAULT": "publish:sealed:HUP"}, timeout=300)
+    if ignored:
+        assert p.returncode == 0 and verify_bundle(out).ok, p.stderr[-2000:]
+    else:
+        assert p.returncode == 129 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines() == ["Terminated (nothing half-written was published)"]
+        assert not out.exists()
+    assert _leftovers(tmp_path, "g") == []
 
 
 @pytest.mark.slow

@@ -22,12 +22,25 @@ from kdctl.errors import LINK_LOOP, first_line
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a CI job cancelled, ``docker stop``, ``kill``): unwound like Ctrl-C, so a run's temp files and lock
-    are cleaned up and it says so, instead of dying silently mid-write."""
+    """SIGTERM (a CI job cancelled, ``docker stop``, ``kill``) or SIGHUP (the terminal or SSH session closed):
+    unwound like Ctrl-C, so a run's temp files and lock are cleaned up and it says so, instead of dying silently
+    mid-write. Exit code 128 + the signal's number, as the shell reports a process the signal ended."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.exit_code = 128 + int(signum)
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+def _on_termination_signals() -> None:
+    """SIGTERM and SIGHUP end a run through :class:`Terminated`; a SIGHUP the caller ignores (``nohup``) stays
+    ignored."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _raise_terminated)
 
 
 def _fail(ctx, word: str, text: str, code: int):
@@ -119,7 +132,7 @@ class KdctlGroup(TyperGroup):
             _fail(ctx, word, text, code)
 
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_terminated)
+            _on_termination_signals()
         try:
             meta = ctx.find_root().meta
             with stdout_reserved(bool(meta.get("kdctl_json")), bool(meta.get("kdctl_quiet"))):
@@ -134,7 +147,7 @@ class KdctlGroup(TyperGroup):
             how = "Terminated" if isinstance(e, Terminated) else "Interrupted"
             hint = ("; the same command with --resume continues from the last saved epoch"
                     if ctx.invoked_subcommand in ("train", "distill") else "")
-            fail(how, f"nothing half-written was published{hint}", 143 if isinstance(e, Terminated) else 130)
+            fail(how, f"nothing half-written was published{hint}", e.exit_code if isinstance(e, Terminated) else 130)
         except UsageError as e:
             _usage_error(e, ctx.find_root())
         except (typer.Exit, typer.Abort, typer.TyperException):
