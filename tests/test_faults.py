@@ -88,7 +88,8 @@ def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data,
                                          ("HUP", 129, "Terminated")])
 def test_terminated_run_says_so_releases_its_lock_and_resumes(tmp_path, tiny_data, trained_bundle, sig, rc, word):
     """SIGTERM (a cancelled CI job, ``docker stop``) used to end the run silently and leave its lock behind (SIGHUP,
-    a closed terminal, still did until stop 61); now it unwinds like Ctrl-C: one line saying how to continue, the work folder kept for --resume, nothing else."""
+    a closed terminal, still did until stop 61); now it unwinds like Ctrl-C: one line saying how to continue, the
+    work folder kept for --resume, nothing else."""
     import os
     import subprocess
     import sys
