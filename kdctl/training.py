@@ -655,6 +655,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
                                              progress=ev.advance)
+    teacher_eval = _evaluate_teacher(teacher_ref, ds, recipe, source, progress) if stage == "distill" else None
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
@@ -671,6 +672,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work) if recipe.distill.losses else []  # [] for distill.init alone
+            if teacher_eval is not None:
+                w.metrics["teacher"] = teacher_eval
             if recipe.distill.stop_epoch is not None:
                 w.metrics["kd_stop_epoch"] = recipe.distill.stop_epoch  # the last epoch with KD terms
         if stage == "distill" and recipe.distill.init:
@@ -709,6 +712,30 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     faults.point("train:published")
     shutil.rmtree(work, ignore_errors=True)
     return w.bundle
+
+
+def _evaluate_teacher(teacher_ref, ds, recipe: Recipe, source: str, progress) -> dict | None:
+    """The teacher's mAP on the distillation's validation images at its image size, where the teacher is the user's
+    own checkpoint rather than a kdctl bundle (whose manifest has its mAP): what the report's "Did distillation
+    help?" sets the students against. None for a bundle, a teacher built from a model YAML or by torchvision without
+    weights (it learnt nothing) and one that predicts other classes than the dataset's (feature-level KD from a
+    teacher of another dataset): there is nothing to compare there."""
+    if teacher_ref is None or teacher_ref.bundle is not None or teacher_ref.kind != "checkpoint":
+        return None
+    from kdctl.errors import DataError
+    from kdctl.evaluate import evaluate_backend, torch_backend
+    from kdctl.models import model_classes
+
+    teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+    try:
+        ds.check_model_classes(model_classes(teacher), "the teacher", names=getattr(teacher, "names", None))
+    except DataError:
+        return None
+    ev = Step(progress, "evaluate the teacher (COCO mAP)", total=len(ds.val_images))
+    m = evaluate_backend(torch_backend(teacher), ds.val_images, ds.names, recipe.train.imgsz, progress=ev.advance)
+    return {"model": teacher_ref.ref, "sha256": teacher_ref.sha256,
+            **{k: m[k] for k in ("map50_95", "map50", "map75", "per_class_ap50_95")}, "eval_images": m["images"],
+            "imgsz": recipe.train.imgsz, "params": sum(p.numel() for p in teacher.parameters())}
 
 
 def _ranks(work: Path) -> list[dict] | None:

@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kdctl.cli.main import app
+from kdctl.errors import BundleError
 
 
 def test_report_renders(profile_cpu, tmp_path):
@@ -110,6 +111,86 @@ def test_gap_closed_and_roles(tmp_path):
     odd = compare([b, t, load_bundle(tmp_path / "odd")])
     assert odd.teacher.id == t.id and odd.baseline is None
     assert odd.verdict().startswith("No baseline")
+
+
+def test_a_teacher_checkpoint_is_compared_as_the_distill_run_scored_it(tmp_path):
+    """A teacher that is the user's own .pt has no bundle with its mAP: the distill run records it (metrics.teacher)
+    and the comparison takes it from there, unless a teacher bundle is given."""
+    from kdctl.bundle import BundleWriter, load_bundle, sha256_file
+    from kdctl.report.kd_summary import TeacherRecord, compare, model_row, side_by_side
+
+    pt = tmp_path / "best.pt"
+    pt.write_bytes(b"the user's teacher")
+
+    def bundle(name, stage, m, teacher=None, parents=()):
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents,
+                          recipe={"student": {"model": "s.yaml"}, "data": {"yolo": "d.yaml"}}) as w:
+            w.metrics.update(map50_95=m, map50=m + 0.1, params=10, per_class_ap50_95={"a": m})
+            if teacher is not None:
+                w.metrics["teacher"] = teacher
+        return load_bundle(tmp_path / name)
+
+    rec = {"model": str(pt), "sha256": sha256_file(pt), "map50_95": 0.6, "map50": 0.8, "params": 99,
+           "per_class_ap50_95": {"a": 0.6}}
+    b = bundle("b", "train", 0.30)
+    d = bundle("d", "distill", 0.45, rec)
+    c = compare([b, d])
+    assert isinstance(c.teacher, TeacherRecord) and c.teacher.path == pt
+    assert c.gap_closed == pytest.approx(0.5) and "closing 50% of the gap to the teacher" in c.verdict()
+    assert model_row("teacher", c.teacher) == ["teacher", "best.pt", "0.6000", "0.8000", "99", "—",
+                                               "outside kdctl (its checkpoint, scored by the distill run)"]
+    rows, head, per_class = side_by_side([c])
+    assert [r[0] for r in rows] == ["teacher", "baseline (student alone)", "distilled student"]
+    assert head == ["class", "teacher", "baseline", "distilled"] and per_class == [["a", "0.6000", "0.3000",
+                                                                                    "0.4500"]]
+    assert c.teacher.file("weights") == pt  # for the predictions panel, while it is the file the run read
+    pt.write_bytes(b"retrained since")
+    with pytest.raises(BundleError, match="not here as the distill run read it"):
+        c.teacher.file("weights")
+    # a teacher bundle in the chain is the teacher; a record of another shape is no teacher
+    t = bundle("t", "train", 0.7)
+    assert compare([b, t, bundle("d2", "distill", 0.45, rec, parents=[t])]).teacher.id == t.id
+    assert compare([b, bundle("d3", "distill", 0.45, "best.pt")]).teacher is None
+    assert compare([b, bundle("d4", "distill", 0.45, {**rec, "map50_95": None})]).teacher is None
+
+
+@pytest.mark.slow
+def test_distilling_from_a_checkpoint_scores_the_teacher_for_the_report(kd_chain, trained_bundle, tiny_data,
+                                                                         tmp_path):
+    import shutil
+
+    from conftest import write_recipe
+    from kdctl.bundle import load_bundle
+    from kdctl.recipe import load_recipe
+    from kdctl.training import run_training
+
+    pt = tmp_path / "teacher.pt"  # the teacher bundle's weights as a user's own checkpoint
+    shutil.copy(trained_bundle / "weights.pt", pt)
+    r = write_recipe(tmp_path / "kd-pt.yaml", f"""
+name: kd-pt
+teacher: {{model: {pt}}}
+student: {{model: yolov8-tiny.yaml}}
+data: {{yolo: {tiny_data}}}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
+distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
+""")
+    d = run_training(load_recipe(r), stage="distill", source=str(r), out=tmp_path / "kd-pt").path
+    rec = load_bundle(d).metrics["teacher"]
+    # the same weights, data and image size as the teacher bundle's own evaluation: the same numbers
+    own = load_bundle(trained_bundle).metrics
+    assert {k: rec[k] for k in ("map50_95", "map50", "per_class_ap50_95", "params", "imgsz")} == \
+        {k: own[k] for k in ("map50_95", "map50", "per_class_ap50_95", "params", "imgsz")}
+    assert rec["model"] == str(pt) and rec["eval_images"] == own["eval_images"] == 8
+    assert "teacher" not in load_bundle(kd_chain["distilled"]).metrics  # a teacher bundle has its own mAP
+    res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(d), "--out", str(tmp_path / "r"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kd"]["teacher"] == str(pt)
+    md = (tmp_path / "r" / "report.md").read_text()
+    row = f"| teacher | teacher.pt | {own['map50_95']:.4f} | {own['map50']:.4f} | {own['params']:,} | — | outside"
+    assert row in md, md
+    with Image.open(tmp_path / "r" / "predictions.png") as im:
+        assert im.width == 3 * 240  # teacher, baseline, distilled
 
 
 def test_several_distilled_students_side_by_side(tmp_path):

@@ -5,13 +5,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from kdctl.bundle import Bundle
+from kdctl.errors import BundleError
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """A teacher that is no kdctl bundle (the user's own checkpoint), as the distill bundle recorded it: its mAP on
+    the distillation's validation images (``metrics.teacher``, :func:`kdctl.training._evaluate_teacher`). Stands in
+    for a teacher bundle in the comparison: ``path`` is the checkpoint, ``id`` its sha256."""
+
+    path: Path
+    metrics: dict
+    id: str
+
+    trained_as = "outside kdctl (its checkpoint, scored by the distill run)"
+
+    @classmethod
+    def of(cls, distilled: Bundle) -> "TeacherRecord | None":
+        rec = distilled.metrics.get("teacher")
+        if not isinstance(rec, dict) or not isinstance(rec.get("model"), str) \
+                or not isinstance(rec.get("map50_95"), (int, float)):
+            return None
+        return cls(Path(rec["model"]), rec, f"teacher-checkpoint:{rec.get('sha256')}")
+
+    def file(self, role: str) -> Path:
+        """The checkpoint, for the predictions panel, while it is the one the distill run read."""
+        from kdctl.bundle.store import sha256_file
+
+        if role != "weights" or not self.path.is_file() or sha256_file(self.path) != self.metrics.get("sha256"):
+            raise BundleError(f"{self.path}: the teacher checkpoint is not here as the distill run read it")
+        return self.path
 
 
 @dataclass
 class KDComparison:
-    teacher: Bundle | None
+    teacher: Bundle | TeacherRecord | None
     baseline: Bundle | None
     distilled: Bundle
     evals: tuple[Bundle, ...] = ()  # eval bundles given beside them: records for bundles written without any
@@ -158,7 +189,8 @@ def model_row(role: str, b: Bundle) -> list[str]:
     m = b.metrics
     return [role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
             f"{m['params']:,}" if m.get("params") else "—",
-            f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—", trained_as(m)]
+            f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—",
+            b.trained_as if isinstance(b, TeacherRecord) else trained_as(m)]
 
 
 def trained_as(metrics: dict) -> str:
@@ -195,6 +227,8 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                     and b.manifest["files"].get("weights.pt", {}).get("sha256") == t_sha), None)
     if teacher is None:
         teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
+    if teacher is None:  # the user's own checkpoint: as the distill run scored it
+        teacher = TeacherRecord.of(distilled)
     student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
     candidates = [b for b in chain if b.stage == "train" and b is not teacher

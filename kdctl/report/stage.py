@@ -133,8 +133,12 @@ def _predictions(cmps: list, root: Path) -> str | None:
     cmp = cmps[-1]
     data = (cmp.distilled.recipe or {}).get("data")
     students = [c.distilled for c in cmps if (c.distilled.recipe or {}).get("data") == data]
-    models = [(label, b.file("weights")) for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline))
-              if b is not None]
+    models = []
+    for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline)):
+        try:
+            models += [(label, b.file("weights"))] if b is not None else []
+        except KdctlError:  # the user's own teacher checkpoint, moved or changed since the distill run
+            pass
     models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"))
                for b in students]
     try:
