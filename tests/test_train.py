@@ -33,6 +33,38 @@ def test_eval_cli(trained_bundle, tiny_data, tmp_path):
     assert d["map50_95"] == tm["map50_95"]
 
 
+def test_eval_of_a_checkpoint_file(trained_bundle, tiny_data, tmp_path):
+    """``kdctl eval best.pt --data data.yaml``, as Ultralytics' ``yolo val model=best.pt``: scored at the size it
+    was trained at (its train_args), recorded with its hash; it was refused as 'a file, not a bundle directory'."""
+    import shutil
+
+    from kdctl.bundle import sha256_file
+
+    pt = tmp_path / "best.pt"
+    shutil.copy(trained_bundle / "weights.pt", pt)
+    res = CliRunner().invoke(app, ["eval", str(pt), "--data", str(tiny_data), "--out", str(tmp_path / "e"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    tm = json.loads((trained_bundle / "manifest.json").read_text())["metrics"]
+    assert d["map50_95"] == tm["map50_95"] and d["per_class_ap50_95"] == tm["per_class_ap50_95"]
+    assert m["metrics"]["imgsz"] == tm["imgsz"] == 128  # the training's size, not Ultralytics' default 640
+    assert m["parents"] == [] and m["inputs"]["model"] == str(pt) and m["inputs"]["model_sha256"] == sha256_file(pt)
+    assert verify_bundle(tmp_path / "e").ok
+    at96 = CliRunner().invoke(app, ["eval", str(pt), "--data", str(tiny_data), "--imgsz", "96", "--out",
+                                    str(tmp_path / "e96"), "--json"])
+    assert at96.exit_code == 0
+    assert json.loads((tmp_path / "e96" / "manifest.json").read_text())["metrics"]["imgsz"] == 96
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "e"), "--out", str(tmp_path / "r")]).exit_code == 0
+    for argv, says in ((["eval", str(pt)], "--data: required to score the checkpoint"),
+                       (["eval", str(tmp_path / "none.pt"), "--data", str(tiny_data)],
+                        "none.pt: checkpoint not found")):
+        out = tmp_path / "x"
+        res = CliRunner().invoke(app, [*argv, "--out", str(out)])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()) and not out.exists(), res.output
+        assert "Traceback" not in res.output
+
+
 def test_eval_split_scores_the_yaml_test_split(trained_bundle, tiny_data, tmp_path):
     """--split test scores the YAML's test: images, as Ultralytics' val split=test: the same mAP as a YAML whose val:
     is that folder; a YAML without test: is one line naming the field."""

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
+from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, progress_bar)
 from kdctl.limits import IMGSZ_MAX
 
@@ -22,7 +22,8 @@ class Split(str, Enum):
 
 
 def evaluate(
-    bundle: BundleArg,
+    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, or a model checkpoint (.pt) with --data.",
+                                           show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
@@ -30,9 +31,10 @@ def evaluate(
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
     skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model and write an eval bundle.
+    """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model (or of a .pt) and write an eval bundle.
 
-    Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml --split test[/bold]
+    Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml --split test[/bold], or
+    [bold]kdctl eval runs/detect/train/weights/best.pt --data data.yaml[/bold]
     """
     from kdctl.evaluate.stage import evaluate_bundle
 

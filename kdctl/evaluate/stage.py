@@ -13,30 +13,66 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
                     out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
                     overwrite: bool = False, skip_invalid: bool = False, split: str = "val",
                     progress=None) -> Bundle:
-    """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``)."""
+    """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``).
+    ``bundle`` may also be a checkpoint file (``best.pt``, as Ultralytics' ``yolo val model=best.pt``), scored on
+    ``data``, which it then needs."""
+    if Path(bundle).suffix in (".pt", ".pth") and not Path(bundle).is_dir():
+        return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
+                                    progress)
     src = load_bundle(bundle, stages=("train", "distill"), verify=True)
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, split, progress)
 
 
+def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, overwrite: bool, skip_invalid: bool,
+                         split: str, progress) -> Bundle:
+    """A model file of the user's (an Ultralytics ``best.pt``, a kdctl ``weights.pt``): no bundle records its data
+    or size, so ``--data`` is required and the size is the one it was trained at (its ``train_args``), else 640."""
+    from kdctl.errors import KdctlError
+    from kdctl.models import load_model, resolve_model
+
+    if not path.is_file():
+        raise KdctlError(f"{path}: checkpoint not found")
+    ref = resolve_model(str(path), "model", "kdctl eval")
+    if data is None:
+        raise KdctlError(f"--data: required to score the checkpoint {path} (a checkpoint carries no dataset); give "
+                         "the dataset YAML, e.g. --data data.yaml")
+    model = load_model(ref, 0, "model", "kdctl eval")
+    args = getattr(model, "args", None)
+    trained_at = args.get("imgsz") if isinstance(args, dict) else None  # Ultralytics keeps its train arguments
+    size = imgsz or (trained_at if isinstance(trained_at, int) and not isinstance(trained_at, bool) else 640)
+    out = Path(out) if out else next_run_dir(runs_dir, "eval", path.stem, reserve=True)
+    with claim_output(out, overwrite=overwrite, inputs=[path]):
+        return _score(model, f"the model of {path}", None, [], {"model": ref.ref, "model_sha256": ref.sha256},
+                      data, size, out, batch, overwrite, skip_invalid, split, progress)
+
+
 def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, skip_invalid: bool, split: str,
               progress) -> Bundle:
+    from kdctl.models import load_bundle_weights
+
+    size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
+    model = load_bundle_weights(src)
+    return _score(model, f"the model of {src.path}", src.recipe, [src], {"model": str(src.file("weights"))},
+                  data if data else src.file("data"), size, out, batch, overwrite, skip_invalid, split, progress)
+
+
+def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: int, out: Path, batch: int,
+           overwrite: bool, skip_invalid: bool, split: str, progress) -> Bundle:
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
-    from kdctl.models import check_imgsz, load_bundle_weights, model_classes
+    from kdctl.models import check_imgsz, model_classes
 
-    ds = load_yolo_yaml(data if data else src.file("data"), skip_invalid=skip_invalid, splits=("val",), score=split)
-    size = imgsz or int(src.metrics.get("imgsz") or (src.recipe or {}).get("train", {}).get("imgsz", 640))
-    model = load_bundle_weights(src)
+    ds = load_yolo_yaml(data, skip_invalid=skip_invalid, splits=("val",), score=split)
     check_imgsz(size, model)
-    ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
+    ds.check_model_classes(model_classes(model), what, names=getattr(model, "names", None))
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(torch_backend(model), ds.val_images, ds.names, size, batch=batch,
                                              progress=step.advance)
-    with BundleWriter(out, stage="eval", recipe=src.recipe, parents=[src], overwrite=overwrite,
-                      inputs={"data": ds.describe(), "model": str(src.file("weights"))}) as w:
+    with BundleWriter(out, stage="eval", recipe=recipe, parents=parents, overwrite=overwrite,
+                      inputs={"data": ds.describe(), **inputs}) as w:
         w.metrics.update({"runtime": "pytorch", "precision": "fp32", "split": split, **metrics})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
