@@ -85,6 +85,12 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "3", "--warmup", "1", "--out",
                            str(tmp_path / "prof")])
     assert res.exit_code == 0, res.output
+    # its weights.pt as a checkpoint file: scored at the size it was trained at, to the bundle's own mAP
+    res = run.invoke(app, ["eval", str(fr / "weights.pt"), "--data", str(fr / "data.yaml"), "--out",
+                           str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    ev = load_bundle(tmp_path / "ev").metrics
+    assert ev["imgsz"] == b.metrics["imgsz"] and ev["map50_95"] == b.metrics["map50_95"]
 
 
 def test_half_precision_detections_are_judged_on_map_and_a_wrong_shape_still_fails():

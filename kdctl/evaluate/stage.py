@@ -39,8 +39,8 @@ def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, ove
         raise KdctlError(f"--data: required to score the checkpoint {path} (a checkpoint carries no dataset); give "
                          "the dataset YAML, e.g. --data data.yaml")
     model = load_model(ref, 0, "model", "kdctl eval")
-    args = getattr(model, "args", None)
-    trained_at = args.get("imgsz") if isinstance(args, dict) else None  # Ultralytics keeps its train arguments
+    args = getattr(model, "args", None)  # Ultralytics keeps its train arguments; kdctl's Faster R-CNN its size
+    trained_at = args.get("imgsz") if isinstance(args, dict) else getattr(model, "imgsz", None)
     size = imgsz or (trained_at if isinstance(trained_at, int) and not isinstance(trained_at, bool) else 640)
     out = Path(out) if out else next_run_dir(runs_dir, "eval", path.stem, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[path]):
