@@ -420,3 +420,17 @@ def test_user_names_are_literal_in_the_markdown(tmp_path):
     summary = markdown_summary([check], "kdctl gate", {"profile": "runs/a|b", "artifact": "onnx-*int8*"})
     assert "- **profile**: runs/a\\|b" in summary and "- **artifact**: onnx-\\*int8\\*" in summary
     assert "for &lt;artifact\\|x&gt;" in summary
+
+
+def test_latencies_nested_too_deeply_are_one_line(tmp_path):
+    """A profile bundle's latencies.json that Python's JSON parser cannot descend (RecursionError was an internal
+    error), sealed as kdctl would have sealed it: one line naming the file."""
+    from kdctl.bundle import BundleWriter
+
+    with BundleWriter(tmp_path / "p", stage="profile") as w:
+        (w.path / "latencies.json").write_text("[" * 100_000 + "]" * 100_000)
+        w.add_output("latencies", "latencies.json")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "p"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "latencies.json:notvalidJSON(nestedtoodeeply)" in "".join(res.output.split()), res.output  # Rich wraps
+    assert not (tmp_path / "r").exists()

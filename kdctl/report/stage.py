@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, recorded_parent,
                           require_verified)
-from kdctl.errors import BundleError, KdctlError
+from kdctl.errors import BundleError, KdctlError, parse_json
 from kdctl.gate.junit import md_escape
 from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
@@ -45,8 +45,8 @@ def _latencies(b: Bundle) -> dict:
     if "latencies.json" not in b.manifest["files"]:
         return {}
     try:
-        lat = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        lat = parse_json(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{f}: not valid JSON ({e})") from None
     return lat if isinstance(lat, dict) else {}
 
