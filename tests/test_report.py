@@ -191,6 +191,14 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
     assert row in md, md
     with Image.open(tmp_path / "r" / "predictions.png") as im:
         assert im.width == 3 * 240  # teacher, baseline, distilled
+    # a teacher of other classes (feature-level KD from a COCO-80 checkpoint) is not scored on this dataset
+    from ultralytics import YOLO
+
+    YOLO("yolov8n.yaml").save(tmp_path / "coco80.pt")
+    r80 = write_recipe(tmp_path / "kd-80.yaml", r.read_text().replace(str(pt), str(tmp_path / "coco80.pt"))
+                       .replace("name: kd-pt", "name: kd-80"))
+    d80 = run_training(load_recipe(r80), stage="distill", source=str(r80), out=tmp_path / "kd-80").path
+    assert "teacher" not in load_bundle(d80).metrics
 
 
 def test_several_distilled_students_side_by_side(tmp_path):
