@@ -728,3 +728,24 @@ def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data
     assert res.exit_code == 0 and json.loads(res.stdout)["splits"]["train"]["images"] == 8, res.output
     res = run.invoke(app, ["data", "check", str(tmp_path)])
     assert res.exit_code == 2 and f"{tmp_path}: is a directory; give its data.yaml" in res.output
+
+
+def test_cache_folder_follows_kdctl_cache_then_xdg_and_an_empty_variable_is_unset(tmp_path, monkeypatch):
+    """An empty KDCTL_CACHE meant the working directory: a `synthetic/` folder appeared wherever kdctl ran."""
+    from pathlib import Path
+
+    from kdctl.data.resolve import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KDCTL_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("KDCTL_CACHE", "")
+    assert cache_dir() == tmp_path / "xdg" / "kdctl"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "kdctl"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # not absolute: ignored, as the XDG specification says
+    assert cache_dir() == tmp_path / "home" / ".cache" / "kdctl"
+    monkeypatch.delenv("KDCTL_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path(tmp_path / "home" / ".cache" / "kdctl")

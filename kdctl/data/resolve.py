@@ -26,7 +26,13 @@ IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo", "
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KDCTL_CACHE", Path.home() / ".cache" / "kdctl"))
+    """Where kdctl caches generated and converted datasets and teacher outputs: ``$KDCTL_CACHE``, else
+    ``$XDG_CACHE_HOME/kdctl``, else ``~/.cache/kdctl``. A variable set but empty counts as unset, as the XDG
+    specification says (an empty ``KDCTL_CACHE`` used to mean the working directory)."""
+    if os.environ.get("KDCTL_CACHE"):
+        return Path(os.environ["KDCTL_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "kdctl"
 
 
 @dataclass

@@ -223,7 +223,8 @@ class CacheSpec(Strict):
     """``distill.cache``: replay the teacher's head outputs from disk instead of running the teacher each step."""
 
     path: str | None = Field(None, description="Cache folder (default: $KDCTL_CACHE/teacher-outputs/<recipe name>, "
-                                               "~/.cache/kdctl without KDCTL_CACHE); built by `kdctl cache build` "
+                                               "$XDG_CACHE_HOME/kdctl or ~/.cache/kdctl without KDCTL_CACHE); built "
+                                               "by `kdctl cache build` "
                                                "or by distill when missing")
     top_k: int = Field(256, ge=1, le=100_000, description="Anchors stored per view (the teacher's most confident); "
                                                          "the other anchors get their mean class logit")
