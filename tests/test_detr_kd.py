@@ -145,6 +145,8 @@ def test_recipe_check_models_resolves_terms_and_refuses_a_bad_pair(tmp_path, tin
     bad = _recipe(tmp_path, tiny_data, "yolov8-tiny.yaml", "rtdetr-tiny.yaml", "[{name: ld}]")
     res = CliRunner().invoke(app, ["recipe", "check", str(bad), "--models"])
     assert res.exit_code == 2 and "distill.losses[0]: 'ld' is a dense-head loss" in res.output, res.output
+    # a YOLO student of an RT-DETR teacher is pointed at the loss that can teach it the teacher's predictions
+    assert "learns an RT-DETR teacher's predictions from its final detections (det_kd)" in " ".join(res.output.split())
     assert not list(tmp_path.glob("runs*")) and not (tmp_path / "kd").exists()  # nothing trained or written
 
 

@@ -106,6 +106,7 @@ def test_two_stage_distill_resumes_after_a_kill(tmp_path, tiny_data, teacher_ckp
      "imgsz 64; their strides: 32"),
     ("[{name: cwd}]", STUDENT, "yolov8-tiny.yaml", "teacher.model: a YOLO teacher"),
     ("[{name: kd_logit}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "'kd_logit' needs a YOLO teacher's dense head"),
+    ("[{name: ld}]", "yolov8-tiny.yaml", SAME_ANCHORS_TEACHER, "or through its final detections (det_kd)"),
     ("[{name: roi_kd}]", "yolov8-tiny.yaml", "yolov8-tiny.yaml", "distill.losses[0]: 'roi_kd' reads the RoI head of two-stage (torchvision) detectors"),
 ])
 def test_two_stage_pairs_and_levels_refused_in_one_line(tmp_path, tiny_data, losses, student, teacher, message):

@@ -221,7 +221,8 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         if _is_two_stage(teacher):
             if entry.kind == "head":
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs a YOLO teacher's dense head; "
-                                  "a two-stage teacher distills a YOLO student at the backbone or neck level")
+                                  "a two-stage teacher distills a YOLO student at the backbone or neck level, or "
+                                  "through its final detections (det_kd)")
             from kdctl.detectors.torchvision_kd import stride_pairs
 
             try:
@@ -268,9 +269,11 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
             pass
         elif entry.kind in ("head", "cross_head"):
             if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
+                to_yolo = ("; a YOLO student learns an RT-DETR teacher's predictions from its final detections "
+                           "(det_kd)") if head_name(student) != "RTDETRDecoder" else ""
                 raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a dense-head loss for YOLO "
                                   "detectors; RT-DETR distills its predictions with detr_logit (both models RT-DETR) "
-                                  "or its features (backbone, neck)")
+                                  f"or its features (backbone, neck){to_yolo}")
             try:
                 sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
             except ValueError as e:
