@@ -174,8 +174,11 @@ data: {{yolo: {tiny_data}}}
 train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
 distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
 """)
-    d = run_training(load_recipe(r), stage="distill", source=str(r), out=tmp_path / "kd-pt").path
+    res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd-pt"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = tmp_path / "kd-pt"
     rec = load_bundle(d).metrics["teacher"]
+    assert json.loads(res.stdout)["teacher_map50_95"] == rec["map50_95"]  # said beside the student's mAP
     # the same weights, data and image size as the teacher bundle's own evaluation: the same numbers
     own = load_bundle(trained_bundle).metrics
     assert {k: rec[k] for k in ("map50_95", "map50", "per_class_ap50_95", "params", "imgsz")} == \

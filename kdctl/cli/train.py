@@ -61,6 +61,8 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
               "params": m["params"], "train_seconds": m["train_seconds"]}
     if warning:
         result["warnings"] = [warning]
+    if isinstance(m.get("teacher"), dict):  # the user's own teacher checkpoint, scored on the same images
+        result["teacher_map50_95"] = m["teacher"].get("map50_95")
     if "distributed" in m:
         result["world_size"] = m["distributed"]["world_size"]
     if "init" in m:
