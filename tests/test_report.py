@@ -156,7 +156,7 @@ def test_a_teacher_checkpoint_is_compared_as_the_distill_run_scored_it(tmp_path)
 
 @pytest.mark.slow
 def test_distilling_from_a_checkpoint_scores_the_teacher_for_the_report(kd_chain, trained_bundle, tiny_data,
-                                                                         tmp_path):
+                                                                         tmp_path, monkeypatch):
     import shutil
 
     from conftest import write_recipe
@@ -202,6 +202,27 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
                        .replace("name: kd-pt", "name: kd-80"))
     d80 = run_training(load_recipe(r80), stage="distill", source=str(r80), out=tmp_path / "kd-80").path
     assert "teacher" not in load_bundle(d80).metrics
+    # a distill bundle without the record (written before kdctl kept it): a `kdctl eval` of the checkpoint on the
+    # same validation images at the same size, given beside it, is its teacher row; one at another size is not
+    import kdctl.training
+
+    monkeypatch.setattr(kdctl.training, "_evaluate_teacher", lambda *a, **k: None)
+    old = run_training(load_recipe(r), stage="distill", source=str(r), out=tmp_path / "kd-old").path
+    assert "teacher" not in load_bundle(old).metrics
+    for size in ("128", "96"):
+        res = CliRunner().invoke(app, ["eval", str(pt), "--data", str(tiny_data), "--imgsz", size, "--out",
+                                       str(tmp_path / f"ev{size}")])
+        assert res.exit_code == 0, res.output
+    for given, row in (("ev128", "| teacher | teacher.pt | "), ("ev96", None)):
+        res = CliRunner().invoke(app, ["report", str(kd_chain["baseline"]), str(old), str(tmp_path / given),
+                                       "--out", str(tmp_path / f"r-{given}"), "--json"])
+        assert res.exit_code == 0, res.output
+        md = (tmp_path / f"r-{given}" / "report.md").read_text()
+        if row:
+            assert f"{row}{own['map50_95']:.4f} |" in md and "scored by kdctl eval" in md, md
+            assert json.loads(res.stdout)["kd"]["teacher"] == str(pt)
+        else:
+            assert "| teacher |" not in md and json.loads(res.stdout)["kd"]["teacher"] is None, md
 
 
 def test_several_distilled_students_side_by_side(tmp_path):

@@ -20,8 +20,7 @@ class TeacherRecord:
     path: Path
     metrics: dict
     id: str
-
-    trained_as = "outside kdctl (its checkpoint, scored by the distill run)"
+    trained_as: str = "outside kdctl (its checkpoint, scored by the distill run)"
 
     @classmethod
     def of(cls, distilled: Bundle) -> "TeacherRecord | None":
@@ -30,6 +29,22 @@ class TeacherRecord:
                 or not isinstance(rec.get("map50_95"), (int, float)):
             return None
         return cls(Path(rec["model"]), rec, f"teacher-checkpoint:{rec.get('sha256')}")
+
+    @classmethod
+    def scored_by(cls, evals: tuple[Bundle, ...], distilled: Bundle) -> "TeacherRecord | None":
+        """From a ``kdctl eval`` of the teacher checkpoint given beside the bundles (a distill bundle written before
+        kdctl recorded its teacher's mAP): the same file (sha256), scored on the distilled student's validation
+        images and labels (their evaluation records pair) at its size."""
+        sha = field_of(distilled.manifest.get("inputs"), "teacher", "sha256")
+        for e in evals if sha else ():
+            inputs = e.manifest.get("inputs") or {}
+            if (inputs.get("model_sha256") == sha and isinstance(inputs.get("model"), str)
+                    and e.metrics.get("split", "val") == "val" and e.metrics.get("imgsz") == distilled.metrics.get(
+                        "imgsz") and isinstance(e.metrics.get("map50_95"), (int, float))
+                    and paired_records(e, distilled) is not None):
+                return cls(Path(inputs["model"]), {**e.metrics, "sha256": sha}, f"teacher-checkpoint:{sha}",
+                           "outside kdctl (its checkpoint, scored by kdctl eval)")
+        return None
 
     def file(self, role: str) -> Path:
         """The checkpoint, for the predictions panel, while it is the one the distill run read."""
@@ -227,8 +242,9 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                     and b.manifest["files"].get("weights.pt", {}).get("sha256") == t_sha), None)
     if teacher is None:
         teacher = next((b for b in chain if b.id in parents and b.stage in ("train", "distill")), None)
-    if teacher is None:  # the user's own checkpoint: as the distill run scored it
-        teacher = TeacherRecord.of(distilled)
+    evals = tuple(b for b in chain if b.stage == "eval")
+    if teacher is None:  # the user's own checkpoint: as the distill run scored it, or a kdctl eval of it
+        teacher = TeacherRecord.of(distilled) or TeacherRecord.scored_by(evals, distilled)
     student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
     candidates = [b for b in chain if b.stage == "train" and b is not teacher
@@ -236,8 +252,7 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
                   and (b.recipe or {}).get("data") == data]
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
-    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled,
-                        tuple(b for b in chain if b.stage == "eval"))
+    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals)
 
 
 def field_of(section, *keys):
