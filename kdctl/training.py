@@ -732,10 +732,21 @@ def _evaluate_teacher(teacher_ref, ds, recipe: Recipe, source: str, progress) ->
     except DataError:
         return None
     ev = Step(progress, "evaluate the teacher (COCO mAP)", total=len(ds.val_images))
-    m = evaluate_backend(torch_backend(teacher), ds.val_images, ds.names, recipe.train.imgsz, progress=ev.advance)
+    m = evaluate_backend(torch_backend(teacher, _first_gpu(recipe.train.device)), ds.val_images, ds.names,
+                         recipe.train.imgsz, progress=ev.advance)
     return {"model": teacher_ref.ref, "sha256": teacher_ref.sha256,
             **{k: m[k] for k in ("map50_95", "map50", "map75", "per_class_ap50_95")}, "eval_images": m["images"],
             "imgsz": recipe.train.imgsz, "params": sum(p.numel() for p in teacher.parameters())}
+
+
+def _first_gpu(device: str | None) -> str:
+    """Where to score a teacher: the first CUDA GPU the run trained on (a large teacher over a COCO-sized validation
+    set takes hours on a CPU), else the CPU ('mps' included, as Ultralytics falls back to it)."""
+    d = str(device or "").strip().lower()
+    if d == "cuda":
+        return "cuda:0"
+    first = d.split(",")[0].strip()
+    return f"cuda:{first}" if first.isdigit() else "cpu"
 
 
 def _ranks(work: Path) -> list[dict] | None:

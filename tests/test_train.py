@@ -335,3 +335,11 @@ def test_a_teacher_of_other_classes_fine_tuned_on_this_dataset_then_teaches_its_
                                       "batch: 8, workers: 0}\ndistill: {losses: [{name: kd_logit}]}\n")
     res = CliRunner().invoke(app, ["distill", str(tmp_path / "kd.yaml"), "--out", str(tmp_path / "kd"), "-q"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("device,where", [("cpu", "cpu"), (None, "cpu"), ("mps", "cpu"), ("cuda", "cuda:0"),
+                                          ("0", "cuda:0"), ("2,3", "cuda:2"), (" 1 , 0", "cuda:1")])
+def test_a_teacher_checkpoint_is_scored_on_the_first_gpu_the_run_trained_on(device, where):
+    from kdctl.training import _first_gpu
+
+    assert _first_gpu(device) == where
