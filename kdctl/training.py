@@ -655,7 +655,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
                                              progress=ev.advance)
-    teacher_eval = _evaluate_teacher(teacher_ref, ds, recipe, source, progress) if stage == "distill" else None
+    teacher_eval = _evaluate_teacher(teacher_ref, ds, records, recipe, source, progress) if stage == "distill" \
+        else None
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
@@ -714,13 +715,17 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     return w.bundle
 
 
-def _evaluate_teacher(teacher_ref, ds, recipe: Recipe, source: str, progress) -> dict | None:
-    """The teacher's mAP on the distillation's validation images at its image size, where the teacher is the user's
-    own checkpoint rather than a kdctl bundle (whose manifest has its mAP): what the report's "Did distillation
-    help?" sets the students against. None for a bundle, a teacher built from a model YAML or by torchvision without
-    weights (it learnt nothing) and one that predicts other classes than the dataset's (feature-level KD from a
-    teacher of another dataset): there is nothing to compare there."""
-    if teacher_ref is None or teacher_ref.bundle is not None or teacher_ref.kind != "checkpoint":
+def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, progress) -> dict | None:
+    """The teacher's mAP on the distillation's validation images at its image size, where no bundle already holds
+    that number: the teacher is the user's own checkpoint, or a bundle scored on other images or at another size
+    (a teacher trained at 640 px on a larger set, distilled at 320 px): what the report's "Did distillation help?"
+    sets the students against. None for a bundle scored as the student was (``records``: the student's evaluation
+    records), a teacher built from a model YAML or by torchvision without weights (it learnt nothing) and one that
+    predicts other classes than the dataset's (feature-level KD from a teacher of another dataset): there is
+    nothing to compare there."""
+    if teacher_ref is None or teacher_ref.kind != "checkpoint":
+        return None
+    if teacher_ref.bundle is not None and _scored_alike(teacher_ref.bundle, ds, records, recipe.train.imgsz):
         return None
     from kdctl.errors import DataError
     from kdctl.evaluate import evaluate_backend, torch_backend
@@ -737,6 +742,26 @@ def _evaluate_teacher(teacher_ref, ds, recipe: Recipe, source: str, progress) ->
     return {"model": teacher_ref.ref, "sha256": teacher_ref.sha256,
             **{k: m[k] for k in ("map50_95", "map50", "map75", "per_class_ap50_95")}, "eval_images": m["images"],
             "imgsz": recipe.train.imgsz, "params": sum(p.numel() for p in teacher.parameters())}
+
+
+def _scored_alike(bundle: Bundle, ds, records, imgsz: int) -> bool:
+    """Whether a bundle's published mAP was scored at ``imgsz`` on the images and labels the student's ``records``
+    were (its evaluation records: the same image keys and ground-truth counts)."""
+    import numpy as np
+
+    from kdctl.evaluate.records import ROLE, RecordsError, has_records, image_keys, load_records
+
+    if bundle.metrics.get("imgsz") != imgsz or not has_records(bundle):
+        return False
+    try:
+        theirs, keys = load_records(bundle.file(ROLE))
+    except (RecordsError, KdctlError):
+        return False
+    mine = image_keys(ds.val_images)
+    if sorted(keys) != sorted(mine) or len(set(keys)) != len(keys):
+        return False
+    where = {k: i for i, k in enumerate(keys)}
+    return bool(np.array_equal(theirs.n_gt[[where[k] for k in mine]], records.n_gt))
 
 
 def _first_gpu(device: str | None) -> str:

@@ -202,6 +202,22 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
                        .replace("name: kd-pt", "name: kd-80"))
     d80 = run_training(load_recipe(r80), stage="distill", source=str(r80), out=tmp_path / "kd-80").path
     assert "teacher" not in load_bundle(d80).metrics
+    # a teacher bundle scored at another size than the distillation's (trained at 128 px, distilled at 96): the
+    # distill run scores it again, and its row takes those numbers
+    r96 = write_recipe(tmp_path / "kd-96.yaml", r.read_text().replace(str(pt), str(trained_bundle))
+                       .replace("imgsz: 128", "imgsz: 96").replace("name: kd-pt", "name: kd-96"))
+    d96 = run_training(load_recipe(r96), stage="distill", source=str(r96), out=tmp_path / "kd-96").path
+    rec96 = load_bundle(d96).metrics["teacher"]
+    assert rec96["imgsz"] == 96 and rec96["model"] == str(trained_bundle / "weights.pt")
+    ev96 = CliRunner().invoke(app, ["eval", str(trained_bundle), "--imgsz", "96", "--json", "--out",
+                                    str(tmp_path / "t96")])
+    assert ev96.exit_code == 0 and json.loads(ev96.stdout)["map50_95"] == rec96["map50_95"]  # the same scoring
+    res = CliRunner().invoke(app, ["report", str(d96), "--out", str(tmp_path / "r96")])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "r96" / "report.md").read_text()
+    assert (f"| teacher | {trained_bundle.name} | {rec96['map50_95']:.4f} |" in md
+            and "scored again by the distill run on its validation images at 96 px" in md), md
+
     # a distill bundle without the record (written before kdctl kept it): a `kdctl eval` of the checkpoint on the
     # same validation images at the same size, given beside it, is its teacher row; one at another size is not
     import kdctl.training

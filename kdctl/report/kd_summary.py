@@ -13,14 +13,27 @@ from kdctl.errors import BundleError
 
 @dataclass(frozen=True)
 class TeacherRecord:
-    """A teacher that is no kdctl bundle (the user's own checkpoint), as the distill bundle recorded it: its mAP on
-    the distillation's validation images (``metrics.teacher``, :func:`kdctl.training._evaluate_teacher`). Stands in
-    for a teacher bundle in the comparison: ``path`` is the checkpoint, ``id`` its sha256."""
+    """A teacher as the distill run scored it on its own validation images (``metrics.teacher``,
+    :func:`kdctl.training._evaluate_teacher`): the user's own checkpoint (``path``; ``id`` its sha256), or a teacher
+    bundle (``bundle``) whose published mAP was scored on other images or at another size. Stands in for a teacher
+    bundle in the comparison."""
 
     path: Path
     metrics: dict
     id: str
     trained_as: str = "outside kdctl (its checkpoint, scored by the distill run)"
+    bundle: Bundle | None = None
+
+    @classmethod
+    def rescored(cls, teacher: Bundle, distilled: Bundle) -> "Bundle | TeacherRecord":
+        """``teacher`` with the mAP the distill run gave it, where it recorded one for that very file."""
+        rec = cls.of(distilled)
+        weights = field_of(teacher.manifest.get("files"), "weights.pt", "sha256")
+        if rec is None or weights is None or rec.metrics.get("sha256") != weights:
+            return teacher
+        return cls(teacher.path, {**teacher.metrics, **rec.metrics}, teacher.id,
+                   f"{trained_as(teacher.metrics)}; scored again by the distill run on its validation images at "
+                   f"{rec.metrics.get('imgsz')} px", teacher)
 
     @classmethod
     def of(cls, distilled: Bundle) -> "TeacherRecord | None":
@@ -50,6 +63,8 @@ class TeacherRecord:
         """The checkpoint, for the predictions panel, while it is the one the distill run read."""
         from kdctl.bundle.store import sha256_file
 
+        if self.bundle is not None:
+            return self.bundle.file(role)
         if role != "weights" or not self.path.is_file() or sha256_file(self.path) != self.metrics.get("sha256"):
             raise BundleError(f"{self.path}: the teacher checkpoint is not here as the distill run read it")
         return self.path
@@ -245,6 +260,8 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
     evals = tuple(b for b in chain if b.stage == "eval")
     if teacher is None:  # the user's own checkpoint: as the distill run scored it, or a kdctl eval of it
         teacher = TeacherRecord.of(distilled) or TeacherRecord.scored_by(evals, distilled)
+    else:  # a teacher bundle scored elsewhere: its row takes the distill run's numbers
+        teacher = TeacherRecord.rescored(teacher, distilled)
     student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
     candidates = [b for b in chain if b.stage == "train" and b is not teacher
