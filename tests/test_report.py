@@ -482,3 +482,28 @@ def test_latencies_nested_too_deeply_are_one_line(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "latencies.json:notvalidJSON(nestedtoodeeply)" in "".join(res.output.split()), res.output  # Rich wraps
     assert not (tmp_path / "r").exists()
+
+
+def test_the_baseline_is_one_scored_at_the_distilled_students_size(tmp_path):
+    """A baseline at 640 px beside a student distilled at 320 px compared two sizes as if they were one: the
+    same-size baseline is taken where there is one, and the verdict says when there is none."""
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.kd_summary import compare
+
+    def bundle(name, stage, m, imgsz, parents=()):
+        with BundleWriter(tmp_path / name, stage=stage, parents=parents,
+                          recipe={"student": {"model": "s.yaml"}, "data": {"yolo": "d.yaml"}}) as w:
+            w.metrics.update(map50_95=m, map50=m + 0.1, imgsz=imgsz)
+        return load_bundle(tmp_path / name)
+
+    t = bundle("t", "train", 0.6, 320)
+    big, small = bundle("b640", "train", 0.5, 640), bundle("b320", "train", 0.3, 320)
+    d = bundle("d", "distill", 0.4, 320, parents=[t])
+    for chain in ([big, small, t, d], [small, big, t, d]):  # whichever comes first
+        c = compare(chain)
+        assert c.baseline.id == small.id and c.gap_closed == pytest.approx(1 / 3) and "px" not in c.verdict()
+    c = compare([big, t, d])
+    assert c.baseline.id == big.id and c.verdict() == (
+        "No: the distilled student is -10.00 mAP50-95 points against the baseline. The baseline was scored at 640 px "
+        "and the distilled student at 320 px: train the baseline at the student's size for a like-for-like "
+        "comparison.")

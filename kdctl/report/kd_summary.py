@@ -163,20 +163,24 @@ class KDComparison:
         t = self.teacher.metrics.get("map50_95") if self.teacher is not None else None
         # a teacher no better than the student trained alone has no gap to close; from a weaker detector of another
         # family, neck-level KD cost the YOLO student 13-16 points (docs/benchmarks.md, "The third GPU session")
-        weak = (f" The teacher ({t:.4f}) is not above the baseline ({b:.4f}): there is no gap for distillation to "
+        caveats = (f" The teacher ({t:.4f}) is not above the baseline ({b:.4f}): there is no gap for distillation to "
                 "close; distil from a stronger teacher.") if t is not None and t <= b else ""
+        sizes = self.baseline.metrics.get("imgsz"), self.distilled.metrics.get("imgsz")
+        if None not in sizes and sizes[0] != sizes[1]:
+            caveats += (f" The baseline was scored at {sizes[0]} px and the distilled student at {sizes[1]} px: train "
+                     "the baseline at the student's size for a like-for-like comparison.")
         if change > 0 and self.interval is not None and self.interval[0] <= 0:
             return (f"Not shown: the distilled student is {change * 100:+.2f} mAP50-95 points above the baseline, "
                     f"within what resampling the {self.interval[2]} validation images moves it "
-                    f"({self.interval[0] * 100:+.2f} to {self.interval[1] * 100:+.2f}).{weak}")
+                    f"({self.interval[0] * 100:+.2f} to {self.interval[1] * 100:+.2f}).{caveats}")
         if change > 0:
             closed = self.gap_closed
             tail = f", closing {closed:.0%} of the gap to the teacher" if closed is not None else ""
             if closed is not None and closed > 1:
                 above = (d - t) * 100
                 tail = f", {above:.2f} points above the teacher itself"
-            return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}.{weak}"
-        return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline.{weak}"
+            return f"Yes: distillation raised mAP50-95 by {change * 100:+.2f} points over the baseline{tail}.{caveats}"
+        return f"No: the distilled student is {change * 100:+.2f} mAP50-95 points against the baseline.{caveats}"
 
 
 def paired_records(a: Bundle, b: Bundle):
@@ -267,6 +271,8 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
     candidates = [b for b in chain if b.stage == "train" and b is not teacher
                   and field_of(b.recipe, "student", "model") == student
                   and (b.recipe or {}).get("data") == data]
+    # one scored at the distilled student's size, where there is one (another size is another model to compare)
+    candidates = [b for b in candidates if b.metrics.get("imgsz") == distilled.metrics.get("imgsz")] or candidates
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
     return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals)
