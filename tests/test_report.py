@@ -507,3 +507,12 @@ def test_the_baseline_is_one_scored_at_the_distilled_students_size(tmp_path):
         "No: the distilled student is -10.00 mAP50-95 points against the baseline. The baseline was scored at 640 px "
         "and the distilled student at 320 px: train the baseline at the student's size for a like-for-like "
         "comparison.")
+    # and a baseline trained on another schedule
+    with BundleWriter(tmp_path / "long", stage="train", recipe={"student": {"model": "s.yaml"}, "data": {
+            "yolo": "d.yaml"}, "train": {"epochs": 100}}) as w:
+        w.metrics.update(map50_95=0.3, imgsz=320)
+    with BundleWriter(tmp_path / "short", stage="distill", parents=[t], recipe={
+            "student": {"model": "s.yaml"}, "data": {"yolo": "d.yaml"}, "train": {"epochs": 20}}) as w:
+        w.metrics.update(map50_95=0.4, imgsz=320)
+    assert compare([load_bundle(tmp_path / "long"), t, load_bundle(tmp_path / "short")]).verdict().endswith(
+        " The baseline trained 100 epochs and the distilled student 20: part of the difference is the schedule's.")

@@ -163,12 +163,16 @@ class KDComparison:
         t = self.teacher.metrics.get("map50_95") if self.teacher is not None else None
         # a teacher no better than the student trained alone has no gap to close; from a weaker detector of another
         # family, neck-level KD cost the YOLO student 13-16 points (docs/benchmarks.md, "The third GPU session")
-        caveats = (f" The teacher ({t:.4f}) is not above the baseline ({b:.4f}): there is no gap for distillation to "
-                "close; distil from a stronger teacher.") if t is not None and t <= b else ""
+        caveats = (f" The teacher ({t:.4f}) is not above the baseline ({b:.4f}): there is no gap for distillation "
+                   "to close; distil from a stronger teacher.") if t is not None and t <= b else ""
         sizes = self.baseline.metrics.get("imgsz"), self.distilled.metrics.get("imgsz")
         if None not in sizes and sizes[0] != sizes[1]:
-            caveats += (f" The baseline was scored at {sizes[0]} px and the distilled student at {sizes[1]} px: train "
-                     "the baseline at the student's size for a like-for-like comparison.")
+            caveats += (f" The baseline was scored at {sizes[0]} px and the distilled student at {sizes[1]} px: "
+                        "train the baseline at the student's size for a like-for-like comparison.")
+        epochs = [field_of(x.recipe, "train", "epochs") for x in (self.baseline, self.distilled)]
+        if None not in epochs and epochs[0] != epochs[1]:
+            caveats += (f" The baseline trained {epochs[0]} epochs and the distilled student {epochs[1]}: part of "
+                        "the difference is the schedule's.")
         if change > 0 and self.interval is not None and self.interval[0] <= 0:
             return (f"Not shown: the distilled student is {change * 100:+.2f} mAP50-95 points above the baseline, "
                     f"within what resampling the {self.interval[2]} validation images moves it "
