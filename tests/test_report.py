@@ -217,6 +217,7 @@ distill: {{auto_balance: 0.25, losses: [{{name: at}}]}}
     md = (tmp_path / "r96" / "report.md").read_text()
     assert (f"| teacher | {trained_bundle.name} | {rec96['map50_95']:.4f} |" in md
             and "scored again by the distill run on its validation images at 96 px" in md), md
+    assert "No baseline (the student trained alone) was given" in md, md  # the teacher is not its own baseline
 
     # a distill bundle without the record (written before kdctl kept it): a `kdctl eval` of the checkpoint on the
     # same validation images at the same size, given beside it, is its teacher row; one at another size is not

@@ -272,7 +272,7 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
         teacher = TeacherRecord.rescored(teacher, distilled)
     student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
-    candidates = [b for b in chain if b.stage == "train" and b is not teacher
+    candidates = [b for b in chain if b.stage == "train" and (teacher is None or b.id != teacher.id)
                   and field_of(b.recipe, "student", "model") == student
                   and (b.recipe or {}).get("data") == data]
     # one scored at the distilled student's size, where there is one (another size is another model to compare)
