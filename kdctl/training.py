@@ -747,9 +747,7 @@ def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, pro
 def _scored_alike(bundle: Bundle, ds, records, imgsz: int) -> bool:
     """Whether a bundle's published mAP was scored at ``imgsz`` on the images and labels the student's ``records``
     were (its evaluation records: the same image keys and ground-truth counts)."""
-    import numpy as np
-
-    from kdctl.evaluate.records import ROLE, RecordsError, has_records, image_keys, load_records
+    from kdctl.evaluate.records import ROLE, RecordsError, aligned, has_records, image_keys, load_records
 
     if bundle.metrics.get("imgsz") != imgsz or not has_records(bundle):
         return False
@@ -757,11 +755,7 @@ def _scored_alike(bundle: Bundle, ds, records, imgsz: int) -> bool:
         theirs, keys = load_records(bundle.file(ROLE))
     except (RecordsError, KdctlError):
         return False
-    mine = image_keys(ds.val_images)
-    if sorted(keys) != sorted(mine) or len(set(keys)) != len(keys):
-        return False
-    where = {k: i for i, k in enumerate(keys)}
-    return bool(np.array_equal(theirs.n_gt[[where[k] for k in mine]], records.n_gt))
+    return aligned(records, image_keys(ds.val_images), theirs, keys) is not None
 
 
 def _first_gpu(device: str | None) -> str:

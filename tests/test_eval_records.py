@@ -194,7 +194,7 @@ def test_the_verdict_weighs_the_gain_against_resampling_the_validation_images(tm
         f"40 validation images moves it ({lo * 100:+.2f} to {hi * 100:+.2f}).")
     # the same records, the images listed in reverse: the same pairs, so the same interval
     rev = list(range(39, -1, -1))
-    from kdctl.report.kd_summary import reorder
+    from kdctl.evaluate.records import reorder
 
     keys = [f"{i:016x}" for i in range(40)]
     moved = _bundle(tmp_path, "m", "distill", map_from_records(better)["map50_95"], reorder(better, rev),

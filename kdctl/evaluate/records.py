@@ -121,3 +121,23 @@ def load_records(path: Path) -> tuple[MatchRecords, list[str]]:
             or (d and (image.min() < 0 or image.max() >= n or classes.min() < 0 or classes.max() >= n_gt.shape[1]))):
         raise RecordsError(f"{path}: evaluation records whose arrays do not fit together")
     return MatchRecords(image, classes, scores, tp, ignored, n_gt), [str(k) for k in keys]
+
+
+def aligned(ra: MatchRecords, ka: list[str], rb: MatchRecords, kb: list[str]) -> MatchRecords | None:
+    """``rb`` (of images ``kb``) with its images in ``ka``'s order, or None unless both score the same images and
+    labels: the same keys, each once, and the same ground-truth counts per image and class."""
+    if ka != kb:
+        if sorted(ka) != sorted(kb) or len(set(ka)) != len(ka):
+            return None
+        where = {k: i for i, k in enumerate(kb)}
+        rb = reorder(rb, [where[k] for k in ka])
+    if ra.n_gt.shape != rb.n_gt.shape or (ra.n_gt != rb.n_gt).any():
+        return None
+    return rb
+
+
+def reorder(r: MatchRecords, order: list[int]) -> MatchRecords:
+    """Records with their images in ``order`` (``order[i]``: the old index of the new image ``i``)."""
+    new_of_old = np.empty(len(order), np.int64)
+    new_of_old[np.asarray(order, np.int64)] = np.arange(len(order))
+    return MatchRecords(new_of_old[r.image], r.classes, r.scores, r.tp, r.ignored, r.n_gt[np.asarray(order)])

@@ -190,7 +190,7 @@ class KDComparison:
 def paired_records(a: Bundle, b: Bundle):
     """The two bundles' evaluation records, ``b``'s images in ``a``'s order (so a resample is the same whichever
     order ``b`` listed them in); None unless both have records of the same images and labels (the same keys)."""
-    from kdctl.evaluate.records import ROLE, RecordsError, has_records, load_records
+    from kdctl.evaluate.records import ROLE, RecordsError, aligned, has_records, load_records
 
     if not (has_records(a) and has_records(b)):
         return None
@@ -198,25 +198,8 @@ def paired_records(a: Bundle, b: Bundle):
         (ra, ka), (rb, kb) = load_records(a.file(ROLE)), load_records(b.file(ROLE))
     except RecordsError:
         return None
-    if ka != kb:
-        if sorted(ka) != sorted(kb) or len(set(ka)) != len(ka):
-            return None
-        where = {k: i for i, k in enumerate(kb)}
-        rb = reorder(rb, [where[k] for k in ka])
-    if ra.n_gt.shape != rb.n_gt.shape or (ra.n_gt != rb.n_gt).any():
-        return None
-    return ra, rb
-
-
-def reorder(r, order: list[int]):
-    """Records with their images in ``order`` (``order[i]``: the old index of the new image ``i``)."""
-    import numpy as np
-
-    from kdctl.evaluate.coco import MatchRecords
-
-    new_of_old = np.empty(len(order), np.int64)
-    new_of_old[np.asarray(order, np.int64)] = np.arange(len(order))
-    return MatchRecords(new_of_old[r.image], r.classes, r.scores, r.tp, r.ignored, r.n_gt[np.asarray(order)])
+    rb = aligned(ra, ka, rb, kb)
+    return None if rb is None else (ra, rb)
 
 
 HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time", "trained as"]
