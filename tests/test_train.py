@@ -343,3 +343,36 @@ def test_a_teacher_checkpoint_is_scored_on_the_first_gpu_the_run_trained_on(devi
     from kdctl.training import _first_gpu
 
     assert _first_gpu(device) == where
+
+
+def test_eval_device_is_checked_before_any_work(trained_bundle, tmp_path):
+    """`kdctl eval --device`: cpu scores as before (and says so in the bundle); a GPU this machine lacks, or a word
+    that is no device, is one line and writes nothing."""
+    import torch
+
+    from kdctl.evaluate.stage import torch_device
+
+    res = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())["metrics"]
+    assert m["device"] == "cpu" and m["map50_95"] == json.loads((trained_bundle / "manifest.json").read_text())[
+        "metrics"]["map50_95"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = [("tpu", "--device: 'tpu'; valid: cpu, cuda, or a GPU index such as 0"), (str(gpus), f"GPU {gpus} does not "
+           "exist here" if gpus else "asks for a CUDA GPU, but this machine has none")]
+    for device, says in bad:
+        res = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", device, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "x").exists()
+    assert torch_device("CPU") == "cpu"
+    if gpus:
+        assert torch_device("cuda") == "cuda:0" and torch_device(" 0 ") == "cuda:0"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_eval_on_a_gpu_scores_as_on_the_cpu(trained_bundle, tmp_path):
+    cpu = CliRunner().invoke(app, ["eval", str(trained_bundle), "--json", "--out", str(tmp_path / "c")])
+    gpu = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", "0", "--json", "--out", str(tmp_path / "g")])
+    assert cpu.exit_code == gpu.exit_code == 0, gpu.output
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["metrics"]["device"] == "cuda:0"
+    assert json.loads(gpu.stdout)["map50_95"] == pytest.approx(json.loads(cpu.stdout)["map50_95"], abs=2e-3)

@@ -28,6 +28,8 @@ def evaluate(
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
                                                          "the YAML's test: images).")] = Split.val,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or a GPU index such as 0 (as Ultralytics' "
+                                                         "device=0).")] = "cpu",
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
     skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
@@ -40,7 +42,7 @@ def evaluate(
 
     with progress_bar(not (json_ or quiet)) as p:
         b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite,
-                            skip_invalid=skip_invalid, split=split.value, progress=p)
+                            skip_invalid=skip_invalid, split=split.value, device=device, progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "map50_95": m["map50_95"], "map50": m["map50"], "map75": m["map75"],
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
