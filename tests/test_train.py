@@ -372,7 +372,8 @@ def test_eval_device_is_checked_before_any_work(trained_bundle, tmp_path):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_eval_on_a_gpu_scores_as_on_the_cpu(trained_bundle, tmp_path):
     cpu = CliRunner().invoke(app, ["eval", str(trained_bundle), "--json", "--out", str(tmp_path / "c")])
-    gpu = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", "0", "--json", "--out", str(tmp_path / "g")])
+    gpu = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", "0", "--json", "--out",
+                                   str(tmp_path / "g")])
     assert cpu.exit_code == gpu.exit_code == 0, gpu.output
     assert json.loads((tmp_path / "g" / "manifest.json").read_text())["metrics"]["device"] == "cuda:0"
     assert json.loads(gpu.stdout)["map50_95"] == pytest.approx(json.loads(cpu.stdout)["map50_95"], abs=2e-3)
