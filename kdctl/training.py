@@ -653,8 +653,9 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
         inputs["recipe_file"] = recipe._origin
 
     ev = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
-    metrics, records = evaluate_with_records(torch_backend(student), ds.val_images, ds.names, recipe.train.imgsz,
-                                             progress=ev.advance)
+    device = _first_gpu(recipe.train.device)
+    metrics, records = evaluate_with_records(torch_backend(student, device), ds.val_images, ds.names,
+                                             recipe.train.imgsz, progress=ev.advance)
     teacher_eval = _evaluate_teacher(teacher_ref, ds, records, recipe, source, progress) if stage == "distill" \
         else None
 
@@ -670,7 +671,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
             w.add_output("results", "results.csv")
         (w.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         w.add_output("recipe", "recipe.yaml")
-        w.metrics.update(_summary(metrics, epochs, student, train_s, recipe))
+        w.metrics.update(_summary(metrics, epochs, student, train_s, recipe), eval_device=device)
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work) if recipe.distill.losses else []  # [] for distill.init alone
             if teacher_eval is not None:
@@ -759,8 +760,9 @@ def _scored_alike(bundle: Bundle, ds, records, imgsz: int) -> bool:
 
 
 def _first_gpu(device: str | None) -> str:
-    """Where to score a teacher: the first CUDA GPU the run trained on (a large teacher over a COCO-sized validation
-    set takes hours on a CPU), else the CPU ('mps' included, as Ultralytics falls back to it)."""
+    """Where to score the trained model and a teacher: the first CUDA GPU the run trained on (a large model over a
+    COCO-sized validation set takes hours on a CPU), else the CPU ('mps' included, as Ultralytics falls back to
+    it)."""
     d = str(device or "").strip().lower()
     if d == "cuda":
         return "cuda:0"

@@ -18,6 +18,7 @@ def test_trained_bundle_contents(trained_bundle):
     assert {"weights", "data", "results", "recipe", "metrics"} <= set(m["outputs"])
     assert m["metrics"]["epochs"][0]["train/box_loss"] > 0 and 0 <= m["metrics"]["map50_95"] <= 1
     assert m["inputs"]["data"]["val_images"] == 8 and verify_bundle(trained_bundle).ok
+    assert m["metrics"]["eval_device"] == "cpu"  # where the published mAP was computed (a CUDA run: its first GPU)
 
 
 def test_eval_cli(trained_bundle, tiny_data, tmp_path):
