@@ -763,11 +763,10 @@ def _first_gpu(device: str | None) -> str:
     """Where to score the trained model and a teacher: the first CUDA GPU the run trained on (a large model over a
     COCO-sized validation set takes hours on a CPU), else the CPU ('mps' included, as Ultralytics falls back to
     it)."""
-    d = str(device or "").strip().lower()
-    if d == "cuda":
-        return "cuda:0"
-    first = d.split(",")[0].strip()
-    return f"cuda:{first}" if first.isdigit() else "cpu"
+    from kdctl.evaluate.stage import torch_device
+
+    first = str(device or "").split(",")[0].strip().lower()
+    return torch_device(first, "train.device") if first == "cuda" or first.isdigit() else "cpu"
 
 
 def _ranks(work: Path) -> list[dict] | None:

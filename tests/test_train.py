@@ -340,9 +340,13 @@ def test_a_teacher_of_other_classes_fine_tuned_on_this_dataset_then_teaches_its_
 
 @pytest.mark.parametrize("device,where", [("cpu", "cpu"), (None, "cpu"), ("mps", "cpu"), ("cuda", "cuda:0"),
                                           ("0", "cuda:0"), ("2,3", "cuda:2"), (" 1 , 0", "cuda:1")])
-def test_a_teacher_checkpoint_is_scored_on_the_first_gpu_the_run_trained_on(device, where):
+def test_a_teacher_checkpoint_is_scored_on_the_first_gpu_the_run_trained_on(device, where, monkeypatch):
+    import torch
+
     from kdctl.training import _first_gpu
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on the 4-GPU machine the run trained on
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _first_gpu(device) == where
 
 
