@@ -50,10 +50,11 @@ def _gpu_list(device: str) -> list[str]:
     return [d.strip() for d in str(device).split(",") if d.strip().isdigit()]
 
 
-def check_device(device: str, where: str) -> None:
+def check_device(device: str, where: str, fix: str = "set train.device: cpu") -> None:
     """``train.device`` names a device this machine has: 'cpu' and 'mps' always (Ultralytics runs 'mps' on the CPU
     where there is none); 'cuda' and GPU indices only where CUDA sees those GPUs. A recipe written for a GPU
-    machine and run on a CPU one (a CI runner) stopped inside Ultralytics with an internal error."""
+    machine and run on a CPU one (a CI runner) stopped inside Ultralytics with an internal error. ``fix``: what to
+    do without a GPU (a flag's own words where ``where`` is a flag)."""
     d = str(device).strip().lower()
     if d in ("cpu", "", "mps"):
         return
@@ -62,7 +63,7 @@ def check_device(device: str, where: str) -> None:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
         raise RecipeError(f"{where}: '{device}' asks for a CUDA GPU, but this machine has none that torch "
-                          f"{torch.__version__} can use; set train.device: cpu")
+                          f"{torch.__version__} can use; {fix}")
     missing = [g for g in ([0] if d == "cuda" else map(int, _gpu_list(d))) if g >= n]
     if missing:
         raise RecipeError(f"{where}: GPU {missing[0]} does not exist here; this machine has {n} "

@@ -763,7 +763,7 @@ def _first_gpu(device: str | None) -> str:
     """Where to score the trained model and a teacher: the first CUDA GPU the run trained on (a large model over a
     COCO-sized validation set takes hours on a CPU), else the CPU ('mps' included, as Ultralytics falls back to
     it)."""
-    from kdctl.evaluate.stage import torch_device
+    from kdctl.evaluate import torch_device
 
     first = str(device or "").split(",")[0].strip().lower()
     return torch_device(first, "train.device") if first == "cuda" or first.isdigit() else "cpu"

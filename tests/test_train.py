@@ -355,7 +355,7 @@ def test_eval_device_is_checked_before_any_work(trained_bundle, tmp_path):
     that is no device, is one line and writes nothing."""
     import torch
 
-    from kdctl.evaluate.stage import torch_device
+    from kdctl.evaluate import torch_device
 
     res = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", "cpu", "--out", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output

@@ -29,6 +29,21 @@ def torch_backend(model, device: str = "cpu", half: bool = False) -> Backend:
     return run
 
 
+def torch_device(device: str, flag: str = "--device") -> str:
+    """``cpu``, ``cuda`` (the first GPU) or a GPU index (``0``, as Ultralytics' ``device=0``) as a torch device,
+    refused in one line where this machine has no such GPU."""
+    from kdctl.distributed import check_device
+    from kdctl.errors import KdctlError
+
+    d = str(device).strip().lower()
+    if d == "cpu":
+        return d
+    if d != "cuda" and not d.isdigit():
+        raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda, or a GPU index such as 0")
+    check_device(d, flag, f"use {flag} cpu")  # the same check (and words) as a recipe's train.device
+    return "cuda:0" if d == "cuda" else f"cuda:{int(d)}"
+
+
 def evaluate_backend(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
                      progress=None) -> dict:
     return evaluate_with_records(backend, images, names, imgsz, batch, progress)[0]
@@ -47,4 +62,4 @@ def evaluate_with_records(backend: Backend, images: list[Path], names: list[str]
 
 
 __all__ = ["Detections", "GroundTruth", "MatchRecords", "evaluate_map", "evaluate_backend", "evaluate_with_records",
-           "torch_backend"]
+           "torch_backend", "torch_device"]

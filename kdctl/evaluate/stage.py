@@ -14,9 +14,11 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
                     overwrite: bool = False, skip_invalid: bool = False, split: str = "val", device: str = "cpu",
                     progress=None) -> Bundle:
     """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``);
-    ``device``: ``cpu``, ``cuda`` or a GPU index (:func:`torch_device`).
+    ``device``: ``cpu``, ``cuda`` or a GPU index (:func:`kdctl.evaluate.torch_device`).
     ``bundle`` may also be a checkpoint file (``best.pt``, as Ultralytics' ``yolo val model=best.pt``), scored on
     ``data``, which it then needs."""
+    from kdctl.evaluate import torch_device
+
     dev = torch_device(device)
     if Path(bundle).suffix in (".pt", ".pth") and not Path(bundle).is_dir():
         return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
@@ -25,28 +27,6 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, split, dev, progress)
-
-
-def torch_device(device: str, flag: str = "--device") -> str:
-    """``cpu``, ``cuda`` (the first GPU) or a GPU index (``0``, as Ultralytics' ``device=0``) as a torch device,
-    refused in one line where this machine has no such GPU."""
-    from kdctl.errors import KdctlError
-
-    d = str(device).strip().lower()
-    if d == "cpu":
-        return d
-    if d != "cuda" and not d.isdigit():
-        raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda, or a GPU index such as 0")
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        raise KdctlError(f"{flag}: '{device}' asks for a CUDA GPU, but this machine has none that torch "
-                         f"{torch.__version__} can use; use {flag} cpu")
-    if d.isdigit() and int(d) >= n:
-        have = f"0..{n - 1}" if n > 1 else "0"
-        raise KdctlError(f"{flag}: GPU {d} does not exist here; this machine has {n} ({have})")
-    return "cuda:0" if d == "cuda" else f"cuda:{int(d)}"
 
 
 def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, overwrite: bool, skip_invalid: bool,
