@@ -313,6 +313,7 @@ def test_parity_failure_fails_the_export(trained_bundle, tmp_path, monkeypatch):
 
 def test_compare_outputs_tolerances():
     ref = np.zeros((1, 6, 10), np.float32)
+    ref[:, 4] = 0.5  # every anchor scores: its box is compared
     ok = compare_outputs(ref, ref + 1e-5, 640, "fp32")
     bad = compare_outputs(ref, ref + np.array([0, 0, 0, 0, 0.1, 0], np.float32)[None, :, None], 640, "fp32")
     assert ok["ok"] and not bad["ok"] and bad["score_max_abs"] == pytest.approx(0.1)
@@ -325,6 +326,37 @@ def test_compare_outputs_tolerances():
     assert not compare_outputs(ref, shift(32, 0), 640, "bf16")["ok"]
     assert not compare_outputs(ref, shift(0, 0.06), 640, "bf16")["ok"]
     assert not compare_outputs(ref, shift(16, 0.03), 640, "fp16")["ok"]  # fp16 is held tighter
+
+
+def test_parity_compares_the_boxes_a_detection_can_come_from():
+    """Boxes are compared where either output scores above the evaluator's floor (0.001): a background anchor's box
+    (yolov10n in bf16: 656 x 733 px at a 128 px input, 8 px off, score 6.5e-6) changes no detection; one that
+    either side scores as a possible detection is held to the tolerance, and every score is."""
+    from kdctl.evaluate.predict import CONF_FLOOR
+
+    ref = np.zeros((2, 7, 5), np.float32)
+    ref[:, :4] = 60.0
+    ref[0, 4, :3] = 0.4                                   # image 0: anchors 0-2 score; image 1: none
+    ref[1, 6, 4] = 1e-5
+    cand = ref.copy()
+    cand[0, :4, 3:] += 30.0                               # boxes of image 0's background anchors, far off
+    cand[1, :4, :] += 30.0                                # and every box of image 1
+    res = compare_outputs(ref, cand, 128, "fp32")
+    assert res["ok"] and res["boxes_compared"] == 3 and res["box_max_abs"] == 0.0 and res["box_mean_abs"] == 0.0
+    cand[0, 1, 2] += 0.25                                 # a scoring anchor's box 0.25 px off: the max and mean
+    res = compare_outputs(ref, cand, 128, "fp32")
+    assert res["box_max_abs"] == 0.25 and res["box_mean_abs"] == pytest.approx(0.25 / 12)
+    assert not res["ok"]                                  # fp32 allows 0.128 px at 128
+    cand[0, 1, 2] -= 0.25
+    cand[1, 5, 4] = 2 * CONF_FLOOR                        # the candidate alone scores anchor 4 of image 1
+    res = compare_outputs(ref, cand, 128, "fp32")
+    assert res["boxes_compared"] == 4 and res["box_max_abs"] == pytest.approx(30.0) and not res["ok"]
+    cand[1, 5, 4] = CONF_FLOOR                            # at the floor it keeps nothing: not compared
+    assert compare_outputs(ref, cand, 128, "fp32")["boxes_compared"] == 3
+    cand[1, 5, 4] = 0.0
+    none = compare_outputs(ref[1:], cand[1:] + np.float32(1e-4), 128, "fp32")  # nothing scores: scores still held
+    assert none["boxes_compared"] == 0 and none["box_max_abs"] == 0.0 and none["ok"]
+    assert not compare_outputs(ref[1:], cand[1:] + np.float32(0.01), 128, "fp32")["ok"]
 
 
 def test_a_runtime_that_cannot_run_the_export_is_one_line(trained_bundle, tmp_path, monkeypatch):

@@ -70,7 +70,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: int) -> np.
     return np.asarray(keep, dtype=np.int64)
 
 
-def postprocess(raw: np.ndarray, conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
+# the lowest class score a detection keeps (Ultralytics' val conf=0.001): the evaluator's, and the parity check's floor
+CONF_FLOOR = 0.001
+
+
+def postprocess(raw: np.ndarray, conf: float = CONF_FLOOR, iou: float = 0.7, max_det: int = 300,
                 max_candidates: int = 30000) -> list[Detections]:
     """Raw (N, 4 + nc, A) -> per-image detections in input pixels; multi-label, class-aware NMS."""
     out = []
@@ -119,7 +123,7 @@ def read_labels(img_path: Path, shape: tuple[int, int]) -> GroundTruth:
 
 
 def predict_images(backend: Backend, images: list[Path], imgsz: int, batch: int = 1, progress=None,
-                   conf: float = 0.001, iou: float = 0.7) -> list[Detections]:
+                   conf: float = CONF_FLOOR, iou: float = 0.7) -> list[Detections]:
     """Detections per image. A backend with a ``fixed_batch`` attribute (static-shape export) gets exactly that
     many images per call, the last call padded with blank canvases."""
     fixed = getattr(backend, "fixed_batch", None)
