@@ -207,6 +207,23 @@ def test_a_failed_histogram_calibration_points_to_minmax(trained_bundle, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_histogram_calibration_prints_nothing_on_stdout(tmp_path, capsys):
+    """ONNX Runtime's entropy and percentile calibrators print() their progress ("Number of quantized bins : 128"):
+    five lines on stdout between the progress bar and the export table. They are kept off it."""
+    import torch
+
+    from kdctl.export.quantize import quantize_onnx_int8
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(src), input_names=["images"], dynamo=False)
+    calib = [np.random.default_rng(i).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32) for i in range(4)]
+    for method in ("entropy", "percentile", "minmax"):
+        settings = quantize_onnx_int8(src, tmp_path / f"{method}.onnx", calib, method=method)
+        assert settings["calibration_method"] == method and (tmp_path / f"{method}.onnx").is_file()
+        assert capsys.readouterr().out == "", method
+
+
 def test_calibration_data_folder_calibrates_and_is_recorded(trained_bundle, tmp_path):
     """``--calibration-data DIR``: unlabelled images (nested folders too) calibrate INT8 instead of the train split;
     the bundle records where from, how many and their digest, and the INT8 graph is another one than the train

@@ -4,6 +4,8 @@ point (the box-decoding tail of the head) is the detector family's call (``keep_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Callable
@@ -65,15 +67,18 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: list[np.nda
                 "calibration_images": int(sum(b.shape[0] for b in calibration)), "excluded_nodes": len(exclude)}
     quiet = _OnePerChannelNotice()
     logging.getLogger().addFilter(quiet)
+    # the histogram calibrators (entropy, percentile) print() their progress ("Number of quantized bins : 128"),
+    # five lines on stdout between kdctl's progress bar and its table; the settings above record the method
     try:
-        quantize_static(str(pre), str(out_path), _Reader(proto.graph.input[0].name, calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                          "percentile": CalibrationMethod.Percentile}[method],
-                        nodes_to_exclude=exclude,
-                        extra_options={"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt,
-                                       **({"TensorQuantOverrides": overrides} if overrides else {})})
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(pre), str(out_path), _Reader(proto.graph.input[0].name, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                              "percentile": CalibrationMethod.Percentile}[method],
+                            nodes_to_exclude=exclude,
+                            extra_options={"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt,
+                                           **({"TensorQuantOverrides": overrides} if overrides else {})})
     finally:
         logging.getLogger().removeFilter(quiet)
         pre.unlink(missing_ok=True)
