@@ -144,6 +144,9 @@ def test_a_teacher_checkpoint_is_compared_as_the_distill_run_scored_it(tmp_path)
     assert head == ["class", "teacher", "baseline", "distilled"] and per_class == [["a", "0.6000", "0.3000",
                                                                                     "0.4500"]]
     assert c.teacher.file("weights") == pt  # for the predictions panel, while it is the file the run read
+    # an Ultralytics run's best.pt is named with its run: every run's checkpoint is best.pt
+    ul = TeacherRecord(tmp_path / "runs" / "detect" / "train3" / "weights" / "best.pt", rec, "x", "outside")
+    assert model_row("teacher", ul)[1] == "train3/weights/best.pt"
     pt.write_bytes(b"retrained since")
     with pytest.raises(BundleError, match="not here as the distill run read it"):
         c.teacher.file("weights")

@@ -208,10 +208,20 @@ HEAD = ["model", "bundle", "mAP50-95", "mAP50", "params", "train time", "trained
 def model_row(role: str, b: Bundle) -> list[str]:
     """A row of the "Did distillation help?" table (:data:`HEAD`)."""
     m = b.metrics
-    return [role, b.path.name, f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
+    return [role, shown_name(b), f"{m.get('map50_95', float('nan')):.4f}", f"{m.get('map50', float('nan')):.4f}",
             f"{m['params']:,}" if m.get("params") else "—",
             f"{m['train_seconds']:.0f} s" if m.get("train_seconds") else "—",
             b.trained_as if isinstance(b, TeacherRecord) else trained_as(m)]
+
+
+def shown_name(b: Bundle) -> str:
+    """A bundle's folder name; a teacher checkpoint in an Ultralytics run's ``weights/`` folder with its run's name
+    (``train3/weights/best.pt``: every run's checkpoint is ``best.pt``)."""
+    p = b.path
+    if isinstance(b, TeacherRecord) and p.suffix in (".pt", ".pth") and p.parent.name == "weights" \
+            and p.parent.parent.name:
+        return f"{p.parent.parent.name}/weights/{p.name}"
+    return p.name
 
 
 def trained_as(metrics: dict) -> str:
