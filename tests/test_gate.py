@@ -44,6 +44,33 @@ def test_median_latency_map50_and_throughput_budgets():
     assert not any(x.passed for x in c.values()) and all("failing closed" in x.message for x in c.values())
 
 
+def test_a_value_just_past_its_budget_is_shown_with_the_digits_that_tell_them_apart():
+    """mAP50-95 0.29996 fails a 0.3 budget: the message and the summary table do not read "0.3000 below budget
+    0.3000"; where the usual digits already differ they stay as they were."""
+    from kdctl.gate.junit import markdown_summary
+
+    near = {**RESULT, "map50_95": 0.29996, "latency_ms": {"p50": 10.0, "p90": 12.004}, "size_mb": 3.0}
+    c = by_name(evaluate_budgets(near, {"min_map50_95": 0.3, "max_p90_ms": 12.0, "max_size_mb": 3.0}))
+    assert c["min_map50_95"].message == "mAP50-95 0.29996 below budget 0.30000"
+    assert c["max_p90_ms"].message == "p90 latency 12.004 ms exceeds budget 12.000 ms"
+    assert c["max_size_mb"].message == "model size 3.00 MB within budget 3.00 MB"  # equal: as usual
+    base = {**RESULT, "latency_ms": {"p50": 10.0 / 1.0304}}
+    slow = by_name(evaluate_budgets(RESULT, {"max_latency_regression": 0.03}, base))["max_latency_regression"]
+    assert slow.message == "p50 latency change vs baseline +3.04% exceeds budget +3.00%"
+    far = by_name(evaluate_budgets(RESULT, {"min_map50_95": 0.45}))["min_map50_95"]
+    assert far.message == "mAP50-95 0.4000 below budget 0.4500"
+    md = markdown_summary(list(c.values()), "gate", {})
+    assert "| min_map50_95 | 0.29996 | 0.3 | **FAIL** |" in md and "| max_size_mb | 3 | 3 | pass |" in md
+    from types import SimpleNamespace
+
+    from kdctl.report.stage import _gate_rows  # the report's gate table (check, budget, value, ...)
+
+    gate = SimpleNamespace(stage="gate", metrics={"checks": [x.to_dict() for x in c.values()]})
+    rows = _gate_rows([gate])[0][1]
+    assert [r[:4] for r in rows] == [["min_map50_95", "0.3", "0.29996", "FAIL"],
+                                     ["max_p90_ms", "12.0", "12.004", "FAIL"], ["max_size_mb", "3.0", "3", "pass"]]
+
+
 def test_missing_metric_fails_closed():
     partial = {k: v for k, v in RESULT.items() if k != "map50_95"}
     c = by_name(evaluate_budgets(partial, {"min_map50_95": 0.1}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from kdctl.gate.rules import Check
+from kdctl.gate.rules import Check, distinct
 
 
 def junit_xml(checks: list[Check], suite: str = "kdctl.gate", classname: str = "gate") -> str:
@@ -39,7 +39,7 @@ def markdown_summary(checks: list[Check], title: str, context: dict) -> str:
     lines += [f"- **{k}**: {md_escape(v)}" for k, v in context.items()] + [""]
     lines += ["| check | value | budget | result |", "|---|---:|---:|:---:|"]
     for c in checks:
-        v = "missing" if c.value is None else f"{c.value:.4g}"
-        lines.append(f"| {c.name} | {v} | {c.budget:.4g} | {'pass' if c.passed else '**FAIL**'} |")
+        v, limit = ("missing", f"{c.budget:.4g}") if c.value is None else distinct("{:.4g}", c.value, c.budget)
+        lines.append(f"| {c.name} | {v} | {limit} | {'pass' if c.passed else '**FAIL**'} |")
     lines += ["", *[f"- {c.name}: {md_escape(c.message)}" for c in checks if not c.passed]]
     return "\n".join(lines).rstrip() + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,18 @@ def _get(d: dict | None, *path):
     return d
 
 
+def distinct(fmt: str, value: float, budget: float) -> tuple[str, str]:
+    """``value`` and ``budget`` in ``fmt`` (e.g. ``{:.4f}``), with more decimals where the two would read the same
+    but differ: a gate that fails mAP50-95 0.29996 against 0.3 does not say "0.3000 below budget 0.3000"."""
+    a, b = fmt.format(value), fmt.format(budget)
+    for more in range(1, 9):
+        if a != b or value == budget:
+            break
+        finer = re.sub(r"\.(\d+)([fg%])", lambda m: f".{int(m.group(1)) + more}{m.group(2)}", fmt)
+        a, b = finer.format(value), finer.format(budget)
+    return a, b
+
+
 def _rule(name: str, value, budget: float, ok: Callable[[float, float], bool], fmt: str, what: str) -> Check:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return Check(name, budget, None, False, f"{what} is missing: failing closed")
@@ -40,7 +53,8 @@ def _rule(name: str, value, budget: float, ok: Callable[[float, float], bool], f
         rel = "within" if passed else "exceeds"
     else:
         rel = "meets" if passed else "below"
-    return Check(name, budget, float(value), passed, f"{what} {fmt.format(value)} {rel} budget {fmt.format(budget)}")
+    shown, limit = distinct(fmt, value, budget)
+    return Check(name, budget, float(value), passed, f"{what} {shown} {rel} budget {limit}")
 
 
 def evaluate_budgets(result: dict | None, budgets: dict, baseline: dict | None = None) -> list[Check]:

@@ -11,6 +11,7 @@ from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, nex
                           require_verified)
 from kdctl.errors import BundleError, KdctlError, parse_json
 from kdctl.gate.junit import md_escape
+from kdctl.gate.rules import distinct
 from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
@@ -116,8 +117,10 @@ def _gate_rows(chain: list[Bundle]) -> list[tuple[Bundle, list[list[str]]]]:
             continue
         rows = []
         for c in b.metrics.get("checks", []):
-            v = c.get("value")
-            rows.append([c.get("name", ""), f"{c.get('budget')}", "—" if v is None else f"{v:.4g}",
+            v, budget = c.get("value"), c.get("budget")
+            shown = "—" if v is None else distinct("{:.4g}", v, budget)[0] if isinstance(budget, (int, float)) \
+                else f"{v:.4g}"
+            rows.append([c.get("name", ""), f"{budget}", shown,
                          "pass" if c.get("passed") else "FAIL", c.get("message", "")])
         out.append((b, rows))
     return out
