@@ -62,6 +62,20 @@ def _shown(value) -> str:
         return repr(value)
 
 
+def distinct(fmt: str, value: float, budget: float) -> tuple[str, str]:
+    """``value`` and ``budget`` in ``fmt`` (e.g. ``{:.4f}``), with more decimals where the two would read the same
+    but differ: a gate that fails mAP50-95 0.29996 against 0.3 does not say "0.3000 below budget 0.3000"."""
+    import re
+
+    a, b = fmt.format(value), fmt.format(budget)
+    for more in range(1, 9):
+        if a != b or value == budget:
+            break
+        finer = re.sub(r"\.(\d+)([fg%])", lambda m: f".{int(m.group(1)) + more}{m.group(2)}", fmt)
+        a, b = finer.format(value), finer.format(budget)
+    return a, b
+
+
 def given_by(flag: str, typed: bool, bundle, field: str) -> str:
     """Where a value an error quotes came from: the flag, where the user typed it, else the recipe field of the
     bundle it was read from (``<bundle>: recipe profile.threads``), which may have been written for another device."""

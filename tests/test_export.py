@@ -308,6 +308,12 @@ def test_map_drop_budget_fails_and_writes_nothing(trained_bundle, tmp_path, monk
         export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8, max_map_drop=0.01),
                       out=tmp_path / "x")
     assert not (tmp_path / "x").exists() and list(tmp_path.iterdir()) == []
+    # a drop just past the budget says so with the digits that show it (not "is 0.0200 below ...; ... is 0.02")
+    scores = iter([(0.50, ref), (0.50, ref), (0.47996, low)])
+    with pytest.raises(CheckFailed, match=r"onnx-int8: mAP50-95 0.4800 is 0.02004 below PyTorch FP32 \(0.5000\), .*"
+                                          r"export.max_map_drop is 0.02$"):
+        export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8, max_map_drop=0.02),
+                      out=tmp_path / "x")
     # within budget the interval is kept per artifact, and shown as the interval of the change (negated)
     scores = iter([(0.50, ref), (0.50, ref), (0.30, low)])
     b = export_bundle(trained_bundle, ExportOptions(target="cpu", calibration_images=8), out=tmp_path / "y")

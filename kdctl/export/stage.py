@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
-from kdctl.errors import BackendUnavailable, BundleError, CheckFailed, DataError, first_line, given_by, shown
+from kdctl.errors import (BackendUnavailable, BundleError, CheckFailed, DataError, distinct, first_line, given_by,
+                          shown)
 from kdctl.export.base import MIN_COSINE_QAT, Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.limits import IMGSZ_MAX
@@ -258,7 +259,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
             # the paired interval over the validation images: a drop the images alone could make, or a real one
             a.metrics["map50_95_drop_ci95"] = lo_hi = drop_interval(ref_records, records)
             if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
-                raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {drop:.4f} below "
+                told = distinct("{:.4f}", drop, options.max_map_drop)[0]  # 0.02004 against 0.02: not "0.0200"
+                raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {told} below "
                                   f"{'the fake-quantized PyTorch student' if qat else 'PyTorch FP32'} "
                                   f"({ref_metrics['map50_95']:.4f}), by {lo_hi[0]:.4f} to {lo_hi[1]:.4f} over "
                                   f"resamples of the {len(val_images)} validation images (95 %); "

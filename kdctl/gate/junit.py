@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from kdctl.gate.rules import Check, distinct
+from kdctl.errors import distinct
+from kdctl.gate.rules import Check
 
 
 def junit_xml(checks: list[Check], suite: str = "kdctl.gate", classname: str = "gate") -> str:

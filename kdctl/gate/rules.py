@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
+from kdctl.errors import distinct
 from kdctl.profile.stats import per_call
 
 BUDGETS = ("min_map50_95", "min_map50", "max_p50_ms", "max_p90_ms", "max_p99_ms", "min_fps", "max_size_mb",
@@ -31,18 +31,6 @@ def _get(d: dict | None, *path):
             return None
         d = d[p]
     return d
-
-
-def distinct(fmt: str, value: float, budget: float) -> tuple[str, str]:
-    """``value`` and ``budget`` in ``fmt`` (e.g. ``{:.4f}``), with more decimals where the two would read the same
-    but differ: a gate that fails mAP50-95 0.29996 against 0.3 does not say "0.3000 below budget 0.3000"."""
-    a, b = fmt.format(value), fmt.format(budget)
-    for more in range(1, 9):
-        if a != b or value == budget:
-            break
-        finer = re.sub(r"\.(\d+)([fg%])", lambda m: f".{int(m.group(1)) + more}{m.group(2)}", fmt)
-        a, b = finer.format(value), finer.format(budget)
-    return a, b
 
 
 def _rule(name: str, value, budget: float, ok: Callable[[float, float], bool], fmt: str, what: str) -> Check:

@@ -9,9 +9,8 @@ from urllib.parse import quote
 
 from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, next_run_dir, recorded_parent,
                           require_verified)
-from kdctl.errors import BundleError, KdctlError, parse_json
+from kdctl.errors import BundleError, KdctlError, distinct, parse_json
 from kdctl.gate.junit import md_escape
-from kdctl.gate.rules import distinct
 from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
