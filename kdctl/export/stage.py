@@ -553,7 +553,8 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
             # graph computes, to the tolerance a QAT artifact is held to against PyTorch
             check = validate_outputs(onnxruntime_backend(p), onnxruntime_backend(fast), calibration[:8], imgsz,
                                      "int8-qat", sets=detectors.set_output(model))
-            why = None if check["ok"] else (f"differed from the trained graph (cosine {check['cosine']:.4f}, under "
+            why = None if check["ok"] else (f"differed from the trained graph (cosine "
+                                            f"{distinct('{:.4f}', check['cosine'], MIN_COSINE_QAT)[0]}, under "
                                             f"{MIN_COSINE_QAT})")
         if why is None:
             fast.replace(p)
