@@ -117,8 +117,12 @@ def _gate_rows(chain: list[Bundle]) -> list[tuple[Bundle, list[list[str]]]]:
         rows = []
         for c in b.metrics.get("checks", []):
             v, budget = c.get("value"), c.get("budget")
-            shown = "—" if v is None else distinct("{:.4g}", v, budget)[0] if isinstance(budget, (int, float)) \
-                else f"{v:.4g}"
+            if v is None:
+                shown = "—"
+            elif isinstance(budget, (int, float)):
+                shown = distinct("{:.4g}", v, budget)[0]
+            else:
+                shown = f"{v:.4g}"
             rows.append([c.get("name", ""), f"{budget}", shown,
                          "pass" if c.get("passed") else "FAIL", c.get("message", "")])
         out.append((b, rows))
