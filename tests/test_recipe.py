@@ -406,8 +406,13 @@ def test_cli_set_on_train_records_the_recipe_as_run(tmp_path, tiny_data):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
     assert "--set train.epochs=1  --set train.batch=4" in show.stdout and str(p.resolve()) in show.stdout
     assert f"base  {base.resolve()}  sha256={sha(base)[:12]}" in show.stdout
+    assert json.loads(res.stdout)["kept"] is False  # trained by this command
     res = CliRunner().invoke(app, argv + ["--reuse"])  # the same recipe as run: kept, nothing retrained
+    assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id and json.loads(res.stdout)["kept"] is True
+    res = CliRunner().invoke(app, argv[:-1] + ["--resume"])  # finished: nothing to resume, and the user is told so
     assert res.exit_code == 0 and load_bundle(tmp_path / "b").id == b.id
+    assert "finished earlier from this recipe; kept as it is, nothing trained (--resume: nothing to resume)" in \
+        " ".join(res.stdout.split())
     res = CliRunner().invoke(app, ["recipe", "check", str(p), "--set", "train.epochs=3", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["train"]["epochs"] == 3
 

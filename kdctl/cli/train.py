@@ -36,6 +36,7 @@ RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PO
 def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
          skip_invalid: bool, reuse: bool = False, nproc: int | None = None, nnodes: int = 1, node_rank: int = 0,
          rdzv: str | None = None, overrides: list[str] | None = None):
+    from kdctl.bundle.output import bundle_state
     from kdctl.distributed import plan
     from kdctl.recipe import load_recipe
     from kdctl.recipe.loader import overrides_named
@@ -47,6 +48,9 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         if warning and not quiet:
             err_console.print(f"Warning: {warning}", highlight=False)
         launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
+        target = Path(out) if out else Path(runs) / stage / r.name  # where --resume / --reuse look
+        state, there = bundle_state(target) if resume or reuse else ("absent", None)
+        there = there if state == "bundle" else None  # the id of the bundle there before the run
         with progress_bar(not (json_ or quiet)) as p:
             b = run_training(r, stage=stage, source=str(recipe), out=out, runs_dir=runs, resume=resume,
                              overwrite=overwrite, skip_invalid=skip_invalid or None, reuse=reuse, progress=p,
@@ -57,8 +61,11 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
                                          "the bundle"))
         return
     m = b.metrics
+    # --resume of a finished run, or --reuse: the bundle that was there, nothing trained (Ultralytics: "training to
+    # N epochs is finished, nothing to resume"); the user is told, not shown its table as if just trained
+    kept = there is not None and b.id == there and b.path.resolve() == target.resolve()
     result = {"bundle": str(b.path), "stage": stage, "map50_95": m["map50_95"], "map50": m["map50"],
-              "params": m["params"], "train_seconds": m["train_seconds"]}
+              "params": m["params"], "train_seconds": m["train_seconds"], "kept": kept}
     if warning:
         result["warnings"] = [warning]
     if isinstance(m.get("teacher"), dict):  # the user's own teacher checkpoint, scored on the same images
@@ -82,12 +89,15 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         for k, v in result.items():
             if k in ("init", "init_note"):
                 t.add_row("student started from" if k == "init" else "random start because", str(v))
-            elif k not in ("bundle", "stage", "kd_terms", "warnings"):
+            elif k not in ("bundle", "stage", "kd_terms", "warnings", "kept"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():
             t.add_row(f"last-epoch kd/{k}" if "kd_stop_epoch" not in m else f"epoch-{m['kd_stop_epoch']} kd/{k}",
                       "n/a" if v is None else f"{v:.4f}")
         console.print(t)
+        if kept:
+            console.print(f"{b.path}: finished earlier from this recipe; kept as it is, nothing trained "
+                          f"({'--resume: nothing to resume' if resume else '--reuse'})", highlight=False)
 
     emit(result, as_json=json_, quiet=quiet, human=human)
 
