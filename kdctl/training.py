@@ -656,8 +656,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     device = _first_gpu(recipe.train.device)
     metrics, records = evaluate_with_records(torch_backend(student, device), ds.val_images, ds.names,
                                              recipe.train.imgsz, progress=ev.advance)
-    teacher_eval = _evaluate_teacher(teacher_ref, ds, records, recipe, source, progress) if stage == "distill" \
-        else None
+    teacher_eval = (_evaluate_teacher(teacher_ref, ds, records, recipe, source, device, progress)
+                    if stage == "distill" else None)
 
     with BundleWriter(out, stage=stage, recipe=recipe.model_dump(mode="json"), parents=parents, inputs=inputs,
                       overwrite=overwrite, bundle_id=info["bundle_id"]) as w:
@@ -716,14 +716,15 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     return w.bundle
 
 
-def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, progress) -> dict | None:
+def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, device: str,
+                      progress) -> dict | None:
     """The teacher's mAP on the distillation's validation images at its image size, where no bundle already holds
     that number: the teacher is the user's own checkpoint, or a bundle scored on other images or at another size
     (a teacher trained at 640 px on a larger set, distilled at 320 px): what the report's "Did distillation help?"
     sets the students against. None for a bundle scored as the student was (``records``: the student's evaluation
     records), a teacher built from a model YAML or by torchvision without weights (it learnt nothing) and one that
     predicts other classes than the dataset's (feature-level KD from a teacher of another dataset): there is
-    nothing to compare there."""
+    nothing to compare there. Scored on ``device``, where the student was."""
     if teacher_ref is None or teacher_ref.kind != "checkpoint":
         return None
     if teacher_ref.bundle is not None and _scored_alike(teacher_ref.bundle, ds, records, recipe.train.imgsz):
@@ -738,8 +739,8 @@ def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, pro
     except DataError:
         return None
     ev = Step(progress, "evaluate the teacher (COCO mAP)", total=len(ds.val_images))
-    m = evaluate_backend(torch_backend(teacher, _first_gpu(recipe.train.device)), ds.val_images, ds.names,
-                         recipe.train.imgsz, progress=ev.advance)
+    m = evaluate_backend(torch_backend(teacher, device), ds.val_images, ds.names, recipe.train.imgsz,
+                         progress=ev.advance)
     return {"model": teacher_ref.ref, "sha256": teacher_ref.sha256,
             **{k: m[k] for k in ("map50_95", "map50", "map75", "per_class_ap50_95")}, "eval_images": m["images"],
             "imgsz": recipe.train.imgsz, "params": sum(p.numel() for p in teacher.parameters())}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.evaluate.predict import Backend
+from kdctl.evaluate.predict import CONF_FLOOR, Backend
 
 # Tolerances on the decoded head output: boxes in input pixels (scaled by imgsz), class scores in 0..1.
 TOLERANCE = {
@@ -50,8 +50,6 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, imgsz: int, pr
     :data:`~kdctl.evaluate.predict.CONF_FLOOR`, the lowest any evaluation keeps). A background anchor's box, which
     no postprocessing keeps, can be hundreds of pixels wide and off the image, and differ by several pixels in
     bfloat16 (one step of 8 significant bits at 700 px is 4 px) without any detection changing."""
-    from kdctl.evaluate.predict import CONF_FLOOR
-
     if reference.shape != candidate.shape:
         return {"ok": False, "reason": f"output shape {candidate.shape} != PyTorch {reference.shape}"}
     live = np.maximum(reference[:, 4:].max(1), candidate[:, 4:].max(1)) > CONF_FLOOR  # (N, A)
