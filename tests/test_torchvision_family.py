@@ -272,3 +272,128 @@ def test_mps_trains_where_ultralytics_would(tmp_path, tiny_data):
     res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "m"), "-q"])
     assert res.exit_code == 0 and "CUDA" not in res.output, res.output
     assert (tmp_path / "m" / "weights.pt").is_file()
+
+
+def _saved_forms(tmp_path):
+    """One Faster R-CNN (MobileNetV3-Large FPN, 3 classes + background) saved the ways users save theirs."""
+    import argparse
+
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    torch.manual_seed(0)
+    net = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=4).eval()
+    sd = net.state_dict()
+    frozen = {f"module.{k}": v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # DDP, frozen BN
+    forms = {"state_dict": sd, "ddp_frozen_bn": frozen,  # torchvision's references: checkpoint.pth
+             "references": {"model": sd, "optimizer": {}, "epoch": 3,
+                            "args": argparse.Namespace(model="fasterrcnn_mobilenet_v3_large_fpn")},
+             "whole": net}
+    for name, obj in forms.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    return net
+
+
+def test_a_users_own_faster_rcnn_weights_load_as_the_model_they_are(tmp_path):
+    """``torch.save(model)``, its state dict (DDP prefix and frozen BatchNorm too) and torchvision's references'
+    ``checkpoint.pth`` load as that detector: the builder whose shapes they have, the classes from the box predictor,
+    and the same detections as the user's model (at the input size it is given)."""
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import TorchvisionDetector
+
+    net = _saved_forms(tmp_path)
+    x = torch.rand(2, 3, 256, 256)  # 4800 anchors: more proposals than either RPN keeps
+    net.transform.min_size, net.transform.max_size = (256,), 256
+    with torch.no_grad():
+        ref = TorchvisionDetector("fasterrcnn_mobilenet_v3_large_fpn", 3, 256).eval()
+        ref.net = net
+        want = ref(x)
+    assert int((want[:, 4:] > 0).sum()) > 0  # detections to compare
+    # a bare state dict cannot tell the two MobileNetV3 builders apart (same shapes): the 320 one
+    builders = {"state_dict": ("fasterrcnn_mobilenet_v3_large_320_fpn", 320),
+                "ddp_frozen_bn": ("fasterrcnn_mobilenet_v3_large_320_fpn", 320),
+                "references": ("fasterrcnn_mobilenet_v3_large_fpn", 800),
+                "whole": ("fasterrcnn_mobilenet_v3_large_fpn", 800)}
+    for name, (builder, imgsz) in builders.items():
+        m = load_detector(tmp_path / f"{name}.pt")
+        assert isinstance(m, TorchvisionDetector) and not m.training, name
+        assert (m.builder, m.nc, m.imgsz, m.names) == (builder, 3, imgsz, {0: "0", 1: "1", 2: "2"}), name
+        with torch.no_grad():
+            got = m(x)
+        if builder == "fasterrcnn_mobilenet_v3_large_fpn":
+            assert torch.equal(got, want), name
+        else:  # the same weights; the 320 builder's RPN keeps 150 proposals per image instead of 1000
+            assert got.shape == want.shape and not torch.equal(got, want), name
+            ref.net.rpn._pre_nms_top_n["testing"] = ref.net.rpn._post_nms_top_n["testing"] = 150
+            with torch.no_grad():
+                assert torch.equal(got, ref(x)), name
+            ref.net.rpn._pre_nms_top_n["testing"] = ref.net.rpn._post_nms_top_n["testing"] = 1000
+
+
+@pytest.mark.parametrize("what, says", [
+    ("image_std", "image_std ((0.5, 0.5, 0.5)) are not torchvision's fasterrcnn_mobilenet_v3_large_320_fpn defaults"),
+    ("mask_head", "a torchvision detector's weights (3 classes) that none of kdctl's builders takes"),
+    ("no_classes", "roi_heads.box_predictor.cls_score.weight is not a (classes + 1, features) weight"),
+])
+def test_faster_rcnn_weights_kdctl_cannot_rebuild_are_one_line(tmp_path, tiny_data, what, says):
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    from kdctl.detectors.torchvision import CLS_SCORE
+
+    torch.manual_seed(0)
+    std = [0.5, 0.5, 0.5] if what == "image_std" else None
+    net = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=4, image_std=std)
+    obj = net if what == "image_std" else dict(net.state_dict())
+    if what == "mask_head":  # Mask R-CNN's weights: the box predictor and more
+        obj["roi_heads.mask_head.0.0.weight"] = torch.zeros(256, 256, 3, 3)
+    if what == "no_classes":
+        obj[CLS_SCORE] = torch.zeros(1, 1024)
+    torch.save(obj, tmp_path / "user.pt")
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "user.pt"), "--data", str(tiny_data), "--out",
+                                   str(tmp_path / "ev")])
+    assert res.exit_code != 0 and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    line = " ".join(res.output.split())
+    assert "Traceback" not in res.output and f"cannot load checkpoint '{tmp_path / 'user.pt'}'" in line, line
+    assert says in line, line
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.slow
+def test_a_users_faster_rcnn_weights_are_scored_taught_from_and_fine_tuned(tmp_path, tiny_data, frcnn_bundle):
+    """A trained Faster R-CNN saved as torchvision's references save it (``{"model": state_dict, "args": ...}``)
+    scores what kdctl's own checkpoint of the same weights scores, teaches a distillation, and a bare state dict of
+    it is fine-tuned as the student."""
+    import argparse
+
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors import load_detector
+
+    m = load_detector(frcnn_bundle / "weights.pt")
+    teacher, student = tmp_path / "checkpoint.pth", tmp_path / "student.pt"
+    torch.save({"model": m.net.state_dict(), "epoch": 1, "args": argparse.Namespace(model=m.builder)}, teacher)
+    torch.save(m.net.state_dict(), student)
+    run = CliRunner()
+    scores = []
+    for i, model in enumerate((frcnn_bundle, teacher)):
+        res = run.invoke(app, ["eval", str(model), "--data", str(tiny_data), "--imgsz", "128", "--out",
+                               str(tmp_path / f"ev{i}")])
+        assert res.exit_code == 0, res.output
+        scores.append(load_bundle(tmp_path / f"ev{i}", verify=True).metrics)
+    assert scores[0]["map50_95"] > 0 and scores[1]["map50_95"] == scores[0]["map50_95"]
+    assert scores[1]["per_class_ap50_95"] == scores[0]["per_class_ap50_95"]  # class k is torchvision's label k + 1
+    r = tmp_path / "kd.yaml"
+    r.write_text(f"name: user-frcnn\nstudent: {{model: '{student}'}}\nteacher: {{model: '{teacher}'}}\n"
+                 f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 64, batch: 8, lr0: 0.001, optimizer: SGD}}\n"
+                 "distill: {losses: [{name: roi_kd, params: {temperature: 2.0}}]}\n")
+    res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "kd")])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "kd", verify=True)
+    assert b.manifest["inputs"]["teacher"]["sha256"] == _file_sha(teacher)
+    assert b.metrics["epochs"][0]["train/kd_roi_kd"] > 0
+    tuned = load_detector(tmp_path / "kd" / "weights.pt")
+    assert (tuned.builder, tuned.nc, tuned.imgsz) == ("fasterrcnn_mobilenet_v3_large_320_fpn", 3, 64)
+
+
+def _file_sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -104,7 +104,7 @@ class NotACheckpoint(ValueError):
 
 
 WHOLE_MODEL = ("kdctl reads whole-model checkpoints: an Ultralytics .pt (a training run's weights/best.pt, or "
-               "YOLO(...).save()), a kdctl bundle's weights.pt, or a bundle")
+               "YOLO(...).save()), a kdctl bundle's weights.pt, or a bundle (and torchvision Faster R-CNN weights)")
 
 
 def _weights_only(ckpt) -> bool:
@@ -131,8 +131,9 @@ def load_detector(path):
             ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception:
             raise first from None
-        if torchvision.is_checkpoint(ckpt):
-            return torchvision.from_checkpoint(ckpt)
+        model = torchvision.from_saved(ckpt)  # kdctl's checkpoint, or a user's own Faster R-CNN weights
+        if model is not None:
+            return model
         if _weights_only(ckpt):
             raise NotACheckpoint(f"it holds only weight tensors (a state_dict), not the model; {WHOLE_MODEL}") from None
         if isinstance(ckpt, dict) and "model" in ckpt and not any(isinstance(ckpt.get(k), torch.nn.Module)

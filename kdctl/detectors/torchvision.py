@@ -122,6 +122,106 @@ def from_checkpoint(ckpt: dict) -> TorchvisionDetector:
     return m.float().eval()
 
 
+STATE_KEYS = ("model", "state_dict", "model_state_dict", "ema")  # where training scripts keep a state dict
+CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"  # (nc + 1, features): background is class 0
+
+
+def from_saved(obj) -> TorchvisionDetector | None:
+    """The detector in a loaded ``.pt``: a kdctl checkpoint, or a Faster R-CNN a user saved their own way --
+    ``torch.save(model)``, ``torch.save(model.state_dict())``, or torchvision's references' ``checkpoint.pth``
+    (``{"model": state_dict, "args": ...}``; a DDP ``module.`` prefix is dropped). None when ``obj`` holds no
+    torchvision two-stage detector; :class:`NotACheckpoint` (one line) when it holds one kdctl cannot rebuild.
+
+    kdctl rebuilds the model with the builder whose weights have exactly these shapes and loads them (the classes
+    are torchvision's: label k + 1 is the dataset's class k); BatchNorm layers frozen by a pretrained backbone
+    (``FrozenBatchNorm2d``: no ``num_batches_tracked``) load into plain ones, the same in eval mode. The two
+    MobileNetV3 builders share their weights' shapes and differ in the RPN's test-time proposal counts (150 for
+    the 320 one, 1000): a whole model, or the references' ``args.model``, says which; a bare state dict is taken
+    as the 320 one."""
+    if is_checkpoint(obj):
+        return from_checkpoint(obj)
+    found = _saved_state(obj)
+    if found is None:
+        return None
+    state, module, hint = found
+    from kdctl.detectors import NotACheckpoint
+
+    if not isinstance(state[CLS_SCORE], torch.Tensor) or state[CLS_SCORE].ndim != 2 or state[CLS_SCORE].shape[0] < 2:
+        raise NotACheckpoint(f"its {CLS_SCORE} is not a (classes + 1, features) weight")
+    nc = int(state[CLS_SCORE].shape[0]) - 1
+    matches = [b for b in BUILDERS if _same_shapes(state, _reference(b, nc).state_dict())]
+    if not matches:
+        raise NotACheckpoint(f"a torchvision detector's weights ({nc} classes) that none of kdctl's builders takes "
+                             f"({', '.join(BUILDERS)}: other layers or shapes)")
+    builder = hint if hint in matches else matches[0]
+    if module is not None and len(matches) > 1:
+        testing = module.rpn._pre_nms_top_n.get("testing")
+        builder = next((b for b in matches if _reference(b, nc).rpn._pre_nms_top_n["testing"] == testing), builder)
+    if module is not None:
+        _check_rebuilt(module, _reference(builder, nc), builder)
+    imgsz = int((module or _reference(builder, nc)).transform.min_size[-1])
+    m = TorchvisionDetector(builder, nc, imgsz)
+    m.net.load_state_dict({**m.net.state_dict(), **state})  # a frozen BatchNorm's num_batches_tracked stays 0
+    return m.float().eval()
+
+
+def _saved_state(obj) -> tuple[dict, nn.Module | None, str | None] | None:
+    """(state dict, the whole model if saved so, a builder named beside it) of a torchvision two-stage detector."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    hint = None
+    if isinstance(obj, dict):  # torchvision's references keep their argparse options under "args"
+        args = obj.get("args")
+        hint = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+    for d in (obj, *(obj.get(k) for k in STATE_KEYS)) if isinstance(obj, dict) else (obj,):
+        if isinstance(d, GeneralizedRCNN):
+            return d.state_dict(), d, hint
+        if isinstance(d, dict) and d and all(isinstance(k, str) for k in d):
+            if all(k.startswith("module.") for k in d):
+                d = {k[len("module."):]: v for k, v in d.items()}
+            if CLS_SCORE in d and all(isinstance(v, torch.Tensor) for v in d.values()):
+                return d, None, hint
+    return None
+
+
+def _reference(builder: str, nc: int) -> nn.Module:
+    """The builder's model with torchvision's defaults, on the meta device (shapes and settings, no memory)."""
+    from torchvision.models import detection
+
+    with torch.device("meta"):
+        return getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=nc + 1)
+
+
+def _same_shapes(state: dict, ref: dict) -> bool:
+    optional = {k for k in ref if k.endswith(".num_batches_tracked")}
+    return set(ref) - optional <= set(state) <= set(ref) and all(tuple(state[k].shape) == tuple(ref[k].shape)
+                                                                  for k in state)
+
+
+def _check_rebuilt(module: nn.Module, ref: nn.Module, builder: str) -> None:
+    """A whole model whose anchors or input normalisation are not the builder's defaults would be another model
+    once rebuilt from its weights: refused, naming what differs."""
+    from kdctl.detectors import NotACheckpoint
+
+    ours, theirs = ref.rpn.anchor_generator, module.rpn.anchor_generator
+    for what, a, b in (("anchor sizes", theirs.sizes, ours.sizes),
+                       ("anchor aspect ratios", theirs.aspect_ratios, ours.aspect_ratios),
+                       ("image_mean", module.transform.image_mean, ref.transform.image_mean),
+                       ("image_std", module.transform.image_std, ref.transform.image_std)):
+        if _floats(a) != _floats(b):
+            raise NotACheckpoint(f"its {what} ({_short(a)}) are not torchvision's {builder} defaults ({_short(b)}), "
+                                 "which kdctl rebuilds it with")
+
+
+def _floats(v):
+    return [_floats(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+
+
+def _short(v) -> str:
+    s = str(tuple(v) if isinstance(v, list) else v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 QAT_SCOPE = "net.backbone."  # quantized in QAT, as post-training INT8 quantizes (float_tail): backbone and FPN
 
 
@@ -312,8 +412,8 @@ class Trainer:
         ref = str(self.args["model"])
         if ref.startswith(PREFIX):
             self.model = TorchvisionDetector(builder_name(ref), len(names), self.imgsz, names)
-        else:  # a kdctl torchvision checkpoint: fine-tune it, at this recipe's input size (not the one it was built at)
-            self.model = from_checkpoint(torch.load(ref, map_location="cpu", weights_only=False))
+        else:  # a torchvision checkpoint (kdctl's or a user's own): fine-tune it, at this recipe's input size
+            self.model = from_saved(torch.load(ref, map_location="cpu", weights_only=False))
             self.model.names = names
             self.model.pin_input_size(self.imgsz)
         self.start_epoch, self.best, self.ckpt = 0, -1.0, ckpt
