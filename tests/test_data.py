@@ -54,11 +54,11 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
     for names, problem in [({"0": "a", 1: "b", 2: "c"}, None),  # Ultralytics reads ids with int(): '0' is 0
                            ({0: "a", "zero": "b"}, "class id 'zero' is not a whole number"),
                            ({0: "a", "0": "b", 1: "c"}, "class id 0 is given twice"),
-                           ({0: "a", 1: "b", 2: "a"}, r"class names repeat \(a\)"),
-                           (["a", "b", "b"], r"class names repeat \(b\)")]:
+                           ({0: "a", 1: "b", 2: "a"}, None),  # a name two classes share: Ultralytics trains it
+                           (["a", "b", "b"], None)]:
         bad.write_text(yaml.safe_dump({"path": root, "train": "images/train", "val": "images/val", "names": names}))
         if problem is None:
-            assert load_yolo_yaml(bad).names == ["a", "b", "c"]
+            assert load_yolo_yaml(bad).names == (list(names.values()) if isinstance(names, dict) else names)
         else:
             with pytest.raises(DataError, match=f"field 'names': {problem}"):
                 load_yolo_yaml(bad)
@@ -749,3 +749,36 @@ def test_cache_folder_follows_kdctl_cache_then_xdg_and_an_empty_variable_is_unse
     monkeypatch.delenv("KDCTL_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == Path(tmp_path / "home" / ".cache" / "kdctl")
+
+
+def test_a_name_two_classes_share_keeps_both_classes_apart(tmp_path, tiny_data, trained_bundle):
+    """Ultralytics trains a dataset whose names repeat (a COCO export with two categories of one name); kdctl refused
+    it. Per-class results now key such classes by name and id, so neither overwrites the other: ``data check``'s
+    counts and ``eval``'s AP are the same numbers, class by class, as under distinct names."""
+    from kdctl.bundle import load_bundle
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump({"path": str(tiny_data.parent), "train": "images/train", "val": "images/val",
+                                     "names": ["car", "bus", "car"]}))
+    run = CliRunner()
+    checks = []
+    for data in (tiny_data, twice):
+        res = run.invoke(app, ["data", "check", str(data), "--json"])
+        assert res.exit_code == 0, res.output
+        checks.append(json.loads(res.stdout)["splits"]["train"]["per_class"])
+    assert list(checks[1]) == ["car (class 0)", "bus", "car (class 2)"]
+    assert list(checks[1].values()) == list(checks[0].values()) and sum(checks[0].values()) > 0
+    plain = run.invoke(app, ["data", "check", str(twice)])
+    assert plain.exit_code == 0 and "2 car" in plain.output, plain.output
+    aps = []
+    for i, data in enumerate((tiny_data, twice)):
+        res = run.invoke(app, ["eval", str(trained_bundle), "--data", str(data), "--out", str(tmp_path / f"ev{i}")])
+        assert res.exit_code == 0, res.output
+        aps.append(load_bundle(tmp_path / f"ev{i}", verify=True).metrics["per_class_ap50_95"])
+    assert list(aps[1]) == ["car (class 0)", "bus", "car (class 2)"]
+    assert list(aps[1].values()) == list(aps[0].values())
+    spec = make_coco(tmp_path)  # a COCO set whose two categories share a name converts and loads too
+    coco = json.loads(Path(spec["train_annotations"]).read_text())
+    coco["categories"] = [{"id": 3, "name": "pet"}, {"id": 9, "name": "pet"}]
+    Path(spec["train_annotations"]).write_text(json.dumps(coco))
+    assert coco_dataset(**spec).names == ["pet", "pet"]

@@ -77,6 +77,7 @@ def check(
     from rich.table import Table
 
     from kdctl.data.check import check_dataset
+    from kdctl.data.resolve import class_keys
 
     r = check_dataset(data)
 
@@ -91,8 +92,8 @@ def check(
         c.add_column("class")
         for name in r["splits"]:
             c.add_column(name, justify="right")
-        for i, cls in enumerate(r["names"]):
-            c.add_row(f"{i} {cls}", *(f"{s['per_class'][cls]:,}" for s in r["splits"].values()))
+        for i, (cls, key) in enumerate(zip(r["names"], class_keys(r["names"]))):
+            c.add_row(f"{i} {cls}", *(f"{s['per_class'][key]:,}" for s in r["splits"].values()))
         console.print(c)
         for name, s in r["splits"].items():
             if s["classes_without_objects"]:

@@ -22,11 +22,13 @@ def _is_recipe(path: Path) -> bool:
 def _split_summary(check, names: list[str]) -> dict:
     """What one split holds, from the reader's check of it (``SplitCheck``: the usable images, a line per invalid
     one, objects per class), so no label file is read twice."""
-    per_class = check.per_class
+    from kdctl.data.resolve import class_keys
+
+    per_class, keys = check.per_class, class_keys(names)
     return {"images": len(check.images) + len(check.skipped), "usable": len(check.images),
             "skipped": len(check.skipped), "objects": check.objects, "background_images": check.background,
-            "per_class": {n: per_class.get(i, 0) for i, n in enumerate(names)},
-            "classes_without_objects": [n for i, n in enumerate(names) if not per_class.get(i)]}
+            "per_class": {n: per_class.get(i, 0) for i, n in enumerate(keys)},
+            "classes_without_objects": [n for i, n in enumerate(keys) if not per_class.get(i)]}
 
 
 def check_dataset(path: str | Path) -> dict:

@@ -82,6 +82,14 @@ class Dataset:
                             f"{', '.join(theirs)}")
 
 
+def class_keys(names: list[str]) -> list[str]:
+    """What per-class results (AP, object counts) are keyed by: the class names, except that a name several classes
+    share (Ultralytics trains such a dataset: a COCO export with two categories of one name, a merged label set) is
+    given with its class id, ``car (class 3)``, so no class reads as, or overwrites, another."""
+    count = Counter(names)
+    return [f"{n} (class {i})" if count[n] > 1 else n for i, n in enumerate(names)]
+
+
 def _beside_images(img: Path, folder: str) -> Path | None:
     s = str(img)
     i = s.rfind(f"{os.sep}images{os.sep}")
@@ -242,9 +250,6 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         names = [str(n) for n in names]
     else:
         raise DataError(f"{path}: field 'names': expected a list or an id->name mapping")
-    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
-    if repeated:  # per-class AP is reported by name: two classes of one name would read as one
-        raise DataError(f"{path}: field 'names': class names repeat ({', '.join(repeated)})")
     if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool)):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} is not a whole number (the class count)")
     if "nc" in data and data["nc"] != len(names):

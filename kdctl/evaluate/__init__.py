@@ -52,10 +52,12 @@ def evaluate_backend(backend: Backend, images: list[Path], names: list[str], img
 def evaluate_with_records(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
                           progress=None) -> tuple[dict, MatchRecords]:
     """The metrics and the match records they were integrated from (:mod:`kdctl.evaluate.records`)."""
+    from kdctl.data.resolve import class_keys
+
     dets = predict_images(backend, images, imgsz, batch=batch, progress=progress)
     records = match_records(dets, ground_truth(images), len(names))
     res = map_from_records(records)
-    res["per_class_ap50_95"] = {n: ap for n, ap in zip(names, res["per_class_ap50_95"])}
+    res["per_class_ap50_95"] = dict(zip(class_keys(names), res["per_class_ap50_95"]))
     res["images"] = len(images)
     res["imgsz"] = imgsz
     return res, records
