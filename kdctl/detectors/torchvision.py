@@ -149,17 +149,17 @@ def from_saved(obj) -> TorchvisionDetector | None:
     if not isinstance(state[CLS_SCORE], torch.Tensor) or state[CLS_SCORE].ndim != 2 or state[CLS_SCORE].shape[0] < 2:
         raise NotACheckpoint(f"its {CLS_SCORE} is not a (classes + 1, features) weight")
     nc = int(state[CLS_SCORE].shape[0]) - 1
-    matches = [b for b in BUILDERS if _same_shapes(state, _reference(b, nc).state_dict())]
+    refs = {b: _reference(b, nc) for b in BUILDERS}
+    matches = [b for b, ref in refs.items() if _same_shapes(state, ref.state_dict())]
     if not matches:
         raise NotACheckpoint(f"a torchvision detector's weights ({nc} classes) that none of kdctl's builders takes "
                              f"({', '.join(BUILDERS)}: other layers or shapes)")
     builder = hint if hint in matches else matches[0]
-    if module is not None and len(matches) > 1:
-        testing = module.rpn._pre_nms_top_n.get("testing")
-        builder = next((b for b in matches if _reference(b, nc).rpn._pre_nms_top_n["testing"] == testing), builder)
     if module is not None:
-        _check_rebuilt(module, _reference(builder, nc), builder)
-    imgsz = int((module or _reference(builder, nc)).transform.min_size[-1])
+        testing = module.rpn._pre_nms_top_n.get("testing")
+        builder = next((b for b in matches if refs[b].rpn._pre_nms_top_n["testing"] == testing), builder)
+        _check_rebuilt(module, refs[builder], builder)
+    imgsz = int((module or refs[builder]).transform.min_size[-1])
     m = TorchvisionDetector(builder, nc, imgsz)
     m.net.load_state_dict({**m.net.state_dict(), **state})  # a frozen BatchNorm's num_batches_tracked stays 0
     return m.float().eval()
