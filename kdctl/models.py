@@ -137,6 +137,14 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def trained_size(model) -> int | None:
+    """The input size a loaded checkpoint was trained at: Ultralytics keeps it in its train arguments, kdctl's
+    Faster R-CNN as ``imgsz``; None where neither says (a model pickled by other code)."""
+    args = getattr(model, "args", None)
+    size = args.get("imgsz") if isinstance(args, dict) else getattr(model, "imgsz", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def check_imgsz(imgsz: int, model, flag: str = "--imgsz", whose: str = "the model's", error=None) -> int:
     """An input size the detector can take: a multiple of its largest stride (else ``error``, a KdctlError class,
     naming the nearest sizes that are)."""

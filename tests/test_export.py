@@ -630,3 +630,41 @@ def test_an_out_path_that_is_not_utf8_is_refused_before_any_work(trained_bundle,
     out = tmp_path / "o\udcfe"
     line = refused_in_one_line(["export", str(trained_bundle), "--out", str(out), "-a", "onnx-fp32"], out)
     assert "o\\udcfe: has bytes that are not UTF-8 text; the model writers take UTF-8 paths only" in line
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_exports_with_data_its_path_and_hash_standing_in_for_a_parent(tmp_path, trained_bundle,
+                                                                                        tiny_data, export_cpu):
+    """``kdctl export best.pt --data data.yaml``, as ``yolo export model=best.pt``: the model scored and exported as
+    its bundle's is (the size it was trained at, the same PyTorch mAP), no parent, the file's path and hash
+    recorded; ``profile --pytorch`` runs that file and refuses it once changed. Without --data: one line, nothing
+    written."""
+    import hashlib
+    import shutil
+
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained_bundle / "weights.pt", ckpt)
+    run = CliRunner()
+    argv = ["export", str(ckpt), "--target", "cpu", "--artifact", "onnx-fp32", "--out", str(tmp_path / "x")]
+    res = run.invoke(app, argv)
+    assert res.exit_code == 2 and "--data: required to export the checkpoint" in " ".join(res.output.split())
+    assert not (tmp_path / "x").exists()
+    res = run.invoke(app, [*argv, "--data", str(tiny_data), "--json"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "x", verify=True)
+    assert b.manifest["parents"] == [] and b.recipe is None
+    assert b.manifest["inputs"]["weights"] == str(ckpt.resolve())
+    assert b.manifest["inputs"]["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    from_bundle = load_bundle(export_cpu).metrics
+    assert b.metrics["imgsz"] == from_bundle["imgsz"] == 128
+    assert b.metrics["pytorch_fp32"]["map50_95"] == from_bundle["pytorch_fp32"]["map50_95"]
+    assert arts(tmp_path / "x")["onnx-fp32"]["parity"]["ok"] is True
+    prof = ["profile", str(tmp_path / "x"), "--pytorch", "--runs", "3", "--warmup", "1", "--json"]
+    res = run.invoke(app, [*prof, "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert {r["artifact"] for r in load_bundle(tmp_path / "p").metrics["results"]} == {"pytorch-fp32", "onnx-fp32"}
+    with ckpt.open("ab") as f:
+        f.write(b"\0")
+    res = run.invoke(app, [*prof, "--out", str(tmp_path / "p2")])
+    assert res.exit_code == 1 and f"{ckpt.resolve()} was replaced after" in " ".join(res.output.split())
+    assert not (tmp_path / "p2").exists()

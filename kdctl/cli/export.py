@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
+from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
                                emit, fraction, progress_bar)
 from kdctl.bundle import delta_interval, reference_metrics
 from kdctl.limits import IMGSZ_MAX
@@ -16,7 +16,8 @@ from kdctl.runtimes import ARTIFACTS
 
 
 def export(
-    bundle: BundleArg,
+    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, or a model checkpoint (.pt, e.g. "
+                                                "Ultralytics' best.pt) with --data.", show_default=False)],
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Target preset: cpu, intel, jetson, "
                                                   "jetson-orin-nx, jetson-agx-orin, rpi, or a preset YAML path "
                                                   "(default: the recipe's export.target).")] = None,
@@ -41,7 +42,7 @@ def export(
                                                                "loses more mAP50-95 than this vs PyTorch (0.01 = 1 "
                                                                "point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
-                                                 "(default: the bundle's).")] = None,
+                                                 "(default: the bundle's; required for a .pt).")] = None,
     calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8 calibration images "
                                                              "instead of the train split: a folder (searched "
                                                              "recursively) or a .txt list; no labels needed (e.g. "
@@ -55,18 +56,21 @@ def export(
 
     Example: [bold]kdctl export runs/distill/quickstart --target cpu --max-map-drop 0.01[/bold]
 
+    A model trained elsewhere: [bold]kdctl export best.pt --data data.yaml --target intel[/bold] (its path and
+    hash are recorded in place of a parent bundle).
+
     Batched graphs: [bold]--dynamic --batch 8[/bold] (a free batch axis, TensorRT engines for 1 to 8 images), or
     [bold]--batch 4[/bold] alone (exactly 4 images per call).
     """
     from kdctl.bundle import load_bundle
-    from kdctl.export.stage import ExportOptions, export_bundle
+    from kdctl.export.stage import ExportOptions, export_bundle, is_checkpoint_file
 
     if calibration_method and calibration_method not in ("minmax", "entropy", "percentile"):
         from kdctl.errors import KdctlError
 
         raise KdctlError(f"--calibration-method: '{calibration_method}' is not one of minmax, entropy, percentile")
-    src = load_bundle(bundle, stages=("train", "distill"))
-    opts = ExportOptions.from_recipe(src.recipe, bundle=src.path, target=target, artifacts=artifact, imgsz=imgsz,
+    src = None if is_checkpoint_file(bundle) else load_bundle(bundle, stages=("train", "distill"))
+    opts = ExportOptions.from_recipe(src and src.recipe, bundle=src and src.path, target=target, artifacts=artifact, imgsz=imgsz,
                                      opset=opset, batch=batch, dynamic=dynamic, calibration_images=calibration_images,
                                      calibration_method=calibration_method,
                                      max_map_drop=max_map_drop, data=str(data) if data else None,

@@ -34,7 +34,7 @@ def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, ove
     """A model file of the user's (an Ultralytics ``best.pt``, a kdctl ``weights.pt``): no bundle records its data
     or size, so ``--data`` is required and the size is the one it was trained at (its ``train_args``), else 640."""
     from kdctl.errors import KdctlError
-    from kdctl.models import load_model, resolve_model
+    from kdctl.models import load_model, resolve_model, trained_size
 
     if not path.is_file():
         raise KdctlError(f"{path}: checkpoint not found")
@@ -43,9 +43,7 @@ def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, ove
         raise KdctlError(f"--data: required to score the checkpoint {path} (a checkpoint carries no dataset); give "
                          "the dataset YAML, e.g. --data data.yaml")
     model = load_model(ref, 0, "model", "kdctl eval")
-    args = getattr(model, "args", None)  # Ultralytics keeps its train arguments; kdctl's Faster R-CNN its size
-    trained_at = args.get("imgsz") if isinstance(args, dict) else getattr(model, "imgsz", None)
-    size = imgsz or (trained_at if isinstance(trained_at, int) and not isinstance(trained_at, bool) else 640)
+    size = imgsz or trained_size(model) or 640
     out = Path(out) if out else next_run_dir(runs_dir, "eval", path.stem, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[path]):
         return _score(model, f"the model of {path}", None, [], {"model": ref.ref, "model_sha256": ref.sha256},

@@ -104,24 +104,94 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
+@dataclass
+class _Source:
+    """What an export starts from: a train/distill bundle, or a checkpoint file of the user's (an Ultralytics
+    ``best.pt``, as ``yolo export model=best.pt``), which records no dataset (``--data`` gives it), no recipe and
+    no lineage: its path and hash go into the export bundle's inputs instead."""
+
+    path: Path                    # the bundle directory or the checkpoint file (named in errors)
+    trained: int | None           # the size it was trained at (a checkpoint's is read when its model is loaded)
+    bundle: Bundle | None = None
+    checkpoint: object = None     # kdctl.models.ResolvedModel of a checkpoint file
+
+    @property
+    def name(self) -> str:
+        return self.bundle.path.resolve().name if self.bundle else self.path.stem
+
+    @property
+    def recipe(self) -> dict | None:
+        return self.bundle.recipe if self.bundle else None
+
+    @property
+    def parents(self) -> list:
+        return [self.bundle] if self.bundle else []
+
+    @property
+    def inputs(self) -> dict:
+        if self.bundle:
+            return {"weights": str(self.bundle.file("weights"))}
+        return {"weights": self.checkpoint.ref, "weights_sha256": self.checkpoint.sha256}
+
+    def data(self) -> Path | None:
+        return self.bundle.file("data") if self.bundle else None
+
+    def load_model(self):
+        """The FP32 model (a checkpoint's training size read from it on the way)."""
+        from kdctl.models import load_bundle_weights, load_model, trained_size
+
+        if self.bundle:
+            return load_bundle_weights(self.bundle)
+        model = load_model(self.checkpoint, 0, "model", "kdctl export")
+        self.trained = trained_size(model) or 640
+        return model
+
+
+def is_checkpoint_file(path: str | Path) -> bool:
+    return Path(path).suffix in (".pt", ".pth") and not Path(path).is_dir()
+
+
+def _bundle_source(bundle: str | Path) -> _Source:
+    src = load_bundle(bundle, stages=("train", "distill"), verify=True)
+    trained = src.metrics.get("imgsz") or 640  # an integer or None (checked when the bundle was loaded)
+    if not 32 <= trained <= IMGSZ_MAX:
+        raise BundleError(f"{src.path / 'manifest.json'}: metrics.imgsz: must be the training input size "
+                          f"(32..{IMGSZ_MAX}), got {shown(trained)}")
+    return _Source(src.path, trained, bundle=src)
+
+
+def _checkpoint_source(path: Path, options: ExportOptions) -> _Source:
+    from kdctl.errors import KdctlError
+    from kdctl.models import resolve_model
+
+    if not path.is_file():
+        raise KdctlError(f"{path}: checkpoint not found")
+    ref = resolve_model(str(path), "model", "kdctl export")
+    if options.data is None:
+        raise KdctlError(f"--data: required to export the checkpoint {path} (a checkpoint carries no dataset, and "
+                         "the export calibrates INT8 on it and scores every artifact on it); give the dataset YAML, "
+                         "e.g. --data data.yaml")
+    return _Source(path, None, checkpoint=ref)
+
+
 def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path | None = None,
                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
-    src = load_bundle(bundle, stages=("train", "distill"), verify=True)
+    """Export a train/distill bundle, or a checkpoint file with ``options.data`` (see :class:`_Source`)."""
+    src = _checkpoint_source(Path(bundle), options) if is_checkpoint_file(bundle) else _bundle_source(bundle)
     preset = load_target(options.target)
-    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.path.resolve().name}-{preset.name}",
-                                             reserve=True)
+    out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.name}-{preset.name}", reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _export(src, preset, options, out, overwrite, progress)
 
 
-def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
+def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
             progress) -> Bundle:
     from kdctl.data.resolve import list_images, load_yolo_yaml
     from kdctl.evaluate import evaluate_with_records, torch_backend
     from kdctl.evaluate.coco import drop_interval
     from kdctl import detectors
     from kdctl.detectors import yolo
-    from kdctl.models import check_imgsz, load_bundle_weights, model_classes
+    from kdctl.models import check_imgsz, model_classes
 
     wanted = options.artifacts or preset.artifacts
     bad = [a for a in wanted if a not in ARTIFACTS]
@@ -133,8 +203,8 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         _need("nncf", "OpenVINO INT8 export")
     _need("onnxruntime", "ONNX export checks")
 
-    ds = load_yolo_yaml(options.data or src.file("data"), skip_invalid=options.skip_invalid)
-    model = load_bundle_weights(src)
+    ds = load_yolo_yaml(options.data or src.data(), skip_invalid=options.skip_invalid)
+    model = src.load_model()
     qat = yolo.is_qat(model)
     skipped = []
     if qat:  # its INT8 graph is the trained model; float artifacts would be a different, never-trained model
@@ -152,11 +222,7 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
     preset = _with_batch(preset, options, model, src.path)
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
-    trained = src.metrics.get("imgsz") or 640  # an integer or None (checked when the bundle was loaded)
-    if not 32 <= trained <= IMGSZ_MAX:
-        raise BundleError(f"{src.path / 'manifest.json'}: metrics.imgsz: must be the training input size "
-                          f"(32..{IMGSZ_MAX}), got {shown(trained)}")
-    imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
+    imgsz = check_imgsz(options.imgsz or preset.imgsz or src.trained, model, flag=where)
     _check_batch_memory(preset, imgsz, options, src.path)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
     qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]
@@ -216,12 +282,12 @@ def _export(src: Bundle, preset: TargetPreset, options: ExportOptions, out: Path
         calibration, parity_batches = _grouped(calibration, preset.batch), _grouped(parity_batches, preset.batch)
     elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
         parity_batches = _grouped(parity_batches, max(2, min(preset.batch, 8)))
-    inputs = {"target": preset.model_dump(), "weights": str(src.file("weights")), "data": ds.describe()}
+    inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe()}
     if calib_from:
         inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
                                       "images": len(calib_chosen), "sha256": _images_digest(calib_chosen)}
 
-    with BundleWriter(out, stage="export", recipe=src.recipe, parents=[src], overwrite=overwrite,
+    with BundleWriter(out, stage="export", recipe=src.recipe, parents=src.parents, overwrite=overwrite,
                       inputs=inputs) as w:
         arts = _build(w.path, model, preset, made, imgsz, opset, method, calibration, keep_float, plan,
                       options, val_images, ds.names, qat=qat)

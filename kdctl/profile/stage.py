@@ -133,8 +133,19 @@ def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, nam
 
 
 def _source_weights(src: Bundle) -> Path:
-    """The train/distill bundle's weights the export came from, verified and matching the recorded lineage."""
+    """The train/distill bundle's weights the export came from, verified and matching the recorded lineage; or the
+    checkpoint file it was exported from (``kdctl export best.pt``), the same bytes as then."""
     parent = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
+    inputs = src.manifest.get("inputs") or {}
+    if parent is None and isinstance(inputs.get("weights_sha256"), str) and isinstance(inputs.get("weights"), str):
+        from kdctl.bundle import sha256_file
+
+        path = Path(inputs["weights"])
+        if not path.is_file():
+            raise KdctlError(f"--pytorch: {path}, the checkpoint {src.path} was exported from, is not on this machine")
+        if sha256_file(path) != inputs["weights_sha256"]:
+            raise KdctlError(f"--pytorch: {path} was replaced after {src.path} was exported from it", exit_code=1)
+        return path
     if parent is None or not Path(parent["path"]).is_dir():
         raise KdctlError(f"--pytorch: the source bundle of {src.path} is not on this machine")
     b = load_bundle(parent["path"], stages=("train", "distill"), verify=True)
