@@ -70,9 +70,9 @@ def export(
 
         raise KdctlError(f"--calibration-method: '{calibration_method}' is not one of minmax, entropy, percentile")
     src = None if is_checkpoint_file(bundle) else load_bundle(bundle, stages=("train", "distill"))
-    opts = ExportOptions.from_recipe(src and src.recipe, bundle=src and src.path, target=target, artifacts=artifact, imgsz=imgsz,
-                                     opset=opset, batch=batch, dynamic=dynamic, calibration_images=calibration_images,
-                                     calibration_method=calibration_method,
+    opts = ExportOptions.from_recipe(src and src.recipe, bundle=src and src.path, target=target, artifacts=artifact,
+                                     imgsz=imgsz, opset=opset, batch=batch, dynamic=dynamic,
+                                     calibration_images=calibration_images, calibration_method=calibration_method,
                                      max_map_drop=max_map_drop, data=str(data) if data else None,
                                      calibration_data=str(calibration_data) if calibration_data else None,
                                      eval_images=eval_images, skip_invalid=skip_invalid or None)
