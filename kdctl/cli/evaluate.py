@@ -22,8 +22,11 @@ class Split(str, Enum):
 
 
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, or a model checkpoint (.pt) with --data.",
-                                           show_default=False)],
+    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, a model checkpoint (.pt) with --data, or an "
+                                                "export bundle (one artifact, --artifact).", show_default=False)],
+    artifact: Annotated[Optional[str], typer.Option("--artifact", "-a", help="Of an export bundle: the artifact to "
+                                                    "score in its own runtime (e.g. onnx-int8), as yolo val "
+                                                    "model=best.onnx.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's).")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
@@ -33,22 +36,27 @@ def evaluate(
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False,
     skip_invalid: SkipInvalidOpt = False, json_: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Compute COCO mAP50 and mAP50-95 of a train/distill bundle's model (or of a .pt) and write an eval bundle.
+    """Compute COCO mAP50 and mAP50-95 of a bundle's model, a .pt or an exported artifact; write an eval bundle.
 
     Example: [bold]kdctl eval runs/distill/quickstart --data data/shapes/data.yaml --split test[/bold], or
-    [bold]kdctl eval runs/detect/train/weights/best.pt --data data.yaml[/bold]
+    [bold]kdctl eval runs/detect/train/weights/best.pt --data data.yaml[/bold], or
+    [bold]kdctl eval runs/export/quickstart-cpu --artifact onnx-int8 --split test[/bold]
     """
     from kdctl.evaluate.stage import evaluate_bundle
 
     with progress_bar(not (json_ or quiet)) as p:
         b = evaluate_bundle(bundle, data=data, imgsz=imgsz, out=out, runs_dir=runs, overwrite=overwrite,
-                            skip_invalid=skip_invalid, split=split.value, device=device, progress=p)
+                            skip_invalid=skip_invalid, split=split.value, device=device, artifact=artifact,
+                            progress=p)
     m = b.metrics
     result = {"bundle": str(b.path), "map50_95": m["map50_95"], "map50": m["map50"], "map75": m["map75"],
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
+    if "artifact" in m:
+        result.update(artifact=m["artifact"], runtime=m["runtime"])
 
     def human():
-        t = Table(title=f"eval: {b.path} ({m['images']} {m['split']} images)")
+        what = f", {m['artifact']} in {m['runtime']}" if "artifact" in m else ""
+        t = Table(title=f"eval: {b.path} ({m['images']} {m['split']} images{what})")
         t.add_column("class")
         t.add_column("AP50-95", justify="right")
         for k, v in m["per_class_ap50_95"].items():

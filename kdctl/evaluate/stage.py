@@ -12,20 +12,29 @@ from kdctl.progress import Step
 def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz: int | None = None,
                     out: str | Path | None = None, runs_dir: str | Path = "runs", batch: int = 8,
                     overwrite: bool = False, skip_invalid: bool = False, split: str = "val", device: str = "cpu",
-                    progress=None) -> Bundle:
+                    artifact: str | None = None, progress=None) -> Bundle:
     """``split``: the dataset YAML's split to score (``val``, or ``test``/``train`` as Ultralytics' ``split=``);
     ``device``: ``cpu``, ``cuda`` or a GPU index (:func:`kdctl.evaluate.torch_device`).
     ``bundle`` may also be a checkpoint file (``best.pt``, as Ultralytics' ``yolo val model=best.pt``), scored on
-    ``data``, which it then needs."""
+    ``data``, which it then needs, or an export bundle: one of its artifacts (``artifact``) in its own runtime,
+    as ``yolo val model=best.onnx`` (:func:`_evaluate_artifact`)."""
     from kdctl.evaluate import torch_device
 
     dev = torch_device(device)
     if Path(bundle).suffix in (".pt", ".pth") and not Path(bundle).is_dir():
         return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
                                     dev, progress)
-    src = load_bundle(bundle, stages=("train", "distill"), verify=True)
+    src = load_bundle(bundle, stages=("train", "distill", "export"), verify=True)
+    if artifact is not None and src.stage != "export":
+        from kdctl.errors import KdctlError
+
+        raise KdctlError(f"--artifact: {src.path} is a {src.stage} bundle, which holds a PyTorch model; --artifact "
+                         "picks an exported artifact of an export bundle")
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
+        if src.stage == "export":
+            return _evaluate_artifact(src, artifact, data, imgsz, out, batch, overwrite, skip_invalid, split, dev,
+                                      progress)
         return _evaluate(src, data, imgsz, out, batch, overwrite, skip_invalid, split, dev, progress)
 
 
@@ -61,22 +70,95 @@ def _evaluate(src: Bundle, data, imgsz, out: Path, batch: int, overwrite: bool, 
                   progress)
 
 
+def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path, batch: int, overwrite: bool,
+                       skip_invalid: bool, split: str, device: str, progress) -> Bundle:
+    """One artifact of an export bundle, run in its own runtime (as the export scored it, and as ``kdctl profile``
+    runs it), on ``data`` (default: the dataset the export was checked on) at the size its graph was exported at:
+    the same numbers as the export's on the same images, and a held-out split's where asked."""
+    from kdctl.errors import KdctlError
+    from kdctl.runtimes import available, for_format, open_artifact
+
+    arts = [a for a in src.metrics.get("artifacts") or [] if a.get("files")]
+    if artifact is None and len(arts) != 1:
+        raise KdctlError(f"--artifact: {src.path} holds {', '.join(a['name'] for a in arts) or 'no artifact'}; "
+                         "name the one to score, e.g. --artifact " + (arts[-1]["name"] if arts else "onnx-fp32"))
+    art = next((a for a in arts if artifact in (None, a["name"])), None)
+    if art is None:
+        raise KdctlError(f"--artifact: '{artifact}' is not in {src.path}; it has: "
+                         f"{', '.join(a['name'] for a in arts)}")
+    size = int(src.metrics["imgsz"])
+    if imgsz is not None and imgsz != size:
+        raise KdctlError(f"--imgsz {imgsz}: {art['name']} of {src.path} was exported for {size} px inputs and takes "
+                         "no other size; leave --imgsz out, or export again at that size")
+    ok, why = available(for_format(art["format"]).name)
+    if not ok:
+        from kdctl.errors import BackendUnavailable
+
+        raise BackendUnavailable(f"{art['name']}: {why}")
+    if art["format"] == "openvino" and device != "cpu":
+        raise KdctlError(f"--device {device}: {art['name']} runs on the CPU (kdctl's OpenVINO runner); leave --device "
+                         "out")
+    run_on = "cuda" if art["format"] == "tensorrt" or device.startswith("cuda") else "cpu"
+    data = data or _export_data(src)
+    try:
+        backend = open_artifact(src.path, art, None, run_on)
+    except KdctlError:
+        raise
+    except Exception as e:  # each runtime raises its own types for a file it cannot load
+        from kdctl.errors import first_line
+
+        raise KdctlError(f"{src.path / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
+                         f"({first_line(e, 200)})", exit_code=1) from None
+    info = getattr(backend, "info", {}) or {}
+    return _score(backend, f"{art['name']} of {src.path}", src.recipe, [src], {"artifact": art["name"]}, data, size,
+                  out, batch, overwrite, skip_invalid, split, run_on, progress,
+                  classes=len(src.metrics.get("names") or []) or None, names=src.metrics.get("names"),
+                  runtime={"runtime": info.get("runtime", for_format(art["format"]).name), "artifact": art["name"],
+                           "precision": art["precision"]})
+
+
+def _export_data(src: Bundle) -> Path:
+    """The dataset an export was checked on, where it was its source bundle's own (``data.yaml``) and that bundle
+    is still here, unchanged; else ``--data`` is needed (a dataset given to the export by path may have moved, or
+    been edited, since)."""
+    from kdctl.errors import KdctlError
+
+    parent = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
+    if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle" and parent is not None \
+            and Path(parent["path"]).is_dir():
+        b = load_bundle(parent["path"], stages=("train", "distill"), verify=True)
+        if b.manifest["content_sha256"] == parent.get("content_sha256"):
+            return b.file("data")
+    raise KdctlError(f"--data: required to score an artifact of {src.path} (the dataset it was checked on is not "
+                     "its source bundle's, or that bundle is not here as it was); give the dataset YAML, e.g. --data "
+                     "data.yaml")
+
+
 def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: int, out: Path, batch: int,
-           overwrite: bool, skip_invalid: bool, split: str, device: str, progress) -> Bundle:
+           overwrite: bool, skip_invalid: bool, split: str, device: str, progress, *, classes: int | None = None,
+           names=None, runtime: dict | None = None) -> Bundle:
+    """Score ``model`` (a PyTorch model, or with ``runtime`` an artifact's backend that predicts ``classes``
+    classes) on ``data``'s ``split`` and write the eval bundle."""
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
     from kdctl.models import check_imgsz, model_classes
 
     ds = load_yolo_yaml(data, skip_invalid=skip_invalid, splits=("val",), score=split)
-    check_imgsz(size, model)
-    ds.check_model_classes(model_classes(model), what, names=getattr(model, "names", None))
+    if runtime is None:
+        check_imgsz(size, model)
+        classes, names, backend = model_classes(model), getattr(model, "names", None), torch_backend(model, device)
+    else:
+        backend = model
+    if classes is not None:  # an export of an older kdctl may not list its classes
+        ds.check_model_classes(classes, what, names=names)
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
-    metrics, records = evaluate_with_records(torch_backend(model, device), ds.val_images, ds.names, size,
-                                             batch=batch, progress=step.advance)
+    metrics, records = evaluate_with_records(backend, ds.val_images, ds.names, size, batch=batch,
+                                             progress=step.advance)
     with BundleWriter(out, stage="eval", recipe=recipe, parents=parents, overwrite=overwrite,
                       inputs={"data": ds.describe(), **inputs}) as w:
-        w.metrics.update({"runtime": "pytorch", "precision": "fp32", "device": device, "split": split, **metrics})
+        w.metrics.update({"runtime": "pytorch", "precision": "fp32", **(runtime or {}), "device": device,
+                          "split": split, **metrics})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
         add_records(w, records, ds.val_images)  # what the report's paired interval resamples

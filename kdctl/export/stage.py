@@ -282,7 +282,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
         calibration, parity_batches = _grouped(calibration, preset.batch), _grouped(parity_batches, preset.batch)
     elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
         parity_batches = _grouped(parity_batches, max(2, min(preset.batch, 8)))
-    inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe()}
+    inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
+              "data_from": "--data" if options.data else "the source bundle"}  # what kdctl eval of an artifact reuses
     if calib_from:
         inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
                                       "images": len(calib_chosen), "sha256": _images_digest(calib_chosen)}
