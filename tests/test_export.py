@@ -693,10 +693,19 @@ def test_eval_scores_an_exported_artifact_in_its_runtime_as_the_export_did(tmp_p
     for argv, says in [([], f"--artifact: {export_cpu} holds {names}; name the one to score"),
                        (["-a", "onnx-fp16"], f"--artifact: 'onnx-fp16' is not in {export_cpu}; it has: {names}"),
                        (["-a", "onnx-int8", "--imgsz", "256"], f"--imgsz 256: onnx-int8 of {export_cpu} was "
-                                                               "exported for 128 px inputs")]:
+                                                               "exported for 128 px inputs"),
+                       (["-a", "onnx-int8", "--device", "3"], "--device: '3'; an exported artifact runs on cpu or "
+                                                              "cuda")]:
         res = run.invoke(app, ["eval", str(export_cpu), *argv, "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and says in " ".join(res.output.split()), (argv, res.output)
         assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+    from kdctl.runtimes.onnxruntime import gpu_providers
+
+    if not gpu_providers()[0]:  # no GPU provider in this ONNX Runtime: the runtime's own reason, after the flag
+        res = run.invoke(app, ["eval", str(export_cpu), "-a", "onnx-int8", "--device", "cuda", "--out",
+                               str(tmp_path / "x")])
+        assert res.exit_code != 0 and "--device cuda: onnx-int8: ONNX Runtime here has no CUDA" in " ".join(
+            res.output.split()) and not (tmp_path / "x").exists()
     # exported on a dataset given by path: that path may have moved since, so eval asks for it
     res = run.invoke(app, ["export", str(load_bundle(export_cpu).manifest["parents"][0]["path"]), "--target", "cpu",
                            "-a", "onnx-fp32", "--data", str(tiny_data), "--out", str(tmp_path / "d")])
@@ -706,3 +715,26 @@ def test_eval_scores_an_exported_artifact_in_its_runtime_as_the_export_did(tmp_p
     res = run.invoke(app, ["eval", str(tmp_path / "d"), "--data", str(tiny_data), "--out", str(tmp_path / "x")])
     assert res.exit_code == 0 and load_bundle(tmp_path / "x").metrics["map50_95"] == arts(tmp_path / "d")[
         "onnx-fp32"]["metrics"]["map50_95"]
+
+
+def test_eval_finds_an_engine_built_on_the_device_after_export(tmp_path, export_jetson):
+    """A Jetson export's TensorRT engines are built on the device (build_engine.sh), where ``kdctl eval -a
+    tensorrt-int8`` is their only accuracy check: the engine beside the bundle's files is the artifact (here, with
+    no TensorRT or no real engine, it then stops in one line at the runtime), and without it the artifact is not
+    offered."""
+    import shutil
+
+    from kdctl.runtimes import available
+
+    bundle = tmp_path / "jetson"
+    shutil.copytree(export_jetson, bundle)
+    argv = ["eval", str(bundle), "-a", "tensorrt-int8", "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2 and f"--artifact: 'tensorrt-int8' is not in {bundle}" in " ".join(res.output.split())
+    (bundle / "model-int8.engine").write_bytes(b"not an engine")  # what build_engine.sh writes, in name
+    res = CliRunner().invoke(app, argv)
+    ok, why = available("tensorrt")
+    says = f"{bundle / 'model-int8.engine'}: tensorrt-int8 cannot be loaded by its runtime" if ok else \
+        f"tensorrt-int8: {why}"
+    assert res.exit_code != 0 and says in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x").exists()

@@ -18,18 +18,24 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
     ``bundle`` may also be a checkpoint file (``best.pt``, as Ultralytics' ``yolo val model=best.pt``), scored on
     ``data``, which it then needs, or an export bundle: one of its artifacts (``artifact``) in its own runtime,
     as ``yolo val model=best.onnx`` (:func:`_evaluate_artifact`)."""
+    from kdctl.errors import KdctlError
     from kdctl.evaluate import torch_device
 
-    dev = torch_device(device)
     if Path(bundle).suffix in (".pt", ".pth") and not Path(bundle).is_dir():
         return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
-                                    dev, progress)
+                                    torch_device(device), progress)
     src = load_bundle(bundle, stages=("train", "distill", "export"), verify=True)
     if artifact is not None and src.stage != "export":
-        from kdctl.errors import KdctlError
-
         raise KdctlError(f"--artifact: {src.path} is a {src.stage} bundle, which holds a PyTorch model; --artifact "
                          "picks an exported artifact of an export bundle")
+    if src.stage == "export":  # the artifact's runtime finds its GPU; a device has no PyTorch to ask (README)
+        dev = str(device).strip().lower()
+        if dev not in ("cpu", "cuda", "0"):
+            raise KdctlError(f"--device: '{device}'; an exported artifact runs on cpu or cuda (its runtime's first "
+                             "GPU)")
+        dev = "cuda" if dev == "0" else dev
+    else:
+        dev = torch_device(device)
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         if src.stage == "export":
@@ -75,10 +81,10 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
     """One artifact of an export bundle, run in its own runtime (as the export scored it, and as ``kdctl profile``
     runs it), on ``data`` (default: the dataset the export was checked on) at the size its graph was exported at:
     the same numbers as the export's on the same images, and a held-out split's where asked."""
-    from kdctl.errors import KdctlError
-    from kdctl.runtimes import available, for_format, open_artifact
+    from kdctl.errors import BackendUnavailable, KdctlError
+    from kdctl.runtimes import available, bundle_artifacts, for_format, open_artifact
 
-    arts = [a for a in src.metrics.get("artifacts") or [] if a.get("files")]
+    arts = bundle_artifacts(src)  # TensorRT engines built on the device too: their only accuracy check is here
     if artifact is None and len(arts) != 1:
         raise KdctlError(f"--artifact: {src.path} holds {', '.join(a['name'] for a in arts) or 'no artifact'}; "
                          "name the one to score, e.g. --artifact " + (arts[-1]["name"] if arts else "onnx-fp32"))
@@ -92,16 +98,16 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
                          "no other size; leave --imgsz out, or export again at that size")
     ok, why = available(for_format(art["format"]).name)
     if not ok:
-        from kdctl.errors import BackendUnavailable
-
         raise BackendUnavailable(f"{art['name']}: {why}")
     if art["format"] == "openvino" and device != "cpu":
         raise KdctlError(f"--device {device}: {art['name']} runs on the CPU (kdctl's OpenVINO runner); leave --device "
                          "out")
-    run_on = "cuda" if art["format"] == "tensorrt" or device.startswith("cuda") else "cpu"
+    run_on = "cuda" if art["format"] == "tensorrt" else device
     data = data or _export_data(src)
     try:
         backend = open_artifact(src.path, art, None, run_on)
+    except BackendUnavailable as e:  # e.g. no CUDA provider for --device cuda
+        raise BackendUnavailable(f"--device {device}: {art['name']}: {e}", exit_code=e.exit_code) from None
     except KdctlError:
         raise
     except Exception as e:  # each runtime raises its own types for a file it cannot load
@@ -110,7 +116,8 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
         raise KdctlError(f"{src.path / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
                          f"({first_line(e, 200)})", exit_code=1) from None
     info = getattr(backend, "info", {}) or {}
-    return _score(backend, f"{art['name']} of {src.path}", src.recipe, [src], {"artifact": art["name"]}, data, size,
+    inputs = {"artifact": art["name"], **({"engine_sha256": art["engine_sha256"]} if "engine_sha256" in art else {})}
+    return _score(backend, f"{art['name']} of {src.path}", src.recipe, [src], inputs, data, size,
                   out, batch, overwrite, skip_invalid, split, run_on, progress,
                   classes=len(src.metrics.get("names") or []) or None, names=src.metrics.get("names"),
                   runtime={"runtime": info.get("runtime", for_format(art["format"]).name), "artifact": art["name"],

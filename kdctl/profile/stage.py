@@ -230,16 +230,9 @@ def _check_export_metrics(src: Bundle) -> None:
 def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tuple[list[dict], dict]:
     """The export's artifacts to profile (device-built engines included, filtered by ``--artifact``/``--runtime``,
     the PyTorch reference first when asked) that can run here, and why the others cannot."""
-    arts = []
-    for a in src.metrics.get("artifacts") or []:
-        if not a["files"] and a["format"] == "tensorrt" and (src.path / f"model-{a['precision']}.engine").is_file():
-            # built on the device by build_engine.sh after export: profile it, recording its hash
-            from kdctl.bundle import sha256_file
+    from kdctl.runtimes import bundle_artifacts
 
-            engine = src.path / f"model-{a['precision']}.engine"
-            a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
-        if a["files"]:
-            arts.append(a)
+    arts = bundle_artifacts(src)  # device-built engines included, with their hashes
     if artifacts is not None:
         unknown = sorted(set(artifacts) - {a["name"] for a in arts})
         if unknown:

@@ -52,6 +52,22 @@ def available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def bundle_artifacts(bundle) -> list[dict]:
+    """An export bundle's artifacts that have files to run: those the export wrote, and the TensorRT engines
+    ``build_engine.sh`` built on the device after it (``model-<precision>.engine`` beside the bundle's files, which
+    its manifest allows), each with its hash, since the manifest could not record one."""
+    from kdctl.bundle import sha256_file
+
+    arts = []
+    for a in bundle.metrics.get("artifacts") or []:
+        engine = bundle.path / f"model-{a['precision']}.engine"
+        if not a["files"] and a["format"] == "tensorrt" and engine.is_file():
+            a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
+        if a["files"]:
+            arts.append(a)
+    return arts
+
+
 def open_artifact(root: Path, art: dict, threads: int | None, device: str):
     """A runner for one artifact of an export bundle (``art`` as its metrics list it)."""
     from kdctl.errors import KdctlError
