@@ -51,7 +51,7 @@ def kdctl_wheel(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.device_install
 @pytest.mark.parametrize("version", ["3.10", "3.12"])
-def test_device_package_profiles_without_torch(tmp_path, export_cpu, kdctl_wheel, version):
+def test_device_package_profiles_without_torch(tmp_path, export_cpu, kdctl_wheel, version, tiny_data):
     exe = _python(version)
     if exe is None:
         pytest.skip(f"no python{version} with venv on this machine")
@@ -77,6 +77,12 @@ def test_device_package_profiles_without_torch(tmp_path, export_cpu, kdctl_wheel
     r = subprocess.run([str(venv / "bin" / "kdctl"), "gate", str(out), "--min-map", "0", "--out", str(tmp_path / "g")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    # an artifact scored on the device, as a TensorRT engine built there is (its source bundle is not there: --data)
+    r = subprocess.run([str(venv / "bin" / "kdctl"), "eval", str(bundle), "-a", "onnx-int8", "--data", str(tiny_data),
+                        "--out", str(tmp_path / "e"), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = {a["name"]: a for a in json.loads((bundle / "manifest.json").read_text())["metrics"]["artifacts"]}
+    assert json.loads(r.stdout)["map50_95"] == recorded["onnx-int8"]["metrics"]["map50_95"]
 
 
 @pytest.mark.long
