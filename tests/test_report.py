@@ -427,6 +427,25 @@ def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
                          ["profile", "p/onnx-fp32", "—", "", "None", "—", "1.00 / 2.00 / 3.00", "—"]]
 
 
+def test_an_eval_row_says_which_artifact_and_split_it_scored(tmp_path):
+    """An eval of an exported artifact, or of the test split, is another measurement than the PyTorch model's on the
+    validation images: its row in the models table says which (it read as a plain eval of the model)."""
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.report.stage import _rows
+
+    def bundle(name, **metrics):
+        with BundleWriter(tmp_path / name, stage="eval") as w:
+            w.metrics.update(metrics)
+        return load_bundle(tmp_path / name)
+
+    chain = [bundle("v", map50_95=0.5, split="val", runtime="pytorch"),
+             bundle("a", map50_95=0.4, split="val", runtime="onnxruntime", artifact="onnx-int8"),
+             bundle("t", map50_95=0.3, split="test", runtime="openvino", artifact="openvino-int8"),
+             bundle("s", map50_95=0.2, split="train")]
+    assert [r[1] for r in _rows(chain)[0]] == ["v", "a (onnx-int8)", "t (openvino-int8, test split)",
+                                               "s (train split)"]
+
+
 def test_user_names_are_literal_in_the_markdown(tmp_path):
     """Class names and bundle folders are the user's: a ``|`` split its table row into an extra column, ``<img …>``
     went into report.md as HTML, a ``"`` ended the lineage graph's Mermaid label early, and a pair of ``$`` in a

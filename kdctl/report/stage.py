@@ -63,7 +63,13 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
     for b in chain:
         m = b.metrics
         if b.stage in ("train", "distill", "eval"):
-            stage_rows.append([b.stage, b.path.name, _fmt(m.get("map50_95"), ".4f"), _fmt(m.get("map50"), ".4f"),
+            # an eval of an exported artifact, or of another split, says which: its mAP is not the PyTorch model's
+            # on the validation images
+            scored = [m["artifact"]] if isinstance(m.get("artifact"), str) else []
+            if isinstance(m.get("split"), str) and m["split"] != "val":
+                scored.append(f"{m['split']} split")
+            name = f"{b.path.name} ({', '.join(scored)})" if b.stage == "eval" and scored else b.path.name
+            stage_rows.append([b.stage, name, _fmt(m.get("map50_95"), ".4f"), _fmt(m.get("map50"), ".4f"),
                                _fmt(m.get("params") or None, ","), _fmt(m.get("train_seconds") or None, ".0f", " s")])
         if b.stage == "export":
             for a in m.get("artifacts") or []:
