@@ -221,6 +221,27 @@ def _(c):
     return ["export", str(t), "--target", "cpu", "--out", str(t), "--overwrite"], 2, ["input bundle"]
 
 
+@case("export-out-is-its-checkpoint-file")
+def _(c):
+    ckpt = c.plant(c.tmp / "best.pt")
+    shutil.copy(c.train / "weights.pt", ckpt)
+    return ["export", str(ckpt), "--data", str(c.data), "--target", "cpu", "--out", str(ckpt), "--overwrite"], 2, \
+        ["--out", "is the input file", "best.pt"]
+
+
+@case("export-checkpoint-file-without-data")
+def _(c):
+    ckpt = c.plant(c.tmp / "best.pt")
+    shutil.copy(c.train / "weights.pt", ckpt)
+    return ["export", str(ckpt), "--target", "cpu", "--out", str(c.tmp / "x")], 2, ["--data: required", "best.pt"]
+
+
+@case("eval-export-artifact-not-in-the-bundle")
+def _(c):
+    return ["eval", str(c.export), "--artifact", "openvino-int8", "--out", str(c.tmp / "x")], 2, \
+        ["--artifact", "'openvino-int8' is not in"]
+
+
 @case("eval-out-inside-input")
 def _(c):
     t = c.copy(c.train, "t")

@@ -74,8 +74,9 @@ def _check_place(p: Path, flag: str, inputs: list[Path], tail: str) -> None:
         if os.path.lexists(anc) and not anc.is_dir():
             raise BundleError(f"{flag} {p}: '{anc}' is a file, not a directory")
     for inp in inputs:
-        if _within(p, inp):
-            raise BundleError(f"{flag} {p}: is {'the' if p == inp else 'inside the'} input bundle {inp}; {tail}")
+        if _within(p, inp):  # an input is a bundle, or the checkpoint file of eval/export MODEL.pt
+            what = "input file" if inp.is_file() else "input bundle"
+            raise BundleError(f"{flag} {p}: is {'the' if p == inp else 'inside the'} {what} {inp}; {tail}")
     for anc in p.parents:
         if (anc / MANIFEST).is_file():
             raise BundleError(f"{flag} {p}: lies inside the kdctl bundle {anc}; {tail}")
