@@ -142,6 +142,8 @@ def trained_size(model) -> int | None:
     Faster R-CNN as ``imgsz``; None where neither says (a model pickled by other code)."""
     args = getattr(model, "args", None)
     size = args.get("imgsz") if isinstance(args, dict) else getattr(model, "imgsz", None)
+    if isinstance(size, (list, tuple)) and size:  # imgsz=[h, w] (Ultralytics takes both forms): its longer side
+        size = max(size) if all(type(v) is int for v in size) else None
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 

@@ -738,3 +738,18 @@ def test_eval_finds_an_engine_built_on_the_device_after_export(tmp_path, export_
         f"tensorrt-int8: {why}"
     assert res.exit_code != 0 and says in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+
+
+def test_a_checkpoints_training_size_is_read_as_ultralytics_wrote_it():
+    """eval and export of a .pt run at the size it was trained at: Ultralytics' train arguments (an int, or [h, w]:
+    its longer side), kdctl's Faster R-CNN's own ``imgsz``; nothing readable: None (the caller's default, 640)."""
+    from types import SimpleNamespace
+
+    from kdctl.models import trained_size
+
+    assert trained_size(SimpleNamespace(args={"imgsz": 320})) == 320
+    assert trained_size(SimpleNamespace(args={"imgsz": [256, 416]})) == 416
+    assert trained_size(SimpleNamespace(imgsz=96)) == 96
+    for unreadable in ({"imgsz": True}, {"imgsz": "640"}, {"imgsz": [256, 4.5]}, {"imgsz": []}, {}):
+        assert trained_size(SimpleNamespace(args=unreadable)) is None, unreadable
+    assert trained_size(object()) is None
