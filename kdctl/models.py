@@ -137,6 +137,25 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def is_checkpoint_file(path: str | Path) -> bool:
+    """A model file (``best.pt``) rather than a bundle directory, where eval and export take either."""
+    return Path(path).suffix in (".pt", ".pth") and not Path(path).is_dir()
+
+
+def checkpoint_input(path: Path, data, verb: str, command: str, why: str = "") -> ResolvedModel:
+    """A checkpoint file given to ``kdctl eval``/``export`` in place of a bundle: it exists, resolves, and comes with
+    the ``--data`` it needs, since a checkpoint records no dataset (``why``: what the command does with it)."""
+    from kdctl.errors import KdctlError
+
+    if not path.is_file():
+        raise KdctlError(f"{path}: checkpoint not found")
+    ref = resolve_model(str(path), "model", command)
+    if data is None:
+        raise KdctlError(f"--data: required to {verb} the checkpoint {path} (a checkpoint carries no dataset{why}); "
+                         "give the dataset YAML, e.g. --data data.yaml")
+    return ref
+
+
 def trained_size(model) -> int | None:
     """The input size a loaded checkpoint was trained at: Ultralytics keeps it in its train arguments, kdctl's
     Faster R-CNN as ``imgsz``; None where neither says (a model pickled by other code)."""

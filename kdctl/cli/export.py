@@ -63,7 +63,8 @@ def export(
     [bold]--batch 4[/bold] alone (exactly 4 images per call).
     """
     from kdctl.bundle import load_bundle
-    from kdctl.export.stage import ExportOptions, export_bundle, is_checkpoint_file
+    from kdctl.export.stage import ExportOptions, export_bundle
+    from kdctl.models import is_checkpoint_file
 
     if calibration_method and calibration_method not in ("minmax", "entropy", "percentile"):
         from kdctl.errors import KdctlError

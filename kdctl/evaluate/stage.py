@@ -20,8 +20,9 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
     as ``yolo val model=best.onnx`` (:func:`_evaluate_artifact`)."""
     from kdctl.errors import KdctlError
     from kdctl.evaluate import torch_device
+    from kdctl.models import is_checkpoint_file
 
-    if Path(bundle).suffix in (".pt", ".pth") and not Path(bundle).is_dir():
+    if is_checkpoint_file(bundle):
         return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
                                     torch_device(device), progress)
     src = load_bundle(bundle, stages=("train", "distill", "export"), verify=True)
@@ -48,15 +49,9 @@ def _evaluate_checkpoint(path: Path, data, imgsz, out, runs_dir, batch: int, ove
                          split: str, device: str, progress) -> Bundle:
     """A model file of the user's (an Ultralytics ``best.pt``, a kdctl ``weights.pt``): no bundle records its data
     or size, so ``--data`` is required and the size is the one it was trained at (its ``train_args``), else 640."""
-    from kdctl.errors import KdctlError
-    from kdctl.models import load_model, resolve_model, trained_size
+    from kdctl.models import checkpoint_input, load_model, trained_size
 
-    if not path.is_file():
-        raise KdctlError(f"{path}: checkpoint not found")
-    ref = resolve_model(str(path), "model", "kdctl eval")
-    if data is None:
-        raise KdctlError(f"--data: required to score the checkpoint {path} (a checkpoint carries no dataset); give "
-                         "the dataset YAML, e.g. --data data.yaml")
+    ref = checkpoint_input(path, data, "score", "kdctl eval")
     model = load_model(ref, 0, "model", "kdctl eval")
     size = imgsz or trained_size(model) or 640
     out = Path(out) if out else next_run_dir(runs_dir, "eval", path.stem, reserve=True)
@@ -82,7 +77,7 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
     runs it), on ``data`` (default: the dataset the export was checked on) at the size its graph was exported at:
     the same numbers as the export's on the same images, and a held-out split's where asked."""
     from kdctl.errors import BackendUnavailable, KdctlError
-    from kdctl.runtimes import available, bundle_artifacts, for_format, open_artifact
+    from kdctl.runtimes import available, bundle_artifacts, for_format, open_runner
 
     arts = bundle_artifacts(src)  # TensorRT engines built on the device too: their only accuracy check is here
     if artifact is None and len(arts) != 1:
@@ -105,16 +100,9 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
     run_on = "cuda" if art["format"] == "tensorrt" else device
     data = data or _export_data(src)
     try:
-        backend = open_artifact(src.path, art, None, run_on)
+        backend = open_runner(src.path, art, None, run_on)
     except BackendUnavailable as e:  # e.g. no CUDA provider for --device cuda
         raise BackendUnavailable(f"--device {device}: {art['name']}: {e}", exit_code=e.exit_code) from None
-    except KdctlError:
-        raise
-    except Exception as e:  # each runtime raises its own types for a file it cannot load
-        from kdctl.errors import first_line
-
-        raise KdctlError(f"{src.path / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
-                         f"({first_line(e, 200)})", exit_code=1) from None
     info = getattr(backend, "info", {}) or {}
     inputs = {"artifact": art["name"], **({"engine_sha256": art["engine_sha256"]} if "engine_sha256" in art else {})}
     return _score(backend, f"{art['name']} of {src.path}", src.recipe, [src], inputs, data, size,
@@ -130,12 +118,13 @@ def _export_data(src: Bundle) -> Path:
     been edited, since)."""
     from kdctl.errors import KdctlError
 
-    parent = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
-    if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle" and parent is not None \
-            and Path(parent["path"]).is_dir():
-        b = load_bundle(parent["path"], stages=("train", "distill"), verify=True)
-        if b.manifest["content_sha256"] == parent.get("content_sha256"):
-            return b.file("data")
+    from kdctl.bundle import recorded_parent
+
+    record = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
+    if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle" and record is not None:
+        status, parent, _ = recorded_parent(record)
+        if status == "found":
+            return load_bundle(parent.path, stages=("train", "distill"), verify=True).file("data")
     raise KdctlError(f"--data: required to score an artifact of {src.path} (the dataset it was checked on is not "
                      "its source bundle's, or that bundle is not here as it was); give the dataset YAML, e.g. --data "
                      "data.yaml")

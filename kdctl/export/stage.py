@@ -111,7 +111,7 @@ class _Source:
     no lineage: its path and hash go into the export bundle's inputs instead."""
 
     path: Path                    # the bundle directory or the checkpoint file (named in errors)
-    trained: int | None           # the size it was trained at (a checkpoint's is read when its model is loaded)
+    trained: int | None           # a bundle's training size (a checkpoint's is read from its model)
     bundle: Bundle | None = None
     checkpoint: object = None     # kdctl.models.ResolvedModel of a checkpoint file
 
@@ -136,19 +136,14 @@ class _Source:
     def data(self) -> Path | None:
         return self.bundle.file("data") if self.bundle else None
 
-    def load_model(self):
-        """The FP32 model (a checkpoint's training size read from it on the way)."""
+    def load(self) -> tuple:
+        """The FP32 model and the size it was trained at."""
         from kdctl.models import load_bundle_weights, load_model, trained_size
 
         if self.bundle:
-            return load_bundle_weights(self.bundle)
+            return load_bundle_weights(self.bundle), self.trained
         model = load_model(self.checkpoint, 0, "model", "kdctl export")
-        self.trained = trained_size(model) or 640
-        return model
-
-
-def is_checkpoint_file(path: str | Path) -> bool:
-    return Path(path).suffix in (".pt", ".pth") and not Path(path).is_dir()
+        return model, trained_size(model) or 640
 
 
 def _bundle_source(bundle: str | Path) -> _Source:
@@ -161,22 +156,18 @@ def _bundle_source(bundle: str | Path) -> _Source:
 
 
 def _checkpoint_source(path: Path, options: ExportOptions) -> _Source:
-    from kdctl.errors import KdctlError
-    from kdctl.models import resolve_model
+    from kdctl.models import checkpoint_input
 
-    if not path.is_file():
-        raise KdctlError(f"{path}: checkpoint not found")
-    ref = resolve_model(str(path), "model", "kdctl export")
-    if options.data is None:
-        raise KdctlError(f"--data: required to export the checkpoint {path} (a checkpoint carries no dataset, and "
-                         "the export calibrates INT8 on it and scores every artifact on it); give the dataset YAML, "
-                         "e.g. --data data.yaml")
+    ref = checkpoint_input(path, options.data, "export", "kdctl export",
+                           ", and the export calibrates INT8 on it and scores every artifact on it")
     return _Source(path, None, checkpoint=ref)
 
 
 def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path | None = None,
                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
     """Export a train/distill bundle, or a checkpoint file with ``options.data`` (see :class:`_Source`)."""
+    from kdctl.models import is_checkpoint_file
+
     src = _checkpoint_source(Path(bundle), options) if is_checkpoint_file(bundle) else _bundle_source(bundle)
     preset = load_target(options.target)
     out = Path(out) if out else next_run_dir(runs_dir, "export", f"{src.name}-{preset.name}", reserve=True)
@@ -204,7 +195,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     _need("onnxruntime", "ONNX export checks")
 
     ds = load_yolo_yaml(options.data or src.data(), skip_invalid=options.skip_invalid)
-    model = src.load_model()
+    model, trained = src.load()
     qat = yolo.is_qat(model)
     skipped = []
     if qat:  # its INT8 graph is the trained model; float artifacts would be a different, never-trained model
@@ -222,7 +213,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     preset = _with_batch(preset, options, model, src.path)
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
-    imgsz = check_imgsz(options.imgsz or preset.imgsz or src.trained, model, flag=where)
+    imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
     _check_batch_memory(preset, imgsz, options, src.path)
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
     qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]

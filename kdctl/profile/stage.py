@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, BundleError, KdctlError, first_line, given_by, not_utf8, shown
+from kdctl.errors import BackendUnavailable, BundleError, KdctlError, given_by, shown
 from kdctl.limits import IMGSZ_MAX, available_memory_bytes, memory_size, usable_cores
-from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available
+from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available, open_runner
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
 
@@ -34,22 +34,6 @@ def _rss_mb() -> float:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _open_runner(root: Path, art: dict, threads: int | None, device: str):
-    """The artifact's runtime runner, with a runtime's refusal to load a file turned into one line naming it."""
-    from kdctl.runtimes import open_artifact
-
-    if (escaped := not_utf8(root / art["files"][0])) is not None:  # the runtimes take UTF-8 paths only
-        raise KdctlError(f"{escaped}: the path has bytes that are not UTF-8 text, which {art['name']}'s runtime "
-                         "cannot open; move or rename the bundle")
-    try:
-        return open_artifact(root, art, threads, device)
-    except KdctlError:
-        raise
-    except Exception as e:  # each runtime raises its own types for a file it cannot load
-        raise KdctlError(f"{root / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
-                         f"({first_line(e, 200)})", exit_code=1) from None
 
 
 def _timed(fn, x, warmup: int, runs: int, duration_s: float | None) -> tuple[list[float], dict]:
@@ -274,7 +258,7 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
     """Latency (model only), end to end on real images, throughput, memory, size and power of one artifact."""
     from kdctl.profile.power import PowerSampler
 
-    run = _open_runner(src.path, a, threads, device)
+    run = open_runner(src.path, a, threads, device)
     rss_loaded = _rss_mb()
     fixed = getattr(run, "fixed_batch", None) or 1  # a static graph of batch N takes N images per call
     x = np.repeat(x[:1], fixed, axis=0)

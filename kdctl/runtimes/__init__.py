@@ -68,6 +68,23 @@ def bundle_artifacts(bundle) -> list[dict]:
     return arts
 
 
+def open_runner(root: Path, art: dict, threads: int | None, device: str):
+    """:func:`open_artifact`, with a runtime's refusal to load the file turned into one line naming it (profile and
+    eval run an export bundle's artifacts through here)."""
+    from kdctl.errors import KdctlError, first_line, not_utf8
+
+    if (escaped := not_utf8(root / art["files"][0])) is not None:  # the runtimes take UTF-8 paths only
+        raise KdctlError(f"{escaped}: the path has bytes that are not UTF-8 text, which {art['name']}'s runtime "
+                         "cannot open; move or rename the bundle")
+    try:
+        return open_artifact(root, art, threads, device)
+    except KdctlError:
+        raise
+    except Exception as e:  # each runtime raises its own types for a file it cannot load
+        raise KdctlError(f"{root / art['files'][0]}: {art['name']} cannot be loaded by its runtime "
+                         f"({first_line(e, 200)})", exit_code=1) from None
+
+
 def open_artifact(root: Path, art: dict, threads: int | None, device: str):
     """A runner for one artifact of an export bundle (``art`` as its metrics list it)."""
     from kdctl.errors import KdctlError
