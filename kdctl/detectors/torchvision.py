@@ -173,6 +173,7 @@ def _saved_state(obj) -> tuple[dict, nn.Module | None, str | None] | None:
     if isinstance(obj, dict):  # torchvision's references keep their argparse options under "args"
         args = obj.get("args")
         hint = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)
+        hint = hint if isinstance(hint, str) else None  # compared with builder names below
     for d in (obj, *(obj.get(k) for k in STATE_KEYS)) if isinstance(obj, dict) else (obj,):
         if isinstance(d, GeneralizedRCNN):
             return d.state_dict(), d, hint

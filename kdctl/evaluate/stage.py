@@ -116,9 +116,8 @@ def _export_data(src: Bundle) -> Path:
     """The dataset an export was checked on, where it was its source bundle's own (``data.yaml``) and that bundle
     is still here, unchanged; else ``--data`` is needed (a dataset given to the export by path may have moved, or
     been edited, since)."""
-    from kdctl.errors import KdctlError
-
     from kdctl.bundle import recorded_parent
+    from kdctl.errors import KdctlError
 
     record = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
     if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle" and record is not None:
