@@ -50,6 +50,19 @@ def _gpu_list(device: str) -> list[str]:
     return [d.strip() for d in str(device).split(",") if d.strip().isdigit()]
 
 
+def trained_on(device: str | None) -> str:
+    """Where a run with this ``train.device`` trains here, for the bundle's record: 'mps' only where Apple's GPU is
+    (Ultralytics, and kdctl's loops, fall back to the CPU silently), GPUs as listed (``cuda:0,1``)."""
+    d = str(device or "").strip().lower()
+    if d in ("", "cpu"):
+        return "cpu"
+    if d == "mps":
+        import torch
+
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return "cuda:" + (",".join(_gpu_list(d)) or "0")
+
+
 def check_device(device: str, where: str, fix: str = "set train.device: cpu") -> None:
     """``train.device`` names a device this machine has: 'cpu' and 'mps' always (Ultralytics runs 'mps' on the CPU
     where there is none); 'cuda' and GPU indices only where CUDA sees those GPUs. A recipe written for a GPU

@@ -637,6 +637,7 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     """Evaluate the best checkpoint and write the bundle (weights, data, results, recipe, metrics; ``epochs``: the
     rows of results.csv); the work dir goes once the bundle is published."""
     from kdctl.detectors import load_detector, save_checkpoint
+    from kdctl.distributed import trained_on
     from kdctl.evaluate import evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
 
@@ -671,7 +672,9 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
             w.add_output("results", "results.csv")
         (w.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         w.add_output("recipe", "recipe.yaml")
-        w.metrics.update(_summary(metrics, epochs, student, train_s, recipe), eval_device=device)
+        # where it trained (train.device 'mps' on a machine without Apple's GPU ran on the CPU) and was scored
+        w.metrics.update(_summary(metrics, epochs, student, train_s, recipe), eval_device=device,
+                         train_device=trained_on(recipe.train.device))
         if stage == "distill":
             w.metrics["kd_terms"] = _kd_terms(work) if recipe.distill.losses else []  # [] for distill.init alone
             if teacher_eval is not None:

@@ -272,6 +272,10 @@ def test_mps_trains_where_ultralytics_would(tmp_path, tiny_data):
     res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "m"), "-q"])
     assert res.exit_code == 0 and "CUDA" not in res.output, res.output
     assert (tmp_path / "m" / "weights.pt").is_file()
+    from kdctl.bundle import load_bundle
+
+    assert load_bundle(tmp_path / "m").metrics["train_device"] == ("mps" if torch.backends.mps.is_available() else
+                                                                   "cpu")  # where it ran; the recipe says mps
 
 
 def _saved_forms(tmp_path):

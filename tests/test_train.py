@@ -19,6 +19,21 @@ def test_trained_bundle_contents(trained_bundle):
     assert m["metrics"]["epochs"][0]["train/box_loss"] > 0 and 0 <= m["metrics"]["map50_95"] <= 1
     assert m["inputs"]["data"]["val_images"] == 8 and verify_bundle(trained_bundle).ok
     assert m["metrics"]["eval_device"] == "cpu"  # where the published mAP was computed (a CUDA run: its first GPU)
+    assert m["metrics"]["train_device"] == "cpu"
+
+
+@pytest.mark.parametrize("device,mps,where", [("cpu", False, "cpu"), (None, False, "cpu"), ("", True, "cpu"),
+                                              ("mps", False, "cpu"), ("mps", True, "mps"), ("0", False, "cuda:0"),
+                                              ("cuda", False, "cuda:0"), (" 2, 3 ", False, "cuda:2,3")])
+def test_a_bundle_records_where_it_trained(device, mps, where, monkeypatch):
+    """train.device 'mps' on a machine without Apple's GPU trains on the CPU (Ultralytics' fallback, kept), and the
+    bundle said only 'mps' (the recipe's word): ``train_device`` records where it ran."""
+    import torch
+
+    from kdctl.distributed import trained_on
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert trained_on(device) == where
 
 
 def test_eval_cli(trained_bundle, tiny_data, tmp_path):
