@@ -341,6 +341,8 @@ def test_trained_as_says_how_each_model_was_trained():
         "4 DDP ranks, teacher cache (top 256 of 8400 anchors), QAT int8"
     assert trained_as({"init": {"from": "teacher"}}) == \
         "1 process, started from the teacher's weights (weight selection)"
+    assert trained_as({"train_device": "cpu"}) == "1 process on cpu"  # where it ran (a recipe's mps may be the CPU)
+    assert trained_as({"distributed": {"world_size": 2}, "train_device": "cuda:0,1"}) == "2 DDP ranks on cuda:0,1"
 
 
 def test_one_recipe_on_several_seeds_gets_a_verdict_over_them(tmp_path):

@@ -225,9 +225,11 @@ def shown_name(b: Bundle) -> str:
 
 
 def trained_as(metrics: dict) -> str:
-    """How a train/distill bundle was trained, from what it records: processes, teacher cache, QAT."""
+    """How a train/distill bundle was trained, from what it records: processes and device, teacher cache, QAT."""
     d = metrics.get("distributed")
     parts = [f"{d['world_size']} DDP ranks" if d else "1 process"]
+    if isinstance(metrics.get("train_device"), str):  # bundles written before it was recorded say less
+        parts[0] += f" on {metrics['train_device']}"
     cache = metrics.get("teacher_cache")
     if cache:
         parts.append(f"teacher cache (top {cache.get('k')} of {cache.get('anchors')} anchors)")
