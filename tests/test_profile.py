@@ -131,6 +131,10 @@ def test_profile_refuses_export_metrics_of_a_shape_export_never_writes(tmp_path,
     assert str(e.value) == f"{src / 'manifest.json'}: {message}"
     r = CliRunner().invoke(app, ["profile", str(src), "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "internal error" not in r.output and not (tmp_path / "p").exists()
+    # kdctl eval of an artifact reads the same metrics, and refuses them the same way
+    r = CliRunner().invoke(app, ["eval", str(src), "-a", "onnx-fp32", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()) and "internal error" not in r.output
+    assert not (tmp_path / "ev").exists()
 
 
 def test_profile_takes_its_defaults_from_the_recipe(tmp_path, export_cpu):

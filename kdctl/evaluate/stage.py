@@ -77,8 +77,9 @@ def _evaluate_artifact(src: Bundle, artifact: str | None, data, imgsz, out: Path
     runs it), on ``data`` (default: the dataset the export was checked on) at the size its graph was exported at:
     the same numbers as the export's on the same images, and a held-out split's where asked."""
     from kdctl.errors import BackendUnavailable, KdctlError
-    from kdctl.runtimes import available, bundle_artifacts, for_format, open_runner
+    from kdctl.runtimes import available, bundle_artifacts, check_export_metrics, for_format, open_runner
 
+    check_export_metrics(src)  # a resealed manifest of another shape: one line, as profile says it
     arts = bundle_artifacts(src)  # TensorRT engines built on the device too: their only accuracy check is here
     if artifact is None and len(arts) != 1:
         raise KdctlError(f"--artifact: {src.path} holds {', '.join(a['name'] for a in arts) or 'no artifact'}; "

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
-from kdctl.errors import BackendUnavailable, BundleError, KdctlError, given_by, shown
-from kdctl.limits import IMGSZ_MAX, available_memory_bytes, memory_size, usable_cores
-from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available, open_runner
+from kdctl.errors import BackendUnavailable, KdctlError, given_by
+from kdctl.limits import available_memory_bytes, memory_size, usable_cores
+from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available, check_export_metrics, open_runner
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
 
@@ -76,7 +76,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads`` and ``throughput_batch`` left at None
     come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults."""
     src = load_bundle(bundle, stages=("export",), verify=True)
-    _check_export_metrics(src)
+    check_export_metrics(src)
     spec = _recipe_settings(src)
     warmup = spec.warmup if warmup is None else warmup
     runs = spec.runs if runs is None else runs
@@ -195,20 +195,6 @@ def _runs_on_cuda(fmt: str) -> tuple[bool, str]:
         if not torch.cuda.is_available():
             return False, f"--device cuda: torch {torch.__version__} sees no CUDA GPU here"
     return True, ""
-
-
-def _check_export_metrics(src: Bundle) -> None:
-    """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest); their
-    types were checked when the bundle was loaded."""
-    m, where = src.metrics, src.path / "manifest.json"
-    imgsz = m.get("imgsz")
-    if imgsz is None or not 32 <= imgsz <= IMGSZ_MAX:
-        raise BundleError(f"{where}: metrics.imgsz: must be the export's input size (32..{IMGSZ_MAX}), "
-                          f"got {shown(imgsz)}")
-    for i, a in enumerate(m.get("artifacts") or []):  # the fields' types were checked at load; these must be there
-        if any(a.get(k) is None for k in ("name", "format", "precision", "files")):
-            raise BundleError(f"{where}: metrics.artifacts.{i}: must be an object with string name, format, "
-                              "precision and a list of files")
 
 
 def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tuple[list[dict], dict]:

@@ -52,6 +52,23 @@ def available(name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def check_export_metrics(bundle) -> None:
+    """Refuse, by field, export metrics of a shape export never writes (a hand-edited and resealed manifest); their
+    types were checked when the bundle was loaded. Profile and eval check them before running any artifact."""
+    from kdctl.errors import BundleError, shown
+    from kdctl.limits import IMGSZ_MAX
+
+    m, where = bundle.metrics, bundle.path / "manifest.json"
+    imgsz = m.get("imgsz")
+    if imgsz is None or not 32 <= imgsz <= IMGSZ_MAX:
+        raise BundleError(f"{where}: metrics.imgsz: must be the export's input size (32..{IMGSZ_MAX}), "
+                          f"got {shown(imgsz)}")
+    for i, a in enumerate(m.get("artifacts") or []):  # the fields' types were checked at load; these must be there
+        if any(a.get(k) is None for k in ("name", "format", "precision", "files")):
+            raise BundleError(f"{where}: metrics.artifacts.{i}: must be an object with string name, format, "
+                              "precision and a list of files")
+
+
 def bundle_artifacts(bundle) -> list[dict]:
     """An export bundle's artifacts that have files to run: those the export wrote, and the TensorRT engines
     ``build_engine.sh`` built on the device after it (``model-<precision>.engine`` beside the bundle's files, which
