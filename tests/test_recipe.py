@@ -356,7 +356,10 @@ def test_set_changes_fields_of_the_file_before_validation(tmp_path):
     (["train..epochs=1"], "--set 'train..epochs=1': expected KEY=VALUE"),
     (["train.imgsz=[1"], "--set train.imgsz: the value '[1' is not valid YAML"),
     # an error at the section a --set changed: the --set made it
-    (["data.yolo=d.yaml"], "r.yaml: --set data.yolo=d.yaml: data: give exactly one of yolo, coco, synthetic"),
+    (["data.synthetic=null"], "r.yaml: --set data.synthetic=null: data: give exactly one of yolo, coco, synthetic "
+                              "(got none)"),
+    (["data=d.json"], "r.yaml: --set data=d.json: data.yolo: 'd.json' is not a dataset YAML (.yaml) (a COCO dataset "
+                      "is data.coco: train_images"),
     (["distill.losses.0.params.beta.x=1"], "--set distill.losses.0.params.beta.x=1: distill.losses[0].params.beta: "
                                            "Input should be a valid number"),
 ])
@@ -489,6 +492,44 @@ def test_base_merges_mappings_replaces_lists_and_keeps_a_bases_paths(tmp_path):
     assert json.loads(res.stdout)["bases"] == [str((common / n).resolve()) for n in ("setup.yaml", "kd.yaml")]
     with pytest.raises(RecipeError, match=r"^--set base=x.yaml: base is read with the recipe file, before any --set"):
         load_recipe(run, ["base=x.yaml"])
+
+
+def test_a_dataset_yaml_is_named_as_ultralytics_data_is(tmp_path, monkeypatch):
+    """``data: data.yaml`` is short for ``data: {yolo: data.yaml}`` (in a file, a base, a --set), and a dataset a
+    --set gives replaces the recipe's own source: ``--set data.yolo=mine.yaml`` on a shipped recipe with synthetic
+    data was "give exactly one of yolo, coco, synthetic (got yolo, synthetic)"."""
+    import json
+
+    common, run = _base_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("path: .\ntrain: images\nval: images\nnames: [a]\n")
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    for sets in (["data.yolo=mine.yaml"], ["data=mine.yaml"], ["data=mine.yaml", "data.skip_invalid=true"]):
+        r = load_recipe(p, sets)
+        assert r.data.yolo == str(mine.resolve()) and r.data.synthetic is None and r.data.coco is None, sets
+        assert r.data.skip_invalid == (len(sets) == 2)
+    p.write_text(GOOD.replace("data: {synthetic: {train: 10, val: 5}}", "data: mine.yaml"))
+    assert load_recipe(p).data.yolo == str(mine.resolve())
+    r = load_recipe(p, ["data.skip_invalid=true"])
+    assert r.data.yolo == str(mine.resolve()) and r.data.skip_invalid
+    assert load_recipe(p, ["data.synthetic.train=7"]).data.synthetic.train == 7  # another source given: it is used
+    # in a base, relative to the base's folder; a recipe's own shorthand replaces a base's source
+    (common / "setup.yaml").write_text((common / "setup.yaml").read_text().replace("data: {yolo: data.yaml}",
+                                                                                   "data: data.yaml"))
+    assert load_recipe(run).data.yolo == str((common / "data.yaml").resolve())
+    run.write_text(run.read_text() + "data: mine.yaml\n")
+    assert load_recipe(run).data.yolo == str(mine.resolve())
+    for bad, says in (("data: d.json", "data.yolo: 'd.json' is not a dataset YAML (.yaml) (a COCO dataset is"),
+                      ("data: {yolo: images}", "data.yolo: 'images' is not a dataset YAML (.yaml)"),
+                      ("data: 3", "data: Input should be a valid dictionary")):
+        p.write_text(GOOD.replace("data: {synthetic: {train: 10, val: 5}}", bad))
+        with pytest.raises(RecipeError, match=re.escape(f"{p}: {says}")):
+            load_recipe(p)
+    # the JSON Schema takes the short form too
+    data = json.loads(recipe_json_schema())["properties"]["data"]
+    assert {"type": "string"}.items() <= data["anyOf"][1].items() and "$ref" in json.dumps(data["anyOf"][0])
 
 
 def test_shipped_family_recipes_share_the_baselines_setup():

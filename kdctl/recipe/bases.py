@@ -106,6 +106,8 @@ def _rebased(raw: dict, folder: Path) -> dict:
         return v if p.is_absolute() or not (folder / p).exists() else str((folder / p).resolve())
 
     out = copy.deepcopy(raw)
+    if isinstance(out.get("data"), str):  # data: data.yaml, short for data: {yolo: data.yaml}
+        out["data"] = {"yolo": out["data"]}
     for keys in _PATHS:
         d = out
         for k in keys[:-1]:

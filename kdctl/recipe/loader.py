@@ -64,8 +64,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Set each ``KEY=VALUE`` in the recipe's fields, in order (a later one wins). The result is validated as a
     recipe by the caller."""
+    from kdctl.recipe.schema import DATA_SOURCES
+
     for text in overrides:
-        set_field(raw, *parse_override(text))
+        parts, value = parse_override(text)
+        data = raw.get("data")
+        if len(parts) > 1 and parts[0] == "data" and isinstance(data, str):
+            data = raw["data"] = {"yolo": data}  # data: data.yaml, short for data: {yolo: data.yaml}
+        if len(parts) > 1 and parts[0] == "data" and parts[1] in DATA_SOURCES and value is not None \
+                and isinstance(data, dict) and data.get(parts[1]) is None:
+            # a dataset given by --set is the one to run on: the recipe's other source goes (Ultralytics' data=)
+            raw["data"] = {k: v for k, v in data.items() if k not in DATA_SOURCES}
+        set_field(raw, parts, value)
     return raw
 
 
@@ -264,6 +274,8 @@ def recipe_json_schema() -> str:
     from kdctl.recipe.bases import BASE_KEY
 
     schema = Recipe.model_json_schema()
+    schema["properties"]["data"] = {"anyOf": [schema["properties"]["data"], {
+        "type": "string", "description": "An Ultralytics dataset YAML: short for {yolo: PATH}"}]}
     schema["properties"][BASE_KEY] = {  # read before validation (kdctl.recipe.bases), so not a field of Recipe
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "title": "Base", "description": "Recipe file(s) this one starts from, relative to its folder: mappings merge "

@@ -93,8 +93,12 @@ class CocoData(Strict):
     val_annotations: str
 
 
+DATA_SOURCES = ("yolo", "coco", "synthetic")
+
+
 class DataSpec(Strict):
-    """Exactly one of: an Ultralytics dataset YAML, a COCO-JSON dataset, or the built-in generator."""
+    """Exactly one of: an Ultralytics dataset YAML, a COCO-JSON dataset, or the built-in generator. A bare path,
+    ``data: data.yaml`` (Ultralytics' ``data=``), is short for ``data: {yolo: data.yaml}``."""
 
     yolo: str | None = Field(None, description="Path to an Ultralytics dataset YAML (data.yaml)")
     coco: CocoData | None = None
@@ -102,9 +106,23 @@ class DataSpec(Strict):
     skip_invalid: bool = Field(False, description="Leave out images whose label or image file is invalid "
                                "(listed in the bundle) instead of stopping with an error")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_yaml(cls, v):
+        return {"yolo": v} if isinstance(v, str) else v
+
+    @field_validator("yolo")
+    @classmethod
+    def _yaml_file(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip().lower().endswith((".yaml", ".yml")):
+            hint = " (a COCO dataset is data.coco: train_images, train_annotations, ...)" if v.strip().lower(
+            ).endswith(".json") else ""
+            raise ValueError(f"'{v}' is not a dataset YAML (.yaml){hint}")
+        return v
+
     @model_validator(mode="after")
     def _exactly_one(self):
-        given = [k for k in ("yolo", "coco", "synthetic") if getattr(self, k) is not None]
+        given = [k for k in DATA_SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of yolo, coco, synthetic (got {', '.join(given) or 'none'})")
         return self
@@ -281,7 +299,8 @@ class ExportSpec(Strict):
                               "preset's, 1); with dynamic, the largest batch TensorRT engines are built for")
     dynamic: bool | None = Field(None, description="A free batch axis in the exported graphs (default: the preset's)")
     calibration_images: int | None = Field(None, ge=1, le=10_000, description="INT8 calibration images from the "
-                                           "train split (default: 64, or all of a smaller split)")
+                                           "train split (default: 64): all of a smaller split are used, and the "
+                                           "export says so (--calibration-images asks exactly)")
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
     max_map_drop: float | None = Field(None, ge=0, le=1, description="mAP50-95 an INT8/FP16/BF16 export may lose "
                                        "against PyTorch FP32, in mAP units (0.01 = 1 point)")
