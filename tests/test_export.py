@@ -187,6 +187,18 @@ def test_calibration_too_small(trained_bundle, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_recipes_calibration_count_over_the_data_takes_all_of_it(trained_bundle, tmp_path):
+    """A recipe's export.calibration_images was written for its own data: on a smaller train split (a shipped recipe
+    run with --set data=...) the export calibrates on all of it and says so, as Ultralytics' INT8 export does; it
+    stopped with "64 calibration images requested, but the train split ... has only 24". A flag still asks exactly
+    (test_calibration_too_small)."""
+    opts = ExportOptions.from_recipe({"export": {"calibration_images": 64}}, target="cpu", artifacts=["onnx-int8"])
+    art = export_bundle(trained_bundle, opts, out=tmp_path / "x").metrics["artifacts"][0]
+    assert art["name"] == "onnx-int8" and art["settings"]["calibration_images"] == 24
+    assert re.fullmatch(r"calibrated on all 24 images of the train split of .*data\.yaml \(recipe "
+                        r"export\.calibration_images: 64\)", art["settings"]["note"])
+
+
 def test_a_failed_histogram_calibration_points_to_minmax(trained_bundle, tmp_path, monkeypatch):
     """ONNX Runtime's entropy and percentile calibrators histogram every tensor and fail on one whose values are
     nearly constant (a barely trained model: |x| of 7.8465-7.8469 has no 2048 float32 bins); minmax has no histogram.

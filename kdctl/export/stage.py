@@ -233,8 +233,15 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
                   ds.train_images or ds.val_images)
     pool_name = options.calibration_data if calib_from else f"the train split of {ds.yaml}"
     n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
+    capped = None
+    if needs_calib and len(calib_pool) < n_calib and "calibration_images" not in options.given:
+        # a recipe's count was written for its own data (the export may be of another dataset, --set data=...):
+        # all of a smaller pool is used, as Ultralytics' INT8 export does, and said; a count typed as a flag is kept
+        capped = (f"calibrated on all {len(calib_pool)} images of {pool_name} (recipe export.calibration_images: "
+                  f"{n_calib})")
+        n_calib = len(calib_pool)
     if needs_calib and n_calib < MIN_CALIBRATION:
-        if options.calibration_images:
+        if options.calibration_images and not capped:
             raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
                             f"calibration (at least {MIN_CALIBRATION})")
         raise DataError(f"{calib_from or ds.yaml}: {'it holds' if calib_from else 'the train split has'} "
@@ -288,6 +295,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
             a.settings.setdefault("dynamic", preset.dynamic)
             if "calibration_images" in a.settings:
                 a.settings["calibration_images"] = len(calib_chosen)
+                if capped:
+                    a.settings["note"] = "; ".join(filter(None, (a.settings.get("note"), capped)))
         for a in arts:
             if a.format == "tensorrt" and not a.files:
                 continue
