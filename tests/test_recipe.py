@@ -435,6 +435,10 @@ def test_a_run_refusing_a_set_field_names_the_set(tmp_path, command):
     res = CliRunner().invoke(app, [*command, str(p), "--set", "train.epochs=2"])
     assert res.exit_code == 2 and " ".join(res.output.split()) == (f"Error: {p}: teacher.model: checkpoint "
                                                                    "'gone.pt' not found")
+    p.write_text(p.read_text().replace("gone.pt", "GONE.PT"))  # a name in capitals is a checkpoint's too
+    res = CliRunner().invoke(app, [*command, str(p)])
+    assert res.exit_code == 2 and " ".join(res.output.split()) == (f"Error: {p}: teacher.model: checkpoint "
+                                                                   "'GONE.PT' not found")
 
 
 def test_set_suggestion_finds_the_section_of_a_bare_key():

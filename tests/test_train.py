@@ -72,6 +72,11 @@ def test_eval_of_a_checkpoint_file(trained_bundle, tiny_data, tmp_path):
     assert at96.exit_code == 0
     assert json.loads((tmp_path / "e96" / "manifest.json").read_text())["metrics"]["imgsz"] == 96
     assert CliRunner().invoke(app, ["report", str(tmp_path / "e"), "--out", str(tmp_path / "r")]).exit_code == 0
+    upper = tmp_path / "BEST.PT"  # a name in capitals is a checkpoint too (it was "is a file, not a bundle directory")
+    shutil.copy(pt, upper)
+    res = CliRunner().invoke(app, ["eval", str(upper), "--data", str(tiny_data), "--out", str(tmp_path / "E"),
+                                   "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["map50_95"] == tm["map50_95"], res.output
     for argv, says in ((["eval", str(pt)], "--data: required to score the checkpoint"),
                        (["eval", str(tmp_path / "none.pt"), "--data", str(tiny_data)],
                         "none.pt: checkpoint not found")):

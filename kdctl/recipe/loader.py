@@ -167,7 +167,7 @@ def _mark_bare_bundle_dirs(raw, base: Path) -> None:
         spec = raw.get(key)
         m = spec.get("model") if isinstance(spec, dict) else None
         if (isinstance(m, str) and m.strip() and "/" not in m and "\\" not in m and ":" not in m
-                and not m.strip().endswith((".yaml", ".yml", ".pt", ".pth"))
+                and not m.strip().lower().endswith((".yaml", ".yml", ".pt", ".pth"))
                 and any((d / m.strip()).is_dir() for d in (base, Path.cwd()))):
             spec["model"] = f"./{m.strip()}"
 

@@ -57,7 +57,7 @@ class ModelSpec(Strict):
         v = v.strip()
         if not v:
             raise ValueError("must not be empty")
-        if v.endswith((".yaml", ".yml", ".pt", ".pth")) or "/" in v or "\\" in v or v in (".", ".."):
+        if v.lower().endswith((".yaml", ".yml", ".pt", ".pth")) or "/" in v or "\\" in v or v in (".", ".."):
             return v
         if v.startswith("torchvision:"):
             return v
