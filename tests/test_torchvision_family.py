@@ -60,8 +60,25 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     assert res.exit_code == 0, res.output
     arts = {a["name"]: a for a in load_bundle(tmp_path / "cpu", verify=True).metrics["artifacts"]}
     assert arts["onnx-fp32"]["parity"]["ok"] is True and arts["onnx-int8"]["metrics"] is not None
-    res = run.invoke(app, ["export", str(fr), "--target", "intel", "--calibration-images", "8",
-                           "--out", str(tmp_path / "ov")])  # the whole preset: fp32, fp16, bf16, int8
+    res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "3", "--warmup", "1", "--out",
+                           str(tmp_path / "prof")])
+    assert res.exit_code == 0, res.output
+    # its weights.pt as a checkpoint file: scored at the size it was trained at, to the bundle's own mAP
+    res = run.invoke(app, ["eval", str(fr / "weights.pt"), "--data", str(fr / "data.yaml"), "--out",
+                           str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    ev = load_bundle(tmp_path / "ev").metrics
+    assert ev["imgsz"] == b.metrics["imgsz"] and ev["map50_95"] == b.metrics["map50_95"]
+
+
+# the chain's other targets, apart so that a worker takes them beside the chain (each export is tens of seconds)
+@pytest.mark.long
+@pytest.mark.slow
+def test_faster_rcnn_exports_for_intel(tmp_path, frcnn_bundle):
+    from kdctl.bundle import load_bundle
+
+    res = CliRunner().invoke(app, ["export", str(frcnn_bundle), "--target", "intel", "--calibration-images", "8",
+                                   "--out", str(tmp_path / "ov")])  # the whole preset: fp32, fp16, bf16, int8
     assert res.exit_code == 0, res.output
     ov = {a["name"]: a for a in load_bundle(tmp_path / "ov", verify=True).metrics["artifacts"]}
     assert ov["openvino-fp32"]["parity"]["ok"] is True
@@ -71,6 +88,14 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
         assert ov[half]["metrics"]["map50_95_drop"] is not None
     assert ov["openvino-int8"]["settings"]["converted_from"] == "onnx"
     assert ov["openvino-int8"]["settings"]["tool"] == "nncf" and ov["openvino-int8"]["settings"]["ignored_ops"] > 0
+
+
+@pytest.mark.long
+@pytest.mark.slow
+def test_faster_rcnn_exports_at_another_size_and_for_jetson(tmp_path, frcnn_bundle):
+    from kdctl.bundle import load_bundle
+
+    run, fr = CliRunner(), frcnn_bundle
     res = run.invoke(app, ["export", str(fr), "--target", "cpu", "--imgsz", "96", "--calibration-images", "8",
                            "--out", str(tmp_path / "cpu96")])  # another size than the training's 128
     assert res.exit_code == 0, res.output
@@ -82,15 +107,6 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     jet = load_bundle(tmp_path / "jetson", verify=True).metrics
     assert jet["skipped_artifacts"] == {"onnx-fp16": "not available for this detector family"}
     assert {a["name"] for a in jet["artifacts"]} >= {"onnx-fp32", "onnx-int8"}
-    res = run.invoke(app, ["profile", str(tmp_path / "cpu"), "--runs", "3", "--warmup", "1", "--out",
-                           str(tmp_path / "prof")])
-    assert res.exit_code == 0, res.output
-    # its weights.pt as a checkpoint file: scored at the size it was trained at, to the bundle's own mAP
-    res = run.invoke(app, ["eval", str(fr / "weights.pt"), "--data", str(fr / "data.yaml"), "--out",
-                           str(tmp_path / "ev")])
-    assert res.exit_code == 0, res.output
-    ev = load_bundle(tmp_path / "ev").metrics
-    assert ev["imgsz"] == b.metrics["imgsz"] and ev["map50_95"] == b.metrics["map50_95"]
 
 
 def test_half_precision_detections_are_judged_on_map_and_a_wrong_shape_still_fails():
