@@ -205,6 +205,10 @@ def test_profile_pytorch_reference(tmp_path, export_cpu):
     rows = {r["artifact"]: r for r in json.loads(res.stdout)["results"]}
     assert set(rows) == {"pytorch-fp32", "onnx-fp32"}
     assert rows["pytorch-fp32"]["runtime"]["runtime"] == "pytorch" and rows["pytorch-fp32"]["latency_ms"]["p50"] > 0
+    # the report's "runs as": the precision PyTorch ran at, where it was "None" (PyTorch records no runtime precision)
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "p"), "--out", str(tmp_path / "r")]).exit_code == 0
+    row = next(ln for ln in (tmp_path / "r" / "report.md").read_text().splitlines() if "/pytorch-fp32 |" in ln)
+    assert row.split(" | ")[4] == "fp32", row
 
 
 @pytest.mark.gpu

@@ -80,7 +80,7 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                       " ".join(filter(None, [
                                           _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
                                           delta_interval(field_of(a, "metrics", "map50_95_drop_ci95"), missing="")])),
-                                      str(field_of(a, "runtime", "inference_precision")),
+                                      str(field_of(a, "runtime", "inference_precision") or a.get("precision") or "—"),
                                       _fmt(field_of(a, "settings", "size_mb") or 0, ".2f", " MB"), "", ""])
         if b.stage == "profile":
             for r in m.get("results") or []:
@@ -90,7 +90,9 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                     continue  # not measured (a runtime that failed on this machine): nothing to tabulate
                 runtime = r.get("runtime") or {}
                 perf_rows.append(["profile", f"{b.path.name}/{r.get('artifact')}", _fmt(r.get("map50_95"), ".4f"), "",
-                                  str(runtime.get("inference_precision", runtime.get("provider"))),
+                                  # PyTorch records neither: the precision it was asked for is what it ran
+                                  str(runtime.get("inference_precision") or runtime.get("provider")
+                                      or r.get("precision") or "—"),
                                   _fmt(r.get("size_mb"), ".2f", " MB"),
                                   f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + per_call(r),
                                   _fmt(field_of(r, "throughput", "images_per_s"), ".0f")])
