@@ -425,8 +425,8 @@ def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
                                              {"artifact": "onnx-int8", "latency_ms": {"p50": None}}])]
     stage_rows, perf_rows = _rows(chain)
     assert stage_rows == [["train", "t", "0.5000", "—", "—", "—"]]
-    assert perf_rows == [["export", "e/onnx-fp32", "0.5000", "+0.0000", "None", "0.00 MB", "", ""],
-                         ["profile", "p/onnx-fp32", "—", "", "None", "—", "1.00 / 2.00 / 3.00", "—"]]
+    assert perf_rows == [["export", "e/onnx-fp32", "0.5000", "+0.0000", "—", "0.00 MB", "", ""],
+                         ["profile", "p/onnx-fp32", "—", "", "—", "—", "1.00 / 2.00 / 3.00", "—"]]
 
 
 def test_an_eval_row_says_which_artifact_and_split_it_scored(tmp_path):
