@@ -211,6 +211,38 @@ def test_profile_pytorch_reference(tmp_path, export_cpu):
     assert row.split(" | ")[4] == "fp32", row
 
 
+def test_profile_pytorch_refuses_a_source_bundle_that_is_gone_or_another(tmp_path, export_cpu, kd_chain):
+    """--pytorch runs the weights of the bundle the export came from, only where that very bundle is here: moved
+    away, replaced by another, or broken, it is one line (exit 2 / 1 / 2) and nothing is written."""
+    import hashlib
+    import shutil
+
+    def with_source(name, path):
+        copy = tmp_path / name
+        shutil.copytree(export_cpu, copy)
+        m = json.loads((copy / "manifest.json").read_text())
+        m["parents"][0]["path"] = str(path)
+        (copy / "manifest.json").write_text(json.dumps(m))
+        digest = hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest()
+        (copy / "manifest.sha256").write_text(f"{digest}  manifest.json\n")
+        return copy
+
+    broken = tmp_path / "broken-source"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")
+    for name, source, code, says in (
+            ("gone", tmp_path / "nowhere", 2, "the source bundle of {} is not on this machine"),
+            ("other", kd_chain["baseline"], 1, f"{kd_chain['baseline']} was replaced after {{}} was exported from it"),
+            ("broken", broken, 2, "the source bundle of {}: ")):
+        src = with_source(name, source)
+        out = tmp_path / f"p-{name}"
+        res = CliRunner().invoke(app, ["profile", str(src), "--pytorch", "-a", "onnx-fp32", "--runs", "2",
+                                       "--out", str(out)])
+        text = " ".join(res.output.split())
+        assert res.exit_code == code and f"--pytorch: {says.format(src)}" in text, (name, res.output)
+        assert "Traceback" not in res.output and not out.exists()
+
+
 @pytest.mark.gpu
 def test_pytorch_cuda_runner_matches_cpu(trained_bundle):
     import numpy as np

@@ -4,7 +4,7 @@ from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir,
 
 __all__ = ["Bundle", "BundleWriter", "check_output_file", "claim_output", "load_bundle", "next_run_dir",
            "recorded_parent", "require_verified", "sha256_file", "verify_bundle", "verify_lineage",
-           "write_json_atomic", "write_text_atomic"]
+           "trained_source", "write_json_atomic", "write_text_atomic"]
 
 
 def reference_metrics(export_metrics: dict) -> dict:
@@ -21,3 +21,11 @@ def delta_interval(drop_ci, missing: str = "—") -> str:
         return missing
     lo, hi = 0.0 - drop_ci[1], 0.0 - drop_ci[0]  # 0.0 - x: no "-0.0000" for an interval of exactly 0
     return f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def trained_source(bundle: Bundle) -> tuple[str, Bundle | None, str | None]:
+    """The train/distill bundle ``bundle`` (an export) records as its source, looked up as :func:`recorded_parent`
+    does: (status, the bundle there, why); status "none" where it records none (exported from a checkpoint file)."""
+    record = next((p for p in bundle.manifest.get("parents", [])
+                   if isinstance(p, dict) and p.get("stage") in ("train", "distill")), None)
+    return ("none", None, None) if record is None else recorded_parent(record)

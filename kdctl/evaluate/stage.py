@@ -117,12 +117,11 @@ def _export_data(src: Bundle) -> Path:
     """The dataset an export was checked on, where it was its source bundle's own (``data.yaml``) and that bundle
     is still here, unchanged; else ``--data`` is needed (a dataset given to the export by path may have moved, or
     been edited, since)."""
-    from kdctl.bundle import recorded_parent
+    from kdctl.bundle import trained_source
     from kdctl.errors import KdctlError
 
-    record = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
-    if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle" and record is not None:
-        status, parent, _ = recorded_parent(record)
+    if (src.manifest.get("inputs") or {}).get("data_from") == "the source bundle":
+        status, parent, _ = trained_source(src)
         if status == "found":
             return load_bundle(parent.path, stages=("train", "distill"), verify=True).file("data")
     raise KdctlError(f"--data: required to score an artifact of {src.path} (the dataset it was checked on is not "

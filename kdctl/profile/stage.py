@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics
+from kdctl.bundle import (Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics, sha256_file,
+                          trained_source)
 from kdctl.errors import BackendUnavailable, KdctlError, given_by
 from kdctl.limits import available_memory_bytes, memory_size, usable_cores
 from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available, check_export_metrics, open_runner
@@ -119,23 +120,23 @@ def _check_resources(threads: int | None, throughput_batch: int, imgsz: int, nam
 def _source_weights(src: Bundle) -> Path:
     """The train/distill bundle's weights the export came from, verified and matching the recorded lineage; or the
     checkpoint file it was exported from (``kdctl export best.pt``), the same bytes as then."""
-    parent = next((p for p in src.manifest.get("parents", []) if p.get("stage") in ("train", "distill")), None)
+    status, parent, why = trained_source(src)
     inputs = src.manifest.get("inputs") or {}
-    if parent is None and isinstance(inputs.get("weights_sha256"), str) and isinstance(inputs.get("weights"), str):
-        from kdctl.bundle import sha256_file
-
+    if status == "none" and isinstance(inputs.get("weights_sha256"), str) and isinstance(inputs.get("weights"), str):
         path = Path(inputs["weights"])
         if not path.is_file():
             raise KdctlError(f"--pytorch: {path}, the checkpoint {src.path} was exported from, is not on this machine")
         if sha256_file(path) != inputs["weights_sha256"]:
             raise KdctlError(f"--pytorch: {path} was replaced after {src.path} was exported from it", exit_code=1)
         return path
-    if parent is None or not Path(parent["path"]).is_dir():
+    if status in ("none", "missing"):
         raise KdctlError(f"--pytorch: the source bundle of {src.path} is not on this machine")
-    b = load_bundle(parent["path"], stages=("train", "distill"), verify=True)
-    if b.manifest["content_sha256"] != parent.get("content_sha256"):
-        raise KdctlError(f"--pytorch: {b.path} was replaced after {src.path} was exported from it", exit_code=1)
-    return b.file("weights")
+    if status == "replaced":
+        raise KdctlError(f"--pytorch: {parent.path} was replaced after {src.path} was exported from it ({why})",
+                         exit_code=1)
+    if status == "unreadable":
+        raise KdctlError(f"--pytorch: the source bundle of {src.path}: {why}")
+    return load_bundle(parent.path, stages=("train", "distill"), verify=True).file("weights")
 
 
 def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
