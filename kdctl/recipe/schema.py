@@ -114,9 +114,9 @@ class DataSpec(Strict):
     @field_validator("yolo")
     @classmethod
     def _yaml_file(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip().lower().endswith((".yaml", ".yml")):
-            hint = " (a COCO dataset is data.coco: train_images, train_annotations, ...)" if v.strip().lower(
-            ).endswith(".json") else ""
+        suffix = Path(v.strip()).suffix.lower() if v is not None else ".yaml"
+        if suffix not in (".yaml", ".yml"):
+            hint = " (a COCO dataset is data.coco: train_images, train_annotations, ...)" if suffix == ".json" else ""
             raise ValueError(f"'{v}' is not a dataset YAML (.yaml){hint}")
         return v
 
