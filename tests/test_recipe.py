@@ -449,6 +449,10 @@ def test_set_suggestion_finds_the_section_of_a_bare_key():
         "--set train.epochs=5 --set name=x --set distill.auto_balance=0.1 --set export.target=intel "
         "--set gate.min_map50_95=0.3 --set distill.losses.0.weight=2 --set nosuch=1")
     assert set_suggestion(["plain", "=1"]) is None
+    # Ultralytics' model= is the model it trains: the student's (it was teacher.model, the first section with one)
+    assert set_suggestion(["model=yolov8n.pt", "nc=3", "teacher=t.pt", "student=s.yaml", "data=d.yaml"]) == (
+        "--set student.model=yolov8n.pt --set student.nc=3 --set teacher.model=t.pt --set student.model=s.yaml "
+        "--set data=d.yaml")
 
 
 def _base_tree(tmp_path):

@@ -103,14 +103,17 @@ def set_field(raw: dict, parts: list[str], value: Any) -> None:
 def set_suggestion(words: Sequence[str]) -> str | None:
     """``epochs=5 batch=4`` (Ultralytics' way of changing a setting, given to a kdctl command as extra arguments) as
     the ``--set`` options that do it: ``--set train.epochs=5 --set train.batch=4``; a bare key is looked for in the
-    recipe's top-level fields, then in its sections (train first). None when no word is KEY=VALUE."""
-    sections = ["train"] + [k for k in Recipe.model_fields if k != "train"]
+    recipe's top-level fields, then in its sections (train first). Ultralytics' ``model=`` (and ``nc=``) is the
+    model trained: the student's; ``teacher=X`` names the teacher's model. None when no word is KEY=VALUE."""
+    sections = ["train", "student"] + [k for k in Recipe.model_fields if k not in ("train", "student")]
     out = []
     for word in words:
         key, sep, value = word.partition("=")
         if not sep or not key:
             continue
-        if "." not in key and key not in Recipe.model_fields:
+        if key in ("teacher", "student"):  # a section: the model it names is what a value there can be
+            key = f"{key}.model"
+        elif "." not in key and key not in Recipe.model_fields:
             for section in sections:
                 model = _model_in(Recipe.model_fields[section].annotation)
                 if model is not None and key in model.model_fields:
