@@ -728,6 +728,13 @@ def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data
     assert res.exit_code == 0 and json.loads(res.stdout)["splits"]["train"]["images"] == 8, res.output
     res = run.invoke(app, ["data", "check", str(tmp_path)])
     assert res.exit_code == 2 and f"{tmp_path}: is a directory; give its data.yaml" in res.output
+    # a COCO annotation file where a dataset YAML is asked for (it read as a YAML without 'train': "field 'train'
+    # is missing")
+    ann = tmp_path / "instances_val.json"
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    res = run.invoke(app, ["data", "check", str(ann)])  # as eval's and export's --data read it
+    assert res.exit_code == 2 and f"{ann}: a COCO annotation file, not a dataset YAML (a COCO dataset is named " \
+        "in a recipe: data.coco: train_images" in " ".join(res.output.split()), res.output
 
 
 def test_cache_folder_follows_kdctl_cache_then_xdg_and_an_empty_variable_is_unset(tmp_path, monkeypatch):
