@@ -271,6 +271,10 @@ def test_calibration_data_folder_calibrates_and_is_recorded(trained_bundle, tmp_
             (["--calibration-data", str(tmp_path / "none")], f"Error: --calibration-data: '{tmp_path / 'none'}' "
                                                               "not found (give an image folder or a .txt image list)"),
             (["--calibration-data", str(frames), "--calibration-images", "11"], f"Error: {frames / 'zz.png'}: "),
+            # Ultralytics' export calibrates on a dataset YAML (data=): kdctl's is --data
+            (["--calibration-data", str(trained_bundle / "data.yaml")],
+             f"Error: --calibration-data: '{trained_bundle / 'data.yaml'}' is a dataset YAML; give an image folder or "
+             "a .txt image list (a dataset's train split calibrates with --data)"),
             (["-a", "onnx-fp32", "--calibration-data", str(frames)], f"Error: --calibration-data {frames}: no "
                                                                      "artifact of this export is calibrated")):
         args = ["-a", "onnx-int8"] + args if "-a" not in args else args

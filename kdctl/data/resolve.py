@@ -167,6 +167,9 @@ def list_images(spec: str | Path, source: str) -> list[Path]:
     p = Path(spec)
     if not p.exists():
         raise DataError(f"{source}: '{p}' not found (give an image folder or a .txt image list)")
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):  # Ultralytics' export calibrates on its data=
+        raise DataError(f"{source}: '{p}' is a dataset YAML; give an image folder or a .txt image list (a dataset's "
+                        "train split calibrates with --data)")
     return _list_images(str(p.resolve()), Path.cwd(), source, None)
 
 
