@@ -540,6 +540,32 @@ def test_a_dataset_yaml_is_named_as_ultralytics_data_is(tmp_path, monkeypatch):
     assert {"type": "string"}.items() <= data["anyOf"][1].items() and "$ref" in json.dumps(data["anyOf"][0])
 
 
+def test_a_model_alone_is_short_for_its_section(tmp_path, monkeypatch):
+    """``teacher: best.pt`` is short for ``teacher: {model: best.pt}`` (it was "Input should be a valid dictionary"):
+    in a file, a base (its paths relative to its own folder), beside a --set inside the section, for a bundle folder
+    named without a slash."""
+    common, run = _base_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "best.pt").write_bytes(b"")
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("teacher: {model: yolov8s.yaml}", "teacher: best.pt")
+                 .replace("student: {model: yolov8n.yaml}", "student: yolov8n.yaml"))
+    r = load_recipe(p)
+    assert r.teacher.model == str(tmp_path / "best.pt") and r.student.model == "yolov8n.yaml"
+    r = load_recipe(p, ["teacher.nc=3", "student.nc=3"])
+    assert (r.teacher.model, r.teacher.nc, r.student.nc) == (str(tmp_path / "best.pt"), 3, 3)
+    (common / "kd.yaml").write_text((common / "kd.yaml").read_text().replace("teacher: {model: yolov8s.yaml}",
+                                                                             "teacher: ../best.pt"))
+    assert load_recipe(run).teacher.model == str(tmp_path / "best.pt")  # relative to the base's folder
+    (tmp_path / "my-teacher").mkdir()  # a bundle folder named bare: the run's check says it is no bundle
+    p.write_text(GOOD.replace("teacher: {model: yolov8s.yaml}", "teacher: my-teacher"))
+    res = CliRunner().invoke(app, ["recipe", "check", str(p)])
+    assert res.exit_code == 2 and "teacher.model" in res.output and "not a kdctl bundle" in res.output, res.output
+    p.write_text(GOOD.replace("teacher: {model: yolov8s.yaml}", "teacher: 3"))
+    with pytest.raises(RecipeError, match=re.escape(f"{p}: teacher: Input should be a valid dictionary")):
+        load_recipe(p)
+
+
 def test_shipped_family_recipes_share_the_baselines_setup():
     """recipes/distill-*.yaml start from quickstart-student.yaml: the baseline and every family train alike."""
     base = load_recipe(ROOT / "recipes" / "quickstart-student.yaml")

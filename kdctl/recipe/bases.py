@@ -96,6 +96,16 @@ _PATHS = (("teacher", "model"), ("student", "model"), ("data", "yolo"), ("distil
           ("export", "target"))
 
 
+def expand_short_forms(raw: Any) -> None:
+    """``data: data.yaml`` as ``data: {yolo: data.yaml}``, ``teacher: best.pt`` as ``teacher: {model: best.pt}`` (the
+    schema takes both forms; a field inside such a section is only reachable in the long one)."""
+    if not isinstance(raw, dict):
+        return
+    for key, inner in (("data", "yolo"), ("teacher", "model"), ("student", "model")):
+        if isinstance(raw.get(key), str):
+            raw[key] = {inner: raw[key]}
+
+
 def _rebased(raw: dict, folder: Path) -> dict:
     """A base's relative paths made absolute against its own folder, where they are there (a bare model name such
     as yolov8n.yaml, or a path that is not there, stays as written: the recipe's own rules apply to it)."""
@@ -106,8 +116,7 @@ def _rebased(raw: dict, folder: Path) -> dict:
         return v if p.is_absolute() or not (folder / p).exists() else str((folder / p).resolve())
 
     out = copy.deepcopy(raw)
-    if isinstance(out.get("data"), str):  # data: data.yaml, short for data: {yolo: data.yaml}
-        out["data"] = {"yolo": out["data"]}
+    expand_short_forms(out)
     for keys in _PATHS:
         d = out
         for k in keys[:-1]:

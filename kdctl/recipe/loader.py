@@ -64,13 +64,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Set each ``KEY=VALUE`` in the recipe's fields, in order (a later one wins). The result is validated as a
     recipe by the caller."""
+    from kdctl.recipe.bases import expand_short_forms
     from kdctl.recipe.schema import DATA_SOURCES
 
     for text in overrides:
         parts, value = parse_override(text)
+        if len(parts) > 1:  # a field inside a section given in its short form (data: data.yaml)
+            expand_short_forms(raw)
         data = raw.get("data")
-        if len(parts) > 1 and parts[0] == "data" and isinstance(data, str):
-            data = raw["data"] = {"yolo": data}  # data: data.yaml, short for data: {yolo: data.yaml}
         if len(parts) > 1 and parts[0] == "data" and parts[1] in DATA_SOURCES and value is not None \
                 and isinstance(data, dict) and data.get(parts[1]) is None:
             # a dataset given by --set is the one to run on: the recipe's other source goes (Ultralytics' data=)
@@ -167,6 +168,8 @@ def _mark_bare_bundle_dirs(raw, base: Path) -> None:
     if not isinstance(raw, dict):
         return
     for key in ("teacher", "student"):
+        if isinstance(raw.get(key), str):
+            raw[key] = {"model": raw[key]}
         spec = raw.get(key)
         m = spec.get("model") if isinstance(spec, dict) else None
         if (isinstance(m, str) and m.strip() and "/" not in m and "\\" not in m and ":" not in m
@@ -279,6 +282,9 @@ def recipe_json_schema() -> str:
     schema = Recipe.model_json_schema()
     schema["properties"]["data"] = {"anyOf": [schema["properties"]["data"], {
         "type": "string", "description": "An Ultralytics dataset YAML: short for {yolo: PATH}"}]}
+    for key in ("teacher", "student"):
+        schema["properties"][key] = {"anyOf": [schema["properties"][key], {
+            "type": "string", "description": "A model YAML, .pt, bundle directory or builder: short for {model: ...}"}]}
     schema["properties"][BASE_KEY] = {  # read before validation (kdctl.recipe.bases), so not a field of Recipe
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "title": "Base", "description": "Recipe file(s) this one starts from, relative to its folder: mappings merge "

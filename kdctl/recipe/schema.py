@@ -45,11 +45,17 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     """A detector: an Ultralytics model YAML name (``yolov8n.yaml``), a ``.pt`` file, a bundle directory, or a
-    torchvision builder (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, built without weights)."""
+    torchvision builder (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, built without weights).
+    ``teacher: best.pt`` is short for ``teacher: {model: best.pt}``."""
 
     model: str = Field(description="Model YAML name/path, .pt checkpoint path, kdctl bundle directory, or "
                                    "torchvision:<builder>")
     nc: int | None = Field(None, ge=1, description="Override the class count (defaults to the dataset's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_alone(cls, v):
+        return {"model": v} if isinstance(v, str) else v
 
     @field_validator("model")
     @classmethod
