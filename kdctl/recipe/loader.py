@@ -165,11 +165,12 @@ def _mark_bare_bundle_dirs(raw, base: Path) -> None:
     """``teacher: {model: my-teacher}``, a bundle folder beside the recipe (or in the working directory) named
     without a slash: the schema reads a bare word as a mistyped model name, so such a folder is written
     ``./my-teacher`` before validation (a word that is no folder keeps the schema's error)."""
+    from kdctl.recipe.bases import expand_short_forms
+
     if not isinstance(raw, dict):
         return
+    expand_short_forms(raw)  # teacher: my-teacher
     for key in ("teacher", "student"):
-        if isinstance(raw.get(key), str):
-            raw[key] = {"model": raw[key]}
         spec = raw.get(key)
         m = spec.get("model") if isinstance(spec, dict) else None
         if (isinstance(m, str) and m.strip() and "/" not in m and "\\" not in m and ":" not in m
