@@ -10,7 +10,8 @@ from rich.table import Table
 from kdctl.cli._common import JsonOpt, QuietOpt, RecipeArg, SetOpt, SkipInvalidOpt, console, emit, progress_bar
 
 app = typer.Typer(no_args_is_help=True, help="Build and inspect teacher-output caches (head-level KD without "
-                                             "running the teacher each step).")
+                                             "running the teacher each step).\n\nExample: kdctl cache build "
+                                             "recipes/quickstart-cached.yaml")
 
 
 def _summary(path: Path, check: bool) -> dict:

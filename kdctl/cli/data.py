@@ -12,7 +12,7 @@ from kdctl.cli._common import JsonOpt, QuietOpt, console, emit, progress_bar
 from kdctl.limits import SEED_MAX
 
 app = typer.Typer(no_args_is_help=True, help="Datasets: generate the built-in synthetic detection set, "
-                  "check a dataset before training on it.")
+                  "check a dataset before training on it.\n\nExample: kdctl data check data/mydata/data.yaml")
 
 
 @app.command("synth")

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from kdctl.cli._common import JsonOpt, console, emit
 
-app = typer.Typer(no_args_is_help=True, help="List registered losses and export targets.")
+app = typer.Typer(no_args_is_help=True, help="List registered losses and export targets.\n\nExample: kdctl list losses")
 
 
 @app.command("losses")
