@@ -9,7 +9,8 @@ from rich.tree import Tree
 
 from kdctl.cli._common import BundleArg, JsonOpt, QuietOpt, console, emit, err_console
 
-app = typer.Typer(no_args_is_help=True, help="Inspect and verify artifact bundles.\n\nExample: kdctl bundle verify runs/distill/quickstart --lineage")
+app = typer.Typer(no_args_is_help=True, help="Inspect and verify artifact bundles.\n\n"
+                                             "Example: kdctl bundle verify runs/distill/quickstart --lineage")
 
 
 def _scalar_metrics(metrics: dict, prefix: str = "") -> dict:

@@ -10,7 +10,8 @@ from rich.text import Text
 
 from kdctl.cli._common import JsonOpt, RecipeArg, SetOpt, console, emit
 
-app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their JSON Schema.\n\nExample: kdctl recipe check recipes/quickstart.yaml")
+app = typer.Typer(no_args_is_help=True, help="Validate recipes and print their JSON Schema.\n\n"
+                                             "Example: kdctl recipe check recipes/quickstart.yaml")
 
 
 @app.command("check")
