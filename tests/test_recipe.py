@@ -506,8 +506,6 @@ def test_a_dataset_yaml_is_named_as_ultralytics_data_is(tmp_path, monkeypatch):
     """``data: data.yaml`` is short for ``data: {yolo: data.yaml}`` (in a file, a base, a --set), and a dataset a
     --set gives replaces the recipe's own source: ``--set data.yolo=mine.yaml`` on a shipped recipe with synthetic
     data was "give exactly one of yolo, coco, synthetic (got yolo, synthetic)"."""
-    import json
-
     common, run = _base_tree(tmp_path)
     monkeypatch.chdir(tmp_path)
     mine = tmp_path / "mine.yaml"
