@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdctl.errors import RecipeError, shown
+from kdctl.recipe.schema import SHORT_FORMS
 from kdctl.recipe.validation import read_yaml
 
 BASE_KEY = "base"
@@ -101,7 +102,7 @@ def expand_short_forms(raw: Any) -> None:
     schema takes both forms; a field inside such a section is only reachable in the long one)."""
     if not isinstance(raw, dict):
         return
-    for key, inner in (("data", "yolo"), ("teacher", "model"), ("student", "model")):
+    for key, inner in SHORT_FORMS.items():
         if isinstance(raw.get(key), str):
             raw[key] = {inner: raw[key]}
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from kdctl.errors import LINK_LOOP, KdctlError, RecipeError, shown
-from kdctl.recipe.schema import Recipe
+from kdctl.recipe.schema import SHORT_FORMS, Recipe
 from kdctl.recipe.validation import _model_in, read_yaml, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
@@ -281,11 +281,9 @@ def recipe_json_schema() -> str:
     from kdctl.recipe.bases import BASE_KEY
 
     schema = Recipe.model_json_schema()
-    schema["properties"]["data"] = {"anyOf": [schema["properties"]["data"], {
-        "type": "string", "description": "An Ultralytics dataset YAML: short for {yolo: PATH}"}]}
-    for key in ("teacher", "student"):
+    for key, inner in SHORT_FORMS.items():  # data: data.yaml, teacher: best.pt (read by the sections' validators)
         schema["properties"][key] = {"anyOf": [schema["properties"][key], {
-            "type": "string", "description": "A model YAML, .pt, bundle directory or builder: short for {model: ...}"}]}
+            "type": "string", "description": f"Short for {{{inner}: VALUE}}"}]}
     schema["properties"][BASE_KEY] = {  # read before validation (kdctl.recipe.bases), so not a field of Recipe
         "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
         "title": "Base", "description": "Recipe file(s) this one starts from, relative to its folder: mappings merge "

@@ -100,6 +100,9 @@ class CocoData(Strict):
 
 
 DATA_SOURCES = ("yolo", "coco", "synthetic")
+# sections a recipe may give as one string, short for this one field of theirs (data: data.yaml, teacher: best.pt);
+# the sections' own validators take both forms, kdctl.recipe.bases.expand_short_forms writes the long one
+SHORT_FORMS = {"data": "yolo", "teacher": "model", "student": "model"}
 
 
 class DataSpec(Strict):
