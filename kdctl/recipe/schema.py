@@ -43,6 +43,19 @@ class Strict(BaseModel):
         return v
 
 
+# sections a recipe may give as one string, short for this one field of theirs (data: data.yaml, teacher: best.pt);
+# the sections' own validators take both forms, kdctl.recipe.bases.expand_short_forms writes the long one
+SHORT_FORMS = {"data": "yolo", "teacher": "model", "student": "model"}
+
+
+def _short_form(field: str):
+    """A section's validator taking one string as ``{field: string}``."""
+    def expand(cls, v):
+        return {field: v} if isinstance(v, str) else v
+
+    return model_validator(mode="before")(classmethod(expand))
+
+
 class ModelSpec(Strict):
     """A detector: an Ultralytics model YAML name (``yolov8n.yaml``), a ``.pt`` file, a bundle directory, or a
     torchvision builder (``torchvision:fasterrcnn_mobilenet_v3_large_320_fpn``, built without weights).
@@ -52,10 +65,7 @@ class ModelSpec(Strict):
                                    "torchvision:<builder>")
     nc: int | None = Field(None, ge=1, description="Override the class count (defaults to the dataset's)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _model_alone(cls, v):
-        return {"model": v} if isinstance(v, str) else v
+    _short = _short_form(SHORT_FORMS["teacher"])
 
     @field_validator("model")
     @classmethod
@@ -100,9 +110,6 @@ class CocoData(Strict):
 
 
 DATA_SOURCES = ("yolo", "coco", "synthetic")
-# sections a recipe may give as one string, short for this one field of theirs (data: data.yaml, teacher: best.pt);
-# the sections' own validators take both forms, kdctl.recipe.bases.expand_short_forms writes the long one
-SHORT_FORMS = {"data": "yolo", "teacher": "model", "student": "model"}
 
 
 class DataSpec(Strict):
@@ -115,10 +122,7 @@ class DataSpec(Strict):
     skip_invalid: bool = Field(False, description="Leave out images whose label or image file is invalid "
                                "(listed in the bundle) instead of stopping with an error")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _dataset_yaml(cls, v):
-        return {"yolo": v} if isinstance(v, str) else v
+    _short = _short_form(SHORT_FORMS["data"])
 
     @field_validator("yolo")
     @classmethod
