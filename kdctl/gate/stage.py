@@ -10,7 +10,7 @@ from pathlib import Path
 from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
                           write_text_atomic)
 from kdctl.bundle.store import remove_stale_temps
-from kdctl.errors import KdctlError, shown
+from kdctl.errors import BundleError, KdctlError, shown
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
 
@@ -37,7 +37,10 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
              artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
     prof = load_bundle(profile, stages=("profile",), verify=True)
-    base_bundle = load_bundle(baseline, stages=("profile",), verify=True) if baseline else None
+    try:
+        base_bundle = load_bundle(baseline, stages=("profile",), verify=True) if baseline else None
+    except BundleError as e:  # which of the two bundles: the flag says (the profile gated is named by its path)
+        raise BundleError(f"--baseline {e}", exit_code=e.exit_code) from None
     if base_bundle is not None and base_bundle.id == prof.id:  # every regression check would pass by construction
         raise KdctlError(f"--baseline {baseline}: is the profile being gated ({prof.path}), or a copy of it; "
                          "give the profile to compare with (e.g. main's)")
