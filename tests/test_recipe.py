@@ -206,6 +206,18 @@ def test_malformed_recipe_one_line_error(tmp_path, text, field, reason):
     assert reason in msg, msg
 
 
+def test_a_dataset_yaml_given_as_the_recipe_says_so(tmp_path):
+    """``kdctl train data.yaml`` (Ultralytics' data= where kdctl takes a recipe) said "student: required field is
+    missing"; the CLI says what the file is, as every command reading a recipe does."""
+    p = tmp_path / "data.yaml"
+    p.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b]\n")
+    for argv in (["train", str(p)], ["distill", str(p)], ["recipe", "check", str(p)]):
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code == 2 and " ".join(res.output.split()) == (
+            f"Error: {p}: a dataset YAML (names, train, val), not a recipe; a recipe names it as data: {p} "
+            "(see recipes/)"), (argv, res.output)
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")

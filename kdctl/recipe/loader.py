@@ -31,6 +31,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             raise RecipeError(f"--set {text}: {BASE_KEY} is read with the recipe file, before any --set; write it in "
                               f"{path}")
     raw, bases, inherited = read_with_bases(path)
+    if isinstance(raw, dict) and "names" in raw and ("train" in raw or "val" in raw) and not set(raw) & {
+            "student", "teacher", "data"}:  # it read as a recipe missing its student
+        raise RecipeError(f"{path}: a dataset YAML (names, train, val), not a recipe; a recipe names it as data: "
+                          f"{path} (see recipes/)")
     if overrides:
         if not isinstance(raw, dict):
             validate(raw, Recipe, str(path))  # its own error: not a mapping of fields
