@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -735,6 +736,10 @@ def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data
     res = run.invoke(app, ["data", "check", str(ann)])  # as eval's and export's --data read it
     assert res.exit_code == 2 and f"{ann}: a COCO annotation file, not a dataset YAML (a COCO dataset is named " \
         "in a recipe: data.coco: train_images" in " ".join(res.output.split()), res.output
+    # a recipe as --data: "field 'train': expected a path or a list of paths"
+    with pytest.raises(DataError, match=re.escape(f"{recipe}: a kdctl recipe, not a dataset YAML; give the dataset "
+                                                  "YAML its data: names (or a bundle's data.yaml)")):
+        load_yolo_yaml(recipe)
 
 
 def test_cache_folder_follows_kdctl_cache_then_xdg_and_an_empty_variable_is_unset(tmp_path, monkeypatch):

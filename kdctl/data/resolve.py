@@ -211,6 +211,9 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         data = parse_yaml(path)
     except YamlProblem as e:
         raise DataError(f"{path}: {e}" + (" (a dataset YAML is text)" if "UTF-8" in str(e) else "")) from None
+    if isinstance(data, dict) and "names" not in data and "student" in data and "data" in data:
+        raise DataError(f"{path}: a kdctl recipe, not a dataset YAML; give the dataset YAML its data: names (or a "
+                        "bundle's data.yaml)")
     if isinstance(data, dict) and {"images", "annotations"} <= set(data) and "names" not in data:
         raise DataError(f"{path}: a COCO annotation file, not a dataset YAML (a COCO dataset is named in a recipe: "
                         "data.coco: train_images, train_annotations, val_images, val_annotations; a bundle trained "
