@@ -727,6 +727,14 @@ def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data
                       "data: {synthetic: {train: 8, val: 4, imgsz: 64, classes: 2, seed: 0, scene: clear}}\n")
     res = run.invoke(app, ["data", "check", str(recipe), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["splits"]["train"]["images"] == 8, res.output
+    # a recipe naming its dataset in the short form, one whose fields come from a base: recipes too (they were read
+    # as dataset YAMLs: "field 'train' is missing")
+    (tmp_path / "short.yaml").write_text(f"name: s\nstudent: yolov8-tiny.yaml\ndata: {tiny_data}\n")
+    (tmp_path / "derived.yaml").write_text("base: short.yaml\nname: d\n")
+    want = json.loads(run.invoke(app, ["data", "check", str(tiny_data), "--json"]).stdout)["splits"]
+    for r in ("short.yaml", "derived.yaml"):
+        res = run.invoke(app, ["data", "check", str(tmp_path / r), "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["splits"] == want, (r, res.output)
     res = run.invoke(app, ["data", "check", str(tmp_path)])
     assert res.exit_code == 2 and f"{tmp_path}: is a directory; give its data.yaml" in res.output
     # a COCO annotation file where a dataset YAML is asked for (it read as a YAML without 'train': "field 'train'
@@ -734,11 +742,11 @@ def test_data_check_lists_every_problem_and_counts_per_class(tmp_path, tiny_data
     ann = tmp_path / "instances_val.json"
     ann.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
     res = run.invoke(app, ["data", "check", str(ann)])  # as eval's and export's --data read it
-    assert res.exit_code == 2 and f"{ann}: a COCO annotation file, not a dataset YAML (a COCO dataset is named " \
-        "in a recipe: data.coco: train_images" in " ".join(res.output.split()), res.output
+    assert res.exit_code == 2 and f"{ann}: a COCO annotation file, not a dataset YAML; a recipe names a COCO " \
+        "dataset as data.coco: train_images" in " ".join(res.output.split()), res.output
     # a recipe as --data: "field 'train': expected a path or a list of paths"
-    with pytest.raises(DataError, match=re.escape(f"{recipe}: a kdctl recipe, not a dataset YAML; give the dataset "
-                                                  "YAML its data: names (or a bundle's data.yaml)")):
+    with pytest.raises(DataError, match=re.escape(f"{recipe}: a kdctl recipe, not a dataset YAML; give it to kdctl "
+                                                  "train or distill; its dataset is the YAML its data: names")):
         load_yolo_yaml(recipe)
 
 

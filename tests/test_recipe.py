@@ -206,16 +206,31 @@ def test_malformed_recipe_one_line_error(tmp_path, text, field, reason):
     assert reason in msg, msg
 
 
-def test_a_dataset_yaml_given_as_the_recipe_says_so(tmp_path):
+def test_a_file_of_another_kind_given_as_the_recipe_says_what_it_is(tmp_path):
     """``kdctl train data.yaml`` (Ultralytics' data= where kdctl takes a recipe) said "student: required field is
-    missing"; the CLI says what the file is, as every command reading a recipe does."""
-    p = tmp_path / "data.yaml"
-    p.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b]\n")
-    for argv in (["train", str(p)], ["distill", str(p)], ["recipe", "check", str(p)]):
-        res = CliRunner().invoke(app, argv)
-        assert res.exit_code == 2 and " ".join(res.output.split()) == (
-            f"Error: {p}: a dataset YAML (names, train, val), not a recipe; a recipe names it as data: {p} "
-            "(see recipes/)"), (argv, res.output)
+    missing", a target preset or a model YAML the same; each says what it is and how that kind is given. The same
+    rule reads --data and --target files (tests/test_data.py, below)."""
+    from kdctl.models import ASSET_MODELS
+
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b]\n")
+    preset = ROOT / "deploy" / "targets" / "cpu.yaml"
+    for path, says in ((data, "a dataset YAML, not a kdctl recipe; a recipe names it as data: PATH, a command takes "
+                              "it as --data"),
+                       (preset, "a target preset, not a kdctl recipe; kdctl export takes it as --target PATH, a "
+                                "recipe as export.target"),
+                       (ASSET_MODELS / "yolov8-tiny.yaml", "an Ultralytics model YAML, not a kdctl recipe; a recipe "
+                                                           "names it as student: PATH or teacher: PATH")):
+        for argv in (["train", str(path)], ["distill", str(path)], ["recipe", "check", str(path)]):
+            res = CliRunner().invoke(app, argv)
+            assert res.exit_code == 2 and " ".join(res.output.split()) == f"Error: {path}: {says}", (argv, res.output)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GOOD)
+    from kdctl.export.targets import load_target  # export --target PATH reads it so
+
+    with pytest.raises(RecipeError, match=re.escape(f"{recipe}: a kdctl recipe, not a target preset; give it to "
+                                                    "kdctl train or distill")):
+        load_target(str(recipe))
 
 
 def test_missing_recipe_file(tmp_path):

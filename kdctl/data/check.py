@@ -10,13 +10,13 @@ from pathlib import Path
 
 
 def _is_recipe(path: Path) -> bool:
-    from kdctl.recipe.validation import YamlProblem, parse_yaml
+    from kdctl.recipe.validation import YamlProblem, file_kind, parse_yaml
 
     try:
         d = parse_yaml(path)
     except YamlProblem:
         return False  # reported by the dataset reader, which names the file
-    return isinstance(d, dict) and isinstance(d.get("data"), dict) and "student" in d
+    return file_kind(d) == "a kdctl recipe"
 
 
 def _split_summary(check, names: list[str]) -> dict:

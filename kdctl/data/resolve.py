@@ -19,7 +19,7 @@ import yaml
 
 from kdctl import faults
 from kdctl.errors import DataError, json_kind, parse_json
-from kdctl.recipe.validation import YamlProblem, parse_yaml
+from kdctl.recipe.validation import YamlProblem, parse_yaml, refuse_other_kind
 
 # Ultralytics' IMG_FORMATS that Pillow decodes without a plugin (its DNG, HEIC/HEIF and PFM need one)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo", ".avif", ".jp2")
@@ -211,13 +211,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         data = parse_yaml(path)
     except YamlProblem as e:
         raise DataError(f"{path}: {e}" + (" (a dataset YAML is text)" if "UTF-8" in str(e) else "")) from None
-    if isinstance(data, dict) and "names" not in data and "student" in data and "data" in data:
-        raise DataError(f"{path}: a kdctl recipe, not a dataset YAML; give the dataset YAML its data: names (or a "
-                        "bundle's data.yaml)")
-    if isinstance(data, dict) and {"images", "annotations"} <= set(data) and "names" not in data:
-        raise DataError(f"{path}: a COCO annotation file, not a dataset YAML (a COCO dataset is named in a recipe: "
-                        "data.coco: train_images, train_annotations, val_images, val_annotations; a bundle trained "
-                        "on it holds its data.yaml)")
+    refuse_other_kind(data, path, "a dataset YAML", DataError)  # a recipe, a COCO annotation file as --data
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
     data = _renamed(data)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kdctl.errors import RecipeError
-from kdctl.recipe.validation import read_yaml, validate
+from kdctl.recipe.validation import read_yaml, refuse_other_kind, validate
 from kdctl.recipe.schema import ARTIFACTS, Strict
 def _targets_dir() -> Path:
     """The source tree's deploy/targets, else the copy a wheel install puts under <prefix>/share/kdctl."""
@@ -76,7 +76,9 @@ def load_target(target: str) -> TargetPreset:
         if not path.is_file():
             raise RecipeError(f"target '{target}' does not exist; valid: {', '.join(available_targets())} "
                               "(or a path to a preset YAML)")
-    return validate(read_yaml(path, "target preset"), TargetPreset, str(path))
+    data = read_yaml(path, "target preset")
+    refuse_other_kind(data, path, "a target preset")
+    return validate(data, TargetPreset, str(path))
 
 
 def onnx_int8_scheme(preset: TargetPreset, artifacts: list[str]) -> str:

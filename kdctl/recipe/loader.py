@@ -13,7 +13,7 @@ import yaml
 
 from kdctl.errors import LINK_LOOP, KdctlError, RecipeError, shown
 from kdctl.recipe.schema import SHORT_FORMS, Recipe
-from kdctl.recipe.validation import _model_in, read_yaml, validate
+from kdctl.recipe.validation import _model_in, read_yaml, refuse_other_kind, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
            "set_field", "overrides_named", "set_suggestion"]
@@ -31,10 +31,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             raise RecipeError(f"--set {text}: {BASE_KEY} is read with the recipe file, before any --set; write it in "
                               f"{path}")
     raw, bases, inherited = read_with_bases(path)
-    if isinstance(raw, dict) and "names" in raw and ("train" in raw or "val" in raw) and not set(raw) & {
-            "student", "teacher", "data"}:  # it read as a recipe missing its student
-        raise RecipeError(f"{path}: a dataset YAML (names, train, val), not a recipe; a recipe names it as data: "
-                          f"{path} (see recipes/)")
+    refuse_other_kind(raw, path, "a kdctl recipe")  # a dataset YAML read as a recipe lacking its student
     if overrides:
         if not isinstance(raw, dict):
             validate(raw, Recipe, str(path))  # its own error: not a mapping of fields

@@ -159,6 +159,44 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
         raise RecipeError(f"{path}: {e}") from None
 
 
+# what a file of each kind kdctl reads is, and how it is given instead, where it was given in another's place
+_KIND_USE = {
+    "a kdctl recipe": "give it to kdctl train or distill; its dataset is the YAML its data: names",
+    "a dataset YAML": "a recipe names it as data: PATH, a command takes it as --data",
+    "a COCO annotation file": "a recipe names a COCO dataset as data.coco: train_images, train_annotations, "
+                              "val_images, val_annotations; a bundle trained on it holds its data.yaml",
+    "a target preset": "kdctl export takes it as --target PATH, a recipe as export.target",
+    "an Ultralytics model YAML": "a recipe names it as student: PATH or teacher: PATH",
+}
+
+
+def file_kind(data: Any) -> str | None:
+    """Which kind of file kdctl reads a parsed YAML/JSON mapping is, by the keys only that kind has; None where it
+    is none of them (or a broken one: the reader's own error says what is wrong)."""
+    if not isinstance(data, dict):
+        return None
+    keys = set(data)
+    if "student" in keys or "base" in keys or {"data", "distill"} <= keys:  # base: a recipe's student may be there
+        return "a kdctl recipe"
+    if "names" in keys and keys & {"train", "val", "test"}:
+        return "a dataset YAML"
+    if {"images", "annotations"} <= keys:
+        return "a COCO annotation file"
+    if {"runtime", "artifacts"} <= keys:
+        return "a target preset"
+    if {"backbone", "head"} <= keys:
+        return "an Ultralytics model YAML"
+    return None
+
+
+def refuse_other_kind(data: Any, path: Path | str, expected: str, error: type[Exception] = RecipeError) -> None:
+    """One line where the file at ``path`` is plainly another kind than ``expected`` (a dataset YAML given as the
+    recipe, a recipe as --data): what it is and how that kind is given, instead of the first field it lacks."""
+    kind = file_kind(data)
+    if kind is not None and kind != expected:
+        raise error(f"{path}: {kind}, not {expected}; {_KIND_USE[kind]}")
+
+
 def validate(data: Any, model: type[M], source: str) -> M:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of fields at the top level, got "
