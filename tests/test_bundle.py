@@ -144,7 +144,8 @@ def test_load_errors(tmp_path):
     with pytest.raises(BundleError, match=r"manifest is not valid JSON \(nested too deeply\)"):
         load_bundle(tmp_path / "d")
     b = make(tmp_path)
-    with pytest.raises(BundleError, match="is a 'train' bundle; expected one of: export"):
+    with pytest.raises(BundleError, match=r"is a 'train' bundle; expected one of: export \(run kdctl export on it "
+                                          r"first\)$"):
         load_bundle(b.path, stages=("export",))
 
 

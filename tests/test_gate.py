@@ -164,7 +164,8 @@ def test_baseline_measured_otherwise_fails_closed(export_cpu, tmp_path):
     # a baseline that is no profile: the flag is named (it read as a problem of the profile gated)
     res = CliRunner().invoke(app, ["gate", str(again), "--baseline", str(export_cpu), "--out", str(tmp_path / "g3")])
     assert res.exit_code == 2 and " ".join(res.output.split()) == (
-        f"Error: --baseline {export_cpu}: is an 'export' bundle; expected one of: profile"), res.output
+        f"Error: --baseline {export_cpu}: is an 'export' bundle; expected one of: profile (run kdctl profile on it "
+        "first)"), res.output
 
 
 def test_rerun_removes_what_a_killed_junit_write_left(profile_cpu, tmp_path):

@@ -29,6 +29,7 @@ MANIFEST = "manifest.json"
 SEAL = "manifest.sha256"
 SCHEMA_VERSION = 2
 STAGES = ("data", "train", "distill", "eval", "export", "profile", "gate", "report")
+_NEXT_STAGE = {"train": "export", "distill": "export", "export": "profile", "profile": "gate"}  # the pipeline's order
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -169,7 +170,10 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
         stages = tuple(stages)
         if bundle.stage not in stages:
             article = "an" if bundle.stage[:1] in "aeiou" else "a"
-            raise BundleError(f"{path}: is {article} '{bundle.stage}' bundle; expected one of: {', '.join(stages)}")
+            then = _NEXT_STAGE.get(bundle.stage)  # a bundle one stage short of the one wanted: the command to run
+            hint = f" (run kdctl {then} on it first)" if then in stages else ""
+            raise BundleError(f"{path}: is {article} '{bundle.stage}' bundle; expected one of: {', '.join(stages)}"
+                              f"{hint}")
     if verify:
         require_verified(bundle)
     return bundle
