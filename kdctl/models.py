@@ -35,7 +35,7 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
             raise RecipeError(f"{source}: {field}: {e}", exit_code=e.exit_code) from None
         w = b.file("weights")
         return ResolvedModel("checkpoint", str(w), b.manifest["files"][w.relative_to(b.path).as_posix()]["sha256"], b)
-    if p.suffix.lower() in (".pt", ".pth"):  # BEST.PT too, as Ultralytics loads any weights file name
+    if is_checkpoint_file(p):
         if not p.is_file():
             raise RecipeError(f"{source}: {field}: checkpoint '{spec}' not found")
         return ResolvedModel("checkpoint", str(p.resolve()), sha256_file(p))
@@ -138,7 +138,8 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
 
 
 def is_checkpoint_file(path: str | Path) -> bool:
-    """A model file (``best.pt``) rather than a bundle directory, where eval and export take either."""
+    """A model file (``best.pt``; ``BEST.PT`` too, as Ultralytics loads any weights file name) rather than a bundle
+    directory, where a recipe, eval and export take either."""
     return Path(path).suffix.lower() in (".pt", ".pth") and not Path(path).is_dir()
 
 
