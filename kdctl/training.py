@@ -373,6 +373,8 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
     fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
     if setup is not None and setup.init_note:  # distill.init: auto fell back to a random start: the bundle says why
         info["init_note"] = setup.init_note
+    if setup is not None and setup.teacher_classes:  # the teacher's classes the dataset's were found at, by name
+        info["teacher_classes"] = setup.teacher_classes
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / RUN_FILE, info)
     faults.point("train:started")
@@ -493,6 +495,8 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
                          "teacher_layers": t.t_layers, "weight": t.weight} for t in kd.terms]}
     if recipe.distill.init:
         out["init"] = {"from": "teacher"} if setup.init else {"from": "random", "reason": setup.init_note}
+    if setup.teacher_classes:
+        out["teacher_classes"] = setup.teacher_classes
     return out
 
 
@@ -527,7 +531,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     # a teacher built from a model YAML gets the same weights in every process (each DDP rank, a cache build and
     # the distillation that replays it)
     torch.manual_seed(recipe.train.seed)
-    teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+    teacher, classes = _teacher_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
     _check_stride(recipe, source, teacher, "teacher")
     if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
@@ -559,7 +563,23 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                                   f"distill.init: auto leaves '{student_ref.ref}' at random weights here ({note}); "
                                   "train it first without quantize and name that bundle as student.model") from None
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
-                                       cache, "teacher" if init else None, note)
+                                       cache, "teacher" if init else None, note, classes)
+
+
+def _teacher_classes(teacher, ds) -> tuple:
+    """The teacher as distillation reads it, and what was selected: where its class names include the dataset's
+    (a COCO teacher for a person/car set) or are them in another order, a copy predicting the dataset's classes
+    in the dataset's order (:func:`kdctl.detectors.keep_classes`), with ``{"teacher_nc", "index": {name: its
+    class index}}``; else the teacher itself and None (a teacher of these classes, or of others: refused where
+    its classes must match, by the loss that needs them)."""
+    from kdctl.detectors import keep_classes
+    from kdctl.models import model_classes
+
+    index = ds.class_index(getattr(teacher, "names", None))
+    kept = keep_classes(teacher, index, ds.names) if index is not None else None
+    if kept is None:
+        return teacher, None
+    return kept, {"teacher_nc": model_classes(teacher), "index": dict(zip(ds.names, index))}
 
 
 def _check_init(student_ref, student, teacher, fam, source: str) -> None:
@@ -650,6 +670,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
     parents = [b for b in (student_ref.bundle, teacher_ref.bundle if teacher_ref else None) if b is not None]
     if teacher_ref:
         inputs["teacher"] = {"model": recipe.teacher.model, "resolved": teacher_ref.ref, "sha256": teacher_ref.sha256}
+        if info.get("teacher_classes"):
+            inputs["teacher"]["classes"] = info["teacher_classes"]
     if recipe._origin:  # the file as read and the --set texts on it (the bundle's recipe is the result of both)
         inputs["recipe_file"] = recipe._origin
 
@@ -736,7 +758,7 @@ def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, dev
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import model_classes
 
-    teacher = load_model(teacher_ref, ds.nc, "teacher.model", source)
+    teacher, _ = _teacher_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
     try:
         ds.check_model_classes(model_classes(teacher), "the teacher", names=getattr(teacher, "names", None))
     except DataError:

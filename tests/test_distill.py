@@ -641,3 +641,121 @@ def test_yolo26_pair_distils_with_the_shipped_logit_crosskd_terms(tmp_path, tiny
     epochs = json.loads((tmp_path / "kd" / "metrics.json").read_text())["epochs"]
     assert len(epochs) == 2 and all(e["train/kd_logit"] > 0 and e["train/kd_crosskd"] > 0 for e in epochs)
     assert verify_bundle(tmp_path / "kd").ok
+
+
+def _superset_teacher(bundle: Path, path: Path, order: list[str]) -> Path:
+    """The bundle's model as a checkpoint of the classes ``order`` (its own among others, in another order): each
+    of its classes keeps its class-branch weights, each new one gets random ones."""
+    from torch import nn
+
+    from kdctl.detectors.yolo import load_detector, save_checkpoint
+
+    m = load_detector(bundle / "weights.pt")
+    own = [m.names[i] for i in sorted(m.names)]
+    head, g = m.model[-1], torch.Generator().manual_seed(0)
+    for seq in head.cv3:
+        last, new = seq[-1], nn.Conv2d(seq[-1].in_channels, len(order), 1)
+        with torch.no_grad():
+            for j, name in enumerate(order):
+                if name in own:
+                    new.weight[j], new.bias[j] = last.weight[own.index(name)], last.bias[own.index(name)]
+                else:
+                    new.weight[j] = torch.randn(new.weight[j].shape, generator=g) * 0.1
+        seq[-1] = new
+    head.nc, head.no = len(order), len(order) + head.reg_max * 4
+    m.names, m.yaml = dict(enumerate(order)), {**m.yaml, "nc": len(order)}
+    save_checkpoint(m, path, {})
+    return path
+
+
+def test_keep_classes_is_the_models_own_scores_of_those_classes():
+    """A teacher's classes kept by name: the copy's class scores are the model's at those classes, in the order
+    asked, in training (the raw head KD reads) and in eval; boxes unchanged; YOLO (one-to-many and end-to-end
+    heads) and RT-DETR. A torchvision detector (softmax over classes) is not cut."""
+    from kdctl.detectors import keep_classes
+    from kdctl.detectors.rtdetr import DenseOutput
+    from kdctl.detectors.rtdetr import build_detector as build_rtdetr
+    from kdctl.detectors.torchvision import build_detector as build_tv
+
+    x = torch.rand(2, 3, 64, 64)
+    for cfg in ("yolov8n.yaml", "yolo26n.yaml"):
+        m = build_detector(cfg, nc=5)
+        m.names = dict(enumerate("a b c d e".split()))
+        k = keep_classes(m, [3, 1], ["d", "b"])
+        assert k.names == {0: "d", 1: "b"} and k.model[-1].nc == 2 and m.model[-1].nc == 5  # the model is not cut
+        with torch.no_grad():
+            full, part = m.train()(x), k.train()(x)
+            full, part = full.get("one2many", full), part.get("one2many", part)
+            torch.testing.assert_close(part["scores"], full["scores"][:, [3, 1]])
+            torch.testing.assert_close(part["boxes"], full["boxes"])
+            full, part = m.eval()(x)[0], k.eval()(x)[0]
+        assert part.shape[1] == full.shape[1] - 3
+        torch.testing.assert_close(part[:, 4:], full[:, 4:][:, [3, 1]])
+    r = build_rtdetr("rtdetr-l.yaml", nc=5).eval()
+    k = keep_classes(r, [4, 0, 2], ["e", "a", "c"])
+    assert k.model[-1].nc == 3 and k.model[-1].denoising_class_embed.weight.shape[0] == 3
+    with torch.no_grad():
+        full, part = DenseOutput(r)(x), DenseOutput(k)(x)
+    assert part.shape == (2, 7, full.shape[2])  # every query still there, three classes each
+    assert keep_classes(build_tv("torchvision:fasterrcnn_mobilenet_v3_large_fpn", 5), [0], ["a"]) is None
+
+
+def test_dataset_class_index_finds_the_teachers_classes_by_name(tiny_data):
+    from kdctl.data.resolve import load_yolo_yaml
+
+    ds = load_yolo_yaml(tiny_data)
+    assert ds.names == ["circle", "square", "triangle"]
+    coco = {0: "person", 1: "Triangle ", 2: "dog", 3: "circle", 4: "SQUARE"}
+    assert ds.class_index(coco) == [3, 4, 1]
+    assert ds.class_index(["triangle", "circle", "square"]) == [1, 2, 0]          # another order
+    assert ds.class_index(["circle", "square", "triangle"]) is None               # these classes, in order
+    assert ds.class_index(["0", "1", "2", "3"]) is None                           # built from a YAML: no names
+    assert ds.class_index(["circle", "square", "star"]) is None                   # not all of them
+    assert ds.class_index(["circle", "square", "triangle", "circle"]) is None     # one of them twice: no guess
+
+
+def test_a_teacher_of_more_classes_in_another_order_teaches_the_datasets_by_name(tmp_path, tiny_data,
+                                                                                 trained_bundle):
+    """A teacher trained on a superset of the dataset's classes, in another order (a COCO teacher for a person/car
+    set): head-level KD reads its scores of the dataset's classes, found by name, so the run is the one its own
+    three-class teacher gives, step for step (same student weights, same teacher mAP); the bundle records the
+    selection. Before, it was refused ('the student predicts 3 and the teacher 5')."""
+    big = _superset_teacher(trained_bundle, tmp_path / "coco-like.pt", ["dog", "triangle", "circle", "cat", "square"])
+    outs = {}
+    for name, teacher in (("own", trained_bundle), ("superset", big)):
+        r = tmp_path / f"{name}.yaml"
+        r.write_text(f"""
+name: {name}
+teacher: {teacher}
+student: {{model: yolov8-tiny.yaml}}
+data: {tiny_data}
+train: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}
+distill:
+  init: teacher
+  losses: [{{name: kd_logit, params: {{temperature: 2.0}}}}, {{name: ld}}]
+""")
+        checked = CliRunner().invoke(app, ["recipe", "check", str(r), "--models", "--json"])
+        assert checked.exit_code == 0, checked.output
+        res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / name), "--json"])
+        assert res.exit_code == 0, res.output
+        outs[name] = json.loads((tmp_path / name / "manifest.json").read_text())
+        picked = outs[name]["inputs"]["teacher"].get("classes")
+        shown = [json.loads(r.stdout).get("teacher_classes") for r in (checked, res)]
+        assert shown == [picked, picked]
+    own, sup = outs["own"], outs["superset"]
+    assert sup["inputs"]["teacher"]["classes"] == {"teacher_nc": 5, "index": {"circle": 2, "square": 4,
+                                                                              "triangle": 1}}
+    assert "classes" not in own["inputs"]["teacher"]
+    assert sup["metrics"]["init"]["selected_params"] == own["metrics"]["init"]["selected_params"]
+    ev = CliRunner().invoke(app, ["eval", str(trained_bundle), "--data", str(tiny_data), "--out",
+                                  str(tmp_path / "ev"), "-q"])
+    assert ev.exit_code == 0, ev.output
+    teacher_map = json.loads((tmp_path / "ev" / "manifest.json").read_text())["metrics"]["map50_95"]
+    assert sup["metrics"]["teacher"]["map50_95"] == pytest.approx(teacher_map, abs=1e-4)  # on its 3 classes
+    for k in ("train/kd_logit", "train/kd_ld", "train/cls_loss"):
+        assert sup["metrics"]["epochs"][0][k] == pytest.approx(own["metrics"]["epochs"][0][k], rel=1e-4)
+    # the same up to float rounding (a 5-channel convolution sums in another order than a 3-channel one)
+    assert sup["metrics"]["map50_95"] == pytest.approx(own["metrics"]["map50_95"], abs=1e-3)
+    # the report draws the teacher as the run read it (it stopped at a class index past the dataset's names)
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "superset"), "--out", str(tmp_path / "rep"), "--json"])
+    assert rep.exit_code == 0 and (tmp_path / "rep" / "predictions.png").stat().st_size > 1000, rep.output

@@ -39,7 +39,9 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
 
             checked = check_models(r, source=str(recipe))
             terms, init = checked["kd_terms"], checked.get("init")
-        out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {})}
+        picked = checked.get("teacher_classes") if models else None  # the dataset's classes found in the teacher's
+        out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {}),
+                                          **({"teacher_classes": picked} if picked else {})}
         # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
         # with a teacher set aside is still a train recipe, so this is a note, not an error)
         refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
@@ -70,6 +72,10 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
         if init:
             console.print("student starts from the teacher's weights (weight selection)" if init["from"] == "teacher"
                           else f"student starts at random: {init['reason']}")
+        if picked:
+            found = ", ".join(f"{n} = its class {i}" for n, i in picked["index"].items())
+            console.print(f"teacher: the dataset's classes, by name, of its {picked['teacher_nc']}: {found}",
+                          highlight=False)
 
     emit(out, as_json=json_, human=human)
 

@@ -81,6 +81,20 @@ class Dataset:
                             f"{moved} would be taken for '{self.names[moved]}'; the model's order is "
                             f"{', '.join(theirs)}")
 
+    def class_index(self, names) -> list[int] | None:
+        """Where a teacher's outputs hold this dataset's classes, found by name (case and surrounding spaces
+        aside): its class index for each of this dataset's classes, in this dataset's order, when its names
+        include every one of them once and it is not already these classes in this order; a COCO teacher for a
+        person/car set gives ``[0, 2]``, a teacher of these classes in another order its permutation. None
+        otherwise: the same classes in the same order, a model that names none (built from a YAML), or names that
+        do not cover this dataset's (its classes are then taken by index, or refused where they must match)."""
+        theirs = [str(n) for _, n in sorted(names.items())] if isinstance(names, dict) else list(names or [])
+        key = [n.strip().casefold() for n in theirs]
+        ours = [n.strip().casefold() for n in self.names]
+        if key == ours or len(set(ours)) < len(ours) or any(key.count(n) != 1 for n in ours):
+            return None
+        return [key.index(n) for n in ours]
+
 
 def class_keys(names: list[str]) -> list[str]:
     """What per-class results (AP, object counts) are keyed by: the class names, except that a name several classes

@@ -56,6 +56,17 @@ def build_criterion(student, setup, imgsz: int):
                  setup.balance_cap)
 
 
+def keep_classes(model, index: list[int], names: list[str]):
+    """A copy of ``model`` predicting only its classes ``index``, in that order, named ``names`` (the family's
+    ``keep_classes``); None for a family whose class scores are not one sigmoid per class (torchvision's softmax
+    would hand a dropped class's share to the kept ones) or a head it does not know."""
+    fn = getattr(family(model), "keep_classes", None)
+    try:
+        return fn(model, index, names) if fn is not None else None
+    except ValueError:
+        return None
+
+
 def dense_module(model):
     """A module whose eval output is kdctl's dense layout ``(N, 4 + nc, A)`` (boxes in input pixels, class
     probabilities), for the evaluator and parity checks."""

@@ -51,6 +51,26 @@ def build_detector(cfg, nc: int) -> nn.Module:
     return RTDETRDetectionModel(str(cfg), nc=nc, verbose=False)
 
 
+def keep_classes(model: nn.Module, index: list[int], names: list[str]) -> nn.Module:
+    """A copy of an RT-DETR detector that predicts only its classes ``index``, in that order, named ``names``
+    (:func:`kdctl.detectors.yolo.keep_classes` for a YOLO head). Class scores are per-class sigmoids, so every
+    decoder layer's scores are the model's for those classes; the encoder then picks its top queries by those
+    classes alone, as a model trained on them would."""
+    import copy
+
+    from kdctl.detectors.yolo import _named, _rows
+
+    model = copy.deepcopy(model)
+    head, idx = model.model[-1], torch.as_tensor(index, dtype=torch.long)
+    head.enc_score_head = _rows(head.enc_score_head, idx)
+    head.dec_score_head = nn.ModuleList(_rows(m, idx) for m in head.dec_score_head)
+    emb = head.denoising_class_embed  # the denoising queries' class embeddings (training only)
+    head.denoising_class_embed = nn.Embedding.from_pretrained(emb.weight.detach()[idx].clone(),
+                                                              freeze=not emb.weight.requires_grad)
+    head.nc = len(index)
+    return _named(model, names)
+
+
 class KDRTDETRModel(RTDETRDetectionModel):
     """An RT-DETR student whose training loss adds ``Σ w·KD`` against a frozen teacher: feature terms through taps
     (an RT-DETR or YOLO teacher), ``detr`` terms on the decoder's queries (an RT-DETR teacher: every student

@@ -177,6 +177,7 @@ class DistillSetup:
     cache: str | None = None  # a built teacher cache (kdctl.distill.cache) serving the head-level terms
     init: str | None = None  # "teacher": the student starts from a weight selection of the teacher
     init_note: str | None = None  # why distill.init: auto started at random instead
+    teacher_classes: dict | None = None  # the teacher's classes selected by name (kdctl.training._teacher_classes)
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
@@ -401,7 +402,8 @@ def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
 
 # what to do about a teacher trained on other classes (a COCO teacher for a dataset of a few classes, say)
 OTHER_CLASSES = ("; the teacher was trained on other classes: fine-tune it on this dataset first (kdctl train with "
-                 "student.model: the teacher), or distill its features alone (backbone or neck losses)")
+                 "student.model: the teacher), or distill its features alone (backbone or neck losses); a YOLO or "
+                 "RT-DETR teacher whose class names include the dataset's has them selected by name")
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:
@@ -825,6 +827,53 @@ def check_model_name(name: str, field: str, source: str) -> None:
     except (FileNotFoundError, OSError):
         raise RecipeError(f"{source}: {field}: '{name}' is neither a file nor an Ultralytics model YAML "
                           "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)") from None
+
+
+def _rows(layer: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A copy of a ``Conv2d`` or ``Linear`` layer that computes only its output channels ``index``, in that order."""
+    if isinstance(layer, nn.Conv2d):
+        new = nn.Conv2d(layer.in_channels, len(index), layer.kernel_size, layer.stride, layer.padding,
+                        layer.dilation, layer.groups, layer.bias is not None)
+    else:
+        new = nn.Linear(layer.in_features, len(index), layer.bias is not None)
+    new = new.to(layer.weight)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[index])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias[index])
+    return new.requires_grad_(layer.weight.requires_grad)
+
+
+def keep_classes(model: nn.Module, index: list[int], names: list[str]) -> nn.Module:
+    """A copy of a YOLO detector whose head predicts only its classes ``index``, in that order, named ``names``
+    (a COCO teacher for a dataset of some of its classes, selected by name: :meth:`kdctl.data.resolve.Dataset.
+    class_index`). Each class score is its own sigmoid, so the copy's scores are exactly the model's scores of
+    those classes; its boxes and inner maps are the model's. The last convolution of each class branch keeps
+    those output channels."""
+    import copy
+
+    head = model.model[-1]
+    if type(head).__name__ not in DETECT_HEADS:
+        raise ValueError(f"a {type(head).__name__} head")
+    model = copy.deepcopy(model)
+    head, idx = model.model[-1], torch.as_tensor(index, dtype=torch.long)
+    for branch in ("cv3", "one2one_cv3"):
+        for seq in getattr(head, branch, None) or []:
+            last = seq[-1]
+            if not isinstance(last, nn.Conv2d) or last.out_channels != head.nc:
+                raise ValueError(f"a class branch ending in {type(last).__name__}, not a {head.nc}-class convolution")
+            seq[-1] = _rows(last, idx)
+    head.nc, head.no = len(index), len(index) + head.reg_max * 4
+    return _named(model, names)
+
+
+def _named(model: nn.Module, names: list[str]) -> nn.Module:
+    model.names = dict(enumerate(names))
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml = {**model.yaml, "nc": len(names)}
+    if hasattr(model, "nc"):
+        model.nc = len(names)
+    return model
 
 
 def num_classes(model: nn.Module) -> int:

@@ -8,18 +8,24 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
 
 
-def prediction_grid(models: list[tuple[str, Path]], images: list[Path], names: list[str], imgsz: int, out: Path,
-                    conf: float = 0.25, cell: int = 240) -> Path:
-    """One row per image, one column per model (``(label, weights.pt)``); detections above ``conf``."""
+def prediction_grid(models: list[tuple[str, Path, dict | None]], images: list[Path], names: list[str], imgsz: int,
+                    out: Path, conf: float = 0.25, cell: int = 240) -> Path:
+    """One row per image, one column per model (``(label, weights.pt, classes)``; ``classes``: a distill run's record
+    of the teacher's classes it selected by name, ``{"index": {name: the model's class}}``, or None); detections
+    above ``conf``."""
     from PIL import Image, ImageDraw
 
-    from kdctl.detectors import load_detector
+    from kdctl.detectors import keep_classes, load_detector
     from kdctl.evaluate import torch_backend
     from kdctl.evaluate.predict import load_rgb, predict_images
 
     cols = []
-    for label, weights in models:
-        dets = predict_images(torch_backend(load_detector(weights)), images, imgsz, conf=conf)
+    for label, weights, classes in models:
+        model = load_detector(weights)
+        index = (classes or {}).get("index")
+        if isinstance(index, dict) and all(n in index for n in names):
+            model = keep_classes(model, [int(index[n]) for n in names], names) or model
+        dets = predict_images(torch_backend(model), images, imgsz, conf=conf)
         cols.append((label, dets))
     head = 22
     grid = Image.new("RGB", (cell * len(cols), head + cell * len(images)), "white")
@@ -37,7 +43,8 @@ def prediction_grid(models: list[tuple[str, Path]], images: list[Path], names: l
             for (x1, y1, x2, y2), score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist()):
                 colour = PALETTE[int(cls) % len(PALETTE)]
                 d.rectangle([x1 * scale, y1 * scale, x2 * scale, y2 * scale], outline=colour, width=2)
-                d.text((x1 * scale + 2, max(0, y1 * scale - 11)), f"{names[int(cls)]} {score:.2f}", fill=colour)
+                name = names[int(cls)] if int(cls) < len(names) else f"class {int(cls)}"  # a teacher of others
+                d.text((x1 * scale + 2, max(0, y1 * scale - 11)), f"{name} {score:.2f}", fill=colour)
             grid.paste(tile, (c * cell, head + r * cell))
     grid.save(out)
     return out

@@ -147,13 +147,16 @@ def _predictions(cmps: list, root: Path) -> str | None:
     cmp = cmps[-1]
     data = (cmp.distilled.recipe or {}).get("data")
     students = [c.distilled for c in cmps if (c.distilled.recipe or {}).get("data") == data]
+    # a teacher of more classes than the dataset's (or of them in another order) shown as the run read it: the
+    # dataset's classes, selected by name
+    picked = field_of(cmp.distilled.manifest.get("inputs"), "teacher", "classes")
     models = []
     for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline)):
         try:
-            models += [(label, b.file("weights"))] if b is not None else []
+            models += [(label, b.file("weights"), picked if label == "teacher" else None)] if b is not None else []
         except KdctlError:  # the user's own teacher checkpoint, moved or changed since the distill run
             pass
-    models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"))
+    models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"), None)
                for b in students]
     try:
         from kdctl.data.resolve import load_yolo_yaml
