@@ -567,9 +567,9 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
 
 
 def _teacher_classes(teacher, ds) -> tuple:
-    """The teacher as distillation reads it, and what was selected: where its class names include the dataset's
-    (a COCO teacher for a person/car set) or are them in another order, a copy predicting the dataset's classes
-    in the dataset's order (:func:`kdctl.detectors.keep_classes`), with ``{"teacher_nc", "index": {name: its
+    """The teacher as distillation reads it, and what was selected: where it has more classes than the dataset
+    and its names include the dataset's (a COCO teacher for a person/car set), a copy predicting the dataset's
+    classes in the dataset's order (:func:`kdctl.detectors.keep_classes`), with ``{"teacher_nc", "index": {name: its
     class index}}``; else the teacher itself and None (a teacher of these classes, or of others: refused where
     its classes must match, by the loss that needs them)."""
     from kdctl.detectors import keep_classes

@@ -565,10 +565,20 @@ def _(c):
         ["data.yaml", "another order", "circle, square, triangle"]
 
 
+@case("distill-teacher-classes-in-another-order")
+def _(c):
+    """Same classes, another order: the teacher's names or the dataset's were reordered, and which cannot be told
+    (a teacher of more classes has the dataset's selected by name)."""
+    d = c.dataset("d", lambda r: None, names="[triangle, square, circle]")
+    r = c.yolo_recipe("r", d, teacher=str(c.train), losses="[{name: kd_logit}]")
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml", "names", "the teacher", "another order"]
+
+
 @case("distill-teacher-without-one-of-the-datasets-classes")
 def _(c):
     """The teacher (circle, square, triangle) knows one of the dataset's two classes: they cannot be found in it by
-    name, as a teacher of more classes or of these in another order has them selected, so head KD is refused."""
+    name, as a teacher of more classes has them selected, so head KD is refused."""
     def circles_and_stars(root):
         for f in (root / "labels").rglob("*.txt"):
             f.write_text("".join(line for line in f.read_text().splitlines(True) if line[:2] in ("0 ", "1 ")))

@@ -82,16 +82,16 @@ class Dataset:
                             f"{', '.join(theirs)}")
 
     def class_index(self, names) -> list[int] | None:
-        """Where a teacher's outputs hold this dataset's classes, found by name (case and surrounding spaces
-        aside): its class index for each of this dataset's classes, in this dataset's order, when its names
-        include every one of them once and it is not already these classes in this order; a COCO teacher for a
-        person/car set gives ``[0, 2]``, a teacher of these classes in another order its permutation. None
-        otherwise: the same classes in the same order, a model that names none (built from a YAML), or names that
-        do not cover this dataset's (its classes are then taken by index, or refused where they must match)."""
+        """Where a model of more classes than this dataset's holds them, found by name (case and surrounding
+        spaces aside): its class index for each of this dataset's classes, in this dataset's order, when its names
+        include every one of them once; a COCO teacher for a person/car set gives ``[0, 2]``. None otherwise: as
+        many classes (these, in this order or another, which :meth:`check_model_names` refuses since which order is
+        right cannot be told; or others, taken by index), a model that names none (built from a YAML), or names
+        that do not cover this dataset's (refused where the classes must match)."""
         theirs = [str(n) for _, n in sorted(names.items())] if isinstance(names, dict) else list(names or [])
         key = [n.strip().casefold() for n in theirs]
         ours = [n.strip().casefold() for n in self.names]
-        if key == ours or len(set(ours)) < len(ours) or any(key.count(n) != 1 for n in ours):
+        if len(key) <= len(ours) or len(set(ours)) < len(ours) or any(key.count(n) != 1 for n in ours):
             return None
         return [key.index(n) for n in ours]
 

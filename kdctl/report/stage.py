@@ -147,8 +147,7 @@ def _predictions(cmps: list, root: Path) -> str | None:
     cmp = cmps[-1]
     data = (cmp.distilled.recipe or {}).get("data")
     students = [c.distilled for c in cmps if (c.distilled.recipe or {}).get("data") == data]
-    # a teacher of more classes than the dataset's (or of them in another order) shown as the run read it: the
-    # dataset's classes, selected by name
+    # a teacher of more classes than the dataset's shown as the run read it: the dataset's classes, selected by name
     picked = field_of(cmp.distilled.manifest.get("inputs"), "teacher", "classes")
     models = []
     for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline)):
