@@ -103,6 +103,21 @@ def model_classes(model) -> int:
     return num_classes(model)
 
 
+def dataset_classes(model, ds) -> tuple:
+    """``model`` as it is read for the dataset ``ds``: where it predicts more classes than the dataset and its class
+    names include the dataset's (a COCO-trained model for a person/car set; :meth:`kdctl.data.resolve.Dataset.
+    class_index`), a copy that predicts the dataset's classes in the dataset's order
+    (:func:`kdctl.detectors.keep_classes`), with the record ``{"model_nc": its class count, "index": {dataset class:
+    its class index}}``; else ``model`` itself and None."""
+    from kdctl.detectors import keep_classes
+
+    index = ds.class_index(getattr(model, "names", None))
+    kept = keep_classes(model, index, ds.names) if index is not None else None
+    if kept is None:
+        return model, None
+    return kept, {"model_nc": model_classes(model), "index": dict(zip(ds.names, index))}
+
+
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
     from kdctl.detectors import load_detector

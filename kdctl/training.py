@@ -23,7 +23,7 @@ from kdctl import faults
 from kdctl.bundle import Bundle, BundleWriter, claim_output, next_run_dir, write_json_atomic
 from kdctl.data.resolve import normalised_yaml, resolve_data
 from kdctl.errors import CheckFailed, KdctlError, RecipeError, ResumeMismatch
-from kdctl.models import load_model, resolve_model
+from kdctl.models import dataset_classes, load_model, resolve_model
 from kdctl.progress import Step
 from kdctl.recipe.schema import Recipe, is_model_config
 
@@ -531,7 +531,8 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     # a teacher built from a model YAML gets the same weights in every process (each DDP rank, a cache build and
     # the distillation that replays it)
     torch.manual_seed(recipe.train.seed)
-    teacher, classes = _teacher_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
+    # a teacher of more classes than the dataset's (a COCO one) read for the dataset's, by name
+    teacher, classes = dataset_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
     _check_stride(recipe, source, teacher, "teacher")
     if fam is torchvision and family(teacher) is not torchvision:
         raise RecipeError(f"{source}: teacher.model: a {family(teacher).LABEL} teacher ('{teacher_ref.ref}') for a "
@@ -564,22 +565,6 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                                   "train it first without quantize and name that bundle as student.model") from None
     return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
                                        cache, "teacher" if init else None, note, classes)
-
-
-def _teacher_classes(teacher, ds) -> tuple:
-    """The teacher as distillation reads it, and what was selected: where it has more classes than the dataset
-    and its names include the dataset's (a COCO teacher for a person/car set), a copy predicting the dataset's
-    classes in the dataset's order (:func:`kdctl.detectors.keep_classes`), with ``{"teacher_nc", "index": {name: its
-    class index}}``; else the teacher itself and None (a teacher of these classes, or of others: refused where
-    its classes must match, by the loss that needs them)."""
-    from kdctl.detectors import keep_classes
-    from kdctl.models import model_classes
-
-    index = ds.class_index(getattr(teacher, "names", None))
-    kept = keep_classes(teacher, index, ds.names) if index is not None else None
-    if kept is None:
-        return teacher, None
-    return kept, {"teacher_nc": model_classes(teacher), "index": dict(zip(ds.names, index))}
 
 
 def _check_init(student_ref, student, teacher, fam, source: str) -> None:
@@ -758,7 +743,7 @@ def _evaluate_teacher(teacher_ref, ds, records, recipe: Recipe, source: str, dev
     from kdctl.evaluate import evaluate_backend, torch_backend
     from kdctl.models import model_classes
 
-    teacher, _ = _teacher_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
+    teacher, _ = dataset_classes(load_model(teacher_ref, ds.nc, "teacher.model", source), ds)
     try:
         ds.check_model_classes(model_classes(teacher), "the teacher", names=getattr(teacher, "names", None))
     except DataError:

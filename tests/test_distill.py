@@ -743,7 +743,7 @@ distill:
         shown = [json.loads(r.stdout).get("teacher_classes") for r in (checked, res)]
         assert shown == [picked, picked]
     own, sup = outs["own"], outs["superset"]
-    assert sup["inputs"]["teacher"]["classes"] == {"teacher_nc": 5, "index": {"circle": 2, "square": 4,
+    assert sup["inputs"]["teacher"]["classes"] == {"model_nc": 5, "index": {"circle": 2, "square": 4,
                                                                               "triangle": 1}}
     assert "classes" not in own["inputs"]["teacher"]
     assert sup["metrics"]["init"]["selected_params"] == own["metrics"]["init"]["selected_params"]
@@ -752,6 +752,12 @@ distill:
     assert ev.exit_code == 0, ev.output
     teacher_map = json.loads((tmp_path / "ev" / "manifest.json").read_text())["metrics"]["map50_95"]
     assert sup["metrics"]["teacher"]["map50_95"] == pytest.approx(teacher_map, abs=1e-4)  # on its 3 classes
+    # kdctl eval scores such a model on the dataset's classes too (it was refused: '3 classes but ... predicts 5')
+    ev = CliRunner().invoke(app, ["eval", str(big), "--data", str(tiny_data), "--imgsz", "128", "--out",
+                                  str(tmp_path / "ev-big"), "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["map50_95"] == pytest.approx(teacher_map, abs=1e-4)
+    assert json.loads(ev.stdout)["classes"] == sup["inputs"]["teacher"]["classes"]
     for k in ("train/kd_logit", "train/kd_ld", "train/cls_loss"):
         assert sup["metrics"]["epochs"][0][k] == pytest.approx(own["metrics"]["epochs"][0][k], rel=1e-4)
     # the same up to float rounding (a 5-channel convolution sums in another order than a 3-channel one)

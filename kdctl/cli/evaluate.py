@@ -53,6 +53,9 @@ def evaluate(
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
     if "artifact" in m:
         result.update(artifact=m["artifact"], runtime=m["runtime"])
+    picked = (b.manifest.get("inputs") or {}).get("classes")
+    if isinstance(picked, dict):  # a model of more classes, scored on the dataset's (selected by name)
+        result["classes"] = picked
 
     def human():
         what = f", {m['artifact']} in {m['runtime']}" if "artifact" in m else ""
@@ -64,5 +67,8 @@ def evaluate(
         t.add_row(Text("mAP50-95", style="bold"), Text(f"{m['map50_95']:.4f}", style="bold"))
         t.add_row("mAP50", f"{m['map50']:.4f}")
         console.print(t)
+        if isinstance(picked, dict):
+            console.print(f"scored on the dataset's {len(picked['index'])} classes of the model's "
+                          f"{picked['model_nc']}, found by name", highlight=False)
 
     emit(result, as_json=json_, quiet=quiet, human=human)

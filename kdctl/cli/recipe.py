@@ -74,7 +74,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
                           else f"student starts at random: {init['reason']}")
         if picked:
             found = ", ".join(f"{n} = its class {i}" for n, i in picked["index"].items())
-            console.print(f"teacher: the dataset's classes, by name, of its {picked['teacher_nc']}: {found}",
+            console.print(f"teacher: the dataset's classes, by name, of its {picked['model_nc']}: {found}",
                           highlight=False)
 
     emit(out, as_json=json_, human=human)

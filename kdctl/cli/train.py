@@ -93,7 +93,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
             if k in ("init", "init_note"):
                 t.add_row("student started from" if k == "init" else "random start because", str(v))
             elif k == "teacher_classes":
-                t.add_row("teacher classes (by name)", f"{len(v.get('index', {}))} of its {v.get('teacher_nc')}")
+                t.add_row("teacher classes (by name)", f"{len(v.get('index', {}))} of its {v.get('model_nc')}")
             elif k not in ("bundle", "stage", "kd_terms", "warnings", "kept"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():

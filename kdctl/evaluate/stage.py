@@ -137,11 +137,16 @@ def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: in
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
-    from kdctl.models import check_imgsz, model_classes
+    from kdctl.models import check_imgsz, dataset_classes, model_classes
 
     ds = load_yolo_yaml(data, skip_invalid=skip_invalid, splits=("val",), score=split)
     if runtime is None:
         check_imgsz(size, model)
+        # a model of more classes than the dataset (a COCO one for a person/car set): scored on the dataset's, by
+        # name, as distill reads such a teacher (an exported artifact keeps its classes: it is refused below)
+        model, picked = dataset_classes(model, ds)
+        if picked is not None:
+            inputs = {**inputs, "classes": picked}
         classes, names, backend = model_classes(model), getattr(model, "names", None), torch_backend(model, device)
     else:
         backend = model
