@@ -765,3 +765,5 @@ distill:
     # the report draws the teacher as the run read it (it stopped at a class index past the dataset's names)
     rep = CliRunner().invoke(app, ["report", str(tmp_path / "superset"), "--out", str(tmp_path / "rep"), "--json"])
     assert rep.exit_code == 0 and (tmp_path / "rep" / "predictions.png").stat().st_size > 1000, rep.output
+    assert "coco-like.pt | " in (md := (tmp_path / "rep" / "report.md").read_text())
+    assert "read for the dataset's 3 of its 5 classes, by name" in md

@@ -33,7 +33,7 @@ class TeacherRecord:
             return teacher
         return cls(teacher.path, {**teacher.metrics, **rec.metrics}, teacher.id,
                    f"{trained_as(teacher.metrics)}; scored again by the distill run on its validation images at "
-                   f"{rec.metrics.get('imgsz')} px", teacher)
+                   f"{rec.metrics.get('imgsz')} px{_selected(distilled)}", teacher)
 
     @classmethod
     def of(cls, distilled: Bundle) -> "TeacherRecord | None":
@@ -41,7 +41,8 @@ class TeacherRecord:
         if not isinstance(rec, dict) or not isinstance(rec.get("model"), str) \
                 or not isinstance(rec.get("map50_95"), (int, float)):
             return None
-        return cls(Path(rec["model"]), rec, f"teacher-checkpoint:{rec.get('sha256')}")
+        return cls(Path(rec["model"]), rec, f"teacher-checkpoint:{rec.get('sha256')}",
+                   cls.trained_as + _selected(distilled))
 
     @classmethod
     def scored_by(cls, evals: tuple[Bundle, ...], distilled: Bundle) -> "TeacherRecord | None":
@@ -68,6 +69,16 @@ class TeacherRecord:
         if role != "weights" or not self.path.is_file() or sha256_file(self.path) != self.metrics.get("sha256"):
             raise BundleError(f"{self.path}: the teacher checkpoint is not here as the distill run read it")
         return self.path
+
+
+def _selected(distilled: Bundle) -> str:
+    """How a teacher of more classes than the dataset was read (``inputs.teacher.classes``), for its row."""
+    picked = field_of(distilled.manifest.get("inputs"), "teacher", "classes")
+    if not isinstance(picked, dict) or not isinstance(picked.get("index"), dict):
+        return ""
+    n = picked.get("model_nc")
+    return f"; read for the dataset's {len(picked['index'])}{f' of its {n}' if isinstance(n, int) else ''} classes, " \
+        "by name"
 
 
 @dataclass
