@@ -177,7 +177,7 @@ class DistillSetup:
     cache: str | None = None  # a built teacher cache (kdctl.distill.cache) serving the head-level terms
     init: str | None = None  # "teacher": the student starts from a weight selection of the teacher
     init_note: str | None = None  # why distill.init: auto started at random instead
-    teacher_classes: dict | None = None  # the teacher's classes selected by name (kdctl.training._teacher_classes)
+    teacher_classes: dict | None = None  # the dataset's classes found in the teacher's (kdctl.models.dataset_classes)
 
 
 def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, imgsz: int,
