@@ -112,6 +112,8 @@ def dataset_classes(model, ds) -> tuple:
     from kdctl.detectors import keep_classes
 
     index = ds.class_index(getattr(model, "names", None))
+    if index is not None and max(index) >= model_classes(model):  # names beyond its head's classes: not its own
+        index = None
     kept = keep_classes(model, index, ds.names) if index is not None else None
     if kept is None:
         return model, None

@@ -698,10 +698,22 @@ def test_keep_classes_is_the_models_own_scores_of_those_classes():
         full, part = DenseOutput(r)(x), DenseOutput(k)(x)
     assert part.shape == (2, 7, full.shape[2])  # every query still there, three classes each
     assert keep_classes(build_tv("torchvision:fasterrcnn_mobilenet_v3_large_fpn", 5), [0], ["a"]) is None
+    # names beyond the head's classes (a checkpoint of other code) are not taken for its classes
+    from kdctl.data.resolve import Dataset
+    from kdctl.models import dataset_classes
+
+    m = build_detector("yolov8n.yaml", nc=3)
+    m.names = dict(enumerate("a b c d e".split()))
+    ds = Dataset(Path("d.yaml"), ["b", "e"], [], [])
+    assert dataset_classes(m, ds) == (m, None)
+    m.names = dict(enumerate("a e b".split()))
+    kept, picked = dataset_classes(m, ds)
+    assert picked == {"model_nc": 3, "index": {"b": 2, "e": 1}} and kept.names == {0: "b", 1: "e"}
 
 
 def test_dataset_class_index_finds_the_teachers_classes_by_name(tiny_data):
     from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.errors import DataError
 
     ds = load_yolo_yaml(tiny_data)
     assert ds.names == ["circle", "square", "triangle"]
@@ -712,6 +724,12 @@ def test_dataset_class_index_finds_the_teachers_classes_by_name(tiny_data):
     assert ds.class_index(["0", "1", "2", "3"]) is None                           # built from a YAML: no names
     assert ds.class_index(["circle", "square", "star"]) is None                   # not all of them
     assert ds.class_index(["circle", "square", "triangle", "circle"]) is None     # one of them twice: no guess
+    # what a checkpoint of other code may hold as names is compared as well as it can be, never an error
+    assert ds.class_index({0: "circle", "1": "square", 2: 3, 3: "triangle"}) == [0, 1, 3]
+    assert ds.class_index({"x": "triangle", "y": "circle", "z": "square", "w": None}) == [1, 2, 0]
+    assert ds.class_index(7) is None and ds.check_model_names(7, "m") is None
+    with pytest.raises(DataError, match="another order"):
+        ds.check_model_names({"a": "square", "b": "circle", "c": "triangle"}, "m")
 
 
 def test_a_teacher_of_more_classes_in_another_order_teaches_the_datasets_by_name(tmp_path, tiny_data,
