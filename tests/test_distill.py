@@ -785,3 +785,23 @@ distill:
     assert rep.exit_code == 0 and (tmp_path / "rep" / "predictions.png").stat().st_size > 1000, rep.output
     assert "coco-like.pt | " in (md := (tmp_path / "rep" / "report.md").read_text())
     assert "read for the dataset's 3 of its 5 classes, by name" in md
+
+
+def test_the_prediction_panel_draws_a_teacher_of_other_classes(tmp_path, tiny_data, trained_bundle):
+    """A teacher bundle of other classes (feature KD from a model trained elsewhere) in the report's prediction
+    panel: its classes past the dataset's are drawn as 'class N' (an IndexError stopped the report); one of more
+    classes whose names include the dataset's is drawn for those, as distill read it."""
+    from PIL import Image
+
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.report.predictions import prediction_grid
+
+    ds = load_yolo_yaml(tiny_data)
+    others = _superset_teacher(trained_bundle, tmp_path / "others.pt", ["dog", "cat", "bird", "fish", "cow"])
+    more = _superset_teacher(trained_bundle, tmp_path / "more.pt", ["dog", "triangle", "circle", "cat", "square"])
+    out = prediction_grid([("others", others), ("more", more), ("own", trained_bundle / "weights.pt")],
+                          ds.val_images[:2], ds, 128, tmp_path / "p.png")
+    with Image.open(out) as im:
+        assert im.size == (3 * 240, 22 + 2 * 240)
+        more_col, own_col = (im.crop((x, 22, x + 240, 22 + 480)).tobytes() for x in (240, 480))
+    assert more_col == own_col  # the dataset's three classes of five are its own teacher's, box for box

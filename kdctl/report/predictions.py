@@ -8,23 +8,22 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
 
 
-def prediction_grid(models: list[tuple[str, Path, dict | None]], images: list[Path], names: list[str], imgsz: int,
-                    out: Path, conf: float = 0.25, cell: int = 240) -> Path:
-    """One row per image, one column per model (``(label, weights.pt, classes)``; ``classes``: a distill run's record
-    of the teacher's classes it selected by name, ``{"index": {name: the model's class}}``, or None); detections
-    above ``conf``."""
+def prediction_grid(models: list[tuple[str, Path]], images: list[Path], ds, imgsz: int, out: Path,
+                    conf: float = 0.25, cell: int = 240) -> Path:
+    """One row per image, one column per model (``(label, weights.pt)``); detections above ``conf``, named by the
+    dataset ``ds``. A model of more classes (a COCO teacher) is shown as distill reads it, for the dataset's
+    classes (:func:`kdctl.models.dataset_classes`)."""
     from PIL import Image, ImageDraw
 
-    from kdctl.detectors import keep_classes, load_detector
+    from kdctl.detectors import load_detector
     from kdctl.evaluate import torch_backend
     from kdctl.evaluate.predict import load_rgb, predict_images
+    from kdctl.models import dataset_classes
 
+    names = ds.names
     cols = []
-    for label, weights, classes in models:
-        model = load_detector(weights)
-        index = (classes or {}).get("index")
-        if isinstance(index, dict) and all(n in index for n in names):
-            model = keep_classes(model, [int(index[n]) for n in names], names) or model
+    for label, weights in models:
+        model, _ = dataset_classes(load_detector(weights), ds)
         dets = predict_images(torch_backend(model), images, imgsz, conf=conf)
         cols.append((label, dets))
     head = 22

@@ -147,15 +147,13 @@ def _predictions(cmps: list, root: Path) -> str | None:
     cmp = cmps[-1]
     data = (cmp.distilled.recipe or {}).get("data")
     students = [c.distilled for c in cmps if (c.distilled.recipe or {}).get("data") == data]
-    # a teacher of more classes than the dataset's shown as the run read it: the dataset's classes, selected by name
-    picked = field_of(cmp.distilled.manifest.get("inputs"), "teacher", "classes")
     models = []
     for label, b in (("teacher", cmp.teacher), ("baseline", cmp.baseline)):
         try:
-            models += [(label, b.file("weights"), picked if label == "teacher" else None)] if b is not None else []
+            models += [(label, b.file("weights"))] if b is not None else []
         except KdctlError:  # the user's own teacher checkpoint, moved or changed since the distill run
             pass
-    models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"), None)
+    models += [("distilled" if len(students) == 1 else f"distilled: {b.path.name}", b.file("weights"))
                for b in students]
     try:
         from kdctl.data.resolve import load_yolo_yaml
@@ -166,7 +164,7 @@ def _predictions(cmps: list, root: Path) -> str | None:
         return None  # the dataset is not on this machine
     images = [ds.val_images[i] for i in sorted({0, len(ds.val_images) // 2, len(ds.val_images) - 1})]
     imgsz = int(cmp.distilled.metrics.get("imgsz") or 640)
-    prediction_grid(models, images, ds.names, imgsz, root / "predictions.png")
+    prediction_grid(models, images, ds, imgsz, root / "predictions.png")
     return "predictions.png"
 
 
