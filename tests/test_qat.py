@@ -617,3 +617,14 @@ def test_qat_export_at_a_static_batch_calibrates_and_checks_in_groups(qad_bundle
     assert a["metrics"]["images"] == 8 and a["parity"]["ok"] is not False
     dim = onnx.load(str(tmp_path / "b3" / a["files"][0])).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_value == 3
+
+
+def test_a_quantization_aware_teacher_is_not_cut_to_the_datasets_classes():
+    """Its class convolutions carry per-channel quantizers, which a cut would drop or misalign: such a teacher is
+    read whole (refused for head KD where its classes differ, as before), never as a different model."""
+    from kdctl.detectors import keep_classes
+
+    m, _ = _quantized_kd_model()
+    m.names = {0: "a", 1: "b", 2: "c"}
+    assert type(m.model[-1].cv3[0][-1]) is not torch.nn.Conv2d  # ModelOpt's quantized convolution
+    assert keep_classes(m, [2, 0], ["c", "a"]) is None

@@ -830,7 +830,10 @@ def check_model_name(name: str, field: str, source: str) -> None:
 
 
 def _rows(layer: nn.Module, index: torch.Tensor) -> nn.Module:
-    """A copy of a ``Conv2d`` or ``Linear`` layer that computes only its output channels ``index``, in that order."""
+    """A copy of a ``Conv2d`` or ``Linear`` layer that computes only its output channels ``index``, in that order.
+    ValueError for any other layer, a quantization-aware one included (its per-channel quantizers are not cut)."""
+    if type(layer) not in (nn.Conv2d, nn.Linear):
+        raise ValueError(f"a {type(layer).__name__} layer")
     if isinstance(layer, nn.Conv2d):
         new = nn.Conv2d(layer.in_channels, len(index), layer.kernel_size, layer.stride, layer.padding,
                         layer.dilation, layer.groups, layer.bias is not None)
@@ -860,7 +863,7 @@ def keep_classes(model: nn.Module, index: list[int], names: list[str]) -> nn.Mod
     for branch in ("cv3", "one2one_cv3"):
         for seq in getattr(head, branch, None) or []:
             last = seq[-1]
-            if not isinstance(last, nn.Conv2d) or last.out_channels != head.nc:
+            if type(last) is not nn.Conv2d or last.out_channels != head.nc:
                 raise ValueError(f"a class branch ending in {type(last).__name__}, not a {head.nc}-class convolution")
             seq[-1] = _rows(last, idx)
     head.nc, head.no = len(index), len(index) + head.reg_max * 4
