@@ -189,15 +189,16 @@ def score_model(model, ds, imgsz: int, name: str) -> float:
 
 def given_teacher_map(teacher: str, ds, imgsz: int, ultralytics_row: bool) -> float:
     """``--teacher``: a trained checkpoint or train/distill bundle (verified), loaded as kdctl loads a recipe's
-    teacher, scored on the validation images; with the Ultralytics row, a YOLO one (what its distill_model= loads)."""
+    teacher (one of more classes read for the dataset's, by name), scored on the validation images; with the
+    Ultralytics row, a YOLO one (what its distill_model= loads)."""
     from kdctl.detectors import family, yolo
-    from kdctl.models import load_model, resolve_model
+    from kdctl.models import dataset_classes, load_model, resolve_model
 
     ref = resolve_model(teacher, "--teacher", "distill_families")
     if ref.kind != "checkpoint":
         raise SystemExit(f"error: --teacher {teacher}: give a trained teacher (a .pt checkpoint or a kdctl "
                          "train/distill bundle), not a model to train")
-    model = load_model(ref, ds.nc, "--teacher", "distill_families")
+    model, _ = dataset_classes(load_model(ref, ds.nc, "--teacher", "distill_families"), ds)
     if ultralytics_row and family(model) is not yolo:
         raise SystemExit(f"error: --teacher {teacher}: Ultralytics' distill_model= takes a YOLO teacher, not this "
                          f"{family(model).__name__.rsplit('.', 1)[-1]} one; add --no-ultralytics")

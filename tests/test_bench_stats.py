@@ -253,7 +253,8 @@ def test_the_families_table_refuses_a_teacher_that_does_not_fit_the_users_data(m
     from kdctl.data.synth import write_dataset
 
     fresh_settings(monkeypatch, bench)
-    two = write_dataset(tmp_path / "two", train=2, val=2, seed=0, imgsz=64, classes=2)
+    # cross and ring: the teacher (circle, square, triangle) names neither
+    two = write_dataset(tmp_path / "two", train=2, val=2, seed=0, imgsz=64, classes=2, scene="dense")
     common = ["--families", "distill-at", "--seeds", "0", "--epochs", "1", "--root", str(tmp_path / "bench")]
     cases = [(["--data", str(two), "--teacher", str(trained_bundle)], "the dataset has 2 classes but the model of"),
              (["--data", str(two), "--teacher", "yolov8n.yaml"], "give a trained teacher (a .pt checkpoint or"),
@@ -267,6 +268,13 @@ def test_the_families_table_refuses_a_teacher_that_does_not_fit_the_users_data(m
         bench.main(["--data", str(two), "--scene", "dense"] + common)
     assert e.value.code == 2
     assert not any((tmp_path / "bench").glob("*/*"))  # nothing trained
+    # a teacher of more classes whose names include the dataset's (circle, square) is scored on those, as distill
+    # reads it
+    from kdctl.data.resolve import load_yolo_yaml
+
+    sub = load_yolo_yaml(write_dataset(tmp_path / "sub", train=2, val=2, seed=0, imgsz=64, classes=2))
+    assert sub.names == ["circle", "square"]
+    assert 0 <= bench.given_teacher_map(str(trained_bundle), sub, 64, False) <= 1
 
 
 def test_the_families_table_refuses_the_ultralytics_row_for_a_teacher_it_cannot_load(monkeypatch, tmp_path, tiny_data,
