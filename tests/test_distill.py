@@ -697,6 +697,10 @@ def test_keep_classes_is_the_models_own_scores_of_those_classes():
     with torch.no_grad():
         full, part = DenseOutput(r)(x), DenseOutput(k)(x)
     assert part.shape == (2, 7, full.shape[2])  # every query still there, three classes each
+    kh, rh = k.model[-1], r.model[-1]  # the encoder's and every decoder layer's scores of those classes, in order
+    for cut, whole in [(kh.enc_score_head, rh.enc_score_head), *zip(kh.dec_score_head, rh.dec_score_head)]:
+        assert torch.equal(cut.weight, whole.weight[[4, 0, 2]]) and torch.equal(cut.bias, whole.bias[[4, 0, 2]])
+    assert torch.equal(kh.denoising_class_embed.weight, rh.denoising_class_embed.weight[[4, 0, 2]])
     assert keep_classes(build_tv("torchvision:fasterrcnn_mobilenet_v3_large_fpn", 5), [0], ["a"]) is None
     # names beyond the head's classes (a checkpoint of other code) are not taken for its classes
     from kdctl.data.resolve import Dataset
