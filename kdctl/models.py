@@ -120,6 +120,36 @@ def dataset_classes(model, ds) -> tuple:
     return kept, {"model_nc": model_classes(model), "index": dict(zip(ds.names, index))}
 
 
+def as_started(model, ds, seed: int = 0):
+    """A checkpoint student as its trainer starts it on the dataset ``ds``, where its classes are not the dataset's:
+    Ultralytics builds a YOLO or RT-DETR model of the dataset's classes and loads the checkpoint into it, its class
+    rows matched by name (``DetectionModel.load``); kdctl's torchvision loop fits the box predictor the same way
+    (:func:`kdctl.detectors.torchvision.with_classes`). ``recipe check --models`` and distill's checks then judge
+    the student that trains (a COCO checkpoint fine-tuned on a person/car set predicts 2 classes, not 80). A
+    quantization-aware YOLO or RT-DETR checkpoint is returned as it is."""
+    from kdctl.detectors import family, torchvision
+    from kdctl.detectors.yolo import is_qat
+
+    fam = family(model)
+    if fam is torchvision:
+        from kdctl.detectors.torchvision import with_classes
+
+        with_classes(model, list(ds.names), seed)
+        return model
+    if model_classes(model) == ds.nc or is_qat(model) or not isinstance(getattr(model, "yaml", None), dict):
+        return model
+    import copy
+
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        started = fam.build_detector(copy.deepcopy(model.yaml), ds.nc)
+    started.names = dict(enumerate(ds.names))
+    started.load(model, verbose=False)
+    return started.eval()
+
+
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
     """An FP32 eval-mode ``nn.Module`` (a trained checkpoint, or a freshly initialised YAML model)."""
     from kdctl.detectors import load_detector

@@ -23,7 +23,7 @@ from kdctl import faults
 from kdctl.bundle import Bundle, BundleWriter, claim_output, next_run_dir, write_json_atomic
 from kdctl.data.resolve import normalised_yaml, resolve_data
 from kdctl.errors import CheckFailed, KdctlError, RecipeError, ResumeMismatch
-from kdctl.models import dataset_classes, load_model, resolve_model
+from kdctl.models import as_started, dataset_classes, load_model, resolve_model
 from kdctl.progress import Step
 from kdctl.recipe.schema import Recipe, is_model_config
 
@@ -515,6 +515,11 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     from kdctl.detectors.yolo import DistillSetup
 
     student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
+    if student_ref.kind == "checkpoint":  # a checkpoint of other classes: the student its trainer will start
+        try:
+            student0 = as_started(student0, ds, recipe.train.seed)
+        except KdctlError as e:  # a quantization-aware Faster R-CNN of other classes
+            raise RecipeError(f"{source}: student.model: {e}", exit_code=e.exit_code) from None
     _check_stride(recipe, source, student0, "student")
     fam = family(student0)
     if fam is torchvision and not recipe.train.val:

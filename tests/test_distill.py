@@ -791,6 +791,40 @@ distill:
     assert "read for the dataset's 3 of its 5 classes, by name" in md
 
 
+def test_a_student_checkpoint_of_more_classes_is_checked_as_it_trains(tmp_path, tiny_data, trained_bundle):
+    """A student checkpoint of other classes (a COCO model fine-tuned on a person/car set) is judged as its trainer
+    starts it: Ultralytics loads it into a model of the dataset's classes, its class rows matched by name (YOLO and
+    RT-DETR alike). ``recipe check --models`` refused head KD for a run ``distill`` took ('student predicts (5, 84)
+    ... the teacher was trained on other classes')."""
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.rtdetr import build_detector as build_rtdetr
+    from kdctl.models import ASSET_MODELS, as_started, model_classes
+
+    big = _superset_teacher(trained_bundle, tmp_path / "big.pt", ["dog", "triangle", "circle", "cat", "square"])
+    r = tmp_path / "kd.yaml"
+    r.write_text(f"name: kd\nstudent: {{model: big.pt}}\nteacher: {{model: {trained_bundle}}}\ndata: {tiny_data}\n"
+                 "train: {epochs: 1, imgsz: 128, batch: 8}\n"
+                 "distill: {losses: [{name: kd_logit, params: {temperature: 2.0}}, {name: cwd}]}\n")
+    res = CliRunner().invoke(app, ["recipe", "check", str(r), "--models", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [t["name"] for t in json.loads(res.stdout)["kd_terms"]] == ["kd_logit", "cwd"]
+
+    ds = load_yolo_yaml(tiny_data)
+    own, started = load_detector(trained_bundle / "weights.pt"), as_started(load_detector(big), ds)
+    assert model_classes(started) == 3 and started.names == dict(enumerate(ds.names))
+    for a, b in zip(own.model[-1].cv3, started.model[-1].cv3):  # the trained rows, back in the dataset's order
+        assert torch.equal(a[-1].weight, b[-1].weight) and torch.equal(a[-1].bias, b[-1].bias)
+    torch.manual_seed(0)
+    rt = build_rtdetr(ASSET_MODELS / "rtdetr-tiny.yaml", 5)
+    rt.names = dict(enumerate(["dog", ds.names[2], "cat", ds.names[0], ds.names[1]]))
+    started = as_started(rt, ds)
+    assert model_classes(started) == 3 and model_classes(rt) == 5
+    for name in ("enc_score_head", "dec_score_head.0", "denoising_class_embed"):
+        w0, w1 = (dict(m.model[-1].named_modules())[name].weight for m in (rt, started))
+        assert torch.equal(w1, w0[[3, 4, 1]]), name
+
+
 def test_the_prediction_panel_draws_a_teacher_of_other_classes(tmp_path, tiny_data, trained_bundle):
     """A teacher bundle of other classes (feature KD from a model trained elsewhere) in the report's prediction
     panel: its classes past the dataset's are drawn as 'class N' (an IndexError stopped the report); one of more

@@ -417,3 +417,95 @@ def _file_sha(path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(m) -> dict:
+    """A Faster R-CNN's box predictor rows per torchvision label (0: background): classification weight and bias,
+    and its 4 box-regression weight rows and biases."""
+    p = m.net.roi_heads.box_predictor
+    c, b = p.cls_score, p.bbox_pred
+    return {k: [t.detach().clone() for t in (c.weight[k], c.bias[k], b.weight[4 * k:4 * k + 4],
+                                             b.bias[4 * k:4 * k + 4])] for k in range(c.out_features)}
+
+
+def _same(a: list, b: list) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_checkpoint_of_other_classes_keeps_its_class_rows_by_name():
+    """A Faster R-CNN checkpoint fine-tuned on a dataset of other classes, as Ultralytics loads a YOLO one: each
+    dataset class the checkpoint names (case and spaces aside) keeps its classification and box rows at the
+    dataset's index, a class it lacks starts fresh, the background row stays; the same classes in another order are
+    reordered. It kept its 5-way predictor and took the dataset's names over it, so the dataset's class 0 trained
+    the checkpoint's class 0 ('x' here) and the model predicted classes the dataset does not have."""
+    from torch import nn
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    from kdctl.detectors.torchvision import TorchvisionDetector, with_classes
+    from kdctl.errors import KdctlError
+
+    builder = BUILDER.split(":")[1]
+    torch.manual_seed(0)
+    m = TorchvisionDetector(builder, 5, 64, dict(enumerate(["x", " Triangle", "y", "circle", "square"])))
+    before = _rows(m)
+    assert with_classes(m, ["circle", "square", "triangle", "hexagon"], seed=1) == 3
+    after = _rows(m)
+    assert m.nc == 4 and m.names == {0: "circle", 1: "square", 2: "triangle", 3: "hexagon"} and len(after) == 5
+    for t, s in ((0, 0), (1, 4), (2, 5), (3, 2)):  # background; circle, square, triangle from labels 4, 5, 2
+        assert _same(after[t], before[s]), (t, s)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        fresh = FastRCNNPredictor(m.net.roi_heads.box_predictor.cls_score.in_features, 5)
+    assert _same(after[4], [fresh.cls_score.weight[4], fresh.cls_score.bias[4], fresh.bbox_pred.weight[16:20],
+                            fresh.bbox_pred.bias[16:20]])  # hexagon: fresh, from the seed
+    with torch.no_grad():
+        assert m.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 4 + 4, 100)  # predicts the dataset's 4 classes
+
+    # the same classes in another order: reordered; in the same order, or names matching nothing at the same
+    # count (a checkpoint that names none): kept whole, by index
+    m = TorchvisionDetector(builder, 3, 64, dict(enumerate(["square", "triangle", "circle"])))
+    before, kept = _rows(m), m.net.roi_heads.box_predictor
+    assert with_classes(m, ["circle", "square", "triangle"]) == 3
+    assert [_same(_rows(m)[t], before[s]) for t, s in ((0, 0), (1, 3), (2, 1), (3, 2))] == [True] * 4
+    kept = m.net.roi_heads.box_predictor
+    assert with_classes(m, ["Circle", "square", "triangle"]) is None and m.net.roi_heads.box_predictor is kept
+    m.names = {0: "0", 1: "1", 2: "2"}
+    assert with_classes(m, ["circle", "square", "triangle"]) is None and m.net.roi_heads.box_predictor is kept
+    assert m.names == {0: "circle", 1: "square", 2: "triangle"}
+    assert with_classes(m, ["cat", "dog"]) == 0 and m.nc == 2  # nothing matches, other count: a fresh predictor
+    assert m.net.roi_heads.box_predictor.cls_score.out_features == 3
+
+    class QuantLinear(nn.Linear):  # what ModelOpt puts in a quantization-aware model
+        pass
+
+    p = m.net.roi_heads.box_predictor
+    p.cls_score = QuantLinear(p.cls_score.in_features, 3)
+    with pytest.raises(KdctlError, match="quantization-aware .* of 2 classes .* cannot be fine-tuned on 3"):
+        with_classes(m, ["cat", "dog", "owl"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_checkpoint_of_more_classes_trains_the_datasets_by_name(tmp_path, tiny_data):
+    """kdctl train of a Faster R-CNN checkpoint of 5 classes on the 3-class set: the bundle's model predicts the 3,
+    each started from the checkpoint's rows of its name (at a learning rate too small to move them), and says so."""
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import TorchvisionDetector, save_checkpoint
+
+    names = load_yolo_yaml(tiny_data).names
+    torch.manual_seed(0)
+    m = TorchvisionDetector(BUILDER.split(":")[1], 5, 64, dict(enumerate(["dog", names[2], "cat", names[0],
+                                                                           names[1]])))
+    save_checkpoint(m, tmp_path / "big.pt", {})
+    r = tmp_path / "ft.yaml"
+    r.write_text(f"name: ft\nstudent: {{model: big.pt}}\ndata: {{yolo: {tiny_data}}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8, lr0: 1.0e-12, warmup_epochs: 0, optimizer: SGD}\n")
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    assert "each of the dataset's 3 classes takes the checkpoint's class rows by name (it predicts 5)" in \
+        " ".join(res.output.split())
+    tuned = load_detector(tmp_path / "ft" / "weights.pt")
+    assert tuned.nc == 3 and tuned.names == dict(enumerate(names))
+    old, new = _rows(m), _rows(tuned)
+    for t, s in ((0, 0), (1, 4), (2, 5), (3, 2)):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(new[t], old[s])), (t, s)

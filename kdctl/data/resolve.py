@@ -70,7 +70,7 @@ class Dataset:
         """Refuse a model whose class names (``model.names``) are this dataset's in another order: it would be
         scored, or distilled from, class against wrong class without a word (Ultralytics does not compare them).
         Names that differ otherwise (other words, a model built from a YAML: '0', '1', ...) are not judged."""
-        theirs = _listed(names)
+        theirs = listed_names(names)
         key = [n.strip().casefold() for n in theirs]
         ours = [n.strip().casefold() for n in self.names]
         placeholder = theirs == [str(i) for i in range(len(theirs))]  # a model built from a YAML names none
@@ -88,14 +88,14 @@ class Dataset:
         many classes (these, in this order or another, which :meth:`check_model_names` refuses since which order is
         right cannot be told; or others, taken by index), a model that names none (built from a YAML), or names
         that do not cover this dataset's (refused where the classes must match)."""
-        key = [n.strip().casefold() for n in _listed(names)]
+        key = [n.strip().casefold() for n in listed_names(names)]
         ours = [n.strip().casefold() for n in self.names]
         if len(key) <= len(ours) or len(set(ours)) < len(ours) or any(key.count(n) != 1 for n in ours):
             return None
         return [key.index(n) for n in ours]
 
 
-def _listed(names) -> list[str]:
+def listed_names(names) -> list[str]:
     """A model's class names (``model.names``: Ultralytics' ``{id: name}``, or a list) as a list of strings in class
     order; whatever a checkpoint of other code holds there (keys of mixed types, numbers, nothing) is read as
     well as it can be, never an error: the names are compared, not trusted."""

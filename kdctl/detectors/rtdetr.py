@@ -48,7 +48,7 @@ class DenseOutput(nn.Module):
 
 
 def build_detector(cfg, nc: int) -> nn.Module:
-    return RTDETRDetectionModel(str(cfg), nc=nc, verbose=False)
+    return RTDETRDetectionModel(cfg if isinstance(cfg, dict) else str(cfg), nc=nc, verbose=False)
 
 
 def keep_classes(model: nn.Module, index: list[int], names: list[str]) -> nn.Module:
