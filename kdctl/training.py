@@ -370,7 +370,9 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress, launch=None) -> Bundle:
     """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    fam, student0, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    if setup is not None:  # a layer out of range, a pair that does not match: one line before any work
+        _check_criterion(student0, setup, recipe)
     if setup is not None and setup.init_note:  # distill.init: auto fell back to a random start: the bundle says why
         info["init_note"] = setup.init_note
     if setup is not None and setup.teacher_classes:  # the teacher's classes the dataset's were found at, by name
@@ -480,8 +482,6 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     and the KD criterion exactly as ``distill`` would (layers resolved, adapters sized, pairs and levels checked),
     without training or writing a bundle (built-in synthetic data is generated, as distill would). Returns the
     resolved KD terms and, with ``distill.init``, how the student would start."""
-    from kdctl.detectors import build_criterion
-
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     distill = bool(recipe.distill.losses or recipe.distill.init) and recipe.teacher is not None
     student_ref = resolve_model(recipe.student.model, "student.model", source)
@@ -490,7 +490,7 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
                                 teacher_ref)
     if setup is None:
         return {"kd_terms": []}
-    kd = build_criterion(student, setup, recipe.train.imgsz)
+    kd = _check_criterion(student, setup, recipe)
     out = {"kd_terms": [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers,
                          "teacher_layers": t.t_layers, "weight": t.weight} for t in kd.terms]}
     if recipe.distill.init:
@@ -498,6 +498,19 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     if setup.teacher_classes:
         out["teacher_classes"] = setup.teacher_classes
     return out
+
+
+def _check_criterion(student, setup, recipe: Recipe):
+    """The KD criterion resolved on the throw-away student, as ``recipe check --models`` does and the trainer will:
+    a layer out of range or a pair that does not match is one line before the progress bar and the work folder,
+    not an error from inside the trainer. The random state is left as it was (adapters are initialised here), so
+    the run that follows starts from the same draws."""
+    import torch
+
+    from kdctl.detectors import build_criterion
+
+    with torch.random.fork_rng(devices=[]):
+        return build_criterion(student, setup, recipe.train.imgsz)
 
 
 def _check_stride(recipe: Recipe, source: str, model, who: str) -> None:

@@ -392,6 +392,7 @@ def test_distill_errors_cli(tmp_path, tiny_data, trained_bundle):
     bad = _recipe(tmp_path, tiny_data, trained_bundle, losses="[{name: cwd, student_layers: [77]}]")
     res = CliRunner().invoke(app, ["distill", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "student_layers: layer 77 is out of range" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output  # before any work: no progress bar drawn first
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
     assert not (tmp_path / ".x.work").exists(), "a run that failed before its first epoch must leave nothing"
     missing = _recipe(tmp_path, tiny_data, tmp_path / "nope.pt")
