@@ -368,6 +368,21 @@ def test_set_changes_fields_of_the_file_before_validation(tmp_path):
     assert load_recipe(p).train.epochs == 1  # the file is not changed
 
 
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """``1e-3`` without a decimal point is a float (YAML 1.2, and how people write small weights: FGD's alpha,
+    MGD's 2e-5); PyYAML reads it as a string, so a loss's params refused it ('must be a number, got "1e-3"'),
+    in the file and in --set alike."""
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("tau: 2.0", "tau: 2e0") + "  auto_balance: 5E-2\n")
+    r = load_recipe(p, ["distill.losses.0.weight=25e-2", "train.lr0=1e-4"])
+    assert r.distill.losses[0].params == {"tau": 2.0} and r.distill.losses[0].weight == 0.25
+    assert (r.train.lr0, r.distill.auto_balance) == (1e-4, 0.05)
+    assert load_recipe(p, ["distill.losses.0.params.tau=3E+0"]).distill.losses[0].params == {"tau": 3.0}
+    assert load_recipe(p, ["name='1e-4'"]).name == "1e-4"  # quoted: a string, as YAML says
+    with pytest.raises(RecipeError, match=r"params.tau: must be finite, got inf"):  # past float's range: refused
+        load_recipe(p, ["distill.losses.0.params.tau=1e400"])
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["train.epochs=abc"], "r.yaml: --set train.epochs=abc: train.epochs: Input should be a valid integer"),
     (["train.epochs=2", "train.imgsz=100"], "r.yaml: --set train.imgsz=100: train.imgsz: "),

@@ -13,7 +13,7 @@ import yaml
 
 from kdctl.errors import LINK_LOOP, KdctlError, RecipeError, shown
 from kdctl.recipe.schema import SHORT_FORMS, Recipe
-from kdctl.recipe.validation import _model_in, read_yaml, refuse_other_kind, validate
+from kdctl.recipe.validation import _model_in, load_value, read_yaml, refuse_other_kind, validate
 
 __all__ = ["load_recipe", "read_yaml", "validate", "recipe_json_schema", "parse_override", "apply_overrides",
            "set_field", "overrides_named", "set_suggestion"]
@@ -56,7 +56,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not p.strip() for p in parts):
         raise RecipeError(f"--set '{text}': expected KEY=VALUE with a dotted recipe field, e.g. train.epochs=5")
     try:
-        return [p.strip() for p in parts], yaml.safe_load(value) if value.strip() else ""
+        return [p.strip() for p in parts], load_value(value) if value.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key.strip()}: the value '{value}' is not valid YAML "
                           f"({str(e).splitlines()[0]})") from None

@@ -3,6 +3,7 @@ Shared by recipes (:mod:`kdctl.recipe.loader`) and target presets (:mod:`kdctl.e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,6 +90,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats without a decimal point (`1e-4`, `2E-5`): PyYAML follows YAML 1.1 and reads them as strings, so
+# `alpha: 1e-3` in a loss's params was refused as "must be a number, got '1e-3'" (a schema field took it as a
+# string that pydantic converts). The standard resolver is tried first; this one only adds what it misses.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_value(text: str) -> Any:
+    """One value as a recipe file would hold it (``--set KEY=VALUE``'s VALUE)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
 YAML_MAX_BYTES = 16 * 2**20  # recipes, presets, dataset and model YAMLs are a few KB
