@@ -71,8 +71,8 @@ class Dataset:
         scored, or distilled from, class against wrong class without a word (Ultralytics does not compare them).
         Names that differ otherwise (other words, a model built from a YAML: '0', '1', ...) are not judged."""
         theirs = listed_names(names)
-        key = [n.strip().casefold() for n in theirs]
-        ours = [n.strip().casefold() for n in self.names]
+        key = [name_key(n) for n in theirs]
+        ours = [name_key(n) for n in self.names]
         placeholder = theirs == [str(i) for i in range(len(theirs))]  # a model built from a YAML names none
         if len(theirs) == self.nc and not placeholder and key != ours and sorted(key) == sorted(ours):
             moved = next(i for i, (a, b) in enumerate(zip(key, ours)) if a != b)
@@ -88,11 +88,16 @@ class Dataset:
         many classes (these, in this order or another, which :meth:`check_model_names` refuses since which order is
         right cannot be told; or others, taken by index), a model that names none (built from a YAML), or names
         that do not cover this dataset's (refused where the classes must match)."""
-        key = [n.strip().casefold() for n in listed_names(names)]
-        ours = [n.strip().casefold() for n in self.names]
+        key = [name_key(n) for n in listed_names(names)]
+        ours = [name_key(n) for n in self.names]
         if len(key) <= len(ours) or len(set(ours)) < len(ours) or any(key.count(n) != 1 for n in ours):
             return None
         return [key.index(n) for n in ours]
+
+
+def name_key(name) -> str:
+    """A class name as names are compared (a model's with a dataset's): case and surrounding spaces aside."""
+    return str(name).strip().casefold()
 
 
 def listed_names(names) -> list[str]:

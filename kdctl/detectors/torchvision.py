@@ -176,18 +176,15 @@ def with_classes(model: TorchvisionDetector, names: list[str], seed: int = 0) ->
     names that match nothing and a count that differs give a fresh predictor. Returns how many classes were found by
     name, None where the predictor was kept whole. A quantization-aware checkpoint is only taken for its own classes:
     its predictor carries quantizer modules a fresh one would not."""
-    from kdctl.data.resolve import listed_names
+    from kdctl.data.resolve import listed_names, name_key
     from kdctl.errors import KdctlError
-
-    def key(n) -> str:
-        return str(n).strip().casefold()
 
     theirs, ours = listed_names(model.names), [str(n) for n in names]
     placeholder = any(all(n == str(i) for i, n in enumerate(ns)) for ns in (theirs, ours))
     lookup: dict[str, int] = {}
     for i, n in enumerate(theirs[:model.nc]):
-        lookup.setdefault(key(n), i)
-    idx = [-1 if placeholder else lookup.get(key(n), -1) for n in ours]
+        lookup.setdefault(name_key(n), i)
+    idx = [-1 if placeholder else lookup.get(name_key(n), -1) for n in ours]
     found = sum(i >= 0 for i in idx)
     model.names = dict(enumerate(ours))
     if len(ours) == model.nc and (found == 0 or idx == list(range(model.nc))):
