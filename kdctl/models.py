@@ -120,34 +120,40 @@ def dataset_classes(model, ds) -> tuple:
     return kept, {"model_nc": model_classes(model), "index": dict(zip(ds.names, index))}
 
 
-def as_started(model, ds, seed: int = 0):
-    """A checkpoint student as its trainer starts it on the dataset ``ds``, where its classes are not the dataset's:
-    Ultralytics builds a YOLO or RT-DETR model of the dataset's classes and loads the checkpoint into it, its class
-    rows matched by name (``DetectionModel.load``); kdctl's torchvision loop fits the box predictor the same way
+def as_started(model, ds, seed: int = 0) -> tuple:
+    """A checkpoint student as its trainer starts it on the dataset ``ds``, and the record of how, where its classes
+    are not the dataset's (:meth:`kdctl.data.resolve.Dataset.start_index`): Ultralytics builds a YOLO or RT-DETR
+    model of the dataset's classes and loads the checkpoint into it, its class rows matched by name
+    (``DetectionModel.load``); kdctl's torchvision loop fits the box predictor the same way
     (:func:`kdctl.detectors.torchvision.with_classes`). ``recipe check --models`` and distill's checks then judge
-    the student that trains (a COCO checkpoint fine-tuned on a person/car set predicts 2 classes, not 80). A
-    quantization-aware YOLO or RT-DETR checkpoint is returned as it is."""
+    the student that trains (a COCO checkpoint fine-tuned on a person/car set predicts 2 classes, not 80); the
+    record is ``{"model_nc": its class count, "index": {dataset class: its class of that name, or None: fresh}}``,
+    None where the checkpoint is taken as it is. A quantization-aware YOLO or RT-DETR checkpoint is taken as it is."""
     from kdctl.detectors import family, torchvision
     from kdctl.detectors.yolo import is_qat
 
-    fam = family(model)
+    fam, nc = family(model), model_classes(model)
     if fam is torchvision:
         from kdctl.detectors.torchvision import with_classes
 
-        with_classes(model, list(ds.names), seed)
-        return model
-    if model_classes(model) == ds.nc or is_qat(model) or not isinstance(getattr(model, "yaml", None), dict):
-        return model
-    import copy
+        index = with_classes(model, ds, seed)
+    else:
+        index = ds.start_index(getattr(model, "names", None), nc)
+        if index is None or is_qat(model) or not isinstance(getattr(model, "yaml", None), dict):
+            return model, None
+        import copy
 
-    import torch
+        import torch
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        started = fam.build_detector(copy.deepcopy(model.yaml), ds.nc)
-    started.names = dict(enumerate(ds.names))
-    started.load(model, verbose=False)
-    return started.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            started = fam.build_detector(copy.deepcopy(model.yaml), ds.nc)
+        started.names = dict(enumerate(ds.names))
+        started.load(model, verbose=False)
+        model = started.eval()
+    if index is None:
+        return model, None
+    return model, {"model_nc": nc, "index": {n: (i if i >= 0 else None) for n, i in zip(ds.names, index)}}
 
 
 def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):

@@ -370,9 +370,11 @@ def _train_and_publish(recipe: Recipe, stage: str, source: str, out: Path, work:
                        student_ref, teacher_ref, overwrite: bool, skip_invalid, progress, launch=None) -> Bundle:
     """Check the models -> fit (unless a killed run had finished) -> evaluate the best weights -> publish."""
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
-    fam, student0, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    fam, student0, setup, start = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
     if setup is not None:  # a layer out of range, a pair that does not match: one line before any work
         _check_criterion(student0, setup, recipe)
+    if start is not None:  # a checkpoint of other classes: where each of the dataset's classes started, by name
+        info["student_classes"] = start
     if setup is not None and setup.init_note:  # distill.init: auto fell back to a random start: the bundle says why
         info["init_note"] = setup.init_note
     if setup is not None and setup.teacher_classes:  # the teacher's classes the dataset's were found at, by name
@@ -415,7 +417,7 @@ def _join(recipe: Recipe, stage: str, source: str, work: Path, launch, student_r
     ds = resolve_data(recipe.data, skip_invalid=skip_invalid)
     cached = stage == "distill" and recipe.distill.cache is not None
     # a bad student is one line here too; with a teacher cache, this node builds (or checks) its own copy
-    _, _, setup = _models(recipe, stage, source, ds, "none" if cached else "finished", student_ref, teacher_ref)
+    _, _, setup, _ = _models(recipe, stage, source, ds, "none" if cached else "finished", student_ref, teacher_ref)
     node_dir = work.parent / f"{work.name.removesuffix('.work')}.node{launch.node_rank}.work"
     node_dir.mkdir(parents=True, exist_ok=True)
     data_yaml = normalised_yaml(ds, node_dir / "data.yaml")
@@ -443,7 +445,7 @@ def fit_rank(spec: dict) -> None:
     ds = load_yolo_yaml(spec["data_yaml"], skip_invalid=True)
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if stage == "distill" else None
-    fam, _, setup = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
+    fam, _, setup, _ = _models(recipe, stage, source, ds, state, student_ref, teacher_ref)
     reporter = distributed.RankReporter(work / distributed.DDP_DIR, setup.teacher if setup else None)
     with progress_bar(bool(spec.get("progress")) and distributed.rank() == 0) as p:
         _train(recipe, stage, source, work, state, fam, setup, student_ref, Path(spec["data_yaml"]), p,
@@ -486,13 +488,14 @@ def check_models(recipe: Recipe, source: str = "recipe", skip_invalid: bool | No
     distill = bool(recipe.distill.losses or recipe.distill.init) and recipe.teacher is not None
     student_ref = resolve_model(recipe.student.model, "student.model", source)
     teacher_ref = resolve_model(recipe.teacher.model, "teacher.model", source) if distill else None
-    _, student, setup = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref,
-                                teacher_ref)
+    _, student, setup, start = _models(recipe, "distill" if distill else "train", source, ds, "none", student_ref,
+                                       teacher_ref)
+    out = {"student_classes": start} if start else {}
     if setup is None:
-        return {"kd_terms": []}
+        return {"kd_terms": [], **out}
     kd = _check_criterion(student, setup, recipe)
-    out = {"kd_terms": [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers,
-                         "teacher_layers": t.t_layers, "weight": t.weight} for t in kd.terms]}
+    out["kd_terms"] = [{"name": t.name, "loss": t.loss_name, "student_layers": t.s_layers,
+                        "teacher_layers": t.t_layers, "weight": t.weight} for t in kd.terms]
     if recipe.distill.init:
         out["init"] = {"from": "teacher"} if setup.init else {"from": "random", "reason": setup.init_note}
     if setup.teacher_classes:
@@ -527,10 +530,10 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     from kdctl.detectors import family, torchvision
     from kdctl.detectors.yolo import DistillSetup
 
-    student0 = load_model(student_ref, ds.nc, "student.model", source)  # one line if it does not build
+    student0, start = load_model(student_ref, ds.nc, "student.model", source), None  # one line if it does not build
     if student_ref.kind == "checkpoint":  # a checkpoint of other classes: the student its trainer will start
         try:
-            student0 = as_started(student0, ds, recipe.train.seed)
+            student0, start = as_started(student0, ds, recipe.train.seed)
         except KdctlError as e:  # a quantization-aware Faster R-CNN of other classes
             raise RecipeError(f"{source}: student.model: {e}", exit_code=e.exit_code) from None
     _check_stride(recipe, source, student0, "student")
@@ -543,7 +546,7 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                           f"{fam.LABEL} loop steps the optimizer every batch (as torchvision's references do); leave "
                           "nbs out or set it to train.batch")
     if stage != "distill" or state == "finished":
-        return fam, student0, None
+        return fam, student0, None, start
     import torch
 
     # a teacher built from a model YAML gets the same weights in every process (each DDP rank, a cache build and
@@ -581,8 +584,9 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
                 raise RecipeError(f"{source}: distill.quantize: {d.quantize} fine-tunes a trained student, and "
                                   f"distill.init: auto leaves '{student_ref.ref}' at random weights here ({note}); "
                                   "train it first without quantize and name that bundle as student.model") from None
-    return fam, student0, DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap,
-                                       cache, "teacher" if init else None, note, classes)
+    setup = DistillSetup(teacher, d.losses, d.auto_balance, source, d.balance_batches, d.balance_cap, cache,
+                         "teacher" if init else None, note, classes)
+    return fam, student0, setup, start
 
 
 def _check_init(student_ref, student, teacher, fam, source: str) -> None:
@@ -670,6 +674,8 @@ def _publish(recipe: Recipe, stage: str, source: str, out: Path, work: Path, inf
 
     inputs = {"data": ds.describe(), "student": {"model": recipe.student.model, "resolved": student_ref.ref,
                                                   "sha256": student_ref.sha256}}
+    if info.get("student_classes"):
+        inputs["student"]["classes"] = info["student_classes"]
     parents = [b for b in (student_ref.bundle, teacher_ref.bundle if teacher_ref else None) if b is not None]
     if teacher_ref:
         inputs["teacher"] = {"model": recipe.teacher.model, "resolved": teacher_ref.ref, "sha256": teacher_ref.sha256}

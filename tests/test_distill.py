@@ -796,7 +796,7 @@ def test_a_student_checkpoint_of_more_classes_is_checked_as_it_trains(tmp_path, 
     """A student checkpoint of other classes (a COCO model fine-tuned on a person/car set) is judged as its trainer
     starts it: Ultralytics loads it into a model of the dataset's classes, its class rows matched by name (YOLO and
     RT-DETR alike). ``recipe check --models`` refused head KD for a run ``distill`` took ('student predicts (5, 84)
-    ... the teacher was trained on other classes')."""
+    ... the teacher was trained on other classes'). Where each class started is shown and recorded."""
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import load_detector
     from kdctl.detectors.rtdetr import build_detector as build_rtdetr
@@ -810,20 +810,30 @@ def test_a_student_checkpoint_of_more_classes_is_checked_as_it_trains(tmp_path, 
     res = CliRunner().invoke(app, ["recipe", "check", str(r), "--models", "--json"])
     assert res.exit_code == 0, res.output
     assert [t["name"] for t in json.loads(res.stdout)["kd_terms"]] == ["kd_logit", "cwd"]
+    start = {"model_nc": 5, "index": {"circle": 2, "square": 4, "triangle": 1}}
+    assert json.loads(res.stdout)["student_classes"] == start
 
     ds = load_yolo_yaml(tiny_data)
-    own, started = load_detector(trained_bundle / "weights.pt"), as_started(load_detector(big), ds)
-    assert model_classes(started) == 3 and started.names == dict(enumerate(ds.names))
+    own, (started, record) = load_detector(trained_bundle / "weights.pt"), as_started(load_detector(big), ds)
+    assert model_classes(started) == 3 and started.names == dict(enumerate(ds.names)) and record == start
     for a, b in zip(own.model[-1].cv3, started.model[-1].cv3):  # the trained rows, back in the dataset's order
         assert torch.equal(a[-1].weight, b[-1].weight) and torch.equal(a[-1].bias, b[-1].bias)
     torch.manual_seed(0)
     rt = build_rtdetr(ASSET_MODELS / "rtdetr-tiny.yaml", 5)
     rt.names = dict(enumerate(["dog", ds.names[2], "cat", ds.names[0], ds.names[1]]))
-    started = as_started(rt, ds)
-    assert model_classes(started) == 3 and model_classes(rt) == 5
+    started, record = as_started(rt, ds)
+    assert model_classes(started) == 3 and model_classes(rt) == 5 and record["index"] == dict(zip(ds.names, [3, 4, 1]))
     for name in ("enc_score_head", "dec_score_head.0", "denoising_class_embed"):
         w0, w1 = (dict(m.model[-1].named_modules())[name].weight for m in (rt, started))
         assert torch.equal(w1, w0[[3, 4, 1]]), name
+    # the same classes in another order: Ultralytics moves the rows, and so does the student checked here
+    swapped = load_detector(trained_bundle / "weights.pt")
+    swapped.names = {0: ds.names[2], 1: ds.names[0], 2: ds.names[1]}
+    started, record = as_started(swapped, ds)
+    assert record == {"model_nc": 3, "index": {ds.names[0]: 1, ds.names[1]: 2, ds.names[2]: 0}}
+    for a, b in zip(own.model[-1].cv3, started.model[-1].cv3):
+        assert torch.equal(b[-1].weight, a[-1].weight[[1, 2, 0]])
+    assert as_started(load_detector(trained_bundle / "weights.pt"), ds)[1] is None  # its own classes: as it is
 
 
 def test_the_prediction_panel_draws_a_teacher_of_other_classes(tmp_path, tiny_data, trained_bundle):

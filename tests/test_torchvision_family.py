@@ -3,6 +3,8 @@ non-finite stop), the dense output, and the chain to ONNX / OpenVINO exports and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -438,17 +440,23 @@ def test_a_checkpoint_of_other_classes_keeps_its_class_rows_by_name():
     dataset's index, a class it lacks starts fresh, the background row stays; the same classes in another order are
     reordered. It kept its 5-way predictor and took the dataset's names over it, so the dataset's class 0 trained
     the checkpoint's class 0 ('x' here) and the model predicted classes the dataset does not have."""
+    from pathlib import Path
+
     from torch import nn
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
+    from kdctl.data.resolve import Dataset
     from kdctl.detectors.torchvision import TorchvisionDetector, with_classes
     from kdctl.errors import KdctlError
+
+    def data(*names):
+        return Dataset(Path("d.yaml"), list(names), [], [])
 
     builder = BUILDER.split(":")[1]
     torch.manual_seed(0)
     m = TorchvisionDetector(builder, 5, 64, dict(enumerate(["x", " Triangle", "y", "circle", "square"])))
     before = _rows(m)
-    assert with_classes(m, ["circle", "square", "triangle", "hexagon"], seed=1) == 3
+    assert with_classes(m, data("circle", "square", "triangle", "hexagon"), seed=1) == [3, 4, 1, -1]
     after = _rows(m)
     assert m.nc == 4 and m.names == {0: "circle", 1: "square", 2: "triangle", 3: "hexagon"} and len(after) == 5
     for t, s in ((0, 0), (1, 4), (2, 5), (3, 2)):  # background; circle, square, triangle from labels 4, 5, 2
@@ -464,15 +472,15 @@ def test_a_checkpoint_of_other_classes_keeps_its_class_rows_by_name():
     # the same classes in another order: reordered; in the same order, or names matching nothing at the same
     # count (a checkpoint that names none): kept whole, by index
     m = TorchvisionDetector(builder, 3, 64, dict(enumerate(["square", "triangle", "circle"])))
-    before, kept = _rows(m), m.net.roi_heads.box_predictor
-    assert with_classes(m, ["circle", "square", "triangle"]) == 3
+    before = _rows(m)
+    assert with_classes(m, data("circle", "square", "triangle")) == [2, 0, 1]
     assert [_same(_rows(m)[t], before[s]) for t, s in ((0, 0), (1, 3), (2, 1), (3, 2))] == [True] * 4
     kept = m.net.roi_heads.box_predictor
-    assert with_classes(m, ["Circle", "square", "triangle"]) is None and m.net.roi_heads.box_predictor is kept
+    assert with_classes(m, data("Circle", "square", "triangle")) is None and m.net.roi_heads.box_predictor is kept
     m.names = {0: "0", 1: "1", 2: "2"}
-    assert with_classes(m, ["circle", "square", "triangle"]) is None and m.net.roi_heads.box_predictor is kept
+    assert with_classes(m, data("circle", "square", "triangle")) is None and m.net.roi_heads.box_predictor is kept
     assert m.names == {0: "circle", 1: "square", 2: "triangle"}
-    assert with_classes(m, ["cat", "dog"]) == 0 and m.nc == 2  # nothing matches, other count: a fresh predictor
+    assert with_classes(m, data("cat", "dog")) == [-1, -1] and m.nc == 2  # nothing matches, other count: fresh
     assert m.net.roi_heads.box_predictor.cls_score.out_features == 3
 
     class QuantLinear(nn.Linear):  # what ModelOpt puts in a quantization-aware model
@@ -481,13 +489,22 @@ def test_a_checkpoint_of_other_classes_keeps_its_class_rows_by_name():
     p = m.net.roi_heads.box_predictor
     p.cls_score = QuantLinear(p.cls_score.in_features, 3)
     with pytest.raises(KdctlError, match="quantization-aware .* of 2 classes .* cannot be fine-tuned on 3"):
-        with_classes(m, ["cat", "dog", "owl"])
+        with_classes(m, data("cat", "dog", "owl"))
+
+    # the rule, as Ultralytics' DetectionModel.load applies it: a name given twice is its last class
+    ds = data("circle", "square")
+    assert ds.start_index(["circle", "square"], 2) is None and ds.start_index(["a", "b"], 2) is None
+    assert ds.start_index(["square", "circle"], 2) == [1, 0] and ds.start_index(["a", "square"], 2) == [-1, 1]
+    assert ds.start_index(["circle", "x", "circle", "square"], 4) == [2, 3]
+    assert ds.start_index({0: "0", 1: "1", 2: "2"}, 3) == [-1, -1]  # names none: nothing found, other count
+    assert ds.start_index(["circle", "square", "cat"], 2) is None  # names beyond its classes are not its own
 
 
 @pytest.mark.slow
 def test_fine_tuning_a_checkpoint_of_more_classes_trains_the_datasets_by_name(tmp_path, tiny_data):
     """kdctl train of a Faster R-CNN checkpoint of 5 classes on the 3-class set: the bundle's model predicts the 3,
-    each started from the checkpoint's rows of its name (at a learning rate too small to move them), and says so."""
+    each started from the checkpoint's rows of its name (at a learning rate too small to move them); the run says so
+    and the bundle records it."""
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import load_detector
     from kdctl.detectors.torchvision import TorchvisionDetector, save_checkpoint
@@ -500,10 +517,11 @@ def test_fine_tuning_a_checkpoint_of_more_classes_trains_the_datasets_by_name(tm
     r = tmp_path / "ft.yaml"
     r.write_text(f"name: ft\nstudent: {{model: big.pt}}\ndata: {{yolo: {tiny_data}}}\n"
                  "train: {epochs: 1, imgsz: 64, batch: 8, lr0: 1.0e-12, warmup_epochs: 0, optimizer: SGD}\n")
-    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "ft")])
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(tmp_path / "ft"), "--json"])
     assert res.exit_code == 0, res.output
-    assert "each of the dataset's 3 classes takes the checkpoint's class rows by name (it predicts 5)" in \
-        " ".join(res.output.split())
+    start = {"model_nc": 5, "index": {names[0]: 3, names[1]: 4, names[2]: 1}}
+    assert json.loads(res.stdout)["student_classes"] == start
+    assert json.loads((tmp_path / "ft" / "manifest.json").read_text())["inputs"]["student"]["classes"] == start
     tuned = load_detector(tmp_path / "ft" / "weights.pt")
     assert tuned.nc == 3 and tuned.names == dict(enumerate(names))
     old, new = _rows(m), _rows(tuned)

@@ -71,7 +71,7 @@ def build(recipe: RecipeArg, set_: SetOpt = None,
         ds = resolve_data(r.data, skip_invalid=skip_invalid or None)
         student_ref = resolve_model(r.student.model, "student.model", source)
         teacher_ref = resolve_model(r.teacher.model, "teacher.model", source)
-        _, _, setup = _models(r, "distill", source, ds, "none", student_ref, teacher_ref)
+        _, _, setup, _ = _models(r, "distill", source, ds, "none", student_ref, teacher_ref)
         with tempfile.TemporaryDirectory(prefix="kdctl-cache-") as tmp, progress_bar(not (json_ or quiet)) as p:
             data_yaml = normalised_yaml(ds, Path(tmp) / "data.yaml")
             build_cache(r, source, setup.teacher, data_yaml, ds.train_images, cache_path(r), progress=p,

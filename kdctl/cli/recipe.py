@@ -40,8 +40,10 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
             checked = check_models(r, source=str(recipe))
             terms, init = checked["kd_terms"], checked.get("init")
         picked = checked.get("teacher_classes") if models else None  # the dataset's classes found in the teacher's
+        start = checked.get("student_classes") if models else None  # a student checkpoint's, by name
         out = data if terms is None else {**data, "kd_terms": terms, **({"student_init": init} if init else {}),
-                                          **({"teacher_classes": picked} if picked else {})}
+                                          **({"teacher_classes": picked} if picked else {}),
+                                          **({"student_classes": start} if start else {})}
         # which command takes it: a teacher with nothing to distill is a recipe kdctl distill refuses (a train recipe
         # with a teacher set aside is still a train recipe, so this is a note, not an error)
         refused = {stage: r.refusal(stage, str(recipe)) for stage in ("train", "distill")}
@@ -76,6 +78,11 @@ def check(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False,
             found = ", ".join(f"{n} = its class {i}" for n, i in picked["index"].items())
             console.print(f"teacher: the dataset's classes, by name, of its {picked['model_nc']}: {found}",
                           highlight=False)
+        if start:
+            found = ", ".join(f"{n} = its class {i}" if i is not None else f"{n} fresh"
+                              for n, i in start["index"].items())
+            console.print(f"student: a checkpoint of {start['model_nc']} classes, started on the dataset's by name: "
+                          f"{found}", highlight=False)
 
     emit(out, as_json=json_, human=human)
 

@@ -70,9 +70,11 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         result["warnings"] = [warning]
     if isinstance(m.get("teacher"), dict):  # the user's own teacher checkpoint, scored on the same images
         result["teacher_map50_95"] = m["teacher"].get("map50_95")
-    picked = (b.manifest.get("inputs") or {}).get("teacher", {}).get("classes")
-    if isinstance(picked, dict):  # the dataset's classes found in the teacher's by name
-        result["teacher_classes"] = picked
+    inputs = b.manifest.get("inputs") or {}
+    for who in ("teacher", "student"):  # the dataset's classes found in the teacher's, a student checkpoint's
+        picked = (inputs.get(who) or {}).get("classes")
+        if isinstance(picked, dict):
+            result[f"{who}_classes"] = picked
     if "distributed" in m:
         result["world_size"] = m["distributed"]["world_size"]
     if "init" in m:
@@ -94,6 +96,10 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
                 t.add_row("student started from" if k == "init" else "random start because", str(v))
             elif k == "teacher_classes":
                 t.add_row("teacher classes (by name)", f"{len(v.get('index', {}))} of its {v.get('model_nc')}")
+            elif k == "student_classes":
+                found = sum(i is not None for i in v.get("index", {}).values())
+                t.add_row("student classes (by name)", f"{found} of {len(v.get('index', {}))} from its "
+                          f"{v.get('model_nc')}")
             elif k not in ("bundle", "stage", "kd_terms", "warnings", "kept"):
                 t.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
         for k, v in result.get("kd_terms", {}).items():

@@ -94,6 +94,21 @@ class Dataset:
             return None
         return [key.index(n) for n in ours]
 
+    def start_index(self, names, nc: int) -> list[int] | None:
+        """Where a checkpoint of ``nc`` classes named ``names`` starts each of this dataset's classes when it is
+        fine-tuned on it, as Ultralytics loads a YOLO or RT-DETR checkpoint (``DetectionModel.load``,
+        ``_remap_cls_by_names``) and kdctl's Faster R-CNN loop does: the checkpoint's class of the same name (case
+        and surrounding spaces aside; of a name given twice, the last, as Ultralytics), or -1 for a class it starts
+        fresh. None where the class rows are taken as they are: as many classes, named the same in the same order,
+        or names that match none of these (a checkpoint that names none, other words)."""
+        theirs = listed_names(names)[:nc]
+        placeholder = any(all(n == str(i) for i, n in enumerate(ns)) for ns in (theirs, self.names))
+        lookup = {name_key(n): i for i, n in enumerate(theirs)}
+        index = [-1 if placeholder else lookup.get(name_key(n), -1) for n in self.names]
+        if nc == self.nc and (max(index) < 0 or index == list(range(nc))):
+            return None
+        return index
+
 
 def name_key(name) -> str:
     """A class name as names are compared (a model's with a dataset's): case and surrounding spaces aside."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -166,61 +165,42 @@ def from_saved(obj) -> TorchvisionDetector | None:
     return m.float().eval()
 
 
-def with_classes(model: TorchvisionDetector, names: list[str], seed: int = 0) -> int | None:
-    """Fit a checkpoint's box predictor, in place, to the classes ``names`` (a dataset's, in its order) it is to be
-    fine-tuned on, the way Ultralytics loads a YOLO or RT-DETR checkpoint of other classes (``_remap_cls_by_names``):
-    each class the checkpoint names too (case and surrounding spaces aside) keeps its classification and box
-    regression rows, moved to the dataset's index; the others start fresh (``seed``), the background row is kept.
-    Where nothing is renamed or moved (the same classes in the same order, or names that do not match at all: a
-    checkpoint that names none, or other words) and the counts agree, the rows stay as they are (taken by index);
-    names that match nothing and a count that differs give a fresh predictor. Returns how many classes were found by
-    name, None where the predictor was kept whole. A quantization-aware checkpoint is only taken for its own classes:
-    its predictor carries quantizer modules a fresh one would not."""
-    from kdctl.data.resolve import listed_names, name_key
+def with_classes(model: TorchvisionDetector, ds, seed: int = 0) -> list[int] | None:
+    """Fit a checkpoint's box predictor, in place, to the classes of the dataset ``ds`` it is to be fine-tuned on,
+    the way Ultralytics loads a YOLO or RT-DETR checkpoint of other classes: each class the checkpoint names too
+    keeps its classification and box-regression rows, moved to the dataset's index; the others start fresh
+    (``seed``); the background row is kept where any class is (:meth:`kdctl.data.resolve.Dataset.start_index`).
+    Returns that index, None where the predictor is taken as it is. A quantization-aware checkpoint is only taken
+    for its own classes: its predictor carries quantizer modules a fresh one would not."""
+    from kdctl.data.resolve import listed_names
     from kdctl.errors import KdctlError
 
-    theirs, ours = listed_names(model.names), [str(n) for n in names]
-    placeholder = any(all(n == str(i) for i, n in enumerate(ns)) for ns in (theirs, ours))
-    lookup: dict[str, int] = {}
-    for i, n in enumerate(theirs[:model.nc]):
-        lookup.setdefault(name_key(n), i)
-    idx = [-1 if placeholder else lookup.get(name_key(n), -1) for n in ours]
-    found = sum(i >= 0 for i in idx)
-    model.names = dict(enumerate(ours))
-    if len(ours) == model.nc and (found == 0 or idx == list(range(model.nc))):
+    index = ds.start_index(model.names, model.nc)
+    theirs = listed_names(model.names)[:model.nc]
+    model.names = dict(enumerate(ds.names))
+    if index is None:
         return None
     pred = model.net.roi_heads.box_predictor
     cls, box = pred.cls_score, pred.bbox_pred
     if type(cls) is not nn.Linear or type(box) is not nn.Linear:
         raise KdctlError(f"a quantization-aware Faster R-CNN checkpoint of {model.nc} classes "
-                         f"({', '.join(theirs[:model.nc])}) cannot be fine-tuned on {len(ours)} "
-                         f"({', '.join(ours)}): fine-tune its float model, then train it quantization-aware")
+                         f"({', '.join(theirs)}) cannot be fine-tuned on {ds.nc} "
+                         f"({', '.join(ds.names)}): fine-tune its float model, then train it quantization-aware")
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = FastRCNNPredictor(cls.in_features, len(ours) + 1)
-    if found:
-        rows = [(0, 0)] + [(t + 1, s + 1) for t, s in enumerate(idx) if s >= 0]  # row 0: background
+        new = FastRCNNPredictor(cls.in_features, ds.nc + 1)
+    if max(index) >= 0:
+        rows = [(0, 0)] + [(t + 1, s + 1) for t, s in enumerate(index) if s >= 0]  # row 0: background
         with torch.no_grad():
             for t, s in rows:
                 new.cls_score.weight[t], new.cls_score.bias[t] = cls.weight[s], cls.bias[s]
                 new.bbox_pred.weight[4 * t:4 * t + 4] = box.weight[4 * s:4 * s + 4]
                 new.bbox_pred.bias[4 * t:4 * t + 4] = box.bias[4 * s:4 * s + 4]
     model.net.roi_heads.box_predictor = new.to(cls.weight.device, cls.weight.dtype)
-    model.nc = len(ours)
-    return found
-
-
-def _fitted(found: int, nc: int, theirs: int) -> str:
-    """What :func:`with_classes` did, in words."""
-    if found == 0:
-        return (f"none of the dataset's {nc} classes is the checkpoint's (it predicts {theirs}): its class rows "
-                "start fresh")
-    if found == nc:
-        return f"each of the dataset's {nc} classes takes the checkpoint's class rows by name (it predicts {theirs})"
-    return (f"{found} of the dataset's {nc} classes take the checkpoint's class rows by name (it predicts {theirs}); "
-            f"the other {nc - found} start fresh")
+    model.nc = ds.nc
+    return index
 
 
 def _saved_state(obj) -> tuple[dict, nn.Module | None, str | None] | None:
@@ -473,10 +453,7 @@ class Trainer:
             self.model = TorchvisionDetector(builder_name(ref), len(names), self.imgsz, names)
         else:  # a torchvision checkpoint (kdctl's or a user's own): fine-tune it, at this recipe's input size
             self.model = from_saved(torch.load(ref, map_location="cpu", weights_only=False))
-            before = self.model.nc
-            found = with_classes(self.model, list(names.values()), int(self.args.get("seed", 0)))
-            if found is not None and self.main and ckpt is None:  # said once, as Ultralytics says it for YOLO
-                print(f"{ref}: {_fitted(found, len(names), before)}", file=sys.stderr)
+            with_classes(self.model, self.data, int(self.args.get("seed", 0)))  # recorded by kdctl.models.as_started
             self.model.pin_input_size(self.imgsz)
         self.start_epoch, self.best, self.ckpt = 0, -1.0, ckpt
         if ckpt is not None:
