@@ -168,10 +168,9 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
         try:
             model = load_detector(resolved.ref)
         except Exception as e:  # a corrupt or foreign .pt: say which file, not a traceback
-            from kdctl.detectors import NotACheckpoint
+            from kdctl.detectors import load_problem
 
-            why = str(e) if isinstance(e, NotACheckpoint) else (f"{type(e).__name__}: "
-                                                                f"{str(e).splitlines()[0] if str(e) else ''}")
+            why = load_problem(e, resolved.ref)
             raise RecipeError(f"{source}: {field}: cannot load checkpoint '{resolved.ref}': {why}") from None
         check_family(model, f"{field} ('{resolved.ref}')", source)
         return model

@@ -1077,3 +1077,38 @@ def test_bad_input(name, ctx):
         assert snapshot(p) == snap, f"{p} changed"
     new = {p.name for p in ctx.tmp.iterdir()} - siblings
     assert not new, f"left behind: {new}"  # no bundle, no .partial/.work/.lock
+
+
+def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, tiny_data):
+    """Ultralytics' error for a damaged .pt is two lines of its own ('ERROR ❌️ PATH is not a loadable checkpoint ...
+    (RuntimeError: ... If you are seeing this error, there is a high likelihood ...)' and a fix to run) and a
+    TorchScript file brought three warnings first: each is now what was found, in one line, and nothing else."""
+    import warnings
+
+    import torch
+
+    from conftest import refused_in_one_line
+    from kdctl.detectors import load_detector
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"epoch": 3, "x": torch.zeros(4096)}, whole)
+    (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    (tmp_path / "short.pt").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 8])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's own deprecation, not kdctl's
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "script.pt"))
+    found = {"cut.pt": "the file is empty, truncated or corrupted (OSError: [Errno 22] Invalid argument)",
+             "short.pt": "the file is empty, truncated or corrupted (RuntimeError: PytorchStreamReader failed reading "
+                         "zip archive: failed finding central directory)",
+             "empty.pt": "the file is empty, truncated or corrupted (EOFError: Ran out of input)",
+             "script.pt": "it is a TorchScript archive, not an Ultralytics PyTorch checkpoint"}
+    for name, why in found.items():
+        out = tmp_path / "ev"
+        line = refused_in_one_line(["eval", str(tmp_path / name), "--data", str(tiny_data), "--out", str(out)], out)
+        assert line == f"Error: kdctl eval: model: cannot load checkpoint '{tmp_path / name}': {why}", line
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(Exception):
+                load_detector(tmp_path / name)
+        assert not seen, [f"{name}: {w.message}" for w in seen]

@@ -19,6 +19,9 @@ torchvision's Faster R-CNN (:mod:`kdctl.detectors.torchvision`, its distillation
 
 from __future__ import annotations
 
+import errno
+import re
+import warnings
 from types import ModuleType
 
 
@@ -136,10 +139,14 @@ def load_detector(path):
     from kdctl.detectors import torchvision, yolo
 
     try:
-        model = yolo.load_detector(path)
+        with warnings.catch_warnings():  # a TorchScript archive's 'dispatching to torch.jit.load', deprecations
+            warnings.simplefilter("ignore")
+            model = yolo.load_detector(path)
     except Exception as first:  # not an Ultralytics checkpoint: a kdctl torchvision one, or a broken file
         try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception:
             raise first from None
         model = torchvision.from_saved(ckpt)  # kdctl's checkpoint, or a user's own Faster R-CNN weights
@@ -154,6 +161,32 @@ def load_detector(path):
     if isinstance(model, torch.nn.Sequential):  # Ultralytics reads a non-checkpoint object's .model: its layers
         raise NotACheckpoint(f"it holds a model pickled whole (torch.save(model)), not a checkpoint; {WHOLE_MODEL}")
     return model
+
+
+def load_problem(e: Exception, path=None) -> str:
+    """Why :func:`load_detector` failed on ``path``, in one short line for an error message. Ultralytics wraps a
+    damaged file's error in two lines of its own (``ERROR ❌️ PATH is not a loadable checkpoint — the file is empty,
+    truncated or corrupted (RuntimeError: PytorchStreamReader failed reading zip archive: ... If you are seeing this
+    error, ...)`` and a fix to run); what is said here is what it found, to the end of its first sentence."""
+    if isinstance(e, NotACheckpoint):
+        return str(e)
+    text = str(e).splitlines()[0].strip() if str(e).strip() else ""
+    damaged = re.search(r"is not a loadable checkpoint\W+the file is empty, truncated or corrupted \((.*)\)\.?$", text)
+    if damaged:
+        return f"the file is empty, truncated or corrupted ({_first_sentence(damaged.group(1))})"
+    if isinstance(e, OSError) and e.errno == errno.EINVAL:  # torch's zip reader seeking before the start of a
+        return f"the file is empty, truncated or corrupted ({type(e).__name__}: {e})"  # file cut short
+    ours = re.sub(r"^ERROR[\s\u274c\ufe0f]*", "", text)  # Ultralytics' words for a user, less its prefix and emoji
+    if ours != text:
+        if path is not None and ours.startswith(f"{path} "):  # the file the message names already
+            ours = "it" + ours[len(str(path)):]
+        return _first_sentence(ours)
+    return f"{type(e).__name__}: {_first_sentence(text)}" if text else type(e).__name__
+
+
+def _first_sentence(text: str) -> str:
+    head, dot, rest = text.partition(". ")
+    return head if dot and rest else text.rstrip(".")
 
 
 def save_checkpoint(model, path, train_args: dict) -> None:
