@@ -162,6 +162,20 @@ def test_unknown_target_lists_valid():
         load_target(t)
 
 
+def test_a_target_naming_a_file_or_folder_here_says_what_it_is(tmp_path, monkeypatch):
+    """``--target notes.txt`` named a file that is there: 'does not exist' sent the user looking for it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "intel.txt").write_text("runtime: openvino\n")
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "cpu").mkdir()
+    with pytest.raises(RecipeError, match=r"target 'intel.txt': 'intel.txt' is a file here, not a preset YAML "
+                                          r"\(.yaml\); valid: cpu, intel"):
+        load_target("intel.txt")
+    with pytest.raises(RecipeError, match=r"target 'presets': 'presets' is a folder here, not a preset YAML"):
+        load_target("presets")
+    assert load_target("cpu").runtime  # a preset's name wins over a folder of that name here
+
+
 def test_not_a_model_bundle(export_cpu, tmp_path):
     with pytest.raises(BundleError, match="is an 'export' bundle; expected one of: train, distill"):
         export_bundle(export_cpu, ExportOptions(), out=tmp_path / "x")

@@ -245,7 +245,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
             raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
                             f"calibration (at least {MIN_CALIBRATION})")
         raise DataError(f"{calib_from or ds.yaml}: {'it holds' if calib_from else 'the train split has'} "
-                        f"{len(calib_pool)} images; INT8 calibration needs at least {MIN_CALIBRATION} (" +
+                        f"{len(calib_pool)} image{'s' if len(calib_pool) != 1 else ''}; INT8 calibration needs at least "
+                        f"{MIN_CALIBRATION} (" +
                         ("ONNX Runtime's form of a quantization-aware student calibrates what training left in float; "
                          "give --data or --calibration-data, or export its trained graph alone with --artifact "
                          "openvino-int8" if qat else

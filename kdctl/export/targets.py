@@ -74,7 +74,9 @@ def load_target(target: str) -> TargetPreset:
     else:
         path = TARGETS_DIR / f"{target}.yaml"
         if not path.is_file():
-            raise RecipeError(f"target '{target}' does not exist; valid: {', '.join(available_targets())} "
+            there = (f": '{target}' is a {'folder' if p.is_dir() else 'file'} here, not a preset YAML (.yaml)"
+                     if p.exists() and target not in ("", ".") else " does not exist")
+            raise RecipeError(f"target '{target}'{there}; valid: {', '.join(available_targets())} "
                               "(or a path to a preset YAML)")
     data = read_yaml(path, "target preset")
     refuse_other_kind(data, path, "a target preset")
