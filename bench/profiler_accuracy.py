@@ -1,5 +1,9 @@
 """Profiler accuracy: kdctl profile's p50 vs OpenVINO's benchmark_app on the same model and settings, measured
-in one run (interleaved), and repeat-to-repeat coefficient of variation of kdctl's p50."""
+in one run (interleaved), and repeat-to-repeat coefficient of variation of kdctl's p50.
+
+``--hint throughput``: throughput instead, as benchmark_app reports it by default (THROUGHPUT hint, asynchronous
+requests in flight): `kdctl profile --hint throughput` vs benchmark_app's FPS, beside kdctl's synchronous img/s
+(one request at a time, batch 1 and the profile's default batch 8)."""
 
 from __future__ import annotations
 
@@ -27,12 +31,57 @@ def benchmark_app_median(xml: Path, threads: int, niter: int) -> float:
     return float(m.group(1))
 
 
+def benchmark_app_fps(xml: Path, threads: int, niter: int) -> float:
+    exe = Path(sys.executable).parent / "benchmark_app"
+    out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-api", "async",
+                          "-niter", str(niter), "-nthreads", str(threads), "-infer_precision", "f32"],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Throughput:\s+([\d.]+) FPS", out)
+    if not m:
+        raise RuntimeError("benchmark_app printed no throughput:\n" + out[-2000:])
+    return float(m.group(1))
+
+
+def throughput_main(a, exp, xml: Path, threads: int, work: Path) -> None:
+    from kdctl.profile.stage import profile_bundle
+
+    rows, ratios, gains = [], [], []
+    for i in range(a.repeats):  # interleaved: both tools see the same machine state
+        def img_s(hint, batch, name):
+            p = profile_bundle(exp.path, warmup=20, runs=a.runs, threads=threads, e2e_runs=2, hint=hint,
+                               throughput_batch=batch, out=work / f"{name}{i}")
+            return p.metrics["results"][0]["throughput"]
+        ours = img_s("throughput", 1, "t")
+        theirs = benchmark_app_fps(xml, threads, a.runs)
+        one, eight = img_s("latency", 1, "s")["images_per_s"], img_s("latency", 8, "b")["images_per_s"]
+        ratios.append(ours["images_per_s"] / theirs)
+        gains.append(ours["images_per_s"] / one)
+        rows.append([f"repeat {i + 1}", f"{ours['requests_in_flight']} / {ours['streams']}",
+                     round(ours["images_per_s"], 1), round(theirs, 1), f"{ratios[-1]:.3f}", round(one, 1),
+                     round(eight, 1), f"{gains[-1]:.2f}"])
+    rows.append(["median", "", "", "", f"{statistics.median(ratios):.3f}", "", "", f"{statistics.median(gains):.2f}"])
+    body = (f"## Profiler throughput vs benchmark_app\n\n{machine()}. OpenVINO FP32 IR of `{a.bundle}` at {a.imgsz} "
+            f"px, CPU, {threads} threads, f32 inference precision. kdctl: `profile --hint throughput` (OpenVINO's "
+            f"THROUGHPUT hint, its requests in flight, {a.runs} requests timed, or 4 per request in flight if more); "
+            f"benchmark_app: `-hint throughput -api async -niter {a.runs}` (its default mode), its reported FPS; "
+            f"kdctl synchronous: `--hint latency` img/s at batch 1 (1 / mean latency) and at batch 8. Interleaved, "
+            f"{a.repeats} repeats, one run; ratios per repeat, then their median.\n\n"
+            + table(["", "requests / streams", "kdctl async img/s", "benchmark_app FPS", "kdctl / benchmark_app",
+                     "kdctl sync batch 1", "kdctl sync batch 8", "async / sync batch 1"], rows)
+            + f"\n\nkdctl / benchmark_app throughput: **{statistics.median(ratios):.3f}**; the throughput hint's "
+              f"img/s over one synchronous request at a time: **{statistics.median(gains):.2f}×**.\n")
+    write_section("profiler-throughput", body)
+    print(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bundle", default="runs/distill/quickstart")
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--hint", choices=("latency", "throughput"), default="latency",
+                    help="latency: p50 vs benchmark_app's median; throughput: img/s vs its FPS")
     a = ap.parse_args()
     import os
 
@@ -44,6 +93,8 @@ def main() -> None:
     exp = export_bundle(ROOT / a.bundle, ExportOptions(target="intel", artifacts=["openvino-fp32"], imgsz=a.imgsz,
                                                        eval_images=10), out=work / "exp")
     xml = exp.path / "openvino-fp32" / "model.xml"
+    if a.hint == "throughput":
+        return throughput_main(a, exp, xml, threads, work)
     ours, theirs = [], []
     for i in range(a.repeats):  # interleaved: both tools see the same machine state
         p = profile_bundle(exp.path, warmup=20, runs=a.runs, threads=threads, e2e_runs=2, out=work / f"p{i}")

@@ -86,6 +86,7 @@ def _export_with_profile_section(src, out, section: dict):
     parents = [load_bundle(p["path"], verify=True) for p in b.manifest["parents"]]
     with BundleWriter(out, stage="export", recipe={**b.recipe, "profile": section}, parents=parents) as w:
         for role, rel in b.manifest["outputs"].items():
+            (w.path / rel).parent.mkdir(parents=True, exist_ok=True)  # an OpenVINO IR's folder
             shutil.copy2(src / rel, w.path / rel)
             w.add_output(role, rel)
         w.metrics.update(b.metrics)
@@ -103,6 +104,7 @@ def _export_with_metrics(src, out, **metrics):
     b = load_bundle(src, verify=True)
     with BundleWriter(out, stage="export", recipe=b.recipe) as w:
         for role, rel in b.manifest["outputs"].items():
+            (w.path / rel).parent.mkdir(parents=True, exist_ok=True)  # an OpenVINO IR's folder
             shutil.copy2(src / rel, w.path / rel)
             w.add_output(role, rel)
         w.metrics.update({**b.metrics, **metrics})
@@ -308,3 +310,49 @@ def test_an_export_bundle_at_a_path_that_is_not_utf8_is_one_line(export_cpu, tmp
                                    str(tmp_path / "p")])
     assert res.exit_code == 2 and "has bytes that are not UTF-8 text" in " ".join(res.output.split()), res.output
     assert not (tmp_path / "p").exists()
+
+
+def test_throughput_hint_runs_openvino_asynchronously_as_benchmark_app(tmp_path, trained_bundle):
+    """--hint throughput: an OpenVINO artifact's throughput under OpenVINO's THROUGHPUT hint, with the streams and
+    requests in flight it chooses for these threads (benchmark_app's default), each request a static graph's batch;
+    the ONNX artifact beside it is measured one request at a time and says so. The recipe's profile.hint is the
+    default; a hint kdctl does not know is refused."""
+    import openvino as ov
+    import openvino.properties.hint as hints
+
+    from kdctl.export.stage import ExportOptions, export_bundle
+    from kdctl.profile.stage import profile_bundle
+
+    exp = export_bundle(trained_bundle, ExportOptions(target="intel", artifacts=["openvino-fp32", "onnx-fp32"],
+                                                      batch=2), out=tmp_path / "ov").path
+    res = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "--hint", "throughput",
+                                   "--out", str(tmp_path / "p"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["settings"]["hint"] == "throughput"
+    by = {r["artifact"]: r for r in data["results"]}
+    tp = by["openvino-fp32"]["throughput"]
+    threads = data["settings"]["threads"]
+    chosen = ov.Core().compile_model(str(exp / "openvino-fp32" / "model.xml"), "CPU",
+                                     {hints.performance_mode: hints.PerformanceMode.THROUGHPUT,
+                                      "INFERENCE_NUM_THREADS": threads})
+    assert tp["mode"] == "async" and tp["batch"] == 2
+    assert tp["requests_in_flight"] == chosen.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+    assert tp["streams"] == chosen.get_property("NUM_STREAMS")
+    assert tp["requests"] == max(6, 4 * tp["requests_in_flight"])
+    assert tp["images_per_s"] == pytest.approx(tp["requests"] * 2 / tp["seconds"])
+    onnx = by["onnx-fp32"]["throughput"]
+    assert "mode" not in onnx and onnx["batch"] == 2 and "OpenVINO's; synchronous here" in onnx["note"]
+
+    latency = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "-a", "openvino-fp32",
+                                       "--out", str(tmp_path / "q"), "--json"])
+    assert latency.exit_code == 0, latency.output
+    plain = json.loads(latency.stdout)
+    assert plain["settings"]["hint"] == "latency" and "mode" not in plain["results"][0]["throughput"]
+
+    from_recipe = _export_with_profile_section(exp, tmp_path / "ov-recipe", {"hint": "throughput", "runs": 4})
+    p = profile_bundle(from_recipe, artifacts=["openvino-fp32"], warmup=0, e2e_runs=1, out=tmp_path / "r")
+    assert p.metrics["settings"]["hint"] == "throughput" and p.metrics["results"][0]["throughput"]["mode"] == "async"
+    bad = CliRunner().invoke(app, ["profile", str(exp), "--hint", "fast", "--out", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "--hint: 'fast'; valid: latency, throughput" in " ".join(bad.output.split())
+    assert not (tmp_path / "s").exists()

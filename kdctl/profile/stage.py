@@ -23,6 +23,8 @@ from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_avail
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
 
+HINTS = ("latency", "throughput")  # how throughput is measured (benchmark_app's -hint)
+
 
 def _rss_mb() -> float:
     try:
@@ -73,14 +75,20 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
                    warmup: int | None = None, runs: int | None = None, duration_s: float | None = None,
                    threads: int | None = None, throughput_batch: int | None = None, device: str = "cpu",
                    e2e_runs: int = 30, pytorch: bool = False, out: str | Path | None = None,
-                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None) -> Bundle:
-    """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads`` and ``throughput_batch`` left at None
-    come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults."""
+                   runs_dir: str | Path = "runs", overwrite: bool = False, progress=None,
+                   hint: str | None = None) -> Bundle:
+    """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads``, ``throughput_batch`` and ``hint`` left at
+    None come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults.
+    ``hint`` 'throughput': OpenVINO artifacts' throughput under OpenVINO's THROUGHPUT hint, asynchronous requests in
+    flight (benchmark_app's default); 'latency': one synchronous request at a time, batched."""
+    if hint is not None and hint not in HINTS:
+        raise KdctlError(f"--hint: '{hint}'; valid: {', '.join(HINTS)}")
     src = load_bundle(bundle, stages=("export",), verify=True)
     check_export_metrics(src)
     spec = _recipe_settings(src)
     warmup = spec.warmup if warmup is None else warmup
     runs = spec.runs if runs is None else runs
+    hint = spec.hint if hint is None else hint
     names = {"threads": given_by("--threads", threads is not None, src.path, "profile.threads"),
              "throughput_batch": given_by("--throughput-batch", throughput_batch is not None, src.path,
                                           "profile.throughput_batch")}
@@ -90,7 +98,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     out = Path(out) if out else next_run_dir(runs_dir, "profile", src.path.resolve().name, reserve=True)
     with claim_output(out, overwrite=overwrite, inputs=[src.path]):
         return _profile(src, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
-                        e2e_runs, pytorch, out, overwrite, progress)
+                        e2e_runs, pytorch, out, overwrite, progress, hint)
 
 
 def _recipe_settings(src: Bundle):
@@ -140,7 +148,7 @@ def _source_weights(src: Bundle) -> Path:
 
 
 def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads, throughput_batch, device,
-             e2e_runs, pytorch, out: Path, overwrite: bool, progress) -> Bundle:
+             e2e_runs, pytorch, out: Path, overwrite: bool, progress, hint: str = "latency") -> Bundle:
     """Options were checked by the caller; here: which artifacts run here -> time each -> write the bundle."""
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
 
@@ -158,14 +166,15 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
     for a in usable:
         bar.describe(f"profile {a['name']}")
         result, raw[a["name"]] = _profile_one(src, a, x, images, imgsz, threads, device, warmup, runs, duration_s,
-                                              e2e_runs, throughput_batch)
+                                              e2e_runs, throughput_batch, hint)
         results.append(result)
         bar.advance()
 
     batches = sorted({r["batch"] for r in results})  # 1, or the batch of the export's static graphs
     settings = {"warmup": warmup, "runs": runs, "duration_s": duration_s, "threads": threads,
                 "batch": batches[0] if len(batches) == 1 else batches,
-                "throughput_batch": throughput_batch, "device": device, "input": input_kind, "e2e_runs": e2e_runs}
+                "throughput_batch": throughput_batch, "hint": hint, "device": device, "input": input_kind,
+                "e2e_runs": e2e_runs}
     with BundleWriter(out, stage="profile", recipe=src.recipe, parents=[src], overwrite=overwrite,
                       inputs={"export": str(src.path), "settings": settings}) as w:
         w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
@@ -241,7 +250,8 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
 
 
 def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, threads: int, device: str,
-                 warmup: int, runs: int, duration_s, e2e_runs: int, throughput_batch: int) -> tuple[dict, list]:
+                 warmup: int, runs: int, duration_s, e2e_runs: int, throughput_batch: int,
+                 hint: str = "latency") -> tuple[dict, list]:
     """Latency (model only), end to end on real images, throughput, memory, size and power of one artifact."""
     from kdctl.profile.power import PowerSampler
 
@@ -255,7 +265,7 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
         wall = time.perf_counter() - t0
     stats = LatencyStats.from_ms(samples)
     e2e = _end_to_end(run, x, images, imgsz, e2e_runs, fixed)
-    tp = _throughput(run, x, throughput_batch, stats)
+    tp = _throughput(run, x, throughput_batch, stats, hint, runs)
     size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
     info = dict(getattr(run, "info", {}))
     energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
@@ -296,7 +306,20 @@ def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int, batch: int
             "total": LatencyStats.from_ms([p + m + q for p, m, q in zip(pre, model_ms, post)]).to_dict()}
 
 
-def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
+def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats, hint: str = "latency",
+                requests: int = 100) -> dict:
+    """Images per second. ``hint`` 'throughput', on a runner that has it (OpenVINO's): ``requests`` asynchronous
+    requests under OpenVINO's THROUGHPUT hint, each of ``x`` (batch 1, or a static graph's batch). Else
+    synchronous calls: at ``batch`` where the graph takes it, 1 / mean latency at batch 1."""
+    if hint == "throughput" and hasattr(run, "throughput_async"):
+        return run.throughput_async(x, requests)
+    tp = _sync_throughput(run, x, batch, single)
+    if hint == "throughput":  # ONNX Runtime, TensorRT, PyTorch: one request at a time, as with 'latency'
+        tp["note"] = "; ".join(filter(None, [tp.get("note"), "the throughput hint is OpenVINO's; synchronous here"]))
+    return tp
+
+
+def _sync_throughput(run, x: np.ndarray, batch: int, single: LatencyStats) -> dict:
     fixed = getattr(run, "fixed_batch", None)
     if fixed == 1 or (not fixed and batch <= 1):  # a static graph of N > 1 is run at N whatever was asked
         return {"batch": 1, "images_per_s": 1000.0 / single.mean,

@@ -336,6 +336,12 @@ class ProfileSpec(Strict):
                                       "benchmark_app's defaults; throughput_batch sets the batched throughput)")
     throughput_batch: int = Field(8, ge=1, le=256, description="Batch for throughput (--throughput-batch)")
     threads: int | None = Field(None, ge=1, description="Inference threads (--threads; default: all usable cores)")
+    hint: Literal["latency", "throughput"] = Field(
+        "latency", description="How throughput is measured (--hint): 'latency' = one synchronous request at a time, "
+                               "batched at throughput_batch; 'throughput' = OpenVINO artifacts under OpenVINO's "
+                               "THROUGHPUT hint, its streams and asynchronous requests in flight, as benchmark_app's "
+                               "default (other runtimes as 'latency'). Latency is measured one request at a time "
+                               "either way")
 
     @field_validator("batch")
     @classmethod

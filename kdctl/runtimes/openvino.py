@@ -37,6 +37,23 @@ def precision_name(t) -> str:
     return s
 
 
+def _config(core, precision: str, threads: int | None, device: str, hint: str | None, mode: str) -> dict:
+    """Compile settings: the performance ``mode`` ('LATENCY' or 'THROUGHPUT'), the inference precision the export
+    chose (f32 where this CPU lacks that arithmetic) and the thread count."""
+    import openvino.properties.hint as hints
+
+    config = {hints.performance_mode: getattr(hints.PerformanceMode, mode)}
+    want = hint or PRECISION_HINT[precision]
+    if device == "CPU":
+        supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if (want == "f16" and "FP16" not in supported) or (want == "bf16" and "BF16" not in supported):
+            want = "f32"  # recorded by the caller: this CPU lacks that arithmetic, so the model runs in f32
+        config[hints.inference_precision] = want
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = None, device: str = "CPU",
                      hint: str | None = None):
     """A backend over a compiled OpenVINO model; ``run.runtime`` reports the precision actually in use."""
@@ -44,20 +61,36 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
     import openvino.properties.hint as hints
 
     core = ov.Core()
-    config = {hints.performance_mode: hints.PerformanceMode.LATENCY}
-    want = hint or PRECISION_HINT[precision]
-    if device == "CPU":
-        supported = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if (want == "f16" and "FP16" not in supported) or (want == "bf16" and "BF16" not in supported):
-            want = "f32"  # recorded below: this CPU lacks that arithmetic, so the model runs in f32
-        config[hints.inference_precision] = want
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(str(xml), device, config)
+    compiled = core.compile_model(str(xml), device, _config(core, precision, threads, device, hint, "LATENCY"))
     run = compiled_backend(compiled)
     run.runtime = {"runtime": "openvino", "version": ov.__version__, "device": device,
                    "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
                    "requested_precision": hint or PRECISION_HINT[precision]}
+
+    def throughput_async(x: np.ndarray, requests: int, warmup: int = 1) -> dict:
+        """Images per second as benchmark_app measures it by default (``-hint throughput``): the model compiled
+        again under OpenVINO's THROUGHPUT hint, which picks its streams and the number of inference requests to keep
+        in flight; ``requests`` asynchronous ones timed (at least 4 per request in flight), after ``warmup`` rounds
+        of them, on the same input, the same precision and threads as the latency measurement."""
+        import time
+
+        tp = core.compile_model(str(xml), device, _config(core, precision, threads, device, hint, "THROUGHPUT"))
+        n = int(tp.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        queue = ov.AsyncInferQueue(tp, n)
+        for _ in range(max(warmup, 1) * n):
+            queue.start_async({0: x})
+        queue.wait_all()
+        count = max(int(requests), 4 * n)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            queue.start_async({0: x})
+        queue.wait_all()
+        seconds = time.perf_counter() - t0
+        return {"mode": "async", "hint": "throughput", "batch": int(x.shape[0]), "requests_in_flight": n,
+                "streams": int(tp.get_property("NUM_STREAMS")), "requests": count, "seconds": seconds,
+                "images_per_s": count * int(x.shape[0]) / seconds}
+
+    run.throughput_async = throughput_async
     return run
 
 
