@@ -343,6 +343,13 @@ def test_throughput_hint_runs_openvino_asynchronously_as_benchmark_app(tmp_path,
     assert tp["images_per_s"] == pytest.approx(tp["requests"] * 2 / tp["seconds"])
     onnx = by["onnx-fp32"]["throughput"]
     assert "mode" not in onnx and onnx["batch"] == 2 and "OpenVINO's; synchronous here" in onnx["note"]
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "p"), "--out", str(tmp_path / "rep")])
+    assert shown.exit_code == 0, shown.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| profile | p/openvino-fp32 |"))
+    assert row.endswith(f"| {tp['images_per_s']:.0f} (async, {tp['requests_in_flight']} in flight) |"), row
+    assert next(line for line in md.splitlines() if line.startswith("| profile | p/onnx-fp32 |")).endswith(
+        f"| {onnx['images_per_s']:.0f} |")
 
     latency = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "-a", "openvino-fp32",
                                        "--out", str(tmp_path / "q"), "--json"])

@@ -95,8 +95,15 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                       or r.get("precision") or "—"),
                                   _fmt(r.get("size_mb"), ".2f", " MB"),
                                   f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + per_call(r),
-                                  _fmt(field_of(r, "throughput", "images_per_s"), ".0f")])
+                                  _fmt(field_of(r, "throughput", "images_per_s"), ".0f") + _asynchronous(r)])
     return stage_rows, perf_rows
+
+
+def _asynchronous(result: dict) -> str:
+    """' (async, N in flight)' after a throughput measured under OpenVINO's THROUGHPUT hint (profile --hint)."""
+    n = field_of(result, "throughput", "requests_in_flight")
+    return f" (async, {n} in flight)" if field_of(result, "throughput", "mode") == "async" and isinstance(n, int) \
+        else ""
 
 
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
