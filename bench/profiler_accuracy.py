@@ -31,10 +31,12 @@ def benchmark_app_median(xml: Path, threads: int, niter: int) -> float:
     return float(m.group(1))
 
 
-def benchmark_app_fps(xml: Path, threads: int, niter: int) -> float:
+def benchmark_app_fps(xml: Path, niter: int) -> float:
+    """benchmark_app's default measurement (its UI takes no -nthreads with a hint: all of this process's cores,
+    as kdctl's default)."""
     exe = Path(sys.executable).parent / "benchmark_app"
     out = subprocess.run([str(exe), "-m", str(xml), "-d", "CPU", "-hint", "throughput", "-api", "async",
-                          "-niter", str(niter), "-nthreads", str(threads), "-infer_precision", "f32"],
+                          "-niter", str(niter), "-infer_precision", "f32"],
                          capture_output=True, text=True, check=True).stdout
     m = re.search(r"Throughput:\s+([\d.]+) FPS", out)
     if not m:
@@ -52,7 +54,7 @@ def throughput_main(a, exp, xml: Path, threads: int, work: Path) -> None:
                                throughput_batch=batch, out=work / f"{name}{i}")
             return p.metrics["results"][0]["throughput"]
         ours = img_s("throughput", 1, "t")
-        theirs = benchmark_app_fps(xml, threads, a.runs)
+        theirs = benchmark_app_fps(xml, a.runs)
         one, eight = img_s("latency", 1, "s")["images_per_s"], img_s("latency", 8, "b")["images_per_s"]
         ratios.append(ours["images_per_s"] / theirs)
         gains.append(ours["images_per_s"] / one)
@@ -63,7 +65,8 @@ def throughput_main(a, exp, xml: Path, threads: int, work: Path) -> None:
     body = (f"## Profiler throughput vs benchmark_app\n\n{machine()}. OpenVINO FP32 IR of `{a.bundle}` at {a.imgsz} "
             f"px, CPU, {threads} threads, f32 inference precision. kdctl: `profile --hint throughput` (OpenVINO's "
             f"THROUGHPUT hint, its requests in flight, {a.runs} requests timed, or 4 per request in flight if more); "
-            f"benchmark_app: `-hint throughput -api async -niter {a.runs}` (its default mode), its reported FPS; "
+            f"benchmark_app: `-hint throughput -api async -niter {a.runs}` (its default mode, on all {threads} cores: "
+            f"its UI takes no thread count with a hint), its reported FPS; "
             f"kdctl synchronous: `--hint latency` img/s at batch 1 (1 / mean latency) and at batch 8. Interleaved, "
             f"{a.repeats} repeats, one run; ratios per repeat, then their median.\n\n"
             + table(["", "requests / streams", "kdctl async img/s", "benchmark_app FPS", "kdctl / benchmark_app",
