@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-for script in ("step_time.py", "export_latency.py", "profiler_accuracy.py", "distill_families.py"):
-    print(f"== {script}", flush=True)
-    subprocess.run([sys.executable, str(HERE / script)], check=True)
+for script, *args in (("step_time.py",), ("export_latency.py",), ("profiler_accuracy.py",),
+                       ("profiler_accuracy.py", "--hint", "throughput"), ("distill_families.py",)):
+    print(f"== {' '.join([script, *args])}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
