@@ -802,3 +802,19 @@ def test_a_name_two_classes_share_keeps_both_classes_apart(tmp_path, tiny_data, 
     coco["categories"] = [{"id": 3, "name": "pet"}, {"id": 9, "name": "pet"}]
     Path(spec["train_annotations"]).write_text(json.dumps(coco))
     assert coco_dataset(**spec).names == ["pet", "pet"]
+
+
+@pytest.mark.parametrize("nc, says", [
+    (1, "class id 1 is out of range (the dataset has 1 class: 0)"),
+    (3, "class id 3 is out of range (the dataset has 3 classes: 0..2)"),
+    (None, "class id -1 is out of range (class ids are whole numbers from 0)"),
+])
+def test_a_class_id_out_of_range_says_which_ids_are_in_it(tmp_path, nc, says):
+    """'dataset has 1 classes: 0..0', and 'dataset has None classes' where labels were read without the names."""
+    from kdctl.data.validate import LabelError, parse_labels
+
+    f = tmp_path / "a.txt"
+    f.write_text(f"0 0.5 0.5 0.2 0.2\n{-1 if nc is None else nc} 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(LabelError) as e:
+        parse_labels(f, nc)
+    assert str(e.value).endswith(says), str(e.value)

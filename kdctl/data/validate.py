@@ -44,8 +44,9 @@ def _box_line(parts: list[str], path: Path, n: int, nc: int | None) -> list[floa
                                   "or a polygon (class x1 y1 x2 y2 x3 y3 ...)")
     cls = _number(parts[0], path, n, "class")
     if not cls.is_integer() or cls < 0 or (nc is not None and cls >= nc):
-        rng = f"0..{nc - 1}" if nc is not None else "a non-negative integer"
-        raise LabelError(path, n, f"class id {parts[0]} is out of range (dataset has {nc} classes: {rng})")
+        rng = ("class ids are whole numbers from 0" if nc is None else
+               f"the dataset has {nc} class{'es' * (nc != 1)}: {'0' if nc == 1 else f'0..{nc - 1}'}")
+        raise LabelError(path, n, f"class id {parts[0]} is out of range ({rng})")
     vals = [_number(t, path, n, f"column {i + 2}") for i, t in enumerate(parts[1:])]
     lo, hi = -TOLERANCE, 1 + TOLERANCE
     if len(parts) == 5:
