@@ -3,7 +3,8 @@ in one run (interleaved), and repeat-to-repeat coefficient of variation of kdctl
 
 ``--hint throughput``: throughput instead, as benchmark_app reports it by default (THROUGHPUT hint, asynchronous
 requests in flight): `kdctl profile --hint throughput` vs benchmark_app's FPS, beside kdctl's synchronous img/s
-(one request at a time, batch 1 and the profile's default batch 8)."""
+(one request at a time, batch 1 and the profile's default batch 8); then the same in ONNX Runtime (a request in
+flight per thread vs one at a time)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,43 @@ def throughput_main(a, exp, xml: Path, threads: int, work: Path) -> None:
             + f"\n\nkdctl / benchmark_app throughput: **{statistics.median(ratios):.3f}**; the throughput hint's "
               f"img/s over one synchronous request at a time: **{statistics.median(gains):.2f}×**.\n")
     write_section("profiler-throughput", body)
+    print(body)
+    onnx_runtime_throughput(a, threads, work)
+
+
+def onnx_runtime_throughput(a, threads: int, work: Path) -> None:
+    """The same bundle's ONNX FP32 and INT8 exports in ONNX Runtime: `--hint throughput` (a one-thread request in
+    flight per thread, onnxruntime_perf_test's -c N -x 1; that tool is not in the pip wheel, so no third column)
+    against one synchronous request at a time on all the threads, interleaved."""
+    from kdctl.export.stage import ExportOptions, export_bundle
+    from kdctl.profile.stage import profile_bundle
+
+    exp = export_bundle(ROOT / a.bundle, ExportOptions(target="cpu", artifacts=["onnx-fp32", "onnx-int8"],
+                                                       imgsz=a.imgsz, eval_images=10), out=work / "onnx")
+    rows, gains = [], {}
+    for i in range(a.repeats):
+        got = {}
+        for hint in ("throughput", "latency"):
+            p = profile_bundle(exp.path, warmup=20, runs=a.runs, threads=threads, e2e_runs=2, hint=hint,
+                               throughput_batch=1, out=work / f"onnx-{hint}{i}")
+            got[hint] = {r["artifact"]: r["throughput"] for r in p.metrics["results"]}
+        for art in ("onnx-fp32", "onnx-int8"):
+            tp, one = got["throughput"][art], got["latency"][art]["images_per_s"]
+            gains.setdefault(art, []).append(tp["images_per_s"] / one)
+            rows.append([f"repeat {i + 1}", art, tp["requests_in_flight"], round(tp["images_per_s"], 1),
+                         round(one, 1), f"{gains[art][-1]:.2f}"])
+    for art, g in gains.items():
+        rows.append(["median", art, "", "", "", f"{statistics.median(g):.2f}"])
+    body = (f"## Profiler throughput in ONNX Runtime\n\n{machine()}. ONNX FP32 and INT8 (QDQ) exports of `{a.bundle}` "
+            f"at {a.imgsz} px, CPU execution provider, {threads} threads. kdctl `profile --hint throughput`: one "
+            f"session of one intra-op thread, called from {threads} threads at once ({a.runs} calls in all); "
+            f"`--hint latency --throughput-batch 1`: one call at a time on a session of {threads} intra-op threads "
+            f"(1 / mean latency). Interleaved, {a.repeats} repeats, one run.\n\n"
+            + table(["", "artifact", "requests in flight", "concurrent img/s", "one at a time img/s",
+                     "concurrent / one at a time"], rows)
+            + "\n\nMedian gain of requests in flight: " + ", ".join(
+                f"{art} **{statistics.median(g):.2f}×**" for art, g in gains.items()) + ".\n")
+    write_section("profiler-throughput-ort", body)
     print(body)
 
 

@@ -312,11 +312,12 @@ def test_an_export_bundle_at_a_path_that_is_not_utf8_is_one_line(export_cpu, tmp
     assert not (tmp_path / "p").exists()
 
 
-def test_throughput_hint_runs_openvino_asynchronously_as_benchmark_app(tmp_path, trained_bundle):
+def test_throughput_hint_keeps_requests_in_flight_as_benchmark_app_and_perf_test(tmp_path, trained_bundle):
     """--hint throughput: an OpenVINO artifact's throughput under OpenVINO's THROUGHPUT hint, with the streams and
     requests in flight it chooses for these threads (benchmark_app's default), each request a static graph's batch;
-    the ONNX artifact beside it is measured one request at a time and says so. The recipe's profile.hint is the
-    default; a hint kdctl does not know is refused."""
+    the ONNX artifact's with one one-thread request in flight per thread (onnxruntime_perf_test -c N -x 1); the
+    PyTorch reference one request at a time, and says so. The recipe's profile.hint is the default; a hint kdctl
+    does not know is refused."""
     import openvino as ov
     import openvino.properties.hint as hints
 
@@ -326,7 +327,7 @@ def test_throughput_hint_runs_openvino_asynchronously_as_benchmark_app(tmp_path,
     exp = export_bundle(trained_bundle, ExportOptions(target="intel", artifacts=["openvino-fp32", "onnx-fp32"],
                                                       batch=2), out=tmp_path / "ov").path
     res = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "--hint", "throughput",
-                                   "--out", str(tmp_path / "p"), "--json"])
+                                   "--pytorch", "--out", str(tmp_path / "p"), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["settings"]["hint"] == "throughput"
@@ -342,14 +343,21 @@ def test_throughput_hint_runs_openvino_asynchronously_as_benchmark_app(tmp_path,
     assert tp["requests"] == max(6, 4 * tp["requests_in_flight"])
     assert tp["images_per_s"] == pytest.approx(tp["requests"] * 2 / tp["seconds"])
     onnx = by["onnx-fp32"]["throughput"]
-    assert "mode" not in onnx and onnx["batch"] == 2 and "OpenVINO's; synchronous here" in onnx["note"]
+    assert onnx["mode"] == "concurrent" and onnx["batch"] == 2 and onnx["threads_per_request"] == 1
+    assert onnx["requests_in_flight"] == onnx["streams"] == threads
+    assert onnx["requests"] == max(6, 4 * threads)
+    assert onnx["images_per_s"] == pytest.approx(onnx["requests"] * 2 / onnx["seconds"])
+    torch_row = by["pytorch-fp32"]["throughput"]
+    assert "mode" not in torch_row and "one request at a time here" in torch_row["note"]
     shown = CliRunner().invoke(app, ["report", str(tmp_path / "p"), "--out", str(tmp_path / "rep")])
     assert shown.exit_code == 0, shown.output
     md = (tmp_path / "rep" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| profile | p/openvino-fp32 |"))
     assert row.endswith(f"| {tp['images_per_s']:.0f} (async, {tp['requests_in_flight']} in flight) |"), row
     assert next(line for line in md.splitlines() if line.startswith("| profile | p/onnx-fp32 |")).endswith(
-        f"| {onnx['images_per_s']:.0f} |")
+        f"| {onnx['images_per_s']:.0f} (concurrent, {threads} in flight) |")
+    assert next(line for line in md.splitlines() if line.startswith("| profile | p/pytorch-fp32 |")).endswith(
+        f"| {torch_row['images_per_s']:.0f} |")
 
     latency = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "-a", "openvino-fp32",
                                        "--out", str(tmp_path / "q"), "--json"])

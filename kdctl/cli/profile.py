@@ -23,7 +23,7 @@ def profile(
     duration: Annotated[Optional[float], typer.Option("--duration", callback=non_negative, help="Also keep timing for this many seconds.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads, at most the cores this process may use (default: the recipe's profile.threads, else all of them).")] = None,
     throughput_batch: Annotated[Optional[int], typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it (default: the recipe's profile.throughput_batch, else 8).")] = None,
-    hint: Annotated[Optional[str], typer.Option("--hint", help="How throughput is measured: latency (one synchronous request at a time, batched at --throughput-batch) or throughput (OpenVINO artifacts under OpenVINO's THROUGHPUT hint, asynchronous requests in flight, as benchmark_app's default); latency percentiles are one request at a time either way (default: the recipe's profile.hint, else latency).")] = None,
+    hint: Annotated[Optional[str], typer.Option("--hint", help="How throughput is measured: latency (one synchronous request at a time, batched at --throughput-batch) or throughput (requests in flight at once: OpenVINO under its THROUGHPUT hint, as benchmark_app's default; ONNX Runtime on the CPU one request per thread, as onnxruntime_perf_test -c N -x 1); latency percentiles are one request at a time either way (default: the recipe's profile.hint, else latency).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     pytorch: Annotated[bool, typer.Option("--pytorch", help="Also profile the FP32 PyTorch model the artifacts came from.")] = False,
     out: OutOpt = None, runs_dir: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
@@ -33,7 +33,7 @@ def profile(
 
     Example: [bold]kdctl profile runs/export/quickstart-cpu --runs 200 --json[/bold]
 
-    OpenVINO throughput as benchmark_app's default measures it:
+    Throughput with requests in flight, as benchmark_app's default measures OpenVINO's:
     [bold]kdctl profile runs/export/quickstart-intel --hint throughput[/bold]
     """
     from kdctl.errors import KdctlError
@@ -49,10 +49,10 @@ def profile(
     m = b.metrics
 
     def human():
-        asynchronous = any((r.get("throughput") or {}).get("mode") == "async" for r in m["results"])
+        asynchronous = any((r.get("throughput") or {}).get("requests_in_flight") for r in m["results"])
         t = Table(title=f"profile: {b.path}  ({m['settings']['threads']} threads, {m['settings']['runs']} runs, "
                         f"batch {_batch(m['settings'].get('batch', 1))}, {m['imgsz']} px"
-                        f"{'; img/s of OpenVINO: THROUGHPUT hint, requests in flight' if asynchronous else ''})")
+                        f"{'; img/s with requests in flight (--hint throughput)' if asynchronous else ''})")
         mixed = isinstance(m["settings"].get("batch"), list)  # the PyTorch row at 1 beside a static batch's
         for c in ("artifact", *(("images / call",) if mixed else ()), "p50 ms", "p90", "p99", "e2e p50", "img/s", "MB",
                   "mAP50-95"):

@@ -65,9 +65,9 @@ def evaluate_budgets(result: dict | None, budgets: dict, baseline: dict | None =
         checks.append(_rule("max_p99_ms", _get(result, "latency_ms", "p99"), b["max_p99_ms"], le, "{:.2f} ms",
                             "p99 latency" + call))
     if "min_fps" in b:  # the profile's throughput: at its throughput_batch where it measured one, else 1 / mean latency
-        flight = _get(result, "throughput", "requests_in_flight")  # OpenVINO's THROUGHPUT hint (profile --hint)
+        flight = _get(result, "throughput", "requests_in_flight")  # profile --hint throughput
         checks.append(_rule("min_fps", _get(result, "throughput", "images_per_s"), b["min_fps"], ge, "{:.1f} img/s",
-                            "throughput" + (f" ({flight} asynchronous requests in flight)" if flight else "")))
+                            "throughput" + (f" ({flight} requests in flight)" if flight else "")))
     if "max_size_mb" in b:
         checks.append(_rule("max_size_mb", _get(result, "size_mb"), b["max_size_mb"], le, "{:.2f} MB", "model size"))
     if "max_memory_mb" in b:

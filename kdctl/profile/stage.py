@@ -79,8 +79,9 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
                    hint: str | None = None) -> Bundle:
     """Profile ``bundle``'s artifacts. ``warmup``, ``runs``, ``threads``, ``throughput_batch`` and ``hint`` left at
     None come from the recipe's ``profile:`` section (the one the export bundle carries), else its defaults.
-    ``hint`` 'throughput': OpenVINO artifacts' throughput under OpenVINO's THROUGHPUT hint, asynchronous requests in
-    flight (benchmark_app's default); 'latency': one synchronous request at a time, batched."""
+    ``hint`` 'throughput': throughput with requests in flight at once, OpenVINO artifacts under OpenVINO's
+    THROUGHPUT hint (benchmark_app's default), ONNX Runtime's on the CPU one request per thread (its perf_test's
+    ``-c N -x 1``); 'latency': one synchronous request at a time, batched."""
     if hint is not None and hint not in HINTS:
         raise KdctlError(f"--hint: '{hint}'; valid: {', '.join(HINTS)}")
     src = load_bundle(bundle, stages=("export",), verify=True)
@@ -308,14 +309,15 @@ def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int, batch: int
 
 def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats, hint: str = "latency",
                 requests: int = 100) -> dict:
-    """Images per second. ``hint`` 'throughput', on a runner that has it (OpenVINO's): ``requests`` asynchronous
-    requests under OpenVINO's THROUGHPUT hint, each of ``x`` (batch 1, or a static graph's batch). Else
+    """Images per second. ``hint`` 'throughput', on a runner that has it (OpenVINO; ONNX Runtime on the CPU):
+    ``requests`` requests with several in flight at once, each of ``x`` (batch 1, or a static graph's batch). Else
     synchronous calls: at ``batch`` where the graph takes it, 1 / mean latency at batch 1."""
     if hint == "throughput" and hasattr(run, "throughput_async"):
         return run.throughput_async(x, requests)
     tp = _sync_throughput(run, x, batch, single)
-    if hint == "throughput":  # ONNX Runtime, TensorRT, PyTorch: one request at a time, as with 'latency'
-        tp["note"] = "; ".join(filter(None, [tp.get("note"), "the throughput hint is OpenVINO's; synchronous here"]))
+    if hint == "throughput":  # TensorRT, PyTorch, ONNX Runtime on a GPU: one request at a time, as with 'latency'
+        tp["note"] = "; ".join(filter(None, [tp.get("note"), "one request at a time here (the throughput hint runs "
+                                                             "OpenVINO and ONNX Runtime on the CPU concurrently)"]))
     return tp
 
 

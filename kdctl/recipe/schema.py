@@ -338,10 +338,11 @@ class ProfileSpec(Strict):
     threads: int | None = Field(None, ge=1, description="Inference threads (--threads; default: all usable cores)")
     hint: Literal["latency", "throughput"] = Field(
         "latency", description="How throughput is measured (--hint): 'latency' = one synchronous request at a time, "
-                               "batched at throughput_batch; 'throughput' = OpenVINO artifacts under OpenVINO's "
-                               "THROUGHPUT hint, its streams and asynchronous requests in flight, as benchmark_app's "
-                               "default (other runtimes as 'latency'). Latency is measured one request at a time "
-                               "either way")
+                               "batched at throughput_batch; 'throughput' = requests in flight at once: OpenVINO "
+                               "artifacts under OpenVINO's THROUGHPUT hint (its streams and asynchronous requests, "
+                               "as benchmark_app's default), ONNX Runtime on the CPU one request per thread "
+                               "(onnxruntime_perf_test -c N -x 1), other runtimes as 'latency'. Latency is measured "
+                               "one request at a time either way")
 
     @field_validator("batch")
     @classmethod

@@ -100,10 +100,10 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
 
 
 def _asynchronous(result: dict) -> str:
-    """' (async, N in flight)' after a throughput measured under OpenVINO's THROUGHPUT hint (profile --hint)."""
-    n = field_of(result, "throughput", "requests_in_flight")
-    return f" (async, {n} in flight)" if field_of(result, "throughput", "mode") == "async" and isinstance(n, int) \
-        else ""
+    """' (async, N in flight)' (OpenVINO) or ' (concurrent, N in flight)' (ONNX Runtime) after a throughput measured
+    with requests in flight (profile --hint throughput)."""
+    n, mode = field_of(result, "throughput", "requests_in_flight"), field_of(result, "throughput", "mode")
+    return f" ({mode}, {n} in flight)" if mode in ("async", "concurrent") and isinstance(n, int) else ""
 
 
 STAGE_HEAD = ["stage", "bundle", "mAP50-95", "mAP50", "params", "train time"]
