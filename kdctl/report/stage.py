@@ -95,11 +95,11 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                       or r.get("precision") or "—"),
                                   _fmt(r.get("size_mb"), ".2f", " MB"),
                                   f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + per_call(r),
-                                  _fmt(field_of(r, "throughput", "images_per_s"), ".0f") + _asynchronous(r)])
+                                  _fmt(field_of(r, "throughput", "images_per_s"), ".0f") + _in_flight(r)])
     return stage_rows, perf_rows
 
 
-def _asynchronous(result: dict) -> str:
+def _in_flight(result: dict) -> str:
     """' (async, N in flight)' (OpenVINO) or ' (concurrent, N in flight)' (ONNX Runtime) after a throughput measured
     with requests in flight (profile --hint throughput)."""
     n, mode = field_of(result, "throughput", "requests_in_flight"), field_of(result, "throughput", "mode")

@@ -68,18 +68,12 @@ def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, reques
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    import onnxruntime as ort
-
     n = max(1, int(threads or os.cpu_count() or 1))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
+    one_thread = onnxruntime_backend(path, threads=1)  # a session is safe to run from several threads at once
 
     def calls(k: int) -> None:
         for _ in range(k):
-            sess.run(None, feed)
+            one_thread(x)
 
     count = max(int(requests), 4 * n)
     share = [count // n + (i < count % n) for i in range(n)]
