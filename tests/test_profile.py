@@ -359,6 +359,15 @@ def test_throughput_hint_keeps_requests_in_flight_as_benchmark_app_and_perf_test
     assert next(line for line in md.splitlines() if line.startswith("| profile | p/pytorch-fp32 |")).endswith(
         f"| {torch_row['images_per_s']:.0f} |")
 
+    timed = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "--hint", "throughput",
+                                     "--duration", "0.4", "-a", "openvino-fp32", "-a", "onnx-fp32",
+                                     "--out", str(tmp_path / "d"), "--json"])
+    assert timed.exit_code == 0, timed.output
+    for r in json.loads(timed.stdout)["results"]:  # --duration: requests go on until it has passed, as -t
+        t = r["throughput"]
+        assert t["seconds"] >= 0.4 and t["requests"] >= max(6, 4 * t["requests_in_flight"]), r["artifact"]
+        assert t["images_per_s"] == pytest.approx(t["requests"] * 2 / t["seconds"])
+
     latency = CliRunner().invoke(app, ["profile", str(exp), "--runs", "6", "--warmup", "1", "-a", "openvino-fp32",
                                        "--out", str(tmp_path / "q"), "--json"])
     assert latency.exit_code == 0, latency.output

@@ -266,7 +266,7 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
         wall = time.perf_counter() - t0
     stats = LatencyStats.from_ms(samples)
     e2e = _end_to_end(run, x, images, imgsz, e2e_runs, fixed)
-    tp = _throughput(run, x, throughput_batch, stats, hint, runs)
+    tp = _throughput(run, x, throughput_batch, stats, hint, runs, duration_s)
     size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
     info = dict(getattr(run, "info", {}))
     energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
@@ -308,12 +308,13 @@ def _end_to_end(run, x: np.ndarray, images: list, imgsz: int, n: int, batch: int
 
 
 def _throughput(run, x: np.ndarray, batch: int, single: LatencyStats, hint: str = "latency",
-                requests: int = 100) -> dict:
+                requests: int = 100, duration_s: float | None = None) -> dict:
     """Images per second. ``hint`` 'throughput', on a runner that has it (OpenVINO; ONNX Runtime on the CPU):
-    ``requests`` requests with several in flight at once, each of ``x`` (batch 1, or a static graph's batch). Else
-    synchronous calls: at ``batch`` where the graph takes it, 1 / mean latency at batch 1."""
+    ``requests`` requests with several in flight at once (more until ``duration_s`` has passed), each of ``x``
+    (batch 1, or a static graph's batch). Else synchronous calls: at ``batch`` where the graph takes it, 1 / mean
+    latency at batch 1."""
     if hint == "throughput" and hasattr(run, "throughput_async"):
-        return run.throughput_async(x, requests)
+        return run.throughput_async(x, requests, duration_s=duration_s)
     tp = _sync_throughput(run, x, batch, single)
     if hint == "throughput":  # TensorRT, PyTorch, ONNX Runtime on a GPU: one request at a time, as with 'latency'
         tp["note"] = "; ".join(filter(None, [tp.get("note"), "one request at a time here (the throughput hint runs "

@@ -55,15 +55,17 @@ def onnxruntime_runner(path: Path, threads: int | None, device: str = "cpu"):
     used = run.session.get_providers()[0]
     run.info = {"runtime": "onnxruntime", "version": ort.__version__, "provider": used, "threads": threads}
     if used == "CPUExecutionProvider":
-        run.throughput_async = lambda x, requests, warmup=1: concurrent_throughput(path, x, threads, requests, warmup)
+        run.throughput_async = lambda x, requests, warmup=1, duration_s=None: concurrent_throughput(
+            path, x, threads, requests, warmup, duration_s)
     return run
 
 
-def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, requests: int, warmup: int = 1) -> dict:
+def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, requests: int, warmup: int = 1,
+                          duration_s: float | None = None) -> dict:
     """Images per second with a request in flight per thread, as ``onnxruntime_perf_test -c N -x 1`` measures it
     (ONNX Runtime has no throughput hint; this is its form of OpenVINO's streams): one CPU session of one intra-op
     thread, run from ``threads`` threads at once (ONNX Runtime releases the GIL while it runs), ``requests`` calls
-    timed in all (at least 4 per thread) after ``warmup`` each, all on ``x``."""
+    timed in all (at least 4 per thread; more until ``duration_s`` has passed) after ``warmup`` each, all on ``x``."""
     import os
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -71,17 +73,21 @@ def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, reques
     n = max(1, int(threads or os.cpu_count() or 1))
     one_thread = onnxruntime_backend(path, threads=1)  # a session is safe to run from several threads at once
 
-    def calls(k: int) -> None:
-        for _ in range(k):
+    def calls(k: int, until: float | None = None) -> int:
+        done = 0
+        while done < k or (until is not None and time.perf_counter() < until):
             one_thread(x)
+            done += 1
+        return done
 
     count = max(int(requests), 4 * n)
     share = [count // n + (i < count % n) for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(calls, [max(warmup, 1)] * n))
         t0 = time.perf_counter()
-        list(pool.map(calls, share))
+        until = t0 + duration_s if duration_s else None
+        done = sum(pool.map(lambda k: calls(k, until), share))
         seconds = time.perf_counter() - t0
     return {"mode": "concurrent", "hint": "throughput", "batch": int(x.shape[0]), "requests_in_flight": n,
-            "streams": n, "threads_per_request": 1, "requests": count, "seconds": seconds,
-            "images_per_s": count * int(x.shape[0]) / seconds}
+            "streams": n, "threads_per_request": 1, "requests": done, "seconds": seconds,
+            "images_per_s": done * int(x.shape[0]) / seconds}

@@ -67,11 +67,12 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
                    "inference_precision": precision_name(compiled.get_property(hints.inference_precision)),
                    "requested_precision": hint or PRECISION_HINT[precision]}
 
-    def throughput_async(x: np.ndarray, requests: int, warmup: int = 1) -> dict:
+    def throughput_async(x: np.ndarray, requests: int, warmup: int = 1, duration_s: float | None = None) -> dict:
         """Images per second as benchmark_app measures it by default (``-hint throughput``): the model compiled
         again under OpenVINO's THROUGHPUT hint, which picks its streams and the number of inference requests to keep
-        in flight; ``requests`` asynchronous ones timed (at least 4 per request in flight), after ``warmup`` rounds
-        of them, on the same input, the same precision and threads as the latency measurement."""
+        in flight; ``requests`` asynchronous ones timed (at least 4 per request in flight; more until
+        ``duration_s`` has passed, as ``-t``), after ``warmup`` rounds of them, on the same input, the same
+        precision and threads as the latency measurement."""
         import time
 
         tp = core.compile_model(str(xml), device, _config(core, precision, threads, device, hint, "THROUGHPUT"))
@@ -80,15 +81,17 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
         for _ in range(max(warmup, 1) * n):
             queue.start_async({0: x})
         queue.wait_all()
-        count = max(int(requests), 4 * n)
+        count, started = max(int(requests), 4 * n), 0
         t0 = time.perf_counter()
-        for _ in range(count):
-            queue.start_async({0: x})
+        t_end = t0 + duration_s if duration_s else None
+        while started < count or (t_end is not None and time.perf_counter() < t_end):
+            queue.start_async({0: x})  # waits while every request is busy
+            started += 1
         queue.wait_all()
         seconds = time.perf_counter() - t0
         return {"mode": "async", "hint": "throughput", "batch": int(x.shape[0]), "requests_in_flight": n,
-                "streams": int(tp.get_property("NUM_STREAMS")), "requests": count, "seconds": seconds,
-                "images_per_s": count * int(x.shape[0]) / seconds}
+                "streams": int(tp.get_property("NUM_STREAMS")), "requests": started, "seconds": seconds,
+                "images_per_s": started * int(x.shape[0]) / seconds}
 
     run.throughput_async = throughput_async
     return run
