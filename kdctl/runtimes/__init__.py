@@ -22,6 +22,22 @@ class Runtime:
     module: str                    # kdctl.runtimes.<module>
 
 
+
+def requests_to_time(requests: int, in_flight: int) -> int:
+    """How many requests a throughput measurement with ``in_flight`` requests at once times: those asked
+    (``profile --runs``), and at least 4 per request in flight, so every stream is busy for more than its first."""
+    return max(int(requests), 4 * in_flight)
+
+
+def in_flight_record(mode: str, batch: int, in_flight: int, streams: int, requests: int, seconds: float,
+                     **extra) -> dict:
+    """A profile's throughput entry measured with requests in flight (``profile --hint throughput``): ``mode``
+    'async' (OpenVINO's THROUGHPUT hint) or 'concurrent' (ONNX Runtime from several threads), ``requests`` of
+    ``batch`` images each done in ``seconds``."""
+    return {"mode": mode, "hint": "throughput", "batch": int(batch), "requests_in_flight": int(in_flight),
+            "streams": int(streams), **extra, "requests": requests, "seconds": seconds,
+            "images_per_s": requests * int(batch) / seconds}
+
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnxruntime", "onnx", ("onnx-fp32", "onnx-fp16", "onnx-int8"), "onnxruntime"),
     Runtime("openvino", "openvino", "openvino", ("openvino-fp32", "openvino-fp16", "openvino-bf16",

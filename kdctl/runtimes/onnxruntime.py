@@ -70,6 +70,8 @@ def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, reques
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    from kdctl.runtimes import in_flight_record, requests_to_time
+
     n = max(1, int(threads or os.cpu_count() or 1))
     one_thread = onnxruntime_backend(path, threads=1)  # a session is safe to run from several threads at once
 
@@ -80,7 +82,7 @@ def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, reques
             done += 1
         return done
 
-    count = max(int(requests), 4 * n)
+    count = requests_to_time(requests, n)
     share = [count // n + (i < count % n) for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(calls, [max(warmup, 1)] * n))
@@ -88,6 +90,4 @@ def concurrent_throughput(path: Path, x: np.ndarray, threads: int | None, reques
         until = t0 + duration_s if duration_s else None
         done = sum(pool.map(lambda k: calls(k, until), share))
         seconds = time.perf_counter() - t0
-    return {"mode": "concurrent", "hint": "throughput", "batch": int(x.shape[0]), "requests_in_flight": n,
-            "streams": n, "threads_per_request": 1, "requests": done, "seconds": seconds,
-            "images_per_s": done * int(x.shape[0]) / seconds}
+    return in_flight_record("concurrent", x.shape[0], n, n, done, seconds, threads_per_request=1)

@@ -75,13 +75,15 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
         precision and threads as the latency measurement."""
         import time
 
+        from kdctl.runtimes import in_flight_record, requests_to_time
+
         tp = core.compile_model(str(xml), device, _config(core, precision, threads, device, hint, "THROUGHPUT"))
         n = int(tp.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queue = ov.AsyncInferQueue(tp, n)
         for _ in range(max(warmup, 1) * n):
             queue.start_async({0: x})
         queue.wait_all()
-        count, started = max(int(requests), 4 * n), 0
+        count, started = requests_to_time(requests, n), 0
         t0 = time.perf_counter()
         t_end = t0 + duration_s if duration_s else None
         while started < count or (t_end is not None and time.perf_counter() < t_end):
@@ -89,9 +91,7 @@ def openvino_backend(xml: Path, precision: str = "fp32", threads: int | None = N
             started += 1
         queue.wait_all()
         seconds = time.perf_counter() - t0
-        return {"mode": "async", "hint": "throughput", "batch": int(x.shape[0]), "requests_in_flight": n,
-                "streams": int(tp.get_property("NUM_STREAMS")), "requests": started, "seconds": seconds,
-                "images_per_s": started * int(x.shape[0]) / seconds}
+        return in_flight_record("async", x.shape[0], n, tp.get_property("NUM_STREAMS"), started, seconds)
 
     run.throughput_async = throughput_async
     return run
