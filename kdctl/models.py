@@ -111,13 +111,20 @@ def dataset_classes(model, ds) -> tuple:
     its class index}}``; else ``model`` itself and None."""
     from kdctl.detectors import keep_classes
 
-    index = ds.class_index(getattr(model, "names", None))
-    if index is not None and max(index) >= model_classes(model):  # names beyond its head's classes: not its own
-        index = None
+    index, record = scored_classes(getattr(model, "names", None), model_classes(model), ds)
     kept = keep_classes(model, index, ds.names) if index is not None else None
-    if kept is None:
-        return model, None
-    return kept, {"model_nc": model_classes(model), "index": dict(zip(ds.names, index))}
+    return (model, None) if kept is None else (kept, record)
+
+
+def scored_classes(names, nc: int, ds) -> tuple[list[int] | None, dict | None]:
+    """Where a model (or an artifact) of ``nc`` classes named ``names`` predicts more classes than the dataset
+    ``ds`` and they include the dataset's by name (:meth:`kdctl.data.resolve.Dataset.class_index`): its class
+    index for each of the dataset's classes, and the record ``{"model_nc": nc, "index": {dataset class: its
+    class index}}``; else (None, None)."""
+    index = ds.class_index(names)
+    if index is None or max(index) >= nc:  # names beyond its head's classes: not its own
+        return None, None
+    return index, {"model_nc": nc, "index": dict(zip(ds.names, index))}
 
 
 def as_started(model, ds, seed: int = 0) -> tuple:

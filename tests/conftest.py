@@ -73,6 +73,32 @@ def write_recipe(path: Path, text: str) -> Path:
     return path
 
 
+def superset_checkpoint(bundle: Path, path: Path, order: list[str]) -> Path:
+    """The bundle's model as a checkpoint of the classes ``order`` (its own among others, in another order): each
+    of its classes keeps its class-branch weights, each new one gets random ones."""
+    import torch
+    from torch import nn
+
+    from kdctl.detectors.yolo import load_detector, save_checkpoint
+
+    m = load_detector(bundle / "weights.pt")
+    own = [m.names[i] for i in sorted(m.names)]
+    head, g = m.model[-1], torch.Generator().manual_seed(0)
+    for seq in head.cv3:
+        last, new = seq[-1], nn.Conv2d(seq[-1].in_channels, len(order), 1)
+        with torch.no_grad():
+            for j, name in enumerate(order):
+                if name in own:
+                    new.weight[j], new.bias[j] = last.weight[own.index(name)], last.bias[own.index(name)]
+                else:
+                    new.weight[j] = torch.randn(new.weight[j].shape, generator=g) * 0.1
+        seq[-1] = new
+    head.nc, head.no = len(order), len(order) + head.reg_max * 4
+    m.names, m.yaml = dict(enumerate(order)), {**m.yaml, "nc": len(order)}
+    save_checkpoint(m, path, {})
+    return path
+
+
 def _trained(tmp_path_factory, name: str, student: str, data: Path, train: str) -> Path:
     """A real train bundle: ``student`` trained on ``data`` with the recipe's ``train`` mapping."""
     from kdctl.recipe import load_recipe

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import superset_checkpoint
 from kdctl.cli.main import app
 from kdctl.detectors.yolo import KDDetectionModel, build_criterion, build_detector, plain_student
 from kdctl.distill.losses.logit import LocalizationDistillation
@@ -644,31 +645,6 @@ def test_yolo26_pair_distils_with_the_shipped_logit_crosskd_terms(tmp_path, tiny
     assert verify_bundle(tmp_path / "kd").ok
 
 
-def _superset_teacher(bundle: Path, path: Path, order: list[str]) -> Path:
-    """The bundle's model as a checkpoint of the classes ``order`` (its own among others, in another order): each
-    of its classes keeps its class-branch weights, each new one gets random ones."""
-    from torch import nn
-
-    from kdctl.detectors.yolo import load_detector, save_checkpoint
-
-    m = load_detector(bundle / "weights.pt")
-    own = [m.names[i] for i in sorted(m.names)]
-    head, g = m.model[-1], torch.Generator().manual_seed(0)
-    for seq in head.cv3:
-        last, new = seq[-1], nn.Conv2d(seq[-1].in_channels, len(order), 1)
-        with torch.no_grad():
-            for j, name in enumerate(order):
-                if name in own:
-                    new.weight[j], new.bias[j] = last.weight[own.index(name)], last.bias[own.index(name)]
-                else:
-                    new.weight[j] = torch.randn(new.weight[j].shape, generator=g) * 0.1
-        seq[-1] = new
-    head.nc, head.no = len(order), len(order) + head.reg_max * 4
-    m.names, m.yaml = dict(enumerate(order)), {**m.yaml, "nc": len(order)}
-    save_checkpoint(m, path, {})
-    return path
-
-
 def test_keep_classes_is_the_models_own_scores_of_those_classes():
     """A teacher's classes kept by name: the copy's class scores are the model's at those classes, in the order
     asked, in training (the raw head KD reads) and in eval; boxes unchanged; YOLO (one-to-many and end-to-end
@@ -743,7 +719,7 @@ def test_a_teacher_of_more_classes_in_another_order_teaches_the_datasets_by_name
     set): head-level KD reads its scores of the dataset's classes, found by name, so the run is the one its own
     three-class teacher gives, step for step (same student weights, same teacher mAP); the bundle records the
     selection. Before, it was refused ('the student predicts 3 and the teacher 5')."""
-    big = _superset_teacher(trained_bundle, tmp_path / "coco-like.pt", ["dog", "triangle", "circle", "cat", "square"])
+    big = superset_checkpoint(trained_bundle, tmp_path / "coco-like.pt", ["dog", "triangle", "circle", "cat", "square"])
     outs = {}
     for name, teacher in (("own", trained_bundle), ("superset", big)):
         r = tmp_path / f"{name}.yaml"
@@ -802,7 +778,7 @@ def test_a_student_checkpoint_of_more_classes_is_checked_as_it_trains(tmp_path, 
     from kdctl.detectors.rtdetr import build_detector as build_rtdetr
     from kdctl.models import ASSET_MODELS, as_started, model_classes
 
-    big = _superset_teacher(trained_bundle, tmp_path / "big.pt", ["dog", "triangle", "circle", "cat", "square"])
+    big = superset_checkpoint(trained_bundle, tmp_path / "big.pt", ["dog", "triangle", "circle", "cat", "square"])
     r = tmp_path / "kd.yaml"
     r.write_text(f"name: kd\nstudent: {{model: big.pt}}\nteacher: {{model: {trained_bundle}}}\ndata: {tiny_data}\n"
                  "train: {epochs: 1, imgsz: 128, batch: 8}\n"
@@ -846,8 +822,8 @@ def test_the_prediction_panel_draws_a_teacher_of_other_classes(tmp_path, tiny_da
     from kdctl.report.predictions import prediction_grid
 
     ds = load_yolo_yaml(tiny_data)
-    others = _superset_teacher(trained_bundle, tmp_path / "others.pt", ["dog", "cat", "bird", "fish", "cow"])
-    more = _superset_teacher(trained_bundle, tmp_path / "more.pt", ["dog", "triangle", "circle", "cat", "square"])
+    others = superset_checkpoint(trained_bundle, tmp_path / "others.pt", ["dog", "cat", "bird", "fish", "cow"])
+    more = superset_checkpoint(trained_bundle, tmp_path / "more.pt", ["dog", "triangle", "circle", "cat", "square"])
     out = prediction_grid([("others", others), ("more", more), ("own", trained_bundle / "weights.pt")],
                           ds.val_images[:2], ds, 128, tmp_path / "p.png")
     with Image.open(out) as im:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import refused_in_one_line
+from conftest import refused_in_one_line, superset_checkpoint
 
 from kdctl.bundle import load_bundle, verify_bundle
 from kdctl.cli.main import app
@@ -698,6 +698,49 @@ def test_a_checkpoint_file_exports_with_data_its_path_and_hash_standing_in_for_a
     res = run.invoke(app, [*prof, "--out", str(tmp_path / "p2")])
     assert res.exit_code == 1 and f"{ckpt.resolve()} was replaced after" in " ".join(res.output.split())
     assert not (tmp_path / "p2").exists()
+
+
+def test_a_model_of_more_classes_exports_whole_and_is_scored_on_the_datasets_classes(tmp_path, trained_bundle,
+                                                                                      tiny_data, export_cpu):
+    """``kdctl export coco.pt --data person_car.yaml``: a model of more classes than the dataset, whose names
+    include the dataset's (in another order), is exported whole, as ``yolo export`` exports it (the dataset only
+    calibrates and checks it), and every artifact is scored on the dataset's classes, found by name: the mAP of the
+    model of those classes alone. ``kdctl eval`` of the artifact scores it so too. Both were refused ('the dataset
+    has 3 classes but the model ... predicts 5'); a model without every one of the dataset's classes still is."""
+    big = superset_checkpoint(trained_bundle, tmp_path / "big.pt", ["dog", "triangle", "circle", "cat", "square"])
+    run = CliRunner()
+    res = run.invoke(app, ["export", str(big), "--data", str(tiny_data), "--target", "cpu", "-a", "onnx-fp32",
+                           "--imgsz", "128", "--out", str(tmp_path / "x"), "--json"])
+    assert res.exit_code == 0, res.output
+    picked = {"model_nc": 5, "index": {"circle": 2, "square": 4, "triangle": 1}}
+    b = load_bundle(tmp_path / "x", verify=True)
+    assert json.loads(res.stdout)["classes"] == b.manifest["inputs"]["classes"] == picked
+    assert b.metrics["names"] == ["dog", "triangle", "circle", "cat", "square"]  # what the artifact predicts
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(tmp_path / "x" / arts(tmp_path / "x")["onnx-fp32"]["files"][0])).get_outputs()
+    assert out[0].shape[1] == 4 + 5  # exported whole
+    own = load_bundle(export_cpu).metrics
+    # the same up to float rounding (a 5-channel convolution sums in another order than a 3-channel one)
+    assert b.metrics["pytorch_fp32"]["map50_95"] == pytest.approx(own["pytorch_fp32"]["map50_95"], abs=1e-4)
+    scored = arts(tmp_path / "x")["onnx-fp32"]["metrics"]["map50_95"]
+    assert scored == pytest.approx(arts(export_cpu)["onnx-fp32"]["metrics"]["map50_95"], abs=1e-4)
+    res = run.invoke(app, ["eval", str(tmp_path / "x"), "-a", "onnx-fp32", "--data", str(tiny_data), "--out",
+                           str(tmp_path / "e")])
+    assert res.exit_code == 0 and "scored on the dataset's 3 classes of the model's 5, found by name" in res.output
+    ev = load_bundle(tmp_path / "e")
+    assert ev.metrics["map50_95"] == scored and ev.manifest["inputs"]["classes"] == picked
+    # a model trained one epoch finds little (mAP near 0), so the detections themselves show the columns read:
+    # each class's scores are the model of those classes alone's, artifact against artifact
+    res = run.invoke(app, ["eval", str(export_cpu), "-a", "onnx-fp32", "--out", str(tmp_path / "e0")])
+    assert res.exit_code == 0, res.output
+    per_class = [np.bincount(r["classes"], weights=r["scores"], minlength=3)
+                 for r in (np.load(tmp_path / d / "eval-records.npz") for d in ("e", "e0"))]
+    assert per_class[1].min() > 0.05 and np.allclose(*per_class, rtol=1e-3), per_class
+    others = superset_checkpoint(trained_bundle, tmp_path / "others.pt", ["dog", "cat", "bird", "fish", "cow"])
+    says = refused_in_one_line(["export", str(others), "--data", str(tiny_data), "--target", "cpu", "-a",
+                                "onnx-fp32", "--out", str(tmp_path / "o")], tmp_path / "o")
+    assert "the dataset has 3 classes but the model of" in says and "predicts 5" in says
 
 
 @pytest.mark.slow

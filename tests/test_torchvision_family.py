@@ -73,6 +73,52 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
     assert ev["imgsz"] == b.metrics["imgsz"] and ev["map50_95"] == b.metrics["map50_95"]
 
 
+def test_a_two_stage_model_of_more_classes_is_scored_on_the_datasets_by_name(tmp_path, tiny_data, frcnn_bundle):
+    """``kdctl eval coco_frcnn.pt --data person_car.yaml``: a Faster R-CNN of more classes, its names including the
+    dataset's in another order, is scored on the dataset's classes, found by name; a detection of another class is
+    not counted (as pycocotools scores a subset of categories). Its softmax cannot be cut down to those classes as a
+    YOLO head is, so its dense output keeps the classes' columns. Here the other classes never score (their logits
+    sit 30 below), so the outputs and the mAP are the bundle's own model's. It was refused ('3 classes but ...
+    predicts 5')."""
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import save_checkpoint
+    from kdctl.evaluate import class_columns, torch_backend
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
+
+    own = load_detector(frcnn_bundle / "weights.pt")
+    names = [own.names[i] for i in range(3)]
+    order = ["dog", names[2], "cat", names[0], names[1]]  # torchvision label = index + 1; 0 is the background
+    big = load_detector(frcnn_bundle / "weights.pt")
+    p = big.net.roi_heads.box_predictor
+    rows = [0] + [names.index(n) + 1 if n in names else None for n in order]
+    cls, box = torch.nn.Linear(p.cls_score.in_features, 6), torch.nn.Linear(p.bbox_pred.in_features, 24)
+    with torch.no_grad():
+        for t, src in enumerate(rows):
+            if src is None:
+                cls.weight[t], cls.bias[t] = 0.0, -30.0
+            else:
+                cls.weight[t], cls.bias[t] = p.cls_score.weight[src], p.cls_score.bias[src]
+                box.weight[4 * t:4 * t + 4], box.bias[4 * t:4 * t + 4] = (p.bbox_pred.weight[4 * src:4 * src + 4],
+                                                                          p.bbox_pred.bias[4 * src:4 * src + 4])
+    p.cls_score, p.bbox_pred = cls, box
+    big.nc, big.names = 5, dict(enumerate(order))
+    save_checkpoint(big, tmp_path / "big.pt", {})
+
+    images = sorted((tiny_data.parent / "images" / "val").glob("*.png"))
+    x = to_input([letterbox(load_rgb(f), 128)[0] for f in images[:4]])
+    mine, theirs = torch_backend(own)(x), class_columns(torch_backend(big), [3, 4, 1])(x)
+    assert (mine[:, 4:] > 0.001).sum() > 0 and mine.shape == theirs.shape  # detections to compare
+    torch.testing.assert_close(torch.from_numpy(theirs), torch.from_numpy(mine), atol=1e-4, rtol=1e-4)
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "big.pt"), "--data", str(tiny_data),
+                                   "--out", str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0, res.output
+    picked = {"model_nc": 5, "index": {names[0]: 3, names[1]: 4, names[2]: 1}}
+    ev = load_bundle(tmp_path / "ev")
+    assert json.loads(res.stdout)["classes"] == ev.manifest["inputs"]["classes"] == picked
+    assert ev.metrics["map50_95"] == pytest.approx(load_bundle(frcnn_bundle).metrics["map50_95"], abs=1e-4)
+
+
 # the chain's other targets, apart so that a worker takes them beside the chain (each export is tens of seconds)
 @pytest.mark.long
 @pytest.mark.slow

@@ -129,6 +129,19 @@ def emit(result: Any, *, as_json: bool, quiet: bool = False, human=None) -> None
             console.print(result)
 
 
+def scored_classes(bundle) -> dict | None:
+    """The record of a model of more classes scored on the dataset's, found by name (a bundle's
+    ``inputs.classes``: ``{"model_nc": N, "index": {class: its index}}``), or None."""
+    picked = (bundle.manifest.get("inputs") or {}).get("classes")
+    return picked if isinstance(picked, dict) and isinstance(picked.get("index"), dict) else None
+
+
+def print_scored_classes(picked: dict | None) -> None:
+    if picked:
+        console.print(f"scored on the dataset's {len(picked['index'])} classes of the model's "
+                      f"{picked.get('model_nc')}, found by name", highlight=False)
+
+
 @contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
     """A Rich progress display on stderr, or ``None`` (the library then reports nothing)."""

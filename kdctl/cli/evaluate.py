@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, progress_bar)
+                               emit, print_scored_classes, progress_bar, scored_classes)
 from kdctl.limits import IMGSZ_MAX
 
 
@@ -55,8 +55,8 @@ def evaluate(
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
     if "artifact" in m:
         result.update(artifact=m["artifact"], runtime=m["runtime"])
-    picked = (b.manifest.get("inputs") or {}).get("classes")
-    if isinstance(picked, dict):  # a model of more classes, scored on the dataset's (selected by name)
+    picked = scored_classes(b)
+    if picked:  # a model of more classes, scored on the dataset's (selected by name)
         result["classes"] = picked
 
     def human():
@@ -69,8 +69,6 @@ def evaluate(
         t.add_row(Text("mAP50-95", style="bold"), Text(f"{m['map50_95']:.4f}", style="bold"))
         t.add_row("mAP50", f"{m['map50']:.4f}")
         console.print(t)
-        if isinstance(picked, dict):
-            console.print(f"scored on the dataset's {len(picked['index'])} classes of the model's "
-                          f"{picked['model_nc']}, found by name", highlight=False)
+        print_scored_classes(picked)
 
     emit(result, as_json=json_, quiet=quiet, human=human)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, fraction, progress_bar)
+                               emit, fraction, print_scored_classes, progress_bar, scored_classes)
 from kdctl.bundle import delta_interval, reference_metrics
 from kdctl.limits import IMGSZ_MAX
 from kdctl.runtimes import ARTIFACTS
@@ -88,6 +88,9 @@ def export(
              "note": a["runtime"].get("reason")} for a in m["artifacts"]]
     result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": reference_metrics(m)["map50_95"],
               "qat": "qat" in m, "artifacts": rows}
+    picked = scored_classes(b)
+    if picked:  # a model of more classes, exported whole and scored on the dataset's (selected by name)
+        result["classes"] = picked
 
     def human():
         ref = reference_metrics(m)
@@ -107,6 +110,7 @@ def export(
                       delta_interval(r["map_drop_ci95"]),
                       f"{r['box_max_abs']:.3g}", str(r["judged_on"] or "—"), f"{r['size_mb']:.2f}")
         console.print(t)
+        print_scored_classes(picked)
         for a in m["artifacts"]:
             if a["settings"].get("note"):
                 console.print(f"note ({a['name']}): {a['settings']['note']}")

@@ -29,6 +29,22 @@ def torch_backend(model, device: str = "cpu", half: bool = False) -> Backend:
     return run
 
 
+def class_columns(backend: Backend, index: list[int]) -> Backend:
+    """``backend`` scored on a dataset of some of its classes: its dense output keeps the boxes and the class
+    columns ``index`` (its class for each of the dataset's, in the dataset's order). A detection of another class
+    is not counted, as pycocotools scores a model on a subset of its categories; for a sigmoid-per-class head it is
+    exactly the model cut down to those classes (:func:`kdctl.detectors.keep_classes`)."""
+    rows = np.asarray([0, 1, 2, 3] + [4 + i for i in index])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return backend(x)[:, rows]
+
+    for attr in ("fixed_batch", "info"):  # what callers read off a backend (a static graph's batch, its runtime)
+        if hasattr(backend, attr):
+            setattr(run, attr, getattr(backend, attr))
+    return run
+
+
 def torch_device(device: str, flag: str = "--device") -> str:
     """``cpu``, ``cuda`` (the first GPU) or a GPU index (``0``, as Ultralytics' ``device=0``) as a torch device,
     refused in one line where this machine has no such GPU."""

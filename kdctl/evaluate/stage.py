@@ -135,23 +135,27 @@ def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: in
     """Score ``model`` (a PyTorch model, or with ``runtime`` an artifact's backend that predicts ``classes``
     classes) on ``data``'s ``split`` and write the eval bundle."""
     from kdctl.data.resolve import load_yolo_yaml
-    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.evaluate import class_columns, evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
-    from kdctl.models import check_imgsz, dataset_classes, model_classes
+    from kdctl.models import check_imgsz, dataset_classes, model_classes, scored_classes
 
     ds = load_yolo_yaml(data, skip_invalid=skip_invalid, splits=("val",), score=split)
+    picked = None
     if runtime is None:
         check_imgsz(size, model)
         # a model of more classes than the dataset (a COCO one for a person/car set): scored on the dataset's, by
-        # name, as distill reads such a teacher (an exported artifact keeps its classes: it is refused below)
+        # name, as distill reads such a teacher; cut down to them where its family can be
         model, picked = dataset_classes(model, ds)
-        if picked is not None:
-            inputs = {**inputs, "classes": picked}
         classes, names, backend = model_classes(model), getattr(model, "names", None), torch_backend(model, device)
     else:
         backend = model
     if classes is not None:  # an export of an older kdctl may not list its classes
+        index, found = scored_classes(names, classes, ds)
+        if index is not None:  # an artifact, or a two-stage model: its other classes' detections are not counted
+            backend, classes, names, picked = class_columns(backend, index), ds.nc, ds.names, found
         ds.check_model_classes(classes, what, names=names)
+    if picked is not None:
+        inputs = {**inputs, "classes": picked}
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(backend, ds.val_images, ds.names, size, batch=batch,
                                              progress=step.advance)

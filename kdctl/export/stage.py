@@ -177,12 +177,12 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
 
 def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
             progress) -> Bundle:
-    from kdctl.data.resolve import list_images, load_yolo_yaml
-    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.data.resolve import list_images, listed_names, load_yolo_yaml
+    from kdctl.evaluate import class_columns, evaluate_with_records, torch_backend
     from kdctl.evaluate.coco import drop_interval
     from kdctl import detectors
     from kdctl.detectors import yolo
-    from kdctl.models import check_imgsz, model_classes
+    from kdctl.models import check_imgsz, model_classes, scored_classes
 
     wanted = options.artifacts or preset.artifacts
     bad = [a for a in wanted if a not in ARTIFACTS]
@@ -209,7 +209,13 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     if unsupported and options.artifacts:
         raise DataError(f"--artifact: {unsupported[0]} is not available for {type(model).__name__} models")
     wanted = [a for a in wanted if a not in unsupported]  # a preset's artifact the family cannot make: skipped
-    ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=getattr(model, "names", None))
+    # a model of more classes than the dataset (a COCO one, calibrated on a person/car set) is exported whole, as
+    # Ultralytics exports it, and every artifact is scored on the dataset's classes, found by name
+    model_names = listed_names(getattr(model, "names", None))[:model_classes(model)]
+    index, picked = scored_classes(model_names, model_classes(model), ds)
+    if index is None:
+        ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=model_names)
+    scored = (lambda backend: class_columns(backend, index)) if index is not None else (lambda backend: backend)
     preset = _with_batch(preset, options, model, src.path)
     where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
              f"{src.path}: the training imgsz")  # the size the check names is the one that was given
@@ -274,7 +280,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     plan = Step(progress, f"export → {preset.name}", total=len(made) + 1)
     ev_total = len(val_images) * (len(evaluated) + 1)
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
-    ref_metrics, ref_records = evaluate_with_records(reference, val_images, ds.names, imgsz, progress=ev.advance)
+    ref_metrics, ref_records = evaluate_with_records(scored(reference), val_images, ds.names, imgsz,
+                                                     progress=ev.advance)
     plan.advance()
     calibration = _preprocess(calib_chosen, imgsz)
     if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
@@ -282,7 +289,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
         parity_batches = _grouped(parity_batches, max(2, min(preset.batch, 8)))
     inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
-              "data_from": "--data" if options.data else "the source bundle"}  # what kdctl eval of an artifact reuses
+              "data_from": "--data" if options.data else "the source bundle",  # what kdctl eval of an artifact reuses
+              **({"classes": picked} if picked else {})}
     if calib_from:
         inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
                                       "images": len(calib_chosen), "sha256": _images_digest(calib_chosen)}
@@ -290,7 +298,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     with BundleWriter(out, stage="export", recipe=src.recipe, parents=src.parents, overwrite=overwrite,
                       inputs=inputs) as w:
         arts = _build(w.path, model, preset, made, imgsz, opset, method, calibration, keep_float, plan,
-                      options, val_images, ds.names, qat=qat)
+                      options, val_images, ds.names, scored, qat=qat)
         for a in arts:  # the batch each graph takes, and the images (not the groups of a static batch) calibrated
             a.settings.setdefault("batch", preset.batch)
             a.settings.setdefault("dynamic", preset.dynamic)
@@ -317,7 +325,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
                                   " beyond tolerance "
                                   f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
             try:
-                a.metrics, records = evaluate_with_records(backend, val_images, ds.names, imgsz,
+                a.metrics, records = evaluate_with_records(scored(backend), val_images, ds.names, imgsz,
                                                            progress=ev.advance)
             except Exception as e:
                 raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
@@ -352,7 +360,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
             "pytorch": {**_short(ref_metrics), "model": "fake-quantized (QAT)" if qat else "fp32"},
             "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
             "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
-            "names": ds.names,
+            "names": model_names if index is not None else ds.names,  # the artifacts' classes
         })
         if unsupported:
             w.metrics["skipped_artifacts"] = {a: "not available for this detector family" for a in unsupported}
@@ -439,14 +447,15 @@ def _short(m: dict) -> dict:
 
 def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
            calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
-           val_images: list[Path], names: list[str], qat: bool = False) -> list[Artifact]:
-    """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it."""
+           val_images: list[Path], names: list[str], scored, qat: bool = False) -> list[Artifact]:
+    """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it.
+    ``scored``: a backend as it is scored on ``names`` (the dataset's classes)."""
     if qat:
         arts = _build_qat(root, model, preset, wanted, imgsz, opset, method, calibration, plan)
     else:
         arts = _build_onnx(root, model, preset, wanted, imgsz, opset, method, calibration, keep_float, plan)
         arts += _build_openvino(root, model, preset, wanted, imgsz, opset, calibration, keep_float, plan, options,
-                                val_images, names)
+                                val_images, names, scored)
     arts += _build_tensorrt(root, model, preset, wanted, imgsz, opset, plan)
     fp32 = root / "model-fp32.onnx"
     if fp32.is_file() and not any(fp32.name in a.files for a in arts):
@@ -517,7 +526,7 @@ def _check_tensorrt_form(path: Path) -> None:
 
 def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
                     calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
-                    val_images: list[Path], names: list[str]) -> list[Artifact]:
+                    val_images: list[Path], names: list[str], scored) -> list[Artifact]:
     """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``), or from the
     ONNX graph for a family whose post-processing OpenVINO's PyTorch tracing cannot carry; INT8 by NNCF either way."""
     precisions = [prec for prec in ("fp32", "fp16", "bf16", "int8") if f"openvino-{prec}" in wanted]
@@ -542,7 +551,7 @@ def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], 
         if prec == "int8":
             validation = None
             if options.max_map_drop is not None:
-                validation = (val_images, _map_validator(imgsz, names))
+                validation = (val_images, _map_validator(imgsz, names, scored))
             q = quantize_openvino_int8(source, d, calibration, keep_float, validation=validation,
                                        max_drop=options.max_map_drop)
         else:
@@ -695,13 +704,14 @@ def _build_tensorrt(root: Path, model, preset: TargetPreset, wanted: list[str], 
     return arts
 
 
-def _map_validator(imgsz: int, names: list[str]):
-    """NNCF accuracy-control validation: COCO mAP50-95 of a compiled OpenVINO model on the given images."""
+def _map_validator(imgsz: int, names: list[str], scored):
+    """NNCF accuracy-control validation: COCO mAP50-95 of a compiled OpenVINO model on the given images, scored on
+    ``names`` (``scored``: the model's outputs as they are scored on them)."""
     from kdctl.evaluate import evaluate_backend
 
     from kdctl.runtimes.openvino import compiled_backend
 
     def validate(compiled_model, items) -> float:
-        return evaluate_backend(compiled_backend(compiled_model), list(items), names, imgsz)["map50_95"]
+        return evaluate_backend(scored(compiled_backend(compiled_model)), list(items), names, imgsz)["map50_95"]
 
     return validate
