@@ -177,13 +177,84 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
 
 def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
             progress) -> Bundle:
-    from kdctl.data.resolve import list_images, listed_names, load_yolo_yaml
-    from kdctl.evaluate import class_columns, evaluate_with_records, torch_backend
-    from kdctl.evaluate.coco import drop_interval
     from kdctl import detectors
+    from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import yolo
-    from kdctl.models import check_imgsz, model_classes, scored_classes
+    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.models import check_imgsz
 
+    wanted = _known_artifacts(options, preset)
+    ds = load_yolo_yaml(options.data or src.data(), skip_invalid=options.skip_invalid)
+    model, trained = src.load()
+    qat = yolo.is_qat(model)
+    wanted, skipped, unsupported = _for_model(wanted, model, qat, src.path, preset, options)
+    classes = _Classes.scored(model, ds, src.path)
+    preset = _with_batch(preset, options, model, src.path)
+    where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
+             f"{src.path}: the training imgsz")  # the size the check names is the one that was given
+    imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
+    _check_batch_memory(preset, imgsz, options, src.path)
+    opset = _opset(options, preset, model, wanted, qat)
+    calib = _Calibration.chosen(options, preset, ds, wanted, qat, src.path)
+    val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
+    keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
+    parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
+    if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
+        model.example_input = parity_batches[0]
+
+    made, evaluated = _planned(wanted, qat)
+    plan = Step(progress, f"export → {preset.name}", total=len(made) + 1)
+    ev = Step(progress, "evaluate artifacts (COCO mAP)", total=len(val_images) * (len(evaluated) + 1))
+    checks = _Checks(torch_backend(model), classes.scored_backend, model, qat, imgsz, val_images, ds.names,
+                     parity_batches, options.max_map_drop, ev.advance)
+    checks.score_reference(evaluate_with_records)
+    plan.advance()
+    calibration = _preprocess(calib.images, imgsz)
+    if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
+        calibration, checks.batches = _grouped(calibration, preset.batch), _grouped(checks.batches, preset.batch)
+    elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
+        checks.batches = _grouped(checks.batches, max(2, min(preset.batch, 8)))
+    inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
+              "data_from": "--data" if options.data else "the source bundle",  # what kdctl eval of an artifact reuses
+              **({"classes": classes.picked} if classes.picked else {}), **calib.inputs()}
+
+    with BundleWriter(out, stage="export", recipe=src.recipe, parents=src.parents, overwrite=overwrite,
+                      inputs=inputs) as w:
+        arts = _build(w.path, model, preset, made, imgsz, opset, calib.method, calibration, keep_float, plan,
+                      options, val_images, ds.names, classes.scored_backend, qat=qat)
+        for a in arts:  # the batch each graph takes, and the images (not the groups of a static batch) calibrated
+            a.settings.setdefault("batch", preset.batch)
+            a.settings.setdefault("dynamic", preset.dynamic)
+            if "calibration_images" in a.settings:
+                a.settings["calibration_images"] = len(calib.images)
+                if calib.capped:
+                    a.settings["note"] = "; ".join(filter(None, (a.settings.get("note"), calib.capped)))
+        for a in arts:
+            if checks.verify(a):
+                a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
+        _write_outputs(w, arts, preset, wanted, imgsz, out.name)
+        w.metrics.update({
+            "target": preset.name, "imgsz": imgsz, "opset": opset,
+            "pytorch": {**_short(checks.ref_metrics), "model": "fake-quantized (QAT)" if qat else "fp32"},
+            "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
+            "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
+            "names": classes.names,  # the artifacts' classes
+        })
+        if unsupported:
+            w.metrics["skipped_artifacts"] = {a: "not available for this detector family" for a in unsupported}
+        if not qat:
+            w.metrics["pytorch_fp32"] = _short(checks.ref_metrics)  # the key bundles of kdctl 0.2 carry
+        else:
+            w.metrics["qat"] = {**yolo.quantizer_summary(model), "skipped_artifacts": skipped,
+                                "reference": "the fake-quantized PyTorch student (parity and mAP drop are "
+                                             "measured against it)"}
+        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
+        w.add_output("metrics", "metrics.json")
+    return w.bundle
+
+
+def _known_artifacts(options: ExportOptions, preset: TargetPreset) -> list[str]:
+    """The artifacts asked for (``--artifact``, else the preset's), each a known one whose runtime is installed."""
     wanted = options.artifacts or preset.artifacts
     bad = [a for a in wanted if a not in ARTIFACTS]
     if bad:
@@ -193,190 +264,220 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     if "openvino-int8" in wanted:
         _need("nncf", "OpenVINO INT8 export")
     _need("onnxruntime", "ONNX export checks")
+    return wanted
 
-    ds = load_yolo_yaml(options.data or src.data(), skip_invalid=options.skip_invalid)
-    model, trained = src.load()
-    qat = yolo.is_qat(model)
+
+def _for_model(wanted: list[str], model, qat: bool, where: Path, preset: TargetPreset,
+               options: ExportOptions) -> tuple[list[str], list[str], list[str]]:
+    """(the artifacts this model exports, the float ones a QAT student skips, the preset's ones its family cannot
+    make); an artifact asked for by ``--artifact`` that the family cannot make is refused."""
+    from kdctl import detectors
+
     skipped = []
     if qat:  # its INT8 graph is the trained model; float artifacts would be a different, never-trained model
         skipped = [a for a in wanted if not a.endswith("int8")]
         wanted = [a for a in wanted if a.endswith("int8")]
         if not wanted:
-            raise DataError(f"{src.path}: a quantization-aware trained student exports INT8 only, and "
+            raise DataError(f"{where}: a quantization-aware trained student exports INT8 only, and "
                             f"{'--artifact' if options.artifacts else f'target {preset.name}'} lists no INT8 "
                             f"artifact ({', '.join(skipped)}); add --artifact onnx-int8 or openvino-int8")
     unsupported = [a for a in wanted if a in getattr(detectors.family(model), "UNSUPPORTED_ARTIFACTS", ())]
     if unsupported and options.artifacts:
         raise DataError(f"--artifact: {unsupported[0]} is not available for {type(model).__name__} models")
-    wanted = [a for a in wanted if a not in unsupported]  # a preset's artifact the family cannot make: skipped
-    # a model of more classes than the dataset (a COCO one, calibrated on a person/car set) is exported whole, as
-    # Ultralytics exports it, and every artifact is scored on the dataset's classes, found by name
-    model_names = listed_names(getattr(model, "names", None))[:model_classes(model)]
-    index, picked = scored_classes(model_names, model_classes(model), ds)
-    if index is None:
-        ds.check_model_classes(model_classes(model), f"the model of {src.path}", names=model_names)
-    scored = (lambda backend: class_columns(backend, index)) if index is not None else (lambda backend: backend)
-    preset = _with_batch(preset, options, model, src.path)
-    where = ("--imgsz" if options.imgsz else f"target {options.target}: imgsz" if preset.imgsz else
-             f"{src.path}: the training imgsz")  # the size the check names is the one that was given
-    imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
-    _check_batch_memory(preset, imgsz, options, src.path)
+    return [a for a in wanted if a not in unsupported], skipped, unsupported  # a preset's: skipped
+
+
+@dataclass
+class _Classes:
+    """The classes an export is scored on: the model's own, or where it predicts more classes than the dataset
+    (a COCO one, calibrated on a person/car set) the dataset's, found by name; such a model is exported whole, as
+    Ultralytics exports it."""
+
+    names: list[str]              # the classes the artifacts predict (what kdctl eval of an artifact reads)
+    index: list[int] | None       # the model's class for each of the dataset's; None: the dataset's own
+    picked: dict | None           # the record of that selection (inputs.classes)
+
+    @classmethod
+    def scored(cls, model, ds, where: Path) -> "_Classes":
+        from kdctl.data.resolve import listed_names
+        from kdctl.models import model_classes, scored_classes
+
+        names = listed_names(getattr(model, "names", None))[:model_classes(model)]
+        index, picked = scored_classes(names, model_classes(model), ds)
+        if index is None:
+            ds.check_model_classes(model_classes(model), f"the model of {where}", names=names)
+            return cls(ds.names, None, None)
+        return cls(names, index, picked)
+
+    def scored_backend(self, backend):
+        """``backend`` as it is scored on the dataset's classes."""
+        from kdctl.evaluate import class_columns
+
+        return backend if self.index is None else class_columns(backend, self.index)
+
+
+def _opset(options: ExportOptions, preset: TargetPreset, model, wanted: list[str], qat: bool) -> int:
+    from kdctl import detectors
+
     opset = max(options.opset or preset.opset, detectors.min_opset(model))
     qdq = [a for a in wanted if a in ("onnx-int8", "tensorrt-int8")]
     if qdq and opset < 13 and not qat:  # ORT wrote DequantizeLinear(axis=...) into an opset-11 graph, then failed
         raise DataError(f"{'--opset' if options.opset else f'target {preset.name}: opset'} {opset}: {qdq[0]} is "
                         "per-channel Q/DQ, which needs opset 13 or later; give a later opset, or leave the INT8 "
                         "ONNX out (--artifact onnx-fp32)")
-    method = options.calibration_method or preset.calibration_method
-    # a QAT student's ranges were learned; ONNX Runtime's form of it needs its convolutions' output ranges too
-    needs_calib = any(a.endswith("int8") for a in wanted) and (
-        not qat or ("onnx-int8" in wanted and onnx_int8_scheme(preset, wanted) == "onnxruntime"))
-    calib_from = f"--calibration-data {options.calibration_data}" if options.calibration_data else None
-    if calib_from and not needs_calib:
-        raise DataError(f"{calib_from}: no artifact of this export is calibrated ({', '.join(wanted)}"
-                        f"{', a quantization-aware student' if qat else ''}); leave --calibration-data out")
-    calib_pool = (list_images(options.calibration_data, "--calibration-data") if calib_from else
-                  ds.train_images or ds.val_images)
-    pool_name = options.calibration_data if calib_from else f"the train split of {ds.yaml}"
-    n_calib = options.calibration_images or min(DEFAULT_CALIBRATION, len(calib_pool))
-    capped = None
-    if needs_calib and len(calib_pool) < n_calib and "calibration_images" not in options.given:
-        # a recipe's count was written for its own data (the export may be of another dataset, --set data=...):
-        # all of a smaller pool is used, as Ultralytics' INT8 export does, and said; a count typed as a flag is kept
-        capped = (f"calibrated on all {len(calib_pool)} images of {pool_name} (recipe export.calibration_images: "
-                  f"{n_calib})")
-        n_calib = len(calib_pool)
-    if needs_calib and n_calib < MIN_CALIBRATION:
-        if options.calibration_images and not capped:
-            raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} is too few for INT8 "
-                            f"calibration (at least {MIN_CALIBRATION})")
-        raise DataError(f"{calib_from or ds.yaml}: {'it holds' if calib_from else 'the train split has'} "
-                        f"{len(calib_pool)} image{'s' if len(calib_pool) != 1 else ''}; INT8 calibration needs at least "
-                        f"{MIN_CALIBRATION} (" +
-                        ("ONNX Runtime's form of a quantization-aware student calibrates what training left in float; "
-                         "give --data or --calibration-data, or export its trained graph alone with --artifact "
-                         "openvino-int8" if qat else
-                         "export float artifacts only with --artifact, or give --data or --calibration-data") + ")")
-    if needs_calib and len(calib_pool) < n_calib:
-        raise DataError(f"{options.source('calibration_images', src.path)}: {n_calib} calibration images "
-                        f"requested, but {pool_name} has only {len(calib_pool)}")
-    calib_chosen = _spread(calib_pool, n_calib) if needs_calib else []
-    if calib_from:  # unlabelled images nobody checked yet: a broken one is one line naming it, before any work
-        from kdctl.data.validate import check_image
+    return opset
 
-        for img in calib_chosen:
-            problem = check_image(img)
-            if problem:
-                raise DataError(f"{img}: {problem} ({calib_from})")
-    val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
-    keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
-    reference = torch_backend(model)
-    parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
-    n_parity = len(parity_batches)  # images compared (a static batch's groups repeat some)
-    if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
-        model.example_input = parity_batches[0]
 
-    made, evaluated = _planned(wanted, qat)
-    plan = Step(progress, f"export → {preset.name}", total=len(made) + 1)
-    ev_total = len(val_images) * (len(evaluated) + 1)
-    ev = Step(progress, "evaluate artifacts (COCO mAP)", total=ev_total)
-    ref_metrics, ref_records = evaluate_with_records(scored(reference), val_images, ds.names, imgsz,
-                                                     progress=ev.advance)
-    plan.advance()
-    calibration = _preprocess(calib_chosen, imgsz)
-    if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
-        calibration, parity_batches = _grouped(calibration, preset.batch), _grouped(parity_batches, preset.batch)
-    elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
-        parity_batches = _grouped(parity_batches, max(2, min(preset.batch, 8)))
-    inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
-              "data_from": "--data" if options.data else "the source bundle",  # what kdctl eval of an artifact reuses
-              **({"classes": picked} if picked else {})}
-    if calib_from:
-        inputs["calibration_data"] = {"source": str(Path(options.calibration_data).resolve()),
-                                      "images": len(calib_chosen), "sha256": _images_digest(calib_chosen)}
+@dataclass
+class _Calibration:
+    """The INT8 calibration images an export uses (none where nothing is calibrated), where they came from, and
+    why fewer were taken than the recipe asked for."""
 
-    with BundleWriter(out, stage="export", recipe=src.recipe, parents=src.parents, overwrite=overwrite,
-                      inputs=inputs) as w:
-        arts = _build(w.path, model, preset, made, imgsz, opset, method, calibration, keep_float, plan,
-                      options, val_images, ds.names, scored, qat=qat)
-        for a in arts:  # the batch each graph takes, and the images (not the groups of a static batch) calibrated
-            a.settings.setdefault("batch", preset.batch)
-            a.settings.setdefault("dynamic", preset.dynamic)
-            if "calibration_images" in a.settings:
-                a.settings["calibration_images"] = len(calib_chosen)
-                if capped:
-                    a.settings["note"] = "; ".join(filter(None, (a.settings.get("note"), capped)))
-        for a in arts:
-            if a.format == "tensorrt" and not a.files:
-                continue
-            backend = a.runtime.pop("_backend", None)
-            if backend is None:
-                continue
-            try:
-                a.parity = validate_outputs(reference, backend, parity_batches, imgsz,
-                                            "int8-qat" if qat else a.precision, sets=detectors.set_output(model),
-                                            on_map=not qat and detectors.parity_on_map(model, a.precision))
-                a.parity["images"] = n_parity
-            except Exception as e:  # the runtime refuses the exported graph on a real image
-                raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
-                                  f"model on the validation images ({first_line(e)})") from None
-            if a.parity.get("ok") is False:
-                raise CheckFailed(f"export {a.name}: outputs differ from PyTorch{' (the fake-quantized student)' if qat else ''}"
-                                  " beyond tolerance "
-                                  f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
-            try:
-                a.metrics, records = evaluate_with_records(scored(backend), val_images, ds.names, imgsz,
-                                                           progress=ev.advance)
-            except Exception as e:
-                raise CheckFailed(f"export {a.name}: {a.runtime.get('runtime', a.format)} cannot run the exported "
-                                  f"model on every validation image ({first_line(e)})") from None
-            drop = ref_metrics["map50_95"] - a.metrics["map50_95"]
-            a.metrics["map50_95_drop"] = drop
-            # the paired interval over the validation images: a drop the images alone could make, or a real one
-            a.metrics["map50_95_drop_ci95"] = lo_hi = drop_interval(ref_records, records)
-            if options.max_map_drop is not None and a.precision != "fp32" and drop > options.max_map_drop:
-                told = distinct("{:.4f}", drop, options.max_map_drop)[0]  # 0.02004 against 0.02: not "0.0200"
-                raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {told} below "
-                                  f"{'the fake-quantized PyTorch student' if qat else 'PyTorch FP32'} "
-                                  f"({ref_metrics['map50_95']:.4f}), by {lo_hi[0]:.4f} to {lo_hi[1]:.4f} over "
-                                  f"resamples of the {len(val_images)} validation images (95 %); "
-                                  f"export.max_map_drop is {options.max_map_drop}")
-            a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
-        device_files = []
-        if preset.runtime == "tensorrt" or any(a.startswith("tensorrt") for a in wanted):
-            from kdctl.export.tensorrt import write_device_package
+    images: list[Path]
+    method: str
+    data: str | None = None       # --calibration-data (an image folder or list), else the dataset's train split
+    capped: str | None = None
 
-            onnx_files = {a.name: a.files[0] for a in arts if a.format == "onnx"}
-            device_files = write_device_package(w.path, onnx_files, preset, imgsz,
-                                                any(a.format == "tensorrt" and a.files for a in arts), out.name)
-        (w.path / "target.yaml").write_text(yaml.safe_dump(preset.model_dump(), sort_keys=False))
-        for a in arts:
-            for f in a.files:
-                w.add_output(a.name if len(a.files) == 1 else f"{a.name}:{Path(f).name}", f)
-        for f in device_files:
-            w.add_output(Path(f).stem.lower().replace("_", "-"), f)
-        w.metrics.update({
-            "target": preset.name, "imgsz": imgsz, "opset": opset,
-            "pytorch": {**_short(ref_metrics), "model": "fake-quantized (QAT)" if qat else "fp32"},
-            "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
-            "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
-            "names": model_names if index is not None else ds.names,  # the artifacts' classes
-        })
-        if unsupported:
-            w.metrics["skipped_artifacts"] = {a: "not available for this detector family" for a in unsupported}
-        if not qat:
-            w.metrics["pytorch_fp32"] = _short(ref_metrics)  # the key bundles of kdctl 0.2 carry
-        else:
-            w.metrics["qat"] = {**yolo.quantizer_summary(model), "skipped_artifacts": skipped,
-                                "reference": "the fake-quantized PyTorch student (parity and mAP drop are "
-                                             "measured against it)"}
-        w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision}
-                                for a in arts}
-        # engines build_engine.sh makes on the device: allowed beside the bundle's files, hashed by profile
-        w.extra["device_built"] = [f"model-{a.precision}.engine" for a in arts if a.format == "tensorrt" and not a.files]
-        (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
-        w.add_output("metrics", "metrics.json")
-    return w.bundle
+    def inputs(self) -> dict:
+        if not self.data:
+            return {}
+        return {"calibration_data": {"source": str(Path(self.data).resolve()), "images": len(self.images),
+                                     "sha256": _images_digest(self.images)}}
+
+    @classmethod
+    def chosen(cls, options: ExportOptions, preset: TargetPreset, ds, wanted: list[str], qat: bool,
+               where: Path) -> "_Calibration":
+        from kdctl.data.resolve import list_images
+
+        method = options.calibration_method or preset.calibration_method
+        # a QAT student's ranges were learned; ONNX Runtime's form of it needs its convolutions' output ranges too
+        needs = any(a.endswith("int8") for a in wanted) and (
+            not qat or ("onnx-int8" in wanted and onnx_int8_scheme(preset, wanted) == "onnxruntime"))
+        given = f"--calibration-data {options.calibration_data}" if options.calibration_data else None
+        if given and not needs:
+            raise DataError(f"{given}: no artifact of this export is calibrated ({', '.join(wanted)}"
+                            f"{', a quantization-aware student' if qat else ''}); leave --calibration-data out")
+        pool = (list_images(options.calibration_data, "--calibration-data") if given else
+                ds.train_images or ds.val_images)
+        pool_name = options.calibration_data if given else f"the train split of {ds.yaml}"
+        n = options.calibration_images or min(DEFAULT_CALIBRATION, len(pool))
+        capped = None
+        if needs and len(pool) < n and "calibration_images" not in options.given:
+            # a recipe's count was written for its own data (the export may be of another dataset, --set data=...):
+            # all of a smaller pool is used, as Ultralytics' INT8 export does, and said; a count typed as a flag is kept
+            capped = f"calibrated on all {len(pool)} images of {pool_name} (recipe export.calibration_images: {n})"
+            n = len(pool)
+        if needs and n < MIN_CALIBRATION:
+            if options.calibration_images and not capped:
+                raise DataError(f"{options.source('calibration_images', where)}: {n} is too few for INT8 "
+                                f"calibration (at least {MIN_CALIBRATION})")
+            raise DataError(f"{given or ds.yaml}: {'it holds' if given else 'the train split has'} "
+                            f"{len(pool)} image{'s' if len(pool) != 1 else ''}; INT8 calibration needs at least "
+                            f"{MIN_CALIBRATION} (" +
+                            ("ONNX Runtime's form of a quantization-aware student calibrates what training left in "
+                             "float; give --data or --calibration-data, or export its trained graph alone with "
+                             "--artifact openvino-int8" if qat else
+                             "export float artifacts only with --artifact, or give --data or --calibration-data") + ")")
+        if needs and len(pool) < n:
+            raise DataError(f"{options.source('calibration_images', where)}: {n} calibration images "
+                            f"requested, but {pool_name} has only {len(pool)}")
+        images = _spread(pool, n) if needs else []
+        if given:  # unlabelled images nobody checked yet: a broken one is one line naming it, before any work
+            from kdctl.data.validate import check_image
+
+            for img in images:
+                problem = check_image(img)
+                if problem:
+                    raise DataError(f"{img}: {problem} ({given})")
+        return cls(images, method, options.calibration_data, capped)
+
+
+@dataclass
+class _Checks:
+    """Every artifact is held to the PyTorch model it came from: its outputs on the parity images, then its COCO
+    mAP on the validation images, and the drop against PyTorch's within ``max_map_drop``."""
+
+    reference: object             # the PyTorch model's backend (its own classes)
+    scored: object                # a backend -> that backend as it is scored on the dataset's classes
+    model: object
+    qat: bool
+    imgsz: int
+    val_images: list[Path]
+    names: list[str]
+    batches: list[np.ndarray]     # parity inputs, in the graphs' batch
+    max_map_drop: float | None
+    advance: object = None        # the evaluation bar's step
+    ref_metrics: dict | None = None
+    ref_records: object = None
+
+    def __post_init__(self):
+        self.images = len(self.batches)  # images compared (a static batch's groups repeat some)
+
+    def score_reference(self, evaluate) -> None:
+        self.ref_metrics, self.ref_records = evaluate(self.scored(self.reference), self.val_images, self.names,
+                                                      self.imgsz, progress=self.advance)
+
+    def verify(self, a: Artifact) -> bool:
+        """Fill ``a.parity`` and ``a.metrics``, or fail the export; False for an artifact not here to check (an
+        engine built on the device)."""
+        from kdctl import detectors
+        from kdctl.evaluate import evaluate_with_records
+        from kdctl.evaluate.coco import drop_interval
+
+        backend = a.runtime.pop("_backend", None)
+        if (a.format == "tensorrt" and not a.files) or backend is None:
+            return False
+        runtime = a.runtime.get("runtime", a.format)
+        try:
+            a.parity = validate_outputs(self.reference, backend, self.batches, self.imgsz,
+                                        "int8-qat" if self.qat else a.precision, sets=detectors.set_output(self.model),
+                                        on_map=not self.qat and detectors.parity_on_map(self.model, a.precision))
+            a.parity["images"] = self.images
+        except Exception as e:  # the runtime refuses the exported graph on a real image
+            raise CheckFailed(f"export {a.name}: {runtime} cannot run the exported model on the validation images "
+                              f"({first_line(e)})") from None
+        if a.parity.get("ok") is False:
+            raise CheckFailed(f"export {a.name}: outputs differ from PyTorch"
+                              f"{' (the fake-quantized student)' if self.qat else ''} beyond tolerance "
+                              f"({json.dumps({k: v for k, v in a.parity.items() if k != 'ok'})})")
+        try:
+            a.metrics, records = evaluate_with_records(self.scored(backend), self.val_images, self.names, self.imgsz,
+                                                       progress=self.advance)
+        except Exception as e:
+            raise CheckFailed(f"export {a.name}: {runtime} cannot run the exported model on every validation image "
+                              f"({first_line(e)})") from None
+        ref = self.ref_metrics["map50_95"]
+        drop = a.metrics["map50_95_drop"] = ref - a.metrics["map50_95"]
+        # the paired interval over the validation images: a drop the images alone could make, or a real one
+        a.metrics["map50_95_drop_ci95"] = lo_hi = drop_interval(self.ref_records, records)
+        if self.max_map_drop is not None and a.precision != "fp32" and drop > self.max_map_drop:
+            told = distinct("{:.4f}", drop, self.max_map_drop)[0]  # 0.02004 against 0.02: not "0.0200"
+            raise CheckFailed(f"export {a.name}: mAP50-95 {a.metrics['map50_95']:.4f} is {told} below "
+                              f"{'the fake-quantized PyTorch student' if self.qat else 'PyTorch FP32'} "
+                              f"({ref:.4f}), by {lo_hi[0]:.4f} to {lo_hi[1]:.4f} over resamples of the "
+                              f"{len(self.val_images)} validation images (95 %); export.max_map_drop is "
+                              f"{self.max_map_drop}")
+        return True
+
+
+def _write_outputs(w, arts: list[Artifact], preset: TargetPreset, wanted: list[str], imgsz: int, name: str) -> None:
+    """The artifacts, the device package where one is wanted and target.yaml, as the bundle's outputs."""
+    device_files = []
+    if preset.runtime == "tensorrt" or any(a.startswith("tensorrt") for a in wanted):
+        from kdctl.export.tensorrt import write_device_package
+
+        onnx_files = {a.name: a.files[0] for a in arts if a.format == "onnx"}
+        device_files = write_device_package(w.path, onnx_files, preset, imgsz,
+                                            any(a.format == "tensorrt" and a.files for a in arts), name)
+    (w.path / "target.yaml").write_text(yaml.safe_dump(preset.model_dump(), sort_keys=False))
+    for a in arts:
+        for f in a.files:
+            w.add_output(a.name if len(a.files) == 1 else f"{a.name}:{Path(f).name}", f)
+    for f in device_files:
+        w.add_output(Path(f).stem.lower().replace("_", "-"), f)
+    w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision} for a in arts}
+    # engines build_engine.sh makes on the device: allowed beside the bundle's files, hashed by profile
+    w.extra["device_built"] = [f"model-{a.precision}.engine" for a in arts if a.format == "tensorrt" and not a.files]
 
 
 def _with_batch(preset: TargetPreset, options: ExportOptions, model, bundle: Path) -> TargetPreset:
