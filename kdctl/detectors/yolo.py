@@ -184,74 +184,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                     source: str = "recipe", balance_batches: int = 8,
                     balance_cap: float | None = 4.0) -> DistillationCriterion:
     """Resolve layers, size the adapters from a dummy forward pass, and check head compatibility."""
-    plans = []
-    for i, spec in enumerate(losses):
-        entry = LOSSES[spec.name]
-        level = spec.level or entry.default_level
-        if entry.kind == "detections":
-            _check_detections_pair(student, teacher, spec, i, source)
-            plans.append((i, spec, entry, ["detections"], ["detections"]))
-            continue
-        if entry.kind in ("detr", "detr_query"):
-            _check_detr_pair(student, teacher, spec, i, source, need_detr_teacher=entry.kind == "detr_query")
-            key = PSEUDO_KEY[entry.kind]
-            plans.append((i, spec, entry, [key], [key]))
-            continue
-        if entry.kind in ("rpn", "roi"):
-            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the {'RPN' if entry.kind == 'rpn' else 'RoI head'} "
-                              "of two-stage (torchvision) detectors; YOLO and RT-DETR have none")
-        if entry.kind == "cross_head":
-            who = next((w for w, m in (("teacher", teacher), ("student", student))
-                        if _is_two_stage(m) or head_name(m) not in DETECT_HEADS), None)
-            if who is not None:
-                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' runs the student's neck maps through "
-                                  f"the teacher's dense YOLO head, and the {who} has none")
-            given = [f for f in ("student_layers", "teacher_layers", "strides") if getattr(spec, f) is not None]
-            if given:
-                raise RecipeError(f"{source}: distill.losses[{i}].{given[0]}: '{spec.name}' reads every level of both "
-                                  "heads' input maps; drop student_layers, teacher_layers and strides")
-            plans.append((i, spec, entry, [len(student.model) - 1], [len(teacher.model) - 1]))
-            continue
-        role = {"backbone": "backbone", "neck": "neck", "feature": "neck", "head": "head", "logit": "head"}.get(level)
-        if role is None:
-            raise RecipeError(f"{source}: distill.losses[{i}].level: '{level}' does not apply to YOLO detectors")
-        try:
-            s_layers = resolve_layers(student, spec.student_layers, role, imgsz)
-        except (IndexError, ValueError) as e:
-            raise RecipeError(f"{source}: distill.losses[{i}].student_layers: {e}") from None
-        if _is_two_stage(teacher):
-            if entry.kind == "head":
-                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs a YOLO teacher's dense head; "
-                                  "a two-stage teacher distills a YOLO student at the backbone or neck level, or "
-                                  "through its final detections (det_kd)")
-            from kdctl.detectors.torchvision_kd import stride_pairs
-
-            try:
-                s_layers, t_layers = stride_pairs(student, s_layers, teacher, spec.teacher_layers, role, imgsz,
-                                                  _dummy_maps)
-            except ValueError as e:
-                raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
-        else:
-            try:
-                t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
-            except (IndexError, ValueError) as e:
-                raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
-        if (len(s_layers) != len(t_layers) and entry.kind == "feature"
-                and not isinstance(spec.student_layers, list) and not isinstance(spec.teacher_layers, list)):
-            # a role on both sides but pyramids of different depth (a P2 or P6 student, a P3-P5 teacher): pair the
-            # levels of equal stride, as one would by hand
-            s_layers, t_layers = _same_size_pairs(student, s_layers, teacher, t_layers, imgsz)
-        if len(s_layers) != len(t_layers):
-            raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
-                              f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
-        if spec.strides is not None:
-            try:
-                s_layers, t_layers = keep_strides(s_layers, t_layers, _dummy_maps(student, s_layers, imgsz),
-                                                  spec.strides, imgsz)
-            except ValueError as e:
-                raise RecipeError(f"{source}: distill.losses[{i}].strides: {e}") from None
-        plans.append((i, spec, entry, s_layers, t_layers))
-
+    plans = [_plan(i, spec, student, teacher, imgsz, source) for i, spec in enumerate(losses)]
     s_all = sorted({j for p in plans if p[2].kind not in PSEUDO_KINDS for j in p[3]}, key=str)
     t_all = sorted({j for p in plans if p[2].kind not in PSEUDO_KINDS for j in p[4]}, key=str)
     dev = next(student.parameters()).device
@@ -262,70 +195,156 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
         student.predict(x)
         teacher_forward(teacher, x.to(next(teacher.parameters()).device))
     student.train(was)
-
-    terms, seen = [], {}
-    for i, spec, entry, s_layers, t_layers in plans:
-        s_ch, t_ch, anchor_index = [], [], None
-        if entry.kind in PSEUDO_KINDS:
-            pass
-        elif entry.kind in ("head", "cross_head"):
-            if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
-                to_yolo = ("; a YOLO student learns an RT-DETR teacher's predictions from its final detections "
-                           "(det_kd)") if head_name(student) != "RTDETRDecoder" else ""
-                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a dense-head loss for YOLO "
-                                  "detectors; RT-DETR distills its predictions with detr_logit (both models RT-DETR) "
-                                  f"or its features (backbone, neck){to_yolo}")
-            try:
-                sh, th = head_outputs(st.outputs[s_layers[0]]), head_outputs(tt.outputs[t_layers[0]])
-            except ValueError as e:
-                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
-            if entry.kind == "cross_head":  # each student level goes to the teacher head's level of the same size
-                s_sites, t_sites = ({k: tuple(m.shape[1:]) for k, m in enumerate(h["feats"])} for h in (sh, th))
-                levels = pair_same_size(list(s_sites), s_sites, t_sites)  # a P2/P6 model on one side: the common ones
-                if not levels[0]:
-                    sizes = [[tuple(m.shape[2:]) for m in h["feats"]] for h in (sh, th)]
-                    raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' feeds each student level to the "
-                                      "teacher head's level of the same size, but the student's head reads maps of "
-                                      f"{sizes[0]} and the teacher's {sizes[1]} at imgsz {imgsz}: none in common")
-                s_ch = [sh["feats"][k].shape[1] for k in levels[0]]
-                t_ch = [th["feats"][k].shape[1] for k in levels[1]]
-            if sh["scores"].shape != th["scores"].shape:
-                if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
-                    anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 model on one side
-                if anchor_index is None:
-                    raise RecipeError(
-                        f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
-                        f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher "
-                        f"{tuple(th['scores'].shape[1:])}" + (OTHER_CLASSES if sh["scores"].shape[1] !=
-                                                             th["scores"].shape[1] else
-                                                             ", and their heads share no pyramid level"))
-            if getattr(entry.cls, "uses_boxes", False):
-                bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
-                if bins["student"] != bins["teacher"] or bins["student"] < 2:
-                    raise RecipeError(
-                        f"{source}: distill.losses[{i}]: '{spec.name}' distills box distributions (DFL bins), which "
-                        f"both heads need in equal number (> 1), but the student has {bins['student']} per side and "
-                        f"the teacher {bins['teacher']} (YOLO26 and reg_max=1 heads predict plain boxes); use "
-                        "kd_logit, crosskd (recipes/logit-crosskd.yaml) or a feature loss for this pair")
-        else:
-            for si, ti in zip(s_layers, t_layers):
-                so, to = st.outputs[si], tt.outputs[ti]
-                if not (isinstance(so, torch.Tensor) and so.ndim == 4 and isinstance(to, torch.Tensor) and to.ndim == 4):
-                    raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a feature loss, but layer pair "
-                                      f"(student {si}, teacher {ti}) does not output feature maps")
-                s_ch.append(so.shape[1])
-                t_ch.append(to.shape[1])
-        term = make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]")
-        if entry.kind == "cross_head":
-            term.losses[0].levels = levels
-        if entry.kind in ("head", "cross_head") and anchor_index is not None:
-            (s_idx, t_idx), a_s, a_t = anchor_index, sh["scores"].shape[2], th["scores"].shape[2]
-            if len(t_idx) < a_t:
-                term.anchor_index, term.teacher_anchors = t_idx.to(dev), a_t
-            if len(s_idx) < a_s and entry.kind == "head":  # crosskd reads the student's maps, not its outputs
-                term.student_anchor_index, term.student_anchors = s_idx.to(dev), a_s
-        terms.append(term)
+    seen = {}
+    terms = [_sized_term(plan, st.outputs, tt.outputs, student, teacher, imgsz, source, seen, dev) for plan in plans]
     return DistillationCriterion(terms, balance, balance_batches, balance_cap).to(dev)
+
+
+def _plan(i: int, spec, student: nn.Module, teacher: nn.Module, imgsz: int, source: str) -> tuple:
+    """``(i, spec, entry, student sites, teacher sites)`` of the recipe's loss ``i``: the layer pairs it taps, or
+    the pseudo-site of a loss that reads predictions; a loss this pair of models cannot take is refused here."""
+    entry = LOSSES[spec.name]
+    level = spec.level or entry.default_level
+    if entry.kind == "detections":
+        _check_detections_pair(student, teacher, spec, i, source)
+        return i, spec, entry, ["detections"], ["detections"]
+    if entry.kind in ("detr", "detr_query"):
+        _check_detr_pair(student, teacher, spec, i, source, need_detr_teacher=entry.kind == "detr_query")
+        return i, spec, entry, [PSEUDO_KEY[entry.kind]], [PSEUDO_KEY[entry.kind]]
+    if entry.kind in ("rpn", "roi"):
+        part = "RPN" if entry.kind == "rpn" else "RoI head"
+        raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' reads the {part} of two-stage (torchvision) "
+                          "detectors; YOLO and RT-DETR have none")
+    if entry.kind == "cross_head":
+        who = next((w for w, m in (("teacher", teacher), ("student", student))
+                    if _is_two_stage(m) or head_name(m) not in DETECT_HEADS), None)
+        if who is not None:
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' runs the student's neck maps through "
+                              f"the teacher's dense YOLO head, and the {who} has none")
+        given = [f for f in ("student_layers", "teacher_layers", "strides") if getattr(spec, f) is not None]
+        if given:
+            raise RecipeError(f"{source}: distill.losses[{i}].{given[0]}: '{spec.name}' reads every level of both "
+                              "heads' input maps; drop student_layers, teacher_layers and strides")
+        return i, spec, entry, [len(student.model) - 1], [len(teacher.model) - 1]
+    role = {"backbone": "backbone", "neck": "neck", "feature": "neck", "head": "head", "logit": "head"}.get(level)
+    if role is None:
+        raise RecipeError(f"{source}: distill.losses[{i}].level: '{level}' does not apply to YOLO detectors")
+    s_layers, t_layers = _layer_pairs(i, spec, entry, role, student, teacher, imgsz, source)
+    return i, spec, entry, s_layers, t_layers
+
+
+def _layer_pairs(i: int, spec, entry, role: str, student: nn.Module, teacher: nn.Module, imgsz: int,
+                 source: str) -> tuple[list, list]:
+    """The student and teacher layers a feature or head loss taps at ``role``, paired one to one."""
+    try:
+        s_layers = resolve_layers(student, spec.student_layers, role, imgsz)
+    except (IndexError, ValueError) as e:
+        raise RecipeError(f"{source}: distill.losses[{i}].student_layers: {e}") from None
+    if _is_two_stage(teacher):
+        if entry.kind == "head":
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs a YOLO teacher's dense head; "
+                              "a two-stage teacher distills a YOLO student at the backbone or neck level, or "
+                              "through its final detections (det_kd)")
+        from kdctl.detectors.torchvision_kd import stride_pairs
+
+        try:
+            s_layers, t_layers = stride_pairs(student, s_layers, teacher, spec.teacher_layers, role, imgsz,
+                                              _dummy_maps)
+        except ValueError as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+    else:
+        try:
+            t_layers = resolve_layers(teacher, spec.teacher_layers, role, imgsz)
+        except (IndexError, ValueError) as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].teacher_layers: {e}") from None
+    if (len(s_layers) != len(t_layers) and entry.kind == "feature"
+            and not isinstance(spec.student_layers, list) and not isinstance(spec.teacher_layers, list)):
+        # a role on both sides but pyramids of different depth (a P2 or P6 student, a P3-P5 teacher): pair the
+        # levels of equal stride, as one would by hand
+        s_layers, t_layers = _same_size_pairs(student, s_layers, teacher, t_layers, imgsz)
+    if len(s_layers) != len(t_layers):
+        raise RecipeError(f"{source}: distill.losses[{i}]: {len(s_layers)} student layers {s_layers} but "
+                          f"{len(t_layers)} teacher layers {t_layers}; give pairs of equal length")
+    if spec.strides is not None:
+        try:
+            s_layers, t_layers = keep_strides(s_layers, t_layers, _dummy_maps(student, s_layers, imgsz),
+                                              spec.strides, imgsz)
+        except ValueError as e:
+            raise RecipeError(f"{source}: distill.losses[{i}].strides: {e}") from None
+    return s_layers, t_layers
+
+
+def _sized_term(plan: tuple, s_out: dict, t_out: dict, student: nn.Module, teacher: nn.Module, imgsz: int,
+                source: str, seen: dict, dev):
+    """The KD term of a planned loss, its adapters sized from the dummy forward pass's outputs at its sites."""
+    i, spec, entry, s_layers, t_layers = plan
+    s_ch, t_ch, anchor_index, levels = [], [], None, None
+    if entry.kind in ("head", "cross_head"):
+        if head_name(student) == "RTDETRDecoder" or head_name(teacher) == "RTDETRDecoder":
+            to_yolo = ("; a YOLO student learns an RT-DETR teacher's predictions from its final detections "
+                       "(det_kd)") if head_name(student) != "RTDETRDecoder" else ""
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a dense-head loss for YOLO "
+                              "detectors; RT-DETR distills its predictions with detr_logit (both models RT-DETR) "
+                              f"or its features (backbone, neck){to_yolo}")
+        try:
+            sh, th = head_outputs(s_out[s_layers[0]]), head_outputs(t_out[t_layers[0]])
+        except ValueError as e:
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs the detection head: {e}") from None
+        s_ch, t_ch, anchor_index, levels = _head_pair(i, spec, entry, sh, th, imgsz, source)
+    elif entry.kind not in PSEUDO_KINDS:
+        for si, ti in zip(s_layers, t_layers):
+            so, to = s_out[si], t_out[ti]
+            if not (isinstance(so, torch.Tensor) and so.ndim == 4 and isinstance(to, torch.Tensor) and to.ndim == 4):
+                raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' is a feature loss, but layer pair "
+                                  f"(student {si}, teacher {ti}) does not output feature maps")
+            s_ch.append(so.shape[1])
+            t_ch.append(to.shape[1])
+    term = make_term(spec, seen, s_layers, t_layers, s_ch, t_ch, f"{source}: distill.losses[{i}]")
+    if entry.kind == "cross_head":
+        term.losses[0].levels = levels
+    if anchor_index is not None:
+        (s_idx, t_idx), a_s, a_t = anchor_index, sh["scores"].shape[2], th["scores"].shape[2]
+        if len(t_idx) < a_t:
+            term.anchor_index, term.teacher_anchors = t_idx.to(dev), a_t
+        if len(s_idx) < a_s and entry.kind == "head":  # crosskd reads the student's maps, not its outputs
+            term.student_anchor_index, term.student_anchors = s_idx.to(dev), a_s
+    return term
+
+
+def _head_pair(i: int, spec, entry, sh: dict, th: dict, imgsz: int, source: str) -> tuple:
+    """``(student channels, teacher channels, anchor index, levels)`` of a head-level loss between the student's
+    and the teacher's head outputs (:func:`head_outputs`), or the one-line refusal of a pair it cannot read: the
+    channels and levels of CrossKD's same-size pyramid levels, the anchor index of heads over different pyramids."""
+    s_ch, t_ch, anchor_index, levels = [], [], None, None
+    if entry.kind == "cross_head":  # each student level goes to the teacher head's level of the same size
+        s_sites, t_sites = ({k: tuple(m.shape[1:]) for k, m in enumerate(h["feats"])} for h in (sh, th))
+        levels = pair_same_size(list(s_sites), s_sites, t_sites)  # a P2/P6 model on one side: the common ones
+        if not levels[0]:
+            sizes = [[tuple(m.shape[2:]) for m in h["feats"]] for h in (sh, th)]
+            raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' feeds each student level to the "
+                              "teacher head's level of the same size, but the student's head reads maps of "
+                              f"{sizes[0]} and the teacher's {sizes[1]} at imgsz {imgsz}: none in common")
+        s_ch = [sh["feats"][k].shape[1] for k in levels[0]]
+        t_ch = [th["feats"][k].shape[1] for k in levels[1]]
+    if sh["scores"].shape != th["scores"].shape:
+        if sh["scores"].shape[1] == th["scores"].shape[1] and "feats" in sh and "feats" in th:
+            anchor_index = level_anchor_index(sh["feats"], th["feats"])  # a P2/P6 model on one side
+        if anchor_index is None:
+            raise RecipeError(
+                f"{source}: distill.losses[{i}]: '{spec.name}' needs matching heads, but student predicts "
+                f"{tuple(sh['scores'].shape[1:])} (classes, anchors) and teacher "
+                f"{tuple(th['scores'].shape[1:])}" + (OTHER_CLASSES if sh["scores"].shape[1] !=
+                                                     th["scores"].shape[1] else
+                                                     ", and their heads share no pyramid level"))
+    if getattr(entry.cls, "uses_boxes", False):
+        bins = {who: h["boxes"].shape[1] // 4 for who, h in (("student", sh), ("teacher", th))}
+        if bins["student"] != bins["teacher"] or bins["student"] < 2:
+            raise RecipeError(
+                f"{source}: distill.losses[{i}]: '{spec.name}' distills box distributions (DFL bins), which "
+                f"both heads need in equal number (> 1), but the student has {bins['student']} per side and "
+                f"the teacher {bins['teacher']} (YOLO26 and reg_max=1 heads predict plain boxes); use "
+                "kd_logit, crosskd (recipes/logit-crosskd.yaml) or a feature loss for this pair")
+    return s_ch, t_ch, anchor_index, levels
 
 
 def _is_two_stage(model: nn.Module) -> bool:
