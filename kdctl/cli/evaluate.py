@@ -28,8 +28,9 @@ def evaluate(
                                                     "score in its own runtime (e.g. onnx-int8), as yolo val "
                                                     "model=best.onnx.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's). A "
-                                                 "PyTorch model of more classes whose names include the dataset's (a "
-                                                 "COCO one) is scored on the dataset's, found by name.")] = None,
+                                                 "model or artifact of more classes whose names include the "
+                                                 "dataset's (a COCO one) is scored on the dataset's, found by "
+                                                 "name.")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
                                                          "the YAML's test: images).")] = Split.val,

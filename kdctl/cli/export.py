@@ -42,7 +42,9 @@ def export(
                                                                "loses more mAP50-95 than this vs PyTorch (0.01 = 1 "
                                                                "point).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
-                                                 "(default: the bundle's; required for a .pt).")] = None,
+                                                 "(default: the bundle's; required for a .pt). A model of more "
+                                                 "classes whose names include the dataset's (a COCO one) is "
+                                                 "exported whole and scored on the dataset's, found by name.")] = None,
     calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8 calibration images "
                                                              "instead of the train split: a folder (searched "
                                                              "recursively) or a .txt list; no labels needed (e.g. "
