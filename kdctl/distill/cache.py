@@ -490,38 +490,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
         if _shard(path, e).is_dir():
             bar.advance()
             continue
-        tmp = path / f".epoch-{e:04d}.{os.getpid()}.tmp"  # per process: two builds of one cache do not collide
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        arr = {"scores": np.lib.format.open_memmap(tmp / "scores.npy", "w+", np.float16, (n, k, nc)),
-               "boxes": np.lib.format.open_memmap(tmp / "boxes.npy", "w+", np.float16, (n, k, box_ch)),
-               "anchors": np.lib.format.open_memmap(tmp / "anchors.npy", "w+", np.int32, (n, k)),
-               "rest": np.lib.format.open_memmap(tmp / "rest.npy", "w+", np.float16, (n, nc)),
-               "crc": np.lib.format.open_memmap(tmp / "crc.npy", "w+", np.uint32, (n,))}
-        loader = torch.utils.data.DataLoader(views, batch_size=recipe.train.batch, shuffle=False,
-                                             sampler=[e * n + i for i in range(n)], collate_fn=base.collate_fn,
-                                             num_workers=recipe.train.workers)
-        for batch in loader:
-            ids = np.asarray(batch["kd_view"]) - e * n
-            img = batch["img"].to(dev).float() / 255
-            with torch.no_grad(), FeatureTaps(teacher, [head]) as taps:
-                teacher_forward(teacher, img)
-            h = head_outputs(taps.outputs[head])
-            rows = top_k_rows(h["scores"].float(), h["boxes"].float(), k)
-            for f in ("scores", "boxes", "rest"):
-                arr[f][ids] = rows[f].cpu().numpy().astype(np.float16)
-            arr["anchors"][ids] = rows["anchors"].cpu().numpy()
-            arr["crc"][ids] = np.asarray(batch["kd_crc"], dtype=np.uint32)
-        for a in arr.values():
-            a.flush()
-        del arr
-        write_json_atomic(tmp / DIGEST, _file_digests(tmp))
-        try:
-            tmp.replace(_shard(path, e))
-        except OSError:  # another build of this cache finished the epoch first: same content, keep theirs
-            if not _shard(path, e).is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_epoch(path, e, views, base.collate_fn, teacher, head, (k, nc, box_ch), recipe.train)
         faults.point("cache:epoch-written")
         bar.advance()
     for stale in path.glob(".epoch-*.tmp"):  # left by killed builds (not by one still running)
@@ -532,3 +501,45 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
                 bytes=size, bytes_per_view=round(size / max(1, n * distilled), 1))
     write_json_atomic(path / META, meta)
     return TeacherCache(path)
+
+
+def _write_epoch(path: Path, e: int, views, collate_fn, teacher, head: int, shape: tuple, train) -> None:
+    """Epoch ``e``'s shard: the teacher's top-``k`` head rows of each of its ``len(views)`` views (``shape``: k,
+    classes, box channels), written in a temp folder of this process and renamed into place with its digests."""
+    from kdctl.bundle import write_json_atomic
+    from kdctl.detectors.yolo import teacher_forward
+    from kdctl.distill.taps import FeatureTaps, head_outputs
+
+    (k, nc, box_ch), n, dev = shape, len(views), next(teacher.parameters()).device
+    tmp = path / f".epoch-{e:04d}.{os.getpid()}.tmp"  # per process: two builds of one cache do not collide
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    arr = {"scores": np.lib.format.open_memmap(tmp / "scores.npy", "w+", np.float16, (n, k, nc)),
+           "boxes": np.lib.format.open_memmap(tmp / "boxes.npy", "w+", np.float16, (n, k, box_ch)),
+           "anchors": np.lib.format.open_memmap(tmp / "anchors.npy", "w+", np.int32, (n, k)),
+           "rest": np.lib.format.open_memmap(tmp / "rest.npy", "w+", np.float16, (n, nc)),
+           "crc": np.lib.format.open_memmap(tmp / "crc.npy", "w+", np.uint32, (n,))}
+    loader = torch.utils.data.DataLoader(views, batch_size=train.batch, shuffle=False,
+                                         sampler=[e * n + i for i in range(n)], collate_fn=collate_fn,
+                                         num_workers=train.workers)
+    for batch in loader:
+        ids = np.asarray(batch["kd_view"]) - e * n
+        img = batch["img"].to(dev).float() / 255
+        with torch.no_grad(), FeatureTaps(teacher, [head]) as taps:
+            teacher_forward(teacher, img)
+        h = head_outputs(taps.outputs[head])
+        rows = top_k_rows(h["scores"].float(), h["boxes"].float(), k)
+        for f in ("scores", "boxes", "rest"):
+            arr[f][ids] = rows[f].cpu().numpy().astype(np.float16)
+        arr["anchors"][ids] = rows["anchors"].cpu().numpy()
+        arr["crc"][ids] = np.asarray(batch["kd_crc"], dtype=np.uint32)
+    for a in arr.values():
+        a.flush()
+    del arr
+    write_json_atomic(tmp / DIGEST, _file_digests(tmp))
+    try:
+        tmp.replace(_shard(path, e))
+    except OSError:  # another build of this cache finished the epoch first: same content, keep theirs
+        if not _shard(path, e).is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
