@@ -99,6 +99,34 @@ def superset_checkpoint(bundle: Path, path: Path, order: list[str]) -> Path:
     return path
 
 
+def superset_frcnn(model, order: list[str]):
+    """A copy of a Faster R-CNN (kdctl's ``TorchvisionDetector``) of the classes ``order``: its own among others, in
+    another order. Each of its classes keeps its classifier and box-regression rows; each new one never scores (a
+    zero weight and a bias of -30: a softmax share of about e^-30 of the others'), so its detections are the
+    model's own."""
+    import copy
+
+    import torch
+
+    big = copy.deepcopy(model)
+    own = [model.names[i] for i in range(model.nc)]
+    p = big.net.roi_heads.box_predictor
+    rows = [0] + [own.index(n) + 1 if n in own else None for n in order]  # row 0: the background
+    cls = torch.nn.Linear(p.cls_score.in_features, len(rows))
+    box = torch.nn.Linear(p.bbox_pred.in_features, 4 * len(rows))
+    with torch.no_grad():
+        for t, src in enumerate(rows):
+            if src is None:
+                cls.weight[t], cls.bias[t] = 0.0, -30.0
+            else:
+                cls.weight[t], cls.bias[t] = p.cls_score.weight[src], p.cls_score.bias[src]
+                box.weight[4 * t:4 * t + 4] = p.bbox_pred.weight[4 * src:4 * src + 4]
+                box.bias[4 * t:4 * t + 4] = p.bbox_pred.bias[4 * src:4 * src + 4]
+    p.cls_score, p.bbox_pred = cls, box
+    big.nc, big.names = len(order), dict(enumerate(order))
+    return big
+
+
 def _trained(tmp_path_factory, name: str, student: str, data: Path, train: str) -> Path:
     """A real train bundle: ``student`` trained on ``data`` with the recipe's ``train`` mapping."""
     from kdctl.recipe import load_recipe

@@ -168,3 +168,24 @@ def test_pairs_det_kd_refuses(student, spec, message):
          "yolo": lambda: build_detector(TINY, nc=3), "yolo-6": lambda: build_detector(TINY, nc=6)}[student]()
     with pytest.raises(RecipeError, match=message):
         build_criterion(s, teacher, [spec], None, 128)
+
+
+def test_a_two_stage_teacher_of_more_classes_gives_its_detections_of_the_datasets():
+    """A Faster R-CNN teacher of 5 classes read for 3 of them (:func:`kdctl.detectors.keep_classes`): its final
+    detections carry those classes' scores in the dataset's order and nothing of the others, so det_kd pairs it
+    with a 3-class student; its classifier still has 5 classes."""
+    from conftest import superset_frcnn
+    from kdctl.detectors import keep_classes
+    from kdctl.detectors import torchvision as tv
+
+    torch.manual_seed(0)
+    own = tv.build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 3, imgsz=64).eval()
+    own.names = {0: "a", 1: "b", 2: "c"}
+    kept = keep_classes(superset_frcnn(own, ["c", "x", "a", "y", "b"]), [2, 4, 0], ["a", "b", "c"])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        mine, theirs = final_detections(own, x, None), final_detections(kept, x, None)
+    assert mine.shape == theirs.shape == (2, 7, tv.DETECTIONS) and (mine[:, 4:] > 0.001).any()
+    torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-4)
+    assert kept.nc == 5 and tv.dense_classes(kept) == 3
+    build_criterion(_student(), kept, [LossSpec(name="det_kd")], None, 64)  # 3 classes each: taken

@@ -648,7 +648,8 @@ def test_yolo26_pair_distils_with_the_shipped_logit_crosskd_terms(tmp_path, tiny
 def test_keep_classes_is_the_models_own_scores_of_those_classes():
     """A teacher's classes kept by name: the copy's class scores are the model's at those classes, in the order
     asked, in training (the raw head KD reads) and in eval; boxes unchanged; YOLO (one-to-many and end-to-end
-    heads) and RT-DETR. A torchvision detector (softmax over classes) is not cut."""
+    heads) and RT-DETR. A torchvision detector (a softmax over its classes) keeps its detections of those classes,
+    the others' dropped: its classifier is not cut."""
     from kdctl.detectors import keep_classes
     from kdctl.detectors.rtdetr import DenseOutput
     from kdctl.detectors.rtdetr import build_detector as build_rtdetr
@@ -678,7 +679,13 @@ def test_keep_classes_is_the_models_own_scores_of_those_classes():
     for cut, whole in [(kh.enc_score_head, rh.enc_score_head), *zip(kh.dec_score_head, rh.dec_score_head)]:
         assert torch.equal(cut.weight, whole.weight[[4, 0, 2]]) and torch.equal(cut.bias, whole.bias[[4, 0, 2]])
     assert torch.equal(kh.denoising_class_embed.weight, rh.denoising_class_embed.weight[[4, 0, 2]])
-    assert keep_classes(build_tv("torchvision:fasterrcnn_mobilenet_v3_large_fpn", 5), [0], ["a"]) is None
+    fr = build_tv("torchvision:fasterrcnn_mobilenet_v3_large_fpn", 5).eval()
+    k = keep_classes(fr, [3, 0], ["d", "a"])
+    with torch.no_grad():
+        full, part = fr(x), k(x)
+    assert k.nc == fr.nc == 5 and k.names == {0: "d", 1: "a"} and part.shape == (2, 6, full.shape[2])
+    assert (full[:, 4:] > 0.001).any()  # detections to compare
+    torch.testing.assert_close(part, full[:, [0, 1, 2, 3, 4 + 3, 4 + 0]])
     # names beyond the head's classes (a checkpoint of other code) are not taken for its classes
     from kdctl.data.resolve import Dataset
     from kdctl.models import dataset_classes

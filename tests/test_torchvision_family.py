@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import kill_at
+from conftest import kill_at, superset_frcnn
 from kdctl.cli.main import app
 
 BUILDER = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -75,41 +76,30 @@ def test_faster_rcnn_chain_train_export_profile(tmp_path, frcnn_bundle):
 
 def test_a_two_stage_model_of_more_classes_is_scored_on_the_datasets_by_name(tmp_path, tiny_data, frcnn_bundle):
     """``kdctl eval coco_frcnn.pt --data person_car.yaml``: a Faster R-CNN of more classes, its names including the
-    dataset's in another order, is scored on the dataset's classes, found by name; a detection of another class is
-    not counted (as pycocotools scores a subset of categories). Its softmax cannot be cut down to those classes as a
-    YOLO head is, so its dense output keeps the classes' columns. Here the other classes never score (their logits
-    sit 30 below), so the outputs and the mAP are the bundle's own model's. It was refused ('3 classes but ...
-    predicts 5')."""
+    dataset's in another order, is scored on the dataset's classes, found by name: its detections of other classes
+    are dropped (its softmax stays over all of its classes: as pycocotools scores a subset of categories). Here the
+    other classes never score, so the detections and the mAP are the bundle's own model's. It was refused ('3
+    classes but ... predicts 5')."""
     from kdctl.bundle import load_bundle
-    from kdctl.detectors import load_detector
+    from kdctl.detectors import keep_classes, load_detector
     from kdctl.detectors.torchvision import save_checkpoint
-    from kdctl.evaluate import class_columns, torch_backend
+    from kdctl.evaluate import torch_backend
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
 
     own = load_detector(frcnn_bundle / "weights.pt")
     names = [own.names[i] for i in range(3)]
-    order = ["dog", names[2], "cat", names[0], names[1]]  # torchvision label = index + 1; 0 is the background
-    big = load_detector(frcnn_bundle / "weights.pt")
-    p = big.net.roi_heads.box_predictor
-    rows = [0] + [names.index(n) + 1 if n in names else None for n in order]
-    cls, box = torch.nn.Linear(p.cls_score.in_features, 6), torch.nn.Linear(p.bbox_pred.in_features, 24)
-    with torch.no_grad():
-        for t, src in enumerate(rows):
-            if src is None:
-                cls.weight[t], cls.bias[t] = 0.0, -30.0
-            else:
-                cls.weight[t], cls.bias[t] = p.cls_score.weight[src], p.cls_score.bias[src]
-                box.weight[4 * t:4 * t + 4], box.bias[4 * t:4 * t + 4] = (p.bbox_pred.weight[4 * src:4 * src + 4],
-                                                                          p.bbox_pred.bias[4 * src:4 * src + 4])
-    p.cls_score, p.bbox_pred = cls, box
-    big.nc, big.names = 5, dict(enumerate(order))
+    big = superset_frcnn(own, ["dog", names[2], "cat", names[0], names[1]])
     save_checkpoint(big, tmp_path / "big.pt", {})
-
+    kept = keep_classes(big, [3, 4, 1], names)
+    assert (kept.nc, kept.names, big.kept) == (5, dict(enumerate(names)), None)  # a copy; its classifier unchanged
     images = sorted((tiny_data.parent / "images" / "val").glob("*.png"))
     x = to_input([letterbox(load_rgb(f), 128)[0] for f in images[:4]])
-    mine, theirs = torch_backend(own)(x), class_columns(torch_backend(big), [3, 4, 1])(x)
+    mine, theirs = torch_backend(own)(x), torch_backend(kept)(x)
     assert (mine[:, 4:] > 0.001).sum() > 0 and mine.shape == theirs.shape  # detections to compare
     torch.testing.assert_close(torch.from_numpy(theirs), torch.from_numpy(mine), atol=1e-4, rtol=1e-4)
+    # a detection of a class it does not keep is dropped, not given to a kept one
+    only = torch_backend(keep_classes(own, [1], [names[1]]))(x)
+    assert only.shape[1] == 5 and np.array_equal(only[:, 4], mine[:, 5]) and np.array_equal(only[:, :4], mine[:, :4])
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "big.pt"), "--data", str(tiny_data),
                                    "--out", str(tmp_path / "ev"), "--json"])
     assert res.exit_code == 0, res.output

@@ -10,7 +10,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import kill_at
+from conftest import kill_at, refused_in_one_line, superset_frcnn
 from kdctl.cli.main import app
 
 STUDENT = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -133,3 +133,41 @@ def test_faster_rcnn_teacher_teaches_a_yolo_student_at_matching_strides(tmp_path
     assert term["student_layers"] == [15, 18, 21]
     assert term["teacher_layers"] == ["net.backbone[1]", "net.backbone[2]", "net.backbone[3]"]
     assert b.metrics["epochs"][0]["train/kd_pkd"] > 0
+
+
+@pytest.mark.slow
+def test_a_faster_rcnn_teacher_of_more_classes_teaches_its_detections_of_the_datasets(tmp_path, tiny_data,
+                                                                                      frcnn_bundle):
+    """A Faster R-CNN teacher of more classes than the dataset (a COCO one for a person/car set), its names including
+    the dataset's in another order: det_kd takes its detections of the dataset's classes, found by name (its other
+    classes' detections dropped), so with other classes that never score the run is its own-classes teacher's, step
+    for step; the bundle records the selection. RoI KD, which compares its classifier with the student's, is
+    refused in one line. Both were refused ('the student predicts 3 and the teacher 5')."""
+    from kdctl.bundle import load_bundle
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import save_checkpoint
+
+    own = load_detector(frcnn_bundle / "weights.pt")
+    names = [own.names[i] for i in range(3)]
+    save_checkpoint(superset_frcnn(own, [names[1], "dog", names[0], "cat", names[2]]), tmp_path / "big.pt", {})
+    outs = {}
+    for name, teacher in (("own", frcnn_bundle), ("superset", tmp_path / "big.pt")):
+        r = tmp_path / f"{name}.yaml"
+        r.write_text(f"name: {name}\nteacher: {{model: '{teacher}'}}\nstudent: {{model: yolov8-tiny.yaml}}\n"
+                     f"data: {{yolo: {tiny_data}}}\ntrain: {{epochs: 1, imgsz: 128, batch: 8, workers: 0, seed: 1}}\n"
+                     "distill: {losses: [{name: det_kd, params: {min_score: 0.01}}]}\n")
+        res = CliRunner().invoke(app, ["distill", str(r), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        outs[name] = load_bundle(tmp_path / name, verify=True)
+    own_b, sup = outs["own"], outs["superset"]
+    assert sup.manifest["inputs"]["teacher"]["classes"] == {"model_nc": 5,
+                                                             "index": {names[0]: 2, names[1]: 0, names[2]: 4}}
+    assert "classes" not in own_b.manifest["inputs"]["teacher"]
+    kd = [b.metrics["epochs"][0]["train/kd_det_kd"] for b in (own_b, sup)]
+    assert kd[0] > 0 and kd[1] == pytest.approx(kd[0], rel=1e-4)
+    # scored on the dataset's classes: its own-classes model's mAP (that teacher is a bundle scored alike)
+    assert sup.metrics["teacher"]["map50_95"] == pytest.approx(load_bundle(frcnn_bundle).metrics["map50_95"],
+                                                               abs=1e-4)
+    r = _recipe(tmp_path, tiny_data, tmp_path / "big.pt", losses="[{name: roi_kd}]")
+    says = refused_in_one_line(["distill", str(r), "--out", str(tmp_path / "roi")], tmp_path / "roi")
+    assert "'roi_kd' needs the same classes, but the student predicts 3 and the teacher 5" in says

@@ -61,8 +61,8 @@ def build_criterion(student, setup, imgsz: int):
 
 def keep_classes(model, index: list[int], names: list[str]):
     """A copy of ``model`` predicting only its classes ``index``, in that order, named ``names`` (the family's
-    ``keep_classes``); None for a family whose class scores are not one sigmoid per class (torchvision's softmax
-    would hand a dropped class's share to the kept ones) or a head it does not know."""
+    ``keep_classes``: a YOLO or RT-DETR head cut to those classes' sigmoids, a Faster R-CNN's detections of other
+    classes dropped); None for a head it does not know."""
     fn = getattr(family(model), "keep_classes", None)
     try:
         return fn(model, index, names) if fn is not None else None

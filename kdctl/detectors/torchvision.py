@@ -64,6 +64,7 @@ class TorchvisionDetector(nn.Module):
 
         self.builder, self.nc, self.imgsz = builder, nc, imgsz
         self.names = names or {i: str(i) for i in range(nc)}
+        self.kept: list[int] | None = None  # the classes its dense output keeps (:func:`keep_classes`); None: all
         self.stride = torch.tensor([32.0])
         self.net = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=nc + 1,
                                                min_size=imgsz, max_size=imgsz, box_score_thresh=0.001,
@@ -92,8 +93,10 @@ class TorchvisionDetector(nn.Module):
         b, s = o["boxes"], o["scores"]
         cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
         scores = nn.functional.one_hot(o["labels"] - 1, self.nc).to(s.dtype) * s[:, None]
+        if self.kept is not None:  # a detection of another class keeps no score: it is not one of these
+            scores = scores[:, self.kept]
         d = torch.cat([cxcywh, scores], 1)
-        return torch.cat([d, d.new_zeros(DETECTIONS, 4 + self.nc)], 0)[:DETECTIONS].T
+        return torch.cat([d, d.new_zeros(DETECTIONS, d.shape[1])], 0)[:DETECTIONS].T
 
     def checkpoint(self, **extra) -> dict:
         """State dicts only (never the module); a QAT model's quantizers travel as ModelOpt state beside them."""
@@ -163,6 +166,26 @@ def from_saved(obj) -> TorchvisionDetector | None:
     m = TorchvisionDetector(builder, nc, imgsz)
     m.net.load_state_dict({**m.net.state_dict(), **state})  # a frozen BatchNorm's num_batches_tracked stays 0
     return m.float().eval()
+
+
+def keep_classes(model: TorchvisionDetector, index: list[int], names: list[str]) -> TorchvisionDetector:
+    """A copy of a Faster R-CNN whose detections are only those of its classes ``index``, in that order, named
+    ``names`` (a COCO teacher for a dataset of some of its classes, selected by name). Its softmax stays over all
+    of its classes, so a detection of another class is dropped, not handed to a kept class: what pycocotools scores
+    on a subset of categories, and the targets ``det_kd`` takes from it. Its RoI classifier still predicts every
+    class (``nc``), so RoI-level KD, which compares it with the student's, is refused for it."""
+    import copy
+
+    if model.kept is not None:
+        index = [model.kept[i] for i in index]
+    kept = copy.deepcopy(model)
+    kept.kept, kept.names = list(index), dict(enumerate(names))
+    return kept
+
+
+def dense_classes(model: TorchvisionDetector) -> int:
+    """How many class scores its dense output (its detections) carries: its classes, or those it keeps."""
+    return model.nc if model.kept is None else len(model.kept)
 
 
 def with_classes(model: TorchvisionDetector, ds, seed: int = 0) -> list[int] | None:

@@ -413,7 +413,12 @@ def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
     if spec.student_layers is not None or spec.teacher_layers is not None:
         raise RecipeError(f"{where}: '{spec.name}' reads the teacher's final detections; drop "
                           "student_layers/teacher_layers")
-    t_nc = teacher.nc if _is_two_stage(teacher) else num_classes(teacher)
+    if _is_two_stage(teacher):
+        from kdctl.detectors.torchvision import dense_classes
+
+        t_nc = dense_classes(teacher)  # a teacher of more classes keeps the dataset's detections (keep_classes)
+    else:
+        t_nc = num_classes(teacher)
     if t_nc != num_classes(student):
         raise RecipeError(f"{where}: '{spec.name}' needs the same classes, but the student predicts "
                           f"{num_classes(student)} and the teacher {t_nc}{OTHER_CLASSES}")
@@ -421,8 +426,9 @@ def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
 
 # what to do about a teacher trained on other classes (a COCO teacher for a dataset of a few classes, say)
 OTHER_CLASSES = ("; the teacher was trained on other classes: fine-tune it on this dataset first (kdctl train with "
-                 "student.model: the teacher), or distill its features alone (backbone or neck losses); a YOLO or "
-                 "RT-DETR teacher whose class names include the dataset's has them selected by name")
+                 "student.model: the teacher), or distill its features alone (backbone or neck losses); a teacher "
+                 "whose class names include the dataset's is read for those classes, by name (a Faster R-CNN's "
+                 "detections for det_kd, not its RoI classifier)")
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:

@@ -144,14 +144,14 @@ def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: in
     if runtime is None:
         check_imgsz(size, model)
         # a model of more classes than the dataset (a COCO one for a person/car set): scored on the dataset's, by
-        # name, as distill reads such a teacher; cut down to them where its family can be
+        # name, as distill reads such a teacher
         model, picked = dataset_classes(model, ds)
         classes, names, backend = model_classes(model), getattr(model, "names", None), torch_backend(model, device)
     else:
         backend = model
     if classes is not None:  # an export of an older kdctl may not list its classes
         index, found = scored_classes(names, classes, ds)
-        if index is not None:  # an artifact, or a two-stage model: its other classes' detections are not counted
+        if index is not None:  # an artifact keeps its classes: its other classes' detections are not counted
             backend, classes, names, picked = class_columns(backend, index), ds.nc, ds.names, found
         ds.check_model_classes(classes, what, names=names)
     if picked is not None:
