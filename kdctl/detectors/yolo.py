@@ -427,8 +427,8 @@ def _check_detections_pair(student, teacher, spec, i: int, source: str) -> None:
 # what to do about a teacher trained on other classes (a COCO teacher for a dataset of a few classes, say)
 OTHER_CLASSES = ("; the teacher was trained on other classes: fine-tune it on this dataset first (kdctl train with "
                  "student.model: the teacher), or distill its features alone (backbone or neck losses); a teacher "
-                 "whose class names include the dataset's is read for those classes, by name (a Faster R-CNN's "
-                 "detections for det_kd, not its RoI classifier)")
+                 "whose class names include the dataset's has them selected by name (a Faster R-CNN's detections, "
+                 "for det_kd; not its RoI classifier)")
 
 
 def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teacher: bool = False) -> None:
