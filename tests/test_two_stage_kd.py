@@ -142,7 +142,8 @@ def test_a_faster_rcnn_teacher_of_more_classes_teaches_its_detections_of_the_dat
     the dataset's in another order: det_kd takes its detections of the dataset's classes, found by name (its other
     classes' detections dropped), so with other classes that never score the run is its own-classes teacher's, step
     for step; the bundle records the selection. RoI KD, which compares its classifier with the student's, is
-    refused in one line. Both were refused ('the student predicts 3 and the teacher 5')."""
+    refused in one line; RoI mimic (features only) is taken. Both were refused ('the student predicts 3 and the
+    teacher 5')."""
     from kdctl.bundle import load_bundle
     from kdctl.detectors import load_detector
     from kdctl.detectors.torchvision import save_checkpoint
@@ -171,3 +172,7 @@ def test_a_faster_rcnn_teacher_of_more_classes_teaches_its_detections_of_the_dat
     r = _recipe(tmp_path, tiny_data, tmp_path / "big.pt", losses="[{name: roi_kd}]")
     says = refused_in_one_line(["distill", str(r), "--out", str(tmp_path / "roi")], tmp_path / "roi")
     assert "'roi_kd' needs the same classes, but the student predicts 3 and the teacher 5" in says
+    # its RoI-pooled features alone need no classes in common (RoI mimic): taken, as distill would take it
+    r = _recipe(tmp_path, tiny_data, tmp_path / "big.pt", losses="[{name: roi_mimic}]")
+    res = CliRunner().invoke(app, ["recipe", "check", str(r), "--models", "--json"])
+    assert res.exit_code == 0 and [t["loss"] for t in json.loads(res.stdout)["kd_terms"]] == ["roi_mimic"], res.output

@@ -103,7 +103,7 @@ def build_criterion(student: nn.Module, teacher: nn.Module, losses, balance, img
                     check_rpn_layouts(_rpn_outputs(student, imgsz), _rpn_outputs(teacher, imgsz))
                 except ValueError as e:
                     raise RecipeError(f"{where}: '{spec.name}': {e}") from None
-            elif student.nc != teacher.nc:
+            elif student.nc != teacher.nc and not getattr(entry.cls, "class_free", False):
                 from kdctl.detectors.yolo import OTHER_CLASSES
 
                 raise RecipeError(f"{where}: '{spec.name}' needs the same classes, but the student predicts "

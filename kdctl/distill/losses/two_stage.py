@@ -164,7 +164,10 @@ class RoIFeatureMimic(nn.Module):
     """Mimicking Very Efficient Network for Object Detection (Li et al., CVPR 2017): the student's RoI-pooled
     features on its sampled proposals imitate the teacher's pooled on the same proposals,
     ``½·mean_r mean_(c,i,j) (a(s_r) − t_r)²`` — the paper's ``1/(2N) Σ_r ‖a(s_r) − t_r‖²`` divided by the feature
-    size, with ``a`` a trainable 1×1 convolution when the channel counts differ (the paper's adaptation layer)."""
+    size, with ``a`` a trainable 1×1 convolution when the channel counts differ (the paper's adaptation layer).
+    Features only: a teacher of other classes than the student's teaches it as well."""
+
+    class_free = True  # no class scores are compared (the RoI-level check of equal classes does not apply)
 
     def __init__(self, s_channels: int, t_channels: int):
         super().__init__()
