@@ -451,6 +451,39 @@ def test_a_users_faster_rcnn_weights_are_scored_taught_from_and_fine_tuned(tmp_p
     assert (tuned.builder, tuned.nc, tuned.imgsz) == ("fasterrcnn_mobilenet_v3_large_320_fpn", 3, 64)
 
 
+def test_a_coco_layout_model_saved_without_names_is_read_with_torchvisions_coco_categories(tmp_path, tiny_data):
+    """A Faster R-CNN state dict of torchvision's COCO layout (91 outputs: background, 80 categories, 10 unused
+    'N/A' ids), as ``torch.save(fasterrcnn_resnet50_fpn(weights="DEFAULT").state_dict())`` writes it, names no
+    classes; kdctl names them with torchvision's COCO categories, so the model is scored, taught from and
+    fine-tuned on a person/car set by name (they were placeholders '0'...'89', taken for none of the dataset's).
+    Another class count stays unnamed."""
+    import yaml
+
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import TorchvisionDetector
+
+    torch.manual_seed(0)
+    coco, other = tmp_path / "coco.pt", tmp_path / "other.pt"
+    torch.save(TorchvisionDetector(BUILDER.split(":")[1], 90, 64).net.state_dict(), coco)
+    torch.save(TorchvisionDetector(BUILDER.split(":")[1], 5, 64).net.state_dict(), other)
+    m = load_detector(coco)
+    assert (m.nc, m.names[0], m.names[2], m.names[11], m.names[89]) == (90, "person", "car", "N/A", "toothbrush")
+    assert load_detector(other).names == {i: str(i) for i in range(5)}
+    data = tmp_path / "person-car.yaml"
+    data.write_text(yaml.safe_dump({**yaml.safe_load(tiny_data.read_text()), "names": ["person", "car", "dog"]}))
+    picked = {"model_nc": 90, "index": {"person": 0, "car": 2, "dog": 17}}
+    res = CliRunner().invoke(app, ["eval", str(coco), "--data", str(data), "--imgsz", "64", "--out",
+                                   str(tmp_path / "ev"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["classes"] == picked, res.output
+    r = tmp_path / "ft.yaml"
+    r.write_text(f"name: ft\nstudent: {{model: '{coco}'}}\nteacher: {{model: '{coco}'}}\ndata: {{yolo: {data}}}\n"
+                 "train: {epochs: 1, imgsz: 64, batch: 8}\ndistill: {losses: [{name: rpn_kd}]}\n")
+    res = CliRunner().invoke(app, ["recipe", "check", str(r), "--models", "--json"])
+    assert res.exit_code == 0, res.output
+    checked = json.loads(res.stdout)  # fine-tuned from its rows of those names, teaching its detections of them
+    assert checked["student_classes"] == checked["teacher_classes"] == picked
+
+
 def _file_sha(path) -> str:
     import hashlib
 

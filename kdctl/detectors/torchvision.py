@@ -140,7 +140,8 @@ def from_saved(obj) -> TorchvisionDetector | None:
     (``FrozenBatchNorm2d``: no ``num_batches_tracked``) load into plain ones, the same in eval mode. The two
     MobileNetV3 builders share their weights' shapes and differ in the RPN's test-time proposal counts (150 for
     the 320 one, 1000): a whole model, or the references' ``args.model``, says which; a bare state dict is taken
-    as the 320 one."""
+    as the 320 one. Such a file names no classes: one of torchvision's COCO layout (91 outputs) is named with its
+    COCO categories (:func:`coco_names`)."""
     if is_checkpoint(obj):
         return from_checkpoint(obj)
     found = _saved_state(obj)
@@ -163,9 +164,20 @@ def from_saved(obj) -> TorchvisionDetector | None:
         builder = next((b for b in matches if refs[b].rpn._pre_nms_top_n["testing"] == testing), builder)
         _check_rebuilt(module, refs[builder], builder)
     imgsz = int((module or refs[builder]).transform.min_size[-1])
-    m = TorchvisionDetector(builder, nc, imgsz)
+    m = TorchvisionDetector(builder, nc, imgsz, coco_names(nc))
     m.net.load_state_dict({**m.net.state_dict(), **state})  # a frozen BatchNorm's num_batches_tracked stays 0
     return m.float().eval()
+
+
+def coco_names(nc: int) -> dict | None:
+    """The class names of a torchvision detector saved without them (its state dict, the whole model, the references'
+    checkpoint) whose classifier has torchvision's COCO layout, 91 outputs (background, 80 categories and 10 unused
+    'N/A' ids): the categories every torchvision COCO detection weight names (``weights.meta["categories"]``), so
+    that a COCO model is read for a person/car set by name, as a YOLO one is. None for any other class count: its
+    classes stay unnamed ('0', '1', ...)."""
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    return dict(enumerate(_COCO_CATEGORIES[1:])) if nc + 1 == len(_COCO_CATEGORIES) else None
 
 
 def keep_classes(model: TorchvisionDetector, index: list[int], names: list[str]) -> TorchvisionDetector:
