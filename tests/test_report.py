@@ -431,7 +431,8 @@ def test_rows_show_a_dash_for_what_a_bundle_did_not_measure(tmp_path):
 
 def test_an_eval_row_says_which_artifact_and_split_it_scored(tmp_path):
     """An eval of an exported artifact, or of the test split, is another measurement than the PyTorch model's on the
-    validation images: its row in the models table says which (it read as a plain eval of the model)."""
+    validation images: its row in the models table says which (it read as a plain eval of the model); so is a model
+    scored on some of its classes."""
     from kdctl.bundle import BundleWriter, load_bundle
     from kdctl.report.stage import _rows
 
@@ -446,6 +447,15 @@ def test_an_eval_row_says_which_artifact_and_split_it_scored(tmp_path):
              bundle("s", map50_95=0.2, split="train")]
     assert [r[1] for r in _rows(chain)[0]] == ["v", "a (onnx-int8)", "t (openvino-int8, test split)",
                                                "s (train split)"]
+    # a model of more classes scored on the dataset's (a COCO one on a person/car set): its rows say so
+    picked = {"classes": {"model_nc": 80, "index": {"person": 0, "car": 2}}}
+    with BundleWriter(tmp_path / "c", stage="eval", inputs=picked) as w:
+        w.metrics.update(map50_95=0.6, split="val", runtime="onnxruntime", artifact="onnx-fp32")
+    with BundleWriter(tmp_path / "x", stage="export", inputs=picked) as w:
+        w.metrics.update(artifacts=[{"name": "onnx-fp32", "metrics": {"map50_95": 0.6}}])
+    stage_rows, perf_rows = _rows([load_bundle(tmp_path / "c"), load_bundle(tmp_path / "x")])
+    assert stage_rows[0][1] == "c (onnx-fp32, the dataset's 2 of its 80 classes)"
+    assert perf_rows[0][1] == "x/onnx-fp32 (the dataset's 2 of its 80 classes)"
 
 
 def test_user_names_are_literal_in_the_markdown(tmp_path):

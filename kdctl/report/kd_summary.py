@@ -73,12 +73,17 @@ class TeacherRecord:
 
 def _selected(distilled: Bundle) -> str:
     """How a teacher of more classes than the dataset was read (``inputs.teacher.classes``), for its row."""
-    picked = field_of(distilled.manifest.get("inputs"), "teacher", "classes")
+    picked = classes_read(field_of(distilled.manifest.get("inputs"), "teacher", "classes"))
+    return f"; read for {picked}, by name" if picked else ""
+
+
+def classes_read(picked) -> str:
+    """'the dataset's 3 of its 5 classes', of the record of a model of more classes read for its dataset's, by name
+    (``{"model_nc": 5, "index": {class: its index}}``); '' for anything else."""
     if not isinstance(picked, dict) or not isinstance(picked.get("index"), dict):
         return ""
     n = picked.get("model_nc")
-    return f"; read for the dataset's {len(picked['index'])}{f' of its {n}' if isinstance(n, int) else ''} classes, " \
-        "by name"
+    return f"the dataset's {len(picked['index'])}{f' of its {n}' if isinstance(n, int) else ''} classes"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from kdctl.gate.junit import md_escape
 from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
-from kdctl.report.kd_summary import compare_all, field_of, seed_groups, side_by_side
+from kdctl.report.kd_summary import classes_read, compare_all, field_of, seed_groups, side_by_side
 
 
 def lineage(bundles: list[Bundle]) -> list[Bundle]:
@@ -67,6 +67,7 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
             scored = [m["artifact"]] if isinstance(m.get("artifact"), str) else []
             if isinstance(m.get("split"), str) and m["split"] != "val":
                 scored.append(f"{m['split']} split")
+            scored += [_of_its_classes(b)] if _of_its_classes(b) else []
             name = f"{b.path.name} ({', '.join(scored)})" if b.stage == "eval" and scored else b.path.name
             stage_rows.append([b.stage, name, _fmt(m.get("map50_95"), ".4f"), _fmt(m.get("map50"), ".4f"),
                                _fmt(m.get("params") or None, ","), _fmt(m.get("train_seconds") or None, ".0f", " s")])
@@ -74,7 +75,8 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
             for a in m.get("artifacts") or []:
                 if a.get("metrics"):
                     drop = field_of(a, "metrics", "map50_95_drop")
-                    perf_rows.append(["export", f"{b.path.name}/{a.get('name')}",
+                    subset = f" ({_of_its_classes(b)})" if _of_its_classes(b) else ""
+                    perf_rows.append(["export", f"{b.path.name}/{a.get('name')}{subset}",
                                       _fmt(a["metrics"].get("map50_95"), ".4f"),
                                       " ".join(filter(None, [
                                           _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
@@ -96,6 +98,12 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
                                   f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f}" + per_call(r),
                                   _fmt(field_of(r, "throughput", "images_per_s"), ".0f") + _in_flight(r)])
     return stage_rows, perf_rows
+
+
+def _of_its_classes(b: Bundle) -> str:
+    """For an eval or export bundle of a model of more classes than its dataset, scored on the dataset's (found by
+    name, ``inputs.classes``): 'the dataset's 3 of its 5 classes'; else ''."""
+    return classes_read(field_of(b.manifest.get("inputs"), "classes"))
 
 
 def _in_flight(result: dict) -> str:
