@@ -129,7 +129,7 @@ def emit(result: Any, *, as_json: bool, quiet: bool = False, human=None) -> None
             console.print(result)
 
 
-def scored_classes(bundle) -> dict | None:
+def classes_record(bundle) -> dict | None:
     """The record of a model of more classes scored on the dataset's, found by name (a bundle's
     ``inputs.classes``: ``{"model_nc": N, "index": {class: its index}}``), or None."""
     picked = (bundle.manifest.get("inputs") or {}).get("classes")

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, print_scored_classes, progress_bar, scored_classes)
+                               classes_record, emit, print_scored_classes, progress_bar)
 from kdctl.limits import IMGSZ_MAX
 
 
@@ -56,7 +56,7 @@ def evaluate(
               "per_class_ap50_95": m["per_class_ap50_95"], "images": m["images"], "split": m["split"]}
     if "artifact" in m:
         result.update(artifact=m["artifact"], runtime=m["runtime"])
-    picked = scored_classes(b)
+    picked = classes_record(b)
     if picked:  # a model of more classes, scored on the dataset's (selected by name)
         result["classes"] = picked
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, SkipInvalidOpt, console,
-                               emit, fraction, print_scored_classes, progress_bar, scored_classes)
+                               classes_record, emit, fraction, print_scored_classes, progress_bar)
 from kdctl.bundle import delta_interval, reference_metrics
 from kdctl.limits import IMGSZ_MAX
 from kdctl.runtimes import ARTIFACTS
@@ -90,7 +90,7 @@ def export(
              "note": a["runtime"].get("reason")} for a in m["artifacts"]]
     result = {"bundle": str(b.path), "target": m["target"], "pytorch_map50_95": reference_metrics(m)["map50_95"],
               "qat": "qat" in m, "artifacts": rows}
-    picked = scored_classes(b)
+    picked = classes_record(b)
     if picked:  # a model of more classes, exported whole and scored on the dataset's (selected by name)
         result["classes"] = picked
 
