@@ -60,14 +60,14 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
     stage_rows, perf_rows = [], []
     for b in chain:
-        m = b.metrics
+        m, subset = b.metrics, _of_its_classes(b)
         if b.stage in ("train", "distill", "eval"):
             # an eval of an exported artifact, or of another split, says which: its mAP is not the PyTorch model's
             # on the validation images
             scored = [m["artifact"]] if isinstance(m.get("artifact"), str) else []
             if isinstance(m.get("split"), str) and m["split"] != "val":
                 scored.append(f"{m['split']} split")
-            scored += [_of_its_classes(b)] if _of_its_classes(b) else []
+            scored += [subset] if subset else []
             name = f"{b.path.name} ({', '.join(scored)})" if b.stage == "eval" and scored else b.path.name
             stage_rows.append([b.stage, name, _fmt(m.get("map50_95"), ".4f"), _fmt(m.get("map50"), ".4f"),
                                _fmt(m.get("params") or None, ","), _fmt(m.get("train_seconds") or None, ".0f", " s")])
@@ -75,8 +75,7 @@ def _rows(chain: list[Bundle]) -> tuple[list[list[str]], list[list[str]]]:
             for a in m.get("artifacts") or []:
                 if a.get("metrics"):
                     drop = field_of(a, "metrics", "map50_95_drop")
-                    subset = f" ({_of_its_classes(b)})" if _of_its_classes(b) else ""
-                    perf_rows.append(["export", f"{b.path.name}/{a.get('name')}{subset}",
+                    perf_rows.append(["export", f"{b.path.name}/{a.get('name')}" + (f" ({subset})" if subset else ""),
                                       _fmt(a["metrics"].get("map50_95"), ".4f"),
                                       " ".join(filter(None, [
                                           _fmt(-drop if isinstance(drop, (int, float)) else 0, "+.4f"),
