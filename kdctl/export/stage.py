@@ -180,7 +180,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     from kdctl import detectors
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.detectors import yolo
-    from kdctl.evaluate import evaluate_with_records, torch_backend
+    from kdctl.evaluate import torch_backend
     from kdctl.models import check_imgsz
 
     wanted = _known_artifacts(options, preset)
@@ -207,7 +207,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     ev = Step(progress, "evaluate artifacts (COCO mAP)", total=len(val_images) * (len(evaluated) + 1))
     checks = _Checks(torch_backend(model), classes.scored_backend, model, qat, imgsz, val_images, ds.names,
                      parity_batches, options.max_map_drop, ev.advance)
-    checks.score_reference(evaluate_with_records)
+    checks.score_reference()
     plan.advance()
     calibration = _preprocess(calib.images, imgsz)
     if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
@@ -413,9 +413,12 @@ class _Checks:
     def __post_init__(self):
         self.images = len(self.batches)  # images compared (a static batch's groups repeat some)
 
-    def score_reference(self, evaluate) -> None:
-        self.ref_metrics, self.ref_records = evaluate(self.scored(self.reference), self.val_images, self.names,
-                                                      self.imgsz, progress=self.advance)
+    def score_reference(self) -> None:
+        """PyTorch's mAP and evaluation records, which every artifact's drop is measured against."""
+        from kdctl.evaluate import evaluate_with_records
+
+        self.ref_metrics, self.ref_records = evaluate_with_records(self.scored(self.reference), self.val_images,
+                                                                   self.names, self.imgsz, progress=self.advance)
 
     def verify(self, a: Artifact) -> bool:
         """Fill ``a.parity`` and ``a.metrics``, or fail the export; False for an artifact not here to check (an
