@@ -175,9 +175,10 @@ def coco_names(nc: int) -> dict | None:
     'N/A' ids): the categories every torchvision COCO detection weight names (``weights.meta["categories"]``), so
     that a COCO model is read for a person/car set by name, as a YOLO one is. None for any other class count: its
     classes stay unnamed ('0', '1', ...)."""
-    from torchvision.models._meta import _COCO_CATEGORIES
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
-    return dict(enumerate(_COCO_CATEGORIES[1:])) if nc + 1 == len(_COCO_CATEGORIES) else None
+    categories = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # the enum's metadata: nothing fetched
+    return dict(enumerate(categories[1:])) if nc + 1 == len(categories) else None
 
 
 def keep_classes(model: TorchvisionDetector, index: list[int], names: list[str]) -> TorchvisionDetector:
