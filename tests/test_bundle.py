@@ -36,6 +36,21 @@ def test_manifest_fields(tmp_path):
     assert m["outputs"]["weights"] == "weights.pt"
 
 
+def test_duration_counts_from_the_stages_claim_of_its_out(tmp_path, trained_bundle):
+    """A stage claims --out before its work and opens the writer at the end: the manifest's duration_s is the
+    stage's (its training included), not the seconds spent writing the files."""
+    import time
+
+    from kdctl.bundle import claim_output
+
+    with claim_output(tmp_path / "b", overwrite=False):
+        time.sleep(0.5)  # the stage's work
+        b = make(tmp_path, "b")
+    assert b.manifest["duration_s"] >= 0.5
+    trained = load_bundle(trained_bundle)
+    assert trained.manifest["duration_s"] >= trained.metrics["train_seconds"] > 0
+
+
 def test_parent_is_recorded(tmp_path):
     a = make(tmp_path, "a")
     b = make(tmp_path, "b", parents=[a])

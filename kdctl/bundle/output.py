@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime as _dt
 import errno
 import os
 import shutil
@@ -237,6 +238,7 @@ class OutputClaim:
         self.lock = OutputLock(self.out)
         self.depth = 0
         self.expected: str | None = None
+        self.since: _dt.datetime | None = None  # when the stage claimed it: its manifest's duration counts from here
 
     def __enter__(self) -> "OutputClaim":
         held = _held.get(self.out)
@@ -257,7 +259,7 @@ class OutputClaim:
             self.lock.release()
             raise
         self.expected = detail if state == "bundle" else None
-        self.depth = 1
+        self.depth, self.since = 1, _dt.datetime.now(_dt.timezone.utc)
         _held[self.out] = self
         return self
 

@@ -455,7 +455,7 @@ class BundleWriter:
         except BaseException:
             self.claim.__exit__(None, None, None)
             raise
-        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.started = self.claim.since  # a stage claims its --out before its work (training, export): timed from then
         return self
 
     def add_output(self, role: str, rel: str | Path) -> Path:
