@@ -1095,6 +1095,8 @@ def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, ti
     (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
     (tmp_path / "short.pt").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 8])
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "image.pt").write_bytes(next((tiny_data.parent / "images" / "val").glob("*.png")).read_bytes())
+    (tmp_path / "notes.pt").write_text("garbage\n")  # torch.load's own error: 'invalid literal for int()'
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's own deprecation, not kdctl's
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "script.pt"))
@@ -1102,7 +1104,11 @@ def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, ti
              "short.pt": "the file is empty, truncated or corrupted (RuntimeError: PytorchStreamReader failed reading "
                          "zip archive: failed finding central directory)",
              "empty.pt": "the file is empty, truncated or corrupted (EOFError: Ran out of input)",
-             "script.pt": "it is a TorchScript archive, not an Ultralytics PyTorch checkpoint"}
+             "script.pt": "it is a TorchScript archive, not an Ultralytics PyTorch checkpoint",
+             "image.pt": "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts "
+                         "with b'\\x89PNG\\r\\n\\x1a\\n')",
+             "notes.pt": "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts "
+                         "with b'garbage\\n')"}
     for name, why in found.items():
         out = tmp_path / "ev"
         line = refused_in_one_line(["eval", str(tmp_path / name), "--data", str(tiny_data), "--out", str(out)], out)

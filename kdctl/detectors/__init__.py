@@ -170,6 +170,9 @@ def load_problem(e: Exception, path=None) -> str:
     error, ...)`` and a fix to run); what is said here is what it found, to the end of its first sentence."""
     if isinstance(e, NotACheckpoint):
         return str(e)
+    foreign = _not_torch_file(path)
+    if foreign:
+        return foreign
     text = str(e).splitlines()[0].strip() if str(e).strip() else ""
     damaged = re.search(r"is not a loadable checkpoint\W+the file is empty, truncated or corrupted \((.*)\)\.?$", text)
     if damaged:
@@ -182,6 +185,20 @@ def load_problem(e: Exception, path=None) -> str:
             ours = "it" + ours[len(str(path)):]
         return _first_sentence(ours)
     return f"{type(e).__name__}: {_first_sentence(text)}" if text else type(e).__name__
+
+
+def _not_torch_file(path) -> str | None:
+    """Why a file is none of the formats ``torch.load`` reads (a zip archive, as torch.save writes since 1.6, or a
+    pickle, as before it), from its first bytes: an image, a JSON or text file given as the model. None where it
+    may be one (or cannot be read: the loader's own error says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, TypeError):
+        return None
+    if not head or head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    return f"not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts with {head!r})"
 
 
 def _first_sentence(text: str) -> str:
