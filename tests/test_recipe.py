@@ -56,6 +56,16 @@ BAD = [
     (GOOD.replace("imgsz: 128", "imgsz: 100"), "train.imgsz", "multiple of 32"),
     (GOOD.replace("epochs: 1", "epochs: 0"), "train.epochs", "greater than or equal to 1"),
     (GOOD.replace("epochs: 1", "epochs: ten"), "train.epochs", "valid integer"),
+    # a section given as one value: its fields, not pydantic's class name ('or instance of CacheSpec')
+    (GOOD + "  cache: runs/cache/c\n", "distill.cache",
+     'Input should be a valid dictionary of its fields (path, top_k), got "runs/cache/c"'),
+    (GOOD.replace("- {name: cwd, weight: 2.0, params: {tau: 2.0}}", "- cwd"), "distill.losses[0]",
+     'Input should be a valid dictionary of its fields (name, level, student_layers, teacher_layers, strides, '
+     'weight, params), got "cwd"'),
+    (GOOD.replace("train: {epochs: 1, imgsz: 128}", "train: 5"), "train", "Input should be a valid dictionary of its "
+     "fields (epochs, imgsz, batch, lr0, optimizer"),
+    (GOOD.replace("data: {synthetic: {train: 10, val: 5}}", "data: 3"), "data", "Input should be a valid dictionary "
+     "of its fields (yolo, coco, synthetic, skip_invalid) or one string, short for its 'yolo', got 3"),
     (GOOD.replace("train: {", "train: {lr: 0.1, "), "train.lr", "unknown field 'lr'; valid fields: epochs"),
     (GOOD.replace("name: ok", "name: ok\ntypo_section: 1"), "typo_section", "unknown field"),
     (GOOD.replace("name: cwd", "name: cwdd"), "distill.losses[0].name", "unknown loss 'cwdd'; valid:"),

@@ -41,6 +41,13 @@ def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
         msg = msg[len("Value error, "):]
     elif err["type"] == "missing":
         msg = "required field is missing"
+    elif err["type"] == "model_type":  # pydantic names its class ('instance of CacheSpec'), not what to write
+        from kdctl.recipe.schema import SHORT_FORMS, Recipe
+
+        fields = _fields_at(model, loc)
+        short = SHORT_FORMS.get(loc[-1]) if model is Recipe and len(loc) == 1 else None
+        msg = ("Input should be a valid dictionary" + (f" of its fields ({', '.join(fields)})" if fields else "")
+               + (f" or one string, short for its '{short}'" if short else "") + f", got {shown(err.get('input'))}")
     elif err["type"] == "literal_error":
         msg = f"got {shown(err.get('input'))}; {msg[0].lower()}{msg[1:]}"
     elif err["type"].endswith(("_type", "_parsing")) and "input" in err:
