@@ -1097,6 +1097,7 @@ def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, ti
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "image.pt").write_bytes(next((tiny_data.parent / "images" / "val").glob("*.png")).read_bytes())
     (tmp_path / "notes.pt").write_text("garbage\n")  # torch.load's own error: 'invalid literal for int()'
+    (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4f1c\nsize 6534387\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's own deprecation, not kdctl's
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "script.pt"))
@@ -1108,7 +1109,8 @@ def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, ti
              "image.pt": "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts "
                          "with b'\\x89PNG\\r\\n\\x1a\\n')",
              "notes.pt": "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts "
-                         "with b'garbage\\n')"}
+                         "with b'garbage\\n')",
+             "lfs.pt": "a Git LFS pointer file, not the checkpoint itself (`git lfs pull` fetches it)"}
     for name, why in found.items():
         out = tmp_path / "ev"
         line = refused_in_one_line(["eval", str(tmp_path / name), "--data", str(tiny_data), "--out", str(out)], out)

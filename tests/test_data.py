@@ -246,6 +246,26 @@ def _broken_copy(tmp_path, tiny_data):
     return root / "data.yaml", tr
 
 
+def test_a_git_lfs_pointer_in_place_of_an_image_says_so(tmp_path, tiny_data):
+    """A dataset cloned without `git lfs pull` holds pointer files where its images should be: named as such."""
+    import shutil
+
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.data.validate import check_image
+    from kdctl.errors import DataError
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data.parent / "images", root / "images")
+    shutil.copytree(tiny_data.parent / "labels", root / "labels")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    pointer = sorted((root / "images" / "val").glob("*.png"))[0]
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4f1c\nsize 6534\n")
+    why = "cannot be decoded as an image: a Git LFS pointer file, not the image itself (`git lfs pull` fetches it)"
+    assert check_image(pointer) == why
+    with pytest.raises(DataError, match=re.escape(f"{pointer}: {why}")):
+        load_yolo_yaml(root / "data.yaml")
+
+
 def test_skip_invalid_leaves_bad_samples_out_and_lists_them(tmp_path, tiny_data):
     from kdctl.data.resolve import load_yolo_yaml, normalised_yaml
     from kdctl.errors import DataError

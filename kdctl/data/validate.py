@@ -106,9 +106,24 @@ def open_image(path: Path):
     return getattr(patches, "_image_open", Image.open)(path)
 
 
-def image_problem(e: Exception) -> str:
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts (git-lfs' spec)
+
+
+def git_lfs_pointer(path) -> bool:
+    """Whether ``path`` is a Git LFS pointer: a repository cloned without `git lfs pull` holds these small text
+    files in place of its images and weights."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except (OSError, TypeError):
+        return False
+
+
+def image_problem(e: Exception, path=None) -> str:
     from PIL import UnidentifiedImageError
 
+    if path is not None and git_lfs_pointer(path):
+        return "cannot be decoded as an image: a Git LFS pointer file, not the image itself (`git lfs pull` fetches it)"
     if isinstance(e, UnidentifiedImageError):
         return "cannot be decoded as an image (not a format Pillow reads)"
     return f"cannot be decoded as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})"
@@ -124,7 +139,7 @@ def read_image(path: Path, use):
     except Exception as e:  # PIL raises many types for a broken file; each means "not an image"
         from kdctl.errors import DataError
 
-        raise DataError(f"{path}: {image_problem(e)}") from None
+        raise DataError(f"{path}: {image_problem(e, path)}") from None
 
 
 def check_image(path: Path) -> str | None:
@@ -140,7 +155,7 @@ def check_image(path: Path) -> str | None:
     except FileNotFoundError:
         return "image not found"
     except Exception as e:  # PIL raises many types for broken files; any of them means "not an image"
-        return image_problem(e)
+        return image_problem(e, path)
     if w < MIN_SIDE or h < MIN_SIDE:
         return f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} needed"
     from kdctl.detectors.ultralytics_env import opencv_reads

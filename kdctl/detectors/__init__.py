@@ -191,6 +191,8 @@ def _not_torch_file(path) -> str | None:
     """Why a file is none of the formats ``torch.load`` reads (a zip archive, as torch.save writes since 1.6, or a
     pickle, as before it), from its first bytes: an image, a JSON or text file given as the model. None where it
     may be one (or cannot be read: the loader's own error says why)."""
+    from kdctl.data.validate import git_lfs_pointer
+
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -198,6 +200,8 @@ def _not_torch_file(path) -> str | None:
         return None
     if not head or head.startswith(b"PK") or head[:1] == b"\x80":
         return None
+    if git_lfs_pointer(path):
+        return "a Git LFS pointer file, not the checkpoint itself (`git lfs pull` fetches it)"
     return f"not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts with {head!r})"
 
 
