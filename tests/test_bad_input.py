@@ -608,6 +608,21 @@ def _(c):
         ["File name too long", "at most 255 bytes", "shorter path"]
 
 
+@case("distill-out-name-too-long-for-its-partial-bundle")
+def _(c):
+    """A 247-byte --out name fits the file system, but the bundle is built first in .NAME.partial-XXXXXXXX (18
+    bytes more): the run trained to the end, then failed to publish. Refused before any work."""
+    out = c.tmp / ("b" * 247)
+    return ["distill", str(c.yolo_recipe("r", c.data, teacher=str(c.train))), "--out", str(out)], 2, \
+        ["a name of 247 bytes", "hidden sibling 18 bytes longer", "at most 255 bytes here: give one of at most 237"]
+
+
+@case("gate-junit-name-too-long-for-its-temp-file")
+def _(c):
+    return ["gate", str(c.profile), "--min-map", "0", "--out", str(c.tmp / "g"), "--junit",
+            str(c.tmp / ("j" * 245))], 2, ["--junit", "a name of 245 bytes", "give one of at most 241"]
+
+
 @case("data-synth-name-too-long")
 def _(c):
     return ["data", "synth", str(c.tmp / ("b" * 300)), "-n", "2", "--val", "1"], 2, ["File name too long"]

@@ -90,6 +90,7 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
     if (escaped := not_utf8(out)) is not None:  # the ONNX, OpenVINO and TensorRT writers fail on such a name
         raise BundleError(f"{flag} {escaped}: has bytes that are not UTF-8 text; the model writers take UTF-8 "
                           "paths only; choose another --out")
+    _check_name_length(out, flag, len(".") + len(".partial-") + 8)  # the bundle is built in .NAME.partial-XXXXXXXX
     inputs = [absolute(i) for i in inputs]
     _check_place(out, flag, inputs, "choose another --out")
     for inp in inputs:
@@ -102,6 +103,24 @@ def check_out_path(out: str | Path, *, overwrite: bool, inputs: Iterable[str | P
     if state == "bundle" and not overwrite:
         raise BundleError(f"{flag} {out}: already exists; choose another --out or pass --overwrite")
     return state, detail
+
+
+def _check_name_length(p: Path, flag: str, extra: int) -> None:
+    """A name too long for the hidden sibling kdctl writes first (``extra`` bytes longer) failed only when the
+    stage published, its training or export done; refused before any work instead."""
+    d = p.parent
+    while not d.is_dir() and d != d.parent:
+        d = d.parent
+    try:
+        limit = os.pathconf(d, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(p.name))
+    if size + extra > limit:
+        shown = p.name if len(p.name) <= 40 else p.name[:39] + "…"
+        raise BundleError(f"{flag} {p.parent / shown}: a name of {size} bytes; kdctl writes it first as a hidden "
+                          f"sibling {extra} bytes longer, and a name is at most {limit} bytes here: give one of at "
+                          f"most {limit - extra}")
 
 
 def being_written(out: Path) -> bool:
@@ -334,6 +353,7 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         raise BundleError(f"{flag} {p}: is a symlink; give a regular file path")
     if p.exists() and not p.is_file():  # written by temp file + rename, which would replace a device node or pipe
         raise BundleError(f"{flag} {p}: is not a regular file (a device, pipe or socket); give a file path")
+    _check_name_length(p, flag, len(".") + len(".tmp-") + 8)  # written as .NAME.tmp-XXXXXXXX, then renamed
     _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
     _check_writable(p, flag)
     return p
