@@ -623,6 +623,15 @@ def _(c):
             str(c.tmp / ("j" * 245))], 2, ["--junit", "a name of 245 bytes", "give one of at most 241"]
 
 
+@case("distill-detr-logit-for-a-yolo-pair")
+def _(c):
+    """The hint named an RT-DETR teacher for a YOLO pair; it now names what a YOLO student learns from."""
+    r = c.yolo_recipe("r", c.data, teacher=str(c.train), losses="[{name: detr_logit}]")
+    return ["distill", str(r), "--out", str(c.tmp / "x")], 2, \
+        ["distill.losses[0]: 'detr_logit' matches DETR decoder queries, but the student is not an RT-DETR detector",
+         "a YOLO student learns from a YOLO teacher's head (kd_logit, ld, crosskd)"]
+
+
 @case("data-synth-name-too-long")
 def _(c):
     return ["data", "synth", str(c.tmp / ("b" * 300)), "-n", "2", "--val", "1"], 2, ["File name too long"]

@@ -436,8 +436,8 @@ def _check_detr_pair(student, teacher, spec, i: int, source: str, need_detr_teac
     after NMS, Teach-DETR's setting); ``detr_query``: both RT-DETR (both decoders answer the same queries)."""
     if head_name(student) != "RTDETRDecoder":
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' matches DETR decoder queries, but the "
-                          "student is not an RT-DETR detector; distill a YOLO student from an RT-DETR teacher at the "
-                          "backbone or neck level (pkd, cwd)")
+                          "student is not an RT-DETR detector; a YOLO student learns from a YOLO teacher's head "
+                          "(kd_logit, ld, crosskd), from any teacher's detections (det_kd) or features (pkd, cwd)")
     if _is_two_stage(teacher) or head_name(teacher) not in (*DETECT_HEADS, "RTDETRDecoder"):
         raise RecipeError(f"{source}: distill.losses[{i}]: '{spec.name}' needs an RT-DETR or YOLO teacher")
     if need_detr_teacher and head_name(teacher) != "RTDETRDecoder":
