@@ -271,7 +271,6 @@ def _(c):
 
 @case("report-out-is-an-ancestor")
 def _(c):
-    t = c.copy(c.train, "t")
     return ["report", str(c.profile), "--out", str(c.train), "--overwrite"], 2, ["input bundle"]
 
 
