@@ -250,13 +250,16 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     said = "".join(res.output.split())  # Rich wraps a long line at the terminal's width
     assert "".join(f"{shard / 'anchors.npy'}: not the file the cache build wrote (its sha256 differs from "
-                   "digest.json)".split()) in said, res.output
+                   f"digest.json); rebuild the cache with `kdctl cache build {r} --overwrite`".split()) in said, \
+        res.output  # the recipe being run, not a RECIPE placeholder
     # nothing left behind, and refused by cache build and cache info too, which took a complete meta.json for a
     # good cache
     assert not (tmp_path / "c").exists() and not (tmp_path / ".c.work").exists()
-    for argv in (["cache", "build", str(r)], ["cache", "info", str(tmp_path / "cache")]):
+    for argv, named in ((["cache", "build", str(r)], str(r)), (["cache", "info", str(tmp_path / "cache")], "RECIPE")):
         res = run.invoke(app, argv)
-        assert res.exit_code == 1 and "anchors.npy:notthefilethecachebuildwrote" in "".join(res.output.split()), argv
+        said = "".join(res.output.split())
+        assert res.exit_code == 1 and "anchors.npy:notthefilethecachebuildwrote" in said, argv
+        assert f"kdctlcachebuild{named}--overwrite" in said, res.output  # cache info has no recipe to name
     (shard / "anchors.npy").unlink()
     res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "anchors.npy:missingfromtheteachercache" in "".join(res.output.split()), res.output
@@ -272,6 +275,7 @@ def test_stale_caches_and_views_that_do_not_replay_are_refused(tmp_path, tiny_da
                                                                                           .read_bytes()).hexdigest()}))
     res = run.invoke(app, ["distill", str(r), "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "did not replay" in res.output and "Traceback" not in res.output, res.output
+    assert f"kdctlcachebuild{r}--overwrite" in "".join(res.output.split()), res.output
 
     # a record nested too deeply for Python's JSON parser (RecursionError: an internal error) is one line too
     meta = tmp_path / "cache" / "meta.json"

@@ -569,7 +569,7 @@ class KDTrainer(DetectionTrainer):
         if self.distill.cache:
             from kdctl.distill.cache import TeacherCache
 
-            cache = TeacherCache(Path(self.distill.cache))
+            cache = TeacherCache(Path(self.distill.cache), recipe=self.distill.source)
             heads = model.kd.teacher_head_layers()
             if heads != [cache.meta["head_layer"]]:
                 raise RecipeError(f"{self.distill.source}: distill.cache: the cache holds the teacher's detection head "

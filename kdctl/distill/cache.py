@@ -250,11 +250,16 @@ def _file_digests(shard: Path) -> dict:
     return {f"{f}.npy": sha256_file(shard / f"{f}.npy") for f in FILES}
 
 
-def _verified(shard: Path) -> None:
+def _rebuild(recipe: str) -> str:
+    """How to rebuild a cache: with the recipe being run where there is one (``kdctl cache info`` has none)."""
+    return f"`kdctl cache build {recipe} --overwrite`"
+
+
+def _verified(shard: Path, recipe: str = "RECIPE") -> None:
     """Refuse, in one line naming the file, an epoch shard whose files are not the ones its build wrote (edited,
     truncated, bit-flipped or missing): their values would be read as the teacher's outputs, and a corrupted anchor
     index fails deep inside a loss."""
-    fix = "rebuild the cache with `kdctl cache build RECIPE --overwrite`"
+    fix = f"rebuild the cache with {_rebuild(recipe)}"
     try:
         recorded = parse_json((shard / DIGEST).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -268,16 +273,15 @@ def _verified(shard: Path) -> None:
                               f"{fix}")
 
 
-def verify(path: Path, meta: dict) -> None:
+def verify(path: Path, meta: dict, recipe: str = "RECIPE") -> None:
     """Every epoch shard of the complete cache at ``path`` checked against its ``digest.json``: refused in one line
     naming the first shard missing or file altered (``cache build`` and ``cache info`` took a cache on its
     ``meta.json`` alone, and reported a corrupted one complete)."""
     for e in range(kd_epochs(meta)):
         shard = _shard(path, e)
         if not shard.is_dir():
-            raise CheckFailed(f"{shard}: missing from the teacher cache; rebuild it with `kdctl cache build RECIPE "
-                              "--overwrite`")
-        _verified(shard)
+            raise CheckFailed(f"{shard}: missing from the teacher cache; rebuild it with {_rebuild(recipe)}")
+        _verified(shard, recipe)
 
 
 def top_k_rows(scores: torch.Tensor, boxes: torch.Tensor, k: int) -> dict:
@@ -316,8 +320,8 @@ def dense_rows(rows: dict, anchors: int, device=None) -> dict:
 class TeacherCache:
     """A complete cache, opened read-only (memory-mapped shards)."""
 
-    def __init__(self, path: Path, meta: dict | None = None):
-        self.path = Path(path)
+    def __init__(self, path: Path, meta: dict | None = None, recipe: str = "RECIPE"):
+        self.path, self.recipe = Path(path), recipe  # recipe: the one being run, named in the rebuild hints
         self.meta = json.loads((self.path / META).read_text()) if meta is None else meta  # meta: already read
         self.n, self.anchors = int(self.meta["views_per_epoch"]), int(self.meta["anchors"])
         self._open: dict[int, dict] = {}
@@ -327,8 +331,8 @@ class TeacherCache:
             shard = _shard(self.path, epoch)
             if not shard.is_dir():
                 raise CheckFailed(f"{self.path}: teacher cache has no views for epoch {epoch + 1}; rebuild it with "
-                                  "`kdctl cache build RECIPE --overwrite`")
-            _verified(shard)  # once per epoch and process: a shard is read whole once to hash it
+                                  f"{_rebuild(self.recipe)}")
+            _verified(shard, self.recipe)  # once per epoch and process: a shard is read whole once to hash it
             self._open[epoch] = {f: np.load(shard / f"{f}.npy", mmap_mode="r") for f in FILES}
         return self._open[epoch]
 
@@ -341,7 +345,7 @@ class TeacherCache:
             if crcs is not None and int(a["crc"][i]) != int(crcs[j]):
                 raise CheckFailed(f"{self.path}: the cached view of training image {i} in epoch {epoch + 1} is not the "
                                   "image being trained (its augmentation did not replay); rebuild the cache with "
-                                  "`kdctl cache build RECIPE --overwrite`")
+                                  f"{_rebuild(self.recipe)}")
             for f in FILES:
                 out[f].append(np.asarray(a[f][i]))
         return {f: np.stack(v) for f, v in out.items()}
@@ -387,7 +391,7 @@ def open_cache(path: Path, want: dict, source: str) -> tuple[TeacherCache | None
         raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with "
                          f"`kdctl cache build {source} --overwrite`")
     if have.get("complete") and not _short(have, want):
-        return TeacherCache(path, have), have
+        return TeacherCache(path, have, source), have
     return None, have
 
 
@@ -455,7 +459,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     cache, have = open_cache(path, want, source)
     if cache is not None:
         if check:
-            verify(path, have)
+            verify(path, have, source)
         return cache
     path.mkdir(parents=True, exist_ok=True)
 
@@ -500,7 +504,7 @@ def build(recipe, source: str, teacher, data_yaml: Path, images: list[Path], pat
     meta.update(complete=True, build_seconds=round(meta["build_seconds"] + time.perf_counter() - t0, 2),
                 bytes=size, bytes_per_view=round(size / max(1, n * distilled), 1))
     write_json_atomic(path / META, meta)
-    return TeacherCache(path)
+    return TeacherCache(path, recipe=source)
 
 
 def _write_epoch(path: Path, e: int, views, collate_fn, teacher, head: int, shape: tuple, train) -> None:
