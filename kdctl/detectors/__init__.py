@@ -191,18 +191,18 @@ def _not_torch_file(path) -> str | None:
     """Why a file is none of the formats ``torch.load`` reads (a zip archive, as torch.save writes since 1.6, or a
     pickle, as before it), from its first bytes: an image, a JSON or text file given as the model. None where it
     may be one (or cannot be read: the loader's own error says why)."""
-    from kdctl.data.validate import git_lfs_pointer
+    from kdctl.data.validate import LFS_POINTER
 
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(len(LFS_POINTER))
     except (OSError, TypeError):
         return None
     if not head or head.startswith(b"PK") or head[:1] == b"\x80":
         return None
-    if git_lfs_pointer(path):
+    if head == LFS_POINTER:  # a clone without `git lfs pull`
         return "a Git LFS pointer file, not the checkpoint itself (`git lfs pull` fetches it)"
-    return f"not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts with {head!r})"
+    return f"not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file starts with {head[:8]!r})"
 
 
 def _first_sentence(text: str) -> str:

@@ -385,11 +385,10 @@ def open_cache(path: Path, want: dict, source: str) -> tuple[TeacherCache | None
             raise KdctlError(f"{source}: distill.cache.path: {path} is not a kdctl teacher cache (no {META}); "
                              "choose an empty or new folder")
         return None, {}
-    have = read_meta(path, f"rebuild with `kdctl cache build {source} --overwrite`")
+    have = read_meta(path, f"rebuild with {_rebuild(source)}")
     why = _difference(have, want)
     if why:
-        raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with "
-                         f"`kdctl cache build {source} --overwrite`")
+        raise KdctlError(f"{source}: distill.cache: {path} is stale: {why}; rebuild it with {_rebuild(source)}")
     if have.get("complete") and not _short(have, want):
         return TeacherCache(path, have, source), have
     return None, have
