@@ -230,13 +230,19 @@ def test_synth_cli(tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-def _broken_copy(tmp_path, tiny_data):
+def _copy(tmp_path, tiny_data) -> Path:
+    """A copy of the tiny dataset to break: its root, with a relative data.yaml."""
     import shutil
 
     root = tmp_path / "d"
     shutil.copytree(tiny_data.parent / "images", root / "images")
     shutil.copytree(tiny_data.parent / "labels", root / "labels")
     (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    return root
+
+
+def _broken_copy(tmp_path, tiny_data):
+    root = _copy(tmp_path, tiny_data)
     tr = sorted((root / "labels" / "train").glob("*.txt"))
     tr[0].write_text("17 0.5 0.5 0.2 0.2\n")                 # class out of range
     tr[1].write_text("0 0.5 0.5 0.2\n")                      # 4 columns
@@ -248,16 +254,11 @@ def _broken_copy(tmp_path, tiny_data):
 
 def test_a_git_lfs_pointer_in_place_of_an_image_says_so(tmp_path, tiny_data):
     """A dataset cloned without `git lfs pull` holds pointer files where its images should be: named as such."""
-    import shutil
-
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.data.validate import check_image
     from kdctl.errors import DataError
 
-    root = tmp_path / "d"
-    shutil.copytree(tiny_data.parent / "images", root / "images")
-    shutil.copytree(tiny_data.parent / "labels", root / "labels")
-    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    root = _copy(tmp_path, tiny_data)
     pointer = sorted((root / "images" / "val").glob("*.png"))[0]
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4f1c\nsize 6534\n")
     why = "cannot be decoded as an image: a Git LFS pointer file, not the image itself (`git lfs pull` fetches it)"
