@@ -26,8 +26,17 @@ def test_yolo_yaml_checks(tmp_path, tiny_data):
     with pytest.raises(DataError, match=f"{bad}: field 'names' is missing"):
         load_yolo_yaml(bad)
     bad.write_text(yaml.safe_dump({"path": "nowhere", "train": "a", "val": "b", "names": ["x"]}))
-    with pytest.raises(DataError, match="field 'path': directory"):
+    with pytest.raises(DataError, match="field 'path': directory") as e:
         load_yolo_yaml(bad)
+    assert "--data" not in str(e.value)
+    # a bundle's copy of the dataset it was trained on (export, eval read it), the dataset moved since
+    kept = tmp_path / "bundle"
+    kept.mkdir()
+    (kept / "manifest.json").write_text("{}")
+    (kept / "data.yaml").write_text(bad.read_text())
+    with pytest.raises(DataError, match=r"bundle/data.yaml: field 'path': directory .* not found; it is the copy a "
+                                        r"kdctl bundle keeps .* moved or been removed since: give --data"):
+        load_yolo_yaml(kept / "data.yaml")
     bad.write_text(yaml.safe_dump({"path": str(tiny_data.parent), "train": "images/train", "val": "images/nope",
                                    "names": {0: "a", 2: "b"}}))
     with pytest.raises(DataError, match="class ids must be 0..1 without gaps"):

@@ -310,7 +310,10 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: field 'kpt_shape': expected [keypoints, 2 or 3], got {kpt!r}")
     root = _dataset_root(data, path)
     if not root.is_dir():
-        raise DataError(f"{path}: field 'path': directory '{root}' not found")
+        moved = ("; it is the copy a kdctl bundle keeps of the dataset it was trained on, which has moved or been "
+                 "removed since: give --data with the dataset YAML where it is now"
+                 if (Path(path).parent / "manifest.json").is_file() else "")
+        raise DataError(f"{path}: field 'path': directory '{root}' not found{moved}")
     root = root.resolve()
     from kdctl.data.validate import check_split
 
