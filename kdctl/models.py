@@ -18,6 +18,21 @@ class ResolvedModel:
     bundle: object = None  # kdctl.bundle.Bundle when it came from one
 
 
+def _download_hint(p: Path, untrained: bool = True) -> str:
+    """``yolov8n.pt`` by bare name, which Ultralytics downloads: kdctl downloads nothing, so it says what to give
+    instead (``untrained``: in a recipe, the model's YAML also does, trained from a random start)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    if len(p.parts) != 1:
+        return ""
+    try:
+        yaml_model_load(p.stem + ".yaml")
+    except (FileNotFoundError, OSError):
+        return ""
+    return (f"; kdctl downloads no weights (Ultralytics fetches '{p.name}' by name): give the path to a copy on "
+            "this machine" + (f", or build the model untrained from '{p.stem}.yaml'" if untrained else ""))
+
+
 def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
     from kdctl.bundle import load_bundle, sha256_file
 
@@ -37,7 +52,7 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
         return ResolvedModel("checkpoint", str(w), b.manifest["files"][w.relative_to(b.path).as_posix()]["sha256"], b)
     if is_checkpoint_file(p):
         if not p.is_file():
-            raise RecipeError(f"{source}: {field}: checkpoint '{spec}' not found")
+            raise RecipeError(f"{source}: {field}: checkpoint '{spec}' not found{_download_hint(p)}")
         return ResolvedModel("checkpoint", str(p.resolve()), sha256_file(p))
     if p.suffix in (".yaml", ".yml"):
         if p.is_file():
@@ -208,7 +223,7 @@ def checkpoint_input(path: Path, data, verb: str, command: str, why: str = "") -
     from kdctl.errors import KdctlError
 
     if not path.is_file():
-        raise KdctlError(f"{path}: checkpoint not found")
+        raise KdctlError(f"{path}: checkpoint not found{_download_hint(path, untrained=False)}")
     ref = resolve_model(str(path), "model", command)
     if data is None:
         raise KdctlError(f"--data: required to {verb} the checkpoint {path} (a checkpoint carries no dataset{why}); "

@@ -493,6 +493,24 @@ def test_a_run_refusing_a_set_field_names_the_set(tmp_path, command):
                                                                    "'GONE.PT' not found")
 
 
+def test_a_bare_ultralytics_weights_name_says_kdctl_downloads_nothing(tmp_path, tiny_data):
+    """``yolov8n.pt`` by name, which Ultralytics downloads: the error says what to give instead (a copy on this
+    machine; in a recipe also the model's YAML); a name Ultralytics does not know gets no such hint."""
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--models", "--set", "teacher.model=yolo11s.pt"])
+    assert res.exit_code == 2 and " ".join(res.output.split()) == (
+        f"Error: {p}: --set teacher.model=yolo11s.pt: teacher.model: checkpoint 'yolo11s.pt' not found; kdctl "
+        "downloads no weights (Ultralytics fetches 'yolo11s.pt' by name): give the path to a copy on this machine, "
+        "or build the model untrained from 'yolo11s.yaml'")
+    res = CliRunner().invoke(app, ["recipe", "check", str(p), "--models", "--set", "teacher.model=teacher.pt"])
+    assert res.exit_code == 2 and "downloads" not in res.output and "'teacher.pt' not found" in res.output
+    res = CliRunner().invoke(app, ["eval", "rtdetr-l.pt", "--data", str(tiny_data), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2 and " ".join(res.output.split()) == (
+        "Error: rtdetr-l.pt: checkpoint not found; kdctl downloads no weights (Ultralytics fetches 'rtdetr-l.pt' by "
+        "name): give the path to a copy on this machine"), res.output
+
+
 def test_set_suggestion_finds_the_section_of_a_bare_key():
     from kdctl.recipe.loader import set_suggestion
 
