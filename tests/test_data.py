@@ -663,6 +663,34 @@ def test_roboflow_layout_and_ultralytics_path_lookups_are_read_as_ultralytics_re
         load_yolo_yaml(elsewhere / "tiny.yaml")
 
 
+def test_an_ultralytics_dataset_by_name_is_read_where_its_images_are_and_never_downloaded(tmp_path, tiny_data,
+                                                                                          monkeypatch):
+    """``data: coco8.yaml`` as Ultralytics users write it: the YAML Ultralytics ships, its images found in its
+    datasets_dir (or the working directory), as ``yolo train data=coco8.yaml`` finds them; where they are not there
+    one line says where Ultralytics would download them and that kdctl does not. A file of that name here wins."""
+    import shutil
+
+    import ultralytics
+
+    store, work = tmp_path / "store", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(ultralytics.utils, "DATASETS_DIR", store)
+    with pytest.raises(DataError) as e:
+        load_yolo_yaml("coco8.yaml")
+    assert str(e.value) == (f"coco8.yaml: dataset YAML not found here; Ultralytics ships one by that name and "
+                            f"downloads its images into {store / 'coco8'} on first use, but kdctl downloads no data: "
+                            "put the dataset there, or give the path of a dataset YAML on this machine")
+    with pytest.raises(DataError, match="^nosuch.yaml: dataset YAML not found$"):
+        load_yolo_yaml("nosuch.yaml")
+    shutil.copytree(tiny_data.parent, store / "coco8")
+    ds = load_yolo_yaml("coco8.yaml")
+    assert ds.nc == 80 and ds.names[:3] == ["person", "bicycle", "car"]
+    assert len(ds.train_images) == 24 and all(p.is_relative_to(store / "coco8") for p in ds.val_images)
+    shutil.copy(tiny_data, work / "coco8.yaml")  # the user's own file of that name
+    assert load_yolo_yaml("coco8.yaml").nc == 3
+
+
 def test_pose_rows_of_a_dataset_with_kpt_shape_are_refused_not_read_as_polygons(tmp_path, tiny_data):
     """A pose dataset (kpt_shape) trained as a detector: Ultralytics keeps each row's box. With 2-D keypoints the row
     has an odd length, which kdctl read as a polygon: a box around the keypoints and the box numbers together."""

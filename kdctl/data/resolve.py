@@ -243,12 +243,39 @@ def _dataset_root(data: dict, yaml_path: Path) -> Path:
     return shared if shared.is_dir() else yaml_path.parent / root
 
 
+def _ultralytics_dataset(name: Path) -> Path:
+    """``coco8.yaml`` by bare name and not a file here: the YAML Ultralytics ships by that name, as ``yolo train
+    data=coco8.yaml`` reads it, where its images are already in place (its ``path`` in the working directory or
+    Ultralytics' ``datasets_dir``). Ultralytics would download them; kdctl downloads nothing, so it says where they
+    go. Any other name comes back as it was given."""
+    import importlib.util
+
+    from kdctl.detectors.ultralytics_env import datasets_dir
+
+    found = importlib.util.find_spec("ultralytics")
+    shipped = Path(found.origin).parent / "cfg" / "datasets" / name.name if found and found.origin else None
+    if shipped is None or name.suffix not in (".yaml", ".yml") or not shipped.is_file():
+        return name
+    try:
+        data = _renamed(parse_yaml(shipped))
+    except YamlProblem:
+        return name
+    root = Path(str(data.get("path") or "")).expanduser() if isinstance(data, dict) else Path()
+    if (Path.cwd() / root).is_dir() or (datasets_dir() / root).is_dir():
+        return shipped
+    raise DataError(f"{name}: dataset YAML not found here; Ultralytics ships one by that name and downloads its "
+                    f"images into {datasets_dir() / root} on first use, but kdctl downloads no data: put the dataset "
+                    "there, or give the path of a dataset YAML on this machine")
+
+
 def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tuple[str, ...] = ("train", "val"),
                    score: str = "val") -> Dataset:
     """Read and validate an Ultralytics dataset YAML: names, splits, every label line and every image of the
     ``splits`` that will be used (the others are listed, not checked). ``score``: the YAML split that becomes
     ``val_images`` (``kdctl eval --split test``, as Ultralytics' ``val split=test``)."""
     path = Path(path)
+    if not os.path.lexists(path) and len(path.parts) == 1:
+        path = _ultralytics_dataset(path)
     if not path.is_file():
         raise DataError(f"{path}: " + ("is a directory; give its data.yaml" if path.is_dir() else
                                        "not a regular file (a device, pipe or socket); give a dataset YAML"
