@@ -22,13 +22,14 @@ install: $(STAMP)
 
 # The baseline trains beside the teacher, its output in runs/train/quickstart-student.log: Ultralytics trains on
 # cpu_count - 1 threads (one on 2 cores), so the second core would otherwise idle. Same results as one after the
-# other; 8.6-9.0 minutes instead of 10.4 on 2 cores (docs/benchmarks.md, 'The demo's wall time').
+# other; 8.6-9.0 minutes instead of 10.4 on 2 cores (docs/benchmarks.md, 'The demo's wall time'). --resume: a demo
+# killed while training (Ctrl-C) continues those runs from their last epoch when run again, unless a recipe changed.
 demo: $(STAMP)
 	@mkdir -p runs/train
 	@echo "baseline student: training beside the teacher, log in runs/train/quickstart-student.log"
-	@$(KDCTL) train recipes/quickstart-student.yaml --out runs/train/quickstart-student --overwrite --reuse \
+	@$(KDCTL) train recipes/quickstart-student.yaml --out runs/train/quickstart-student --overwrite --reuse --resume \
 	    > runs/train/quickstart-student.log 2>&1 & baseline=$$!; trap 'kill $$baseline 2>/dev/null' INT TERM; \
-	$(KDCTL) train recipes/quickstart-teacher.yaml --out runs/train/quickstart-teacher --overwrite --reuse \
+	$(KDCTL) train recipes/quickstart-teacher.yaml --out runs/train/quickstart-teacher --overwrite --reuse --resume \
 	    || { kill $$baseline 2>/dev/null; wait $$baseline; exit 1; }; \
 	wait $$baseline; code=$$?; tail -n 12 runs/train/quickstart-student.log; exit $$code
 	$(KDCTL) distill recipes/quickstart.yaml         --out runs/distill/quickstart --overwrite

@@ -290,6 +290,9 @@ def run_training(recipe: Recipe, *, stage: str, source: str = "recipe", out: str
             shutil.rmtree(work)  # stale (killed before its first checkpoint) or discarded by --overwrite
         elif resume and state == "none":
             shutil.rmtree(work, ignore_errors=True)  # killed before the first checkpoint: nothing to keep
+        if resume and info and state != "none" and overwrite and _changed_recipe(info, recipe):
+            shutil.rmtree(work)  # --resume --overwrite: continue the interrupted run if it is this recipe's, else
+            state = "none"       # discard it and start over, as --overwrite alone would (make demo passes both)
         if resume and info and state != "none":
             _check_same_recipe(info, recipe, source, work)
         else:
@@ -322,6 +325,11 @@ def recipe_difference(recorded, recipe: Recipe, may_change: tuple[str, ...] = ()
     if not isinstance(current, dict):
         return "recipe"  # none recorded
     return _first_difference(current, recipe.model_dump(mode="json"), may_change=may_change)
+
+
+def _changed_recipe(info: dict, recipe: Recipe) -> bool:
+    before = info.get("recipe")
+    return not isinstance(before, dict) or recipe_difference(before, recipe, RESUME_MAY_CHANGE) is not None
 
 
 def _check_same_recipe(info: dict, recipe: Recipe, source: str, work: Path) -> None:

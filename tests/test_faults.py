@@ -74,6 +74,33 @@ def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault,
 
 
 @pytest.mark.slow
+def test_resume_with_overwrite_continues_the_same_recipe_and_starts_a_changed_one_over(tmp_path, tiny_data):
+    """``--resume --overwrite`` (make demo's training commands): an interrupted run of this recipe is continued (the
+    bundle it publishes has the killed run's id); one of a changed recipe is discarded and trained from the start,
+    as --overwrite alone would, where --resume alone refuses it."""
+    r = tmp_path / "t.yaml"
+    r.write_text(f"name: t\nstudent: yolov8-tiny.yaml\ndata: {tiny_data}\ntrain: {{epochs: 2, imgsz: 64, batch: 8}}\n")
+    out = tmp_path / "t"
+    argv = ["train", str(r), "--out", str(out)]
+    run_file = tmp_path / ".t.work" / "run.json"
+    kill_at(argv, "train:epoch-saved@1")
+    killed = json.loads(run_file.read_text())["bundle_id"]
+    _finish(argv + ["--resume", "--overwrite"])
+    m = load_bundle(out).manifest
+    assert m["id"] == killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2]
+    kill_at(argv + ["--overwrite"], "train:epoch-saved@1")
+    killed = json.loads(run_file.read_text())["bundle_id"]
+    r.write_text(r.read_text().replace("epochs: 2", "epochs: 3"))
+    res = CliRunner().invoke(app, argv + ["--resume"])
+    assert res.exit_code == 2 and "train.epochs: differs from the recipe of the interrupted run" in res.output
+    _finish(argv + ["--resume", "--overwrite"])
+    m = load_bundle(out).manifest
+    assert m["id"] != killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
+    assert m["recipe"]["train"]["epochs"] == 3 and verify_bundle(out).ok
+    assert _leftovers(tmp_path, "t") == []
+
+
+@pytest.mark.slow
 def test_killed_before_first_checkpoint_can_simply_be_rerun(tmp_path, tiny_data, trained_bundle):
     r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1)
     argv = ["distill", str(r), "--out", str(tmp_path / "kd")]

@@ -108,7 +108,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
         console.print(t)
         if kept:
             console.print(f"{b.path}: finished earlier from this recipe; kept as it is, nothing trained "
-                          f"({'--resume: nothing to resume' if resume else '--reuse'})", highlight=False)
+                          f"({'--reuse' if reuse else '--resume: nothing to resume'})", highlight=False)
 
     emit(result, as_json=json_, quiet=quiet, human=human)
 
