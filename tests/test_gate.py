@@ -213,3 +213,63 @@ def test_a_profile_whose_recipe_gate_has_another_shape_is_refused_by_field(profi
     r = CliRunner().invoke(app, ["gate", str(tmp_path / "p"), "--out", str(tmp_path / "g"), "--json"])
     assert r.exit_code == 2 and "internal error" not in r.output and not (tmp_path / "g").exists()
     assert json.loads(r.stdout)["error"] == f"{tmp_path / 'p' / 'manifest.json'}: {message}"
+
+
+def test_export_and_eval_bundles_are_gated_on_what_they_measure(export_cpu, trained_bundle, tmp_path):
+    """A CI job that checks accuracy only (no profile on its machine): an export bundle is gated on its artifacts'
+    mAP and file size, an eval bundle on its mAP. A flag for what such a bundle does not measure is refused in one
+    line; a recipe budget for it is left out and named, so the recipe's gate: section does not fail every check."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+
+    res = CliRunner().invoke(app, ["gate", str(export_cpu), "--min-map", "0", "--max-size-mb", "100", "--out",
+                                   str(tmp_path / "g1"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    size = (export_cpu / "model-int8.onnx").stat().st_size / 1e6
+    checks = {c["name"]: c for c in d["checks"]}
+    assert d["artifact"] == "onnx-int8" and checks["max_size_mb"]["value"] == round(size, 3)
+    exported = load_bundle(export_cpu).metrics["artifacts"][0]
+    fp32 = CliRunner().invoke(app, ["gate", str(export_cpu), "-a", "onnx-fp32", "--min-map", "0.99", "--max-size-mb",
+                                    "0.001", "--out", str(tmp_path / "g2"), "--json"])
+    checks = {c["name"]: c for c in json.loads(fp32.stdout)["checks"]}
+    assert fp32.exit_code == 1 and not any(c["passed"] for c in checks.values())
+    assert checks["min_map50_95"]["value"] == exported["metrics"]["map50_95"]
+    refused = CliRunner().invoke(app, ["gate", str(export_cpu), "--max-p90-ms", "10", "--out", str(tmp_path / "g3")])
+    assert refused.exit_code == 2 and " ".join(refused.output.split()) == (
+        f"Error: --max-p90-ms: {export_cpu} is an export bundle, which measures mAP and artifact sizes only; gate a "
+        "profile bundle (kdctl profile EXPORT_BUNDLE) for latency, throughput, memory and size budgets")
+    assert not (tmp_path / "g3").exists()
+
+    ev = tmp_path / "e"
+    assert CliRunner().invoke(app, ["eval", str(trained_bundle), "--out", str(ev), "-q"]).exit_code == 0
+    scored = load_bundle(ev).metrics["map50_95"]
+    res = CliRunner().invoke(app, ["gate", str(ev), "--min-map", str(scored), "--out", str(tmp_path / "g4"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["artifact"] == "pytorch-fp32", res.output
+    above = CliRunner().invoke(app, ["gate", str(ev), "--min-map", str(min(1.0, scored + 0.01)), "--out",
+                                     str(tmp_path / "g5")])
+    assert above.exit_code == 1
+    refused = CliRunner().invoke(app, ["gate", str(ev), "--max-size-mb", "10", "--out", str(tmp_path / "g6")])
+    assert refused.exit_code == 2 and "is an eval bundle, which measures mAP only" in refused.output
+    # a baseline is of the same kind: an eval compared with an eval
+    base = CliRunner().invoke(app, ["gate", str(ev), "--baseline", str(export_cpu), "--max-map-regression", "0",
+                                    "--out", str(tmp_path / "g7")])
+    assert base.exit_code == 2 and f"--baseline {export_cpu}: is an 'export' bundle; expected one of: eval" in (
+        " ".join(base.output.split()))
+
+    b = load_bundle(ev, verify=True)  # the eval bundle of a recipe whose gate: also budgets latency and size
+    with BundleWriter(tmp_path / "eg", stage="eval", recipe={**(b.recipe or {}), "gate": {
+            "min_map50_95": 0.0, "max_p90_ms": 5.0, "max_size_mb": 1.0}}, inputs=b.manifest["inputs"]) as w:
+        for role, rel in b.manifest["outputs"].items():
+            shutil.copy2(ev / rel, w.path / rel)
+            w.add_output(role, rel)
+        w.metrics.update(b.metrics)
+    md = tmp_path / "g.md"
+    res = CliRunner().invoke(app, ["gate", str(tmp_path / "eg"), "--out", str(tmp_path / "g8"), "--summary", str(md),
+                                   "--json"])
+    d = json.loads(res.stdout)
+    assert res.exit_code == 0 and [c["name"] for c in d["checks"]] == ["min_map50_95"], res.output
+    assert d["not_checked"] == ["max_p90_ms", "max_size_mb"]
+    assert "- **not checked**: max_p90_ms, max_size_mb (the recipe's; an eval bundle measures none)\n" in md.read_text()
+    assert load_bundle(tmp_path / "g8").metrics["not_checked"] == ["max_p90_ms", "max_size_mb"]

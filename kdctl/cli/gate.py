@@ -36,7 +36,9 @@ def gate(
 ) -> None:
     """Pass/fail a profile bundle on accuracy, latency, size and memory budgets (recipe gate: section + flags).
 
-    Exit code 0 = pass, 1 = fail, 2 = usage error. A budget whose metric is missing fails.
+    Exit code 0 = pass, 1 = fail, 2 = usage error. A budget whose metric is missing fails. An export bundle is
+    gated on its artifacts' mAP and size, an eval bundle on its mAP (the recipe's other budgets are listed as not
+    checked; a flag for them is refused).
 
     Example: [bold]kdctl gate runs/profile/quickstart-cpu --min-map 0.05 --max-p90-ms 50 --baseline main-profile --max-latency-regression 0.03 --junit gate.xml[/bold]
     """
@@ -48,7 +50,7 @@ def gate(
     r = run_gate(bundle, budgets=budgets, baseline=baseline, artifact=artifact, junit=junit, summary=summary,
                  out=out, runs_dir=runs, overwrite=overwrite)
     result = {"passed": r.passed, "artifact": r.artifact, "bundle": str(r.bundle.path),
-              "checks": [c.to_dict() for c in r.checks]}
+              "checks": [c.to_dict() for c in r.checks], "not_checked": r.not_checked}
 
     def human():
         t = Table(title=Text.assemble(f"gate: {r.artifact} → ", ("PASS", "green") if r.passed else ("FAIL", "red")))
@@ -57,6 +59,9 @@ def gate(
         for c in r.checks:
             t.add_row(c.name, Text("pass", style="green") if c.passed else Text("FAIL", style="red"), c.message)
         console.print(t)
+        if r.not_checked:
+            console.print(f"not checked: the recipe's {', '.join(r.not_checked)}, which {bundle} does not measure "
+                          "(gate a profile bundle for them)", highlight=False)
 
     emit(result, as_json=json_, quiet=quiet, human=human)
     if not r.passed:

@@ -1,10 +1,10 @@
-"""``kdctl gate``: judge a profile bundle against budgets (and a baseline), write JUnit + Markdown + a bundle."""
+"""``kdctl gate``: judge a profile (or an export or eval) bundle against budgets (and a baseline), write JUnit + Markdown + a bundle."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
@@ -21,6 +21,47 @@ class GateResult:
     artifact: str
     checks: list[Check]
     bundle: Bundle
+    not_checked: list[str] = field(default_factory=list)  # the recipe's budgets the gated bundle does not measure
+
+
+GATED = ("profile", "export", "eval")
+_ACCURACY = ("min_map50_95", "min_map50", "max_map_regression")
+# the budgets each kind of bundle measures: a profile everything; an export each artifact's mAP and files (size); an
+# eval one model's mAP. Latency, throughput and memory are measured by kdctl profile only.
+MEASURED = {"profile": BUDGETS, "export": _ACCURACY + ("max_size_mb",), "eval": _ACCURACY}
+
+
+def _results(b: Bundle) -> list[dict] | None:
+    """The gated bundle's results, one per artifact, in the profile's row shape (None: none recorded)."""
+    if b.stage == "profile":
+        return b.metrics.get("results")
+    if b.stage == "eval":
+        m = b.metrics
+        name = (b.manifest.get("inputs") or {}).get("artifact") or f"{m.get('runtime')}-{m.get('precision')}"
+        return [{"artifact": name, "precision": m.get("precision"), "map50_95": m.get("map50_95"),
+                 "map50": m.get("map50")}]
+    rows = []
+    for a in b.metrics.get("artifacts") or []:
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not isinstance(a.get("files"), list):
+            return None
+        files = [b.path / f for f in a["files"] if isinstance(f, str)]
+        size = sum(f.stat().st_size for f in files) / 1e6 if files and all(f.is_file() for f in files) else None
+        m = a.get("metrics") if isinstance(a.get("metrics"), dict) else {}
+        rows.append({"artifact": a["name"], "precision": a.get("precision"), "map50_95": m.get("map50_95"),
+                     "map50": m.get("map50"), "size_mb": None if size is None else round(size, 3)})
+    return rows
+
+
+def _measured_only(b: Bundle, flags: dict, merged: dict) -> tuple[dict, list[str]]:
+    """The budgets ``b`` can be judged on. A flag it cannot measure is a usage error; a recipe budget it cannot
+    (the recipe's latency budgets, gating an export's accuracy) is left out and named in the gate's result."""
+    measured = MEASURED[b.stage]
+    for k in BUDGETS:
+        if flags.get(k) is not None and k not in measured:
+            raise KdctlError(f"--{k.replace('_', '-')}: {b.path} is an {b.stage} bundle, which measures "
+                             f"{'mAP and artifact sizes' if b.stage == 'export' else 'mAP'} only; gate a profile "
+                             "bundle (kdctl profile EXPORT_BUNDLE) for latency, throughput, memory and size budgets")
+    return {k: v for k, v in merged.items() if k in measured}, [k for k in merged if k not in measured]
 
 
 def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
@@ -36,9 +77,9 @@ def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
 def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
              artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
-    prof = load_bundle(profile, stages=("profile",), verify=True)
-    try:
-        base_bundle = load_bundle(baseline, stages=("profile",), verify=True) if baseline else None
+    prof = load_bundle(profile, stages=GATED, verify=True)
+    try:  # compared like with like: a profile with a profile, an eval with an eval
+        base_bundle = load_bundle(baseline, stages=(prof.stage,), verify=True) if baseline else None
     except BundleError as e:  # which of the two bundles: the flag says (the profile gated is named by its path)
         raise BundleError(f"--baseline {e}", exit_code=e.exit_code) from None
     if base_bundle is not None and base_bundle.id == prof.id:  # every regression check would pass by construction
@@ -62,7 +103,7 @@ def _not_comparable(cur: dict, base: dict) -> str:
     def settings(m):
         st = m.get("settings") if isinstance(m.get("settings"), dict) else {}
         return {"input size": m.get("imgsz"), "batch": st.get("batch"), "threads": st.get("threads"),
-                "device": st.get("device")}
+                "device": st.get("device"), "split": m.get("split"), "images": m.get("images")}  # the last two: eval
 
     a, b = settings(cur), settings(base)
     diff = [f"{k} {b[k]} (this profile: {a[k]})" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
@@ -83,17 +124,20 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
     for k, v in merged.items():  # the CLI and the recipe schema check this too; a library caller gets the same rule
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise KdctlError(f"gate budget {k}: must be a finite number, got {shown(v)}")
+    merged, not_checked = _measured_only(prof, budgets or {}, merged)
     if not merged:
-        raise KdctlError(f"{profile}: no budgets to check: set gate: in the recipe or pass --min-map, "
+        left = (f" (the recipe's {', '.join(not_checked)} need a profile bundle)" if not_checked else "")
+        raise KdctlError(f"{profile}: no budgets to check{left}: set gate: in the recipe or pass --min-map, "
                          "--max-p90-ms, ... (see kdctl gate --help)")
-    results = prof.metrics.get("results")
+    results = _results(prof)
     if not isinstance(results, list) or not results or not all(isinstance(r, dict) and "artifact" in r
                                                                 for r in results):
-        raise KdctlError(f"{prof.path / 'manifest.json'}: metrics.results: no profiled artifact to judge")
+        field, done = {"profile": ("results", "profiled"), "export": ("artifacts", "exported")}[prof.stage]
+        raise KdctlError(f"{prof.path / 'manifest.json'}: metrics.{field}: no {done} artifact to judge")
     result = _pick(results, artifact, prof.path)
     base = None
     if base_bundle is not None:
-        base = next((r for r in base_bundle.metrics.get("results") or [] if isinstance(r, dict)
+        base = next((r for r in _results(base_bundle) or [] if isinstance(r, dict)
                      and r.get("artifact") == result["artifact"]), None)
     checks = evaluate_budgets(result, merged, base)
     unusable = None  # why the regression checks cannot use the baseline
@@ -107,17 +151,21 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         if unusable and c.name.endswith("regression"):
             c.passed, c.message = False, unusable
     passed = all(c.passed for c in checks)
-    context = {"profile": str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
+    context = {prof.stage: str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
                "baseline": str(base_bundle.path) if base_bundle else "none",
                "machine": prof.manifest.get("environment", {}).get("cpu")}
+    context = {k: v for k, v in context.items() if v is not None}  # an eval bundle has no target
+    if not_checked:
+        context["not checked"] = f"{', '.join(not_checked)} (the recipe's; an {prof.stage} bundle measures none)"
     xml = junit_xml(checks)
     md = markdown_summary(checks, "kdctl gate", context)
     parents = [prof] + ([base_bundle] if base_bundle else [])
     with BundleWriter(out, stage="gate", recipe=prof.recipe, parents=parents, overwrite=overwrite,
-                      inputs={"profile": str(prof.path), "baseline": context["baseline"], "budgets": merged}) as w:
+                      inputs={prof.stage: str(prof.path), "baseline": context["baseline"], "budgets": merged}) as w:
         (w.path / "junit.xml").write_text(xml)
         (w.path / "summary.md").write_text(md)
-        w.metrics.update({"passed": passed, "artifact": result["artifact"], "checks": [c.to_dict() for c in checks]})
+        w.metrics.update({"passed": passed, "artifact": result["artifact"], "checks": [c.to_dict() for c in checks],
+                          "not_checked": not_checked})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         for role, f in (("junit", "junit.xml"), ("summary", "summary.md"), ("metrics", "metrics.json")):
             w.add_output(role, f)
@@ -125,4 +173,4 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         if f:
             remove_stale_temps(Path(f))  # a gate killed while writing it left one
             write_text_atomic(Path(f), text)
-    return GateResult(passed, result["artifact"], checks, w.bundle)
+    return GateResult(passed, result["artifact"], checks, w.bundle, not_checked)
