@@ -23,7 +23,7 @@ def gate(
     min_fps: Annotated[Optional[float], typer.Option("--min-fps", callback=positive, help="Minimum throughput, images/s (> 0).")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", callback=positive, help="Maximum model size (> 0).")] = None,
     max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb", callback=positive, help="Maximum process RSS (> 0).")] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Profile bundle to compare with (e.g. main's).")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Bundle to compare with, of the gated one's kind (e.g. main's profile).")] = None,
     max_latency_regression: Annotated[Optional[float], typer.Option("--max-latency-regression", callback=non_negative,
                                                                     help="Allowed p50 slow-down vs baseline, as a fraction (0.03 = 3 %).")] = None,
     max_map_regression: Annotated[Optional[float], typer.Option("--max-map-regression", callback=fraction,
