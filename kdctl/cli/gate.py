@@ -34,7 +34,8 @@ def gate(
     out: OutOpt = None, runs: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pass/fail a profile bundle on accuracy, latency, size and memory budgets (recipe gate: section + flags).
+    """Pass/fail a profile bundle on accuracy, latency, size and memory budgets (recipe gate: section + flags);
+    an export or eval bundle on accuracy (and an export's size).
 
     Exit code 0 = pass, 1 = fail, 2 = usage error. A budget whose metric is missing fails. An export bundle is
     gated on its artifacts' mAP and size, an eval bundle on its mAP (the recipe's other budgets are listed as not

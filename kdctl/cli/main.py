@@ -203,7 +203,29 @@ def _register() -> None:
     app.command("report")(report.report)
 
 
+def _one_line_paragraphs(text: str) -> str:
+    """A docstring's paragraphs each on one line. Typer's rich markup mode keeps single line breaks, so a paragraph
+    wrapped at the source's width was printed broken mid-sentence in --help (Rich wraps each line on its own)."""
+    import inspect
+
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n"))
+                       for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        text = info.help or (info.callback.__doc__ if info.callback else None)
+        if text:
+            info.help = _one_line_paragraphs(text)
+    for group in typer_app.registered_groups:
+        for info in (group, group.typer_instance.info):
+            if isinstance(info.help, str):
+                info.help = _one_line_paragraphs(info.help)
+        _unwrap_help(group.typer_instance)
+
+
 _register()
+_unwrap_help(app)
 
 
 @app.callback(invoke_without_command=True)
