@@ -252,7 +252,17 @@ def test_export_and_eval_bundles_are_gated_on_what_they_measure(export_cpu, trai
     assert above.exit_code == 1
     refused = CliRunner().invoke(app, ["gate", str(ev), "--max-size-mb", "10", "--out", str(tmp_path / "g6")])
     assert refused.exit_code == 2 and "is an eval bundle, which measures mAP only" in refused.output
-    # a baseline is of the same kind: an eval compared with an eval
+    # a baseline is of the same kind: an eval compared with an eval, scored the same way
+    for size in ("128", "96"):
+        assert CliRunner().invoke(app, ["eval", str(trained_bundle), "--imgsz", size, "--out",
+                                        str(tmp_path / f"e{size}"), "-q"]).exit_code == 0
+    same = CliRunner().invoke(app, ["gate", str(ev), "--baseline", str(tmp_path / "e128"), "--max-map-regression",
+                                    "0", "--out", str(tmp_path / "g9")])
+    assert same.exit_code == 0, same.output
+    other = CliRunner().invoke(app, ["gate", str(ev), "--baseline", str(tmp_path / "e96"), "--max-map-regression",
+                                     "1", "--out", str(tmp_path / "g10"), "--json"])
+    assert other.exit_code == 1 and "input size 96 (this eval: 128): not comparable, failing closed" in (
+        json.loads(other.stdout)["checks"][0]["message"])
     base = CliRunner().invoke(app, ["gate", str(ev), "--baseline", str(export_cpu), "--max-map-regression", "0",
                                     "--out", str(tmp_path / "g7")])
     assert base.exit_code == 2 and f"--baseline {export_cpu}: is an 'export' bundle; expected one of: eval" in (

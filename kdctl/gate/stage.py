@@ -1,4 +1,5 @@
-"""``kdctl gate``: judge a profile (or an export or eval) bundle against budgets (and a baseline), write JUnit + Markdown + a bundle."""
+"""``kdctl gate``: judge a profile (or an export or eval) bundle against budgets (and a baseline), write JUnit +
+Markdown + a bundle."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
         return _gate(prof, base_bundle, budgets, artifact, junit, summary, out, overwrite)
 
 
-def _not_comparable(cur: dict, base: dict) -> str:
+def _not_comparable(cur: dict, base: dict, what: str = "profile") -> str:
     """How the baseline's measurement differs from this one in what sets latency and mAP ('' if it does not)."""
     def settings(m):
         st = m.get("settings") if isinstance(m.get("settings"), dict) else {}
@@ -106,7 +107,7 @@ def _not_comparable(cur: dict, base: dict) -> str:
                 "device": st.get("device"), "split": m.get("split"), "images": m.get("images")}  # the last two: eval
 
     a, b = settings(cur), settings(base)
-    diff = [f"{k} {b[k]} (this profile: {a[k]})" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    diff = [f"{k} {b[k]} (this {what}: {a[k]})" for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
     return "at " + ", ".join(diff) if diff else ""
 
 
@@ -132,8 +133,8 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
     results = _results(prof)
     if not isinstance(results, list) or not results or not all(isinstance(r, dict) and "artifact" in r
                                                                 for r in results):
-        field, done = {"profile": ("results", "profiled"), "export": ("artifacts", "exported")}[prof.stage]
-        raise KdctlError(f"{prof.path / 'manifest.json'}: metrics.{field}: no {done} artifact to judge")
+        key, done = {"profile": ("results", "profiled"), "export": ("artifacts", "exported")}[prof.stage]
+        raise KdctlError(f"{prof.path / 'manifest.json'}: metrics.{key}: no {done} artifact to judge")
     result = _pick(results, artifact, prof.path)
     base = None
     if base_bundle is not None:
@@ -144,7 +145,7 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
     if base_bundle is not None and base is None:
         unusable = f"baseline {base_bundle.path} has no '{result['artifact']}' result: failing closed"
     elif base_bundle is not None:
-        differs = _not_comparable(prof.metrics, base_bundle.metrics)
+        differs = _not_comparable(prof.metrics, base_bundle.metrics, prof.stage)
         if differs:
             unusable = f"baseline {base_bundle.path} was measured {differs}: not comparable, failing closed"
     for c in checks:
