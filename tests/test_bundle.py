@@ -92,6 +92,33 @@ def test_cli_verify_exit_codes(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["stage"] == "train"
 
 
+def test_cli_verifies_several_bundles_as_sha256sum_checks_several_files(tmp_path):
+    """`kdctl bundle verify runs/*/*`: each bundle checked and named; one that is not a bundle (a log beside them) or
+    fails fails on its own line, the others are still checked; exit 1 if any failed, --json one document each."""
+    a, b, c = make(tmp_path, "a"), make(tmp_path, "b"), make(tmp_path, "c")
+    r = CliRunner().invoke(app, ["bundle", "verify", str(a.path), str(b.path), str(c.path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and r.output.count("OK ") == 3 and "3 of 3 bundles verify" in r.output, r.output
+    (b.path / "weights.pt").write_bytes(b"tampered!")
+    log = tmp_path / "train.log"
+    log.write_text("x")
+    argv = ["bundle", "verify", str(a.path), str(b.path), str(log), str(c.path)]
+    r = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+    lines = r.output.splitlines()
+    assert r.exit_code == 1 and lines == [
+        f"OK {a.path}: 2 files match the sealed manifest",
+        f"FAIL {b.path}/weights.pt: changed (sha256 differs from manifest)",
+        f"FAIL {log}: is a file, not a bundle directory",
+        f"OK {c.path}: 2 files match the sealed manifest",
+        "2 of 4 bundles verify; 2 failed"], r.output
+    d = json.loads(CliRunner().invoke(app, argv + ["--json"]).stdout)
+    assert d["ok"] is False and [x["ok"] for x in d["bundles"]] == [True, False, False, True]
+    assert d["bundles"][2] == {"bundle": str(log), "ok": False, "error": f"{log}: is a file, not a bundle directory"}
+    q = CliRunner().invoke(app, argv + ["-q"])
+    assert q.exit_code == 1 and q.stdout == "" and q.stderr.count("FAIL") == 2
+    one = CliRunner().invoke(app, ["bundle", "verify", str(log)])  # one path: an error, exit 2, as before
+    assert one.exit_code == 2 and "is a file, not a bundle directory" in one.output
+
+
 def test_exception_inside_writer_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with BundleWriter(tmp_path / "b", stage="train") as w:

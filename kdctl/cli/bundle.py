@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -88,7 +91,10 @@ def show(bundle: BundleArg, json_: JsonOpt = False) -> None:
 
 
 @app.command("verify")
-def verify(bundle: BundleArg, lineage: bool = typer.Option(
+def verify(bundles: Annotated[list[Path], typer.Argument(
+               help="Bundle directories written by earlier stages (several, or a glob such as runs/*/*).",
+               metavar="BUNDLE...", show_default=False)],
+           lineage: bool = typer.Option(
                False, "--lineage", help="Also verify every ancestor the bundle records (its parents, theirs...) at "
                "its recorded path: each must be the very bundle recorded and verify; one missing (made on another "
                "machine), replaced (re-run with --overwrite) or changed fails."),
@@ -98,8 +104,47 @@ def verify(bundle: BundleArg, lineage: bool = typer.Option(
     Exit 1 naming each file that changed, went missing, was added, or is a symlink (also with --quiet, which
     prints nothing for a bundle that verifies); with --lineage, also each ancestor that is not as recorded.
 
-    Example: [bold]kdctl bundle verify runs/gate/quickstart-cpu --lineage[/bold]
+    Several bundles (as sha256sum -c checks several files): each is checked and reported, one that is not a bundle
+    (a log file beside them in runs/train) fails as it is named, and the exit code is 1 if any failed. --json then
+    prints {"ok": ..., "bundles": [one document per bundle]}.
+
+    Example: [bold]kdctl bundle verify runs/gate/quickstart-cpu --lineage[/bold], or [bold]kdctl bundle verify
+    runs/*/*[/bold]
     """
+    from kdctl.errors import BundleError
+
+    if len(bundles) == 1:  # one bundle: a bundle that cannot be read is an error (exit 2), as in every command
+        result = _verify_one(bundles[0], lineage, quiet)
+        human = result.pop("_human")
+        emit(result, as_json=json_, human=human)
+        if not result["ok"]:
+            raise typer.Exit(1)
+        return
+    results = []
+    for b in bundles:
+        try:
+            results.append(_verify_one(b, lineage, quiet))
+        except BundleError as e:
+            results.append({"bundle": str(b), "ok": False, "error": str(e), "_human": lambda e=e: (
+                err_console if quiet else console).print(Text.assemble(("FAIL", "red"), f" {e}"), highlight=False)})
+    ok = all(r["ok"] for r in results)
+    humans = [r.pop("_human") for r in results]
+
+    def human():
+        for h in humans:
+            h()
+        if not quiet:
+            failed = sum(not r["ok"] for r in results)
+            console.print(f"{len(results) - failed} of {len(results)} bundles verify" +
+                          (f"; {failed} failed" if failed else ""), highlight=False)
+
+    emit({"ok": ok, "bundles": results}, as_json=json_, human=human)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _verify_one(bundle: Path, lineage: bool, quiet: bool) -> dict:
+    """One bundle's verification: its JSON document, with the function printing it for a person under ``_human``."""
     from kdctl.bundle import load_bundle, verify_bundle, verify_lineage
 
     res = verify_bundle(bundle)
@@ -128,6 +173,5 @@ def verify(bundle: BundleArg, lineage: bool = typer.Option(
                 (err_console if quiet else console).print(Text.assemble(
                     ("FAIL", "red"), f" ancestor {a['stage']} {a['path']}: {a['status']}: {a['problem']}"))
 
-    emit(result, as_json=json_, human=human)
-    if not ok:
-        raise typer.Exit(1)
+    result["_human"] = human
+    return result
