@@ -876,3 +876,21 @@ def test_a_class_id_out_of_range_says_which_ids_are_in_it(tmp_path, nc, says):
     with pytest.raises(LabelError) as e:
         parse_labels(f, nc)
     assert str(e.value).endswith(says), str(e.value)
+
+
+def test_data_check_names_the_class_names_yaml_reads_as_booleans_or_null(tmp_path, tiny_data):
+    """`names: [yes, no, off]` (a mask/helmet/switch set): YAML 1.1, which PyYAML and Ultralytics read, makes them
+    True and False, so two classes share the name 'False'. kdctl reads them as Ultralytics does (a checkpoint
+    trained there is named so) and `data check` says which classes, and to quote the words."""
+    y = tmp_path / "d.yaml"
+    y.write_text(f"path: {tiny_data.parent}\ntrain: images/train\nval: images/val\nnames: [yes, 'no', ~]\n")
+    res = CliRunner().invoke(app, ["data", "check", str(y), "--json"])
+    d = json.loads(res.stdout)
+    assert res.exit_code == 0 and d["names"] == ["True", "no", "None"], res.output
+    assert d["notes"] == [
+        f"{y}: field 'names': class 0 is named 'True': the YAML gives it as a boolean (a bare yes/no/on/off/true/false: "
+        "YAML 1.1, as PyYAML and Ultralytics read it); quote the word to name the class by it",
+        f"{y}: field 'names': class 2 is named 'None': the YAML gives it no value (empty, or ~)"]
+    res = CliRunner().invoke(app, ["data", "check", str(y)], env={"COLUMNS": "300"})
+    assert "class 0 is named 'True'" in res.output and "class 2 is named 'None'" in res.output
+    assert json.loads(CliRunner().invoke(app, ["data", "check", str(tiny_data), "--json"]).stdout)["notes"] == []

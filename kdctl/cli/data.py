@@ -98,6 +98,8 @@ def check(
         for name, s in r["splits"].items():
             if s["classes_without_objects"]:
                 console.print(f"{name}: no objects of {', '.join(s['classes_without_objects'])}", style="yellow")
+        for note in r["notes"]:
+            console.print(note, style="yellow", highlight=False)
         for name, items in r["problems"].items():
             console.print(Text.assemble((f"{name}: {len(items)} invalid image(s)", "red"),
                                         "; the first 20:" if len(items) > 20 else ":"))

@@ -47,4 +47,4 @@ def check_dataset(path: str | Path) -> dict:
     splits = {split: _split_summary(ds.checks[split], ds.names) for split in ("train", "val")}
     problems = {split: ds.skipped[split] for split in splits if ds.skipped.get(split)}
     return {"data": str(ds.yaml), "source": str(path), "names": ds.names, "splits": splits, "problems": problems,
-            "ok": not problems}
+            "notes": ds.notes, "ok": not problems}

@@ -44,6 +44,7 @@ class Dataset:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "file[:line]: what"
     val_split: str = "val"     # the YAML's split in val_images: 'val', or the one asked for ('test', 'train')
     checks: dict = field(default_factory=dict)  # split -> SplitCheck of the splits validated (counts per class)
+    notes: list[str] = field(default_factory=list)  # read as Ultralytics reads it, likely not as meant (data check)
 
     @property
     def nc(self) -> int:
@@ -322,11 +323,16 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         keys = sorted(by_id)
         if keys != list(range(len(keys))):
             raise DataError(f"{path}: field 'names': class ids must be 0..{len(keys) - 1} without gaps, got {keys}")
-        names = [str(by_id[k]) for k in keys]
+        raw = [by_id[k] for k in keys]
     elif isinstance(names, list):
-        names = [str(n) for n in names]
+        raw = names
     else:
         raise DataError(f"{path}: field 'names': expected a list or an id->name mapping")
+    names = [str(n) for n in raw]
+    notes = [f"{path}: field 'names': class {i} is named '{v}': " + (
+        "the YAML gives it no value (empty, or ~)" if v is None else "the YAML gives it as a boolean (a bare "
+        "yes/no/on/off/true/false: YAML 1.1, as PyYAML and Ultralytics read it); quote the word to name the class by "
+        "it") for i, v in enumerate(raw) if v is None or isinstance(v, bool)]
     if "nc" in data and (not isinstance(data["nc"], int) or isinstance(data["nc"], bool)):
         raise DataError(f"{path}: field 'nc': {data['nc']!r} is not a whole number (the class count)")
     if "nc" in data and data["nc"] != len(names):
@@ -366,7 +372,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
             raise DataError(f"{path}: {key}: no objects: every label file of its {len(res.images)} images is "
                             "empty")
         found[split], skipped[split], checks[split] = res.images, res.skipped, res
-    return Dataset(path, names, found["train"], found["val"], skipped, val_split=score, checks=checks)
+    return Dataset(path, names, found["train"], found["val"], skipped, val_split=score, checks=checks, notes=notes)
 
 
 def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
