@@ -76,27 +76,38 @@ def test_distill_killed_then_resumed(tmp_path, tiny_data, trained_bundle, fault,
 @pytest.mark.slow
 def test_resume_with_overwrite_continues_the_same_recipe_and_starts_a_changed_one_over(tmp_path, tiny_data):
     """``--resume --overwrite`` (make demo's training commands): an interrupted run of this recipe is continued (the
-    bundle it publishes has the killed run's id); one of a changed recipe is discarded and trained from the start,
-    as --overwrite alone would, where --resume alone refuses it."""
+    bundle it publishes has the killed run's id), and stopped again it does not ask to add the --resume it has; one
+    of a changed recipe is discarded and trained from the start, as --overwrite alone would, where --resume alone
+    refuses it."""
+    import os
+    import subprocess
+    import sys
+
     r = tmp_path / "t.yaml"
-    r.write_text(f"name: t\nstudent: yolov8-tiny.yaml\ndata: {tiny_data}\ntrain: {{epochs: 2, imgsz: 64, batch: 8}}\n")
+    r.write_text(f"name: t\nstudent: yolov8-tiny.yaml\ndata: {tiny_data}\ntrain: {{epochs: 3, imgsz: 64, batch: 8}}\n")
     out = tmp_path / "t"
     argv = ["train", str(r), "--out", str(out)]
+    both = argv + ["--resume", "--overwrite"]
     run_file = tmp_path / ".t.work" / "run.json"
     kill_at(argv, "train:epoch-saved@1")
     killed = json.loads(run_file.read_text())["bundle_id"]
-    _finish(argv + ["--resume", "--overwrite"])
+    p = subprocess.run([sys.executable, "-m", "kdctl.cli.main", *both, "-q"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "KDCTL_FAULT": "train:epoch-saved@2:TERM"})
+    assert p.returncode == 143 and p.stderr.strip().splitlines()[-1] == (
+        "Terminated (nothing half-written was published; the same command continues from the last saved epoch)")
+    assert json.loads(run_file.read_text())["bundle_id"] == killed
+    _finish(both)
     m = load_bundle(out).manifest
-    assert m["id"] == killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2]
+    assert m["id"] == killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
     kill_at(argv + ["--overwrite"], "train:epoch-saved@1")
     killed = json.loads(run_file.read_text())["bundle_id"]
-    r.write_text(r.read_text().replace("epochs: 2", "epochs: 3"))
+    r.write_text(r.read_text().replace("epochs: 3", "epochs: 2"))
     res = CliRunner().invoke(app, argv + ["--resume"])
     assert res.exit_code == 2 and "train.epochs: differs from the recipe of the interrupted run" in res.output
-    _finish(argv + ["--resume", "--overwrite"])
+    _finish(both)
     m = load_bundle(out).manifest
-    assert m["id"] != killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2, 3]
-    assert m["recipe"]["train"]["epochs"] == 3 and verify_bundle(out).ok
+    assert m["id"] != killed and [e["epoch"] for e in m["metrics"]["epochs"]] == [1, 2]
+    assert m["recipe"]["train"]["epochs"] == 2 and verify_bundle(out).ok
     assert _leftovers(tmp_path, "t") == []
 
 

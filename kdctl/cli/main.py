@@ -145,7 +145,8 @@ class KdctlGroup(TyperGroup):
             fail("Error:", f"{e.filename or ''}: exists and is in the way", 2)
         except KeyboardInterrupt as e:
             how = "Terminated" if isinstance(e, Terminated) else "Interrupted"
-            hint = ("; the same command with --resume continues from the last saved epoch"
+            again = "the same command" + ("" if "--resume" in ctx.meta.get("kdctl_args", []) else " with --resume")
+            hint = (f"; {again} continues from the last saved epoch"
                     if ctx.invoked_subcommand in ("train", "distill") else "")
             fail(how, f"nothing half-written was published{hint}", e.exit_code if isinstance(e, Terminated) else 130)
         except UsageError as e:
