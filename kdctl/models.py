@@ -21,16 +21,9 @@ class ResolvedModel:
 def _download_hint(p: Path, untrained: bool = True) -> str:
     """``yolov8n.pt`` by bare name, which Ultralytics downloads: kdctl downloads nothing, so it says what to give
     instead (``untrained``: in a recipe, the model's YAML also does, trained from a random start)."""
-    if len(p.parts) != 1:
-        return ""
-    try:
-        from kdctl.detectors.ultralytics_env import prepare
+    from kdctl.detectors.ultralytics_env import ships_model
 
-        prepare()  # offline, before Ultralytics is first imported
-        from ultralytics.nn.tasks import yaml_model_load
-
-        yaml_model_load(p.stem + ".yaml")
-    except (ImportError, FileNotFoundError, OSError):  # no Ultralytics here (a device), or not a name it ships
+    if len(p.parts) != 1 or not ships_model(p.stem + ".yaml"):
         return ""
     return (f"; kdctl downloads no weights (Ultralytics fetches '{p.name}' by name): give the path to a copy on "
             "this machine" + (f", or build the model untrained from '{p.stem}.yaml'" if untrained else ""))

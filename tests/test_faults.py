@@ -195,8 +195,8 @@ def test_interrupted_overwrite_keeps_the_old_bundle(tmp_path, export_cpu):
     old_id = load_bundle(out).id
     kill_at(argv + ["--overwrite"], "publish:old-moved-aside")
     assert not out.exists() and any(n.startswith(".prof.old-") for n in _leftovers(tmp_path, "prof"))
-    res = CliRunner().invoke(app, ["gate", str(export_cpu), "--min-map", "0", "--out", str(tmp_path / "g")])
-    assert res.exit_code == 2  # unrelated command: nothing touched
+    res = CliRunner().invoke(app, ["gate", str(export_cpu), "--max-p90-ms", "1", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2  # unrelated command, refused (an export measures no latency): nothing touched
     _finish(argv + ["--overwrite"])
     b = load_bundle(out, verify=True)
     assert b.id != old_id and _leftovers(tmp_path, "prof") == []

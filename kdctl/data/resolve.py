@@ -249,13 +249,10 @@ def _ultralytics_dataset(name: Path) -> Path:
     data=coco8.yaml`` reads it, where its images are already in place (its ``path`` in the working directory or
     Ultralytics' ``datasets_dir``). Ultralytics would download them; kdctl downloads nothing, so it says where they
     go. Any other name comes back as it was given."""
-    import importlib.util
+    from kdctl.detectors.ultralytics_env import datasets_dir, shipped_dataset
 
-    from kdctl.detectors.ultralytics_env import datasets_dir
-
-    found = importlib.util.find_spec("ultralytics")
-    shipped = Path(found.origin).parent / "cfg" / "datasets" / name.name if found and found.origin else None
-    if shipped is None or name.suffix not in (".yaml", ".yml") or not shipped.is_file():
+    shipped = shipped_dataset(name.name)
+    if shipped is None:
         return name
     try:
         data = _renamed(parse_yaml(shipped))

@@ -1,5 +1,6 @@
-"""Make Ultralytics safe to import here: offline, quiet, no font or weight downloads; and the two facts of its
-environment the data checks need without importing a detector: its datasets folder and its image reader."""
+"""Make Ultralytics safe to import here: offline, quiet, no font or weight downloads; and the facts of its
+environment the data and model checks need without importing a detector: its datasets folder, its image reader, the
+model and dataset YAMLs it ships."""
 
 from __future__ import annotations
 
@@ -34,6 +35,31 @@ def datasets_dir() -> Path:
     from ultralytics import utils
 
     return Path(utils.DATASETS_DIR)
+
+
+def ships_model(name: str) -> bool:
+    """Whether Ultralytics builds a model YAML of this bare name from its own configs (``yolov8n.yaml``: its
+    ``yolov8.yaml`` at scale n); False where it is not installed (a device)."""
+    try:
+        prepare()
+        from ultralytics.nn.tasks import yaml_model_load
+
+        yaml_model_load(name)
+    except (ImportError, FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def shipped_dataset(name: str) -> Path | None:
+    """The dataset YAML Ultralytics ships by this bare name (``coco8.yaml``), without importing it; None where there
+    is none, or no Ultralytics."""
+    import importlib.util
+
+    found = importlib.util.find_spec("ultralytics")
+    if not found or not found.origin or Path(name).suffix not in (".yaml", ".yml"):
+        return None
+    shipped = Path(found.origin).parent / "cfg" / "datasets" / name
+    return shipped if shipped.is_file() else None
 
 
 def opencv_reads(path: Path) -> bool | None:
