@@ -688,3 +688,19 @@ def test_a_runs_own_check_of_an_inherited_field_names_the_base(tmp_path):
     line = " ".join(res.output.split())
     assert f"{(common / 'setup.yaml').resolve()}: train.device: '5'" in line and "a base of" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_train_of_a_distillation_recipe_says_it_leaves_the_teacher_out(tmp_path):
+    """`kdctl train recipes/quickstart.yaml` (distill meant, or its baseline wanted) trained the student alone and
+    said nothing, so a student that learned from no teacher sat in runs/train/<name> like a distilled one."""
+    from kdctl.cli.train import _no_teacher_here
+
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD)
+    assert _no_teacher_here(load_recipe(p), "r.yaml") == (
+        "r.yaml: kdctl train leaves out teacher and distill.losses: it trains the student alone (the baseline); "
+        "kdctl distill r.yaml trains it with them")
+    p.write_text(GOOD.split("distill:")[0])  # a teacher, no KD terms
+    assert "kdctl train leaves out teacher: it trains" in _no_teacher_here(load_recipe(p), "r.yaml")
+    p.write_text(GOOD.split("distill:")[0].replace("teacher: {model: yolov8s.yaml}\n", ""))
+    assert _no_teacher_here(load_recipe(p), "r.yaml") is None

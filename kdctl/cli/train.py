@@ -33,6 +33,18 @@ RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PO
                                                 "multi-node run meet (the same on every node).")]
 
 
+def _no_teacher_here(r, source: str) -> str | None:
+    """``kdctl train`` of a distillation recipe (``kdctl distill`` meant, or its baseline wanted): trained without
+    the teacher and the KD terms, which it says rather than leave a student that learned from no teacher looking
+    like the distilled one."""
+    unused = [f for f, given in (("teacher", r.teacher is not None), ("distill.losses", bool(r.distill.losses)))
+              if given]
+    if not unused:
+        return None
+    return (f"{source}: kdctl train leaves out {' and '.join(unused)}: it trains the student alone (the baseline); "
+            f"kdctl distill {source} trains it with them")
+
+
 def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: bool, json_: bool, quiet: bool,
          skip_invalid: bool, reuse: bool = False, nproc: int | None = None, nnodes: int = 1, node_rank: int = 0,
          rdzv: str | None = None, overrides: list[str] | None = None):
@@ -44,7 +56,7 @@ def _run(stage: str, recipe: Path, out, runs: Path, resume: bool, overwrite: boo
 
     r = load_recipe(recipe, overrides or ())
     with overrides_named(str(recipe), overrides or (), r._inherited):
-        warning = untrained_teacher(r, str(recipe)) if stage == "distill" else None
+        warning = untrained_teacher(r, str(recipe)) if stage == "distill" else _no_teacher_here(r, str(recipe))
         if warning and not quiet:
             err_console.print(f"Warning: {warning}", highlight=False)
         launch = plan(r.train.device, nproc, nnodes, node_rank, rdzv, str(recipe), r.train.batch)
