@@ -845,13 +845,11 @@ def plain_student(model: nn.Module, cls=DetectionModel) -> DetectionModel:
 
 def check_model_name(name: str, field: str, source: str) -> None:
     """A bare model YAML name (``yolov8n.yaml``) must be one Ultralytics ships."""
-    from ultralytics.nn.tasks import yaml_model_load
+    from kdctl.detectors.ultralytics_env import ships_model
 
-    try:
-        yaml_model_load(name)
-    except (FileNotFoundError, OSError):
+    if not ships_model(name):
         raise RecipeError(f"{source}: {field}: '{name}' is neither a file nor an Ultralytics model YAML "
-                          "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)") from None
+                          "(e.g. yolov8n.yaml, yolo11s.yaml, or kdctl's yolov8-tiny.yaml)")
 
 
 def _rows(layer: nn.Module, index: torch.Tensor) -> nn.Module:
