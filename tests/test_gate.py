@@ -283,3 +283,8 @@ def test_export_and_eval_bundles_are_gated_on_what_they_measure(export_cpu, trai
     assert d["not_checked"] == ["max_p90_ms", "max_size_mb"]
     assert "- **not checked**: max_p90_ms, max_size_mb (the recipe's; an eval bundle measures none)\n" in md.read_text()
     assert load_bundle(tmp_path / "g8").metrics["not_checked"] == ["max_p90_ms", "max_size_mb"]
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "g8"), "--out", str(tmp_path / "r"), "-q"])
+    assert rep.exit_code == 0, rep.output
+    said = "Not checked: the recipe's max_p90_ms, max_size_mb, which the gated bundle does not measure"
+    assert said in (tmp_path / "r" / "report.md").read_text()
+    assert said.replace("'", "&#x27;") in (tmp_path / "r" / "report.html").read_text()

@@ -230,6 +230,12 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                    ""]
             body += [f"<h2>Gate: <span class='{verdict.lower()}'>{verdict}</span> ({html.escape(art)}, "
                      f"{html.escape(g.path.name)})</h2>", _html_table(GATE_HEAD, rows)]
+            left = g.metrics.get("not_checked") or []
+            if left:  # an export or eval bundle gated: the recipe's latency budgets wait for a profile
+                note = (f"Not checked: the recipe's {', '.join(map(str, left))}, which the gated bundle does not "
+                        "measure (gate a profile bundle for them).")
+                md += [md_escape(note), ""]
+                body += [f"<p>{html.escape(note)}</p>"]
         md += ["## Lineage", "", graph.mermaid(chain), ""]
         body += ["<h2>Lineage</h2>", graph.svg(chain)]
         if class_rows:
