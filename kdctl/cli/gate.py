@@ -43,7 +43,7 @@ def gate(
 
     Example: [bold]kdctl gate runs/profile/quickstart-cpu --min-map 0.05 --max-p90-ms 50 --baseline main-profile --max-latency-regression 0.03 --junit gate.xml[/bold]
     """
-    from kdctl.gate.stage import run_gate
+    from kdctl.gate.stage import not_checked_note, run_gate
 
     budgets = {"min_map50_95": min_map, "min_map50": min_map50, "max_p50_ms": max_p50_ms, "max_p90_ms": max_p90_ms,
                "max_p99_ms": max_p99_ms, "min_fps": min_fps, "max_size_mb": max_size_mb, "max_memory_mb": max_memory_mb,
@@ -61,8 +61,7 @@ def gate(
             t.add_row(c.name, Text("pass", style="green") if c.passed else Text("FAIL", style="red"), c.message)
         console.print(t)
         if r.not_checked:
-            console.print(f"not checked: the recipe's {', '.join(r.not_checked)}, which {bundle} does not measure "
-                          "(gate a profile bundle for them)", highlight=False)
+            console.print(f"not checked: {not_checked_note(r.not_checked)}", highlight=False)
 
     emit(result, as_json=json_, quiet=quiet, human=human)
     if not r.passed:

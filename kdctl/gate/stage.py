@@ -65,6 +65,12 @@ def _measured_only(b: Bundle, flags: dict, merged: dict) -> tuple[dict, list[str
     return {k: v for k, v in merged.items() if k in measured}, [k for k in merged if k not in measured]
 
 
+def not_checked_note(names: list[str]) -> str:
+    """The recipe's budgets a gate of an export or eval bundle left out, as the CLI, its summary and the report say."""
+    return (f"the recipe's {', '.join(map(str, names))}, which the gated bundle does not measure (gate a profile "
+            "bundle for them)")
+
+
 def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
     names = [r["artifact"] for r in results]
     if artifact is not None:
@@ -157,7 +163,7 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
                "machine": prof.manifest.get("environment", {}).get("cpu")}
     context = {k: v for k, v in context.items() if v is not None}  # an eval bundle has no target
     if not_checked:
-        context["not checked"] = f"{', '.join(not_checked)} (the recipe's; an {prof.stage} bundle measures none)"
+        context["not checked"] = not_checked_note(not_checked)
     xml = junit_xml(checks)
     md = markdown_summary(checks, "kdctl gate", context)
     parents = [prof] + ([base_bundle] if base_bundle else [])

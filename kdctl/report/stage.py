@@ -10,6 +10,7 @@ from kdctl.bundle import (Bundle, BundleWriter, delta_interval, load_bundle, nex
                           require_verified)
 from kdctl.errors import BundleError, KdctlError, distinct, parse_json
 from kdctl.gate.junit import md_escape
+from kdctl.gate.stage import not_checked_note
 from kdctl.profile.stats import call_images, per_call
 from kdctl.report import graph, plots
 from kdctl.report.kd_summary import HEAD as KD_HEAD
@@ -232,8 +233,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                      f"{html.escape(g.path.name)})</h2>", _html_table(GATE_HEAD, rows)]
             left = g.metrics.get("not_checked") or []
             if left:  # an export or eval bundle gated: the recipe's latency budgets wait for a profile
-                note = (f"Not checked: the recipe's {', '.join(map(str, left))}, which the gated bundle does not "
-                        "measure (gate a profile bundle for them).")
+                note = f"Not checked: {not_checked_note(left)}."
                 md += [md_escape(note), ""]
                 body += [f"<p>{html.escape(note)}</p>"]
         md += ["## Lineage", "", graph.mermaid(chain), ""]
