@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import typer
 from rich.table import Table
@@ -114,21 +114,22 @@ def verify(bundles: Annotated[list[Path], typer.Argument(
     from kdctl.errors import BundleError
 
     if len(bundles) == 1:  # one bundle: a bundle that cannot be read is an error (exit 2), as in every command
-        result = _verify_one(bundles[0], lineage, quiet)
-        human = result.pop("_human")
+        result, human = _verify_one(bundles[0], lineage, quiet)
         emit(result, as_json=json_, human=human)
         if not result["ok"]:
             raise typer.Exit(1)
         return
-    results = []
+    results, humans = [], []
     for b in bundles:
         try:
-            results.append(_verify_one(b, lineage, quiet))
+            result, human = _verify_one(b, lineage, quiet)
         except BundleError as e:
-            results.append({"bundle": str(b), "ok": False, "error": str(e), "_human": lambda e=e: (
-                err_console if quiet else console).print(Text.assemble(("FAIL", "red"), f" {e}"), highlight=False)})
+            result = {"bundle": str(b), "ok": False, "error": str(e)}
+            human = (lambda e=e: (err_console if quiet else console).print(Text.assemble(("FAIL", "red"), f" {e}"),
+                                                                          highlight=False))
+        results.append(result)
+        humans.append(human)
     ok = all(r["ok"] for r in results)
-    humans = [r.pop("_human") for r in results]
 
     def human():
         for h in humans:
@@ -143,8 +144,8 @@ def verify(bundles: Annotated[list[Path], typer.Argument(
         raise typer.Exit(1)
 
 
-def _verify_one(bundle: Path, lineage: bool, quiet: bool) -> dict:
-    """One bundle's verification: its JSON document, with the function printing it for a person under ``_human``."""
+def _verify_one(bundle: Path, lineage: bool, quiet: bool) -> tuple[dict, Callable[[], None]]:
+    """One bundle's verification: its JSON document, and the function that prints it for a person."""
     from kdctl.bundle import load_bundle, verify_bundle, verify_lineage
 
     res = verify_bundle(bundle)
@@ -173,5 +174,4 @@ def _verify_one(bundle: Path, lineage: bool, quiet: bool) -> dict:
                 (err_console if quiet else console).print(Text.assemble(
                     ("FAIL", "red"), f" ancestor {a['stage']} {a['path']}: {a['status']}: {a['problem']}"))
 
-    result["_human"] = human
-    return result
+    return result, human
