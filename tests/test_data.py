@@ -894,3 +894,23 @@ def test_data_check_names_the_class_names_yaml_reads_as_booleans_or_null(tmp_pat
     res = CliRunner().invoke(app, ["data", "check", str(y)], env={"COLUMNS": "300"})
     assert "class 0 is named 'True'" in res.output and "class 2 is named 'None'" in res.output
     assert json.loads(CliRunner().invoke(app, ["data", "check", str(tiny_data), "--json"]).stdout)["notes"] == []
+
+
+def test_a_yaml_whose_download_script_fetches_the_data_says_kdctl_does_not(tmp_path):
+    """A dataset YAML with Ultralytics' `download:` (a URL or a script it runs on first use), its images not there
+    yet: the missing folder is named, and that kdctl does not run the download, with where to put the dataset."""
+    y = tmp_path / "d.yaml"
+    y.write_text("path: mine\ntrain: images/train\nval: images/val\nnames: [a]\ndownload: https://example.com/m.zip\n")
+    with pytest.raises(DataError) as e:
+        load_yolo_yaml(y)
+    assert str(e.value) == (f"{y}: field 'path': directory '{tmp_path / 'mine'}' not found; the YAML's download: "
+                            f"fetches it in Ultralytics, but kdctl downloads no data: put the dataset in "
+                            f"{tmp_path / 'mine'} first")
+    (tmp_path / "mine").mkdir()  # the folder made, its images not in it
+    with pytest.raises(DataError, match=r"train: '.*images/train' is neither an image directory nor a \.txt image "
+                                        r"list; the YAML's download: fetches it in Ultralytics, but kdctl downloads"):
+        load_yolo_yaml(y)
+    y.write_text(y.read_text().replace("download: https://example.com/m.zip\n", ""))
+    with pytest.raises(DataError) as e:
+        load_yolo_yaml(y)
+    assert "downloads no data" not in str(e.value)

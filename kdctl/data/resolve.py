@@ -339,10 +339,12 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
                                 and kpt[0] > 0 and kpt[1] in (2, 3)):
         raise DataError(f"{path}: field 'kpt_shape': expected [keypoints, 2 or 3], got {kpt!r}")
     root = _dataset_root(data, path)
+    fetch = (f"; the YAML's download: fetches it in Ultralytics, but kdctl downloads no data: put the dataset in "
+             f"{root} first" if data.get("download") else "")
     if not root.is_dir():
         moved = ("; it is the copy a kdctl bundle keeps of the dataset it was trained on, which has moved or been "
                  "removed since: give --data with the dataset YAML where it is now"
-                 if (Path(path).parent / "manifest.json").is_file() else "")
+                 if (Path(path).parent / "manifest.json").is_file() else fetch)
         raise DataError(f"{path}: field 'path': directory '{root}' not found{moved}")
     root = root.resolve()
     from kdctl.data.validate import check_split
@@ -352,7 +354,10 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     found, skipped, checks = {}, {}, {}
     for split in ("train", "val"):
         key = score if split == "val" else split
-        images = _list_images(data[key], root, str(path), key)
+        try:
+            images = _list_images(data[key], root, str(path), key)
+        except DataError as e:  # a split not there yet (a dataset Ultralytics would download)
+            raise DataError(f"{e}{fetch}" if "is neither an image directory" in str(e) else str(e)) from None
         if split not in splits:
             found[split], skipped[split] = images, []
             continue
