@@ -258,9 +258,11 @@ def _ultralytics_dataset(name: Path) -> Path:
         data = _renamed(parse_yaml(shipped))
     except YamlProblem:
         return name
-    root = Path(str(data.get("path") or "")).expanduser() if isinstance(data, dict) else Path()
-    if (Path.cwd() / root).is_dir() or (datasets_dir() / root).is_dir():
+    if not isinstance(data, dict):
+        return name
+    if _dataset_root(data, shipped).is_dir():  # its path: in the working directory or datasets_dir, as Ultralytics
         return shipped
+    root = Path(str(data.get("path") or "")).expanduser()
     raise DataError(f"{name}: dataset YAML not found here; Ultralytics ships one by that name and downloads its "
                     f"images into {datasets_dir() / root} on first use, but kdctl downloads no data: put the dataset "
                     "there, or give the path of a dataset YAML on this machine")

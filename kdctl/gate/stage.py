@@ -14,6 +14,7 @@ from kdctl.bundle.store import remove_stale_temps
 from kdctl.errors import BundleError, KdctlError, shown
 from kdctl.gate.junit import junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
+from kdctl.runtimes import artifact_mb
 
 
 @dataclass
@@ -45,11 +46,9 @@ def _results(b: Bundle) -> list[dict] | None:
     for a in b.metrics.get("artifacts") or []:
         if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not isinstance(a.get("files"), list):
             return None
-        files = [b.path / f for f in a["files"] if isinstance(f, str)]
-        size = sum(f.stat().st_size for f in files) / 1e6 if files and all(f.is_file() for f in files) else None
         m = a.get("metrics") if isinstance(a.get("metrics"), dict) else {}
         rows.append({"artifact": a["name"], "precision": a.get("precision"), "map50_95": m.get("map50_95"),
-                     "map50": m.get("map50"), "size_mb": None if size is None else round(size, 3)})
+                     "map50": m.get("map50"), "size_mb": artifact_mb(b.path, a["files"])})
     return rows
 
 

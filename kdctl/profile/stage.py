@@ -19,7 +19,8 @@ from kdctl.bundle import (Bundle, BundleWriter, claim_output, load_bundle, next_
                           trained_source)
 from kdctl.errors import BackendUnavailable, KdctlError, given_by
 from kdctl.limits import available_memory_bytes, memory_size, usable_cores
-from kdctl.runtimes import DEVICE_RUNTIMES, RUNTIMES, available as runtime_available, check_export_metrics, open_runner
+from kdctl.runtimes import (DEVICE_RUNTIMES, RUNTIMES, artifact_mb, available as runtime_available,
+                            check_export_metrics, open_runner)
 from kdctl.profile.stats import LatencyStats
 from kdctl.progress import Step
 
@@ -267,7 +268,6 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
     stats = LatencyStats.from_ms(samples)
     e2e = _end_to_end(run, x, images, imgsz, e2e_runs, fixed)
     tp = _throughput(run, x, throughput_batch, stats, hint, runs, duration_s)
-    size_mb = sum((src.path / f).stat().st_size for f in a["files"]) / 1e6  # absolute paths stay absolute
     info = dict(getattr(run, "info", {}))
     energy = power.mean_mw * stats.mean / 1000 if power.mean_mw is not None else None  # mW × s = mJ
     result = {
@@ -277,7 +277,7 @@ def _profile_one(src: Bundle, a: dict, x: np.ndarray, images: list, imgsz: int, 
         "end_to_end_ms": e2e, "throughput": tp,
         "memory": {"rss_after_load_mb": round(rss_loaded, 1), "rss_mb": round(_rss_mb(), 1),
                    "process_peak_rss_mb": round(_peak_rss_mb(), 1), "gpu_mb": _gpu_mb(run, device)},
-        "size_mb": round(size_mb, 3), "map50_95": (a.get("metrics") or {}).get("map50_95"),
+        "size_mb": artifact_mb(src.path, a["files"]), "map50_95": (a.get("metrics") or {}).get("map50_95"),
         "map50": (a.get("metrics") or {}).get("map50"),
         "power_mw": power.mean_mw, "power_rail": power.rail, "energy_mj_per_image": energy,
         "timed_runs": stats.n, "timed_wall_s": round(wall, 3),

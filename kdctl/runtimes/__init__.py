@@ -85,6 +85,15 @@ def check_export_metrics(bundle) -> None:
                               "precision and a list of files")
 
 
+def artifact_mb(bundle_path, files: list) -> float | None:
+    """An artifact's size on disk in MB, rounded to 3 places: its files in the export bundle (an absolute path stays
+    absolute); None where it has none, or one is not there (a TensorRT engine still to be built on the device)."""
+    paths = [bundle_path / f for f in files if isinstance(f, str)]
+    if not paths or not all(p.is_file() for p in paths):
+        return None
+    return round(sum(p.stat().st_size for p in paths) / 1e6, 3)
+
+
 def bundle_artifacts(bundle) -> list[dict]:
     """An export bundle's artifacts that have files to run: those the export wrote, and the TensorRT engines
     ``build_engine.sh`` built on the device after it (``model-<precision>.engine`` beside the bundle's files, which
