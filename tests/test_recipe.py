@@ -116,6 +116,8 @@ BAD = [
     (GOOD.replace("name: ok", "name: " + "a" * 129), "name", "at most 128 characters"),
     (GOOD.replace("train: {", "train: {device: gpu9, "), "train.device", "is not a device"),
     (GOOD.replace("train: {", "train: {device: '0,1,0', "), "train.device", "names GPU 0 twice"),
+    (GOOD.replace("train: {", "train: {device: 'cuda:', "), "train.device", "is not a device"),
+    (GOOD.replace("train: {", "train: {device: 'cuda:x', "), "train.device", "is not a device"),
     # pydantic's lax mode would read true as 1 and false as 0
     (GOOD.replace("epochs: 1", "epochs: true"), "train.epochs", "got true; give a number"),
     (GOOD.replace("train: {", "train: {lr0: false, "), "train.lr0", "got false; give a number"),
@@ -251,6 +253,14 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path)
     with pytest.raises(RecipeError, match="^/dev/null: not a regular file"):
         load_recipe("/dev/null")
+
+
+@pytest.mark.parametrize("given,kept", [("cuda:0", "0"), ("CUDA:1,2", "1,2"), ("0, 1", "0,1"), ("cuda", "cuda")])
+def test_torch_device_spellings_read_as_ultralytics_reads_them(tmp_path, given, kept):
+    # Ultralytics' select_device takes torch's 'cuda:0'; the schema refused it as "not a device"
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.replace("train: {", f"train: {{device: '{given}', "))
+    assert load_recipe(p).train.device == kept
 
 
 def test_cli_check_bad_recipe_exit_2_no_traceback(tmp_path):

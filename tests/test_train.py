@@ -384,14 +384,16 @@ def test_eval_device_is_checked_before_any_work(trained_bundle, tmp_path):
         "metrics"]["map50_95"]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     bad = [("tpu", "--device: 'tpu'; valid: cpu, cuda, or a GPU index such as 0"), (str(gpus), f"GPU {gpus} does not "
-           "exist here" if gpus else "asks for a CUDA GPU, but this machine has none")]
+           "exist here" if gpus else "asks for a CUDA GPU, but this machine has none"),
+           (f"cuda:{gpus}", f"GPU {gpus} does not exist here" if gpus else "asks for a CUDA GPU, but this machine "
+            "has none"), ("cuda:x", "--device: 'cuda:x'; valid: cpu, cuda, or a GPU index such as 0")]
     for device, says in bad:
         res = CliRunner().invoke(app, ["eval", str(trained_bundle), "--device", device, "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
         assert not (tmp_path / "x").exists()
     assert torch_device("CPU") == "cpu"
     if gpus:
-        assert torch_device("cuda") == "cuda:0" and torch_device(" 0 ") == "cuda:0"
+        assert torch_device("cuda") == "cuda:0" and torch_device(" 0 ") == "cuda:0" == torch_device("CUDA:0")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")

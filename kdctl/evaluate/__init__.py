@@ -54,6 +54,8 @@ def torch_device(device: str, flag: str = "--device") -> str:
     d = str(device).strip().lower()
     if d == "cpu":
         return d
+    if d.startswith("cuda:"):  # torch's spelling of a GPU index, as Ultralytics' select_device takes it
+        d = d[len("cuda:"):].strip()
     if d != "cuda" and not d.isdigit():
         raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda, or a GPU index such as 0")
     check_device(d, flag, f"use {flag} cpu")  # the same check (and words) as a recipe's train.device

@@ -189,13 +189,16 @@ class TrainSpec(Strict):
         v = str(v).strip().lower()
         if v in ("cpu", "cuda", "mps"):
             return v
+        given = v
+        if v.startswith("cuda:"):  # torch's spelling, which Ultralytics' select_device also takes: 'cuda:0' is '0'
+            v = v[len("cuda:"):]
         ids = [p.strip() for p in v.split(",") if p.strip()]
         if ids and all(p.isdigit() for p in ids):
             twice = sorted({p for p in ids if ids.count(p) > 1})
             if twice:
-                raise ValueError(f"'{v}' names GPU {twice[0]} twice; give each index once")
-            return v
-        raise ValueError(f"'{v}' is not a device; use 'cpu', 'cuda' or GPU indices like '0' or '0,1'")
+                raise ValueError(f"'{given}' names GPU {twice[0]} twice; give each index once")
+            return ",".join(ids)
+        raise ValueError(f"'{given}' is not a device; use 'cpu', 'cuda' or GPU indices like '0' or '0,1'")
 
 
 class LossSpec(Strict):
