@@ -601,6 +601,32 @@ def test_hidden_files_in_image_folders_are_not_images(tmp_path, tiny_data):
                                                   for part in p.relative_to(train).parts)
 
 
+def test_a_split_folder_reached_through_a_link_trains_on_its_labels(tmp_path, tiny_data):
+    """images/train a link to the images' real place (shared storage): Ultralytics resolves the split and looked for
+    labels beside the link's target ('No labels found'), after `kdctl data check` had passed. The trainer now gets the
+    images as kdctl found them, their labels beside the link."""
+    import shutil
+
+    from kdctl.data.resolve import normalised_yaml
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data.parent / "labels", root / "labels")
+    (root / "images").mkdir()
+    shutil.copytree(tiny_data.parent / "images" / "val", root / "images" / "val")
+    store = tmp_path / "store" / "train"
+    shutil.copytree(tiny_data.parent / "images" / "train", store)
+    (root / "images" / "train").symlink_to(store)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    ds = load_yolo_yaml(root / "data.yaml")
+    work = tmp_path / "work"
+    work.mkdir()
+    seen = _ultralytics_sees(normalised_yaml(ds, work / "data.yaml"))
+    objects = sum(len(p.read_text().splitlines()) for p in (root / "labels" / "train").glob("*.txt"))
+    assert len(seen["train"][0]) == 24 and seen["train"][1] == objects > 0
+    plain = yaml.safe_load(normalised_yaml(ds, work / "kept.yaml", image_lists=False).read_text())
+    assert plain["train"] == "images/train"  # the bundle's record keeps the YAML's own split
+
+
 def test_coco_set_with_skipped_images_trains_on_its_converted_labels(tmp_path):
     """With images left out, the trainer gets lists of the kept images: they once named the user's original files
     (the converted layout's links followed), beside which Ultralytics found no labels and trained on background."""

@@ -391,15 +391,24 @@ def normalised_yaml(ds: Dataset, out: Path, image_lists: bool = True) -> Path:
     data.pop("download", None)  # never let a trainer fetch a dataset
     if any(ds.skipped.values()) and not image_lists:
         data["kdctl_skip_invalid"] = True
-    elif image_lists and (any(ds.skipped.values()) or any(_is_list(data[k]) for k in ("train", "val"))):
+    elif image_lists and (any(ds.skipped.values()) or any(_is_list(data[k]) for k in ("train", "val"))
+                          or any(_linked(data[k], Path(data["path"])) for k in ("train", "val"))):
         # train on the validated images only, and on the very files kdctl checked: lists of absolute paths (a .txt
-        # list's relative lines are found beside it first, where Ultralytics looks in the working directory)
+        # list's relative lines are found beside it first, where Ultralytics looks in the working directory; a
+        # linked split folder is followed by Ultralytics to where its labels are not)
         for split, images in (("train", ds.train_images), ("val", ds.val_images)):
             lst = out.parent / f"{split}-images.txt"
             lst.write_text("".join(f"{os.path.abspath(p)}\n" for p in images))  # links kept: labels sit by them
             data[split] = str(lst.resolve())
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
+
+
+def _linked(spec, root: Path) -> bool:
+    """A split folder reached through a link (``images/train -> /mnt/store/train``): Ultralytics resolves it and then
+    looks for the labels beside the link's target, where there are none; kdctl reads them beside the link."""
+    return any(os.path.abspath(p) != str(p.resolve()) for p in
+               ([root / str(e) for e in spec] if isinstance(spec, list) else [_split_path(str(spec), root)]))
 
 
 def _is_list(spec) -> bool:
