@@ -386,6 +386,8 @@ def test_set_changes_fields_of_the_file_before_validation(tmp_path):
     assert r.distill.losses[0].params == {"tau": 4.5} and r.distill.losses[0].weight == 0.5
     assert r.distill.cache is not None and r.distill.cache.top_k == 5
     assert load_recipe(p).train.epochs == 1  # the file is not changed
+    # a field as kdctl's errors name it (distill.losses[0].weight) is the same field: it was "unknown field 'distill'"
+    assert load_recipe(p, ["distill.losses[0].params.tau=3"]).distill.losses[0].params == {"tau": 3}
 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):
@@ -413,6 +415,10 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     (["distill.losses.3.weight=1"], "--set distill.losses.3.weight: distill.losses is a list of 1; index it with 0..0"),
     (["distill.losses.x.weight=1"], "--set distill.losses.x.weight: distill.losses is a list of 1; index it with 0..0, "
                                     "got 'x'"),
+    (["distill.losses[3].weight=1"], "--set distill.losses.3.weight: distill.losses is a list of 1; index it"),
+    # an entry of a list the recipe leaves out: there is nothing to index (it was "Input should be a valid list")
+    (["export.artifacts.0=onnx-fp32"], "--set export.artifacts.0: the recipe has no export.artifacts list to change "
+                                       "an entry of; give the whole list (--set export.artifacts='[...]')"),
     (["train.epochs.x=1"], "--set train.epochs.x: train.epochs is 1, not a section with fields"),
     (["train.epochs"], "--set 'train.epochs': expected KEY=VALUE with a dotted recipe field"),
     (["train..epochs=1"], "--set 'train..epochs=1': expected KEY=VALUE"),

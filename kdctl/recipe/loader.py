@@ -56,7 +56,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not p.strip() for p in parts):
         raise RecipeError(f"--set '{text}': expected KEY=VALUE with a dotted recipe field, e.g. train.epochs=5")
     try:
-        return [p.strip() for p in parts], load_value(value) if value.strip() else ""
+        return [q for p in parts for q in _indexed(p.strip())], load_value(value) if value.strip() else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {key.strip()}: the value '{value}' is not valid YAML "
                           f"({str(e).splitlines()[0]})") from None
@@ -98,6 +98,10 @@ def set_field(raw: dict, parts: list[str], value: Any) -> None:
             node[part] = value
             return
         if isinstance(node, dict) and node.get(part) is None:
+            if _is_index(parts[depth + 1]):  # an entry of a list the recipe does not have
+                raise RecipeError(f"--set {'.'.join(parts)}: the recipe has no {_override_field(parts[:depth + 1])} "
+                                  f"list to change an entry of; give the whole list (--set "
+                                  f"{_override_field(parts[:depth + 1])}='[...]')")
             node[part] = {}
         node = node[part]
 
@@ -123,6 +127,12 @@ def set_suggestion(words: Sequence[str]) -> str | None:
                     break
         out.append(f"--set {key}={value}")
     return " ".join(out) or None
+
+
+def _indexed(part: str) -> list[str]:
+    """``losses[0]`` (a field as kdctl's errors name it) as ``losses``, ``0``; any other part as it is."""
+    m = re.fullmatch(r"([^\[\]]+)((?:\[[0-9]+\])+)", part)
+    return [m.group(1), *re.findall(r"[0-9]+", m.group(2))] if m else [part]
 
 
 def _override_field(parts: list[str]) -> str:
