@@ -387,6 +387,42 @@ def test_a_users_own_faster_rcnn_weights_load_as_the_model_they_are(tmp_path):
             ref.net.rpn._pre_nms_top_n["testing"] = ref.net.rpn._post_nms_top_n["testing"] = 1000
 
 
+def test_a_whole_faster_rcnn_keeps_its_own_proposal_settings(tmp_path):
+    """A model a user built with other proposal counts and NMS thresholds (``rpn_pre_nms_top_n_test=300``...) was
+    rebuilt with the builder's (1000 proposals, NMS 0.7/0.5): other detections than the user's model gives. They are
+    kept, and travel in kdctl's own checkpoint; a checkpoint written before them gets the builder's."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+    from kdctl.detectors import load_detector
+    from kdctl.detectors.torchvision import TorchvisionDetector, from_checkpoint, proposal_settings
+
+    torch.manual_seed(0)
+    mine = dict(rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=40, rpn_nms_thresh=0.6, rpn_score_thresh=0.01,
+                box_nms_thresh=0.3)
+    net = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=256,
+                                            max_size=256, **mine).eval()
+    torch.save(net, tmp_path / "whole.pt")
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = TorchvisionDetector("fasterrcnn_mobilenet_v3_large_fpn", 3, 256).eval()
+        default = ref(x)
+        ref.net = net
+        want = ref(x)
+    assert not torch.equal(default, want)  # the settings change the detections
+    m = load_detector(tmp_path / "whole.pt")
+    expected = {"rpn_pre_nms_top_n": {"training": 2000, "testing": 300},
+                "rpn_post_nms_top_n": {"training": 2000, "testing": 40}, "rpn_nms_thresh": 0.6,
+                "rpn_score_thresh": 0.01, "box_nms_thresh": 0.3}
+    assert proposal_settings(m.net) == expected
+    with torch.no_grad():
+        assert torch.equal(m(x), want)
+    ckpt = m.checkpoint()
+    assert proposal_settings(from_checkpoint(ckpt).net) == expected
+    del ckpt["proposals"]  # a checkpoint kdctl wrote before they were kept
+    assert proposal_settings(from_checkpoint(ckpt).net) == proposal_settings(TorchvisionDetector(m.builder, 3,
+                                                                                                256).net)
+
+
 @pytest.mark.parametrize("what, says", [
     ("image_std", "image_std ((0.5, 0.5, 0.5)) are not torchvision's fasterrcnn_mobilenet_v3_large_320_fpn defaults"),
     ("mask_head", "a torchvision detector's weights (3 classes) that none of kdctl's builders takes"),

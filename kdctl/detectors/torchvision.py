@@ -58,7 +58,7 @@ class TorchvisionDetector(nn.Module):
     """A torchvision detection model with what kdctl needs beside it (builder, classes, input size); in eval mode
     ``forward`` returns the dense ``(N, 4 + nc, K)`` layout, in train mode torchvision's loss dict."""
 
-    def __init__(self, builder: str, nc: int, imgsz: int, names: dict | None = None):
+    def __init__(self, builder: str, nc: int, imgsz: int, names: dict | None = None, proposals: dict | None = None):
         super().__init__()
         from torchvision.models import detection
 
@@ -69,6 +69,8 @@ class TorchvisionDetector(nn.Module):
         self.net = getattr(detection, builder)(weights=None, weights_backbone=None, num_classes=nc + 1,
                                                min_size=imgsz, max_size=imgsz, box_score_thresh=0.001,
                                                box_detections_per_img=DETECTIONS)
+        if proposals:
+            set_proposals(self.net, proposals)
 
     def pin_input_size(self, imgsz: int) -> None:
         """See every batch at ``imgsz`` (kdctl's letterboxed canvases): torchvision's own resize becomes a no-op."""
@@ -103,8 +105,27 @@ class TorchvisionDetector(nn.Module):
         from kdctl.detectors.yolo import quantizer_state
 
         return {"kdctl_family": FAMILY, "builder": self.builder, "nc": self.nc, "imgsz": self.imgsz,
-                "names": self.names, "model_state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                "names": self.names, "proposals": proposal_settings(self.net),
+                "model_state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                 "modelopt": quantizer_state(self), **extra}
+
+
+def proposal_settings(net: nn.Module) -> dict:
+    """How a Faster R-CNN picks its proposals and boxes (RPN candidates kept before and after NMS, in training and at
+    test time; the RPN's NMS IoU and score floor; the box head's NMS IoU): settings of the model, not of its weights,
+    which a user may have built theirs with (``rpn_pre_nms_top_n_test=500``). The box head's score floor and
+    detections per image are kdctl's, for COCO scoring (0.001, 100), whatever the model had."""
+    return {"rpn_pre_nms_top_n": {k: int(v) for k, v in net.rpn._pre_nms_top_n.items()},
+            "rpn_post_nms_top_n": {k: int(v) for k, v in net.rpn._post_nms_top_n.items()},
+            "rpn_nms_thresh": float(net.rpn.nms_thresh), "rpn_score_thresh": float(net.rpn.score_thresh),
+            "box_nms_thresh": float(net.roi_heads.nms_thresh)}
+
+
+def set_proposals(net: nn.Module, p: dict) -> None:
+    net.rpn._pre_nms_top_n = dict(p["rpn_pre_nms_top_n"])
+    net.rpn._post_nms_top_n = dict(p["rpn_post_nms_top_n"])
+    net.rpn.nms_thresh, net.rpn.score_thresh = p["rpn_nms_thresh"], p["rpn_score_thresh"]
+    net.roi_heads.nms_thresh = p["box_nms_thresh"]
 
 
 def is_checkpoint(ckpt) -> bool:
@@ -119,7 +140,8 @@ def _restore_qat(model: TorchvisionDetector, ckpt: dict) -> None:
 
 
 def from_checkpoint(ckpt: dict) -> TorchvisionDetector:
-    m = TorchvisionDetector(ckpt["builder"], int(ckpt["nc"]), int(ckpt["imgsz"]), ckpt.get("names"))
+    m = TorchvisionDetector(ckpt["builder"], int(ckpt["nc"]), int(ckpt["imgsz"]), ckpt.get("names"),
+                            ckpt.get("proposals"))  # older checkpoints: the builder's
     _restore_qat(m, ckpt)  # before the weights: the state dict holds the quantizers' ranges too
     m.load_state_dict(ckpt["model_state"])
     return m.float().eval()
@@ -140,8 +162,9 @@ def from_saved(obj) -> TorchvisionDetector | None:
     (``FrozenBatchNorm2d``: no ``num_batches_tracked``) load into plain ones, the same in eval mode. The two
     MobileNetV3 builders share their weights' shapes and differ in the RPN's test-time proposal counts (150 for
     the 320 one, 1000): a whole model, or the references' ``args.model``, says which; a bare state dict is taken
-    as the 320 one. Such a file names no classes: one of torchvision's COCO layout (91 outputs) is named with its
-    COCO categories (:func:`coco_names`)."""
+    as the 320 one. A whole model keeps its own proposal settings (:func:`proposal_settings`: a model built with
+    ``rpn_pre_nms_top_n_test=500`` detects as it did). Such a file names no classes: one of torchvision's COCO
+    layout (91 outputs) is named with its COCO categories (:func:`coco_names`)."""
     if is_checkpoint(obj):
         return from_checkpoint(obj)
     found = _saved_state(obj)
@@ -164,7 +187,8 @@ def from_saved(obj) -> TorchvisionDetector | None:
         builder = next((b for b in matches if refs[b].rpn._pre_nms_top_n["testing"] == testing), builder)
         _check_rebuilt(module, refs[builder], builder)
     imgsz = int((module or refs[builder]).transform.min_size[-1])
-    m = TorchvisionDetector(builder, nc, imgsz, coco_names(nc))
+    m = TorchvisionDetector(builder, nc, imgsz, coco_names(nc),
+                            proposal_settings(module) if module is not None else None)
     m.net.load_state_dict({**m.net.state_dict(), **state})  # a frozen BatchNorm's num_batches_tracked stays 0
     return m.float().eval()
 
