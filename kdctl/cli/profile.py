@@ -24,7 +24,7 @@ def profile(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads, at most the cores this process may use (default: the recipe's profile.threads, else all of them).")] = None,
     throughput_batch: Annotated[Optional[int], typer.Option("--throughput-batch", min=1, help="Batch for throughput, where the model accepts it (default: the recipe's profile.throughput_batch, else 8).")] = None,
     hint: Annotated[Optional[str], typer.Option("--hint", help="How throughput is measured: latency (one synchronous request at a time, batched at --throughput-batch) or throughput (requests in flight at once: OpenVINO under its THROUGHPUT hint, as benchmark_app's default; ONNX Runtime on the CPU one request per thread, as onnxruntime_perf_test -c N -x 1); latency percentiles are one request at a time either way (default: the recipe's profile.hint, else latency).")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (the first GPU: also 0 or cuda:0).")] = "cpu",
     pytorch: Annotated[bool, typer.Option("--pytorch", help="Also profile the FP32 PyTorch model the artifacts came from.")] = False,
     out: OutOpt = None, runs_dir: RunsOpt = Path("runs"), overwrite: OverwriteOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -40,8 +40,14 @@ def profile(
     from kdctl.profile.stage import profile_bundle
     from kdctl.profile.stats import call_images
 
+    device = device.strip().lower()
+    gpu = device[len("cuda:"):] if device.startswith("cuda:") else device
+    if gpu.isdigit() and int(gpu) > 0:  # the runners open the first GPU a process sees
+        raise KdctlError(f"--device: '{device}': a profile runs on the first GPU; make GPU {int(gpu)} the first with "
+                         f"CUDA_VISIBLE_DEVICES={int(gpu)} and give --device cuda")
+    device = "cuda" if gpu.isdigit() else device  # 0 and cuda:0, as eval and Ultralytics take them: the first GPU
     if device not in ("cpu", "cuda"):
-        raise KdctlError(f"--device: '{device}'; valid: cpu, cuda")
+        raise KdctlError(f"--device: '{device}'; valid: cpu, cuda (the first GPU; also 0 or cuda:0)")
     with progress_bar(not (json_ or quiet)) as p:
         b = profile_bundle(bundle, artifacts=artifact, runtime=runtime, warmup=warmup, runs=runs, duration_s=duration,
                            threads=threads, throughput_batch=throughput_batch, device=device, pytorch=pytorch, out=out,
