@@ -922,6 +922,27 @@ def test_data_check_names_the_class_names_yaml_reads_as_booleans_or_null(tmp_pat
     assert json.loads(CliRunner().invoke(app, ["data", "check", str(tiny_data), "--json"]).stdout)["notes"] == []
 
 
+def test_data_check_names_boxes_of_zero_size(tmp_path, tiny_data):
+    """A zero-width or zero-height box is a valid line (Ultralytics keeps it) that no detection can overlap: scored,
+    each is a miss; in training augmentation drops it. `data check` passed it in silence; it now counts them per split
+    and names the first file, and the check still passes."""
+    import shutil
+
+    root = tmp_path / "z"
+    for folder in ("images", "labels"):
+        shutil.copytree(tiny_data.parent / folder, root / folder)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n")
+    val = sorted((root / "labels" / "val").glob("*.txt"))
+    for f, line in ((val[1], "1 0.5 0.5 0 0.2\n"), (val[1], "2 0.3 0.3 0.1 0\n"), (val[3], "0 0.2 0.2 0 0\n")):
+        f.write_text(f.read_text() + line)
+    res = CliRunner().invoke(app, ["data", "check", str(root / "data.yaml"), "--json"])
+    d = json.loads(res.stdout)
+    assert res.exit_code == 0 and d["ok"], res.output
+    assert (d["splits"]["train"]["zero_size_boxes"], d["splits"]["val"]["zero_size_boxes"]) == (0, 3)
+    assert d["notes"] == [f"val: 3 boxes of zero width or height (first: {val[1]}); each is a miss no detection can "
+                          "match in mAP: give the object its extent or remove the line"]
+
+
 def test_a_yaml_whose_download_script_fetches_the_data_says_kdctl_does_not(tmp_path):
     """A dataset YAML with Ultralytics' `download:` (a URL or a script it runs on first use), its images not there
     yet: the missing folder is named, and that kdctl does not run the download, with where to put the dataset."""

@@ -27,7 +27,7 @@ def _split_summary(check, names: list[str]) -> dict:
     per_class, keys = check.per_class, class_keys(names)
     return {"images": len(check.images) + len(check.skipped), "usable": len(check.images),
             "skipped": len(check.skipped), "objects": check.objects, "background_images": check.background,
-            "per_class": {n: per_class.get(i, 0) for i, n in enumerate(keys)},
+            "zero_size_boxes": len(check.zero_size), "per_class": {n: per_class.get(i, 0) for i, n in enumerate(keys)},
             "classes_without_objects": [n for i, n in enumerate(keys) if not per_class.get(i)]}
 
 
@@ -47,4 +47,18 @@ def check_dataset(path: str | Path) -> dict:
     splits = {split: _split_summary(ds.checks[split], ds.names) for split in ("train", "val")}
     problems = {split: ds.skipped[split] for split in splits if ds.skipped.get(split)}
     return {"data": str(ds.yaml), "source": str(path), "names": ds.names, "splits": splits, "problems": problems,
-            "notes": ds.notes, "ok": not problems}
+            "notes": ds.notes + _zero_size_notes(ds), "ok": not problems}
+
+
+def _zero_size_notes(ds) -> list[str]:
+    """Boxes of zero width or height are valid label lines (Ultralytics keeps them), but no detection overlaps one:
+    in the split that is scored each is a miss, in training its augmentation drops them."""
+    out = []
+    for split, key in (("train", "train"), ("val", ds.val_split)):
+        found = ds.checks[split].zero_size
+        if found:
+            effect = ("each is a miss no detection can match in mAP" if split == "val" else
+                      f"training drops {'them' if len(found) > 1 else 'it'}")
+            out.append(f"{key}: {len(found)} box{'es' * (len(found) > 1)} of zero width or height (first: {found[0]}); "
+                       f"{effect}: give the object its extent or remove the line")
+    return out

@@ -176,6 +176,7 @@ class SplitCheck:
     skipped: list[str]          # "file[:line]: what" for each image left out
     per_class: Counter = field(default_factory=Counter)  # objects per class id, over the usable images
     background: int = 0         # usable images without an object
+    zero_size: list[Path] = field(default_factory=list)  # the label file of each box of zero width or height
 
     @property
     def objects(self) -> int:
@@ -189,7 +190,7 @@ def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, wo
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         image_problems = list(pool.map(check_image, images))
-    kept, skipped, per_class, background = [], [], Counter(), 0
+    kept, skipped, per_class, background, zero_size = [], [], Counter(), 0, []
     for img, why in zip(images, image_problems):
         if why is None:
             try:
@@ -202,8 +203,9 @@ def check_split(images: list[Path], nc: int, label_of, *, skip_invalid: bool, wo
             kept.append(img)
             per_class.update(int(c) for c in rows[:, 0])
             background += not len(rows)
+            zero_size += [label_of(img)] * int(((rows[:, 3] <= 0) | (rows[:, 4] <= 0)).sum())
         elif skip_invalid:
             skipped.append(why)
         else:
             raise DataError(f"{why} (pass --skip-invalid or set data.skip_invalid to leave such images out)")
-    return SplitCheck(kept, skipped, per_class, background)
+    return SplitCheck(kept, skipped, per_class, background, zero_size)
