@@ -289,3 +289,54 @@ def test_export_and_eval_bundles_are_gated_on_what_they_measure(export_cpu, trai
     said = "Not checked: the recipe's max_p90_ms, max_size_mb, which the gated bundle does not measure"
     assert said in (tmp_path / "r" / "report.md").read_text()
     assert said.replace("'", "&#x27;") in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_a_baseline_scored_on_other_validation_images_fails_its_map_check_closed(trained_bundle, export_cpu,
+                                                                                  profile_cpu, tiny_data, tmp_path):
+    """mAPs scored on two validation sets are no regression of one model: a baseline exported or evaluated with
+    another --data (or a dataset whose val split changed) passed the mAP check at -3.9 points 'within budget'. The
+    set is recorded (names, sizes, label bytes) by export and eval, carried by profile; the mAP check fails closed and
+    says so, latency is still compared; a bundle written before it was recorded is compared as before."""
+    import shutil
+
+    from kdctl.bundle import BundleWriter, load_bundle
+    from kdctl.data.resolve import images_digest, load_yolo_yaml
+    from kdctl.data.synth import write_dataset
+
+    other = write_dataset(tmp_path / "data2", train=4, val=8, seed=11, imgsz=128, classes=3)
+    for name, data in (("own", []), ("own2", []), ("other", ["--data", str(other)])):
+        res = CliRunner().invoke(app, ["eval", str(trained_bundle), *data, "--out", str(tmp_path / name), "-q"])
+        assert res.exit_code == 0, res.output
+    own_sha = images_digest(load_yolo_yaml(tiny_data).val_images)
+    assert load_bundle(tmp_path / "own").metrics["eval_sha256"] == own_sha
+    assert load_bundle(export_cpu).metrics["eval_sha256"] == load_bundle(profile_cpu).metrics["eval_sha256"] == own_sha
+    same = CliRunner().invoke(app, ["gate", str(tmp_path / "own"), "--baseline", str(tmp_path / "own2"),
+                                    "--max-map-regression", "0", "--out", str(tmp_path / "g1")])
+    assert same.exit_code == 0, same.output
+    res = CliRunner().invoke(app, ["gate", str(tmp_path / "own"), "--baseline", str(tmp_path / "other"),
+                                   "--max-map-regression", "1", "--out", str(tmp_path / "g2"), "--json"])
+    other_sha = load_bundle(tmp_path / "other").metrics["eval_sha256"]
+    assert res.exit_code == 1 and json.loads(res.stdout)["checks"][0]["message"] == (
+        f"baseline {tmp_path / 'other'} was scored on other validation images (8 images, sha256 {other_sha[:12]}; this "
+        f"eval: 8, sha256 {own_sha[:12]}): mAPs not comparable, failing closed")
+
+    def profile_copy(dest, sha):  # profile_cpu as a profile of another validation set (or of an older kdctl)
+        b = load_bundle(profile_cpu, verify=True)
+        with BundleWriter(dest, stage="profile", recipe=b.recipe, inputs=b.manifest["inputs"]) as w:
+            for role, rel in b.manifest["outputs"].items():
+                shutil.copy2(profile_cpu / rel, w.path / rel)
+                w.add_output(role, rel)
+            w.metrics.update({k: v for k, v in b.metrics.items() if k != "eval_sha256"})
+            if sha:
+                w.metrics["eval_sha256"] = sha
+        return dest
+
+    for sha, map_passes in ((other_sha, False), (None, True)):
+        base = profile_copy(tmp_path / f"p-{sha is None}", sha)
+        res = CliRunner().invoke(app, ["gate", str(profile_cpu), "--baseline", str(base), "-a", "onnx-fp32",
+                                       "--max-latency-regression", "100", "--max-map-regression", "0",
+                                       "--out", str(tmp_path / f"g-{sha is None}"), "--json"])
+        checks = {c["name"]: c for c in json.loads(res.stdout)["checks"]}
+        assert checks["max_latency_regression"]["passed"], res.output
+        assert checks["max_map_regression"]["passed"] is map_passes, res.output
+        assert res.exit_code == (0 if map_passes else 1)

@@ -231,7 +231,7 @@ _METRIC_KINDS = {
     "per_class_ap50_95": "scores",
     **dict.fromkeys(("pytorch", "pytorch_fp32", "init", "settings", "skipped", "model"), "object"),
     **dict.fromkeys(("epochs", "kd_terms", "artifacts", "results", "checks"), "records"),
-    **dict.fromkeys(("target", "artifact", "split", "runtime", "precision"), "string"),
+    **dict.fromkeys(("target", "artifact", "split", "runtime", "precision", "eval_sha256"), "string"),
     "passed": "boolean",
 }
 # The fields of those lists' entries that the stages read back (export's artifacts, profile's results, the gate's

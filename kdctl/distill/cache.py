@@ -165,17 +165,11 @@ def _sha(obj) -> str:
 
 
 def data_digest(images: list[Path]) -> str:
-    """The training set as the cache sees it: image names and sizes, and the label files' bytes (an image edited in
-    place at the same size is caught by the per-view CRC instead)."""
-    from kdctl.data.resolve import label_path
+    """The training set as the cache sees it (:func:`kdctl.data.resolve.images_digest`; an image edited in place at
+    the same size is caught by the per-view CRC instead)."""
+    from kdctl.data.resolve import images_digest
 
-    h = hashlib.sha256()
-    for p in images:
-        p = Path(p)
-        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-        lp = label_path(p)
-        h.update(lp.read_bytes() if lp.is_file() else b"-")
-    return h.hexdigest()
+    return images_digest(images)
 
 
 def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int, distilled: int) -> dict:

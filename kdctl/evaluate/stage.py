@@ -159,10 +159,12 @@ def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: in
     step = Step(progress, "evaluate (COCO mAP)", total=len(ds.val_images))
     metrics, records = evaluate_with_records(backend, ds.val_images, ds.names, size, batch=batch,
                                              progress=step.advance)
+    from kdctl.data.resolve import images_digest
+
     with BundleWriter(out, stage="eval", recipe=recipe, parents=parents, overwrite=overwrite,
                       inputs={"data": ds.describe(), **inputs}) as w:
         w.metrics.update({"runtime": "pytorch", "precision": "fp32", **(runtime or {}), "device": device,
-                          "split": split, **metrics})
+                          "split": split, **metrics, "eval_sha256": images_digest(ds.val_images)})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2))
         w.add_output("metrics", "metrics.json")
         add_records(w, records, ds.val_images)  # what the report's paired interval resamples

@@ -233,11 +233,14 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
             if checks.verify(a):
                 a.settings["size_mb"] = round(file_size_mb(w.path, a.files), 3)
         _write_outputs(w, arts, preset, wanted, imgsz, out.name)
+        from kdctl.data.resolve import images_digest
+
         w.metrics.update({
             "target": preset.name, "imgsz": imgsz, "opset": opset,
             "pytorch": {**_short(checks.ref_metrics), "model": "fake-quantized (QAT)" if qat else "fp32"},
             "params": sum(p.numel() for p in model.parameters()), "gflops": yolo.gflops(model, imgsz),
             "artifacts": [a.to_dict() for a in arts], "eval_images": len(val_images),
+            "eval_sha256": images_digest(val_images),  # which images the mAPs are of: a gate's baseline must match
             "names": classes.names,  # the artifacts' classes
         })
         if unsupported:

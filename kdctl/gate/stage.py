@@ -116,6 +116,16 @@ def _not_comparable(cur: dict, base: dict, what: str = "profile") -> str:
     return "at " + ", ".join(diff) if diff else ""
 
 
+def _other_images(cur: dict, base: dict, what: str) -> str:
+    """How the baseline's mAP was scored on other validation images or labels than this one ('' if not, or where a
+    bundle written before kdctl recorded them does not say): mAPs of two sets are not a regression of one model."""
+    a, b = cur.get("eval_sha256"), base.get("eval_sha256")
+    if not (isinstance(a, str) and isinstance(b, str)) or a == b:
+        return ""
+    n_cur, n_base = (m.get("eval_images", m.get("images")) for m in (cur, base))
+    return f"on other validation images ({n_base} images, sha256 {b[:12]}; this {what}: {n_cur}, sha256 {a[:12]})"
+
+
 def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifact: str | None,
           junit: Path | None, summary: Path | None, out: Path, overwrite: bool) -> GateResult:
     profile = prof.path
@@ -146,16 +156,21 @@ def _gate(prof: Bundle, base_bundle: Bundle | None, budgets: dict | None, artifa
         base = next((r for r in _results(base_bundle) or [] if isinstance(r, dict)
                      and r.get("artifact") == result["artifact"]), None)
     checks = evaluate_budgets(result, merged, base)
-    unusable = None  # why the regression checks cannot use the baseline
+    unusable, other = None, ""  # why the regression checks cannot use the baseline; why its mAP check cannot
     if base_bundle is not None and base is None:
         unusable = f"baseline {base_bundle.path} has no '{result['artifact']}' result: failing closed"
     elif base_bundle is not None:
         differs = _not_comparable(prof.metrics, base_bundle.metrics, prof.stage)
         if differs:
             unusable = f"baseline {base_bundle.path} was measured {differs}: not comparable, failing closed"
+        other = _other_images(prof.metrics, base_bundle.metrics, prof.stage)
+        if other:  # latency is still compared
+            other = f"baseline {base_bundle.path} was scored {other}: mAPs not comparable, failing closed"
     for c in checks:
         if unusable and c.name.endswith("regression"):
             c.passed, c.message = False, unusable
+        elif other and c.name == "max_map_regression":
+            c.passed, c.message = False, other
     passed = all(c.passed for c in checks)
     context = {prof.stage: str(prof.path), "artifact": result["artifact"], "target": prof.metrics.get("target"),
                "baseline": str(base_bundle.path) if base_bundle else "none",

@@ -182,6 +182,7 @@ def _profile(src: Bundle, artifacts, runtime, warmup, runs, duration_s, threads,
         w.metrics.update({"target": src.metrics.get("target"), "imgsz": imgsz, "settings": settings,
                           "results": results, "skipped": skipped,
                           "model": {k: src.metrics.get(k) for k in ("params", "gflops")},
+                          **{k: src.metrics.get(k) for k in ("eval_images", "eval_sha256")},  # the mAPs' images
                           "pytorch_fp32_map50_95": reference_metrics(src.metrics).get("map50_95")})
         (w.path / "metrics.json").write_text(json.dumps(w.metrics, indent=2, default=str))
         (w.path / "latencies.json").write_text(json.dumps(raw))
