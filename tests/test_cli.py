@@ -326,3 +326,53 @@ def test_a_recipe_path_that_is_a_loop_of_links_names_the_field(tmp_path):
     r.write_text("name: x\nstudent: {model: yolov8n.yaml}\ndata: {yolo: ./a.yaml}\n")
     res = CliRunner().invoke(app, ["recipe", "check", str(r), "--json"])
     assert res.exit_code == 0 and "a.yaml" in json.loads(res.stdout)["missing"][0]
+
+
+DOCS = ["README.md", "examples/walkthrough.md", "examples/github-actions.yml"]
+
+
+def _doc_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """Each ``kdctl ...`` command line of a document's code blocks (a workflow: all of it), as its arguments:
+    continuation lines joined, comments, shell variables and what follows ``;``/``&&``/``|``/``>`` left out."""
+    import re
+    import shlex
+
+    text = path.read_text()
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S) if path.suffix == ".md" else [text]
+    out = []
+    for line in (ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()):
+        i = line.find("kdctl ")
+        if i < 0 or not re.search(r"(^|[\s;&|(]|do)$", line[:i]):
+            continue
+        words = shlex.split(line[i:], comments=True)[1:]
+        stop = next((j for j, w in enumerate(words) if w[:1] in ";&|>" or w.endswith(";")), len(words))
+        words = words[:stop] + ([words[stop][:-1]] if stop < len(words) and len(words[stop]) > 1
+                                and words[stop].endswith(";") else [])
+        out.append((line.strip(), [w for w in words if not w.startswith("$")]))
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_kdctl_command_in_the_docs_parses(doc):
+    """The README's, the walkthrough's and the CI example's commands name commands and options that exist, with
+    values of their type: parsed as the CLI parses them, not run (a renamed option left them stale unnoticed). The
+    CI example installs the train extra its train and distill steps need (it installed the core alone)."""
+    import typer
+
+    root = Path(__file__).resolve().parents[1]
+    commands = _doc_commands(root / doc)
+    assert len(commands) >= 5, commands
+    group = typer.main.get_command(app)
+    for line, args in commands:
+        ctx = group.make_context("kdctl", list(args))
+        cmd, rest = group, ctx._protected_args + ctx.args
+        try:
+            while hasattr(cmd, "resolve_command") and rest:
+                name, cmd, rest = cmd.resolve_command(ctx, rest)
+                ctx = cmd.make_context(name, rest, parent=ctx)
+                rest = ctx._protected_args + ctx.args if hasattr(cmd, "resolve_command") else []
+        except Exception as e:  # Typer's click exceptions: usage errors
+            pytest.fail(f"{doc}: {line}: {getattr(e, 'format_message', e.__str__)()}")
+        assert not hasattr(cmd, "resolve_command"), f"{doc}: {line}: names a command group, no command"
+    if doc.endswith(".yml"):
+        assert "pip install -e '.[train]'" in (root / doc).read_text()
