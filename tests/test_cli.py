@@ -332,10 +332,9 @@ DOCS = ["README.md", "examples/walkthrough.md", "examples/github-actions.yml"]
 
 
 def _doc_commands(path: Path) -> list[tuple[str, list[str]]]:
-    """Each ``kdctl ...`` command line of a document's code blocks (a workflow: all of it), as its arguments:
-    continuation lines joined, comments, shell variables and what follows ``;``/``&&``/``|``/``>`` left out."""
+    """Each ``kdctl ...`` command line of a document's code blocks (a workflow: all of it), continuation lines joined,
+    as its arguments (:func:`_arguments`)."""
     import re
-    import shlex
 
     text = path.read_text()
     blocks = re.findall(r"```[^\n]*\n(.*?)```", text, re.S) if path.suffix == ".md" else [text]
@@ -344,23 +343,45 @@ def _doc_commands(path: Path) -> list[tuple[str, list[str]]]:
         i = line.find("kdctl ")
         if i < 0 or not re.search(r"(^|[\s;&|(]|do)$", line[:i]):
             continue
-        words = shlex.split(line[i:], comments=True)[1:]
-        stop = next((j for j, w in enumerate(words) if w[:1] in ";&|>" or w.endswith(";")), len(words))
-        words = words[:stop] + ([words[stop][:-1]] if stop < len(words) and len(words[stop]) > 1
-                                and words[stop].endswith(";") else [])
-        out.append((line.strip(), [w for w in words if not w.startswith("$")]))
+        out.append((line.strip(), _arguments(line[i:])))
     return out
 
 
-@pytest.mark.parametrize("doc", DOCS)
+def _arguments(command: str) -> list[str]:
+    """``kdctl ARGS ...`` as ARGS: comments, shell variables and what follows ``;``/``&&``/``|``/``>`` left out."""
+    import shlex
+
+    words = shlex.split(command, comments=True)[1:]
+    stop = next((j for j, w in enumerate(words) if w[:1] in ";&|>" or w.endswith(";")), len(words))
+    words = words[:stop] + ([words[stop][:-1]] if stop < len(words) and len(words[stop]) > 1
+                            and words[stop].endswith(";") else [])
+    return [w for w in words if not w.startswith("$")]
+
+
+def _help_examples() -> list[tuple[str, list[str]]]:
+    """The ``kdctl ...`` examples of every command's --help (``[bold]...[/bold]`` in its docstring)."""
+    import re
+
+    import typer
+
+    out, todo = [], [typer.main.get_command(app)]
+    while todo:
+        cmd = todo.pop()
+        todo += list(getattr(cmd, "commands", {}).values())
+        for ex in re.findall(r"\[bold\](kdctl [^\[]*)\[/bold\]", cmd.help or ""):
+            out.append((ex, _arguments(ex)))
+    return out
+
+
+@pytest.mark.parametrize("doc", [*DOCS, "--help"])
 def test_every_kdctl_command_in_the_docs_parses(doc):
-    """The README's, the walkthrough's and the CI example's commands name commands and options that exist, with
-    values of their type: parsed as the CLI parses them, not run (a renamed option left them stale unnoticed). The
-    CI example installs the train extra its train and distill steps need (it installed the core alone)."""
+    """The README's, the walkthrough's, the CI example's and every --help's commands name commands and options that
+    exist, with values of their type: parsed as the CLI parses them, not run (a renamed option left them stale
+    unnoticed). The CI example installs the train extra its train and distill steps need (it installed the core)."""
     import typer
 
     root = Path(__file__).resolve().parents[1]
-    commands = _doc_commands(root / doc)
+    commands = _help_examples() if doc == "--help" else _doc_commands(root / doc)
     assert len(commands) >= 5, commands
     group = typer.main.get_command(app)
     for line, args in commands:
