@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import paired_interval  # noqa: E402
 
@@ -339,3 +341,21 @@ def test_every_distillation_run_trains_the_baselines_student(monkeypatch, tmp_pa
     assert bench._recipe("logit-crosskd", 1, tmp_path / "t").student.model == "yolo26n.yaml"
     assert bench._recipe("quickstart-student", 1, None).student.model == "yolo26n.yaml"
     assert bench._recipe("quickstart-teacher", 0, None).student.model == "yolov8n.yaml"
+
+
+def test_every_bench_script_answers_help_without_running(tmp_path):
+    """`python bench/X.py --help` prints its usage and runs nothing: bench/run_all.py took no arguments and started
+    every benchmark (an RT-DETR training, docs/benchmarks.md rewritten) when asked for help. Run from a copy of
+    bench/, so a script that does start writes beside the copy, not into this checkout's docs."""
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    scripts = sorted(p for p in (repo / "bench").glob("*.py") if not p.name.startswith("_"))
+    assert len(scripts) >= 15
+    for script in scripts:
+        res = subprocess.run([sys.executable, str(script), "--help"], cwd=repo, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "YOLO_OFFLINE": "1"})
+        assert res.returncode == 0 and res.stdout.startswith("usage:"), (script.name, res.stdout, res.stderr)
+    assert sorted(p.name for p in repo.iterdir()) == ["bench"]  # no runs/, no docs/
