@@ -164,21 +164,15 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_digest(images: list[Path]) -> str:
-    """The training set as the cache sees it (:func:`kdctl.data.resolve.images_digest`; an image edited in place at
-    the same size is caught by the per-view CRC instead)."""
-    from kdctl.data.resolve import images_digest
-
-    return images_digest(images)
-
-
 def expected_meta(teacher_digest: str, images: list[Path], args, top_k: int, distilled: int) -> dict:
     """What a cache for this run must record; ``distilled``: the epochs that distill (``distill.stop_epoch``, else
     all), the first ones, whose views it must hold."""
+    from kdctl.data.resolve import images_digest
     from kdctl.detectors.yolo import library_version
 
     augment = {k: getattr(args, k, None) for k in AUGMENT_KEYS}
-    return {"version": CACHE_VERSION, "teacher_sha256": teacher_digest, "data_sha256": data_digest(images),
+    # the training set by names, sizes and labels (an image edited in place at the same size: the per-view CRC)
+    return {"version": CACHE_VERSION, "teacher_sha256": teacher_digest, "data_sha256": images_digest(images),
             "images": len(images), "augment": augment, "ultralytics": library_version(), "top_k": int(top_k),
             "kd_epochs": int(distilled)}
 
