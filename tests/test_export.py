@@ -767,18 +767,22 @@ def test_eval_scores_an_exported_artifact_in_its_runtime_as_the_export_did(tmp_p
                        (["-a", "onnx-fp16"], f"--artifact: 'onnx-fp16' is not in {export_cpu}; it has: {names}"),
                        (["-a", "onnx-int8", "--imgsz", "256"], f"--imgsz 256: onnx-int8 of {export_cpu} was "
                                                                "exported for 128 px inputs"),
-                       (["-a", "onnx-int8", "--device", "3"], "--device: '3'; an exported artifact runs on cpu or "
-                                                              "cuda")]:
+                       (["-a", "onnx-int8", "--device", "3"], "--device: '3': an exported artifact runs on the "
+                        "first GPU its runtime sees; make GPU 3 the first with CUDA_VISIBLE_DEVICES=3 and give --device "
+                        "cuda"),
+                       (["-a", "onnx-int8", "--device", "tpu"], "--device: 'tpu'; valid: cpu, cuda (the first GPU; "
+                                                                "also 0 or cuda:0)")]:
         res = run.invoke(app, ["eval", str(export_cpu), *argv, "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and says in " ".join(res.output.split()), (argv, res.output)
         assert "Traceback" not in res.output and not (tmp_path / "x").exists()
     from kdctl.runtimes.onnxruntime import gpu_providers
 
     if not gpu_providers()[0]:  # no GPU provider in this ONNX Runtime: the runtime's own reason, after the flag
-        res = run.invoke(app, ["eval", str(export_cpu), "-a", "onnx-int8", "--device", "cuda", "--out",
-                               str(tmp_path / "x")])
-        assert res.exit_code != 0 and "--device cuda: onnx-int8: ONNX Runtime here has no CUDA" in " ".join(
-            res.output.split()) and not (tmp_path / "x").exists()
+        for flag in ("cuda", "cuda:0"):  # the first GPU, as Ultralytics spells it too
+            res = run.invoke(app, ["eval", str(export_cpu), "-a", "onnx-int8", "--device", flag, "--out",
+                                   str(tmp_path / "x")])
+            assert res.exit_code != 0 and "--device cuda: onnx-int8: ONNX Runtime here has no CUDA" in " ".join(
+                res.output.split()) and not (tmp_path / "x").exists()
     # exported on a dataset given by path: that path may have moved since, so eval asks for it
     res = run.invoke(app, ["export", str(load_bundle(export_cpu).manifest["parents"][0]["path"]), "--target", "cpu",
                            "-a", "onnx-fp32", "--data", str(tiny_data), "--out", str(tmp_path / "d")])

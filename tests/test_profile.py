@@ -201,8 +201,8 @@ def test_profile_device_cuda_without_the_gpu_path_is_refused_before_any_load(tmp
     # the first GPU spelled as eval and Ultralytics take it is the same refusal; another GPU is named, how to pick it
     r = CliRunner().invoke(app, ["profile", str(export_cpu), "--device", "cuda:0", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "--device cuda: ONNX Runtime here has no CUDA/TensorRT" in r.output, r.output
-    for flag, says in (("1", "--device: '1': a profile runs on the first GPU; make GPU 1 the first with "
-                             "CUDA_VISIBLE_DEVICES=1 and give --device cuda"),
+    for flag, says in (("1", "--device: '1': an exported artifact runs on the first GPU its runtime sees; make GPU "
+                             "1 the first with CUDA_VISIBLE_DEVICES=1 and give --device cuda"),
                        ("gpu", "--device: 'gpu'; valid: cpu, cuda (the first GPU; also 0 or cuda:0)")):
         r = CliRunner().invoke(app, ["profile", str(export_cpu), "--device", flag, "--out", str(tmp_path / "p")])
         assert r.exit_code == 2 and says in " ".join(r.output.split()), r.output

@@ -36,18 +36,11 @@ def profile(
     Throughput with requests in flight, as benchmark_app's default measures OpenVINO's:
     [bold]kdctl profile runs/export/quickstart-intel --hint throughput[/bold]
     """
-    from kdctl.errors import KdctlError
+    from kdctl.evaluate import runtime_device
     from kdctl.profile.stage import profile_bundle
     from kdctl.profile.stats import call_images
 
-    device = device.strip().lower()
-    gpu = device[len("cuda:"):] if device.startswith("cuda:") else device
-    if gpu.isdigit() and int(gpu) > 0:  # the runners open the first GPU a process sees
-        raise KdctlError(f"--device: '{device}': a profile runs on the first GPU; make GPU {int(gpu)} the first with "
-                         f"CUDA_VISIBLE_DEVICES={int(gpu)} and give --device cuda")
-    device = "cuda" if gpu.isdigit() else device  # 0 and cuda:0, as eval and Ultralytics take them: the first GPU
-    if device not in ("cpu", "cuda"):
-        raise KdctlError(f"--device: '{device}'; valid: cpu, cuda (the first GPU; also 0 or cuda:0)")
+    device = runtime_device(device)  # 0 and cuda:0 are the first GPU, as eval and Ultralytics take them
     with progress_bar(not (json_ or quiet)) as p:
         b = profile_bundle(bundle, artifacts=artifact, runtime=runtime, warmup=warmup, runs=runs, duration_s=duration,
                            threads=threads, throughput_batch=throughput_batch, device=device, pytorch=pytorch, out=out,

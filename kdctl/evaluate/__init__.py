@@ -62,6 +62,23 @@ def torch_device(device: str, flag: str = "--device") -> str:
     return "cuda:0" if d == "cuda" else f"cuda:{int(d)}"
 
 
+def runtime_device(device: str, flag: str = "--device") -> str:
+    """``cpu`` or ``cuda`` for an exported artifact's runtime, which opens the first GPU a process sees: ``0`` and
+    ``cuda:0`` are that one (as :func:`torch_device` and Ultralytics take them); another GPU is refused in one line
+    that says how to make it the first."""
+    from kdctl.errors import KdctlError
+
+    d = str(device).strip().lower()
+    gpu = d[len("cuda:"):].strip() if d.startswith("cuda:") else d
+    if gpu.isdigit() and int(gpu) > 0:
+        raise KdctlError(f"{flag}: '{device}': an exported artifact runs on the first GPU its runtime sees; make GPU "
+                         f"{int(gpu)} the first with CUDA_VISIBLE_DEVICES={int(gpu)} and give {flag} cuda")
+    d = "cuda" if gpu.isdigit() else d
+    if d not in ("cpu", "cuda"):
+        raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda (the first GPU; also 0 or cuda:0)")
+    return d
+
+
 def evaluate_backend(backend: Backend, images: list[Path], names: list[str], imgsz: int, batch: int = 8,
                      progress=None) -> dict:
     return evaluate_with_records(backend, images, names, imgsz, batch, progress)[0]

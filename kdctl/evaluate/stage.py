@@ -19,7 +19,7 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
     ``data``, which it then needs, or an export bundle: one of its artifacts (``artifact``) in its own runtime,
     as ``yolo val model=best.onnx`` (:func:`_evaluate_artifact`)."""
     from kdctl.errors import KdctlError
-    from kdctl.evaluate import torch_device
+    from kdctl.evaluate import runtime_device, torch_device
     from kdctl.models import is_checkpoint_file
 
     if is_checkpoint_file(bundle):
@@ -30,11 +30,7 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
         raise KdctlError(f"--artifact: {src.path} is a {src.stage} bundle, which holds a PyTorch model; --artifact "
                          "picks an exported artifact of an export bundle")
     if src.stage == "export":  # the artifact's runtime finds its GPU; a device has no PyTorch to ask (README)
-        dev = str(device).strip().lower()
-        if dev not in ("cpu", "cuda", "0"):
-            raise KdctlError(f"--device: '{device}'; an exported artifact runs on cpu or cuda (its runtime's first "
-                             "GPU)")
-        dev = "cuda" if dev == "0" else dev
+        dev = runtime_device(device)
     else:
         dev = torch_device(device)
     out = Path(out) if out else next_run_dir(runs_dir, "eval", src.path.resolve().name, reserve=True)
