@@ -604,7 +604,7 @@ def test_hidden_files_in_image_folders_are_not_images(tmp_path, tiny_data):
 def test_a_split_folder_reached_through_a_link_trains_on_its_labels(tmp_path, tiny_data):
     """images/train a link to the images' real place (shared storage): Ultralytics resolves the split and looked for
     labels beside the link's target ('No labels found'), after `kdctl data check` had passed. The trainer now gets the
-    images as kdctl found them, their labels beside the link."""
+    images as kdctl found them, their labels beside the link; labels beside the target only are read there."""
     import shutil
 
     from kdctl.data.resolve import normalised_yaml
@@ -625,6 +625,17 @@ def test_a_split_folder_reached_through_a_link_trains_on_its_labels(tmp_path, ti
     assert len(seen["train"][0]) == 24 and seen["train"][1] == objects > 0
     plain = yaml.safe_load(normalised_yaml(ds, work / "kept.yaml", image_lists=False).read_text())
     assert plain["train"] == "images/train"  # the bundle's record keeps the YAML's own split
+    # labels beside the link's target only (where Ultralytics reads them): kdctl reads them there too, where it
+    # refused the split ("none of its images has a label file")
+    shutil.move(root / "labels" / "train", store.parent / "labels" / "train")
+    (store.parent / "images").mkdir()
+    shutil.move(store, store.parent / "images" / "train")
+    (root / "images" / "train").unlink()
+    (root / "images" / "train").symlink_to(store.parent / "images" / "train")
+    ds = load_yolo_yaml(root / "data.yaml")
+    assert all(p.is_relative_to(store.parent / "images" / "train") for p in ds.train_images)
+    seen = _ultralytics_sees(normalised_yaml(ds, work / "data2.yaml"))
+    assert len(seen["train"][0]) == 24 and seen["train"][1] == objects
 
 
 def test_coco_set_with_skipped_images_trains_on_its_converted_labels(tmp_path):

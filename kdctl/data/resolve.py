@@ -374,6 +374,7 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
             images = _list_images(data[key], root, str(path), key)
         except DataError as e:  # a split not there yet (a dataset Ultralytics would download)
             raise DataError(f"{e}{fetch}" if "is neither an image directory" in str(e) else str(e)) from None
+        images = _where_labels_are(data[key], root, images, str(path), key)
         if split not in splits:
             found[split], skipped[split] = images, []
             continue
@@ -423,6 +424,16 @@ def _linked(spec, root: Path) -> bool:
     looks for the labels beside the link's target, where there are none; kdctl reads them beside the link."""
     return any(os.path.abspath(p) != str(p.resolve()) for p in
                ([root / str(e) for e in spec] if isinstance(spec, list) else [_split_path(str(spec), root)]))
+
+
+def _where_labels_are(spec, root: Path, images: list[Path], source: str, key: str) -> list[Path]:
+    """A split folder reached through a link keeps its labels beside the link (kdctl's reading, :func:`_linked`), or,
+    where none are there, beside the link's target (Ultralytics' reading): then the images are the target's."""
+    if isinstance(spec, list) or _is_list(spec) or not _linked(spec, root) or \
+            any(label_path(p).is_file() for p in images):
+        return images
+    real = _list_images(str(_split_path(str(spec), root).resolve()), root, source, key)
+    return real if any(label_path(p).is_file() for p in real) else images
 
 
 def _is_list(spec) -> bool:
