@@ -46,6 +46,13 @@ class Launch:
         return self.nproc_per_node * self.nnodes
 
 
+def as_indices(device: str) -> str:
+    """A device as written, lower-cased, with torch's ``cuda:`` prefix read as Ultralytics' ``select_device`` reads
+    it: ``cuda:0`` is GPU ``0``, ``cuda:0,1`` GPUs ``0,1``; anything else as it is."""
+    d = str(device).strip().lower()
+    return d[len("cuda:"):].strip() if d.startswith("cuda:") else d
+
+
 def _gpu_list(device: str) -> list[str]:
     return [d.strip() for d in str(device).split(",") if d.strip().isdigit()]
 

@@ -48,14 +48,12 @@ def class_columns(backend: Backend, index: list[int]) -> Backend:
 def torch_device(device: str, flag: str = "--device") -> str:
     """``cpu``, ``cuda`` (the first GPU) or a GPU index (``0``, as Ultralytics' ``device=0``) as a torch device,
     refused in one line where this machine has no such GPU."""
-    from kdctl.distributed import check_device
+    from kdctl.distributed import as_indices, check_device
     from kdctl.errors import KdctlError
 
-    d = str(device).strip().lower()
+    d = as_indices(device)  # torch's 'cuda:0' is GPU 0, as Ultralytics' select_device takes it
     if d == "cpu":
         return d
-    if d.startswith("cuda:"):  # torch's spelling of a GPU index, as Ultralytics' select_device takes it
-        d = d[len("cuda:"):].strip()
     if d != "cuda" and not d.isdigit():
         raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda, or a GPU index such as 0")
     check_device(d, flag, f"use {flag} cpu")  # the same check (and words) as a recipe's train.device
@@ -66,14 +64,14 @@ def runtime_device(device: str, flag: str = "--device") -> str:
     """``cpu`` or ``cuda`` for an exported artifact's runtime, which opens the first GPU a process sees: ``0`` and
     ``cuda:0`` are that one (as :func:`torch_device` and Ultralytics take them); another GPU is refused in one line
     that says how to make it the first."""
+    from kdctl.distributed import as_indices
     from kdctl.errors import KdctlError
 
-    d = str(device).strip().lower()
-    gpu = d[len("cuda:"):].strip() if d.startswith("cuda:") else d
-    if gpu.isdigit() and int(gpu) > 0:
+    d = as_indices(device)
+    if d.isdigit() and int(d) > 0:
         raise KdctlError(f"{flag}: '{device}': an exported artifact runs on the first GPU its runtime sees; make GPU "
-                         f"{int(gpu)} the first with CUDA_VISIBLE_DEVICES={int(gpu)} and give {flag} cuda")
-    d = "cuda" if gpu.isdigit() else d
+                         f"{int(d)} the first with CUDA_VISIBLE_DEVICES={int(d)} and give {flag} cuda")
+    d = "cuda" if d.isdigit() else d
     if d not in ("cpu", "cuda"):
         raise KdctlError(f"{flag}: '{device}'; valid: cpu, cuda (the first GPU; also 0 or cuda:0)")
     return d

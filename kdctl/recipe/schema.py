@@ -186,13 +186,12 @@ class TrainSpec(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        v = str(v).strip().lower()
-        if v in ("cpu", "cuda", "mps"):
-            return v
-        given = v
-        if v.startswith("cuda:"):  # torch's spelling, which Ultralytics' select_device also takes: 'cuda:0' is '0'
-            v = v[len("cuda:"):]
-        ids = [p.strip() for p in v.split(",") if p.strip()]
+        from kdctl.distributed import as_indices
+
+        given = str(v).strip().lower()
+        if given in ("cpu", "cuda", "mps"):
+            return given
+        ids = [p.strip() for p in as_indices(given).split(",") if p.strip()]  # 'cuda:0' is '0', as in Ultralytics
         if ids and all(p.isdigit() for p in ids):
             twice = sorted({p for p in ids if ids.count(p) > 1})
             if twice:
