@@ -340,3 +340,29 @@ def test_a_baseline_scored_on_other_validation_images_fails_its_map_check_closed
         assert checks["max_latency_regression"]["passed"], res.output
         assert checks["max_map_regression"]["passed"] is map_passes, res.output
         assert res.exit_code == (0 if map_passes else 1)
+
+
+def test_junit_and_summary_replace_only_what_a_gate_wrote(profile_cpu, tmp_path):
+    """`--summary README.md` (a slip of the hand, or a path shared with other notes) replaced the user's file with a
+    gate summary. An existing file is replaced only where it is empty (GitHub's $GITHUB_STEP_SUMMARY at a step's start)
+    or a report a gate wrote (each CI run replaces the last one's); any other is refused before any work, unchanged."""
+    readme, notes = tmp_path / "README.md", tmp_path / "notes.xml"
+    readme.write_text("# My project\n")
+    notes.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="pytest" tests="0"/>\n')
+    for flag, path, says in (("--summary", readme, "a summary kdctl gate wrote"),
+                             ("--junit", notes, "a JUnit report kdctl gate wrote")):
+        res = CliRunner().invoke(app, ["gate", str(profile_cpu), "--min-map", "0", flag, str(path), "--out",
+                                       str(tmp_path / "g")])
+        assert res.exit_code == 2 and " ".join(res.output.split()) == (
+            f"Error: {flag} {path}: exists and is not {says}; refusing to replace it (remove it, or give another "
+            "path)"), res.output
+        assert not (tmp_path / "g").exists()
+    assert readme.read_text() == "# My project\n" and "pytest" in notes.read_text()
+    md, xml = tmp_path / "step-summary.md", tmp_path / "gate.xml"
+    md.write_text("")
+    for n, budget in enumerate(("0", "1")):  # an empty file, then the gate's own files, rewritten: FAIL replaces PASS
+        res = CliRunner().invoke(app, ["gate", str(profile_cpu), "--min-map", budget, "--summary", str(md), "--junit",
+                                       str(xml), "--out", str(tmp_path / f"g{n}")])
+        assert res.exit_code == n, res.output
+        assert md.read_text().startswith(f"## {'❌' if n else '✅'} kdctl gate: {'FAIL' if n else 'PASS'}")
+        assert f'failures="{n}"' in xml.read_text()

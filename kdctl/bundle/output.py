@@ -20,7 +20,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kdctl import faults
 from kdctl.errors import BundleError, not_utf8
@@ -343,9 +343,13 @@ def claim_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Pat
     return OutputClaim(out, overwrite=overwrite, inputs=inputs)
 
 
-def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Path] = ()) -> Path:
+def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Path] = (),
+                      ours: Callable[[bytes], bool] | None = None, what: str = "") -> Path:
     """An extra output file (``--junit``, ``--summary``): its folder must be a folder, it must not be a folder
-    itself, nor lie inside an input bundle. Checked before any work, so a bad path fails before publishing."""
+    itself, nor lie inside an input bundle. Checked before any work, so a bad path fails before publishing.
+    ``ours``: whether a file's first kilobytes are ``what`` kdctl writes there; a non-empty file that is not is the
+    user's and is never replaced (``--summary README.md`` would have been), as ``--overwrite`` replaces only
+    bundles."""
     p = absolute(path)
     if p.is_dir():
         raise BundleError(f"{flag} {p}: is a directory; give a file path")
@@ -353,6 +357,12 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         raise BundleError(f"{flag} {p}: is a symlink; give a regular file path")
     if p.exists() and not p.is_file():  # written by temp file + rename, which would replace a device node or pipe
         raise BundleError(f"{flag} {p}: is not a regular file (a device, pipe or socket); give a file path")
+    if ours is not None and p.is_file() and p.stat().st_size:
+        with open(p, "rb") as f:
+            head = f.read(1024)
+        if not ours(head):
+            raise BundleError(f"{flag} {p}: exists and is not {what or 'a file kdctl wrote'}; refusing to replace it "
+                              "(remove it, or give another path)")
     _check_name_length(p, flag, len(".") + len(".tmp-") + 8)  # written as .NAME.tmp-XXXXXXXX, then renamed
     _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
     _check_writable(p, flag)

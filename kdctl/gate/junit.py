@@ -34,6 +34,16 @@ def md_escape(text: object) -> str:
     return str(text).translate(_MD_SPECIAL)
 
 
+def is_our_junit(head: bytes) -> bool:
+    """Whether a file's first bytes are a JUnit report :func:`junit_xml` wrote (one a gate may replace)."""
+    return head.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="kdctl" ')
+
+
+def is_our_summary(head: bytes, title: str = "kdctl gate") -> bool:
+    """Whether a file's first bytes are a summary :func:`markdown_summary` wrote under ``title``."""
+    return any(head.startswith(f"## {mark} {title}: ".encode()) for mark in ("✅", "❌"))
+
+
 def markdown_summary(checks: list[Check], title: str, context: dict) -> str:
     ok = all(c.passed for c in checks)
     lines = [f"## {'✅' if ok else '❌'} {title}: {'PASS' if ok else 'FAIL'}", ""]

@@ -12,7 +12,7 @@ from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output,
                           write_text_atomic)
 from kdctl.bundle.store import remove_stale_temps
 from kdctl.errors import BundleError, KdctlError, shown
-from kdctl.gate.junit import junit_xml, markdown_summary
+from kdctl.gate.junit import is_our_junit, is_our_summary, junit_xml, markdown_summary
 from kdctl.gate.rules import BUDGETS, Check, evaluate_budgets
 from kdctl.runtimes import artifact_mb
 
@@ -92,8 +92,10 @@ def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str 
         raise KdctlError(f"--baseline {baseline}: is the profile being gated ({prof.path}), or a copy of it; "
                          "give the profile to compare with (e.g. main's)")
     inputs = [prof.path] + ([base_bundle.path] if base_bundle else [])
-    junit = check_output_file(junit, flag="--junit", inputs=inputs) if junit else None
-    summary = check_output_file(summary, flag="--summary", inputs=inputs) if summary else None
+    junit = check_output_file(junit, flag="--junit", inputs=inputs, ours=is_our_junit,
+                              what="a JUnit report kdctl gate wrote") if junit else None
+    summary = check_output_file(summary, flag="--summary", inputs=inputs, ours=is_our_summary,
+                                what="a summary kdctl gate wrote") if summary else None
     if junit is not None and summary is not None and junit.resolve() == summary.resolve():
         raise KdctlError(f"--summary {summary}: is also the --junit file; give each its own file")
     out = Path(out) if out else next_run_dir(runs_dir, "gate", prof.path.resolve().name, reserve=True)
