@@ -344,7 +344,7 @@ def claim_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Pat
 
 
 def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Path] = (),
-                      ours: Callable[[bytes], bool] | None = None, what: str = "") -> Path:
+                      ours: Callable[[bytes], bool] | None = None, what: str = "a file kdctl wrote") -> Path:
     """An extra output file (``--junit``, ``--summary``): its folder must be a folder, it must not be a folder
     itself, nor lie inside an input bundle. Checked before any work, so a bad path fails before publishing.
     ``ours``: whether a file's first kilobytes are ``what`` kdctl writes there; a non-empty file that is not is the
@@ -361,8 +361,8 @@ def check_output_file(path: str | Path, *, flag: str, inputs: Iterable[str | Pat
         with open(p, "rb") as f:
             head = f.read(1024)
         if not ours(head):
-            raise BundleError(f"{flag} {p}: exists and is not {what or 'a file kdctl wrote'}; refusing to replace it "
-                              "(remove it, or give another path)")
+            raise BundleError(f"{flag} {p}: exists and is not {what}; refusing to replace it (remove it, or give "
+                              "another path)")
     _check_name_length(p, flag, len(".") + len(".tmp-") + 8)  # written as .NAME.tmp-XXXXXXXX, then renamed
     _check_place(p, flag, [absolute(i) for i in inputs], "it would change that bundle")
     _check_writable(p, flag)

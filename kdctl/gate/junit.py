@@ -39,9 +39,9 @@ def is_our_junit(head: bytes) -> bool:
     return head.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<testsuites name="kdctl" ')
 
 
-def is_our_summary(head: bytes, title: str = "kdctl gate") -> bool:
-    """Whether a file's first bytes are a summary :func:`markdown_summary` wrote under ``title``."""
-    return any(head.startswith(f"## {mark} {title}: ".encode()) for mark in ("✅", "❌"))
+def is_our_summary(head: bytes) -> bool:
+    """Whether a file's first bytes are a gate's summary (:func:`markdown_summary` titled "kdctl gate")."""
+    return any(head.startswith(f"## {mark} kdctl gate: ".encode()) for mark in ("✅", "❌"))
 
 
 def markdown_summary(checks: list[Check], title: str, context: dict) -> str:
