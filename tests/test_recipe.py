@@ -68,6 +68,10 @@ BAD = [
      "of its fields (yolo, coco, synthetic, skip_invalid) or one string, short for its 'yolo', got 3"),
     (GOOD.replace("train: {", "train: {lr: 0.1, "), "train.lr", "unknown field 'lr'; valid fields: epochs"),
     (GOOD.replace("name: ok", "name: ok\ntypo_section: 1"), "typo_section", "unknown field"),
+    # a required field misspelt: the unknown key and the valid ones, not only "required field is missing"
+    (GOOD.replace("student:", "studnet:"), "studnet", "unknown field 'studnet'; valid fields: name, teacher, student"),
+    (GOOD.replace("{model: yolov8s.yaml}", "{bundle: runs/train/t}"), "teacher.bundle",
+     "unknown field 'bundle'; valid fields: model"),
     (GOOD.replace("name: cwd", "name: cwdd"), "distill.losses[0].name", "unknown loss 'cwdd'; valid:"),
     (GOOD.replace("tau: 2.0", "tow: 2.0"), "distill.losses[0].params", "unknown parameter 'tow'"),
     (GOOD.replace("weight: 2.0", "weight: -1"), "distill.losses[0].weight", "greater than or equal to 0"),

@@ -32,6 +32,9 @@ def _first_error(exc: ValidationError, model: type[BaseModel]) -> str:
     """The most useful error: unknown fields list the valid ones; union noise is collapsed."""
     errors = exc.errors(include_url=False)
     err = errors[0]
+    if err["type"] == "missing":  # `teacher: {bundle: X}`: the unknown key, with the valid ones, says more than the
+        err = next((e for e in errors  # field it left missing beside it
+                    if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "(" in p)))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
