@@ -794,6 +794,79 @@ def test_eval_scores_an_exported_artifact_in_its_runtime_as_the_export_did(tmp_p
         "onnx-fp32"]["metrics"]["map50_95"]
 
 
+@pytest.mark.slow
+def test_an_artifacts_own_file_names_it_to_eval_and_profile(tmp_path, export_cpu, trained_bundle, monkeypatch):
+    """``kdctl eval runs/export/x/onnx-int8/model.onnx``, as ``yolo val model=best.onnx`` (and ``profile`` of it, as
+    ``benchmark_app -m model.xml``): that artifact of its export bundle, verified as the bundle; elsewhere a file
+    of a bundle is refused naming the bundle to give."""
+    import shutil
+
+    from kdctl.profile.stage import profile_bundle
+
+    run, export_cpu = CliRunner(), shutil.copytree(export_cpu, tmp_path / "exp")  # a copy: its file is edited below
+    model = export_cpu / load_bundle(export_cpu).manifest["artifacts"]["onnx-int8"]["files"][0]
+    res = run.invoke(app, ["eval", str(model), "--out", str(tmp_path / "e"), "--json"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "e", verify=True)
+    assert b.metrics["artifact"] == "onnx-int8" and b.metrics["map50_95"] == arts(export_cpu)["onnx-int8"][
+        "metrics"]["map50_95"]
+    assert [p["id"] for p in b.manifest["parents"]] == [load_bundle(export_cpu).id]
+    monkeypatch.chdir(model.parent)  # from the artifact's own folder
+    res = run.invoke(app, ["eval", model.name, "--out", str(tmp_path / "g"), "-q"])
+    assert res.exit_code == 0 and load_bundle(tmp_path / "g").metrics["artifact"] == "onnx-int8", res.output
+    monkeypatch.chdir(tmp_path)
+    says = refused_in_one_line(["eval", str(model), "-a", "onnx-fp32", "--out", str(tmp_path / "x")], tmp_path / "x")
+    assert f"--artifact: onnx-fp32, but {model} is artifact onnx-int8 of the export bundle {export_cpu}" in says
+    b = profile_bundle(model, warmup=1, runs=3, e2e_runs=1, out=tmp_path / "p")
+    assert [r["artifact"] for r in b.metrics["results"]] == ["onnx-int8"]
+    for argv, says in ((["export", str(model), "--target", "cpu"], f"{model}: is part of artifact onnx-int8 of the "
+                        f"export bundle {export_cpu}; give the bundle directory {export_cpu}"),
+                       (["gate", str(export_cpu / "metrics.json")], f"{export_cpu / 'metrics.json'}: is part of the "
+                        f"bundle {export_cpu}; give the bundle directory {export_cpu}"),
+                       (["export", str(trained_bundle / "results.csv"), "--target", "cpu"], "is part of the bundle")):
+        assert says in refused_in_one_line([*argv, "--out", str(tmp_path / "x")], tmp_path / "x")
+    # an edited artifact is refused as the bundle is: the path names the bundle, which is verified whole
+    with model.open("ab") as f:
+        f.write(b"\0")
+    res = run.invoke(app, ["eval", str(model), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and f"{model}: changed" in res.output and not (tmp_path / "x").exists(), res.output
+
+
+def test_an_artifacts_folder_or_any_file_in_it_names_the_artifact(tmp_path):
+    """An OpenVINO artifact is a folder of two files: the folder, either file, from its bundle's folder or from
+    inside the artifact's; a file of two artifacts or of none names the bundle alone; a folder no manifest lists
+    is no part of it."""
+    from kdctl.bundle.store import artifact_given, part_of_bundle
+
+    b = tmp_path / "runs" / "export" / "x"
+    (b / "openvino-int8").mkdir(parents=True)
+    arts_ = {"openvino-int8": {"files": ["openvino-int8/model.xml", "openvino-int8/model.bin"]},
+             "onnx-int8": {"files": ["model-int8.onnx"]}, "both": {"files": ["shared.bin"]},
+             "also": {"files": ["shared.bin"]}}
+    files = {f: {} for a in arts_.values() for f in a["files"]} | {"metrics.json": {}}
+    (b / "manifest.json").write_text(json.dumps({"stage": "export", "files": files, "artifacts": arts_}))
+    for given in ("openvino-int8", "openvino-int8/model.xml", "openvino-int8/model.bin"):
+        assert part_of_bundle(b / given) == (b, "openvino-int8"), given
+        assert artifact_given(b / given, None) == (b, ["openvino-int8"])
+    assert part_of_bundle(b / "model-int8.onnx") == (b, "onnx-int8")
+    assert part_of_bundle(b / "shared.bin") == (b, None) and part_of_bundle(b / "metrics.json") == (b, None)
+    assert artifact_given(b / "shared.bin", ["x"]) == (b / "shared.bin", ["x"])  # the bundle's loading names it
+    assert part_of_bundle(b / "openvino-int8" / "other.xml") is None and part_of_bundle(b / "nope") is None
+    assert artifact_given(b, ["onnx-int8"]) == (b, ["onnx-int8"])  # the bundle itself: as given
+    with pytest.raises(BundleError, match="--artifact: onnx-int8, but .* is artifact openvino-int8 of the export"):
+        artifact_given(b / "openvino-int8", ["onnx-int8"])
+    import os
+
+    old = os.getcwd()
+    try:
+        os.chdir(b / "openvino-int8")
+        assert part_of_bundle("model.xml") == (b, "openvino-int8")
+    finally:
+        os.chdir(old)
+    (b / "manifest.json").write_text(json.dumps({"stage": "train", "files": files, "artifacts": arts_}))
+    assert part_of_bundle(b / "model-int8.onnx") == (b, None)  # only an export bundle's artifacts are artifacts
+
+
 def test_eval_finds_an_engine_built_on_the_device_after_export(tmp_path, export_jetson):
     """A Jetson export's TensorRT engines are built on the device (build_engine.sh), where ``kdctl eval -a
     tensorrt-int8`` is their only accuracy check: the engine beside the bundle's files is the artifact (here, with

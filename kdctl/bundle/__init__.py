@@ -1,9 +1,10 @@
 from kdctl.bundle.output import check_output_file, claim_output
-from kdctl.bundle.store import (Bundle, BundleWriter, load_bundle, next_run_dir, recorded_parent, require_verified,
-                                sha256_file, verify_bundle, verify_lineage, write_json_atomic, write_text_atomic)
+from kdctl.bundle.store import (Bundle, BundleWriter, artifact_given, load_bundle, next_run_dir, recorded_parent,
+                                require_verified, sha256_file, verify_bundle, verify_lineage, write_json_atomic,
+                                write_text_atomic)
 
-__all__ = ["Bundle", "BundleWriter", "check_output_file", "claim_output", "load_bundle", "next_run_dir",
-           "recorded_parent", "require_verified", "sha256_file", "verify_bundle", "verify_lineage",
+__all__ = ["Bundle", "BundleWriter", "artifact_given", "check_output_file", "claim_output", "load_bundle",
+           "next_run_dir", "recorded_parent", "require_verified", "sha256_file", "verify_bundle", "verify_lineage",
            "trained_source", "write_json_atomic", "write_text_atomic"]
 
 

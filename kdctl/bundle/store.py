@@ -143,6 +143,12 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     """
     path = Path(path)
     mf = path / MANIFEST
+    if path.exists() and not mf.is_file():
+        inside = part_of_bundle(path)
+        if inside:  # an artifact's file or folder (model.onnx, openvino-int8/), a bundle's weights.pt
+            root, artifact = inside
+            what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
+            raise BundleError(f"{path}: is part of {what} {root}; give the bundle directory {root}")
     if not path.is_dir():
         raise BundleError(f"{path}: " + ("is a file, not a bundle directory" if path.exists()
                                           else "bundle directory not found"))
@@ -177,6 +183,48 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     if verify:
         require_verified(bundle)
     return bundle
+
+
+def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None] | None:
+    """The bundle a file or folder inside it belongs to (a folder up to ``levels`` above it with a manifest that
+    lists it) and, for an export bundle's artifact (its ``artifacts`` record), the artifact's name (``runs/export/x/onnx-int8/model.onnx``:
+    ``(runs/export/x, 'onnx-int8')``, as ``yolo val model=best.onnx`` names a model by its file); else None. The
+    manifest is only read here: whoever uses the bundle loads and verifies it."""
+    path = Path(path) if len(Path(path).parts) > levels else Path(os.path.abspath(path))  # `kdctl eval model.onnx`
+    for up in range(1, levels + 1):                                                       # from the artifact's folder
+        if len(path.parts) <= up:
+            return None
+        root = Path(*path.parts[:-up])
+        rel = Path(*path.parts[-up:]).as_posix()
+
+        def holds(f) -> bool:
+            return isinstance(f, str) and (f == rel or f.startswith(rel + "/"))
+
+        try:
+            manifest = parse_json((root / MANIFEST).read_text(encoding="utf-8"))
+            if not any(holds(f) for f in manifest["files"]):
+                return None
+            artifacts = manifest.get("artifacts") if manifest.get("stage") == "export" else None
+            names = [n for n, a in dict(artifacts or {}).items() if any(holds(f) for f in a["files"])]
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            continue  # no manifest here (or none kdctl wrote): the folder above may hold one
+        return root, (names[0] if len(names) == 1 else None)
+    return None
+
+
+def artifact_given(path: str | Path, artifacts: list[str] | None, option: str = "--artifact"
+                   ) -> tuple[Path, list[str] | None]:
+    """``kdctl eval``/``profile`` given an artifact's file or folder inside an export bundle (``yolo val
+    model=best.onnx``, ``benchmark_app -m model.xml``): that bundle and that artifact. Any other path, as given."""
+    path = Path(path)
+    inside = None if (path / MANIFEST).is_file() else part_of_bundle(path)
+    if not inside or not inside[1]:
+        return path, artifacts
+    root, name = inside
+    if artifacts and artifacts != [name]:
+        raise BundleError(f"{option}: {', '.join(artifacts)}, but {path} is artifact {name} of the export bundle "
+                          f"{root}; give the bundle {root} to pick others")
+    return root, [name]
 
 
 def _shape_problem(m: dict) -> str:

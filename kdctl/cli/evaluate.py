@@ -22,8 +22,9 @@ class Split(str, Enum):
 
 
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, a model checkpoint (.pt) with --data, or an "
-                                                "export bundle (one artifact, --artifact).", show_default=False)],
+    bundle: Annotated[Path, typer.Argument(help="A train/distill bundle, a model checkpoint (.pt) with --data, an "
+                                                "export bundle (one artifact, --artifact), or an artifact's file in "
+                                                "one (its model-int8.onnx).", show_default=False)],
     artifact: Annotated[Optional[str], typer.Option("--artifact", "-a", help="Of an export bundle: the artifact to "
                                                     "score in its own runtime (e.g. onnx-int8), as yolo val "
                                                     "model=best.onnx.")] = None,

@@ -9,13 +9,15 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kdctl.cli._common import (BundleArg, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, non_negative,
+from kdctl.cli._common import (JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RunsOpt, console, emit, non_negative,
                                progress_bar)
 from kdctl.runtimes import DEVICE_RUNTIMES
 
 
 def profile(
-    bundle: BundleArg,
+    bundle: Annotated[Path, typer.Argument(help="An export bundle, or one artifact's file in it (its "
+                                                "model-int8.onnx, openvino-int8/model.xml): that artifact alone.",
+                                           show_default=False)],
     artifact: Annotated[Optional[list[str]], typer.Option("--artifact", "-a", help="Only these artifacts (repeatable).")] = None,
     runtime: Annotated[Optional[str], typer.Option("--runtime", help=f"Only artifacts of this runtime: {', '.join(DEVICE_RUNTIMES)}.")] = None,
     warmup: Annotated[Optional[int], typer.Option("--warmup", min=0, help="Untimed inferences first (default: the recipe's profile.warmup, else 10).")] = None,

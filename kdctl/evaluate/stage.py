@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
+from kdctl.bundle import Bundle, BundleWriter, artifact_given, claim_output, load_bundle, next_run_dir
 from kdctl.progress import Step
 
 
@@ -25,6 +25,8 @@ def evaluate_bundle(bundle: str | Path, *, data: str | Path | None = None, imgsz
     if is_checkpoint_file(bundle):
         return _evaluate_checkpoint(Path(bundle), data, imgsz, out, runs_dir, batch, overwrite, skip_invalid, split,
                                     torch_device(device), progress)
+    bundle, picked = artifact_given(bundle, None if artifact is None else [artifact])
+    artifact = picked[0] if picked else None
     src = load_bundle(bundle, stages=("train", "distill", "export"), verify=True)
     if artifact is not None and src.stage != "export":
         raise KdctlError(f"--artifact: {src.path} is a {src.stage} bundle, which holds a PyTorch model; --artifact "

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.bundle import (Bundle, BundleWriter, claim_output, load_bundle, next_run_dir, reference_metrics, sha256_file,
-                          trained_source)
+from kdctl.bundle import (Bundle, BundleWriter, artifact_given, claim_output, load_bundle, next_run_dir,
+                          reference_metrics, sha256_file, trained_source)
 from kdctl.errors import BackendUnavailable, KdctlError, given_by
 from kdctl.limits import available_memory_bytes, memory_size, usable_cores
 from kdctl.runtimes import (DEVICE_RUNTIMES, RUNTIMES, artifact_mb, available as runtime_available,
@@ -85,6 +85,7 @@ def profile_bundle(bundle: str | Path, *, artifacts: list[str] | None = None, ru
     ``-c N -x 1``); 'latency': one synchronous request at a time, batched."""
     if hint is not None and hint not in HINTS:
         raise KdctlError(f"--hint: '{hint}'; valid: {', '.join(HINTS)}")
+    bundle, artifacts = artifact_given(bundle, artifacts)
     src = load_bundle(bundle, stages=("export",), verify=True)
     check_export_metrics(src)
     spec = _recipe_settings(src)
