@@ -796,9 +796,9 @@ def test_eval_scores_an_exported_artifact_in_its_runtime_as_the_export_did(tmp_p
 
 @pytest.mark.slow
 def test_an_artifacts_own_file_names_it_to_eval_and_profile(tmp_path, export_cpu, trained_bundle, monkeypatch):
-    """``kdctl eval runs/export/x/onnx-int8/model.onnx``, as ``yolo val model=best.onnx`` (and ``profile`` of it, as
-    ``benchmark_app -m model.xml``): that artifact of its export bundle, verified as the bundle; elsewhere a file
-    of a bundle is refused naming the bundle to give."""
+    """``kdctl eval runs/export/x/model-int8.onnx``, as ``yolo val model=best.onnx`` (``profile`` of it, as
+    ``benchmark_app -m model.xml``, and ``gate``): that artifact of its export bundle, verified as the bundle;
+    elsewhere a file of a bundle is refused naming the bundle to give."""
     import shutil
 
     from kdctl.profile.stage import profile_bundle
@@ -819,6 +819,9 @@ def test_an_artifacts_own_file_names_it_to_eval_and_profile(tmp_path, export_cpu
     assert f"--artifact: onnx-fp32, but {model} is artifact onnx-int8 of the export bundle {export_cpu}" in says
     b = profile_bundle(model, warmup=1, runs=3, e2e_runs=1, out=tmp_path / "p")
     assert [r["artifact"] for r in b.metrics["results"]] == ["onnx-int8"]
+    for given, artifact in ((model, "onnx-int8"), (export_cpu / "model-fp32.onnx", "onnx-fp32")):  # the first INT8
+        res = run.invoke(app, ["gate", str(given), "--min-map", "0", "--out", str(tmp_path / f"g{artifact}"), "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["artifact"] == artifact, res.output  # by default
     for argv, says in ((["export", str(model), "--target", "cpu"], f"{model}: is part of artifact onnx-int8 of the "
                         f"export bundle {export_cpu}; give the bundle directory {export_cpu}"),
                        (["gate", str(export_cpu / "metrics.json")], f"{export_cpu / 'metrics.json'}: is part of the "

@@ -187,9 +187,10 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
 
 def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None] | None:
     """The bundle a file or folder inside it belongs to (a folder up to ``levels`` above it with a manifest that
-    lists it) and, for an export bundle's artifact (its ``artifacts`` record), the artifact's name (``runs/export/x/onnx-int8/model.onnx``:
-    ``(runs/export/x, 'onnx-int8')``, as ``yolo val model=best.onnx`` names a model by its file); else None. The
-    manifest is only read here: whoever uses the bundle loads and verifies it."""
+    lists it) and, for a file or folder of an export bundle's artifact (its ``artifacts`` record), the artifact's
+    name (``runs/export/x/openvino-int8/model.xml``: ``(runs/export/x, 'openvino-int8')``, as ``yolo val
+    model=best.onnx`` names a model by its file); else None. The manifest is only read here: whoever uses the bundle
+    loads and verifies it."""
     path = Path(path) if len(Path(path).parts) > levels else Path(os.path.abspath(path))  # `kdctl eval model.onnx`
     for up in range(1, levels + 1):                                                       # from the artifact's folder
         if len(path.parts) <= up:

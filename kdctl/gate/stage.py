@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdctl.bundle import (Bundle, BundleWriter, check_output_file, claim_output, load_bundle, next_run_dir,
-                          write_text_atomic)
+from kdctl.bundle import (Bundle, BundleWriter, artifact_given, check_output_file, claim_output, load_bundle,
+                          next_run_dir, write_text_atomic)
 from kdctl.bundle.store import remove_stale_temps
 from kdctl.errors import BundleError, KdctlError, shown
 from kdctl.gate.junit import is_our_junit, is_our_summary, junit_xml, markdown_summary
@@ -83,6 +83,8 @@ def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
 def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
              artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
+    profile, picked = artifact_given(profile, [artifact] if artifact else None)  # an export's model-int8.onnx
+    artifact = picked[0] if picked else None
     prof = load_bundle(profile, stages=GATED, verify=True)
     try:  # compared like with like: a profile with a profile, an eval with an eval
         base_bundle = load_bundle(baseline, stages=(prof.stage,), verify=True) if baseline else None
