@@ -66,9 +66,9 @@ def test_gap_closed_and_roles(tmp_path):
     from kdctl.bundle import BundleWriter, load_bundle
     from kdctl.report.kd_summary import compare
 
-    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None):
+    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None, data="d.yaml"):
         with BundleWriter(tmp_path / name, stage=stage, parents=parents, inputs=inputs or {},
-                          recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
+                          recipe={"student": {"model": model}, "data": {"yolo": data}}) as w:
             (w.path / "weights.pt").write_bytes(name.encode())
             w.add_output("weights", "weights.pt")
             w.metrics.update(map50_95=m, map50=m + 0.1, params=10)
@@ -91,6 +91,14 @@ def test_gap_closed_and_roles(tmp_path):
     worse = bundle("w", "distill", 0.25, parents=[t])
     assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
     assert compare([t, worse]).baseline is None and compare([t, worse]).gap_line() is None
+    # the student's model trained on another dataset is no baseline, and the verdict says why it was passed over
+    elsewhere = bundle("elsewhere", "train", 0.10, data="other.yaml")
+    assert compare([elsewhere, t, d]).baseline is None and compare([elsewhere, b, t, d]).baseline.id == b.id
+    assert compare([elsewhere, t, d]).verdict() == (
+        "No baseline (the student trained alone) was given: pass its train bundle to compare. Passed over, as trained "
+        f"on other data (recipe data:) than the distilled student: {tmp_path / 'elsewhere'}.")
+    assert compare([t, d]).verdict() == "No baseline (the student trained alone) was given: pass its train bundle to " \
+        "compare."
     assert "stronger teacher" not in compare([b, t, worse]).verdict()
     # a teacher below the student trained alone (a weaker detector of another family): no gap to close, said so
     weak = bundle("weak", "train", 0.20, model="big.yaml")
@@ -470,9 +478,9 @@ def test_user_names_are_literal_in_the_markdown(tmp_path):
 
     odd = {"a|b": 0.1, "<img src=x onerror=alert(1)>": 0.2, "x*y*`z`": 0.3}
 
-    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None):
+    def bundle(name, stage, m, parents=(), model="s.yaml", inputs=None, data="d.yaml"):
         with BundleWriter(tmp_path / name, stage=stage, parents=parents, inputs=inputs or {},
-                          recipe={"student": {"model": model}, "data": {"yolo": "d.yaml"}}) as w:
+                          recipe={"student": {"model": model}, "data": {"yolo": data}}) as w:
             (w.path / "weights.pt").write_bytes(name.encode())
             w.add_output("weights", "weights.pt")
             epochs = [{"epoch": e, "train/box_loss": 1.0 / e, "train/kd_logit": 0.5 / e} for e in (1, 2)]

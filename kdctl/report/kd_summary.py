@@ -92,6 +92,7 @@ class KDComparison:
     baseline: Bundle | None
     distilled: Bundle
     evals: tuple[Bundle, ...] = ()  # eval bundles given beside them: records for bundles written without any
+    other_data: tuple[Bundle, ...] = ()  # train bundles of the student's model on other data: no baseline of it
 
     def records_of(self, b: Bundle) -> Bundle | None:
         """The bundle holding ``b``'s evaluation records: ``b`` itself, or for a bundle written before kdctl kept
@@ -174,7 +175,10 @@ class KDComparison:
 
     def verdict(self) -> str:
         if self.baseline is None:
-            return "No baseline (the student trained alone) was given: pass its train bundle to compare."
+            others = ", ".join(str(b.path) for b in self.other_data)
+            return ("No baseline (the student trained alone) was given: pass its train bundle to compare."
+                    + (f" Passed over, as trained on other data (recipe data:) than the distilled student: {others}."
+                       if others else ""))
         d, b, change = self.distilled.metrics.get("map50_95"), self.baseline.metrics.get("map50_95"), self.gain
         t = self.teacher.metrics.get("map50_95") if self.teacher is not None else None
         # a teacher no better than the student trained alone has no gap to close; from a weaker detector of another
@@ -283,14 +287,15 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
         teacher = TeacherRecord.rescored(teacher, distilled)
     student = field_of(distilled.recipe, "student", "model")
     data = (distilled.recipe or {}).get("data")
-    candidates = [b for b in chain if b.stage == "train" and (teacher is None or b.id != teacher.id)
-                  and field_of(b.recipe, "student", "model") == student
-                  and (b.recipe or {}).get("data") == data]
+    same_model = [b for b in chain if b.stage == "train" and (teacher is None or b.id != teacher.id)
+                  and field_of(b.recipe, "student", "model") == student]
+    candidates = [b for b in same_model if (b.recipe or {}).get("data") == data]
     # one scored at the distilled student's size, where there is one (another size is another model to compare)
     candidates = [b for b in candidates if b.metrics.get("imgsz") == distilled.metrics.get("imgsz")] or candidates
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
-    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals)
+    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals,
+                        tuple(b for b in same_model if b not in candidates))
 
 
 def field_of(section, *keys):
