@@ -213,9 +213,8 @@ def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None]
     return None
 
 
-def artifact_given(path: str | Path, artifacts: list[str] | None, option: str = "--artifact"
-                   ) -> tuple[Path, list[str] | None]:
-    """``kdctl eval``/``profile`` given an artifact's file or folder inside an export bundle (``yolo val
+def artifact_given(path: str | Path, artifacts: list[str] | None) -> tuple[Path, list[str] | None]:
+    """``kdctl eval``/``profile``/``gate`` given an artifact's file or folder inside an export bundle (``yolo val
     model=best.onnx``, ``benchmark_app -m model.xml``): that bundle and that artifact. Any other path, as given."""
     path = Path(path)
     inside = None if (path / MANIFEST).is_file() else part_of_bundle(path)
@@ -223,7 +222,7 @@ def artifact_given(path: str | Path, artifacts: list[str] | None, option: str = 
         return path, artifacts
     root, name = inside
     if artifacts and artifacts != [name]:
-        raise BundleError(f"{option}: {', '.join(artifacts)}, but {path} is artifact {name} of the export bundle "
+        raise BundleError(f"--artifact: {', '.join(artifacts)}, but {path} is artifact {name} of the export bundle "
                           f"{root}; give the bundle {root} to pick others")
     return root, [name]
 

@@ -290,12 +290,12 @@ def _compare(chain: list[Bundle], distilled: Bundle) -> KDComparison:
     same_model = [b for b in chain if b.stage == "train" and (teacher is None or b.id != teacher.id)
                   and field_of(b.recipe, "student", "model") == student]
     candidates = [b for b in same_model if (b.recipe or {}).get("data") == data]
+    other_data = tuple(b for b in same_model if (b.recipe or {}).get("data") != data)
     # one scored at the distilled student's size, where there is one (another size is another model to compare)
     candidates = [b for b in candidates if b.metrics.get("imgsz") == distilled.metrics.get("imgsz")] or candidates
     # several baselines (one per seed): the one of the distilled student's seed, the pair a seed comparison needs
     same_seed = [b for b in candidates if _seed(b) is not None and _seed(b) == _seed(distilled)]
-    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals,
-                        tuple(b for b in same_model if b not in candidates))
+    return KDComparison(teacher, (same_seed or candidates or [None])[0], distilled, evals, other_data)
 
 
 def field_of(section, *keys):
