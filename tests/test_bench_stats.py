@@ -359,3 +359,28 @@ def test_every_bench_script_answers_help_without_running(tmp_path):
                              timeout=120, env={**os.environ, "YOLO_OFFLINE": "1"})
         assert res.returncode == 0 and res.stdout.startswith("usage:"), (script.name, res.stdout, res.stderr)
     assert sorted(p.name for p in repo.iterdir()) == ["bench"]  # no runs/, no docs/
+
+
+def test_the_glyph_set_is_a_valid_dataset_of_its_own_and_the_same_each_time(tmp_path):
+    """bench/glyph_data.py, the held-out set off kdctl's generator: every label line boxes a digit inside its
+    image, kdctl's data check passes it, images are not square, and the same counts give the same bytes."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import glyph_data
+
+    from kdctl.data.check import check_dataset
+
+    data = glyph_data.write(tmp_path / "a", 12, 4)
+    glyph_data.write(tmp_path / "b", 12, 4)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 2 * 16 + 1
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in files if f.name != "data.yaml")
+    report = check_dataset(data)
+    assert report["ok"] and report["names"] == list("0123456789") and not report["notes"], report
+    from PIL import Image
+
+    sizes = {Image.open(p).size for p in (tmp_path / "a" / "images").rglob("*.jpg")}
+    assert any(w != h for w, h in sizes)
+    rows = [line.split() for p in (tmp_path / "a" / "labels").rglob("*.txt") for line in p.read_text().splitlines()]
+    assert len(rows) >= 16 and {r[0] for r in rows} <= set("0123456789")
+    assert all(0 < float(v) <= 1 for r in rows for v in r[1:])
