@@ -83,7 +83,7 @@ def _pick(results: list[dict], artifact: str | None, where: Path) -> dict:
 def run_gate(profile: str | Path, *, budgets: dict | None = None, baseline: str | Path | None = None,
              artifact: str | None = None, junit: str | Path | None = None, summary: str | Path | None = None,
              out: str | Path | None = None, runs_dir: str | Path = "runs", overwrite: bool = False) -> GateResult:
-    profile, picked = artifact_given(profile, [artifact] if artifact else None)  # an export's model-int8.onnx
+    profile, picked = artifact_given(profile, None if artifact is None else [artifact])  # an export's model-int8.onnx
     artifact = picked[0] if picked else None
     prof = load_bundle(profile, stages=GATED, verify=True)
     try:  # compared like with like: a profile with a profile, an eval with an eval
