@@ -38,8 +38,8 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
         builder_name(spec, field, source)
         return ResolvedModel("torchvision", spec, None)
     p = Path(spec)
-    if p.is_dir():
-        from kdctl.errors import BundleError
+    if p.is_dir() or (p.is_file() and not is_checkpoint_file(p) and p.suffix.lower() in (".pt", ".pth")):
+        from kdctl.errors import BundleError  # a bundle, or its own weights.pt (load_bundle reads it as the bundle)
         try:
             b = load_bundle(p, stages=("train", "distill"), verify=True)
         except BundleError as e:
@@ -209,8 +209,10 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
 
 def is_checkpoint_file(path: str | Path) -> bool:
     """A model file (``best.pt``; ``BEST.PT`` too, as Ultralytics loads any weights file name) rather than a bundle
-    directory, where a recipe, eval and export take either."""
-    return Path(path).suffix.lower() in (".pt", ".pth") and not Path(path).is_dir()
+    directory, where a recipe, eval and export take either. A bundle's own weights.pt is its bundle."""
+    from kdctl.bundle.store import weights_of_bundle
+
+    return Path(path).suffix.lower() in (".pt", ".pth") and not Path(path).is_dir() and not weights_of_bundle(path)
 
 
 def checkpoint_input(path: Path, data, verb: str, command: str, why: str = "") -> ResolvedModel:

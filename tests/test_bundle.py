@@ -506,3 +506,36 @@ def test_show_draws_the_whole_lineage(tmp_path):
     assert rows[1].index("train") > rows[0].index("train")  # a under b
     shutil.rmtree(a.path)
     assert shown()[1].endswith(f"id={a.id[:12]}  (missing)")
+
+
+@pytest.mark.slow
+def test_a_bundles_own_weights_file_is_read_as_the_bundle(tmp_path, trained_bundle, tiny_data):
+    """``teacher.model: runs/train/t/weights.pt``, ``kdctl eval``/``export`` of it: the bundle it belongs to,
+    verified whole and recorded as the parent (a loose checkpoint records neither and needs --data); an edited
+    weights.pt is refused as the bundle is; the same file copied out of the bundle is a checkpoint of the user's."""
+    import shutil
+
+    from kdctl.models import is_checkpoint_file, resolve_model
+
+    b = shutil.copytree(trained_bundle, tmp_path / "t")  # a copy: its weights are edited below
+    weights, bid = b / "weights.pt", load_bundle(b).id
+    assert not is_checkpoint_file(weights) and resolve_model(str(weights), "teacher.model", "r.yaml").bundle.id == bid
+    res = CliRunner().invoke(app, ["eval", str(weights), "--out", str(tmp_path / "e"), "-q"])
+    assert res.exit_code == 0, res.output  # no --data: the bundle's own dataset
+    assert [p["id"] for p in load_bundle(tmp_path / "e", verify=True).manifest["parents"]] == [bid]
+    res = CliRunner().invoke(app, ["export", str(weights), "-t", "cpu", "-a", "onnx-fp32", "--out",
+                                   str(tmp_path / "x"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert [p["id"] for p in load_bundle(tmp_path / "x").manifest["parents"]] == [bid]
+    loose = tmp_path / "loose.pt"
+    shutil.copy(weights, loose)
+    assert is_checkpoint_file(loose) and resolve_model(str(loose), "teacher.model", "r.yaml").bundle is None
+    res = CliRunner().invoke(app, ["eval", str(loose), "--out", str(tmp_path / "l")])
+    assert res.exit_code == 2 and "--data: required to score the checkpoint" in " ".join(res.output.split())
+    with weights.open("ab") as f:
+        f.write(b"\0")
+    res = CliRunner().invoke(app, ["eval", str(weights), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 1 and f"{weights}: changed" in " ".join(res.output.split()), res.output
+    with pytest.raises(Exception, match="changed"):
+        resolve_model(str(weights), "teacher.model", "r.yaml")
+    assert not (tmp_path / "y").exists()

@@ -145,7 +145,9 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     mf = path / MANIFEST
     if path.exists() and not mf.is_file():
         inside = part_of_bundle(path)
-        if inside:  # an artifact's file or folder (model.onnx, openvino-int8/), a bundle's weights.pt
+        if inside and weights_of_bundle(path) == inside[0]:  # runs/train/t/weights.pt: that bundle, verified whole
+            path, mf = inside[0], inside[0] / MANIFEST
+        elif inside:  # an artifact's file or folder (model.onnx, openvino-int8/), a bundle's metrics.json
             root, artifact = inside
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
             raise BundleError(f"{path}: is part of {what} {root}; give the bundle directory {root}")
@@ -211,6 +213,22 @@ def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None]
             continue  # no manifest here (or none kdctl wrote): the folder above may hold one
         return root, (names[0] if len(names) == 1 else None)
     return None
+
+
+def weights_of_bundle(path: str | Path) -> Path | None:
+    """The train/distill bundle whose model (its ``weights`` output) ``path`` is, else None: a recipe's
+    ``teacher.model: runs/train/t/weights.pt``, ``kdctl eval``/``export`` of it, read as that bundle (verified, its
+    lineage recorded) rather than as a loose checkpoint."""
+    inside = part_of_bundle(path)
+    if not inside:
+        return None
+    root = inside[0]
+    try:
+        m = parse_json((root / MANIFEST).read_text(encoding="utf-8"))
+        weights = m["outputs"]["weights"] if m.get("stage") in ("train", "distill") else None
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    return root if isinstance(weights, str) and (root / weights).resolve() == Path(path).resolve() else None
 
 
 def artifact_given(path: str | Path, artifacts: list[str] | None) -> tuple[Path, list[str] | None]:
