@@ -193,12 +193,11 @@ def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None]
     name (``runs/export/x/openvino-int8/model.xml``: ``(runs/export/x, 'openvino-int8')``, as ``yolo val
     model=best.onnx`` names a model by its file); else None. The manifest is only read here: whoever uses the bundle
     loads and verifies it."""
-    path = Path(path) if len(Path(path).parts) > levels else Path(os.path.abspath(path))  # `kdctl eval model.onnx`
-    for up in range(1, levels + 1):                                                       # from the artifact's folder
-        if len(path.parts) <= up:
-            return None
-        root = Path(*path.parts[:-up])
-        rel = Path(*path.parts[-up:]).as_posix()
+    path, full = Path(path), Path(os.path.abspath(path))
+    for up in range(1, min(levels, len(full.parts) - 1) + 1):
+        # the folder as the user named it, or above what they named (`kdctl eval model.onnx` in its folder)
+        root = Path(*path.parts[:-up]) if up < len(path.parts) else Path(*full.parts[:-up])
+        rel = Path(*full.parts[-up:]).as_posix()
 
         def holds(f) -> bool:
             return isinstance(f, str) and (f == rel or f.startswith(rel + "/"))
