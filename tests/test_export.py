@@ -891,6 +891,10 @@ def test_eval_finds_an_engine_built_on_the_device_after_export(tmp_path, export_
         f"tensorrt-int8: {why}"
     assert res.exit_code != 0 and says in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output and not (tmp_path / "x").exists()
+    # the engine's own file, as `yolo val model=best.engine`: the same artifact, the same stop
+    res = CliRunner().invoke(app, ["eval", str(bundle / "model-int8.engine"), "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and says in " ".join(res.output.split()), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x").exists()
 
 
 def test_a_checkpoints_training_size_is_read_as_ultralytics_wrote_it():

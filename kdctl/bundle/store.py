@@ -204,14 +204,24 @@ def part_of_bundle(path: str | Path, levels: int = 3) -> tuple[Path, str | None]
 
         try:
             manifest = parse_json((root / MANIFEST).read_text(encoding="utf-8"))
-            if not any(holds(f) for f in manifest["files"]):
+            export = manifest.get("stage") == "export"
+            built = list(manifest.get("device_built") or []) if export else []  # engines build_engine.sh made
+            if not any(holds(f) for f in [*manifest["files"], *built]):
                 return None
-            artifacts = manifest.get("artifacts") if manifest.get("stage") == "export" else None
-            names = [n for n, a in dict(artifacts or {}).items() if any(holds(f) for f in a["files"])]
+            names = [n for n, a in dict(manifest.get("artifacts") if export else {}).items()
+                     if any(holds(f) for f in a["files"] or [device_engine(a)])]
         except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             continue  # no manifest here (or none kdctl wrote): the folder above may hold one
         return root, (names[0] if len(names) == 1 else None)
     return None
+
+
+def device_engine(artifact: dict) -> str | None:
+    """The file a TensorRT artifact of an export bundle that was not built at export time (``files`` empty) is
+    built into on the device by its ``build_engine.sh``, beside the bundle's files; None for any other artifact."""
+    if artifact.get("format") != "tensorrt" or artifact.get("files"):
+        return None
+    return f"model-{artifact['precision']}.engine"
 
 
 def weights_of_bundle(path: str | Path) -> Path | None:

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
+from kdctl.bundle.store import device_engine
 from kdctl.errors import (BackendUnavailable, BundleError, CheckFailed, DataError, distinct, first_line, given_by,
                           shown)
 from kdctl.export.base import MIN_COSINE_QAT, Artifact, file_size_mb, validate_outputs
@@ -483,7 +484,7 @@ def _write_outputs(w, arts: list[Artifact], preset: TargetPreset, wanted: list[s
         w.add_output(Path(f).stem.lower().replace("_", "-"), f)
     w.extra["artifacts"] = {a.name: {"files": a.files, "format": a.format, "precision": a.precision} for a in arts}
     # engines build_engine.sh makes on the device: allowed beside the bundle's files, hashed by profile
-    w.extra["device_built"] = [f"model-{a.precision}.engine" for a in arts if a.format == "tensorrt" and not a.files]
+    w.extra["device_built"] = [e for e in map(device_engine, w.extra["artifacts"].values()) if e]
 
 
 def _with_batch(preset: TargetPreset, options: ExportOptions, model, bundle: Path) -> TargetPreset:

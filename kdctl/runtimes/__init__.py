@@ -99,11 +99,12 @@ def bundle_artifacts(bundle) -> list[dict]:
     ``build_engine.sh`` built on the device after it (``model-<precision>.engine`` beside the bundle's files, which
     its manifest allows), each with its hash, since the manifest could not record one."""
     from kdctl.bundle import sha256_file
+    from kdctl.bundle.store import device_engine
 
     arts = []
     for a in bundle.metrics.get("artifacts") or []:
-        engine = bundle.path / f"model-{a['precision']}.engine"
-        if not a["files"] and a["format"] == "tensorrt" and engine.is_file():
+        engine = device_engine(a) and bundle.path / device_engine(a)
+        if engine and engine.is_file():
             a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
         if a["files"]:
             arts.append(a)
