@@ -870,6 +870,54 @@ def test_an_artifacts_folder_or_any_file_in_it_names_the_artifact(tmp_path):
     assert part_of_bundle(b / "model-int8.onnx") == (b, None)  # only an export bundle's artifacts are artifacts
 
 
+def _as_coco(data_yaml, out):
+    """The YOLO dataset ``data_yaml`` as a COCO-JSON set (ids from 1, categories in reverse order), and a recipe
+    naming it."""
+    from PIL import Image
+
+    from kdctl.data.resolve import load_yolo_yaml
+
+    ds, paths = load_yolo_yaml(data_yaml), {}
+    cats = [{"id": 2 * k + 1, "name": n} for k, n in enumerate(ds.names)][::-1]
+    for split, images in (("train", ds.train_images), ("val", ds.val_images)):
+        ims, anns = [], []
+        for i, p in enumerate(images, 1):
+            w, h = Image.open(p).size
+            ims.append({"id": i, "file_name": p.name, "width": w, "height": h})
+            for line in (p.parent.parent.parent / "labels" / split / f"{p.stem}.txt").read_text().splitlines():
+                k, x, y, bw, bh = map(float, line.split())
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 2 * int(k) + 1, "iscrowd": 0,
+                             "bbox": [(x - bw / 2) * w, (y - bh / 2) * h, bw * w, bh * h]})
+        (out / f"{split}.json").write_text(json.dumps({"images": ims, "annotations": anns, "categories": cats}))
+        paths[f"{split}_images"], paths[f"{split}_annotations"] = str(images[0].parent), str(out / f"{split}.json")
+    recipe = out / "coco.yaml"
+    recipe.write_text(f"name: coco\nstudent: yolov8-tiny.yaml\ndata: {{coco: {json.dumps(paths)}}}\n")
+    return recipe
+
+
+@pytest.mark.slow
+def test_eval_and_export_take_a_recipe_as_data_for_a_coco_set(tmp_path, trained_bundle, tiny_data):
+    """``--data recipe.yaml``: the dataset its data: section names, a COCO-JSON set converted as training converts
+    it, where only a dataset YAML was taken (a COCO set could be scored only through a bundle trained on it). The
+    same images and boxes as COCO JSON score the model as its own YOLO set does."""
+    recipe = _as_coco(tiny_data, tmp_path)
+    run = CliRunner()
+    res = run.invoke(app, ["eval", str(trained_bundle), "--data", str(recipe), "--out", str(tmp_path / "e"), "--json"])
+    assert res.exit_code == 0, res.output
+    own = load_bundle(trained_bundle).metrics
+    e = load_bundle(tmp_path / "e", verify=True)
+    assert e.metrics["map50_95"] == pytest.approx(own["map50_95"], abs=1e-4) and e.metrics["images"] == 8
+    assert "/coco/" in e.manifest["inputs"]["data"]["yaml"]  # the converted layout, in kdctl's cache
+    res = run.invoke(app, ["export", str(trained_bundle), "--data", str(recipe), "-t", "cpu", "-a", "onnx-int8",
+                           "--calibration-images", "8", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    x = load_bundle(tmp_path / "x", verify=True).metrics
+    assert x["eval_images"] == 8 and x["pytorch_fp32"]["map50_95"] == pytest.approx(own["map50_95"], abs=1e-4)
+    says = refused_in_one_line(["eval", str(trained_bundle), "--data", str(recipe), "--split", "test", "--out",
+                                str(tmp_path / "t")], tmp_path / "t")
+    assert f"--data {recipe}: its dataset's field 'test' is missing (the split to score)" in says
+
+
 def test_eval_finds_an_engine_built_on_the_device_after_export(tmp_path, export_jetson):
     """A Jetson export's TensorRT engines are built on the device (build_engine.sh), where ``kdctl eval -a
     tensorrt-int8`` is their only accuracy check: the engine beside the bundle's files is the artifact (here, with

@@ -28,10 +28,10 @@ def evaluate(
     artifact: Annotated[Optional[str], typer.Option("--artifact", "-a", help="Of an export bundle: the artifact to "
                                                     "score in its own runtime (e.g. onnx-int8), as yolo val "
                                                     "model=best.onnx.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML (default: the bundle's). A "
-                                                 "model or artifact of more classes whose names include the "
-                                                 "dataset's (a COCO one) is scored on the dataset's, found by "
-                                                 "name.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Ultralytics dataset YAML, or a recipe whose data: "
+                                                 "names the set (a COCO one; default: the bundle's). A model or "
+                                                 "artifact of more classes whose names include the dataset's (a "
+                                                 "COCO one) is scored on the dataset's, found by name.")] = None,
     imgsz: Annotated[Optional[int], typer.Option("--imgsz", min=32, max=IMGSZ_MAX, help="Inference size (default: training size).")] = None,
     split: Annotated[Split, typer.Option("--split", help="The dataset's split to score, as Ultralytics' split= (test: "
                                                          "the YAML's test: images).")] = Split.val,

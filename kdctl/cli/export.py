@@ -41,8 +41,9 @@ def export(
                                                           help="Fail (write nothing) if an FP16/BF16/INT8 artifact "
                                                                "loses more mAP50-95 than this vs PyTorch (0.01 = 1 "
                                                                "point).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks "
-                                                 "(default: the bundle's; required for a .pt). A model of more "
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset YAML for calibration and checks, or a "
+                                                 "recipe whose data: names the set (a COCO one; default: the "
+                                                 "bundle's; required for a .pt). A model of more "
                                                  "classes whose names include the dataset's (a COCO one) is "
                                                  "exported whole and scored on the dataset's, found by name.")] = None,
     calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8 calibration images "

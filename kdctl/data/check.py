@@ -9,16 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _is_recipe(path: Path) -> bool:
-    from kdctl.recipe.validation import YamlProblem, file_kind, parse_yaml
-
-    try:
-        d = parse_yaml(path)
-    except YamlProblem:
-        return False  # reported by the dataset reader, which names the file
-    return file_kind(d) == "a kdctl recipe"
-
-
 def _split_summary(check, names: list[str]) -> dict:
     """What one split holds, from the reader's check of it (``SplitCheck``: the usable images, a line per invalid
     one, objects per class), so no label file is read twice."""
@@ -35,10 +25,10 @@ def check_dataset(path: str | Path) -> dict:
     """Check an Ultralytics dataset YAML, or the dataset a recipe names (``data:``: yolo, coco or synthetic).
     A problem with the YAML itself (a missing split, a names list that does not parse) is a one-line
     :class:`~kdctl.errors.DataError` / :class:`~kdctl.errors.RecipeError`, as in every command."""
-    from kdctl.data.resolve import load_yolo_yaml, resolve_data
+    from kdctl.data.resolve import is_recipe_file, load_yolo_yaml, resolve_data
 
     path = Path(path)
-    if path.is_file() and _is_recipe(path):
+    if is_recipe_file(path):
         from kdctl.recipe import load_recipe
 
         ds = resolve_data(load_recipe(path).data, skip_invalid=True)

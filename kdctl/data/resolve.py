@@ -709,6 +709,30 @@ def coco_dataset(train_images: str, train_annotations: str, val_images: str, val
     return ds
 
 
+def is_recipe_file(path: Path) -> bool:
+    """A kdctl recipe (by its keys), where a dataset YAML may be given too (``data check``, ``--data``)."""
+    from kdctl.recipe.validation import YamlProblem, file_kind, parse_yaml
+
+    if not Path(path).is_file():
+        return False
+    try:
+        d = parse_yaml(Path(path))
+    except YamlProblem:
+        return False  # reported by the dataset reader, which names the file
+    return file_kind(d) == "a kdctl recipe"
+
+
+def dataset_yaml(path: str | Path, skip_invalid: bool = False) -> Path:
+    """``--data`` of eval and export: a dataset YAML, as given; or a recipe, read as the YAML of its ``data:``
+    section (a COCO set converted as training converts it, the synthetic set generated), so that a COCO-JSON set
+    can be scored and calibrated on without a bundle trained on it."""
+    if not is_recipe_file(Path(path)):
+        return Path(path)
+    from kdctl.recipe import load_recipe
+
+    return resolve_data(load_recipe(path).data, skip_invalid=skip_invalid).yaml
+
+
 def resolve_data(spec, progress=None, skip_invalid: bool | None = None) -> Dataset:
     """``spec`` is a recipe's :class:`~kdctl.recipe.schema.DataSpec` (or its dict); ``skip_invalid`` (the
     ``--skip-invalid`` flag) overrides ``data.skip_invalid``."""

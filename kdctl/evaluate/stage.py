@@ -132,12 +132,20 @@ def _score(model, what: str, recipe, parents: list, inputs: dict, data, size: in
            names=None, runtime: dict | None = None) -> Bundle:
     """Score ``model`` (a PyTorch model, or with ``runtime`` an artifact's backend that predicts ``classes``
     classes) on ``data``'s ``split`` and write the eval bundle."""
-    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.data.resolve import dataset_yaml, load_yolo_yaml
+    from kdctl.errors import DataError
     from kdctl.evaluate import class_columns, evaluate_with_records, torch_backend
     from kdctl.evaluate.records import add_records
     from kdctl.models import check_imgsz, dataset_classes, model_classes, scored_classes
 
-    ds = load_yolo_yaml(data, skip_invalid=skip_invalid, splits=("val",), score=split)
+    given = dataset_yaml(data, skip_invalid)
+    try:
+        ds = load_yolo_yaml(given, skip_invalid=skip_invalid, splits=("val",), score=split)
+    except DataError as e:  # of a recipe's dataset (a COCO set converted in kdctl's cache): named by the recipe
+        if given == Path(data):
+            raise
+        raise DataError(f"--data {data}: its dataset's {str(e).removeprefix(f'{given}: ')}",
+                        exit_code=e.exit_code) from None
     picked = None
     if runtime is None:
         check_imgsz(size, model)

@@ -179,13 +179,14 @@ def export_bundle(bundle: str | Path, options: ExportOptions, *, out: str | Path
 def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Path, overwrite: bool,
             progress) -> Bundle:
     from kdctl import detectors
-    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.data.resolve import dataset_yaml, load_yolo_yaml
     from kdctl.detectors import yolo
     from kdctl.evaluate import torch_backend
     from kdctl.models import check_imgsz
 
     wanted = _known_artifacts(options, preset)
-    ds = load_yolo_yaml(options.data or src.data(), skip_invalid=options.skip_invalid)
+    ds = load_yolo_yaml(dataset_yaml(options.data, options.skip_invalid) if options.data else src.data(),
+                        skip_invalid=options.skip_invalid)
     model, trained = src.load()
     qat = yolo.is_qat(model)
     wanted, skipped, unsupported = _for_model(wanted, model, qat, src.path, preset, options)

@@ -188,7 +188,7 @@ _KIND_USE = {
     "a kdctl recipe": "give it to kdctl train or distill; its dataset is the YAML its data: names",
     "a dataset YAML": "a recipe names it as data: PATH, a command takes it as --data",
     "a COCO annotation file": "a recipe names a COCO dataset as data.coco: train_images, train_annotations, "
-                              "val_images, val_annotations; a bundle trained on it holds its data.yaml",
+                              "val_images, val_annotations; eval and export take that recipe as --data",
     "a target preset": "kdctl export takes it as --target PATH, a recipe as export.target",
     "an Ultralytics model YAML": "a recipe names it as student: PATH or teacher: PATH",
 }
