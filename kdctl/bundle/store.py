@@ -144,9 +144,9 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     path = Path(path)
     mf = path / MANIFEST
     if path.exists() and not mf.is_file():
-        inside = part_of_bundle(path)
-        if inside and weights_of_bundle(path) == inside[0]:  # runs/train/t/weights.pt: that bundle, verified whole
-            path, mf = inside[0], inside[0] / MANIFEST
+        inside, owner = part_of_bundle(path), weights_of_bundle(path)
+        if owner:  # runs/train/t/weights.pt: that bundle, verified whole
+            path, mf = owner, owner / MANIFEST
         elif inside:  # an artifact's file or folder (model.onnx, openvino-int8/), a bundle's metrics.json
             root, artifact = inside
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
