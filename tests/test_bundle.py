@@ -189,6 +189,15 @@ def test_load_errors(tmp_path):
     with pytest.raises(BundleError, match=r"is a 'train' bundle; expected one of: export \(run kdctl export on it "
                                           r"first\)$"):
         load_bundle(b.path, stages=("export",))
+    # a file: an exported model of the user's (yolo val model=best.onnx) is told where kdctl runs one from
+    for name in ("best.onnx", "model.XML", "yolo.engine"):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(BundleError, match=r": an exported model outside a kdctl export bundle; kdctl runs "
+                                              r"artifacts from the export bundle that checked them against PyTorch"):
+            load_bundle(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(BundleError, match="notes.txt: is a file, not a bundle directory$"):
+        load_bundle(tmp_path / "notes.txt")
 
 
 def _edit(b, fn):

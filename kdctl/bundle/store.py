@@ -136,6 +136,9 @@ class Bundle:
                 "content_sha256": self.manifest["content_sha256"], "verified": True}
 
 
+_EXPORTED = (".onnx", ".xml", ".engine", ".plan", ".trt", ".tflite", ".mlmodel", ".torchscript")  # model files
+
+
 def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify: bool = False) -> Bundle:
     """Read a bundle's manifest; with ``verify=True`` also re-hash it and refuse one that fails (exit 1).
 
@@ -152,6 +155,10 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
             raise BundleError(f"{path}: is part of {what} {root}; give the bundle directory {root}")
     if not path.is_dir():
+        if path.suffix.lower() in _EXPORTED and path.is_file():  # yolo val model=best.onnx, benchmark_app -m x.xml
+            raise BundleError(f"{path}: an exported model outside a kdctl export bundle; kdctl runs artifacts from "
+                              "the export bundle that checked them against PyTorch (kdctl export best.pt --data "
+                              "data.yaml --target cpu writes one)")
         raise BundleError(f"{path}: " + ("is a file, not a bundle directory" if path.exists()
                                           else "bundle directory not found"))
     if not mf.is_file() or mf.is_symlink():
