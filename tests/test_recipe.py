@@ -191,10 +191,10 @@ def test_yaml_that_would_not_fit_in_memory_is_refused_before_it_is_expanded(tmp_
 
 def test_yaml_aliases_within_reason_still_load(tmp_path):
     """Anchors are how a recipe shares settings: 10**5 values behind aliases are read (and the recipe's own
-    problem is what is reported)."""
+    problem is what is reported: the unknown section holding them, beside the data: it lacks)."""
     p = tmp_path / "ok.yaml"
     p.write_text(_laughs(5))
-    with pytest.raises(RecipeError, match="data: required field is missing"):
+    with pytest.raises(RecipeError, match="laughs: unknown field 'laughs'; valid fields: name, teacher, student, data"):
         load_recipe(p)
 
 
