@@ -25,7 +25,7 @@ from kdctl.data.resolve import normalised_yaml, resolve_data
 from kdctl.errors import CheckFailed, KdctlError, RecipeError, ResumeMismatch
 from kdctl.models import as_started, dataset_classes, load_model, resolve_model
 from kdctl.progress import Step
-from kdctl.recipe.schema import Recipe, is_model_config
+from kdctl.recipe.schema import TORCHVISION_TRAIN, ULTRALYTICS_TRAIN, Recipe, is_model_config
 
 
 def work_dir_for(out: Path) -> Path:
@@ -156,7 +156,7 @@ def _overrides(recipe: Recipe, data_yaml: Path, model_ref: str, work: Path, from
         "project": str(work.resolve()), "name": "train", "exist_ok": True,
         "plots": False, "val": t.val, "deterministic": True, "verbose": False, "compile": False,
         "pretrained": from_checkpoint, "cache": False, "quantize": 8 if recipe.distill.quantize == "int8" else None,
-    } | ({"nbs": t.nbs} if t.nbs else {})
+    } | ({"nbs": t.nbs} if t.nbs else {}) | {k: getattr(t, k) for k in ULTRALYTICS_TRAIN if getattr(t, k) is not None}
 
 
 RUN_FILE = "run.json"     # in the work dir: the bundle id this run will publish and whether it may overwrite
@@ -549,6 +549,11 @@ def _models(recipe: Recipe, stage: str, source: str, ds, state: str, student_ref
     if fam is torchvision and not recipe.train.val:
         raise RecipeError(f"{source}: train.val: false skips validation in Ultralytics' trainer; kdctl's {fam.LABEL} "
                           "loop validates every epoch to keep the best one; leave train.val out")
+    ignored = [k for k in ULTRALYTICS_TRAIN if getattr(recipe.train, k) is not None and k not in TORCHVISION_TRAIN]
+    if fam is torchvision and ignored:
+        raise RecipeError(f"{source}: train.{ignored[0]}: a setting of Ultralytics' trainer, which kdctl's "
+                          f"{fam.LABEL} loop does not apply (of these it takes {', '.join(TORCHVISION_TRAIN)}); "
+                          "leave it out")
     if fam is torchvision and recipe.train.nbs not in (None, recipe.train.batch):
         raise RecipeError(f"{source}: train.nbs: {recipe.train.nbs} accumulates gradients over batches, and kdctl's "
                           f"{fam.LABEL} loop steps the optimizer every batch (as torchvision's references do); leave "

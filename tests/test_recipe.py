@@ -67,6 +67,10 @@ BAD = [
     (GOOD.replace("data: {synthetic: {train: 10, val: 5}}", "data: 3"), "data", "Input should be a valid dictionary "
      "of its fields (yolo, coco, synthetic, skip_invalid) or one string, short for its 'yolo', got 3"),
     (GOOD.replace("train: {", "train: {lr: 0.1, "), "train.lr", "unknown field 'lr'; valid fields: epochs"),
+    # Ultralytics' own settings in Ultralytics' ranges (its cfg check would stop the run at the trainer's start)
+    (GOOD.replace("train: {", "train: {fliplr: 1.5, "), "train.fliplr", "less than or equal to 1"),
+    (GOOD.replace("train: {", "train: {scale: 1.0, "), "train.scale", "less than 1"),
+    (GOOD.replace("train: {", "train: {cos_lr: maybe, "), "train.cos_lr", "valid boolean"),
     (GOOD.replace("name: ok", "name: ok\ntypo_section: 1"), "typo_section", "unknown field"),
     # a required field misspelt: the unknown key and the valid ones, not only "required field is missing"
     (GOOD.replace("student:", "studnet:"), "studnet", "unknown field 'studnet'; valid fields: name, teacher, student"),

@@ -635,3 +635,33 @@ def test_fine_tuning_a_checkpoint_of_more_classes_trains_the_datasets_by_name(tm
     old, new = _rows(m), _rows(tuned)
     for t, s in ((0, 0), (1, 4), (2, 5), (3, 2)):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(new[t], old[s])), (t, s)
+
+
+def test_the_loops_flip_momentum_and_weight_decay_are_the_recipes(tmp_path, tiny_data):
+    """train.fliplr, momentum and weight_decay, as Ultralytics names them, set kdctl's Faster R-CNN loop's
+    horizontal flip probability and optimizer; left out, torchvision's references' (0.5, 0.9, 1e-4)."""
+    import random
+
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.detectors.torchvision import Trainer, _Images
+
+    images = load_yolo_yaml(tiny_data).train_images[:4]
+    plain = [t["boxes"] for _, t in _Images(images, 128, augment=False)]
+    random.seed(0)
+    assert all(torch.equal(t["boxes"], p) for (_, t), p in zip(_Images(images, 128, True, fliplr=0.0), plain))
+    random.seed(0)
+    flipped = [not torch.equal(t["boxes"], p) for (_, t), p in zip(_Images(images, 128, True, fliplr=1.0), plain)]
+    assert all(flipped)
+
+    def optimizer(**args):
+        tr = Trainer.__new__(Trainer)
+        tr.model, tr.kd, tr.args = torch.nn.Linear(2, 2), None, args
+        return tr._optimizer().param_groups[0]
+
+    sgd = optimizer(lr0=0.02)
+    assert (sgd["momentum"], sgd["weight_decay"]) == (0.9, 1e-4)
+    sgd = optimizer(lr0=0.02, momentum=0.8, weight_decay=5e-4)
+    assert (sgd["momentum"], sgd["weight_decay"]) == (0.8, 5e-4)
+    adam = optimizer(lr0=0.001, optimizer="AdamW", momentum=0.85, weight_decay=0.01)
+    assert (adam["betas"], adam["weight_decay"]) == ((0.85, 0.999), 0.01)
+    assert optimizer(lr0=0.001, optimizer="AdamW")["betas"] == (0.9, 0.999)

@@ -208,6 +208,35 @@ def test_nominal_batch_sets_optimizer_steps(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_ultralytics_training_settings_reach_its_trainer(tiny_data, tmp_path):
+    """train.fliplr, lrf, cos_lr, momentum, ... (Ultralytics' own settings, by its names): handed to its trainer
+    when given, its defaults when left out; the dataset's flip is off at fliplr 0 (digits, text), and the run's
+    checkpoint records them. kdctl's Faster R-CNN loop takes the three it applies and refuses the rest in one
+    line, before any work."""
+    import torch
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.augment import RandomFlip
+
+    from kdctl.recipe.schema import ULTRALYTICS_TRAIN
+    from kdctl.training import _overrides, run_training
+
+    given = {"fliplr": 0.0, "flipud": 0.25, "lrf": 0.2, "cos_lr": True, "momentum": 0.8, "weight_decay": 0.001,
+             "hsv_h": 0.0, "degrees": 5.0, "scale": 0.25, "box": 5.0}
+    plain = _overrides(_tiny_recipe(tiny_data), tiny_data, "yolov8-tiny.yaml", tmp_path)
+    assert not set(ULTRALYTICS_TRAIN) & set(plain)  # left out: Ultralytics' defaults
+    tr = _ultralytics_trainer(_tiny_recipe(tiny_data, epochs=1, batch=8, **given), tiny_data, tmp_path / "u")
+    assert {k: getattr(tr.args, k) for k in given} == given
+    ds = build_yolo_dataset(tr.args, str(tiny_data.parent / "images" / "train"), 8, tr.data, mode="train", stride=32)
+    flips = {t.direction: t.p for t in ds.transforms.transforms if isinstance(t, RandomFlip)}
+    assert flips == {"horizontal": 0.0, "vertical": 0.25}, flips
+    r = _tiny_recipe(tiny_data, epochs=1, batch=8, fliplr=0.0, momentum=0.8, lrf=0.2)
+    b = run_training(r, stage="train", source="r.yaml", out=tmp_path / "b")
+    args = torch.load(b.path / "weights.pt", map_location="cpu", weights_only=False)["train_args"]
+    assert (args["fliplr"], args["momentum"], args["lrf"]) == (0.0, 0.8, 0.2)
+    assert b.recipe["train"]["fliplr"] == 0.0 and b.recipe["train"]["cos_lr"] is None
+
+
+@pytest.mark.slow
 def test_val_off_validates_the_last_epoch_only(tiny_data, tmp_path):
     """train.val: false is Ultralytics' val=False: 3 epochs, one validation (after the last); the bundle's per-epoch
     rows keep only the training losses where no validation ran."""

@@ -433,8 +433,8 @@ def float_tail(nodes: list[tuple[str, str | None]], model: nn.Module) -> list[st
 class _Images(torch.utils.data.Dataset):
     """Letterboxed RGB canvases in 0..1 and their boxes (xyxy, canvas pixels) with labels 1..nc (0 = background)."""
 
-    def __init__(self, images: list[Path], imgsz: int, augment: bool):
-        self.images, self.imgsz, self.augment = images, imgsz, augment
+    def __init__(self, images: list[Path], imgsz: int, augment: bool, fliplr: float = 0.5):
+        self.images, self.imgsz, self.augment, self.fliplr = images, imgsz, augment, fliplr
 
     def __len__(self) -> int:
         return len(self.images)
@@ -451,7 +451,7 @@ class _Images(torch.utils.data.Dataset):
         boxes[:, [0, 2]] += left
         boxes[:, [1, 3]] += top
         x = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))).float() / 255.0
-        if self.augment and random.random() < 0.5:  # horizontal flip
+        if self.augment and random.random() < self.fliplr:  # horizontal flip (train.fliplr, Ultralytics' 0.5)
             x = x.flip(-1)
             boxes[:, [0, 2]] = self.imgsz - boxes[:, [2, 0]]
         keep = (boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1)
@@ -548,15 +548,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [p for p in self.kd.parameters() if p.requires_grad] if self.kd is not None else []
         lr = float(self.args.get("lr0", 0.01))
-        if str(self.args.get("optimizer", "auto")) in ("AdamW", "Adam"):
-            return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+        decay = float(self.args.get("weight_decay", 1e-4))  # torchvision's references' defaults, unless the recipe's
+        if str(self.args.get("optimizer", "auto")) in ("AdamW", "Adam"):  # train: sets them
+            return torch.optim.AdamW(params, lr=lr, betas=(float(self.args.get("momentum", 0.9)), 0.999),
+                                     weight_decay=decay)
+        return torch.optim.SGD(params, lr=lr, momentum=float(self.args.get("momentum", 0.9)), weight_decay=decay)
 
     def train(self) -> None:
         seed = int(self.args.get("seed", 0))
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        images = _Images(self.data.train_images, self.imgsz, augment=True)
+        images = _Images(self.data.train_images, self.imgsz, augment=True, fliplr=float(self.args.get("fliplr", 0.5)))
         batch = int(self.args.get("batch", 8))
         sampler = None
         if self.world > 1:  # train.batch is the global batch: each rank takes its share of every step

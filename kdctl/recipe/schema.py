@@ -141,6 +141,14 @@ class DataSpec(Strict):
         return self
 
 
+# train: fields handed to Ultralytics' trainer under their own names when given (TrainSpec, below); of them, those
+# kdctl's Faster R-CNN loop applies too
+ULTRALYTICS_TRAIN = ("lrf", "cos_lr", "momentum", "weight_decay", "warmup_momentum", "box", "cls", "dfl", "hsv_h",
+                     "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
+                     "mixup", "copy_paste")
+TORCHVISION_TRAIN = ("momentum", "weight_decay", "fliplr")
+
+
 class TrainSpec(Strict):
     epochs: int = Field(10, ge=1, le=10_000)
     imgsz: int = Field(320, ge=32, le=IMGSZ_MAX)
@@ -175,6 +183,29 @@ class TrainSpec(Strict):
         None, ge=0, le=1, description="Bias learning rate at the start of warm-up (default: Ultralytics' 0.1, "
                                       "which trains better from scratch here than 0 even with AdamW; see "
                                       "docs/benchmarks.md)")
+    # Ultralytics' own training settings, under its names and in its ranges; left out (None): Ultralytics' default.
+    # kdctl's Faster R-CNN loop takes momentum, weight_decay and fliplr (its one augmentation) and refuses the others.
+    lrf: float | None = Field(None, ge=0, le=1, description="Final learning rate as a fraction of lr0 (0.01)")
+    cos_lr: bool | None = Field(None, description="Cosine learning-rate schedule instead of linear (false)")
+    momentum: float | None = Field(None, ge=0, le=1, description="SGD momentum or Adam beta1 (0.937)")
+    weight_decay: float | None = Field(None, ge=0, le=1, description="Weight decay (0.0005)")
+    warmup_momentum: float | None = Field(None, ge=0, le=1, description="Momentum at the start of warm-up (0.8)")
+    box: float | None = Field(None, gt=0, le=100, description="Box loss gain (7.5)")
+    cls: float | None = Field(None, gt=0, le=100, description="Classification loss gain (0.5)")
+    dfl: float | None = Field(None, gt=0, le=100, description="Distribution focal loss gain (1.5)")
+    hsv_h: float | None = Field(None, ge=0, le=1, description="Hue augmentation, a fraction (0.015)")
+    hsv_s: float | None = Field(None, ge=0, le=1, description="Saturation augmentation, a fraction (0.7)")
+    hsv_v: float | None = Field(None, ge=0, le=1, description="Value (brightness) augmentation, a fraction (0.4)")
+    degrees: float | None = Field(None, ge=0, le=180, description="Rotation, ± degrees (0)")
+    translate: float | None = Field(None, ge=0, le=1, description="Translation, ± a fraction of the size (0.1)")
+    scale: float | None = Field(None, ge=0, lt=1, description="Scale gain, ± (0.5)")
+    shear: float | None = Field(None, ge=0, le=180, description="Shear, ± degrees (0)")
+    perspective: float | None = Field(None, ge=0, le=0.001, description="Perspective, a fraction (0)")
+    flipud: float | None = Field(None, ge=0, le=1, description="Vertical flip probability (0)")
+    fliplr: float | None = Field(None, ge=0, le=1, description="Horizontal flip probability (0.5; 0 for text, "
+                                                               "digits, anything a mirror changes)")
+    mixup: float | None = Field(None, ge=0, le=1, description="MixUp probability (0)")
+    copy_paste: float | None = Field(None, ge=0, le=1, description="Copy-paste probability, segment labels only (0)")
 
     @field_validator("imgsz")
     @classmethod
