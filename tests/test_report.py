@@ -86,9 +86,14 @@ def test_gap_closed_and_roles(tmp_path):
     assert compare([b, t, above]).verdict() == ("Yes: distillation raised mAP50-95 by +23.00 points over the "
                                                 "baseline, 3.00 points above the teacher itself.")
     assert c.gap_line() == "Gap closed: 50% of the teacher–baseline mAP50-95 gap."
+    # under the verdict: the gap closed where the verdict does not say it already, then the interval's line
+    assert c.notes() == [c.interval_line()] and "No interval for the gain" in c.interval_line()
+    past = compare([b, t, above])  # past the teacher: the verdict says by how much, the gap line the share
+    assert past.notes() == [past.gap_line(), past.interval_line()]
     assert compare([b, t, above]).gap_line() == ("Gap closed: 115% of the teacher–baseline mAP50-95 gap (over 100%: "
                                                  "the distilled student passes its teacher).")
     worse = bundle("w", "distill", 0.25, parents=[t])
+    assert compare([b, t, worse]).notes()[0] == compare([b, t, worse]).gap_line()  # "No: ...": the gap line says it
     assert compare([b, t, worse]).verdict().startswith("No: the distilled student is -5.00")
     assert compare([t, worse]).baseline is None and compare([t, worse]).gap_line() is None
     # the student's model trained on another dataset is no baseline, and the verdict says why it was passed over

@@ -173,6 +173,13 @@ class KDComparison:
         past = " (over 100%: the distilled student passes its teacher)" if closed > 1 else ""
         return f"Gap closed: {closed:.0%} of the teacher–baseline mAP50-95 gap{past}."
 
+    def notes(self) -> list[str]:
+        """What the report prints under the verdict: the gap closed, unless the verdict says it already ("Yes: ...,
+        closing 45% of the gap"), and the gain's interval."""
+        closed = self.gap_closed
+        said = closed is not None and f"closing {closed:.0%} of the gap" in self.verdict()
+        return [x for x in (None if said else self.gap_line(), self.interval_line()) if x]
+
     def verdict(self) -> str:
         if self.baseline is None:
             others = ", ".join(str(b.path) for b in self.other_data)

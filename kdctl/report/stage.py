@@ -208,7 +208,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
             body += ["<h2>Did distillation help?</h2>"]
         if len(cmps) == 1:
             (cmp,) = cmps
-            notes = [x for x in (cmp.gap_line(), cmp.interval_line()) if x]
+            notes = cmp.notes()
             md += [f"**{cmp.verdict()}**", "", _md_table(KD_HEAD, kd_rows), ""] + [y for x in notes for y in (x, "")]
             body += [f"<p class='verdict'><b>{html.escape(cmp.verdict())}</b></p>", _html_table(KD_HEAD, kd_rows)]
             body += [f"<p>{html.escape(x)}</p>" for x in notes]
@@ -217,7 +217,7 @@ def write_report(bundles: list[str | Path], *, out: str | Path | None = None, ru
                 md += [f"**{g.verdict()}**", ""]
                 body += [f"<p class='verdict'><b>{html.escape(g.verdict())}</b></p>"]
             for c in cmps:
-                notes = " ".join(x for x in (c.gap_line(), c.interval_line()) if x)
+                notes = " ".join(c.notes())
                 said = c.verdict() + (f" {notes}" if notes else "")
                 line = f"{c.distilled.path.name}: {said}"
                 md += [f"- **{md_escape(c.distilled.path.name)}: {said}**"]
