@@ -31,6 +31,7 @@ def _download_hint(p: Path, untrained: bool = True) -> str:
 
 def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
     from kdctl.bundle import load_bundle, sha256_file
+    from kdctl.bundle.store import weights_of_bundle
 
     if spec.startswith("torchvision:"):
         from kdctl.detectors.torchvision import builder_name
@@ -38,8 +39,8 @@ def resolve_model(spec: str, field: str, source: str) -> ResolvedModel:
         builder_name(spec, field, source)
         return ResolvedModel("torchvision", spec, None)
     p = Path(spec)
-    if p.is_dir() or (p.is_file() and not is_checkpoint_file(p) and p.suffix.lower() in (".pt", ".pth")):
-        from kdctl.errors import BundleError  # a bundle, or its own weights.pt (load_bundle reads it as the bundle)
+    if p.is_dir() or weights_of_bundle(p):  # a bundle, or its own weights.pt (load_bundle reads it as the bundle)
+        from kdctl.errors import BundleError
         try:
             b = load_bundle(p, stages=("train", "distill"), verify=True)
         except BundleError as e:

@@ -103,9 +103,9 @@ def bundle_artifacts(bundle) -> list[dict]:
 
     arts = []
     for a in bundle.metrics.get("artifacts") or []:
-        engine = device_engine(a) and bundle.path / device_engine(a)
-        if engine and engine.is_file():
-            a = {**a, "files": [engine.name], "built_on_device": True, "engine_sha256": sha256_file(engine)}
+        built = device_engine(a)
+        if built and (bundle.path / built).is_file():
+            a = {**a, "files": [built], "built_on_device": True, "engine_sha256": sha256_file(bundle.path / built)}
         if a["files"]:
             arts.append(a)
     return arts
