@@ -147,9 +147,9 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
     path = Path(path)
     mf = path / MANIFEST
     if path.exists() and not mf.is_file():
-        inside, owner = part_of_bundle(path), weights_of_bundle(path)
-        if owner:  # runs/train/t/weights.pt: that bundle, verified whole
-            path, mf = owner, owner / MANIFEST
+        inside = part_of_bundle(path)
+        if inside and _holds_weights(inside[0], path):  # runs/train/t/weights.pt: that bundle, verified whole
+            path, mf = inside[0], inside[0] / MANIFEST
         elif inside:  # an artifact's file or folder (model.onnx, openvino-int8/), a bundle's metrics.json
             root, artifact = inside
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
@@ -236,15 +236,17 @@ def weights_of_bundle(path: str | Path) -> Path | None:
     ``teacher.model: runs/train/t/weights.pt``, ``kdctl eval``/``export`` of it, read as that bundle (verified, its
     lineage recorded) rather than as a loose checkpoint."""
     inside = part_of_bundle(path)
-    if not inside:
-        return None
-    root = inside[0]
+    return inside[0] if inside and _holds_weights(inside[0], path) else None
+
+
+def _holds_weights(root: Path, path: str | Path) -> bool:
+    """Whether ``path`` is the model (``weights`` output) of the train/distill bundle at ``root``."""
     try:
         m = parse_json((root / MANIFEST).read_text(encoding="utf-8"))
         weights = m["outputs"]["weights"] if m.get("stage") in ("train", "distill") else None
     except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
-        return None
-    return root if isinstance(weights, str) and (root / weights).resolve() == Path(path).resolve() else None
+        return False
+    return isinstance(weights, str) and (root / weights).resolve() == Path(path).resolve()
 
 
 def artifact_given(path: str | Path, artifacts: list[str] | None) -> tuple[Path, list[str] | None]:
