@@ -953,10 +953,10 @@ def _(c):
 def _(c):
     """Ultralytics' augmentation settings (degrees, hsv_*, ...) would be ignored by kdctl's Faster R-CNN loop."""
     r = c.yolo_recipe("r", c.data, student="'torchvision:fasterrcnn_mobilenet_v3_large_320_fpn'")
-    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, fliplr: 0.0, degrees: 10}"))
+    r.write_text(r.read_text().replace("batch: 4}", "batch: 4, fliplr: 0.0, lrf: 0.1, cos_lr: true, degrees: 10}"))
     return ["train", str(r), "--out", str(c.tmp / "x")], 2, [
         "r.yaml: train.degrees: a setting of Ultralytics' trainer, which kdctl's", "does not apply (of these it takes "
-        "momentum, weight_decay, fliplr); leave it out"]
+        "lrf, cos_lr, momentum, weight_decay, fliplr); leave it out"]
 
 
 @case("train-flip-probability-above-one")

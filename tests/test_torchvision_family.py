@@ -4,6 +4,7 @@ non-finite stop), the dense output, and the chain to ONNX / OpenVINO exports and
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -665,3 +666,36 @@ def test_the_loops_flip_momentum_and_weight_decay_are_the_recipes(tmp_path, tiny
     adam = optimizer(lr0=0.001, optimizer="AdamW", momentum=0.85, weight_decay=0.01)
     assert (adam["betas"], adam["weight_decay"]) == ((0.85, 0.999), 0.01)
     assert optimizer(lr0=0.001, optimizer="AdamW")["betas"] == (0.9, 0.999)
+
+
+def test_the_loops_schedule_follows_lrf_and_cos_lr():
+    """train.lrf and cos_lr give kdctl's Faster R-CNN loop Ultralytics' schedules, per step: linear from lr0 to
+    lr0 * lrf, or a half cosine between them; left out, the loop's own linear decay to 1 %. The warm-up ramps each."""
+    from collections import defaultdict
+
+    from kdctl.detectors.torchvision import Trainer, lr_scale
+
+    # hand-computed: step 5 of 10 after a 2-step warm-up is halfway through the decay
+    assert lr_scale(5, 2, 10) == pytest.approx(0.5)
+    assert lr_scale(9, 2, 10) == pytest.approx(0.1) and lr_scale(10, 2, 10) == pytest.approx(0.01)
+    assert lr_scale(5, 2, 10, lrf=0.2) == pytest.approx(0.5 * 0.8 + 0.2)
+    assert lr_scale(10, 2, 10, lrf=0.2) == pytest.approx(0.2)
+    assert lr_scale(5, 2, 10, lrf=0.2, cos=True) == pytest.approx(0.6)  # cos(pi/2) = 0: the midpoint
+    assert lr_scale(2, 2, 10, lrf=0.2, cos=True) == pytest.approx(1 - 0.8 * (1 - math.cos(0.2 * math.pi)) / 2)
+    assert lr_scale(10, 2, 10, cos=True) == pytest.approx(0.01)  # Ultralytics' lrf when only cos_lr is given
+    assert lr_scale(0, 4, 10, lrf=0.2) == pytest.approx(0.25)  # first warm-up step: a quarter of the rate
+
+    def last_lr(**args):  # the rate of the last of 4 steps of the loop's epoch
+        tr = Trainer.__new__(Trainer)
+        w = torch.nn.Parameter(torch.ones(2))
+        tr.model, tr.kd, tr.args, tr.epoch = torch.nn.Linear(1, 1), None, args, 0
+        tr.device, tr.callbacks, tr.world = torch.device("cpu"), defaultdict(list), 1
+        tr.train_loader = [(torch.zeros(1), [])] * 4
+        tr.step = lambda x, targets: {"loss": (w ** 2).sum()}
+        opt = torch.optim.SGD([w], lr=0.1)
+        tr._train_one_epoch(opt, 1, 4, 0.1)
+        return opt.param_groups[0]["lr"]
+
+    assert last_lr() == pytest.approx(0.1 * 0.25)
+    assert last_lr(lrf=0.5) == pytest.approx(0.1 * (0.25 * 0.5 + 0.5))
+    assert last_lr(lrf=0.5, cos_lr=True) == pytest.approx(0.1 * (1 - 0.5 * (1 - math.cos(0.75 * math.pi)) / 2))

@@ -463,6 +463,21 @@ def _collate(batch):
     return torch.stack(xs), list(ts)
 
 
+def lr_scale(step: int, warmup: int, total: int, lrf: float | None = None, cos: bool = False) -> float:
+    """The learning rate at optimizer ``step`` of ``total`` as a fraction of lr0: a linear warm-up over ``warmup``
+    steps times the decay. Without ``lrf`` or ``cos`` the loop's own decay, linear to 1 % (floored there); with
+    them Ultralytics' schedules by its settings, per step instead of per epoch: linear from 1 to ``lrf``, or with
+    ``cos`` a half cosine from 1 to ``lrf`` (0.01 when only ``cos`` is given)."""
+    ramp = min(1.0, (step + 1) / warmup)
+    if lrf is None and not cos:
+        return ramp * max(0.01, 1 - step / total)
+    lrf = 0.01 if lrf is None else float(lrf)
+    x = min(1.0, step / total)
+    if cos:
+        return ramp * (((1 - math.cos(x * math.pi)) / 2) * (lrf - 1) + 1)
+    return ramp * ((1 - x) * (1.0 - lrf) + lrf)
+
+
 class Trainer:
     """Train a :class:`TorchvisionDetector`: SGD (momentum 0.9) or AdamW, linear warm-up, linear decay, gradient
     clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set after each epoch, ``last.pt`` /
@@ -614,7 +629,7 @@ class Trainer:
         sums: dict[str, float] = {}
         for i, (x, targets) in enumerate(self.train_loader):
             step = self.epoch * len(self.train_loader) + i
-            scale = min(1.0, (step + 1) / warmup) * max(0.01, 1 - step / total)
+            scale = lr_scale(step, warmup, total, self.args.get("lrf"), bool(self.args.get("cos_lr")))
             for group in opt.param_groups:
                 group["lr"] = lr0 * scale
             x = x.to(self.device)

@@ -146,7 +146,7 @@ class DataSpec(Strict):
 ULTRALYTICS_TRAIN = ("lrf", "cos_lr", "momentum", "weight_decay", "warmup_momentum", "box", "cls", "dfl", "hsv_h",
                      "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
                      "mixup", "copy_paste")
-TORCHVISION_TRAIN = ("momentum", "weight_decay", "fliplr")
+TORCHVISION_TRAIN = ("lrf", "cos_lr", "momentum", "weight_decay", "fliplr")
 
 
 class TrainSpec(Strict):
