@@ -184,7 +184,8 @@ class TrainSpec(Strict):
                                       "which trains better from scratch here than 0 even with AdamW; see "
                                       "docs/benchmarks.md)")
     # Ultralytics' own training settings, under its names and in its ranges; left out (None): Ultralytics' default.
-    # kdctl's Faster R-CNN loop takes momentum, weight_decay and fliplr (its one augmentation) and refuses the others.
+    # kdctl's Faster R-CNN loop takes lrf, cos_lr, momentum, weight_decay and fliplr (its one augmentation) and refuses
+    # the others.
     lrf: float | None = Field(None, ge=0, le=1, description="Final learning rate as a fraction of lr0 (0.01)")
     cos_lr: bool | None = Field(None, description="Cosine learning-rate schedule instead of linear (false)")
     momentum: float | None = Field(None, ge=0, le=1, description="SGD momentum or Adam beta1 (0.937)")
