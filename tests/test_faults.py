@@ -286,3 +286,31 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, tiny_data):
                        preexec_fn=limit, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and "File too large while writing" in p.stderr, p.stderr
     assert _leftovers(tmp_path, "t") == [], "a truncated last.pt kept the work folder, and --resume then failed"
+
+
+@pytest.mark.parametrize("sig,rc,word", [("SIGINT", 130, "Interrupted"), ("SIGTERM", 143, "Terminated")])
+def test_an_interruption_a_library_turned_into_its_own_error_is_still_one(tmp_path, trained_bundle, monkeypatch,
+                                                                         sig, rc, word):
+    """Ctrl-C during OpenVINO's conversion of the traced model: its PyTorch frontend catches the KeyboardInterrupt
+    raised in the Python it calls back and raises "RuntimeError: Check 'false' failed ... KeyboardInterrupt",
+    which kdctl reported as an internal error with exit 1. A signal came first, so it is the interruption: its
+    line and exit code, nothing published."""
+    import os
+    import signal
+    import time
+
+    def convert(source):  # what OpenVINO's frontend does with an interruption in a callback
+        try:
+            os.kill(os.getpid(), getattr(signal, sig))
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise RuntimeError("Check 'false' failed at src/frontends/common/src/frontend.cpp:53:\n"
+                               "Converting input model\nKeyboardInterrupt: <EMPTY MESSAGE>") from None
+        raise AssertionError("the signal did not arrive")
+
+    monkeypatch.setattr("kdctl.export.openvino.convert", convert)
+    out = tmp_path / "x"
+    res = CliRunner().invoke(app, ["export", str(trained_bundle), "--target", "intel", "--out", str(out), "-q"])
+    assert res.exit_code == rc, res.output
+    assert res.output.strip().splitlines() == [f"{word} (nothing half-written was published)"]
+    assert not out.exists() and _leftovers(tmp_path, "x") == []

@@ -31,16 +31,39 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + int(signum)
 
 
+# The signals that came during this command. A native library that runs Python code (OpenVINO's PyTorch frontend,
+# ONNX Runtime, NNCF) can catch the KeyboardInterrupt raised there and raise its own error instead (OpenVINO:
+# "RuntimeError: Check 'false' failed ... KeyboardInterrupt"); the run was still interrupted, and says so.
+_signalled: list[int] = []
+
+
 def _raise_terminated(signum, frame):
+    _signalled.append(signum)
     raise Terminated(signum)
 
 
+def _raise_interrupted(signum, frame):
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
 def _on_termination_signals() -> None:
-    """SIGTERM and SIGHUP end a run through :class:`Terminated`; a SIGHUP the caller ignores (``nohup``) stays
+    """SIGTERM and SIGHUP end a run through :class:`Terminated`, Ctrl-C through KeyboardInterrupt as Python's own
+    handler does, each remembered; a SIGHUP or SIGINT the caller ignores (``nohup``, a background job) stays
     ignored."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
+
+
+def _as_interruption(e: Exception) -> KeyboardInterrupt | None:
+    """The interruption an error stands for when a signal came first (a library turned the KeyboardInterrupt into
+    its own error); None for an error of its own, and for kdctl's and Click's exits, which are the command's."""
+    if not _signalled or isinstance(e, (typer.Exit, typer.Abort, typer.TyperException, UsageError)):
+        return None
+    return KeyboardInterrupt() if _signalled[-1] == signal.SIGINT else Terminated(_signalled[-1])
 
 
 def _fail(ctx, word: str, text: str, code: int):
@@ -131,12 +154,19 @@ class KdctlGroup(TyperGroup):
         def fail(word: str, text: str, code: int):
             _fail(ctx, word, text, code)
 
+        _signalled.clear()
         if threading.current_thread() is threading.main_thread():
             _on_termination_signals()
         try:
             meta = ctx.find_root().meta
-            with stdout_reserved(bool(meta.get("kdctl_json")), bool(meta.get("kdctl_quiet"))):
-                return super().invoke(ctx)
+            try:
+                with stdout_reserved(bool(meta.get("kdctl_json")), bool(meta.get("kdctl_quiet"))):
+                    return super().invoke(ctx)
+            except Exception as e:
+                interruption = _as_interruption(e)
+                if interruption is None:
+                    raise
+                raise interruption from e
         except KdctlError as e:
             fail("Error:", str(e), e.exit_code)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
