@@ -479,8 +479,8 @@ def lr_scale(step: int, warmup: int, total: int, lrf: float | None = None, cos: 
 
 
 class Trainer:
-    """Train a :class:`TorchvisionDetector`: SGD (momentum 0.9) or AdamW, linear warm-up, linear decay, gradient
-    clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set after each epoch, ``last.pt`` /
+    """Train a :class:`TorchvisionDetector`: SGD (momentum 0.9) or AdamW, linear warm-up, linear or cosine decay
+    (:func:`lr_scale`), gradient clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set after each epoch, ``last.pt`` /
     ``best.pt`` and ``results.csv`` in ``project/name`` (the files and callbacks kdctl's training stage reads from
     Ultralytics' trainer), resume from ``last.pt``."""
 
