@@ -310,7 +310,13 @@ def test_an_interruption_a_library_turned_into_its_own_error_is_still_one(tmp_pa
 
     monkeypatch.setattr("kdctl.export.openvino.convert", convert)
     out = tmp_path / "x"
-    res = CliRunner().invoke(app, ["export", str(trained_bundle), "--target", "intel", "--out", str(out), "-q"])
+    # a kdctl process starts with Python's Ctrl-C handler; a pytest-xdist worker has SIGINT at its default (the
+    # process ends), so this test sets what kdctl starts with
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = CliRunner().invoke(app, ["export", str(trained_bundle), "--target", "intel", "--out", str(out), "-q"])
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert res.exit_code == rc, res.output
     assert res.output.strip().splitlines() == [f"{word} (nothing half-written was published)"]
     assert not out.exists() and _leftovers(tmp_path, "x") == []
