@@ -480,9 +480,9 @@ def lr_scale(step: int, warmup: int, total: int, lrf: float | None = None, cos: 
 
 class Trainer:
     """Train a :class:`TorchvisionDetector`: SGD (momentum 0.9) or AdamW, linear warm-up, linear or cosine decay
-    (:func:`lr_scale`), gradient clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set after each epoch, ``last.pt`` /
-    ``best.pt`` and ``results.csv`` in ``project/name`` (the files and callbacks kdctl's training stage reads from
-    Ultralytics' trainer), resume from ``last.pt``."""
+    (:func:`lr_scale`), gradient clipping at 10, a non-finite loss stops the run, COCO mAP on the validation set
+    after each epoch, ``last.pt`` / ``best.pt`` and ``results.csv`` in ``project/name`` (the files and callbacks
+    kdctl's training stage reads from Ultralytics' trainer), resume from ``last.pt``."""
 
     EVENTS = ("on_train_start", "on_train_epoch_start", "on_train_batch_end", "on_train_epoch_end", "on_model_save",
               "on_fit_epoch_end")
