@@ -9,6 +9,26 @@ import signal
 
 _hits: dict[str, int] = {}
 
+# The signals that came during the running command (kdctl's CLI records SIGINT, SIGTERM and SIGHUP). A native
+# library that runs Python code (OpenVINO's PyTorch frontend, ONNX Runtime, NNCF) can catch the KeyboardInterrupt
+# raised there and raise its own error instead (OpenVINO: "RuntimeError: Check 'false' failed ...
+# KeyboardInterrupt"); code that catches a library's errors and carries on asks :func:`signalled` first, so such
+# an error is not taken for the library's own failure.
+_signalled: list[int] = []
+
+
+def record_signal(signum: int) -> None:
+    _signalled.append(int(signum))
+
+
+def signalled() -> int | None:
+    """The last signal that came during this command, or None."""
+    return _signalled[-1] if _signalled else None
+
+
+def clear_signals() -> None:
+    _signalled.clear()
+
 
 def point(name: str) -> None:
     want = os.environ.get("KDCTL_FAULT")

@@ -471,6 +471,27 @@ def test_qat_export_falls_back_to_the_trained_graph_where_onnx_runtimes_form_dep
     assert art["parity"]["ok"] is True
 
 
+def test_a_qat_export_interrupted_inside_onnx_runtimes_form_stops_instead_of_falling_back(qad_bundle, tmp_path,
+                                                                                          monkeypatch):
+    """A library that turns the KeyboardInterrupt raised in the Python it calls into its own error (OpenVINO's
+    frontend does) must not make the export take the interruption for that form's failure and carry on with the
+    trained graph: Ctrl-C (recorded by the CLI's handler, as here) stops the run, nothing is published."""
+    import signal
+
+    import kdctl.export.quantize as quantize
+    from kdctl import faults
+
+    def interrupted(*a, **k):
+        faults.record_signal(signal.SIGINT)
+        raise RuntimeError("Check 'false' failed: KeyboardInterrupt")
+
+    monkeypatch.setattr(quantize, "quantize_qat_onnxruntime", interrupted)
+    res = CliRunner().invoke(app, ["export", str(qad_bundle), "--target", "cpu", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 130, res.output
+    assert "Interrupted (nothing half-written was published)" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "e").exists()
+
+
 def test_qat_export_with_only_float_artifacts_is_one_line(qad_bundle, tmp_path):
     res = CliRunner().invoke(app, ["export", str(qad_bundle), "--artifact", "onnx-fp32", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0

@@ -17,6 +17,7 @@ try:  # Typer ≥ 0.20 vendors Click
 except ImportError:  # pragma: no cover
     from click.exceptions import NoArgsIsHelpError, UsageError
 
+from kdctl import faults
 from kdctl.cli._common import err_console, print_json, stdout_reserved
 from kdctl.errors import LINK_LOOP, first_line
 
@@ -31,19 +32,17 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + int(signum)
 
 
-# The signals that came during this command. A native library that runs Python code (OpenVINO's PyTorch frontend,
-# ONNX Runtime, NNCF) can catch the KeyboardInterrupt raised there and raise its own error instead (OpenVINO:
-# "RuntimeError: Check 'false' failed ... KeyboardInterrupt"); the run was still interrupted, and says so.
-_signalled: list[int] = []
+# The signals that came during this command are remembered (kdctl.faults): a native library can turn the
+# KeyboardInterrupt raised in the Python it calls into its own error; the run was still interrupted, and says so.
 
 
 def _raise_terminated(signum, frame):
-    _signalled.append(signum)
+    faults.record_signal(signum)
     raise Terminated(signum)
 
 
 def _raise_interrupted(signum, frame):
-    _signalled.append(signum)
+    faults.record_signal(signum)
     raise KeyboardInterrupt
 
 
@@ -61,9 +60,10 @@ def _on_termination_signals() -> None:
 def _as_interruption(e: Exception) -> KeyboardInterrupt | None:
     """The interruption an error stands for when a signal came first (a library turned the KeyboardInterrupt into
     its own error); None for an error of its own, and for kdctl's and Click's exits, which are the command's."""
-    if not _signalled or isinstance(e, (typer.Exit, typer.Abort, typer.TyperException, UsageError)):
+    signum = faults.signalled()
+    if signum is None or isinstance(e, (typer.Exit, typer.Abort, typer.TyperException, UsageError)):
         return None
-    return KeyboardInterrupt() if _signalled[-1] == signal.SIGINT else Terminated(_signalled[-1])
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _fail(ctx, word: str, text: str, code: int):
@@ -154,7 +154,7 @@ class KdctlGroup(TyperGroup):
         def fail(word: str, text: str, code: int):
             _fail(ctx, word, text, code)
 
-        _signalled.clear()
+        faults.clear_signals()
         if threading.current_thread() is threading.main_thread():
             _on_termination_signals()
         try:
@@ -206,6 +206,8 @@ class KdctlGroup(TyperGroup):
             fail("Error:", _link_loop(loop.group(1)), 2)
         except Exception as e:  # a bug, not the user's input: one line, the traceback on request
             _internal(e, fail)
+        finally:  # kdctl as a library after a command (a test, a notebook) starts with none remembered
+            faults.clear_signals()
 
 
 app = typer.Typer(

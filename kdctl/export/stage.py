@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from kdctl import faults
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.bundle.store import device_engine
 from kdctl.errors import (BackendUnavailable, BundleError, CheckFailed, DataError, distinct, first_line, given_by,
@@ -733,6 +734,8 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
             built = quantize_qat_onnxruntime(trained, fast, calibration,
                                              lambda nodes: detectors.float_tail(nodes, model), method)
         except Exception as e:  # e.g. a histogram calibrator on a near-constant tensor: the trained graph stands
+            if faults.signalled() is not None:  # a Ctrl-C the library turned into its own error: not its failure
+                raise
             built, why = None, f"could not be built ({first_line(e)})"
         else:
             # the added quantizers were never trained: the form is kept only where it computes what the trained
