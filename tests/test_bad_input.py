@@ -649,6 +649,15 @@ def _(c):
     return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, ["data.yaml", "'nc'"]
 
 
+@case("eval-data-root-is-a-list")
+def _(c):
+    """``train``/``val`` may list several folders, the root ``path`` may not: it was an internal error (TypeError)."""
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text().replace(
+        "path: .", "path: [., ..]")))
+    return ["eval", str(c.train), "--data", str(d), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml: field 'path': expected the dataset's root folder (one path), got a list"]
+
+
 @case("eval-data-split-missing")
 def _(c):
     d = c.dataset("d", lambda r: shutil.rmtree(r / "images" / "val"))

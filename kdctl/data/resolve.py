@@ -303,9 +303,12 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
         raise DataError(f"{path}: expected a mapping with path/train/val/names")
     data = _renamed(data)
     skip_invalid = skip_invalid or data.get("kdctl_skip_invalid") is True  # a bundle trained that way
-    for key in ("train", "val", "path"):
+    for key in ("train", "val"):
         if data.get(key) not in (None, "") and not isinstance(data[key], (str, list)):
             raise DataError(f"{path}: field '{key}': expected a path or a list of paths")
+    if data.get("path") and not isinstance(data["path"], str):  # the root is one folder (empty: the YAML's)
+        raise DataError(f"{path}: field 'path': expected the dataset's root folder (one path), got a "
+                        f"{type(data['path']).__name__}")
     nc = data.get("nc")
     if isinstance(nc, (str, float)):  # Ultralytics reads '6' and 6.0 as 6 (6.5, 'six', nan: refused below, named)
         try:
