@@ -90,6 +90,18 @@ def test_an_error_message_with_brackets_is_printed_as_text(tmp_path):
     assert p.stderr.strip().splitlines() == [f"Error: {bad}: recipe not found"]
 
 
+def test_control_characters_in_a_quoted_name_keep_the_error_on_one_line(tmp_path):
+    """A file name (or a dataset list's line) holding a newline or a terminal escape sequence, quoted in an error:
+    written as escapes, so the error stays one line and cannot recolour the terminal; --json keeps the name as it
+    is (JSON escapes it)."""
+    bad = tmp_path / "a\nb\x1b[31m.yaml"
+    res = CliRunner().invoke(app, ["recipe", "check", str(bad)])
+    assert res.exit_code == 2
+    assert res.output.splitlines() == [f"Error: {tmp_path}/a\\nb\\x1b[31m.yaml: recipe not found"]
+    res = CliRunner().invoke(app, ["recipe", "check", str(bad), "--json"])
+    assert json.loads(res.stdout.splitlines()[0])["error"] == f"{bad}: recipe not found"
+
+
 def test_user_names_with_brackets_are_printed_as_text(tmp_path, tiny_data, monkeypatch):
     """Class names and folders are the user's: printed as Rich markup, a class '[/]' ended ``data check`` (and a
     training that had already published its bundle) in "internal error: MarkupError", exit 1, and a bundle folder

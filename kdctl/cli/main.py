@@ -66,9 +66,17 @@ def _as_interruption(e: Exception) -> KeyboardInterrupt | None:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
+def _printable(text: str) -> str:
+    """Control characters written as escapes (``\\n``, ``\\x1b``): a file name or value holding a newline or a
+    terminal escape sequence, quoted in an error, keeps the error on one line and cannot restyle the terminal."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def _fail(ctx, word: str, text: str, code: int):
-    """``Error: text`` (or ``Interrupted (text)``) on stderr; with --json also a document on stdout."""
+    """``Error: text`` (or ``Interrupted (text)``) on stderr, on one line; with --json also a document on stdout
+    (JSON escapes the text itself)."""
     message = text if word == "Error:" else f"{word} ({text})"
+    text = _printable(text)
     err_console.print(Text.assemble(("Error:", "red"), f" {text}") if word == "Error:" else
                       Text.assemble((word, "red"), f" ({text})"), highlight=False, soft_wrap=True)
     if ctx.meta.get("kdctl_json"):  # a script reading --json gets a document, not an empty stdout
