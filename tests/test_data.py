@@ -448,6 +448,29 @@ def test_exif_rotated_photo_is_read_upright_as_ultralytics_reads_it(tmp_path, or
     assert pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 0].min() > 200 and pixels[y1 + 2:y2 - 2, x1 + 2:x2 - 2, 2].max() < 60
 
 
+def test_a_huge_image_header_is_named_without_pillows_warning(tmp_path):
+    """A PNG whose header gives 12000 x 12000 px (over Pillow's warning size, under its refusal size) and holds no
+    pixels: named as truncated in one line, and Pillow's DecompressionBombWarning (two lines of Python warning on
+    stderr, in every command that read the image) is not emitted."""
+    import struct
+    import warnings
+    import zlib
+
+    from kdctl.data.validate import check_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    p = tmp_path / "big.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        problem = check_image(p)
+    assert problem == "cannot be decoded as an image (OSError: image file is truncated (0 bytes not processed))"
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)], seen
+
+
 def test_images_in_other_formats_ultralytics_trains_on_are_listed_and_read(tmp_path):
     """AVIF, JPEG 2000 and MPO are in Ultralytics' IMG_FORMATS: a split of them must be evaluated, not skipped."""
     from ultralytics.data.utils import IMG_FORMATS

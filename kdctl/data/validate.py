@@ -97,13 +97,18 @@ def parse_labels(path: Path, nc: int | None = None, pose_columns: int | None = N
 
 def open_image(path: Path):
     """PIL's own ``Image.open``: importing Ultralytics replaces it with one that, on any file Pillow cannot
-    identify, tries to install and load a HEIF plugin; a broken file must simply be reported."""
+    identify, tries to install and load a HEIF plugin; a broken file must simply be reported. Pillow's warning for an
+    image of 89 to 179 megapixels (a decompression bomb's size, refused above that) is not printed: such an image is
+    read (or, truncated, named invalid) like any other."""
     import sys
+    import warnings
 
     from PIL import Image
 
     patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return getattr(patches, "_image_open", Image.open)(path)
 
 
 LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts (git-lfs' spec)
