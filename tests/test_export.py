@@ -297,6 +297,49 @@ def test_calibration_data_folder_calibrates_and_is_recorded(trained_bundle, tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_skip_invalid_leaves_broken_calibration_images_out_and_takes_others(trained_bundle, tmp_path):
+    """``--skip-invalid`` covers ``--calibration-data`` too (camera frames nobody checked): a broken image chosen for
+    calibration is left out and listed in the bundle, and an image of the folder not chosen yet stands in for it;
+    fewer valid images than asked calibrate on what there is (said in the artifact's note), fewer than 8 is one
+    line. Without the flag the first broken image is one line that names the flag."""
+    from PIL import Image
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(10):
+        Image.new("RGB", (96, 80), (10 * i, 2 * i, 3 * i)).save(frames / f"f{i}.png")
+    for name in ("a-broken.png", "zz-broken.png"):  # sorted first and last: both among the 10 spread over 12
+        (frames / name).write_bytes(b"not an image")
+    run = CliRunner()
+    base = ["export", str(trained_bundle), "-a", "onnx-int8", "--calibration-data", str(frames)]
+    res = run.invoke(app, [*base, "--calibration-images", "10", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f"Error: {frames / 'a-broken.png'}: cannot be decoded as an image (not a format "
+                                  f"Pillow reads) (--calibration-data {frames}; --skip-invalid leaves such images out)")
+    res = run.invoke(app, [*base, "--calibration-images", "10", "--skip-invalid", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "a", verify=True)
+    cal = b.manifest["inputs"]["calibration_data"]
+    assert cal["images"] == 10 and cal["skipped"] == {"count": 2, "items": [
+        f"{frames / n}: cannot be decoded as an image (not a format Pillow reads)" for n in ("a-broken.png",
+                                                                                             "zz-broken.png")]}
+    assert b.metrics["artifacts"][0]["settings"]["calibration_images"] == 10
+    assert "note" not in b.metrics["artifacts"][0]["settings"]
+    res = run.invoke(app, [*base, "--calibration-images", "12", "--skip-invalid", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    art = load_bundle(tmp_path / "b").metrics["artifacts"][0]
+    assert art["settings"]["calibration_images"] == 10
+    assert f"calibrated on the 10 valid images of {frames} (12 asked; 2 left out as invalid)" in art["settings"]["note"]
+    for f in sorted(frames.glob("f*.png"))[3:]:
+        f.write_bytes(b"broken too")
+    res = run.invoke(app, [*base, "--skip-invalid", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and res.output.strip() == (
+        f"Error: --calibration-data {frames}: 3 of its images are valid after leaving out 9 invalid (first: "
+        f"{frames / 'a-broken.png'}: cannot be decoded as an image (not a format Pillow reads)); INT8 calibration "
+        "needs at least 8"), res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
 def test_default_calibration_uses_a_smaller_train_split_whole(trained_bundle, tmp_path):
     """Unasked, INT8 calibrates on 64 images or on all of a smaller train split (here 24), as NNCF's subset does;
     it used to refuse any dataset under 64 training images unless --calibration-images was given."""

@@ -343,12 +343,14 @@ class _Calibration:
     method: str
     data: str | None = None       # --calibration-data (an image folder or list), else the dataset's train split
     capped: str | None = None
+    skipped: list[str] | None = None  # --calibration-data images left out as invalid (--skip-invalid)
 
     def inputs(self) -> dict:
         if not self.data:
             return {}
+        left_out = {"skipped": {"count": len(self.skipped), "items": self.skipped[:1000]}} if self.skipped else {}
         return {"calibration_data": {"source": str(Path(self.data).resolve()), "images": len(self.images),
-                                     "sha256": _images_digest(self.images)}}
+                                     "sha256": _images_digest(self.images), **left_out}}
 
     @classmethod
     def chosen(cls, options: ExportOptions, preset: TargetPreset, ds, wanted: list[str], qat: bool,
@@ -388,14 +390,39 @@ class _Calibration:
             raise DataError(f"{options.source('calibration_images', where)}: {n} calibration images "
                             f"requested, but {pool_name} has only {len(pool)}")
         images = _spread(pool, n) if needs else []
-        if given:  # unlabelled images nobody checked yet: a broken one is one line naming it, before any work
-            from kdctl.data.validate import check_image
+        left_out: list[str] = []
+        if given:
+            images, left_out = _checked_calibration(images, pool, given, options.skip_invalid)
+            if left_out and len(images) < MIN_CALIBRATION:
+                raise DataError(f"{given}: {len(images)} of its images {'is' if len(images) == 1 else 'are'} valid "
+                                f"after leaving out {len(left_out)} invalid (first: {left_out[0]}); INT8 "
+                                f"calibration needs at least {MIN_CALIBRATION}")
+            if left_out and len(images) < n:
+                capped = (f"calibrated on the {len(images)} valid images of {pool_name} ({n} asked; "
+                          f"{len(left_out)} left out as invalid)")
+        return cls(images, method, options.calibration_data, capped, left_out)
 
-            for img in images:
-                problem = check_image(img)
-                if problem:
-                    raise DataError(f"{img}: {problem} ({given})")
-        return cls(images, method, options.calibration_data, capped)
+
+def _checked_calibration(images: list[Path], pool: list[Path], given: str, skip: bool) -> tuple[list[Path], list[str]]:
+    """Unlabelled images nobody checked yet: a broken one is one line naming it, before any work; with
+    --skip-invalid it is left out and listed, and the next image of the pool not taken yet stands in for it."""
+    from kdctl.data.validate import check_image
+
+    taken = set(images)
+    spare = (p for p in pool if p not in taken)
+    queue, kept, left_out = list(images), [], []
+    while queue:
+        img = queue.pop(0)
+        problem = check_image(img)
+        if problem is None:
+            kept.append(img)
+            continue
+        if not skip:
+            raise DataError(f"{img}: {problem} ({given}; --skip-invalid leaves such images out)")
+        left_out.append(f"{img}: {problem}")
+        if (stand_in := next(spare, None)) is not None:
+            queue.append(stand_in)
+    return kept, left_out
 
 
 @dataclass
