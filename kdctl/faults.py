@@ -1,6 +1,7 @@
 """Named fault points for the kill tests: with ``KDCTL_FAULT=NAME`` (or ``NAME@N`` for the N-th time it is
 reached) the process SIGKILLs itself there, exactly as a power cut or the OOM killer would stop it;
-``NAME[@N]:TERM``, ``:INT`` or ``:HUP`` sends that signal instead (a cancelled CI job, Ctrl-C, a closed terminal)."""
+``NAME[@N]:TERM``, ``:INT`` or ``:HUP`` sends that signal instead (a cancelled CI job, Ctrl-C, a closed terminal).
+Also the record of the signals the running command received (:func:`signalled`)."""
 
 from __future__ import annotations
 
