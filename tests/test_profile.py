@@ -52,6 +52,44 @@ def test_profile_onnxruntime_cpu(profile_cpu):
     assert len(raw["onnx-fp32"]) >= 20
 
 
+def test_end_to_end_inputs_are_the_first_validation_images_that_decode_without_checking_the_dataset(tmp_path,
+                                                                                                    monkeypatch):
+    """Profile reads a few validation images for end-to-end timing: it lists the dataset instead of checking every
+    image and label of both splits (minutes on an edge device for a COCO-sized set), skips an image that does not
+    decode, and a dataset whose other files are broken (a bad label row) still gives real images, not the synthetic
+    frame."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    import kdctl.data.validate as validate
+    from kdctl.profile.stage import _inputs
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32)).save(tmp_path / "images" / split / f"{i}.png")
+            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "images" / "val" / "0.png").write_bytes(b"not an image")
+    (tmp_path / "labels" / "train" / "1.txt").write_text("7 0.5 0.5 0.2 0.2\n")  # class 7 of 1
+    (tmp_path / "data.yaml").write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [a]\n")
+    src = SimpleNamespace(manifest={"inputs": {"data": {"yaml": str(tmp_path / "data.yaml")}}})
+
+    def no_split_check(*a, **k):
+        raise AssertionError("the whole split was checked")
+
+    monkeypatch.setattr(validate, "check_split", no_split_check)
+    images, kind = _inputs(src, 32, 2)
+    assert kind == "validation images"
+    assert images == [tmp_path / "images" / "val" / f"{i}.png" for i in (1, 2)]
+    for i in range(1, 4):
+        (tmp_path / "images" / "val" / f"{i}.png").write_bytes(b"")
+    assert _inputs(src, 32, 2) == ([], "synthetic frame (no validation image decodes here)")
+    (tmp_path / "data.yaml").unlink()
+    assert _inputs(src, 32, 2) == ([], "synthetic frame (dataset not on this machine)")
+
+
 def test_profile_openvino_and_cli_json(tmp_path, trained_bundle):
     from kdctl.export.stage import ExportOptions, export_bundle
 
