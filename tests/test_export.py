@@ -329,7 +329,7 @@ def test_skip_invalid_leaves_broken_calibration_images_out_and_takes_others(trai
     assert res.exit_code == 0, res.output
     art = load_bundle(tmp_path / "b").metrics["artifacts"][0]
     assert art["settings"]["calibration_images"] == 10
-    assert f"calibrated on the 10 valid images of {frames} (12 asked; 2 left out as invalid)" in art["settings"]["note"]
+    assert f"calibrated on the 10 valid images of {frames} (2 of 12 left out as invalid)" in art["settings"]["note"]
     for f in sorted(frames.glob("f*.png"))[3:]:
         f.write_bytes(b"broken too")
     res = run.invoke(app, [*base, "--skip-invalid", "--out", str(tmp_path / "c")])
@@ -346,6 +346,42 @@ def test_default_calibration_uses_a_smaller_train_split_whole(trained_bundle, tm
     b = export_bundle(trained_bundle, ExportOptions(target="cpu", artifacts=["onnx-int8"]), out=tmp_path / "e")
     (art,) = load_bundle(b.path).metrics["artifacts"]
     assert art["settings"]["calibration_images"] == 24
+
+
+def test_only_the_train_images_that_calibrate_are_read_and_a_broken_one_is_named_or_skipped(trained_bundle, tiny_data,
+                                                                                             tmp_path):
+    """Export scores every validation image but reads the train split only for its calibration images: a bad label
+    row there does not stop an export (it used to check the whole split, minutes for a COCO-sized one); a train
+    image that does not decode, chosen to calibrate, is one line naming it and --skip-invalid, which leaves it out
+    (listed under inputs.data.skipped.train) and calibrates on the others."""
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data.parent, root)
+    y = root / "data.yaml"
+    y.write_text(y.read_text().replace(str(tiny_data.parent), str(root)))
+    labels = sorted((root / "labels" / "train").glob("*.txt"))
+    labels[0].write_text("17 0.5 0.5 0.2 0.2\n")  # class 17 of 3
+    run = CliRunner()
+    base = ["export", str(trained_bundle), "-a", "onnx-int8", "--data", str(y), "-q"]
+    res = run.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert load_bundle(tmp_path / "a").metrics["artifacts"][0]["settings"]["calibration_images"] == 24
+    broken = sorted((root / "images" / "train").iterdir())[5]
+    broken.write_bytes(b"not an image")
+    res = run.invoke(app, [*base, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and res.output.strip() == (
+        f"Error: {broken}: cannot be decoded as an image (not a format Pillow reads) (the train split of {y}; "
+        "--skip-invalid leaves such images out)"), res.output
+    res = run.invoke(app, [*base, "--skip-invalid", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "c", verify=True)
+    assert b.manifest["inputs"]["data"]["skipped"] == {"train": {"count": 1, "items": [
+        f"{broken}: cannot be decoded as an image (not a format Pillow reads)"]}}
+    assert b.metrics["artifacts"][0]["settings"]["calibration_images"] == 23
+    assert b.metrics["artifacts"][0]["settings"]["note"] == (f"calibrated on the 23 valid images of the train split "
+                                                             f"of {y} (1 of 24 left out as invalid)")
+    assert not (tmp_path / "b").exists()
 
 
 def test_runtime_not_installed(trained_bundle, tmp_path, monkeypatch):

@@ -186,8 +186,10 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     from kdctl.models import check_imgsz
 
     wanted = _known_artifacts(options, preset)
+    # the validation split is checked whole (every image is scored); of the train split only the calibration
+    # images are read, and checked when chosen (a COCO-sized split took minutes to check for 64 images)
     ds = load_yolo_yaml(dataset_yaml(options.data, options.skip_invalid) if options.data else src.data(),
-                        skip_invalid=options.skip_invalid)
+                        skip_invalid=options.skip_invalid, splits=("val",))
     model, trained = src.load()
     qat = yolo.is_qat(model)
     wanted, skipped, unsupported = _for_model(wanted, model, qat, src.path, preset, options)
@@ -199,6 +201,8 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     _check_batch_memory(preset, imgsz, options, src.path)
     opset = _opset(options, preset, model, wanted, qat)
     calib = _Calibration.chosen(options, preset, ds, wanted, qat, src.path)
+    if calib.skipped and not calib.data:  # train images left out of calibration: listed with the dataset's
+        ds.skipped["train"] = calib.skipped
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
     parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
@@ -390,22 +394,21 @@ class _Calibration:
             raise DataError(f"{options.source('calibration_images', where)}: {n} calibration images "
                             f"requested, but {pool_name} has only {len(pool)}")
         images = _spread(pool, n) if needs else []
-        left_out: list[str] = []
-        if given:
-            images, left_out = _checked_calibration(images, pool, given, options.skip_invalid)
-            if left_out and len(images) < MIN_CALIBRATION:
-                raise DataError(f"{given}: {len(images)} of its images {'is' if len(images) == 1 else 'are'} valid "
-                                f"after leaving out {len(left_out)} invalid (first: {left_out[0]}); INT8 "
-                                f"calibration needs at least {MIN_CALIBRATION}")
-            if left_out and len(images) < n:
-                capped = (f"calibrated on the {len(images)} valid images of {pool_name} ({n} asked; "
-                          f"{len(left_out)} left out as invalid)")
+        images, left_out = _checked_calibration(images, pool, given or pool_name, options.skip_invalid)
+        if left_out and len(images) < MIN_CALIBRATION:
+            raise DataError(f"{given or ds.yaml}: {len(images)} of {'its' if given else 'the train split'} images "
+                            f"{'is' if len(images) == 1 else 'are'} valid after leaving out {len(left_out)} invalid "
+                            f"(first: {left_out[0]}); INT8 calibration needs at least {MIN_CALIBRATION}")
+        if left_out and len(images) < n:
+            capped = (f"calibrated on the {len(images)} valid images of {pool_name} ({len(left_out)} of {n} left "
+                      "out as invalid)")
         return cls(images, method, options.calibration_data, capped, left_out)
 
 
 def _checked_calibration(images: list[Path], pool: list[Path], given: str, skip: bool) -> tuple[list[Path], list[str]]:
-    """Unlabelled images nobody checked yet: a broken one is one line naming it, before any work; with
-    --skip-invalid it is left out and listed, and the next image of the pool not taken yet stands in for it."""
+    """The chosen calibration images, checked now (``--calibration-data``'s are unlabelled, the train split's were
+    not checked with the dataset): a broken one is one line naming it, before any work; with --skip-invalid it is
+    left out and listed, and the next image of the pool not taken yet stands in for it."""
     from kdctl.data.validate import check_image
 
     taken = set(images)
