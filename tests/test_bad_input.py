@@ -658,6 +658,15 @@ def _(c):
         ["data.yaml: field 'path': expected the dataset's root folder (one path), got a list"]
 
 
+@case("train-data-channels-1")
+def _(c):
+    """Ultralytics' ``channels: 1`` (a grey dataset for a one-channel model) stopped training with an internal error
+    (loading a 3-channel state dict into the 1-channel model)."""
+    d = c.dataset("d", lambda r: (r / "data.yaml").write_text((r / "data.yaml").read_text() + "channels: 1\n"))
+    return ["train", str(c.yolo_recipe("r", d)), "--out", str(c.tmp / "x")], 2, \
+        ["data.yaml: field 'channels': 1: kdctl trains, scores and exports 3-channel (RGB) detectors"]
+
+
 @case("eval-data-split-missing")
 def _(c):
     d = c.dataset("d", lambda r: shutil.rmtree(r / "images" / "val"))

@@ -357,6 +357,13 @@ def load_yolo_yaml(path: str | Path, *, skip_invalid: bool = False, splits: tupl
     if kpt is not None and not (isinstance(kpt, list) and len(kpt) == 2 and all(type(v) is int for v in kpt)
                                 and kpt[0] > 0 and kpt[1] in (2, 3)):
         raise DataError(f"{path}: field 'kpt_shape': expected [keypoints, 2 or 3], got {kpt!r}")
+    channels = data.get("channels")  # Ultralytics ≥ 8.3.x builds a model of that many input channels
+    if channels is not None and (type(channels) is not int or channels != 3):
+        from kdctl.errors import shown
+
+        raise DataError(f"{path}: field 'channels': {shown(channels)}: kdctl trains, scores and exports 3-channel "
+                        "(RGB) detectors; remove the field or set it to 3 (grey images are read as RGB, as Ultralytics "
+                        "reads them by default)")
     root = _dataset_root(data, path)
     fetch = (f"; the YAML's download: fetches it in Ultralytics, but kdctl downloads no data: put the dataset in "
              f"{root} first" if data.get("download") else "")
