@@ -1137,6 +1137,37 @@ def test_bad_input(name, ctx):
     assert not new, f"left behind: {new}"  # no bundle, no .partial/.work/.lock
 
 
+def test_a_model_of_other_than_3_input_channels_is_one_line_in_every_role(tmp_path, tiny_data, trained_bundle):
+    """A grey model (Ultralytics' ``channels: 1``): a checkpoint to score, export or teach from, or a model YAML
+    to train, stopped with an internal error (a 3-channel batch into its 1-channel first convolution)."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from conftest import refused_in_one_line
+
+    grey = tmp_path / "grey.pt"
+    m = DetectionModel("yolov8n.yaml", ch=1, nc=3, verbose=False)
+    m.names = {0: "circle", 1: "square", 2: "triangle"}
+    torch.save({"model": m, "train_args": {"imgsz": 64}}, grey)
+    cfg = tmp_path / "grey8n.yaml"
+    cfg.write_text("channels: 1\nnc: 3\nscales: {n: [0.33, 0.25, 1024]}\n" + "\n".join(
+        line for line in (Path(__import__("ultralytics").__file__).parent / "cfg/models/v8/yolov8.yaml").read_text()
+        .splitlines() if line.startswith(("backbone", "head", "  -"))))
+    says = "takes images of 1 channel; kdctl trains, scores and exports 3-channel (RGB) detectors"
+    out = tmp_path / "x"
+    for argv, where in ((["eval", str(grey), "--data", str(tiny_data)], f"kdctl eval: model ('{grey}')"),
+                        (["export", str(grey), "--data", str(tiny_data), "--target", "cpu"],
+                         f"kdctl export: model ('{grey}')")):
+        assert refused_in_one_line([*argv, "--out", str(out)], out) == f"Error: {where}: {says}"
+    for role, spec in (("teacher", grey), ("student", cfg)):
+        r = tmp_path / f"{role}.yaml"
+        r.write_text(f"name: r\nstudent: {{model: {cfg if role == 'student' else 'yolov8-tiny.yaml'}}}\n"
+                     f"teacher: {{model: {grey if role == 'teacher' else trained_bundle}}}\ndata: {{yolo: {tiny_data}}}\n"
+                     "train: {epochs: 1, imgsz: 64, batch: 4}\ndistill: {losses: [{name: kd_logit}]}\n")
+        line = refused_in_one_line(["distill", str(r), "--out", str(out)], out)
+        assert line == f"Error: {r}: {role}.model ('{spec}'): {says}", line
+
+
 def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, tiny_data):
     """Ultralytics' error for a damaged .pt is two lines of its own ('ERROR ❌️ PATH is not a loadable checkpoint ...
     (RuntimeError: ... If you are seeing this error, there is a high likelihood ...)' and a fix to run) and a

@@ -809,15 +809,34 @@ def head_name(cfg_or_model) -> str:
     return str(cfg["head"][-1][2])
 
 
+def input_channels(cfg_or_model) -> object:
+    """The image channels a model takes: its first convolution's, or a model YAML's ``channels`` (Ultralytics'
+    default 3); as written where the YAML gives something else than a number."""
+    if isinstance(cfg_or_model, nn.Module):
+        conv = next((m for m in cfg_or_model.modules() if isinstance(m, nn.Conv2d)), None)
+        return 3 if conv is None else conv.in_channels
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = cfg_or_model if isinstance(cfg_or_model, dict) else yaml_model_load(str(cfg_or_model))
+    return cfg.get("channels", 3)
+
+
 def check_family(cfg_or_model, field: str, source: str) -> None:
-    """Refuse a model of another task (segmentation, pose, OBB, classification) in one line. Ultralytics YOLO and
-    RT-DETR detectors pass (the caller picks the family with :func:`kdctl.detectors.family`)."""
+    """Refuse a model of another task (segmentation, pose, OBB, classification), or of other than 3 input channels
+    (Ultralytics' grey ``channels: 1``), in one line. Ultralytics YOLO and RT-DETR detectors pass (the caller picks
+    the family with :func:`kdctl.detectors.family`)."""
     head = head_name(cfg_or_model)
     if head not in DETECT_HEADS and head != "RTDETRDecoder":
         kind = {"Segment": "a segmentation model", "Pose": "a pose model", "OBB": "an oriented-box model",
                 "Classify": "a classifier"}.get(head, f"a '{head}' model")
         raise RecipeError(f"{source}: {field}: is {kind}; kdctl trains and exports Ultralytics detection models "
                           f"(YOLO heads {' or '.join(DETECT_HEADS)}, or RT-DETR)")
+    ch = input_channels(cfg_or_model)
+    if type(ch) is not int or ch != 3:
+        from kdctl.errors import shown
+
+        raise RecipeError(f"{source}: {field}: takes images of {shown(ch)} channel{'s' * (ch != 1)}; kdctl trains, "
+                          "scores and exports 3-channel (RGB) detectors")
 
 
 def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
