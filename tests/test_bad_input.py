@@ -1168,6 +1168,24 @@ def test_a_model_of_other_than_3_input_channels_is_one_line_in_every_role(tmp_pa
         assert line == f"Error: {r}: {role}.model ('{spec}'): {says}", line
 
 
+def test_a_checkpoint_with_an_impossible_stride_is_one_line(tmp_path, tiny_data):
+    """A checkpoint whose model records stride 0 (damaged or edited) ended in an internal ZeroDivisionError when its
+    input size was checked."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from conftest import refused_in_one_line
+
+    p = tmp_path / "zero.pt"
+    m = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    m.names, m.stride = {0: "circle", 1: "square", 2: "triangle"}, torch.zeros(3)
+    torch.save({"model": m}, p)
+    out = tmp_path / "x"
+    assert refused_in_one_line(["eval", str(p), "--data", str(tiny_data), "--out", str(out)], out) == (
+        f"Error: kdctl eval: model ('{p}'): its largest stride is 0, which no detector has (the checkpoint is damaged "
+        "or was edited)")
+
+
 def test_damaged_or_foreign_checkpoints_are_named_in_one_short_line(tmp_path, tiny_data):
     """Ultralytics' error for a damaged .pt is two lines of its own ('ERROR ❌️ PATH is not a loadable checkpoint ...
     (RuntimeError: ... If you are seeing this error, there is a high likelihood ...)' and a fix to run) and a

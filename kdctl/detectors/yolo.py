@@ -837,6 +837,10 @@ def check_family(cfg_or_model, field: str, source: str) -> None:
 
         raise RecipeError(f"{source}: {field}: takes images of {shown(ch)} channel{'s' * (ch != 1)}; kdctl trains, "
                           "scores and exports 3-channel (RGB) detectors")
+    stride = getattr(cfg_or_model, "stride", None) if isinstance(cfg_or_model, nn.Module) else None
+    if stride is not None and hasattr(stride, "max") and not float(stride.max()) >= 1:  # NaN too
+        raise RecipeError(f"{source}: {field}: its largest stride is {float(stride.max()):g}, which no detector has "
+                          "(the checkpoint is damaged or was edited)")
 
 
 def build_detector(cfg: str | Path | dict, nc: int) -> nn.Module:
