@@ -204,8 +204,22 @@ def load_model(resolved: ResolvedModel, nc: int, field: str, source: str):
 
         return family(resolved.ref).build_detector(resolved.ref, nc).eval()
     except Exception as e:  # a YAML whose layers do not build: say which file
-        raise RecipeError(f"{source}: {field}: cannot build a model from '{resolved.ref}' "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = (f"its field '{e.args[0]}' is missing" if _missing_top_field(e, resolved.ref) else
+               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise RecipeError(f"{source}: {field}: cannot build a model from '{resolved.ref}' ({why})") from None
+
+
+def _missing_top_field(e: Exception, cfg) -> bool:
+    """Whether ``e`` is Ultralytics' KeyError for a model YAML without ``nc``, ``backbone`` or ``head`` (a KeyError
+    can also name a module the YAML uses that Ultralytics does not have)."""
+    if type(e) is not KeyError or len(e.args) != 1 or e.args[0] not in ("nc", "backbone", "head"):
+        return False
+    try:
+        import yaml
+
+        return e.args[0] not in (yaml.safe_load(Path(str(cfg)).read_text()) or {})
+    except Exception:  # not a readable YAML file (a bare Ultralytics name): not this case
+        return False
 
 
 def is_checkpoint_file(path: str | Path) -> bool:

@@ -667,6 +667,32 @@ def _(c):
         ["data.yaml: field 'channels': 1: kdctl trains, scores and exports 3-channel (RGB) detectors"]
 
 
+def _v8_layers() -> str:
+    """The backbone and head lines of Ultralytics' yolov8.yaml, for model YAMLs of the user's own."""
+    import ultralytics
+
+    cfg = Path(ultralytics.__file__).parent / "cfg" / "models" / "v8" / "yolov8.yaml"
+    return "\n".join(x for x in cfg.read_text().splitlines() if x.startswith(("backbone", "head", "  -")))
+
+
+@case("train-model-yaml-without-nc")
+def _(c):
+    """Ultralytics' KeyError: 'nc', now said as the missing field; a KeyError for a module Ultralytics does not have
+    keeps its own words (next case)."""
+    y = c.plant(c.tmp / "mine.yaml")
+    y.write_text("scales: {n: [0.33, 0.25, 1024]}\n" + _v8_layers() + "\n")
+    return ["train", str(c.recipe("r", f"{{yolo: {c.data}}}", student=str(y))), "--out", str(c.tmp / "x")], 2, \
+        [f"student.model: cannot build a model from '{y}' (its field 'nc' is missing)"]
+
+
+@case("train-model-yaml-unknown-module")
+def _(c):
+    y = c.plant(c.tmp / "mine.yaml")
+    y.write_text("nc: 3\nscales: {n: [0.33, 0.25, 1024]}\n" + _v8_layers().replace("C2f", "C2fx") + "\n")
+    return ["train", str(c.recipe("r", f"{{yolo: {c.data}}}", student=str(y))), "--out", str(c.tmp / "x")], 2, \
+        [f"student.model: cannot build a model from '{y}' (KeyError: 'C2fx')"]
+
+
 @case("eval-data-split-missing")
 def _(c):
     d = c.dataset("d", lambda r: shutil.rmtree(r / "images" / "val"))
