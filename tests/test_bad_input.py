@@ -858,6 +858,13 @@ def _(c):
     return ["profile", str(c.export), "--runtime", "tvm", "--out", str(c.tmp / "x")], 2, ["--runtime", "tvm"]
 
 
+@case("profile-runtime-that-runs-none-of-its-artifacts")
+def _(c):
+    """An ONNX Runtime export profiled with --runtime openvino said 'no artifact can run here (none exported)'."""
+    return ["profile", str(c.export), "--runtime", "openvino", "--out", str(c.tmp / "x")], 2, \
+        [f"--runtime openvino: no artifact of {c.export} runs in openvino:", "onnx-int8 (onnxruntime)"]
+
+
 @case("profile-unknown-artifact")
 def _(c):
     return ["profile", str(c.export), "-a", "nope", "--out", str(c.tmp / "x")], 2, ["--artifact", "nope"]

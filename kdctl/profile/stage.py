@@ -239,7 +239,14 @@ def _runnable(src: Bundle, artifacts, runtime, pytorch: bool, device: str) -> tu
         ok, why = runtime_available(runtime)
         if not ok:
             raise BackendUnavailable(f"--runtime {runtime}: {why}")
-        arts = [a for a in arts if a["format"] == fmt]
+        kept = [a for a in arts if a["format"] == fmt]
+        if arts and not kept:  # every artifact asked for is another runtime's: not "none exported"
+            from kdctl.runtimes import for_format
+
+            have = ", ".join(f"{a['name']} ({for_format(a['format']).name})" for a in arts)
+            raise KdctlError(f"--runtime {runtime}: no artifact of {src.path}{' asked for' if artifacts else ''} runs "
+                             f"in {runtime}: {have}")
+        arts = kept
     if pytorch:  # the FP32 PyTorch model the artifacts were exported from, as a reference row
         weights = _source_weights(src)
         arts.insert(0, {"name": "pytorch-fp32", "format": "pytorch", "precision": "fp32", "files": [str(weights)],
