@@ -57,7 +57,7 @@ def activation_bytes(proto) -> int:
 def calibration_stride(n: int, per_batch: int, budget: int | None = None) -> int:
     """Batches per calibration pass. ONNX Runtime's histogram calibrators (entropy, percentile) hold every
     intermediate tensor of every batch at once before they histogram them: 10 GB for 64 images at 640 px of a
-    0.9 M-parameter YOLO, beyond a 16 GB machine's memory for larger students. All ``n`` in one pass where they fit
+    0.9 M-parameter YOLO (docs/benchmarks.md). All ``n`` in one pass where they fit
     ``budget`` (ONNX Runtime's ranges exactly as before); else the largest divisor of ``n`` that fits (its strided
     calibration takes equal ranges), the histograms merged pass by pass (min/max ranges come out the same; entropy
     and percentile ones close, docs/benchmarks.md)."""
