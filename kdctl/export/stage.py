@@ -347,7 +347,7 @@ class _Calibration:
     method: str
     data: str | None = None       # --calibration-data (an image folder or list), else the dataset's train split
     capped: str | None = None
-    skipped: list[str] | None = None  # --calibration-data images left out as invalid (--skip-invalid)
+    skipped: list[str] | None = None  # images left out as invalid (--skip-invalid), of --calibration-data or the split
 
     def inputs(self) -> dict:
         if not self.data:
