@@ -1195,7 +1195,8 @@ def test_a_model_of_other_than_3_input_channels_is_one_line_in_every_role(tmp_pa
     for role, spec in (("teacher", grey), ("student", cfg)):
         r = tmp_path / f"{role}.yaml"
         r.write_text(f"name: r\nstudent: {{model: {cfg if role == 'student' else 'yolov8-tiny.yaml'}}}\n"
-                     f"teacher: {{model: {grey if role == 'teacher' else trained_bundle}}}\ndata: {{yolo: {tiny_data}}}\n"
+                     f"teacher: {{model: {grey if role == 'teacher' else trained_bundle}}}\n"
+                     f"data: {{yolo: {tiny_data}}}\n"
                      "train: {epochs: 1, imgsz: 64, batch: 4}\ndistill: {losses: [{name: kd_logit}]}\n")
         line = refused_in_one_line(["distill", str(r), "--out", str(out)], out)
         assert line == f"Error: {r}: {role}.model ('{spec}'): {says}", line
