@@ -190,14 +190,17 @@ def test_load_errors(tmp_path):
                                           r"first\)$"):
         load_bundle(b.path, stages=("export",))
     # a file: an exported model of the user's (yolo val model=best.onnx) is told where kdctl runs one from
+    (tmp_path / "model.bin").write_bytes(b"x")  # an OpenVINO IR is its .xml and its .bin
     for name in ("best.onnx", "model.XML", "yolo.engine"):
         (tmp_path / name).write_bytes(b"x")
         with pytest.raises(BundleError, match=r": an exported model outside a kdctl export bundle; kdctl runs "
                                               r"artifacts from the export bundle that checked them against PyTorch"):
             load_bundle(tmp_path / name)
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(BundleError, match="notes.txt: is a file, not a bundle directory$"):
-        load_bundle(tmp_path / "notes.txt")
+    (tmp_path / "gate.junit.xml").write_text("<testsuites/>")  # an XML file that is no IR (the gate's JUnit report)
+    for name in ("notes.txt", "gate.junit.xml"):
+        with pytest.raises(BundleError, match=f"{name}: is a file, not a bundle directory$"):
+            load_bundle(tmp_path / name)
 
 
 def _edit(b, fn):

@@ -45,6 +45,33 @@ def test_a_bundle_named_twice_is_one_input(profile_cpu, tmp_path):
     assert len(m["parents"]) == 1 and m["inputs"]["bundles"] == [str(profile_cpu)]
 
 
+def test_files_beside_the_bundles_of_a_glob_are_left_out_and_listed(profile_cpu, tmp_path):
+    """``kdctl report runs/*/*`` after ``make demo`` also names the gate's JUnit and summary beside its bundle and a
+    training log: they were refused (the JUnit file even called an exported model); among bundles such plain files
+    are left out, listed in the report's inputs and said; given alone, or with no bundle, they are one line."""
+    import json
+
+    junit, md, log = tmp_path / "g.junit.xml", tmp_path / "g.md", tmp_path / "t.log"
+    junit.write_text("<testsuites/>")
+    md.write_text("# gate\n")
+    log.write_text("epoch 1\n")
+    res = CliRunner().invoke(app, ["report", str(junit), str(profile_cpu), str(md), str(log), "--out",
+                                   str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == f"Left out, not bundles: {junit}, {md}, {log}"
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert m["inputs"]["bundles"] == [str(profile_cpu)]
+    assert m["inputs"]["not_bundles"] == [str(junit), str(md), str(log)]
+    for argv, says in (([str(junit)], f"Error: {junit}: is a file, not a bundle directory"),
+                       ([str(junit), str(md)], f"Error: report: none of the 2 paths given is a bundle directory "
+                                               f"(first: {junit})"),
+                       ([str(profile_cpu), str(tmp_path / "nowhere")], f"Error: {tmp_path / 'nowhere'}: bundle "
+                                                                        "directory not found")):
+        res = CliRunner().invoke(app, ["report", *argv, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 2 and " ".join(res.output.split()) == says, res.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_report_answers_did_kd_help(kd_chain, tmp_path):
     import json
 

@@ -155,7 +155,8 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
             raise BundleError(f"{path}: is part of {what} {root}; give the bundle directory {root}")
     if not path.is_dir():
-        if path.suffix.lower() in _EXPORTED and path.is_file():  # yolo val model=best.onnx, benchmark_app -m x.xml
+        if path.suffix.lower() in _EXPORTED and path.is_file() and (  # yolo val model=best.onnx, benchmark_app -m
+                path.suffix.lower() != ".xml" or path.with_suffix(".bin").is_file()):  # x.xml (an IR: x.xml + x.bin)
             raise BundleError(f"{path}: an exported model outside a kdctl export bundle; kdctl runs artifacts from "
                               "the export bundle that checked them against PyTorch (kdctl export best.pt --data "
                               "data.yaml --target cpu writes one)")

@@ -109,7 +109,7 @@ def verify(bundles: Annotated[list[Path], typer.Argument(
     prints {"ok": ..., "bundles": [one document per bundle]}.
 
     Example: [bold]kdctl bundle verify runs/gate/quickstart-cpu --lineage[/bold], or [bold]kdctl bundle verify
-    runs/*/*[/bold]
+    runs/*/*/[/bold] (the trailing / keeps the shell's glob to folders: not the gate's JUnit file or a log)
     """
     from kdctl.errors import BundleError
 

@@ -24,7 +24,8 @@ def report(
     students get a verdict each, in one table, and one recipe given on several seeds (each with its baseline) a
     verdict over them: above the baseline on every seed and by more than the baselines' own spread.
     A gain comes with its 95% interval from resampling the validation images (paired bootstrap of both bundles'
-    evaluation records); one whose interval reaches 0 is "Not shown".
+    evaluation records); one whose interval reaches 0 is "Not shown". Plain files among several paths (a glob's
+    JUnit reports and logs beside the bundles) are left out and listed.
 
     Example: [bold]kdctl report runs/profile/quickstart-cpu runs/gate/quickstart-cpu[/bold]
     """
@@ -36,9 +37,11 @@ def report(
     groups = b.metrics.get("kd_seed_groups") or []
     result = {"bundle": str(b.path), "html": str(b.path / "report.html"), "markdown": str(b.path / "report.md"),
               "plots": b.metrics["plots"], "kd": kd, "kd_students": students, "kd_seed_groups": groups,
-              "gates": gates}
+              "gates": gates, "not_bundles": b.manifest["inputs"].get("not_bundles", [])}
 
     def human():
+        if result["not_bundles"]:
+            console.print(Text(f"Left out, not bundles: {', '.join(result['not_bundles'])}"), soft_wrap=True)
         for g in groups:
             console.print(g["verdict"])
         for s in students:

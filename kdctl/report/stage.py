@@ -182,19 +182,34 @@ def _predictions(cmps: list, root: Path) -> str | None:
     return "predictions.png"
 
 
+def _beside_bundles(path: Path) -> bool:
+    """A plain file that is no part of a bundle, given among several paths: ``kdctl report runs/*/*`` also names the
+    gate's JUnit and summary beside its bundle, and logs; left out (listed in the report's inputs), not refused."""
+    from kdctl.bundle.store import part_of_bundle
+
+    return path.is_file() and not path.is_symlink() and part_of_bundle(path) is None
+
+
 def write_report(bundles: list[str | Path], *, out: str | Path | None = None, runs_dir: str | Path = "runs",
                  overwrite: bool = False, title: str = "kdctl report") -> Bundle:
     if not bundles:
         raise BundleError("report: give at least one bundle")
-    given = []
+    given, not_bundles = [], []
     for b in bundles:  # a bundle named twice (or by two paths) is one input
+        if len(bundles) > 1 and _beside_bundles(Path(b)):
+            not_bundles.append(str(b))
+            continue
         loaded = load_bundle(b, verify=True)
         if all(g.manifest.get("id") != loaded.manifest.get("id") for g in given):
             given.append(loaded)
+    if not given:
+        raise BundleError(f"report: none of the {len(bundles)} paths given is a bundle directory (first: "
+                          f"{not_bundles[0]})")
     chain = lineage(given)
     out = Path(out) if out else next_run_dir(runs_dir, "report", given[-1].path.resolve().name, reserve=True)
     with BundleWriter(out, stage="report", parents=given, overwrite=overwrite, input_paths=[b.path for b in chain],
-                      inputs={"bundles": [str(b.path) for b in given]}) as w:
+                      inputs={"bundles": [str(b.path) for b in given],
+                              **({"not_bundles": not_bundles} if not_bundles else {})}) as w:
         cmps = compare_all(chain)
         groups = seed_groups(cmps)
         gates = _gate_rows(chain)
