@@ -139,6 +139,13 @@ class Bundle:
 _EXPORTED = (".onnx", ".xml", ".engine", ".plan", ".trt", ".tflite", ".mlmodel", ".torchscript")  # model files
 
 
+def _exported_model(path: Path) -> bool:
+    """A model file exported outside kdctl (by its suffix; an ``.xml`` only beside its ``.bin``, as an OpenVINO IR
+    is: a JUnit report is no model)."""
+    suffix = path.suffix.lower()
+    return suffix in _EXPORTED and path.is_file() and (suffix != ".xml" or path.with_suffix(".bin").is_file())
+
+
 def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify: bool = False) -> Bundle:
     """Read a bundle's manifest; with ``verify=True`` also re-hash it and refuse one that fails (exit 1).
 
@@ -155,8 +162,7 @@ def load_bundle(path: str | Path, stages: Iterable[str] | None = None, *, verify
             what = f"artifact {artifact} of the export bundle" if artifact else "the bundle"
             raise BundleError(f"{path}: is part of {what} {root}; give the bundle directory {root}")
     if not path.is_dir():
-        if path.suffix.lower() in _EXPORTED and path.is_file() and (  # yolo val model=best.onnx, benchmark_app -m
-                path.suffix.lower() != ".xml" or path.with_suffix(".bin").is_file()):  # x.xml (an IR: x.xml + x.bin)
+        if _exported_model(path):  # yolo val model=best.onnx, benchmark_app -m x.xml
             raise BundleError(f"{path}: an exported model outside a kdctl export bundle; kdctl runs artifacts from "
                               "the export bundle that checked them against PyTorch (kdctl export best.pt --data "
                               "data.yaml --target cpu writes one)")
