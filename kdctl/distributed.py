@@ -347,8 +347,10 @@ def _job_error(launch: Launch, ddp: Path, rc: int) -> KdctlError:
 
 
 def torchrun_args(launch: Launch, path: Path) -> list[str]:
-    """``torch.distributed.run`` arguments for this launch (single node: a standalone rendezvous on a free port)."""
-    args = [f"--nproc-per-node={launch.nproc_per_node}", "--max-restarts=0"]
+    """``torch.distributed.run`` arguments for this launch (single node: a standalone rendezvous on a free port).
+    torchrun's own log folder goes beside the launch spec in the work dir, which goes once the bundle is published
+    (by default torchrun makes a ``torchelastic_*`` folder in the system's temp dir on every launch and leaves it)."""
+    args = [f"--nproc-per-node={launch.nproc_per_node}", "--max-restarts=0", f"--log-dir={path.parent / 'torchrun'}"]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         args.append("--standalone")
     else:

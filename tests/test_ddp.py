@@ -32,9 +32,9 @@ def _recipe(tmp_path: Path, data: Path, teacher, epochs: int = 2, student: str =
     return r
 
 
-def _kdctl(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def _kdctl(*argv: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdctl.cli.main", *argv], env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _distributed(bundle: Path) -> dict:
@@ -69,11 +69,14 @@ def test_two_gloo_ranks_distill_yolo(tmp_path, tiny_data, trained_bundle):
     out = tmp_path / "kd"
     r = _recipe(tmp_path, tiny_data, trained_bundle, epochs=1, student=str(narrow),
                 extra="init: teacher, auto_balance: 0.25, balance_batches: 2, ")
-    p = _kdctl("distill", str(r), "--out", str(out), "--nproc-per-node", "2", "--json")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    p = _kdctl("distill", str(r), "--out", str(out), "--nproc-per-node", "2", "--json", env={**ENV, "TMPDIR": str(tmp)})
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
     assert res["world_size"] == 2 and all(v > 0 for v in res["kd_terms"].values())
     assert res["init"] == "teacher"
+    assert not list(tmp.glob("torchelastic_*"))  # torchrun's log folder was the work dir's, gone with it
     d = _distributed(out)
     _assert_ranks_agree(d, 2, ["cwd", "logit"])
     teacher = load_detector(trained_bundle / "weights.pt").float()
@@ -236,7 +239,7 @@ def test_torchrun_arguments():
     from kdctl.distributed import Launch, torchrun_args
 
     single = torchrun_args(Launch(2), Path("/w/spec.json"))
-    assert single[:3] == ["--nproc-per-node=2", "--max-restarts=0", "--standalone"]
+    assert single[:4] == ["--nproc-per-node=2", "--max-restarts=0", "--log-dir=/w/torchrun", "--standalone"]
     assert single[-4:] == ["--module", "kdctl.distributed", "worker", "/w/spec.json"]
     multi = torchrun_args(Launch(4, 2, 1, "node0:29400"), Path("s"))
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=node0", "--master-port=29400"} <= set(multi)
