@@ -285,6 +285,60 @@ def test_calibration_in_passes_reads_every_batch_once_and_keeps_min_max_ranges(t
         onnx.checker.check_model(str(tmp_path / f"{method}.onnx"))
 
 
+def test_a_calibration_pass_over_the_available_memory_is_refused_in_one_line(trained_bundle, tmp_path, monkeypatch):
+    """One calibration pass holds every intermediate tensor of at least one batch: 9.6 GB for one 4096 px image of
+    the 0.9 M-parameter student, where `kdctl export --imgsz 4096` was killed for memory (exit 137, no word). Where
+    a pass needs more than the available memory, the export stops before calibrating, in one line that says why and
+    what to change; the graph's pre-processed copy is not left behind."""
+    import onnx
+    import torch
+
+    import kdctl.export.quantize as quantize
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 16, 16), str(src), input_names=["images"], dynamo=False)
+    calib = [np.random.default_rng(i).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32) for i in range(6)]
+    per_batch = quantize.activation_bytes(onnx.load(str(src)))
+    monkeypatch.setattr(quantize, "CALIBRATION_MEMORY", 2 * per_batch + 1)  # two batches a pass
+    need = int(1.15 * 2 * per_batch)
+    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(quantize.CalibrationMemoryError) as e:
+        quantize.quantize_onnx_int8(src, tmp_path / "q.onnx", calib, method="minmax")
+    assert (e.value.tensors, e.value.need, e.value.available) == (2 * per_batch, need, need - 1)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx"]
+    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: need)
+    assert quantize.quantize_onnx_int8(src, tmp_path / "q.onnx", calib, method="minmax")["calibration_passes"] == 3
+
+    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: 10 ** 6)
+    out = tmp_path / "x"
+    line = refused_in_one_line(["export", str(trained_bundle), "-q", "-a", "onnx-fp32", "-a", "onnx-int8", "--imgsz",
+                                "128", "--out", str(out)], out)
+    assert re.fullmatch(r"Error: export onnx-int8: ONNX Runtime's INT8 calibration holds every intermediate tensor "
+                        r"of a calibration batch at once, [\d.]+ MB for this model at 128 px \(about [\d.]+ MB in "
+                        r"all\), more than this machine's available memory \(1\.0 MB\); give a smaller --imgsz, or "
+                        r"leave onnx-int8 out \(--artifact\)", line), line
+    assert not list(tmp_path.glob(".x*"))
+
+
+def test_calibration_inputs_are_made_when_read_from_pixels_kept_as_uint8(trained_bundle, tmp_path):
+    """INT8 calibration's inputs are kept as letterboxed uint8 pixels and made into float32 batches one at a time
+    (64 images at 4096 px are 12.9 GB as float32, held through the whole export): the batches are the ones the
+    export made before, in groups of a static batch too, the last completed from the first images again."""
+    from kdctl.data.resolve import load_yolo_yaml
+    from kdctl.export.stage import _grouped, _Inputs, _preprocess
+
+    images = load_yolo_yaml(trained_bundle / "data.yaml").train_images[:5]
+    eager = _preprocess(images, 96)
+    one, three = _Inputs(images, 96), _Inputs(images, 96, group=3)
+    assert all(c.dtype == np.uint8 and c.shape == (96, 96, 3) for c in one.canvases)
+    assert len(one) == 5 and all(np.array_equal(a, b) and a.dtype == np.float32 for a, b in zip(one, eager))
+    assert len(three) == 2 and all(np.array_equal(a, b) for a, b in zip(three, _grouped(eager, 3)))
+    assert np.array_equal(three[-1], three[1]) and len(three[:8]) == 2 and np.array_equal(one[1:3][1], eager[2])
+    with pytest.raises(IndexError):
+        three[2]
+
+
 def test_histogram_calibration_prints_nothing_on_stdout(tmp_path, capsys):
     """ONNX Runtime's entropy and percentile calibrators print() their progress ("Number of quantized bins : 128"):
     five lines on stdout between the progress bar and the export table. They are kept off it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ def _save(model, xml: Path, fp16: bool) -> None:
                          "file-size limit (ulimit -f) set? Nothing half-written was published") from None
 
 
-def quantize_openvino_int8(source, out_dir: Path, calibration: list[np.ndarray],
+def quantize_openvino_int8(source, out_dir: Path, calibration: Sequence[np.ndarray],
                            keep_float: Callable[[list[tuple[str, None]]], list[str]] | None = None,
                            *, validation: tuple[list, Callable[[object, list], float]] | None = None,
                            max_drop: float | None = None) -> dict:

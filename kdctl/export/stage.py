@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import yaml
 from kdctl import faults
 from kdctl.bundle import Bundle, BundleWriter, claim_output, load_bundle, next_run_dir
 from kdctl.bundle.store import device_engine
-from kdctl.errors import (BackendUnavailable, BundleError, CheckFailed, DataError, distinct, first_line, given_by,
-                          shown)
+from kdctl.errors import (BackendUnavailable, BundleError, CheckFailed, DataError, KdctlError, distinct, first_line,
+                          given_by, shown)
 from kdctl.export.base import MIN_COSINE_QAT, Artifact, file_size_mb, validate_outputs
 from kdctl.export.targets import ARTIFACTS, TargetPreset, load_target, onnx_int8_scheme
 from kdctl.limits import IMGSZ_MAX
@@ -86,6 +87,31 @@ def _preprocess(paths: list[Path], imgsz: int) -> list[np.ndarray]:
     from kdctl.evaluate.predict import letterbox, load_rgb, to_input
 
     return [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in paths]
+
+
+class _Inputs(Sequence):
+    """Input batches of ``group`` images each, made when one is asked for from the letterboxed images, which are
+    kept as uint8 (a quarter of the float32 input): the 64 INT8 calibration images at 4096 px are 12.9 GB as float32
+    inputs, held through the whole export (their calibration was killed for memory), 3.2 GB as pixels. The last
+    batch is completed from the first images again, as ``_grouped``'s."""
+
+    def __init__(self, paths: list[Path], imgsz: int, group: int = 1):
+        from kdctl.evaluate.predict import letterbox, load_rgb
+
+        self.canvases, self.group = [letterbox(load_rgb(p), imgsz)[0] for p in paths], group
+
+    def __len__(self) -> int:
+        return -(-len(self.canvases) // self.group)
+
+    def __getitem__(self, i):
+        from kdctl.evaluate.predict import to_input
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return to_input([self.canvases[(i * self.group + k) % len(self.canvases)] for k in range(self.group)])
 
 
 def _images_digest(paths: list[Path]) -> str:
@@ -216,9 +242,10 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
                      parity_batches, options.max_map_drop, ev.advance)
     checks.score_reference()
     plan.advance()
-    calibration = _preprocess(calib.images, imgsz)
-    if not preset.dynamic and preset.batch > 1:  # a static graph takes exactly its batch: images in groups of it
-        calibration, checks.batches = _grouped(calibration, preset.batch), _grouped(checks.batches, preset.batch)
+    static = not preset.dynamic and preset.batch > 1  # a static graph takes exactly its batch: images in groups of it
+    calibration = _Inputs(calib.images, imgsz, preset.batch if static else 1)
+    if static:
+        checks.batches = _grouped(checks.batches, preset.batch)
     elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
         checks.batches = _grouped(checks.batches, max(2, min(preset.batch, 8)))
     inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
@@ -586,7 +613,7 @@ def _short(m: dict) -> dict:
 
 
 def _build(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
-           calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
+           calibration: Sequence[np.ndarray], keep_float, plan: Step, options: ExportOptions,
            val_images: list[Path], names: list[str], scored, qat: bool = False) -> list[Artifact]:
     """Write each artifact into ``root``; each carries a backend (under runtime['_backend']) to verify it.
     ``scored``: a backend as it is scored on ``names`` (the dataset's classes)."""
@@ -613,7 +640,7 @@ def _ort_runtime() -> dict:
 
 
 def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
-                calibration: list[np.ndarray], keep_float, plan: Step) -> list[Artifact]:
+                calibration: Sequence[np.ndarray], keep_float, plan: Step) -> list[Artifact]:
     from kdctl.export.onnx import export_onnx
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
@@ -637,12 +664,21 @@ def _build_onnx(root: Path, model, preset: TargetPreset, wanted: list[str], imgs
                              settings={**settings, "io": "fp32"}))
         plan.advance()
     if "onnx-int8" in wanted:
-        from kdctl.export.quantize import quantize_onnx_int8
+        from kdctl.export.quantize import CalibrationMemoryError, quantize_onnx_int8
 
         p = root / "model-int8.onnx"
         try:
             q = quantize_onnx_int8(fp32, p, calibration, keep_float, method=method,
                                    scheme=onnx_int8_scheme(preset, wanted))
+        except CalibrationMemoryError as e:
+            from kdctl.limits import memory_size
+
+            raise KdctlError(f"export onnx-int8: ONNX Runtime's INT8 calibration holds every intermediate tensor of "
+                             f"a calibration batch at once, {memory_size(e.tensors)} for this model at {imgsz} px"
+                             f"{f' and batch {preset.batch}' if preset.batch > 1 else ''} (about {memory_size(e.need)} "
+                             f"in all), more than this machine's available memory ({memory_size(e.available)}); give "
+                             f"a smaller --imgsz{' or --batch' if preset.batch > 1 else ''}, or leave onnx-int8 out "
+                             "(--artifact)") from None
         except Exception as e:  # e.g. ONNX Runtime refusing the graph on a calibration image (its own Fail type)
             hint = "" if method == "minmax" else (f"; {method} calibration builds a histogram of every tensor, "
                                                    "--calibration-method minmax does not")
@@ -665,7 +701,7 @@ def _check_tensorrt_form(path: Path) -> None:
 
 
 def _build_openvino(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int,
-                    calibration: list[np.ndarray], keep_float, plan: Step, options: ExportOptions,
+                    calibration: Sequence[np.ndarray], keep_float, plan: Step, options: ExportOptions,
                     val_images: list[Path], names: list[str], scored) -> list[Artifact]:
     """OpenVINO IRs converted from the traced PyTorch model (see ``kdctl.export.openvino.convert``), or from the
     ONNX graph for a family whose post-processing OpenVINO's PyTorch tracing cannot carry; INT8 by NNCF either way."""
@@ -715,7 +751,7 @@ def _openvino_artifact(d: Path, prec: str, preset: TargetPreset, settings: dict)
 
 
 def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz: int, opset: int, method: str,
-               calibration: list[np.ndarray], plan: Step) -> list[Artifact]:
+               calibration: Sequence[np.ndarray], plan: Step) -> list[Artifact]:
     """A quantization-aware trained student: its own Q/DQ graph (ranges learned in training, BatchNorm folded into
     the quantized convolutions) is the INT8 model: its quantizers are not calibrated again. Weight quantizers are
     folded into int8 weights (TensorRT's form, OpenVINO's source). ONNX Runtime's form is ONNX Runtime's quantizer
