@@ -29,7 +29,7 @@ def main() -> int:
     from kdctl.export.onnx import export_onnx
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
     from kdctl.export.quantize import quantize_onnx_int8, tensorrt_qdq_problems
-    from kdctl.export.stage import _preprocess, _spread
+    from kdctl.export.stage import _Inputs, _spread
     from kdctl.models import load_bundle_weights
 
     src = load_bundle(args.bundle, verify=True)
@@ -38,13 +38,13 @@ def main() -> int:
     model = load_bundle_weights(src)
     work = Path(tempfile.mkdtemp(prefix="kdctl-int8-"))
     fp32 = export_onnx(model, work / "fp32.onnx", imgsz, opset=17)
-    calib = _preprocess(_spread(ds.train_images, 64), imgsz)
+    calib = _Inputs(_spread(ds.train_images, 64), imgsz)
     paths = {"fp32": fp32}
     for scheme in ("onnxruntime", "tensorrt"):
         paths[scheme] = work / f"{scheme}.onnx"
         quantize_onnx_int8(fp32, paths[scheme], calib, lambda nodes: yolo.float_tail(nodes, model), method="minmax",
                            scheme=scheme)
-    x = _preprocess(ds.val_images[:1], imgsz)[0]
+    x = _Inputs(ds.val_images[:1], imgsz)[0]
     p50 = ort_p50s(paths, x)
     rows = []
     for k, p in paths.items():

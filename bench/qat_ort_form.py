@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, ort_p50s, table, write_section  # noqa: E402
 
 
-def forms(qat, float_model, imgsz: int, calib: list, work: Path) -> dict[str, Path]:
+def forms(qat, float_model, imgsz: int, calib: Sequence, work: Path) -> dict[str, Path]:
     """The four ONNX graphs at ``imgsz``: float FP32 and PTQ INT8 of the float student, the QAT student's trained
     graph as exported and ONNX Runtime's form of it."""
     import onnx
@@ -56,7 +57,7 @@ def main() -> int:
     from kdctl.bundle import load_bundle
     from kdctl.data.resolve import load_yolo_yaml
     from kdctl.evaluate import evaluate_backend, torch_backend
-    from kdctl.export.stage import _preprocess, _spread
+    from kdctl.export.stage import _Inputs, _spread
     from kdctl.models import load_bundle_weights
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
@@ -73,9 +74,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kdctl-qat-ort-"))
     rows = []
     for imgsz in args.sizes:
-        calib = _preprocess(_spread(ds.train_images, 64), imgsz)
+        calib = _Inputs(_spread(ds.train_images, 64), imgsz)
         paths = forms(qat, float_model, imgsz, calib, work)
-        lat = ort_p50s(paths, _preprocess(ds.val_images[:1], imgsz)[0])
+        lat = ort_p50s(paths, _Inputs(ds.val_images[:1], imgsz)[0])
         fp32 = lat["float student, FP32"]
         for k, p in paths.items():
             m = (f"{evaluate_backend(onnxruntime_backend(p), ds.val_images, ds.names, imgsz)['map50_95']:.4f}"

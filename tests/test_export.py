@@ -326,14 +326,17 @@ def test_calibration_inputs_are_made_when_read_from_pixels_kept_as_uint8(trained
     (64 images at 4096 px are 12.9 GB as float32, held through the whole export): the batches are the ones the
     export made before, in groups of a static batch too, the last completed from the first images again."""
     from kdctl.data.resolve import load_yolo_yaml
-    from kdctl.export.stage import _grouped, _Inputs, _preprocess
+    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
+    from kdctl.export.stage import _Inputs
 
     images = load_yolo_yaml(trained_bundle / "data.yaml").train_images[:5]
-    eager = _preprocess(images, 96)
+    eager = [to_input([letterbox(load_rgb(p), 96)[0]]) for p in images]  # (1, 3, 96, 96) float32 in [0, 1] each
     one, three = _Inputs(images, 96), _Inputs(images, 96, group=3)
     assert all(c.dtype == np.uint8 and c.shape == (96, 96, 3) for c in one.canvases)
     assert len(one) == 5 and all(np.array_equal(a, b) and a.dtype == np.float32 for a, b in zip(one, eager))
-    assert len(three) == 2 and all(np.array_equal(a, b) for a, b in zip(three, _grouped(eager, 3)))
+    cycled = [np.concatenate(eager[:3]), np.concatenate([eager[3], eager[4], eager[0]])]
+    assert len(three) == 2 and all(np.array_equal(a, b) for a, b in zip(three, cycled))
+    assert all(np.array_equal(a, b) for a, b in zip(one.grouped(3), cycled)) and one.grouped(3).canvases is one.canvases
     assert np.array_equal(three[-1], three[1]) and len(three[:8]) == 2 and np.array_equal(one[1:3][1], eager[2])
     with pytest.raises(IndexError):
         three[2]

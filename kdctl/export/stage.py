@@ -83,22 +83,22 @@ def _need(module: str, what: str) -> None:
                                  f"(pip install {module})")
 
 
-def _preprocess(paths: list[Path], imgsz: int) -> list[np.ndarray]:
-    from kdctl.evaluate.predict import letterbox, load_rgb, to_input
-
-    return [to_input([letterbox(load_rgb(p), imgsz)[0]]) for p in paths]
-
-
 class _Inputs(Sequence):
     """Input batches of ``group`` images each, made when one is asked for from the letterboxed images, which are
     kept as uint8 (a quarter of the float32 input): the 64 INT8 calibration images at 4096 px are 12.9 GB as float32
     inputs, held through the whole export (their calibration was killed for memory), 3.2 GB as pixels. The last
-    batch is completed from the first images again, as ``_grouped``'s."""
+    batch is completed from the first images again (each image appears at least once; a repeat changes neither a
+    calibration range nor a worst-case parity difference)."""
 
-    def __init__(self, paths: list[Path], imgsz: int, group: int = 1):
+    def __init__(self, paths: list[Path], imgsz: int, group: int = 1, canvases: list[np.ndarray] | None = None):
         from kdctl.evaluate.predict import letterbox, load_rgb
 
-        self.canvases, self.group = [letterbox(load_rgb(p), imgsz)[0] for p in paths], group
+        self.group = group
+        self.canvases = canvases if canvases is not None else [letterbox(load_rgb(p), imgsz)[0] for p in paths]
+
+    def grouped(self, n: int) -> _Inputs:
+        """The same images in batches of ``n``."""
+        return _Inputs([], 0, n, self.canvases)
 
     def __len__(self) -> int:
         return -(-len(self.canvases) // self.group)
@@ -231,7 +231,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
         ds.skipped["train"] = calib.skipped
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
     keep_float = (lambda nodes: detectors.float_tail(nodes, model)) if preset.keep_head_fp else None
-    parity_batches = _preprocess(val_images[:options.parity_images], imgsz)
+    parity_batches = _Inputs(val_images[:options.parity_images], imgsz)
     if getattr(detectors.family(model), "TRACE_WITH_REAL_IMAGE", False) and parity_batches:
         model.example_input = parity_batches[0]
 
@@ -245,9 +245,9 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     static = not preset.dynamic and preset.batch > 1  # a static graph takes exactly its batch: images in groups of it
     calibration = _Inputs(calib.images, imgsz, preset.batch if static else 1)
     if static:
-        checks.batches = _grouped(checks.batches, preset.batch)
+        checks.batches = parity_batches.grouped(preset.batch)
     elif preset.dynamic:  # checked on several images per call: a traced size of 1 left in the graph shows there
-        checks.batches = _grouped(checks.batches, max(2, min(preset.batch, 8)))
+        checks.batches = parity_batches.grouped(max(2, min(preset.batch, 8)))
     inputs = {"target": preset.model_dump(), **src.inputs, "data": ds.describe(),
               "data_from": "--data" if options.data else "the source bundle",  # what kdctl eval of an artifact reuses
               **({"classes": classes.picked} if classes.picked else {}), **calib.inputs()}
@@ -467,7 +467,7 @@ class _Checks:
     imgsz: int
     val_images: list[Path]
     names: list[str]
-    batches: list[np.ndarray]     # parity inputs, in the graphs' batch
+    batches: Sequence[np.ndarray]  # parity inputs, in the graphs' batch
     max_map_drop: float | None
     advance: object = None        # the evaluation bar's step
     ref_metrics: dict | None = None
@@ -579,16 +579,6 @@ def _check_batch_memory(preset: TargetPreset, imgsz: int, options: ExportOptions
         raise DataError(f"{where}: {preset.batch} images of {imgsz} px need about {memory_size(need)} to export and "
                         f"check (their input alone is {memory_size(need / BATCH_MEMORY_FACTOR)}), more than this "
                         f"machine's available memory ({memory_size(avail)}); give a smaller batch")
-
-
-def _grouped(inputs: list[np.ndarray], n: int) -> list[np.ndarray]:
-    """Batch-1 inputs stacked ``n`` at a time, the last group completed from the first inputs again (each input
-    appears at least once; a repeat changes neither a calibration range nor a worst-case parity difference)."""
-    if not inputs:
-        return []
-    groups = -(-len(inputs) // n)
-    cycled = [inputs[i % len(inputs)] for i in range(groups * n)]
-    return [np.concatenate(cycled[g * n:(g + 1) * n]) for g in range(groups)]
 
 
 def _planned(wanted: list[str], qat: bool) -> tuple[list[str], list[str]]:
