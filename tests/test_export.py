@@ -294,6 +294,7 @@ def test_a_calibration_pass_over_the_available_memory_is_refused_in_one_line(tra
     import torch
 
     import kdctl.export.quantize as quantize
+    import kdctl.limits
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
     src = tmp_path / "m.onnx"
@@ -302,23 +303,46 @@ def test_a_calibration_pass_over_the_available_memory_is_refused_in_one_line(tra
     per_batch = quantize.activation_bytes(onnx.load(str(src)))
     monkeypatch.setattr(quantize, "CALIBRATION_MEMORY", 2 * per_batch + 1)  # two batches a pass
     need = int(1.15 * 2 * per_batch)
-    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: need - 1)
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: need - 1)
     with pytest.raises(quantize.CalibrationMemoryError) as e:
         quantize.quantize_onnx_int8(src, tmp_path / "q.onnx", calib, method="minmax")
     assert (e.value.tensors, e.value.need, e.value.available) == (2 * per_batch, need, need - 1)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["m.onnx"]
-    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: need)
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: need)
     assert quantize.quantize_onnx_int8(src, tmp_path / "q.onnx", calib, method="minmax")["calibration_passes"] == 3
 
-    monkeypatch.setattr(quantize, "available_memory_bytes", lambda: 10 ** 6)
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 10 ** 7)  # the 24 images' pixels fit
     out = tmp_path / "x"
     line = refused_in_one_line(["export", str(trained_bundle), "-q", "-a", "onnx-fp32", "-a", "onnx-int8", "--imgsz",
                                 "128", "--out", str(out)], out)
     assert re.fullmatch(r"Error: export onnx-int8: ONNX Runtime's INT8 calibration holds every intermediate tensor "
                         r"of a calibration batch at once, [\d.]+ MB for this model at 128 px \(about [\d.]+ MB in "
-                        r"all\), more than this machine's available memory \(1\.0 MB\); give a smaller --imgsz, or "
+                        r"all\), more than this machine's available memory \(10\.0 MB\); give a smaller --imgsz, or "
                         r"leave onnx-int8 out \(--artifact\)", line), line
     assert not list(tmp_path.glob(".x*"))
+
+
+def test_calibration_images_whose_pixels_exceed_half_the_memory_are_refused_before_any_work(trained_bundle, tmp_path,
+                                                                                             monkeypatch):
+    """The calibration images are kept as pixels through the export: --calibration-images 100000 of a COCO-sized
+    train split at 640 px is 123 GB, which checked every chosen image and was then killed for memory. Over half the
+    available memory it is one line before anything is read, naming where the count came from."""
+    import kdctl.limits
+
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 2 * 16 * 3 * 64 * 64 - 1)
+    out = tmp_path / "x"
+    line = refused_in_one_line(["export", str(trained_bundle), "-q", "-a", "onnx-int8", "--imgsz", "64",
+                                "--calibration-images", "16", "--out", str(out)], out)
+    assert line == ("Error: --calibration-images: 16 calibration images at 64 px are 0.2 MB of pixels, kept through "
+                    "the export, more than half this machine's available memory (0.4 MB); give fewer with "
+                    "--calibration-images")
+    line = refused_in_one_line(["export", str(trained_bundle), "-q", "-a", "onnx-int8", "--imgsz", "96",
+                                "--out", str(out)], out)  # the default: all 24 train images
+    assert line.startswith("Error: export: 24 calibration images at 96 px are 0.7 MB of pixels")
+    monkeypatch.setattr(kdctl.limits, "available_memory_bytes", lambda: 10 ** 9)
+    res = CliRunner().invoke(app, ["export", str(trained_bundle), "-q", "-a", "onnx-fp32", "-a", "onnx-int8",
+                                   "--imgsz", "64", "--calibration-images", "16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
 
 
 def test_calibration_inputs_are_made_when_read_from_pixels_kept_as_uint8(trained_bundle, tmp_path):

@@ -12,8 +12,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kdctl.limits import available_memory_bytes
-
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -119,6 +117,8 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: Sequence[np
     stride = calibration_stride(len(calibration), per_batch)
     if stride < len(calibration):
         settings["calibration_passes"] = len(calibration) // stride
+    from kdctl.limits import available_memory_bytes
+
     need, available = int(CALIBRATION_PEAK * stride * per_batch), available_memory_bytes()
     if available and need > available:  # refused now: the kernel would kill the process mid-calibration instead
         pre.unlink(missing_ok=True)

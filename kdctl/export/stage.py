@@ -226,7 +226,7 @@ def _export(src: _Source, preset: TargetPreset, options: ExportOptions, out: Pat
     imgsz = check_imgsz(options.imgsz or preset.imgsz or trained, model, flag=where)
     _check_batch_memory(preset, imgsz, options, src.path)
     opset = _opset(options, preset, model, wanted, qat)
-    calib = _Calibration.chosen(options, preset, ds, wanted, qat, src.path)
+    calib = _Calibration.chosen(options, preset, ds, wanted, qat, src.path, imgsz)
     if calib.skipped and not calib.data:  # train images left out of calibration: listed with the dataset's
         ds.skipped["train"] = calib.skipped
     val_images = _spread(ds.val_images, options.eval_images) if options.eval_images else ds.val_images
@@ -385,8 +385,9 @@ class _Calibration:
 
     @classmethod
     def chosen(cls, options: ExportOptions, preset: TargetPreset, ds, wanted: list[str], qat: bool,
-               where: Path) -> "_Calibration":
+               where: Path, imgsz: int) -> "_Calibration":
         from kdctl.data.resolve import list_images
+        from kdctl.limits import available_memory_bytes, memory_size
 
         method = options.calibration_method or preset.calibration_method
         # a QAT student's ranges were learned; ONNX Runtime's form of it needs its convolutions' output ranges too
@@ -420,6 +421,12 @@ class _Calibration:
         if needs and len(pool) < n:
             raise DataError(f"{options.source('calibration_images', where)}: {n} calibration images "
                             f"requested, but {pool_name} has only {len(pool)}")
+        pixels, available = n * 3 * imgsz * imgsz, available_memory_bytes()
+        if needs and available and 2 * pixels > available:  # kept as uint8 through the export (_Inputs)
+            named = options.source("calibration_images", where) if options.calibration_images else "export"
+            raise DataError(f"{named}: {n} calibration images at {imgsz} px are {memory_size(pixels)} of pixels, "
+                            f"kept through the export, more than half this machine's available memory "
+                            f"({memory_size(available)}); give fewer with --calibration-images")
         images = _spread(pool, n) if needs else []
         images, left_out = _checked_calibration(images, pool, given or pool_name, options.skip_invalid)
         if left_out and len(images) < MIN_CALIBRATION:
