@@ -74,6 +74,8 @@ def quantize_openvino_int8(source, out_dir: Path, calibration: Sequence[np.ndarr
     import nncf
     import openvino as ov
 
+    from kdctl.export.quantize import calibration_count
+
     nncf.set_log_level(logging.WARNING)  # its INFO lines list each layer left unquantized: the manifest counts them
     out_dir.mkdir(parents=True, exist_ok=True)
     model = convert(source)
@@ -85,7 +87,7 @@ def quantize_openvino_int8(source, out_dir: Path, calibration: Sequence[np.ndarr
     calib = nncf.Dataset(calibration)
     settings = {"tool": "nncf", "nncf_version": nncf.__version__, "preset": "mixed",
                 "converted_from": source_name(source),
-                "calibration_images": int(sum(b.shape[0] for b in calibration)),
+                "calibration_images": calibration_count(calibration),
                 "ignored_ops": len(names), "accuracy_control": False}
     if validation is not None and max_drop is not None:
         items, validate_fn = validation

@@ -66,6 +66,12 @@ def activation_bytes(proto) -> int:
     return total
 
 
+def calibration_count(calibration: Sequence[np.ndarray]) -> int:
+    """Images in the calibration batches, which all take one batch size: the first batch is made, not every one
+    (the export makes each from its pixels when it is read)."""
+    return len(calibration) * int(calibration[0].shape[0]) if len(calibration) else 0
+
+
 def calibration_stride(n: int, per_batch: int, budget: int | None = None) -> int:
     """Batches per calibration pass. ONNX Runtime's histogram calibrators (entropy, percentile) hold every
     intermediate tensor of every batch at once before they histogram them: 10 GB for 64 images at 640 px of a
@@ -112,7 +118,7 @@ def quantize_onnx_int8(fp32_path: Path, out_path: Path, calibration: Sequence[np
     settings = {"format": "QDQ", "scheme": scheme, "per_channel": True, "weights": "int8 symmetric",
                 "activations": "int8 symmetric" if trt else "uint8", "bias": "float" if trt else "int32",
                 "calibration_method": method,
-                "calibration_images": int(sum(b.shape[0] for b in calibration)), "excluded_nodes": len(exclude)}
+                "calibration_images": calibration_count(calibration), "excluded_nodes": len(exclude)}
     per_batch = activation_bytes(proto)
     stride = calibration_stride(len(calibration), per_batch)
     if stride < len(calibration):

@@ -7,6 +7,7 @@ loses more mAP than ``max_map_drop``, fails as a whole and writes nothing.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Sequence
@@ -90,15 +91,16 @@ class _Inputs(Sequence):
     batch is completed from the first images again (each image appears at least once; a repeat changes neither a
     calibration range nor a worst-case parity difference)."""
 
-    def __init__(self, paths: list[Path], imgsz: int, group: int = 1, canvases: list[np.ndarray] | None = None):
+    def __init__(self, paths: list[Path], imgsz: int, group: int = 1):
         from kdctl.evaluate.predict import letterbox, load_rgb
 
-        self.group = group
-        self.canvases = canvases if canvases is not None else [letterbox(load_rgb(p), imgsz)[0] for p in paths]
+        self.canvases, self.group = [letterbox(load_rgb(p), imgsz)[0] for p in paths], group
 
     def grouped(self, n: int) -> _Inputs:
-        """The same images in batches of ``n``."""
-        return _Inputs([], 0, n, self.canvases)
+        """The same images (not a copy of their pixels) in batches of ``n``."""
+        other = copy.copy(self)
+        other.group = n
+        return other
 
     def __len__(self) -> int:
         return -(-len(self.canvases) // self.group)
@@ -760,8 +762,8 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
 
     from kdctl import detectors
     from kdctl.export.onnx import export_onnx
-    from kdctl.export.quantize import (fold_weight_quantizers, qdq_counts, quantize_qat_onnxruntime,
-                                       to_uint8_activations)
+    from kdctl.export.quantize import (calibration_count, fold_weight_quantizers, qdq_counts,
+                                       quantize_qat_onnxruntime, to_uint8_activations)
     from kdctl.runtimes.onnxruntime import onnxruntime_backend
 
     arts: list[Artifact] = []
@@ -792,7 +794,7 @@ def _build_qat(root: Path, model, preset: TargetPreset, wanted: list[str], imgsz
     scheme = onnx_int8_scheme(preset, wanted)
     if scheme == "onnxruntime":
         fast = root / "model-int8.ort.onnx"
-        n = int(sum(b.shape[0] for b in calibration))
+        n = calibration_count(calibration)
         try:
             built = quantize_qat_onnxruntime(trained, fast, calibration,
                                              lambda nodes: detectors.float_tail(nodes, model), method)
